@@ -1,0 +1,49 @@
+"""Bearer-key authentication with a short-lived cache of digest → project."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from storage.db import Database
+from storage.projects import find_project_by_key
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The authenticated project, as a request sees it."""
+
+    project_id: str
+    project_name: str
+    from_email: str
+    from_name: str
+    key_kind: str  # "secret" or "public"
+
+
+class KeyCache:
+    """Avoids a database read per request. A rotated key stops working within `ttl` seconds."""
+
+    def __init__(self, db: Database, ttl: float = 5.0, max_entries: int = 10_000) -> None:
+        self.db = db
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[float, Caller | None]] = {}
+
+    def forget(self) -> None:
+        self._entries.clear()
+
+    async def lookup(self, key: str) -> Caller | None:
+        now = time.monotonic()
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        async with self.db.session() as session:
+            found = await find_project_by_key(session, key)
+        caller = None
+        if found is not None:
+            project, kind = found
+            caller = Caller(project.id, project.name, project.from_email, project.from_name, kind)
+        if len(self._entries) >= self.max_entries:
+            self._entries.clear()
+        self._entries[key] = (now + self.ttl, caller)
+        return caller

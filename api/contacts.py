@@ -1,0 +1,149 @@
+"""Contacts: list, get, count, create, update, delete, subscribe, unsubscribe."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from aiohttp import web
+from pydantic import StringConstraints, model_validator
+
+from api.context import BATCHER, CONFIG, DB
+from api.envelope import success
+from api.routing import Route, caller
+from api.serialize import contact_json, page_json
+from api.validation import Body, Data, Email, bool_param, page_params, read_body
+from pipeline import contacts as rules
+from storage import contacts as contact_store
+
+ContactId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+class CreateContactBody(Body):
+    email: Email
+    subscribed: bool = True
+    data: Data = None
+
+
+class UpdateContactBody(Body):
+    id: ContactId
+    email: Email | None = None
+    subscribed: bool | None = None
+    data: Data = None
+
+
+class PatchContactBody(Body):
+    email: Email | None = None
+    subscribed: bool | None = None
+    data: Data = None
+
+
+class ContactRefBody(Body):
+    id: ContactId | None = None
+    email: Email | None = None
+
+    @model_validator(mode="after")
+    def one_of_id_or_email(self):
+        if self.id is None and self.email is None:
+            raise ValueError("Give the contact's id or email")
+        return self
+
+
+class DeleteContactBody(Body):
+    id: ContactId
+
+
+def _max_body(request: web.Request) -> int:
+    return request.app[CONFIG].api.max_body_bytes
+
+
+async def list_contacts(request: web.Request) -> web.Response:
+    limit, cursor = page_params(request)
+    subscribed = bool_param(request, "subscribed")
+    search = request.query.get("search", "")[:320] or None
+    async with request.app[DB].session() as session:
+        page = await contact_store.list_contacts(session, caller(request).project_id, limit, cursor,
+                                                 subscribed, search)
+    return success(page_json(page, contact_json))
+
+
+async def count_contacts(request: web.Request) -> web.Response:
+    async with request.app[DB].session() as session:
+        count = await contact_store.count_contacts(session, caller(request).project_id)
+    return success({"count": count})
+
+
+async def get_contact(request: web.Request) -> web.Response:
+    async with request.app[DB].session() as session:
+        contact = await rules.require_contact(session, caller(request).project_id, request.match_info["id"])
+    return success(contact_json(contact))
+
+
+async def create_contact(request: web.Request) -> web.Response:
+    body = await read_body(request, CreateContactBody, _max_body(request))
+    project_id = caller(request).project_id
+    contact = await request.app[BATCHER].run(
+        lambda s: rules.create_contact(s, project_id, body.email, body.subscribed, body.data))
+    return success(contact_json(contact), status=201)
+
+
+async def _update(request: web.Request, contact_id: str, body: PatchContactBody | UpdateContactBody) -> web.Response:
+    project_id = caller(request).project_id
+    contact = await request.app[BATCHER].run(
+        lambda s: rules.update_contact(s, project_id, contact_id, body.email, body.subscribed, body.data))
+    return success(contact_json(contact))
+
+
+async def put_contact(request: web.Request) -> web.Response:
+    body = await read_body(request, UpdateContactBody, _max_body(request))
+    return await _update(request, body.id, body)
+
+
+async def patch_contact(request: web.Request) -> web.Response:
+    body = await read_body(request, PatchContactBody, _max_body(request))
+    return await _update(request, request.match_info["id"], body)
+
+
+async def _delete(request: web.Request, contact_id: str) -> web.Response:
+    project_id = caller(request).project_id
+    contact = await request.app[BATCHER].run(lambda s: rules.delete_contact(s, project_id, contact_id))
+    return success(contact_json(contact))
+
+
+async def delete_contact_by_body(request: web.Request) -> web.Response:
+    body = await read_body(request, DeleteContactBody, _max_body(request))
+    return await _delete(request, body.id)
+
+
+async def delete_contact_by_path(request: web.Request) -> web.Response:
+    return await _delete(request, request.match_info["id"])
+
+
+def _subscription(subscribed: bool):
+    async def handler(request: web.Request) -> web.Response:
+        body = await read_body(request, ContactRefBody, _max_body(request))
+        project_id = caller(request).project_id
+        contact = await request.app[BATCHER].run(
+            lambda s: rules.set_subscribed(s, project_id, body.id, body.email, subscribed))
+        return success(contact_json(contact))
+
+    return handler
+
+
+ROUTES = [
+    Route("GET", "/contacts", list_contacts, "List contacts, newest first",
+          query={"limit": "integer", "cursor": "string", "subscribed": "boolean", "search": "string"},
+          tag="Contacts"),
+    Route("POST", "/contacts", create_contact, "Create a contact", body=CreateContactBody, tag="Contacts"),
+    Route("PUT", "/contacts", put_contact, "Update a contact (id in the body)", body=UpdateContactBody,
+          tag="Contacts"),
+    Route("DELETE", "/contacts", delete_contact_by_body, "Delete a contact (id in the body)",
+          body=DeleteContactBody, tag="Contacts"),
+    Route("GET", "/contacts/count", count_contacts, "Count contacts", tag="Contacts"),
+    Route("POST", "/contacts/subscribe", _subscription(True), "Subscribe a contact", body=ContactRefBody,
+          tag="Contacts"),
+    Route("POST", "/contacts/unsubscribe", _subscription(False), "Unsubscribe a contact", body=ContactRefBody,
+          tag="Contacts"),
+    Route("GET", "/contacts/{id}", get_contact, "Get a contact", tag="Contacts"),
+    Route("PATCH", "/contacts/{id}", patch_contact, "Update a contact", body=PatchContactBody, tag="Contacts"),
+    Route("DELETE", "/contacts/{id}", delete_contact_by_path, "Delete a contact", tag="Contacts"),
+]

@@ -1,0 +1,84 @@
+"""Events (seed 004): list, names, stats, per contact, delete by name."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from api.context import BATCHER, DB
+from api.envelope import success
+from api.routing import Route, caller
+from api.serialize import event_json, page_json
+from api.validation import page_params
+from pipeline.contacts import is_system_event, require_contact
+from pipeline.errors import FieldError, Forbidden, NotFound, ValidationFailed
+from storage import events as event_store
+
+
+def _date_param(request: web.Request, name: str) -> datetime | None:
+    raw = request.query.get(name)
+    if not raw:
+        return None
+    try:
+        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValidationFailed([FieldError(name, f"{name} must be an ISO 8601 date", "invalid_date")]) from None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+async def list_events(request: web.Request) -> web.Response:
+    limit, cursor = page_params(request)
+    name = request.query.get("name") or None
+    async with request.app[DB].session() as session:
+        page = await event_store.list_events(session, caller(request).project_id, limit, cursor, name=name)
+    return success(page_json(page, event_json))
+
+
+async def event_names(request: web.Request) -> web.Response:
+    async with request.app[DB].session() as session:
+        names = await event_store.event_names_by_frequency(session, caller(request).project_id)
+    return success(names)
+
+
+async def event_stats(request: web.Request) -> web.Response:
+    start, end = _date_param(request, "start"), _date_param(request, "end")
+    if start and end and start > end:
+        raise ValidationFailed([FieldError("start", "start must be before end", "invalid_date")])
+    async with request.app[DB].session() as session:
+        counts = await event_store.event_counts(session, caller(request).project_id, start, end)
+    return success({"total": sum(n for _, n in counts), "start": start, "end": end,
+                    "events": [{"name": name, "count": n} for name, n in counts]})
+
+
+async def contact_events(request: web.Request) -> web.Response:
+    limit, cursor = page_params(request)
+    project_id = caller(request).project_id
+    async with request.app[DB].session() as session:
+        contact = await require_contact(session, project_id, request.match_info["contactId"])
+        page = await event_store.list_events(session, project_id, limit, cursor, contact_id=contact.id)
+    return success(page_json(page, event_json))
+
+
+async def delete_events(request: web.Request) -> web.Response:
+    name = request.match_info["eventName"]
+    if is_system_event(name):
+        raise Forbidden(f"'{name}' is a system event and cannot be deleted",
+                        "Only events your application tracked can be deleted.")
+    project_id = caller(request).project_id
+    deleted = await request.app[BATCHER].run(lambda s: event_store.delete_events_named(s, project_id, name))
+    if not deleted:
+        raise NotFound(f"No events named '{name}'")
+    return success({"name": name, "deleted": deleted})
+
+
+ROUTES = [
+    Route("GET", "/events", list_events, "List events, newest first",
+          query={"name": "string", "limit": "integer", "cursor": "string"}, tag="Events"),
+    Route("GET", "/events/names", event_names, "Event names by frequency", tag="Events"),
+    Route("GET", "/events/stats", event_stats, "Event counts by name in a date window",
+          query={"start": "string", "end": "string"}, tag="Events"),
+    Route("GET", "/events/contact/{contactId}", contact_events, "Events of one contact",
+          query={"limit": "integer", "cursor": "string"}, tag="Events"),
+    Route("DELETE", "/events/{eventName}", delete_events, "Delete every event with this name", tag="Events"),
+]

@@ -1,0 +1,65 @@
+"""Request ids, access logs and the error envelope: no stack trace or SQL ever reaches a client."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from aiohttp import web
+
+from api.envelope import failure
+from api.errors import MethodNotAllowed, PayloadTooLarge, RateLimited
+from pipeline.errors import NotFound, PipelineError
+
+log = logging.getLogger("plunkd.api")
+REQUEST_ID = "plunkd.request_id"
+_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def request_id(request: web.Request) -> str:
+    return request[REQUEST_ID]
+
+
+class InternalError(PipelineError):
+    code = "INTERNAL_ERROR"
+    status = 500
+
+
+@web.middleware
+async def envelope_middleware(request: web.Request, handler) -> web.StreamResponse:
+    incoming = request.headers.get("X-Request-Id", "")
+    rid = incoming if _SAFE_REQUEST_ID.match(incoming) else str(uuid.uuid4())
+    request[REQUEST_ID] = rid
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+    except PipelineError as exc:
+        response = failure(exc, rid)
+        if isinstance(exc, RateLimited):
+            response.headers["Retry-After"] = str(exc.retry_after)
+    except web.HTTPException as exc:
+        response = failure(_from_http(exc), rid)
+    except Exception:
+        log.exception("request %s %s failed (request id %s)", request.method, request.path, rid)
+        response = failure(InternalError("Internal server error"), rid)
+    allowance = request.get("plunkd.ratelimit")
+    if allowance is not None:
+        response.headers.update(allowance.headers())
+    response.headers["X-Request-Id"] = rid
+    log.info("%s %s %d %.1fms rid=%s", request.method, request.path, response.status,
+             (time.perf_counter() - started) * 1000, rid)
+    return response
+
+
+def _from_http(exc: web.HTTPException) -> PipelineError:
+    if exc.status == 404:
+        return NotFound("No such endpoint", "See /openapi.json for the routes this server has.")
+    if exc.status == 405:
+        return MethodNotAllowed("Method not allowed on this endpoint")
+    if exc.status == 413:
+        return PayloadTooLarge("Request body too large")
+    error = PipelineError(exc.reason or "Bad request")
+    error.status = exc.status if 400 <= exc.status < 500 else 400
+    return error

@@ -1,0 +1,33 @@
+"""POST /v1/track: upsert the contact, merge its data, record the event."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pipeline.contacts import is_system_event, reserved_event_error, upsert_contact
+from storage import events as event_store
+
+
+@dataclass
+class Tracked:
+    contact_id: str
+    event_id: str
+    timestamp: datetime
+
+
+def check_event_name(name: str) -> None:
+    if is_system_event(name):
+        raise reserved_event_error(name)
+
+
+async def track(session: AsyncSession, project_id: str, email: str, event: str, subscribed: bool | None,
+                data: dict[str, Any] | None) -> Tracked:
+    """Seed 003: new contacts default to subscribed; every call records a new event."""
+    check_event_name(event)
+    contact, variables, _ = await upsert_contact(session, project_id, email, subscribed, True, data)
+    record = await event_store.insert_event(session, project_id, contact.id, event, variables)
+    return Tracked(contact.id, record.id, record.created_at)

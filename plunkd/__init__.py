@@ -1,0 +1,1 @@
+"""plunkd: configuration, the CLI, and the module that wires the server together."""

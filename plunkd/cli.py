@@ -1,0 +1,174 @@
+"""The `plunkd` command. Every failure is one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from plunkd.config import Config, ConfigError, load_config
+
+
+def _config(args: argparse.Namespace) -> Config:
+    path = args.config or os.environ.get("PLUNKD_CONFIG")
+    if not path and Path("plunkd.toml").exists():
+        path = "plunkd.toml"
+    return load_config(path)
+
+
+async def _with_db(config: Config, work: Callable[[Any], Awaitable[int]]) -> int:
+    from storage.db import Database
+
+    db = Database(config.database_url, config.database.pool_size)
+    try:
+        await db.migrate()
+        return await work(db)
+    finally:
+        await db.dispose()
+
+
+def cmd_serve(args: argparse.Namespace, config: Config) -> int:
+    from aiohttp import web
+
+    from plunkd.app import create_app, setup_logging
+
+    setup_logging(config.server.log_level)
+    web.run_app(create_app(config), host=config.server.host, port=config.server.http_port,
+                access_log=None, print=lambda msg: None)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
+    async def work(db) -> int:
+        print(f"database at the latest schema: {db.url.split('@')[-1]}")
+        return 0
+
+    return asyncio.run(_with_db(config, work))
+
+
+def cmd_project_create(args: argparse.Namespace, config: Config) -> int:
+    from api.validation import normalize_email
+    from pipeline.projects import create_project
+
+    try:
+        from_email = normalize_email(args.from_email)
+    except Exception as exc:  # pydantic_core.PydanticCustomError
+        raise ConfigError(f"--from-email: {exc}") from None
+
+    async def work(db) -> int:
+        async with db.session() as session, session.begin():
+            issued = await create_project(session, args.name, from_email, args.from_name or args.name)
+        print(f"project {issued.project.name} ({issued.project.id})")
+        print(f"secret key: {issued.secret_key}")
+        print(f"public key: {issued.public_key}")
+        print("Keep these now: plunkd stores only their digests and cannot show them again.")
+        return 0
+
+    return asyncio.run(_with_db(config, work))
+
+
+def cmd_project_list(args: argparse.Namespace, config: Config) -> int:
+    from storage.projects import list_projects
+
+    async def work(db) -> int:
+        async with db.session() as session:
+            projects = await list_projects(session)
+        if not projects:
+            print("no projects yet: plunkd project create --name NAME --from-email ADDRESS")
+        for p in projects:
+            print(f"{p.id}  {p.name}  from={p.from_email}  sk={p.secret_key_hint}  pk={p.public_key_hint}")
+        return 0
+
+    return asyncio.run(_with_db(config, work))
+
+
+def cmd_keys_rotate(args: argparse.Namespace, config: Config) -> int:
+    from pipeline.projects import rotate_keys
+
+    async def work(db) -> int:
+        async with db.session() as session, session.begin():
+            issued = await rotate_keys(session, args.project)
+        print(f"new keys for {issued.project.name} ({issued.project.id}); the old ones stop working now")
+        print(f"secret key: {issued.secret_key}")
+        print(f"public key: {issued.public_key}")
+        return 0
+
+    return asyncio.run(_with_db(config, work))
+
+
+def cmd_contacts_import(args: argparse.Namespace, config: Config) -> int:
+    from tqdm import tqdm
+
+    from pipeline.imports import count_rows, import_contacts
+    from pipeline.projects import require_project
+
+    if not Path(args.file).is_file():
+        raise ConfigError(f"{args.file}: no such file")
+
+    async def work(db) -> int:
+        async with db.session() as session:
+            project = await require_project(session, args.project)
+        total = count_rows(args.file)
+        with tqdm(total=total, unit="row", desc="importing", file=sys.stderr) as bar:
+            summary = await import_contacts(db, project.id, args.file, bar.update)
+            bar.update(total - bar.n)
+        print(f"imported into {project.name}: {summary.created} created, {summary.updated} updated, "
+              f"{summary.skipped_total} skipped")
+        for reason, count in summary.skipped.most_common():
+            print(f"  skipped {count}: {reason}")
+        return 0
+
+    return asyncio.run(_with_db(config, work))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plunkd", description="Self-hosted, Plunk-compatible email server")
+    parser.add_argument("--config", help="TOML config file (default: $PLUNKD_CONFIG or ./plunkd.toml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("serve", help="run the HTTP API, the SMTP relay and the dispatcher").set_defaults(
+        func=cmd_serve)
+    sub.add_parser("migrate", help="bring the database schema up to date").set_defaults(func=cmd_migrate)
+
+    project = sub.add_parser("project", help="create and list projects").add_subparsers(
+        dest="action", required=True)
+    create = project.add_parser("create", help="create a project and print its keys once")
+    create.add_argument("--name", required=True)
+    create.add_argument("--from-email", required=True, help="default sender address")
+    create.add_argument("--from-name", default="", help="default sender name (default: the project name)")
+    create.set_defaults(func=cmd_project_create)
+    project.add_parser("list", help="list projects").set_defaults(func=cmd_project_list)
+
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
+    rotate = keys.add_parser("rotate", help="replace a project's keys and print the new ones once")
+    rotate.add_argument("--project", required=True, help="project id or name")
+    rotate.set_defaults(func=cmd_keys_rotate)
+
+    contacts = sub.add_parser("contacts", help="manage contacts").add_subparsers(dest="action", required=True)
+    imp = contacts.add_parser("import", help="import contacts from a CSV file with an 'email' column")
+    imp.add_argument("file")
+    imp.add_argument("--project", required=True, help="project id or name")
+    imp.set_defaults(func=cmd_contacts_import)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.errors import PipelineError
+
+    args = build_parser().parse_args(argv)
+    try:
+        config = _config(args)
+        return args.func(args, config)
+    except (ConfigError, PipelineError, ValueError, OSError) as exc:
+        print(f"plunkd: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Configuration: a TOML file, then `PLUNKD_<SECTION>_<KEY>` environment variables on top.
+
+Every key has a typed default here; `config.example.toml` documents the same keys. A bad value
+raises `ConfigError` whose message is one line naming the key, which the CLI prints as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A configuration value is missing or malformed; the message names the key."""
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    http_port: int = 8080
+    data_dir: str = "./data"
+    public_url: str = "http://127.0.0.1:8080"
+    log_level: str = "INFO"
+
+
+@dataclass
+class DatabaseConfig:
+    url: str = ""
+    """Empty means `sqlite+aiosqlite:///<data_dir>/plunkd.sqlite3`."""
+    pool_size: int = 10
+
+
+@dataclass
+class ApiConfig:
+    rate_limit_per_minute: int = 1000
+    max_body_bytes: int = 15 * 1024 * 1024
+    idempotency_hours: int = 24
+
+
+@dataclass
+class SmtpConfig:
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    tls_port: int = 465
+    starttls_port: int = 587
+    hostname: str = "localhost"
+    cert_file: str = ""
+    key_file: str = ""
+    max_recipients: int = 50
+    max_message_bytes: int = 10 * 1024 * 1024
+    auth_failure_limit: int = 5
+    lockout_seconds: int = 300
+
+
+@dataclass
+class SmarthostConfig:
+    host: str = "127.0.0.1"
+    port: int = 25
+    starttls: bool = False
+    use_tls: bool = False
+    username: str = ""
+    password: str = ""
+    timeout_seconds: float = 30.0
+    ca_file: str = ""
+
+
+@dataclass
+class SesConfig:
+    region: str = "us-east-1"
+    endpoint_url: str = ""
+    access_key_id: str = ""
+    secret_access_key: str = ""
+    configuration_set: str = ""
+
+
+@dataclass
+class DeliveryConfig:
+    enabled: bool = True
+    transport: str = "file"
+    rate_per_second: float = 14.0
+    """0 turns the limit off. With the SES transport, SES's own quota wins when it is lower."""
+    lease_seconds: int = 120
+    max_attempts: int = 8
+    retry_base_seconds: float = 30.0
+    batch_size: int = 50
+    concurrency: int = 8
+    poll_seconds: float = 0.5
+    outbox_dir: str = ""
+    """Empty means `<data_dir>/outbox` (file transport)."""
+    dkim_selector: str = "plunkd"
+    smtp: SmarthostConfig = field(default_factory=SmarthostConfig)
+    ses: SesConfig = field(default_factory=SesConfig)
+
+
+@dataclass
+class DnsConfig:
+    nameservers: list[str] = field(default_factory=list)
+    """Empty means the system resolver."""
+    port: int = 53
+    timeout_seconds: float = 5.0
+
+
+@dataclass
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.server.data_dir)
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite+aiosqlite:///{self.data_path / 'plunkd.sqlite3'}"
+
+    @property
+    def outbox_path(self) -> Path:
+        return Path(self.delivery.outbox_dir) if self.delivery.outbox_dir else self.data_path / "outbox"
+
+
+TRANSPORTS = ("file", "smtp", "ses")
+
+
+def _coerce(key: str, kind: Any, value: Any, from_env: bool) -> Any:
+    """Turn a TOML or environment value into the declared type, or raise naming the key."""
+    kind_name = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+    try:
+        if kind_name == "bool":
+            if isinstance(value, bool):
+                return value
+            if from_env and str(value).lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                return str(value).lower() in ("1", "true", "yes", "on")
+            raise ValueError
+        if kind_name == "int":
+            if isinstance(value, bool) or (not from_env and not isinstance(value, int)):
+                raise ValueError
+            return int(value)
+        if kind_name == "float":
+            if isinstance(value, bool) or (not from_env and not isinstance(value, int | float)):
+                raise ValueError
+            return float(value)
+        if kind_name == "str":
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+        if kind_name.startswith("list"):
+            if from_env:
+                return [part.strip() for part in str(value).split(",") if part.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError
+            return value
+    except ValueError:
+        expected = kind_name.replace("[str]", " of strings")
+        raise ConfigError(f"config key {key}: expected {expected}, got {value!r}") from None
+    raise ConfigError(f"config key {key}: unsupported type {kind_name}")
+
+
+def _apply(section: Any, values: dict[str, Any], prefix: str) -> None:
+    names = {f.name: f for f in dataclasses.fields(section)}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"config key {dotted}: unknown key")
+        current = getattr(section, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {dotted}: expected a table")
+            _apply(current, value, f"{dotted}.")
+        else:
+            setattr(section, key, _coerce(dotted, names[key].type, value, from_env=False))
+
+
+def _apply_env(section: Any, env: dict[str, str], prefix: str, dotted_prefix: str) -> None:
+    for f in dataclasses.fields(section):
+        current = getattr(section, f.name)
+        env_name = f"{prefix}_{f.name.upper()}"
+        if dataclasses.is_dataclass(current):
+            _apply_env(current, env, env_name, f"{dotted_prefix}{f.name}.")
+        elif env_name in env:
+            setattr(section, f.name, _coerce(f"{dotted_prefix}{f.name} ({env_name})", f.type, env[env_name], True))
+
+
+def _validate(config: Config) -> None:
+    checks = [
+        (config.delivery.transport in TRANSPORTS, "delivery.transport", f"one of {', '.join(TRANSPORTS)}"),
+        (config.delivery.rate_per_second >= 0, "delivery.rate_per_second", "a number >= 0"),
+        (config.api.rate_limit_per_minute > 0, "api.rate_limit_per_minute", "a number > 0"),
+        (config.smtp.max_recipients > 0, "smtp.max_recipients", "a number > 0"),
+        (config.smtp.max_message_bytes > 0, "smtp.max_message_bytes", "a number > 0"),
+        (config.delivery.max_attempts > 0, "delivery.max_attempts", "a number > 0"),
+        (config.delivery.concurrency > 0, "delivery.concurrency", "a number > 0"),
+        (bool(config.smtp.cert_file) == bool(config.smtp.key_file), "smtp.cert_file",
+         "set together with smtp.key_file"),
+        (config.server.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "server.log_level",
+         "DEBUG, INFO, WARNING or ERROR"),
+    ]
+    for port_key in ("server.http_port", "smtp.tls_port", "smtp.starttls_port", "dns.port"):
+        section, key = port_key.split(".")
+        port = getattr(getattr(config, section), key)
+        checks.append((0 <= port <= 65535, port_key, "a port number 0-65535"))
+    url = config.database_url
+    checks.append((url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")), "database.url",
+                   "a sqlite+aiosqlite:// or postgresql+asyncpg:// URL"))
+    for ok, key, expected in checks:
+        if not ok:
+            raise ConfigError(f"config key {key}: expected {expected}")
+
+
+def load_config(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> Config:
+    """Load defaults, then the TOML file (if given), then environment variables."""
+    config = Config()
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path}: not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+        _apply(config, data, "")
+    _apply_env(config, dict(os.environ if env is None else env), "PLUNKD", "")
+    _validate(config)
+    return config

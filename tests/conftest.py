@@ -1,0 +1,80 @@
+"""Shared fixtures: a real database (an SQLite file, or a fresh PostgreSQL database per test when
+PLUNKD_TEST_DATABASE_URL is set), the real app through aiohttp's test client, and a project."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from api.context import DB
+from pipeline.projects import create_project
+from plunkd.app import create_app
+from plunkd.config import Config
+from storage.db import Database
+
+PG_URL = os.environ.get("PLUNKD_TEST_DATABASE_URL", "")
+
+
+@pytest.fixture
+async def database_url(tmp_path):
+    if not PG_URL:
+        yield f"sqlite+aiosqlite:///{tmp_path / 'test.sqlite3'}"
+        return
+    name = f"plunkd_t_{uuid.uuid4().hex[:12]}"
+    admin = create_async_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    async with admin.connect() as conn:
+        await conn.execute(text(f'CREATE DATABASE "{name}"'))
+    yield PG_URL.rsplit("/", 1)[0] + f"/{name}"
+    async with admin.connect() as conn:
+        await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    await admin.dispose()
+
+
+@pytest.fixture
+def config(tmp_path, database_url) -> Config:
+    cfg = Config()
+    cfg.server.data_dir = str(tmp_path / "data")
+    cfg.database.url = database_url
+    cfg.smtp.enabled = False
+    cfg.delivery.enabled = False
+    return cfg
+
+
+@dataclass
+class Api:
+    """The running app, a project in it and its keys, with request helpers."""
+
+    client: Any
+    db: Database
+    project_id: str
+    sk: str
+    pk: str
+
+    def auth(self, key: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key or self.sk}"}
+
+    async def call(self, method: str, path: str, key: str | None = None, **kwargs) -> tuple[int, dict]:
+        resp = await self.client.request(method, path, headers={**self.auth(key), **kwargs.pop("headers", {})},
+                                         **kwargs)
+        return resp.status, await resp.json()
+
+    async def new_project(self, name: str = "other") -> tuple[str, str, str]:
+        async with self.db.session() as session, session.begin():
+            issued = await create_project(session, name, f"hello@{name}.example", name)
+        return issued.project.id, issued.secret_key, issued.public_key
+
+
+@pytest.fixture
+async def api(aiohttp_client, config) -> Api:
+    app = create_app(config)
+    client = await aiohttp_client(app)
+    db = app[DB]
+    async with db.session() as session, session.begin():
+        issued = await create_project(session, "test", "hello@example.com", "Test")
+    return Api(client, db, issued.project.id, issued.secret_key, issued.public_key)
