@@ -1,0 +1,125 @@
+"""The CLI end to end (real processes on a real SQLite file) and configuration errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from plunkd.config import ConfigError, load_config
+
+
+def plunkd(tmp_path, *args, env=None):
+    full_env = {**os.environ, "PLUNKD_SERVER_DATA_DIR": str(tmp_path / "data"), **(env or {})}
+    full_env.pop("PLUNKD_CONFIG", None)
+    return subprocess.run([sys.executable, "-m", "plunkd.cli", *args], cwd=tmp_path, env=full_env,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def cli_env(database_url):
+    return {"PLUNKD_DATABASE_URL": database_url}
+
+
+def test_project_create_list_and_rotate(tmp_path, cli_env):
+    made = plunkd(tmp_path, "project", "create", "--name", "shop", "--from-email", "Hi@Shop.example",
+                  env=cli_env)
+    assert made.returncode == 0, made.stderr
+    sk = next(line.split()[-1] for line in made.stdout.splitlines() if line.startswith("secret key"))
+    assert sk.startswith("sk_") and len(sk) >= 3 + 32
+    listed = plunkd(tmp_path, "project", "list", env=cli_env)
+    assert "shop" in listed.stdout and "from=hi@shop.example" in listed.stdout
+    assert sk not in listed.stdout, "keys are shown only once"
+    db_files = list((tmp_path / "data").glob("*.sqlite3*"))
+    for path in db_files:
+        assert sk.encode() not in path.read_bytes(), "no key in clear in the database"
+    rotated = plunkd(tmp_path, "keys", "rotate", "--project", "shop", env=cli_env)
+    assert rotated.returncode == 0 and "secret key: sk_" in rotated.stdout
+    assert sk not in rotated.stdout
+
+
+def test_cli_errors_are_one_line(tmp_path, cli_env):
+    for args in (["keys", "rotate", "--project", "ghost"],
+                 ["project", "create", "--name", "x", "--from-email", "nope"],
+                 ["contacts", "import", "missing.csv", "--project", "x"]):
+        result = plunkd(tmp_path, *args, env=cli_env)
+        assert result.returncode == 1
+        assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("plunkd: ")
+    bad = plunkd(tmp_path, "project", "list", env={"PLUNKD_DELIVERY_RATE_PER_SECOND": "fast"})
+    assert bad.returncode == 1
+    assert bad.stderr.strip() == ("plunkd: config key delivery.rate_per_second (PLUNKD_DELIVERY_RATE_PER_SECOND): "
+                                  "expected float, got 'fast'")
+
+
+def test_contacts_import_with_summary(tmp_path, cli_env):
+    assert plunkd(tmp_path, "project", "create", "--name", "shop", "--from-email", "a@shop.example",
+                  env=cli_env).returncode == 0
+    csv_path = tmp_path / "contacts.csv"
+    csv_path.write_text("email,subscribed,firstName\n"
+                        "Ann@Example.com,true,Ann\n"
+                        "bob@example.com,no,Bob\n"
+                        "ann@example.com,true,Dup\n"
+                        ",true,Nobody\n"
+                        "not-an-email,true,X\n"
+                        "carl@example.com,perhaps,Carl\n"
+                        "dee@example.com,,Dee\n")
+    result = plunkd(tmp_path, "contacts", "import", str(csv_path), "--project", "shop", env=cli_env)
+    assert result.returncode == 0, result.stderr
+    assert "3 created, 0 updated, 4 skipped" in result.stdout
+    for reason in ("duplicate in file", "no email", "invalid email", "bad subscribed value"):
+        assert f"skipped 1: {reason}" in result.stdout
+    assert "importing" in result.stderr and "7/7" in result.stderr, "a progress bar on stderr"
+    again = plunkd(tmp_path, "contacts", "import", str(csv_path), "--project", "shop", env=cli_env)
+    assert "0 created, 3 updated" in again.stdout
+
+
+def test_config_file_and_env(tmp_path):
+    path = tmp_path / "plunkd.toml"
+    path.write_text('[server]\nhttp_port = 9000\n[delivery]\ntransport = "smtp"\n[delivery.smtp]\nport = 2525\n')
+    cfg = load_config(path, env={"PLUNKD_SERVER_HTTP_PORT": "9100", "PLUNKD_DNS_NAMESERVERS": "127.0.0.1, ::1"})
+    assert cfg.server.http_port == 9100 and cfg.delivery.transport == "smtp" and cfg.delivery.smtp.port == 2525
+    assert cfg.dns.nameservers == ["127.0.0.1", "::1"]
+
+
+@pytest.mark.parametrize(("toml", "env", "message"), [
+    ('[server]\nhttp_port = "80"\n', {}, "config key server.http_port: expected int, got '80'"),
+    ("[server]\nhttp_port = 70000\n", {}, "config key server.http_port: expected a port number 0-65535"),
+    ('[delivery]\ntransport = "pigeon"\n', {}, "config key delivery.transport: expected one of file, smtp, ses"),
+    ("[server]\nnope = 1\n", {}, "config key server.nope: unknown key"),
+    ("[database]\nurl = 'mysql://x'\n", {}, "config key database.url: expected a sqlite+aiosqlite:// or "
+                                            "postgresql+asyncpg:// URL"),
+    ("", {"PLUNKD_SMTP_ENABLED": "maybe"}, "config key smtp.enabled (PLUNKD_SMTP_ENABLED): expected bool, got "
+                                           "'maybe'"),
+    ("[server\n", {}, "config file"),
+])
+def test_bad_config_values_name_the_key(tmp_path, toml, env, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env=env)
+    assert str(err.value).startswith(message)
+    assert "\n" not in str(err.value)
+
+
+def test_example_config_loads_and_documents_every_key():
+    import dataclasses
+
+    from plunkd.config import Config
+
+    root = os.path.dirname(os.path.dirname(__file__))
+    example = os.path.join(root, "config.example.toml")
+    load_config(example, env={})
+    text = open(example).read()
+
+    def keys(section, prefix=""):
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from keys(value, f"{prefix}{f.name}.")
+            else:
+                yield prefix, f.name
+
+    for prefix, name in keys(Config()):
+        assert f"\n{name} =" in text or f"\n# {name} =" in text, f"{prefix}{name} is not documented"

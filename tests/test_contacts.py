@@ -1,0 +1,148 @@
+"""Contacts API: CRUD, subscription events, pagination, project isolation, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+
+async def create(api, email="c@example.com", **extra):
+    status, body = await api.call("POST", "/contacts", json={"email": email, **extra})
+    assert status == 201, body
+    return body["data"]
+
+
+async def test_create_get_and_409(api):
+    contact = await create(api, "New@Example.COM", data={"name": "Ann", "age": None})
+    assert contact["email"] == "new@example.com"
+    assert contact["subscribed"] is True
+    assert contact["data"] == {"name": "Ann"}
+    status, body = await api.call("GET", f"/contacts/{contact['id']}")
+    assert status == 200 and body["data"]["id"] == contact["id"]
+    status, body = await api.call("POST", "/contacts", json={"email": "new@example.com"})
+    assert status == 409 and body["error"]["code"] == "CONFLICT"
+
+
+async def test_versioned_and_unversioned_routes_are_the_same(api):
+    contact = await create(api)
+    for prefix in ("", "/v1"):
+        status, body = await api.call("GET", f"{prefix}/contacts/{contact['id']}")
+        assert status == 200 and body["data"]["email"] == "c@example.com"
+
+
+async def test_update_by_put_and_patch(api):
+    contact = await create(api, data={"a": 1, "b": 2})
+    status, body = await api.call("PUT", "/contacts", json={"id": contact["id"], "data": {"a": None, "c": 3}})
+    assert status == 200 and body["data"]["data"] == {"b": 2, "c": 3}
+    status, body = await api.call("PATCH", f"/contacts/{contact['id']}", json={"email": "Moved@example.com"})
+    assert status == 200 and body["data"]["email"] == "moved@example.com"
+    await create(api, "taken@example.com")
+    status, body = await api.call("PATCH", f"/contacts/{contact['id']}", json={"email": "taken@example.com"})
+    assert status == 409
+
+
+async def test_subscription_changes_record_events(api):
+    contact = await create(api)
+    status, body = await api.call("POST", "/contacts/unsubscribe", json={"id": contact["id"]})
+    assert status == 200 and body["data"]["subscribed"] is False
+    await api.call("POST", "/contacts/unsubscribe", json={"id": contact["id"]})
+    status, body = await api.call("POST", "/v1/contacts/subscribe", json={"email": "c@example.com"})
+    assert body["data"]["subscribed"] is True
+    await api.call("PUT", "/contacts", json={"id": contact["id"], "subscribed": False})
+    _, events = await api.call("GET", f"/events/contact/{contact['id']}")
+    assert [e["name"] for e in events["data"]["items"]] == [
+        "contact.unsubscribed", "contact.subscribed", "contact.unsubscribed"], "one event per real change"
+
+
+async def test_delete_both_forms(api):
+    one, two = await create(api, "one@example.com"), await create(api, "two@example.com")
+    status, body = await api.call("DELETE", "/contacts", json={"id": one["id"]})
+    assert status == 200 and body["data"]["id"] == one["id"]
+    status, _ = await api.call("DELETE", f"/contacts/{two['id']}")
+    assert status == 200
+    for contact in (one, two):
+        status, body = await api.call("GET", f"/contacts/{contact['id']}")
+        assert status == 404 and body["error"]["code"] == "NOT_FOUND"
+    status, _ = await api.call("DELETE", f"/contacts/{two['id']}")
+    assert status == 404
+
+
+async def test_count_and_filters(api):
+    await create(api, "a@example.com")
+    await create(api, "b@example.com", subscribed=False)
+    await create(api, "c%d@other.org")
+    _, body = await api.call("GET", "/contacts/count")
+    assert body["data"] == {"count": 3}
+    _, body = await api.call("GET", "/contacts?subscribed=false")
+    assert [c["email"] for c in body["data"]["items"]] == ["b@example.com"]
+    _, body = await api.call("GET", "/contacts?search=EXAMPLE")
+    assert body["data"]["total"] == 2
+    _, body = await api.call("GET", "/contacts?search=%25")
+    assert [c["email"] for c in body["data"]["items"]] == ["c%d@other.org"], "% is matched literally"
+
+
+async def test_other_projects_ids_are_404(api):
+    contact = await create(api)
+    _, other_sk, _ = await api.new_project("other")
+    for method, path, payload in [("GET", f"/contacts/{contact['id']}", None),
+                                  ("PATCH", f"/contacts/{contact['id']}", {"data": {"x": 1}}),
+                                  ("DELETE", f"/contacts/{contact['id']}", None),
+                                  ("PUT", "/contacts", {"id": contact["id"], "subscribed": False}),
+                                  ("POST", "/contacts/unsubscribe", {"id": contact["id"]}),
+                                  ("GET", f"/events/contact/{contact['id']}", None)]:
+        status, body = await api.call(method, path, key=other_sk, json=payload)
+        assert status == 404, (method, path, body)
+    _, body = await api.call("GET", "/contacts", key=other_sk)
+    assert body["data"]["total"] == 0
+    status, body = await api.call("GET", f"/contacts/{contact['id']}")
+    assert body["data"]["subscribed"] is True and body["data"]["data"] == {}
+
+
+async def test_pagination_is_stable_while_rows_are_inserted(api):
+    for i in range(25):
+        await create(api, f"p{i:02d}@example.com")
+    _, first = await api.call("GET", "/contacts?limit=10")
+    page = first["data"]
+    assert page["hasMore"] is True and page["total"] == 25 and len(page["items"]) == 10
+    assert page["items"][0]["email"] == "p24@example.com", "newest first"
+    seen = [c["email"] for c in page["items"]]
+    cursor = page["nextCursor"]
+    await asyncio.gather(*[create(api, f"late{i}@example.com") for i in range(5)])
+    while cursor:
+        _, body = await api.call("GET", f"/contacts?limit=10&cursor={cursor}")
+        seen += [c["email"] for c in body["data"]["items"]]
+        cursor = body["data"]["nextCursor"]
+        assert body["data"]["hasMore"] is bool(cursor)
+    assert seen == [f"p{i:02d}@example.com" for i in range(24, -1, -1)], "no row repeated or skipped"
+
+
+@pytest.mark.parametrize("query", ["limit=0", "limit=101", "limit=abc", "limit=-1", "cursor=nope",
+                                   "cursor=' OR 1=1 --", "subscribed=maybe"])
+async def test_bad_list_parameters(api, query):
+    status, body = await api.call("GET", f"/contacts?{query}")
+    assert status == 422 and body["error"]["code"] == "VALIDATION_ERROR"
+
+
+@pytest.mark.parametrize(("method", "path", "payload", "field"), [
+    ("POST", "/contacts", {}, "email"),
+    ("POST", "/contacts", {"email": "x"}, "email"),
+    ("POST", "/contacts", {"email": "a@b.co", "subscribed": 1}, "subscribed"),
+    ("POST", "/contacts", {"email": "a@b.co", "data": "str"}, "data"),
+    ("PUT", "/contacts", {"email": "a@b.co"}, "id"),
+    ("PUT", "/contacts", {"id": 12}, "id"),
+    ("DELETE", "/contacts", {}, "id"),
+    ("POST", "/contacts/subscribe", {}, "body"),
+    ("PATCH", "/contacts/whatever", {"subscribed": "no"}, "subscribed"),
+])
+async def test_contact_validation(api, method, path, payload, field):
+    status, body = await api.call(method, path, json=payload)
+    assert status == 422, body
+    assert field in [e["field"] for e in body["error"]["errors"]]
+
+
+async def test_unknown_id_is_404(api):
+    status, body = await api.call("GET", "/contacts/01a20498-2e5d-7000-908b-a134f65e8499")
+    assert status == 404
+    status, body = await api.call("PUT", "/contacts", json={"id": "nope", "data": {}})
+    assert status == 404

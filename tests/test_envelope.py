@@ -1,0 +1,75 @@
+"""SPEC §2: envelope, request ids, rate limit, unknown routes, internal errors, health and OpenAPI."""
+
+from __future__ import annotations
+
+import uuid
+
+from api.context import RATE_LIMITER
+
+
+async def test_request_id_is_echoed_or_made(api):
+    resp = await api.client.get("/health", headers={"X-Request-Id": "abc-123"})
+    assert resp.headers["X-Request-Id"] == "abc-123"
+    resp = await api.client.get("/health", headers={"X-Request-Id": "bad id\twith spaces"})
+    uuid.UUID(resp.headers["X-Request-Id"])
+    resp = await api.client.get("/health")
+    assert (await resp.json()) == {"success": True, "data": {"status": "ok"}}
+
+
+async def test_unknown_route_and_method_use_the_envelope(api):
+    resp = await api.client.get("/nope")
+    body = await resp.json()
+    assert resp.status == 404 and body["success"] is False and body["error"]["code"] == "NOT_FOUND"
+    assert body["error"]["requestId"] == resp.headers["X-Request-Id"]
+    assert body["timestamp"].endswith("Z")
+    resp = await api.client.put("/v1/track", headers=api.auth())
+    assert resp.status == 405 and (await resp.json())["success"] is False
+
+
+async def test_rate_limit_headers_and_429(api):
+    api.client.app[RATE_LIMITER].limit = 3
+    for expected_remaining in (2, 1, 0):
+        resp = await api.client.get("/contacts/count", headers=api.auth())
+        assert resp.status == 200
+        assert resp.headers["X-RateLimit-Limit"] == "3"
+        assert resp.headers["X-RateLimit-Remaining"] == str(expected_remaining)
+    resp = await api.client.get("/contacts/count", headers=api.auth())
+    body = await resp.json()
+    assert resp.status == 429 and body["error"]["code"] == "RATE_LIMIT_EXCEEDED"
+    assert 1 <= int(resp.headers["Retry-After"]) <= 60
+    other_id, other_sk, _ = await api.new_project()
+    resp = await api.client.get("/contacts/count", headers=api.auth(other_sk))
+    assert resp.status == 200, "the budget is per project"
+
+
+async def test_internal_error_hides_details(api, monkeypatch):
+    from storage import contacts
+
+    async def explode(*args, **kwargs):
+        raise RuntimeError("SELECT secret FROM projects -- boom")
+
+    monkeypatch.setattr(contacts, "count_contacts", explode)
+    resp = await api.client.get("/contacts/count", headers=api.auth())
+    text = await resp.text()
+    assert resp.status == 500
+    assert "SELECT" not in text and "Traceback" not in text and "boom" not in text
+    assert (await resp.json())["error"]["code"] == "INTERNAL_ERROR"
+
+
+async def test_openapi_describes_served_routes(api):
+    resp = await api.client.get("/openapi.json")
+    spec = await resp.json()
+    assert spec["openapi"].startswith("3.")
+    for path, method in [("/v1/track", "post"), ("/contacts", "get"), ("/v1/contacts", "put"),
+                         ("/contacts/{id}", "patch"), ("/events/{eventName}", "delete"), ("/health", "get")]:
+        assert method in spec["paths"][path], (path, method)
+    assert "/track" not in spec["paths"], "the public API is served under /v1 only"
+    assert spec["paths"]["/v1/track"]["post"]["x-key-kinds"] == ["sk_", "pk_"]
+    schema = spec["components"]["schemas"]["TrackBody"]
+    assert set(schema["required"]) == {"email", "event"}
+    for path, methods in spec["paths"].items():
+        for method in methods:
+            probe = await api.client.request(method.upper(), path.replace("{id}", "x").replace(
+                "{contactId}", "x").replace("{eventName}", "x"))
+            assert probe.status != 405 and not (probe.status == 404 and
+                                                (await probe.json())["error"]["message"] == "No such endpoint")

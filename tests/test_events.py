@@ -1,0 +1,74 @@
+"""Events API (seed 004)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+async def track(api, email, event, **extra):
+    status, body = await api.call("POST", "/v1/track", json={"email": email, "event": event, **extra})
+    assert status == 200, body
+    return body["data"]
+
+
+async def test_list_filter_and_names_by_frequency(api):
+    for event, times in (("open-app", 3), ("purchase", 1), ("login", 2)):
+        for _ in range(times):
+            await track(api, "e@example.com", event)
+    _, body = await api.call("GET", "/events?name=login")
+    assert {e["name"] for e in body["data"]["items"]} == {"login"} and body["data"]["total"] == 2
+    _, body = await api.call("GET", "/events?limit=2")
+    assert len(body["data"]["items"]) == 2 and body["data"]["hasMore"] is True
+    _, body = await api.call("GET", "/v1/events/names")
+    assert body["data"] == ["open-app", "login", "purchase"]
+
+
+async def test_stats_window(api):
+    await track(api, "e@example.com", "a")
+    await track(api, "e@example.com", "a")
+    await track(api, "e@example.com", "b")
+    _, body = await api.call("GET", "/events/stats")
+    assert body["data"]["total"] == 3
+    assert body["data"]["events"] == [{"name": "a", "count": 2}, {"name": "b", "count": 1}]
+    _, body = await api.call("GET", "/events/stats?start=2999-01-01T00:00:00Z")
+    assert body["data"]["total"] == 0
+    _, body = await api.call("GET", "/events/stats?start=2000-01-01&end=2999-01-01")
+    assert body["data"]["total"] == 3
+
+
+@pytest.mark.parametrize("query", ["start=yesterday", "end=2020-13-01", "start=2025-01-02&end=2025-01-01"])
+async def test_stats_bad_dates(api, query):
+    status, body = await api.call("GET", f"/events/stats?{query}")
+    assert status == 422 and body["error"]["code"] == "VALIDATION_ERROR"
+
+
+async def test_delete_by_name(api):
+    await track(api, "e@example.com", "old event")
+    await track(api, "e@example.com", "keep")
+    status, body = await api.call("DELETE", "/events/old%20event")
+    assert status == 200 and body["data"] == {"name": "old event", "deleted": 1}
+    _, body = await api.call("GET", "/events/names")
+    assert body["data"] == ["keep"]
+    status, _ = await api.call("DELETE", "/events/old%20event")
+    assert status == 404
+
+
+@pytest.mark.parametrize("name", ["email.sent", "contact.subscribed", "segment.vip.entry"])
+async def test_system_events_cannot_be_deleted(api, name):
+    await track(api, "e@example.com", "x", subscribed=False)
+    await track(api, "e@example.com", "x", subscribed=True)
+    status, body = await api.call("DELETE", f"/events/{name}")
+    assert status == 403 and body["error"]["code"] == "FORBIDDEN"
+    _, names = await api.call("GET", "/events/names")
+    assert "contact.subscribed" in names["data"]
+
+
+async def test_events_are_per_project(api):
+    await track(api, "e@example.com", "mine")
+    _, other_sk, _ = await api.new_project()
+    _, body = await api.call("GET", "/events", key=other_sk)
+    assert body["data"]["items"] == []
+    status, _ = await api.call("DELETE", "/events/mine", key=other_sk)
+    assert status == 404
+    _, body = await api.call("GET", "/events")
+    assert body["data"]["total"] == 1
