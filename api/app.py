@@ -6,12 +6,11 @@ from aiohttp import web
 
 from api import contacts, events, system, track
 from api.auth import KeyCache
-from api.context import BATCHER, CONFIG, DB, KEYS, RATE_LIMITER
+from api.context import CONFIG, DB, KEYS, RATE_LIMITER
 from api.middleware import envelope_middleware
 from api.ratelimit import WindowRateLimiter
 from api.routing import Route, register
 from plunkd.config import Config
-from storage.batch import TransactionBatcher
 from storage.db import Database
 
 
@@ -19,11 +18,10 @@ def all_routes() -> list[Route]:
     return [*system.ROUTES, *track.ROUTES, *contacts.ROUTES, *events.ROUTES]
 
 
-def build_api(config: Config, db: Database, batcher: TransactionBatcher) -> web.Application:
+def build_api(config: Config, db: Database) -> web.Application:
     app = web.Application(middlewares=[envelope_middleware], client_max_size=config.api.max_body_bytes)
     app[CONFIG] = config
     app[DB] = db
-    app[BATCHER] = batcher
     app[KEYS] = KeyCache(db)
     app[RATE_LIMITER] = WindowRateLimiter(config.api.rate_limit_per_minute)
     routes = all_routes()

@@ -37,8 +37,7 @@ class KeyCache:
         hit = self._entries.get(key)
         if hit is not None and hit[0] > now:
             return hit[1]
-        async with self.db.session() as session:
-            found = await find_project_by_key(session, key)
+        found = await self.db.read(find_project_by_key, key)
         caller = None
         if found is not None:
             project, kind = found

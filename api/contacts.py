@@ -7,7 +7,7 @@ from typing import Annotated
 from aiohttp import web
 from pydantic import StringConstraints, model_validator
 
-from api.context import BATCHER, CONFIG, DB
+from api.context import CONFIG, DB
 from api.envelope import success
 from api.routing import Route, caller
 from api.serialize import contact_json, page_json
@@ -60,35 +60,32 @@ async def list_contacts(request: web.Request) -> web.Response:
     limit, cursor = page_params(request)
     subscribed = bool_param(request, "subscribed")
     search = request.query.get("search", "")[:320] or None
-    async with request.app[DB].session() as session:
-        page = await contact_store.list_contacts(session, caller(request).project_id, limit, cursor,
-                                                 subscribed, search)
+    page = await request.app[DB].read(contact_store.list_contacts, caller(request).project_id, limit, cursor,
+                                      subscribed, search)
     return success(page_json(page, contact_json))
 
 
 async def count_contacts(request: web.Request) -> web.Response:
-    async with request.app[DB].session() as session:
-        count = await contact_store.count_contacts(session, caller(request).project_id)
+    count = await request.app[DB].read(contact_store.count_contacts, caller(request).project_id)
     return success({"count": count})
 
 
 async def get_contact(request: web.Request) -> web.Response:
-    async with request.app[DB].session() as session:
-        contact = await rules.require_contact(session, caller(request).project_id, request.match_info["id"])
+    contact = await request.app[DB].read(rules.require_contact, caller(request).project_id, request.match_info["id"])
     return success(contact_json(contact))
 
 
 async def create_contact(request: web.Request) -> web.Response:
     body = await read_body(request, CreateContactBody, _max_body(request))
     project_id = caller(request).project_id
-    contact = await request.app[BATCHER].run(
+    contact = await request.app[DB].write(
         lambda s: rules.create_contact(s, project_id, body.email, body.subscribed, body.data))
     return success(contact_json(contact), status=201)
 
 
 async def _update(request: web.Request, contact_id: str, body: PatchContactBody | UpdateContactBody) -> web.Response:
     project_id = caller(request).project_id
-    contact = await request.app[BATCHER].run(
+    contact = await request.app[DB].write(
         lambda s: rules.update_contact(s, project_id, contact_id, body.email, body.subscribed, body.data))
     return success(contact_json(contact))
 
@@ -105,7 +102,7 @@ async def patch_contact(request: web.Request) -> web.Response:
 
 async def _delete(request: web.Request, contact_id: str) -> web.Response:
     project_id = caller(request).project_id
-    contact = await request.app[BATCHER].run(lambda s: rules.delete_contact(s, project_id, contact_id))
+    contact = await request.app[DB].write(lambda s: rules.delete_contact(s, project_id, contact_id))
     return success(contact_json(contact))
 
 
@@ -122,7 +119,7 @@ def _subscription(subscribed: bool):
     async def handler(request: web.Request) -> web.Response:
         body = await read_body(request, ContactRefBody, _max_body(request))
         project_id = caller(request).project_id
-        contact = await request.app[BATCHER].run(
+        contact = await request.app[DB].write(
             lambda s: rules.set_subscribed(s, project_id, body.id, body.email, subscribed))
         return success(contact_json(contact))
 

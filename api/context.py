@@ -7,11 +7,9 @@ from aiohttp import web
 from api.auth import KeyCache
 from api.ratelimit import WindowRateLimiter
 from plunkd.config import Config
-from storage.batch import TransactionBatcher
 from storage.db import Database
 
 CONFIG = web.AppKey("config", Config)
 DB = web.AppKey("db", Database)
-BATCHER = web.AppKey("batcher", TransactionBatcher)
 KEYS = web.AppKey("keys", KeyCache)
 RATE_LIMITER = web.AppKey("rate_limiter", WindowRateLimiter)

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
-from api.context import BATCHER, DB
+from api.context import DB
 from api.envelope import success
 from api.routing import Route, caller
 from api.serialize import event_json, page_json
@@ -30,14 +30,12 @@ def _date_param(request: web.Request, name: str) -> datetime | None:
 async def list_events(request: web.Request) -> web.Response:
     limit, cursor = page_params(request)
     name = request.query.get("name") or None
-    async with request.app[DB].session() as session:
-        page = await event_store.list_events(session, caller(request).project_id, limit, cursor, name=name)
+    page = await request.app[DB].read(event_store.list_events, caller(request).project_id, limit, cursor, name)
     return success(page_json(page, event_json))
 
 
 async def event_names(request: web.Request) -> web.Response:
-    async with request.app[DB].session() as session:
-        names = await event_store.event_names_by_frequency(session, caller(request).project_id)
+    names = await request.app[DB].read(event_store.event_names_by_frequency, caller(request).project_id)
     return success(names)
 
 
@@ -45,8 +43,7 @@ async def event_stats(request: web.Request) -> web.Response:
     start, end = _date_param(request, "start"), _date_param(request, "end")
     if start and end and start > end:
         raise ValidationFailed([FieldError("start", "start must be before end", "invalid_date")])
-    async with request.app[DB].session() as session:
-        counts = await event_store.event_counts(session, caller(request).project_id, start, end)
+    counts = await request.app[DB].read(event_store.event_counts, caller(request).project_id, start, end)
     return success({"total": sum(n for _, n in counts), "start": start, "end": end,
                     "events": [{"name": name, "count": n} for name, n in counts]})
 
@@ -54,9 +51,13 @@ async def event_stats(request: web.Request) -> web.Response:
 async def contact_events(request: web.Request) -> web.Response:
     limit, cursor = page_params(request)
     project_id = caller(request).project_id
-    async with request.app[DB].session() as session:
-        contact = await require_contact(session, project_id, request.match_info["contactId"])
-        page = await event_store.list_events(session, project_id, limit, cursor, contact_id=contact.id)
+    contact_id = request.match_info["contactId"]
+
+    def query(session):
+        contact = require_contact(session, project_id, contact_id)
+        return event_store.list_events(session, project_id, limit, cursor, contact_id=contact.id)
+
+    page = await request.app[DB].read(query)
     return success(page_json(page, event_json))
 
 
@@ -66,7 +67,7 @@ async def delete_events(request: web.Request) -> web.Response:
         raise Forbidden(f"'{name}' is a system event and cannot be deleted",
                         "Only events your application tracked can be deleted.")
     project_id = caller(request).project_id
-    deleted = await request.app[BATCHER].run(lambda s: event_store.delete_events_named(s, project_id, name))
+    deleted = await request.app[DB].write(lambda s: event_store.delete_events_named(s, project_id, name))
     if not deleted:
         raise NotFound(f"No events named '{name}'")
     return success({"name": name, "deleted": deleted})

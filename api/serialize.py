@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from storage.models import Contact, Event
+from storage.contacts import ContactRecord
+from storage.models import Event
 from storage.pagination import Page
 
 
-def contact_json(contact: Contact) -> dict[str, Any]:
+def contact_json(contact: ContactRecord) -> dict[str, Any]:
     return {"id": contact.id, "email": contact.email, "subscribed": contact.subscribed,
             "data": contact.data or {}, "createdAt": contact.created_at, "updatedAt": contact.updated_at}
 

@@ -7,7 +7,7 @@ from typing import Annotated
 from aiohttp import web
 from pydantic import StringConstraints
 
-from api.context import BATCHER, CONFIG
+from api.context import CONFIG, DB
 from api.envelope import success
 from api.routing import Route, caller
 from api.validation import Body, Data, Email, read_body
@@ -27,7 +27,7 @@ async def track_event(request: web.Request) -> web.Response:
     body = await read_body(request, TrackBody, request.app[CONFIG].api.max_body_bytes)
     check_event_name(body.event)
     project_id = caller(request).project_id
-    result = await request.app[BATCHER].run(
+    result = await request.app[DB].write(
         lambda session: track(session, project_id, body.email, body.event, body.subscribed, body.data))
     return success({"contact": result.contact_id, "event": result.event_id, "timestamp": result.timestamp})
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from pipeline.errors import Conflict, FieldError, NotFound, ValidationFailed
 from storage import contacts as contact_store
 from storage import events as event_store
-from storage.models import Contact
+from storage.contacts import ContactRecord
 
 RESERVED_DATA_KEYS = frozenset({
     "id", "email", "subscribed", "createdAt", "updatedAt", "created_at", "updated_at",
@@ -51,84 +51,84 @@ def merge_data(stored: dict[str, Any], incoming: dict[str, Any] | None) -> tuple
     return merged, variables
 
 
-async def record_subscription(session: AsyncSession, contact: Contact, subscribed: bool) -> bool:
+def record_subscription(session: Session, project_id: str, contact: ContactRecord, subscribed: bool) -> bool:
     """Set the contact's state; a real change records contact.subscribed / contact.unsubscribed."""
     if contact.subscribed == subscribed:
         return False
     contact.subscribed = subscribed
+    contact_store.update_contact(session, contact.id, subscribed=subscribed)
     name = "contact.subscribed" if subscribed else "contact.unsubscribed"
-    await event_store.insert_event(session, contact.project_id, contact.id, name, {})
+    event_store.insert_event(session, project_id, contact.id, name, {})
     return True
 
 
-async def upsert_contact(session: AsyncSession, project_id: str, email: str, subscribed: bool | None,
-                         default_subscribed: bool, data: dict[str, Any] | None = None,
-                         only_subscribe: bool = False) -> tuple[Contact, dict[str, Any], bool]:
-    """The one upsert used by track and send. Returns (contact, call variables, created).
+def upsert_contact(session: Session, project_id: str, email: str, subscribed: bool | None,
+                   default_subscribed: bool, data: dict[str, Any] | None = None,
+                   only_subscribe: bool = False) -> tuple[ContactRecord, dict[str, Any], bool]:
+    """The one upsert used by track, send and import. Returns (contact, call variables, created).
 
     A new contact gets `subscribed` or the caller's default. An existing one changes state only
     on an explicit value; with `only_subscribe` (the send rule) only an explicit `true` counts.
     """
-    contact, created = await contact_store.get_or_create_contact(
+    contact, created = contact_store.get_or_create_contact(
         session, project_id, email, default_subscribed if subscribed is None else subscribed)
     merged, variables = merge_data(contact.data or {}, data)
     if merged != contact.data:
         contact.data = merged
+        contact_store.update_contact(session, contact.id, data=merged)
     if not created and subscribed is not None and (subscribed or not only_subscribe):
-        await record_subscription(session, contact, subscribed)
+        record_subscription(session, project_id, contact, subscribed)
     return contact, variables, created
 
 
-async def require_contact(session: AsyncSession, project_id: str, contact_id: str) -> Contact:
-    contact = await contact_store.get_contact(session, project_id, contact_id)
+def require_contact(session: Session, project_id: str, contact_id: str) -> ContactRecord:
+    contact = contact_store.get_contact(session, project_id, contact_id)
     if contact is None:
         raise NotFound(f"Contact {contact_id} not found",
                        "Check the contact id; it must belong to this project.")
     return contact
 
 
-async def create_contact(session: AsyncSession, project_id: str, email: str, subscribed: bool,
-                         data: dict[str, Any] | None) -> Contact:
-    if await contact_store.get_contact_by_email(session, project_id, email) is not None:
+def create_contact(session: Session, project_id: str, email: str, subscribed: bool,
+                   data: dict[str, Any] | None) -> ContactRecord:
+    if contact_store.get_contact_by_email(session, project_id, email) is not None:
         raise Conflict(f"A contact with email {email} already exists",
                        "Update the existing contact with PUT /contacts instead.")
     stored, _ = merge_data({}, data)
-    return await contact_store.insert_contact(session, project_id, email, subscribed, stored)
+    return contact_store.insert_contact(session, project_id, email, subscribed, stored)
 
 
-async def update_contact(session: AsyncSession, project_id: str, contact_id: str, email: str | None,
-                         subscribed: bool | None, data: dict[str, Any] | None) -> Contact:
-    contact = await require_contact(session, project_id, contact_id)
+def update_contact(session: Session, project_id: str, contact_id: str, email: str | None,
+                   subscribed: bool | None, data: dict[str, Any] | None) -> ContactRecord:
+    contact = require_contact(session, project_id, contact_id)
     if email is not None and email != contact.email:
-        if await contact_store.get_contact_by_email(session, project_id, email) is not None:
+        if contact_store.get_contact_by_email(session, project_id, email) is not None:
             raise Conflict(f"A contact with email {email} already exists",
                            "Each email can belong to only one contact in a project.")
-        contact.email = email
+        contact_store.update_contact(session, contact.id, email=email)
     if data is not None:
         merged, _ = merge_data(contact.data or {}, data)
-        contact.data = merged
+        contact_store.update_contact(session, contact.id, data=merged)
     if subscribed is not None:
-        await record_subscription(session, contact, subscribed)
-    await session.flush()
-    return contact
+        record_subscription(session, project_id, contact, subscribed)
+    return require_contact(session, project_id, contact_id)
 
 
-async def set_subscribed(session: AsyncSession, project_id: str, contact_id: str | None, email: str | None,
-                         subscribed: bool) -> Contact:
+def set_subscribed(session: Session, project_id: str, contact_id: str | None, email: str | None,
+                   subscribed: bool) -> ContactRecord:
     if contact_id is not None:
-        contact = await require_contact(session, project_id, contact_id)
+        contact = require_contact(session, project_id, contact_id)
     else:
-        contact = await contact_store.get_contact_by_email(session, project_id, email or "")
+        contact = contact_store.get_contact_by_email(session, project_id, email or "")
         if contact is None:
             raise NotFound(f"Contact {email} not found", "Check the email; it must belong to this project.")
-    await record_subscription(session, contact, subscribed)
-    await session.flush()
-    return contact
+    record_subscription(session, project_id, contact, subscribed)
+    return require_contact(session, project_id, contact.id)
 
 
-async def delete_contact(session: AsyncSession, project_id: str, contact_id: str) -> Contact:
-    contact = await require_contact(session, project_id, contact_id)
-    await contact_store.delete_contact(session, project_id, contact_id)
+def delete_contact(session: Session, project_id: str, contact_id: str) -> ContactRecord:
+    contact = require_contact(session, project_id, contact_id)
+    contact_store.delete_contact(session, project_id, contact_id)
     return contact
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from pipeline.contacts import upsert_contact
 from storage.db import Database
@@ -79,8 +79,10 @@ async def import_contacts(db: Database, project_id: str, path: str, progress: Ca
     batch: list[ImportRow] = []
 
     async def flush() -> None:
-        async with db.session() as session, session.begin():
-            await _upsert_batch(session, project_id, batch, summary)
+        rows = list(batch)
+        created = await db.write(lambda s: _upsert_batch(s, project_id, rows))
+        summary.created += created
+        summary.updated += len(rows) - created
         progress(len(batch))
         batch.clear()
 
@@ -93,11 +95,10 @@ async def import_contacts(db: Database, project_id: str, path: str, progress: Ca
     return summary
 
 
-async def _upsert_batch(session: AsyncSession, project_id: str, rows: list[ImportRow],
-                        summary: ImportSummary) -> None:
+def _upsert_batch(session: Session, project_id: str, rows: list[ImportRow]) -> int:
+    """Upsert the rows; return how many contacts were created."""
+    created = 0
     for row in rows:
-        _, _, created = await upsert_contact(session, project_id, row.email, row.subscribed, True, row.data)
-        if created:
-            summary.created += 1
-        else:
-            summary.updated += 1
+        _, _, is_new = upsert_contact(session, project_id, row.email, row.subscribed, True, row.data)
+        created += is_new
+    return created

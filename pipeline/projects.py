@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from pipeline.errors import NotFound
 from storage import projects as project_store
@@ -23,21 +23,21 @@ def new_keys() -> tuple[str, str]:
     return f"sk_{secrets.token_hex(32)}", f"pk_{secrets.token_hex(32)}"
 
 
-async def create_project(session: AsyncSession, name: str, from_email: str, from_name: str) -> IssuedKeys:
+def create_project(session: Session, name: str, from_email: str, from_name: str) -> IssuedKeys:
     secret_key, public_key = new_keys()
-    project = await project_store.insert_project(session, name, from_email, from_name, secret_key, public_key)
+    project = project_store.insert_project(session, name, from_email, from_name, secret_key, public_key)
     return IssuedKeys(project, secret_key, public_key)
 
 
-async def require_project(session: AsyncSession, id_or_name: str) -> Project:
-    project = await project_store.find_project(session, id_or_name)
+def require_project(session: Session, id_or_name: str) -> Project:
+    project = project_store.find_project(session, id_or_name)
     if project is None:
         raise NotFound(f"no project with id or name {id_or_name!r} (see 'plunkd project list')")
     return project
 
 
-async def rotate_keys(session: AsyncSession, id_or_name: str) -> IssuedKeys:
-    project = await require_project(session, id_or_name)
+def rotate_keys(session: Session, id_or_name: str) -> IssuedKeys:
+    project = require_project(session, id_or_name)
     secret_key, public_key = new_keys()
-    await project_store.replace_keys(session, project.id, secret_key, public_key)
+    project_store.replace_keys(session, project.id, secret_key, public_key)
     return IssuedKeys(project, secret_key, public_key)

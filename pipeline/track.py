@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from pipeline.contacts import is_system_event, reserved_event_error, upsert_contact
 from storage import events as event_store
@@ -24,10 +24,10 @@ def check_event_name(name: str) -> None:
         raise reserved_event_error(name)
 
 
-async def track(session: AsyncSession, project_id: str, email: str, event: str, subscribed: bool | None,
+def track(session: Session, project_id: str, email: str, event: str, subscribed: bool | None,
                 data: dict[str, Any] | None) -> Tracked:
     """Seed 003: new contacts default to subscribed; every call records a new event."""
     check_event_name(event)
-    contact, variables, _ = await upsert_contact(session, project_id, email, subscribed, True, data)
-    record = await event_store.insert_event(session, project_id, contact.id, event, variables)
-    return Tracked(contact.id, record.id, record.created_at)
+    contact, variables, _ = upsert_contact(session, project_id, email, subscribed, True, data)
+    event_id, created_at = event_store.insert_event(session, project_id, contact.id, event, variables)
+    return Tracked(contact.id, event_id, created_at)

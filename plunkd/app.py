@@ -10,7 +10,6 @@ from aiohttp import web
 
 from api.app import build_api
 from plunkd.config import Config
-from storage.batch import TransactionBatcher
 from storage.db import Database
 
 log = logging.getLogger("plunkd")
@@ -18,14 +17,12 @@ log = logging.getLogger("plunkd")
 
 def create_app(config: Config, db: Database | None = None) -> web.Application:
     db = db or Database(config.database_url, config.database.pool_size)
-    batcher = TransactionBatcher(db)
-    app = build_api(config, db, batcher)
+    app = build_api(config, db)
 
     async def storage_ctx(_app: web.Application) -> AsyncIterator[None]:
         await db.migrate()
-        batcher.start()
+        db.writer.start()
         yield
-        await batcher.stop()
         await db.dispose()
 
     app.cleanup_ctx.append(storage_ctx)

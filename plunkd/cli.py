@@ -60,8 +60,7 @@ def cmd_project_create(args: argparse.Namespace, config: Config) -> int:
         raise ConfigError(f"--from-email: {exc}") from None
 
     async def work(db) -> int:
-        async with db.session() as session, session.begin():
-            issued = await create_project(session, args.name, from_email, args.from_name or args.name)
+        issued = await db.write(lambda s: create_project(s, args.name, from_email, args.from_name or args.name))
         print(f"project {issued.project.name} ({issued.project.id})")
         print(f"secret key: {issued.secret_key}")
         print(f"public key: {issued.public_key}")
@@ -75,8 +74,7 @@ def cmd_project_list(args: argparse.Namespace, config: Config) -> int:
     from storage.projects import list_projects
 
     async def work(db) -> int:
-        async with db.session() as session:
-            projects = await list_projects(session)
+        projects = await db.read(list_projects)
         if not projects:
             print("no projects yet: plunkd project create --name NAME --from-email ADDRESS")
         for p in projects:
@@ -90,8 +88,7 @@ def cmd_keys_rotate(args: argparse.Namespace, config: Config) -> int:
     from pipeline.projects import rotate_keys
 
     async def work(db) -> int:
-        async with db.session() as session, session.begin():
-            issued = await rotate_keys(session, args.project)
+        issued = await db.write(lambda s: rotate_keys(s, args.project))
         print(f"new keys for {issued.project.name} ({issued.project.id}); the old ones stop working now")
         print(f"secret key: {issued.secret_key}")
         print(f"public key: {issued.public_key}")
@@ -110,8 +107,7 @@ def cmd_contacts_import(args: argparse.Namespace, config: Config) -> int:
         raise ConfigError(f"{args.file}: no such file")
 
     async def work(db) -> int:
-        async with db.session() as session:
-            project = await require_project(session, args.project)
+        project = await db.read(require_project, args.project)
         total = count_rows(args.file)
         with tqdm(total=total, unit="row", desc="importing", file=sys.stderr) as bar:
             summary = await import_contacts(db, project.id, args.file, bar.update)

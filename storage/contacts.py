@@ -1,78 +1,111 @@
-"""Contact queries. Emails arrive here already lower-cased by the pipeline."""
+"""Contact queries. Emails arrive here already lower-cased by the pipeline.
+
+The write path (track, send, import) uses Core statements on the session's connection: it runs
+for every request, and the ORM's unit of work costs several times more per row. Rows come back as
+`ContactRecord`s, plain dataclasses.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import bindparam, delete, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from storage.models import Contact, new_id, utcnow
 from storage.pagination import Page, paginate
 
 
-async def get_contact(session: AsyncSession, project_id: str, contact_id: str) -> Contact | None:
-    stmt = select(Contact).where(Contact.project_id == project_id, Contact.id == contact_id)
-    return (await session.execute(stmt)).scalar_one_or_none()
+@dataclass
+class ContactRecord:
+    id: str
+    email: str
+    subscribed: bool
+    data: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
 
 
-async def get_contact_by_email(session: AsyncSession, project_id: str, email: str,
-                               for_update: bool = False) -> Contact | None:
-    stmt = select(Contact).where(Contact.project_id == project_id, Contact.email == email)
-    if for_update:
-        stmt = stmt.with_for_update()
-    return (await session.execute(stmt)).scalar_one_or_none()
+_TABLE = Contact.__table__
+_COLUMNS = [_TABLE.c[name] for name in ("id", "email", "subscribed", "data", "created_at", "updated_at")]
+# Statements built once and executed with parameters: building them per call costs more than SQLite.
+_BY_ID = select(*_COLUMNS).where(_TABLE.c.project_id == bindparam("p"), _TABLE.c.id == bindparam("i"))
+_BY_EMAIL = select(*_COLUMNS).where(_TABLE.c.project_id == bindparam("p"), _TABLE.c.email == bindparam("e"))
+_BY_EMAIL_LOCKED = _BY_EMAIL.with_for_update()
+_INSERT = _TABLE.insert()
+_UPDATE = _TABLE.update().where(_TABLE.c.id == bindparam("contact_id"))
+_INSERT_IF_ABSENT = {
+    "postgresql": pg_insert(_TABLE).on_conflict_do_nothing(index_elements=["project_id", "email"]),
+    "sqlite": sqlite_insert(_TABLE).on_conflict_do_nothing(index_elements=["project_id", "email"]),
+}
 
 
-async def get_contacts_by_email(session: AsyncSession, project_id: str, emails: list[str]) -> dict[str, Contact]:
-    stmt = select(Contact).where(Contact.project_id == project_id, Contact.email.in_(emails)).with_for_update()
-    return {c.email: c for c in (await session.execute(stmt)).scalars()}
+def _one(session: Session, stmt: Any, params: dict[str, Any]) -> ContactRecord | None:
+    row = session.connection().execute(stmt, params).first()
+    return None if row is None else ContactRecord(*row)
 
 
-async def insert_contact(session: AsyncSession, project_id: str, email: str, subscribed: bool,
-                         data: dict[str, Any]) -> Contact:
-    contact = Contact(project_id=project_id, email=email, subscribed=subscribed, data=data)
-    session.add(contact)
-    await session.flush()
-    return contact
+def get_contact(session: Session, project_id: str, contact_id: str) -> ContactRecord | None:
+    return _one(session, _BY_ID, {"p": project_id, "i": contact_id})
 
 
-async def get_or_create_contact(session: AsyncSession, project_id: str, email: str,
-                                subscribed_if_new: bool) -> tuple[Contact, bool]:
+def get_contact_by_email(session: Session, project_id: str, email: str,
+                         for_update: bool = False) -> ContactRecord | None:
+    return _one(session, _BY_EMAIL_LOCKED if for_update else _BY_EMAIL, {"p": project_id, "e": email})
+
+
+def insert_contact(session: Session, project_id: str, email: str, subscribed: bool,
+                   data: dict[str, Any]) -> ContactRecord:
+    now = utcnow()
+    record = ContactRecord(new_id(), email, subscribed, data, now, now)
+    session.connection().execute(_INSERT, {**vars(record), "project_id": project_id})
+    return record
+
+
+def get_or_create_contact(session: Session, project_id: str, email: str,
+                          subscribed_if_new: bool) -> tuple[ContactRecord, bool]:
     """Return the contact (locked for update on PostgreSQL) and whether it was just created.
 
     Safe against a concurrent creator: the insert does nothing on conflict and we read the winner.
     """
-    contact = await get_contact_by_email(session, project_id, email, for_update=True)
+    contact = get_contact_by_email(session, project_id, email, for_update=True)
     if contact is not None:
         return contact, False
-    insert = pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
     now = utcnow()
-    stmt = insert(Contact).values(id=new_id(), project_id=project_id, email=email, subscribed=subscribed_if_new,
-                                  data={}, created_at=now, updated_at=now)
-    result = await session.execute(stmt.on_conflict_do_nothing(index_elements=["project_id", "email"]))
-    contact = await get_contact_by_email(session, project_id, email, for_update=True)
+    record = ContactRecord(new_id(), email, subscribed_if_new, {}, now, now)
+    stmt = _INSERT_IF_ABSENT[session.get_bind().dialect.name]
+    result = session.connection().execute(stmt, {**vars(record), "project_id": project_id})
+    if result.rowcount == 1:
+        return record, True
+    contact = get_contact_by_email(session, project_id, email, for_update=True)
     assert contact is not None
-    return contact, result.rowcount == 1
+    return contact, False
 
 
-async def list_contacts(session: AsyncSession, project_id: str, limit: int, cursor: str | None,
-                        subscribed: bool | None = None, search: str | None = None) -> Page:
+def update_contact(session: Session, contact_id: str, **values: Any) -> None:
+    """Set columns (email, subscribed, data) of one contact and bump updated_at."""
+    session.connection().execute(_UPDATE, {"contact_id": contact_id, "updated_at": utcnow(), **values})
+
+
+def list_contacts(session: Session, project_id: str, limit: int, cursor: str | None,
+                  subscribed: bool | None = None, search: str | None = None) -> Page:
     stmt = select(Contact).where(Contact.project_id == project_id)
     if subscribed is not None:
         stmt = stmt.where(Contact.subscribed == subscribed)
     if search:
         escaped = search.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         stmt = stmt.where(Contact.email.like(f"%{escaped}%", escape="\\"))
-    return await paginate(session, stmt, Contact.id, limit, cursor)
+    return paginate(session, stmt, Contact.id, limit, cursor)
 
 
-async def count_contacts(session: AsyncSession, project_id: str) -> int:
+def count_contacts(session: Session, project_id: str) -> int:
     stmt = select(func.count()).select_from(Contact).where(Contact.project_id == project_id)
-    return (await session.execute(stmt)).scalar_one()
+    return session.execute(stmt).scalar_one()
 
 
-async def delete_contact(session: AsyncSession, project_id: str, contact_id: str) -> None:
-    await session.execute(delete(Contact).where(Contact.project_id == project_id, Contact.id == contact_id))
+def delete_contact(session: Session, project_id: str, contact_id: str) -> None:
+    session.connection().execute(delete(Contact).where(Contact.project_id == project_id, Contact.id == contact_id))

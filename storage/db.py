@@ -1,24 +1,36 @@
-"""Engine and session factory, plus running the Alembic migrations at start-up."""
+"""The database: engines, the group-commit writer, reads, and Alembic migrations at start-up.
+
+Reads go through the async engine (aiosqlite / asyncpg). Every write goes through `write()`, which
+hands a *synchronous* function of a `Session` to the group-commit writer (`storage.batch`): on
+SQLite that writer is one thread with its own pysqlite connection (SQLite has one writer anyway, and
+a statement costs microseconds there instead of several thread hops through aiosqlite); on
+PostgreSQL it runs the functions through `AsyncSession.run_sync` on asyncpg.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import event
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+T = TypeVar("T")
 
 
 class Database:
-    """The engine and a session factory; `is_postgres` picks the outbox claim strategy."""
-
     def __init__(self, url: str, pool_size: int = 10) -> None:
+        from storage.batch import TransactionBatcher
+
         self.url = url
         self.is_postgres = url.startswith("postgresql")
+        self.sync_engine: Engine | None = None
         if self.is_postgres:
             self.engine: AsyncEngine = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size)
         else:
@@ -27,17 +39,31 @@ class Database:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             self.engine = create_async_engine(url, connect_args={"timeout": 30})
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+            self.sync_engine = create_engine(url.replace("sqlite+aiosqlite", "sqlite+pysqlite"),
+                                             connect_args={"timeout": 30, "check_same_thread": False})
+            event.listen(self.sync_engine, "connect", _sqlite_writer_connect)
+            event.listen(self.sync_engine, "begin", _sqlite_begin_immediate)
         self.session = async_sessionmaker(self.engine, expire_on_commit=False)
+        self.writer = TransactionBatcher(self)
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run the synchronous query function `fn(session, *args)` on a read session."""
+        async with self.session() as session:
+            return await session.run_sync(fn, *args)
+
+    async def write(self, fn: Callable[[Session], T]) -> T:
+        """Run `fn(session)` in a group-committed transaction; return its result after the commit."""
+        return await self.writer.run(fn)
 
     async def migrate(self) -> None:
         async with self.engine.begin() as conn:
             await conn.run_sync(_upgrade_to_head)
 
     async def dispose(self) -> None:
+        await self.writer.stop()
         await self.engine.dispose()
-
-    def new_session(self) -> AsyncSession:
-        return self.session()
+        if self.sync_engine is not None:
+            self.sync_engine.dispose()
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -47,6 +73,17 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def _sqlite_writer_connect(dbapi_connection, record) -> None:
+    """Let SQLAlchemy, not pysqlite, emit BEGIN, so SAVEPOINTs work (SQLAlchemy's pysqlite recipe)."""
+    _sqlite_pragmas(dbapi_connection, record)
+    dbapi_connection.isolation_level = None
+
+
+def _sqlite_begin_immediate(conn) -> None:
+    """Take the write lock up front: a deferred read-then-write transaction can fail on lock upgrade."""
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def alembic_config(connection: Connection | None = None) -> AlembicConfig:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Select, func, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 CURSOR_PATTERN = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
@@ -24,14 +24,14 @@ def is_valid_cursor(cursor: str) -> bool:
     return bool(CURSOR_PATTERN.match(cursor))
 
 
-async def paginate(session: AsyncSession, stmt: Select[Any], id_column: Any, limit: int,
+def paginate(session: Session, stmt: Select[Any], id_column: Any, limit: int,
                    cursor: str | None) -> Page:
     """`stmt` selects one entity and carries every filter; the page is taken below `cursor`."""
-    total = (await session.execute(select(func.count()).select_from(stmt.order_by(None).subquery()))).scalar_one()
+    total = (session.execute(select(func.count()).select_from(stmt.order_by(None).subquery()))).scalar_one()
     page_stmt = stmt.order_by(id_column.desc()).limit(limit + 1)
     if cursor:
         page_stmt = page_stmt.where(id_column < cursor)
-    rows = list((await session.execute(page_stmt)).scalars())
+    rows = list((session.execute(page_stmt)).scalars())
     has_more = len(rows) > limit
     rows = rows[:limit]
     return Page(rows, rows[-1].id if has_more and rows else None, has_more, total)

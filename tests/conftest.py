@@ -65,8 +65,7 @@ class Api:
         return resp.status, await resp.json()
 
     async def new_project(self, name: str = "other") -> tuple[str, str, str]:
-        async with self.db.session() as session, session.begin():
-            issued = await create_project(session, name, f"hello@{name}.example", name)
+        issued = await self.db.write(lambda s: create_project(s, name, f"hello@{name}.example", name))
         return issued.project.id, issued.secret_key, issued.public_key
 
 
@@ -75,6 +74,5 @@ async def api(aiohttp_client, config) -> Api:
     app = create_app(config)
     client = await aiohttp_client(app)
     db = app[DB]
-    async with db.session() as session, session.begin():
-        issued = await create_project(session, "test", "hello@example.com", "Test")
+    issued = await db.write(lambda s: create_project(s, "test", "hello@example.com", "Test"))
     return Api(client, db, issued.project.id, issued.secret_key, issued.public_key)

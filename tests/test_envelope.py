@@ -45,7 +45,7 @@ async def test_rate_limit_headers_and_429(api):
 async def test_internal_error_hides_details(api, monkeypatch):
     from storage import contacts
 
-    async def explode(*args, **kwargs):
+    def explode(*args, **kwargs):
         raise RuntimeError("SELECT secret FROM projects -- boom")
 
     monkeypatch.setattr(contacts, "count_contacts", explode)

@@ -10,8 +10,7 @@ from storage import contacts as contact_store
 
 
 async def contact_of(api, email):
-    async with api.db.session() as session:
-        return await contact_store.get_contact_by_email(session, api.project_id, email)
+    return await api.db.read(contact_store.get_contact_by_email, api.project_id, email)
 
 
 async def test_track_creates_contact_and_event(api):

@@ -1,0 +1,102 @@
+"""Helpers shared by the benchmarks: start a server process on a free loopback port, load it over
+HTTP with a bounded number of requests and a time cap, and print rates side by side."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listened on port {port} within {timeout}s")
+
+
+@contextlib.contextmanager
+def server_process(args: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[None]:
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**os.environ, **(env or {})},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_port(port)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def plunkd_env(data_dir: str, port: int, **extra: str) -> dict[str, str]:
+    return {"PLUNKD_SERVER_DATA_DIR": data_dir, "PLUNKD_SERVER_HTTP_PORT": str(port),
+            "PLUNKD_SMTP_ENABLED": "false", "PLUNKD_DELIVERY_ENABLED": "false",
+            "PLUNKD_SERVER_LOG_LEVEL": "WARNING", "PLUNKD_API_RATE_LIMIT_PER_MINUTE": "100000000", **extra}
+
+
+def create_project(data_dir: str, env: dict[str, str]) -> str:
+    out = subprocess.run([sys.executable, "-m", "plunkd.cli", "project", "create", "--name", "bench",
+                          "--from-email", "bench@bench.example"], cwd=ROOT, env={**os.environ, **env},
+                         capture_output=True, text=True, check=True).stdout
+    return next(line.split()[-1] for line in out.splitlines() if line.startswith("secret key"))
+
+
+async def http_load(url: str, make_body: Callable[[int], dict], headers: dict[str, str], concurrency: int,
+                    count: int, max_seconds: float) -> tuple[float, int, int]:
+    """POST `count` bodies with `concurrency` workers (stops at `max_seconds`); returns (rate, ok, errors)."""
+    next_index = 0
+    ok = errors = 0
+    deadline = time.monotonic() + max_seconds
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def worker() -> None:
+            nonlocal next_index, ok, errors
+            while next_index < count and time.monotonic() < deadline:
+                index = next_index
+                next_index += 1
+                async with session.post(url, json=make_body(index), headers=headers) as resp:
+                    await resp.read()
+                    if resp.status == 200:
+                        ok += 1
+                    else:
+                        errors += 1
+
+        for warm in range(min(50, count)):
+            async with session.post(url, json=make_body(-warm - 1), headers=headers) as resp:
+                await resp.read()
+        started = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        elapsed = time.perf_counter() - started
+    return (ok + errors) / elapsed, ok, errors
+
+
+def temp_dir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="plunkd-bench-")
+
+
+def report(title: str, ours: float, baseline: float, unit: str, aim: float | None = None) -> None:
+    ratio = ours / baseline if baseline else float("nan")
+    aim_text = f"  (aim >= {aim})" if aim is not None else ""
+    print(f"{title}: plunkd {ours:,.0f} {unit}, baseline {baseline:,.0f} {unit}, ratio {ratio:.2f}{aim_text}")
