@@ -1,0 +1,14 @@
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY plunkd plunkd
+COPY api api
+COPY pipeline pipeline
+COPY storage storage
+COPY delivery delivery
+COPY relay relay
+RUN pip install --no-cache-dir .
+ENV PLUNKD_SERVER_HOST=0.0.0.0 PLUNKD_SERVER_DATA_DIR=/data
+VOLUME /data
+EXPOSE 8080 465 587
+CMD ["plunkd", "serve"]
