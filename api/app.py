@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from api import contacts, events, system, track
+from api import contacts, domains, events, send, system, track
 from api.auth import KeyCache
-from api.context import CONFIG, DB, KEYS, RATE_LIMITER
+from api.context import CONFIG, DB, KEYS, ON_QUEUED, RATE_LIMITER
 from api.middleware import envelope_middleware
 from api.ratelimit import WindowRateLimiter
 from api.routing import Route, register
@@ -15,7 +15,7 @@ from storage.db import Database
 
 
 def all_routes() -> list[Route]:
-    return [*system.ROUTES, *track.ROUTES, *contacts.ROUTES, *events.ROUTES]
+    return [*system.ROUTES, *send.ROUTES, *track.ROUTES, *contacts.ROUTES, *events.ROUTES, *domains.ROUTES]
 
 
 def build_api(config: Config, db: Database) -> web.Application:
@@ -24,6 +24,7 @@ def build_api(config: Config, db: Database) -> web.Application:
     app[DB] = db
     app[KEYS] = KeyCache(db)
     app[RATE_LIMITER] = WindowRateLimiter(config.api.rate_limit_per_minute)
+    app[ON_QUEUED] = []
     routes = all_routes()
     register(app, routes)
     app[system.OPENAPI] = system.build_openapi(routes)

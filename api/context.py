@@ -13,3 +13,5 @@ CONFIG = web.AppKey("config", Config)
 DB = web.AppKey("db", Database)
 KEYS = web.AppKey("keys", KeyCache)
 RATE_LIMITER = web.AppKey("rate_limiter", WindowRateLimiter)
+ON_QUEUED = web.AppKey("on_queued", list)
+"""Callables run after mail is queued (the dispatcher's wake-up), so api/ needs no delivery/ import."""

@@ -3,12 +3,14 @@ cleanup context (database, group-commit writer, dispatcher, SMTP relay)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from api.app import build_api
+from api.context import ON_QUEUED
 from plunkd.config import Config
 from storage.db import Database
 
@@ -26,7 +28,33 @@ def create_app(config: Config, db: Database | None = None) -> web.Application:
         await db.dispose()
 
     app.cleanup_ctx.append(storage_ctx)
+    if config.delivery.enabled:
+        app.cleanup_ctx.append(lambda _app: delivery_ctx(app, config, db))
     return app
+
+
+async def delivery_ctx(app: web.Application, config: Config, db: Database) -> AsyncIterator[None]:
+    """The dispatcher and its transport, for as long as the server runs."""
+    from delivery.bucket import TokenBucket
+    from delivery.dispatcher import Dispatcher
+    from delivery.transports import make_transport
+
+    transport = make_transport(config)
+    rate = config.delivery.rate_per_second
+    if config.delivery.transport == "ses":
+        ses_rate = await transport.max_send_rate()
+        if ses_rate and (rate <= 0 or ses_rate < rate):
+            log.info("using SES's send quota of %.1f/s instead of the configured %.1f/s", ses_rate, rate)
+            rate = ses_rate
+    dispatcher = Dispatcher(db, transport, TokenBucket(rate), config.delivery)
+    app[ON_QUEUED].append(dispatcher.wake)
+    task = asyncio.create_task(dispatcher.run(), name="dispatcher")
+    log.info("dispatcher %s started: transport %s, %.1f recipients/s", dispatcher.worker, transport.name, rate)
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await dispatcher.drain()
+    await transport.close()
 
 
 def setup_logging(level: str) -> None:

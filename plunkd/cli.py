@@ -121,6 +121,58 @@ def cmd_contacts_import(args: argparse.Namespace, config: Config) -> int:
     return asyncio.run(_with_db(config, work))
 
 
+def _print_domain(domain, transport: str) -> None:
+    from pipeline.domains import records
+
+    state = "verified" if domain.verified else "NOT verified"
+    print(f"{domain.name} ({domain.id}): {state}")
+    for record in records(domain, transport):
+        print(f"  {record.purpose:5} {record.type} {record.name}\n        {record.value}")
+
+
+def cmd_domain_add(args: argparse.Namespace, config: Config) -> int:
+    from pipeline.domains import add_domain
+    from pipeline.projects import require_project
+
+    async def work(db) -> int:
+        project = await db.read(require_project, args.project)
+        domain = await db.write(lambda s: add_domain(s, project.id, args.domain, config.delivery.dkim_selector))
+        print("Publish these DNS records, then run: plunkd domain verify", domain.name, "--project", args.project)
+        _print_domain(domain, config.delivery.transport)
+        return 0
+
+    return asyncio.run(_with_db(config, work))
+
+
+def cmd_domain_verify(args: argparse.Namespace, config: Config) -> int:
+    from pipeline.domains import normalize_domain, require_domain, save_check, verify
+    from pipeline.projects import require_project
+
+    async def work(db) -> int:
+        project = await db.read(require_project, args.project)
+        domain = await db.read(require_domain, project.id, normalize_domain(args.domain))
+        check = await verify(domain, config)
+        domain = await db.write(lambda s: save_check(s, domain.id, check))
+        _print_domain(domain, config.delivery.transport)
+        print("checks:", ", ".join(f"{k}={v}" for k, v in check.items()))
+        return 0 if domain.verified else 2
+
+    return asyncio.run(_with_db(config, work))
+
+
+def cmd_domain_list(args: argparse.Namespace, config: Config) -> int:
+    from pipeline.projects import require_project
+    from storage.domains import list_domains
+
+    async def work(db) -> int:
+        project = await db.read(require_project, args.project)
+        for domain in await db.read(list_domains, project.id):
+            _print_domain(domain, config.delivery.transport)
+        return 0
+
+    return asyncio.run(_with_db(config, work))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plunkd", description="Self-hosted, Plunk-compatible email server")
     parser.add_argument("--config", help="TOML config file (default: $PLUNKD_CONFIG or ./plunkd.toml)")
@@ -143,6 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
     rotate = keys.add_parser("rotate", help="replace a project's keys and print the new ones once")
     rotate.add_argument("--project", required=True, help="project id or name")
     rotate.set_defaults(func=cmd_keys_rotate)
+
+    domain = sub.add_parser("domain", help="sending domains").add_subparsers(dest="action", required=True)
+    for action, func, text in (("add", cmd_domain_add, "add a domain: make its DKIM key, print the DNS records"),
+                               ("verify", cmd_domain_verify, "check the domain's DNS records (exit 2 if not yet)")):
+        cmd = domain.add_parser(action, help=text)
+        cmd.add_argument("domain")
+        cmd.add_argument("--project", required=True, help="project id or name")
+        cmd.set_defaults(func=func)
+    listing = domain.add_parser("list", help="list a project's domains and their records")
+    listing.add_argument("--project", required=True, help="project id or name")
+    listing.set_defaults(func=cmd_domain_list)
 
     contacts = sub.add_parser("contacts", help="manage contacts").add_subparsers(dest="action", required=True)
     imp = contacts.add_parser("import", help="import contacts from a CSV file with an 'email' column")

@@ -1,0 +1,63 @@
+"""Sending domains: add (DKIM key + records to publish), list, get, verify."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from aiohttp import web
+from pydantic import StringConstraints
+
+from api.context import CONFIG, DB
+from api.envelope import success
+from api.routing import Route, caller
+from api.validation import Body, read_body
+from pipeline import domains as rules
+from storage import domains as domain_store
+from storage.models import Domain
+
+
+class AddDomainBody(Body):
+    domain: Annotated[str, StringConstraints(min_length=1, max_length=253)]
+
+
+def domain_json(domain: Domain, transport: str) -> dict[str, Any]:
+    return {"id": domain.id, "domain": domain.name, "verified": domain.verified, "verifiedAt": domain.verified_at,
+            "selector": domain.dkim_selector, "records": [r.as_dict() for r in rules.records(domain, transport)],
+            "lastCheck": domain.last_check or {}, "createdAt": domain.created_at}
+
+
+async def add_domain(request: web.Request) -> web.Response:
+    config = request.app[CONFIG]
+    body = await read_body(request, AddDomainBody, config.api.max_body_bytes)
+    project_id = caller(request).project_id
+    domain = await request.app[DB].write(
+        lambda s: rules.add_domain(s, project_id, body.domain, config.delivery.dkim_selector))
+    return success(domain_json(domain, config.delivery.transport), status=201)
+
+
+async def list_domains(request: web.Request) -> web.Response:
+    domains = await request.app[DB].read(domain_store.list_domains, caller(request).project_id)
+    transport = request.app[CONFIG].delivery.transport
+    return success([domain_json(d, transport) for d in domains])
+
+
+async def get_domain(request: web.Request) -> web.Response:
+    domain = await request.app[DB].read(rules.require_domain, caller(request).project_id, request.match_info["id"])
+    return success(domain_json(domain, request.app[CONFIG].delivery.transport))
+
+
+async def verify_domain(request: web.Request) -> web.Response:
+    config = request.app[CONFIG]
+    db = request.app[DB]
+    domain = await db.read(rules.require_domain, caller(request).project_id, request.match_info["id"])
+    check = await rules.verify(domain, config)
+    domain = await db.write(lambda s: rules.save_check(s, domain.id, check))
+    return success(domain_json(domain, config.delivery.transport))
+
+
+ROUTES = [
+    Route("POST", "/domains", add_domain, "Add a sending domain", body=AddDomainBody, tag="Domains"),
+    Route("GET", "/domains", list_domains, "List sending domains", tag="Domains"),
+    Route("GET", "/domains/{id}", get_domain, "Get a domain and the DNS records to publish", tag="Domains"),
+    Route("POST", "/domains/{id}/verify", verify_domain, "Check the domain's DNS records", tag="Domains"),
+]

@@ -1,0 +1,153 @@
+"""POST /v1/send: validate, compose, and hand to the one send pipeline."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+from aiohttp import web
+from pydantic import Field, StringConstraints, field_validator, model_validator
+
+from api.context import CONFIG, DB, ON_QUEUED
+from api.envelope import dumps, success
+from api.routing import Route, caller
+from api.validation import Body, Data, Email, read_json, validate
+from pipeline.compose import Attachment, MessageSpec
+from pipeline.errors import Conflict, FieldError, NotFound, ValidationFailed
+from pipeline.submit import Submission, submit
+from storage import emails as email_store
+
+MAX_RECIPIENTS = 50
+MAX_ATTACHMENT_BYTES = 10 * 1024 * 1024
+PROTECTED_HEADERS = {"from", "to", "cc", "bcc", "dkim-signature", "sender", "return-path", "subject",
+                     "reply-to", "message-id", "date", "mime-version", "content-type",
+                     "content-transfer-encoding"}
+HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+Text = Annotated[str, StringConstraints(max_length=998)]
+
+
+class AttachmentBody(Body):
+    filename: Annotated[str, StringConstraints(min_length=1, max_length=255)]
+    content: Annotated[str, StringConstraints(min_length=1, max_length=14_000_000)]
+    contentType: Annotated[str, StringConstraints(pattern=r"^[\w.+-]+/[\w.+-]+$")] | None = None
+    type: Annotated[str, StringConstraints(pattern=r"^[\w.+-]+/[\w.+-]+$")] | None = None
+
+    @field_validator("filename")
+    @classmethod
+    def safe_filename(cls, value: str) -> str:
+        if any(ch in value for ch in "\r\n\0/\\"):
+            raise ValueError("filename may not contain line breaks, NUL or path separators")
+        return value
+
+    def decoded(self) -> bytes:
+        return base64.b64decode(self.content, validate=True)
+
+
+class SendBody(Body):
+    to: Email | Annotated[list[Email], Field(min_length=1, max_length=MAX_RECIPIENTS)]
+    subject: Text | None = None
+    body: Annotated[str, StringConstraints(max_length=5_000_000)] | None = None
+    template: Annotated[str, StringConstraints(max_length=64)] | None = None
+    data: Data = None
+    name: Annotated[str, StringConstraints(max_length=200)] | None = None
+    from_: Email | None = Field(default=None, alias="from")
+    reply: Email | None = None
+    headers: dict[str, Text] | None = None
+    attachments: Annotated[list[AttachmentBody], Field(max_length=5)] | None = None
+    subscribed: bool | None = None
+
+    @model_validator(mode="after")
+    def content_given(self):
+        if self.template is None and (self.body is None or self.subject is None):
+            raise ValueError("Give subject and body, or a template")
+        return self
+
+
+def _header_errors(headers: dict[str, str]) -> list[FieldError]:
+    errors = []
+    for name, value in headers.items():
+        if not HEADER_NAME.match(name):
+            errors.append(FieldError(f"headers.{name}", "Header names are printable ASCII without ':' or spaces",
+                                     "invalid_header"))
+        elif name.lower() in PROTECTED_HEADERS:
+            errors.append(FieldError(f"headers.{name}", f"{name} cannot be set through headers", "protected_header"))
+        if "\r" in value or "\n" in value or "\0" in value:
+            errors.append(FieldError(f"headers.{name}", "Header values may not contain CR, LF or NUL",
+                                     "invalid_header"))
+    return errors
+
+
+def _attachments(items: list[AttachmentBody]) -> list[Attachment]:
+    errors, decoded = [], []
+    total = 0
+    for index, item in enumerate(items):
+        try:
+            content = item.decoded()
+        except (binascii.Error, ValueError):
+            errors.append(FieldError(f"attachments.{index}.content", "content is not valid base64", "invalid_base64"))
+            continue
+        total += len(content)
+        decoded.append(Attachment(item.filename, content, item.contentType or item.type or "application/octet-stream"))
+    if total > MAX_ATTACHMENT_BYTES:
+        errors.append(FieldError("attachments", f"attachments total more than {MAX_ATTACHMENT_BYTES} bytes", "too_big"))
+    if errors:
+        raise ValidationFailed(errors)
+    return decoded
+
+
+async def send_email(request: web.Request) -> web.Response:
+    config = request.app[CONFIG]
+    who = caller(request)
+    payload = await read_json(request, config.api.max_body_bytes)
+    if not isinstance(payload, dict):
+        raise ValidationFailed([FieldError("body", "Expected a JSON object", "invalid_type")])
+    body = validate(SendBody, payload)
+    if body.template is not None:
+        raise NotFound(f"Template {body.template} not found", "Send subject and body instead.")
+    errors = _header_errors(body.headers or {})
+    if errors:
+        raise ValidationFailed(errors)
+    attachments = _attachments(body.attachments or [])
+    idem_key = request.headers.get("Idempotency-Key")
+    if idem_key is not None and not IDEMPOTENCY_KEY.match(idem_key):
+        raise ValidationFailed([FieldError("Idempotency-Key", "1-255 printable ASCII characters", "invalid_string")])
+    from_email = body.from_ or who.from_email
+    spec = MessageSpec(from_email, body.name if body.name is not None else who.from_name, body.subject or "",
+                       body.body or "", body.reply, dict(body.headers or {}), attachments)
+    submission = Submission(who.project_id, "api", from_email, [body.to] if isinstance(body.to, str) else body.to,
+                            body.subscribed, body.data, compose=spec.build, subject=body.subject or "")
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    since = datetime.now(UTC) - timedelta(hours=config.api.idempotency_hours)
+
+    def work(session) -> dict[str, Any]:
+        if idem_key is not None:
+            previous = email_store.find_idempotent(session, who.project_id, idem_key, since)
+            if previous is not None:
+                if previous.request_digest != digest:
+                    raise Conflict("Idempotency-Key was already used with a different request body",
+                                   "Use a new Idempotency-Key for a different email.")
+                return previous.response
+        queued = submit(session, submission)
+        data = json.loads(dumps({"emails": [{"contact": {"id": q.contact_id, "email": q.email}, "email": q.email_id}
+                                            for q in queued], "timestamp": datetime.now(UTC)}))
+        if idem_key is not None:
+            email_store.save_idempotent(session, who.project_id, idem_key, digest, data)
+        return data
+
+    data = await request.app[DB].write(work)
+    for wake in request.app[ON_QUEUED]:
+        wake()
+    return success(data)
+
+
+ROUTES = [
+    Route("POST", "/send", send_email, "Send a transactional email", scope="public", body=SendBody,
+          tag="Transactional"),
+]

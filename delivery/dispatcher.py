@@ -1,0 +1,153 @@
+"""The dispatcher: claim due outbox rows, finish and sign each message, wait on the shared rate,
+hand it to the transport, and record what happened. Steps, in order, for one email:
+
+    skip_if_suppressed → add_outgoing_headers → dkim_sign → bucket.acquire → transport.send → record
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import uuid
+from datetime import timedelta
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from email.utils import formatdate, make_msgid
+
+from delivery import dkim
+from delivery.bucket import TokenBucket
+from delivery.transports import SendResult, Transport
+from plunkd.config import DeliveryConfig
+from storage import emails as email_store
+from storage import events as event_store
+from storage.db import Database
+from storage.emails import Claimed
+from storage.models import utcnow
+
+log = logging.getLogger("plunkd.delivery")
+INLINE_SIGN_BYTES = 256_000
+"""Bigger messages are canonicalized in a thread so the event loop keeps serving."""
+
+
+def add_outgoing_headers(raw: bytes, sender_domain: str) -> tuple[bytes, str]:
+    """Prepend Message-ID and Date when the message lacks them; return (message, Message-ID)."""
+    headers = BytesHeaderParser(policy=compat32).parsebytes(raw, headersonly=True)
+    added = b""
+    message_id = str(headers.get("Message-ID", "")).strip()
+    if not message_id:
+        message_id = make_msgid(domain=sender_domain)
+        added += b"Message-ID: " + message_id.encode() + b"\r\n"
+    if headers.get("Date") is None:
+        added += b"Date: " + formatdate(usegmt=True).encode() + b"\r\n"
+    return added + raw, message_id
+
+
+def retry_delay(attempt: int, base: float) -> float:
+    """Exponential backoff with full jitter in the upper half: base·2^attempt · [0.5, 1)."""
+    return base * (2 ** attempt) * (0.5 + random.random() / 2)
+
+
+class Dispatcher:
+    def __init__(self, db: Database, transport: Transport, bucket: TokenBucket, settings: DeliveryConfig,
+                 worker: str | None = None) -> None:
+        self.db = db
+        self.transport = transport
+        self.bucket = bucket
+        self.settings = settings
+        self.worker = worker or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._in_flight: set[asyncio.Task[None]] = set()
+
+    def wake(self) -> None:
+        """New mail was queued: look now instead of at the next poll."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                handled = await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("dispatcher %s: claim failed; retrying", self.worker)
+                handled = 0
+            if not handled:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.settings.poll_seconds)
+                except TimeoutError:
+                    pass
+
+    async def run_once(self) -> int:
+        """Claim one batch and start sending it (bounded by `concurrency`); return how many."""
+        free = self.settings.batch_size
+        claimed = await self.db.write(lambda s: email_store.claim_due(
+            s, self.worker, free, self.settings.lease_seconds, self.db.is_postgres))
+        for item in claimed:
+            await self._slots.acquire()
+            task = asyncio.create_task(self._deliver_released(item))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+        return len(claimed)
+
+    async def drain(self) -> None:
+        """Wait for every message handed out so far (tests and shutdown)."""
+        while self._in_flight:
+            await asyncio.gather(*list(self._in_flight), return_exceptions=True)
+
+    async def _deliver_released(self, item: Claimed) -> None:
+        try:
+            await self.deliver(item)
+        except Exception:
+            log.exception("email %s: delivery crashed; it will be retried after its lease", item.email_id)
+        finally:
+            self._slots.release()
+
+    async def deliver(self, item: Claimed) -> None:
+        log.info("email %s: claimed by %s (attempt %d) to %s", item.email_id, self.worker, item.attempts + 1,
+                 item.recipient)
+        suppressed = await self.db.read(email_store.is_suppressed, item.project_id, item.recipient)
+        if suppressed:
+            await self.db.write(lambda s: email_store.mark_failed(s, item.outbox_id, item.email_id, "SUPPRESSED",
+                                                                  "recipient is on the suppression list"))
+            log.info("email %s: skipped, %s is suppressed", item.email_id, item.recipient)
+            return
+        domain_name = item.sender.rsplit("@", 1)[-1].lower()
+        domain = await self.db.read(email_store.domain_key, item.project_id, domain_name)
+        message, message_id = add_outgoing_headers(item.raw, domain_name)
+        if domain is None:
+            await self._record(item, message_id, SendResult.fail(f"no DKIM key for {domain_name}"))
+            return
+        sign_args = (message, domain.name, domain.dkim_selector, domain.dkim_private_key)
+        if len(message) > INLINE_SIGN_BYTES:
+            signed = await asyncio.to_thread(dkim.sign, *sign_args)
+        else:
+            signed = dkim.sign(*sign_args)
+        await self.bucket.acquire(1)
+        result = await self.transport.send(item.sender, [item.recipient], signed)
+        await self._record(item, message_id, result)
+
+    async def _record(self, item: Claimed, message_id: str, result: SendResult) -> None:
+        settings = self.settings
+        if result.outcome == "sent":
+            def work(session) -> None:
+                email_store.mark_sent(session, item.outbox_id, item.email_id, message_id, result.transport_id)
+                event_store.insert_event(session, item.project_id, item.contact_id, "email.sent",
+                                         {"messageId": result.transport_id, "transport": self.transport.name},
+                                         email_id=item.email_id)
+
+            await self.db.write(work)
+            log.info("email %s: sent via %s as %s", item.email_id, self.transport.name, result.transport_id)
+        elif result.outcome == "retry" and item.attempts + 1 < settings.max_attempts:
+            due = utcnow() + timedelta(seconds=retry_delay(item.attempts, settings.retry_base_seconds))
+            await self.db.write(lambda s: email_store.schedule_retry(s, item.outbox_id, due, result.error))
+            log.warning("email %s: transient failure (%s); retry at %s", item.email_id, result.error, due.isoformat())
+        else:
+            reason = result.error
+            if result.outcome == "retry":
+                reason = f"gave up after {item.attempts + 1} attempts: {result.error}"
+            await self.db.write(lambda s: email_store.mark_failed(s, item.outbox_id, item.email_id, "FAILED", reason))
+            log.warning("email %s: failed permanently: %s", item.email_id, reason)

@@ -1,0 +1,157 @@
+"""Sending domains: generate the DKIM key, say what to publish, check it in DNS."""
+
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import dns.asyncresolver
+import dns.exception
+import dns.resolver
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from sqlalchemy.orm import Session
+
+from pipeline.errors import Conflict, FieldError, NotFound, ValidationFailed
+from storage import domains as domain_store
+from storage.models import Domain, utcnow
+
+DOMAIN_PATTERN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+
+
+def generate_key() -> tuple[str, str]:
+    """A new RSA-2048 pair: (PKCS#1 PEM private key, base64 DER public key for the DNS `p=` tag)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                    serialization.NoEncryption()).decode()
+    public_der = key.public_key().public_bytes(serialization.Encoding.DER,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+    return private_pem, base64.b64encode(public_der).decode()
+
+
+def dkim_txt(public_key_b64: str) -> str:
+    return f"v=DKIM1; k=rsa; p={public_key_b64}"
+
+
+@dataclass
+class DnsRecord:
+    purpose: str
+    type: str
+    name: str
+    value: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"purpose": self.purpose, "type": self.type, "name": self.name, "value": self.value}
+
+
+def normalize_domain(name: str) -> str:
+    domain = name.strip().rstrip(".").lower()
+    if not DOMAIN_PATTERN.match(domain):
+        raise ValidationFailed([FieldError("domain", f"'{name}' is not a domain name", "invalid_string")])
+    return domain
+
+
+def spf_value(transport: str) -> str:
+    return "v=spf1 include:amazonses.com ~all" if transport == "ses" else "v=spf1 a mx ~all"
+
+
+def records(domain: Domain, transport: str) -> list[DnsRecord]:
+    return [
+        DnsRecord("dkim", "TXT", f"{domain.dkim_selector}._domainkey.{domain.name}", dkim_txt(domain.dkim_public_key)),
+        DnsRecord("spf", "TXT", domain.name, spf_value(transport)),
+        DnsRecord("dmarc", "TXT", f"_dmarc.{domain.name}", f"v=DMARC1; p=none; rua=mailto:dmarc@{domain.name}"),
+    ]
+
+
+def add_domain(session: Session, project_id: str, name: str, selector: str) -> Domain:
+    domain_name = normalize_domain(name)
+    if domain_store.get_domain(session, project_id, domain_name) is not None:
+        raise Conflict(f"Domain {domain_name} is already added to this project")
+    private_pem, public_b64 = generate_key()
+    return domain_store.insert_domain(session, project_id, domain_name, selector, private_pem, public_b64)
+
+
+def require_domain(session: Session, project_id: str, id_or_name: str) -> Domain:
+    domain = domain_store.get_domain(session, project_id, id_or_name)
+    if domain is None:
+        raise NotFound(f"Domain {id_or_name} not found")
+    return domain
+
+
+def make_resolver(nameservers: list[str], port: int, timeout: float) -> dns.asyncresolver.Resolver:
+    resolver = dns.asyncresolver.Resolver(configure=not nameservers)
+    if nameservers:
+        resolver.nameservers = nameservers
+        resolver.port = port
+    resolver.lifetime = timeout
+    return resolver
+
+
+async def txt_values(resolver: dns.asyncresolver.Resolver, name: str) -> list[str]:
+    try:
+        answer = await resolver.resolve(name, "TXT")
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.NoNameservers):
+        return []
+    return [b"".join(rdata.strings).decode("utf-8", "replace") for rdata in answer]
+
+
+def _compact(value: str) -> str:
+    return re.sub(r"\s+", "", value)
+
+
+async def check_dns(domain: Domain, resolver: dns.asyncresolver.Resolver) -> dict[str, Any]:
+    """Look up the three records; DKIM (our exact key) and SPF are required, DMARC is advised."""
+    try:
+        dkim_found = await txt_values(resolver, f"{domain.dkim_selector}._domainkey.{domain.name}")
+        spf_found = await txt_values(resolver, domain.name)
+        dmarc_found = await txt_values(resolver, f"_dmarc.{domain.name}")
+    except dns.exception.DNSException as exc:
+        return {"verified": False, "error": f"DNS lookup failed: {exc.__class__.__name__}"}
+    key_tag = f"p={domain.dkim_public_key}"
+    result = {
+        "dkim": any(key_tag in _compact(v) for v in dkim_found),
+        "spf": any(v.lower().startswith("v=spf1") for v in spf_found),
+        "dmarc": any(v.upper().startswith("V=DMARC1") for v in dmarc_found),
+    }
+    result["verified"] = result["dkim"] and result["spf"]
+    return result
+
+
+def save_check(session: Session, domain_id: str, check: dict[str, Any]) -> Domain:
+    verified = bool(check.get("verified"))
+    return domain_store.save_check(session, domain_id, verified, check, utcnow() if verified else None)
+
+
+def sender_domain(address: str) -> str:
+    return address.rsplit("@", 1)[-1].lower()
+
+
+def require_verified_sender(session: Session, project_id: str, address: str) -> Domain:
+    """The sending rule for every path: the From address must be on a verified domain of the project."""
+    name = sender_domain(address)
+    domain = domain_store.verified_domain(session, project_id, name)
+    if domain is None:
+        raise UnverifiedSender(name)
+    return domain
+
+
+class UnverifiedSender(ValidationFailed):
+    def __init__(self, domain: str) -> None:
+        super().__init__([FieldError("from", f"{domain} is not a verified domain of this project",
+                                     "unverified_domain")],
+                         message=f"Sender domain {domain} is not verified",
+                         suggestion="Add it with POST /domains, publish the records, then POST /domains/:id/verify.")
+        self.domain = domain
+
+
+async def verify(domain: Domain, config: Any) -> dict[str, Any]:
+    """Verify by DNS, or by SES's own identity check when the SES transport is configured."""
+    if config.delivery.transport == "ses":
+        from delivery.ses import ses_identity_verified
+
+        verified = await ses_identity_verified(config.delivery.ses, domain.name)
+        return {"verified": verified, "method": "ses"}
+    resolver = make_resolver(config.dns.nameservers, config.dns.port, config.dns.timeout_seconds)
+    return {**await check_dns(domain, resolver), "method": "dns"}

@@ -1,0 +1,93 @@
+"""The one send path. `POST /v1/send` and the SMTP relay both call `submit`, inside a write
+transaction, so an email leaves the same records whichever way it came in."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.header import decode_header, make_header
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from pipeline.contacts import upsert_contact
+from pipeline.domains import require_verified_sender
+from storage import emails as email_store
+
+BCC_HEADER = re.compile(rb"^bcc[ \t]*:", re.I)
+
+
+@dataclass
+class Submission:
+    project_id: str
+    source: str  # "api" or "smtp"
+    sender: str  # the From address; its domain must be verified
+    recipients: list[str]  # lower-cased, de-duplicated by `submit`
+    subscribed: bool | None = None
+    variables: dict[str, Any] | None = None
+    raw: bytes | None = None
+    """SMTP: the message exactly as the client wrote it (Bcc is stripped here)."""
+    compose: Callable[[str, dict[str, Any]], bytes] | None = None
+    """API: builds one recipient's message from (address, template variables)."""
+    subject: str = ""
+
+
+@dataclass
+class Queued:
+    contact_id: str
+    email: str
+    email_id: str
+
+
+def strip_bcc(raw: bytes) -> bytes:
+    """Remove Bcc header fields (with their folded lines) and keep every other byte as written."""
+    end = raw.find(b"\r\n\r\n")
+    split = end + 2 if end >= 0 else (raw.find(b"\n\n") + 1 if raw.find(b"\n\n") >= 0 else len(raw))
+    kept: list[bytes] = []
+    dropping = False
+    for line in raw[:split].splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and dropping:
+            continue
+        dropping = bool(BCC_HEADER.match(line))
+        if not dropping:
+            kept.append(line)
+    return b"".join(kept) + raw[split:]
+
+
+def header_subject(raw: bytes) -> str:
+    headers = BytesHeaderParser(policy=compat32).parsebytes(raw, headersonly=True)
+    value = headers.get("Subject", "")
+    try:
+        return str(make_header(decode_header(str(value))))[:998]
+    except (UnicodeError, LookupError, ValueError):
+        return str(value)[:998]
+
+
+def submit(session: Session, submission: Submission) -> list[Queued]:
+    """Check the sender, upsert each recipient, write one email + outbox row per recipient."""
+    require_verified_sender(session, submission.project_id, submission.sender)
+    raw = strip_bcc(submission.raw) if submission.raw is not None else None
+    subject = submission.subject or (header_subject(raw) if raw is not None else "")
+    contents: dict[bytes, str] = {}
+    queued: list[Queued] = []
+    for address in dict.fromkeys(r.lower() for r in submission.recipients):
+        contact, _, _ = upsert_contact(session, submission.project_id, address, submission.subscribed,
+                                       default_subscribed=False, only_subscribe=True)
+        if raw is not None:
+            message = raw
+        else:
+            assert submission.compose is not None
+            variables = {**(contact.data or {}), **(submission.variables or {}),
+                         "plunk_id": contact.id, "plunk_email": contact.email}
+            message = submission.compose(address, variables)
+        digest = hashlib.sha256(message).digest()
+        if digest not in contents:
+            contents[digest] = email_store.insert_content(session, submission.project_id, message)
+        email_id = email_store.insert_email(session, submission.project_id, contact.id, contents[digest], address,
+                                            submission.sender, subject, submission.source)
+        queued.append(Queued(contact.id, address, email_id))
+    return queued

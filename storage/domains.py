@@ -1,0 +1,47 @@
+"""Sending domains and their DKIM keys."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from storage.models import Domain
+
+
+def insert_domain(session: Session, project_id: str, name: str, selector: str, private_key: str,
+                  public_key: str) -> Domain:
+    domain = Domain(project_id=project_id, name=name, dkim_selector=selector, dkim_private_key=private_key,
+                    dkim_public_key=public_key, verified=False, last_check={})
+    session.add(domain)
+    session.flush()
+    return domain
+
+
+def get_domain(session: Session, project_id: str, id_or_name: str) -> Domain | None:
+    stmt = select(Domain).where(Domain.project_id == project_id,
+                                (Domain.id == id_or_name) | (Domain.name == id_or_name))
+    return session.execute(stmt).scalar_one_or_none()
+
+
+def list_domains(session: Session, project_id: str) -> list[Domain]:
+    stmt = select(Domain).where(Domain.project_id == project_id).order_by(Domain.id.desc())
+    return list(session.execute(stmt).scalars())
+
+
+def verified_domain(session: Session, project_id: str, name: str) -> Domain | None:
+    stmt = select(Domain).where(Domain.project_id == project_id, Domain.name == name, Domain.verified.is_(True))
+    return session.execute(stmt).scalar_one_or_none()
+
+
+def save_check(session: Session, domain_id: str, verified: bool, check: dict[str, Any],
+               verified_at: datetime | None) -> Domain:
+    domain = session.get(Domain, domain_id)
+    assert domain is not None
+    domain.verified = verified
+    domain.last_check = check
+    domain.verified_at = verified_at
+    session.flush()
+    return domain

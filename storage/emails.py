@@ -1,0 +1,141 @@
+"""Emails, their content, the outbox, suppressions and idempotency records.
+
+The outbox lease is the due time itself: a claim moves `due_at` to now + lease, so a row whose
+dispatcher died becomes due again when the lease runs out, with no separate sweeper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy.orm import Session
+
+from storage.models import Content, Domain, Email, IdempotencyRecord, OutboxItem, Suppression, new_id, utcnow
+
+_CONTENT = Content.__table__
+_EMAIL = Email.__table__
+_OUTBOX = OutboxItem.__table__
+
+
+def insert_content(session: Session, project_id: str, raw: bytes) -> str:
+    content_id = new_id()
+    session.connection().execute(_CONTENT.insert(), {"id": content_id, "project_id": project_id, "raw": raw,
+                                                     "created_at": utcnow()})
+    return content_id
+
+
+def insert_email(session: Session, project_id: str, contact_id: str | None, content_id: str, recipient: str,
+                 sender: str, subject: str, source: str) -> str:
+    """One email record and its outbox row, due now."""
+    email_id, now = new_id(), utcnow()
+    conn = session.connection()
+    conn.execute(_EMAIL.insert(), {"id": email_id, "project_id": project_id, "contact_id": contact_id,
+                                   "content_id": content_id, "recipient": recipient, "sender": sender,
+                                   "subject": subject, "source": source, "status": "QUEUED", "created_at": now})
+    conn.execute(_OUTBOX.insert(), {"id": new_id(), "email_id": email_id, "due_at": now, "attempts": 0})
+    return email_id
+
+
+def get_email(session: Session, project_id: str, email_id: str) -> Email | None:
+    stmt = select(Email).where(Email.project_id == project_id, Email.id == email_id)
+    return session.execute(stmt).scalar_one_or_none()
+
+
+def list_emails(session: Session, project_id: str) -> list[Email]:
+    return list(session.execute(select(Email).where(Email.project_id == project_id).order_by(Email.id)).scalars())
+
+
+@dataclass
+class Claimed:
+    outbox_id: str
+    attempts: int
+    email_id: str
+    project_id: str
+    contact_id: str | None
+    recipient: str
+    sender: str
+    raw: bytes
+
+
+def claim_due(session: Session, worker: str, limit: int, lease_seconds: float, postgres: bool) -> list[Claimed]:
+    """Take up to `limit` due rows for `worker`, leasing them for `lease_seconds`."""
+    now = utcnow()
+    due = select(_OUTBOX.c.id).where(_OUTBOX.c.due_at <= now).order_by(_OUTBOX.c.due_at).limit(limit)
+    if postgres:
+        due = due.with_for_update(skip_locked=True)
+    conn = session.connection()
+    ids = [row.id for row in conn.execute(due)]
+    if not ids:
+        return []
+    conn.execute(update(OutboxItem).where(_OUTBOX.c.id.in_(ids)).values(
+        due_at=now + timedelta(seconds=lease_seconds), claimed_by=worker))
+    rows = conn.execute(
+        select(_OUTBOX.c.id, _OUTBOX.c.attempts, _EMAIL.c.id, _EMAIL.c.project_id, _EMAIL.c.contact_id,
+               _EMAIL.c.recipient, _EMAIL.c.sender, _CONTENT.c.raw)
+        .join(_EMAIL, _EMAIL.c.id == _OUTBOX.c.email_id).join(_CONTENT, _CONTENT.c.id == _EMAIL.c.content_id)
+        .where(_OUTBOX.c.id.in_(ids)).order_by(_OUTBOX.c.due_at))
+    return [Claimed(*row) for row in rows]
+
+
+def still_claimed(session: Session, outbox_id: str, worker: str) -> bool:
+    stmt = select(_OUTBOX.c.id).where(_OUTBOX.c.id == outbox_id, _OUTBOX.c.claimed_by == worker)
+    return session.connection().execute(stmt).first() is not None
+
+
+_MARK = _EMAIL.update().where(_EMAIL.c.id == bindparam("email_id"))
+
+
+def mark_sent(session: Session, outbox_id: str, email_id: str, message_id: str, transport_id: str) -> None:
+    conn = session.connection()
+    conn.execute(_MARK, {"email_id": email_id, "status": "SENT", "message_id": message_id,
+                         "transport_id": transport_id, "sent_at": utcnow(), "error": None})
+    conn.execute(delete(OutboxItem).where(_OUTBOX.c.id == outbox_id))
+
+
+def mark_failed(session: Session, outbox_id: str, email_id: str, status: str, error: str) -> None:
+    conn = session.connection()
+    conn.execute(_MARK, {"email_id": email_id, "status": status, "error": error[:2000]})
+    conn.execute(delete(OutboxItem).where(_OUTBOX.c.id == outbox_id))
+
+
+def schedule_retry(session: Session, outbox_id: str, due_at: datetime, error: str) -> None:
+    session.connection().execute(update(OutboxItem).where(_OUTBOX.c.id == outbox_id).values(
+        due_at=due_at, attempts=OutboxItem.attempts + 1, last_error=error[:2000], claimed_by=None))
+
+
+def outbox_rows(session: Session) -> list[OutboxItem]:
+    return list(session.execute(select(OutboxItem).order_by(OutboxItem.id)).scalars())
+
+
+def is_suppressed(session: Session, project_id: str, email: str) -> bool:
+    stmt = select(Suppression.id).where(Suppression.project_id == project_id, Suppression.email == email)
+    return session.execute(stmt).first() is not None
+
+
+def add_suppression(session: Session, project_id: str, email: str, reason: str) -> None:
+    if not is_suppressed(session, project_id, email):
+        session.add(Suppression(project_id=project_id, email=email, reason=reason))
+        session.flush()
+
+
+def domain_key(session: Session, project_id: str, name: str) -> Domain | None:
+    stmt = select(Domain).where(Domain.project_id == project_id, Domain.name == name)
+    return session.execute(stmt).scalar_one_or_none()
+
+
+def find_idempotent(session: Session, project_id: str, key: str, since: datetime) -> IdempotencyRecord | None:
+    stmt = select(IdempotencyRecord).where(IdempotencyRecord.project_id == project_id, IdempotencyRecord.key == key)
+    record = session.execute(stmt).scalar_one_or_none()
+    if record is not None and record.created_at < since:
+        session.delete(record)
+        session.flush()
+        return None
+    return record
+
+
+def save_idempotent(session: Session, project_id: str, key: str, digest: str, response: dict[str, Any]) -> None:
+    session.add(IdempotencyRecord(project_id=project_id, key=key, request_digest=digest, response=response))
+    session.flush()
