@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from aiohttp import web
-from pydantic import Field, StringConstraints, field_validator, model_validator
+from pydantic import BeforeValidator, Field, StringConstraints, field_validator, model_validator
 
 from api.context import CONFIG, DB, ON_QUEUED
 from api.envelope import dumps, success
@@ -51,7 +51,8 @@ class AttachmentBody(Body):
 
 
 class SendBody(Body):
-    to: Email | Annotated[list[Email], Field(min_length=1, max_length=MAX_RECIPIENTS)]
+    to: Annotated[list[Email], BeforeValidator(lambda v: [v] if isinstance(v, str) else v),
+                  Field(min_length=1, max_length=MAX_RECIPIENTS)]
     subject: Text | None = None
     body: Annotated[str, StringConstraints(max_length=5_000_000)] | None = None
     template: Annotated[str, StringConstraints(max_length=64)] | None = None
@@ -121,7 +122,7 @@ async def send_email(request: web.Request) -> web.Response:
     from_email = body.from_ or who.from_email
     spec = MessageSpec(from_email, body.name if body.name is not None else who.from_name, body.subject or "",
                        body.body or "", body.reply, dict(body.headers or {}), attachments)
-    submission = Submission(who.project_id, "api", from_email, [body.to] if isinstance(body.to, str) else body.to,
+    submission = Submission(who.project_id, "api", from_email, body.to,
                             body.subscribed, body.data, compose=spec.build, subject=body.subject or "")
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
     since = datetime.now(UTC) - timedelta(hours=config.api.idempotency_hours)

@@ -54,7 +54,7 @@ _CODES = {"missing": "invalid_type", "string_too_long": "too_big", "string_too_s
 def field_errors(exc: ValidationError) -> list[FieldError]:
     errors = []
     for err in exc.errors(include_url=False):
-        loc = [str(part) for part in err["loc"] if not str(part).startswith(("function-", "union["))]
+        loc = [str(part) for part in err["loc"] if "[" not in str(part)]
         kind = err["type"]
         code = _CODES.get(kind, "invalid_type" if kind.endswith("_type") else kind)
         message = "Required" if kind == "missing" else err["msg"]

@@ -76,3 +76,57 @@ async def api(aiohttp_client, config) -> Api:
     db = app[DB]
     issued = await db.write(lambda s: create_project(s, "test", "hello@example.com", "Test"))
     return Api(client, db, issued.project.id, issued.secret_key, issued.public_key)
+
+
+@pytest.fixture
+async def dns_server():
+    from tests.servers import start_dns
+
+    server = await start_dns()
+    yield server
+    server.transport.close()
+
+
+@pytest.fixture
+def dns_config(config, dns_server) -> Config:
+    config.dns.nameservers = ["127.0.0.1"]
+    config.dns.port = dns_server.port
+    config.dns.timeout_seconds = 2.0
+    return config
+
+
+@pytest.fixture
+async def sink():
+    from tests.servers import SinkHandler, start_sink
+
+    handler = SinkHandler()
+    server, port = await start_sink(handler)
+    handler.port = port
+    yield handler
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    from tests.servers import MotoServer
+
+    server = MotoServer()
+    yield server
+    server.stop()
+
+
+async def add_verified_domain(api: Api, dns_server, name: str = "example.com") -> dict:
+    """Add the domain over the API, publish its records in the test DNS server, verify it."""
+    status, body = await api.call("POST", "/domains", json={"domain": name})
+    assert status == 201, body
+    dns_server.publish(body["data"]["records"])
+    status, body = await api.call("POST", f"/domains/{body['data']['id']}/verify")
+    assert status == 200 and body["data"]["verified"] is True, body
+    return body["data"]
+
+
+@pytest.fixture
+async def sender(api, dns_config, dns_server) -> dict:
+    """A project whose default sender domain example.com is verified; returns the domain JSON."""
+    return await add_verified_domain(api, dns_server)

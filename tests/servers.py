@@ -1,0 +1,110 @@
+"""Real servers the tests talk to on loopback: a DNS server answering from a dict, an aiosmtpd sink,
+and moto's SES in server mode (AWS itself is on the internet, which tests cannot reach)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import dns.message
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+from aiosmtpd.smtp import SMTP, Envelope
+
+
+class DnsServer(asyncio.DatagramProtocol):
+    """Answers TXT queries from `records` (name → list of strings); NXDOMAIN otherwise."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, list[str]] = {}
+        self.transport: asyncio.DatagramTransport | None = None
+        self.port = 0
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        query = dns.message.from_wire(data)
+        reply = dns.message.make_response(query)
+        question = query.question[0]
+        name = question.name.to_text().rstrip(".").lower()
+        values = self.records.get(name)
+        if values and question.rdtype == dns.rdatatype.TXT:
+            texts = [" ".join(f'"{chunk}"' for chunk in _chunks(v)) for v in values]
+            reply.answer.append(dns.rrset.from_text_list(question.name, 60, dns.rdataclass.IN,
+                                                         dns.rdatatype.TXT, texts))
+        elif not values:
+            reply.set_rcode(dns.rcode.NXDOMAIN)
+        assert self.transport is not None
+        self.transport.sendto(reply.to_wire(), addr)
+
+    def publish(self, records: list[dict[str, str]]) -> None:
+        for record in records:
+            self.records.setdefault(record["name"].lower(), []).append(record["value"])
+
+
+def _chunks(value: str) -> list[str]:
+    return [value[i:i + 255] for i in range(0, len(value), 255)] or [""]
+
+
+async def start_dns() -> DnsServer:
+    loop = asyncio.get_running_loop()
+    _, server = await loop.create_datagram_endpoint(DnsServer, local_addr=("127.0.0.1", 0))
+    server.port = server.transport.get_extra_info("sockname")[1]
+    return server
+
+
+@dataclass
+class SinkHandler:
+    """An upstream SMTP server that stores what it receives, or answers with a set reply."""
+
+    messages: list[Envelope] = field(default_factory=list)
+    reply: str = "250 2.0.0 OK queued as SINK{n}"
+
+    async def handle_DATA(self, server, session, envelope: Envelope) -> str:
+        if self.reply.startswith("250"):
+            self.messages.append(envelope)
+        return self.reply.format(n=len(self.messages))
+
+
+async def start_sink(handler: SinkHandler) -> tuple[asyncio.AbstractServer, int]:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: SMTP(handler, decode_data=False, enable_SMTPUTF8=True,
+                                                   data_size_limit=64 * 1024 * 1024), "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MotoServer:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("moto server did not start")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
