@@ -16,6 +16,8 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 from email.utils import formatdate, make_msgid
 
+from dkim import DKIMException
+
 from delivery import dkim
 from delivery.bucket import TokenBucket
 from delivery.transports import SendResult, Transport
@@ -122,10 +124,14 @@ class Dispatcher:
             await self._record(item, message_id, SendResult.fail(f"no DKIM key for {domain_name}"))
             return
         sign_args = (message, domain.name, domain.dkim_selector, domain.dkim_private_key)
-        if len(message) > INLINE_SIGN_BYTES:
-            signed = await asyncio.to_thread(dkim.sign, *sign_args)
-        else:
-            signed = dkim.sign(*sign_args)
+        try:
+            if len(message) > INLINE_SIGN_BYTES:
+                signed = await asyncio.to_thread(dkim.sign, *sign_args)
+            else:
+                signed = dkim.sign(*sign_args)
+        except DKIMException as exc:
+            await self._record(item, message_id, SendResult.fail(f"cannot DKIM-sign the message: {exc}"))
+            return
         await self.bucket.acquire(1)
         result = await self.transport.send(item.sender, [item.recipient], signed)
         await self._record(item, message_id, result)

@@ -56,11 +56,13 @@ class SesTransport:
         return SendResult.sent(reply["MessageId"])
 
     async def max_send_rate(self) -> float | None:
+        """The account's MaxSendRate from SES GetSendQuota, or None if SES cannot say."""
         try:
-            account = await (await self._sesv2()).get_account()
+            async with self.session.client("ses", **_client_args(self.settings)) as ses:
+                quota = await ses.get_send_quota()
         except (ClientError, BotoCoreError, OSError):
             return None
-        rate = account.get("SendQuota", {}).get("MaxSendRate")
+        rate = quota.get("MaxSendRate")
         return float(rate) if rate else None
 
     async def close(self) -> None:
@@ -79,4 +81,4 @@ async def ses_identity_verified(settings: SesConfig, domain: str) -> bool:
                 raise
             await ses.create_email_identity(EmailIdentity=domain)
             identity = await ses.get_email_identity(EmailIdentity=domain)
-    return bool(identity.get("VerifiedForSendingStatus"))
+    return bool(identity.get("VerifiedForSendingStatus")) or identity.get("VerificationStatus") == "SUCCESS"

@@ -1,0 +1,222 @@
+"""HTTP → outbox → dispatcher → transport, for the file, smtp (aiosmtpd sink) and ses (moto server)
+transports; DKIM verifies; retries, permanent failures, leases, suppression and the rate."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email
+import time
+from email import policy
+
+import dkim
+import pytest
+
+from delivery.bucket import TokenBucket
+from delivery.dispatcher import Dispatcher
+from delivery.transports import FileTransport, SmtpTransport
+from plunkd.config import DeliveryConfig, SesConfig, SmarthostConfig
+from storage import emails as email_store
+from storage import events as event_store
+
+
+def settings(**overrides) -> DeliveryConfig:
+    cfg = DeliveryConfig(poll_seconds=0.05, retry_base_seconds=0.01, lease_seconds=30)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+async def dispatch_all(dispatcher: Dispatcher, rounds: int = 20) -> None:
+    for _ in range(rounds):
+        handled = await dispatcher.run_once()
+        await dispatcher.drain()
+        if not handled:
+            return
+
+
+def dns_for(domain_json):
+    records = {r["name"]: r["value"] for r in domain_json["records"]}
+
+    def lookup(name, timeout=5):
+        return records.get(name.decode().rstrip("."), "").encode() or None
+
+    return lookup
+
+
+async def send(api, **payload):
+    payload = {"to": "ann@example.org", "subject": "Hello", "body": "<p>Hi</p>", **payload}
+    status, body = await api.call("POST", "/v1/send", json=payload)
+    assert status == 200, body
+    return body["data"]["emails"]
+
+
+async def email_rows(api):
+    return {row.recipient: row for row in await api.db.read(email_store.list_emails, api.project_id)}
+
+
+async def test_file_transport_end_to_end(api, sender, tmp_path):
+    pdf = bytes(range(256)) * 100
+    sent = await send(api, to=["ann@example.org", "bob@example.org"], attachments=[
+        {"filename": "r.pdf", "content": base64.b64encode(pdf).decode(), "contentType": "application/pdf"}])
+    folder = tmp_path / "outbox"
+    await dispatch_all(Dispatcher(api.db, FileTransport(folder), TokenBucket(0), settings()))
+    files = sorted(folder.glob("*.eml"))
+    assert len(files) == 2
+    rows = await email_rows(api)
+    for path in files:
+        raw = path.read_bytes()
+        assert raw.startswith(b"DKIM-Signature: ")
+        assert dkim.verify(raw, dnsfunc=dns_for(sender)), "signature verifies against the published key"
+        msg = email.message_from_bytes(raw, policy=policy.default)
+        assert msg["Message-ID"] and msg["Date"]
+        attachment = next(msg.iter_attachments())
+        assert attachment.get_content() == pdf, "attachment arrives byte-identical"
+        row = rows[msg["To"]]
+        assert row.status == "SENT" and row.transport_id == path.stem and row.message_id == msg["Message-ID"]
+    assert await api.db.read(email_store.outbox_rows) == []
+    page = await api.db.read(event_store.list_events, api.project_id, 10, None, "email.sent")
+    assert {e.email_id for e in page.items} == {e["email"] for e in sent}
+
+
+async def test_smtp_transport_into_sink(api, sender, sink):
+    await send(api, to=["ann@example.org"], headers={"X-Order": "7"})
+    transport = SmtpTransport(SmarthostConfig(host="127.0.0.1", port=sink.port, timeout_seconds=5))
+    await dispatch_all(Dispatcher(api.db, transport, TokenBucket(0), settings()))
+    assert len(sink.messages) == 1
+    envelope = sink.messages[0]
+    assert envelope.mail_from == "hello@example.com" and envelope.rcpt_tos == ["ann@example.org"]
+    assert dkim.verify(envelope.original_content, dnsfunc=dns_for(sender))
+    row = (await email_rows(api))["ann@example.org"]
+    assert row.status == "SENT" and row.transport_id == "SINK1"
+
+
+async def test_transient_smtp_failure_is_retried_then_sent(api, sender, sink):
+    await send(api)
+    sink.reply = "451 4.3.0 try again later"
+    transport = SmtpTransport(SmarthostConfig(host="127.0.0.1", port=sink.port, timeout_seconds=5))
+    dispatcher = Dispatcher(api.db, transport, TokenBucket(0), settings(retry_base_seconds=0.2))
+    await dispatcher.run_once()
+    await dispatcher.drain()
+    outbox = await api.db.read(email_store.outbox_rows)
+    assert len(outbox) == 1 and outbox[0].attempts == 1 and outbox[0].last_error.startswith("451")
+    assert (await email_rows(api))["ann@example.org"].status == "QUEUED"
+    sink.reply = "250 2.0.0 OK queued as SINK{n}"
+    await asyncio.sleep(0.25)
+    await dispatch_all(dispatcher)
+    assert (await email_rows(api))["ann@example.org"].status == "SENT"
+    assert len(sink.messages) == 1
+
+
+async def test_permanent_failure_marks_failed(api, sender, sink):
+    await send(api)
+    sink.reply = "550 5.1.1 no such user"
+    transport = SmtpTransport(SmarthostConfig(host="127.0.0.1", port=sink.port, timeout_seconds=5))
+    await dispatch_all(Dispatcher(api.db, transport, TokenBucket(0), settings()))
+    row = (await email_rows(api))["ann@example.org"]
+    assert row.status == "FAILED" and row.error == "550 5.1.1 no such user"
+    assert await api.db.read(email_store.outbox_rows) == []
+
+
+async def test_unreachable_smarthost_gives_up_after_max_attempts(api, sender):
+    from tests.servers import free_port
+
+    await send(api)
+    transport = SmtpTransport(SmarthostConfig(host="127.0.0.1", port=free_port(), timeout_seconds=2))
+    dispatcher = Dispatcher(api.db, transport, TokenBucket(0), settings(max_attempts=3, retry_base_seconds=0.01))
+    for _ in range(6):
+        await dispatch_all(dispatcher)
+        await asyncio.sleep(0.1)
+    row = (await email_rows(api))["ann@example.org"]
+    assert row.status == "FAILED" and row.error.startswith("gave up after 3 attempts")
+
+
+async def test_suppressed_recipient_is_skipped(api, sender, tmp_path):
+    await api.db.write(lambda s: email_store.add_suppression(s, api.project_id, "ann@example.org", "bounce"))
+    await send(api)
+    await dispatch_all(Dispatcher(api.db, FileTransport(tmp_path / "out"), TokenBucket(0), settings()))
+    assert list((tmp_path / "out").glob("*.eml")) == []
+    assert (await email_rows(api))["ann@example.org"].status == "SUPPRESSED"
+
+
+async def test_dispatcher_killed_after_claim_is_sent_after_the_lease(api, sender, tmp_path):
+    await send(api)
+    folder = tmp_path / "out"
+    crashed = Dispatcher(api.db, FileTransport(folder), TokenBucket(0), settings(lease_seconds=0.5), worker="dead")
+    claimed = await api.db.write(lambda s: email_store.claim_due(s, "dead", 10, 0.5, api.db.is_postgres))
+    assert len(claimed) == 1, "the first dispatcher took the email and then died before sending"
+    del crashed
+    survivor = Dispatcher(api.db, FileTransport(folder), TokenBucket(0), settings(), worker="alive")
+    assert await survivor.run_once() == 0, "not while the lease holds"
+    await asyncio.sleep(0.6)
+    await dispatch_all(survivor)
+    assert len(list(folder.glob("*.eml"))) == 1, "sent exactly once, after the lease"
+    assert (await email_rows(api))["ann@example.org"].status == "SENT"
+
+
+async def test_token_bucket_keeps_its_rate():
+    bucket = TokenBucket(50)
+    started = time.monotonic()
+    for _ in range(55):
+        await bucket.acquire()
+    elapsed = time.monotonic() - started
+    assert elapsed >= (55 - bucket.burst) / 50 - 0.01, "never faster than the rate"
+    assert elapsed < 1.6
+
+
+async def test_ses_transport_against_moto(api, sender, moto_server, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    from delivery.ses import SesTransport, ses_identity_verified
+
+    ses_settings = SesConfig(region="us-east-1", endpoint_url=moto_server.url)
+    assert await ses_identity_verified(ses_settings, "example.com") is True
+    await send(api, to=["ann@example.org", "bob@example.org"])
+    transport = SesTransport(ses_settings)
+    assert await transport.max_send_rate() == 1.0, "moto's default SES quota"
+    await dispatch_all(Dispatcher(api.db, transport, TokenBucket(0), settings()))
+    await transport.close()
+    rows = await email_rows(api)
+    assert {r.status for r in rows.values()} == {"SENT"}
+    assert all(r.transport_id for r in rows.values())
+    import aioboto3
+
+    async with aioboto3.Session().client("ses", region_name="us-east-1", endpoint_url=moto_server.url) as ses:
+        quota = await ses.get_send_quota()
+    assert quota["SentLast24Hours"] >= 2, "SES received the raw messages"
+
+
+@pytest.mark.parametrize("bad", [b"", b"not an email at all"])
+async def test_dispatch_handles_odd_stored_content(api, sender, tmp_path, bad):
+    from pipeline.submit import Submission, submit
+
+    await api.db.write(lambda s: submit(s, Submission(api.project_id, "smtp", "hello@example.com",
+                                                      ["ann@example.org"], raw=bad)))
+    await dispatch_all(Dispatcher(api.db, FileTransport(tmp_path / "o"), TokenBucket(0), settings()))
+    row = (await email_rows(api))["ann@example.org"]
+    assert row.status == "FAILED" and row.error.startswith("cannot DKIM-sign the message: ")
+    assert await api.db.read(email_store.outbox_rows) == [], "not retried forever"
+
+
+async def test_served_app_dispatches_on_its_own(aiohttp_client, dns_config, dns_server):
+    """The app as `plunkd serve` builds it: send over HTTP, the built-in dispatcher writes the .eml."""
+    from api.context import DB
+    from pipeline.projects import create_project
+    from plunkd.app import create_app
+    from tests.conftest import Api, add_verified_domain
+
+    dns_config.delivery.enabled = True
+    dns_config.delivery.poll_seconds = 5.0
+    app = create_app(dns_config)
+    client = await aiohttp_client(app)
+    issued = await app[DB].write(lambda s: create_project(s, "live", "hello@example.com", "Live"))
+    api = Api(client, app[DB], issued.project.id, issued.secret_key, issued.public_key)
+    domain = await add_verified_domain(api, dns_server)
+    started = time.monotonic()
+    await send(api)
+    folder = dns_config.outbox_path
+    while not list(folder.glob("*.eml")) and time.monotonic() - started < 5:
+        await asyncio.sleep(0.02)
+    files = list(folder.glob("*.eml"))
+    assert len(files) == 1 and time.monotonic() - started < 2, "woken by the send, not by the 5 s poll"
+    assert dkim.verify(files[0].read_bytes(), dnsfunc=dns_for(domain))
