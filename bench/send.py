@@ -1,0 +1,50 @@
+"""POST /v1/send under concurrent load vs a bare aiohttp handler doing one insert, same run.
+The dispatcher is off: this measures acceptance (validation, contact upsert, MIME, durable commit).
+
+    python -m bench.send [--count 3000] [--concurrency 32] [--database-url postgresql+asyncpg://…]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from bench.common import create_project, free_port, http_load, plunkd_env, report, server_process, temp_dir
+from bench.setup_sender import verify_offline
+
+
+def send_body(i: int) -> dict:
+    return {"to": f"user{i % 500}@example.org", "subject": "Your receipt {{name ?? friend}}",
+            "body": f"<p>Hello {{{{name ?? there}}}}, thanks for order <b>{i}</b>.</p>", "from": "shop@bench.example"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--count", type=int, default=3000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--database-url", default="")
+    args = parser.parse_args()
+
+    with temp_dir() as data:
+        port = free_port()
+        url = args.database_url or f"sqlite+aiosqlite:///{data}/plunkd.sqlite3"
+        env = plunkd_env(data, port, PLUNKD_DATABASE_URL=url)
+        sk = create_project(data, env)
+        asyncio.run(verify_offline(url, "bench", "bench.example"))
+        with server_process(["-m", "plunkd.cli", "serve"], port, env):
+            ours, _, errors = asyncio.run(http_load(f"http://127.0.0.1:{port}/v1/send", send_body,
+                                                    {"Authorization": f"Bearer {sk}"}, args.concurrency,
+                                                    args.count, args.seconds))
+        assert errors == 0, f"{errors} send requests failed"
+        port = free_port()
+        bare_url = args.database_url or f"sqlite+aiosqlite:///{data}/bare.sqlite3"
+        with server_process(["bench/bare_insert_server.py", bare_url, str(port)], port):
+            bare, _, bare_errors = asyncio.run(http_load(f"http://127.0.0.1:{port}/insert", send_body, {},
+                                                         args.concurrency, args.count, args.seconds))
+        assert bare_errors == 0
+    report(f"POST /v1/send ({args.count} requests, {args.concurrency} concurrent)", ours, bare, "req/s", 0.6)
+
+
+if __name__ == "__main__":
+    main()
