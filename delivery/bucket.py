@@ -1,4 +1,11 @@
-"""A token bucket shared by every dispatcher task of a process: the rate is for the whole node."""
+"""The send-rate limiter shared by every dispatcher task of a process: the rate is for the node.
+
+It schedules rather than counts (GCRA / virtual scheduling): each acquire is given the next free
+slot, `1/rate` after the previous one, and sleeps until it. Sleeping late does not lose capacity
+(the next slot is computed from the schedule, not from the clock) and an idle period banks nothing,
+so over any window the number of sends is at most rate × window + 1 and, while there is work,
+no fewer than rate × window − 1.
+"""
 
 from __future__ import annotations
 
@@ -7,33 +14,22 @@ import time
 
 
 class TokenBucket:
-    """`rate` tokens per second, at most `burst` banked. `rate` 0 means unlimited.
-
-    Waiters are served in order under a lock, and a send only starts once its tokens exist,
-    so over any window the count of sends never exceeds rate × window + burst.
-    """
-
-    def __init__(self, rate: float, burst: float | None = None) -> None:
+    def __init__(self, rate: float) -> None:
         self.rate = rate
-        self.burst = burst if burst is not None else max(1.0, rate / 10)
-        self._tokens = self.burst
-        self._stamp = time.monotonic()
+        self._next = 0.0
         self._lock = asyncio.Lock()
 
     def set_rate(self, rate: float) -> None:
         self.rate = rate
-        self.burst = max(1.0, rate / 10)
-        self._tokens = min(self._tokens, self.burst)
 
     async def acquire(self, tokens: float = 1.0) -> None:
+        """Wait for the slot of `tokens` sends (SES counts recipients, so a message may take several)."""
         if self.rate <= 0:
             return
         async with self._lock:
-            while True:
-                now = time.monotonic()
-                self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
-                self._stamp = now
-                if self._tokens >= tokens:
-                    self._tokens -= tokens
-                    return
-                await asyncio.sleep((tokens - self._tokens) / self.rate)
+            now = time.monotonic()
+            slot = max(now, self._next)
+            self._next = slot + tokens / self.rate
+            delay = slot - now
+            if delay > 0:
+                await asyncio.sleep(delay)

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import random
 import socket
+import time
 import uuid
 from datetime import timedelta
 from email.parser import BytesHeaderParser
@@ -26,7 +27,7 @@ from storage import emails as email_store
 from storage import events as event_store
 from storage.db import Database
 from storage.emails import Claimed
-from storage.models import utcnow
+from storage.models import Domain, utcnow
 
 log = logging.getLogger("plunkd.delivery")
 INLINE_SIGN_BYTES = 256_000
@@ -62,6 +63,17 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._keys: dict[tuple[str, str], tuple[float, Domain | None]] = {}
+
+    async def _signing_key(self, project_id: str, domain_name: str) -> Domain | None:
+        """The domain's DKIM key, cached for a minute: it is read for every email."""
+        now = time.monotonic()
+        cached = self._keys.get((project_id, domain_name))
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        domain = await self.db.read(email_store.domain_key, project_id, domain_name)
+        self._keys[(project_id, domain_name)] = (now + 60.0, domain)
+        return domain
 
     def wake(self) -> None:
         """New mail was queued: look now instead of at the next poll."""
@@ -111,14 +123,13 @@ class Dispatcher:
     async def deliver(self, item: Claimed) -> None:
         log.info("email %s: claimed by %s (attempt %d) to %s", item.email_id, self.worker, item.attempts + 1,
                  item.recipient)
-        suppressed = await self.db.read(email_store.is_suppressed, item.project_id, item.recipient)
-        if suppressed:
+        if item.suppressed:
             await self.db.write(lambda s: email_store.mark_failed(s, item.outbox_id, item.email_id, "SUPPRESSED",
                                                                   "recipient is on the suppression list"))
             log.info("email %s: skipped, %s is suppressed", item.email_id, item.recipient)
             return
         domain_name = item.sender.rsplit("@", 1)[-1].lower()
-        domain = await self.db.read(email_store.domain_key, item.project_id, domain_name)
+        domain = await self._signing_key(item.project_id, domain_name)
         message, message_id = add_outgoing_headers(item.raw, domain_name)
         if domain is None:
             await self._record(item, message_id, SendResult.fail(f"no DKIM key for {domain_name}"))

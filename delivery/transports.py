@@ -74,36 +74,77 @@ class FileTransport:
 
 
 class SmtpTransport:
-    """A smarthost through aiosmtplib; one connection per send keeps failure handling simple."""
+    """A smarthost through aiosmtplib, keeping idle connections open for the next message."""
 
     name = "smtp"
 
-    def __init__(self, settings: SmarthostConfig) -> None:
+    def __init__(self, settings: SmarthostConfig, max_idle: int = 16) -> None:
         self.settings = settings
         self.tls_context = ssl.create_default_context(cafile=settings.ca_file or None)
+        self.max_idle = max_idle
+        self._idle: list[aiosmtplib.SMTP] = []
+
+    async def _connection(self) -> aiosmtplib.SMTP:
+        while self._idle:
+            client = self._idle.pop()
+            if client.is_connected:
+                return client
+        s = self.settings
+        client = aiosmtplib.SMTP(hostname=s.host, port=s.port, use_tls=s.use_tls,
+                                 start_tls=True if s.starttls else False, tls_context=self.tls_context,
+                                 timeout=s.timeout_seconds, username=s.username or None,
+                                 password=s.password or None)
+        await client.connect()
+        return client
 
     async def send(self, sender: str, recipients: list[str], message: bytes) -> SendResult:
-        s = self.settings
+        client = None
         try:
-            errors, reply = await aiosmtplib.send(
-                message, sender=sender, recipients=recipients, hostname=s.host, port=s.port,
-                username=s.username or None, password=s.password or None, use_tls=s.use_tls,
-                start_tls=True if s.starttls else False, tls_context=self.tls_context, timeout=s.timeout_seconds)
+            client = await self._connection()
+            errors, reply = await client.sendmail(sender, recipients, message)
         except aiosmtplib.SMTPResponseException as exc:
+            await _reset_or_close(client)
+            self._keep(client)
             text = f"{exc.code} {exc.message}"
             return SendResult.fail(text) if 500 <= exc.code < 600 else SendResult.retry(text)
         except aiosmtplib.SMTPRecipientsRefused as exc:
+            await _reset_or_close(client)
+            self._keep(client)
             codes = [r.code for r in exc.recipients]
             text = "; ".join(f"{r.code} {r.message}" for r in exc.recipients)
             return SendResult.fail(text) if all(500 <= c < 600 for c in codes) else SendResult.retry(text)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            if client is not None:
+                client.close()
             return SendResult.retry(f"{exc.__class__.__name__}: {exc}")
+        self._keep(client)
         if errors:
             return SendResult.retry("; ".join(f"{rcpt}: {code} {text}" for rcpt, (code, text) in errors.items()))
         return SendResult.sent(_queue_id(reply))
 
+    def _keep(self, client: aiosmtplib.SMTP | None) -> None:
+        if client is not None and client.is_connected and len(self._idle) < self.max_idle:
+            self._idle.append(client)
+        elif client is not None:
+            client.close()
+
     async def close(self) -> None:
-        return None
+        idle, self._idle = self._idle, []
+        for client in idle:
+            try:
+                await client.quit()
+            except (aiosmtplib.SMTPException, OSError):
+                client.close()
+
+
+async def _reset_or_close(client: aiosmtplib.SMTP | None) -> None:
+    """After a refused message, RSET so the connection can carry the next one; drop it if that fails."""
+    if client is None or not client.is_connected:
+        return
+    try:
+        await client.rset()
+    except (aiosmtplib.SMTPException, OSError):
+        client.close()
 
 
 def _queue_id(reply: str) -> str:

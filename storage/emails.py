@@ -58,6 +58,7 @@ class Claimed:
     recipient: str
     sender: str
     raw: bytes
+    suppressed: bool
 
 
 def claim_due(session: Session, worker: str, limit: int, lease_seconds: float, postgres: bool) -> list[Claimed]:
@@ -72,9 +73,11 @@ def claim_due(session: Session, worker: str, limit: int, lease_seconds: float, p
         return []
     conn.execute(update(OutboxItem).where(_OUTBOX.c.id.in_(ids)).values(
         due_at=now + timedelta(seconds=lease_seconds), claimed_by=worker))
+    suppressed = select(Suppression.id).where(Suppression.project_id == _EMAIL.c.project_id,
+                                              Suppression.email == _EMAIL.c.recipient).exists()
     rows = conn.execute(
         select(_OUTBOX.c.id, _OUTBOX.c.attempts, _EMAIL.c.id, _EMAIL.c.project_id, _EMAIL.c.contact_id,
-               _EMAIL.c.recipient, _EMAIL.c.sender, _CONTENT.c.raw)
+               _EMAIL.c.recipient, _EMAIL.c.sender, _CONTENT.c.raw, suppressed)
         .join(_EMAIL, _EMAIL.c.id == _OUTBOX.c.email_id).join(_CONTENT, _CONTENT.c.id == _EMAIL.c.content_id)
         .where(_OUTBOX.c.id.in_(ids)).order_by(_OUTBOX.c.due_at))
     return [Claimed(*row) for row in rows]

@@ -155,13 +155,24 @@ async def test_dispatcher_killed_after_claim_is_sent_after_the_lease(api, sender
 
 
 async def test_token_bucket_keeps_its_rate():
-    bucket = TokenBucket(50)
-    started = time.monotonic()
-    for _ in range(55):
+    bucket = TokenBucket(100)
+    stamps = []
+
+    async def sender():
+        for _ in range(50):
+            await bucket.acquire()
+            stamps.append(time.monotonic())
+
+    await asyncio.gather(sender(), sender(), sender())
+    stamps.sort()
+    elapsed = stamps[-1] - stamps[0]
+    assert elapsed >= (150 - 1) / 100 - 0.005, "never faster than the rate, shared by every caller"
+    assert elapsed < 149 / 100 * 1.05, "and not much slower"
+    await asyncio.sleep(0.5)
+    idle_start = time.monotonic()
+    for _ in range(5):
         await bucket.acquire()
-    elapsed = time.monotonic() - started
-    assert elapsed >= (55 - bucket.burst) / 50 - 0.01, "never faster than the rate"
-    assert elapsed < 1.6
+    assert time.monotonic() - idle_start >= 4 / 100 - 0.005, "an idle period banks no burst"
 
 
 async def test_ses_transport_against_moto(api, sender, moto_server, monkeypatch):
