@@ -7,7 +7,7 @@ import binascii
 import hashlib
 import json
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from aiohttp import web
@@ -18,9 +18,8 @@ from api.envelope import dumps, success
 from api.routing import Route, caller
 from api.validation import Body, Data, Email, read_json, validate
 from pipeline.compose import Attachment, MessageSpec
-from pipeline.errors import Conflict, FieldError, NotFound, ValidationFailed
-from pipeline.submit import Submission, submit
-from storage import emails as email_store
+from pipeline.errors import FieldError, NotFound, ValidationFailed
+from pipeline.submit import Submission, run_idempotent, submit
 
 MAX_RECIPIENTS = 50
 MAX_ATTACHMENT_BYTES = 10 * 1024 * 1024
@@ -125,22 +124,17 @@ async def send_email(request: web.Request) -> web.Response:
     submission = Submission(who.project_id, "api", from_email, body.to,
                             body.subscribed, body.data, compose=spec.build, subject=body.subject or "")
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-    since = datetime.now(UTC) - timedelta(hours=config.api.idempotency_hours)
 
     def work(session) -> dict[str, Any]:
-        if idem_key is not None:
-            previous = email_store.find_idempotent(session, who.project_id, idem_key, since)
-            if previous is not None:
-                if previous.request_digest != digest:
-                    raise Conflict("Idempotency-Key was already used with a different request body",
-                                   "Use a new Idempotency-Key for a different email.")
-                return previous.response
-        queued = submit(session, submission)
-        data = json.loads(dumps({"emails": [{"contact": {"id": q.contact_id, "email": q.email}, "email": q.email_id}
-                                            for q in queued], "timestamp": datetime.now(UTC)}))
-        if idem_key is not None:
-            email_store.save_idempotent(session, who.project_id, idem_key, digest, data)
-        return data
+        def produce() -> dict[str, Any]:
+            queued = submit(session, submission)
+            return json.loads(dumps({"emails": [{"contact": {"id": q.contact_id, "email": q.email},
+                                                 "email": q.email_id} for q in queued],
+                                     "timestamp": datetime.now(UTC)}))
+
+        if idem_key is None:
+            return produce()
+        return run_idempotent(session, who.project_id, idem_key, digest, config.api.idempotency_hours, produce)
 
     data = await request.app[DB].write(work)
     for wake in request.app[ON_QUEUED]:

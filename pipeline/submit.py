@@ -7,6 +7,7 @@ import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from email.header import decode_header, make_header
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -16,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from pipeline.contacts import upsert_contact
 from pipeline.domains import require_verified_sender
+from pipeline.errors import Conflict
 from storage import emails as email_store
 
 BCC_HEADER = re.compile(rb"^bcc[ \t]*:", re.I)
@@ -91,3 +93,26 @@ def submit(session: Session, submission: Submission) -> list[Queued]:
                                             submission.sender, subject, submission.source)
         queued.append(Queued(contact.id, address, email_id))
     return queued
+
+
+def run_idempotent(session: Session, project_id: str, key: str, digest: str, keep_hours: int,
+                   produce: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Idempotency-Key, for HTTP and SMTP alike: the same key and request give the first reply
+    again; the same key with another request is a Conflict; keys are kept `keep_hours`."""
+    since = datetime.now(UTC) - timedelta(hours=keep_hours)
+    previous = email_store.find_idempotent(session, project_id, key, since)
+    if previous is not None:
+        if previous.request_digest != digest:
+            raise Conflict("Idempotency-Key was already used with a different request",
+                           "Use a new Idempotency-Key for a different email.")
+        return previous.response
+    reply = produce()
+    email_store.save_idempotent(session, project_id, key, digest, reply)
+    return reply
+
+
+def submit_once(session: Session, submission: Submission, key: str, digest: str, keep_hours: int) -> list[str]:
+    """`submit` under an Idempotency-Key (the SMTP form): returns the email ids of the first submission."""
+    reply = run_idempotent(session, submission.project_id, key, digest, keep_hours,
+                           lambda: {"emails": [q.email_id for q in submit(session, submission)]})
+    return reply["emails"]

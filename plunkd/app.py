@@ -4,8 +4,12 @@ cleanup context (database, group-commit writer, dispatcher, SMTP relay)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -15,6 +19,8 @@ from plunkd.config import Config
 from storage.db import Database
 
 log = logging.getLogger("plunkd")
+RELAY = web.AppKey("relay", Any)
+"""The running relay (its actual ports), for tests and logs."""
 
 
 def create_app(config: Config, db: Database | None = None) -> web.Application:
@@ -30,7 +36,36 @@ def create_app(config: Config, db: Database | None = None) -> web.Application:
     app.cleanup_ctx.append(storage_ctx)
     if config.delivery.enabled:
         app.cleanup_ctx.append(lambda _app: delivery_ctx(app, config, db))
+    if config.smtp.enabled:
+        app.cleanup_ctx.append(lambda _app: relay_ctx(app, config, db))
     return app
+
+
+async def relay_ctx(app: web.Application, config: Config, db: Database) -> AsyncIterator[None]:
+    """The SMTP relay on both ports, in this event loop; SIGHUP reloads its certificate."""
+    from relay.server import Relay
+    from relay.tls import RelayTls, ensure_self_signed
+
+    if config.smtp.cert_file:
+        cert, key = Path(config.smtp.cert_file), Path(config.smtp.key_file)
+    else:
+        cert, key = ensure_self_signed(config.data_path / "tls", config.smtp.hostname)
+    tls = RelayTls(cert, key)
+
+    def queued() -> None:
+        for wake in app[ON_QUEUED]:
+            wake()
+
+    relay = Relay(db, config.smtp, tls, config.api.idempotency_hours, queued)
+    await relay.start()
+    app[RELAY] = relay
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGHUP, tls.reload)
+    yield
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.remove_signal_handler(signal.SIGHUP)
+    await relay.stop()
 
 
 async def delivery_ctx(app: web.Application, config: Config, db: Database) -> AsyncIterator[None]:
