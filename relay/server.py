@@ -106,10 +106,10 @@ class RelayHandler:
             try:
                 answer = base64.b64decode(args[1], validate=True)
             except (binascii.Error, ValueError):
-                return AuthResult(success=False, message="501 5.5.2 Cannot decode base64")
+                return AuthResult(success=False, handled=False, message="501 5.5.2 Cannot decode base64")
         parts = answer.split(b"\0")
         if len(parts) != 3:
-            return AuthResult(success=False, message="501 5.5.2 Cannot split the AUTH PLAIN value")
+            return AuthResult(success=False, handled=False, message="501 5.5.2 Cannot split the AUTH PLAIN value")
         return await self._check(server, parts[1], parts[2])
 
     async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
@@ -119,7 +119,7 @@ class RelayHandler:
             try:
                 login = base64.b64decode(args[1], validate=True)
             except (binascii.Error, ValueError):
-                return AuthResult(success=False, message="501 5.5.2 Cannot decode base64")
+                return AuthResult(success=False, handled=False, message="501 5.5.2 Cannot decode base64")
         if not isinstance(login, bytes):
             return AuthResult(success=False)
         password = await server.challenge_auth("Password:")
@@ -130,7 +130,7 @@ class RelayHandler:
     async def _check(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
         peer = _peer(server.session)
         if self.limits.locked(peer):
-            return AuthResult(success=False, message=LOCKED_OUT)
+            return AuthResult(success=False, handled=False, message=LOCKED_OUT)
         account = None
         if login.strip().lower() == b"plunk":
             key = password.decode("utf-8", "replace").strip()
@@ -139,7 +139,7 @@ class RelayHandler:
         if account is None:
             await asyncio.sleep(self.limits.failed(peer))
             log.warning("smtp AUTH failed from %s", peer)
-            return AuthResult(success=False, message=BAD_CREDENTIALS)
+            return AuthResult(success=False, handled=False, message=BAD_CREDENTIALS)
         self.limits.succeeded(peer)
         log.info("smtp AUTH ok from %s for project %s", peer, account.project_id)
         return AuthResult(success=True, auth_data=account)

@@ -4,6 +4,7 @@ PLUNKD_TEST_DATABASE_URL is set), the real app through aiohttp's test client, an
 from __future__ import annotations
 
 import os
+import ssl
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -130,3 +131,48 @@ async def add_verified_domain(api: Api, dns_server, name: str = "example.com") -
 async def sender(api, dns_config, dns_server) -> dict:
     """A project whose default sender domain example.com is verified; returns the domain JSON."""
     return await add_verified_domain(api, dns_server)
+
+
+@dataclass
+class RelayEnv:
+    """The app with its SMTP relay on ephemeral loopback ports, a trusted test CA, a verified domain."""
+
+    api: Api
+    tls_port: int
+    starttls_port: int
+    client_tls: Any
+    domain: dict
+    config: Config
+    app: Any
+
+
+@pytest.fixture(scope="session")
+def test_ca():
+    import trustme
+
+    return trustme.CA()
+
+
+@pytest.fixture
+async def relay(aiohttp_client, dns_config, dns_server, test_ca, tmp_path) -> RelayEnv:
+    from plunkd.app import RELAY
+
+    cert = test_ca.issue_cert("localhost", "127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "relay.pem"))
+    dns_config.smtp.enabled = True
+    dns_config.smtp.host = "127.0.0.1"
+    dns_config.smtp.tls_port = 0
+    dns_config.smtp.starttls_port = 0
+    dns_config.smtp.cert_file = dns_config.smtp.key_file = str(tmp_path / "relay.pem")
+    dns_config.smtp.max_message_bytes = 2 * 1024 * 1024
+    dns_config.smtp.max_recipients = 50
+    app = create_app(dns_config)
+    client = await aiohttp_client(app)
+    db = app[DB]
+    issued = await db.write(lambda s: create_project(s, "relay", "hello@example.com", "Relay"))
+    api = Api(client, db, issued.project.id, issued.secret_key, issued.public_key)
+    domain = await add_verified_domain(api, dns_server)
+    context = ssl.create_default_context()
+    test_ca.configure_trust(context)
+    relay_server = app[RELAY]
+    return RelayEnv(api, relay_server.tls_port, relay_server.starttls_port, context, domain, dns_config, app)

@@ -1,0 +1,295 @@
+"""The SMTP relay over real TLS on loopback, driven by smtplib and aiosmtplib: every reply code,
+Bcc and envelope handling, idempotency, failures that leave no half-written record."""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import socket
+import ssl
+
+import aiosmtplib
+import pytest
+from sqlalchemy import text
+
+from storage import contacts as contact_store
+from storage import emails as email_store
+
+MESSAGE = (b"From: Shop <hello@example.com>\r\nTo: ann@example.org\r\nSubject: Hi\r\n"
+           b"Bcc: hidden@example.org\r\n\r\nHello\r\n")
+
+
+def smtps(env) -> smtplib.SMTP_SSL:
+    return smtplib.SMTP_SSL("127.0.0.1", env.tls_port, context=env.client_tls, timeout=10)
+
+
+def submission_port(env) -> smtplib.SMTP:
+    client = smtplib.SMTP("127.0.0.1", env.starttls_port, timeout=10)
+    client.starttls(context=env.client_tls)
+    return client
+
+
+async def in_thread(fn, *args):
+    return await asyncio.to_thread(fn, *args)
+
+
+def send_with(client_factory, env, user, password, message=MESSAGE, rcpts=("ann@example.org",), **kw):
+    with client_factory(env) as client:
+        client.login(user, password)
+        return client.sendmail("bounce@example.com", list(rcpts), message, **kw)
+
+
+@pytest.mark.parametrize("factory", [smtps, submission_port], ids=["465-implicit-tls", "587-starttls"])
+async def test_smtplib_sends_on_both_ports(relay, factory):
+    def run():
+        with factory(relay) as client:
+            client.ehlo()
+            assert "plunk" and client.has_extn("auth") and client.has_extn("size")
+            assert client.has_extn("8bitmime") and client.has_extn("smtputf8")
+            client.login("PLUNK", relay.api.sk)
+            client.mail("bounce@example.com")
+            client.rcpt("ann@example.org")
+            code, reply = client.data(MESSAGE)
+            return code, reply.decode()
+
+    code, reply = await in_thread(run)
+    assert code == 250 and reply.startswith("2.0.0 queued as ")
+    email_id = reply.rsplit(" ", 1)[1]
+    row = await relay.api.db.read(email_store.get_email, relay.api.project_id, email_id)
+    assert row.source == "smtp" and row.recipient == "ann@example.org" and row.subject == "Hi"
+    assert row.sender == "hello@example.com"
+    assert len(await relay.api.db.read(email_store.outbox_rows)) == 1
+
+
+async def test_aiosmtplib_on_both_ports(relay):
+    for port, kwargs in ((relay.tls_port, {"use_tls": True}), (relay.starttls_port, {"start_tls": True})):
+        errors, reply = await aiosmtplib.send(MESSAGE, sender="b@example.com", recipients=["ann@example.org"],
+                                              hostname="127.0.0.1", port=port, username="plunk",
+                                              password=relay.api.sk, tls_context=relay.client_tls, **kwargs)
+        assert errors == {} and reply.startswith("2.0.0 queued as ")
+    assert len(await relay.api.db.read(email_store.list_emails, relay.api.project_id)) == 2
+
+
+async def test_auth_needs_tls_on_587(relay):
+    def run():
+        with smtplib.SMTP("127.0.0.1", relay.starttls_port, timeout=10) as client:
+            client.ehlo()
+            return client.docmd("AUTH", "PLAIN AHBsdW5rAHNrX3g=")
+
+    code, reply = await in_thread(run)
+    assert code == 530 and b"STARTTLS" in reply
+
+
+async def test_mail_before_auth_is_530(relay):
+    def run():
+        with smtps(relay) as client:
+            client.ehlo()
+            return client.mail("a@example.com")
+
+    assert await in_thread(run) == (530, b"5.7.0 Authentication required")
+
+
+@pytest.mark.parametrize(("user", "password_kind"), [("plunk", "pk"), ("plunk", "wrong"), ("bob", "sk"),
+                                                     ("plunk", "empty")])
+async def test_bad_credentials_are_535(relay, user, password_kind):
+    password = {"pk": relay.api.pk, "wrong": "sk_" + "0" * 64, "sk": relay.api.sk, "empty": ""}[password_kind]
+
+    def run():
+        with smtps(relay) as client:
+            client.ehlo()
+            with pytest.raises(smtplib.SMTPAuthenticationError) as err:
+                client.login(user, password)
+            return err.value.smtp_code, err.value.smtp_error
+
+    assert await in_thread(run) == (535, b"5.7.8 Authentication credentials invalid")
+
+
+async def test_auth_login_mechanism_and_any_case_user(relay):
+    def run():
+        with smtps(relay) as client:
+            client.ehlo()
+            client.user, client.password = "Plunk", relay.api.sk
+            return client.auth("LOGIN", client.auth_login)
+
+    code, _ = await in_thread(run)
+    assert code == 235
+
+
+async def test_repeated_failures_lock_the_address_out(relay):
+    from plunkd.app import RELAY
+
+    relay.app[RELAY].handler.limits.limit = 3
+
+    def run():
+        codes = []
+        for password in ["sk_bad1", "sk_bad2", "sk_bad3", relay.api.sk]:
+            with smtps(relay) as client:
+                client.ehlo()
+                client.user, client.password = "plunk", password
+                try:
+                    code, _ = client.auth("PLAIN", client.auth_plain)
+                    codes.append(code)
+                except smtplib.SMTPAuthenticationError as exc:
+                    codes.append((exc.smtp_code, exc.smtp_error.decode()))
+        return codes
+
+    codes = await in_thread(run)
+    assert codes[:3] == [(535, "5.7.8 Authentication credentials invalid")] * 3
+    assert codes[3] == (454, "4.7.0 Too many failed authentications from your address; try again later"), \
+        "even the right key is refused while locked out"
+
+
+async def test_unverified_from_is_550(relay):
+    message = MESSAGE.replace(b"hello@example.com", b"me@elsewhere.example")
+
+    def run():
+        with smtps(relay) as client:
+            client.login("plunk", relay.api.sk)
+            client.mail("me@elsewhere.example")
+            client.rcpt("ann@example.org")
+            return client.data(message)
+
+    code, reply = await in_thread(run)
+    assert (code, reply) == (550, b"5.7.1 Sender domain elsewhere.example is not a verified domain of this project")
+    assert await relay.api.db.read(email_store.list_emails, relay.api.project_id) == []
+
+
+@pytest.mark.parametrize("message", [b"Subject: no from\r\n\r\nbody\r\n",
+                                     b"From: a@example.com, b@example.com\r\n\r\nTwo senders\r\n",
+                                     b"this is not a header\r\n\r\n"])
+async def test_message_without_one_from_is_refused(relay, message):
+    def run():
+        with smtps(relay) as client:
+            client.login("plunk", relay.api.sk)
+            client.mail("x@example.com")
+            client.rcpt("ann@example.org")
+            return client.data(message)
+
+    code, reply = await in_thread(run)
+    assert code == 550 and reply.startswith(b"5.7.1 ")
+
+
+async def test_recipient_limit_is_452(relay):
+    def run():
+        with smtps(relay) as client:
+            client.login("plunk", relay.api.sk)
+            client.mail("x@example.com")
+            codes = [client.rcpt(f"user{i}@example.org")[0] for i in range(50)]
+            return codes, client.rcpt("one-too-many@example.org")
+
+    codes, over = await in_thread(run)
+    assert set(codes) == {250}
+    assert over == (452, b"4.5.3 Too many recipients (at most 50 per message)")
+
+
+async def test_size_is_advertised_and_enforced(relay):
+    limit = relay.config.smtp.max_message_bytes
+
+    def run():
+        with smtps(relay) as client:
+            client.ehlo()
+            advertised = int(client.esmtp_features["size"])
+            client.login("plunk", relay.api.sk)
+            declared = client.mail("x@example.com", [f"SIZE={limit + 1}"])
+            client.rset()
+            client.mail("x@example.com")
+            client.rcpt("ann@example.org")
+            too_big = client.data(MESSAGE + b"x" * 998 + (b"\r\n" + b"x" * 998) * (limit // 1000 + 2) + b"\r\n")
+            return advertised, declared, too_big
+
+    advertised, declared, too_big = await in_thread(run)
+    assert advertised == limit
+    assert declared == (552, b"5.3.4 Message size exceeds fixed maximum")
+    assert too_big == (552, b"5.3.4 Message size exceeds fixed maximum")
+    assert await relay.api.db.read(email_store.list_emails, relay.api.project_id) == []
+
+
+async def test_envelope_recipients_and_bcc(relay):
+    def run():
+        with smtps(relay) as client:
+            client.login("plunk", relay.api.sk)
+            return client.sendmail("b@example.com", ["ann@example.org", "Hidden@Example.org"], MESSAGE)
+
+    assert await in_thread(run) == {}
+    rows = await relay.api.db.read(email_store.list_emails, relay.api.project_id)
+    assert sorted(r.recipient for r in rows) == ["ann@example.org", "hidden@example.org"]
+    raw = await relay.api.db.read(lambda s: s.execute(text("SELECT raw FROM contents")).scalars().all())
+    assert len(raw) == 1, "one stored copy for all recipients"
+    assert b"Bcc" not in raw[0] and raw[0] == MESSAGE.replace(b"Bcc: hidden@example.org\r\n", b"")
+
+
+async def test_idempotency_key_over_smtp(relay):
+    message = b"Idempotency-Key: order-9\r\n" + MESSAGE
+
+    def run(body):
+        with smtps(relay) as client:
+            client.login("plunk", relay.api.sk)
+            client.mail("x@example.com")
+            client.rcpt("ann@example.org")
+            return client.data(body)
+
+    first = await in_thread(run, message)
+    second = await in_thread(run, message)
+    assert first[0] == 250 and first == second
+    assert len(await relay.api.db.read(email_store.list_emails, relay.api.project_id)) == 1
+    other = await in_thread(run, message.replace(b"Hello", b"Changed"))
+    assert other[0] == 554 and b"Idempotency-Key" in other[1]
+
+
+async def test_database_that_cannot_commit_is_451_and_leaves_nothing(relay):
+    await relay.api.db.write(lambda s: s.execute(text("ALTER TABLE outbox RENAME TO outbox_gone")))
+
+    def run():
+        with smtps(relay) as client:
+            client.login("plunk", relay.api.sk)
+            client.mail("x@example.com")
+            client.rcpt("new-person@example.org")
+            return client.data(MESSAGE)
+
+    code, reply = await in_thread(run)
+    assert (code, reply) == (451, b"4.3.0 Temporary failure storing the message; try again later")
+    await relay.api.db.write(lambda s: s.execute(text("ALTER TABLE outbox_gone RENAME TO outbox")))
+    assert await relay.api.db.read(contact_store.get_contact_by_email, relay.api.project_id,
+                                   "new-person@example.org") is None, "no half-written record"
+    assert await relay.api.db.read(email_store.list_emails, relay.api.project_id) == []
+
+
+async def test_client_dropping_mid_data_leaves_nothing(relay):
+    def run():
+        raw = socket.create_connection(("127.0.0.1", relay.tls_port), timeout=10)
+        conn = relay.client_tls.wrap_socket(raw, server_hostname="localhost")
+        reader = conn.makefile("rb")
+        reader.readline()
+        import base64
+
+        token = base64.b64encode(b"\0plunk\0" + relay.api.sk.encode()).decode()
+        for line in ["EHLO x", f"AUTH PLAIN {token}", "MAIL FROM:<a@example.com>", "RCPT TO:<drop@example.org>",
+                     "DATA"]:
+            conn.sendall(line.encode() + b"\r\n")
+            while True:
+                reply = reader.readline()
+                if reply[3:4] != b"-":
+                    break
+        conn.sendall(b"From: hello@example.com\r\nSubject: cut\r\n\r\nhalf a mess")
+        conn.close()
+        raw.close()
+
+    await in_thread(run)
+    await asyncio.sleep(0.2)
+    assert await relay.api.db.read(email_store.list_emails, relay.api.project_id) == []
+    assert await relay.api.db.read(contact_store.get_contact_by_email, relay.api.project_id,
+                                   "drop@example.org") is None
+    assert await in_thread(send_with, smtps, relay, "plunk", relay.api.sk) == {}, "the server goes on serving"
+    assert len(await relay.api.db.read(email_store.list_emails, relay.api.project_id)) == 1
+
+
+async def test_tls_is_1_2_or_newer(relay):
+    from plunkd.app import RELAY
+
+    assert relay.app[RELAY].tls.context.minimum_version == ssl.TLSVersion.TLSv1_2
+
+    def run():
+        with smtps(relay) as client:
+            return client.sock.version()
+
+    assert await in_thread(run) in ("TLSv1.2", "TLSv1.3")
