@@ -122,7 +122,8 @@ async def send_email(request: web.Request) -> web.Response:
     spec = MessageSpec(from_email, body.name if body.name is not None else who.from_name, body.subject or "",
                        body.body or "", body.reply, dict(body.headers or {}), attachments)
     submission = Submission(who.project_id, "api", from_email, body.to,
-                            body.subscribed, body.data, compose=spec.build, subject=body.subject or "")
+                            body.subscribed, body.data, compose=spec.build, subject=body.subject or "",
+                            size=len(body.body or "") + sum(len(a.content) for a in attachments))
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def work(session) -> dict[str, Any]:
@@ -136,7 +137,7 @@ async def send_email(request: web.Request) -> web.Response:
             return produce()
         return run_idempotent(session, who.project_id, idem_key, digest, config.api.idempotency_hours, produce)
 
-    data = await request.app[DB].write(work)
+    data = await request.app[DB].write(work, light=submission.light)
     for wake in request.app[ON_QUEUED]:
         wake()
     return success(data)

@@ -28,7 +28,7 @@ async def track_event(request: web.Request) -> web.Response:
     check_event_name(body.event)
     project_id = caller(request).project_id
     result = await request.app[DB].write(
-        lambda session: track(session, project_id, body.email, body.event, body.subscribed, body.data))
+        lambda session: track(session, project_id, body.email, body.event, body.subscribed, body.data), light=True)
     return success({"contact": result.contact_id, "event": result.event_id, "timestamp": result.timestamp})
 
 

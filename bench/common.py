@@ -36,18 +36,25 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
 
 @contextlib.contextmanager
 def server_process(args: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[None]:
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**os.environ, **(env or {})},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_for_port(port)
-        yield
-    finally:
-        proc.terminate()
+    """Run a server for the benchmark; its log goes to a file (a pipe nobody reads would fill and stall
+    it) whose tail is printed when the benchmark fails."""
+    with tempfile.TemporaryFile() as log_file:
+        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**os.environ, **(env or {})},
+                                stdout=subprocess.DEVNULL, stderr=log_file)
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            wait_for_port(port)
+            yield
+        except BaseException:
+            log_file.seek(0)
+            sys.stderr.write(log_file.read()[-4000:].decode("utf-8", "replace"))
+            raise
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def plunkd_env(data_dir: str, port: int, **extra: str) -> dict[str, str]:

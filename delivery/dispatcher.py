@@ -125,7 +125,8 @@ class Dispatcher:
                  item.recipient)
         if item.suppressed:
             await self.db.write(lambda s: email_store.mark_failed(s, item.outbox_id, item.email_id, "SUPPRESSED",
-                                                                  "recipient is on the suppression list"))
+                                                                  "recipient is on the suppression list"),
+                                light=True)
             log.info("email %s: skipped, %s is suppressed", item.email_id, item.recipient)
             return
         domain_name = item.sender.rsplit("@", 1)[-1].lower()
@@ -156,15 +157,16 @@ class Dispatcher:
                                          {"messageId": result.transport_id, "transport": self.transport.name},
                                          email_id=item.email_id)
 
-            await self.db.write(work)
+            await self.db.write(work, light=True)
             log.info("email %s: sent via %s as %s", item.email_id, self.transport.name, result.transport_id)
         elif result.outcome == "retry" and item.attempts + 1 < settings.max_attempts:
             due = utcnow() + timedelta(seconds=retry_delay(item.attempts, settings.retry_base_seconds))
-            await self.db.write(lambda s: email_store.schedule_retry(s, item.outbox_id, due, result.error))
+            await self.db.write(lambda s: email_store.schedule_retry(s, item.outbox_id, due, result.error), light=True)
             log.warning("email %s: transient failure (%s); retry at %s", item.email_id, result.error, due.isoformat())
         else:
             reason = result.error
             if result.outcome == "retry":
                 reason = f"gave up after {item.attempts + 1} attempts: {result.error}"
-            await self.db.write(lambda s: email_store.mark_failed(s, item.outbox_id, item.email_id, "FAILED", reason))
+            await self.db.write(lambda s: email_store.mark_failed(s, item.outbox_id, item.email_id, "FAILED", reason),
+                                light=True)
             log.warning("email %s: failed permanently: %s", item.email_id, reason)

@@ -128,13 +128,14 @@ def sender_domain(address: str) -> str:
     return address.rsplit("@", 1)[-1].lower()
 
 
-def require_verified_sender(session: Session, project_id: str, address: str) -> Domain:
-    """The sending rule for every path: the From address must be on a verified domain of the project."""
+def require_verified_sender(session: Session, project_id: str, address: str) -> str:
+    """The sending rule for every path: the From address must be on a verified domain of the project.
+    Returns the domain's id."""
     name = sender_domain(address)
-    domain = domain_store.verified_domain(session, project_id, name)
-    if domain is None:
+    domain_id = domain_store.verified_domain_id(session, project_id, name)
+    if domain_id is None:
         raise UnverifiedSender(name)
-    return domain
+    return domain_id
 
 
 class UnverifiedSender(ValidationFailed):

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.header import decode_header, make_header
+from email.message import Message
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from typing import Any
@@ -21,6 +22,8 @@ from pipeline.errors import Conflict
 from storage import emails as email_store
 
 BCC_HEADER = re.compile(rb"^bcc[ \t]*:", re.I)
+LIGHT_RECIPIENTS = 10
+LIGHT_BYTES = 64 * 1024
 
 
 @dataclass
@@ -36,6 +39,14 @@ class Submission:
     compose: Callable[[str, dict[str, Any]], bytes] | None = None
     """API: builds one recipient's message from (address, template variables)."""
     subject: str = ""
+    size: int = 0
+    """API: about how big each composed message will be (body and attachments)."""
+
+    @property
+    def light(self) -> bool:
+        """Small enough for the write batcher to run on the event loop (see `storage.batch`)."""
+        size = len(self.raw) if self.raw is not None else self.size
+        return len(self.recipients) <= LIGHT_RECIPIENTS and size <= LIGHT_BYTES
 
 
 @dataclass
@@ -60,8 +71,12 @@ def strip_bcc(raw: bytes) -> bytes:
     return b"".join(kept) + raw[split:]
 
 
-def header_subject(raw: bytes) -> str:
-    headers = BytesHeaderParser(policy=compat32).parsebytes(raw, headersonly=True)
+def parse_raw_headers(raw: bytes) -> Message:
+    """The header block of a client's message; compat32 keeps this cheap and never raises on odd input."""
+    return BytesHeaderParser(policy=compat32).parsebytes(raw, headersonly=True)
+
+
+def decoded_subject(headers: Message) -> str:
     value = headers.get("Subject", "")
     try:
         return str(make_header(decode_header(str(value))))[:998]
@@ -73,7 +88,7 @@ def submit(session: Session, submission: Submission) -> list[Queued]:
     """Check the sender, upsert each recipient, write one email + outbox row per recipient."""
     require_verified_sender(session, submission.project_id, submission.sender)
     raw = strip_bcc(submission.raw) if submission.raw is not None else None
-    subject = submission.subject or (header_subject(raw) if raw is not None else "")
+    subject = submission.subject or (decoded_subject(parse_raw_headers(raw)) if raw is not None else "")
     contents: dict[bytes, str] = {}
     queued: list[Queued] = []
     for address in dict.fromkeys(r.lower() for r in submission.recipients):

@@ -95,3 +95,5 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    if level.upper() != "DEBUG":
+        logging.getLogger("mail.log").setLevel(logging.WARNING)

@@ -1,10 +1,19 @@
 """Group commit: many concurrent writers share one transaction and one commit.
 
 A caller hands `run()` a synchronous function of a `Session`; a writer collects whatever is waiting,
-runs each function inside its own SAVEPOINT of one transaction, commits, and only then resolves each
-caller's future. A function that raises rolls back to its savepoint and fails alone; a commit that
-fails fails the whole batch. Replies therefore come only after the commit that made the work
-durable, and a burst of N requests costs one commit.
+runs the functions one after another in one transaction, commits, and only then resolves each
+caller's future. If one of them raises, the whole transaction is rolled back and the batch is run
+again with a SAVEPOINT around each function, so the one that raised fails alone and the others are
+kept (savepoints cost two statements per function, so they are paid only when something failed).
+A commit that fails fails the whole batch. Replies therefore come only after the commit that made
+the work durable, and a burst of N requests costs one commit. The functions must touch nothing
+but the session, since a batch may run twice.
+
+On SQLite the blocking parts (BEGIN IMMEDIATE, which may wait for another process, and the commit's
+fsync) run on one writer thread. A batch made only of *light* functions (a few small statements,
+marked by the caller) runs its Python on the event loop between those two steps: a thread running
+Python competes with the loop for the GIL, and that cost the SMTP relay more than the work itself.
+Other batches run entirely on the writer thread.
 """
 
 from __future__ import annotations
@@ -12,9 +21,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from sqlalchemy import Insert, event
 from sqlalchemy.orm import Session
 
 if TYPE_CHECKING:
@@ -24,6 +34,40 @@ log = logging.getLogger("plunkd.storage")
 T = TypeVar("T")
 Work = Callable[[Session], Any]
 Outcome = tuple[bool, Any]
+_PENDING = "plunkd.pending_inserts"
+
+
+def insert_at_commit(session: Session, statement: Insert, row: dict[str, Any]) -> None:
+    """Queue a row that nothing reads back in this transaction; the batch writes each statement's rows
+    with one executemany before it commits (a statement per row costs more than SQLite's work).
+    Statements are flushed in the order first queued, so queue parents before children; do not queue
+    inside a savepoint of your own (a batch flushes around its own savepoints only)."""
+    session.info.setdefault(_PENDING, {}).setdefault(statement, []).append(row)
+
+
+def flush_pending(session: Session) -> None:
+    pending = session.info.pop(_PENDING, None)
+    if pending:
+        conn = session.connection()
+        for statement, rows in pending.items():
+            conn.execute(statement, rows)
+
+
+def discard_pending(session: Session) -> None:
+    session.info.pop(_PENDING, None)
+
+
+@event.listens_for(Session, "before_commit")
+def _flush_before_any_commit(session: Session) -> None:
+    """Safety net for sessions outside the batcher: queued rows are never dropped by a commit."""
+    flush_pending(session)
+
+
+@event.listens_for(Session, "after_soft_rollback")
+def _discard_on_rollback(session: Session, previous: Any) -> None:
+    """A rolled-back transaction takes its queued rows with it (savepoints are handled by the batch)."""
+    if not previous.nested:
+        discard_pending(session)
 
 
 class TransactionBatcher:
@@ -31,7 +75,7 @@ class TransactionBatcher:
         self.db = db
         self.max_batch = max_batch
         self.writers = writers or (4 if db.is_postgres else 1)
-        self._queue: asyncio.Queue[tuple[Work, asyncio.Future[Any]]] | None = None
+        self._queue: asyncio.Queue[tuple[Work, bool, asyncio.Future[Any]]] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._thread: ThreadPoolExecutor | None = None
 
@@ -52,12 +96,12 @@ class TransactionBatcher:
             self._thread.shutdown(wait=True)
             self._thread = None
 
-    async def run(self, work: Callable[[Session], T]) -> T:
+    async def run(self, work: Callable[[Session], T], light: bool = False) -> T:
         if not self._tasks:
             self.start()
         assert self._queue is not None
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        await self._queue.put((work, future))
+        await self._queue.put((work, light, future))
         return await future
 
     async def _writer(self) -> None:
@@ -66,23 +110,24 @@ class TransactionBatcher:
             batch = [await self._queue.get()]
             while len(batch) < self.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            works = [work for work, _ in batch]
+            works = [work for work, _, _ in batch]
             try:
-                if self._thread is not None:
-                    loop = asyncio.get_running_loop()
-                    outcomes = await loop.run_in_executor(self._thread, self._run_sync, works)
+                if self._thread is not None and all(light for _, light, _ in batch):
+                    outcomes = await self._run_on_loop(works)
+                elif self._thread is not None:
+                    outcomes = await self._in_thread(self._run_sync, works)
                 else:
-                    async with self.db.session() as session, session.begin():
-                        outcomes = await session.run_sync(_run_each, works)
+                    async with self.db.session() as session:
+                        outcomes = await session.run_sync(run_batch, works)
             except asyncio.CancelledError:
-                for _, fut in batch:
+                for _, _, fut in batch:
                     if not fut.done():
                         fut.set_exception(RuntimeError("the server is shutting down"))
                 raise
             except Exception as exc:
                 log.error("commit of a batch of %d failed: %s", len(batch), exc)
                 outcomes = [(False, exc)] * len(batch)
-            for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
+            for (_, _, fut), (ok, value) in zip(batch, outcomes, strict=True):
                 if fut.done():
                     continue
                 if ok:
@@ -90,20 +135,73 @@ class TransactionBatcher:
                 else:
                     fut.set_exception(value)
 
-    def _run_sync(self, works: list[Work]) -> list[Outcome]:
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn` on the writer thread. If the caller is cancelled meanwhile, wait for `fn` anyway:
+        the session it uses must not be closed under it."""
+        assert self._thread is not None
+        done: Future[T] = self._thread.submit(fn, *args)
+        try:
+            return await asyncio.wrap_future(done)
+        except asyncio.CancelledError:
+            done.exception()
+            raise
+
+    async def _run_on_loop(self, works: list[Work]) -> list[Outcome]:
         assert self.db.sync_engine is not None
-        with Session(self.db.sync_engine, expire_on_commit=False) as session, session.begin():
-            return _run_each(session, works)
+        with Session(self.db.sync_engine, expire_on_commit=False) as session:
+            session.begin()
+            await self._in_thread(session.connection)
+            try:
+                values = [work(session) for work in works]
+                flush_pending(session)
+            except Exception:
+                session.rollback()
+                return await self._in_thread(self._run_sync, works, False)
+            except BaseException:
+                session.rollback()
+                raise
+            await self._in_thread(session.commit)
+            return [(True, value) for value in values]
+
+    def _run_sync(self, works: list[Work], optimistic: bool = True) -> list[Outcome]:
+        assert self.db.sync_engine is not None
+        with Session(self.db.sync_engine, expire_on_commit=False) as session:
+            return run_batch(session, works, optimistic)
 
 
-def _run_each(session: Session, works: list[Work]) -> list[Outcome]:
+def run_batch(session: Session, works: list[Work], optimistic: bool = True) -> list[Outcome]:
+    """Run `works` in one transaction and commit; on a failure, again with a savepoint around each.
+    `optimistic=False` goes straight to the savepoints (the caller already saw one fail)."""
+    if not optimistic:
+        with session.begin():
+            return _run_each_in_savepoint(session, works)
+    session.begin()
+    try:
+        values = [work(session) for work in works]
+        flush_pending(session)
+    except Exception as exc:
+        session.rollback()
+        if len(works) == 1:
+            return [(False, exc)]
+        with session.begin():
+            return _run_each_in_savepoint(session, works)
+    except BaseException:
+        session.rollback()
+        raise
+    session.commit()
+    return [(True, value) for value in values]
+
+
+def _run_each_in_savepoint(session: Session, works: list[Work]) -> list[Outcome]:
     outcomes: list[Outcome] = []
     for work in works:
         savepoint = session.begin_nested()
         try:
             value = work(session)
+            flush_pending(session)
             savepoint.commit()
         except Exception as exc:
+            discard_pending(session)
             savepoint.rollback()
             outcomes.append((False, exc))
         else:

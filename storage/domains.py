@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from storage.models import Domain
@@ -31,9 +31,20 @@ def list_domains(session: Session, project_id: str) -> list[Domain]:
     return list(session.execute(stmt).scalars())
 
 
-def verified_domain(session: Session, project_id: str, name: str) -> Domain | None:
-    stmt = select(Domain).where(Domain.project_id == project_id, Domain.name == name, Domain.verified.is_(True))
-    return session.execute(stmt).scalar_one_or_none()
+_VERIFIED_DOMAIN_ID = select(Domain.id).where(Domain.project_id == bindparam("p"), Domain.name == bindparam("n"),
+                                              Domain.verified.is_(True))
+
+
+def verified_domain_id(session: Session, project_id: str, name: str) -> str | None:
+    """The id of the project's verified domain `name`. Every send asks, so a verified answer is kept in
+    `session.info` for the rest of the session (one write batch or one request)."""
+    key = ("verified_domain", project_id, name)
+    found = session.info.get(key)
+    if found is None:
+        found = session.connection().execute(_VERIFIED_DOMAIN_ID, {"p": project_id, "n": name}).scalar()
+        if found is not None:
+            session.info[key] = found
+    return found
 
 
 def save_check(session: Session, domain_id: str, verified: bool, check: dict[str, Any],

@@ -13,29 +13,34 @@ from typing import Any
 from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.orm import Session
 
+from storage.batch import insert_at_commit
 from storage.models import Content, Domain, Email, IdempotencyRecord, OutboxItem, Suppression, new_id, utcnow
 
 _CONTENT = Content.__table__
 _EMAIL = Email.__table__
 _OUTBOX = OutboxItem.__table__
+# Built once: every accepted email runs these three, and building a statement costs more than SQLite.
+_INSERT_CONTENT = _CONTENT.insert()
+_INSERT_EMAIL = _EMAIL.insert()
+_INSERT_OUTBOX = _OUTBOX.insert()
 
 
 def insert_content(session: Session, project_id: str, raw: bytes) -> str:
     content_id = new_id()
-    session.connection().execute(_CONTENT.insert(), {"id": content_id, "project_id": project_id, "raw": raw,
-                                                     "created_at": utcnow()})
+    insert_at_commit(session, _INSERT_CONTENT, {"id": content_id, "project_id": project_id, "raw": raw,
+                                                "created_at": utcnow()})
     return content_id
 
 
 def insert_email(session: Session, project_id: str, contact_id: str | None, content_id: str, recipient: str,
                  sender: str, subject: str, source: str) -> str:
-    """One email record and its outbox row, due now."""
+    """One email record and its outbox row, due now (written at commit, with the batch's others)."""
     email_id, now = new_id(), utcnow()
-    conn = session.connection()
-    conn.execute(_EMAIL.insert(), {"id": email_id, "project_id": project_id, "contact_id": contact_id,
-                                   "content_id": content_id, "recipient": recipient, "sender": sender,
-                                   "subject": subject, "source": source, "status": "QUEUED", "created_at": now})
-    conn.execute(_OUTBOX.insert(), {"id": new_id(), "email_id": email_id, "due_at": now, "attempts": 0})
+    insert_at_commit(session, _INSERT_EMAIL, {"id": email_id, "project_id": project_id, "contact_id": contact_id,
+                                              "content_id": content_id, "recipient": recipient, "sender": sender,
+                                              "subject": subject, "source": source, "status": "QUEUED",
+                                              "created_at": now})
+    insert_at_commit(session, _INSERT_OUTBOX, {"id": new_id(), "email_id": email_id, "due_at": now, "attempts": 0})
     return email_id
 
 

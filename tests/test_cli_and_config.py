@@ -5,14 +5,19 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from plunkd.config import ConfigError, load_config
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def plunkd(tmp_path, *args, env=None):
-    full_env = {**os.environ, "PLUNKD_SERVER_DATA_DIR": str(tmp_path / "data"), **(env or {})}
+    # PYTHONPATH: run this checkout's code even where another checkout is the installed one.
+    full_env = {**os.environ, "PLUNKD_SERVER_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": str(ROOT),
+                **(env or {})}
     full_env.pop("PLUNKD_CONFIG", None)
     return subprocess.run([sys.executable, "-m", "plunkd.cli", *args], cwd=tmp_path, env=full_env,
                           capture_output=True, text=True, timeout=60)

@@ -166,7 +166,19 @@ async def test_message_without_one_from_is_refused(relay, message):
             return client.data(message)
 
     code, reply = await in_thread(run)
-    assert code == 550 and reply.startswith(b"5.7.1 ")
+    assert (code, reply) == (550, b"5.7.1 The message needs exactly one From address on a verified domain")
+    assert await relay.api.db.read(email_store.list_emails, relay.api.project_id) == []
+
+
+async def test_bad_recipient_addresses_are_553(relay):
+    def run():
+        with smtps(relay) as client:
+            client.login("plunk", relay.api.sk)
+            client.mail("x@example.com")
+            return [client.rcpt(address) for address in ("no-domain", "a" * 250 + "@example.org", "@example.org")]
+
+    ours = (553, b"5.1.3 Recipient address must be local-part@domain")
+    assert await in_thread(run) == [ours, ours, (553, b"5.1.3 Error: malformed address")]
 
 
 async def test_recipient_limit_is_452(relay):

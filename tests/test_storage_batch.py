@@ -1,0 +1,89 @@
+"""The group-commit writer on a real database file (or PostgreSQL): concurrent callers share a
+commit, one caller's failure leaves the others' work committed and its own work absent, on both
+the event-loop (light) and the writer-thread path."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from sqlalchemy import func, select
+
+from pipeline.domains import UnverifiedSender, add_domain, save_check
+from pipeline.projects import create_project
+from pipeline.submit import Submission, submit
+from storage.batch import insert_at_commit
+from storage.db import Database
+from storage.models import Email, OutboxItem, utcnow
+
+MESSAGE = b"From: shop@shop.example\r\nTo: a@example.org\r\nSubject: Hi\r\n\r\nHello\r\n"
+
+
+@pytest.fixture
+async def db(database_url):
+    database = Database(database_url)
+    await database.migrate()
+    yield database
+    await database.dispose()
+
+
+@pytest.fixture
+async def project_id(db) -> str:
+    issued = await db.write(lambda s: create_project(s, "shop", "shop@shop.example", "Shop"))
+    domain = await db.write(lambda s: add_domain(s, issued.project.id, "shop.example", "plunkd"))
+    await db.write(lambda s: save_check(s, domain.id, {"verified": True, "method": "test"}))
+    return issued.project.id
+
+
+def count_rows(session, model) -> int:
+    return session.execute(select(func.count()).select_from(model)).scalar_one()
+
+
+async def submit_many(db, project_id: str, senders: list[str], light: bool) -> list:
+    async def one(index: int, sender: str):
+        submission = Submission(project_id, "smtp", sender, [f"user{index}@example.org"], raw=MESSAGE)
+        return await db.write(lambda s: [q.email_id for q in submit(s, submission)], light=light)
+
+    return await asyncio.gather(*[one(i, sender) for i, sender in enumerate(senders)], return_exceptions=True)
+
+
+@pytest.mark.parametrize("light", [True, False], ids=["on-loop", "writer-thread"])
+async def test_one_failure_in_a_batch_fails_alone(db, project_id, light):
+    senders = ["shop@shop.example"] * 30
+    senders[7] = senders[19] = "me@elsewhere.example"
+    results = await submit_many(db, project_id, senders, light)
+
+    failed = [i for i, r in enumerate(results) if isinstance(r, Exception)]
+    assert failed == [7, 19]
+    assert all(isinstance(results[i], UnverifiedSender) for i in failed)
+    queued = [r[0] for r in results if not isinstance(r, Exception)]
+    assert len(set(queued)) == 28
+    stored = await db.read(lambda s: set(s.execute(select(Email.id)).scalars()))
+    assert stored == set(queued)
+    assert await db.read(count_rows, OutboxItem) == 28
+
+
+@pytest.mark.parametrize("light", [True, False], ids=["on-loop", "writer-thread"])
+async def test_a_row_that_breaks_a_constraint_at_commit_fails_only_its_caller(db, project_id, light):
+    """Rows queued with insert_at_commit are written just before the commit; an outbox row pointing at
+    no email breaks the foreign key there, and only the caller that queued it sees the error."""
+    outbox = OutboxItem.__table__.insert()
+
+    def orphan(session) -> None:
+        insert_at_commit(session, outbox, {"id": "orphan", "email_id": "no-such-email", "due_at": utcnow(),
+                                           "attempts": 0})
+
+    good = submit_many(db, project_id, ["shop@shop.example"] * 5, light)
+    bad = db.write(orphan, light=light)
+    good_results, bad_result = await asyncio.gather(good, bad, return_exceptions=True)
+    assert isinstance(bad_result, Exception)
+    assert all(isinstance(r, list) for r in good_results), good_results
+    assert await db.read(count_rows, OutboxItem) == 5
+    assert await db.read(count_rows, Email) == 5
+
+
+async def test_many_concurrent_callers_share_commits_and_all_land(db, project_id):
+    results = await submit_many(db, project_id, ["shop@shop.example"] * 200, True)
+    assert all(isinstance(r, list) for r in results)
+    assert await db.read(count_rows, Email) == 200
+    assert await db.read(count_rows, OutboxItem) == 200
