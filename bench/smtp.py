@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import ssl
 import time
 
@@ -26,21 +27,29 @@ def message(size: int, index: int) -> bytes:
     return head + line * max(1, (size - len(head)) // len(line))
 
 
-async def load(port: int, password: str | None, sessions: int, size: int, reconnect: bool, seconds: float,
-               max_messages: int) -> float:
+def insecure_client_tls() -> ssl.SSLContext:
+    """The relay's self-signed certificate: encrypt, but do not verify (loopback benchmark)."""
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+async def connect_tls(port: int, password: str | None) -> aiosmtplib.SMTP:
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, use_tls=True, tls_context=insecure_client_tls(),
+                             timeout=120)
+    await client.connect()
+    if password:
+        await client.login("plunk", password)
+    return client
+
+
+async def load(port: int, password: str | None, sessions: int, size: int, reconnect: bool, seconds: float,
+               max_messages: int) -> float:
     bodies = [message(size, i) for i in range(64)]
     sent = 0
     deadline = time.monotonic() + seconds
-
-    async def connect() -> aiosmtplib.SMTP:
-        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, use_tls=True, tls_context=context, timeout=60)
-        await client.connect()
-        if password:
-            await client.login("plunk", password)
-        return client
+    connect = functools.partial(connect_tls, port, password)
 
     async def session(worker: int) -> None:
         nonlocal sent

@@ -56,10 +56,18 @@ class Queued:
     email_id: str
 
 
+def header_end(raw: bytes) -> int:
+    """Where the header block ends (just after its last line break), or len(raw) if there is no body."""
+    end = raw.find(b"\r\n\r\n")
+    if end >= 0:
+        return end + 2
+    end = raw.find(b"\n\n")
+    return end + 1 if end >= 0 else len(raw)
+
+
 def strip_bcc(raw: bytes) -> bytes:
     """Remove Bcc header fields (with their folded lines) and keep every other byte as written."""
-    end = raw.find(b"\r\n\r\n")
-    split = end + 2 if end >= 0 else (raw.find(b"\n\n") + 1 if raw.find(b"\n\n") >= 0 else len(raw))
+    split = header_end(raw)
     kept: list[bytes] = []
     dropping = False
     for line in raw[:split].splitlines(keepends=True):
@@ -73,7 +81,7 @@ def strip_bcc(raw: bytes) -> bytes:
 
 def parse_raw_headers(raw: bytes) -> Message:
     """The header block of a client's message; compat32 keeps this cheap and never raises on odd input."""
-    return BytesHeaderParser(policy=compat32).parsebytes(raw, headersonly=True)
+    return BytesHeaderParser(policy=compat32).parsebytes(raw[:header_end(raw)], headersonly=True)
 
 
 def decoded_subject(headers: Message) -> str:
