@@ -45,6 +45,7 @@ REPLY_REWRITES = {
 }
 LOCKED_OUT = "454 4.7.0 Too many failed authentications from your address; try again later"
 BAD_CREDENTIALS = "535 5.7.8 Authentication credentials invalid"
+PRIVILEGED_PORT_OFFSET = 2000
 
 
 class RelaySMTP(SMTP):
@@ -220,15 +221,27 @@ class Relay:
                          implicit_tls=implicit_tls, timeout=120)
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        implicit = await loop.create_server(lambda: self._protocol(True), self.config.host, self.config.tls_port,
-                                            ssl=self.tls.context)
-        starttls = await loop.create_server(lambda: self._protocol(False), self.config.host,
-                                            self.config.starttls_port)
+        implicit = await self._listen(self.config.tls_port, True)
+        starttls = await self._listen(self.config.starttls_port, False)
         self.servers = [implicit, starttls]
         self.tls_port = implicit.sockets[0].getsockname()[1]
         self.starttls_port = starttls.sockets[0].getsockname()[1]
         log.info("smtp relay on %s: %d (TLS), %d (STARTTLS)", self.config.host, self.tls_port, self.starttls_port)
+
+    async def _listen(self, port: int, implicit_tls: bool) -> asyncio.AbstractServer:
+        """Listen on `port`; a privileged port the process may not bind (not root) falls back to
+        port + 2000 with a warning, so the default configuration starts for any user."""
+        loop = asyncio.get_running_loop()
+        tls = self.tls.context if implicit_tls else None
+        try:
+            return await loop.create_server(lambda: self._protocol(implicit_tls), self.config.host, port, ssl=tls)
+        except PermissionError:
+            if not 0 < port < 1024:
+                raise
+        fallback = port + PRIVILEGED_PORT_OFFSET
+        log.warning("smtp port %d needs root or CAP_NET_BIND_SERVICE; listening on %d instead (set smtp.%s)",
+                    port, fallback, "tls_port" if implicit_tls else "starttls_port")
+        return await loop.create_server(lambda: self._protocol(implicit_tls), self.config.host, fallback, ssl=tls)
 
     async def stop(self) -> None:
         for server in self.servers:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,3 +130,46 @@ def test_example_config_loads_and_documents_every_key():
 
     for prefix, name in keys(Config()):
         assert f"\n{name} =" in text or f"\n# {name} =" in text, f"{prefix}{name} is not documented"
+
+
+def test_serve_without_privileged_ports_falls_back_and_says_so(tmp_path):
+    """The default config asks for 465/587. A process that may not bind them (run here without
+    CAP_NET_BIND_SERVICE, as any non-root user would be) listens on 2465/2587 and logs why."""
+    if Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text().strip() != "1024":
+        pytest.fail("this machine lets anyone bind ports below 1024; the fallback cannot be exercised")
+    command = [sys.executable, "-m", "plunkd.cli", "serve"]
+    if os.geteuid() == 0:
+        command = ["setpriv", "--bounding-set=-net_bind_service", "--inh-caps=-net_bind_service", *command]
+    http_port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PLUNKD_SERVER_DATA_DIR": str(tmp_path / "data"),
+           "PLUNKD_SERVER_HTTP_PORT": str(http_port), "PLUNKD_SMTP_HOST": "127.0.0.1",
+           "PLUNKD_DELIVERY_ENABLED": "false"}
+    env.pop("PLUNKD_CONFIG", None)
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        banner = read_smtp_banner(2587, deadline=time.monotonic() + 30)
+        assert banner.startswith(b"220 "), banner
+        log = log_path.read_text()
+        assert "smtp port 465 needs root or CAP_NET_BIND_SERVICE; listening on 2465 instead" in log
+        assert "smtp port 587 needs root or CAP_NET_BIND_SERVICE; listening on 2587 instead" in log
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def read_smtp_banner(port: int, deadline: float) -> bytes:
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                return sock.recv(512)
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"nothing answered on port {port}")
