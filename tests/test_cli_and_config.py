@@ -60,6 +60,23 @@ def test_cli_errors_are_one_line(tmp_path, cli_env):
                                   "expected float, got 'fast'")
 
 
+
+def test_domain_add_then_offline_verify_only_with_the_file_transport(tmp_path, cli_env):
+    made = plunkd(tmp_path, "project", "create", "--name", "shop", "--from-email", "hi@shop.example", env=cli_env)
+    assert made.returncode == 0, made.stderr
+    added = plunkd(tmp_path, "domain", "add", "Shop.Example", "--project", "shop", env=cli_env)
+    assert added.returncode == 0, added.stderr
+    assert "shop.example" in added.stdout and "NOT verified" in added.stdout
+    assert "plunkd._domainkey.shop.example" in added.stdout and "v=DKIM1; k=rsa; p=" in added.stdout
+    refused = plunkd(tmp_path, "domain", "verify", "shop.example", "--project", "shop", "--offline",
+                     env={**cli_env, "PLUNKD_DELIVERY_TRANSPORT": "smtp"})
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == ("plunkd: --offline is only for the file transport (nothing leaves this "
+                                      "machine); delivery.transport is 'smtp', so publish the records")
+    verified = plunkd(tmp_path, "domain", "verify", "shop.example", "--project", "shop", "--offline", env=cli_env)
+    assert verified.returncode == 0, verified.stderr
+    assert "shop.example" in verified.stdout and "): verified" in verified.stdout
+
 def test_contacts_import_with_summary(tmp_path, cli_env):
     assert plunkd(tmp_path, "project", "create", "--name", "shop", "--from-email", "a@shop.example",
                   env=cli_env).returncode == 0
