@@ -113,14 +113,24 @@ class Dispatcher:
             await asyncio.gather(*list(self._in_flight), return_exceptions=True)
 
     async def _deliver_released(self, item: Claimed) -> None:
+        """Deliver one email; its slot is given back as soon as the transport has answered, so the
+        next message goes out while this one's outcome is being committed."""
+        released = False
         try:
-            await self.deliver(item)
+            sent = await self.deliver(item)
+            self._slots.release()
+            released = True
+            if sent is not None:
+                await self._record(item, *sent)
         except Exception:
             log.exception("email %s: delivery crashed; it will be retried after its lease", item.email_id)
         finally:
-            self._slots.release()
+            if not released:
+                self._slots.release()
 
-    async def deliver(self, item: Claimed) -> None:
+    async def deliver(self, item: Claimed) -> tuple[str, SendResult] | None:
+        """Everything up to the transport's answer, which is returned as (Message-ID, result) for
+        `_record`; None when the email was settled here (suppressed, unsignable)."""
         log.info("email %s: claimed by %s (attempt %d) to %s", item.email_id, self.worker, item.attempts + 1,
                  item.recipient)
         if item.suppressed:
@@ -128,13 +138,13 @@ class Dispatcher:
                                                                   "recipient is on the suppression list"),
                                 light=True)
             log.info("email %s: skipped, %s is suppressed", item.email_id, item.recipient)
-            return
+            return None
         domain_name = item.sender.rsplit("@", 1)[-1].lower()
         domain = await self._signing_key(item.project_id, domain_name)
         message, message_id = add_outgoing_headers(item.raw, domain_name)
         if domain is None:
             await self._record(item, message_id, SendResult.fail(f"no DKIM key for {domain_name}"))
-            return
+            return None
         sign_args = (message, domain.name, domain.dkim_selector, domain.dkim_private_key)
         try:
             if len(message) > INLINE_SIGN_BYTES:
@@ -143,10 +153,9 @@ class Dispatcher:
                 signed = dkim.sign(*sign_args)
         except DKIMException as exc:
             await self._record(item, message_id, SendResult.fail(f"cannot DKIM-sign the message: {exc}"))
-            return
+            return None
         await self.bucket.acquire(1)
-        result = await self.transport.send(item.sender, [item.recipient], signed)
-        await self._record(item, message_id, result)
+        return message_id, await self.transport.send(item.sender, [item.recipient], signed)
 
     async def _record(self, item: Claimed, message_id: str, result: SendResult) -> None:
         settings = self.settings
