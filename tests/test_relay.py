@@ -29,6 +29,15 @@ def submission_port(env) -> smtplib.SMTP:
     return client
 
 
+def data_reply(env, message, mail_from="x@example.com", rcpt="ann@example.org") -> tuple[int, bytes]:
+    """One authenticated transaction on 465, answered at DATA (refusals that sendmail would raise on)."""
+    with smtps(env) as client:
+        client.login("plunk", env.api.sk)
+        client.mail(mail_from)
+        client.rcpt(rcpt)
+        return client.data(message)
+
+
 async def in_thread(fn, *args):
     return await asyncio.to_thread(fn, *args)
 
@@ -141,15 +150,7 @@ async def test_repeated_failures_lock_the_address_out(relay):
 
 async def test_unverified_from_is_550(relay):
     message = MESSAGE.replace(b"hello@example.com", b"me@elsewhere.example")
-
-    def run():
-        with smtps(relay) as client:
-            client.login("plunk", relay.api.sk)
-            client.mail("me@elsewhere.example")
-            client.rcpt("ann@example.org")
-            return client.data(message)
-
-    code, reply = await in_thread(run)
+    code, reply = await in_thread(data_reply, relay, message, "me@elsewhere.example")
     assert (code, reply) == (550, b"5.7.1 Sender domain elsewhere.example is not a verified domain of this project")
     assert await relay.api.db.read(email_store.list_emails, relay.api.project_id) == []
 
@@ -158,14 +159,7 @@ async def test_unverified_from_is_550(relay):
                                      b"From: a@example.com, b@example.com\r\n\r\nTwo senders\r\n",
                                      b"this is not a header\r\n\r\n"])
 async def test_message_without_one_from_is_refused(relay, message):
-    def run():
-        with smtps(relay) as client:
-            client.login("plunk", relay.api.sk)
-            client.mail("x@example.com")
-            client.rcpt("ann@example.org")
-            return client.data(message)
-
-    code, reply = await in_thread(run)
+    code, reply = await in_thread(data_reply, relay, message)
     assert (code, reply) == (550, b"5.7.1 The message needs exactly one From address on a verified domain")
     assert await relay.api.db.read(email_store.list_emails, relay.api.project_id) == []
 
@@ -232,33 +226,18 @@ async def test_envelope_recipients_and_bcc(relay):
 
 async def test_idempotency_key_over_smtp(relay):
     message = b"Idempotency-Key: order-9\r\n" + MESSAGE
-
-    def run(body):
-        with smtps(relay) as client:
-            client.login("plunk", relay.api.sk)
-            client.mail("x@example.com")
-            client.rcpt("ann@example.org")
-            return client.data(body)
-
-    first = await in_thread(run, message)
-    second = await in_thread(run, message)
+    first = await in_thread(data_reply, relay, message)
+    second = await in_thread(data_reply, relay, message)
     assert first[0] == 250 and first == second
     assert len(await relay.api.db.read(email_store.list_emails, relay.api.project_id)) == 1
-    other = await in_thread(run, message.replace(b"Hello", b"Changed"))
+    other = await in_thread(data_reply, relay, message.replace(b"Hello", b"Changed"))
     assert other[0] == 554 and b"Idempotency-Key" in other[1]
 
 
 async def test_database_that_cannot_commit_is_451_and_leaves_nothing(relay):
     await relay.api.db.write(lambda s: s.execute(text("ALTER TABLE outbox RENAME TO outbox_gone")))
 
-    def run():
-        with smtps(relay) as client:
-            client.login("plunk", relay.api.sk)
-            client.mail("x@example.com")
-            client.rcpt("new-person@example.org")
-            return client.data(MESSAGE)
-
-    code, reply = await in_thread(run)
+    code, reply = await in_thread(data_reply, relay, MESSAGE, "x@example.com", "new-person@example.org")
     assert (code, reply) == (451, b"4.3.0 Temporary failure storing the message; try again later")
     await relay.api.db.write(lambda s: s.execute(text("ALTER TABLE outbox_gone RENAME TO outbox")))
     assert await relay.api.db.read(contact_store.get_contact_by_email, relay.api.project_id,
