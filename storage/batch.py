@@ -154,12 +154,11 @@ class TransactionBatcher:
             try:
                 values = [work(session) for work in works]
                 flush_pending(session)
-            except Exception:
+            except Exception as exc:
                 session.rollback()
+                if len(works) == 1:
+                    return [(False, exc)]
                 return await self._in_thread(self._run_sync, works, False)
-            except BaseException:
-                session.rollback()
-                raise
             await self._in_thread(session.commit)
             return [(True, value) for value in values]
 
@@ -171,7 +170,8 @@ class TransactionBatcher:
 
 def run_batch(session: Session, works: list[Work], optimistic: bool = True) -> list[Outcome]:
     """Run `works` in one transaction and commit; on a failure, again with a savepoint around each.
-    `optimistic=False` goes straight to the savepoints (the caller already saw one fail)."""
+    `optimistic=False` goes straight to the savepoints (the caller already saw one fail). Any other
+    exit leaves the transaction to the caller's session, whose close rolls it back."""
     if not optimistic:
         with session.begin():
             return _run_each_in_savepoint(session, works)
@@ -185,9 +185,6 @@ def run_batch(session: Session, works: list[Work], optimistic: bool = True) -> l
             return [(False, exc)]
         with session.begin():
             return _run_each_in_savepoint(session, works)
-    except BaseException:
-        session.rollback()
-        raise
     session.commit()
     return [(True, value) for value in values]
 
