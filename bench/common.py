@@ -3,6 +3,7 @@ HTTP with a bounded number of requests and a time cap, and print rates side by s
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -97,6 +98,27 @@ async def http_load(url: str, make_body: Callable[[int], dict], headers: dict[st
         await asyncio.gather(*[worker() for _ in range(concurrency)])
         elapsed = time.perf_counter() - started
     return (ok + errors) / elapsed, ok, errors
+
+
+def http_bench_args(default_count: int) -> argparse.Namespace:
+    """The options of the HTTP benchmarks (bench.track, bench.send)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--count", type=int, default=default_count)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--database-url", default="")
+    return parser.parse_args()
+
+
+def bare_insert_rate(data_dir: str, args: argparse.Namespace, make_body: Callable[[int], dict]) -> float:
+    """The baseline: the same load against a bare aiohttp handler doing one insert per request."""
+    port = free_port()
+    url = args.database_url or f"sqlite+aiosqlite:///{data_dir}/bare.sqlite3"
+    with server_process(["bench/bare_insert_server.py", url, str(port)], port):
+        rate, _, errors = asyncio.run(http_load(f"http://127.0.0.1:{port}/insert", make_body, {},
+                                                args.concurrency, args.count, args.seconds))
+    assert errors == 0, f"{errors} bare inserts failed"
+    return rate
 
 
 def temp_dir() -> tempfile.TemporaryDirectory:

@@ -6,10 +6,19 @@ The dispatcher is off: this measures acceptance (validation, contact upsert, MIM
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 
-from bench.common import create_project, free_port, http_load, plunkd_env, report, server_process, temp_dir
+from bench.common import (
+    bare_insert_rate,
+    create_project,
+    free_port,
+    http_bench_args,
+    http_load,
+    plunkd_env,
+    report,
+    server_process,
+    temp_dir,
+)
 from bench.setup_sender import verify_offline
 
 
@@ -19,13 +28,7 @@ def send_body(i: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--count", type=int, default=3000)
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--database-url", default="")
-    args = parser.parse_args()
-
+    args = http_bench_args(3000)
     with temp_dir() as data:
         port = free_port()
         url = args.database_url or f"sqlite+aiosqlite:///{data}/plunkd.sqlite3"
@@ -37,12 +40,7 @@ def main() -> None:
                                                     {"Authorization": f"Bearer {sk}"}, args.concurrency,
                                                     args.count, args.seconds))
         assert errors == 0, f"{errors} send requests failed"
-        port = free_port()
-        bare_url = args.database_url or f"sqlite+aiosqlite:///{data}/bare.sqlite3"
-        with server_process(["bench/bare_insert_server.py", bare_url, str(port)], port):
-            bare, _, bare_errors = asyncio.run(http_load(f"http://127.0.0.1:{port}/insert", send_body, {},
-                                                         args.concurrency, args.count, args.seconds))
-        assert bare_errors == 0
+        bare = bare_insert_rate(data, args, send_body)
     report(f"POST /v1/send ({args.count} requests, {args.concurrency} concurrent)", ours, bare, "req/s", 0.6)
 
 

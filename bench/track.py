@@ -5,10 +5,19 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 
-from bench.common import create_project, free_port, http_load, plunkd_env, report, server_process, temp_dir
+from bench.common import (
+    bare_insert_rate,
+    create_project,
+    free_port,
+    http_bench_args,
+    http_load,
+    plunkd_env,
+    report,
+    server_process,
+    temp_dir,
+)
 
 
 def track_body(i: int) -> dict:
@@ -16,13 +25,7 @@ def track_body(i: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--count", type=int, default=4000)
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--database-url", default="")
-    args = parser.parse_args()
-
+    args = http_bench_args(4000)
     with temp_dir() as data:
         port = free_port()
         env = plunkd_env(data, port, **({"PLUNKD_DATABASE_URL": args.database_url} if args.database_url else {}))
@@ -32,13 +35,7 @@ def main() -> None:
                 f"http://127.0.0.1:{port}/v1/track", track_body, {"Authorization": f"Bearer {sk}"},
                 args.concurrency, args.count, args.seconds))
         assert errors == 0, f"{errors} track requests failed"
-
-        port = free_port()
-        url = args.database_url or f"sqlite+aiosqlite:///{data}/bare.sqlite3"
-        with server_process(["bench/bare_insert_server.py", url, str(port)], port):
-            bare, _, bare_errors = asyncio.run(http_load(
-                f"http://127.0.0.1:{port}/insert", track_body, {}, args.concurrency, args.count, args.seconds))
-        assert bare_errors == 0
+        bare = bare_insert_rate(data, args, track_body)
     report(f"POST /v1/track ({args.count} requests, {args.concurrency} concurrent)", ours, bare, "req/s", 0.8)
 
 
