@@ -5,17 +5,30 @@ from __future__ import annotations
 from typing import Annotated
 
 from aiohttp import web
-from pydantic import StringConstraints, model_validator
+from pydantic import ConfigDict, StringConstraints, model_validator
 
-from api.context import CONFIG, DB
+from api.context import DB
 from api.envelope import success
 from api.routing import Route, caller
+from api.schemas import ContactOut, ContactPage, Count
 from api.serialize import contact_json, page_json
-from api.validation import Body, Data, Email, bool_param, page_params, read_body
+from api.validation import (
+    BOOL_QUERY,
+    NO_NUL,
+    PAGE_QUERY,
+    Body,
+    Data,
+    Email,
+    bool_param,
+    page_params,
+    read_body,
+    text_param,
+)
 from pipeline import contacts as rules
 from storage import contacts as contact_store
 
 ContactId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+MAX_SEARCH = 320
 
 
 class CreateContactBody(Body):
@@ -41,6 +54,10 @@ class ContactRefBody(Body):
     id: ContactId | None = None
     email: Email | None = None
 
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": ["id"], "properties": {"id": {"type": "string"}}},
+        {"required": ["email"], "properties": {"email": {"type": "string"}}}]})
+
     @model_validator(mode="after")
     def one_of_id_or_email(self):
         if self.id is None and self.email is None:
@@ -52,14 +69,10 @@ class DeleteContactBody(Body):
     id: ContactId
 
 
-def _max_body(request: web.Request) -> int:
-    return request.app[CONFIG].api.max_body_bytes
-
-
 async def list_contacts(request: web.Request) -> web.Response:
     limit, cursor = page_params(request)
     subscribed = bool_param(request, "subscribed")
-    search = request.query.get("search", "")[:320] or None
+    search = text_param(request, "search", MAX_SEARCH)
     page = await request.app[DB].read(contact_store.list_contacts, caller(request).project_id, limit, cursor,
                                       subscribed, search)
     return success(page_json(page, contact_json))
@@ -76,7 +89,7 @@ async def get_contact(request: web.Request) -> web.Response:
 
 
 async def create_contact(request: web.Request) -> web.Response:
-    body = await read_body(request, CreateContactBody, _max_body(request))
+    body = await read_body(request, CreateContactBody)
     project_id = caller(request).project_id
     contact = await request.app[DB].write(
         lambda s: rules.create_contact(s, project_id, body.email, body.subscribed, body.data))
@@ -91,12 +104,12 @@ async def _update(request: web.Request, contact_id: str, body: PatchContactBody 
 
 
 async def put_contact(request: web.Request) -> web.Response:
-    body = await read_body(request, UpdateContactBody, _max_body(request))
+    body = await read_body(request, UpdateContactBody)
     return await _update(request, body.id, body)
 
 
 async def patch_contact(request: web.Request) -> web.Response:
-    body = await read_body(request, PatchContactBody, _max_body(request))
+    body = await read_body(request, PatchContactBody)
     return await _update(request, request.match_info["id"], body)
 
 
@@ -107,7 +120,7 @@ async def _delete(request: web.Request, contact_id: str) -> web.Response:
 
 
 async def delete_contact_by_body(request: web.Request) -> web.Response:
-    body = await read_body(request, DeleteContactBody, _max_body(request))
+    body = await read_body(request, DeleteContactBody)
     return await _delete(request, body.id)
 
 
@@ -117,7 +130,7 @@ async def delete_contact_by_path(request: web.Request) -> web.Response:
 
 def _subscription(subscribed: bool):
     async def handler(request: web.Request) -> web.Response:
-        body = await read_body(request, ContactRefBody, _max_body(request))
+        body = await read_body(request, ContactRefBody)
         project_id = caller(request).project_id
         contact = await request.app[DB].write(
             lambda s: rules.set_subscribed(s, project_id, body.id, body.email, subscribed))
@@ -128,19 +141,24 @@ def _subscription(subscribed: bool):
 
 ROUTES = [
     Route("GET", "/contacts", list_contacts, "List contacts, newest first",
-          query={"limit": "integer", "cursor": "string", "subscribed": "boolean", "search": "string"},
-          tag="Contacts"),
-    Route("POST", "/contacts", create_contact, "Create a contact", body=CreateContactBody, tag="Contacts"),
+          query={**PAGE_QUERY, "subscribed": BOOL_QUERY,
+                 "search": {"type": "string", "maxLength": MAX_SEARCH, "pattern": NO_NUL}},
+          tag="Contacts", response=ContactPage, legacy="items"),
+    Route("POST", "/contacts", create_contact, "Create a contact", body=CreateContactBody, tag="Contacts",
+          status=201, response=ContactOut, errors=frozenset({409})),
     Route("PUT", "/contacts", put_contact, "Update a contact (id in the body)", body=UpdateContactBody,
-          tag="Contacts"),
+          tag="Contacts", response=ContactOut, errors=frozenset({404, 409})),
     Route("DELETE", "/contacts", delete_contact_by_body, "Delete a contact (id in the body)",
-          body=DeleteContactBody, tag="Contacts"),
-    Route("GET", "/contacts/count", count_contacts, "Count contacts", tag="Contacts"),
+          body=DeleteContactBody, tag="Contacts", response=ContactOut, errors=frozenset({404})),
+    Route("GET", "/contacts/count", count_contacts, "Count contacts", tag="Contacts", response=Count,
+          legacy="bare"),
     Route("POST", "/contacts/subscribe", _subscription(True), "Subscribe a contact", body=ContactRefBody,
-          tag="Contacts"),
+          tag="Contacts", response=ContactOut, errors=frozenset({404})),
     Route("POST", "/contacts/unsubscribe", _subscription(False), "Unsubscribe a contact", body=ContactRefBody,
-          tag="Contacts"),
-    Route("GET", "/contacts/{id}", get_contact, "Get a contact", tag="Contacts"),
-    Route("PATCH", "/contacts/{id}", patch_contact, "Update a contact", body=PatchContactBody, tag="Contacts"),
-    Route("DELETE", "/contacts/{id}", delete_contact_by_path, "Delete a contact", tag="Contacts"),
+          tag="Contacts", response=ContactOut, errors=frozenset({404})),
+    Route("GET", "/contacts/{id}", get_contact, "Get a contact", tag="Contacts", response=ContactOut),
+    Route("PATCH", "/contacts/{id}", patch_contact, "Update a contact", body=PatchContactBody, tag="Contacts",
+          response=ContactOut, errors=frozenset({409})),
+    Route("DELETE", "/contacts/{id}", delete_contact_by_path, "Delete a contact", tag="Contacts",
+          response=ContactOut),
 ]

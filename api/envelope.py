@@ -1,14 +1,23 @@
-"""The Plunk response envelope: `{success, data}` and `{success: false, error, timestamp}`."""
+"""The Plunk response envelope: `{success, data}` and `{success: false, error, message, timestamp}`.
+
+Handlers return a `Reply` holding their data; the middleware turns it into bytes in the caller's
+dialect (the envelope, or the flat seed-002 shapes under /api/v1), so one handler serves both.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
 from pipeline.errors import PipelineError, ValidationFailed
+
+JSON_TYPE = "application/json"
+_UNENCODABLE = re.compile("[\ud800-\udfff]")
 
 
 def iso(value: datetime) -> str:
@@ -25,8 +34,58 @@ def dumps(value: Any) -> str:
     return json.dumps(value, default=_default, separators=(",", ":"), ensure_ascii=False)
 
 
-def success(data: Any, status: int = 200) -> web.Response:
-    return web.json_response({"success": True, "data": data}, status=status, dumps=dumps)
+def _scrubbed(value: Any) -> Any:
+    """A copy that any JSON reader can take: lone surrogates become U+FFFD, NaN/±Infinity null.
+    Only used when the fast path fails, i.e. for rows stored before the door refused such input."""
+    if isinstance(value, str):
+        return _UNENCODABLE.sub("\ufffd", value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {_scrubbed(k) if isinstance(k, str) else k: _scrubbed(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrubbed(v) for v in value]
+    return value
+
+
+def encode_json(value: Any) -> bytes:
+    """Strict JSON in UTF-8, whatever the database holds."""
+    try:
+        return json.dumps(value, default=_default, separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=False).encode()
+    except (UnicodeEncodeError, ValueError):
+        return json.dumps(_scrubbed(value), default=_default, separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=False).encode()
+
+
+def json_reply(payload: Any, status: int = 200) -> web.Response:
+    return web.Response(body=encode_json(payload), status=status, content_type=JSON_TYPE)
+
+
+class Reply(web.Response):
+    """A handler's success data; the middleware encodes it in the caller's dialect."""
+
+    def __init__(self, data: Any, status: int = 200) -> None:
+        super().__init__(status=status, content_type=JSON_TYPE)
+        self.data = data
+
+
+def success(data: Any, status: int = 200) -> Reply:
+    return Reply(data, status)
+
+
+def enveloped(data: Any) -> dict[str, Any]:
+    return {"success": True, "data": data}
+
+
+def legacy(data: Any, shape: str) -> Any:
+    """Seed 002's flat shapes: `items` → the plain array of a page or list; `bare` → the data as is
+    (`{count}`); `flat` → the data's fields beside `success` (a list stays a plain array)."""
+    if shape == "items":
+        return data["items"] if isinstance(data, dict) else data
+    if shape == "bare" or not isinstance(data, dict):
+        return data
+    return {"success": True, **data}
 
 
 def failure(error: PipelineError, request_id: str) -> web.Response:
@@ -39,8 +98,8 @@ def failure(error: PipelineError, request_id: str) -> web.Response:
     if isinstance(error, ValidationFailed):
         body["errors"] = [e.as_dict() for e in error.errors]
     body["suggestion"] = error.suggestion or _SUGGESTIONS.get(error.code, "")
-    payload = {"success": False, "error": body, "timestamp": iso(datetime.now(UTC))}
-    return web.json_response(payload, status=error.status, dumps=dumps)
+    payload = {"success": False, "error": body, "message": error.message, "timestamp": iso(datetime.now(UTC))}
+    return json_reply(payload, error.status)
 
 
 _SUGGESTIONS = {

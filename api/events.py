@@ -9,11 +9,15 @@ from aiohttp import web
 from api.context import DB
 from api.envelope import success
 from api.routing import Route, caller
+from api.schemas import DeletedEvents, EventPage, EventStats
 from api.serialize import event_json, page_json
-from api.validation import page_params
+from api.validation import NO_NUL, PAGE_QUERY, page_params, text_param
 from pipeline.contacts import is_system_event, require_contact
 from pipeline.errors import FieldError, Forbidden, NotFound, ValidationFailed
 from storage import events as event_store
+
+MAX_EVENT_NAME = 200
+DATE_QUERY = {"type": "string", "format": "date-time"}
 
 
 def _date_param(request: web.Request, name: str) -> datetime | None:
@@ -22,14 +26,15 @@ def _date_param(request: web.Request, name: str) -> datetime | None:
         return None
     try:
         value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValidationFailed([FieldError(name, f"{name} must be an ISO 8601 date", "invalid_date")]) from None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise ValidationFailed([FieldError(name, f"{name} must be an ISO 8601 date-time between years 1 and "
+                                                 "9999 in UTC", "invalid_date")]) from None
 
 
 async def list_events(request: web.Request) -> web.Response:
     limit, cursor = page_params(request)
-    name = request.query.get("name") or None
+    name = text_param(request, "name", MAX_EVENT_NAME)
     page = await request.app[DB].read(event_store.list_events, caller(request).project_id, limit, cursor, name)
     return success(page_json(page, event_json))
 
@@ -75,11 +80,13 @@ async def delete_events(request: web.Request) -> web.Response:
 
 ROUTES = [
     Route("GET", "/events", list_events, "List events, newest first",
-          query={"name": "string", "limit": "integer", "cursor": "string"}, tag="Events"),
-    Route("GET", "/events/names", event_names, "Event names by frequency", tag="Events"),
+          query={"name": {"type": "string", "maxLength": MAX_EVENT_NAME, "pattern": NO_NUL}, **PAGE_QUERY},
+          tag="Events", response=EventPage, legacy="items"),
+    Route("GET", "/events/names", event_names, "Event names by frequency", tag="Events", response=list[str]),
     Route("GET", "/events/stats", event_stats, "Event counts by name in a date window",
-          query={"start": "string", "end": "string"}, tag="Events"),
-    Route("GET", "/events/contact/{contactId}", contact_events, "Events of one contact",
-          query={"limit": "integer", "cursor": "string"}, tag="Events"),
-    Route("DELETE", "/events/{eventName}", delete_events, "Delete every event with this name", tag="Events"),
+          query={"start": DATE_QUERY, "end": DATE_QUERY}, tag="Events", response=EventStats),
+    Route("GET", "/events/contact/{contactId}", contact_events, "Events of one contact", query=PAGE_QUERY,
+          tag="Events", response=EventPage, legacy="items"),
+    Route("DELETE", "/events/{eventName}", delete_events, "Delete every event with this name", tag="Events",
+          response=DeletedEvents),
 ]

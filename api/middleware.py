@@ -9,8 +9,9 @@ import uuid
 
 from aiohttp import web
 
-from api.envelope import failure
-from api.errors import MethodNotAllowed, PayloadTooLarge, RateLimited
+from api.envelope import Reply, encode_json, enveloped, failure, legacy
+from api.errors import BadRequest, MethodNotAllowed, PayloadTooLarge, RateLimited
+from api.routing import CORS_ORIGIN, DIALECT, cors_headers
 from pipeline.errors import NotFound, PipelineError
 
 log = logging.getLogger("plunkd.api")
@@ -34,13 +35,20 @@ async def envelope_middleware(request: web.Request, handler) -> web.StreamRespon
     request[REQUEST_ID] = rid
     started = time.perf_counter()
     try:
+        if "\x00" in request.path or "\x00" in request.query_string:
+            raise BadRequest("The URL may not contain NUL characters")
         response = await handler(request)
+        if isinstance(response, Reply):
+            shape = request.get(DIALECT)
+            response.body = encode_json(enveloped(response.data) if shape is None else legacy(response.data, shape))
     except PipelineError as exc:
         response = failure(exc, rid)
         if isinstance(exc, RateLimited):
             response.headers["Retry-After"] = str(exc.retry_after)
     except web.HTTPException as exc:
         response = failure(_from_http(exc), rid)
+        if exc.status == 405 and "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
     except Exception:
         log.exception("request %s %s failed (request id %s)", request.method, request.path, rid)
         response = failure(InternalError("Internal server error"), rid)
@@ -48,6 +56,9 @@ async def envelope_middleware(request: web.Request, handler) -> web.StreamRespon
     if allowance is not None:
         response.headers.update(allowance.headers())
     response.headers["X-Request-Id"] = rid
+    origin = request.get(CORS_ORIGIN)
+    if origin is not None:
+        response.headers.update(cors_headers(origin))
     log.info("%s %s %d %.1fms rid=%s", request.method, request.path, response.status,
              (time.perf_counter() - started) * 1000, rid)
     return response

@@ -1,20 +1,28 @@
-"""The route table type and the wrapper that applies auth and the rate limit per route."""
+"""The route table type and the wrapper that applies auth, CORS and the rate limit per route."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel
 
 from api.auth import Caller
-from api.context import KEYS, RATE_LIMITER
+from api.context import CONFIG, KEYS, RATE_LIMITER
 from api.errors import RateLimited, Unauthorized
 from pipeline.errors import Forbidden
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CALLER = "plunkd.caller"
+DIALECT = "plunkd.dialect"
+"""Set on requests under /api/v1: the seed-002 shape of the route's reply (see `api.envelope.legacy`)."""
+CORS_ORIGIN = "plunkd.cors_origin"
+LEGACY_PREFIX = "/api/v1"
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, Idempotency-Key, X-Request-Id"
+CORS_EXPOSE_HEADERS = ("X-Request-Id, Retry-After, X-RateLimit-Limit, X-RateLimit-Remaining, "
+                       "X-RateLimit-Reset")
 
 
 @dataclass(frozen=True)
@@ -26,10 +34,24 @@ class Route:
     auth: str | None = "secret"
     """'secret' (sk_ only), 'public' (sk_ or pk_) or None (no key)."""
     scope: str = "dashboard"
-    """'public' → served under /v1 only; 'dashboard' → unversioned and under /v1; 'root' → as is."""
+    """'public' → /v1 and /api/v1; 'dashboard' → unversioned, /v1 and /api/v1; 'root' → as is."""
     body: type[BaseModel] | None = None
-    query: dict[str, str] = field(default_factory=dict)
+    query: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Query parameter → its JSON schema (what the handler's parsing accepts, exactly)."""
     tag: str = ""
+    status: int = 200
+    response: Any = None
+    """The type of the reply's `data` (a pydantic model, or e.g. `list[Model]`), for /openapi.json."""
+    errors: frozenset[int] = frozenset()
+    """Error statuses the handler itself raises beyond those its auth, body, query and path imply."""
+    legacy: str = "flat"
+    """The reply's shape under /api/v1: 'flat', 'items' or 'bare' (see `api.envelope.legacy`)."""
+    cors: bool = False
+    """Serve CORS (browsers calling with a public key). Only /v1/track does."""
+    head: bool = False
+    """Answer HEAD like GET (without a body)."""
+    raw: bool = False
+    """The handler answers its own JSON document, outside the envelope (/openapi.json)."""
 
     def paths(self) -> list[str]:
         if self.scope == "public":
@@ -37,6 +59,9 @@ class Route:
         if self.scope == "dashboard":
             return [self.path, f"/v1{self.path}"]
         return [self.path]
+
+    def legacy_paths(self) -> list[str]:
+        return [] if self.scope == "root" else [f"{LEGACY_PREFIX}{self.path}"]
 
 
 def caller(request: web.Request) -> Caller:
@@ -51,35 +76,82 @@ def bearer_key(request: web.Request) -> str | None:
     return key.strip()
 
 
+def allowed_origin(request: web.Request) -> str | None:
+    """The Access-Control-Allow-Origin value for this request, or None (no CORS for it)."""
+    origins = request.app[CONFIG].api.cors_origins
+    if "*" in origins:
+        return "*"
+    origin = request.headers.get("Origin")
+    return origin if origin in origins else None
+
+
+def cors_headers(origin: str) -> dict[str, str]:
+    headers = {"Access-Control-Allow-Origin": origin, "Access-Control-Expose-Headers": CORS_EXPOSE_HEADERS}
+    if origin != "*":
+        headers["Vary"] = "Origin"
+    return headers
+
+
+def preflight(methods: str) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        origin = allowed_origin(request)
+        if origin is None:
+            return web.Response(status=204)
+        return web.Response(status=204, headers={
+            **cors_headers(origin), "Access-Control-Allow-Methods": methods,
+            "Access-Control-Allow-Headers": CORS_ALLOW_HEADERS, "Access-Control-Max-Age": "600"})
+
+    return handler
+
+
 def guarded(route: Route) -> Handler:
-    """Wrap a handler with its key check and the project's rate limit."""
-    if route.auth is None:
-        return route.handler
+    """Wrap a handler with its CORS marker, its key check and the project's rate limit."""
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        key = bearer_key(request)
-        if key is None:
-            raise Unauthorized("Missing API key", "Send 'Authorization: Bearer <key>'.")
-        if len(key) > 200 or not key.startswith(("sk_", "pk_")):
-            raise Unauthorized("Invalid API key")
-        who = await request.app[KEYS].lookup(key)
-        if who is None:
-            raise Unauthorized("Invalid API key", "Check the key, or rotate it with 'plunkd keys rotate'.")
-        if route.auth == "secret" and who.key_kind != "secret":
-            raise Forbidden("This endpoint requires a secret key (sk_…); public keys may only call /v1/track")
-        allowance = request.app[RATE_LIMITER].take(who.project_id)
-        request["plunkd.ratelimit"] = allowance
-        if not allowance.allowed:
-            raise RateLimited(allowance.retry_after)
-        request[CALLER] = who
+        if route.cors:
+            request[CORS_ORIGIN] = allowed_origin(request)
+        if route.auth is not None:
+            await authorize(request, route)
         return await route.handler(request)
 
     return handler
 
 
+async def authorize(request: web.Request, route: Route) -> None:
+    key = bearer_key(request)
+    if key is None:
+        raise Unauthorized("Missing API key", "Send 'Authorization: Bearer <key>'.")
+    if len(key) > 200 or not key.startswith(("sk_", "pk_")):
+        raise Unauthorized("Invalid API key")
+    who = await request.app[KEYS].lookup(key)
+    if who is None:
+        raise Unauthorized("Invalid API key", "Check the key, or rotate it with 'plunkd keys rotate'.")
+    if route.auth == "secret" and who.key_kind != "secret":
+        raise Forbidden("This endpoint requires a secret key (sk_…); public keys may only call /v1/track")
+    allowance = request.app[RATE_LIMITER].take(who.project_id)
+    request["plunkd.ratelimit"] = allowance
+    if not allowance.allowed:
+        raise RateLimited(allowance.retry_after)
+    request[CALLER] = who
+
+
+def in_dialect(handler: Handler, shape: str) -> Handler:
+    async def legacy_handler(request: web.Request) -> web.StreamResponse:
+        request[DIALECT] = shape
+        return await handler(request)
+
+    return legacy_handler
+
+
 def register(app: web.Application, routes: list[Route]) -> None:
     for route in routes:
         wrapped = guarded(route)
-        for path in route.paths():
-            app.router.add_route(route.method, path, wrapped)
-
+        targets = [(path, wrapped) for path in route.paths()]
+        targets += [(path, in_dialect(wrapped, route.legacy)) for path in route.legacy_paths()]
+        for path, handler in targets:
+            if route.method == "GET" and route.head:
+                app.router.add_get(path, handler, allow_head=True)
+            else:
+                app.router.add_route(route.method, path, handler)
+            if route.cors:
+                app.router.add_route("OPTIONS", path, preflight(f"{route.method}, OPTIONS"))

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from aiohttp import web
+from pydantic import BaseModel, TypeAdapter
 from sqlalchemy import text
 
 from api.context import DB
-from api.envelope import success
+from api.envelope import json_reply, success
 from api.routing import Route
+from api.schemas import Failure, ReadyStatus, Status
+from api.validation import NO_NUL
 
 OPENAPI = web.AppKey("openapi", dict)
+REF = "#/components/schemas/{model}"
+STATUS_NAMES = {400: "BAD_REQUEST", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT_FOUND", 409: "CONFLICT",
+                413: "PAYLOAD_TOO_LARGE", 422: "VALIDATION_ERROR", 429: "RATE_LIMIT_EXCEEDED"}
 
 
 async def health(request: web.Request) -> web.Response:
@@ -25,43 +32,126 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(request.app[OPENAPI])
+    return json_reply(request.app[OPENAPI])
+
+
+class _Spec:
+    """Collects component schemas while operations are built."""
+
+    def __init__(self) -> None:
+        self.schemas: dict[str, Any] = {}
+
+    def schema_of(self, kind: Any, mode: str = "serialization") -> dict[str, Any]:
+        schema = TypeAdapter(kind).json_schema(ref_template=REF, mode=mode)
+        self.schemas.update(schema.pop("$defs", {}))
+        return schema
+
+    def model_ref(self, model: type[BaseModel], mode: str = "serialization") -> dict[str, Any]:
+        name = model.__name__
+        if name not in self.schemas:
+            self.schemas[name] = self.schema_of(model, mode)
+        return {"$ref": REF.format(model=name)}
+
+
+def _reply_schema(spec: _Spec, route: Route, legacy: bool) -> dict[str, Any]:
+    data = spec.schema_of(route.response) if route.response is not None else {}
+    if route.raw:
+        return data
+    if not legacy:
+        return {"type": "object", "required": ["success", "data"], "additionalProperties": False,
+                "properties": {"success": {"const": True}, "data": data}}
+    if route.legacy == "items":
+        return spec.schema_of(route.response.model_fields["items"].annotation)
+    if "$ref" in data:
+        data = spec.schemas[data["$ref"].rsplit("/", 1)[1]]
+    if route.legacy == "bare" or data.get("type") != "object":
+        return data
+    return {**data, "required": ["success", *data.get("required", [])],
+            "properties": {"success": {"const": True}, **data.get("properties", {})}}
+
+
+def _error_statuses(route: Route) -> set[int]:
+    statuses = set(route.errors)
+    if route.auth:
+        statuses |= {401, 429}
+    if route.auth == "secret":
+        statuses.add(403)
+    if route.body is not None:
+        statuses |= {400, 413, 422}
+    if route.query:
+        statuses |= {400, 422}
+    if _path_params(route.path):
+        statuses |= {400, 404}
+    return statuses
+
+
+def _operation(spec: _Spec, route: Route, legacy: bool) -> dict[str, Any]:
+    failure = {"content": {"application/json": {"schema": spec.model_ref(Failure)}}}
+    responses: dict[str, Any] = {str(route.status): {
+        "description": "Success" if not legacy else "Success, in the flat seed-002 shape",
+        "content": {"application/json": {"schema": _reply_schema(spec, route, legacy)}}}}
+    for status in sorted(_error_statuses(route)):
+        responses[str(status)] = {"description": STATUS_NAMES[status], **failure}
+    operation: dict[str, Any] = {"summary": route.summary, "tags": [route.tag] if route.tag else [],
+                                 "responses": responses}
+    if route.auth:
+        operation["security"] = [{"bearerAuth": []}]
+        operation["x-key-kinds"] = ["sk_", "pk_"] if route.auth == "public" else ["sk_"]
+    if route.body is not None:
+        operation["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": spec.model_ref(route.body, mode="validation")}}}
+    parameters = [{"name": name, "in": "path", "required": True,
+                   "schema": {"type": "string", "minLength": 1, "pattern": NO_NUL}}
+                  for name in _path_params(route.path)]
+    parameters += [{"name": name, "in": "query", "schema": schema} for name, schema in route.query.items()]
+    if parameters:
+        operation["parameters"] = parameters
+    return operation
+
+
+def _without_nul(schema: Any, inside_data: bool = False) -> Any:
+    """Every request string without a pattern, format or enum of its own gets NO_NUL (what the door
+    enforces), except inside `data` objects, whose values the JSON column stores escaped."""
+    if isinstance(schema, list):
+        return [_without_nul(item, inside_data) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: _without_nul(value, inside_data or key == "data") for key, value in schema.items()}
+    if (not inside_data and out.get("type") == "string"
+            and not {"pattern", "format", "enum", "const"} & out.keys()):
+        out["pattern"] = NO_NUL
+    return out
 
 
 def build_openapi(routes: list[Route]) -> dict[str, Any]:
-    """An OpenAPI 3.1 document with one operation per (path, method) the router serves."""
+    """An OpenAPI 3.1 document with one operation per (path, method) the router serves, each with
+    every status it can answer and the schema of each reply."""
+    spec = _Spec()
     paths: dict[str, dict[str, Any]] = {}
-    schemas: dict[str, Any] = {}
     for route in routes:
-        operation: dict[str, Any] = {"summary": route.summary, "tags": [route.tag] if route.tag else [],
-                                     "responses": {"200": {"description": "Success envelope"}}}
-        if route.auth:
-            operation["security"] = [{"bearerAuth": []}]
-            operation["x-key-kinds"] = ["sk_", "pk_"] if route.auth == "public" else ["sk_"]
-            operation["responses"].update({"401": {"description": "UNAUTHORIZED"},
-                                           "429": {"description": "RATE_LIMIT_EXCEEDED"}})
-        if route.body is not None:
-            schema = route.body.model_json_schema(ref_template="#/components/schemas/{model}")
-            schemas.update(schema.pop("$defs", {}))
-            schemas[route.body.__name__] = schema
-            operation["requestBody"] = {"required": True, "content": {"application/json": {
-                "schema": {"$ref": f"#/components/schemas/{route.body.__name__}"}}}}
-            operation["responses"].update({"400": {"description": "BAD_REQUEST"},
-                                           "413": {"description": "PAYLOAD_TOO_LARGE"},
-                                           "422": {"description": "VALIDATION_ERROR"}})
-        parameters = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-                      for name in _path_params(route.path)]
-        parameters += [{"name": name, "in": "query", "schema": {"type": kind}} for name, kind in route.query.items()]
-        if parameters:
-            operation["parameters"] = parameters
-        for path in route.paths():
-            paths.setdefault(path, {})[route.method.lower()] = operation
+        for legacy, route_paths in ((False, route.paths()), (True, route.legacy_paths())):
+            operation = _operation(spec, route, legacy)
+            for path in route_paths:
+                methods = paths.setdefault(path, {})
+                methods[route.method.lower()] = operation
+                if route.head:
+                    head = copy.deepcopy(operation)
+                    head["responses"] = {str(code): {"description": r["description"]}
+                                         for code, r in operation["responses"].items()}
+                    methods["head"] = head
+                if route.cors:
+                    methods["options"] = {"summary": "CORS preflight", "tags": operation["tags"],
+                                          "responses": {"204": {"description": "CORS headers, no body"}}}
+    for name in [n for n in spec.schemas if n.endswith("Body")]:
+        spec.schemas[name] = _without_nul(spec.schemas[name])
     return {
         "openapi": "3.1.0",
         "info": {"title": "plunkd", "version": "0.1.0",
-                 "description": "Self-hosted, Plunk-compatible email platform API"},
+                 "description": "Self-hosted, Plunk-compatible email platform API. /v1 and unversioned paths "
+                                "answer in the {success, data} envelope; /api/v1 in the flat shapes of "
+                                "Plunk's older self-hosted docs."},
         "paths": paths,
-        "components": {"schemas": schemas,
+        "components": {"schemas": spec.schemas,
                        "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}}},
     }
 
@@ -71,7 +161,9 @@ def _path_params(path: str) -> list[str]:
 
 
 ROUTES = [
-    Route("GET", "/health", health, "Liveness", auth=None, scope="root", tag="System"),
-    Route("GET", "/ready", ready, "Database reachable", auth=None, scope="root", tag="System"),
-    Route("GET", "/openapi.json", openapi, "This document", auth=None, scope="root", tag="System"),
+    Route("GET", "/health", health, "Liveness", auth=None, scope="root", tag="System", response=Status, head=True),
+    Route("GET", "/ready", ready, "Database reachable", auth=None, scope="root", tag="System",
+          response=ReadyStatus, head=True),
+    Route("GET", "/openapi.json", openapi, "This document", auth=None, scope="root", tag="System",
+          response=dict[str, Any], raw=True),
 ]

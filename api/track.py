@@ -5,15 +5,20 @@ from __future__ import annotations
 from typing import Annotated
 
 from aiohttp import web
-from pydantic import StringConstraints
+from pydantic import StringConstraints, WithJsonSchema
 
 from api.context import CONFIG, DB
 from api.envelope import success
 from api.routing import Route, caller
+from api.schemas import Tracked
 from api.validation import Body, Data, Email, read_body
+from pipeline.contacts import SYSTEM_EVENT
 from pipeline.track import check_event_name, track
 
-EventName = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
+EventName = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True),
+                      WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 200,
+                                      "pattern": "^[^\\u0000]*\\S[^\\u0000]*$",
+                                      "not": {"pattern": SYSTEM_EVENT.pattern}})]
 
 
 class TrackBody(Body):
@@ -34,5 +39,5 @@ async def track_event(request: web.Request) -> web.Response:
 
 ROUTES = [
     Route("POST", "/track", track_event, "Track an event for a contact (creates or updates the contact)",
-          auth="public", scope="public", body=TrackBody, tag="Events"),
+          auth="public", scope="public", body=TrackBody, tag="Events", response=Tracked, cors=True),
 ]

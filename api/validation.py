@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from typing import Annotated, Any, TypeVar
 
 from aiohttp import web
 from email_validator import EmailNotValidError, validate_email
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
+from api.context import CONFIG
 from api.errors import BadRequest, PayloadTooLarge
 from pipeline.errors import FieldError, ValidationFailed
-from storage.pagination import is_valid_cursor
+from storage.pagination import CURSOR_PATTERN, is_valid_cursor
 
 M = TypeVar("M", bound=BaseModel)
 MAX_DATA_KEYS = 256
+MAX_JSON_DEPTH = 32
+PAGE_LIMIT_MAX = 100
+_PAGE_LIMIT = re.compile(r"[0-9]{1,3}")
 
 
 def normalize_email(value: str) -> str:
@@ -38,8 +44,12 @@ def check_data(value: dict[str, Any] | None) -> dict[str, Any] | None:
     return value
 
 
-Email = Annotated[str, AfterValidator(normalize_email)]
-Data = Annotated[dict[str, Any] | None, AfterValidator(check_data)]
+Email = Annotated[str, AfterValidator(normalize_email),
+                  WithJsonSchema({"type": "string", "format": "email", "maxLength": 320})]
+Data = Annotated[dict[str, Any] | None, AfterValidator(check_data),
+                 WithJsonSchema({"anyOf": [{"type": "object", "maxProperties": MAX_DATA_KEYS,
+                                            "propertyNames": {"minLength": 1, "maxLength": 200}},
+                                           {"type": "null"}]})]
 
 
 class Body(BaseModel):
@@ -69,7 +79,57 @@ def validate(model: type[M], payload: Any) -> M:
         raise ValidationFailed(field_errors(exc)) from None
 
 
-async def read_json(request: web.Request, max_bytes: int) -> Any:
+def json_problems(value: Any, max_depth: int = MAX_JSON_DEPTH, check_strings: bool = True) -> list[FieldError]:
+    """What a parsed body holds that no store or reply can carry: nesting deeper than `max_depth`,
+    NaN or ±Infinity (also from an overflowing number like 1e400), and (with `check_strings`) lone
+    surrogates in any string or key, or NUL outside `data` (whose JSON column stores it escaped; no
+    text column can hold it). Iterative, so any depth is safe."""
+    errors: list[FieldError] = []
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack and len(errors) < 10:
+        item, path, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth >= max_depth:
+                errors.append(FieldError(path or "body", f"nested more than {max_depth} levels deep", "too_deep"))
+                continue
+            pairs = item.items() if isinstance(item, dict) else enumerate(item)
+            for key, child in pairs:
+                child_path = f"{path}.{key}" if path else str(key)
+                if check_strings and isinstance(key, str) and not _storable(key, path):
+                    errors.append(FieldError(_printable(child_path), UNSTORABLE, "invalid_string"))
+                stack.append((child, child_path, depth + 1))
+        elif isinstance(item, float) and not math.isfinite(item):
+            errors.append(FieldError(path or "body", "Numbers must be finite (no NaN or Infinity)", "invalid_number"))
+        elif check_strings and isinstance(item, str) and not _storable(item, path):
+            errors.append(FieldError(_printable(path) or "body", UNSTORABLE, "invalid_string"))
+    return errors
+
+
+UNSTORABLE = "Text may not contain unpaired UTF-16 surrogates (such as \\ud800), nor NUL outside data"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_OR_NUL = re.compile("[\x00\ud800-\udfff]")
+
+
+def _storable(text: str, path: str) -> bool:
+    in_data = path == "data" or path.startswith("data.")
+    return (_SURROGATE if in_data else _SURROGATE_OR_NUL).search(text) is None
+
+
+def _printable(path: str) -> str:
+    return _SURROGATE_OR_NUL.sub("\ufffd", path)
+
+
+def _may_hold_unstorable(raw: bytes) -> bool:
+    """Lone surrogates and NUL reach a parsed string only through a \\u escape or CESU-style bytes."""
+    return b"\\u" in raw or b"\xed" in raw
+
+
+async def read_json(request: web.Request, max_bytes: int | None = None) -> Any:
+    """The request body as JSON, refused with the Plunk error it deserves: 413 over `max_bytes`
+    (default `api.max_body_bytes`), 400 unparseable or nested past Python's limit, 422 for NaN/Infinity, NUL,
+    lone surrogates or nesting beyond MAX_JSON_DEPTH (which no database or JSON reply can carry)."""
+    if max_bytes is None:
+        max_bytes = request.app[CONFIG].api.max_body_bytes
     if request.content_length is not None and request.content_length > max_bytes:
         raise PayloadTooLarge(f"Request body is larger than {max_bytes} bytes")
     raw = bytearray()
@@ -80,16 +140,35 @@ async def read_json(request: web.Request, max_bytes: int) -> Any:
     if not raw.strip():
         raise BadRequest("Request body is empty; expected a JSON object")
     try:
-        return json.loads(raw)
+        payload = json.loads(raw)
+    except RecursionError:
+        raise BadRequest(f"Request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"Request body is not valid JSON: {exc}") from None
+    errors = json_problems(payload, check_strings=_may_hold_unstorable(raw))
+    if errors:
+        raise ValidationFailed(errors)
+    return payload
 
 
-async def read_body(request: web.Request, model: type[M], max_bytes: int) -> M:
+def check_data_size(request: web.Request, data: dict[str, Any] | None, field: str = "data") -> None:
+    """`data` a caller may store in one call is capped (`api.max_data_bytes`), measured as compact JSON."""
+    if not data:
+        return
+    limit = request.app[CONFIG].api.max_data_bytes
+    size = len(json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > limit:
+        raise ValidationFailed([FieldError(field, f"{field} is {size} bytes as JSON; at most {limit} bytes are "
+                                                  "accepted in one call (api.max_data_bytes)", "too_big")])
+
+
+async def read_body(request: web.Request, model: type[M], max_bytes: int | None = None) -> M:
     payload = await read_json(request, max_bytes)
     if not isinstance(payload, dict):
         raise ValidationFailed([FieldError("body", "Expected a JSON object", "invalid_type")])
-    return validate(model, payload)
+    body = validate(model, payload)
+    check_data_size(request, getattr(body, "data", None))
+    return body
 
 
 def page_params(request: web.Request) -> tuple[int, str | None]:
@@ -97,11 +176,11 @@ def page_params(request: web.Request) -> tuple[int, str | None]:
     limit = 20
     raw_limit = request.query.get("limit")
     if raw_limit is not None:
-        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
-            errors.append(FieldError("limit", "limit must be an integer from 1 to 100", "invalid_type"))
+        if not _PAGE_LIMIT.fullmatch(raw_limit) or not 1 <= int(raw_limit) <= PAGE_LIMIT_MAX:
+            errors.append(FieldError("limit", f"limit must be an integer from 1 to {PAGE_LIMIT_MAX}", "invalid_type"))
         else:
             limit = int(raw_limit)
-    cursor = request.query.get("cursor") or None
+    cursor = request.query.get("cursor")
     if cursor is not None and not is_valid_cursor(cursor):
         errors.append(FieldError("cursor", "cursor is not one this API returned", "invalid_string"))
     if errors:
@@ -111,10 +190,24 @@ def page_params(request: web.Request) -> tuple[int, str | None]:
 
 def bool_param(request: web.Request, name: str) -> bool | None:
     raw = request.query.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return None
-    if raw.lower() in ("true", "1"):
-        return True
-    if raw.lower() in ("false", "0"):
-        return False
+    if raw in ("true", "false"):
+        return raw == "true"
     raise ValidationFailed([FieldError(name, f"{name} must be true or false", "invalid_type")])
+
+
+def text_param(request: web.Request, name: str, max_length: int) -> str | None:
+    raw = request.query.get(name)
+    if raw is not None and len(raw) > max_length:
+        raise ValidationFailed([FieldError(name, f"{name} is longer than {max_length} characters", "too_big")])
+    return raw or None
+
+
+PAGE_QUERY: dict[str, dict[str, Any]] = {
+    "limit": {"type": "integer", "minimum": 1, "maximum": PAGE_LIMIT_MAX, "default": 20},
+    "cursor": {"type": "string", "pattern": f"^{CURSOR_PATTERN.pattern}$"},
+}
+BOOL_QUERY: dict[str, Any] = {"type": "boolean"}
+NO_NUL = "^[^\\u0000]*$"
+"""The JSON-schema pattern of text without NUL, which the door refuses outside `data` (see `json_problems`)."""

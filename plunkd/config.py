@@ -39,6 +39,10 @@ class ApiConfig:
     rate_limit_per_minute: int = 1000
     max_body_bytes: int = 15 * 1024 * 1024
     idempotency_hours: int = 24
+    max_data_bytes: int = 64 * 1024
+    """The JSON size of `data` one call may carry (track, contacts, send)."""
+    cors_origins: list[str] = field(default_factory=lambda: ["*"])
+    """Origins allowed to call /v1/track from a browser; ["*"] = any. No other route serves CORS."""
 
 
 @dataclass
@@ -193,6 +197,7 @@ def _validate(config: Config) -> None:
         (config.delivery.transport in TRANSPORTS, "delivery.transport", f"one of {', '.join(TRANSPORTS)}"),
         (config.delivery.rate_per_second >= 0, "delivery.rate_per_second", "a number >= 0"),
         (config.api.rate_limit_per_minute > 0, "api.rate_limit_per_minute", "a number > 0"),
+        (config.api.max_data_bytes > 0, "api.max_data_bytes", "a number > 0"),
         (config.smtp.max_recipients > 0, "smtp.max_recipients", "a number > 0"),
         (config.smtp.max_message_bytes > 0, "smtp.max_message_bytes", "a number > 0"),
         (config.delivery.max_attempts > 0, "delivery.max_attempts", "a number > 0"),

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
-CURSOR_PATTERN = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+CURSOR_PATTERN = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 @dataclass
@@ -21,7 +21,7 @@ class Page:
 
 
 def is_valid_cursor(cursor: str) -> bool:
-    return bool(CURSOR_PATTERN.match(cursor))
+    return CURSOR_PATTERN.fullmatch(cursor) is not None
 
 
 def paginate(session: Session, stmt: Select[Any], id_column: Any, limit: int,
