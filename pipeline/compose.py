@@ -16,6 +16,16 @@ from urllib.parse import quote
 
 VARIABLE = re.compile(r"\{\{\s*([A-Za-z0-9_.\-]+)\s*(?:\?\?\s*(.*?)\s*)?\}\}")
 HTML_HINT = re.compile(r"<\s*(html|body|p|div|br|table|a|span|h[1-6]|img|strong|em|b|i|ul|ol|li)\b", re.I)
+HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")
+"""A header field name (printable ASCII but ':'), short enough that `Name: ` leaves room on a line.
+Use with `fullmatch`: with `match`, a `$` anchor would let a trailing newline through."""
+HEADER_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+"""What never goes into a header value: the C0 controls but TAB, and DEL. CR and LF would end the field
+and start another; RFC 5322 allows none of the others, and some parsers (Python's `str.splitlines`
+among them) break lines at VT, FF and FS to RS."""
+FOLD_WIDTH = 78
+MAX_LINE = 998
+_FOLD_CHUNK = re.compile(r"[ \t]*[^ \t]+|[ \t]+")
 
 
 def render(template: str, variables: dict[str, Any], escape: bool = False) -> str:
@@ -82,17 +92,63 @@ class Attachment:
     content_type: str
 
 
-def _header_value(value: str) -> str:
-    """ASCII values as written; anything else as an RFC 2047 encoded word."""
-    return value if value.isascii() else Header(value, "utf-8").encode()
+def is_safe_header_value(value: str) -> bool:
+    """True when `value` can go into a header as given: no control character but TAB."""
+    return HEADER_CONTROL.search(value) is None
 
 
-def _address(name: str, address: str) -> str:
-    if not name:
-        return address
-    if name.isascii():
-        return formataddr((name, address))
-    return f"{Header(name, 'utf-8').encode()} <{address}>"
+def header_line(name: str, value: str, address: str | None = None) -> str:
+    """`Name: value` as it goes into the message: the one place compose writes a header field.
+
+    Every control character but TAB in `value` becomes a space, so no value, given or rendered from
+    contact data, can end the field and start another. Printable ASCII is folded before whitespace
+    into lines of at most 78 octets where its words allow; anything else (non-ASCII, or a word too long
+    for a 998-octet line) is written as RFC 2047 encoded words, which fold anywhere.
+    With `address`, the field is a mailbox (From, To, Reply-To) and `value` is its display name.
+    """
+    if not HEADER_NAME.fullmatch(name):
+        raise ValueError(f"not a header field name: {name!r}")
+    text = HEADER_CONTROL.sub(" ", value)
+    if address is not None:
+        return _mailbox_line(name, text.strip(), HEADER_CONTROL.sub(" ", address))
+    if text.isascii():
+        folded = _fold(f"{name}: {text}")
+        if folded is not None:
+            return folded
+    return f"{name}: {_encoded_words(name, text)}"
+
+
+def _mailbox_line(name: str, display_name: str, address: str) -> str:
+    if not display_name:
+        return f"{name}: {address}"
+    if display_name.isascii():
+        folded = _fold(f"{name}: {formataddr((display_name, address))}")
+        if folded is not None:
+            return folded
+    return f"{name}: {_encoded_words(name, display_name)} <{address}>"
+
+
+def _encoded_words(name: str, text: str) -> str:
+    return Header(text, "utf-8", maxlinelen=FOLD_WIDTH, header_name=name).encode(linesep="\r\n")
+
+
+def _fold(line: str) -> str | None:
+    """Fold a printable-ASCII header line before whitespace (never before its first word) into lines
+    of at most 78 octets where the words allow; None when a word does not fit a 998-octet line."""
+    if len(line) <= FOLD_WIDTH:
+        return line
+    chunks = _FOLD_CHUNK.findall(line)
+    lines, current = [], chunks[0]
+    for index, chunk in enumerate(chunks[1:], 1):
+        if index > 1 and len(current) + len(chunk) > FOLD_WIDTH and chunk[0] in " \t" and not chunk.isspace():
+            lines.append(current)
+            current = chunk
+        else:
+            current += chunk
+    lines.append(current)
+    if any(len(part) > MAX_LINE for part in lines):
+        return None
+    return "\r\n".join(lines)
 
 
 def _text_part(text: str, subtype: str) -> bytes:
@@ -110,8 +166,9 @@ def _attachment_part(item: Attachment) -> bytes:
         disposition = f"attachment; filename*=utf-8''{quote(item.filename, safe='')}"
         type_name = ""
     body = base64.encodebytes(item.content).replace(b"\n", b"\r\n")
-    return (f"Content-Type: {item.content_type}{type_name}\r\nContent-Transfer-Encoding: base64\r\n"
-            f"Content-Disposition: {disposition}\r\n\r\n").encode() + body
+    return (f"{header_line('Content-Type', item.content_type + type_name)}\r\n"
+            "Content-Transfer-Encoding: base64\r\n"
+            f"{header_line('Content-Disposition', disposition)}\r\n\r\n").encode() + body
 
 
 def _multipart(subtype: str, parts: list[bytes]) -> bytes:
@@ -140,11 +197,11 @@ class MessageSpec:
     attachments: list[Attachment] = field(default_factory=list)
 
     def build(self, recipient: str, variables: dict[str, Any]) -> bytes:
-        lines = [f"From: {_address(self.from_name, self.from_email)}", f"To: {recipient}",
-                 f"Subject: {_header_value(render(self.subject, variables))}"]
+        lines = [header_line("From", self.from_name, self.from_email), header_line("To", "", recipient),
+                 header_line("Subject", render(self.subject, variables))]
         if self.reply_to:
-            lines.append(f"Reply-To: {self.reply_to}")
-        lines += [f"{name}: {_header_value(render(value, variables))}" for name, value in self.headers.items()]
+            lines.append(header_line("Reply-To", "", self.reply_to))
+        lines += [header_line(name, render(value, variables)) for name, value in self.headers.items()]
         lines.append("MIME-Version: 1.0")
         if looks_like_html(self.body):
             markup = render(self.body, variables, escape=True)

@@ -144,7 +144,7 @@ async def test_idempotency_key(api, sender):
     ({"subject": 5}, "subject", "invalid_type"),
     ({"from": "bad"}, "from", "invalid_string"),
     ({"reply": "bad"}, "reply", "invalid_string"),
-    ({"headers": {"X-Evil": "a\r\nBcc: victim@example.org"}}, "headers.X-Evil", "invalid_header"),
+    ({"headers": {"X-Evil": "a\r\nBcc: victim@example.org"}}, "headers.X-Evil", "invalid_header_value"),
     ({"headers": {"Bcc": "victim@example.org"}}, "headers.Bcc", "protected_header"),
     ({"headers": {"dkim-signature": "x"}}, "headers.dkim-signature", "protected_header"),
     ({"headers": {"Bad Name": "x"}}, "headers.Bad Name", "invalid_header"),
