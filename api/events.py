@@ -22,7 +22,7 @@ DATE_QUERY = {"type": "string", "format": "date-time"}
 
 def _date_param(request: web.Request, name: str) -> datetime | None:
     raw = request.query.get(name)
-    if not raw:
+    if raw is None:
         return None
     try:
         value = datetime.fromisoformat(raw.replace("Z", "+00:00"))

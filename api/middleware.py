@@ -47,8 +47,8 @@ async def envelope_middleware(request: web.Request, handler) -> web.StreamRespon
             response.headers["Retry-After"] = str(exc.retry_after)
     except web.HTTPException as exc:
         response = failure(_from_http(exc), rid)
-        if exc.status == 405 and "Allow" in exc.headers:
-            response.headers["Allow"] = exc.headers["Allow"]
+        if exc.status == 405:
+            response.headers["Allow"] = await allowed_methods(request)
     except Exception:
         log.exception("request %s %s failed (request id %s)", request.method, request.path, rid)
         response = failure(InternalError("Internal server error"), rid)
@@ -62,6 +62,22 @@ async def envelope_middleware(request: web.Request, handler) -> web.StreamRespon
     log.info("%s %s %d %.1fms rid=%s", request.method, request.path, response.status,
              (time.perf_counter() - started) * 1000, rid)
     return response
+
+
+async def allowed_methods(request: web.Request) -> str:
+    """The methods served at the route template this path resolves to. aiohttp's own Allow header
+    unites every template the path matches (`/contacts/count` would also list `/contacts/{id}`'s
+    methods); the router picks the first template in table order, and so does this."""
+    template = None
+    methods: set[str] = set()
+    for resource in request.app.router.resources():
+        if template is not None and resource.canonical != template:
+            continue
+        _, allowed = await resource.resolve(request)
+        if allowed:
+            template = resource.canonical
+            methods |= allowed
+    return ", ".join(sorted(methods))
 
 
 def _from_http(exc: web.HTTPException) -> PipelineError:

@@ -11,13 +11,22 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from aiohttp import web
-from pydantic import BeforeValidator, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from api.context import CONFIG, DB, ON_QUEUED
 from api.envelope import dumps, success
 from api.routing import Route, caller
-from api.validation import Body, Data, Email, read_json, validate
+from api.schemas import Sent
+from api.validation import EMAIL_SCHEMA, Body, Data, Email, check_data_size, read_json, validate
 from pipeline.compose import HEADER_NAME, Attachment, MessageSpec, is_safe_header_value
 from pipeline.errors import FieldError, NotFound, ValidationFailed
 from pipeline.submit import Submission, run_idempotent, submit
@@ -40,13 +49,30 @@ def refuse_control_characters(value: Any) -> Any:
 
 
 InHeader = BeforeValidator(refuse_control_characters)
-HeaderText = Annotated[str, StringConstraints(max_length=998), InHeader]
+HEADER_SAFE = "^[^\\u0000-\\u0008\\u000a-\\u001f\\u007f]*$"
+"""JSON-schema form of `is_safe_header_value`."""
+HeaderText = Annotated[str, StringConstraints(max_length=998), InHeader,
+                       WithJsonSchema({"type": "string", "maxLength": 998, "pattern": HEADER_SAFE})]
 HeaderEmail = Annotated[Email, InHeader]
+BASE64 = "^([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+"""What `base64.b64decode(validate=True)` accepts."""
+
+
+def _case_insensitive(word: str) -> str:
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in word)
+
+
+HEADER_NAMES_SCHEMA = {"pattern": f"^{HEADER_NAME.pattern}$", "not": {"pattern": "^(" + "|".join(
+    _case_insensitive(name) for name in sorted(PROTECTED_HEADERS)) + ")$"}}
 
 
 class AttachmentBody(Body):
-    filename: Annotated[str, StringConstraints(min_length=1, max_length=255), InHeader]
-    content: Annotated[str, StringConstraints(min_length=1, max_length=14_000_000)]
+    filename: Annotated[str, StringConstraints(min_length=1, max_length=255), InHeader,
+                        WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 255,
+                                        "pattern": "^[^\\u0000-\\u0008\\u000a-\\u001f\\u007f/\\\\]*$"})]
+    content: Annotated[str, StringConstraints(min_length=1, max_length=14_000_000),
+                       WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 14_000_000,
+                                       "pattern": BASE64})]
     contentType: Annotated[str, StringConstraints(pattern=r"^[\w.+-]+/[\w.+-]+$")] | None = None
     type: Annotated[str, StringConstraints(pattern=r"^[\w.+-]+/[\w.+-]+$")] | None = None
 
@@ -62,16 +88,27 @@ class AttachmentBody(Body):
 
 
 class SendBody(Body):
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": ["subject", "body"], "properties": {"subject": {"type": "string"}, "body": {"type": "string"}}},
+        {"required": ["template"], "properties": {"template": {"type": "string"}}}]})
+
     to: Annotated[list[HeaderEmail], BeforeValidator(lambda v: [v] if isinstance(v, str) else v),
-                  Field(min_length=1, max_length=MAX_RECIPIENTS)]
+                  Field(min_length=1, max_length=MAX_RECIPIENTS),
+                  WithJsonSchema({"anyOf": [EMAIL_SCHEMA, {"type": "array", "items": EMAIL_SCHEMA, "minItems": 1,
+                                                           "maxItems": MAX_RECIPIENTS}]})]
     subject: HeaderText | None = None
     body: Annotated[str, StringConstraints(max_length=5_000_000)] | None = None
     template: Annotated[str, StringConstraints(max_length=64)] | None = None
     data: Data = None
-    name: Annotated[str, StringConstraints(max_length=200), InHeader] | None = None
+    name: Annotated[str, StringConstraints(max_length=200), InHeader,
+                    WithJsonSchema({"type": "string", "maxLength": 200, "pattern": HEADER_SAFE})] | None = None
     from_: HeaderEmail | None = Field(default=None, alias="from")
     reply: HeaderEmail | None = None
-    headers: dict[str, HeaderText] | None = None
+    headers: Annotated[dict[str, HeaderText] | None,
+                       WithJsonSchema({"anyOf": [{"type": "object", "propertyNames": HEADER_NAMES_SCHEMA,
+                                                  "additionalProperties": {"type": "string", "maxLength": 998,
+                                                                           "pattern": HEADER_SAFE}},
+                                                 {"type": "null"}]})] = None
     attachments: Annotated[list[AttachmentBody], Field(max_length=5)] | None = None
     subscribed: bool | None = None
 
@@ -119,6 +156,7 @@ async def send_email(request: web.Request) -> web.Response:
     if not isinstance(payload, dict):
         raise ValidationFailed([FieldError("body", "Expected a JSON object", "invalid_type")])
     body = validate(SendBody, payload)
+    check_data_size(request, body.data)
     if body.template is not None:
         raise NotFound(f"Template {body.template} not found", "Send subject and body instead.")
     errors = _header_errors(body.headers or {})
@@ -155,5 +193,5 @@ async def send_email(request: web.Request) -> web.Response:
 
 ROUTES = [
     Route("POST", "/send", send_email, "Send a transactional email", scope="public", body=SendBody,
-          tag="Transactional"),
+          tag="Transactional", response=Sent, errors=frozenset({404, 409})),
 ]

@@ -54,7 +54,10 @@ class _Spec:
 
 
 def _reply_schema(spec: _Spec, route: Route, legacy: bool) -> dict[str, Any]:
-    data = spec.schema_of(route.response) if route.response is not None else {}
+    if isinstance(route.response, type) and issubclass(route.response, BaseModel):
+        data = spec.model_ref(route.response)
+    else:
+        data = spec.schema_of(route.response) if route.response is not None else {}
     if route.raw:
         return data
     if not legacy:

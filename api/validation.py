@@ -29,7 +29,7 @@ def normalize_email(value: str) -> str:
     if len(value) > 320:
         raise PydanticCustomError("invalid_string", "Invalid email: longer than 320 characters")
     try:
-        result = validate_email(value, check_deliverability=False, allow_smtputf8=True)
+        result = validate_email(value, check_deliverability=False, allow_smtputf8=True, globally_deliverable=False)
     except EmailNotValidError as exc:
         raise PydanticCustomError("invalid_string", "Invalid email: {reason}", {"reason": str(exc)}) from None
     return result.normalized.lower()
@@ -44,8 +44,8 @@ def check_data(value: dict[str, Any] | None) -> dict[str, Any] | None:
     return value
 
 
-Email = Annotated[str, AfterValidator(normalize_email),
-                  WithJsonSchema({"type": "string", "format": "email", "maxLength": 320})]
+EMAIL_SCHEMA: dict[str, Any] = {"type": "string", "format": "email", "maxLength": 320}
+Email = Annotated[str, AfterValidator(normalize_email), WithJsonSchema(EMAIL_SCHEMA)]
 Data = Annotated[dict[str, Any] | None, AfterValidator(check_data),
                  WithJsonSchema({"anyOf": [{"type": "object", "maxProperties": MAX_DATA_KEYS,
                                             "propertyNames": {"minLength": 1, "maxLength": 200}},
@@ -58,7 +58,8 @@ class Body(BaseModel):
 
 _CODES = {"missing": "invalid_type", "string_too_long": "too_big", "string_too_short": "too_small",
           "too_long": "too_big", "too_short": "too_small", "greater_than_equal": "too_small",
-          "less_than_equal": "too_big", "literal_error": "invalid_enum_value", "enum": "invalid_enum_value"}
+          "less_than_equal": "too_big", "literal_error": "invalid_enum_value", "enum": "invalid_enum_value",
+          "string_unicode": "invalid_string"}
 
 
 def field_errors(exc: ValidationError) -> list[FieldError]:
@@ -73,17 +74,23 @@ def field_errors(exc: ValidationError) -> list[FieldError]:
 
 
 def validate(model: type[M], payload: Any) -> M:
+    """The payload as `model`, or 422 naming every bad field. Fields the model keeps are also checked
+    for what no store can carry (`json_problems`); fields it ignores are never stored, so never checked."""
     try:
-        return model.model_validate(payload)
+        body = model.model_validate(payload)
     except ValidationError as exc:
         raise ValidationFailed(field_errors(exc)) from None
+    errors = json_problems(body.model_dump(by_alias=True, exclude_none=True))
+    if errors:
+        raise ValidationFailed(errors)
+    return body
 
 
-def json_problems(value: Any, max_depth: int = MAX_JSON_DEPTH, check_strings: bool = True) -> list[FieldError]:
-    """What a parsed body holds that no store or reply can carry: nesting deeper than `max_depth`,
-    NaN or ±Infinity (also from an overflowing number like 1e400), and (with `check_strings`) lone
-    surrogates in any string or key, or NUL outside `data` (whose JSON column stores it escaped; no
-    text column can hold it). Iterative, so any depth is safe."""
+def json_problems(value: Any, max_depth: int = MAX_JSON_DEPTH) -> list[FieldError]:
+    """What a validated body holds that no store or reply can carry: nesting deeper than `max_depth`,
+    NaN or ±Infinity (also from an overflowing number like 1e400), lone surrogates in any string or
+    key, or NUL outside `data` (whose JSON column stores it escaped; no text column can hold it).
+    Iterative, so any depth is safe."""
     errors: list[FieldError] = []
     stack: list[tuple[Any, str, int]] = [(value, "", 0)]
     while stack and len(errors) < 10:
@@ -95,12 +102,12 @@ def json_problems(value: Any, max_depth: int = MAX_JSON_DEPTH, check_strings: bo
             pairs = item.items() if isinstance(item, dict) else enumerate(item)
             for key, child in pairs:
                 child_path = f"{path}.{key}" if path else str(key)
-                if check_strings and isinstance(key, str) and not _storable(key, path):
+                if isinstance(key, str) and not _storable(key, path):
                     errors.append(FieldError(_printable(child_path), UNSTORABLE, "invalid_string"))
                 stack.append((child, child_path, depth + 1))
         elif isinstance(item, float) and not math.isfinite(item):
             errors.append(FieldError(path or "body", "Numbers must be finite (no NaN or Infinity)", "invalid_number"))
-        elif check_strings and isinstance(item, str) and not _storable(item, path):
+        elif isinstance(item, str) and not _storable(item, path):
             errors.append(FieldError(_printable(path) or "body", UNSTORABLE, "invalid_string"))
     return errors
 
@@ -119,15 +126,9 @@ def _printable(path: str) -> str:
     return _SURROGATE_OR_NUL.sub("\ufffd", path)
 
 
-def _may_hold_unstorable(raw: bytes) -> bool:
-    """Lone surrogates and NUL reach a parsed string only through a \\u escape or CESU-style bytes."""
-    return b"\\u" in raw or b"\xed" in raw
-
-
 async def read_json(request: web.Request, max_bytes: int | None = None) -> Any:
     """The request body as JSON, refused with the Plunk error it deserves: 413 over `max_bytes`
-    (default `api.max_body_bytes`), 400 unparseable or nested past Python's limit, 422 for NaN/Infinity, NUL,
-    lone surrogates or nesting beyond MAX_JSON_DEPTH (which no database or JSON reply can carry)."""
+    (default `api.max_body_bytes`), 400 unparseable or nested past Python's limit."""
     if max_bytes is None:
         max_bytes = request.app[CONFIG].api.max_body_bytes
     if request.content_length is not None and request.content_length > max_bytes:
@@ -145,9 +146,6 @@ async def read_json(request: web.Request, max_bytes: int | None = None) -> Any:
         raise BadRequest(f"Request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"Request body is not valid JSON: {exc}") from None
-    errors = json_problems(payload, check_strings=_may_hold_unstorable(raw))
-    if errors:
-        raise ValidationFailed(errors)
     return payload
 
 
