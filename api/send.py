@@ -26,7 +26,7 @@ from api.context import CONFIG, DB, ON_QUEUED
 from api.envelope import dumps, success
 from api.routing import Route, caller
 from api.schemas import Sent
-from api.validation import EMAIL_SCHEMA, Body, Data, Email, check_data_size, read_json, validate
+from api.validation import EMAIL_SCHEMA, Body, Data, Email, case_insensitive, check_data_size, read_json, validate
 from pipeline.compose import HEADER_NAME, Attachment, MessageSpec, is_safe_header_value
 from pipeline.errors import FieldError, NotFound, ValidationFailed
 from pipeline.submit import Submission, run_idempotent, submit
@@ -58,12 +58,8 @@ BASE64 = "^([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 """What `base64.b64decode(validate=True)` accepts."""
 
 
-def _case_insensitive(word: str) -> str:
-    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in word)
-
-
 HEADER_NAMES_SCHEMA = {"pattern": f"^{HEADER_NAME.pattern}$", "not": {"pattern": "^(" + "|".join(
-    _case_insensitive(name) for name in sorted(PROTECTED_HEADERS)) + ")$"}}
+    case_insensitive(name) for name in sorted(PROTECTED_HEADERS)) + ")$"}}
 
 
 class AttachmentBody(Body):

@@ -8,7 +8,7 @@ import re
 from typing import Annotated, Any, TypeVar
 
 from aiohttp import web
-from email_validator import EmailNotValidError, validate_email
+from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
@@ -29,7 +29,7 @@ def normalize_email(value: str) -> str:
     if len(value) > 320:
         raise PydanticCustomError("invalid_string", "Invalid email: longer than 320 characters")
     try:
-        result = validate_email(value, check_deliverability=False, allow_smtputf8=True, globally_deliverable=False)
+        result = validate_email(value, check_deliverability=False, allow_smtputf8=True)
     except EmailNotValidError as exc:
         raise PydanticCustomError("invalid_string", "Invalid email: {reason}", {"reason": str(exc)}) from None
     return result.normalized.lower()
@@ -44,7 +44,14 @@ def check_data(value: dict[str, Any] | None) -> dict[str, Any] | None:
     return value
 
 
-EMAIL_SCHEMA: dict[str, Any] = {"type": "string", "format": "email", "maxLength": 320}
+def case_insensitive(word: str) -> str:
+    """`word` as a JSON-schema regex matching any case (JSON schema has no case-insensitive flag)."""
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in word)
+
+
+EMAIL_SCHEMA: dict[str, Any] = {"type": "string", "format": "email", "maxLength": 320, "not": {
+    "pattern": "@([^@]*\\.)?(" + "|".join(case_insensitive(d) for d in SPECIAL_USE_DOMAIN_NAMES) + ")\\.?$"}}
+"""email-validator also refuses special-use domains (.test, .invalid, .localhost, .onion…): said here too."""
 Email = Annotated[str, AfterValidator(normalize_email), WithJsonSchema(EMAIL_SCHEMA)]
 Data = Annotated[dict[str, Any] | None, AfterValidator(check_data),
                  WithJsonSchema({"anyOf": [{"type": "object", "maxProperties": MAX_DATA_KEYS,
