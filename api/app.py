@@ -5,11 +5,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from api import contacts, domains, events, send, system, track
-from api.auth import KeyCache
 from api.context import CONFIG, DB, KEYS, ON_QUEUED, RATE_LIMITER
 from api.middleware import envelope_middleware
 from api.ratelimit import WindowRateLimiter
 from api.routing import Route, register
+from pipeline.keys import KeyCache
 from plunkd.config import Config
 from storage.db import Database
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from api.auth import KeyCache
 from api.ratelimit import WindowRateLimiter
+from pipeline.keys import KeyCache
 from plunkd.config import Config
 from storage.db import Database
 

@@ -9,10 +9,10 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
-from api.auth import Caller
 from api.context import CONFIG, KEYS, RATE_LIMITER
 from api.errors import RateLimited, Unauthorized
 from pipeline.errors import Forbidden
+from pipeline.keys import Caller
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CALLER = "plunkd.caller"

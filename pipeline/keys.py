@@ -1,4 +1,5 @@
-"""Bearer-key authentication with a short-lived cache of digest → project."""
+"""Who a key belongs to, with a short-lived cache: every API request and every SMTP AUTH asks, and a
+database read per ask costs more than the rest of a small request."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from storage.projects import find_project_by_key
 
 @dataclass(frozen=True)
 class Caller:
-    """The authenticated project, as a request sees it."""
+    """The project a key belongs to, and which of its keys it is."""
 
     project_id: str
     project_name: str
@@ -21,7 +22,8 @@ class Caller:
 
 
 class KeyCache:
-    """Avoids a database read per request. A rotated key stops working within `ttl` seconds."""
+    """Keyed by the key itself (the process holds it anyway). A rotated key stops working within `ttl`
+    seconds on every process that cached it; `forget()` drops the cache at once."""
 
     def __init__(self, db: Database, ttl: float = 5.0, max_entries: int = 10_000) -> None:
         self.db = db
