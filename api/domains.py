@@ -1,11 +1,11 @@
-"""Sending domains: add (DKIM key + records to publish), list, get, verify."""
+"""Sending domains: add (DKIM key + records to publish), list, get, verify, delete."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
 from aiohttp import web
-from pydantic import StringConstraints
+from pydantic import StringConstraints, WithJsonSchema
 
 from api.context import CONFIG, DB
 from api.envelope import success
@@ -17,7 +17,9 @@ from storage.models import Domain
 
 
 class AddDomainBody(Body):
-    domain: Annotated[str, StringConstraints(min_length=1, max_length=253)]
+    domain: Annotated[str, StringConstraints(min_length=1, max_length=rules.MAX_DOMAIN_LENGTH),
+                      WithJsonSchema({"type": "string", "minLength": 1, "maxLength": rules.MAX_DOMAIN_LENGTH,
+                                      "pattern": f"^{rules.DOMAIN_NAME}$"})]
 
 
 def domain_json(domain: Domain, transport: str) -> dict[str, Any]:
@@ -29,9 +31,8 @@ def domain_json(domain: Domain, transport: str) -> dict[str, Any]:
 async def add_domain(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     body = await read_body(request, AddDomainBody, config.api.max_body_bytes)
-    project_id = caller(request).project_id
-    domain = await request.app[DB].write(
-        lambda s: rules.add_domain(s, project_id, body.domain, config.delivery.dkim_selector))
+    domain = await rules.add_new_domain(request.app[DB], caller(request).project_id, body.domain,
+                                        config.delivery.dkim_selector, config.api.max_domains_per_project)
     return success(domain_json(domain, config.delivery.transport), status=201)
 
 
@@ -46,6 +47,12 @@ async def get_domain(request: web.Request) -> web.Response:
     return success(domain_json(domain, request.app[CONFIG].delivery.transport))
 
 
+async def delete_domain(request: web.Request) -> web.Response:
+    project_id, id_or_name = caller(request).project_id, request.match_info["id"]
+    domain = await request.app[DB].write(lambda s: rules.delete_domain(s, project_id, id_or_name))
+    return success(domain_json(domain, request.app[CONFIG].delivery.transport))
+
+
 async def verify_domain(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     db = request.app[DB]
@@ -56,8 +63,11 @@ async def verify_domain(request: web.Request) -> web.Response:
 
 
 ROUTES = [
-    Route("POST", "/domains", add_domain, "Add a sending domain", body=AddDomainBody, tag="Domains"),
+    Route("POST", "/domains", add_domain, "Add a sending domain", body=AddDomainBody, tag="Domains", status=201,
+          errors=frozenset({409})),
     Route("GET", "/domains", list_domains, "List sending domains", tag="Domains"),
     Route("GET", "/domains/{id}", get_domain, "Get a domain and the DNS records to publish", tag="Domains"),
     Route("POST", "/domains/{id}/verify", verify_domain, "Check the domain's DNS records", tag="Domains"),
+    Route("DELETE", "/domains/{id}", delete_domain, "Delete a domain (409 while emails from it are queued)",
+          tag="Domains", errors=frozenset({409})),
 ]

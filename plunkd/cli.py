@@ -131,12 +131,13 @@ def _print_domain(domain, transport: str) -> None:
 
 
 def cmd_domain_add(args: argparse.Namespace, config: Config) -> int:
-    from pipeline.domains import add_domain
+    from pipeline.domains import add_new_domain
     from pipeline.projects import require_project
 
     async def work(db) -> int:
         project = await db.read(require_project, args.project)
-        domain = await db.write(lambda s: add_domain(s, project.id, args.domain, config.delivery.dkim_selector))
+        domain = await add_new_domain(db, project.id, args.domain, config.delivery.dkim_selector,
+                                      config.api.max_domains_per_project)
         print("Publish these DNS records, then run: plunkd domain verify", domain.name, "--project", args.project)
         _print_domain(domain, config.delivery.transport)
         return 0

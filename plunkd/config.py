@@ -43,6 +43,8 @@ class ApiConfig:
     """The JSON size of `data` one call may carry (track, contacts, send)."""
     cors_origins: list[str] = field(default_factory=lambda: ["*"])
     """Origins allowed to call /v1/track from a browser; ["*"] = any. No other route serves CORS."""
+    max_domains_per_project: int = 50
+    """Sending domains one project may add (POST /domains and `plunkd domain add`); 422 beyond."""
 
 
 @dataclass

@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
-from storage.models import Domain
+from storage.models import Domain, Email, OutboxItem, Project
 
 
 def insert_domain(session: Session, project_id: str, name: str, selector: str, private_key: str,
@@ -18,6 +18,30 @@ def insert_domain(session: Session, project_id: str, name: str, selector: str, p
     session.add(domain)
     session.flush()
     return domain
+
+
+def lock_project_domains(session: Session, project_id: str) -> None:
+    """Serialize domain changes of one project until the transaction ends, so two concurrent adds cannot
+    both pass the duplicate and cap checks. On PostgreSQL, FOR NO KEY UPDATE of the project row, which
+    does not wait for inserts that merely reference the project; SQLite's writer is already alone."""
+    session.execute(select(Project.id).where(Project.id == project_id).with_for_update(key_share=True))
+
+
+def count_domains(session: Session, project_id: str) -> int:
+    return session.execute(select(func.count()).select_from(Domain).where(Domain.project_id == project_id)).scalar_one()
+
+
+def queued_email_count(session: Session, project_id: str, domain_name: str) -> int:
+    """The project's emails from `domain_name` still in the outbox: due, leased to a dispatcher, or
+    waiting for a retry. The dispatcher signs each with the domain's key when it sends it."""
+    stmt = (select(func.count()).select_from(OutboxItem).join(Email, Email.id == OutboxItem.email_id)
+            .where(Email.project_id == project_id, Email.sender.endswith(f"@{domain_name}", autoescape=True)))
+    return session.execute(stmt).scalar_one()
+
+
+def delete_domain(session: Session, domain: Domain) -> None:
+    session.delete(domain)
+    session.flush()
 
 
 def get_domain(session: Session, project_id: str, id_or_name: str) -> Domain | None:
