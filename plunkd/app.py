@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from aiohttp import web
 from api.app import build_api
 from api.context import ON_QUEUED
 from plunkd.config import Config
+from plunkd.processes import ROLES, WAKE_FD_ENV, WakePipe, supervise_dispatcher, watch_parent
 from storage.db import Database
 
 log = logging.getLogger("plunkd")
@@ -23,7 +25,11 @@ RELAY = web.AppKey("relay", Any)
 """The running relay (its actual ports), for tests and logs."""
 
 
-def create_app(config: Config, db: Database | None = None) -> web.Application:
+def create_app(config: Config, db: Database | None = None, roles: set[str] | None = None,
+               dispatcher_command: list[str] | None = None) -> web.Application:
+    """The app for `roles` (default all, in this process). With `dispatcher_command`, delivery runs in
+    that child process instead (see `plunkd.processes`), woken through a pipe when mail is queued."""
+    roles = set(ROLES) if roles is None else roles
     db = db or Database(config.database_url, config.database.pool_size)
     app = build_api(config, db)
 
@@ -34,11 +40,20 @@ def create_app(config: Config, db: Database | None = None) -> web.Application:
         await db.dispose()
 
     app.cleanup_ctx.append(storage_ctx)
-    if config.delivery.enabled:
+    if dispatcher_command is not None:
+        app.cleanup_ctx.append(lambda _app: dispatcher_process_ctx(app, dispatcher_command))
+    elif "dispatcher" in roles and config.delivery.enabled:
         app.cleanup_ctx.append(lambda _app: delivery_ctx(app, config, db))
-    if config.smtp.enabled:
+    if "relay" in roles and config.smtp.enabled:
         app.cleanup_ctx.append(lambda _app: relay_ctx(app, config, db))
     return app
+
+
+async def dispatcher_process_ctx(app: web.Application, command: list[str]) -> AsyncIterator[None]:
+    wake = WakePipe()
+    app[ON_QUEUED].append(wake.notify)
+    async with supervise_dispatcher(command, wake):
+        yield
 
 
 async def relay_ctx(app: web.Application, config: Config, db: Database) -> AsyncIterator[None]:
@@ -83,6 +98,9 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
             rate = ses_rate
     dispatcher = Dispatcher(db, transport, TokenBucket(rate), config.delivery)
     app[ON_QUEUED].append(dispatcher.wake)
+    wake_fd = os.environ.get(WAKE_FD_ENV)
+    if wake_fd:
+        watch_parent(int(wake_fd), dispatcher.wake, lambda: os.kill(os.getpid(), signal.SIGTERM))
     task = asyncio.create_task(dispatcher.run(), name="dispatcher")
     log.info("dispatcher %s started: transport %s, %.1f recipients/s", dispatcher.worker, transport.name, rate)
     yield
@@ -97,3 +115,17 @@ def setup_logging(level: str) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     if level.upper() != "DEBUG":
         logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+async def run_without_http(app: web.Application) -> None:
+    """Serve `app`'s resources (relay, dispatcher) with no HTTP listener, until SIGTERM or SIGINT."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()

@@ -34,11 +34,21 @@ async def _with_db(config: Config, work: Callable[[Any], Awaitable[int]]) -> int
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     from aiohttp import web
 
-    from plunkd.app import create_app, setup_logging
+    from plunkd.app import create_app, run_without_http, setup_logging
+    from plunkd.processes import dispatcher_command, parse_roles
 
+    roles = parse_roles(args.role)
     setup_logging(config.server.log_level)
-    web.run_app(create_app(config), host=config.server.host, port=config.server.http_port,
-                access_log=None, print=lambda msg: None)
+    child = None
+    if "dispatcher" in roles and roles != {"dispatcher"} and config.delivery.enabled and config.delivery.own_process:
+        roles.discard("dispatcher")
+        child = dispatcher_command(args.config or os.environ.get("PLUNKD_CONFIG"))
+    app = create_app(config, roles=roles, dispatcher_command=child)
+    if "api" in roles:
+        web.run_app(app, host=config.server.host, port=config.server.http_port, access_log=None,
+                    print=lambda msg: None)
+    else:
+        asyncio.run(run_without_http(app))
     return 0
 
 
@@ -186,8 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="TOML config file (default: $PLUNKD_CONFIG or ./plunkd.toml)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("serve", help="run the HTTP API, the SMTP relay and the dispatcher").set_defaults(
-        func=cmd_serve)
+    serve = sub.add_parser("serve", help="run the HTTP API, the SMTP relay and the dispatcher")
+    serve.add_argument("--role", default="all",
+                       help="what this process runs: a comma-separated list of api, relay, dispatcher (default all; "
+                            "the dispatcher then runs in a child process unless delivery.own_process = false)")
+    serve.set_defaults(func=cmd_serve)
     sub.add_parser("migrate", help="bring the database schema up to date").set_defaults(func=cmd_migrate)
 
     project = sub.add_parser("project", help="create and list projects").add_subparsers(

@@ -86,6 +86,9 @@ class SesConfig:
 @dataclass
 class DeliveryConfig:
     enabled: bool = True
+    own_process: bool = True
+    """`plunkd serve` runs the dispatcher in a child process it watches, so delivery never takes the
+    acceptance process's core; false runs it in the serving process."""
     transport: str = "file"
     rate_per_second: float = 14.0
     """0 turns the limit off. With the SES transport, SES's own quota wins when it is lower."""

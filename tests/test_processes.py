@@ -1,0 +1,138 @@
+"""`plunkd serve` as a user runs it: acceptance in one process, the dispatcher in a child it starts,
+wakes and restarts; the child stops when the parent is gone. Real processes, a real SQLite file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from plunkd.processes import parse_roles
+from tests.test_cli_and_config import ROOT, free_port, plunkd
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except FileNotFoundError:
+        return ""
+
+
+def wait_until(check, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+@pytest.fixture
+def served(tmp_path):
+    env = {"PLUNKD_SMTP_ENABLED": "false", "PLUNKD_DELIVERY_POLL_SECONDS": "30"}
+    made = plunkd(tmp_path, "project", "create", "--name", "p", "--from-email", "hello@example.com", env=env)
+    key = next(line.split()[-1] for line in made.stdout.splitlines() if line.startswith("secret key"))
+    for step in (("domain", "add", "example.com", "--project", "p"),
+                 ("domain", "verify", "example.com", "--project", "p", "--offline")):
+        assert plunkd(tmp_path, *step, env=env).returncode == 0
+    port = free_port()
+    full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT), "PLUNKD_SERVER_DATA_DIR": str(tmp_path / "data"),
+                "PLUNKD_SERVER_HTTP_PORT": str(port)}
+    full_env.pop("PLUNKD_CONFIG", None)
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "plunkd.cli", "serve"], cwd=tmp_path, env=full_env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        yield proc, f"http://127.0.0.1:{port}", key, tmp_path / "data" / "outbox"
+    finally:
+        for pid in children(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        proc.wait(timeout=10)
+        log.close()
+
+
+def send(base: str, key: str, to: str) -> None:
+    request = urllib.request.Request(f"{base}/v1/send", method="POST", data=json.dumps(
+        {"to": to, "subject": "Hi", "body": "Hello"}).encode(), headers={
+        "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        assert reply.status == 200
+
+
+def api_up(base: str) -> bool:
+    try:
+        urllib.request.urlopen(f"{base}/health", timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def dispatcher_child(proc) -> int | None:
+    found = [pid for pid in children(proc.pid) if "--role dispatcher" in command_line(pid)]
+    return found[0] if found else None
+
+
+def delivered(outbox: Path) -> int:
+    return len(list(outbox.glob("*.eml"))) if outbox.exists() else 0
+
+
+def test_dispatcher_runs_in_a_child_woken_at_once_restarted_and_stopped_with_its_parent(served):
+    proc, base, key, outbox = served
+    wait_until(lambda: api_up(base), 30, "the API")
+    child = wait_until(lambda: dispatcher_child(proc), 30, "the dispatcher process")
+    wait_until(lambda: "dispatcher" in (Path(outbox).parent.parent / "serve.log").read_text()
+               and "started: transport file" in (Path(outbox).parent.parent / "serve.log").read_text(), 30,
+               "the dispatcher to start")
+    started = time.monotonic()
+    for index in range(5):
+        send(base, key, f"user{index}@example.org")
+    # poll_seconds is 30 here: only the wake-up through the pipe delivers this fast.
+    wait_until(lambda: delivered(outbox) == 5, 5, "five deliveries")
+    assert time.monotonic() - started < 5
+
+    os.kill(child, signal.SIGKILL)
+    replacement = wait_until(lambda: (pid := dispatcher_child(proc)) and pid != child and pid, 20,
+                             "a new dispatcher process")
+    send(base, key, "after-restart@example.org")
+    wait_until(lambda: delivered(outbox) == 6, 15, "delivery by the restarted dispatcher")
+    assert api_up(base)
+
+    proc.kill()
+    proc.wait(timeout=10)
+    wait_until(lambda: not alive(replacement), 10, "the orphaned dispatcher to stop")
+
+
+@pytest.mark.parametrize("text, roles", [("all", {"api", "relay", "dispatcher"}), ("api,relay", {"api", "relay"}),
+                                         ("dispatcher", {"dispatcher"})])
+def test_roles(text, roles):
+    assert parse_roles(text) == roles
+
+
+@pytest.mark.parametrize("text", ["", "api,mailer", "everything"])
+def test_unknown_roles_are_refused_naming_them(text, tmp_path):
+    with pytest.raises(ValueError, match="--role: expected a comma-separated list of api, relay, dispatcher"):
+        parse_roles(text)
+    done = plunkd(tmp_path, "serve", "--role", text or ",")
+    assert done.returncode == 1 and done.stderr.startswith("plunkd: --role: expected")
