@@ -10,6 +10,7 @@ from pydantic import StringConstraints, WithJsonSchema
 from api.context import CONFIG, DB
 from api.envelope import success
 from api.routing import Route, caller
+from api.schemas import DomainOut
 from api.validation import Body, read_body
 from pipeline import domains as rules
 from storage import domains as domain_store
@@ -30,7 +31,7 @@ def domain_json(domain: Domain, transport: str) -> dict[str, Any]:
 
 async def add_domain(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
-    body = await read_body(request, AddDomainBody, config.api.max_body_bytes)
+    body = await read_body(request, AddDomainBody)
     domain = await rules.add_new_domain(request.app[DB], caller(request).project_id, body.domain,
                                         config.delivery.dkim_selector, config.api.max_domains_per_project)
     return success(domain_json(domain, config.delivery.transport), status=201)
@@ -64,10 +65,12 @@ async def verify_domain(request: web.Request) -> web.Response:
 
 ROUTES = [
     Route("POST", "/domains", add_domain, "Add a sending domain", body=AddDomainBody, tag="Domains", status=201,
-          errors=frozenset({409})),
-    Route("GET", "/domains", list_domains, "List sending domains", tag="Domains"),
-    Route("GET", "/domains/{id}", get_domain, "Get a domain and the DNS records to publish", tag="Domains"),
-    Route("POST", "/domains/{id}/verify", verify_domain, "Check the domain's DNS records", tag="Domains"),
+          response=DomainOut, errors=frozenset({409})),
+    Route("GET", "/domains", list_domains, "List sending domains", tag="Domains", response=list[DomainOut]),
+    Route("GET", "/domains/{id}", get_domain, "Get a domain and the DNS records to publish", tag="Domains",
+          response=DomainOut),
+    Route("POST", "/domains/{id}/verify", verify_domain, "Check the domain's DNS records", tag="Domains",
+          response=DomainOut),
     Route("DELETE", "/domains/{id}", delete_domain, "Delete a domain (409 while emails from it are queued)",
-          tag="Domains", errors=frozenset({409})),
+          tag="Domains", response=DomainOut, errors=frozenset({409})),
 ]

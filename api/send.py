@@ -148,7 +148,7 @@ def _attachments(items: list[AttachmentBody]) -> list[Attachment]:
 async def send_email(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     who = caller(request)
-    payload = await read_json(request, config.api.max_body_bytes)
+    payload = await read_json(request)
     if not isinstance(payload, dict):
         raise ValidationFailed([FieldError("body", "Expected a JSON object", "invalid_type")])
     body = validate(SendBody, payload)

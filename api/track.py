@@ -7,7 +7,7 @@ from typing import Annotated
 from aiohttp import web
 from pydantic import StringConstraints, WithJsonSchema
 
-from api.context import CONFIG, DB
+from api.context import DB
 from api.envelope import success
 from api.routing import Route, caller
 from api.schemas import Tracked
@@ -29,7 +29,7 @@ class TrackBody(Body):
 
 
 async def track_event(request: web.Request) -> web.Response:
-    body = await read_body(request, TrackBody, request.app[CONFIG].api.max_body_bytes)
+    body = await read_body(request, TrackBody)
     check_event_name(body.event)
     project_id = caller(request).project_id
     result = await request.app[DB].write(

@@ -133,11 +133,10 @@ def _printable(path: str) -> str:
     return _SURROGATE_OR_NUL.sub("\ufffd", path)
 
 
-async def read_json(request: web.Request, max_bytes: int | None = None) -> Any:
-    """The request body as JSON, refused with the Plunk error it deserves: 413 over `max_bytes`
-    (default `api.max_body_bytes`), 400 unparseable or nested past Python's limit."""
-    if max_bytes is None:
-        max_bytes = request.app[CONFIG].api.max_body_bytes
+async def read_json(request: web.Request) -> Any:
+    """The request body as JSON, refused with the Plunk error it deserves: 413 over `api.max_body_bytes`,
+    400 unparseable or nested past Python's limit."""
+    max_bytes = request.app[CONFIG].api.max_body_bytes
     if request.content_length is not None and request.content_length > max_bytes:
         raise PayloadTooLarge(f"Request body is larger than {max_bytes} bytes")
     raw = bytearray()
@@ -167,8 +166,8 @@ def check_data_size(request: web.Request, data: dict[str, Any] | None, field: st
                                                   "accepted in one call (api.max_data_bytes)", "too_big")])
 
 
-async def read_body(request: web.Request, model: type[M], max_bytes: int | None = None) -> M:
-    payload = await read_json(request, max_bytes)
+async def read_body(request: web.Request, model: type[M]) -> M:
+    payload = await read_json(request)
     if not isinstance(payload, dict):
         raise ValidationFailed([FieldError("body", "Expected a JSON object", "invalid_type")])
     body = validate(model, payload)
