@@ -36,15 +36,16 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
 
 
 @contextlib.contextmanager
-def server_process(args: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[None]:
-    """Run a server for the benchmark; its log goes to a file (a pipe nobody reads would fill and stall
-    it) whose tail is printed when the benchmark fails."""
+def server_process(args: list[str], port: int,
+                   env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """Run a server for the benchmark (yields its process); its log goes to a file (a pipe nobody reads
+    would fill and stall it) whose tail is printed when the benchmark fails."""
     with tempfile.TemporaryFile() as log_file:
         proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**os.environ, **(env or {})},
                                 stdout=subprocess.DEVNULL, stderr=log_file)
         try:
             wait_for_port(port)
-            yield
+            yield proc
         except BaseException:
             log_file.seek(0)
             sys.stderr.write(log_file.read()[-4000:].decode("utf-8", "replace"))
