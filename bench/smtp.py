@@ -27,8 +27,10 @@ def message(size: int, index: int) -> bytes:
     return head + line * max(1, (size - len(head)) // len(line))
 
 
+@functools.cache
 def insecure_client_tls() -> ssl.SSLContext:
-    """The relay's self-signed certificate: encrypt, but do not verify (loopback benchmark)."""
+    """The relay's self-signed certificate: encrypt, but do not verify (loopback benchmark). Built once:
+    a context costs ~36 ms of CPU, which per connection would make the client the bottleneck."""
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
