@@ -16,7 +16,7 @@ from pipeline.errors import NotFound, PipelineError
 
 log = logging.getLogger("plunkd.api")
 REQUEST_ID = "plunkd.request_id"
-_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def request_id(request: web.Request) -> str:
@@ -31,7 +31,7 @@ class InternalError(PipelineError):
 @web.middleware
 async def envelope_middleware(request: web.Request, handler) -> web.StreamResponse:
     incoming = request.headers.get("X-Request-Id", "")
-    rid = incoming if _SAFE_REQUEST_ID.match(incoming) else str(uuid.uuid4())
+    rid = incoming if _SAFE_REQUEST_ID.fullmatch(incoming) else str(uuid.uuid4())
     request[REQUEST_ID] = rid
     started = time.perf_counter()
     try:

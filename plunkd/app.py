@@ -30,7 +30,7 @@ def create_app(config: Config, db: Database | None = None, roles: set[str] | Non
     """The app for `roles` (default all, in this process). With `dispatcher_command`, delivery runs in
     that child process instead (see `plunkd.processes`), woken through a pipe when mail is queued."""
     roles = set(ROLES) if roles is None else roles
-    db = db or Database(config.database_url, config.database.pool_size)
+    db = db or Database(config.database_url, config.database.pool_size, sync_every_commit=roles != {"dispatcher"})
     app = build_api(config, db)
 
     async def storage_ctx(_app: web.Application) -> AsyncIterator[None]:

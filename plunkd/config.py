@@ -203,6 +203,7 @@ def _validate(config: Config) -> None:
         (config.delivery.rate_per_second >= 0, "delivery.rate_per_second", "a number >= 0"),
         (config.api.rate_limit_per_minute > 0, "api.rate_limit_per_minute", "a number > 0"),
         (config.api.max_data_bytes > 0, "api.max_data_bytes", "a number > 0"),
+        (config.api.max_domains_per_project > 0, "api.max_domains_per_project", "a number > 0"),
         (config.smtp.max_recipients > 0, "smtp.max_recipients", "a number > 0"),
         (config.smtp.max_message_bytes > 0, "smtp.max_message_bytes", "a number > 0"),
         (config.delivery.max_attempts > 0, "delivery.max_attempts", "a number > 0"),

@@ -58,6 +58,7 @@ def served_api(tmp_path, database_url):
         proc.wait(timeout=15)
 
 
+@pytest.mark.timeout(600)
 def test_schemathesis_finds_no_disagreement_and_no_server_error(served_api, tmp_path):
     base, secret_key, log_path = served_api
     command = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(CONFIG), "run",
