@@ -155,7 +155,8 @@ class Dispatcher:
             await self._record(item, message_id, SendResult.fail(f"cannot DKIM-sign the message: {exc}"))
             return None
         await self.bucket.acquire(1)
-        return message_id, await self.transport.send(item.sender, [item.recipient], signed)
+        return message_id, await self.transport.send(item.sender, [item.recipient], signed,
+                                                     envelope_sender=item.envelope_sender)
 
     async def _record(self, item: Claimed, message_id: str, result: SendResult) -> None:
         settings = self.settings

@@ -39,9 +39,14 @@ class SesTransport:
             self._client = await self._client_cm.__aenter__()
         return self._client
 
-    async def send(self, sender: str, recipients: list[str], message: bytes) -> SendResult:
+    async def send(self, sender: str, recipients: list[str], message: bytes,
+                   envelope_sender: str | None = None) -> SendResult:
+        """SES picks the MAIL FROM itself; an envelope sender becomes the address SES forwards bounces
+        and complaints to (`FeedbackForwardingEmailAddress`, on a verified identity too)."""
         request: dict[str, Any] = {"FromEmailAddress": sender, "Destination": {"ToAddresses": recipients},
                                    "Content": {"Raw": {"Data": message}}}
+        if envelope_sender:
+            request["FeedbackForwardingEmailAddress"] = envelope_sender
         if self.settings.configuration_set:
             request["ConfigurationSetName"] = self.settings.configuration_set
         try:

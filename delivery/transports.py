@@ -39,15 +39,21 @@ class SendResult:
 
 
 class Transport(Protocol):
+    """`send`: `sender` is the From address; `envelope_sender`, when given, is the Return-Path to deliver
+    with (the SMTP client's MAIL FROM), else the From address is."""
+
     name: str
 
-    async def send(self, sender: str, recipients: list[str], message: bytes) -> SendResult: ...
+    async def send(self, sender: str, recipients: list[str], message: bytes,
+                   envelope_sender: str | None = None) -> SendResult: ...
 
     async def close(self) -> None: ...
 
 
 class FileTransport:
-    """One `.eml` per message in a folder, written atomically (temp file, fsync, rename)."""
+    """One `.eml` per message in a folder, written atomically (temp file, fsync, rename). An envelope
+    sender is written as a `Return-Path:` line on top, as a final delivery adds it (outside the DKIM
+    signature)."""
 
     name = "file"
 
@@ -55,8 +61,11 @@ class FileTransport:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
 
-    async def send(self, sender: str, recipients: list[str], message: bytes) -> SendResult:
+    async def send(self, sender: str, recipients: list[str], message: bytes,
+                   envelope_sender: str | None = None) -> SendResult:
         transport_id = f"file-{uuid.uuid4().hex}"
+        if envelope_sender is not None:
+            message = b"Return-Path: <" + envelope_sender.encode("utf-8") + b">\r\n" + message
         await asyncio.to_thread(self._write, transport_id, message)
         return SendResult.sent(transport_id)
 
@@ -97,11 +106,12 @@ class SmtpTransport:
         await client.connect()
         return client
 
-    async def send(self, sender: str, recipients: list[str], message: bytes) -> SendResult:
+    async def send(self, sender: str, recipients: list[str], message: bytes,
+                   envelope_sender: str | None = None) -> SendResult:
         client = None
         try:
             client = await self._connection()
-            errors, reply = await client.sendmail(sender, recipients, message)
+            errors, reply = await client.sendmail(envelope_sender or sender, recipients, message)
         except aiosmtplib.SMTPResponseException as exc:
             await _reset_or_close(client)
             self._keep(client)

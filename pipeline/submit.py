@@ -41,6 +41,9 @@ class Submission:
     subject: str = ""
     size: int = 0
     """API: about how big each composed message will be (body and attachments)."""
+    envelope_sender: str | None = None
+    """SMTP: the client's MAIL FROM, the Return-Path of the delivery (None: the From address); it must
+    be on a verified domain too."""
 
     @property
     def light(self) -> bool:
@@ -93,8 +96,10 @@ def decoded_subject(headers: Message) -> str:
 
 
 def submit(session: Session, submission: Submission) -> list[Queued]:
-    """Check the sender, upsert each recipient, write one email + outbox row per recipient."""
+    """Check the senders, upsert each recipient, write one email + outbox row per recipient."""
     require_verified_sender(session, submission.project_id, submission.sender)
+    if submission.envelope_sender is not None:
+        require_verified_sender(session, submission.project_id, submission.envelope_sender)
     raw = strip_bcc(submission.raw) if submission.raw is not None else None
     subject = submission.subject or (decoded_subject(parse_raw_headers(raw)) if raw is not None else "")
     contents: dict[bytes, str] = {}
@@ -113,7 +118,8 @@ def submit(session: Session, submission: Submission) -> list[Queued]:
         if digest not in contents:
             contents[digest] = email_store.insert_content(session, submission.project_id, message)
         email_id = email_store.insert_email(session, submission.project_id, contact.id, contents[digest], address,
-                                            submission.sender, subject, submission.source)
+                                            submission.sender, subject, submission.source,
+                                            submission.envelope_sender)
         queued.append(Queued(contact.id, address, email_id))
     return queued
 

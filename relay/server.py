@@ -1,8 +1,9 @@
 """The SMTP relay: aiosmtpd in the app's own event loop, on 465 (implicit TLS) and 587 (STARTTLS).
 
 A session: EHLO → (STARTTLS) → AUTH PLAIN/LOGIN with user `plunk` and the project's secret key →
-MAIL → RCPT (limited) → DATA, which becomes ONE `pipeline.submit` call with the original bytes and
-the envelope recipients. `250 2.0.0 queued as <id>` is sent only after that commit.
+MAIL (the null sender or an address on a verified domain) → RCPT (limited) → DATA, which becomes ONE
+`pipeline.submit` call with the original bytes, the envelope sender and the envelope recipients.
+`250 2.0.0 queued as <id>` is sent only after that commit.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline.domains import UnverifiedSender
+from pipeline.domains import UnverifiedSender, require_verified_sender
 from pipeline.errors import PipelineError
 from pipeline.projects import SmtpAccount, smtp_account
 from pipeline.submit import Submission, decoded_subject, parse_raw_headers, submit, submit_once
@@ -45,6 +46,8 @@ REPLY_REWRITES = {
 }
 LOCKED_OUT = "454 4.7.0 Too many failed authentications from your address; try again later"
 BAD_CREDENTIALS = "535 5.7.8 Authentication credentials invalid"
+NULL_SENDER = "<>"
+"""How aiosmtpd hands `MAIL FROM:<>` to the MAIL hook."""
 PRIVILEGED_PORT_OFFSET = 2000
 
 
@@ -152,6 +155,24 @@ class RelayHandler:
         log.info("smtp AUTH ok from %s for project %s", peer, account.project_id)
         return AuthResult(success=True, auth_data=account)
 
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                          mail_options: list[str]) -> str:
+        """The envelope sender (kept as the delivery's Return-Path): the null sender, or an address on a
+        verified domain of the project, checked here so a refused sender never uploads its message."""
+        if address != NULL_SENDER:
+            local_part, _, domain = address.rpartition("@")
+            if not local_part or not domain or len(address) > 254 or any(ord(c) < 32 or c == "\x7f"
+                                                                          for c in address):
+                return "553 5.1.7 Sender address must be local-part@domain"
+            account: SmtpAccount = session.auth_data
+            try:
+                await self.db.read(require_verified_sender, account.project_id, address)
+            except UnverifiedSender as exc:
+                return f"550 5.7.1 Sender address domain {exc.domain} is not a verified domain of this project"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           rcpt_options: list[str]) -> str:
         if len(envelope.rcpt_tos) >= self.settings.config.max_recipients:
@@ -172,8 +193,9 @@ class RelayHandler:
             return "550 5.7.1 The message needs exactly one From address on a verified domain"
         sender = senders[0].lower()
         key = headers.get("Idempotency-Key")
+        envelope_sender = None if envelope.mail_from == NULL_SENDER else envelope.mail_from
         submission = Submission(account.project_id, "smtp", sender, list(envelope.rcpt_tos), raw=raw,
-                                subject=decoded_subject(headers))
+                                subject=decoded_subject(headers), envelope_sender=envelope_sender)
         try:
             if key:
                 digest = hashlib.sha256(raw).hexdigest()

@@ -33,13 +33,13 @@ def insert_content(session: Session, project_id: str, raw: bytes) -> str:
 
 
 def insert_email(session: Session, project_id: str, contact_id: str | None, content_id: str, recipient: str,
-                 sender: str, subject: str, source: str) -> str:
+                 sender: str, subject: str, source: str, envelope_sender: str | None = None) -> str:
     """One email record and its outbox row, due now (written at commit, with the batch's others)."""
     email_id, now = new_id(), utcnow()
     insert_at_commit(session, _INSERT_EMAIL, {"id": email_id, "project_id": project_id, "contact_id": contact_id,
                                               "content_id": content_id, "recipient": recipient, "sender": sender,
-                                              "subject": subject, "source": source, "status": "QUEUED",
-                                              "created_at": now})
+                                              "envelope_sender": envelope_sender, "subject": subject,
+                                              "source": source, "status": "QUEUED", "created_at": now})
     insert_at_commit(session, _INSERT_OUTBOX, {"id": new_id(), "email_id": email_id, "due_at": now, "attempts": 0})
     return email_id
 
@@ -62,6 +62,8 @@ class Claimed:
     contact_id: str | None
     recipient: str
     sender: str
+    envelope_sender: str | None
+    """The Return-Path to deliver with; None: the From address (`sender`)."""
     raw: bytes
     suppressed: bool
 
@@ -82,7 +84,7 @@ def claim_due(session: Session, worker: str, limit: int, lease_seconds: float, p
                                               Suppression.email == _EMAIL.c.recipient).exists()
     rows = conn.execute(
         select(_OUTBOX.c.id, _OUTBOX.c.attempts, _EMAIL.c.id, _EMAIL.c.project_id, _EMAIL.c.contact_id,
-               _EMAIL.c.recipient, _EMAIL.c.sender, _CONTENT.c.raw, suppressed)
+               _EMAIL.c.recipient, _EMAIL.c.sender, _EMAIL.c.envelope_sender, _CONTENT.c.raw, suppressed)
         .join(_EMAIL, _EMAIL.c.id == _OUTBOX.c.email_id).join(_CONTENT, _CONTENT.c.id == _EMAIL.c.content_id)
         .where(_OUTBOX.c.id.in_(ids)).order_by(_OUTBOX.c.due_at))
     return [Claimed(*row) for row in rows]

@@ -142,6 +142,8 @@ class Email(Base):
     content_id: Mapped[str] = mapped_column(ForeignKey("contents.id"), index=True)
     recipient: Mapped[str] = mapped_column(String(320))
     sender: Mapped[str] = mapped_column(String(320))
+    envelope_sender: Mapped[str | None] = mapped_column(String(320), nullable=True)
+    """The SMTP client's MAIL FROM, delivered as the Return-Path; None: `sender`."""
     subject: Mapped[str] = mapped_column(Text, default="")
     source: Mapped[str] = mapped_column(String(8))
     status: Mapped[str] = mapped_column(String(16), default="QUEUED")

@@ -183,18 +183,31 @@ async def test_ses_transport_against_moto(api, sender, moto_server, monkeypatch)
     ses_settings = SesConfig(region="us-east-1", endpoint_url=moto_server.url)
     assert await ses_identity_verified(ses_settings, "example.com") is True
     await send(api, to=["ann@example.org", "bob@example.org"])
+    from pipeline.submit import Submission, submit
+
+    relayed = b"From: hello@example.com\r\nTo: carl@example.org\r\nSubject: Relayed\r\n\r\nHi\r\n"
+    await api.db.write(lambda s: submit(s, Submission(api.project_id, "smtp", "hello@example.com",
+                                                      ["carl@example.org"], raw=relayed,
+                                                      envelope_sender="bounce+abc@example.com")))
     transport = SesTransport(ses_settings)
     assert await transport.max_send_rate() == 1.0, "moto's default SES quota"
+    requests = []
+    (await transport._sesv2()).meta.events.register(
+        "provide-client-params.sesv2.SendEmail", lambda params, **_: requests.append(dict(params)))
     await dispatch_all(Dispatcher(api.db, transport, TokenBucket(0), settings()))
     await transport.close()
     rows = await email_rows(api)
     assert {r.status for r in rows.values()} == {"SENT"}
     assert all(r.transport_id for r in rows.values())
+    forwarding = {r["Destination"]["ToAddresses"][0]: r.get("FeedbackForwardingEmailAddress") for r in requests}
+    assert forwarding == {"ann@example.org": None, "bob@example.org": None,
+                          "carl@example.org": "bounce+abc@example.com"}, "SES forwards bounces to the MAIL FROM"
+    assert {r["FromEmailAddress"] for r in requests} == {"hello@example.com"}
     import aioboto3
 
     async with aioboto3.Session().client("ses", region_name="us-east-1", endpoint_url=moto_server.url) as ses:
         quota = await ses.get_send_quota()
-    assert quota["SentLast24Hours"] >= 2, "SES received the raw messages"
+    assert quota["SentLast24Hours"] >= 3, "SES received the raw messages"
 
 
 @pytest.mark.parametrize("bad", [b"", b"not an email at all"])

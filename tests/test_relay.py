@@ -150,9 +150,58 @@ async def test_repeated_failures_lock_the_address_out(relay):
 
 async def test_unverified_from_is_550(relay):
     message = MESSAGE.replace(b"hello@example.com", b"me@elsewhere.example")
-    code, reply = await in_thread(data_reply, relay, message, "me@elsewhere.example")
+    code, reply = await in_thread(data_reply, relay, message, "bounce@example.com")
     assert (code, reply) == (550, b"5.7.1 Sender domain elsewhere.example is not a verified domain of this project")
     assert await relay.api.db.read(email_store.list_emails, relay.api.project_id) == []
+
+
+async def test_mail_from_on_an_unverified_domain_is_550_before_data(relay):
+    def run():
+        with smtps(relay) as client:
+            client.login("plunk", relay.api.sk)
+            refused = client.mail("bounce@Elsewhere.example")
+            return refused, client.rcpt("ann@example.org"), client.docmd("DATA")
+
+    refused, rcpt, data = await in_thread(run)
+    assert refused == (550, b"5.7.1 Sender address domain elsewhere.example is not a verified domain of this project")
+    assert rcpt == (503, b"Error: need MAIL command") and data == (503, b"Error: need RCPT command"), \
+        "the client never gets to upload its message"
+    assert await relay.api.db.read(email_store.list_emails, relay.api.project_id) == []
+
+
+async def test_mail_from_that_is_not_an_address_is_553(relay):
+    def run():
+        with smtps(relay) as client:
+            client.login("plunk", relay.api.sk)
+            return [client.mail(address) for address in ("no-domain", "a" * 250 + "@example.com", "@example.com")]
+
+    ours = (553, b"5.1.7 Sender address must be local-part@domain")
+    assert await in_thread(run) == [ours, ours, (553, b"5.1.3 Error: malformed address")]
+
+
+async def test_null_sender_is_accepted_and_delivered_from_the_from_address(relay):
+    def run():
+        with smtps(relay) as client:
+            client.login("plunk", relay.api.sk)
+            accepted = client.mail("")
+            client.rcpt("ann@example.org")
+            return accepted, client.data(MESSAGE)
+
+    accepted, (code, reply) = await in_thread(run)
+    assert accepted == (250, b"2.1.0 OK") and code == 250
+    row = await relay.api.db.read(email_store.get_email, relay.api.project_id, reply.decode().rsplit(" ", 1)[1])
+    assert row.sender == "hello@example.com" and row.envelope_sender is None
+
+
+async def test_mail_from_is_kept_as_the_envelope_sender(relay):
+    def run():
+        with smtps(relay) as client:
+            client.login("plunk", relay.api.sk)
+            return client.sendmail("Bounce+Order-7@Example.com", ["ann@example.org"], MESSAGE)
+
+    assert await in_thread(run) == {}
+    [row] = await relay.api.db.read(email_store.list_emails, relay.api.project_id)
+    assert row.sender == "hello@example.com" and row.envelope_sender == "Bounce+Order-7@Example.com"
 
 
 @pytest.mark.parametrize("message", [b"Subject: no from\r\n\r\nbody\r\n",

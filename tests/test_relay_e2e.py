@@ -51,10 +51,10 @@ def strip_bcc_lines(raw: bytes) -> bytes:
     return b"".join(line for line in raw.splitlines(keepends=True) if not line.lower().startswith(b"bcc:"))
 
 
-def smtp_send(relay, raw: bytes, rcpts: list[str]) -> dict:
+def smtp_send(relay, raw: bytes, rcpts: list[str], mail_from: str = "bounce@example.com") -> dict:
     with smtplib.SMTP_SSL("127.0.0.1", relay.tls_port, context=relay.client_tls, timeout=30) as client:
         client.login("plunk", relay.api.sk)
-        return client.sendmail("bounce@example.com", rcpts, raw, mail_options=["BODY=8BITMIME"])
+        return client.sendmail(mail_from, rcpts, raw, mail_options=["BODY=8BITMIME"])
 
 
 @pytest.mark.parametrize("sample", sorted(p.name for p in DATA.glob("*.eml")))
@@ -78,6 +78,29 @@ async def test_sample_relayed_byte_for_byte(relay, sink, sample):
         original = email.message_from_bytes(raw, policy=policy.default)
         assert [p.get_content_type() for p in parsed.walk()] == [p.get_content_type() for p in original.walk()]
         assert parsed["Subject"] == original["Subject"] and parsed["Reply-To"] == original["Reply-To"]
+
+
+async def test_verp_mail_from_is_the_envelope_sender_of_the_delivery(relay, sink, tmp_path):
+    """An app's own bounce address (VERP) as MAIL FROM reaches the smarthost as MAIL FROM and the
+    file transport as Return-Path; DKIM still signs for the From domain."""
+    raw = b"From: Shop <hello@example.com>\r\nTo: ann@example.org\r\nSubject: Order 7\r\n\r\nShipped\r\n"
+    verp = "bounce+abc@example.com"
+    assert await asyncio.to_thread(smtp_send, relay, raw, ["ann@example.org"], verp) == {}
+    transport = SmtpTransport(SmarthostConfig(host="127.0.0.1", port=sink.port, timeout_seconds=10))
+    await dispatch_all(Dispatcher(relay.api.db, transport, TokenBucket(0), DeliveryConfig()))
+    await transport.close()
+    [delivered] = sink.messages
+    assert delivered.mail_from == verp and delivered.rcpt_tos == ["ann@example.org"]
+    assert b"d=example.com;" in delivered.original_content.split(b"\r\n\r\n")[0]
+    assert dkim.verify(delivered.original_content, dnsfunc=dns_for(relay.domain))
+
+    assert await asyncio.to_thread(smtp_send, relay, raw, ["ann@example.org"], verp) == {}
+    folder = tmp_path / "outbox"
+    await dispatch_all(Dispatcher(relay.api.db, FileTransport(folder), TokenBucket(0), DeliveryConfig()))
+    [path] = folder.glob("*.eml")
+    written = path.read_bytes()
+    assert written.startswith(b"Return-Path: <bounce+abc@example.com>\r\nDKIM-Signature: ")
+    assert dkim.verify(written, dnsfunc=dns_for(relay.domain)), "Return-Path is outside the signature"
 
 
 async def test_smtp_and_api_leave_the_same_records(relay, dns_server, tmp_path):
