@@ -60,6 +60,13 @@ class SmtpConfig:
     max_message_bytes: int = 10 * 1024 * 1024
     auth_failure_limit: int = 5
     lockout_seconds: int = 300
+    max_sessions: int = 1000
+    """Concurrent SMTP sessions over both ports; more connections get 421 4.7.0 (465: closed before TLS).
+    Lowered at start-up when it does not fit the open-file limit with room for the HTTP API."""
+    max_sessions_per_ip: int = 50
+    """Concurrent SMTP sessions from one client address (Postfix's default for the same limit)."""
+    idle_timeout_seconds: float = 60.0
+    """A session that sends nothing for this long is closed (also the bound on the TLS handshake)."""
 
 
 @dataclass

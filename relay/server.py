@@ -3,7 +3,8 @@
 A session: EHLO → (STARTTLS) → AUTH PLAIN/LOGIN with user `plunk` and the project's secret key →
 MAIL (the null sender or an address on a verified domain) → RCPT (limited) → DATA, which becomes ONE
 `pipeline.submit` call with the original bytes, the envelope sender and the envelope recipients.
-`250 2.0.0 queued as <id>` is sent only after that commit.
+`250 2.0.0 queued as <id>` is sent only after that commit. Sessions are capped in total and per client
+address, idle ones are closed, and nothing a client sends is logged (`relay.redaction`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import base64
 import binascii
 import hashlib
 import logging
-import time
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import getaddresses
@@ -26,7 +27,9 @@ from pipeline.domains import UnverifiedSender, require_verified_sender
 from pipeline.errors import PipelineError
 from pipeline.projects import SmtpAccount, smtp_account
 from pipeline.submit import Submission, decoded_subject, parse_raw_headers, submit, submit_once
-from plunkd.config import SmtpConfig
+from plunkd.config import ConfigError, SmtpConfig
+from relay.limits import AuthLimiter, SessionLimiter, raise_open_file_limit, session_cap
+from relay.redaction import ClientTextFilter, error_summary, traceback_without_message
 
 log = logging.getLogger("plunkd.relay")
 
@@ -38,6 +41,7 @@ def _not_login_data_deprecation(record: logging.LogRecord) -> bool:
 
 
 logging.getLogger("mail.log").addFilter(_not_login_data_deprecation)
+logging.getLogger("mail.log").addFilter(ClientTextFilter())
 
 # aiosmtpd's own wording for these two, with the enhanced status codes RFC 3463 gives them.
 REPLY_REWRITES = {
@@ -46,51 +50,101 @@ REPLY_REWRITES = {
 }
 LOCKED_OUT = "454 4.7.0 Too many failed authentications from your address; try again later"
 BAD_CREDENTIALS = "535 5.7.8 Authentication credentials invalid"
+TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
+SESSION_ERROR = "451 4.3.0 Temporary server error; try again later"
 NULL_SENDER = "<>"
 """How aiosmtpd hands `MAIL FROM:<>` to the MAIL hook."""
 PRIVILEGED_PORT_OFFSET = 2000
 
 
 class RelaySMTP(SMTP):
-    """aiosmtpd's SMTP with standard enhanced codes, and AUTH allowed on an implicit-TLS socket."""
+    """aiosmtpd's SMTP with standard enhanced codes, a session slot per connection (`SessionLimiter`),
+    an idle timeout counted from the last bytes received, and implicit TLS started here.
 
-    def __init__(self, *args: Any, implicit_tls: bool = False, **kwargs: Any) -> None:
+    Implicit TLS (465) is not done by the listener: the connection first takes a session slot, then the
+    handshake runs (bounded by the idle timeout). A connection over the caps is closed at once, before
+    any handshake and without a reply: a 421 in clear text means nothing to a client that expects TLS,
+    and the handshake is the expensive part a flood should not get. On 587 such a connection gets
+    `421 4.7.0 Too many connections, try again later` in clear text, then the close.
+    """
+
+    def __init__(self, *args: Any, sessions: SessionLimiter, implicit_tls: ssl.SSLContext | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if implicit_tls:
+        self.sessions = sessions
+        self.implicit_tls = implicit_tls
+        self.client_address: str | None = None
+        """Set while this connection holds a session slot."""
+        self._last_received = self.loop.time()
+        self._handshake: asyncio.Task[None] | None = None
+        if implicit_tls is not None:
             self._auth_require_tls = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        if self.transport is not None:  # after STARTTLS: the same session goes on over TLS
+            super().connection_made(transport)
+            return
+        address = _address(transport.get_extra_info("peername"))
+        if not self.sessions.acquire(address):
+            if self.implicit_tls is None:
+                transport.write(TOO_MANY_CONNECTIONS.encode() + b"\r\n")
+            transport.close()
+            return
+        self.client_address = address
+        if self.implicit_tls is None:
+            super().connection_made(transport)
+            return
+        transport.pause_reading()
+        self._handshake = self.loop.create_task(self._start_implicit_tls(transport))
+
+    async def _start_implicit_tls(self, transport: asyncio.Transport) -> None:
+        assert self.implicit_tls is not None
+        try:
+            tls_transport = await self.loop.start_tls(transport, self, self.implicit_tls, server_side=True,
+                                                      ssl_handshake_timeout=self._timeout_duration)
+        except OSError:  # failed, reset or timed out; start_tls has closed the connection
+            self._release_session()
+            return
+        except BaseException:
+            self._release_session()
+            raise
+        if tls_transport is None or self.client_address is None:  # the client left during the handshake
+            self._release_session()
+            return
+        super().connection_made(tls_transport)
+
+    def _release_session(self) -> None:
+        if self.client_address is not None:
+            self.sessions.release(self.client_address)
+            self.client_address = None
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._release_session()
+        if self.session is not None:  # aiosmtpd's session ran (not refused, not lost during the handshake)
+            super().connection_lost(error)
+
+    def eof_received(self) -> bool | None:
+        if self.session is None:
+            return False
+        return super().eof_received()
+
+    def data_received(self, data: bytes) -> None:
+        self._last_received = self.loop.time()
+        super().data_received(data)
+
+    def _timeout_cb(self) -> None:
+        """aiosmtpd times a session out `timeout` seconds after the last command, even while a client is
+        still uploading a big message; here only a session that sent nothing for that long is closed."""
+        quiet = self.loop.time() - self._last_received
+        if quiet < self._timeout_duration:
+            self._reset_timeout(self._timeout_duration - quiet)
+            return
+        super()._timeout_cb()
 
     async def push(self, status: Any) -> None:
         if isinstance(status, str):
             status = REPLY_REWRITES.get(status, status)
         await super().push(status)
-
-
-class AuthLimiter:
-    """Failed AUTH attempts per client address: each failure is answered more slowly, and after
-    `limit` failures within the lockout window the address is refused until the window ends."""
-
-    def __init__(self, limit: int, lockout_seconds: float) -> None:
-        self.limit = limit
-        self.lockout_seconds = lockout_seconds
-        self._failures: dict[str, tuple[int, float]] = {}
-
-    def locked(self, address: str) -> bool:
-        count, since = self._failures.get(address, (0, 0.0))
-        if count and time.monotonic() - since > self.lockout_seconds:
-            self._failures.pop(address, None)
-            return False
-        return count >= self.limit
-
-    def failed(self, address: str) -> float:
-        """Record a failure; return how long to wait before answering it."""
-        count, since = self._failures.get(address, (0, time.monotonic()))
-        self._failures[address] = (count + 1, since)
-        if len(self._failures) > 100_000:
-            self._failures.clear()
-        return min(0.25 * (count + 1), 2.0)
-
-    def succeeded(self, address: str) -> None:
-        self._failures.pop(address, None)
 
 
 @dataclass
@@ -107,6 +161,7 @@ class RelayHandler:
         self.settings = settings
         self.limits = AuthLimiter(settings.config.auth_failure_limit, settings.config.lockout_seconds)
         self.on_queued = on_queued
+        self._lookups: dict[str, asyncio.Future[SmtpAccount | None]] = {}
 
     async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
         if len(args) == 1:
@@ -139,21 +194,40 @@ class RelayHandler:
         return await self._check(server, login, password)
 
     async def _check(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
+        """Every attempt is counted against the address before its key is looked up. An AUTH whose key is
+        already being looked up for another session waits for that answer instead (a client's pool of
+        connections logging in at once is one lookup, not a burst of attempts); if the answer is no, it
+        is counted then."""
         peer = _peer(server.session)
         if self.limits.locked(peer):
             return AuthResult(success=False, handled=False, message=LOCKED_OUT)
-        account = None
-        if login.strip().lower() == b"plunk":
-            key = password.decode("utf-8", "replace").strip()
-            if key.startswith("sk_") and len(key) <= 200:
-                account = await self.db.read(smtp_account, key)
+        key = password.decode("utf-8", "replace").strip()
+        plausible = login.strip().lower() == b"plunk" and key.startswith("sk_") and len(key) <= 200
+        in_flight = self._lookups.get(key) if plausible else None
+        account = await asyncio.shield(in_flight) if in_flight is not None else None
         if account is None:
-            await asyncio.sleep(self.limits.failed(peer))
+            if not self.limits.admit(peer):
+                return AuthResult(success=False, handled=False, message=LOCKED_OUT)
+            if plausible and in_flight is None:
+                account = await self._lookup(key)
+        if account is None:
+            await asyncio.sleep(self.limits.failure_delay(peer))
             log.warning("smtp AUTH failed from %s", peer)
             return AuthResult(success=False, handled=False, message=BAD_CREDENTIALS)
         self.limits.succeeded(peer)
         log.info("smtp AUTH ok from %s for project %s", peer, account.project_id)
         return AuthResult(success=True, auth_data=account)
+
+    async def _lookup(self, key: str) -> SmtpAccount | None:
+        """The database read for `key`, shared with any AUTH that asks for the same key meanwhile."""
+        lookup = asyncio.ensure_future(self.db.read(smtp_account, key))
+        lookup.add_done_callback(lambda done: done.cancelled() or done.exception())
+        self._lookups[key] = lookup
+        try:
+            return await asyncio.shield(lookup)
+        finally:
+            if self._lookups.get(key) is lookup:
+                del self._lookups[key]
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
@@ -210,17 +284,27 @@ class RelayHandler:
         except PipelineError as exc:
             return f"554 5.7.0 {exc.message}"
         except (SQLAlchemyError, OSError, RuntimeError) as exc:
-            log.error("smtp DATA from %s not committed: %s", _peer(session), exc)
+            log.error("smtp DATA from %s not committed: %s", _peer(session), error_summary(exc))
             return "451 4.3.0 Temporary failure storing the message; try again later"
         if self.on_queued is not None:
             self.on_queued()
-        log.info("smtp accepted %s from %s for %d recipients as %s", sender, _peer(session), len(queued_ids),
-                 ", ".join(queued_ids))
+        log.info("smtp accepted a message from %s for project %s, %d recipients, as %s", _peer(session),
+                 account.project_id, len(queued_ids), ", ".join(queued_ids))
         return f"250 2.0.0 queued as {queued_ids[0]}"
+
+    async def handle_exception(self, error: Exception) -> str:
+        """An unexpected error in a session. aiosmtpd would log it and answer `500 Error: <message>`, and
+        the message may quote the client or the database; here it is logged without its message and
+        answered with a temporary failure, so the client keeps its mail and tries again."""
+        log.error("smtp session error: %s", traceback_without_message((type(error), error, error.__traceback__)))
+        return SESSION_ERROR
 
 
 def _peer(session: Session) -> str:
-    peer = session.peer
+    return _address(session.peer)
+
+
+def _address(peer: Any) -> str:
     return str(peer[0]) if isinstance(peer, tuple) else str(peer)
 
 
@@ -229,9 +313,13 @@ class Relay:
 
     def __init__(self, db: Any, config: SmtpConfig, tls: Any, idempotency_hours: int = 24,
                  on_queued: Callable[[], None] | None = None) -> None:
+        for key in ("max_sessions", "max_sessions_per_ip", "idle_timeout_seconds"):
+            if not getattr(config, key) > 0:
+                raise ConfigError(f"config key smtp.{key}: expected a number > 0")
         self.config = config
         self.tls = tls
         self.handler = RelayHandler(db, RelaySettings(config, idempotency_hours), on_queued)
+        self.sessions = SessionLimiter(config.max_sessions, config.max_sessions_per_ip)
         self.servers: list[asyncio.AbstractServer] = []
         self.tls_port = self.starttls_port = 0
 
@@ -240,9 +328,11 @@ class Relay:
         return RelaySMTP(self.handler, hostname=c.hostname, ident="plunkd", data_size_limit=c.max_message_bytes,
                          enable_SMTPUTF8=True, decode_data=False, auth_required=True, auth_require_tls=True,
                          tls_context=None if implicit_tls else self.tls.context, require_starttls=not implicit_tls,
-                         implicit_tls=implicit_tls, timeout=120)
+                         implicit_tls=self.tls.context if implicit_tls else None, sessions=self.sessions,
+                         timeout=c.idle_timeout_seconds)
 
     async def start(self) -> None:
+        self.sessions.max_total = session_cap(self.config.max_sessions, raise_open_file_limit())
         implicit = await self._listen(self.config.tls_port, True)
         starttls = await self._listen(self.config.starttls_port, False)
         self.servers = [implicit, starttls]
@@ -251,19 +341,19 @@ class Relay:
         log.info("smtp relay on %s: %d (TLS), %d (STARTTLS)", self.config.host, self.tls_port, self.starttls_port)
 
     async def _listen(self, port: int, implicit_tls: bool) -> asyncio.AbstractServer:
-        """Listen on `port`; a privileged port the process may not bind (not root) falls back to
+        """Listen on `port` (plain TCP even for implicit TLS: `RelaySMTP` starts TLS once the connection
+        holds a session slot); a privileged port the process may not bind (not root) falls back to
         port + 2000 with a warning, so the default configuration starts for any user."""
         loop = asyncio.get_running_loop()
-        tls = self.tls.context if implicit_tls else None
         try:
-            return await loop.create_server(lambda: self._protocol(implicit_tls), self.config.host, port, ssl=tls)
+            return await loop.create_server(lambda: self._protocol(implicit_tls), self.config.host, port)
         except PermissionError:
             if not 0 < port < 1024:
                 raise
         fallback = port + PRIVILEGED_PORT_OFFSET
         log.warning("smtp port %d needs root or CAP_NET_BIND_SERVICE; listening on %d instead (set smtp.%s)",
                     port, fallback, "tls_port" if implicit_tls else "starttls_port")
-        return await loop.create_server(lambda: self._protocol(implicit_tls), self.config.host, fallback, ssl=tls)
+        return await loop.create_server(lambda: self._protocol(implicit_tls), self.config.host, fallback)
 
     async def stop(self) -> None:
         for server in self.servers:

@@ -4,13 +4,16 @@ Bcc and envelope handling, idempotency, failures that leave no half-written reco
 from __future__ import annotations
 
 import asyncio
+import base64
+import logging
+import secrets
 import smtplib
 import socket
 import ssl
 
 import aiosmtplib
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from storage import contacts as contact_store
 from storage import emails as email_store
@@ -146,6 +149,95 @@ async def test_repeated_failures_lock_the_address_out(relay):
     assert codes[:3] == [(535, "5.7.8 Authentication credentials invalid")] * 3
     assert codes[3] == (454, "4.7.0 Too many failed authentications from your address; try again later"), \
         "even the right key is refused while locked out"
+
+
+async def test_concurrent_auth_guesses_are_counted_before_the_key_lookup(relay):
+    """Thirty wrong keys at once from one address: an attempt counts from before its lookup, so only
+    `auth_failure_limit` (5) keys are looked up and answered 535; the rest are refused untried."""
+    assert relay.config.smtp.auth_failure_limit == 5
+    key_lookups = []
+
+    def count_key_lookups(conn, cursor, statement, parameters, context, executemany):
+        if "secret_key_digest" in statement:
+            key_lookups.append(statement)
+
+    async def guess() -> tuple[int, str]:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.tls_port, use_tls=True,
+                                 tls_context=relay.client_tls, timeout=20)
+        await client.connect()
+        await client.ehlo()
+        try:
+            await client.auth_plain("plunk", f"sk_{secrets.token_urlsafe(32)}")
+            return 235, "authenticated"
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            return exc.code, exc.message
+        finally:
+            client.close()
+
+    engine = relay.api.db.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", count_key_lookups)
+    try:
+        replies = await asyncio.wait_for(asyncio.gather(*[guess() for _ in range(30)]), 30)
+    finally:
+        event.remove(engine, "before_cursor_execute", count_key_lookups)
+    bad = (535, "5.7.8 Authentication credentials invalid")
+    locked = (454, "4.7.0 Too many failed authentications from your address; try again later")
+    assert set(replies) <= {bad, locked}, replies
+    assert 1 <= replies.count(bad) <= 5 and replies.count(locked) == 30 - replies.count(bad)
+    assert len(key_lookups) <= 5, f"{len(key_lookups)} keys looked up"
+
+
+async def test_a_pool_logging_in_at_once_is_one_lookup_not_a_lockout(relay):
+    """Twelve connections of one app authenticate with the right key at the same moment."""
+    async def login() -> int:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.tls_port, use_tls=True,
+                                 tls_context=relay.client_tls, timeout=20)
+        await client.connect()
+        await client.ehlo()
+        try:
+            return (await client.auth_plain("plunk", relay.api.sk)).code
+        finally:
+            client.close()
+
+    assert await asyncio.wait_for(asyncio.gather(*[login() for _ in range(12)]), 30) == [235] * 12
+
+
+async def test_nothing_sent_after_auth_begins_reaches_the_log(relay, caplog):
+    """AUTH LOGIN, then the key and its base64 pasted as stray command lines (aiosmtpd logs an
+    unrecognised line at WARNING), then a message: with every logger at DEBUG, no record holds any of it."""
+    caplog.set_level(logging.DEBUG, logger="mail.log")
+    caplog.set_level(logging.DEBUG, logger="plunkd")
+    key = relay.api.sk
+    key_b64 = base64.b64encode(key.encode()).decode()
+    plain_b64 = base64.b64encode(b"\0plunk\0" + key.encode()).decode()
+    stray_lines = [key_b64, key, "c2VjcmV0LXN0cmF5LWxpbmU= trailing-stray-words"]
+    marker = "PrivateMarker7f3a"
+
+    def run():
+        with smtps(relay) as client:
+            client.ehlo()
+            assert client.docmd("AUTH", "LOGIN")[0] == 334
+            assert client.docmd(base64.b64encode(b"plunk").decode())[0] == 334
+            assert client.docmd(key_b64)[0] == 235
+            replies = [client.docmd(line) for line in stray_lines]
+            client.mail(f"{marker}@example.com")
+            client.rcpt(f"{marker.lower()}@example.org")
+            code, _ = client.data(MESSAGE.replace(b"Hello", marker.encode()))
+            assert code == 250
+        with smtps(relay) as client:
+            client.ehlo()
+            assert client.docmd("AUTH", f"PLAIN {plain_b64}")[0] == 235
+            client.docmd(plain_b64)
+        return replies
+
+    replies = await in_thread(run)
+    assert [code for code, _ in replies] == [500, 500, 500]
+    logged = "\n".join(f"{r.name} {r.levelname} {r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
+    assert "unrecognised" in logged and "EHLO" in logged, "aiosmtpd's records are still there, redacted"
+    for secret in (key, key_b64, plain_b64, *stray_lines, marker, "trailing-stray-words"):
+        pieces = {secret[i:i + 10].lower() for i in range(max(len(secret) - 9, 1))}
+        leaked = [piece for piece in pieces if piece in logged.lower()]
+        assert not leaked, f"{secret!r} leaked into the log: {leaked[:3]}"
 
 
 async def test_unverified_from_is_550(relay):
