@@ -7,6 +7,7 @@ COPY pipeline pipeline
 COPY storage storage
 COPY delivery delivery
 COPY relay relay
+COPY maintenance maintenance
 RUN pip install --no-cache-dir .
 ENV PLUNKD_SERVER_HOST=0.0.0.0 PLUNKD_SERVER_DATA_DIR=/data
 VOLUME /data

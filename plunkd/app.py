@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from api.app import build_api
-from api.context import ON_QUEUED
+from api.context import KEYS, ON_QUEUED
 from plunkd.config import Config
 from plunkd.processes import ROLES, WAKE_FD_ENV, WakePipe, supervise_dispatcher, watch_parent
 from storage.db import Database
@@ -71,7 +71,7 @@ async def relay_ctx(app: web.Application, config: Config, db: Database) -> Async
         for wake in app[ON_QUEUED]:
             wake()
 
-    relay = Relay(db, config.smtp, tls, config.api.idempotency_hours, queued)
+    relay = Relay(db, app[KEYS], config.smtp, tls, config.api.idempotency_hours, queued)
     await relay.start()
     app[RELAY] = relay
     loop = asyncio.get_running_loop()
@@ -84,10 +84,12 @@ async def relay_ctx(app: web.Application, config: Config, db: Database) -> Async
 
 
 async def delivery_ctx(app: web.Application, config: Config, db: Database) -> AsyncIterator[None]:
-    """The dispatcher and its transport, for as long as the server runs."""
+    """The dispatcher and its transport, for as long as the server runs, and the pruner beside it (so one
+    process per node prunes)."""
     from delivery.bucket import TokenBucket
     from delivery.dispatcher import Dispatcher
     from delivery.transports import make_transport
+    from maintenance.pruner import Pruner
 
     transport = make_transport(config)
     rate = config.delivery.rate_per_second
@@ -103,9 +105,11 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
         watch_parent(int(wake_fd), dispatcher.wake, lambda: os.kill(os.getpid(), signal.SIGTERM))
     task = asyncio.create_task(dispatcher.run(), name="dispatcher")
     log.info("dispatcher %s started: transport %s, %.1f recipients/s", dispatcher.worker, transport.name, rate)
+    pruner = asyncio.create_task(Pruner(db, config.delivery).run(), name="pruner")
     yield
+    pruner.cancel()
     task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    await asyncio.gather(task, pruner, return_exceptions=True)
     await dispatcher.drain()
     await transport.close()
 

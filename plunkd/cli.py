@@ -60,6 +60,26 @@ def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
     return asyncio.run(_with_db(config, work))
 
 
+def cmd_vacuum(args: argparse.Namespace, config: Config) -> int:
+    from storage.retention import AUTO_VACUUM_INCREMENTAL, sqlite_file_bytes, vacuum_to_incremental
+
+    async def work(db) -> int:
+        if db.is_postgres:
+            print("PostgreSQL: nothing to do (autovacuum makes the space pruning frees reusable)")
+            return 0
+        before = sqlite_file_bytes(db.sync_engine)
+        mode = await asyncio.to_thread(vacuum_to_incremental, db.sync_engine)
+        after = sqlite_file_bytes(db.sync_engine)
+        print(f"vacuumed {db.sync_engine.url.database}: {before:,} bytes before, {after:,} bytes after")
+        if mode != AUTO_VACUUM_INCREMENTAL:
+            print(f"auto_vacuum is still {mode}, not incremental", file=sys.stderr)
+            return 1
+        print("auto_vacuum is incremental: pruning now shrinks the file")
+        return 0
+
+    return asyncio.run(_with_db(config, work))
+
+
 def cmd_project_create(args: argparse.Namespace, config: Config) -> int:
     from api.validation import normalize_email
     from pipeline.projects import create_project
@@ -202,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "the dispatcher then runs in a child process unless delivery.own_process = false)")
     serve.set_defaults(func=cmd_serve)
     sub.add_parser("migrate", help="bring the database schema up to date").set_defaults(func=cmd_migrate)
+    sub.add_parser("vacuum", help="SQLite: rewrite the file once so that pruning can shrink it (incremental "
+                                  "auto-vacuum). Stop plunkd first: it holds the write lock throughout and needs "
+                                  "free disk as large as the database").set_defaults(func=cmd_vacuum)
 
     project = sub.add_parser("project", help="create and list projects").add_subparsers(
         dest="action", required=True)

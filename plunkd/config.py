@@ -108,6 +108,10 @@ class DeliveryConfig:
     outbox_dir: str = ""
     """Empty means `<data_dir>/outbox` (file transport)."""
     dkim_selector: str = "plunkd"
+    keep_content_days: int = 7
+    """Days the MIME bytes of a settled email (sent, failed, suppressed) are kept; 0 = forever."""
+    keep_days: int = 90
+    """Days email rows are kept (their events stay); 0 = forever."""
     smtp: SmarthostConfig = field(default_factory=SmarthostConfig)
     ses: SesConfig = field(default_factory=SesConfig)
 
@@ -215,6 +219,8 @@ def _validate(config: Config) -> None:
         (config.smtp.max_message_bytes > 0, "smtp.max_message_bytes", "a number > 0"),
         (config.delivery.max_attempts > 0, "delivery.max_attempts", "a number > 0"),
         (config.delivery.concurrency > 0, "delivery.concurrency", "a number > 0"),
+        (config.delivery.keep_content_days >= 0, "delivery.keep_content_days", "a number of days >= 0"),
+        (config.delivery.keep_days >= 0, "delivery.keep_days", "a number of days >= 0"),
         (bool(config.smtp.cert_file) == bool(config.smtp.key_file), "smtp.cert_file",
          "set together with smtp.key_file"),
         (config.server.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "server.log_level",

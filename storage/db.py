@@ -73,7 +73,11 @@ class Database:
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    """auto_vacuum comes first: it takes effect only on a file with no tables yet, and before journal_mode,
+    which writes the header of a new file. On an existing file made without it this is a no-op
+    (`plunkd vacuum` converts one); with it, the pruner gives freed pages back (storage.retention)."""
     cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA auto_vacuum=INCREMENTAL")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")

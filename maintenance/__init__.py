@@ -1,0 +1,1 @@
+"""Background upkeep of the database: retention (`pruner`)."""
