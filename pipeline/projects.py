@@ -41,19 +41,3 @@ def rotate_keys(session: Session, id_or_name: str) -> IssuedKeys:
     secret_key, public_key = new_keys()
     project_store.replace_keys(session, project.id, secret_key, public_key)
     return IssuedKeys(project, secret_key, public_key)
-
-
-@dataclass(frozen=True)
-class SmtpAccount:
-    """Who an SMTP session authenticated as."""
-
-    project_id: str
-    project_name: str
-
-
-def smtp_account(session: Session, key: str) -> SmtpAccount | None:
-    """SMTP AUTH: only a project's secret key is a password; a public key is refused."""
-    found = project_store.find_project_by_key(session, key)
-    if found is None or found[1] != "secret":
-        return None
-    return SmtpAccount(found[0].id, found[0].name)

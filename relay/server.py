@@ -25,7 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.domains import UnverifiedSender, require_verified_sender
 from pipeline.errors import PipelineError
-from pipeline.projects import SmtpAccount, smtp_account
+from pipeline.keys import Caller, KeyCache
 from pipeline.submit import Submission, decoded_subject, parse_raw_headers, submit, submit_once
 from plunkd.config import ConfigError, SmtpConfig
 from relay.limits import AuthLimiter, SessionLimiter, raise_open_file_limit, session_cap
@@ -156,12 +156,14 @@ class RelaySettings:
 class RelayHandler:
     """aiosmtpd handler: async auth_* methods (the key lookup is a database read) and the hooks."""
 
-    def __init__(self, db: Any, settings: RelaySettings, on_queued: Callable[[], None] | None = None) -> None:
+    def __init__(self, db: Any, keys: KeyCache, settings: RelaySettings,
+                 on_queued: Callable[[], None] | None = None) -> None:
         self.db = db
+        self.keys = keys
         self.settings = settings
         self.limits = AuthLimiter(settings.config.auth_failure_limit, settings.config.lockout_seconds)
         self.on_queued = on_queued
-        self._lookups: dict[str, asyncio.Future[SmtpAccount | None]] = {}
+        self._lookups: dict[str, asyncio.Future[Caller | None]] = {}
 
     async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
         if len(args) == 1:
@@ -218,9 +220,10 @@ class RelayHandler:
         log.info("smtp AUTH ok from %s for project %s", peer, account.project_id)
         return AuthResult(success=True, auth_data=account)
 
-    async def _lookup(self, key: str) -> SmtpAccount | None:
-        """The database read for `key`, shared with any AUTH that asks for the same key meanwhile."""
-        lookup = asyncio.ensure_future(self.db.read(smtp_account, key))
+    async def _lookup(self, key: str) -> Caller | None:
+        """The project whose secret key `key` is (a public key is no password), from the key cache the
+        API shares; one lookup is shared with any AUTH that asks for the same key meanwhile."""
+        lookup = asyncio.ensure_future(self._secret_key_owner(key))
         lookup.add_done_callback(lambda done: done.cancelled() or done.exception())
         self._lookups[key] = lookup
         try:
@@ -228,6 +231,10 @@ class RelayHandler:
         finally:
             if self._lookups.get(key) is lookup:
                 del self._lookups[key]
+
+    async def _secret_key_owner(self, key: str) -> Caller | None:
+        owner = await self.keys.lookup(key)
+        return owner if owner is not None and owner.key_kind == "secret" else None
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
@@ -238,7 +245,7 @@ class RelayHandler:
             if not local_part or not domain or len(address) > 254 or any(ord(c) < 32 or c == "\x7f"
                                                                           for c in address):
                 return "553 5.1.7 Sender address must be local-part@domain"
-            account: SmtpAccount = session.auth_data
+            account: Caller = session.auth_data
             try:
                 await self.db.read(require_verified_sender, account.project_id, address)
             except UnverifiedSender as exc:
@@ -258,7 +265,7 @@ class RelayHandler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        account: SmtpAccount = session.auth_data
+        account: Caller = session.auth_data
         raw = bytes(envelope.original_content or b"")
         headers = parse_raw_headers(raw)
         from_fields = [str(value) for value in headers.get_all("From") or []]
@@ -311,14 +318,14 @@ def _address(peer: Any) -> str:
 class Relay:
     """Both listeners, served by `loop.create_server` in the running loop (no threaded Controller)."""
 
-    def __init__(self, db: Any, config: SmtpConfig, tls: Any, idempotency_hours: int = 24,
+    def __init__(self, db: Any, keys: KeyCache, config: SmtpConfig, tls: Any, idempotency_hours: int = 24,
                  on_queued: Callable[[], None] | None = None) -> None:
         for key in ("max_sessions", "max_sessions_per_ip", "idle_timeout_seconds"):
             if not getattr(config, key) > 0:
                 raise ConfigError(f"config key smtp.{key}: expected a number > 0")
         self.config = config
         self.tls = tls
-        self.handler = RelayHandler(db, RelaySettings(config, idempotency_hours), on_queued)
+        self.handler = RelayHandler(db, keys, RelaySettings(config, idempotency_hours), on_queued)
         self.sessions = SessionLimiter(config.max_sessions, config.max_sessions_per_ip)
         self.servers: list[asyncio.AbstractServer] = []
         self.tls_port = self.starttls_port = 0
