@@ -28,6 +28,7 @@ from pipeline.errors import PipelineError
 from pipeline.keys import Caller, KeyCache
 from pipeline.submit import Submission, decoded_subject, parse_raw_headers, submit, submit_once
 from plunkd.config import ConfigError, SmtpConfig
+from relay.data import ChunkedData
 from relay.limits import AuthLimiter, SessionLimiter, raise_open_file_limit, session_cap
 from relay.redaction import ClientTextFilter, error_summary, traceback_without_message
 
@@ -57,7 +58,7 @@ NULL_SENDER = "<>"
 PRIVILEGED_PORT_OFFSET = 2000
 
 
-class RelaySMTP(SMTP):
+class RelaySMTP(ChunkedData, SMTP):
     """aiosmtpd's SMTP with standard enhanced codes, a session slot per connection (`SessionLimiter`),
     an idle timeout counted from the last bytes received, and implicit TLS started here.
 
