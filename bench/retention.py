@@ -1,12 +1,13 @@
 """Database bytes per 10,000 accepted messages of ~10 KB, delivered, then pruned, against a bare table
 holding only the raw messages; and how long pruning takes.
 
-Messages are accepted through `pipeline.submit` as the SMTP relay calls it (raw MIME, one recipient each,
-200 submissions per write transaction), delivered by the real dispatcher with the file transport and no
-rate limit, then pruned by `maintenance.pruner.Pruner` with its clock moved forward: first just past
-keep_content_days (every delivered message's bytes are dropped), then past keep_days (email rows go
-too; contacts and events stay). SQLite sizes are of the database file after a checkpoint; PostgreSQL
-sizes are the tables' pg_total_relation_size, also after a plain VACUUM (what autovacuum does later).
+Messages (a receipt with a random attachment, base64) are accepted through `pipeline.submit` as the
+SMTP relay calls it (raw MIME, one recipient each, 200 submissions per write transaction), delivered by
+the real dispatcher with the file transport and no rate limit, then pruned by `maintenance.pruner.Pruner`
+with its clock moved forward: first just past keep_content_days (every delivered message's bytes are
+dropped), then past keep_days (email rows go too; contacts and events stay). SQLite sizes are of the
+database file after a checkpoint; PostgreSQL sizes are the tables' pg_total_relation_size, also after a
+plain VACUUM (what autovacuum does later).
 
     python -m bench.retention [--count 10000] [--size 10000] [--database-url postgresql+asyncpg://…]
 """
@@ -15,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import os
+import random
 import sqlite3
 import time
 import uuid
@@ -47,10 +50,12 @@ PG_TABLES_BYTES = ("SELECT sum(pg_total_relation_size(oid)) FROM pg_class "
 
 
 def message(index: int, size: int) -> bytes:
+    """A receipt with a base64 attachment of random bytes: as little compressible as real attachments
+    (PostgreSQL compresses values it stores; SQLite does not)."""
     head = (f"From: Shop <shop@bench.example>\r\nTo: user{index}@example.org\r\nSubject: Receipt {index}\r\n"
-            f"Content-Type: text/plain\r\n\r\n").encode()
-    line = f"order {index:>8} ".encode() + b"x" * 60 + b"\r\n"
-    return head + line * max(1, (size - len(head)) // len(line))
+            f"Content-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n").encode()
+    body = base64.encodebytes(random.Random(index).randbytes(max(1, (size - len(head)) * 3 // 4 - 200)))
+    return head + body.replace(b"\n", b"\r\n")
 
 
 @contextlib.asynccontextmanager
@@ -77,7 +82,7 @@ async def database_bytes(db: Database, vacuum: bool = False) -> int:
             conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
             if vacuum:
                 await conn.execute(text("VACUUM"))
-            return (await conn.execute(text(PG_TABLES_BYTES))).scalar_one()
+            return int((await conn.execute(text(PG_TABLES_BYTES))).scalar_one())
     await db.read(retention.checkpoint)
     return os.path.getsize(db.sync_engine.url.database)
 
