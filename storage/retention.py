@@ -62,7 +62,7 @@ def scan_contents(session: Session, after: str, before: str, limit: int) -> list
 
 
 def empty_contents(session: Session, content_ids: list[str]) -> int:
-    """Replace the bytes of these contents with b"", unless an email using one is queued again."""
+    """Replace the bytes of these contents with b"", checking again that no email using one is queued."""
     conn = session.connection()
     settled = (_CONTENT.c.id.in_(content_ids), func.length(_CONTENT.c.raw) > 0, ~_content_queued(_CONTENT.c.id))
     if conn.dialect.name == "sqlite":
@@ -111,7 +111,7 @@ def delete_settled_emails(session: Session, before: str, limit: int) -> DeletedE
     emails = conn.execute(delete(_EMAIL).where(_EMAIL.c.id.in_([row.id for row in picked]),
                                               ~_email_queued(_EMAIL.c.id))).rowcount
     still_used = select(_EMAIL.c.id).where(_EMAIL.c.content_id == _CONTENT.c.id).exists()
-    contents = conn.execute(delete(_CONTENT).where(_CONTENT.c.id.in_({row.content_id for row in picked}),
+    contents = conn.execute(delete(_CONTENT).where(_CONTENT.c.id.in_(sorted({row.content_id for row in picked})),
                                                   ~still_used)).rowcount
     return DeletedEmails(len(picked), emails, contents)
 
