@@ -36,14 +36,15 @@ class Database:
         self.is_postgres = url.startswith("postgresql")
         self.sync_engine: Engine | None = None
         if self.is_postgres:
-            self.engine: AsyncEngine = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size)
+            self.engine: AsyncEngine = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size,
+                                                           hide_parameters=True)
         else:
             path = url.split(":///", 1)[1] if ":///" in url else ""
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self.engine = create_async_engine(url, connect_args={"timeout": 30})
+            self.engine = create_async_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
-            self.sync_engine = create_engine(url.replace("sqlite+aiosqlite", "sqlite+pysqlite"),
+            self.sync_engine = create_engine(url.replace("sqlite+aiosqlite", "sqlite+pysqlite"), hide_parameters=True,
                                              connect_args={"timeout": 30, "check_same_thread": False})
             event.listen(self.sync_engine, "connect",
                          _sqlite_writer_connect if sync_every_commit else _sqlite_writer_connect_unsynced)

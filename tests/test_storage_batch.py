@@ -87,3 +87,25 @@ async def test_many_concurrent_callers_share_commits_and_all_land(db, project_id
     assert all(isinstance(r, list) for r in results)
     assert await db.read(count_rows, Email) == 200
     assert await db.read(count_rows, OutboxItem) == 200
+
+
+@pytest.mark.parametrize("light", [True, False])
+async def test_database_errors_never_carry_the_values_written(db, light, caplog):
+    """Errors from a write are logged and may reach SMTP logs; the statement's values (message bytes,
+    addresses) must not be in them."""
+    from sqlalchemy.exc import IntegrityError
+
+    issued = await db.write(lambda s: create_project(s, "shop", "shop@shop.example", "Shop"))
+    secret_body = b"secret-message-body-7c1f"
+
+    def orphan_content(session):
+        insert_at_commit(session, Email.__table__.insert(), {
+            "id": "e1", "project_id": issued.project.id, "content_id": "no-such-content",
+            "recipient": "private-recipient@example.org", "sender": "shop@shop.example",
+            "subject": secret_body.decode(), "source": "api", "status": "QUEUED", "created_at": utcnow()})
+
+    with pytest.raises(IntegrityError) as raised:
+        await db.write(orphan_content, light=light)
+    text = str(raised.value) + caplog.text
+    assert "private-recipient@example.org" not in text and secret_body.decode() not in text
+    assert "INSERT INTO emails" in str(raised.value)
