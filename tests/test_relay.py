@@ -261,16 +261,6 @@ async def test_mail_from_on_an_unverified_domain_is_550_before_data(relay):
     assert await relay.api.db.read(email_store.list_emails, relay.api.project_id) == []
 
 
-async def test_mail_from_that_is_not_an_address_is_553(relay):
-    def run():
-        with smtps(relay) as client:
-            client.login("plunk", relay.api.sk)
-            return [client.mail(address) for address in ("no-domain", "a" * 250 + "@example.com", "@example.com")]
-
-    ours = (553, b"5.1.7 Sender address must be local-part@domain")
-    assert await in_thread(run) == [ours, ours, (553, b"5.1.3 Error: malformed address")]
-
-
 async def test_null_sender_is_accepted_and_delivered_from_the_from_address(relay):
     def run():
         with smtps(relay) as client:
@@ -305,14 +295,17 @@ async def test_message_without_one_from_is_refused(relay, message):
     assert await relay.api.db.read(email_store.list_emails, relay.api.project_id) == []
 
 
-async def test_bad_recipient_addresses_are_553(relay):
+@pytest.mark.parametrize("command, ours", [("mail", (553, b"5.1.7 Sender address must be local-part@domain")),
+                                           ("rcpt", (553, b"5.1.3 Recipient address must be local-part@domain"))])
+async def test_malformed_addresses_are_553(relay, command, ours):
     def run():
         with smtps(relay) as client:
             client.login("plunk", relay.api.sk)
-            client.mail("x@example.com")
-            return [client.rcpt(address) for address in ("no-domain", "a" * 250 + "@example.org", "@example.org")]
+            if command == "rcpt":
+                client.mail("x@example.com")
+            send = getattr(client, command)
+            return [send(address) for address in ("no-domain", "a" * 250 + "@example.org", "@example.org")]
 
-    ours = (553, b"5.1.3 Recipient address must be local-part@domain")
     assert await in_thread(run) == [ours, ours, (553, b"5.1.3 Error: malformed address")]
 
 
