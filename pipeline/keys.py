@@ -3,9 +3,9 @@ database read per ask costs more than the rest of a small request."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
+from pipeline.cache import TtlCache
 from storage.db import Database
 from storage.projects import find_project_by_key
 
@@ -25,26 +25,20 @@ class KeyCache:
     """Keyed by the key itself (the process holds it anyway). A rotated key stops working within `ttl`
     seconds on every process that cached it; `forget()` drops the cache at once."""
 
-    def __init__(self, db: Database, ttl: float = 5.0, max_entries: int = 10_000) -> None:
+    def __init__(self, db: Database, ttl: float = 5.0) -> None:
         self.db = db
-        self.ttl = ttl
-        self.max_entries = max_entries
-        self._entries: dict[str, tuple[float, Caller | None]] = {}
+        self._owners: TtlCache[str, Caller | None] = TtlCache(ttl)
 
     def forget(self) -> None:
-        self._entries.clear()
+        self._owners.clear()
 
     async def lookup(self, key: str) -> Caller | None:
-        now = time.monotonic()
-        hit = self._entries.get(key)
-        if hit is not None and hit[0] > now:
-            return hit[1]
+        if key in self._owners:
+            return self._owners.get(key)
         found = await self.db.read(find_project_by_key, key)
         caller = None
         if found is not None:
             project, kind = found
             caller = Caller(project.id, project.name, project.from_email, project.from_name, kind)
-        if len(self._entries) >= self.max_entries:
-            self._entries.clear()
-        self._entries[key] = (now + self.ttl, caller)
+        self._owners.put(key, caller)
         return caller

@@ -23,7 +23,8 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline.domains import UnverifiedSender, require_verified_sender
+from pipeline.cache import TtlCache
+from pipeline.domains import UnverifiedSender, require_verified_sender, sender_domain
 from pipeline.errors import PipelineError
 from pipeline.keys import Caller, KeyCache
 from pipeline.submit import Submission, decoded_subject, parse_raw_headers, submit, submit_once
@@ -56,6 +57,7 @@ SESSION_ERROR = "451 4.3.0 Temporary server error; try again later"
 NULL_SENDER = "<>"
 """How aiosmtpd hands `MAIL FROM:<>` to the MAIL hook."""
 PRIVILEGED_PORT_OFFSET = 2000
+VERIFIED_SENDER_SECONDS = 5.0
 
 
 class RelaySMTP(ChunkedData, SMTP):
@@ -165,6 +167,9 @@ class RelayHandler:
         self.limits = AuthLimiter(settings.config.auth_failure_limit, settings.config.lockout_seconds)
         self.on_queued = on_queued
         self._lookups: dict[str, asyncio.Future[Caller | None]] = {}
+        self._verified_senders: TtlCache[tuple[str, str], bool] = TtlCache(VERIFIED_SENDER_SECONDS)
+        """(project, domain) pairs found verified at MAIL: a database read per message cost more than the
+        rest of MAIL. Only an early answer: `submit` checks again in the transaction that queues."""
 
     async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
         if len(args) == 1:
@@ -247,10 +252,13 @@ class RelayHandler:
                                                                           for c in address):
                 return "553 5.1.7 Sender address must be local-part@domain"
             account: Caller = session.auth_data
-            try:
-                await self.db.read(require_verified_sender, account.project_id, address)
-            except UnverifiedSender as exc:
-                return f"550 5.7.1 Sender address domain {exc.domain} is not a verified domain of this project"
+            verified = (account.project_id, sender_domain(address))
+            if verified not in self._verified_senders:
+                try:
+                    await self.db.read(require_verified_sender, account.project_id, address)
+                except UnverifiedSender as exc:
+                    return f"550 5.7.1 Sender address domain {exc.domain} is not a verified domain of this project"
+                self._verified_senders.put(verified, True)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"

@@ -418,3 +418,30 @@ async def test_tls_is_1_2_or_newer(relay):
             return client.sock.version()
 
     assert await in_thread(run) in ("TLSv1.2", "TLSv1.3")
+
+
+async def test_a_sender_domain_deleted_after_mail_is_still_refused_before_anything_is_stored(relay):
+    """MAIL remembers verified domains for a few seconds; the transaction that queues checks again."""
+    client = await in_thread(smtps, relay)
+
+    def first_mail():
+        client.login("plunk", relay.api.sk)
+        accepted = client.mail("bounce@example.com")
+        client.rset()
+        return accepted[0]
+
+    def second_transaction():
+        accepted = client.mail("bounce@example.com")
+        client.rcpt("ann@example.org")
+        return accepted[0], client.data(MESSAGE)
+
+    try:
+        assert await in_thread(first_mail) == 250
+        status, _ = await relay.api.call("DELETE", f"/domains/{relay.domain['id']}")
+        assert status == 200
+        accepted, refused = await in_thread(second_transaction)
+    finally:
+        await in_thread(client.close)
+    assert accepted == 250
+    assert refused == (550, b"5.7.1 Sender domain example.com is not a verified domain of this project")
+    assert await relay.api.db.read(email_store.list_emails, relay.api.project_id) == []
