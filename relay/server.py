@@ -12,11 +12,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from email._header_value_parser import get_addr_spec, get_angle_addr
+from email.errors import HeaderParseError
 from email.utils import getaddresses
 from typing import Any
 
@@ -143,6 +146,11 @@ class RelaySMTP(ChunkedData, SMTP):
             self._reset_timeout(self._timeout_duration - quiet)
             return
         super()._timeout_cb()
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's parse of a MAIL/RCPT argument, remembered: aiosmtpd builds a class and runs the email
+        package's header parser on every call, and an app repeats the same sender on every message."""
+        return parsed_address(arg, self.local_part_limit)
 
     async def push(self, status: Any) -> None:
         if isinstance(status, str):
@@ -314,6 +322,22 @@ class RelayHandler:
         answered with a temporary failure, so the client keeps its mail and tries again."""
         log.error("smtp session error: %s", traceback_without_message((type(error), error, error.__traceback__)))
         return SESSION_ERROR
+
+
+@functools.lru_cache(maxsize=4096)
+def parsed_address(arg: str, local_part_limit: int) -> tuple[str | None, str | None]:
+    """What aiosmtpd 1.4's `SMTP._getaddr` answers for `arg`, with its own parsers; where those crash
+    (`MAIL FROM:a@` raises IndexError inside the email package) the address is malformed instead."""
+    if not arg:
+        return "", ""
+    try:
+        address, rest = get_angle_addr(arg) if arg.lstrip().startswith("<") else get_addr_spec(arg)
+    except (HeaderParseError, IndexError):
+        return None, None
+    local_part = address.addr_spec.rpartition("@")[0]
+    if local_part_limit and len(local_part) > local_part_limit:
+        return None, None
+    return address.addr_spec, rest
 
 
 def _peer(session: Session) -> str:

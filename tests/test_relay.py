@@ -445,3 +445,34 @@ async def test_a_sender_domain_deleted_after_mail_is_still_refused_before_anythi
     assert accepted == 250
     assert refused == (550, b"5.7.1 Sender domain example.com is not a verified domain of this project")
     assert await relay.api.db.read(email_store.list_emails, relay.api.project_id) == []
+
+
+ADDRESS_ARGUMENTS = ["<a@example.com>", "<a@example.com> SIZE=100", "a@example.com", "<>", "", "  <a@b.c>",
+                     "<\"quoted local\"@example.com>", "<a@[127.0.0.1]>", "<@route:a@example.com>",
+                     "<a@example.com", "a@", "<" + "x" * 70 + "@example.com>", "<a@example.com> BODY=8BITMIME",
+                     "<ünï@exämple.com>", "<a\\@b@example.com>", "no-domain", "<a(comment)@example.com>"]
+
+
+@pytest.mark.parametrize("argument", ADDRESS_ARGUMENTS)
+def test_remembered_address_parse_answers_as_aiosmtpd(argument):
+    from aiosmtpd.smtp import SMTP
+
+    from relay.server import parsed_address
+
+    reference = SMTP(handler=None)
+    for limit in (0, 64):
+        reference.local_part_limit = limit
+        try:
+            expected = reference._getaddr(argument)
+        except IndexError:  # aiosmtpd's parser crashes on e.g. "a@"; ours calls it malformed
+            expected = (None, None)
+        assert parsed_address(argument, limit) == expected
+
+
+async def test_an_address_that_crashes_aiosmtpds_parser_is_553(relay):
+    def run():
+        with smtps(relay) as client:
+            client.login("plunk", relay.api.sk)
+            return client.docmd("MAIL", "FROM:a@"), client.noop()
+
+    assert await in_thread(run) == ((553, b"5.1.3 Error: malformed address"), (250, b"OK"))
