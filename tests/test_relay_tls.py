@@ -4,12 +4,15 @@ handshake, on both ports; and nothing older than TLS 1.2 is spoken."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import smtplib
 import socket
 import ssl
 import warnings
 
 import pytest
+
+from tests.test_relay import MESSAGE, submission_port
 
 
 def implicit_tls_banner(env, session=None) -> ssl.SSLSocket:
@@ -78,3 +81,30 @@ async def test_old_tls_versions_are_refused(relay, version):
 
     with pytest.raises(ssl.SSLError):
         await asyncio.to_thread(handshake)
+
+
+async def test_a_closed_starttls_session_frees_its_tls_layer_without_the_cycle_collector(relay):
+    """aiosmtpd's STARTTLS leaves the session and its SSLProtocol (with 256 KiB of buffers) pointing at
+    each other; without breaking that at close, a stream of new connections held hundreds of MB until a
+    full garbage collection."""
+    from asyncio import sslproto
+
+    def tls_layers() -> int:
+        return sum(isinstance(obj, sslproto.SSLProtocol) for obj in gc.get_objects())
+
+    def send_one():
+        with submission_port(relay) as client:
+            client.login("plunk", relay.api.sk)
+            client.sendmail("bounce@example.com", ["ann@example.org"], MESSAGE)
+
+    gc.collect()
+    gc.disable()
+    try:
+        before = tls_layers()
+        for _ in range(8):
+            await asyncio.to_thread(send_one)
+        await asyncio.sleep(0.3)
+        after = tls_layers()
+    finally:
+        gc.enable()
+    assert after - before <= 1, f"{after - before} TLS layers of closed sessions are still alive"
