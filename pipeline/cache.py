@@ -8,7 +8,7 @@ from typing import Generic, TypeVar
 
 K = TypeVar("K")
 V = TypeVar("V")
-_MISSING = object()
+D = TypeVar("D")
 
 
 class TtlCache(Generic[K, V]):
@@ -20,7 +20,8 @@ class TtlCache(Generic[K, V]):
         self.max_entries = max_entries
         self._entries: dict[K, tuple[float, V]] = {}
 
-    def get(self, key: K, default: V | None = None) -> V | None:
+    def get(self, key: K, default: D = None) -> V | D:
+        """The live value, or `default` (pass a sentinel where None is a value worth caching)."""
         hit = self._entries.get(key)
         if hit is None or hit[0] <= time.monotonic():
             return default

@@ -9,6 +9,8 @@ from pipeline.cache import TtlCache
 from storage.db import Database
 from storage.projects import find_project_by_key
 
+_UNKNOWN = object()
+
 
 @dataclass(frozen=True)
 class Caller:
@@ -33,8 +35,9 @@ class KeyCache:
         self._owners.clear()
 
     async def lookup(self, key: str) -> Caller | None:
-        if key in self._owners:
-            return self._owners.get(key)
+        cached = self._owners.get(key, _UNKNOWN)
+        if cached is not _UNKNOWN:
+            return cached
         found = await self.db.read(find_project_by_key, key)
         caller = None
         if found is not None:
