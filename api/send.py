@@ -26,8 +26,8 @@ from api.context import CONFIG, DB, ON_QUEUED
 from api.envelope import dumps, success
 from api.routing import Route, caller
 from api.schemas import Sent
-from api.validation import EMAIL_SCHEMA, Body, Data, Email, case_insensitive, check_data_size, read_json, validate
-from pipeline.compose import HEADER_NAME, Attachment, MessageSpec, is_safe_header_value
+from api.validation import EMAIL_SCHEMA, Body, Data, Email, body_from, case_insensitive, read_json
+from pipeline.compose import HEADER_CONTROL, HEADER_NAME, Attachment, MessageSpec, is_safe_header_value
 from pipeline.errors import FieldError, NotFound, ValidationFailed
 from pipeline.submit import Submission, run_idempotent, submit
 
@@ -49,7 +49,9 @@ def refuse_control_characters(value: Any) -> Any:
 
 
 InHeader = BeforeValidator(refuse_control_characters)
-HEADER_SAFE = "^[^\\u0000-\\u0008\\u000a-\\u001f\\u007f]*$"
+HEADER_CONTROLS = HEADER_CONTROL.pattern[1:-1]
+"""The character-class body of `HEADER_CONTROL`, for the JSON-schema patterns below."""
+HEADER_SAFE = f"^[^{HEADER_CONTROLS}]*$"
 """JSON-schema form of `is_safe_header_value`."""
 HeaderText = Annotated[str, StringConstraints(max_length=998), InHeader,
                        WithJsonSchema({"type": "string", "maxLength": 998, "pattern": HEADER_SAFE})]
@@ -65,7 +67,7 @@ HEADER_NAMES_SCHEMA = {"pattern": f"^{HEADER_NAME.pattern}$", "not": {"pattern":
 class AttachmentBody(Body):
     filename: Annotated[str, StringConstraints(min_length=1, max_length=255), InHeader,
                         WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 255,
-                                        "pattern": "^[^\\u0000-\\u0008\\u000a-\\u001f\\u007f/\\\\]*$"})]
+                                        "pattern": f"^[^{HEADER_CONTROLS}/\\\\]*$"})]
     content: Annotated[str, StringConstraints(min_length=1, max_length=14_000_000),
                        WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 14_000_000,
                                        "pattern": BASE64})]
@@ -149,10 +151,7 @@ async def send_email(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     who = caller(request)
     payload = await read_json(request)
-    if not isinstance(payload, dict):
-        raise ValidationFailed([FieldError("body", "Expected a JSON object", "invalid_type")])
-    body = validate(SendBody, payload)
-    check_data_size(request, body.data)
+    body = body_from(request, payload, SendBody)
     if body.template is not None:
         raise NotFound(f"Template {body.template} not found", "Send subject and body instead.")
     errors = _header_errors(body.headers or {})

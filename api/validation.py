@@ -166,13 +166,17 @@ def check_data_size(request: web.Request, data: dict[str, Any] | None, field: st
                                                   "accepted in one call (api.max_data_bytes)", "too_big")])
 
 
-async def read_body(request: web.Request, model: type[M]) -> M:
-    payload = await read_json(request)
+def body_from(request: web.Request, payload: Any, model: type[M]) -> M:
+    """A parsed JSON body as `model`: an object, valid, and its `data` within `api.max_data_bytes`."""
     if not isinstance(payload, dict):
         raise ValidationFailed([FieldError("body", "Expected a JSON object", "invalid_type")])
     body = validate(model, payload)
     check_data_size(request, getattr(body, "data", None))
     return body
+
+
+async def read_body(request: web.Request, model: type[M]) -> M:
+    return body_from(request, await read_json(request), model)
 
 
 def page_params(request: web.Request) -> tuple[int, str | None]:
