@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from api import contacts, domains, events, send, system, track
-from api.context import CONFIG, DB, KEYS, ON_QUEUED, RATE_LIMITER
+from api import campaigns, contacts, domains, events, pages, segments, send, system, templates, track
+from api.context import CONFIG, DB, KEYS, LINKS, ON_QUEUED, RATE_LIMITER
 from api.middleware import envelope_middleware
 from api.ratelimit import WindowRateLimiter
 from api.routing import Route, register
 from pipeline.keys import KeyCache
+from pipeline.links import make_signer
 from plunkd.config import Config
 from storage.db import Database
 
 
 def all_routes() -> list[Route]:
-    return [*system.ROUTES, *send.ROUTES, *track.ROUTES, *contacts.ROUTES, *events.ROUTES, *domains.ROUTES]
+    return [*system.ROUTES, *send.ROUTES, *track.ROUTES, *contacts.ROUTES, *events.ROUTES, *domains.ROUTES,
+            *templates.ROUTES, *segments.ROUTES, *campaigns.ROUTES, *pages.ROUTES]
 
 
 def build_api(config: Config, db: Database) -> web.Application:
@@ -25,6 +27,7 @@ def build_api(config: Config, db: Database) -> web.Application:
     app[KEYS] = KeyCache(db)
     app[RATE_LIMITER] = WindowRateLimiter(config.api.rate_limit_per_minute)
     app[ON_QUEUED] = []
+    app[LINKS] = make_signer(config.server.link_secret, config.data_path, config.server.public_url)
     routes = all_routes()
     register(app, routes)
     app[system.OPENAPI] = system.build_openapi(routes)

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from api.ratelimit import WindowRateLimiter
 from pipeline.keys import KeyCache
+from pipeline.links import LinkSigner
 from plunkd.config import Config
 from storage.db import Database
 
@@ -15,3 +16,5 @@ KEYS = web.AppKey("keys", KeyCache)
 RATE_LIMITER = web.AppKey("rate_limiter", WindowRateLimiter)
 ON_QUEUED = web.AppKey("on_queued", list)
 """Callables run after mail is queued (the dispatcher's wake-up), so api/ needs no delivery/ import."""
+LINKS = web.AppKey("links", LinkSigner)
+"""Signs and checks the per-contact unsubscribe/subscribe/preferences links."""

@@ -14,6 +14,9 @@ from html.parser import HTMLParser
 from typing import Any
 from urllib.parse import quote
 
+from pipeline.layout import plunk_layout
+from pipeline.links import LinkSigner
+
 VARIABLE = re.compile(r"\{\{\s*([A-Za-z0-9_.\-]+)\s*(?:\?\?\s*(.*?)\s*)?\}\}")
 HTML_HINT = re.compile(r"<\s*(html|body|p|div|br|table|a|span|h[1-6]|img|strong|em|b|i|ul|ol|li)\b", re.I)
 HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")
@@ -180,12 +183,22 @@ def _multipart(subtype: str, parts: list[bytes]) -> bytes:
     return b"".join(out)
 
 
+def text_to_html(text: str) -> str:
+    """Plain text as HTML paragraphs, for a PLUNK-style body written without markup."""
+    paragraphs = re.split(r"\n\s*\n", text.replace("\r\n", "\n").strip())
+    return "\n".join(f"<p>{html.escape(p).replace(chr(10), '<br>')}</p>" for p in paragraphs if p)
+
+
 @dataclass
 class MessageSpec:
-    """What an API send asked for; `build` turns it into one recipient's message.
+    """What an API send or a campaign asked for; `build` turns it into one recipient's message.
 
     The MIME is written directly (quoted-printable text, base64 attachments, RFC 2047 headers):
     `email.message.EmailMessage` costs over a millisecond per message, and this runs per recipient.
+    With `links` the message is marketing mail: it carries the contact's signed unsubscribe link as
+    `List-Unsubscribe` (with RFC 8058 one-click) and `{{unsubscribe_url}}`, `{{subscribe_url}}` and
+    `{{preferences_url}}` are filled. `style` PLUNK wraps the body in the house layout (whose footer
+    links there for marketing mail); HTML sends the body as written.
     """
 
     from_email: str
@@ -195,15 +208,33 @@ class MessageSpec:
     reply_to: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
     attachments: list[Attachment] = field(default_factory=list)
+    style: str = "HTML"
+    links: LinkSigner | None = None
+    campaign_id: str | None = None
 
     def build(self, recipient: str, variables: dict[str, Any]) -> bytes:
+        contact_links = None
+        if self.links is not None:
+            contact_links = self.links.links(variables["plunk_id"], self.from_email, self.campaign_id)
+            variables = {**variables, "unsubscribe_url": contact_links.unsubscribe,
+                         "subscribe_url": contact_links.subscribe, "preferences_url": contact_links.preferences}
         lines = [header_line("From", self.from_name, self.from_email), header_line("To", "", recipient),
                  header_line("Subject", render(self.subject, variables))]
         if self.reply_to:
             lines.append(header_line("Reply-To", "", self.reply_to))
         lines += [header_line(name, render(value, variables)) for name, value in self.headers.items()]
+        if contact_links is not None:
+            lines.append(header_line("List-Unsubscribe", f"<{contact_links.unsubscribe}>, <{contact_links.mailto}>"))
+            lines.append("List-Unsubscribe-Post: List-Unsubscribe=One-Click")
         lines.append("MIME-Version: 1.0")
-        if looks_like_html(self.body):
+        if self.style == "PLUNK":
+            markup = render(self.body, variables, escape=True)
+            if not looks_like_html(markup):
+                markup = text_to_html(render(self.body, variables))
+            markup = plunk_layout(markup, contact_links)
+            content = _multipart("alternative", [_text_part(html_to_text(markup), "plain"),
+                                                 _text_part(markup, "html")])
+        elif looks_like_html(self.body):
             markup = render(self.body, variables, escape=True)
             content = _multipart("alternative", [_text_part(html_to_text(markup), "plain"),
                                                  _text_part(markup, "html")])

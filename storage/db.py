@@ -113,5 +113,5 @@ def alembic_config(connection: Connection | None = None) -> AlembicConfig:
     return cfg
 
 
-def _upgrade_to_head(connection: Connection) -> None:
-    command.upgrade(alembic_config(connection), "head")
+def _upgrade_to_head(connection: Connection, revision: str = "head") -> None:
+    command.upgrade(alembic_config(connection), revision)

@@ -13,16 +13,19 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     Boolean,
+    CheckConstraint,
     DateTime,
     ForeignKey,
     Index,
     Integer,
     LargeBinary,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.expression import false, text
 from sqlalchemy.types import TypeDecorator
 
 _last_stamp = 0
@@ -113,6 +116,7 @@ class Event(Base):
         Index("ix_events_project_id_id", "project_id", "id"),
         Index("ix_events_project_id_name", "project_id", "name"),
         Index("ix_events_contact_id", "contact_id"),
+        Index("ix_events_email_id", "email_id"),
     )
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
@@ -130,16 +134,22 @@ class Content(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
     raw: Mapped[bytes] = mapped_column(LargeBinary)
+    deferred: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """`raw` is not MIME but a campaign's message spec (JSON), composed per recipient when it is sent."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Email(Base):
     __tablename__ = "emails"
-    __table_args__ = (Index("ix_emails_project_id_id", "project_id", "id"),)
+    __table_args__ = (Index("ix_emails_project_id_id", "project_id", "id"),
+                      Index("uq_emails_campaign_contact", "campaign_id", "contact_id", unique=True))
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
     contact_id: Mapped[str | None] = mapped_column(ForeignKey("contacts.id", ondelete="SET NULL"), nullable=True)
     content_id: Mapped[str] = mapped_column(ForeignKey("contents.id"), index=True)
+    campaign_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    """Set on a campaign's live sends: at most one email per campaign and contact, whatever retries.
+    Not a foreign key, so the column could be added without rebuilding this (large) table on SQLite."""
     recipient: Mapped[str] = mapped_column(String(320))
     sender: Mapped[str] = mapped_column(String(320))
     envelope_sender: Mapped[str | None] = mapped_column(String(320), nullable=True)
@@ -158,9 +168,14 @@ class OutboxItem(Base):
     """One row per email still to deliver; a dispatcher claims it by setting a lease."""
 
     __tablename__ = "outbox"
-    __table_args__ = (Index("ix_outbox_due_at", "due_at"),)
+    __table_args__ = (Index("ix_outbox_priority_due_at", "priority", "due_at"),
+                      Index("ix_outbox_campaign_id", "campaign_id"))
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     email_id: Mapped[str] = mapped_column(ForeignKey("emails.id", ondelete="CASCADE"), unique=True)
+    priority: Mapped[int] = mapped_column(SmallInteger, default=0, server_default=text("0"))
+    """Claimed lowest first: 0 transactional (API, SMTP, tests), 1 campaigns."""
+    campaign_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    """The email's campaign, here too so a cancel or a 'done yet?' check is one index lookup."""
     due_at: Mapped[datetime] = mapped_column(default=utcnow)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -186,3 +201,79 @@ class IdempotencyRecord(Base):
     request_digest: Mapped[str] = mapped_column(String(64))
     response: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Template(Base):
+    __tablename__ = "templates"
+    __table_args__ = (Index("ix_templates_project_id_id", "project_id", "id"),
+                      CheckConstraint("type IN ('MARKETING', 'TRANSACTIONAL')", name="ck_templates_type"),
+                      CheckConstraint("style IN ('PLUNK', 'HTML')", name="ck_templates_style"))
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    subject: Mapped[str] = mapped_column(Text)
+    body: Mapped[str] = mapped_column(Text)
+    type: Mapped[str] = mapped_column(String(16), default="MARKETING")
+    style: Mapped[str] = mapped_column(String(8), default="PLUNK")
+    from_email: Mapped[str | None] = mapped_column(String(320), nullable=True)
+    from_name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    reply_to: Mapped[str | None] = mapped_column(String(320), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Segment(Base):
+    """A named filter over a project's contacts (`condition`, see `pipeline.segments`)."""
+
+    __tablename__ = "segments"
+    __table_args__ = (UniqueConstraint("project_id", "slug"), Index("ix_segments_project_id_id", "project_id", "id"))
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    slug: Mapped[str] = mapped_column(String(100))
+    condition: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    track_membership: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class SegmentMember(Base):
+    """Who is in a segment with membership tracking on, so a change can tell entry from exit."""
+
+    __tablename__ = "segment_members"
+    __table_args__ = (Index("ix_segment_members_contact_id", "contact_id"),)
+    segment_id: Mapped[str] = mapped_column(ForeignKey("segments.id", ondelete="CASCADE"), primary_key=True)
+    contact_id: Mapped[str] = mapped_column(ForeignKey("contacts.id", ondelete="CASCADE"), primary_key=True)
+    entered_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Campaign(Base):
+    """A marketing send to an audience: every subscribed contact (ALL), a segment, or a LIST of
+    contact ids and emails. DRAFT → SCHEDULED → SENDING → SENT, or CANCELLED."""
+
+    __tablename__ = "campaigns"
+    __table_args__ = (Index("ix_campaigns_project_id_id", "project_id", "id"),
+                      Index("ix_campaigns_status_scheduled_at", "status", "scheduled_at"))
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200), default="")
+    subject: Mapped[str] = mapped_column(Text, default="")
+    body: Mapped[str] = mapped_column(Text, default="")
+    style: Mapped[str] = mapped_column(String(8), default="PLUNK")
+    template_id: Mapped[str | None] = mapped_column(ForeignKey("templates.id"), nullable=True)
+    from_email: Mapped[str | None] = mapped_column(String(320), nullable=True)
+    from_name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    reply_to: Mapped[str | None] = mapped_column(String(320), nullable=True)
+    audience: Mapped[str] = mapped_column(String(8), default="ALL")
+    segment_id: Mapped[str | None] = mapped_column(ForeignKey("segments.id"), nullable=True)
+    recipients: Mapped[list[str]] = mapped_column(JSON, default=list)
+    status: Mapped[str] = mapped_column(String(12), default="DRAFT")
+    scheduled_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    fanout_cursor: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    """The last contact id queued; a fan-out that died resumes after it."""
+    fanout_done: Mapped[bool] = mapped_column(Boolean, default=False)
+    recipient_count: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
