@@ -51,14 +51,16 @@ def merge_data(stored: dict[str, Any], incoming: dict[str, Any] | None) -> tuple
     return merged, variables
 
 
-def record_subscription(session: Session, project_id: str, contact: ContactRecord, subscribed: bool) -> bool:
-    """Set the contact's state; a real change records contact.subscribed / contact.unsubscribed."""
+def record_subscription(session: Session, project_id: str, contact: ContactRecord, subscribed: bool,
+                        event_data: dict[str, Any] | None = None, email_id: str | None = None) -> bool:
+    """Set the contact's state; a real change records contact.subscribed / contact.unsubscribed (with
+    `event_data`, and `email_id` when the change came from a link in that email)."""
     if contact.subscribed == subscribed:
         return False
     contact.subscribed = subscribed
     contact_store.update_contact(session, contact.id, subscribed=subscribed)
     name = "contact.subscribed" if subscribed else "contact.unsubscribed"
-    event_store.insert_event(session, project_id, contact.id, name, {})
+    event_store.insert_event(session, project_id, contact.id, name, event_data or {}, email_id=email_id)
     return True
 
 
