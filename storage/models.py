@@ -271,6 +271,8 @@ class Campaign(Base):
     scheduled_at: Mapped[datetime | None] = mapped_column(nullable=True)
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    content_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    """The deferred content (message spec) its emails share, written when the fan-out starts."""
     fanout_cursor: Mapped[str | None] = mapped_column(String(36), nullable=True)
     """The last contact id queued; a fan-out that died resumes after it."""
     fanout_done: Mapped[bool] = mapped_column(Boolean, default=False)

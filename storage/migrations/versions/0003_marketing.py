@@ -82,6 +82,7 @@ def upgrade() -> None:
     sa.Column('scheduled_at', storage.models.UTCDateTime(), nullable=True),
     sa.Column('started_at', storage.models.UTCDateTime(), nullable=True),
     sa.Column('finished_at', storage.models.UTCDateTime(), nullable=True),
+    sa.Column('content_id', sa.String(length=36), nullable=True),
     sa.Column('fanout_cursor', sa.String(length=36), nullable=True),
     sa.Column('fanout_done', sa.Boolean(), nullable=False),
     sa.Column('recipient_count', sa.Integer(), nullable=False),
