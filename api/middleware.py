@@ -16,6 +16,8 @@ from pipeline.errors import NotFound, PipelineError
 
 log = logging.getLogger("plunkd.api")
 REQUEST_ID = "plunkd.request_id"
+LOGGED_PATH = "plunkd.logged_path"
+"""Set by a handler whose path holds a secret (a signed link's token): the path the log shows instead."""
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -50,7 +52,8 @@ async def envelope_middleware(request: web.Request, handler) -> web.StreamRespon
         if exc.status == 405:
             response.headers["Allow"] = await allowed_methods(request)
     except Exception:
-        log.exception("request %s %s failed (request id %s)", request.method, request.path, rid)
+        log.exception("request %s %s failed (request id %s)", request.method, request.get(LOGGED_PATH, request.path),
+                      rid)
         response = failure(InternalError("Internal server error"), rid)
     allowance = request.get("plunkd.ratelimit")
     if allowance is not None:
@@ -59,7 +62,7 @@ async def envelope_middleware(request: web.Request, handler) -> web.StreamRespon
     origin = request.get(CORS_ORIGIN)
     if origin is not None:
         response.headers.update(cors_headers(origin))
-    log.info("%s %s %d %.1fms rid=%s", request.method, request.path, response.status,
+    log.info("%s %s %d %.1fms rid=%s", request.method, request.get(LOGGED_PATH, request.path), response.status,
              (time.perf_counter() - started) * 1000, rid)
     return response
 

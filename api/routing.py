@@ -52,6 +52,9 @@ class Route:
     """Answer HEAD like GET (without a body)."""
     raw: bool = False
     """The handler answers its own JSON document, outside the envelope (/openapi.json)."""
+    page: bool = False
+    """A server-rendered HTML page for people (the signed contact links), not API: it answers every
+    outcome, errors included, as HTML itself, and is left out of /openapi.json."""
 
     def paths(self) -> list[str]:
         if self.scope == "public":

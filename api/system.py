@@ -131,7 +131,7 @@ def build_openapi(routes: list[Route]) -> dict[str, Any]:
     every status it can answer and the schema of each reply."""
     spec = _Spec()
     paths: dict[str, dict[str, Any]] = {}
-    for route in routes:
+    for route in (r for r in routes if not r.page):
         for legacy, route_paths in ((False, route.paths()), (True, route.legacy_paths())):
             operation = _operation(spec, route, legacy)
             for path in route_paths:
