@@ -1,7 +1,11 @@
 """The dispatcher: claim due outbox rows, finish and sign each message, wait on the shared rate,
 hand it to the transport, and record what happened. Steps, in order, for one email:
 
-    skip_if_suppressed → add_outgoing_headers → dkim_sign → bucket.acquire → transport.send → record
+    skip_if_suppressed → compose_deferred → add_outgoing_headers → dkim_sign → bucket.acquire
+    → transport.send → record
+
+Campaign mail is stored as a deferred spec; `compose_deferred` (handed in by the wiring, as delivery
+does not import the pipeline) composes it for its recipient, or says not to send it.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import random
 import socket
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -30,6 +35,8 @@ from storage.emails import Claimed
 from storage.models import Domain, utcnow
 
 log = logging.getLogger("plunkd.delivery")
+ComposeDeferred = Callable[[str, bytes, str | None], Awaitable[bytes | None]]
+"""(content id, deferred spec, contact id) → the recipient's message, or None: do not send it."""
 INLINE_SIGN_BYTES = 256_000
 """Bigger messages are canonicalized in a thread so the event loop keeps serving."""
 
@@ -54,8 +61,9 @@ def retry_delay(attempt: int, base: float) -> float:
 
 class Dispatcher:
     def __init__(self, db: Database, transport: Transport, bucket: TokenBucket, settings: DeliveryConfig,
-                 worker: str | None = None) -> None:
+                 worker: str | None = None, compose_deferred: ComposeDeferred | None = None) -> None:
         self.db = db
+        self.compose_deferred = compose_deferred
         self.transport = transport
         self.bucket = bucket
         self.settings = settings
@@ -139,9 +147,20 @@ class Dispatcher:
                                 light=True)
             log.info("email %s: skipped, %s is suppressed", item.email_id, item.recipient)
             return None
+        raw = item.raw
+        if item.deferred:
+            composed = None if self.compose_deferred is None else await self.compose_deferred(
+                item.content_id, item.raw, item.contact_id)
+            if composed is None:
+                await self.db.write(lambda s: email_store.mark_failed(
+                    s, item.outbox_id, item.email_id, "SKIPPED", "the contact unsubscribed or was deleted before "
+                                                                 "this campaign email went out"), light=True)
+                log.info("email %s: skipped, its contact is no longer subscribed", item.email_id)
+                return None
+            raw = composed
         domain_name = item.sender.rsplit("@", 1)[-1].lower()
         domain = await self._signing_key(item.project_id, domain_name)
-        message, message_id = add_outgoing_headers(item.raw, domain_name)
+        message, message_id = add_outgoing_headers(raw, domain_name)
         if domain is None:
             await self._record(item, message_id, SendResult.fail(f"no DKIM key for {domain_name}"))
             return None

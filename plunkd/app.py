@@ -84,12 +84,15 @@ async def relay_ctx(app: web.Application, config: Config, db: Database) -> Async
 
 
 async def delivery_ctx(app: web.Application, config: Config, db: Database) -> AsyncIterator[None]:
-    """The dispatcher and its transport, for as long as the server runs, and the pruner beside it (so one
-    process per node prunes)."""
+    """The dispatcher and its transport, for as long as the server runs, and beside it the pruner and the
+    campaign fan-out (so one process per node prunes and fans out)."""
     from delivery.bucket import TokenBucket
     from delivery.dispatcher import Dispatcher
     from delivery.transports import make_transport
     from maintenance.pruner import Pruner
+    from marketing.fanout import CampaignFanOut
+    from pipeline.campaigns import CampaignComposer
+    from pipeline.links import make_signer
 
     transport = make_transport(config)
     rate = config.delivery.rate_per_second
@@ -98,7 +101,9 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
         if ses_rate and (rate <= 0 or ses_rate < rate):
             log.info("using SES's send quota of %.1f/s instead of the configured %.1f/s", ses_rate, rate)
             rate = ses_rate
-    dispatcher = Dispatcher(db, transport, TokenBucket(rate), config.delivery)
+    links = make_signer(config.server.link_secret, config.data_path, config.server.public_url)
+    dispatcher = Dispatcher(db, transport, TokenBucket(rate), config.delivery,
+                            compose_deferred=CampaignComposer(db.read, links))
     app[ON_QUEUED].append(dispatcher.wake)
     wake_fd = os.environ.get(WAKE_FD_ENV)
     if wake_fd:
@@ -106,10 +111,12 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
     task = asyncio.create_task(dispatcher.run(), name="dispatcher")
     log.info("dispatcher %s started: transport %s, %.1f recipients/s", dispatcher.worker, transport.name, rate)
     pruner = asyncio.create_task(Pruner(db, config.delivery).run(), name="pruner")
+    fanout = asyncio.create_task(CampaignFanOut(db, dispatcher.wake, config.delivery.poll_seconds).run(),
+                                 name="campaign-fanout")
     yield
-    pruner.cancel()
-    task.cancel()
-    await asyncio.gather(task, pruner, return_exceptions=True)
+    for background in (pruner, task, fanout):
+        background.cancel()
+    await asyncio.gather(task, pruner, fanout, return_exceptions=True)
     await dispatcher.drain()
     await transport.close()
 

@@ -66,12 +66,17 @@ class Claimed:
     """The Return-Path to deliver with; None: the From address (`sender`)."""
     raw: bytes
     suppressed: bool
+    content_id: str = ""
+    deferred: bool = False
+    """`raw` is a campaign's message spec, composed for this recipient when sent."""
 
 
 def claim_due(session: Session, worker: str, limit: int, lease_seconds: float, postgres: bool) -> list[Claimed]:
-    """Take up to `limit` due rows for `worker`, leasing them for `lease_seconds`."""
+    """Take up to `limit` due rows for `worker`, leasing them for `lease_seconds`: the lowest priority
+    first (transactional mail before campaign mail), then the longest due."""
     now = utcnow()
-    due = select(_OUTBOX.c.id).where(_OUTBOX.c.due_at <= now).order_by(_OUTBOX.c.due_at).limit(limit)
+    due = (select(_OUTBOX.c.id).where(_OUTBOX.c.due_at <= now).order_by(_OUTBOX.c.priority, _OUTBOX.c.due_at)
+           .limit(limit))
     if postgres:
         due = due.with_for_update(skip_locked=True)
     conn = session.connection()
@@ -84,9 +89,10 @@ def claim_due(session: Session, worker: str, limit: int, lease_seconds: float, p
                                               Suppression.email == _EMAIL.c.recipient).exists()
     rows = conn.execute(
         select(_OUTBOX.c.id, _OUTBOX.c.attempts, _EMAIL.c.id, _EMAIL.c.project_id, _EMAIL.c.contact_id,
-               _EMAIL.c.recipient, _EMAIL.c.sender, _EMAIL.c.envelope_sender, _CONTENT.c.raw, suppressed)
+               _EMAIL.c.recipient, _EMAIL.c.sender, _EMAIL.c.envelope_sender, _CONTENT.c.raw, suppressed,
+               _CONTENT.c.id, _CONTENT.c.deferred)
         .join(_EMAIL, _EMAIL.c.id == _OUTBOX.c.email_id).join(_CONTENT, _CONTENT.c.id == _EMAIL.c.content_id)
-        .where(_OUTBOX.c.id.in_(ids)).order_by(_OUTBOX.c.due_at))
+        .where(_OUTBOX.c.id.in_(ids)).order_by(_OUTBOX.c.priority, _OUTBOX.c.due_at))
     return [Claimed(*row) for row in rows]
 
 

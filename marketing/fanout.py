@@ -1,0 +1,58 @@
+"""The campaign fan-out: a loop of small named steps, as the dispatcher is.
+
+    start_due (SCHEDULED → SENDING, spec fixed) → fan_out_next (a chunk per transaction, until done)
+    → finish_drained (SENDING → SENT once the campaign's last email has left the outbox)
+
+It runs beside the dispatcher (one per node). On PostgreSQL several nodes may run it at once: each
+chunk locks its campaign row, and the unique (campaign, contact) index makes a second email impossible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from pipeline import campaigns as rules
+from storage import campaigns as store
+from storage.db import Database
+from storage.models import utcnow
+
+log = logging.getLogger("plunkd.campaigns")
+
+
+class CampaignFanOut:
+    def __init__(self, db: Database, on_queued: Callable[[], None], poll_seconds: float = 1.0,
+                 chunk: int = rules.FANOUT_CHUNK) -> None:
+        self.db = db
+        self.on_queued = on_queued
+        self.poll_seconds = poll_seconds
+        self.chunk = chunk
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("campaign fan-out failed; retrying")
+            await asyncio.sleep(self.poll_seconds)
+
+    async def run_once(self) -> int:
+        """Fan out every campaign now due, to the end; then settle the drained ones. Returns how many
+        emails were queued."""
+        queued = 0
+        for campaign in await self.db.read(store.campaigns_to_start, utcnow()):
+            started = await self.db.write(lambda s, cid=campaign.id: rules.start_fanout(s, cid))
+            if started is None:
+                continue
+            finished = False
+            while not finished:
+                count, finished = await self.db.write(
+                    lambda s, cid=campaign.id: rules.fan_out_next(s, cid, self.chunk))
+                queued += count
+                if count:
+                    self.on_queued()
+        await self.db.write(lambda s: store.finish_drained(s, utcnow()))
+        return queued

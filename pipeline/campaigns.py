@@ -1,0 +1,286 @@
+"""Campaign rules: create and edit drafts, schedule, fan out, cancel, test sends, and composing each
+recipient's message when the dispatcher sends it.
+
+A campaign's emails share one *deferred* content: the message spec (subject, body, style, sender) as
+it was when the fan-out started, as JSON. The dispatcher composes each recipient's MIME from it and the
+contact's data at send time (`CampaignComposer`), so queueing 100,000 recipients writes two small rows
+each and no MIME, and a contact who unsubscribes mid-campaign gets nothing more.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from pipeline.cache import TtlCache
+from pipeline.compose import MessageSpec
+from pipeline.domains import require_verified_sender
+from pipeline.errors import Conflict, FieldError, NotFound, ValidationFailed
+from pipeline.links import LinkSigner
+from pipeline.submit import Queued, Submission, submit
+from storage import campaigns as store
+from storage.models import Campaign, Project, utcnow
+
+log = logging.getLogger("plunkd.campaigns")
+EDITABLE = frozenset({"DRAFT", "SCHEDULED"})
+MAX_LIST_RECIPIENTS = 10_000
+FANOUT_CHUNK = 1_000
+"""Recipients queued per transaction: big enough to queue 100,000 in seconds, small enough that the
+write lock is never held long while /v1/send and SMTP wait for it."""
+
+
+@dataclass
+class CampaignFields:
+    """What a create or an update gives; None: not given (an update keeps the stored value)."""
+
+    name: str | None = None
+    subject: str | None = None
+    body: str | None = None
+    style: str | None = None
+    template_id: str | None = None
+    from_email: str | None = None
+    from_name: str | None = None
+    reply_to: str | None = None
+    recipients: list[str] | None = None
+    segment_id: str | None = None
+    audience: str | None = None
+
+    def changes(self) -> dict[str, Any]:
+        return {name: value for name, value in vars(self).items() if value is not None}
+
+
+def require_campaign(session: Session, project_id: str, campaign_id: str, for_update: bool = False) -> Campaign:
+    campaign = store.get_campaign(session, project_id, campaign_id, for_update)
+    if campaign is None:
+        raise NotFound(f"Campaign {campaign_id} not found", "Check the campaign id; it must belong to this project.")
+    return campaign
+
+
+def _audience_kind(values: dict[str, Any]) -> str:
+    """ALL, SEGMENT or LIST from what was given; conflicting choices are a validation error."""
+    kind = values.get("audience")
+    has_list, has_segment = bool(values.get("recipients")), values.get("segment_id") is not None
+    if has_list and has_segment:
+        raise ValidationFailed([FieldError("segment", "Give recipients or a segment, not both",
+                                           "conflicting_audience")])
+    implied = "LIST" if has_list else "SEGMENT" if has_segment else None
+    if kind is not None and implied is not None and kind != implied:
+        raise ValidationFailed([FieldError("audience", f"audience {kind} does not go with "
+                                           f"{'recipients' if has_list else 'segment'}", "conflicting_audience")])
+    kind = kind or implied or "ALL"
+    if kind == "SEGMENT" and not has_segment:
+        raise ValidationFailed([FieldError("segment", "audience SEGMENT needs a segment id", "required")])
+    if kind == "LIST" and not has_list:
+        raise ValidationFailed([FieldError("recipients", "audience LIST needs recipients", "required")])
+    return kind
+
+
+def _check_references(session: Session, project_id: str, values: dict[str, Any]) -> None:
+    """The template, segment and listed recipients must exist in the project (422 naming each)."""
+    errors = []
+    if values.get("template_id") and store.template_of(session, project_id, values["template_id"]) is None:
+        errors.append(FieldError("template", f"Template {values['template_id']} not found", "unknown_template"))
+    if values.get("segment_id") and store.segment_of(session, project_id, values["segment_id"]) is None:
+        errors.append(FieldError("segment", f"Segment {values['segment_id']} not found", "unknown_segment"))
+    recipients = values.get("recipients") or []
+    if recipients:
+        ids = [r for r in recipients if "@" not in r]
+        emails = [r.lower() for r in recipients if "@" in r]
+        found_ids, found_emails = store.known_recipients(session, project_id, ids, emails)
+        for index, value in enumerate(recipients):
+            if (value.lower() not in found_emails) if "@" in value else (value not in found_ids):
+                errors.append(FieldError(f"recipients.{index}", f"{value} is not a contact of this project",
+                                         "unknown_recipient"))
+                if len(errors) >= 20:
+                    break
+    if errors:
+        raise ValidationFailed(errors, suggestion="Create the contacts, template or segment first, or drop them.")
+
+
+def _content_given(values: dict[str, Any]) -> None:
+    if not values.get("template_id") and (not values.get("subject") or values.get("body") is None):
+        raise ValidationFailed([FieldError("subject", "Give subject and body, or a template", "required")])
+
+
+def create_campaign(session: Session, project_id: str, fields: CampaignFields) -> Campaign:
+    values = fields.changes()
+    _content_given(values)
+    values["audience"] = _audience_kind(values)
+    values["recipients"] = _normalized(values.get("recipients") or [])
+    _check_references(session, project_id, values)
+    return store.insert_campaign(session, project_id, values)
+
+
+def _normalized(recipients: list[str]) -> list[str]:
+    return list(dict.fromkeys(r.lower() if "@" in r else r for r in recipients))
+
+
+def update_campaign(session: Session, project_id: str, campaign_id: str, fields: CampaignFields) -> Campaign:
+    campaign = require_campaign(session, project_id, campaign_id, for_update=True)
+    if campaign.status not in EDITABLE:
+        raise Conflict(f"Campaign {campaign_id} is {campaign.status} and can no longer be edited",
+                       "Create a new campaign instead.")
+    changes = fields.changes()
+    if "recipients" in changes or "segment_id" in changes or "audience" in changes:
+        audience = {"audience": changes.get("audience"), "recipients": changes.get("recipients"),
+                    "segment_id": changes.get("segment_id")}
+        if changes.get("audience") == "ALL" or changes.get("recipients") or changes.get("segment_id"):
+            changes["audience"] = _audience_kind(audience)
+            changes["recipients"] = _normalized(changes.get("recipients") or [])
+            changes["segment_id"] = changes.get("segment_id")
+    merged = {"template_id": campaign.template_id, "subject": campaign.subject, "body": campaign.body, **changes}
+    _content_given(merged)
+    _check_references(session, project_id, changes)
+    for name, value in changes.items():
+        setattr(campaign, name, value)
+    store.touch(campaign)
+    session.flush()
+    return campaign
+
+
+def delete_campaign(session: Session, project_id: str, campaign_id: str) -> Campaign:
+    campaign = require_campaign(session, project_id, campaign_id, for_update=True)
+    if campaign.status == "SENDING":
+        raise Conflict(f"Campaign {campaign_id} is sending", "Cancel it first (POST /campaigns/:id/cancel).")
+    store.delete_campaign(session, campaign)
+    return campaign
+
+
+def _audience(session: Session, campaign: Campaign) -> store.Audience:
+    if campaign.audience == "SEGMENT":
+        segment = store.segment_of(session, campaign.project_id, campaign.segment_id or "")
+        return store.Audience("SEGMENT", condition=segment.condition if segment is not None else {"any": []})
+    if campaign.audience == "LIST":
+        recipients = campaign.recipients or []
+        return store.Audience("LIST", ids=tuple(r for r in recipients if "@" not in r),
+                              emails=tuple(r for r in recipients if "@" in r))
+    return store.Audience("ALL")
+
+
+def message_spec(session: Session, campaign: Campaign, project: Project, links: LinkSigner | None) -> MessageSpec:
+    """The campaign's message: its own fields first, then its template's, then the project's sender."""
+    template = store.template_of(session, project.id, campaign.template_id) if campaign.template_id else None
+    subject = campaign.subject or (template.subject if template else "")
+    body = campaign.body or (template.body if template else "")
+    style = template.style if template is not None and not campaign.body else campaign.style
+    from_email = campaign.from_email or (template.from_email if template else None) or project.from_email
+    from_name = campaign.from_name or (template.from_name if template else None) or project.from_name
+    reply_to = campaign.reply_to or (template.reply_to if template else None)
+    return MessageSpec(from_email, from_name, subject, body, reply_to, style=style, links=links,
+                       campaign_id=campaign.id)
+
+
+def schedule_campaign(session: Session, project: Project, campaign_id: str, at: datetime) -> Campaign:
+    """Live send: at `at` (now, or later), to every subscribed contact of the audience."""
+    campaign = require_campaign(session, project.id, campaign_id, for_update=True)
+    if campaign.status not in EDITABLE:
+        raise Conflict(f"Campaign {campaign_id} is {campaign.status}; only a draft or scheduled campaign can be sent",
+                       "Create a new campaign to send again.")
+    spec = message_spec(session, campaign, project, None)
+    require_verified_sender(session, project.id, spec.from_email)
+    if store.count_audience(session, project.id, _audience(session, campaign), utcnow()) == 0:
+        raise ValidationFailed([FieldError("recipients" if campaign.audience == "LIST" else "audience",
+                                           "The audience has no subscribed contacts", "empty_audience")],
+                               message="The campaign's audience is empty: no subscribed contact would receive it",
+                               suggestion="Subscribe contacts, or pick another segment or list.")
+    campaign.status = "SCHEDULED"
+    campaign.scheduled_at = at
+    store.touch(campaign)
+    session.flush()
+    log.info("campaign %s: scheduled for %s", campaign.id, at.isoformat())
+    return campaign
+
+
+def cancel_campaign(session: Session, project_id: str, campaign_id: str) -> Campaign:
+    campaign = require_campaign(session, project_id, campaign_id, for_update=True)
+    if campaign.status not in ("SCHEDULED", "SENDING"):
+        raise Conflict(f"Campaign {campaign_id} is {campaign.status}; only a scheduled or sending campaign "
+                       "can be cancelled")
+    withdrawn = store.withdraw_queued(session, campaign.id)
+    campaign.status = "CANCELLED"
+    campaign.finished_at = utcnow()
+    store.touch(campaign)
+    session.flush()
+    log.info("campaign %s: cancelled, %d queued emails withdrawn", campaign.id, withdrawn)
+    return campaign
+
+
+def send_test(session: Session, project: Project, campaign_id: str, addresses: list[str],
+              links: LinkSigner) -> list[Queued]:
+    """One copy to each address now (the project's sender when none is given), ahead of campaign mail;
+    the campaign itself does not change."""
+    campaign = require_campaign(session, project.id, campaign_id)
+    spec = message_spec(session, campaign, project, links)
+    spec.campaign_id = None
+    return submit(session, Submission(project.id, "campaign", spec.from_email, addresses or [project.from_email],
+                                      compose=spec.build, subject=spec.subject, size=len(spec.body)))
+
+
+def spec_to_json(spec: MessageSpec) -> bytes:
+    return json.dumps({"from_email": spec.from_email, "from_name": spec.from_name, "subject": spec.subject,
+                       "body": spec.body, "reply_to": spec.reply_to, "style": spec.style,
+                       "campaign_id": spec.campaign_id}).encode()
+
+
+def spec_from_json(raw: bytes, links: LinkSigner) -> MessageSpec:
+    return MessageSpec(**json.loads(raw), links=links)
+
+
+def start_fanout(session: Session, campaign_id: str) -> Campaign | None:
+    """SCHEDULED → SENDING, with the message spec fixed as the campaign's deferred content. A campaign
+    already SENDING (a fan-out that died) is returned as it is; a cancelled one is None."""
+    campaign = store.get_campaign_by_id(session, campaign_id)
+    if campaign is None or campaign.status not in ("SCHEDULED", "SENDING"):
+        return None
+    if campaign.content_id is None:
+        project = session.get(Project, campaign.project_id)
+        spec = message_spec(session, campaign, project, None)
+        campaign.content_id = store.insert_deferred_content(session, campaign.project_id, spec_to_json(spec))
+        campaign.from_email = campaign.from_email or spec.from_email
+        campaign.status = "SENDING"
+        campaign.started_at = utcnow()
+        session.flush()
+        log.info("campaign %s: fan-out started", campaign.id)
+    return campaign
+
+
+def fan_out_next(session: Session, campaign_id: str, chunk: int = FANOUT_CHUNK) -> tuple[int, bool]:
+    """Queue the next chunk of a SENDING campaign; returns (queued, finished)."""
+    campaign = store.get_campaign_by_id(session, campaign_id, for_update=True)
+    if campaign is None or campaign.status != "SENDING" or campaign.fanout_done:
+        return 0, True
+    queued = store.fan_out_chunk(session, campaign, _audience(session, campaign), campaign.from_email or "",
+                                 chunk, utcnow())
+    if campaign.fanout_done:
+        log.info("campaign %s: fan-out done, %d recipients queued", campaign.id, campaign.recipient_count)
+    return queued, campaign.fanout_done
+
+
+class CampaignComposer:
+    """Composes a campaign email when the dispatcher sends it (delivery cannot import pipeline, so the
+    wiring hands it this callable): the spec from the deferred content, the contact as it is now.
+    None: do not send (the contact unsubscribed or was deleted since the fan-out)."""
+
+    def __init__(self, read: Callable[..., Any], links: LinkSigner) -> None:
+        self._read = read
+        self._links = links
+        self._specs: TtlCache[str, MessageSpec] = TtlCache(300.0, max_entries=64)
+
+    async def __call__(self, content_id: str, raw: bytes, contact_id: str | None) -> bytes | None:
+        if contact_id is None:
+            return None
+        spec = self._specs.get(content_id)
+        if spec is None:
+            spec = spec_from_json(raw, self._links)
+            self._specs.put(content_id, spec)
+        contact = await self._read(store.deferred_recipient, contact_id)
+        if contact is None or not contact.subscribed:
+            return None
+        variables = {**contact.data, "plunk_id": contact.contact_id, "plunk_email": contact.email}
+        return spec.build(contact.email, variables)

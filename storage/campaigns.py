@@ -1,0 +1,224 @@
+"""Campaign queries: the rows, the audience, the fan-out into emails and the outbox, cancel, stats.
+
+The fan-out writes one chunk of recipients per transaction together with the cursor that says how far
+it got, so a process killed mid fan-out resumes after the last committed chunk; the unique index on
+emails (campaign_id, contact_id) makes a second email to the same contact impossible whatever happens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, delete, func, or_, select, true, update
+from sqlalchemy.orm import Session
+
+from storage.models import Campaign, Contact, Content, Email, Event, OutboxItem, Segment, Template, new_id, utcnow
+from storage.pagination import Page, paginate
+
+CAMPAIGN_PRIORITY = 1
+"""Outbox priority of campaign mail: claimed after every transactional email due (priority 0)."""
+_CONTACT = Contact.__table__
+_EMAIL = Email.__table__
+_OUTBOX = OutboxItem.__table__
+_CAMPAIGN = Campaign.__table__
+_INSERT_EMAIL = _EMAIL.insert()
+_INSERT_OUTBOX = _OUTBOX.insert()
+FEEDBACK_EVENTS = {"email.delivery": "delivered", "email.open": "opened", "email.click": "clicked",
+                   "email.bounce": "bounced", "email.complaint": "complained", "contact.unsubscribed": "unsubscribed"}
+
+
+def get_campaign(session: Session, project_id: str, campaign_id: str, for_update: bool = False) -> Campaign | None:
+    stmt = select(Campaign).where(Campaign.project_id == project_id, Campaign.id == campaign_id)
+    if for_update:
+        stmt = stmt.with_for_update()
+    return session.execute(stmt).scalar_one_or_none()
+
+
+def get_campaign_by_id(session: Session, campaign_id: str, for_update: bool = False) -> Campaign | None:
+    stmt = select(Campaign).where(Campaign.id == campaign_id)
+    if for_update:
+        stmt = stmt.with_for_update()
+    return session.execute(stmt).scalar_one_or_none()
+
+
+def list_campaigns(session: Session, project_id: str, limit: int, cursor: str | None) -> Page:
+    return paginate(session, select(Campaign).where(Campaign.project_id == project_id), Campaign.id, limit, cursor)
+
+
+def insert_campaign(session: Session, project_id: str, fields: dict[str, Any]) -> Campaign:
+    campaign = Campaign(project_id=project_id, **fields)
+    session.add(campaign)
+    session.flush()
+    return campaign
+
+
+def delete_campaign(session: Session, campaign: Campaign) -> None:
+    session.delete(campaign)
+    session.flush()
+
+
+def template_of(session: Session, project_id: str, template_id: str) -> Template | None:
+    stmt = select(Template).where(Template.project_id == project_id, Template.id == template_id)
+    return session.execute(stmt).scalar_one_or_none()
+
+
+def segment_of(session: Session, project_id: str, segment_id: str) -> Segment | None:
+    stmt = select(Segment).where(Segment.project_id == project_id, Segment.id == segment_id)
+    return session.execute(stmt).scalar_one_or_none()
+
+
+def known_recipients(session: Session, project_id: str, ids: list[str], emails: list[str]) -> tuple[set[str], set[str]]:
+    """Which of these contact ids and emails exist in the project."""
+    found_ids: set[str] = set()
+    found_emails: set[str] = set()
+    if ids:
+        found_ids = set(session.execute(select(_CONTACT.c.id).where(
+            _CONTACT.c.project_id == project_id, _CONTACT.c.id.in_(ids))).scalars())
+    if emails:
+        found_emails = set(session.execute(select(_CONTACT.c.email).where(
+            _CONTACT.c.project_id == project_id, _CONTACT.c.email.in_(emails))).scalars())
+    return found_ids, found_emails
+
+
+@dataclass(frozen=True)
+class Audience:
+    """Who a campaign goes to, as data the fan-out turns into SQL: all subscribed contacts, those in
+    a segment (its condition tree), or those named in a list (contact ids and emails)."""
+
+    kind: str  # ALL, SEGMENT or LIST
+    condition: dict[str, Any] | None = None
+    ids: tuple[str, ...] = ()
+    emails: tuple[str, ...] = ()
+
+    def clause(self, now: datetime) -> ColumnElement[bool]:
+        if self.kind == "SEGMENT":
+            from storage.segments import condition_clause
+
+            return condition_clause(self.condition or {}, now)
+        if self.kind == "LIST":
+            return or_(_CONTACT.c.id.in_(self.ids), _CONTACT.c.email.in_(self.emails))
+        return true()
+
+
+def _audience_rows(project_id: str, audience: Audience, now: datetime) -> Any:
+    return select(_CONTACT.c.id, _CONTACT.c.email).where(
+        _CONTACT.c.project_id == project_id, _CONTACT.c.subscribed.is_(True), audience.clause(now))
+
+
+def count_audience(session: Session, project_id: str, audience: Audience, now: datetime) -> int:
+    stmt = select(func.count()).select_from(_audience_rows(project_id, audience, now).subquery())
+    return session.execute(stmt).scalar_one()
+
+
+def campaigns_to_start(session: Session, now: datetime, limit: int = 10) -> list[Campaign]:
+    """Scheduled campaigns now due, and SENDING ones whose fan-out has not finished (a process died
+    in it), oldest first."""
+    stmt = select(Campaign).where(or_(
+        (Campaign.status == "SCHEDULED") & (Campaign.scheduled_at <= now),
+        (Campaign.status == "SENDING") & Campaign.fanout_done.is_(False))).order_by(Campaign.scheduled_at).limit(limit)
+    return list(session.execute(stmt).scalars())
+
+
+def insert_deferred_content(session: Session, project_id: str, spec: bytes) -> str:
+    content = Content(project_id=project_id, raw=spec, deferred=True)
+    session.add(content)
+    session.flush()
+    return content.id
+
+
+def fan_out_chunk(session: Session, campaign: Campaign, audience: Audience, sender: str, chunk: int,
+                  now: datetime) -> int:
+    """Queue the next `chunk` recipients after the cursor, an email and an outbox row each (one
+    executemany per table), and move the cursor; the last chunk marks the fan-out done. Returns how
+    many were queued."""
+    stmt = _audience_rows(campaign.project_id, audience, now).order_by(_CONTACT.c.id).limit(chunk)
+    if campaign.fanout_cursor is not None:
+        stmt = stmt.where(_CONTACT.c.id > campaign.fanout_cursor)
+    recipients = session.connection().execute(stmt).all()
+    emails, outbox = [], []
+    for contact_id, address in recipients:
+        email_id = new_id()
+        emails.append({"id": email_id, "project_id": campaign.project_id, "contact_id": contact_id,
+                       "content_id": campaign.content_id, "campaign_id": campaign.id, "recipient": address,
+                       "sender": sender, "envelope_sender": None, "subject": campaign.subject,
+                       "source": "campaign", "status": "QUEUED", "created_at": now})
+        outbox.append({"id": new_id(), "email_id": email_id, "due_at": now, "attempts": 0,
+                       "priority": CAMPAIGN_PRIORITY, "campaign_id": campaign.id})
+    if emails:
+        conn = session.connection()
+        conn.execute(_INSERT_EMAIL, emails)
+        conn.execute(_INSERT_OUTBOX, outbox)
+        campaign.fanout_cursor = recipients[-1][0]
+        campaign.recipient_count += len(emails)
+    if len(recipients) < chunk:
+        campaign.fanout_done = True
+    session.flush()
+    return len(emails)
+
+
+def finish_drained(session: Session, now: datetime) -> list[str]:
+    """Campaigns whose fan-out is done and whose last email has left the outbox become SENT."""
+    queued = select(_OUTBOX.c.id).where(_OUTBOX.c.campaign_id == _CAMPAIGN.c.id).exists()
+    done = session.execute(select(_CAMPAIGN.c.id).where(
+        _CAMPAIGN.c.status == "SENDING", _CAMPAIGN.c.fanout_done.is_(True), ~queued)).scalars().all()
+    if done:
+        session.execute(update(Campaign).where(Campaign.id.in_(done)).values(status="SENT", finished_at=now,
+                                                                            updated_at=now))
+    return list(done)
+
+
+def withdraw_queued(session: Session, campaign_id: str) -> int:
+    """Cancel: take the campaign's emails out of the outbox (those a dispatcher holds right now still
+    go) and mark them CANCELLED. Returns how many."""
+    waiting = select(_OUTBOX.c.email_id).where(_OUTBOX.c.campaign_id == campaign_id, _OUTBOX.c.claimed_by.is_(None))
+    cancelled = session.execute(update(Email).where(Email.id.in_(waiting)).values(
+        status="CANCELLED", error="campaign cancelled")).rowcount
+    session.execute(delete(OutboxItem).where(OutboxItem.campaign_id == campaign_id, OutboxItem.claimed_by.is_(None)))
+    return cancelled
+
+
+def campaign_stats(session: Session, campaign_id: str) -> dict[str, int]:
+    """Counts over the campaign's emails: by state, and by the feedback events recorded against them
+    (each email counted once per kind, however often it was opened or clicked)."""
+    stats = {name: 0 for name in ("queued", "sent", "failed", "cancelled", *FEEDBACK_EVENTS.values())}
+    for status, sent, count in session.execute(
+            select(_EMAIL.c.status, _EMAIL.c.sent_at.is_not(None), func.count())
+            .where(_EMAIL.c.campaign_id == campaign_id).group_by(_EMAIL.c.status, _EMAIL.c.sent_at.is_not(None))):
+        if sent:
+            stats["sent"] += count
+        elif status == "QUEUED":
+            stats["queued"] += count
+        elif status == "CANCELLED":
+            stats["cancelled"] += count
+        else:
+            stats["failed"] += count
+    events = Event.__table__
+    for name, count in session.execute(
+            select(events.c.name, func.count(func.distinct(events.c.email_id)))
+            .join(_EMAIL, _EMAIL.c.id == events.c.email_id)
+            .where(_EMAIL.c.campaign_id == campaign_id, events.c.name.in_(list(FEEDBACK_EVENTS)))
+            .group_by(events.c.name)):
+        stats[FEEDBACK_EVENTS[name]] = count
+    return stats
+
+
+@dataclass
+class DeferredRecipient:
+    """What the dispatcher needs to compose one campaign email: the contact as it is now."""
+
+    contact_id: str
+    email: str
+    subscribed: bool
+    data: dict[str, Any]
+
+
+def deferred_recipient(session: Session, contact_id: str) -> DeferredRecipient | None:
+    row = session.connection().execute(select(_CONTACT.c.id, _CONTACT.c.email, _CONTACT.c.subscribed,
+                                              _CONTACT.c.data).where(_CONTACT.c.id == contact_id)).first()
+    return None if row is None else DeferredRecipient(row[0], row[1], row[2], row[3] or {})
+
+
+def touch(campaign: Campaign) -> None:
+    campaign.updated_at = utcnow()

@@ -1,0 +1,402 @@
+"""Campaigns through the real app and database: create/edit/delete in both API shapes, audiences, the
+fan-out into the outbox (exactly once per contact, resumable), priority below transactional mail,
+scheduling, cancel, test sends, per-recipient composition at dispatch with signed unsubscribe links,
+and stats."""
+
+from __future__ import annotations
+
+import email
+from datetime import UTC, datetime, timedelta
+from email import policy
+
+import dkim
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from api.context import LINKS
+from delivery.bucket import TokenBucket
+from delivery.dispatcher import Dispatcher
+from delivery.transports import FileTransport
+from marketing.fanout import CampaignFanOut
+from pipeline import campaigns as rules
+from pipeline.campaigns import CampaignComposer
+from storage import emails as email_store
+from storage import events as event_store
+from storage.models import Campaign, Email, OutboxItem, Template
+from tests.test_delivery import dispatch_all, dns_for, settings
+
+
+async def add_contacts(api, subscribed: int, unsubscribed: int = 0, data=None, prefix="reader") -> list[dict]:
+    contacts = []
+    for index in range(subscribed + unsubscribed):
+        status, body = await api.call("POST", "/contacts", json={
+            "email": f"{prefix}{index}@example.org", "subscribed": index < subscribed,
+            "data": {"name": f"Reader {index}", **(data or {})}})
+        assert status == 201, body
+        contacts.append(body["data"])
+    return contacts
+
+
+async def create(api, **fields) -> dict:
+    payload = {"subject": "News for {{name ?? you}}", "body": "<p>Hello {{name}}</p>", **fields}
+    status, body = await api.call("POST", "/campaigns", json=payload)
+    assert status == 200, body
+    return body["data"]
+
+
+def dispatcher_for(api, folder) -> Dispatcher:
+    return Dispatcher(api.db, FileTransport(folder), TokenBucket(0), settings(),
+                      compose_deferred=CampaignComposer(api.db.read, api.client.app[LINKS]))
+
+
+async def deliver(api, folder, chunk: int = 1000) -> None:
+    """What the delivery process does: fan out what is due, dispatch it all, settle the campaign."""
+    fanout = CampaignFanOut(api.db, lambda: None, chunk=chunk)
+    await fanout.run_once()
+    await dispatch_all(dispatcher_for(api, folder), rounds=50)
+    await fanout.run_once()
+
+
+def delivered(folder) -> dict[str, email.message.EmailMessage]:
+    messages = {}
+    for path in folder.glob("*.eml"):
+        message = email.message_from_bytes(path.read_bytes(), policy=policy.default)
+        messages[str(message["To"])] = message
+    return messages
+
+
+async def campaign(api, campaign_id: str) -> dict:
+    status, body = await api.call("GET", f"/campaigns/{campaign_id}")
+    assert status == 200, body
+    return body["data"]
+
+
+async def stats(api, campaign_id: str) -> dict:
+    status, body = await api.call("GET", f"/campaigns/{campaign_id}/stats")
+    assert status == 200, body
+    return body["data"]
+
+
+async def test_seed_shape_create_update_delete(api):
+    contacts = await add_contacts(api, 2)
+    status, body = await api.call("POST", "/v1/campaigns", json={
+        "subject": "My new campaign!", "body": "This is my Plunk campaign.",
+        "recipients": [contacts[0]["id"], "READER1@example.org"], "style": "PLUNK"})
+    assert status == 200, body
+    created = body["data"]
+    assert created["status"] == "DRAFT" and created["delivered"] is None and created["audience"] == "LIST"
+    assert created["recipients"] == [contacts[0]["id"], "reader1@example.org"]
+    assert created["projectId"] == api.project_id
+    status, body = await api.call("PUT", "/v1/campaigns", json={"id": created["id"], "subject": "Renamed"})
+    assert status == 200 and body["data"]["subject"] == "Renamed" and body["data"]["body"] == created["body"]
+    status, body = await api.call("GET", f"/api/v1/campaigns/{created['id']}")
+    assert status == 200 and body["subject"] == "Renamed" and body["success"] is True  # the flat legacy shape
+    status, body = await api.call("DELETE", "/v1/campaigns", json={"id": created["id"]})
+    assert status == 200 and body["data"]["id"] == created["id"]
+    status, body = await api.call("GET", f"/campaigns/{created['id']}")
+    assert status == 404 and body["error"]["code"] == "NOT_FOUND"
+
+
+async def test_list_is_paginated_newest_first_and_per_project(api):
+    ids = [(await create(api, name=f"c{index}"))["id"] for index in range(3)]
+    status, body = await api.call("GET", "/campaigns?limit=2")
+    assert status == 200
+    page = body["data"]
+    assert [c["id"] for c in page["items"]] == ids[::-1][:2] and page["hasMore"] and page["total"] == 3
+    status, body = await api.call("GET", f"/campaigns?limit=2&cursor={page['nextCursor']}")
+    assert [c["id"] for c in body["data"]["items"]] == [ids[0]] and body["data"]["hasMore"] is False
+    _, other_sk, _ = await api.new_project()
+    status, body = await api.call("GET", "/campaigns", key=other_sk)
+    assert status == 200 and body["data"]["items"] == []
+    status, body = await api.call("GET", f"/campaigns/{ids[0]}", key=other_sk)
+    assert status == 404
+
+
+@pytest.mark.parametrize(("payload", "field", "code"), [
+    ({"body": "<p>x</p>"}, "subject", "required"),
+    ({"subject": "x", "body": "x", "style": "FANCY"}, "style", "invalid_enum_value"),
+    ({"subject": "x", "body": "x", "recipients": ["nobody@example.org"]}, "recipients.0", "unknown_recipient"),
+    ({"subject": "x", "body": "x", "recipients": ["0190aaaa-0000-7000-8000-000000000000"]}, "recipients.0",
+     "unknown_recipient"),
+    ({"subject": "x", "body": "x", "template": "missing"}, "template", "unknown_template"),
+    ({"subject": "x", "body": "x", "segment": "missing"}, "segment", "unknown_segment"),
+    ({"subject": "x", "body": "x", "audience": "SEGMENT"}, "segment", "required"),
+    ({"subject": "x", "body": "x", "audience": "ALL", "recipients": ["reader0@example.org"]}, "audience",
+     "conflicting_audience"),
+    ({"subject": "a\r\nBcc: evil@example.org", "body": "x"}, "subject", "invalid_header_value"),
+    ({"subject": "x", "body": "x", "recipients": "reader0@example.org"}, "recipients", "invalid_type"),
+])
+async def test_bad_campaigns_are_422_naming_the_field(api, payload, field, code):
+    await add_contacts(api, 1)
+    status, body = await api.call("POST", "/campaigns", json=payload)
+    assert status == 422, body
+    assert {"field": field, "code": code} in [{k: e[k] for k in ("field", "code")} for e in body["error"]["errors"]]
+
+
+async def test_unauthenticated_public_key_and_malformed_requests(api):
+    status, body = await api.client.post("/campaigns", json={"subject": "x", "body": "y"}), None
+    assert status.status == 401
+    status, body = await api.call("POST", "/campaigns", key=api.pk, json={"subject": "x", "body": "y"})
+    assert status == 403 and body["error"]["code"] == "FORBIDDEN"
+    status, body = await api.call("POST", "/campaigns", data=b"{nope", headers={"Content-Type": "application/json"})
+    assert status == 400 and body["error"]["code"] == "BAD_REQUEST"
+    status, body = await api.call("POST", "/campaigns", json={"subject": "x", "body": "y" * 5_000_001})
+    assert status == 422 and body["error"]["errors"][0]["field"] == "body"
+    status, body = await api.call("POST", "/campaigns/nope/send", json={"delay": -1})
+    assert status == 422 and body["error"]["errors"][0]["field"] == "delay"
+    status, body = await api.call("POST", "/campaigns/nope/send", json={})
+    assert status == 404
+
+
+async def test_live_send_reaches_each_subscribed_contact_once_signed_and_unsubscribable(api, sender, tmp_path):
+    contacts = await add_contacts(api, 3, unsubscribed=2)
+    created = await create(api, style="PLUNK")
+    status, body = await api.call("POST", f"/campaigns/{created['id']}/send", json={})
+    assert status == 200 and body["data"]["status"] == "SCHEDULED", body
+    status, body = await api.call("PATCH", f"/campaigns/{created['id']}", json={"subject": "Edited while scheduled"})
+    assert status == 200
+    folder = tmp_path / "out"
+    await deliver(api, folder, chunk=2)
+    messages = delivered(folder)
+    assert sorted(messages) == [c["email"] for c in contacts[:3]]
+    links = api.client.app[LINKS]
+    for contact in contacts[:3]:
+        message = messages[contact["email"]]
+        assert message["Subject"] == "Edited while scheduled"
+        assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        url = str(message["List-Unsubscribe"]).split("<", 1)[1].split(">", 1)[0]
+        target = links.verify(url.rsplit("/", 1)[1])
+        assert target is not None and target.contact_id == contact["id"] and target.campaign_id == created["id"]
+        html = message.get_body(("html",)).get_content()
+        assert f"Hello {contact['data']['name']}" in html and url in html
+        raw = (folder / next(p.name for p in folder.glob("*.eml")
+                              if f"To: {contact['email']}" in p.read_text())).read_bytes()
+        signature = raw.split(b"DKIM-Signature:", 1)[1].split(b"\r\n\r\n", 1)[0]
+        assert b"list-unsubscribe" in signature.lower()
+        assert dkim.verify(raw.split(b"\r\n", 1)[1] if raw.startswith(b"Return-Path") else raw,
+                           dnsfunc=dns_for(sender))
+    after = await campaign(api, created["id"])
+    assert after["status"] == "SENT" and after["recipientCount"] == 3 and after["delivered"] is not None
+    counts = await stats(api, created["id"])
+    assert counts["recipients"] == 3 and counts["sent"] == 3 and counts["queued"] == 0
+    status, body = await api.call("PATCH", f"/campaigns/{created['id']}", json={"subject": "too late"})
+    assert status == 409 and body["error"]["code"] == "CONFLICT"
+    status, body = await api.call("POST", f"/campaigns/{created['id']}/send", json={})
+    assert status == 409
+
+
+async def test_fan_out_resumes_after_a_crash_and_never_queues_a_contact_twice(api, sender):
+    await add_contacts(api, 7)
+    created = await create(api)
+    await api.call("POST", f"/campaigns/{created['id']}/send", json={})
+    await api.db.write(lambda s: rules.start_fanout(s, created["id"]))
+    queued, done = await api.db.write(lambda s: rules.fan_out_next(s, created["id"], 3))
+    assert (queued, done) == (3, False)  # the process dies here: a new one picks the campaign up
+    await CampaignFanOut(api.db, lambda: None, chunk=3).run_once()
+    await CampaignFanOut(api.db, lambda: None, chunk=3).run_once()
+
+    def per_contact(session):
+        return session.execute(select(Email.contact_id, func.count()).where(Email.campaign_id == created["id"])
+                               .group_by(Email.contact_id)).all()
+
+    rows = await api.db.read(per_contact)
+    assert len(rows) == 7 and all(count == 1 for _, count in rows)
+    assert (await campaign(api, created["id"]))["recipientCount"] == 7
+
+    def second_email(session):
+        first = session.execute(select(Email).where(Email.campaign_id == created["id"])).scalars().first()
+        session.add(Email(project_id=first.project_id, contact_id=first.contact_id, content_id=first.content_id,
+                          campaign_id=first.campaign_id, recipient=first.recipient, sender=first.sender,
+                          source="campaign"))
+        session.flush()
+
+    with pytest.raises(IntegrityError):
+        await api.db.write(second_email)
+
+
+async def test_transactional_mail_is_claimed_ahead_of_a_queued_campaign(api, sender):
+    await add_contacts(api, 30)
+    created = await create(api)
+    await api.call("POST", f"/campaigns/{created['id']}/send", json={})
+    await CampaignFanOut(api.db, lambda: None).run_once()
+    status, body = await api.call("POST", "/v1/send", json={"to": "urgent@example.org", "subject": "Reset",
+                                                            "body": "code 123"})
+    assert status == 200
+    claimed = await api.db.write(lambda s: email_store.claim_due(s, "w", 5, 60, api.db.is_postgres))
+    assert [item.recipient for item in claimed][0] == "urgent@example.org"
+    assert all(item.deferred for item in claimed[1:])
+
+
+async def test_delay_and_scheduled_time_wait_then_go(api, sender, tmp_path):
+    await add_contacts(api, 1)
+    later = await create(api)
+    status, body = await api.call("POST", f"/campaigns/{later['id']}/send", json={"delay": 10})
+    assert status == 200
+    at = datetime.fromisoformat(body["data"]["scheduledAt"].replace("Z", "+00:00"))
+    assert timedelta(minutes=9) < at - datetime.now(UTC) <= timedelta(minutes=10)
+    past = await create(api)
+    status, body = await api.call("POST", f"/campaigns/{past['id']}/send",
+                                  json={"scheduledAt": "2020-01-01T00:00:00Z"})
+    assert status == 200
+    status, body = await api.call("POST", f"/campaigns/{past['id']}/send", json={"scheduledAt": "2030-01-01"})
+    assert status == 422  # a time without a zone is ambiguous
+    await deliver(api, tmp_path / "out")
+    assert (await campaign(api, later["id"]))["status"] == "SCHEDULED"
+    assert (await campaign(api, past["id"]))["status"] == "SENT"
+
+
+async def test_legacy_send_with_delay_schedules_and_without_live_sends_a_test_copy(api, sender, tmp_path):
+    await add_contacts(api, 2)
+    created = await create(api)
+    status, body = await api.call("POST", "/v1/campaigns/send", json={"id": created["id"]})
+    assert status == 200 and body["data"]["status"] == "DRAFT"
+    await dispatch_all(dispatcher_for(api, tmp_path / "out"))
+    assert list(delivered(tmp_path / "out")) == ["hello@example.com"]  # the project's sender
+    status, body = await api.call("POST", "/v1/campaigns/send", json={"id": created["id"], "live": True,
+                                                                      "delay": 5})
+    assert status == 200 and body["data"]["status"] == "SCHEDULED"
+
+
+async def test_test_send_goes_to_given_addresses_and_leaves_the_campaign_a_draft(api, sender, tmp_path):
+    created = await create(api)
+    status, body = await api.call("POST", f"/campaigns/{created['id']}/test",
+                                  json={"emails": ["qa@example.org", "boss@example.org"]})
+    assert status == 200 and len(body["data"]["emails"]) == 2
+    await dispatch_all(dispatcher_for(api, tmp_path / "out"))
+    messages = delivered(tmp_path / "out")
+    assert sorted(messages) == ["boss@example.org", "qa@example.org"]
+    assert messages["qa@example.org"]["List-Unsubscribe"] is not None
+    assert (await campaign(api, created["id"]))["status"] == "DRAFT"
+    status, body = await api.call("POST", f"/campaigns/{created['id']}/test", json={"emails": ["x@example.org"] * 11})
+    assert status == 422 and body["error"]["errors"][0]["field"] == "emails"
+
+
+async def test_empty_audience_and_unverified_sender_are_refused(api, sender):
+    await add_contacts(api, 0, unsubscribed=2)
+    created = await create(api)
+    status, body = await api.call("POST", f"/campaigns/{created['id']}/send", json={})
+    assert status == 422 and body["error"]["errors"][0]["code"] == "empty_audience", body
+    assert "no subscribed contact" in body["error"]["message"]
+    await add_contacts(api, 1, prefix="late")
+    unverified = await create(api, **{"from": "news@elsewhere.example.org"})
+    status, body = await api.call("POST", f"/campaigns/{unverified['id']}/send", json={})
+    assert status == 422 and body["error"]["errors"][0]["code"] == "unverified_domain"
+    assert (await campaign(api, unverified["id"]))["status"] == "DRAFT"
+
+
+async def test_list_audience_sends_only_to_its_subscribed_contacts(api, sender, tmp_path):
+    contacts = await add_contacts(api, 3, unsubscribed=1)
+    created = await create(api, recipients=[contacts[0]["id"], contacts[1]["email"], contacts[3]["email"]])
+    await api.call("POST", f"/campaigns/{created['id']}/send", json={})
+    await deliver(api, tmp_path / "out")
+    assert sorted(delivered(tmp_path / "out")) == sorted([contacts[0]["email"], contacts[1]["email"]])
+
+
+async def test_cancel_withdraws_queued_mail_and_a_contact_who_unsubscribes_is_skipped(api, sender, tmp_path):
+    contacts = await add_contacts(api, 4)
+    created = await create(api)
+    await api.call("POST", f"/campaigns/{created['id']}/send", json={})
+    await CampaignFanOut(api.db, lambda: None).run_once()
+    status, body = await api.call("DELETE", f"/campaigns/{created['id']}")
+    assert status == 409 and "Cancel it first" in body["error"]["suggestion"]
+    status, _ = await api.call("POST", "/contacts/unsubscribe", json={"id": contacts[0]["id"]})
+    assert status == 200
+    claimed = await api.db.write(lambda s: email_store.claim_due(s, "held", 2, 60, api.db.is_postgres))
+    assert len(claimed) == 2
+    status, body = await api.call("POST", f"/campaigns/{created['id']}/cancel")
+    assert status == 200 and body["data"]["status"] == "CANCELLED"
+
+    def outbox_left(session):
+        return session.execute(select(func.count()).select_from(OutboxItem)
+                               .where(OutboxItem.campaign_id == created["id"])).scalar_one()
+
+    assert await api.db.read(outbox_left) == 2  # the two a dispatcher holds still go
+    dispatcher = dispatcher_for(api, tmp_path / "out")
+    for item in claimed:
+        sent = await dispatcher.deliver(item)
+        if sent is not None:
+            await dispatcher._record(item, *sent)
+    counts = await stats(api, created["id"])
+    skipped = contacts[0]["email"] in [item.recipient for item in claimed]
+    assert counts["cancelled"] == 2 and counts["sent"] == (1 if skipped else 2)
+    assert contacts[0]["email"] not in delivered(tmp_path / "out")
+    status, _ = await api.call("POST", f"/campaigns/{created['id']}/cancel")
+    assert status == 409
+    status, _ = await api.call("DELETE", f"/campaigns/{created['id']}")
+    assert status == 200
+
+
+async def test_template_campaign_and_stats_from_feedback_events(api, sender, tmp_path):
+    contacts = await add_contacts(api, 2)
+
+    def add_template(session):
+        template = Template(project_id=api.project_id, name="Monthly", subject="From the template",
+                            body="<p>Template body for {{name}}</p>", type="MARKETING", style="HTML")
+        session.add(template)
+        session.flush()
+        return template.id
+
+    template_id = await api.db.write(add_template)
+    status, body = await api.call("POST", "/campaigns", json={"template": template_id})
+    assert status == 200, body
+    created = body["data"]
+    await api.call("POST", f"/campaigns/{created['id']}/send", json={})
+    await deliver(api, tmp_path / "out")
+    messages = delivered(tmp_path / "out")
+    assert messages[contacts[0]["email"]]["Subject"] == "From the template"
+    assert "Template body for Reader 0" in messages[contacts[0]["email"]].get_body(("html",)).get_content()
+
+    def record_feedback(session):
+        rows = session.execute(select(Email.id, Email.contact_id).where(Email.campaign_id == created["id"])).all()
+        for name in ("email.delivery", "email.open", "email.open", "email.click"):
+            event_store.insert_event(session, api.project_id, rows[0].contact_id, name, {}, email_id=rows[0].id)
+        event_store.insert_event(session, api.project_id, rows[1].contact_id, "email.bounce", {}, email_id=rows[1].id)
+
+    await api.db.write(record_feedback)
+    counts = await stats(api, created["id"])
+    assert {k: counts[k] for k in ("sent", "delivered", "opened", "clicked", "bounced", "complained")} == {
+        "sent": 2, "delivered": 1, "opened": 1, "clicked": 1, "bounced": 1, "complained": 0}
+
+
+async def test_edits_after_the_fan_out_started_do_not_change_queued_mail(api, sender, tmp_path):
+    """The spec is fixed when the fan-out starts; the API refuses edits then anyway, and the snapshot is
+    what the dispatcher composes from."""
+    await add_contacts(api, 1)
+    created = await create(api, subject="Original")
+    await api.call("POST", f"/campaigns/{created['id']}/send", json={})
+    await CampaignFanOut(api.db, lambda: None).run_once()
+
+    def edit_behind_the_api(session):
+        row = session.get(Campaign, created["id"])
+        row.subject = "Changed"
+        session.flush()
+
+    await api.db.write(edit_behind_the_api)
+    await dispatch_all(dispatcher_for(api, tmp_path / "out"))
+    assert [m["Subject"] for m in delivered(tmp_path / "out").values()] == ["Original"]
+
+
+async def test_a_contact_deleted_after_the_fan_out_gets_nothing(api, sender, tmp_path):
+    contacts = await add_contacts(api, 2)
+    created = await create(api)
+    await api.call("POST", f"/campaigns/{created['id']}/send", json={})
+    await CampaignFanOut(api.db, lambda: None).run_once()
+    status, _ = await api.call("DELETE", f"/contacts/{contacts[1]['id']}")
+    assert status == 200
+    await dispatch_all(dispatcher_for(api, tmp_path / "out"))
+    assert list(delivered(tmp_path / "out")) == [contacts[0]["email"]]
+
+
+async def test_deferred_content_is_a_spec_not_mime(api, sender):
+    """Queueing writes no MIME per recipient: every email of the campaign shares one small content row."""
+    await add_contacts(api, 5)
+    created = await create(api)
+    await api.call("POST", f"/campaigns/{created['id']}/send", json={})
+    await CampaignFanOut(api.db, lambda: None).run_once()
+
+    def contents(session):
+        return session.execute(select(func.count(func.distinct(Email.content_id)))
+                               .where(Email.campaign_id == created["id"])).scalar_one()
+
+    assert await api.db.read(contents) == 1
