@@ -1,4 +1,5 @@
-"""POST /v1/send: validate, compose, and hand to the one send pipeline."""
+"""POST /v1/send: validate, compose (from the request, or from one of the project's templates), and hand to
+the one send pipeline."""
 
 from __future__ import annotations
 
@@ -22,14 +23,15 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from api.context import CONFIG, DB, ON_QUEUED
+from api.context import CONFIG, DB, LINKS, ON_QUEUED
 from api.envelope import dumps, success
 from api.routing import Route, caller
 from api.schemas import Sent
 from api.validation import EMAIL_SCHEMA, Body, Data, Email, body_from, case_insensitive, read_json
 from pipeline.compose import HEADER_CONTROL, HEADER_NAME, Attachment, MessageSpec, is_safe_header_value
-from pipeline.errors import FieldError, NotFound, ValidationFailed
+from pipeline.errors import FieldError, ValidationFailed
 from pipeline.submit import Submission, run_idempotent, submit
+from pipeline.templates import require_template, template_spec
 
 MAX_RECIPIENTS = 50
 MAX_ATTACHMENT_BYTES = 10 * 1024 * 1024
@@ -56,6 +58,9 @@ HEADER_SAFE = f"^[^{HEADER_CONTROLS}]*$"
 HeaderText = Annotated[str, StringConstraints(max_length=998), InHeader,
                        WithJsonSchema({"type": "string", "maxLength": 998, "pattern": HEADER_SAFE})]
 HeaderEmail = Annotated[Email, InHeader]
+DisplayName = Annotated[str, StringConstraints(max_length=200), InHeader,
+                       WithJsonSchema({"type": "string", "maxLength": 200, "pattern": HEADER_SAFE})]
+"""A From display name: used as given (not rendered), in a header."""
 BASE64 = "^([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 """What `base64.b64decode(validate=True)` accepts."""
 
@@ -94,12 +99,19 @@ class SendBody(Body):
                   Field(min_length=1, max_length=MAX_RECIPIENTS),
                   WithJsonSchema({"anyOf": [EMAIL_SCHEMA, {"type": "array", "items": EMAIL_SCHEMA, "minItems": 1,
                                                            "maxItems": MAX_RECIPIENTS}]})]
-    subject: HeaderText | None = None
-    body: Annotated[str, StringConstraints(max_length=5_000_000)] | None = None
-    template: Annotated[str, StringConstraints(max_length=64)] | None = None
+    subject: Annotated[HeaderText | None, Field(description="Rendered per recipient; with `template`, replaces "
+                                                           "the template's subject")] = None
+    body: Annotated[Annotated[str, StringConstraints(max_length=5_000_000)] | None,
+                    Field(description="HTML or text, rendered per recipient; with `template`, replaces the "
+                                      "template's body (in the template's style)")] = None
+    template: Annotated[Annotated[str, StringConstraints(max_length=64)] | None,
+                        Field(description="The id of one of the project's templates (404 if there is none): its "
+                                          "subject, body and style, and its from, fromName and reply where the "
+                                          "request gives none. A MARKETING template adds each recipient's "
+                                          "List-Unsubscribe (one-click) and, in PLUNK style, an unsubscribe "
+                                          "footer")] = None
     data: Data = None
-    name: Annotated[str, StringConstraints(max_length=200), InHeader,
-                    WithJsonSchema({"type": "string", "maxLength": 200, "pattern": HEADER_SAFE})] | None = None
+    name: DisplayName | None = None
     from_: HeaderEmail | None = Field(default=None, alias="from")
     reply: HeaderEmail | None = None
     headers: Annotated[dict[str, HeaderText] | None,
@@ -152,8 +164,6 @@ async def send_email(request: web.Request) -> web.Response:
     who = caller(request)
     payload = await read_json(request)
     body = body_from(request, payload, SendBody)
-    if body.template is not None:
-        raise NotFound(f"Template {body.template} not found", "Send subject and body instead.")
     errors = _header_errors(body.headers or {})
     if errors:
         raise ValidationFailed(errors)
@@ -161,12 +171,17 @@ async def send_email(request: web.Request) -> web.Response:
     idem_key = request.headers.get("Idempotency-Key")
     if idem_key is not None and not IDEMPOTENCY_KEY.fullmatch(idem_key):
         raise ValidationFailed([FieldError("Idempotency-Key", "1-255 printable ASCII characters", "invalid_string")])
-    from_email = body.from_ or who.from_email
-    spec = MessageSpec(from_email, body.name if body.name is not None else who.from_name, body.subject or "",
-                       body.body or "", body.reply, dict(body.headers or {}), attachments)
-    submission = Submission(who.project_id, "api", from_email, body.to,
-                            body.subscribed, body.data, compose=spec.build, subject=body.subject or "",
-                            size=len(body.body or "") + sum(len(a.content) for a in attachments))
+    if body.template is None:
+        spec = MessageSpec(body.from_ or who.from_email, body.name if body.name is not None else who.from_name,
+                           body.subject or "", body.body or "", body.reply, dict(body.headers or {}), attachments)
+    else:
+        template = await request.app[DB].read(require_template, who.project_id, body.template)
+        spec = template_spec(template, (who.from_email, who.from_name), request.app[LINKS], from_email=body.from_,
+                             from_name=body.name, reply_to=body.reply, subject=body.subject, body=body.body,
+                             headers=body.headers, attachments=attachments)
+    submission = Submission(who.project_id, "api", spec.from_email, body.to,
+                            body.subscribed, body.data, compose=spec.build, subject=spec.subject,
+                            size=len(spec.body) + sum(len(a.content) for a in attachments))
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def work(session) -> dict[str, Any]:
@@ -187,6 +202,7 @@ async def send_email(request: web.Request) -> web.Response:
 
 
 ROUTES = [
-    Route("POST", "/send", send_email, "Send a transactional email", scope="public", body=SendBody,
+    Route("POST", "/send", send_email, "Send an email: subject and body, or a template", scope="public",
+          body=SendBody,
           tag="Transactional", response=Sent, errors=frozenset({404, 409})),
 ]

@@ -1,0 +1,77 @@
+"""Template queries: the rows of `templates`, and what refers to one (`template_users`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from storage.models import Campaign, Template, utcnow
+from storage.pagination import Page, paginate
+
+COLUMNS = frozenset({"name", "subject", "body", "type", "style", "from_email", "from_name", "reply_to"})
+"""The columns a caller may set; id, project and timestamps are kept here."""
+
+
+@dataclass(frozen=True)
+class TemplateUser:
+    """Something that sends a template and so keeps it from being deleted."""
+
+    kind: str
+    """'campaign' (automations will add theirs)."""
+    id: str
+    name: str
+
+
+def insert_template(session: Session, project_id: str, values: dict[str, Any]) -> Template:
+    now = utcnow()
+    template = Template(project_id=project_id, created_at=now, updated_at=now, **_columns(values))
+    session.add(template)
+    session.flush()
+    return template
+
+
+def get_template(session: Session, project_id: str, template_id: str, for_update: bool = False) -> Template | None:
+    """The project's template, or None. `for_update` locks its row (PostgreSQL) until the transaction ends,
+    which also waits for, and then holds off, anything inserting a row that references it."""
+    stmt = select(Template).where(Template.project_id == project_id, Template.id == template_id)
+    if for_update:
+        stmt = stmt.with_for_update()
+    return session.execute(stmt).scalar_one_or_none()
+
+
+def list_templates(session: Session, project_id: str, limit: int, cursor: str | None) -> Page:
+    return paginate(session, select(Template).where(Template.project_id == project_id), Template.id, limit, cursor)
+
+
+def update_template(session: Session, template: Template, values: dict[str, Any]) -> Template:
+    for column, value in _columns(values).items():
+        setattr(template, column, value)
+    template.updated_at = utcnow()
+    session.flush()
+    return template
+
+
+def delete_template(session: Session, template: Template) -> None:
+    session.delete(template)
+    session.flush()
+
+
+def template_users(session: Session, template_id: str) -> list[TemplateUser]:
+    """What refers to the template, oldest first.
+
+    The one "is it in use?" query: every table that references templates adds its own select here
+    (automations next). Matched on the template id alone, as the foreign key is: a reference from any
+    row blocks the delete."""
+    rows = session.execute(select(Campaign.id, Campaign.name).where(Campaign.template_id == template_id)
+                           .order_by(Campaign.id)).all()
+    return [TemplateUser("campaign", row.id, row.name) for row in rows]
+
+
+def _columns(values: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(values) - COLUMNS
+    if unknown:
+        raise ValueError(f"not template columns: {sorted(unknown)}")
+    return values
