@@ -11,10 +11,35 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, delete, func, or_, select, true, update
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    SmallInteger,
+    String,
+    Text,
+    delete,
+    func,
+    literal,
+    or_,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.orm import Session
 
-from storage.models import Campaign, Contact, Content, Email, Event, OutboxItem, Segment, Template, new_id, utcnow
+from storage.models import (
+    Campaign,
+    Contact,
+    Content,
+    Email,
+    Event,
+    OutboxItem,
+    Segment,
+    Template,
+    UTCDateTime,
+    new_id,
+    utcnow,
+)
 from storage.pagination import Page, paginate
 
 CAMPAIGN_PRIORITY = 1
@@ -23,8 +48,6 @@ _CONTACT = Contact.__table__
 _EMAIL = Email.__table__
 _OUTBOX = OutboxItem.__table__
 _CAMPAIGN = Campaign.__table__
-_INSERT_EMAIL = _EMAIL.insert()
-_INSERT_OUTBOX = _OUTBOX.insert()
 FEEDBACK_EVENTS = {"email.delivery": "delivered", "email.open": "opened", "email.click": "clicked",
                    "email.bounce": "bounced", "email.complaint": "complained", "contact.unsubscribed": "unsubscribed"}
 
@@ -128,34 +151,44 @@ def insert_deferred_content(session: Session, project_id: str, spec: bytes) -> s
     return content.id
 
 
+def _derived_ids(prefix: str, ids: Any) -> Any:
+    """Ids for rows made in SQL from other rows: a fresh UUIDv7's time-and-counter head (18 characters,
+    taken once per chunk) and the 62 random bits of the source row's id. They stay time-ordered (the
+    retention pruner and pagination rely on it) and unique: the head is never reused by this process,
+    and within a chunk the source ids differ in their random bits."""
+    return literal(prefix, String) + func.substr(ids, 19)
+
+
 def fan_out_chunk(session: Session, campaign: Campaign, audience: Audience, sender: str, chunk: int,
                   now: datetime) -> int:
-    """Queue the next `chunk` recipients after the cursor, an email and an outbox row each (one
-    executemany per table), and move the cursor; the last chunk marks the fan-out done. Returns how
-    many were queued."""
-    stmt = _audience_rows(campaign.project_id, audience, now).order_by(_CONTACT.c.id).limit(chunk)
+    """Queue the next `chunk` recipients after the cursor, an email and an outbox row each, with two
+    `INSERT … SELECT`s (no row passes through Python), and move the cursor; the last chunk marks the
+    fan-out done. Returns how many were queued."""
+    conn = session.connection()
+    email_head, outbox_head = new_id()[:18], new_id()[:18]
+    recipients = _audience_rows(campaign.project_id, audience, now).with_only_columns(
+        _derived_ids(email_head, _CONTACT.c.id), literal(campaign.project_id, String), _CONTACT.c.id,
+        literal(campaign.content_id, String), literal(campaign.id, String), _CONTACT.c.email,
+        literal(sender, String), literal(campaign.subject, Text), literal("campaign", String),
+        literal("QUEUED", String), literal(now, UTCDateTime)).order_by(_CONTACT.c.id).limit(chunk)
     if campaign.fanout_cursor is not None:
-        stmt = stmt.where(_CONTACT.c.id > campaign.fanout_cursor)
-    recipients = session.connection().execute(stmt).all()
-    emails, outbox = [], []
-    for contact_id, address in recipients:
-        email_id = new_id()
-        emails.append({"id": email_id, "project_id": campaign.project_id, "contact_id": contact_id,
-                       "content_id": campaign.content_id, "campaign_id": campaign.id, "recipient": address,
-                       "sender": sender, "envelope_sender": None, "subject": campaign.subject,
-                       "source": "campaign", "status": "QUEUED", "created_at": now})
-        outbox.append({"id": new_id(), "email_id": email_id, "due_at": now, "attempts": 0,
-                       "priority": CAMPAIGN_PRIORITY, "campaign_id": campaign.id})
-    if emails:
-        conn = session.connection()
-        conn.execute(_INSERT_EMAIL, emails)
-        conn.execute(_INSERT_OUTBOX, outbox)
-        campaign.fanout_cursor = recipients[-1][0]
-        campaign.recipient_count += len(emails)
-    if len(recipients) < chunk:
+        recipients = recipients.where(_CONTACT.c.id > campaign.fanout_cursor)
+    queued = conn.execute(_EMAIL.insert().from_select(
+        ["id", "project_id", "contact_id", "content_id", "campaign_id", "recipient", "sender", "subject", "source",
+         "status", "created_at"], recipients)).rowcount
+    if queued:
+        this_chunk = (_EMAIL.c.id > email_head) & (_EMAIL.c.id < email_head + "~")
+        conn.execute(_OUTBOX.insert().from_select(
+            ["id", "email_id", "due_at", "attempts", "priority", "campaign_id"],
+            select(_derived_ids(outbox_head, _EMAIL.c.id), _EMAIL.c.id, literal(now, UTCDateTime),
+                   literal(0, Integer), literal(CAMPAIGN_PRIORITY, SmallInteger), literal(campaign.id, String))
+            .where(this_chunk)))
+        campaign.fanout_cursor = conn.execute(select(func.max(_EMAIL.c.contact_id)).where(this_chunk)).scalar_one()
+        campaign.recipient_count += queued
+    if queued < chunk:
         campaign.fanout_done = True
     session.flush()
-    return len(emails)
+    return queued
 
 
 def finish_drained(session: Session, now: datetime) -> list[str]:
