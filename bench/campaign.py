@@ -1,0 +1,197 @@
+"""A campaign to 100,000 contacts: how long until every recipient's outbox row is committed, against a
+bare `INSERT … SELECT` of as many rows into the same database; and /v1/send latency (p99) while the
+campaign is fanned out and while it dispatches, against the same server idle. One run, ratios printed.
+
+    python -m bench.campaign [--contacts 100000] [--rate 14] [--probes 300] [--database-url postgresql+asyncpg://…]
+
+The server is a real `plunkd serve` (API process + dispatcher process, file transport at `--rate`).
+Contacts are written through the storage layer's table in bulk before it starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import statistics
+import time
+import uuid
+from collections.abc import Iterator
+
+import aiohttp
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from bench.common import create_project, free_port, plunkd_env, server_process, temp_dir
+from bench.setup_sender import verify_offline
+from storage.db import Database
+from storage.models import Contact, new_id, utcnow
+
+CONTACT_BATCH = 10_000
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--contacts", type=int, default=100_000)
+    parser.add_argument("--rate", type=float, default=14.0, help="the dispatcher's send rate (messages/s)")
+    parser.add_argument("--probes", type=int, default=300, help="/v1/send requests per latency sample")
+    parser.add_argument("--seconds", type=float, default=120.0, help="give up on the fan-out after this")
+    parser.add_argument("--database-url", default="")
+    return parser.parse_args()
+
+
+async def seed_contacts(url: str, project_id: str, count: int) -> float:
+    db = Database(url)
+    started = time.perf_counter()
+    table = Contact.__table__
+    for first in range(0, count, CONTACT_BATCH):
+        now = utcnow()
+        rows = [{"id": new_id(), "project_id": project_id, "email": f"reader{i}@example.org", "subscribed": True,
+                 "data": {"name": f"Reader {i}", "plan": "pro" if i % 3 else "free"}, "created_at": now,
+                 "updated_at": now} for i in range(first, min(first + CONTACT_BATCH, count))]
+        await db.write(lambda s, rows=rows: s.connection().execute(table.insert(), rows))
+    await db.dispose()
+    return time.perf_counter() - started
+
+
+async def project_id_of(url: str) -> str:
+    engine = create_async_engine(url)
+    async with engine.connect() as conn:
+        found = (await conn.execute(text("SELECT id FROM projects WHERE name = 'bench'"))).scalar_one()
+    await engine.dispose()
+    return found
+
+
+async def latencies(session: aiohttp.ClientSession, base: str, sk: str, count: int, concurrency: int = 4,
+                    until: asyncio.Event | None = None) -> list[float]:
+    """`count` sends (or until `until` is set, at least 20), `concurrency` at a time; each one's seconds."""
+    samples: list[float] = []
+    issued = 0
+
+    async def worker() -> None:
+        nonlocal issued
+        while issued < count and not (until is not None and until.is_set() and len(samples) >= 20):
+            issued += 1
+            body = {"to": f"probe{issued % 50}@example.org", "subject": "Receipt", "body": "<p>Thanks</p>",
+                    "from": "shop@bench.example"}
+            started = time.perf_counter()
+            async with session.post(f"{base}/v1/send", json=body, headers={"Authorization": f"Bearer {sk}"}) as resp:
+                await resp.read()
+                assert resp.status == 200, resp.status
+            samples.append(time.perf_counter() - started)
+
+    await asyncio.gather(*[worker() for _ in range(concurrency)])
+    return samples
+
+
+def p99(samples: list[float]) -> float:
+    return statistics.quantiles(samples, n=100)[98] if len(samples) >= 2 else samples[0]
+
+
+async def campaign_state(engine, campaign_id: str) -> tuple[bool, int]:
+    async with engine.connect() as conn:
+        row = (await conn.execute(text("SELECT fanout_done, recipient_count FROM campaigns WHERE id = :i"),
+                                  {"i": campaign_id})).one()
+    return bool(row[0]), row[1]
+
+
+async def run_campaign(base: str, sk: str, url: str, args: argparse.Namespace) -> dict[str, float]:
+    engine = create_async_engine(url)
+    results: dict[str, float] = {}
+    async with aiohttp.ClientSession() as session:
+        await latencies(session, base, sk, 30)  # warm up
+        results["idle_p99"] = p99(await latencies(session, base, sk, args.probes))
+        headers = {"Authorization": f"Bearer {sk}"}
+        async with session.post(f"{base}/campaigns", headers=headers, json={
+                "subject": "Our news, {{name ?? friend}}", "body": "<p>Hello {{name}}, here is the news.</p>",
+                "from": "news@bench.example"}) as resp:
+            campaign_id = (await resp.json())["data"]["id"]
+        async with session.post(f"{base}/campaigns/{campaign_id}/send", headers=headers, json={}) as resp:
+            assert resp.status == 200, await resp.text()
+        started = time.perf_counter()
+        fanned_out = asyncio.Event()
+        probe = asyncio.create_task(latencies(session, base, sk, args.probes * 100, until=fanned_out))
+        deadline = started + args.seconds
+        while time.perf_counter() < deadline:
+            done, queued = await campaign_state(engine, campaign_id)
+            if done:
+                break
+            await asyncio.sleep(0.02)
+        results["queue_seconds"] = time.perf_counter() - started
+        fanned_out.set()
+        results["fanout_p99"] = p99(await probe)
+        assert done and queued == args.contacts, f"fan-out incomplete: {queued} of {args.contacts} queued"
+        results["dispatching_p99"] = p99(await latencies(session, base, sk, args.probes))
+        async with engine.connect() as conn:
+            results["sent_so_far"] = (await conn.execute(text(
+                "SELECT count(*) FROM emails WHERE campaign_id = :i AND sent_at IS NOT NULL"),
+                {"i": campaign_id})).scalar_one()
+    await engine.dispose()
+    return results
+
+
+async def bare_insert_select(url: str, count: int) -> float:
+    """The baseline: the rows' worth of one `INSERT … SELECT` from contacts into a plain table, committed."""
+    engine = create_async_engine(url)
+    async with engine.begin() as conn:
+        await conn.execute(text("CREATE TABLE bench_bare (id VARCHAR(36) PRIMARY KEY, contact_id VARCHAR(36), "
+                                "recipient VARCHAR(320), due_at VARCHAR(40))"))
+    started = time.perf_counter()
+    async with engine.begin() as conn:
+        await conn.execute(text("INSERT INTO bench_bare SELECT id, id, email, 'now' FROM contacts LIMIT :n"),
+                           {"n": count})
+    elapsed = time.perf_counter() - started
+    await engine.dispose()
+    return elapsed
+
+
+def run_all(data: str, url: str, args: argparse.Namespace) -> tuple[dict[str, float], float]:
+    port = free_port()
+    env = plunkd_env(data, port, PLUNKD_DATABASE_URL=url, PLUNKD_DELIVERY_ENABLED="true",
+                     PLUNKD_DELIVERY_RATE_PER_SECOND=str(args.rate), PLUNKD_DELIVERY_TRANSPORT="file")
+    sk = create_project(data, env)
+    asyncio.run(verify_offline(url, "bench", "bench.example"))
+    seeded = asyncio.run(seed_contacts(url, asyncio.run(project_id_of(url)), args.contacts))
+    print(f"seeded {args.contacts:,} contacts in {seeded:.1f} s")
+    with server_process(["-m", "plunkd.cli", "serve"], port, env):
+        results = asyncio.run(run_campaign(f"http://127.0.0.1:{port}", sk, url, args))
+    return results, asyncio.run(bare_insert_select(url, args.contacts))
+
+
+def main() -> None:
+    args = parse_args()
+    with temp_dir() as data, contextlib.ExitStack() as stack:
+        url = (stack.enter_context(fresh_database(args.database_url)) if args.database_url
+               else f"sqlite+aiosqlite:///{data}/plunkd.sqlite3")
+        results, bare = run_all(data, url, args)
+    backend = "PostgreSQL" if args.database_url else "SQLite"
+    queue = results["queue_seconds"]
+    print(f"[{backend}] campaign to {args.contacts:,}: all outbox rows committed in {queue:.2f} s "
+          f"(aim < 10 s); bare INSERT … SELECT of {args.contacts:,} rows {bare:.2f} s; ratio {queue / bare:.1f}x")
+    idle, during, dispatching = results["idle_p99"], results["fanout_p99"], results["dispatching_p99"]
+    print(f"[{backend}] /v1/send p99: idle {idle * 1000:.1f} ms, during the fan-out {during * 1000:.1f} ms "
+          f"(ratio {during / idle:.2f}), while dispatching at {args.rate:g}/s {dispatching * 1000:.1f} ms "
+          f"(ratio {dispatching / idle:.2f}, aim <= 2); {results['sent_so_far']:,.0f} campaign emails sent by then")
+
+
+@contextlib.contextmanager
+def fresh_database(server_url: str) -> Iterator[str]:
+    """A new, empty PostgreSQL database on `server_url`'s server for this run, dropped afterwards (the
+    database named in the URL is only used to connect)."""
+    name = f"plunkd_bench_{uuid.uuid4().hex[:10]}"
+
+    async def admin(statement: str) -> None:
+        engine = create_async_engine(server_url, isolation_level="AUTOCOMMIT")
+        async with engine.connect() as conn:
+            await conn.execute(text(statement))
+        await engine.dispose()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield server_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+if __name__ == "__main__":
+    main()
