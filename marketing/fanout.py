@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 
 from pipeline import campaigns as rules
+from plunkd.config import DeliveryConfig
 from storage import campaigns as store
 from storage.db import Database
 from storage.models import utcnow
@@ -23,21 +24,30 @@ log = logging.getLogger("plunkd.campaigns")
 
 class CampaignFanOut:
     def __init__(self, db: Database, on_queued: Callable[[], None], poll_seconds: float = 1.0,
-                 chunk: int = rules.FANOUT_CHUNK) -> None:
+                 chunk: int = DeliveryConfig.fanout_chunk) -> None:
         self.db = db
         self.on_queued = on_queued
         self.poll_seconds = poll_seconds
         self.chunk = chunk
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """Something was queued or scheduled: look now instead of at the next poll."""
+        self._wake.set()
 
     async def run(self) -> None:
         while True:
+            self._wake.clear()
             try:
                 await self.run_once()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("campaign fan-out failed; retrying")
-            await asyncio.sleep(self.poll_seconds)
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+            except TimeoutError:
+                pass
 
     async def run_once(self) -> int:
         """Fan out every campaign now due, to the end; then settle the drained ones. Returns how many

@@ -30,9 +30,6 @@ from storage.models import Campaign, Project, utcnow
 log = logging.getLogger("plunkd.campaigns")
 EDITABLE = frozenset({"DRAFT", "SCHEDULED"})
 MAX_LIST_RECIPIENTS = 10_000
-FANOUT_CHUNK = 1_000
-"""Recipients queued per transaction: big enough to queue 100,000 in seconds, small enough that the
-write lock is never held long while /v1/send and SMTP wait for it."""
 
 
 @dataclass
@@ -250,7 +247,7 @@ def start_fanout(session: Session, campaign_id: str) -> Campaign | None:
     return campaign
 
 
-def fan_out_next(session: Session, campaign_id: str, chunk: int = FANOUT_CHUNK) -> tuple[int, bool]:
+def fan_out_next(session: Session, campaign_id: str, chunk: int) -> tuple[int, bool]:
     """Queue the next chunk of a SENDING campaign; returns (queued, finished)."""
     campaign = store.get_campaign_by_id(session, campaign_id, for_update=True)
     if campaign is None or campaign.status != "SENDING" or campaign.fanout_done:

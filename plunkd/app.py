@@ -104,15 +104,20 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
     links = make_signer(config.server.link_secret, config.data_path, config.server.public_url)
     dispatcher = Dispatcher(db, transport, TokenBucket(rate), config.delivery,
                             compose_deferred=CampaignComposer(db.read, links))
-    app[ON_QUEUED].append(dispatcher.wake)
+    campaigns = CampaignFanOut(db, dispatcher.wake, config.delivery.poll_seconds, config.delivery.fanout_chunk)
+
+    def wake() -> None:
+        dispatcher.wake()
+        campaigns.wake()
+
+    app[ON_QUEUED].append(wake)
     wake_fd = os.environ.get(WAKE_FD_ENV)
     if wake_fd:
-        watch_parent(int(wake_fd), dispatcher.wake, lambda: os.kill(os.getpid(), signal.SIGTERM))
+        watch_parent(int(wake_fd), wake, lambda: os.kill(os.getpid(), signal.SIGTERM))
     task = asyncio.create_task(dispatcher.run(), name="dispatcher")
     log.info("dispatcher %s started: transport %s, %.1f recipients/s", dispatcher.worker, transport.name, rate)
     pruner = asyncio.create_task(Pruner(db, config.delivery).run(), name="pruner")
-    fanout = asyncio.create_task(CampaignFanOut(db, dispatcher.wake, config.delivery.poll_seconds).run(),
-                                 name="campaign-fanout")
+    fanout = asyncio.create_task(campaigns.run(), name="campaign-fanout")
     yield
     for background in (pruner, task, fanout):
         background.cancel()

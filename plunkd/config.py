@@ -107,6 +107,9 @@ class DeliveryConfig:
     batch_size: int = 50
     concurrency: int = 8
     poll_seconds: float = 0.5
+    fanout_chunk: int = 2000
+    """Campaign recipients queued per transaction (bigger: a campaign queues sooner; smaller: the write
+    lock is held for less time while API and SMTP mail wait)."""
     outbox_dir: str = ""
     """Empty means `<data_dir>/outbox` (file transport)."""
     dkim_selector: str = "plunkd"
@@ -221,6 +224,9 @@ def _validate(config: Config) -> None:
         (config.smtp.max_message_bytes > 0, "smtp.max_message_bytes", "a number > 0"),
         (config.delivery.max_attempts > 0, "delivery.max_attempts", "a number > 0"),
         (config.delivery.concurrency > 0, "delivery.concurrency", "a number > 0"),
+        (0 < config.delivery.fanout_chunk <= 50_000, "delivery.fanout_chunk", "a number from 1 to 50000"),
+        (not config.server.link_secret or len(config.server.link_secret) >= 32, "server.link_secret",
+         "at least 32 characters (or empty: one is generated into server.data_dir)"),
         (config.delivery.keep_content_days >= 0, "delivery.keep_content_days", "a number of days >= 0"),
         (config.delivery.keep_days >= 0, "delivery.keep_days", "a number of days >= 0"),
         (bool(config.smtp.cert_file) == bool(config.smtp.key_file), "smtp.cert_file",
