@@ -14,6 +14,7 @@ from api.serialize import event_json, page_json
 from api.validation import NO_NUL, PAGE_QUERY, page_params, text_param
 from pipeline.contacts import is_system_event, require_contact
 from pipeline.errors import FieldError, Forbidden, NotFound, ValidationFailed
+from pipeline.segments import check_event_deletable
 from storage import events as event_store
 
 MAX_EVENT_NAME = 200
@@ -72,7 +73,12 @@ async def delete_events(request: web.Request) -> web.Response:
         raise Forbidden(f"'{name}' is a system event and cannot be deleted",
                         "Only events your application tracked can be deleted.")
     project_id = caller(request).project_id
-    deleted = await request.app[DB].write(lambda s: event_store.delete_events_named(s, project_id, name))
+
+    def delete(session):
+        check_event_deletable(session, project_id, name)
+        return event_store.delete_events_named(session, project_id, name)
+
+    deleted = await request.app[DB].write(delete)
     if not deleted:
         raise NotFound(f"No events named '{name}'")
     return success({"name": name, "deleted": deleted})
@@ -87,6 +93,7 @@ ROUTES = [
           query={"start": DATE_QUERY, "end": DATE_QUERY}, tag="Events", response=EventStats),
     Route("GET", "/events/contact/{contactId}", contact_events, "Events of one contact", query=PAGE_QUERY,
           tag="Events", response=EventPage, legacy="items"),
-    Route("DELETE", "/events/{eventName}", delete_events, "Delete every event with this name", tag="Events",
-          response=DeletedEvents),
+    Route("DELETE", "/events/{eventName}", delete_events,
+          "Delete every event with this name (not while a segment's condition uses it)", tag="Events",
+          response=DeletedEvents, errors=frozenset({409})),
 ]

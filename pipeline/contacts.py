@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from pipeline.errors import Conflict, FieldError, NotFound, ValidationFailed
+from pipeline.segments import refresh_membership
 from storage import contacts as contact_store
 from storage import events as event_store
 from storage.contacts import ContactRecord
@@ -52,34 +53,43 @@ def merge_data(stored: dict[str, Any], incoming: dict[str, Any] | None) -> tuple
 
 
 def record_subscription(session: Session, project_id: str, contact: ContactRecord, subscribed: bool,
-                        event_data: dict[str, Any] | None = None, email_id: str | None = None) -> bool:
+                        event_data: dict[str, Any] | None = None, email_id: str | None = None,
+                        refresh: bool = True) -> bool:
     """Set the contact's state; a real change records contact.subscribed / contact.unsubscribed (with
-    `event_data`, and `email_id` when the change came from a link in that email)."""
+    `event_data`, and `email_id` when the change came from a link in that email) and, unless the caller
+    will (`refresh=False`), re-evaluates the contact's tracked segments."""
     if contact.subscribed == subscribed:
         return False
     contact.subscribed = subscribed
     contact_store.update_contact(session, contact.id, subscribed=subscribed)
     name = "contact.subscribed" if subscribed else "contact.unsubscribed"
     event_store.insert_event(session, project_id, contact.id, name, event_data or {}, email_id=email_id)
+    if refresh:
+        refresh_membership(session, project_id, contact.id)
     return True
 
 
 def upsert_contact(session: Session, project_id: str, email: str, subscribed: bool | None,
                    default_subscribed: bool, data: dict[str, Any] | None = None,
-                   only_subscribe: bool = False) -> tuple[ContactRecord, dict[str, Any], bool]:
+                   only_subscribe: bool = False, refresh: bool = True) -> tuple[ContactRecord, dict[str, Any], bool]:
     """The one upsert used by track, send and import. Returns (contact, call variables, created).
 
     A new contact gets `subscribed` or the caller's default. An existing one changes state only
     on an explicit value; with `only_subscribe` (the send rule) only an explicit `true` counts.
+    A change re-evaluates the contact's tracked segments, unless the caller will (`refresh=False`).
     """
     contact, created = contact_store.get_or_create_contact(
         session, project_id, email, default_subscribed if subscribed is None else subscribed)
     merged, variables = merge_data(contact.data or {}, data)
+    changed = created
     if merged != contact.data:
         contact.data = merged
         contact_store.update_contact(session, contact.id, data=merged)
+        changed = True
     if not created and subscribed is not None and (subscribed or not only_subscribe):
-        record_subscription(session, project_id, contact, subscribed)
+        changed = record_subscription(session, project_id, contact, subscribed, refresh=False) or changed
+    if changed and refresh:
+        refresh_membership(session, project_id, contact.id)
     return contact, variables, created
 
 
@@ -97,7 +107,9 @@ def create_contact(session: Session, project_id: str, email: str, subscribed: bo
         raise Conflict(f"A contact with email {email} already exists",
                        "Update the existing contact with PUT /contacts instead.")
     stored, _ = merge_data({}, data)
-    return contact_store.insert_contact(session, project_id, email, subscribed, stored)
+    contact = contact_store.insert_contact(session, project_id, email, subscribed, stored)
+    refresh_membership(session, project_id, contact.id)
+    return contact
 
 
 def update_contact(session: Session, project_id: str, contact_id: str, email: str | None,
@@ -112,7 +124,8 @@ def update_contact(session: Session, project_id: str, contact_id: str, email: st
         merged, _ = merge_data(contact.data or {}, data)
         contact_store.update_contact(session, contact.id, data=merged)
     if subscribed is not None:
-        record_subscription(session, project_id, contact, subscribed)
+        record_subscription(session, project_id, contact, subscribed, refresh=False)
+    refresh_membership(session, project_id, contact.id)
     return require_contact(session, project_id, contact_id)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from pipeline.contacts import is_system_event, reserved_event_error, upsert_contact
+from pipeline.segments import refresh_membership
 from storage import events as event_store
 
 
@@ -28,6 +29,7 @@ def track(session: Session, project_id: str, email: str, event: str, subscribed:
                 data: dict[str, Any] | None) -> Tracked:
     """Seed 003: new contacts default to subscribed; every call records a new event."""
     check_event_name(event)
-    contact, variables, _ = upsert_contact(session, project_id, email, subscribed, True, data)
+    contact, variables, _ = upsert_contact(session, project_id, email, subscribed, True, data, refresh=False)
     event_id, created_at = event_store.insert_event(session, project_id, contact.id, event, variables)
+    refresh_membership(session, project_id, contact.id)
     return Tracked(contact.id, event_id, created_at)
