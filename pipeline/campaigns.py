@@ -25,6 +25,7 @@ from pipeline.errors import Conflict, FieldError, NotFound, ValidationFailed
 from pipeline.links import LinkSigner
 from pipeline.submit import Queued, Submission, submit
 from storage import campaigns as store
+from storage import templates as template_store
 from storage.models import Campaign, Project, utcnow
 
 log = logging.getLogger("plunkd.campaigns")
@@ -81,7 +82,7 @@ def _audience_kind(values: dict[str, Any]) -> str:
 def _check_references(session: Session, project_id: str, values: dict[str, Any]) -> None:
     """The template, segment and listed recipients must exist in the project (422 naming each)."""
     errors = []
-    if values.get("template_id") and store.template_of(session, project_id, values["template_id"]) is None:
+    if values.get("template_id") and template_store.get_template(session, project_id, values["template_id"]) is None:
         errors.append(FieldError("template", f"Template {values['template_id']} not found", "unknown_template"))
     if values.get("segment_id") and store.segment_of(session, project_id, values["segment_id"]) is None:
         errors.append(FieldError("segment", f"Segment {values['segment_id']} not found", "unknown_segment"))
@@ -162,7 +163,7 @@ def _audience(session: Session, campaign: Campaign) -> store.Audience:
 
 def message_spec(session: Session, campaign: Campaign, project: Project, links: LinkSigner | None) -> MessageSpec:
     """The campaign's message: its own fields first, then its template's, then the project's sender."""
-    template = store.template_of(session, project.id, campaign.template_id) if campaign.template_id else None
+    template = template_store.get_template(session, project.id, campaign.template_id) if campaign.template_id else None
     subject = campaign.subject or (template.subject if template else "")
     body = campaign.body or (template.body if template else "")
     style = template.style if template is not None and not campaign.body else campaign.style

@@ -35,7 +35,6 @@ from storage.models import (
     Event,
     OutboxItem,
     Segment,
-    Template,
     UTCDateTime,
     new_id,
     utcnow,
@@ -80,11 +79,6 @@ def insert_campaign(session: Session, project_id: str, fields: dict[str, Any]) -
 def delete_campaign(session: Session, campaign: Campaign) -> None:
     session.delete(campaign)
     session.flush()
-
-
-def template_of(session: Session, project_id: str, template_id: str) -> Template | None:
-    stmt = select(Template).where(Template.project_id == project_id, Template.id == template_id)
-    return session.execute(stmt).scalar_one_or_none()
 
 
 def segment_of(session: Session, project_id: str, segment_id: str) -> Segment | None:
