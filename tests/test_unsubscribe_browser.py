@@ -1,6 +1,7 @@
 """A person unsubscribing in a real browser: a real `plunkd serve` (API + dispatcher child, an SQLite file
-or PostgreSQL, the file transport) delivers a DKIM-signed marketing email; headless Chromium (Debian's, driven by
-Playwright) opens its List-Unsubscribe link, confirms, and opens the preferences page. Screenshots of
+or PostgreSQL, the file transport) sends a PLUNK-style campaign created and sent over the API; headless
+Chromium (Debian's, driven by Playwright) opens the delivered email's List-Unsubscribe link, confirms,
+and opens the preferences page; the unsubscribe counts in the campaign's stats. Screenshots of
 each step are kept under the test's tmp_path. Never skipped: without Chromium it fails and says why."""
 
 from __future__ import annotations
@@ -22,12 +23,10 @@ from pathlib import Path
 import dkim
 import pytest
 
-from pipeline.compose import MessageSpec
 from pipeline.domains import dkim_txt
-from pipeline.links import make_signer
-from pipeline.submit import Submission, submit
 from storage import contacts as contact_store
 from storage import domains as domain_store
+from storage import emails as email_store
 from storage import events as event_store
 from storage import projects as project_store
 from storage.db import Database
@@ -161,21 +160,6 @@ def in_database(server: Served, fn):
         return pool.submit(asyncio.run, _in_database(server.db_url, fn)).result()
 
 
-def queue_marketing_email(server: Served, project_id: str) -> None:
-    """A PLUNK-style marketing email to RECIPIENT, queued through the one send path into the server's
-    database, with links signed by the server's own secret (the data dir's)."""
-    signer = make_signer("", server.data_dir, server.base)
-    spec = MessageSpec(from_email="hello@example.com", from_name="News", subject="This week",
-                       body="<p>Hello {{plunk_email}}, here is this week's news.</p>", style="PLUNK", links=signer)
-    submission = Submission(project_id, "api", "hello@example.com", [RECIPIENT], compose=spec.build,
-                            subject="This week")
-
-    async def write(db):
-        return await db.write(lambda s: submit(s, submission))
-
-    in_database(server, write)
-
-
 def dns_for(domain) -> callable:
     record = {f"{domain.dkim_selector}._domainkey.{domain.name}": dkim_txt(domain.dkim_public_key)}
 
@@ -208,8 +192,13 @@ def test_unsubscribe_in_a_real_browser(served, tmp_path):
     server, key = served
     started = time.monotonic()
 
-    # a subscribed contact, made over the API, and a marketing email to it
+    # a subscribed contact and a campaign to it, made and sent over the API
     contact = call(server.base, key, "POST", "/contacts", {"email": RECIPIENT, "subscribed": True})["data"]
+    campaign = call(server.base, key, "POST", "/campaigns", {
+        "name": "Weekly", "subject": "This week", "style": "PLUNK", "fromName": "News",
+        "body": "<p>Hello {{plunk_email}}, here is this week's news.</p>", "recipients": [RECIPIENT]})["data"]
+    sent = call(server.base, key, "POST", f"/campaigns/{campaign['id']}/send", {})["data"]
+    assert sent["status"] in ("SCHEDULED", "SENDING", "SENT"), sent
 
     async def project_and_domain(db):
         project = await db.read(project_store.find_project, "news")
@@ -217,11 +206,12 @@ def test_unsubscribe_in_a_real_browser(served, tmp_path):
         return project.id, domain
 
     project_id, domain = in_database(server, project_and_domain)
-    queue_marketing_email(server, project_id)
 
     eml = wait_until(lambda: sorted(server.outbox.glob("*.eml")), 30, "the dispatcher to deliver", server.log)
     assert len(eml) == 1
     raw = eml[0].read_bytes()
+    emails = in_database(server, lambda db: db.read(email_store.list_emails, project_id))
+    assert [(e.recipient, e.campaign_id) for e in emails] == [(RECIPIENT, campaign["id"])]
 
     # the delivered message: one-click headers, signed by DKIM, verifying with the domain's public key
     message = email.message_from_bytes(raw, policy=policy.default)
@@ -235,6 +225,7 @@ def test_unsubscribe_in_a_real_browser(served, tmp_path):
     preferences_url = re.search(r'href="([^"]*/preferences/[^"]+)"', html_part).group(1)
     token = unsubscribe_url.rsplit("/", 1)[1]
     assert preferences_url == f"{server.base}/preferences/{token}"
+    assert "Hello reader@example.org" in html_part
 
     async def subscription(db):
         found = await db.read(contact_store.get_contact, project_id, contact["id"])
@@ -280,7 +271,10 @@ def test_unsubscribe_in_a_real_browser(served, tmp_path):
         assert_png(shots / name)
     subscribed, unsubscribed = in_database(server, subscription)
     assert subscribed is False
-    assert len(unsubscribed) == 1 and unsubscribed[0].email_id is None
+    assert len(unsubscribed) == 1
+    assert unsubscribed[0].data == {"campaignId": campaign["id"]} and unsubscribed[0].email_id == emails[0].id
+    stats = call(server.base, key, "GET", f"/campaigns/{campaign['id']}/stats")["data"]
+    assert stats["unsubscribed"] == 1 and stats["sent"] == 1, stats
     assert "/unsubscribe/<token>" in server.log.read_text()
     assert token not in server.log.read_text(), "the token never reaches the log"
     print(f"browser flow took {time.monotonic() - started:.1f}s; screenshots in {shots}")
