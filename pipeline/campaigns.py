@@ -25,6 +25,7 @@ from pipeline.errors import Conflict, FieldError, NotFound, ValidationFailed
 from pipeline.links import LinkSigner
 from pipeline.submit import Queued, Submission, submit
 from storage import campaigns as store
+from storage import segments as segment_store
 from storage import templates as template_store
 from storage.models import Campaign, Project, utcnow
 
@@ -84,7 +85,7 @@ def _check_references(session: Session, project_id: str, values: dict[str, Any])
     errors = []
     if values.get("template_id") and template_store.get_template(session, project_id, values["template_id"]) is None:
         errors.append(FieldError("template", f"Template {values['template_id']} not found", "unknown_template"))
-    if values.get("segment_id") and store.segment_of(session, project_id, values["segment_id"]) is None:
+    if values.get("segment_id") and segment_store.get_segment(session, project_id, values["segment_id"]) is None:
         errors.append(FieldError("segment", f"Segment {values['segment_id']} not found", "unknown_segment"))
     recipients = values.get("recipients") or []
     if recipients:
@@ -152,7 +153,7 @@ def delete_campaign(session: Session, project_id: str, campaign_id: str) -> Camp
 
 def _audience(session: Session, campaign: Campaign) -> store.Audience:
     if campaign.audience == "SEGMENT":
-        segment = store.segment_of(session, campaign.project_id, campaign.segment_id or "")
+        segment = segment_store.get_segment(session, campaign.project_id, campaign.segment_id or "")
         return store.Audience("SEGMENT", condition=segment.condition if segment is not None else {"any": []})
     if campaign.audience == "LIST":
         recipients = campaign.recipients or []

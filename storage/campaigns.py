@@ -34,12 +34,12 @@ from storage.models import (
     Email,
     Event,
     OutboxItem,
-    Segment,
     UTCDateTime,
     new_id,
     utcnow,
 )
 from storage.pagination import Page, paginate
+from storage.segments import condition_clause
 
 CAMPAIGN_PRIORITY = 1
 """Outbox priority of campaign mail: claimed after every transactional email due (priority 0)."""
@@ -81,11 +81,6 @@ def delete_campaign(session: Session, campaign: Campaign) -> None:
     session.flush()
 
 
-def segment_of(session: Session, project_id: str, segment_id: str) -> Segment | None:
-    stmt = select(Segment).where(Segment.project_id == project_id, Segment.id == segment_id)
-    return session.execute(stmt).scalar_one_or_none()
-
-
 def known_recipients(session: Session, project_id: str, ids: list[str], emails: list[str]) -> tuple[set[str], set[str]]:
     """Which of these contact ids and emails exist in the project."""
     found_ids: set[str] = set()
@@ -111,8 +106,6 @@ class Audience:
 
     def clause(self, now: datetime) -> ColumnElement[bool]:
         if self.kind == "SEGMENT":
-            from storage.segments import condition_clause
-
             return condition_clause(self.condition or {}, now)
         if self.kind == "LIST":
             return or_(_CONTACT.c.id.in_(self.ids), _CONTACT.c.email.in_(self.emails))

@@ -400,3 +400,18 @@ async def test_deferred_content_is_a_spec_not_mime(api, sender):
                                .where(Email.campaign_id == created["id"])).scalar_one()
 
     assert await api.db.read(contents) == 1
+
+
+async def test_segment_audience_sends_to_its_subscribed_members_only(api, sender, tmp_path):
+    pros = await add_contacts(api, 2, unsubscribed=1, data={"plan": "pro"}, prefix="pro")
+    await add_contacts(api, 2, data={"plan": "free"}, prefix="free")
+    status, body = await api.call("POST", "/segments", json={
+        "name": "Pro plan", "condition": {"field": "data.plan", "op": "equals", "value": "pro"}})
+    assert status == 201, body
+    created = await create(api, segment=body["data"]["id"])
+    assert created["audience"] == "SEGMENT"
+    status, body = await api.call("DELETE", f"/segments/{created['segment']}")
+    assert status == 409  # a campaign uses it
+    await api.call("POST", f"/campaigns/{created['id']}/send", json={})
+    await deliver(api, tmp_path / "out")
+    assert sorted(delivered(tmp_path / "out")) == sorted(c["email"] for c in pros[:2])
