@@ -11,6 +11,8 @@ Identical on SQLite and PostgreSQL:
   across types (SQLite orders numbers before text, PostgreSQL compares text). On SQLite the key is
   looked up with `json_each` (which decodes keys; a JSON path would compare them raw, and the stored
   JSON escapes non-ASCII keys), on PostgreSQL with `->` / `->>`.
+* dates in data compare as text in code-point order (COLLATE "C" on PostgreSQL, whose database
+  collation may ignore punctuation).
 * text tests are exact and case-sensitive (`instr` / `strpos`, no LIKE: SQLite's LIKE ignores ASCII
   case, PostgreSQL's does not); `email` is stored lower-cased, so its operand is lower-cased.
 * every leaf is TRUE or FALSE, never NULL, so `not` and the negative operators (`notEquals`,
@@ -118,6 +120,15 @@ class _TextContains(FunctionElement[bool]):
     inherit_cache = True
 
 
+class _ByteOrder(FunctionElement[str]):
+    """Text that orders by code point (byte order in UTF-8) whatever the database's collation: SQLite's
+    default BINARY, PostgreSQL's "C" (a database made with e.g. en_US.UTF-8 would ignore punctuation)."""
+
+    type = String()
+    name = "byte_order"
+    inherit_cache = True
+
+
 def _args(element: FunctionElement[Any], compiler: Any, **kw: Any) -> list[str]:
     return [compiler.process(arg, **kw) for arg in element.clauses]
 
@@ -150,6 +161,18 @@ def _data_number_sqlite(element, compiler, **kw):
 def _contains_sqlite(element, compiler, **kw):
     haystack, needle = _args(element, compiler, **kw)
     return f"(instr({haystack}, {needle}) > 0)"
+
+
+@compiles(_ByteOrder, "sqlite")
+def _byte_order_sqlite(element, compiler, **kw):
+    (text,) = _args(element, compiler, **kw)
+    return text
+
+
+@compiles(_ByteOrder, "postgresql")
+def _byte_order_pg(element, compiler, **kw):
+    (text,) = _args(element, compiler, **kw)
+    return f'({text} COLLATE "C")'
 
 
 def _pg_value(column: str, key: str) -> str:
@@ -300,7 +323,7 @@ def _data_clause(key: str, op: str, value: Any) -> ColumnElement[bool]:
         test = number > float(value) if op == "greaterThan" else number < float(value)
         return and_(kind == "number", test)
     if op in ("before", "after"):
-        text = _DataText(data, key_param)
+        text = _ByteOrder(_DataText(data, key_param))
         bound = iso_text(parse_instant(value))
         return and_(kind == "string", text < bound if op == "before" else text > bound)
     raise ValueError(f"operator {op!r} does not apply to a data field")
