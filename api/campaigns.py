@@ -197,9 +197,9 @@ async def delete_campaign_by_path(request: web.Request) -> web.Response:
 
 
 async def _schedule(request: web.Request, campaign_id: str, at: datetime) -> web.Response:
-    project_id = caller(request).project_id
+    project_id, links = caller(request).project_id, request.app[LINKS]
     campaign = await request.app[DB].write(lambda s: campaign_json(
-        rules.schedule_campaign(s, _project(s, project_id), campaign_id, at)))
+        rules.schedule_campaign(s, _project(s, project_id), campaign_id, at, links)))
     _wake(request)
     return success(campaign)
 

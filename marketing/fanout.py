@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 
 from pipeline import campaigns as rules
+from pipeline.links import LinkSigner
 from plunkd.config import DeliveryConfig
 from storage import campaigns as store
 from storage.db import Database
@@ -23,9 +24,10 @@ log = logging.getLogger("plunkd.campaigns")
 
 
 class CampaignFanOut:
-    def __init__(self, db: Database, on_queued: Callable[[], None], poll_seconds: float = 1.0,
+    def __init__(self, db: Database, links: LinkSigner, on_queued: Callable[[], None], poll_seconds: float = 1.0,
                  chunk: int = DeliveryConfig.fanout_chunk) -> None:
         self.db = db
+        self.links = links
         self.on_queued = on_queued
         self.poll_seconds = poll_seconds
         self.chunk = chunk
@@ -54,7 +56,7 @@ class CampaignFanOut:
         emails were queued."""
         queued = 0
         for campaign in await self.db.read(store.campaigns_to_start, utcnow()):
-            started = await self.db.write(lambda s, cid=campaign.id: rules.start_fanout(s, cid))
+            started = await self.db.write(lambda s, cid=campaign.id: rules.start_fanout(s, cid, self.links))
             if started is None:
                 continue
             finished = False

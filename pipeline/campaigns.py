@@ -24,6 +24,7 @@ from pipeline.domains import require_verified_sender
 from pipeline.errors import Conflict, FieldError, NotFound, ValidationFailed
 from pipeline.links import LinkSigner
 from pipeline.submit import Queued, Submission, submit
+from pipeline.templates import template_spec
 from storage import campaigns as store
 from storage import segments as segment_store
 from storage import templates as template_store
@@ -162,26 +163,30 @@ def _audience(session: Session, campaign: Campaign) -> store.Audience:
     return store.Audience("ALL")
 
 
-def message_spec(session: Session, campaign: Campaign, project: Project, links: LinkSigner | None) -> MessageSpec:
-    """The campaign's message: its own fields first, then its template's, then the project's sender."""
+def message_spec(session: Session, campaign: Campaign, project: Project, links: LinkSigner) -> MessageSpec:
+    """The campaign's message, always marketing mail: its own fields first, then its template's (see
+    `template_spec`), then the project's sender. An empty subject or body means "the template's"."""
     template = template_store.get_template(session, project.id, campaign.template_id) if campaign.template_id else None
-    subject = campaign.subject or (template.subject if template else "")
-    body = campaign.body or (template.body if template else "")
-    style = template.style if template is not None and not campaign.body else campaign.style
-    from_email = campaign.from_email or (template.from_email if template else None) or project.from_email
-    from_name = campaign.from_name or (template.from_name if template else None) or project.from_name
-    reply_to = campaign.reply_to or (template.reply_to if template else None)
-    return MessageSpec(from_email, from_name, subject, body, reply_to, style=style, links=links,
-                       campaign_id=campaign.id)
+    if template is None:
+        return MessageSpec(campaign.from_email or project.from_email, campaign.from_name or project.from_name,
+                           campaign.subject, campaign.body, campaign.reply_to, style=campaign.style, links=links,
+                           campaign_id=campaign.id)
+    spec = template_spec(template, (project.from_email, project.from_name), links, marketing=True,
+                         from_email=campaign.from_email, from_name=campaign.from_name, reply_to=campaign.reply_to,
+                         subject=campaign.subject or None, body=campaign.body or None, campaign_id=campaign.id)
+    if campaign.body:
+        spec.style = campaign.style
+    return spec
 
 
-def schedule_campaign(session: Session, project: Project, campaign_id: str, at: datetime) -> Campaign:
+def schedule_campaign(session: Session, project: Project, campaign_id: str, at: datetime,
+                      links: LinkSigner) -> Campaign:
     """Live send: at `at` (now, or later), to every subscribed contact of the audience."""
     campaign = require_campaign(session, project.id, campaign_id, for_update=True)
     if campaign.status not in EDITABLE:
         raise Conflict(f"Campaign {campaign_id} is {campaign.status}; only a draft or scheduled campaign can be sent",
                        "Create a new campaign to send again.")
-    spec = message_spec(session, campaign, project, None)
+    spec = message_spec(session, campaign, project, links)
     require_verified_sender(session, project.id, spec.from_email)
     if store.count_audience(session, project.id, _audience(session, campaign), utcnow()) == 0:
         raise ValidationFailed([FieldError("recipients" if campaign.audience == "LIST" else "audience",
@@ -231,7 +236,7 @@ def spec_from_json(raw: bytes, links: LinkSigner) -> MessageSpec:
     return MessageSpec(**json.loads(raw), links=links)
 
 
-def start_fanout(session: Session, campaign_id: str) -> Campaign | None:
+def start_fanout(session: Session, campaign_id: str, links: LinkSigner) -> Campaign | None:
     """SCHEDULED → SENDING, with the message spec fixed as the campaign's deferred content. A campaign
     already SENDING (a fan-out that died) is returned as it is; a cancelled one is None."""
     campaign = store.get_campaign_by_id(session, campaign_id)
@@ -239,7 +244,7 @@ def start_fanout(session: Session, campaign_id: str) -> Campaign | None:
         return None
     if campaign.content_id is None:
         project = session.get(Project, campaign.project_id)
-        spec = message_spec(session, campaign, project, None)
+        spec = message_spec(session, campaign, project, links)
         campaign.content_id = store.insert_deferred_content(session, campaign.project_id, spec_to_json(spec))
         campaign.from_email = campaign.from_email or spec.from_email
         campaign.status = "SENDING"

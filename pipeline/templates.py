@@ -92,7 +92,8 @@ def _check(values: dict[str, Any]) -> None:
 def template_spec(template: Template, sender: tuple[str, str], links: LinkSigner | None, *,
                   from_email: str | None = None, from_name: str | None = None, reply_to: str | None = None,
                   subject: str | None = None, body: str | None = None, headers: dict[str, str] | None = None,
-                  attachments: list[Attachment] | None = None, campaign_id: str | None = None) -> MessageSpec:
+                  attachments: list[Attachment] | None = None, campaign_id: str | None = None,
+                  marketing: bool | None = None) -> MessageSpec:
     """The message a send of `template` composes for each recipient.
 
     `sender` is the project's default (email, name). From, From name and Reply-To are each the caller's
@@ -102,8 +103,10 @@ def template_spec(template: Template, sender: tuple[str, str], links: LinkSigner
     each recipient's message carries their own List-Unsubscribe / List-Unsubscribe-Post and, in PLUNK
     style, the footer with their unsubscribe link; `headers` may then not set those two. TRANSACTIONAL
     mail gets neither, whatever `links` is. `campaign_id` goes into the links (campaign stats).
+    `marketing` overrides the template's type (a campaign is marketing mail whatever template it uses).
     """
-    marketing = template.type == "MARKETING"
+    if marketing is None:
+        marketing = template.type == "MARKETING"
     if marketing and links is None:
         raise ValueError("a MARKETING template needs the link signer")
     headers = dict(headers or {})

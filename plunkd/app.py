@@ -104,7 +104,8 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
     links = make_signer(config.server.link_secret, config.data_path, config.server.public_url)
     dispatcher = Dispatcher(db, transport, TokenBucket(rate), config.delivery,
                             compose_deferred=CampaignComposer(db.read, links))
-    campaigns = CampaignFanOut(db, dispatcher.wake, config.delivery.poll_seconds, config.delivery.fanout_chunk)
+    campaigns = CampaignFanOut(db, links, dispatcher.wake, config.delivery.poll_seconds,
+                               config.delivery.fanout_chunk)
 
     def wake() -> None:
         dispatcher.wake()

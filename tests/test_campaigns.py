@@ -52,7 +52,7 @@ def dispatcher_for(api, folder) -> Dispatcher:
 
 async def deliver(api, folder, chunk: int = 1000) -> None:
     """What the delivery process does: fan out what is due, dispatch it all, settle the campaign."""
-    fanout = CampaignFanOut(api.db, lambda: None, chunk=chunk)
+    fanout = CampaignFanOut(api.db, api.client.app[LINKS], lambda: None, chunk=chunk)
     await fanout.run_once()
     await dispatch_all(dispatcher_for(api, folder), rounds=50)
     await fanout.run_once()
@@ -190,11 +190,11 @@ async def test_fan_out_resumes_after_a_crash_and_never_queues_a_contact_twice(ap
     await add_contacts(api, 7)
     created = await create(api)
     await api.call("POST", f"/campaigns/{created['id']}/send", json={})
-    await api.db.write(lambda s: rules.start_fanout(s, created["id"]))
+    await api.db.write(lambda s: rules.start_fanout(s, created["id"], api.client.app[LINKS]))
     queued, done = await api.db.write(lambda s: rules.fan_out_next(s, created["id"], 3))
     assert (queued, done) == (3, False)  # the process dies here: a new one picks the campaign up
-    await CampaignFanOut(api.db, lambda: None, chunk=3).run_once()
-    await CampaignFanOut(api.db, lambda: None, chunk=3).run_once()
+    await CampaignFanOut(api.db, api.client.app[LINKS], lambda: None, chunk=3).run_once()
+    await CampaignFanOut(api.db, api.client.app[LINKS], lambda: None, chunk=3).run_once()
 
     def per_contact(session):
         return session.execute(select(Email.contact_id, func.count()).where(Email.campaign_id == created["id"])
@@ -219,7 +219,7 @@ async def test_transactional_mail_is_claimed_ahead_of_a_queued_campaign(api, sen
     await add_contacts(api, 30)
     created = await create(api)
     await api.call("POST", f"/campaigns/{created['id']}/send", json={})
-    await CampaignFanOut(api.db, lambda: None).run_once()
+    await CampaignFanOut(api.db, api.client.app[LINKS], lambda: None).run_once()
     status, body = await api.call("POST", "/v1/send", json={"to": "urgent@example.org", "subject": "Reset",
                                                             "body": "code 123"})
     assert status == 200
@@ -297,7 +297,7 @@ async def test_cancel_withdraws_queued_mail_and_a_contact_who_unsubscribes_is_sk
     contacts = await add_contacts(api, 4)
     created = await create(api)
     await api.call("POST", f"/campaigns/{created['id']}/send", json={})
-    await CampaignFanOut(api.db, lambda: None).run_once()
+    await CampaignFanOut(api.db, api.client.app[LINKS], lambda: None).run_once()
     status, body = await api.call("DELETE", f"/campaigns/{created['id']}")
     assert status == 409 and "Cancel it first" in body["error"]["suggestion"]
     status, _ = await api.call("POST", "/contacts/unsubscribe", json={"id": contacts[0]["id"]})
@@ -365,7 +365,7 @@ async def test_edits_after_the_fan_out_started_do_not_change_queued_mail(api, se
     await add_contacts(api, 1)
     created = await create(api, subject="Original")
     await api.call("POST", f"/campaigns/{created['id']}/send", json={})
-    await CampaignFanOut(api.db, lambda: None).run_once()
+    await CampaignFanOut(api.db, api.client.app[LINKS], lambda: None).run_once()
 
     def edit_behind_the_api(session):
         row = session.get(Campaign, created["id"])
@@ -381,7 +381,7 @@ async def test_a_contact_deleted_after_the_fan_out_gets_nothing(api, sender, tmp
     contacts = await add_contacts(api, 2)
     created = await create(api)
     await api.call("POST", f"/campaigns/{created['id']}/send", json={})
-    await CampaignFanOut(api.db, lambda: None).run_once()
+    await CampaignFanOut(api.db, api.client.app[LINKS], lambda: None).run_once()
     status, _ = await api.call("DELETE", f"/contacts/{contacts[1]['id']}")
     assert status == 200
     await dispatch_all(dispatcher_for(api, tmp_path / "out"))
@@ -393,7 +393,7 @@ async def test_deferred_content_is_a_spec_not_mime(api, sender):
     await add_contacts(api, 5)
     created = await create(api)
     await api.call("POST", f"/campaigns/{created['id']}/send", json={})
-    await CampaignFanOut(api.db, lambda: None).run_once()
+    await CampaignFanOut(api.db, api.client.app[LINKS], lambda: None).run_once()
 
     def contents(session):
         return session.execute(select(func.count(func.distinct(Email.content_id)))
