@@ -181,7 +181,8 @@ async def send_email(request: web.Request) -> web.Response:
                              headers=body.headers, attachments=attachments)
     submission = Submission(who.project_id, "api", spec.from_email, body.to,
                             body.subscribed, body.data, compose=spec.build, subject=spec.subject,
-                            size=len(spec.body) + sum(len(a.content) for a in attachments))
+                            size=len(spec.body) + sum(len(a.content) for a in attachments),
+                            marketing=spec.links is not None)
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def work(session) -> dict[str, Any]:

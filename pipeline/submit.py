@@ -44,6 +44,9 @@ class Submission:
     envelope_sender: str | None = None
     """SMTP: the client's MAIL FROM, the Return-Path of the delivery (None: the From address); it must
     be on a verified domain too."""
+    marketing: bool = False
+    """Marketing mail (a MARKETING template, a campaign's test copy): a recipient whose contact is not
+    subscribed gets an email record marked SKIPPED and nothing is queued for them."""
 
     @property
     def light(self) -> bool:
@@ -117,9 +120,10 @@ def submit(session: Session, submission: Submission) -> list[Queued]:
         digest = hashlib.sha256(message).digest()
         if digest not in contents:
             contents[digest] = email_store.insert_content(session, submission.project_id, message)
+        skipped = submission.marketing and not contact.subscribed
         email_id = email_store.insert_email(session, submission.project_id, contact.id, contents[digest], address,
                                             submission.sender, subject, submission.source,
-                                            submission.envelope_sender)
+                                            submission.envelope_sender, skipped=skipped)
         queued.append(Queued(contact.id, address, email_id))
     return queued
 

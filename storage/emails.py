@@ -32,15 +32,24 @@ def insert_content(session: Session, project_id: str, raw: bytes) -> str:
     return content_id
 
 
+SKIPPED_UNSUBSCRIBED = "marketing mail to a contact who is not subscribed"
+
+
 def insert_email(session: Session, project_id: str, contact_id: str | None, content_id: str, recipient: str,
-                 sender: str, subject: str, source: str, envelope_sender: str | None = None) -> str:
-    """One email record and its outbox row, due now (written at commit, with the batch's others)."""
+                 sender: str, subject: str, source: str, envelope_sender: str | None = None,
+                 skipped: bool = False) -> str:
+    """One email record and its outbox row, due now (written at commit, with the batch's others); a
+    `skipped` email is recorded as SKIPPED, with no outbox row."""
     email_id, now = new_id(), utcnow()
     insert_at_commit(session, _INSERT_EMAIL, {"id": email_id, "project_id": project_id, "contact_id": contact_id,
                                               "content_id": content_id, "recipient": recipient, "sender": sender,
                                               "envelope_sender": envelope_sender, "subject": subject,
-                                              "source": source, "status": "QUEUED", "created_at": now})
-    insert_at_commit(session, _INSERT_OUTBOX, {"id": new_id(), "email_id": email_id, "due_at": now, "attempts": 0})
+                                              "source": source, "status": "SKIPPED" if skipped else "QUEUED",
+                                              "error": SKIPPED_UNSUBSCRIBED if skipped else None,
+                                              "created_at": now})
+    if not skipped:
+        insert_at_commit(session, _INSERT_OUTBOX, {"id": new_id(), "email_id": email_id, "due_at": now,
+                                                   "attempts": 0})
     return email_id
 
 

@@ -282,7 +282,7 @@ async def test_send_with_a_transactional_html_template(api, sender, tmp_path):
 async def test_send_with_a_marketing_plunk_template(api, sender, tmp_path):
     made = await create(api, subject="News for {{plunk_email}}", body="Hello {{firstName ?? reader}}\n\nBye")
     recipients = ["ann@example.org", "bob@example.org", "cy@example.org"]
-    status, reply = await send(api, to=recipients, template=made["id"])
+    status, reply = await send(api, to=recipients, template=made["id"], subscribed=True)
     assert status == 200, reply
     raws = await delivered(api, tmp_path)
     assert len(raws) == 3
@@ -305,6 +305,30 @@ async def test_send_with_a_marketing_plunk_template(api, sender, tmp_path):
         assert dkim.verify(raw, dnsfunc=dns_for(sender))
         assert {"list-unsubscribe", "list-unsubscribe-post"} <= set(signed_headers(raw))
     assert len(tokens) == 3
+
+
+async def test_marketing_template_goes_only_to_subscribed_contacts(api, sender, tmp_path):
+    """Marketing mail needs consent: an unsubscribed contact, or a new address sent without
+    `subscribed: true`, gets an email record marked SKIPPED and nothing is delivered; transactional
+    templates go to everyone, as plain sends do."""
+    marketing = await create(api)
+    transactional = await create(api, name="Receipt", type="TRANSACTIONAL")
+    status, _ = await api.call("POST", "/contacts", json={"email": "left@example.org", "subscribed": False})
+    assert status == 201
+    status, _ = await api.call("POST", "/contacts", json={"email": "stays@example.org", "subscribed": True})
+    assert status == 201
+    status, reply = await send(api, to=["left@example.org", "stays@example.org", "new@example.org"],
+                               template=marketing["id"])
+    assert status == 200 and len(reply["data"]["emails"]) == 3, reply
+    status, reply = await send(api, to="left@example.org", template=transactional["id"])
+    assert status == 200
+    delivered_to = sorted(str(email.message_from_bytes(raw, policy=policy.default)["To"])
+                          for raw in await delivered(api, tmp_path))
+    assert delivered_to == ["left@example.org", "stays@example.org"]
+    rows = await api.db.read(email_store.list_emails, api.project_id)
+    skipped = sorted(row.recipient for row in rows if row.status == "SKIPPED")
+    assert skipped == ["left@example.org", "new@example.org"]
+    assert all(row.error == email_store.SKIPPED_UNSUBSCRIBED for row in rows if row.status == "SKIPPED")
 
 
 async def test_template_sender_fields_and_request_overrides(api, sender, tmp_path):
