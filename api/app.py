@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from api import campaigns, contacts, domains, events, pages, segments, send, system, templates, track
+from api import campaigns, contacts, domains, events, pages, segments, send, system, templates, track, workflows
 from api.context import CONFIG, DB, KEYS, LINKS, ON_QUEUED, RATE_LIMITER
 from api.middleware import envelope_middleware
 from api.ratelimit import WindowRateLimiter
@@ -17,7 +17,7 @@ from storage.db import Database
 
 def all_routes() -> list[Route]:
     return [*system.ROUTES, *send.ROUTES, *track.ROUTES, *contacts.ROUTES, *events.ROUTES, *domains.ROUTES,
-            *templates.ROUTES, *segments.ROUTES, *campaigns.ROUTES, *pages.ROUTES]
+            *templates.ROUTES, *segments.ROUTES, *campaigns.ROUTES, *pages.ROUTES, *workflows.ROUTES]
 
 
 def build_api(config: Config, db: Database) -> web.Application:

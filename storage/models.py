@@ -279,3 +279,56 @@ class Campaign(Base):
     recipient_count: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Workflow(Base):
+    """An automation: a trigger event starts a run per contact through `definition`'s steps (see
+    `pipeline.workflows` for the grammar). Legacy actions (seed 002's /actions) are stored as workflows."""
+
+    __tablename__ = "workflows"
+    __table_args__ = (Index("ix_workflows_project_id_id", "project_id", "id"),
+                      Index("ix_workflows_project_id_trigger_event", "project_id", "trigger_event"))
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    trigger_event: Mapped[str] = mapped_column(String(200))
+    exclude_events: Mapped[list[str]] = mapped_column(JSON, default=list)
+    """Legacy `notevents`: a contact who has done any of these is not (or no longer) run."""
+    definition: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    run_once: Mapped[bool] = mapped_column(Boolean, default=False)
+    """At most one run per contact, ever (else a contact re-enters on every trigger)."""
+    kind: Mapped[str] = mapped_column(String(8), default="WORKFLOW")
+    """WORKFLOW (/workflows) or ACTION (/actions): only the API shape differs."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class WorkflowRun(Base):
+    """One contact's way through a workflow. `step_id` is the step to run next, due at `due_at`; a run
+    waiting for an event (`waiting_for`) is also due at its timeout."""
+
+    __tablename__ = "workflow_runs"
+    __table_args__ = (Index("ix_workflow_runs_status_due_at", "status", "due_at"),
+                      Index("ix_workflow_runs_workflow_id_id", "workflow_id", "id"),
+                      Index("ix_workflow_runs_contact_id", "contact_id"),
+                      Index("uq_workflow_runs_once", "workflow_id", "contact_id", "once_key", unique=True))
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    workflow_id: Mapped[str] = mapped_column(ForeignKey("workflows.id", ondelete="CASCADE"))
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    contact_id: Mapped[str] = mapped_column(ForeignKey("contacts.id", ondelete="CASCADE"))
+    status: Mapped[str] = mapped_column(String(12), default="ACTIVE")
+    """ACTIVE (a step is due), WAITING (for an event, or its timeout), COMPLETED, EXITED, CANCELLED, FAILED."""
+    step_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    due_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    waiting_for: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    once_key: Mapped[str] = mapped_column(String(36))
+    """'once' for a run-once workflow (the unique index then allows one run per contact), else the run id."""
+    trigger_event_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    context: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    """The triggering event's data: template variables for send steps."""
+    history: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    """Each step taken: {step, type, at, outcome}."""
+    emails_sent: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

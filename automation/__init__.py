@@ -1,0 +1,1 @@
+"""Background work for workflows: the scheduler that runs due steps."""
