@@ -286,12 +286,10 @@ class Workflow(Base):
     `pipeline.workflows` for the grammar). Legacy actions (seed 002's /actions) are stored as workflows."""
 
     __tablename__ = "workflows"
-    __table_args__ = (Index("ix_workflows_project_id_id", "project_id", "id"),
-                      Index("ix_workflows_project_id_trigger_event", "project_id", "trigger_event"))
+    __table_args__ = (Index("ix_workflows_project_id_id", "project_id", "id"),)
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(200))
-    trigger_event: Mapped[str] = mapped_column(String(200))
     exclude_events: Mapped[list[str]] = mapped_column(JSON, default=list)
     """Legacy `notevents`: a contact who has done any of these is not (or no longer) run."""
     definition: Mapped[dict[str, Any]] = mapped_column(default=dict)
@@ -302,6 +300,16 @@ class Workflow(Base):
     """WORKFLOW (/workflows) or ACTION (/actions): only the API shape differs."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class WorkflowTrigger(Base):
+    """An event name that starts runs of a workflow (a legacy action may have several)."""
+
+    __tablename__ = "workflow_triggers"
+    __table_args__ = (Index("ix_workflow_triggers_project_id_event", "project_id", "event"),)
+    workflow_id: Mapped[str] = mapped_column(ForeignKey("workflows.id", ondelete="CASCADE"), primary_key=True)
+    event: Mapped[str] = mapped_column(String(200), primary_key=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
 
 
 class WorkflowRun(Base):

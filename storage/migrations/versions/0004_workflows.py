@@ -20,7 +20,6 @@ def upgrade() -> None:
     sa.Column('id', sa.String(length=36), nullable=False),
     sa.Column('project_id', sa.String(length=36), nullable=False),
     sa.Column('name', sa.String(length=200), nullable=False),
-    sa.Column('trigger_event', sa.String(length=200), nullable=False),
     sa.Column('exclude_events', sa.JSON(), nullable=False),
     sa.Column('definition', sa.JSON(), nullable=False),
     sa.Column('enabled', sa.Boolean(), nullable=False),
@@ -32,7 +31,15 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id')
     )
     op.create_index('ix_workflows_project_id_id', 'workflows', ['project_id', 'id'])
-    op.create_index('ix_workflows_project_id_trigger_event', 'workflows', ['project_id', 'trigger_event'])
+    op.create_table('workflow_triggers',
+    sa.Column('workflow_id', sa.String(length=36), nullable=False),
+    sa.Column('event', sa.String(length=200), nullable=False),
+    sa.Column('project_id', sa.String(length=36), nullable=False),
+    sa.ForeignKeyConstraint(['project_id'], ['projects.id'], ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['workflow_id'], ['workflows.id'], ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('workflow_id', 'event')
+    )
+    op.create_index('ix_workflow_triggers_project_id_event', 'workflow_triggers', ['project_id', 'event'])
     op.create_table('workflow_runs',
     sa.Column('id', sa.String(length=36), nullable=False),
     sa.Column('workflow_id', sa.String(length=36), nullable=False),
@@ -62,4 +69,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table('workflow_runs')
+    op.drop_table('workflow_triggers')
     op.drop_table('workflows')
