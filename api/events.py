@@ -15,6 +15,7 @@ from api.validation import NO_NUL, PAGE_QUERY, page_params, text_param
 from pipeline.contacts import is_system_event, require_contact
 from pipeline.errors import FieldError, Forbidden, NotFound, ValidationFailed
 from pipeline.segments import check_event_deletable
+from pipeline.workflow_rules import check_event_unused
 from storage import events as event_store
 
 MAX_EVENT_NAME = 200
@@ -76,6 +77,7 @@ async def delete_events(request: web.Request) -> web.Response:
 
     def delete(session):
         check_event_deletable(session, project_id, name)
+        check_event_unused(session, project_id, name)
         return event_store.delete_events_named(session, project_id, name)
 
     deleted = await request.app[DB].write(delete)
@@ -94,6 +96,6 @@ ROUTES = [
     Route("GET", "/events/contact/{contactId}", contact_events, "Events of one contact", query=PAGE_QUERY,
           tag="Events", response=EventPage, legacy="items"),
     Route("DELETE", "/events/{eventName}", delete_events,
-          "Delete every event with this name (not while a segment's condition uses it)", tag="Events",
+          "Delete every event with this name (not while a segment or a workflow uses it)", tag="Events",
           response=DeletedEvents, errors=frozenset({409})),
 ]

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from storage.models import Campaign, Template, utcnow
 from storage.pagination import Page, paginate
+from storage.workflow_admin import template_workflows
 
 COLUMNS = frozenset({"name", "subject", "body", "type", "style", "from_email", "from_name", "reply_to"})
 """The columns a caller may set; id, project and timestamps are kept here."""
@@ -20,7 +21,7 @@ class TemplateUser:
     """Something that sends a template and so keeps it from being deleted."""
 
     kind: str
-    """'campaign' (automations will add theirs)."""
+    """'campaign', 'workflow' or 'action' (a legacy action)."""
     id: str
     name: str
 
@@ -63,11 +64,13 @@ def template_users(session: Session, template_id: str) -> list[TemplateUser]:
     """What refers to the template, oldest first.
 
     The one "is it in use?" query: every table that references templates adds its own select here
-    (automations next). Matched on the template id alone, as the foreign key is: a reference from any
-    row blocks the delete."""
+    (workflows: their send steps). Matched on the template id alone, as the foreign key is: a reference
+    from any row blocks the delete."""
     rows = session.execute(select(Campaign.id, Campaign.name).where(Campaign.template_id == template_id)
                            .order_by(Campaign.id)).all()
-    return [TemplateUser("campaign", row.id, row.name) for row in rows]
+    users = [TemplateUser("campaign", row.id, row.name) for row in rows]
+    users += [TemplateUser(ref.kind.lower(), ref.id, ref.name) for ref in template_workflows(session, template_id)]
+    return users
 
 
 def _columns(values: dict[str, Any]) -> dict[str, Any]:

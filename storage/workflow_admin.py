@@ -1,0 +1,176 @@
+"""Workflow queries of the API side: the rows of `workflows` and their triggers as the API writes them,
+listing and cancelling runs, per-workflow stats, and what a workflow refers to (templates, event
+names) for the "in use" checks. The engine's queries (starting runs, claiming due steps) are in
+`storage.workflows`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from storage.models import Template, Workflow, WorkflowRun, WorkflowTrigger, utcnow
+from storage.pagination import Page, paginate
+
+LIVE_STATUSES = ("ACTIVE", "WAITING")
+RUN_STATUSES = ("ACTIVE", "WAITING", "COMPLETED", "EXITED", "CANCELLED", "FAILED")
+
+
+@dataclass(frozen=True)
+class WorkflowRef:
+    """A workflow that refers to something (a template, an event name)."""
+
+    kind: str
+    """WORKFLOW or ACTION."""
+    id: str
+    name: str
+
+
+def existing_templates(session: Session, project_id: str, ids: list[str]) -> set[str]:
+    """Which of these template ids exist in the project. Their rows are share-locked (PostgreSQL) until the
+    transaction ends, so a concurrent template delete (which locks the row for update, then looks for
+    users) either waits and sees this workflow, or went first and the template is not found here."""
+    return set(session.execute(select(Template.id).where(Template.project_id == project_id, Template.id.in_(ids))
+                               .with_for_update(read=True)).scalars())
+
+
+def insert_workflow(session: Session, project_id: str, values: dict[str, Any], triggers: Iterable[str]) -> Workflow:
+    now = utcnow()
+    workflow = Workflow(project_id=project_id, created_at=now, updated_at=now, **values)
+    session.add(workflow)
+    session.flush()
+    set_triggers(session, workflow, triggers)
+    return workflow
+
+
+def set_triggers(session: Session, workflow: Workflow, events: Iterable[str]) -> None:
+    session.execute(delete(WorkflowTrigger).where(WorkflowTrigger.workflow_id == workflow.id))
+    for event in dict.fromkeys(events):
+        session.add(WorkflowTrigger(workflow_id=workflow.id, event=event, project_id=workflow.project_id))
+    session.flush()
+
+
+def triggers_of(session: Session, workflow_ids: list[str]) -> dict[str, list[str]]:
+    """Each workflow's trigger events, in name order."""
+    found: dict[str, list[str]] = {workflow_id: [] for workflow_id in workflow_ids}
+    if workflow_ids:
+        rows = session.execute(select(WorkflowTrigger.workflow_id, WorkflowTrigger.event)
+                               .where(WorkflowTrigger.workflow_id.in_(workflow_ids))
+                               .order_by(WorkflowTrigger.workflow_id, WorkflowTrigger.event))
+        for workflow_id, event in rows:
+            found[workflow_id].append(event)
+    return found
+
+
+def get_workflow(session: Session, project_id: str, workflow_id: str, kind: str | None = None,
+                 for_update: bool = False) -> Workflow | None:
+    stmt = select(Workflow).where(Workflow.project_id == project_id, Workflow.id == workflow_id)
+    if kind is not None:
+        stmt = stmt.where(Workflow.kind == kind)
+    if for_update:
+        stmt = stmt.with_for_update()
+    return session.execute(stmt).scalar_one_or_none()
+
+
+def list_workflows(session: Session, project_id: str, kind: str, limit: int, cursor: str | None) -> Page:
+    stmt = select(Workflow).where(Workflow.project_id == project_id, Workflow.kind == kind)
+    return paginate(session, stmt, Workflow.id, limit, cursor)
+
+
+def update_workflow(session: Session, workflow: Workflow, values: dict[str, Any]) -> Workflow:
+    for column, value in values.items():
+        setattr(workflow, column, value)
+    workflow.updated_at = utcnow()
+    session.flush()
+    return workflow
+
+
+def delete_workflow(session: Session, workflow: Workflow) -> None:
+    """The workflow, its triggers and all its runs (whatever their state)."""
+    session.execute(delete(WorkflowRun).where(WorkflowRun.workflow_id == workflow.id))
+    session.execute(delete(WorkflowTrigger).where(WorkflowTrigger.workflow_id == workflow.id))
+    session.delete(workflow)
+    session.flush()
+
+
+def live_positions(session: Session, workflow_id: str) -> set[str]:
+    """The step ids that ACTIVE or WAITING runs of the workflow sit on."""
+    return set(session.execute(select(WorkflowRun.step_id).distinct().where(
+        WorkflowRun.workflow_id == workflow_id, WorkflowRun.status.in_(LIVE_STATUSES),
+        WorkflowRun.step_id.is_not(None))).scalars())
+
+
+def list_runs(session: Session, workflow_id: str, limit: int, cursor: str | None) -> Page:
+    return paginate(session, select(WorkflowRun).where(WorkflowRun.workflow_id == workflow_id), WorkflowRun.id,
+                    limit, cursor)
+
+
+def get_run(session: Session, workflow_id: str, run_id: str, for_update: bool = False) -> WorkflowRun | None:
+    stmt = select(WorkflowRun).where(WorkflowRun.workflow_id == workflow_id, WorkflowRun.id == run_id)
+    if for_update:
+        stmt = stmt.with_for_update()
+    return session.execute(stmt).scalar_one_or_none()
+
+
+def cancel_run(session: Session, run: WorkflowRun, now: datetime, step_type: str | None) -> WorkflowRun:
+    """Mark a live run CANCELLED (nothing is due for it any more) and note it in its history."""
+    history = list(run.history or [])
+    history.append({"step": run.step_id, "type": step_type, "at": now.isoformat(), "outcome": "cancelled"})
+    run.status = "CANCELLED"
+    run.due_at = None
+    run.waiting_for = None
+    run.history = history
+    run.updated_at = now
+    session.flush()
+    return run
+
+
+def run_stats(session: Session, workflow_id: str) -> dict[str, int]:
+    """Runs by status, how many ever started, and the emails their send steps queued."""
+    stats = {status.lower(): 0 for status in RUN_STATUSES}
+    started = sent = 0
+    rows = session.execute(select(WorkflowRun.status, func.count(), func.coalesce(func.sum(WorkflowRun.emails_sent), 0))
+                           .where(WorkflowRun.workflow_id == workflow_id).group_by(WorkflowRun.status))
+    for status, count, emails in rows:
+        if status.lower() in stats:
+            stats[status.lower()] += count
+        started += count
+        sent += int(emails or 0)
+    return {"started": started, **stats, "emailsSent": sent}
+
+
+def _definitions(session: Session, project_id: str) -> list[tuple[str, str, str, list[str], dict[str, Any]]]:
+    rows = session.execute(select(Workflow.kind, Workflow.id, Workflow.name, Workflow.exclude_events,
+                                  Workflow.definition).where(Workflow.project_id == project_id)
+                           .order_by(Workflow.id))
+    return [(row[0], row[1], row[2], list(row[3] or []), row[4] or {}) for row in rows]
+
+
+def _sent_templates(definition: dict[str, Any]) -> set[str]:
+    steps = definition.get("steps") if isinstance(definition, dict) else None
+    return {step.get("template") for step in steps or []
+            if isinstance(step, dict) and step.get("type") == "send"}
+
+
+def template_workflows(session: Session, template_id: str) -> list[WorkflowRef]:
+    """Workflows (legacy actions too) with a send step of this template, oldest first."""
+    project_id = session.execute(select(Template.project_id).where(Template.id == template_id)).scalar_one_or_none()
+    if project_id is None:
+        return []
+    return [WorkflowRef(kind, workflow_id, name) for kind, workflow_id, name, _, definition
+            in _definitions(session, project_id) if template_id in _sent_templates(definition)]
+
+
+def event_workflows(session: Session, project_id: str, name: str,
+                    definition_events: Any) -> list[WorkflowRef]:
+    """Workflows that use the event name: as a trigger, an excluding event (`notevents`), or in their
+    definition (`definition_events(definition)` → the names it uses). Oldest first."""
+    triggered = set(session.execute(select(WorkflowTrigger.workflow_id).where(
+        WorkflowTrigger.project_id == project_id, WorkflowTrigger.event == name)).scalars())
+    return [WorkflowRef(kind, workflow_id, wf_name) for kind, workflow_id, wf_name, excluded, definition
+            in _definitions(session, project_id)
+            if workflow_id in triggered or name in excluded or name in definition_events(definition)]
