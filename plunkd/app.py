@@ -86,6 +86,7 @@ async def relay_ctx(app: web.Application, config: Config, db: Database) -> Async
 async def delivery_ctx(app: web.Application, config: Config, db: Database) -> AsyncIterator[None]:
     """The dispatcher and its transport, for as long as the server runs, and beside it the pruner and the
     campaign fan-out (so one process per node prunes and fans out)."""
+    from automation.scheduler import WorkflowScheduler
     from delivery.bucket import TokenBucket
     from delivery.dispatcher import Dispatcher
     from delivery.transports import make_transport
@@ -107,9 +108,12 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
     campaigns = CampaignFanOut(db, links, dispatcher.wake, config.delivery.poll_seconds,
                                config.delivery.fanout_chunk)
 
+    workflows = WorkflowScheduler(db, links, dispatcher.wake, min(config.delivery.poll_seconds, 0.2))
+
     def wake() -> None:
         dispatcher.wake()
         campaigns.wake()
+        workflows.wake()
 
     app[ON_QUEUED].append(wake)
     wake_fd = os.environ.get(WAKE_FD_ENV)
@@ -119,10 +123,11 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
     log.info("dispatcher %s started: transport %s, %.1f recipients/s", dispatcher.worker, transport.name, rate)
     pruner = asyncio.create_task(Pruner(db, config.delivery).run(), name="pruner")
     fanout = asyncio.create_task(campaigns.run(), name="campaign-fanout")
+    scheduler = asyncio.create_task(workflows.run(), name="workflow-scheduler")
     yield
-    for background in (pruner, task, fanout):
+    for background in (pruner, task, fanout, scheduler):
         background.cancel()
-    await asyncio.gather(task, pruner, fanout, return_exceptions=True)
+    await asyncio.gather(task, pruner, fanout, scheduler, return_exceptions=True)
     await dispatcher.drain()
     await transport.close()
 

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from storage import workflows as workflow_store
 from storage.models import Event, new_id, utcnow
 from storage.pagination import Page, paginate
 
@@ -16,10 +17,15 @@ _INSERT = Event.__table__.insert()
 
 def insert_event(session: Session, project_id: str, contact_id: str | None, name: str,
                  data: dict[str, Any], email_id: str | None = None) -> tuple[str, datetime]:
-    """Record an event (a Core insert: this runs on every track and send); return its id and time."""
+    """Record an event (a Core insert: this runs on every track and send); return its id and time.
+    A contact's event also starts the workflow runs it triggers and resumes the runs waiting for it, in
+    this same transaction (`storage.workflows.on_event`: a cache lookup when no workflow listens for it),
+    so an event that commits has its runs and one that rolls back has none, whichever path recorded it."""
     event_id, now = new_id(), utcnow()
     session.connection().execute(_INSERT, {"id": event_id, "project_id": project_id, "contact_id": contact_id,
                                            "name": name, "data": data, "email_id": email_id, "created_at": now})
+    if contact_id is not None:
+        workflow_store.on_event(session, project_id, contact_id, name, event_id, data, now)
     return event_id, now
 
 

@@ -1,0 +1,125 @@
+"""The workflow scheduler: a loop of small named steps, as the dispatcher and the campaign fan-out are.
+
+    has_due (a read: is anything due?) → claim + execute (one write transaction per batch: the claim, every
+    step's effect and the runs' advance commit together, see `pipeline.workflows`) → on_queued (wake the
+    dispatcher when a step queued mail) → post webhooks (after the commit) → finish_webhook
+
+It polls every `poll_seconds` (a due step runs within that of its time, plus the work queued before it) and
+works through a backlog batch after batch without waiting. It runs beside the dispatcher (one per node); on
+PostgreSQL several nodes share the work through `FOR UPDATE SKIP LOCKED`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import aiohttp
+
+from pipeline import workflows as engine
+from pipeline.links import LinkSigner
+from pipeline.workflows import Executed, Webhook
+from storage import workflows as store
+from storage.db import Database
+from storage.models import utcnow
+
+log = logging.getLogger("plunkd.automation")
+
+
+class WorkflowScheduler:
+    def __init__(self, db: Database, links: LinkSigner | None, on_queued: Callable[[], None],
+                 poll_seconds: float = 0.2, batch: int = 100) -> None:
+        self.db = db
+        self.links = links
+        self.on_queued = on_queued
+        self.poll_seconds = min(poll_seconds, 0.5)
+        self.batch = batch
+        self.steps = 0
+        self._wake = asyncio.Event()
+        self._http: aiohttp.ClientSession | None = None
+        self._posting: set[asyncio.Task[None]] = set()
+
+    def wake(self) -> None:
+        """A run may be due now (a workflow started one, an event resumed one): look now."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        try:
+            while True:
+                self._wake.clear()
+                try:
+                    busy = await self.run_once()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("workflow scheduler failed; retrying")
+                    busy = False
+                if busy:
+                    await asyncio.sleep(0)
+                    continue
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+                except TimeoutError:
+                    pass
+        finally:
+            await self.close()
+
+    async def run_once(self) -> bool:
+        """Execute one batch of due runs; True when the batch was full (more may be due)."""
+        if not await self.db.read(store.has_due, utcnow()):
+            return False
+        done: Executed = await self.db.write(
+            lambda s: engine.run_due(s, utcnow(), self.batch, self.links, self.db.is_postgres))
+        self.steps += done.steps
+        if done.emails:
+            self.on_queued()
+        for hook in done.webhooks:
+            task = asyncio.create_task(self._post(hook))
+            self._posting.add(task)
+            task.add_done_callback(self._posting.discard)
+        return done.runs >= self.batch
+
+    async def run_until_idle(self, rounds: int = 100) -> None:
+        """Tests: execute what is due now, and the webhooks it posts, until nothing is due."""
+        for _ in range(rounds):
+            busy = await self.run_once()
+            await self.drain()
+            if not busy and not await self.db.read(store.has_due, utcnow()):
+                return
+
+    async def drain(self) -> None:
+        while self._posting:
+            await asyncio.gather(*list(self._posting), return_exceptions=True)
+
+    async def close(self) -> None:
+        for task in list(self._posting):
+            task.cancel()
+        await asyncio.gather(*list(self._posting), return_exceptions=True)
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    async def _post(self, hook: Webhook) -> None:
+        """POST the webhook (at least once: a run whose outcome is not recorded is posted again after its
+        lease), then record the outcome and move the run on."""
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=engine.WEBHOOK_TIMEOUT))
+        status: int | None = None
+        error: str | None = None
+        try:
+            async with self._http.post(hook.url, json=hook.payload,
+                                       headers={"User-Agent": "plunkd-workflows"}) as reply:
+                status = reply.status
+                await reply.read()
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        log.info("workflow run %s: webhook %s → %s", hook.run_id, hook.url, status or error)
+        try:
+            moved = await self.db.write(lambda s: engine.finish_webhook(s, hook, status, error, utcnow()))
+        except Exception:
+            log.exception("workflow run %s: could not record its webhook; it is posted again after its lease",
+                          hook.run_id)
+            return
+        if moved:
+            self.wake()

@@ -1,0 +1,440 @@
+"""The workflow engine: run each claimed run's due step and advance the run, in one transaction.
+
+A workflow's definition is `{"steps": [step, ...]}` (validated at the API by `pipeline.workflow_definitions`;
+here odd stored data fails the run with the reason in its history, never an exception). The first step is
+the entry; each step has an `id` and a `type`:
+
+    delay      seconds | minutes | until (ISO 8601 with zone); next      the next step runs then
+    send       template, data (extra variables); next                    one email through `pipeline.submit`
+    condition  condition (a segment condition tree); then, else          branch on the contact now
+    wait       event, timeoutSeconds; then, timeout                      branch on whether the event comes
+    update     data (track's merge rules), subscribed; next              change the contact
+    webhook    url; next                                                 POST the run as JSON (see below)
+    exit                                                                 the run ends EXITED
+
+A missing `next` (or branch) completes the run after that step.
+
+Durability: a run's position is its row (`storage.workflows`). `execute_due` runs in the scheduler's write
+transaction, which also claimed the runs: every effect of a step (the email and outbox rows `submit` writes,
+the contact change and the events it records) commits together with the run's move to its next step, so a
+process killed at any moment leaves each step either done and passed, or not done and still due. Immediate
+steps chain in the same transaction, at most `MAX_CHAIN` of them; `delay` and `wait` end the chain with the
+run due later.
+
+Rules:
+* Before every step, a run whose contact did one of the workflow's exclude events (legacy `notevents`)
+  since the run started EXITs.
+* A disabled workflow's runs are paused: a run that comes due is put off by `PAUSE_SECONDS` without
+  running anything, so re-enabling the workflow resumes them where they were (within that time).
+* Send: template variables are the contact's data, then the trigger event's data (the run's context), then
+  the step's `data`. A MARKETING template is marketing mail (signed unsubscribe links; `submit` records a
+  SKIPPED email for a contact who is not subscribed, which does not count in `emails_sent`). A missing
+  template or an unverified sender fails the run with the reason.
+* Webhooks are the one effect outside the database, so they are delivered at least once, after the commit:
+  the step leases the run (due again in `WEBHOOK_LEASE_SECONDS`) and hands the request to the scheduler,
+  which POSTs `{workflow: {id, name}, run: {id}, contact: {id, email, data}, event: {id, name, data}}` and
+  then, in a second transaction, moves the run on (`finish_webhook`). A process that dies in between posts
+  it again when the lease runs out. A failed POST (no 2xx in `WEBHOOK_TIMEOUT` seconds) is retried
+  `WEBHOOK_ATTEMPTS` times with backoff, then the run fails.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from pipeline.contacts import update_contact
+from pipeline.errors import PipelineError
+from pipeline.links import LinkSigner
+from pipeline.submit import Submission, submit
+from pipeline.templates import template_spec
+from storage import contacts as contact_store
+from storage import templates as template_store
+from storage import workflows as store
+from storage.batch import discard_pending, flush_pending
+from storage.workflows import RunRecord, WorkflowRecord
+
+log = logging.getLogger("plunkd.workflows")
+MAX_CHAIN = 20
+"""Immediate steps one run may take in one transaction; more continue at the next claim."""
+PAUSE_SECONDS = 30.0
+WEBHOOK_LEASE_SECONDS = 60.0
+WEBHOOK_TIMEOUT = 10.0
+WEBHOOK_ATTEMPTS = 5
+MAX_DELAY = timedelta(days=3660)
+SOURCE = "workflow"
+"""The `source` of the emails a send step writes."""
+
+
+@dataclass
+class Webhook:
+    """A POST to make after the commit, and where the run goes when it succeeded."""
+
+    run_id: str
+    step_id: str
+    url: str
+    payload: dict[str, Any]
+    leased_until: datetime
+
+
+@dataclass
+class Executed:
+    """What one transaction of the engine did."""
+
+    runs: int = 0
+    steps: int = 0
+    emails: int = 0
+    webhooks: list[Webhook] = field(default_factory=list)
+    lateness: list[float] = field(default_factory=list)
+    """Seconds each run's first step ran after it was due."""
+
+
+class _StepFailed(Exception):
+    """The run cannot go on (odd definition, missing template…): it FAILS with this reason."""
+
+
+def iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclass
+class _Run:
+    """A run's position while the engine moves it (written back with `store.save_runs`)."""
+
+    record: RunRecord
+    status: str
+    step_id: str | None
+    due_at: datetime | None
+    waiting_for: str | None
+    history: list[dict[str, Any]]
+    emails_sent: int
+
+    @classmethod
+    def of(cls, record: RunRecord) -> _Run:
+        return cls(record, record.status, record.step_id, record.due_at, record.waiting_for, list(record.history),
+                   record.emails_sent)
+
+    def note(self, step: dict[str, Any] | None, step_id: str | None, now: datetime, outcome: str,
+             **extra: Any) -> None:
+        self.history.append({"step": step_id, "type": step.get("type") if step else None, "at": iso(now),
+                             "outcome": outcome, **extra})
+
+    def go(self, next_id: Any, now: datetime) -> None:
+        """On to `next_id` now, or COMPLETED when there is none."""
+        self.waiting_for = None
+        if next_id is None:
+            self.status, self.step_id, self.due_at = "COMPLETED", None, None
+        else:
+            self.status, self.step_id, self.due_at = "ACTIVE", str(next_id)[:64], now
+
+    def end(self, status: str) -> None:
+        self.status, self.due_at, self.waiting_for = status, None, None
+
+    def row(self, now: datetime) -> dict[str, Any]:
+        return {"run_id": self.record.id, "status": self.status, "step_id": self.step_id, "due_at": self.due_at,
+                "waiting_for": self.waiting_for, "history": self.history, "emails_sent": self.emails_sent,
+                "updated_at": now}
+
+
+class _Batch:
+    """Per-transaction lookups shared by the runs of one claim."""
+
+    def __init__(self, session: Session, runs: list[RunRecord], links: LinkSigner | None) -> None:
+        self.session = session
+        self.links = links
+        self.workflows = store.workflows_by_id(session, {run.workflow_id for run in runs})
+        self.senders = store.project_senders(session, {run.project_id for run in runs}) if runs else {}
+        self.templates: dict[tuple[str, str], Any] = {}
+
+    def template(self, project_id: str, template_id: str) -> Any:
+        key = (project_id, template_id)
+        if key not in self.templates:
+            self.templates[key] = template_store.get_template(self.session, project_id, template_id)
+        return self.templates[key]
+
+
+def run_due(session: Session, now: datetime, limit: int, links: LinkSigner | None, postgres: bool) -> Executed:
+    """Claim up to `limit` due runs and execute them, in this transaction."""
+    return execute_due(session, store.claim_due(session, now, limit, postgres), now, links)
+
+
+def execute_due(session: Session, runs: list[RunRecord], now: datetime, links: LinkSigner | None) -> Executed:
+    """Run each claimed run's due step (and the immediate steps after it) and write every run's new position,
+    in the caller's transaction. A run whose step raises unexpectedly fails alone (a savepoint per run is
+    taken only then); the others keep their effects."""
+    if not runs:
+        return Executed()
+    flush_pending(session)  # rows other work queued before us stay out of our savepoint's fate
+    batch = _Batch(session, runs, links)
+    savepoint = session.begin_nested()
+    try:
+        done = Executed(runs=len(runs))
+        moved = [_execute(batch, run, now, done) for run in runs]
+        store.save_runs(session, [run.row(now) for run in moved])
+        flush_pending(session)
+        savepoint.commit()
+        return done
+    except Exception:
+        discard_pending(session)
+        savepoint.rollback()
+        log.exception("a workflow batch failed; running its %d runs one by one", len(runs))
+    batch = _Batch(session, runs, links)
+    done = Executed(runs=len(runs))
+    for record in runs:
+        savepoint = session.begin_nested()
+        one = Executed()
+        try:
+            moved_run = _execute(batch, record, now, one)
+            store.save_runs(session, [moved_run.row(now)])
+            flush_pending(session)
+            savepoint.commit()
+        except Exception as exc:
+            discard_pending(session)
+            savepoint.rollback()
+            log.exception("workflow run %s failed", record.id)
+            failed = _Run.of(record)
+            failed.note(None, record.step_id, now, "failed", reason=f"internal error: {type(exc).__name__}: {exc}")
+            failed.end("FAILED")
+            store.save_runs(session, [failed.row(now)])
+            continue
+        done.steps += one.steps
+        done.emails += one.emails
+        done.webhooks.extend(one.webhooks)
+        done.lateness.extend(one.lateness)
+    return done
+
+
+def _steps(definition: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], str | None]:
+    steps = definition.get("steps")
+    if not isinstance(steps, list):
+        return {}, None
+    by_id = {str(step["id"]): step for step in steps if isinstance(step, dict) and "id" in step}
+    first = steps[0] if steps and isinstance(steps[0], dict) else None
+    return by_id, str(first["id"]) if first is not None and "id" in first else None
+
+
+def _execute(batch: _Batch, record: RunRecord, now: datetime, done: Executed) -> _Run:
+    run = _Run.of(record)
+    if record.due_at is not None:
+        done.lateness.append((now - record.due_at).total_seconds())
+    workflow = batch.workflows.get(record.workflow_id)
+    if workflow is None:
+        run.note(None, run.step_id, now, "failed", reason="the workflow is gone")
+        run.end("FAILED")
+        return run
+    if not workflow.enabled:
+        run.due_at = now + timedelta(seconds=PAUSE_SECONDS)
+        return run
+    steps, entry = _steps(workflow.definition)
+    first = True
+    for _ in range(MAX_CHAIN):
+        step_id = run.step_id or entry
+        step = steps.get(step_id) if step_id is not None else None
+        extra = {"due": iso(record.due_at)} if first and record.due_at is not None else {}
+        first = False
+        try:
+            if step is None:
+                raise _StepFailed(f"step {step_id!r} is not in the workflow" if step_id
+                                  else "the workflow has no steps")
+            if workflow.exclude_events:
+                did = store.did_any_since(batch.session, record.contact_id, workflow.exclude_events,
+                                          record.created_at)
+                if did is not None:
+                    run.note(step, step_id, now, "exited", reason=f"the contact did {did}", **extra)
+                    run.end("EXITED")
+                    return run
+            done.steps += 1
+            if not _step(batch, workflow, run, step, str(step_id), now, done, extra):
+                return run
+        except _StepFailed as exc:
+            run.note(step, step_id, now, "failed", reason=str(exc), **extra)
+            run.end("FAILED")
+            return run
+        if run.status != "ACTIVE" or run.due_at is None or run.due_at > now:
+            return run
+    return run  # the chain bound: still ACTIVE, due now, continued at the next claim
+
+
+def _step(batch: _Batch, workflow: WorkflowRecord, run: _Run, step: dict[str, Any], step_id: str, now: datetime,
+          done: Executed, extra: dict[str, Any]) -> bool:
+    """Run one step and move the run; True when the next step may run now (in this transaction)."""
+    kind = step.get("type")
+    record = run.record
+    if kind == "delay":
+        until = _delay_until(step, now)
+        run.note(step, step_id, now, "delayed", until=iso(until), **extra)
+        run.go(step.get("next"), now)
+        if run.status == "ACTIVE" and until > now:
+            run.due_at = until
+            return False
+        return True
+    if kind == "send":
+        email = _send(batch, workflow, run, step)
+        if email is None:
+            run.note(step, step_id, now, "skipped", reason="the contact is not subscribed (marketing mail)", **extra)
+        else:
+            run.emails_sent += 1
+            done.emails += 1
+            run.note(step, step_id, now, "sent", email=email, **extra)
+        run.go(step.get("next"), now)
+        return True
+    if kind == "condition":
+        condition = step.get("condition")
+        if not isinstance(condition, dict):
+            raise _StepFailed(f"step {step_id!r} has no condition")
+        try:
+            matched = store.contact_matches(batch.session, record.contact_id, condition, now)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise _StepFailed(f"step {step_id!r} has a bad condition: {exc}") from exc
+        if matched is None:
+            raise _StepFailed("the contact is gone")
+        run.note(step, step_id, now, "then" if matched else "else", **extra)
+        run.go(step.get("then" if matched else "else"), now)
+        return True
+    if kind == "wait":
+        event = step.get("event")
+        if not isinstance(event, str) or not event:
+            raise _StepFailed(f"step {step_id!r} waits for no event")
+        if run.status == "WAITING":  # due at its timeout
+            run.note(step, step_id, now, "timeout", event=event, **extra)
+            run.go(step.get("timeout"), now)
+            return True
+        if run.waiting_for is not None:  # the event came (`storage.workflows.resume_waiting`)
+            run.note(step, step_id, now, "event", event=event, **extra)
+            run.go(step.get("then"), now)
+            return True
+        seconds = step.get("timeoutSeconds")
+        if isinstance(seconds, bool) or not isinstance(seconds, int) or seconds < 0 or \
+                timedelta(seconds=seconds) > MAX_DELAY:
+            raise _StepFailed(f"step {step_id!r} has no valid timeoutSeconds")
+        run.status, run.waiting_for, run.due_at = "WAITING", event, now + timedelta(seconds=seconds)
+        run.note(step, step_id, now, "waiting", event=event, until=iso(run.due_at), **extra)
+        return False
+    if kind == "update":
+        data, subscribed = step.get("data"), step.get("subscribed")
+        if data is not None and not isinstance(data, dict) or subscribed is not None and not isinstance(subscribed,
+                                                                                                        bool):
+            raise _StepFailed(f"step {step_id!r}: data must be an object and subscribed true or false")
+        try:
+            update_contact(batch.session, record.project_id, record.contact_id, None, subscribed, data)
+        except PipelineError as exc:
+            raise _StepFailed(exc.message) from exc
+        run.note(step, step_id, now, "updated", **extra)
+        run.go(step.get("next"), now)
+        return True
+    if kind == "webhook":
+        url = step.get("url")
+        if not isinstance(url, str) or not url.lower().startswith(("http://", "https://")):
+            raise _StepFailed(f"step {step_id!r} has no http(s) url")
+        contact = contact_store.get_contact(batch.session, record.project_id, record.contact_id)
+        if contact is None:
+            raise _StepFailed("the contact is gone")
+        leased = now + timedelta(seconds=WEBHOOK_LEASE_SECONDS)
+        payload = {"workflow": {"id": workflow.id, "name": workflow.name}, "run": {"id": record.id},
+                   "contact": {"id": contact.id, "email": contact.email, "data": contact.data or {}},
+                   "event": {"id": record.trigger_event_id,
+                             "name": store.event_name(batch.session, record.trigger_event_id),
+                             "data": record.context}}
+        done.webhooks.append(Webhook(record.id, step_id, url, payload, leased))
+        run.status, run.step_id, run.due_at, run.waiting_for = "ACTIVE", step_id, leased, None
+        if extra:
+            run.note(step, step_id, now, "posting", **extra)
+        return False
+    if kind == "exit":
+        run.note(step, step_id, now, "exit", **extra)
+        run.end("EXITED")
+        return False
+    raise _StepFailed(f"step {step_id!r} has an unknown type {kind!r}")
+
+
+def _delay_until(step: dict[str, Any], now: datetime) -> datetime:
+    for unit in ("seconds", "minutes"):
+        value = step.get(unit)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise _StepFailed(f"step {step.get('id')!r}: {unit} must be a whole number")
+            span = timedelta(seconds=value) if unit == "seconds" else timedelta(minutes=value)
+            if span > MAX_DELAY:
+                raise _StepFailed(f"step {step.get('id')!r}: the delay is too long")
+            return now + span
+    until = step.get("until")
+    if isinstance(until, str):
+        try:
+            moment = datetime.fromisoformat(until.replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise _StepFailed(f"step {step.get('id')!r}: until is not an ISO 8601 date-time") from exc
+        if moment.tzinfo is None:
+            raise _StepFailed(f"step {step.get('id')!r}: until needs a time zone")
+        return moment
+    raise _StepFailed(f"step {step.get('id')!r}: a delay needs seconds, minutes or until")
+
+
+def _send(batch: _Batch, workflow: WorkflowRecord, run: _Run, step: dict[str, Any]) -> str | None:
+    """Queue the step's template to the run's contact through `submit`; the email id, or None when the
+    contact is not subscribed to marketing mail (a SKIPPED email is recorded)."""
+    record = run.record
+    template_id = step.get("template")
+    if not isinstance(template_id, str):
+        raise _StepFailed(f"step {step.get('id')!r} names no template")
+    template = batch.template(record.project_id, template_id)
+    if template is None:
+        raise _StepFailed(f"template {template_id} not found")
+    extra = step.get("data")
+    if extra is not None and not isinstance(extra, dict):
+        raise _StepFailed(f"step {step.get('id')!r}: data must be an object")
+    contact = contact_store.get_contact(batch.session, record.project_id, record.contact_id)
+    if contact is None:
+        raise _StepFailed("the contact is gone")
+    sender = batch.senders.get(record.project_id, ("", ""))
+    try:
+        spec = template_spec(template, sender, batch.links)
+    except (ValueError, PipelineError) as exc:
+        raise _StepFailed(f"template {template_id}: {getattr(exc, 'message', exc)}") from exc
+    submission = Submission(record.project_id, SOURCE, spec.from_email, [contact.email],
+                            variables={**record.context, **(extra or {})}, compose=spec.build,
+                            subject=spec.subject, marketing=spec.links is not None)
+    try:
+        queued = submit(batch.session, submission)
+    except PipelineError as exc:
+        raise _StepFailed(exc.message) from exc
+    if submission.marketing and not contact.subscribed:
+        return None
+    return queued[0].email_id
+
+
+def finish_webhook(session: Session, hook: Webhook, status: int | None, error: str | None, now: datetime) -> bool:
+    """After the POST: on a 2xx move the run to the step's `next` (due now), else retry later or fail the
+    run. Nothing when the run left the lease meanwhile (cancelled, or another scheduler took it over after
+    the lease ran out). Returns whether the run moved."""
+    record = store.get_run_record(session, hook.run_id, session.get_bind().dialect.name == "postgresql")
+    if record is None or (record.status, record.step_id, record.due_at) != ("ACTIVE", hook.step_id,
+                                                                           hook.leased_until):
+        return False
+    run = _Run.of(record)
+    workflow = store.workflows_by_id(session, {record.workflow_id}).get(record.workflow_id)
+    steps, _ = _steps(workflow.definition if workflow else {})
+    step = steps.get(hook.step_id, {"type": "webhook"})
+    if status is not None and 200 <= status < 300:
+        run.note(step, hook.step_id, now, "posted", status=status)
+        run.go(step.get("next"), now)
+    else:
+        failures = 0
+        for entry in reversed(run.history):
+            if entry.get("step") != hook.step_id or entry.get("outcome") != "webhook failed":
+                break
+            failures += 1
+        reason = error or f"HTTP {status}"
+        run.note(step, hook.step_id, now, "webhook failed", reason=reason)
+        if failures + 1 >= WEBHOOK_ATTEMPTS:
+            run.note(step, hook.step_id, now, "failed", reason=f"webhook gave up after {failures + 1} attempts: "
+                                                               f"{reason}")
+            run.end("FAILED")
+        else:
+            run.due_at = now + timedelta(seconds=2 ** failures * 5)
+    values = run.row(now)
+    values.pop("run_id")
+    return store.advance_if_at(session, hook.run_id, hook.step_id, hook.leased_until, values)

@@ -1,0 +1,491 @@
+"""Workflow queries: the workflows and their triggers, starting and resuming runs from an event (called by
+`storage.events.insert_event`, in the event's own transaction), claiming due runs, advancing them, stats.
+
+Starting runs costs nothing on the event path of a project whose workflows do not listen for the event:
+a per-process cache says which event names start runs (enabled workflows' triggers) or may resume a waiting
+run (every workflow's `wait` steps) for each project. A workflow written in this process is forgotten at
+once and again at the commit (`workflows_changed`); one written by another process is seen within
+`INTEREST_TTL` seconds.
+
+A run's position (see `pipeline.workflows` for the grammar and the engine):
+* ACTIVE, `step_id` due at `due_at` (`step_id` None: the definition's first step).
+* WAITING at a `wait` step for `waiting_for`, due at its timeout.
+* ACTIVE at a `wait` step with `waiting_for` still set: the event happened (`resume_waiting`); the engine
+  takes the step's `then` branch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Integer,
+    String,
+    bindparam,
+    case,
+    delete,
+    event,
+    func,
+    literal,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from storage.models import (
+    Contact,
+    Event,
+    Project,
+    UTCDateTime,
+    Workflow,
+    WorkflowRun,
+    WorkflowTrigger,
+    new_id,
+    utcnow,
+)
+from storage.pagination import Page, paginate
+from storage.segments import condition_clause
+
+WORKFLOWS = Workflow.__table__
+TRIGGERS = WorkflowTrigger.__table__
+RUNS = WorkflowRun.__table__
+_EVENTS = Event.__table__
+_CONTACTS = Contact.__table__
+LIVE = ("ACTIVE", "WAITING")
+"""Statuses of a run that is not over."""
+ENDED = ("COMPLETED", "EXITED", "CANCELLED", "FAILED")
+INTEREST_TTL = 2.0
+"""Seconds a process trusts its cached answer to "which events does this project's workflows listen for"."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which events matter, per project (the cheap test on every event).
+
+@dataclass(frozen=True)
+class Interest:
+    triggers: frozenset[str]
+    """Event names that start runs of an enabled workflow."""
+    waits: frozenset[str]
+    """Event names some workflow's `wait` step waits for (a run may be waiting for them)."""
+
+
+_NOTHING = Interest(frozenset(), frozenset())
+_interest: dict[str, tuple[float, Interest]] = {}
+_interest_lock = threading.Lock()
+_WRITTEN = "plunkd.workflows_written"
+_MAX_CACHED = 10_000
+
+
+def workflows_changed(session: Session, project_id: str) -> None:
+    """Call in a transaction that writes a project's workflows or triggers: this process forgets what it
+    cached for the project now and once more when the transaction ends."""
+    forget(project_id)
+    session.info.setdefault(_WRITTEN, set()).add(project_id)
+
+
+def forget(project_id: str | None = None) -> None:
+    with _interest_lock:
+        if project_id is None:
+            _interest.clear()
+        else:
+            _interest.pop(project_id, None)
+
+
+@event.listens_for(Session, "after_commit")
+def _forget_after_commit(session: Session) -> None:
+    for project_id in session.info.pop(_WRITTEN, ()):
+        forget(project_id)
+
+
+@event.listens_for(Session, "after_soft_rollback")
+def _forget_after_rollback(session: Session, previous: Any) -> None:
+    if not previous.nested:
+        for project_id in session.info.pop(_WRITTEN, ()):
+            forget(project_id)
+
+
+def wait_events(definition: Any) -> set[str]:
+    """The event names a definition's `wait` steps wait for (odd data is skipped, never an error)."""
+    steps = definition.get("steps") if isinstance(definition, dict) else None
+    names = set()
+    for step in steps if isinstance(steps, list) else []:
+        if isinstance(step, dict) and step.get("type") == "wait" and isinstance(step.get("event"), str):
+            names.add(step["event"])
+    return names
+
+
+def interest(session: Session, project_id: str) -> Interest:
+    """The project's `Interest`, from the cache when fresh. A transaction that wrote the project's workflows
+    reads it from the database and caches nothing (it may yet roll back)."""
+    now = time.monotonic()
+    hit = _interest.get(project_id)
+    if hit is not None and hit[0] > now:
+        return hit[1]
+    conn = session.connection()
+    triggers = frozenset(conn.execute(
+        select(TRIGGERS.c.event).join(WORKFLOWS, WORKFLOWS.c.id == TRIGGERS.c.workflow_id)
+        .where(TRIGGERS.c.project_id == project_id, WORKFLOWS.c.enabled.is_(True))).scalars())
+    waits: set[str] = set()
+    definitions = conn.execute(select(WORKFLOWS.c.definition).where(WORKFLOWS.c.project_id == project_id))
+    for definition in definitions.scalars():
+        waits |= wait_events(definition)
+    found = Interest(triggers, frozenset(waits)) if triggers or waits else _NOTHING
+    if project_id not in session.info.get(_WRITTEN, ()):
+        with _interest_lock:
+            if len(_interest) >= _MAX_CACHED:
+                _interest.clear()
+            _interest[project_id] = (now + INTEREST_TTL, found)
+    return found
+
+
+def on_event(session: Session, project_id: str, contact_id: str, name: str, event_id: str,
+             data: dict[str, Any], now: datetime) -> None:
+    """The workflow side of recording an event (from `storage.events.insert_event`): start the runs it
+    triggers and resume the runs waiting for it, in the event's transaction. A dictionary lookup when no
+    workflow of the project listens for `name`."""
+    wanted = interest(session, project_id)
+    if name in wanted.triggers:
+        start_runs(session, project_id, contact_id, name, event_id, data, now)
+    if name in wanted.waits:
+        resume_waiting(session, contact_id, name, now)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Starting and resuming runs.
+
+_RUN_COLUMNS = ["id", "workflow_id", "project_id", "contact_id", "status", "step_id", "due_at", "waiting_for",
+                "once_key", "trigger_event_id", "context", "history", "emails_sent", "created_at", "updated_at"]
+_START: dict[str, Any] = {}
+
+
+def _json_elements(dialect: str, value: Any) -> Any:
+    """The text elements of a JSON array column, as a table with one column `value`."""
+    fn = func.json_each if dialect == "sqlite" else func.json_array_elements_text
+    return fn(value).table_valued("value")
+
+
+def _start_statement(dialect: str) -> Any:
+    """INSERT … SELECT one run per enabled workflow the event triggers, unless the contact did one of the
+    workflow's exclude events or (run-once) already has a run of it: the unique (workflow, contact,
+    once_key) index and ON CONFLICT DO NOTHING."""
+    if dialect in _START:
+        return _START[dialect]
+    run_id = bindparam("head", type_=String()) + func.substr(WORKFLOWS.c.id, 19)
+    excluded = _json_elements(dialect, WORKFLOWS.c.exclude_events)
+    did_excluded = (select(_EVENTS.c.id).where(
+        _EVENTS.c.contact_id == bindparam("contact_id"),
+        _EVENTS.c.name.in_(select(excluded.c.value))).correlate(WORKFLOWS).exists())
+    source = (select(run_id, WORKFLOWS.c.id, bindparam("project_id", type_=String()),
+                     bindparam("contact_id", type_=String()), literal("ACTIVE", String()),
+                     func.substr(WORKFLOWS.c.definition[("steps", 0, "id")].as_string(), 1, 64),
+                     bindparam("now", type_=UTCDateTime()), literal(None, String()),
+                     case((WORKFLOWS.c.run_once.is_(True), literal("once", String())), else_=run_id),
+                     bindparam("event_id", type_=String()), bindparam("data", type_=JSON()),
+                     bindparam("history", type_=JSON()), literal(0, Integer()),
+                     bindparam("now", type_=UTCDateTime()), bindparam("now", type_=UTCDateTime()))
+              .select_from(TRIGGERS.join(WORKFLOWS, WORKFLOWS.c.id == TRIGGERS.c.workflow_id))
+              .where(TRIGGERS.c.project_id == bindparam("project_id"), TRIGGERS.c.event == bindparam("event"),
+                     WORKFLOWS.c.enabled.is_(True), ~did_excluded))
+    insert = sqlite_insert(RUNS) if dialect == "sqlite" else pg_insert(RUNS)
+    statement = insert.from_select(_RUN_COLUMNS, source).on_conflict_do_nothing()
+    _START[dialect] = statement
+    return statement
+
+
+def start_runs(session: Session, project_id: str, contact_id: str, event_name: str, event_id: str | None,
+               data: dict[str, Any], now: datetime) -> int:
+    """Start a run of every enabled workflow of the project that `event_name` triggers, for this contact,
+    in one statement; returns how many started. The runs are ACTIVE at the first step, due now."""
+    statement = _start_statement(session.get_bind().dialect.name)
+    return session.connection().execute(statement, {
+        "head": new_id()[:18], "project_id": project_id, "contact_id": contact_id, "event": event_name,
+        "event_id": event_id, "data": data or {}, "history": [], "now": now}).rowcount
+
+
+_RESUME = (update(RUNS).where(RUNS.c.contact_id == bindparam("c"), RUNS.c.status == "WAITING",
+                              RUNS.c.waiting_for == bindparam("e"))
+           .values(status="ACTIVE", due_at=bindparam("now"), updated_at=bindparam("now")))
+
+
+def resume_waiting(session: Session, contact_id: str, event_name: str, now: datetime) -> int:
+    """The contact's runs waiting for `event_name` become ACTIVE, due now, at their wait step with
+    `waiting_for` still set: the engine takes the step's `then` branch. Returns how many."""
+    return session.connection().execute(_RESUME, {"c": contact_id, "e": event_name, "now": now}).rowcount
+
+
+def start_run(session: Session, workflow: Workflow, contact_id: str, now: datetime,
+              context: dict[str, Any] | None = None) -> str | None:
+    """Start one run by hand (API, tests) whatever the triggers; None when a run-once workflow already has
+    a run for the contact. The run is ACTIVE at the first step, due now."""
+    steps = (workflow.definition or {}).get("steps") if isinstance(workflow.definition, dict) else None
+    first = steps[0].get("id") if isinstance(steps, list) and steps and isinstance(steps[0], dict) else None
+    run_id = new_id()
+    values = {"id": run_id, "workflow_id": workflow.id, "project_id": workflow.project_id, "contact_id": contact_id,
+              "status": "ACTIVE", "step_id": str(first)[:64] if first is not None else None, "due_at": now,
+              "waiting_for": None, "once_key": "once" if workflow.run_once else run_id, "trigger_event_id": None,
+              "context": context or {}, "history": [], "emails_sent": 0, "created_at": now, "updated_at": now}
+    insert = sqlite_insert(RUNS) if session.get_bind().dialect.name == "sqlite" else pg_insert(RUNS)
+    done = session.connection().execute(insert.on_conflict_do_nothing(), values).rowcount
+    return run_id if done else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The scheduler's side: claim due runs, read what a step needs, write the advance.
+
+@dataclass
+class RunRecord:
+    id: str
+    workflow_id: str
+    project_id: str
+    contact_id: str
+    status: str
+    step_id: str | None
+    due_at: datetime | None
+    waiting_for: str | None
+    trigger_event_id: str | None
+    context: dict[str, Any]
+    history: list[dict[str, Any]]
+    emails_sent: int
+    created_at: datetime
+
+
+_CLAIM_COLUMNS = [RUNS.c[name] for name in ("id", "workflow_id", "project_id", "contact_id", "status", "step_id",
+                                            "due_at", "waiting_for", "trigger_event_id", "context", "history",
+                                            "emails_sent", "created_at")]
+
+
+def _record(row: Any) -> RunRecord:
+    record = RunRecord(*row)
+    record.context = record.context if isinstance(record.context, dict) else {}
+    record.history = list(record.history) if isinstance(record.history, list) else []
+    return record
+
+
+def has_due(session: Session, now: datetime) -> bool:
+    """Is any run due (one index probe per live status)?"""
+    conn = session.connection()
+    return any(conn.execute(select(RUNS.c.id).where(RUNS.c.status == status, RUNS.c.due_at <= now).limit(1)).first()
+               for status in LIVE)
+
+
+def claim_due(session: Session, now: datetime, limit: int, postgres: bool) -> list[RunRecord]:
+    """Up to `limit` runs due by `now`, earliest first, locked until the transaction ends (PostgreSQL:
+    `FOR UPDATE SKIP LOCKED`, so schedulers on several nodes share the work; SQLite has one writer). Each
+    status is read in its index order, so a backlog costs no sort."""
+    conn = session.connection()
+    rows: list[Any] = []
+    for status in LIVE:
+        stmt = (select(*_CLAIM_COLUMNS).where(RUNS.c.status == status, RUNS.c.due_at <= now)
+                .order_by(RUNS.c.due_at).limit(limit))
+        if postgres:
+            stmt = stmt.with_for_update(skip_locked=True)
+        rows.extend(conn.execute(stmt))
+    rows.sort(key=lambda row: row.due_at)
+    return [_record(row) for row in rows[:limit]]
+
+
+def get_run_record(session: Session, run_id: str, postgres: bool = False) -> RunRecord | None:
+    stmt = select(*_CLAIM_COLUMNS).where(RUNS.c.id == run_id)
+    if postgres:
+        stmt = stmt.with_for_update()
+    row = session.connection().execute(stmt).first()
+    return None if row is None else _record(row)
+
+
+@dataclass(frozen=True)
+class WorkflowRecord:
+    id: str
+    project_id: str
+    name: str
+    exclude_events: tuple[str, ...]
+    definition: dict[str, Any]
+    enabled: bool
+
+
+def workflows_by_id(session: Session, ids: set[str]) -> dict[str, WorkflowRecord]:
+    if not ids:
+        return {}
+    rows = session.connection().execute(select(
+        WORKFLOWS.c.id, WORKFLOWS.c.project_id, WORKFLOWS.c.name, WORKFLOWS.c.exclude_events, WORKFLOWS.c.definition,
+        WORKFLOWS.c.enabled).where(WORKFLOWS.c.id.in_(ids)))
+    found = {}
+    for row in rows:
+        excluded = tuple(str(name) for name in row.exclude_events) if isinstance(row.exclude_events, list) else ()
+        definition = row.definition if isinstance(row.definition, dict) else {}
+        found[row.id] = WorkflowRecord(row.id, row.project_id, row.name, excluded, definition, bool(row.enabled))
+    return found
+
+
+def project_senders(session: Session, ids: set[str]) -> dict[str, tuple[str, str]]:
+    """Each project's default sender (email, name)."""
+    table = Project.__table__
+    rows = session.connection().execute(select(table.c.id, table.c.from_email, table.c.from_name)
+                                        .where(table.c.id.in_(ids)))
+    return {row.id: (row.from_email, row.from_name) for row in rows}
+
+
+def did_any_since(session: Session, contact_id: str, names: tuple[str, ...], since: datetime) -> str | None:
+    """One of `names` the contact did at or after `since`, or None."""
+    return session.connection().execute(select(_EVENTS.c.name).where(
+        _EVENTS.c.contact_id == contact_id, _EVENTS.c.name.in_(names), _EVENTS.c.created_at >= since)
+        .limit(1)).scalar()
+
+
+def contact_matches(session: Session, contact_id: str, condition: dict[str, Any], now: datetime) -> bool | None:
+    """Does the segment condition tree match this one contact (None: the contact is gone)? ValueError for
+    a tree outside the grammar."""
+    clause = condition_clause(condition, now)
+    row = session.connection().execute(
+        select(case((clause, 1), else_=0)).where(_CONTACTS.c.id == contact_id)).first()
+    return None if row is None else bool(row[0])
+
+
+def event_name(session: Session, event_id: str | None) -> str | None:
+    if event_id is None:
+        return None
+    return session.connection().execute(select(_EVENTS.c.name).where(_EVENTS.c.id == event_id)).scalar()
+
+
+_ADVANCE = (update(RUNS).where(RUNS.c.id == bindparam("run_id"))
+            .values(status=bindparam("status"), step_id=bindparam("step_id"), due_at=bindparam("due_at"),
+                    waiting_for=bindparam("waiting_for"), history=bindparam("history", type_=JSON()),
+                    emails_sent=bindparam("emails_sent"), updated_at=bindparam("updated_at")))
+
+
+def save_runs(session: Session, runs: list[dict[str, Any]]) -> None:
+    """Write the runs' new positions, one executemany: each dict has run_id, status, step_id, due_at,
+    waiting_for, history, emails_sent, updated_at."""
+    if runs:
+        session.connection().execute(_ADVANCE, runs)
+
+
+def advance_if_at(session: Session, run_id: str, step_id: str, leased_until: datetime,
+                  values: dict[str, Any]) -> bool:
+    """Move a run on from `step_id` only if it is still there under the lease this process set (a webhook
+    posted after a commit); False if another scheduler took it over meanwhile."""
+    stmt = update(RUNS).where(RUNS.c.id == run_id, RUNS.c.status == "ACTIVE", RUNS.c.step_id == step_id,
+                              RUNS.c.due_at == leased_until).values(**values)
+    return session.connection().execute(stmt).rowcount == 1
+
+
+def postpone(session: Session, run_ids: list[str], due_at: datetime) -> None:
+    if run_ids:
+        session.connection().execute(update(RUNS).where(RUNS.c.id.in_(run_ids)).values(due_at=due_at))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Workflows (for the API and tests): rows, triggers, runs, stats.
+
+def insert_workflow(session: Session, project_id: str, *, name: str, definition: dict[str, Any],
+                    triggers: list[str], exclude_events: list[str] | None = None, enabled: bool = True,
+                    run_once: bool = False, kind: str = "WORKFLOW") -> Workflow:
+    now = utcnow()
+    workflow = Workflow(project_id=project_id, name=name, definition=definition, exclude_events=exclude_events or [],
+                        enabled=enabled, run_once=run_once, kind=kind, created_at=now, updated_at=now)
+    session.add(workflow)
+    session.flush()
+    set_triggers(session, workflow, triggers)
+    return workflow
+
+
+def set_triggers(session: Session, workflow: Workflow, events: list[str]) -> None:
+    """Replace the workflow's trigger events."""
+    conn = session.connection()
+    conn.execute(delete(TRIGGERS).where(TRIGGERS.c.workflow_id == workflow.id))
+    names = list(dict.fromkeys(events))
+    if names:
+        conn.execute(TRIGGERS.insert(), [{"workflow_id": workflow.id, "event": name, "project_id": workflow.project_id}
+                                         for name in names])
+    workflows_changed(session, workflow.project_id)
+
+
+def trigger_events(session: Session, workflow_id: str) -> list[str]:
+    return list(session.connection().execute(select(TRIGGERS.c.event).where(TRIGGERS.c.workflow_id == workflow_id)
+                                             .order_by(TRIGGERS.c.event)).scalars())
+
+
+def get_workflow(session: Session, project_id: str, workflow_id: str, for_update: bool = False) -> Workflow | None:
+    stmt = select(Workflow).where(Workflow.project_id == project_id, Workflow.id == workflow_id)
+    if for_update:
+        stmt = stmt.with_for_update()
+    return session.execute(stmt).scalar_one_or_none()
+
+
+def list_workflows(session: Session, project_id: str, limit: int, cursor: str | None, kind: str | None = None) -> Page:
+    stmt = select(Workflow).where(Workflow.project_id == project_id)
+    if kind is not None:
+        stmt = stmt.where(Workflow.kind == kind)
+    return paginate(session, stmt, Workflow.id, limit, cursor)
+
+
+def update_workflow(session: Session, workflow: Workflow, values: dict[str, Any],
+                    triggers: list[str] | None = None) -> Workflow:
+    """Set columns (name, definition, exclude_events, enabled, run_once) and, when given, the triggers."""
+    for name, value in values.items():
+        setattr(workflow, name, value)
+    workflow.updated_at = utcnow()
+    session.flush()
+    if triggers is not None:
+        set_triggers(session, workflow, triggers)
+    workflows_changed(session, workflow.project_id)
+    return workflow
+
+
+def delete_workflow(session: Session, workflow: Workflow) -> None:
+    """The workflow, its triggers and its runs (CASCADE; SQLite's foreign keys are on)."""
+    project_id = workflow.project_id
+    conn = session.connection()
+    conn.execute(delete(RUNS).where(RUNS.c.workflow_id == workflow.id))
+    conn.execute(delete(TRIGGERS).where(TRIGGERS.c.workflow_id == workflow.id))
+    session.delete(workflow)
+    session.flush()
+    workflows_changed(session, project_id)
+
+
+def list_runs(session: Session, workflow_id: str, limit: int, cursor: str | None,
+              status: str | None = None) -> Page:
+    stmt = select(WorkflowRun).where(WorkflowRun.workflow_id == workflow_id)
+    if status is not None:
+        stmt = stmt.where(WorkflowRun.status == status)
+    return paginate(session, stmt, WorkflowRun.id, limit, cursor)
+
+
+def get_run(session: Session, project_id: str, run_id: str) -> WorkflowRun | None:
+    return session.execute(select(WorkflowRun).where(WorkflowRun.project_id == project_id,
+                                                     WorkflowRun.id == run_id)).scalar_one_or_none()
+
+
+def cancel_run(session: Session, project_id: str, run_id: str, now: datetime) -> bool:
+    """A live run becomes CANCELLED (its history says so); False when it was not live (or not found)."""
+    stmt = select(RUNS.c.history, RUNS.c.step_id).where(RUNS.c.project_id == project_id, RUNS.c.id == run_id,
+                                                        RUNS.c.status.in_(LIVE))
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update()
+    row = session.connection().execute(stmt).first()
+    if row is None:
+        return False
+    history = [*(row.history if isinstance(row.history, list) else []),
+               {"step": row.step_id, "type": None, "at": now.isoformat(), "outcome": "cancelled"}]
+    return session.connection().execute(update(RUNS).where(RUNS.c.id == run_id, RUNS.c.status.in_(LIVE)).values(
+        status="CANCELLED", due_at=None, waiting_for=None, history=history, updated_at=now)).rowcount == 1
+
+
+def workflow_stats(session: Session, workflow_id: str) -> dict[str, int]:
+    """started (every run), by status (active, waiting, completed, exited, cancelled, failed), emailsSent."""
+    stats = {"started": 0, "emailsSent": 0, **{status.lower(): 0 for status in (*LIVE, *ENDED)}}
+    for status, count, emails in session.connection().execute(
+            select(RUNS.c.status, func.count(), func.coalesce(func.sum(RUNS.c.emails_sent), 0))
+            .where(RUNS.c.workflow_id == workflow_id).group_by(RUNS.c.status)):
+        stats["started"] += count
+        stats["emailsSent"] += int(emails)
+        if status.lower() in stats:
+            stats[status.lower()] = count
+    return stats
+
