@@ -28,7 +28,6 @@ from sqlalchemy import (
     String,
     bindparam,
     case,
-    delete,
     event,
     func,
     literal,
@@ -48,9 +47,7 @@ from storage.models import (
     WorkflowRun,
     WorkflowTrigger,
     new_id,
-    utcnow,
 )
-from storage.pagination import Page, paginate
 from storage.segments import condition_clause
 
 WORKFLOWS = Workflow.__table__
@@ -96,6 +93,15 @@ def forget(project_id: str | None = None) -> None:
             _interest.clear()
         else:
             _interest.pop(project_id, None)
+
+
+@event.listens_for(Session, "after_flush")
+def _workflows_flushed(session: Session, _context: Any) -> None:
+    """Workflow or trigger rows written through the ORM (the API's `storage.workflow_admin`) mark their
+    project as changed, whoever wrote them."""
+    for row in (*session.new, *session.dirty, *session.deleted):
+        if isinstance(row, Workflow | WorkflowTrigger) and row.project_id is not None:
+            workflows_changed(session, row.project_id)
 
 
 @event.listens_for(Session, "after_commit")
@@ -378,114 +384,3 @@ def advance_if_at(session: Session, run_id: str, step_id: str, leased_until: dat
 def postpone(session: Session, run_ids: list[str], due_at: datetime) -> None:
     if run_ids:
         session.connection().execute(update(RUNS).where(RUNS.c.id.in_(run_ids)).values(due_at=due_at))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Workflows (for the API and tests): rows, triggers, runs, stats.
-
-def insert_workflow(session: Session, project_id: str, *, name: str, definition: dict[str, Any],
-                    triggers: list[str], exclude_events: list[str] | None = None, enabled: bool = True,
-                    run_once: bool = False, kind: str = "WORKFLOW") -> Workflow:
-    now = utcnow()
-    workflow = Workflow(project_id=project_id, name=name, definition=definition, exclude_events=exclude_events or [],
-                        enabled=enabled, run_once=run_once, kind=kind, created_at=now, updated_at=now)
-    session.add(workflow)
-    session.flush()
-    set_triggers(session, workflow, triggers)
-    return workflow
-
-
-def set_triggers(session: Session, workflow: Workflow, events: list[str]) -> None:
-    """Replace the workflow's trigger events."""
-    conn = session.connection()
-    conn.execute(delete(TRIGGERS).where(TRIGGERS.c.workflow_id == workflow.id))
-    names = list(dict.fromkeys(events))
-    if names:
-        conn.execute(TRIGGERS.insert(), [{"workflow_id": workflow.id, "event": name, "project_id": workflow.project_id}
-                                         for name in names])
-    workflows_changed(session, workflow.project_id)
-
-
-def trigger_events(session: Session, workflow_id: str) -> list[str]:
-    return list(session.connection().execute(select(TRIGGERS.c.event).where(TRIGGERS.c.workflow_id == workflow_id)
-                                             .order_by(TRIGGERS.c.event)).scalars())
-
-
-def get_workflow(session: Session, project_id: str, workflow_id: str, for_update: bool = False) -> Workflow | None:
-    stmt = select(Workflow).where(Workflow.project_id == project_id, Workflow.id == workflow_id)
-    if for_update:
-        stmt = stmt.with_for_update()
-    return session.execute(stmt).scalar_one_or_none()
-
-
-def list_workflows(session: Session, project_id: str, limit: int, cursor: str | None, kind: str | None = None) -> Page:
-    stmt = select(Workflow).where(Workflow.project_id == project_id)
-    if kind is not None:
-        stmt = stmt.where(Workflow.kind == kind)
-    return paginate(session, stmt, Workflow.id, limit, cursor)
-
-
-def update_workflow(session: Session, workflow: Workflow, values: dict[str, Any],
-                    triggers: list[str] | None = None) -> Workflow:
-    """Set columns (name, definition, exclude_events, enabled, run_once) and, when given, the triggers."""
-    for name, value in values.items():
-        setattr(workflow, name, value)
-    workflow.updated_at = utcnow()
-    session.flush()
-    if triggers is not None:
-        set_triggers(session, workflow, triggers)
-    workflows_changed(session, workflow.project_id)
-    return workflow
-
-
-def delete_workflow(session: Session, workflow: Workflow) -> None:
-    """The workflow, its triggers and its runs (CASCADE; SQLite's foreign keys are on)."""
-    project_id = workflow.project_id
-    conn = session.connection()
-    conn.execute(delete(RUNS).where(RUNS.c.workflow_id == workflow.id))
-    conn.execute(delete(TRIGGERS).where(TRIGGERS.c.workflow_id == workflow.id))
-    session.delete(workflow)
-    session.flush()
-    workflows_changed(session, project_id)
-
-
-def list_runs(session: Session, workflow_id: str, limit: int, cursor: str | None,
-              status: str | None = None) -> Page:
-    stmt = select(WorkflowRun).where(WorkflowRun.workflow_id == workflow_id)
-    if status is not None:
-        stmt = stmt.where(WorkflowRun.status == status)
-    return paginate(session, stmt, WorkflowRun.id, limit, cursor)
-
-
-def get_run(session: Session, project_id: str, run_id: str) -> WorkflowRun | None:
-    return session.execute(select(WorkflowRun).where(WorkflowRun.project_id == project_id,
-                                                     WorkflowRun.id == run_id)).scalar_one_or_none()
-
-
-def cancel_run(session: Session, project_id: str, run_id: str, now: datetime) -> bool:
-    """A live run becomes CANCELLED (its history says so); False when it was not live (or not found)."""
-    stmt = select(RUNS.c.history, RUNS.c.step_id).where(RUNS.c.project_id == project_id, RUNS.c.id == run_id,
-                                                        RUNS.c.status.in_(LIVE))
-    if session.get_bind().dialect.name == "postgresql":
-        stmt = stmt.with_for_update()
-    row = session.connection().execute(stmt).first()
-    if row is None:
-        return False
-    history = [*(row.history if isinstance(row.history, list) else []),
-               {"step": row.step_id, "type": None, "at": now.isoformat(), "outcome": "cancelled"}]
-    return session.connection().execute(update(RUNS).where(RUNS.c.id == run_id, RUNS.c.status.in_(LIVE)).values(
-        status="CANCELLED", due_at=None, waiting_for=None, history=history, updated_at=now)).rowcount == 1
-
-
-def workflow_stats(session: Session, workflow_id: str) -> dict[str, int]:
-    """started (every run), by status (active, waiting, completed, exited, cancelled, failed), emailsSent."""
-    stats = {"started": 0, "emailsSent": 0, **{status.lower(): 0 for status in (*LIVE, *ENDED)}}
-    for status, count, emails in session.connection().execute(
-            select(RUNS.c.status, func.count(), func.coalesce(func.sum(RUNS.c.emails_sent), 0))
-            .where(RUNS.c.workflow_id == workflow_id).group_by(RUNS.c.status)):
-        stats["started"] += count
-        stats["emailsSent"] += int(emails)
-        if status.lower() in stats:
-            stats[status.lower()] = count
-    return stats
-

@@ -22,8 +22,9 @@ from delivery.dispatcher import Dispatcher
 from delivery.transports import FileTransport
 from pipeline import workflows as engine
 from pipeline.track import track
+from storage import workflow_admin as admin
 from storage import workflows as store
-from storage.models import Contact, Email, Event, OutboxItem, WorkflowRun, utcnow
+from storage.models import Contact, Email, Event, OutboxItem, Workflow, WorkflowRun, WorkflowTrigger, new_id, utcnow
 from tests.test_delivery import dispatch_all, settings
 
 BODY = "<p>Plan {{plan}}, coupon {{coupon ?? none}}, from {{source ?? nowhere}}</p>"
@@ -38,9 +39,11 @@ async def make_template(api, kind: str = "TRANSACTIONAL", subject: str = "Hi {{p
 
 
 async def make_workflow(api, steps: list[dict], triggers: list[str], **fields) -> str:
+    values = {"name": "wf", "exclude_events": [], "enabled": True, "run_once": False, "kind": "WORKFLOW", **fields,
+              "definition": {"steps": steps}}
+
     def work(session):
-        return store.insert_workflow(session, api.project_id, name=fields.pop("name", "wf"),
-                                     definition={"steps": steps}, triggers=triggers, **fields).id
+        return admin.insert_workflow(session, api.project_id, values, triggers).id
 
     return await api.db.write(work)
 
@@ -180,7 +183,7 @@ async def test_disabled_workflows_start_nothing_and_pause_their_runs(api, sender
     await track_event(api, "eve@example.org", "visit")
 
     def disable(session, enabled=False):
-        store.update_workflow(session, store.get_workflow(session, api.project_id, workflow), {"enabled": enabled})
+        admin.update_workflow(session, admin.get_workflow(session, api.project_id, workflow), {"enabled": enabled})
 
     await api.db.write(disable)
     await track_event(api, "eve@example.org", "visit")
@@ -277,7 +280,7 @@ async def test_marketing_send_to_an_unsubscribed_contact_is_skipped_and_missing_
     assert ivy.emails_sent == 1 and jim.emails_sent == 0 and outcomes(jim)[0] == "skipped"
     assert [e.status for e in await emails_to(api, "ivy@example.org")] == ["QUEUED"]
     assert [e.status for e in await emails_to(api, "jim@example.org")] == ["SKIPPED"]
-    stats = await api.db.read(store.workflow_stats, workflow)
+    stats = await api.db.read(admin.run_stats, workflow)
     assert stats["started"] == 2 and stats["failed"] == 2 and stats["emailsSent"] == 1
 
 
@@ -416,16 +419,16 @@ async def test_cancel_and_stats_and_start_run(api, sender):
     await track_event(api, "quinn@example.org", "x")
     await scheduler_for(api).run_until_idle()
     run = await one_run(api, workflow)
-    assert await api.db.write(lambda s: store.cancel_run(s, api.project_id, run.id, utcnow())) is True
-    assert await api.db.write(lambda s: store.cancel_run(s, api.project_id, run.id, utcnow())) is False
+    await api.db.write(lambda s: admin.cancel_run(s, admin.get_run(s, workflow, run.id, True), utcnow(), "delay"))
+    await scheduler_for(api).run_until_idle()
     quinn = await contact(api, "quinn@example.org")
 
     def start(session):
-        return store.start_run(session, store.get_workflow(session, api.project_id, workflow), quinn.id, utcnow(),
+        return store.start_run(session, admin.get_workflow(session, api.project_id, workflow), quinn.id, utcnow(),
                                {"manual": True})
 
     assert await api.db.write(start) is not None
-    stats = await api.db.read(store.workflow_stats, workflow)
+    stats = await api.db.read(admin.run_stats, workflow)
     assert stats["started"] == 2 and stats["cancelled"] == 1 and stats["active"] == 1
 
 
@@ -441,20 +444,24 @@ async def test_delay_until_a_moment(api, sender):
     assert (await one_run(api, workflow)).status == "EXITED"
 
 
-async def test_a_project_without_workflows_sees_one_created_elsewhere_within_seconds(api, sender):
+async def test_a_workflow_written_here_fires_at_once_and_one_written_elsewhere_within_seconds(api, sender):
     await track_event(api, "sam@example.org", "late")  # caches "nothing listens" for the project
-    # another process's workflow: written without telling this process's cache
-    from storage.models import Workflow, WorkflowTrigger
+    here = await make_workflow(api, [{"id": "x", "type": "exit"}], ["late"])
+    await track_event(api, "sam@example.org", "late")
+    assert len(await runs_of(api, here)) == 1
+    elsewhere = new_id()
 
-    def write_elsewhere(session):
-        workflow = Workflow(project_id=api.project_id, name="elsewhere", definition={"steps": [
-            {"id": "x", "type": "exit"}]}, exclude_events=[], enabled=True, run_once=False, kind="WORKFLOW")
-        session.add(workflow)
-        session.flush()
-        session.add(WorkflowTrigger(workflow_id=workflow.id, event="late", project_id=api.project_id))
-        return workflow.id
+    def write_elsewhere(session):  # as another process would: nothing tells this process's cache
+        conn = session.connection()
+        now = utcnow()
+        conn.execute(Workflow.__table__.insert(), {
+            "id": elsewhere, "project_id": api.project_id, "name": "elsewhere", "exclude_events": [],
+            "definition": {"steps": [{"id": "x", "type": "exit"}]}, "enabled": True, "run_once": False,
+            "kind": "WORKFLOW", "created_at": now, "updated_at": now})
+        conn.execute(WorkflowTrigger.__table__.insert(), {"workflow_id": elsewhere, "event": "late",
+                                                          "project_id": api.project_id})
 
-    made = await api.db.write(write_elsewhere)
+    await api.db.write(write_elsewhere)
     await asyncio.sleep(store.INTEREST_TTL + 0.1)
     await track_event(api, "sam@example.org", "late")
-    assert len(await runs_of(api, made)) == 1
+    assert len(await runs_of(api, elsewhere)) == 1
