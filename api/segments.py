@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
-from pydantic import ConfigDict, Field, StringConstraints, WithJsonSchema
+from pydantic import ConfigDict, Field, StringConstraints, TypeAdapter, WithJsonSchema
 from typing_extensions import TypeAliasType
 
 from api.context import DB
@@ -155,8 +155,6 @@ class _ConditionSchema:
 
     @classmethod
     def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> Any:
-        from pydantic import TypeAdapter
-
         return handler(TypeAdapter(SegmentCondition).core_schema)
 
 
