@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from api.app import build_api
-from api.context import KEYS, ON_QUEUED
+from api.context import KEYS, LINKS, ON_QUEUED
 from plunkd.config import Config
 from plunkd.processes import ROLES, WAKE_FD_ENV, WakePipe, supervise_dispatcher, watch_parent
 from storage.db import Database
@@ -46,7 +46,27 @@ def create_app(config: Config, db: Database | None = None, roles: set[str] | Non
         app.cleanup_ctx.append(lambda _app: delivery_ctx(app, config, db))
     if "relay" in roles and config.smtp.enabled:
         app.cleanup_ctx.append(lambda _app: relay_ctx(app, config, db))
+    if "api" in roles and config.delivery.enabled:
+        app.cleanup_ctx.append(lambda _app: fanout_ctx(app, config, db))
     return app
+
+
+async def fanout_ctx(app: web.Application, config: Config, db: Database) -> AsyncIterator[None]:
+    """The campaign fan-out, in the acceptance process: its chunks then queue in the same write batcher
+    as API and SMTP writes (first come, first served) instead of contending for SQLite's lock from
+    another process, where a waiting writer backs off for up to 100 ms at a time."""
+    from marketing.fanout import CampaignFanOut
+
+    def queued() -> None:
+        for wake in app[ON_QUEUED]:
+            wake()
+
+    campaigns = CampaignFanOut(db, app[LINKS], queued, config.delivery.poll_seconds, config.delivery.fanout_chunk)
+    app[ON_QUEUED].append(campaigns.wake)
+    task = asyncio.create_task(campaigns.run(), name="campaign-fanout")
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def dispatcher_process_ctx(app: web.Application, command: list[str]) -> AsyncIterator[None]:
@@ -85,13 +105,12 @@ async def relay_ctx(app: web.Application, config: Config, db: Database) -> Async
 
 async def delivery_ctx(app: web.Application, config: Config, db: Database) -> AsyncIterator[None]:
     """The dispatcher and its transport, for as long as the server runs, and beside it the pruner and the
-    campaign fan-out (so one process per node prunes and fans out)."""
+    workflow scheduler (so one process per node prunes and runs workflow steps)."""
     from automation.scheduler import WorkflowScheduler
     from delivery.bucket import TokenBucket
     from delivery.dispatcher import Dispatcher
     from delivery.transports import make_transport
     from maintenance.pruner import Pruner
-    from marketing.fanout import CampaignFanOut
     from pipeline.campaigns import CampaignComposer
     from pipeline.links import make_signer
 
@@ -105,14 +124,10 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
     links = make_signer(config.server.link_secret, config.data_path, config.server.public_url)
     dispatcher = Dispatcher(db, transport, TokenBucket(rate), config.delivery,
                             compose_deferred=CampaignComposer(db.read, links))
-    campaigns = CampaignFanOut(db, links, dispatcher.wake, config.delivery.poll_seconds,
-                               config.delivery.fanout_chunk)
-
     workflows = WorkflowScheduler(db, links, dispatcher.wake, min(config.delivery.poll_seconds, 0.2))
 
     def wake() -> None:
         dispatcher.wake()
-        campaigns.wake()
         workflows.wake()
 
     app[ON_QUEUED].append(wake)
@@ -122,12 +137,11 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
     task = asyncio.create_task(dispatcher.run(), name="dispatcher")
     log.info("dispatcher %s started: transport %s, %.1f recipients/s", dispatcher.worker, transport.name, rate)
     pruner = asyncio.create_task(Pruner(db, config.delivery).run(), name="pruner")
-    fanout = asyncio.create_task(campaigns.run(), name="campaign-fanout")
     scheduler = asyncio.create_task(workflows.run(), name="workflow-scheduler")
     yield
-    for background in (pruner, task, fanout, scheduler):
+    for background in (pruner, task, scheduler):
         background.cancel()
-    await asyncio.gather(task, pruner, fanout, scheduler, return_exceptions=True)
+    await asyncio.gather(task, pruner, scheduler, return_exceptions=True)
     await dispatcher.drain()
     await transport.close()
 

@@ -1,7 +1,9 @@
 """The whole API swept by schemathesis on every run: a real `plunkd serve` process on a real database,
 every operation of /openapi.json driven with generated valid and invalid requests, and every one of
 schemathesis' checks (no 5xx, documented statuses and headers, replies matching their schemas,
-invalid input refused, valid input accepted, Allow on 405, auth not ignored) must pass."""
+invalid input refused, valid input accepted, Allow on 405, auth not ignored) must pass. The /v1 copies
+of the dashboard routes run the same handlers as the unversioned ones, so only /v1/send and /v1/track
+are swept under /v1."""
 
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ def test_schemathesis_finds_no_disagreement_and_no_server_error(served_api, tmp_
                f"{base}/openapi.json", "--header", f"Authorization: Bearer {secret_key}", "--checks", "all",
                "--phases", "examples,coverage,fuzzing", "--max-examples", MAX_EXAMPLES, "--seed", SEED,
                "--workers", "1", "--request-timeout", "20", "--no-color",
-               "--exclude-path-regex", "^/v1/(contacts|events|domains)"]
+               "--exclude-path-regex", "^/v1/(?!(send|track)$)"]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     report = done.stdout[-20000:] + done.stderr[-5000:]
     assert done.returncode == 0, f"{report}\n--- server log ---\n{log_path.read_text()[-5000:]}"
