@@ -30,14 +30,16 @@ def command_line(pid: int) -> str:
         return ""
 
 
-def wait_until(check, seconds: float, what: str):
+def wait_until(check, seconds: float, what: str, log: Path | None = None):
+    """`check()`'s first true value within `seconds`; else fail naming `what` (with the tail of `log`)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         value = check()
         if value:
             return value
         time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    tail = f"\n--- server log ---\n{log.read_text()[-5000:]}" if log is not None else ""
+    raise AssertionError(f"timed out waiting for {what}{tail}")
 
 
 def alive(pid: int) -> bool:

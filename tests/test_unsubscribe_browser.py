@@ -31,6 +31,7 @@ from storage import events as event_store
 from storage import projects as project_store
 from storage.db import Database
 from tests.test_cli_and_config import ROOT, free_port, plunkd
+from tests.test_processes import api_up, children, wait_until
 
 CHROMIUM = os.environ.get("PLUNKD_TEST_CHROMIUM", "/usr/bin/chromium")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -42,30 +43,6 @@ def chromium_or_fail() -> str:
         pytest.fail(f"Chromium not found at {CHROMIUM}: install Debian's package (apt-get install -y chromium; "
                     ".ci/run does) or set PLUNKD_TEST_CHROMIUM to a Chromium binary", pytrace=False)
     return CHROMIUM
-
-
-def wait_until(check, seconds: float, what: str, log: Path | None = None):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    tail = f"\n--- server log ---\n{log.read_text()[-5000:]}" if log is not None else ""
-    raise AssertionError(f"timed out waiting for {what}{tail}")
-
-
-def children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
-
-
-def api_up(base: str) -> bool:
-    try:
-        urllib.request.urlopen(f"{base}/health", timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 def call(base: str, key: str, method: str, path: str, payload: dict | None = None) -> dict:
