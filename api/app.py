@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 from aiohttp import web
 
 from api import campaigns, contacts, domains, events, pages, segments, send, system, templates, track, workflows
@@ -13,6 +16,13 @@ from pipeline.keys import KeyCache
 from pipeline.links import make_signer
 from plunkd.config import Config
 from storage.db import Database
+
+
+@functools.cache
+def served_openapi() -> dict[str, Any]:
+    """/openapi.json of `all_routes()`: the routes are fixed, so it is built once per process (building it
+    takes a tenth of a second, and tests make an app per test)."""
+    return system.build_openapi(all_routes())
 
 
 def all_routes() -> list[Route]:
@@ -30,5 +40,5 @@ def build_api(config: Config, db: Database) -> web.Application:
     app[LINKS] = make_signer(config.server.link_secret, config.data_path, config.server.public_url)
     routes = all_routes()
     register(app, routes)
-    app[system.OPENAPI] = system.build_openapi(routes)
+    app[system.OPENAPI] = served_openapi()
     return app

@@ -3,9 +3,11 @@ PLUNKD_TEST_DATABASE_URL is set), the real app through aiohttp's test client, an
 
 from __future__ import annotations
 
+import asyncio
 import os
 import ssl
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,23 +20,72 @@ from pipeline.projects import create_project
 from plunkd.app import create_app
 from plunkd.config import Config
 from storage.db import Database
+from storage.models import Base
 
 PG_URL = os.environ.get("PLUNKD_TEST_DATABASE_URL", "")
 
 
+async def _postgres_admin(*statements: str) -> None:
+    admin = create_async_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    async with admin.connect() as conn:
+        for statement in statements:
+            await conn.execute(text(statement))
+    await admin.dispose()
+
+
+def _database_at(name: str) -> str:
+    return PG_URL.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.fixture(scope="session")
+def migrated_database() -> Iterator[str | None]:
+    """On PostgreSQL, one database migrated once per session; each test starts from it emptied
+    (`database_url`), which costs a fraction of creating and migrating a database per test."""
+    if not PG_URL:
+        yield None
+        return
+    name = f"plunkd_t_{uuid.uuid4().hex[:12]}"
+
+    async def migrate() -> None:
+        await _postgres_admin(f'CREATE DATABASE "{name}"')
+        db = Database(_database_at(name), 2)
+        await db.migrate()
+        await db.dispose()
+
+    asyncio.run(migrate())
+    yield _database_at(name)
+    asyncio.run(_postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
 @pytest.fixture
-async def database_url(tmp_path):
+async def database_url(tmp_path, migrated_database):
+    """A database for one test: an SQLite file, or the session's PostgreSQL database with every table
+    emptied (a server a previous test left connected is cut off first, so nothing can hold a lock)."""
+    if migrated_database is None:
+        yield f"sqlite+aiosqlite:///{tmp_path / 'test.sqlite3'}"
+        return
+    name = migrated_database.rsplit("/", 1)[1]
+    await _postgres_admin("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          f"WHERE datname = '{name}' AND pid <> pg_backend_pid()")
+    engine = create_async_engine(migrated_database)
+    tables = ", ".join(f'"{table.name}"' for table in Base.metadata.sorted_tables)
+    async with engine.begin() as conn:
+        await conn.execute(text("SET LOCAL lock_timeout = '10s'"))
+        await conn.execute(text(f"TRUNCATE {tables} CASCADE"))
+    await engine.dispose()
+    yield migrated_database
+
+
+@pytest.fixture
+async def empty_database_url(tmp_path):
+    """A database with no schema at all (for migration tests)."""
     if not PG_URL:
         yield f"sqlite+aiosqlite:///{tmp_path / 'test.sqlite3'}"
         return
     name = f"plunkd_t_{uuid.uuid4().hex[:12]}"
-    admin = create_async_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    async with admin.connect() as conn:
-        await conn.execute(text(f'CREATE DATABASE "{name}"'))
-    yield PG_URL.rsplit("/", 1)[0] + f"/{name}"
-    async with admin.connect() as conn:
-        await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    await admin.dispose()
+    await _postgres_admin(f'CREATE DATABASE "{name}"')
+    yield _database_at(name)
+    await _postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

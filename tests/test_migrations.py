@@ -11,8 +11,8 @@ from storage.db import Database, _upgrade_to_head
 from storage.models import Base
 
 
-async def test_migrated_schema_matches_the_models(database_url):
-    db = Database(database_url, 2)
+async def test_migrated_schema_matches_the_models(empty_database_url):
+    db = Database(empty_database_url, 2)
     try:
         await db.migrate()
         async with db.engine.connect() as conn:
@@ -23,9 +23,9 @@ async def test_migrated_schema_matches_the_models(database_url):
     assert differences == []
 
 
-async def test_migration_0003_keeps_queued_mail(database_url):
+async def test_migration_0003_keeps_queued_mail(empty_database_url):
     """Upgrading a database with mail in its outbox keeps every row, due as before, at priority 0."""
-    db = Database(database_url, 2)
+    db = Database(empty_database_url, 2)
     try:
         async with db.engine.begin() as conn:
             await conn.run_sync(lambda sync_conn: _upgrade_to_head(sync_conn, "0002"))
