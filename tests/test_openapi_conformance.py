@@ -23,9 +23,10 @@ SEED = os.environ.get("PLUNKD_FUZZ_SEED", "20261123")
 """Fixed so CI is repeatable; set PLUNKD_FUZZ_SEED to sweep other cases."""
 MAX_EXAMPLES = os.environ.get("PLUNKD_FUZZ_EXAMPLES", "12")
 PHASES = os.environ.get("PLUNKD_FUZZ_PHASES", "examples,coverage" if os.environ.get("PLUNKD_TEST_DATABASE_URL")
-                        else "examples,coverage,fuzzing")
-"""The random fuzzing phase runs on SQLite; on PostgreSQL (the second CI pass, the same handlers) the
-examples and the coverage phase's boundary values exercise what differs, the storage, within CI's time."""
+                        else "examples,fuzzing")
+"""CI runs the suite twice, on SQLite then on PostgreSQL, and the sweep is most of each pass: every
+operation's examples run on both, the random fuzzing phase on SQLite and the coverage phase's boundary
+values on PostgreSQL, the stricter store. Set PLUNKD_FUZZ_PHASES=examples,coverage,fuzzing for all three."""
 
 
 @pytest.fixture
