@@ -3,8 +3,9 @@
     start_due (SCHEDULED → SENDING, spec fixed) → fan_out_next (a chunk per transaction, until done)
     → finish_drained (SENDING → SENT once the campaign's last email has left the outbox)
 
-It runs beside the dispatcher (one per node). On PostgreSQL several nodes may run it at once: each
-chunk locks its campaign row, and the unique (campaign, contact) index makes a second email impossible.
+It runs in the acceptance (API) process of each node (see `plunkd.app.fanout_ctx`). On PostgreSQL several
+nodes may run it at once: each chunk locks its campaign row, and the unique (campaign, contact) index
+makes a second email impossible.
 """
 
 from __future__ import annotations

@@ -139,7 +139,6 @@ def update_campaign(session: Session, project_id: str, campaign_id: str, fields:
     _check_references(session, project_id, changes)
     for name, value in changes.items():
         setattr(campaign, name, value)
-    store.touch(campaign)
     session.flush()
     return campaign
 
@@ -195,7 +194,6 @@ def schedule_campaign(session: Session, project: Project, campaign_id: str, at: 
                                suggestion="Subscribe contacts, or pick another segment or list.")
     campaign.status = "SCHEDULED"
     campaign.scheduled_at = at
-    store.touch(campaign)
     session.flush()
     log.info("campaign %s: scheduled for %s", campaign.id, at.isoformat())
     return campaign
@@ -209,7 +207,6 @@ def cancel_campaign(session: Session, project_id: str, campaign_id: str) -> Camp
     withdrawn = store.withdraw_queued(session, campaign.id)
     campaign.status = "CANCELLED"
     campaign.finished_at = utcnow()
-    store.touch(campaign)
     session.flush()
     log.info("campaign %s: cancelled, %d queued emails withdrawn", campaign.id, withdrawn)
     return campaign

@@ -36,7 +36,6 @@ from storage.models import (
     OutboxItem,
     UTCDateTime,
     new_id,
-    utcnow,
 )
 from storage.pagination import Page, paginate
 from storage.segments import condition_clause
@@ -238,7 +237,3 @@ def deferred_recipient(session: Session, contact_id: str) -> DeferredRecipient |
     row = session.connection().execute(select(_CONTACT.c.id, _CONTACT.c.email, _CONTACT.c.subscribed,
                                               _CONTACT.c.data).where(_CONTACT.c.id == contact_id)).first()
     return None if row is None else DeferredRecipient(row[0], row[1], row[2], row[3] or {})
-
-
-def touch(campaign: Campaign) -> None:
-    campaign.updated_at = utcnow()
