@@ -4,7 +4,7 @@ hand it to the transport, and record what happened. Steps, in order, for one ema
     skip_if_suppressed → compose_deferred → add_outgoing_headers → dkim_sign → bucket.acquire
     → transport.send → record
 
-Campaign mail is stored as a deferred spec; `compose_deferred` (handed in by the wiring, as delivery
+Campaign and workflow mail is stored as a deferred spec; `compose_deferred` (handed in by the wiring, as delivery
 does not import the pipeline) composes it for its recipient, or says not to send it.
 """
 
@@ -35,8 +35,8 @@ from storage.emails import Claimed
 from storage.models import Domain, utcnow
 
 log = logging.getLogger("plunkd.delivery")
-ComposeDeferred = Callable[[str, bytes, str | None], Awaitable[bytes | None]]
-"""(content id, deferred spec, contact id) → the recipient's message, or None: do not send it."""
+ComposeDeferred = Callable[[Claimed], Awaitable[bytes | None]]
+"""A claimed deferred email → its recipient's message, or None: do not send it."""
 INLINE_SIGN_BYTES = 256_000
 """Bigger messages are canonicalized in a thread so the event loop keeps serving."""
 
@@ -149,12 +149,11 @@ class Dispatcher:
             return None
         raw = item.raw
         if item.deferred:
-            composed = None if self.compose_deferred is None else await self.compose_deferred(
-                item.content_id, item.raw, item.contact_id)
+            composed = None if self.compose_deferred is None else await self.compose_deferred(item)
             if composed is None:
                 await self.db.write(lambda s: email_store.mark_failed(
                     s, item.outbox_id, item.email_id, "SKIPPED", "the contact unsubscribed or was deleted before "
-                                                                 "this campaign email went out"), light=True)
+                                                                 "this email went out"), light=True)
                 log.info("email %s: skipped, its contact is no longer subscribed", item.email_id)
                 return None
             raw = composed

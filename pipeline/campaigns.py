@@ -1,25 +1,23 @@
 """Campaign rules: create and edit drafts, schedule, fan out, cancel, test sends, and composing each
 recipient's message when the dispatcher sends it.
 
-A campaign's emails share one *deferred* content: the message spec (subject, body, style, sender) as
-it was when the fan-out started, as JSON. The dispatcher composes each recipient's MIME from it and the
-contact's data at send time (`CampaignComposer`), so queueing 100,000 recipients writes two small rows
-each and no MIME, and a contact who unsubscribes mid-campaign gets nothing more.
+A campaign's emails share one deferred content (`pipeline.deferred`): the message spec as it was when
+the fan-out started, composed for each recipient when the dispatcher sends it, so queueing 100,000
+recipients writes two small rows each and no MIME, and a contact who unsubscribes mid-campaign gets
+nothing more.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy.orm import Session
 
-from pipeline.cache import TtlCache
 from pipeline.compose import MessageSpec
+from pipeline.deferred import insert_spec
 from pipeline.domains import require_verified_sender
 from pipeline.errors import Conflict, FieldError, NotFound, ValidationFailed
 from pipeline.links import LinkSigner
@@ -223,16 +221,6 @@ def send_test(session: Session, project: Project, campaign_id: str, addresses: l
                                       compose=spec.build, subject=spec.subject, size=len(spec.body)))
 
 
-def spec_to_json(spec: MessageSpec) -> bytes:
-    return json.dumps({"from_email": spec.from_email, "from_name": spec.from_name, "subject": spec.subject,
-                       "body": spec.body, "reply_to": spec.reply_to, "style": spec.style,
-                       "campaign_id": spec.campaign_id}).encode()
-
-
-def spec_from_json(raw: bytes, links: LinkSigner) -> MessageSpec:
-    return MessageSpec(**json.loads(raw), links=links)
-
-
 def start_fanout(session: Session, campaign_id: str, links: LinkSigner) -> Campaign | None:
     """SCHEDULED → SENDING, with the message spec fixed as the campaign's deferred content. A campaign
     already SENDING (a fan-out that died) is returned as it is; a cancelled one is None."""
@@ -242,7 +230,7 @@ def start_fanout(session: Session, campaign_id: str, links: LinkSigner) -> Campa
     if campaign.content_id is None:
         project = session.get(Project, campaign.project_id)
         spec = message_spec(session, campaign, project, links)
-        campaign.content_id = store.insert_deferred_content(session, campaign.project_id, spec_to_json(spec))
+        campaign.content_id = insert_spec(session, campaign.project_id, spec)
         campaign.from_email = campaign.from_email or spec.from_email
         campaign.status = "SENDING"
         campaign.started_at = utcnow()
@@ -261,27 +249,3 @@ def fan_out_next(session: Session, campaign_id: str, chunk: int) -> tuple[int, b
     if campaign.fanout_done:
         log.info("campaign %s: fan-out done, %d recipients queued", campaign.id, campaign.recipient_count)
     return queued, campaign.fanout_done
-
-
-class CampaignComposer:
-    """Composes a campaign email when the dispatcher sends it (delivery cannot import pipeline, so the
-    wiring hands it this callable): the spec from the deferred content, the contact as it is now.
-    None: do not send (the contact unsubscribed or was deleted since the fan-out)."""
-
-    def __init__(self, read: Callable[..., Any], links: LinkSigner) -> None:
-        self._read = read
-        self._links = links
-        self._specs: TtlCache[str, MessageSpec] = TtlCache(300.0, max_entries=64)
-
-    async def __call__(self, content_id: str, raw: bytes, contact_id: str | None) -> bytes | None:
-        if contact_id is None:
-            return None
-        spec = self._specs.get(content_id)
-        if spec is None:
-            spec = spec_from_json(raw, self._links)
-            self._specs.put(content_id, spec)
-        contact = await self._read(store.deferred_recipient, contact_id)
-        if contact is None or not contact.subscribed:
-            return None
-        variables = {**contact.data, "plunk_id": contact.contact_id, "plunk_email": contact.email}
-        return spec.build(contact.email, variables)

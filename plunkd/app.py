@@ -111,7 +111,7 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
     from delivery.dispatcher import Dispatcher
     from delivery.transports import make_transport
     from maintenance.pruner import Pruner
-    from pipeline.campaigns import CampaignComposer
+    from pipeline.deferred import DeferredComposer
     from pipeline.links import make_signer
 
     transport = make_transport(config)
@@ -123,7 +123,7 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
             rate = ses_rate
     links = make_signer(config.server.link_secret, config.data_path, config.server.public_url)
     dispatcher = Dispatcher(db, transport, TokenBucket(rate), config.delivery,
-                            compose_deferred=CampaignComposer(db.read, links))
+                            compose_deferred=DeferredComposer(db.read, links))
     workflows = WorkflowScheduler(db, links, dispatcher.wake, min(config.delivery.poll_seconds, 0.2))
 
     def wake() -> None:

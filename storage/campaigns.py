@@ -30,7 +30,6 @@ from sqlalchemy.orm import Session
 from storage.models import (
     Campaign,
     Contact,
-    Content,
     Email,
     Event,
     OutboxItem,
@@ -130,13 +129,6 @@ def campaigns_to_start(session: Session, now: datetime, limit: int = 10) -> list
     return list(session.execute(stmt).scalars())
 
 
-def insert_deferred_content(session: Session, project_id: str, spec: bytes) -> str:
-    content = Content(project_id=project_id, raw=spec, deferred=True)
-    session.add(content)
-    session.flush()
-    return content.id
-
-
 def _derived_ids(prefix: str, ids: Any) -> Any:
     """Ids for rows made in SQL from other rows: a fresh UUIDv7's time-and-counter head (18 characters,
     taken once per chunk) and the 62 random bits of the source row's id. They stay time-ordered (the
@@ -221,19 +213,3 @@ def campaign_stats(session: Session, campaign_id: str) -> dict[str, int]:
             .group_by(events.c.name)):
         stats[FEEDBACK_EVENTS[name]] = count
     return stats
-
-
-@dataclass
-class DeferredRecipient:
-    """What the dispatcher needs to compose one campaign email: the contact as it is now."""
-
-    contact_id: str
-    email: str
-    subscribed: bool
-    data: dict[str, Any]
-
-
-def deferred_recipient(session: Session, contact_id: str) -> DeferredRecipient | None:
-    row = session.connection().execute(select(_CONTACT.c.id, _CONTACT.c.email, _CONTACT.c.subscribed,
-                                              _CONTACT.c.data).where(_CONTACT.c.id == contact_id)).first()
-    return None if row is None else DeferredRecipient(row[0], row[1], row[2], row[3] or {})

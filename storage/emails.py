@@ -25,10 +25,11 @@ _INSERT_EMAIL = _EMAIL.insert()
 _INSERT_OUTBOX = _OUTBOX.insert()
 
 
-def insert_content(session: Session, project_id: str, raw: bytes) -> str:
+def insert_content(session: Session, project_id: str, raw: bytes, deferred: bool = False) -> str:
+    """One message's bytes, or with `deferred` a message spec its emails are composed from when sent."""
     content_id = new_id()
     insert_at_commit(session, _INSERT_CONTENT, {"id": content_id, "project_id": project_id, "raw": raw,
-                                                "created_at": utcnow()})
+                                                "deferred": deferred, "created_at": utcnow()})
     return content_id
 
 
@@ -37,14 +38,16 @@ SKIPPED_UNSUBSCRIBED = "marketing mail to a contact who is not subscribed"
 
 def insert_email(session: Session, project_id: str, contact_id: str | None, content_id: str, recipient: str,
                  sender: str, subject: str, source: str, envelope_sender: str | None = None,
-                 skipped: bool = False) -> str:
+                 skipped: bool = False, variables: dict[str, Any] | None = None) -> str:
     """One email record and its outbox row, due now (written at commit, with the batch's others); a
-    `skipped` email is recorded as SKIPPED, with no outbox row."""
+    `skipped` email is recorded as SKIPPED, with no outbox row. `variables`: a deferred email's own
+    template variables."""
     email_id, now = new_id(), utcnow()
     insert_at_commit(session, _INSERT_EMAIL, {"id": email_id, "project_id": project_id, "contact_id": contact_id,
                                               "content_id": content_id, "recipient": recipient, "sender": sender,
                                               "envelope_sender": envelope_sender, "subject": subject,
-                                              "source": source, "status": "SKIPPED" if skipped else "QUEUED",
+                                              "source": source, "variables": variables,
+                                              "status": "SKIPPED" if skipped else "QUEUED",
                                               "error": SKIPPED_UNSUBSCRIBED if skipped else None,
                                               "created_at": now})
     if not skipped:
@@ -77,7 +80,9 @@ class Claimed:
     suppressed: bool
     content_id: str = ""
     deferred: bool = False
-    """`raw` is a campaign's message spec, composed for this recipient when sent."""
+    """`raw` is a message spec (a campaign's, a workflow step's), composed for this recipient when sent."""
+    variables: dict[str, Any] | None = None
+    """A deferred email's own template variables (`Email.variables`)."""
 
 
 def claim_due(session: Session, worker: str, limit: int, lease_seconds: float, postgres: bool) -> list[Claimed]:
@@ -99,7 +104,7 @@ def claim_due(session: Session, worker: str, limit: int, lease_seconds: float, p
     rows = conn.execute(
         select(_OUTBOX.c.id, _OUTBOX.c.attempts, _EMAIL.c.id, _EMAIL.c.project_id, _EMAIL.c.contact_id,
                _EMAIL.c.recipient, _EMAIL.c.sender, _EMAIL.c.envelope_sender, _CONTENT.c.raw, suppressed,
-               _CONTENT.c.id, _CONTENT.c.deferred)
+               _CONTENT.c.id, _CONTENT.c.deferred, _EMAIL.c.variables)
         .join(_EMAIL, _EMAIL.c.id == _OUTBOX.c.email_id).join(_CONTENT, _CONTENT.c.id == _EMAIL.c.content_id)
         .where(_OUTBOX.c.id.in_(ids)).order_by(_OUTBOX.c.priority, _OUTBOX.c.due_at))
     return [Claimed(*row) for row in rows]

@@ -135,7 +135,8 @@ class Content(Base):
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
     raw: Mapped[bytes] = mapped_column(LargeBinary)
     deferred: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
-    """`raw` is not MIME but a campaign's message spec (JSON), composed per recipient when it is sent."""
+    """`raw` is not MIME but a message spec (JSON) shared by a campaign's or a workflow step's emails,
+    composed per recipient when each is sent."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -155,6 +156,9 @@ class Email(Base):
     envelope_sender: Mapped[str | None] = mapped_column(String(320), nullable=True)
     """The SMTP client's MAIL FROM, delivered as the Return-Path; None: `sender`."""
     subject: Mapped[str] = mapped_column(Text, default="")
+    variables: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    """A deferred email's own template variables (a workflow run's event data and its send step's data),
+    laid over the contact's data when the dispatcher composes it; None: the contact's data alone."""
     source: Mapped[str] = mapped_column(String(8))
     status: Mapped[str] = mapped_column(String(16), default="QUEUED")
     message_id: Mapped[str | None] = mapped_column(String(255), nullable=True)

@@ -20,7 +20,7 @@ from delivery.dispatcher import Dispatcher
 from delivery.transports import FileTransport
 from marketing.fanout import CampaignFanOut
 from pipeline import campaigns as rules
-from pipeline.campaigns import CampaignComposer
+from pipeline.deferred import DeferredComposer
 from storage import emails as email_store
 from storage import events as event_store
 from storage.models import Campaign, Email, OutboxItem, Template
@@ -47,7 +47,7 @@ async def create(api, **fields) -> dict:
 
 def dispatcher_for(api, folder) -> Dispatcher:
     return Dispatcher(api.db, FileTransport(folder), TokenBucket(0), settings(),
-                      compose_deferred=CampaignComposer(api.db.read, api.client.app[LINKS]))
+                      compose_deferred=DeferredComposer(api.db.read, api.client.app[LINKS]))
 
 
 async def deliver(api, folder, chunk: int = 1000) -> None:
