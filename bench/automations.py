@@ -19,9 +19,9 @@ import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import JSON, bindparam, func, select, update
+from sqlalchemy import JSON, bindparam, select, update
 
-from automation.scheduler import WorkflowScheduler
+from automation.scheduler import BATCH, PARALLEL_POSTGRES, WorkflowScheduler
 from bench.campaign import fresh_database, seed_contacts
 from bench.common import temp_dir
 from pipeline.domains import add_domain, save_check
@@ -30,13 +30,12 @@ from storage.db import Database
 from storage.models import Contact, Template, Workflow, new_id, utcnow
 from storage.workflows import RUNS
 
-BATCH = 100
-
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=10_000)
     parser.add_argument("--delay", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=BATCH, help="runs per transaction, ours and the bare loop's")
     parser.add_argument("--database-url", default="")
     return parser.parse_args()
 
@@ -88,12 +87,12 @@ _BARE_UPDATE = (update(RUNS).where(RUNS.c.id == bindparam("run_id"))
                         history=bindparam("history", type_=JSON()), updated_at=bindparam("updated_at")))
 
 
-async def bare_loop(db: Database, total: int) -> float:
+async def bare_loop(db: Database, total: int, size: int) -> float:
     """Claim due runs a batch at a time and move each one on (no step logic): steps per second."""
     def batch(session) -> int:
         now = utcnow()
         stmt = (select(RUNS.c.id, RUNS.c.history).where(RUNS.c.status == "ACTIVE", RUNS.c.due_at <= now)
-                .order_by(RUNS.c.due_at).limit(BATCH))
+                .order_by(RUNS.c.due_at).limit(size))
         if db.is_postgres:
             stmt = stmt.with_for_update(skip_locked=True)
         rows = session.connection().execute(stmt).all()
@@ -106,8 +105,9 @@ async def bare_loop(db: Database, total: int) -> float:
 
     started = time.perf_counter()
     done = 0
+    parallel = PARALLEL_POSTGRES if db.is_postgres else 1  # as many transactions at once as the scheduler runs
     while done < total:
-        moved = await db.write(batch)
+        moved = sum(await asyncio.gather(*(db.write(batch, alone=True) for _ in range(parallel))))
         if not moved:
             break
         done += moved
@@ -119,31 +119,28 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-async def measure(url: str, runs: int, delay: int) -> None:
-    db = Database(url)
+async def measure(url: str, runs: int, delay: int, batch: int) -> None:
+    db = Database(url, sync_every_commit=False)  # as in the dispatcher process, where the scheduler runs
     db.writer.start()
     try:
         project_id, workflow_id = await setup(db, runs, delay)
         # the baseline on the same table, then its runs are gone
         await start_runs(db, project_id, workflow_id, "wait")
-        bare = await bare_loop(db, runs)
+        bare = await bare_loop(db, runs, batch)
         await db.write(lambda s: s.connection().execute(RUNS.delete()))
 
-        scheduler = WorkflowScheduler(db, None, lambda: None, poll_seconds=0.2)
+        scheduler = WorkflowScheduler(db, None, lambda: None, poll_seconds=0.2, batch=batch)
         await start_runs(db, project_id, workflow_id, "wait")
         started = time.perf_counter()
         task = asyncio.create_task(scheduler.run())
         first_phase = None
+        deadline = started + delay + 120
         try:
-            while True:
-                await asyncio.sleep(0.05)
-                waiting, finished = await db.read(lambda s: s.connection().execute(select(
-                    func.count().filter(RUNS.c.step_id == "wait"),
-                    func.count().filter(RUNS.c.status == "COMPLETED"))).one())
-                if first_phase is None and waiting == 0:
+            # progress from the scheduler's own step count: polling the table would compete with it
+            while scheduler.steps < 2 * runs and time.perf_counter() < deadline:
+                await asyncio.sleep(0.01)
+                if first_phase is None and scheduler.steps >= runs:
                     first_phase = time.perf_counter() - started
-                if finished == runs:
-                    break
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -171,10 +168,11 @@ def main() -> None:
     args = parse_args()
     if args.database_url:
         with fresh_database(args.database_url) as url:
-            asyncio.run(measure(url, args.runs, args.delay))
+            asyncio.run(measure(url, args.runs, args.delay, args.batch))
     else:
         with temp_dir() as data:
-            asyncio.run(measure(f"sqlite+aiosqlite:///{Path(data) / 'bench.sqlite3'}", args.runs, args.delay))
+            asyncio.run(measure(f"sqlite+aiosqlite:///{Path(data) / 'bench.sqlite3'}", args.runs, args.delay,
+                                  args.batch))
 
 
 if __name__ == "__main__":

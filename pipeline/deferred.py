@@ -38,7 +38,7 @@ def spec_from_json(raw: bytes, links: LinkSigner) -> MessageSpec:
 
 def insert_spec(session: Session, project_id: str, spec: MessageSpec) -> str:
     """Store `spec` as deferred content; returns its id."""
-    return email_store.insert_content(session, project_id, spec_to_json(spec), deferred=True)
+    return email_store.insert_deferred_content(session, project_id, spec_to_json(spec))
 
 
 class DeferredComposer:

@@ -16,7 +16,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from pipeline.compose import MessageSpec
 from pipeline.contacts import upsert_contact
+from pipeline.deferred import insert_spec
 from pipeline.domains import require_verified_sender
 from pipeline.errors import Conflict
 from storage import emails as email_store
@@ -126,6 +128,32 @@ def submit(session: Session, submission: Submission) -> list[Queued]:
                                             submission.envelope_sender, skipped=skipped)
         queued.append(Queued(contact.id, address, email_id))
     return queued
+
+
+@dataclass
+class DeferredRecipient:
+    """One recipient of `submit_deferred`: a contact as read in this transaction, and the variables of
+    their email (laid over the contact's data when it is composed)."""
+
+    contact_id: str
+    email: str
+    subscribed: bool
+    variables: dict[str, Any] | None = None
+
+
+def submit_deferred(session: Session, project_id: str, source: str, spec: MessageSpec,
+                    recipients: list[DeferredRecipient]) -> list[Queued]:
+    """The send path for mail composed when it is sent (`pipeline.deferred`): check the sender once, store
+    the spec once, and write one email + outbox row per recipient (no MIME). The marketing rule is
+    `submit`'s: marketing mail to a contact who is not subscribed is recorded as SKIPPED, not queued."""
+    require_verified_sender(session, project_id, spec.from_email)
+    content_id = insert_spec(session, project_id, spec)
+    marketing = spec.links is not None
+    emails = [email_store.DeferredEmail(r.contact_id, r.email, r.variables or None,
+                                        skipped=marketing and not r.subscribed) for r in recipients]
+    ids = email_store.insert_deferred_emails(session, project_id, content_id, spec.from_email, spec.subject, source,
+                                             emails)
+    return [Queued(email.contact_id, email.recipient, email_id) for email, email_id in zip(emails, ids, strict=True)]
 
 
 def run_idempotent(session: Session, project_id: str, key: str, digest: str, keep_hours: int,

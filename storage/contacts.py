@@ -53,6 +53,15 @@ def get_contact(session: Session, project_id: str, contact_id: str) -> ContactRe
     return _one(session, _BY_ID, {"p": project_id, "i": contact_id})
 
 
+def addresses_by_id(session: Session, project_id: str, ids: list[str]) -> dict[str, tuple[str, bool]]:
+    """(email, subscribed) of the project's contacts among `ids`, by id (the missing are left out)."""
+    if not ids:
+        return {}
+    rows = session.connection().execute(select(_TABLE.c.id, _TABLE.c.email, _TABLE.c.subscribed).where(
+        _TABLE.c.project_id == project_id, _TABLE.c.id.in_(ids)))
+    return {contact_id: (email, subscribed) for contact_id, email, subscribed in rows}
+
+
 def get_contact_by_email(session: Session, project_id: str, email: str,
                          for_update: bool = False) -> ContactRecord | None:
     return _one(session, _BY_EMAIL_LOCKED if for_update else _BY_EMAIL, {"p": project_id, "e": email})

@@ -57,9 +57,20 @@ class Database:
         async with self.session() as session:
             return await session.run_sync(fn, *args)
 
-    async def write(self, fn: Callable[[Session], T], light: bool = False) -> T:
+    async def write(self, fn: Callable[[Session], T], light: bool = False, alone: bool = False) -> T:
         """Run `fn(session)` in a group-committed transaction; return its result after the commit.
-        `light`: `fn` runs a few small statements and nothing slow, so it may run on the event loop."""
+        `light`: `fn` runs a few small statements and nothing slow, so it may run on the event loop.
+        `alone` (PostgreSQL): a big piece of work in a transaction of its own, so several run at once
+        on their own connections instead of one after another in a shared batch (SQLite has one writer:
+        there it is an ordinary write)."""
+        if alone and self.is_postgres:
+            from storage.batch import run_batch
+
+            async with self.session() as session:
+                [(ok, value)] = await session.run_sync(run_batch, [fn])
+            if not ok:
+                raise value
+            return value
         return await self.writer.run(fn, light)
 
     async def migrate(self) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.orm import Session
 
+from storage import bulk
 from storage.batch import insert_at_commit
 from storage.models import Content, Domain, Email, IdempotencyRecord, OutboxItem, Suppression, new_id, utcnow
 
@@ -25,11 +26,19 @@ _INSERT_EMAIL = _EMAIL.insert()
 _INSERT_OUTBOX = _OUTBOX.insert()
 
 
-def insert_content(session: Session, project_id: str, raw: bytes, deferred: bool = False) -> str:
-    """One message's bytes, or with `deferred` a message spec its emails are composed from when sent."""
+def insert_content(session: Session, project_id: str, raw: bytes) -> str:
     content_id = new_id()
     insert_at_commit(session, _INSERT_CONTENT, {"id": content_id, "project_id": project_id, "raw": raw,
-                                                "deferred": deferred, "created_at": utcnow()})
+                                                "deferred": False, "created_at": utcnow()})
+    return content_id
+
+
+def insert_deferred_content(session: Session, project_id: str, spec: bytes) -> str:
+    """A message spec that emails are composed from when sent (`pipeline.deferred`), written now: the
+    emails that share it may be written in bulk right after (`insert_deferred_emails`)."""
+    content_id = new_id()
+    session.connection().execute(_INSERT_CONTENT, {"id": content_id, "project_id": project_id, "raw": spec,
+                                                   "deferred": True, "created_at": utcnow()})
     return content_id
 
 
@@ -54,6 +63,37 @@ def insert_email(session: Session, project_id: str, contact_id: str | None, cont
         insert_at_commit(session, _INSERT_OUTBOX, {"id": new_id(), "email_id": email_id, "due_at": now,
                                                    "attempts": 0})
     return email_id
+
+
+@dataclass
+class DeferredEmail:
+    """One email of `insert_deferred_emails`."""
+
+    contact_id: str
+    recipient: str
+    variables: dict[str, Any] | None
+    skipped: bool
+
+
+_EMAIL_COLUMNS = [("id", "text"), ("project_id", "text"), ("contact_id", "text"), ("content_id", "text"),
+                  ("recipient", "text"), ("sender", "text"), ("subject", "text"), ("source", "text"),
+                  ("variables", "json"), ("status", "text"), ("error", "text"), ("created_at", "time")]
+_OUTBOX_COLUMNS = [("id", "text"), ("email_id", "text"), ("due_at", "time"), ("attempts", "int")]
+
+
+def insert_deferred_emails(session: Session, project_id: str, content_id: str, sender: str, subject: str,
+                           source: str, emails: list[DeferredEmail]) -> list[str]:
+    """What `insert_email` writes, for many emails sharing one deferred content, in two statements
+    (`storage.bulk`); returns their ids in order."""
+    now = utcnow()
+    ids = [new_id() for _ in emails]
+    bulk.insert_rows(session, _EMAIL, _EMAIL_COLUMNS, [
+        [email_id, project_id, email.contact_id, content_id, email.recipient, sender, subject, source,
+         email.variables, "SKIPPED" if email.skipped else "QUEUED", SKIPPED_UNSUBSCRIBED if email.skipped else None,
+         now] for email_id, email in zip(ids, emails, strict=True)])
+    bulk.insert_rows(session, _OUTBOX, _OUTBOX_COLUMNS, [
+        [new_id(), email_id, now, 0] for email_id, email in zip(ids, emails, strict=True) if not email.skipped])
+    return ids
 
 
 def get_email(session: Session, project_id: str, email_id: str) -> Email | None:

@@ -38,6 +38,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from storage import bulk
 from storage.models import (
     Contact,
     Event,
@@ -274,11 +275,12 @@ def _record(row: Any) -> RunRecord:
     return record
 
 
-def has_due(session: Session, now: datetime) -> bool:
-    """Is any run due (one index probe per live status)?"""
+def earliest_due(session: Session) -> datetime | None:
+    """When the next live run is due (one index probe per live status), or None when none is live."""
     conn = session.connection()
-    return any(conn.execute(select(RUNS.c.id).where(RUNS.c.status == status, RUNS.c.due_at <= now).limit(1)).first()
-               for status in LIVE)
+    times = [conn.execute(select(func.min(RUNS.c.due_at)).where(RUNS.c.status == status)).scalar()
+             for status in LIVE]
+    return min((moment for moment in times if moment is not None), default=None)
 
 
 def claim_due(session: Session, now: datetime, limit: int, postgres: bool) -> list[RunRecord]:
@@ -337,20 +339,26 @@ def project_senders(session: Session, ids: set[str]) -> dict[str, tuple[str, str
     return {row.id: (row.from_email, row.from_name) for row in rows}
 
 
-def did_any_since(session: Session, contact_id: str, names: tuple[str, ...], since: datetime) -> str | None:
-    """One of `names` the contact did at or after `since`, or None."""
-    return session.connection().execute(select(_EVENTS.c.name).where(
-        _EVENTS.c.contact_id == contact_id, _EVENTS.c.name.in_(names), _EVENTS.c.created_at >= since)
-        .limit(1)).scalar()
+def latest_events(session: Session, contact_ids: set[str], names: set[str]) -> dict[tuple[str, str], datetime]:
+    """When each of these contacts last did each of `names`, for the pairs that happened: one grouped
+    query for a whole batch of runs (their exclude events)."""
+    if not contact_ids or not names:
+        return {}
+    rows = session.connection().execute(
+        select(_EVENTS.c.contact_id, _EVENTS.c.name, func.max(_EVENTS.c.created_at))
+        .where(_EVENTS.c.contact_id.in_(contact_ids), _EVENTS.c.name.in_(names))
+        .group_by(_EVENTS.c.contact_id, _EVENTS.c.name))
+    return {(contact_id, name): at for contact_id, name, at in rows}
 
 
-def contact_matches(session: Session, contact_id: str, condition: dict[str, Any], now: datetime) -> bool | None:
-    """Does the segment condition tree match this one contact (None: the contact is gone)? ValueError for
-    a tree outside the grammar."""
+def contacts_matching(session: Session, project_id: str, contact_ids: list[str], condition: dict[str, Any],
+                      now: datetime) -> dict[str, bool]:
+    """Whether the segment condition tree matches each of these contacts, in one query (a contact that is
+    gone is left out). ValueError for a tree outside the grammar."""
     clause = condition_clause(condition, now)
-    row = session.connection().execute(
-        select(case((clause, 1), else_=0)).where(_CONTACTS.c.id == contact_id)).first()
-    return None if row is None else bool(row[0])
+    rows = session.connection().execute(select(_CONTACTS.c.id, case((clause, 1), else_=0)).where(
+        _CONTACTS.c.project_id == project_id, _CONTACTS.c.id.in_(contact_ids)))
+    return {contact_id: bool(matched) for contact_id, matched in rows}
 
 
 def event_name(session: Session, event_id: str | None) -> str | None:
@@ -359,17 +367,15 @@ def event_name(session: Session, event_id: str | None) -> str | None:
     return session.connection().execute(select(_EVENTS.c.name).where(_EVENTS.c.id == event_id)).scalar()
 
 
-_ADVANCE = (update(RUNS).where(RUNS.c.id == bindparam("run_id"))
-            .values(status=bindparam("status"), step_id=bindparam("step_id"), due_at=bindparam("due_at"),
-                    waiting_for=bindparam("waiting_for"), history=bindparam("history", type_=JSON()),
-                    emails_sent=bindparam("emails_sent"), updated_at=bindparam("updated_at")))
+_POSITION = [("id", "text"), ("status", "text"), ("step_id", "text"), ("due_at", "time"), ("waiting_for", "text"),
+             ("history", "json"), ("emails_sent", "int"), ("updated_at", "time")]
+_POSITION_KEYS = ["run_id", *(name for name, _ in _POSITION[1:])]
 
 
 def save_runs(session: Session, runs: list[dict[str, Any]]) -> None:
-    """Write the runs' new positions, one executemany: each dict has run_id, status, step_id, due_at,
-    waiting_for, history, emails_sent, updated_at."""
-    if runs:
-        session.connection().execute(_ADVANCE, runs)
+    """Write the runs' new positions in one statement (`storage.bulk`): each dict has run_id, status,
+    step_id, due_at, waiting_for, history, emails_sent, updated_at."""
+    bulk.update_rows(session, RUNS, _POSITION, [[run[key] for key in _POSITION_KEYS] for run in runs])
 
 
 def advance_if_at(session: Session, run_id: str, step_id: str, leased_until: datetime,

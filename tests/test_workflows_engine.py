@@ -25,6 +25,7 @@ from pipeline.track import track
 from storage import workflow_admin as admin
 from storage import workflows as store
 from storage.models import Contact, Email, Event, OutboxItem, Workflow, WorkflowRun, WorkflowTrigger, new_id, utcnow
+from tests.test_campaigns import dispatcher_for
 from tests.test_delivery import dispatch_all, settings
 
 BODY = "<p>Plan {{plan}}, coupon {{coupon ?? none}}, from {{source ?? nowhere}}</p>"
@@ -123,7 +124,7 @@ async def test_track_then_delay_then_send_reaches_the_outbox_and_is_delivered(ap
     [queued] = await emails_to(api, "ann@example.org")
     assert queued.status == "QUEUED" and queued.source == "workflow" and queued.subject == "Hi {{plan ?? there}}"
     folder = tmp_path / "outbox"
-    await dispatch_all(Dispatcher(api.db, FileTransport(folder), TokenBucket(0), settings()))
+    await dispatch_all(dispatcher_for(api, folder))  # composes the deferred email, as `plunkd serve` does
     [path] = list(folder.glob("*.eml"))
     message = email.message_from_bytes(path.read_bytes(), policy=policy.default)
     assert message["Subject"] == "Hi pro" and message["To"] == "ann@example.org"
