@@ -88,7 +88,6 @@ class WorkflowScheduler:
         if earliest is None or earliest > utcnow():
             self.next_due = earliest
             return False
-        self.next_due = None
         batches: list[Executed] = await asyncio.gather(*(
             self.db.write(lambda s: engine.run_due(s, utcnow(), self.batch, self.links, self.db.is_postgres),
                           alone=True)
@@ -101,6 +100,7 @@ class WorkflowScheduler:
                 task = asyncio.create_task(self._post(hook))
                 self._posting.add(task)
                 task.add_done_callback(self._posting.discard)
+        self.next_due = utcnow()  # look again at once: these steps may have made runs due at unknown times
         return any(done.runs >= self.batch for done in batches)
 
     async def run_until_idle(self, rounds: int = 100) -> None:

@@ -466,3 +466,89 @@ async def test_a_workflow_written_here_fires_at_once_and_one_written_elsewhere_w
     await asyncio.sleep(store.INTEREST_TTL + 0.1)
     await track_event(api, "sam@example.org", "late")
     assert len(await runs_of(api, elsewhere)) == 1
+
+
+async def test_a_group_of_runs_at_one_send_step_queues_one_email_each_with_its_own_event_data(api, sender, tmp_path):
+    """Thirty runs reach the send step in one claim: they are sent as one group (one deferred content), each
+    email composed at dispatch with its own run's trigger data; a contact deleted meanwhile fails its run alone,
+    and a contact who is not subscribed gets a SKIPPED record for marketing mail."""
+    template = await make_template(api, "MARKETING")
+    workflow = await make_workflow(api, [
+        {"id": "hold", "type": "delay", "seconds": 60, "next": "mail"},
+        {"id": "mail", "type": "send", "template": template, "data": {"coupon": "C-{{plan}}"}},
+    ], ["ordered"])
+    addresses = [f"g{i:02d}@example.org" for i in range(30)]
+    for index, address in enumerate(addresses):
+        await track_event(api, address, "ordered", {"plan": f"p{index}"})
+    status, reply = await api.call("POST", "/v1/track", json={"email": "quiet@example.org", "event": "ordered",
+                                                              "subscribed": False, "data": {"plan": "q"}})
+    assert status == 200, reply
+    scheduler = scheduler_for(api)
+    await scheduler.run_until_idle()
+    gone = await contact(api, addresses[0])
+    status, _ = await api.call("DELETE", f"/contacts/{gone.id}")
+    assert status == 200
+    await api.db.write(lambda s: s.execute(WorkflowRun.__table__.update().values(due_at=utcnow())))
+    await scheduler.run_until_idle()
+
+    runs = await runs_of(api, workflow)
+    assert len(runs) == 30  # the deleted contact's run went with it (ON DELETE CASCADE)
+    by_contact = {r.contact_id: r for r in runs}
+    quiet = by_contact.pop((await contact(api, "quiet@example.org")).id)
+    assert outcomes(quiet) == ["delayed", "skipped"] and quiet.emails_sent == 0
+    assert all(outcomes(r) == ["delayed", "sent"] and r.emails_sent == 1 for r in by_contact.values())
+    queued = await api.db.read(lambda s: list(s.execute(select(Email).where(Email.source == "workflow")).scalars()))
+    assert sorted(e.status for e in queued) == ["QUEUED"] * 29 + ["SKIPPED"]
+    assert len({e.content_id for e in queued}) == 1
+    folder = tmp_path / "out"
+    await dispatch_all(dispatcher_for(api, folder))
+    bodies = {}
+    for path in folder.glob("*.eml"):
+        message = email.message_from_bytes(path.read_bytes(), policy=policy.default)
+        bodies[message["To"]] = message.get_body(("html",)).get_content()
+    assert len(bodies) == 29
+    for index, address in enumerate(addresses[1:], 1):
+        assert f"Plan p{index}, coupon C-{{{{plan}}}}" in bodies[address]  # step data is not itself a template
+
+
+async def test_a_group_condition_branches_each_run_on_its_own_contact(api, sender):
+    workflow = await make_workflow(api, [
+        {"id": "c", "type": "condition", "condition": {"field": "data.vip", "op": "equals", "value": True},
+         "then": "yes", "else": "no"},
+        {"id": "yes", "type": "update", "data": {"branch": "vip"}},
+        {"id": "no", "type": "update", "data": {"branch": "regular"}},
+    ], ["visit"])
+    for index in range(12):
+        await track_event(api, f"c{index}@example.org", "visit", {"vip": index % 3 == 0})
+    await scheduler_for(api).run_until_idle()
+    for index in range(12):
+        found = await contact(api, f"c{index}@example.org")
+        assert found.data["branch"] == ("vip" if index % 3 == 0 else "regular"), index
+    assert {tuple(outcomes(r)) for r in await runs_of(api, workflow)} == {("then", "updated"), ("else", "updated")}
+
+
+async def test_an_idle_scheduler_wakes_when_the_next_run_is_due_not_at_its_next_poll(api, sender):
+    """The scheduler sleeps until the earliest due run; with only the 0.5 s poll, a step would run up to half
+    a second late (three runs due at different offsets would all be on time by chance about 3 % of the time)."""
+    workflow = await make_workflow(api, [{"id": "d", "type": "delay", "seconds": 1, "next": "x"},
+                                         {"id": "x", "type": "exit"}], ["soon"])
+    scheduler = WorkflowScheduler(api.db, None, lambda: None, poll_seconds=0.5)
+    task = asyncio.create_task(scheduler.run())
+    try:
+        for index in range(3):
+            await track_event(api, f"w{index}@example.org", "soon")
+            scheduler.wake()
+            await asyncio.sleep(0.17)
+        assert await wait_for(lambda: _all_ended(api, workflow, 3), 4)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    for run in await runs_of(api, workflow):
+        fired = run.history[-1]
+        lateness = (datetime.fromisoformat(fired["at"]) - datetime.fromisoformat(fired["due"])).total_seconds()
+        assert fired["outcome"] == "exit" and 0 <= lateness < 0.15, run.history
+
+
+async def _all_ended(api, workflow: str, count: int):
+    runs = await runs_of(api, workflow)
+    return len(runs) == count and all(run.status not in store.LIVE for run in runs)
