@@ -25,18 +25,18 @@ Speed: a claim's runs move in waves, one step each per wave, and the steps that 
 per group, not per run: the exclude-event check is one query for the wave, a `condition` one query per
 (workflow, step), and a `send` one content row per (workflow, step) plus an email and an outbox row per
 run, written with one executemany each (`pipeline.submit.submit_deferred`: the message is composed by the
-dispatcher when it sends it, as campaign mail is). 10,000 sends due at once are queued in about a
-second instead of ten.
+dispatcher when it sends it, as campaign mail is). Run positions are written back in one statement
+too. Against one statement per run this took 10,000 sends from ten seconds to under two.
 
 Rules:
 * Before every step, a run whose contact did one of the workflow's exclude events (legacy `notevents`)
   since the run started EXITs.
 * A disabled workflow's runs are paused: a run that comes due is put off by `PAUSE_SECONDS` without
   running anything, so re-enabling the workflow resumes them where they were (within that time).
-* Send: template variables are the contact's data, then the trigger event's data (the run's context), then
-  the step's `data`. A MARKETING template is marketing mail (signed unsubscribe links; `submit` records a
-  SKIPPED email for a contact who is not subscribed, which does not count in `emails_sent`). A missing
-  template or an unverified sender fails the run with the reason.
+* Send: template variables are the contact's data when the email is sent, then the trigger event's data
+  (the run's context), then the step's `data`. A MARKETING template is marketing mail (signed unsubscribe
+  links; `submit_deferred` records a SKIPPED email for a contact who is not subscribed, which does not count
+  in `emails_sent`). A missing template or an unverified sender fails the run with the reason.
 * Webhooks are the one effect outside the database, so they are delivered at least once, after the commit:
   the step leases the run (due again in `WEBHOOK_LEASE_SECONDS`) and hands the request to the scheduler,
   which POSTs `{workflow: {id, name}, run: {id}, contact: {id, email, data}, event: {id, name, data}}` and
