@@ -13,6 +13,7 @@ from api.envelope import Reply, encode_json, enveloped, failure, legacy
 from api.errors import BadRequest, MethodNotAllowed, PayloadTooLarge, RateLimited
 from api.routing import CORS_ORIGIN, DIALECT, cors_headers
 from pipeline.errors import NotFound, PipelineError
+from plunkd.metrics import HTTP_DURATION
 
 log = logging.getLogger("plunkd.api")
 REQUEST_ID = "plunkd.request_id"
@@ -62,8 +63,12 @@ async def envelope_middleware(request: web.Request, handler) -> web.StreamRespon
     origin = request.get(CORS_ORIGIN)
     if origin is not None:
         response.headers.update(cors_headers(origin))
+    elapsed = time.perf_counter() - started
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    HTTP_DURATION.labels(route, request.method, str(response.status)).observe(elapsed)
     log.info("%s %s %d %.1fms rid=%s", request.method, request.get(LOGGED_PATH, request.path), response.status,
-             (time.perf_counter() - started) * 1000, rid)
+             elapsed * 1000, rid)
     return response
 
 

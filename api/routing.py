@@ -51,7 +51,9 @@ class Route:
     head: bool = False
     """Answer HEAD like GET (without a body)."""
     raw: bool = False
-    """The handler answers its own JSON document, outside the envelope (/openapi.json)."""
+    """The handler answers its own document, outside the envelope (/openapi.json, /metrics)."""
+    media_type: str = "application/json"
+    """The success reply's content type in /openapi.json."""
     page: bool = False
     """A server-rendered HTML page for people (the signed contact links), not API: it answers every
     outcome, errors included, as HTML itself, and is left out of /openapi.json."""

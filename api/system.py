@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import copy
+import hmac
 from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel, TypeAdapter
 from sqlalchemy import text
 
-from api.context import DB
+from api.context import CONFIG, DB
 from api.envelope import json_reply, success
+from api.errors import Unauthorized
 from api.routing import Route
 from api.schemas import Failure, ReadyStatus, Status
 from api.validation import NO_NUL
+from plunkd import metrics as plunkd_metrics
+from storage import emails as email_store
+from storage.models import utcnow
 
 OPENAPI = web.AppKey("openapi", dict)
 REF = "#/components/schemas/{model}"
@@ -33,6 +38,28 @@ async def ready(request: web.Request) -> web.Response:
 
 async def openapi(request: web.Request) -> web.Response:
     return json_reply(request.app[OPENAPI])
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text: this server's processes' samples, and the outbox as the database sees it now
+    (depth per priority, how long the longest-waiting due email has waited)."""
+    token = request.app[CONFIG].api.metrics_token
+    if token:
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise Unauthorized("GET /metrics needs the metrics token",
+                               "Send Authorization: Bearer <api.metrics_token>.")
+    now = utcnow()
+    summary = await request.app[DB].read(email_store.outbox_summary, now)
+    for priority, name in plunkd_metrics.PRIORITY_NAMES.items():
+        plunkd_metrics.OUTBOX_DEPTH.labels(name).set(summary.depth.get(priority, 0))
+    oldest = (now - summary.oldest_due).total_seconds() if summary.oldest_due is not None else 0.0
+    plunkd_metrics.OUTBOX_OLDEST_DUE.set(max(0.0, oldest))
+    body, content_type = plunkd_metrics.exposition()
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = content_type
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 class _Spec:
@@ -92,7 +119,7 @@ def _operation(spec: _Spec, route: Route, legacy: bool) -> dict[str, Any]:
     failure = {"content": {"application/json": {"schema": spec.model_ref(Failure)}}}
     responses: dict[str, Any] = {str(route.status): {
         "description": "Success" if not legacy else "Success, in the flat seed-002 shape",
-        "content": {"application/json": {"schema": _reply_schema(spec, route, legacy)}}}}
+        "content": {route.media_type: {"schema": _reply_schema(spec, route, legacy)}}}}
     for status in sorted(_error_statuses(route)):
         responses[str(status)] = {"description": STATUS_NAMES[status], **failure}
     operation: dict[str, Any] = {"summary": route.summary, "tags": [route.tag] if route.tag else [],
@@ -169,4 +196,7 @@ ROUTES = [
           response=ReadyStatus, head=True),
     Route("GET", "/openapi.json", openapi, "This document", auth=None, scope="root", tag="System",
           response=dict[str, Any], raw=True),
+    Route("GET", "/metrics", metrics, "Prometheus metrics (a bearer token when api.metrics_token is set)",
+          auth=None, scope="root", tag="System", response=str, raw=True, media_type="text/plain",
+          errors=frozenset({401}), head=True),
 ]

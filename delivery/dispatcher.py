@@ -27,6 +27,7 @@ from dkim import DKIMException
 from delivery import dkim
 from delivery.bucket import TokenBucket
 from delivery.transports import SendResult, Transport
+from plunkd import metrics
 from plunkd.config import DeliveryConfig
 from storage import emails as email_store
 from storage import events as event_store
@@ -72,6 +73,8 @@ class Dispatcher:
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._keys: dict[tuple[str, str], tuple[float, Domain | None]] = {}
+        self._send_rate = metrics.SendRate()
+        metrics.DISPATCH_RATE_LIMIT.set(bucket.rate)
 
     async def _signing_key(self, project_id: str, domain_name: str) -> Domain | None:
         """The domain's DKIM key, cached for a minute: it is read for every email."""
@@ -97,6 +100,7 @@ class Dispatcher:
                 log.exception("dispatcher %s: claim failed; retrying", self.worker)
                 handled = 0
             if not handled:
+                self._send_rate.publish()  # the window moves on while nothing is sent
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), self.settings.poll_seconds)
@@ -145,6 +149,7 @@ class Dispatcher:
             await self.db.write(lambda s: email_store.mark_failed(s, item.outbox_id, item.email_id, "SUPPRESSED",
                                                                   "recipient is on the suppression list"),
                                 light=True)
+            metrics.EMAILS_FAILED.labels(self.transport.name, "SUPPRESSED").inc()
             log.info("email %s: skipped, %s is suppressed", item.email_id, item.recipient)
             return None
         raw = item.raw
@@ -154,6 +159,7 @@ class Dispatcher:
                 await self.db.write(lambda s: email_store.mark_failed(
                     s, item.outbox_id, item.email_id, "SKIPPED", "the contact unsubscribed or was deleted before "
                                                                  "this email went out"), light=True)
+                metrics.EMAILS_FAILED.labels(self.transport.name, "SKIPPED").inc()
                 log.info("email %s: skipped, its contact is no longer subscribed", item.email_id)
                 return None
             raw = composed
@@ -186,6 +192,8 @@ class Dispatcher:
                                          email_id=item.email_id)
 
             await self.db.write(work, light=True)
+            metrics.EMAILS_SENT.labels(self.transport.name).inc()
+            self._send_rate.sent()
             log.info("email %s: sent via %s as %s", item.email_id, self.transport.name, result.transport_id)
         elif result.outcome == "retry" and item.attempts + 1 < settings.max_attempts:
             due = utcnow() + timedelta(seconds=retry_delay(item.attempts, settings.retry_base_seconds))
@@ -197,4 +205,5 @@ class Dispatcher:
                 reason = f"gave up after {item.attempts + 1} attempts: {result.error}"
             await self.db.write(lambda s: email_store.mark_failed(s, item.outbox_id, item.email_id, "FAILED", reason),
                                 light=True)
+            metrics.EMAILS_FAILED.labels(self.transport.name, "FAILED").inc()
             log.warning("email %s: failed permanently: %s", item.email_id, reason)

@@ -23,6 +23,7 @@ from pipeline.errors import Conflict, FieldError, NotFound, ValidationFailed
 from pipeline.links import LinkSigner
 from pipeline.submit import Queued, Submission, submit
 from pipeline.templates import template_spec
+from plunkd.metrics import EMAILS_ACCEPTED, count_at_commit
 from storage import campaigns as store
 from storage import segments as segment_store
 from storage import templates as template_store
@@ -246,6 +247,7 @@ def fan_out_next(session: Session, campaign_id: str, chunk: int) -> tuple[int, b
         return 0, True
     queued = store.fan_out_chunk(session, campaign, _audience(session, campaign), campaign.from_email or "",
                                  chunk, utcnow())
+    count_at_commit(session, EMAILS_ACCEPTED.labels("campaign"), queued)
     if campaign.fanout_done:
         log.info("campaign %s: fan-out done, %d recipients queued", campaign.id, campaign.recipient_count)
     return queued, campaign.fanout_done

@@ -21,6 +21,7 @@ from pipeline.contacts import upsert_contact
 from pipeline.deferred import insert_spec
 from pipeline.domains import require_verified_sender
 from pipeline.errors import Conflict
+from plunkd.metrics import EMAILS_ACCEPTED, count_at_commit
 from storage import emails as email_store
 
 BCC_HEADER = re.compile(rb"^bcc[ \t]*:", re.I)
@@ -127,6 +128,8 @@ def submit(session: Session, submission: Submission) -> list[Queued]:
                                             submission.sender, subject, submission.source,
                                             submission.envelope_sender, skipped=skipped)
         queued.append(Queued(contact.id, address, email_id))
+        if not skipped:
+            count_at_commit(session, EMAILS_ACCEPTED.labels(submission.source))
     return queued
 
 
@@ -153,6 +156,7 @@ def submit_deferred(session: Session, project_id: str, source: str, spec: Messag
                                         skipped=marketing and not r.subscribed) for r in recipients]
     ids = email_store.insert_deferred_emails(session, project_id, content_id, spec.from_email, spec.subject, source,
                                              emails)
+    count_at_commit(session, EMAILS_ACCEPTED.labels(source), sum(not email.skipped for email in emails))
     return [Queued(email.contact_id, email.recipient, email_id) for email, email_id in zip(emails, ids, strict=True)]
 
 

@@ -32,10 +32,13 @@ async def _with_db(config: Config, work: Callable[[Any], Awaitable[int]]) -> int
 
 
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
+    from plunkd.processes import dispatcher_command, parse_roles, share_metrics
+
+    share_metrics(str(config.data_path))  # before anything imports prometheus_client
+
     from aiohttp import web
 
     from plunkd.app import create_app, run_without_http, setup_logging
-    from plunkd.processes import dispatcher_command, parse_roles
 
     roles = parse_roles(args.role)
     setup_logging(config.server.log_level)

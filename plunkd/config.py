@@ -47,6 +47,8 @@ class ApiConfig:
     """Origins allowed to call /v1/track from a browser; ["*"] = any. No other route serves CORS."""
     max_domains_per_project: int = 50
     """Sending domains one project may add (POST /domains and `plunkd domain add`); 422 beyond."""
+    metrics_token: str = ""
+    """When set, GET /metrics wants `Authorization: Bearer <metrics_token>` (401 otherwise); empty: open."""
 
 
 @dataclass

@@ -31,6 +31,7 @@ from pipeline.domains import UnverifiedSender, require_verified_sender, sender_d
 from pipeline.errors import PipelineError
 from pipeline.keys import Caller, KeyCache
 from pipeline.submit import Submission, decoded_subject, parse_raw_headers, submit, submit_once
+from plunkd import metrics
 from plunkd.config import ConfigError, SmtpConfig
 from relay.data import ChunkedData
 from relay.limits import AuthLimiter, SessionLimiter, raise_open_file_limit, session_cap
@@ -97,6 +98,8 @@ class RelaySMTP(ChunkedData, SMTP):
             transport.close()
             return
         self.client_address = address
+        metrics.SMTP_SESSIONS.inc()
+        metrics.SMTP_SESSIONS_OPEN.inc()
         if self.implicit_tls is None:
             super().connection_made(transport)
             return
@@ -123,6 +126,7 @@ class RelaySMTP(ChunkedData, SMTP):
         if self.client_address is not None:
             self.sessions.release(self.client_address)
             self.client_address = None
+            metrics.SMTP_SESSIONS_OPEN.dec()
 
     def connection_lost(self, error: Exception | None) -> None:
         self._release_session()
@@ -228,10 +232,12 @@ class RelayHandler:
         account = await asyncio.shield(in_flight) if in_flight is not None else None
         if account is None:
             if not self.limits.admit(peer):
+                metrics.SMTP_AUTH_FAILURES.inc()
                 return AuthResult(success=False, handled=False, message=LOCKED_OUT)
             if plausible and in_flight is None:
                 account = await self._lookup(key)
         if account is None:
+            metrics.SMTP_AUTH_FAILURES.inc()
             await asyncio.sleep(self.limits.failure_delay(peer))
             log.warning("smtp AUTH failed from %s", peer)
             return AuthResult(success=False, handled=False, message=BAD_CREDENTIALS)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from storage import bulk
@@ -174,6 +174,26 @@ def mark_failed(session: Session, outbox_id: str, email_id: str, status: str, er
 def schedule_retry(session: Session, outbox_id: str, due_at: datetime, error: str) -> None:
     session.connection().execute(update(OutboxItem).where(_OUTBOX.c.id == outbox_id).values(
         due_at=due_at, attempts=OutboxItem.attempts + 1, last_error=error[:2000], claimed_by=None))
+
+
+@dataclass
+class OutboxSummary:
+    depth: dict[int, int]
+    """Rows waiting, by priority."""
+    oldest_due: datetime | None
+    """The earliest due time among the rows due now (None: none is due)."""
+
+
+def outbox_summary(session: Session, now: datetime) -> OutboxSummary:
+    """For /metrics: a count per priority (an index-only count) and the longest-waiting due row (an index
+    probe per priority)."""
+    conn = session.connection()
+    depth = {priority: count for priority, count in conn.execute(
+        select(_OUTBOX.c.priority, func.count()).group_by(_OUTBOX.c.priority))}
+    firsts = [conn.execute(select(func.min(_OUTBOX.c.due_at)).where(_OUTBOX.c.priority == priority,
+                                                                    _OUTBOX.c.due_at <= now)).scalar()
+              for priority in depth]
+    return OutboxSummary(depth, min((first for first in firsts if first is not None), default=None))
 
 
 def outbox_rows(session: Session) -> list[OutboxItem]:
