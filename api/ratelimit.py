@@ -1,9 +1,15 @@
-"""Per-project request budget: a fixed one-minute window per node."""
+"""Per-project request budget: a fixed one-minute window, per node (`WindowRateLimiter`) or shared by
+every node on one PostgreSQL (`SharedWindowLimiter`)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+log = logging.getLogger("plunkd.api")
 
 
 @dataclass
@@ -39,3 +45,58 @@ class WindowRateLimiter:
             used += 1
         self._windows[project_id] = (window_start, used)
         return Allowance(allowed, self.limit, self.limit - used, window_start + self.window)
+
+
+Counts = dict[tuple[str, int], int]
+"""Requests per (project id, window start in epoch seconds)."""
+
+
+class SharedWindowLimiter:
+    """The same window, summed over the nodes: each node counts its own requests and every
+    `sync_seconds` adds them to the shared count (`sync`: one upsert per project window) and learns the
+    total. A request is admitted while the last known total plus this node's unsent count is under the
+    limit. Worst case, a window admits the limit plus what the other nodes admitted in one sync interval
+    and had not yet reported (with N nodes at R requests/s each: limit + (N−1)·R·sync_seconds); a node
+    alone is exact. If the database cannot be reached the node goes on with its own count."""
+
+    def __init__(self, limit: int, sync: Callable[[Counts, int], Awaitable[Counts]], window_seconds: int = 60,
+                 sync_seconds: float = 0.5) -> None:
+        self.limit = limit
+        self.window = window_seconds
+        self.sync_seconds = sync_seconds
+        self._sync = sync
+        self._known: Counts = {}
+        self._unsent: Counts = {}
+
+    def take(self, project_id: str) -> Allowance:
+        now = int(time.time())
+        key = (project_id, now - now % self.window)
+        used = self._known.get(key, 0) + self._unsent.get(key, 0)
+        allowed = used < self.limit
+        if allowed:
+            self._unsent[key] = self._unsent.get(key, 0) + 1
+            used += 1
+        return Allowance(allowed, self.limit, max(0, self.limit - used), key[1] + self.window)
+
+    async def flush(self) -> None:
+        """Report this node's counts and learn the totals (of windows still current)."""
+        now = int(time.time())
+        current = now - now % self.window
+        counts = dict.fromkeys((key for key in self._known if key[1] == current), 0)
+        counts.update(self._unsent)
+        if not counts:
+            return
+        sent, self._unsent = self._unsent, {}
+        try:
+            totals = await self._sync(counts, current - self.window)
+        except Exception as exc:
+            for key, used in sent.items():
+                self._unsent[key] = self._unsent.get(key, 0) + used
+            log.warning("could not share the API request counts (%s); using this node's own meanwhile", exc)
+            return
+        self._known = {key: used for key, used in totals.items() if key[1] == current}
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.sync_seconds)
+            await self.flush()

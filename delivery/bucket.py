@@ -1,6 +1,7 @@
-"""The send-rate limiter shared by every dispatcher task of a process: the rate is for the node.
+"""The send-rate limiters: `TokenBucket` for one node (SQLite), `SharedBucket` for every node on one
+PostgreSQL (the rate is for the whole cluster, as a provider's quota is).
 
-It schedules rather than counts (GCRA / virtual scheduling): each acquire is given the next free
+Both schedule rather than count (GCRA / virtual scheduling): each acquire is given the next free
 slot, `1/rate` after the previous one, and sleeps until it. Sleeping late does not lose capacity
 (the next slot is computed from the schedule, not from the clock) and an idle period banks nothing,
 so over any window the number of sends is at most rate × window + 1 and, while there is work,
@@ -10,7 +11,13 @@ no fewer than rate × window − 1.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections.abc import Awaitable, Callable
+
+from storage.cluster import Reservation
+
+log = logging.getLogger("plunkd.delivery")
 
 
 class TokenBucket:
@@ -33,3 +40,55 @@ class TokenBucket:
             delay = slot - now
             if delay > 0:
                 await asyncio.sleep(delay)
+
+
+class SharedBucket:
+    """The cluster's send rate: slots come from one schedule in the database (`storage.cluster`), taken
+    in reservations of at most `batch_seconds` of slots and never more than the sends waiting right now,
+    then handed out locally one `1/rate` apart, as `TokenBucket` does. Reserved spans of different nodes
+    never overlap and each node sends inside its own, so together they hold the rate (any window of W
+    seconds has at most rate × W + 1 sends). A node that dies loses at most its unspent reservation; a
+    node with nothing to send reserves nothing."""
+
+    def __init__(self, reserve: Callable[[float], Awaitable[Reservation]], rate: float,
+                 batch_seconds: float = 0.2) -> None:
+        self.rate = rate
+        self.batch_seconds = batch_seconds
+        self._reserve = reserve
+        self._lock = asyncio.Lock()
+        self._waiting = 0
+        self._next = 0.0
+        """Local (monotonic) time of the next free slot in the current reservation."""
+        self._end = 0.0
+        """Local time at which the current reservation ends."""
+        self.reservations = 0
+
+    def set_rate(self, rate: float) -> None:
+        self.rate = rate
+
+    async def acquire(self, tokens: float = 1.0) -> None:
+        if self.rate <= 0:
+            return
+        self._waiting += 1
+        try:
+            async with self._lock:
+                need = tokens / self.rate
+                slot = max(time.monotonic(), self._next)
+                if slot + need > self._end + 1e-9:
+                    slot = await self._take_more(need)
+                self._next = slot + need
+                delay = slot - time.monotonic()
+        finally:
+            self._waiting -= 1
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def _take_more(self, need: float) -> float:
+        """A new reservation, sized to the sends waiting (at least this one); returns its first slot."""
+        per_batch = max(1, int(self.rate * self.batch_seconds))
+        span = max(need, min(self._waiting, per_batch) / self.rate)
+        granted = await self._reserve(span)
+        here = time.monotonic()
+        self._end = here + (granted.end - granted.now)
+        self.reservations += 1
+        return max(here, here + (granted.start - granted.now))

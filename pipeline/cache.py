@@ -4,6 +4,7 @@ the database (which key is whose, which sender domain is verified)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 K = TypeVar("K")
@@ -38,3 +39,8 @@ class TtlCache(Generic[K, V]):
 
     def clear(self) -> None:
         self._entries.clear()
+
+    def discard_where(self, doomed: Callable[[V], bool]) -> None:
+        """Drop every entry whose value `doomed` says so."""
+        for key in [key for key, (_, value) in self._entries.items() if doomed(value)]:
+            del self._entries[key]

@@ -34,6 +34,10 @@ class KeyCache:
     def forget(self) -> None:
         self._owners.clear()
 
+    def forget_project(self, project_id: str) -> None:
+        """Drop the cached answers that name this project (its keys changed)."""
+        self._owners.discard_where(lambda caller: caller is not None and caller.project_id == project_id)
+
     async def lookup(self, key: str) -> Caller | None:
         cached = self._owners.get(key, _UNKNOWN)
         if cached is not _UNKNOWN:

@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from pipeline.errors import NotFound
 from storage import projects as project_store
+from storage.cluster import notify_keys_changed
 from storage.models import Project
 
 
@@ -40,4 +41,5 @@ def rotate_keys(session: Session, id_or_name: str) -> IssuedKeys:
     project = require_project(session, id_or_name)
     secret_key, public_key = new_keys()
     project_store.replace_keys(session, project.id, secret_key, public_key)
+    notify_keys_changed(session, project.id)
     return IssuedKeys(project, secret_key, public_key)

@@ -8,14 +8,14 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from api.app import build_api
-from api.context import KEYS, LINKS, ON_QUEUED
+from api.context import KEYS, LINKS, ON_QUEUED, RATE_LIMITER
 from plunkd.config import Config
 from plunkd.processes import ROLES, WAKE_FD_ENV, WakePipe, supervise_dispatcher, watch_parent
 from storage.db import Database
@@ -40,6 +40,12 @@ def create_app(config: Config, db: Database | None = None, roles: set[str] | Non
         await db.dispose()
 
     app.cleanup_ctx.append(storage_ctx)
+    if db.is_postgres and roles & {"api", "relay"}:
+        app.cleanup_ctx.append(lambda _app: key_changes_ctx(app, db))
+    if db.is_postgres and "api" in roles:
+        limiter = shared_request_limit(db, config.api.rate_limit_per_minute)
+        app[RATE_LIMITER] = limiter
+        app.cleanup_ctx.append(lambda _app: running(limiter.run, "api-usage-sync"))
     if dispatcher_command is not None:
         app.cleanup_ctx.append(lambda _app: dispatcher_process_ctx(app, dispatcher_command))
     elif "dispatcher" in roles and config.delivery.enabled:
@@ -107,7 +113,6 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
     """The dispatcher and its transport, for as long as the server runs, and beside it the pruner and the
     workflow scheduler (so one process per node prunes and runs workflow steps)."""
     from automation.scheduler import WorkflowScheduler
-    from delivery.bucket import TokenBucket
     from delivery.dispatcher import Dispatcher
     from delivery.transports import make_transport
     from maintenance.pruner import Pruner
@@ -122,7 +127,7 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
             log.info("using SES's send quota of %.1f/s instead of the configured %.1f/s", ses_rate, rate)
             rate = ses_rate
     links = make_signer(config.server.link_secret, config.data_path, config.server.public_url)
-    dispatcher = Dispatcher(db, transport, TokenBucket(rate), config.delivery,
+    dispatcher = Dispatcher(db, transport, send_rate_limiter(db, rate), config.delivery,
                             compose_deferred=DeferredComposer(db.read, links))
     workflows = WorkflowScheduler(db, links, dispatcher.wake, min(config.delivery.poll_seconds, 0.2))
 
@@ -144,6 +149,58 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
     await asyncio.gather(task, pruner, scheduler, return_exceptions=True)
     await dispatcher.drain()
     await transport.close()
+
+
+def send_rate_limiter(db: Database, rate: float) -> Any:
+    """One node (SQLite): the process's own bucket. PostgreSQL: the schedule every node shares, so N nodes
+    together send at `rate`, not N × `rate` (set the same rate on every node)."""
+    from delivery.bucket import SharedBucket, TokenBucket
+    from storage import cluster
+
+    if not db.is_postgres:
+        return TokenBucket(rate)
+
+    async def reserve(span: float) -> cluster.Reservation:
+        return await db.write(lambda s: cluster.reserve_slots(s, "send", span), alone=True)
+
+    return SharedBucket(reserve, rate)
+
+
+async def key_changes_ctx(app: web.Application, db: Database) -> AsyncIterator[None]:
+    """PostgreSQL: drop cached keys of a project the moment any process changes them (LISTEN/NOTIFY), so
+    a rotated key stops working on every node at once, not after the cache's TTL."""
+    from storage import cluster
+
+    keys = app[KEYS]
+
+    def changed(project_id: str | None) -> None:
+        if project_id is None:
+            keys.forget()
+        else:
+            keys.forget_project(project_id)
+            log.info("keys of project %s changed elsewhere: forgotten here", project_id)
+
+    async with cluster.listening(db.url, cluster.KEYS_CHANNEL, changed):
+        yield
+
+
+def shared_request_limit(db: Database, limit: int) -> Any:
+    """PostgreSQL: the per-project API limit summed over every node (see `api.ratelimit`)."""
+    from api.ratelimit import Counts, SharedWindowLimiter
+    from storage import cluster
+
+    async def sync(counts: Counts, prune_before: int) -> Counts:
+        return await db.write(lambda s: cluster.add_api_usage(s, counts, prune_before), alone=True)
+
+    return SharedWindowLimiter(limit, sync)
+
+
+async def running(work: Callable[[], Awaitable[None]], name: str) -> AsyncIterator[None]:
+    """Run `work()` for as long as the app runs."""
+    task = asyncio.create_task(work(), name=name)
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def setup_logging(level: str) -> None:

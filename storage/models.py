@@ -11,9 +11,11 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     CheckConstraint,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -344,3 +346,22 @@ class WorkflowRun(Base):
     emails_sent: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class RateSchedule(Base):
+    """A rate shared by every node (PostgreSQL): GCRA's theoretical arrival time, in the database's
+    clock (epoch seconds), so nodes whose clocks disagree still share one schedule."""
+
+    __tablename__ = "rate_schedules"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tat: Mapped[float] = mapped_column(Float)
+
+
+class ApiUsage(Base):
+    """Requests per project in one rate-limit window, summed over the nodes (PostgreSQL)."""
+
+    __tablename__ = "api_usage"
+    project_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    window_start: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    """Epoch seconds at which the window began."""
+    used: Mapped[int] = mapped_column(Integer)
