@@ -8,6 +8,8 @@ COPY storage storage
 COPY delivery delivery
 COPY relay relay
 COPY maintenance maintenance
+COPY marketing marketing
+COPY automation automation
 RUN pip install --no-cache-dir .
 ENV PLUNKD_SERVER_HOST=0.0.0.0 PLUNKD_SERVER_DATA_DIR=/data
 VOLUME /data
