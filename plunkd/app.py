@@ -151,6 +151,11 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
     await transport.close()
 
 
+RESERVATION_LEAD = 0.05
+"""Seconds ahead of the database's clock a node's send slots begin when the schedule is idle: the reply
+(and a busy event loop) has that long to arrive before them, so they are not found already passed."""
+
+
 def send_rate_limiter(db: Database, rate: float) -> Any:
     """One node (SQLite): the process's own bucket. PostgreSQL: the schedule every node shares, so N nodes
     together send at `rate`, not N × `rate` (set the same rate on every node)."""
@@ -161,7 +166,7 @@ def send_rate_limiter(db: Database, rate: float) -> Any:
         return TokenBucket(rate)
 
     async def reserve(span: float) -> cluster.Reservation:
-        return await db.write(lambda s: cluster.reserve_slots(s, "send", span), alone=True)
+        return await db.write(lambda s: cluster.reserve_slots(s, "send", span, RESERVATION_LEAD), alone=True)
 
     return SharedBucket(reserve, rate)
 

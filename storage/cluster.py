@@ -25,8 +25,8 @@ KEYS_CHANNEL = "plunkd_keys"
 _CLOCK = "CAST(extract(epoch FROM clock_timestamp()) AS double precision)"
 """The database's clock, read when the statement gets there (after any wait for the row's lock)."""
 _RESERVE = text(f"""
-    INSERT INTO rate_schedules (name, tat) VALUES (:name, {_CLOCK} + :span)
-    ON CONFLICT (name) DO UPDATE SET tat = GREATEST(rate_schedules.tat, {_CLOCK}) + :span
+    INSERT INTO rate_schedules (name, tat) VALUES (:name, {_CLOCK} + :lead + :span)
+    ON CONFLICT (name) DO UPDATE SET tat = GREATEST(rate_schedules.tat, {_CLOCK} + :lead) + :span
     RETURNING tat, {_CLOCK}
 """)
 
@@ -41,11 +41,13 @@ class Reservation:
     """The database's clock when it granted them."""
 
 
-def reserve_slots(session: Session, name: str, span_seconds: float) -> Reservation:
+def reserve_slots(session: Session, name: str, span_seconds: float, lead_seconds: float = 0.0) -> Reservation:
     """Take the next `span_seconds` of the named schedule (GCRA: from its theoretical arrival time, or
-    from now if that has passed: idle time banks nothing). One row-locking UPDATE: run it in a
-    transaction of its own and commit at once, so other nodes wait microseconds for the row."""
-    end, now = session.connection().execute(_RESERVE, {"name": name, "span": span_seconds}).one()
+    from now + `lead_seconds` if that has passed: idle time banks nothing, and the lead lets the reply
+    arrive before the first slot). One row-locking UPDATE: run it in a transaction of its own and commit
+    at once, so other nodes wait microseconds for the row."""
+    end, now = session.connection().execute(_RESERVE, {"name": name, "span": span_seconds,
+                                                       "lead": lead_seconds}).one()
     return Reservation(end - span_seconds, end, now)
 
 
