@@ -110,6 +110,7 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
     from delivery.bucket import TokenBucket
     from delivery.dispatcher import Dispatcher
     from delivery.transports import make_transport
+    from feedback.effects import smtp_bounce
     from maintenance.pruner import Pruner
     from pipeline.deferred import DeferredComposer
     from pipeline.links import make_signer
@@ -123,7 +124,7 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
             rate = ses_rate
     links = make_signer(config.server.link_secret, config.data_path, config.server.public_url)
     dispatcher = Dispatcher(db, transport, TokenBucket(rate), config.delivery,
-                            compose_deferred=DeferredComposer(db.read, links))
+                            compose_deferred=DeferredComposer(db.read, links), record_bounce=smtp_bounce)
     workflows = WorkflowScheduler(db, links, dispatcher.wake, min(config.delivery.poll_seconds, 0.2))
 
     def wake() -> None:
