@@ -83,7 +83,7 @@ class FeedbackIntake:
             return apply_notification(session, message["MessageId"], message["TopicArn"], notice, prune_before)
 
         outcome, detail = await self.db.write(work, light=True)
-        if notice is not None:
+        if notice is not None and outcome != "duplicate":
             detail = f"SES {notice.ses_type} for {notice.ses_message_id}: {detail}"
         return Receipt(message["MessageId"], message["Type"], outcome, detail)
 
