@@ -24,6 +24,8 @@ from api.validation import Body, body_from, read_json
 from feedback.sns import NOTIFICATION
 from pipeline.errors import FieldError, ValidationFailed
 
+MAX_MESSAGE_CHARS = 256 * 1024
+"""SNS's own limit on a message (256 KB)."""
 Short = Annotated[str, StringConstraints(min_length=1, max_length=300)]
 Url = Annotated[str, StringConstraints(min_length=1, max_length=2048)]
 
@@ -34,7 +36,7 @@ class SnsMessageBody(Body):
     Type: Literal["Notification", "SubscriptionConfirmation", "UnsubscribeConfirmation"]
     MessageId: Annotated[str, StringConstraints(min_length=1, max_length=100)]
     TopicArn: Short
-    Message: Annotated[str, StringConstraints(max_length=1_000_000)]
+    Message: Annotated[str, StringConstraints(max_length=MAX_MESSAGE_CHARS)]
     Timestamp: Annotated[str, StringConstraints(min_length=1, max_length=64)]
     SignatureVersion: Literal["1", "2"]
     Signature: Annotated[str, StringConstraints(min_length=1, max_length=2048)]

@@ -69,7 +69,7 @@ class FeedbackIntake:
             else:
                 receipt = await self._unsubscribed(message)
         except (SnsRefused, SnsUnavailable) as exc:
-            log.warning("sns %s (%s, topic %s, from %s) refused with %d: %s", message_id, kind, topic, remote,
+            log.warning("sns %r (%s, topic %r, from %s) refused with %d: %r", message_id, kind, topic, remote,
                         exc.status, exc.message)
             raise
         log.info("sns %s (%s, topic %s): %s: %s", message_id, kind, topic, receipt.outcome, receipt.detail)

@@ -170,7 +170,7 @@ async def test_only_configured_topics_are_accepted(api, sender, sns, tmp_path, a
     with caplog.at_level(logging.WARNING, logger="plunkd.feedback"):
         status, body = await post_sns(bare, genuine)
     assert status == 403 and refused(body, "No SNS topic is accepted: set feedback.sns_topic_arns"), body
-    assert f"sns {genuine['MessageId']} (Notification, topic {TOPIC}" in caplog.text
+    assert f"sns '{genuine['MessageId']}' (Notification, topic '{TOPIC}'" in caplog.text
     assert "No SNS topic is accepted" in caplog.text
     assert await status_of(api, email.id) == "SENT"
 
@@ -322,6 +322,16 @@ async def test_unknown_ses_messages_and_other_notifications_are_acknowledged(api
         status, body = await post_sns(api, sns.signer.notification(payload))
         assert status == 200 and body["data"]["outcome"] == "ignored", body
     assert await api.db.read(lambda s: s.execute(select(func.count()).select_from(Suppression)).scalar()) == 0
+
+
+async def test_what_a_refused_sender_wrote_cannot_forge_log_lines(api, sns, caplog):
+    forged = {**sns.signer.notification("{}"), "MessageId": "1\n2026-01-01 INFO plunkd applied everything",
+              "TopicArn": "arn\r\nforged"}
+    with caplog.at_level(logging.WARNING, logger="plunkd.feedback"):
+        status, body = await post_sns(api, forged)
+    assert status == 403, body
+    assert "\n2026-01-01 INFO" not in caplog.text and "\\n2026-01-01 INFO" in caplog.text
+    assert "arn\r\nforged" not in caplog.text
 
 
 def test_the_default_host_rule_is_snss_own_hosts():
