@@ -58,6 +58,8 @@ certificate, so a new certificate comes with a new URL)."""
 FAILURE_TTL = 30.0
 """Seconds a certificate URL that could not be used is not tried again (forged messages naming made-up
 certificates cost SNS's host one request each per this time, not one per message)."""
+FETCHES_AT_ONCE = 4
+"""Certificates fetched at the same time at most (messages naming many made-up certificate URLs at once wait)."""
 _PEM_PATH = re.compile(r"/[A-Za-z0-9._-]{1,200}\.pem")
 
 
@@ -100,6 +102,7 @@ class SnsVerifier:
         self._keys: TtlCache[str, SigningKey] = TtlCache(CERT_TTL, max_entries=100)
         self._failures: TtlCache[str, tuple[type[PipelineError], str]] = TtlCache(FAILURE_TTL, max_entries=1000)
         self._fetching: dict[str, asyncio.Future[SigningKey]] = {}
+        self._fetch_slots = asyncio.Semaphore(FETCHES_AT_ONCE)
 
     async def verify(self, message: Mapping[str, str], now: datetime | None = None) -> None:
         """Raise `SnsRefused` or `SnsUnavailable` unless `message` (SNS's JSON keys, values as sent) is genuine."""
@@ -173,9 +176,10 @@ class SnsVerifier:
             done.exception()
 
     async def _fetch_key(self, url: str) -> SigningKey:
-        started = time.monotonic()
         try:
-            pem = await self._get(url, MAX_CERT_BYTES, "signing certificate")
+            async with self._fetch_slots:
+                started = time.monotonic()
+                pem = await self._get(url, MAX_CERT_BYTES, "signing certificate")
             signing = _parse_certificate(pem)
         except (SnsRefused, SnsUnavailable) as exc:
             self._failures.put(url, (type(exc), exc.message))
@@ -204,9 +208,9 @@ class SnsVerifier:
                     session.get(url, ssl=self.tls, allow_redirects=False) as resp:
                 if resp.status == 200:
                     return await _read_capped(resp, limit, what)
-                if 400 <= resp.status < 500:
-                    raise SnsRefused(f"SNS answered {resp.status} for the {what}")
-                raise SnsUnavailable(f"SNS answered {resp.status} for the {what}; SNS will retry")
+                if resp.status >= 500:
+                    raise SnsUnavailable(f"SNS answered {resp.status} for the {what}; SNS will retry")
+                raise SnsRefused(f"SNS answered {resp.status} for the {what}")
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise SnsUnavailable(f"Could not fetch the SNS {what}: {exc.__class__.__name__}; SNS will retry") from None
 

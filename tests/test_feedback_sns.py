@@ -16,8 +16,8 @@ from sqlalchemy import func, select
 from api.context import DB
 from feedback.sns import SnsRefused, SnsVerifier
 from plunkd.app import create_app
-from plunkd.config import FeedbackConfig
-from storage.models import Suppression
+from plunkd.config import ConfigError, FeedbackConfig, load_config
+from storage.models import AppliedSnsMessage, Suppression
 from tests.conftest import Api
 from tests.sns import TOPIC, SnsSigner, make_signing_certificate, ses_event, sns_time
 from tests.sns_fixtures import point_at, post_sns, sent_email, start_fake_sns
@@ -345,3 +345,35 @@ def test_the_default_host_rule_is_snss_own_hosts():
                 "https://sns.us-east-1.amazonaws.com\\@evil.com/x.pem", "https://127.0.0.1/x.pem", "not a url"):
         with pytest.raises(SnsRefused):
             verifier.check_url(url, "SigningCertURL")
+
+
+async def test_applied_message_ids_are_pruned_once_no_redelivery_can_be_accepted(api, sns):
+    """A message older than sns_max_age_seconds is refused anyway; its row is kept a day beyond that."""
+    now = datetime.now(UTC)
+    rows = [AppliedSnsMessage(message_id=name, topic_arn=TOPIC, type="Notification", received_at=now - age)
+            for name, age in (("ancient", timedelta(days=3)), ("yesterday", timedelta(hours=20)))]
+    await api.db.write(lambda s: s.add_all(rows))
+    status, body = await post_sns(api, sns.signer.notification("{}"))
+    assert status == 200, body
+    kept = await api.db.read(lambda s: set(s.execute(select(AppliedSnsMessage.message_id)).scalars()))
+    assert kept == {"yesterday", body["data"]["messageId"]}
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"PLUNKD_FEEDBACK_SNS_TOPIC_ARNS": "ses-feedback"},
+     "config key feedback.sns_topic_arns: expected SNS topic ARNs like arn:aws:sns:us-east-1:123456789012:"
+     "ses-feedback, got 'ses-feedback'"),
+    ({"PLUNKD_FEEDBACK_SNS_HOST_PATTERN": "(["}, "config key feedback.sns_host_pattern: expected a valid regex"),
+    ({"PLUNKD_FEEDBACK_SNS_MAX_AGE_SECONDS": "0"}, "config key feedback.sns_max_age_seconds: expected a number > 0"),
+    ({"PLUNKD_FEEDBACK_SNS_MAX_BODY_BYTES": "big"},
+     "config key feedback.sns_max_body_bytes (PLUNKD_FEEDBACK_SNS_MAX_BODY_BYTES): expected int, got 'big'"),
+])
+def test_a_bad_feedback_setting_stops_start_up_naming_the_key(env, message):
+    with pytest.raises(ConfigError) as failed:
+        load_config(env=env)
+    assert str(failed.value) == message
+
+
+def test_topics_from_the_environment():
+    config = load_config(env={"PLUNKD_FEEDBACK_SNS_TOPIC_ARNS": f"{TOPIC}, arn:aws-cn:sns:cn-north-1:123456789012:b"})
+    assert config.feedback.sns_topic_arns == [TOPIC, "arn:aws-cn:sns:cn-north-1:123456789012:b"]
