@@ -104,7 +104,7 @@ class SnsVerifier:
         self._fetching: dict[str, asyncio.Future[SigningKey]] = {}
         self._fetch_slots = asyncio.Semaphore(FETCHES_AT_ONCE)
 
-    async def verify(self, message: Mapping[str, str], now: datetime | None = None) -> None:
+    async def verify(self, message: Mapping[str, str]) -> None:
         """Raise `SnsRefused` or `SnsUnavailable` unless `message` (SNS's JSON keys, values as sent) is genuine."""
         topic = message["TopicArn"]
         if not self.topics:
@@ -112,7 +112,7 @@ class SnsVerifier:
                              "List the topic ARN in feedback.sns_topic_arns and restart plunkd.")
         if topic not in self.topics:
             raise SnsRefused(f"SNS topic {topic} is not one of feedback.sns_topic_arns")
-        self.check_fresh(message["Timestamp"], now or datetime.now(UTC))
+        self.check_fresh(message["Timestamp"], datetime.now(UTC))
         try:
             signature = base64.b64decode(message["Signature"], validate=True)
         except (binascii.Error, ValueError):
