@@ -10,6 +10,7 @@ COPY relay relay
 COPY maintenance maintenance
 COPY marketing marketing
 COPY automation automation
+COPY feedback feedback
 RUN pip install --no-cache-dir .
 ENV PLUNKD_SERVER_HOST=0.0.0.0 PLUNKD_SERVER_DATA_DIR=/data
 VOLUME /data

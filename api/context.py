@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from api.ratelimit import WindowRateLimiter
+from feedback.intake import FeedbackIntake
 from pipeline.keys import KeyCache
 from pipeline.links import LinkSigner
 from plunkd.config import Config
@@ -18,3 +19,5 @@ ON_QUEUED = web.AppKey("on_queued", list)
 """Callables run after mail is queued (the dispatcher's wake-up), so api/ needs no delivery/ import."""
 LINKS = web.AppKey("links", LinkSigner)
 """Signs and checks the per-contact unsubscribe/subscribe/preferences links."""
+FEEDBACK = web.AppKey("feedback", FeedbackIntake)
+"""Verifies and applies the SNS messages of SES delivery feedback."""

@@ -23,7 +23,8 @@ from storage.models import utcnow
 OPENAPI = web.AppKey("openapi", dict)
 REF = "#/components/schemas/{model}"
 STATUS_NAMES = {400: "BAD_REQUEST", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT_FOUND", 409: "CONFLICT",
-                413: "PAYLOAD_TOO_LARGE", 422: "VALIDATION_ERROR", 429: "RATE_LIMIT_EXCEEDED"}
+                413: "PAYLOAD_TOO_LARGE", 422: "VALIDATION_ERROR", 429: "RATE_LIMIT_EXCEEDED",
+                503: "SERVICE_UNAVAILABLE"}
 
 
 async def health(request: web.Request) -> web.Response:

@@ -133,10 +133,10 @@ def _printable(path: str) -> str:
     return _SURROGATE_OR_NUL.sub("\ufffd", path)
 
 
-async def read_json(request: web.Request) -> Any:
-    """The request body as JSON, refused with the Plunk error it deserves: 413 over `api.max_body_bytes`,
-    400 unparseable or nested past Python's limit."""
-    max_bytes = request.app[CONFIG].api.max_body_bytes
+async def read_json(request: web.Request, max_bytes: int | None = None) -> Any:
+    """The request body as JSON, refused with the Plunk error it deserves: 413 over `max_bytes` (default
+    `api.max_body_bytes`), 400 unparseable or nested past Python's limit."""
+    max_bytes = max_bytes or request.app[CONFIG].api.max_body_bytes
     if request.content_length is not None and request.content_length > max_bytes:
         raise PayloadTooLarge(f"Request body is larger than {max_bytes} bytes")
     raw = bytearray()

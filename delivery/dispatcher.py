@@ -5,7 +5,9 @@ hand it to the transport, and record what happened. Steps, in order, for one ema
     → transport.send → record
 
 Campaign and workflow mail is stored as a deferred spec; `compose_deferred` (handed in by the wiring, as delivery
-does not import the pipeline) composes it for its recipient, or says not to send it.
+does not import the pipeline) composes it for its recipient, or says not to send it. A transport's bounce (the
+smarthost's 5xx at RCPT or DATA) marks the email BOUNCED, and `record_bounce` (handed in the same way) records
+it in that transaction as delivery feedback records a permanent bounce.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from email.policy import compat32
 from email.utils import formatdate, make_msgid
 
 from dkim import DKIMException
+from sqlalchemy.orm import Session
 
 from delivery import dkim
 from delivery.bucket import TokenBucket
@@ -38,6 +41,8 @@ from storage.models import Domain, utcnow
 log = logging.getLogger("plunkd.delivery")
 ComposeDeferred = Callable[[Claimed], Awaitable[bytes | None]]
 """A claimed deferred email → its recipient's message, or None: do not send it."""
+RecordBounce = Callable[[Session, Claimed, str], None]
+"""(transaction, the bounced email, the smarthost's reply) → the bounce's records: event, suppression, unsubscribe."""
 INLINE_SIGN_BYTES = 256_000
 """Bigger messages are canonicalized in a thread so the event loop keeps serving."""
 
@@ -62,9 +67,11 @@ def retry_delay(attempt: int, base: float) -> float:
 
 class Dispatcher:
     def __init__(self, db: Database, transport: Transport, bucket: TokenBucket, settings: DeliveryConfig,
-                 worker: str | None = None, compose_deferred: ComposeDeferred | None = None) -> None:
+                 worker: str | None = None, compose_deferred: ComposeDeferred | None = None,
+                 record_bounce: RecordBounce | None = None) -> None:
         self.db = db
         self.compose_deferred = compose_deferred
+        self.record_bounce = record_bounce
         self.transport = transport
         self.bucket = bucket
         self.settings = settings
@@ -195,6 +202,15 @@ class Dispatcher:
             metrics.EMAILS_SENT.labels(self.transport.name).inc()
             self._send_rate.sent()
             log.info("email %s: sent via %s as %s", item.email_id, self.transport.name, result.transport_id)
+        elif result.outcome == "bounce":
+            def bounced(session) -> None:
+                email_store.mark_failed(session, item.outbox_id, item.email_id, "BOUNCED", result.error)
+                if self.record_bounce is not None:
+                    self.record_bounce(session, item, result.error)
+
+            await self.db.write(bounced, light=True)
+            metrics.EMAILS_BOUNCED.labels(self.transport.name, "permanent").inc()
+            log.warning("email %s: bounced by %s: %s", item.email_id, self.transport.name, result.error)
         elif result.outcome == "retry" and item.attempts + 1 < settings.max_attempts:
             due = utcnow() + timedelta(seconds=retry_delay(item.attempts, settings.retry_base_seconds))
             await self.db.write(lambda s: email_store.schedule_retry(s, item.outbox_id, due, result.error), light=True)

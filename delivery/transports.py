@@ -1,7 +1,8 @@
 """Transports: hand a signed message to the folder, a smarthost, or SES, and say what happened.
 
 Each returns a `SendResult`: sent (with the transport's message id), retry (transient: throttling,
-4xx, timeouts, connection errors) or fail (permanent), which the dispatcher acts on.
+4xx, timeouts, connection errors), bounce (the receiving side refused the recipient or the message for
+good: a 5xx at RCPT or DATA) or fail (any other permanent error), which the dispatcher acts on.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from plunkd.config import Config, SmarthostConfig
 
 @dataclass
 class SendResult:
-    outcome: str  # "sent", "retry" or "fail"
+    outcome: str  # "sent", "retry", "bounce" or "fail"
     transport_id: str = ""
     error: str = ""
 
@@ -36,6 +37,10 @@ class SendResult:
     @classmethod
     def fail(cls, error: str) -> SendResult:
         return cls("fail", error=error)
+
+    @classmethod
+    def bounce(cls, error: str) -> SendResult:
+        return cls("bounce", error=error)
 
 
 class Transport(Protocol):
@@ -116,13 +121,15 @@ class SmtpTransport:
             await _reset_or_close(client)
             self._keep(client)
             text = f"{exc.code} {exc.message}"
-            return SendResult.fail(text) if 500 <= exc.code < 600 else SendResult.retry(text)
+            if not 500 <= exc.code < 600:
+                return SendResult.retry(text)
+            return SendResult.bounce(text) if isinstance(exc, aiosmtplib.SMTPDataError) else SendResult.fail(text)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             await _reset_or_close(client)
             self._keep(client)
             codes = [r.code for r in exc.recipients]
             text = "; ".join(f"{r.code} {r.message}" for r in exc.recipients)
-            return SendResult.fail(text) if all(500 <= c < 600 for c in codes) else SendResult.retry(text)
+            return SendResult.bounce(text) if all(500 <= c < 600 for c in codes) else SendResult.retry(text)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             if client is not None:
                 client.close()

@@ -115,6 +115,7 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
     from automation.scheduler import WorkflowScheduler
     from delivery.dispatcher import Dispatcher
     from delivery.transports import make_transport
+    from feedback.effects import smtp_bounce
     from maintenance.pruner import Pruner
     from pipeline.deferred import DeferredComposer
     from pipeline.links import make_signer
@@ -128,7 +129,7 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
             rate = ses_rate
     links = make_signer(config.server.link_secret, config.data_path, config.server.public_url)
     dispatcher = Dispatcher(db, transport, send_rate_limiter(db, rate), config.delivery,
-                            compose_deferred=DeferredComposer(db.read, links))
+                            compose_deferred=DeferredComposer(db.read, links), record_bounce=smtp_bounce)
     workflows = WorkflowScheduler(db, links, dispatcher.wake, min(config.delivery.poll_seconds, 0.2))
 
     def wake() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +132,28 @@ class DnsConfig:
     timeout_seconds: float = 5.0
 
 
+SNS_HOST_PATTERN = r"^sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?$"
+"""Amazon SNS's own hosts, where signing certificates and subscription confirmations live."""
+
+
+@dataclass
+class FeedbackConfig:
+    """SES delivery feedback through SNS (`POST /webhooks/incoming/sns`)."""
+
+    sns_topic_arns: list[str] = field(default_factory=list)
+    """The SNS topics whose messages are accepted; none: every message is refused (403)."""
+    sns_host_pattern: str = SNS_HOST_PATTERN
+    """Regex the host (and port, if any) of a signing certificate URL or a SubscribeURL must match fully;
+    both must be https. Only tests and private SNS emulators change it."""
+    sns_ca_file: str = ""
+    """CA bundle trusted when fetching signing certificates and SubscribeURLs; "" = the system's."""
+    sns_max_age_seconds: int = 3600
+    """A message whose Timestamp is older than this is refused (SNS stops retrying within an hour)."""
+    sns_max_body_bytes: int = 1024 * 1024
+    sns_fetch_timeout_seconds: float = 10.0
+    """Bound on fetching a signing certificate or confirming a subscription."""
+
+
 @dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -139,6 +162,7 @@ class Config:
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
 
     @property
     def data_path(self) -> Path:
@@ -215,6 +239,17 @@ def _apply_env(section: Any, env: dict[str, str], prefix: str, dotted_prefix: st
             setattr(section, f.name, _coerce(f"{dotted_prefix}{f.name} ({env_name})", f.type, env[env_name], True))
 
 
+SNS_TOPIC_ARN = re.compile(r"arn:aws[a-z-]*:sns:[a-z0-9-]+:[0-9]{12}:[A-Za-z0-9_-]{1,256}(\.fifo)?")
+
+
+def _compiles(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return True
+
+
 def _validate(config: Config) -> None:
     checks = [
         (config.delivery.transport in TRANSPORTS, "delivery.transport", f"one of {', '.join(TRANSPORTS)}"),
@@ -236,6 +271,13 @@ def _validate(config: Config) -> None:
         (config.server.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "server.log_level",
          "DEBUG, INFO, WARNING or ERROR"),
     ]
+    checks.append((_compiles(config.feedback.sns_host_pattern), "feedback.sns_host_pattern", "a valid regex"))
+    checks += [(bool(SNS_TOPIC_ARN.fullmatch(arn)), "feedback.sns_topic_arns",
+                f"SNS topic ARNs like arn:aws:sns:us-east-1:123456789012:ses-feedback, got {arn!r}")
+               for arn in config.feedback.sns_topic_arns]
+    checks += [(config.feedback.sns_max_age_seconds > 0, "feedback.sns_max_age_seconds", "a number > 0"),
+               (config.feedback.sns_max_body_bytes > 0, "feedback.sns_max_body_bytes", "a number > 0"),
+               (config.feedback.sns_fetch_timeout_seconds > 0, "feedback.sns_fetch_timeout_seconds", "a number > 0")]
     for port_key in ("server.http_port", "smtp.tls_port", "smtp.starttls_port", "dns.port"):
         section, key = port_key.split(".")
         port = getattr(getattr(config, section), key)

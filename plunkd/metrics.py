@@ -36,7 +36,8 @@ EMAILS_ACCEPTED = Counter("plunkd_emails_accepted", "Emails accepted for deliver
 EMAILS_SENT = Counter("plunkd_emails_sent", "Emails the transport accepted", ["transport"])
 EMAILS_FAILED = Counter("plunkd_emails_failed", "Emails settled without being sent, by final status",
                         ["transport", "status"])
-EMAILS_BOUNCED = Counter("plunkd_emails_bounced", "Bounces reported for sent emails", ["transport", "kind"])
+EMAILS_BOUNCED = Counter("plunkd_emails_bounced", "Bounces reported for sent emails (kind: permanent or "
+                         "transient)", ["transport", "kind"])
 DISPATCH_RATE_LIMIT = Gauge("plunkd_dispatch_rate_limit_per_second", "The send rate the dispatcher holds to "
                             "(0: unlimited)", multiprocess_mode="max")
 DISPATCH_RATE = Gauge("plunkd_dispatch_rate_per_second", "Emails sent per second over the last 10 seconds",

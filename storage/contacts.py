@@ -34,6 +34,7 @@ _TABLE = Contact.__table__
 _COLUMNS = [_TABLE.c[name] for name in ("id", "email", "subscribed", "data", "created_at", "updated_at")]
 # Statements built once and executed with parameters: building them per call costs more than SQLite.
 _BY_ID = select(*_COLUMNS).where(_TABLE.c.project_id == bindparam("p"), _TABLE.c.id == bindparam("i"))
+_BY_ID_LOCKED = _BY_ID.with_for_update()
 _BY_EMAIL = select(*_COLUMNS).where(_TABLE.c.project_id == bindparam("p"), _TABLE.c.email == bindparam("e"))
 _BY_EMAIL_LOCKED = _BY_EMAIL.with_for_update()
 _INSERT = _TABLE.insert()
@@ -49,8 +50,9 @@ def _one(session: Session, stmt: Any, params: dict[str, Any]) -> ContactRecord |
     return None if row is None else ContactRecord(*row)
 
 
-def get_contact(session: Session, project_id: str, contact_id: str) -> ContactRecord | None:
-    return _one(session, _BY_ID, {"p": project_id, "i": contact_id})
+def get_contact(session: Session, project_id: str, contact_id: str, for_update: bool = False) -> ContactRecord | None:
+    """`for_update` locks the row (PostgreSQL) so two transactions changing the contact take turns."""
+    return _one(session, _BY_ID_LOCKED if for_update else _BY_ID, {"p": project_id, "i": contact_id})
 
 
 def addresses_by_id(session: Session, project_id: str, ids: list[str]) -> dict[str, tuple[str, bool]]:

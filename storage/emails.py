@@ -11,6 +11,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import bindparam, delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from storage import bulk
@@ -205,10 +207,19 @@ def is_suppressed(session: Session, project_id: str, email: str) -> bool:
     return session.execute(stmt).first() is not None
 
 
-def add_suppression(session: Session, project_id: str, email: str, reason: str) -> None:
-    if not is_suppressed(session, project_id, email):
-        session.add(Suppression(project_id=project_id, email=email, reason=reason))
-        session.flush()
+_SUPPRESSION = Suppression.__table__
+_SUPPRESS = {
+    "postgresql": pg_insert(_SUPPRESSION).on_conflict_do_nothing(index_elements=["project_id", "email"]),
+    "sqlite": sqlite_insert(_SUPPRESSION).on_conflict_do_nothing(index_elements=["project_id", "email"]),
+}
+
+
+def add_suppression(session: Session, project_id: str, email: str, reason: str) -> bool:
+    """Put the address on the project's suppression list; False when it already was (also when another
+    transaction put it there meanwhile: the insert does nothing on conflict)."""
+    result = session.connection().execute(_SUPPRESS[session.get_bind().dialect.name], {
+        "id": new_id(), "project_id": project_id, "email": email, "reason": reason[:2000], "created_at": utcnow()})
+    return result.rowcount == 1
 
 
 def domain_key(session: Session, project_id: str, name: str) -> Domain | None:

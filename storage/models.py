@@ -348,6 +348,23 @@ class WorkflowRun(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
+Index("ix_emails_transport_id", Email.transport_id)
+"""Delivery feedback (SES's notifications, by SES message id) finds its email by the transport's id."""
+
+
+class AppliedSnsMessage(Base):
+    """An SNS message whose effects were committed, written in the same transaction as them: a message SNS
+    delivers again (it retries for up to an hour) is applied once. Rows older than the age past which any
+    message is refused anyway (`feedback.sns_max_age_seconds`) are pruned."""
+
+    __tablename__ = "applied_sns_messages"
+    __table_args__ = (Index("ix_applied_sns_messages_received_at", "received_at"),)
+    message_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    topic_arn: Mapped[str] = mapped_column(String(300))
+    type: Mapped[str] = mapped_column(String(32))
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class RateSchedule(Base):
     """A rate shared by every node (PostgreSQL): GCRA's theoretical arrival time, in the database's
     clock (epoch seconds), so nodes whose clocks disagree still share one schedule."""

@@ -108,13 +108,14 @@ async def test_transient_smtp_failure_is_retried_then_sent(api, sender, sink):
     assert len(sink.messages) == 1
 
 
-async def test_permanent_failure_marks_failed(api, sender, sink):
+async def test_permanent_refusal_at_data_is_a_bounce(api, sender, sink):
+    """(tests/test_feedback_smtp.py: the bounce's event, suppression and unsubscribe through the wiring.)"""
     await send(api)
     sink.reply = "550 5.1.1 no such user"
     transport = SmtpTransport(SmarthostConfig(host="127.0.0.1", port=sink.port, timeout_seconds=5))
     await dispatch_all(Dispatcher(api.db, transport, TokenBucket(0), settings()))
     row = (await email_rows(api))["ann@example.org"]
-    assert row.status == "FAILED" and row.error == "550 5.1.1 no such user"
+    assert row.status == "BOUNCED" and row.error == "550 5.1.1 no such user"
     assert await api.db.read(email_store.outbox_rows) == []
 
 

@@ -1,0 +1,1 @@
+"""Delivery feedback: SES notifications through SNS (intake, verification, effects) and smarthost bounces."""
