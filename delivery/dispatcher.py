@@ -1,11 +1,13 @@
 """The dispatcher: claim due outbox rows, finish and sign each message, wait on the shared rate,
 hand it to the transport, and record what happened. Steps, in order, for one email:
 
-    skip_if_suppressed → compose_deferred → add_outgoing_headers → dkim_sign → bucket.acquire
+    skip_if_suppressed → compose_deferred → track → add_outgoing_headers → dkim_sign → bucket.acquire
     → transport.send → record
 
 Campaign and workflow mail is stored as a deferred spec; `compose_deferred` (handed in by the wiring, as delivery
-does not import the pipeline) composes it for its recipient, or says not to send it.
+does not import the pipeline) composes it for its recipient, or says not to send it. `track` (handed in the same
+way) adds the open pixel and click redirects an email's tracking choice asks for; never with the SES transport,
+which tracks opens and clicks itself.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from storage.models import Domain, utcnow
 log = logging.getLogger("plunkd.delivery")
 ComposeDeferred = Callable[[Claimed], Awaitable[bytes | None]]
 """A claimed deferred email → its recipient's message, or None: do not send it."""
+TrackMessage = Callable[[Claimed, bytes], Awaitable[bytes]]
+"""A claimed email and its message → the message with the tracking its row asks for (or as it was)."""
 INLINE_SIGN_BYTES = 256_000
 """Bigger messages are canonicalized in a thread so the event loop keeps serving."""
 
@@ -61,9 +65,11 @@ def retry_delay(attempt: int, base: float) -> float:
 
 class Dispatcher:
     def __init__(self, db: Database, transport: Transport, bucket: TokenBucket, settings: DeliveryConfig,
-                 worker: str | None = None, compose_deferred: ComposeDeferred | None = None) -> None:
+                 worker: str | None = None, compose_deferred: ComposeDeferred | None = None,
+                 track: TrackMessage | None = None) -> None:
         self.db = db
         self.compose_deferred = compose_deferred
+        self.track = track if transport.name != "ses" else None
         self.transport = transport
         self.bucket = bucket
         self.settings = settings
@@ -157,6 +163,8 @@ class Dispatcher:
                 log.info("email %s: skipped, its contact is no longer subscribed", item.email_id)
                 return None
             raw = composed
+        if self.track is not None and (item.track_opens or item.track_clicks):
+            raw = await self.track(item, raw)
         domain_name = item.sender.rsplit("@", 1)[-1].lower()
         domain = await self._signing_key(item.project_id, domain_name)
         message, message_id = add_outgoing_headers(raw, domain_name)
