@@ -7,13 +7,28 @@ from typing import Any
 
 from aiohttp import web
 
-from api import campaigns, contacts, domains, events, pages, segments, send, system, templates, track, workflows
-from api.context import CONFIG, DB, KEYS, LINKS, ON_QUEUED, RATE_LIMITER
+from api import (
+    campaigns,
+    contacts,
+    domains,
+    events,
+    pages,
+    segments,
+    send,
+    system,
+    templates,
+    track,
+    tracking_settings,
+    workflows,
+)
+from api.context import CONFIG, DB, KEYS, LINKS, ON_QUEUED, RATE_LIMITER, TRACKING
 from api.middleware import envelope_middleware
+from api.pages import tracking as tracking_pages
 from api.ratelimit import WindowRateLimiter
 from api.routing import Route, register
 from pipeline.keys import KeyCache
 from pipeline.links import make_signer
+from pipeline.tracking import TrackingSigner
 from plunkd.config import Config
 from storage.db import Database
 
@@ -27,7 +42,8 @@ def served_openapi() -> dict[str, Any]:
 
 def all_routes() -> list[Route]:
     return [*system.ROUTES, *send.ROUTES, *track.ROUTES, *contacts.ROUTES, *events.ROUTES, *domains.ROUTES,
-            *templates.ROUTES, *segments.ROUTES, *campaigns.ROUTES, *pages.ROUTES, *workflows.ROUTES]
+            *templates.ROUTES, *segments.ROUTES, *campaigns.ROUTES, *pages.ROUTES, *workflows.ROUTES,
+            *tracking_settings.ROUTES, *tracking_pages.ROUTES]
 
 
 def build_api(config: Config, db: Database) -> web.Application:
@@ -38,6 +54,7 @@ def build_api(config: Config, db: Database) -> web.Application:
     app[RATE_LIMITER] = WindowRateLimiter(config.api.rate_limit_per_minute)
     app[ON_QUEUED] = []
     app[LINKS] = make_signer(config.server.link_secret, config.data_path, config.server.public_url)
+    app[TRACKING] = TrackingSigner(app[LINKS])
     routes = all_routes()
     register(app, routes)
     app[system.OPENAPI] = served_openapi()

@@ -7,6 +7,7 @@ from aiohttp import web
 from api.ratelimit import WindowRateLimiter
 from pipeline.keys import KeyCache
 from pipeline.links import LinkSigner
+from pipeline.tracking import TrackingSigner
 from plunkd.config import Config
 from storage.db import Database
 
@@ -18,3 +19,5 @@ ON_QUEUED = web.AppKey("on_queued", list)
 """Callables run after mail is queued (the dispatcher's wake-up), so api/ needs no delivery/ import."""
 LINKS = web.AppKey("links", LinkSigner)
 """Signs and checks the per-contact unsubscribe/subscribe/preferences links."""
+TRACKING = web.AppKey("tracking", TrackingSigner)
+"""Signs and checks the open pixel and click redirect links of tracked mail."""

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from html.parser import HTMLParser
 
 LINK_TAGS = ("a", "area")
-_TAG_NAME = re.compile(r"<[a-zA-Z][^\t\n\r\f />\x00]*")
+_TAG_NAME = re.compile(r"<[a-zA-Z][^\t\n\r\f />\x00]*(?:\s|/(?!>))*")
 _ATTRIBUTE = re.compile(r"""((?<=['"\s/])[^\s/>][^\s/=>]*)(\s*=+\s*('[^']*'|"[^"]*"|(?!['"])[^>\s]*))?(?:\s|/(?!>))*""")
 """An attribute of a start tag, as `html.parser` reads it (its `attrfind_tolerant`): name, `=value`, value."""
 _PIXEL = ('<img src="{src}" width="1" height="1" alt="" '
