@@ -491,3 +491,39 @@ async def test_send_with_a_malformed_tracking_field_is_422(api, sender, tracking
     assert status == 422 and body["error"]["code"] == "VALIDATION_ERROR", body
     assert field in [e["field"] for e in body["error"]["errors"]], body
     assert await emails_by_recipient(api) == {}
+
+
+async def test_workflow_sends_follow_the_template_type_and_clicks_trigger_workflows(api, sender, tmp_path):
+    from tests.test_workflows_engine import make_template, make_workflow, runs_of, scheduler_for, track_event
+
+    marketing = await make_template(api, "MARKETING", body=BODY)
+    receipt = await make_template(api, "TRANSACTIONAL", body=BODY)
+    await make_workflow(api, [{"id": "news", "type": "send", "template": marketing, "next": "receipt"},
+                              {"id": "receipt", "type": "send", "template": receipt}], ["signed-up"])
+    follow_up = await make_workflow(api, [{"id": "end", "type": "exit"}], ["email.click"])
+    await track_event(api, "ann@example.org", "signed-up")
+    await scheduler_for(api).run_until_idle()
+    folder = tmp_path / "out"
+    await dispatch_all(tracking_dispatcher(api, folder))
+    by_template = {}
+    for path in folder.glob("*.eml"):
+        message = email.message_from_bytes(path.read_bytes(), policy=policy.default)
+        by_template["marketing" if "/unsubscribe/" in html_of(message) else "receipt"] = html_of(message)
+    assert sorted(by_template) == ["marketing", "receipt"]
+    assert len(pixels(by_template["marketing"])) == 1 and pixels(by_template["receipt"]) == []
+    assert "/t/c/" not in by_template["receipt"]
+    link = next(link for link in hrefs(by_template["marketing"]) if "/t/c/" in link)
+    assert await runs_of(api, follow_up) == []
+    response = await api.client.get(path_of(link), allow_redirects=False)
+    assert response.status == 302 and response.headers["Location"] == OFFER
+    assert len(await runs_of(api, follow_up)) == 1, "email.click starts the workflows it triggers"
+
+
+async def test_concurrent_opens_record_one_first_open(api, sender, tmp_path):
+    _, messages = await sent_campaign(api, tmp_path / "out", contacts=1)
+    [pixel_url] = pixels(html_of(messages["reader0@example.org"][1]))
+    responses = await asyncio.gather(*(api.client.get(path_of(pixel_url)) for _ in range(12)))
+    assert [response.status for response in responses] == [200] * 12
+    opens = await events_named(api, "email.open")
+    assert len(opens) == 12 and sum(event.data["first"] for event in opens) == 1
+    assert next(event for event in opens if event.data["first"]).id == opens[0].id, "the earliest is the first"
