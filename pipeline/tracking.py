@@ -111,9 +111,14 @@ def _b64(raw: bytes) -> str:
 
 
 def _unb64(text: str) -> bytes:
+    """The bytes of unpadded base64url `text`; only the one text `_b64` makes for them is accepted, so a token
+    has one spelling (base64 ignores stray characters and a last character's spare bits)."""
     if not text or not text.isascii():
         raise ValueError("empty or non-ASCII")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if _b64(raw) != text:
+        raise ValueError("not canonical base64url")
+    return raw
 
 
 def is_redirectable(url: str) -> bool:

@@ -258,6 +258,14 @@ async def test_clicking_redirects_to_the_original_url_and_records_email_click(ap
     assert [event.data["first"] for event in await events_named(api, "email.click")] == [True, False, False]
 
 
+BASE64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def spare_bit_flipped(last: str) -> str:
+    """The last character of 16 bytes in base64url carries 2 bits; another with the same 2 decodes alike."""
+    return BASE64URL[BASE64URL.index(last) ^ 1]
+
+
 def _b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
@@ -271,7 +279,9 @@ async def test_forged_foreign_and_hostile_click_tokens_are_404_and_record_nothin
     payload, signature = token.split(".")
     forged = {
         "tampered payload": f"{payload[:-2]}{'A' if payload[-2] != 'A' else 'B'}{payload[-1]}.{signature}",
-        "tampered signature": f"{payload}.{signature[:-1]}{'A' if signature[-1] != 'A' else 'B'}",
+        "tampered signature": f"{payload}.{signature[:9]}{'A' if signature[9] != 'A' else 'B'}{signature[10:]}",
+        "the signature's spare bits changed": f"{payload}.{signature[:-1]}{spare_bit_flipped(signature[-1])}",
+        "padded": f"{payload}.{signature}==",
         "another email's URL": f"{_b64(f'c:{second.id}:{OFFER}'.encode())}.{signature}",
         "a URL not in the email": f"{_b64(f'c:{first.id}:https://evil.example/'.encode())}.{signature}",
         "a javascript: URL": f"{_b64(f'c:{first.id}:javascript:alert(1)'.encode())}.{signature}",
