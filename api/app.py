@@ -7,25 +7,13 @@ from typing import Any
 
 from aiohttp import web
 
-from api import (
-    campaigns,
-    contacts,
-    domains,
-    events,
-    pages,
-    segments,
-    send,
-    system,
-    templates,
-    track,
-    tracking_settings,
-    workflows,
-)
+from api import campaigns, contacts, domains, events, pages, segments, send, system, templates, track, workflows
 from api.context import CONFIG, DB, KEYS, LINKS, ON_QUEUED, RATE_LIMITER, TRACKING
 from api.middleware import envelope_middleware
-from api.pages import tracking as tracking_pages
+from api.pages.tracking import ROUTES as TRACKING_PAGES
 from api.ratelimit import WindowRateLimiter
 from api.routing import Route, register
+from api.tracking_settings import ROUTES as TRACKING_SETTINGS
 from pipeline.keys import KeyCache
 from pipeline.links import make_signer
 from pipeline.tracking import TrackingSigner
@@ -43,7 +31,7 @@ def served_openapi() -> dict[str, Any]:
 def all_routes() -> list[Route]:
     return [*system.ROUTES, *send.ROUTES, *track.ROUTES, *contacts.ROUTES, *events.ROUTES, *domains.ROUTES,
             *templates.ROUTES, *segments.ROUTES, *campaigns.ROUTES, *pages.ROUTES, *workflows.ROUTES,
-            *tracking_settings.ROUTES, *tracking_pages.ROUTES]
+            *TRACKING_SETTINGS, *TRACKING_PAGES]
 
 
 def build_api(config: Config, db: Database) -> web.Application:
