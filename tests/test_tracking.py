@@ -537,3 +537,19 @@ async def test_concurrent_opens_record_one_first_open(api, sender, tmp_path):
     opens = await events_named(api, "email.open")
     assert len(opens) == 12 and sum(event.data["first"] for event in opens) == 1
     assert next(event for event in opens if event.data["first"]).id == opens[0].id, "the earliest is the first"
+
+
+async def test_smtp_transport_delivers_tracked_mail_to_the_smarthost(api, sender, sink):
+    from delivery.transports import SmtpTransport
+    from plunkd.config import SmarthostConfig
+
+    [sent] = await send(api, tracking={"opens": True, "clicks": True})
+    transport = SmtpTransport(SmarthostConfig(host="127.0.0.1", port=sink.port, timeout_seconds=5))
+    await dispatch_all(tracking_dispatcher(api, Path(), transport=transport))
+    await transport.close()
+    [received] = sink.messages
+    assert dkim.verify(received.original_content, dnsfunc=dns_for(sender))
+    html = html_of(email.message_from_bytes(received.original_content, policy=policy.default))
+    signer = api.client.app[TRACKING]
+    assert pixels(html) == [signer.open_url(sent["email"])]
+    assert signer.click_url(sent["email"], OFFER) in hrefs(html)
