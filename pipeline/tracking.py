@@ -150,7 +150,7 @@ class TrackingSigner:
         return f"{_b64(payload)}.{_b64(self._signature(payload))}"
 
     def _signature(self, payload: bytes) -> bytes:
-        return hmac.new(self._key, payload, hashlib.sha256).digest()[:SIGNATURE_BYTES]
+        return hmac.digest(self._key, payload, hashlib.sha256)[:SIGNATURE_BYTES]
 
     def _payload(self, token: str) -> bytes | None:
         if len(token) > MAX_TOKEN_LENGTH or token.count(".") != 1:

@@ -97,6 +97,8 @@ def track_html(markup: str, open_url: str | None, click_url: Callable[[str], str
         at = finder.body_end if finder.body_end is not None else finder.html_end
         at = len(markup) if at is None else at
         edits.append((at, at, _PIXEL.format(src=html.escape(open_url, quote=True))))
-    for start, end, replacement in sorted(edits, reverse=True):
-        markup = markup[:start] + replacement + markup[end:]
-    return markup
+    pieces, done = [], 0
+    for start, end, replacement in sorted(edits):
+        pieces += [markup[done:start], replacement]
+        done = end
+    return "".join([*pieces, markup[done:]])

@@ -145,12 +145,16 @@ def _parse_headers(block: bytes) -> Message:
 def _part_spans(body: bytes, boundary: bytes) -> list[tuple[int, int]]:
     """The byte ranges of a multipart body's parts (RFC 2046: a delimiter line is `--boundary`, the line
     break before it belongs to it, the last one is `--boundary--`). Raises without that last line."""
-    delimiter = re.compile(rb"(?:\A|\r?\n)--" + re.escape(boundary) + rb"(--)?[ \t]*(?:\r?\n|\Z)")
+    delimiter = re.compile(b"--" + re.escape(boundary) + rb"(--)?[ \t]*(?:\r?\n|\Z)")
     spans: list[tuple[int, int]] = []
     start: int | None = None
     for match in delimiter.finditer(body):
+        at = match.start()
+        if at > 0 and body[at - 1:at] != b"\n":
+            continue  # not at the start of a line: part of the content
+        line_break = at - (2 if body[at - 2:at] == b"\r\n" else 1) if at > 0 else 0
         if start is not None:
-            spans.append((start, match.start()))
+            spans.append((start, max(start, line_break)))
         if match.group(1):
             return spans
         start = match.end()
