@@ -21,13 +21,16 @@ from api import (
     track,
     workflows,
 )
-from api.context import CONFIG, DB, FEEDBACK, KEYS, LINKS, ON_QUEUED, RATE_LIMITER
+from api.context import CONFIG, DB, FEEDBACK, KEYS, LINKS, ON_QUEUED, RATE_LIMITER, TRACKING
 from api.middleware import envelope_middleware
+from api.pages.tracking import ROUTES as TRACKING_PAGES
 from api.ratelimit import WindowRateLimiter
 from api.routing import Route, register
+from api.tracking_settings import ROUTES as TRACKING_SETTINGS
 from feedback.intake import FeedbackIntake
 from pipeline.keys import KeyCache
 from pipeline.links import make_signer
+from pipeline.tracking import TrackingSigner
 from plunkd.config import Config
 from storage.db import Database
 
@@ -42,7 +45,7 @@ def served_openapi() -> dict[str, Any]:
 def all_routes() -> list[Route]:
     return [*system.ROUTES, *send.ROUTES, *track.ROUTES, *contacts.ROUTES, *events.ROUTES, *domains.ROUTES,
             *templates.ROUTES, *segments.ROUTES, *campaigns.ROUTES, *pages.ROUTES, *workflows.ROUTES,
-            *feedback.ROUTES]
+            *feedback.ROUTES, *TRACKING_SETTINGS, *TRACKING_PAGES]
 
 
 def build_api(config: Config, db: Database) -> web.Application:
@@ -54,6 +57,7 @@ def build_api(config: Config, db: Database) -> web.Application:
     app[ON_QUEUED] = []
     app[LINKS] = make_signer(config.server.link_secret, config.data_path, config.server.public_url)
     app[FEEDBACK] = FeedbackIntake(config.feedback, db)
+    app[TRACKING] = TrackingSigner(app[LINKS])
     routes = all_routes()
     register(app, routes)
     app[system.OPENAPI] = served_openapi()

@@ -8,6 +8,7 @@ from api.ratelimit import WindowRateLimiter
 from feedback.intake import FeedbackIntake
 from pipeline.keys import KeyCache
 from pipeline.links import LinkSigner
+from pipeline.tracking import TrackingSigner
 from plunkd.config import Config
 from storage.db import Database
 
@@ -21,3 +22,5 @@ LINKS = web.AppKey("links", LinkSigner)
 """Signs and checks the per-contact unsubscribe/subscribe/preferences links."""
 FEEDBACK = web.AppKey("feedback", FeedbackIntake)
 """Verifies and applies the SNS messages of SES delivery feedback."""
+TRACKING = web.AppKey("tracking", TrackingSigner)
+"""Signs and checks the open pixel and click redirect links of tracked mail."""

@@ -27,6 +27,7 @@ from api.context import CONFIG, DB, LINKS, ON_QUEUED
 from api.envelope import dumps, success
 from api.routing import Route, caller
 from api.schemas import Sent
+from api.tracking_settings import TrackingChoice
 from api.validation import EMAIL_SCHEMA, Body, Data, Email, body_from, case_insensitive, read_json
 from pipeline.compose import HEADER_CONTROL, HEADER_NAME, Attachment, MessageSpec, is_safe_header_value
 from pipeline.errors import FieldError, ValidationFailed
@@ -121,6 +122,11 @@ class SendBody(Body):
                                                  {"type": "null"}]})] = None
     attachments: Annotated[list[AttachmentBody], Field(max_length=5)] | None = None
     subscribed: bool | None = None
+    tracking: Annotated[TrackingChoice | None, Field(
+        description="Open and click tracking for this send: `opens` adds a 1×1 pixel to the HTML part, `clicks` "
+                    "sends its http(s) links through a redirect that records `email.click`. An omitted field (or "
+                    "`tracking` itself) takes the project's default (GET /settings/tracking): on for a MARKETING "
+                    "template, off otherwise. Mail without an HTML part has nothing to track")] = None
 
     @model_validator(mode="after")
     def content_given(self):
@@ -182,7 +188,8 @@ async def send_email(request: web.Request) -> web.Response:
     submission = Submission(who.project_id, "api", spec.from_email, body.to,
                             body.subscribed, body.data, compose=spec.build, subject=spec.subject,
                             size=len(spec.body) + sum(len(a.content) for a in attachments),
-                            marketing=spec.links is not None)
+                            marketing=spec.links is not None,
+                            tracking=body.tracking.choice() if body.tracking is not None else None)
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def work(session) -> dict[str, Any]:

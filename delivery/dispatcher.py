@@ -1,13 +1,15 @@
 """The dispatcher: claim due outbox rows, finish and sign each message, wait on the shared rate,
 hand it to the transport, and record what happened. Steps, in order, for one email:
 
-    skip_if_suppressed → compose_deferred → add_outgoing_headers → dkim_sign → bucket.acquire
+    skip_if_suppressed → compose_deferred → track → add_outgoing_headers → dkim_sign → bucket.acquire
     → transport.send → record
 
 Campaign and workflow mail is stored as a deferred spec; `compose_deferred` (handed in by the wiring, as delivery
 does not import the pipeline) composes it for its recipient, or says not to send it. A transport's bounce (the
 smarthost's 5xx at RCPT or DATA) marks the email BOUNCED, and `record_bounce` (handed in the same way) records
-it in that transaction as delivery feedback records a permanent bounce.
+it in that transaction as delivery feedback records a permanent bounce. `track` (handed in the same way) adds
+the open pixel and click redirects an email's tracking choice asks for; never with the SES transport, which
+tracks opens and clicks itself.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ ComposeDeferred = Callable[[Claimed], Awaitable[bytes | None]]
 """A claimed deferred email → its recipient's message, or None: do not send it."""
 RecordBounce = Callable[[Session, Claimed, str], None]
 """(transaction, the bounced email, the smarthost's reply) → the bounce's records: event, suppression, unsubscribe."""
+TrackMessage = Callable[[Claimed, bytes], Awaitable[bytes]]
+"""A claimed email and its message → the message with the tracking its row asks for (or as it was)."""
 INLINE_SIGN_BYTES = 256_000
 """Bigger messages are canonicalized in a thread so the event loop keeps serving."""
 
@@ -68,10 +72,11 @@ def retry_delay(attempt: int, base: float) -> float:
 class Dispatcher:
     def __init__(self, db: Database, transport: Transport, bucket: TokenBucket, settings: DeliveryConfig,
                  worker: str | None = None, compose_deferred: ComposeDeferred | None = None,
-                 record_bounce: RecordBounce | None = None) -> None:
+                 record_bounce: RecordBounce | None = None, track: TrackMessage | None = None) -> None:
         self.db = db
         self.compose_deferred = compose_deferred
         self.record_bounce = record_bounce
+        self.track = track if transport.name != "ses" else None
         self.transport = transport
         self.bucket = bucket
         self.settings = settings
@@ -170,6 +175,8 @@ class Dispatcher:
                 log.info("email %s: skipped, its contact is no longer subscribed", item.email_id)
                 return None
             raw = composed
+        if self.track is not None and (item.track_opens or item.track_clicks):
+            raw = await self.track(item, raw)
         domain_name = item.sender.rsplit("@", 1)[-1].lower()
         domain = await self._signing_key(item.project_id, domain_name)
         message, message_id = add_outgoing_headers(raw, domain_name)

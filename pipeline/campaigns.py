@@ -23,6 +23,7 @@ from pipeline.errors import Conflict, FieldError, NotFound, ValidationFailed
 from pipeline.links import LinkSigner
 from pipeline.submit import Queued, Submission, submit
 from pipeline.templates import template_spec
+from pipeline.tracking import tracking_for
 from plunkd.metrics import EMAILS_ACCEPTED, count_at_commit
 from storage import campaigns as store
 from storage import segments as segment_store
@@ -219,7 +220,8 @@ def send_test(session: Session, project: Project, campaign_id: str, addresses: l
     spec = message_spec(session, campaign, project, links)
     spec.campaign_id = None
     return submit(session, Submission(project.id, "campaign", spec.from_email, addresses or [project.from_email],
-                                      compose=spec.build, subject=spec.subject, size=len(spec.body)))
+                                      compose=spec.build, subject=spec.subject, size=len(spec.body),
+                                      tracking=tracking_for(session, project.id, marketing=True)))
 
 
 def start_fanout(session: Session, campaign_id: str, links: LinkSigner) -> Campaign | None:
@@ -245,8 +247,9 @@ def fan_out_next(session: Session, campaign_id: str, chunk: int) -> tuple[int, b
     campaign = store.get_campaign_by_id(session, campaign_id, for_update=True)
     if campaign is None or campaign.status != "SENDING" or campaign.fanout_done:
         return 0, True
+    tracking = tracking_for(session, campaign.project_id, marketing=True)
     queued = store.fan_out_chunk(session, campaign, _audience(session, campaign), campaign.from_email or "",
-                                 chunk, utcnow())
+                                 chunk, utcnow(), bool(tracking.opens), bool(tracking.clicks))
     count_at_commit(session, EMAILS_ACCEPTED.labels("campaign"), queued)
     if campaign.fanout_done:
         log.info("campaign %s: fan-out done, %d recipients queued", campaign.id, campaign.recipient_count)

@@ -86,6 +86,11 @@ class LinkSigner:
     def _signature(self, payload: bytes) -> bytes:
         return hmac.new(self._secret, payload, hashlib.sha256).digest()[:SIGNATURE_BYTES]
 
+    def derived_key(self, purpose: str) -> bytes:
+        """A key for another kind of signed link (`pipeline.tracking`), from the same secret, so changing the
+        secret invalidates those links too; no token of one kind verifies as another."""
+        return hmac.new(self._secret, b"plunkd derived key:" + purpose.encode(), hashlib.sha256).digest()
+
     def token(self, contact_id: str, campaign_id: str | None = None) -> str:
         payload = f"{contact_id}:{campaign_id or ''}".encode()
         return f"{_b64(payload)}.{_b64(self._signature(payload))}"

@@ -21,6 +21,7 @@ from pipeline.contacts import upsert_contact
 from pipeline.deferred import insert_spec
 from pipeline.domains import require_verified_sender
 from pipeline.errors import Conflict
+from pipeline.tracking import Tracking, tracking_for
 from plunkd.metrics import EMAILS_ACCEPTED, count_at_commit
 from storage import emails as email_store
 
@@ -50,6 +51,9 @@ class Submission:
     marketing: bool = False
     """Marketing mail (a MARKETING template, a campaign's test copy): a recipient whose contact is not
     subscribed gets an email record marked SKIPPED and nothing is queued for them."""
+    tracking: Tracking | None = None
+    """Open and click tracking as the send asked (None, or a None field: the project's default for
+    marketing mail when `marketing`, else for transactional mail; see `pipeline.tracking`)."""
 
     @property
     def light(self) -> bool:
@@ -107,6 +111,7 @@ def submit(session: Session, submission: Submission) -> list[Queued]:
     if submission.envelope_sender is not None:
         require_verified_sender(session, submission.project_id, submission.envelope_sender)
     raw = strip_bcc(submission.raw) if submission.raw is not None else None
+    tracking = tracking_for(session, submission.project_id, submission.marketing, submission.tracking)
     subject = submission.subject or (decoded_subject(parse_raw_headers(raw)) if raw is not None else "")
     contents: dict[bytes, str] = {}
     queued: list[Queued] = []
@@ -126,7 +131,8 @@ def submit(session: Session, submission: Submission) -> list[Queued]:
         skipped = submission.marketing and not contact.subscribed
         email_id = email_store.insert_email(session, submission.project_id, contact.id, contents[digest], address,
                                             submission.sender, subject, submission.source,
-                                            submission.envelope_sender, skipped=skipped)
+                                            submission.envelope_sender, skipped=skipped,
+                                            track_opens=bool(tracking.opens), track_clicks=bool(tracking.clicks))
         queued.append(Queued(contact.id, address, email_id))
         if not skipped:
             count_at_commit(session, EMAILS_ACCEPTED.labels(submission.source))
@@ -154,8 +160,9 @@ def submit_deferred(session: Session, project_id: str, source: str, spec: Messag
     marketing = spec.links is not None
     emails = [email_store.DeferredEmail(r.contact_id, r.email, r.variables or None,
                                         skipped=marketing and not r.subscribed) for r in recipients]
+    tracking = tracking_for(session, project_id, marketing)
     ids = email_store.insert_deferred_emails(session, project_id, content_id, spec.from_email, spec.subject, source,
-                                             emails)
+                                             emails, bool(tracking.opens), bool(tracking.clicks))
     count_at_commit(session, EMAILS_ACCEPTED.labels(source), sum(not email.skipped for email in emails))
     return [Queued(email.contact_id, email.recipient, email_id) for email, email_id in zip(emails, ids, strict=True)]
 

@@ -119,6 +119,7 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
     from maintenance.pruner import Pruner
     from pipeline.deferred import DeferredComposer
     from pipeline.links import make_signer
+    from pipeline.tracking import MessageTracker, TrackingSigner
 
     transport = make_transport(config)
     rate = config.delivery.rate_per_second
@@ -129,7 +130,8 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
             rate = ses_rate
     links = make_signer(config.server.link_secret, config.data_path, config.server.public_url)
     dispatcher = Dispatcher(db, transport, send_rate_limiter(db, rate), config.delivery,
-                            compose_deferred=DeferredComposer(db.read, links), record_bounce=smtp_bounce)
+                            compose_deferred=DeferredComposer(db.read, links), record_bounce=smtp_bounce,
+                            track=MessageTracker(TrackingSigner(links)))
     workflows = WorkflowScheduler(db, links, dispatcher.wake, min(config.delivery.poll_seconds, 0.2))
 
     def wake() -> None:

@@ -27,7 +27,8 @@ class ServerConfig:
     public_url: str = "http://127.0.0.1:8080"
     log_level: str = "INFO"
     link_secret: str = ""
-    """Signs unsubscribe/preferences links (32+ characters); empty: one generated into data_dir on first start."""
+    """Signs unsubscribe/preferences links and open/click tracking links (32+ characters); empty: one generated
+    into data_dir on first start."""
 
 
 @dataclass

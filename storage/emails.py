@@ -49,10 +49,11 @@ SKIPPED_UNSUBSCRIBED = "marketing mail to a contact who is not subscribed"
 
 def insert_email(session: Session, project_id: str, contact_id: str | None, content_id: str, recipient: str,
                  sender: str, subject: str, source: str, envelope_sender: str | None = None,
-                 skipped: bool = False, variables: dict[str, Any] | None = None) -> str:
+                 skipped: bool = False, variables: dict[str, Any] | None = None, track_opens: bool = False,
+                 track_clicks: bool = False) -> str:
     """One email record and its outbox row, due now (written at commit, with the batch's others); a
     `skipped` email is recorded as SKIPPED, with no outbox row. `variables`: a deferred email's own
-    template variables."""
+    template variables. `track_opens` / `track_clicks`: its tracking choice (`pipeline.tracking`)."""
     email_id, now = new_id(), utcnow()
     insert_at_commit(session, _INSERT_EMAIL, {"id": email_id, "project_id": project_id, "contact_id": contact_id,
                                               "content_id": content_id, "recipient": recipient, "sender": sender,
@@ -60,7 +61,8 @@ def insert_email(session: Session, project_id: str, contact_id: str | None, cont
                                               "source": source, "variables": variables,
                                               "status": "SKIPPED" if skipped else "QUEUED",
                                               "error": SKIPPED_UNSUBSCRIBED if skipped else None,
-                                              "created_at": now})
+                                              "created_at": now, "track_opens": track_opens,
+                                              "track_clicks": track_clicks})
     if not skipped:
         insert_at_commit(session, _INSERT_OUTBOX, {"id": new_id(), "email_id": email_id, "due_at": now,
                                                    "attempts": 0})
@@ -79,20 +81,22 @@ class DeferredEmail:
 
 _EMAIL_COLUMNS = [("id", "text"), ("project_id", "text"), ("contact_id", "text"), ("content_id", "text"),
                   ("recipient", "text"), ("sender", "text"), ("subject", "text"), ("source", "text"),
-                  ("variables", "json"), ("status", "text"), ("error", "text"), ("created_at", "time")]
+                  ("variables", "json"), ("status", "text"), ("error", "text"), ("created_at", "time"),
+                  ("track_opens", "bool"), ("track_clicks", "bool")]
 _OUTBOX_COLUMNS = [("id", "text"), ("email_id", "text"), ("due_at", "time"), ("attempts", "int")]
 
 
 def insert_deferred_emails(session: Session, project_id: str, content_id: str, sender: str, subject: str,
-                           source: str, emails: list[DeferredEmail]) -> list[str]:
-    """What `insert_email` writes, for many emails sharing one deferred content, in two statements
-    (`storage.bulk`); returns their ids in order."""
+                           source: str, emails: list[DeferredEmail], track_opens: bool = False,
+                           track_clicks: bool = False) -> list[str]:
+    """What `insert_email` writes, for many emails sharing one deferred content (and one tracking choice),
+    in two statements (`storage.bulk`); returns their ids in order."""
     now = utcnow()
     ids = [new_id() for _ in emails]
     bulk.insert_rows(session, _EMAIL, _EMAIL_COLUMNS, [
         [email_id, project_id, email.contact_id, content_id, email.recipient, sender, subject, source,
          email.variables, "SKIPPED" if email.skipped else "QUEUED", SKIPPED_UNSUBSCRIBED if email.skipped else None,
-         now] for email_id, email in zip(ids, emails, strict=True)])
+         now, track_opens, track_clicks] for email_id, email in zip(ids, emails, strict=True)])
     bulk.insert_rows(session, _OUTBOX, _OUTBOX_COLUMNS, [
         [new_id(), email_id, now, 0] for email_id, email in zip(ids, emails, strict=True) if not email.skipped])
     return ids
@@ -125,6 +129,9 @@ class Claimed:
     """`raw` is a message spec (a campaign's, a workflow step's), composed for this recipient when sent."""
     variables: dict[str, Any] | None = None
     """A deferred email's own template variables (`Email.variables`)."""
+    track_opens: bool = False
+    track_clicks: bool = False
+    """The email's tracking choice: the dispatcher adds the open pixel / click redirects (`Email.track_*`)."""
 
 
 def claim_due(session: Session, worker: str, limit: int, lease_seconds: float, postgres: bool) -> list[Claimed]:
@@ -146,7 +153,8 @@ def claim_due(session: Session, worker: str, limit: int, lease_seconds: float, p
     rows = conn.execute(
         select(_OUTBOX.c.id, _OUTBOX.c.attempts, _EMAIL.c.id, _EMAIL.c.project_id, _EMAIL.c.contact_id,
                _EMAIL.c.recipient, _EMAIL.c.sender, _EMAIL.c.envelope_sender, _CONTENT.c.raw, suppressed,
-               _CONTENT.c.id, _CONTENT.c.deferred, _EMAIL.c.variables)
+               _CONTENT.c.id, _CONTENT.c.deferred, _EMAIL.c.variables, _EMAIL.c.track_opens,
+               _EMAIL.c.track_clicks)
         .join(_EMAIL, _EMAIL.c.id == _OUTBOX.c.email_id).join(_CONTENT, _CONTENT.c.id == _EMAIL.c.content_id)
         .where(_OUTBOX.c.id.in_(ids)).order_by(_OUTBOX.c.priority, _OUTBOX.c.due_at))
     return [Claimed(*row) for row in rows]

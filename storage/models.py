@@ -168,6 +168,10 @@ class Email(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    track_opens: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """Chosen when the email is queued (`pipeline.tracking`): the dispatcher adds the open pixel."""
+    track_clicks: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """Chosen when the email is queued: the dispatcher sends its links through the click redirect."""
 
 
 class OutboxItem(Base):
@@ -382,3 +386,16 @@ class ApiUsage(Base):
     window_start: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     """Epoch seconds at which the window began."""
     used: Mapped[int] = mapped_column(Integer)
+
+
+class TrackingSettings(Base):
+    """A project's open and click tracking defaults, per kind of mail; no row: the defaults of
+    `pipeline.tracking.DEFAULT_SETTINGS` (marketing mail tracked, transactional not)."""
+
+    __tablename__ = "tracking_settings"
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True)
+    marketing_opens: Mapped[bool] = mapped_column(Boolean)
+    marketing_clicks: Mapped[bool] = mapped_column(Boolean)
+    transactional_opens: Mapped[bool] = mapped_column(Boolean)
+    transactional_clicks: Mapped[bool] = mapped_column(Boolean)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

@@ -1,0 +1,98 @@
+"""The open pixel and the click redirect of tracked mail: public, no API key, the signed token is all.
+
+* `GET /t/o/<token>` answers a 1×1 transparent GIF (`Cache-Control: no-store`, so each open is fetched
+  again) and records `email.open` for the email and its contact; an invalid token, or an email that no longer
+  exists, gets the same GIF with status 404 (a mail client shows no broken image) and records nothing.
+* `GET /t/c/<token>` records `email.click` (with the URL) and answers 302 to the URL the token was signed
+  for, which is the URL that was in that email. Anything else (a bad signature, an unknown email, a URL that
+  is not http(s)) is the 404 page and records nothing: never a redirect, so this is no open redirect.
+* Events say `first: true` for an email's first open (first click) and `false` after. Every GET counts:
+  mail clients and privacy proxies that prefetch images (Apple Mail Privacy Protection, Gmail's image
+  proxy) and link scanners that follow links record opens and clicks like people do; the event data keeps
+  the `userAgent` so they can be told apart later. `HEAD` (what link checkers send) records nothing.
+* The token never reaches a log (`/t/o/<token>` is logged instead); the redirect carries
+  `Referrer-Policy: no-referrer`, so the target site does not see it either.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from api.context import DB, TRACKING
+from api.middleware import LOGGED_PATH
+from api.pages import not_found
+from api.pages.html import error_page
+from api.routing import Route
+from pipeline.tracking import record_click, record_open
+
+log = logging.getLogger("plunkd.tracking")
+PIXEL = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00"
+         b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")
+"""A 1×1 GIF whose one pixel is transparent."""
+NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Robots-Tag": "noindex, nofollow"}
+
+PageHandler = Callable[[web.Request, str], Awaitable[web.Response]]
+
+
+def pixel(status: int = 200) -> web.Response:
+    return web.Response(status=status, body=PIXEL, content_type="image/gif",
+                        headers={**NO_STORE, "X-Content-Type-Options": "nosniff"})
+
+
+async def opened(request: web.Request, token: str) -> web.Response:
+    email_id = request.app[TRACKING].verify_open(token)
+    if email_id is None:
+        return pixel(404)
+    if request.method == "HEAD":
+        return pixel()
+    user_agent = request.headers.get("User-Agent")
+    recorded = await request.app[DB].write(lambda s: record_open(s, email_id, user_agent), light=True)
+    if recorded is None:
+        return pixel(404)
+    log.info("email %s: opened%s", email_id, " (first)" if recorded.first else "")
+    return pixel()
+
+
+async def clicked(request: web.Request, token: str) -> web.Response:
+    click = request.app[TRACKING].verify_click(token)
+    if click is None:
+        return not_found()
+    if request.method != "HEAD":
+        user_agent = request.headers.get("User-Agent")
+        recorded = await request.app[DB].write(lambda s: record_click(s, click, user_agent), light=True)
+        if recorded is None:
+            return not_found()
+        log.info("email %s: link clicked%s", click.email_id, " (first)" if recorded.first else "")
+    return web.Response(status=302, headers={**NO_STORE, "Location": click.url})
+
+
+async def method_not_allowed(request: web.Request, token: str) -> web.Response:
+    return error_page(405, "Method not allowed", "This page does not take that method.", {"Allow": "GET, HEAD"})
+
+
+def _served(kind: str, handler: PageHandler) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The handler with the token out of the logs and any failure answered as the error page."""
+
+    async def serve(request: web.Request) -> web.Response:
+        request[LOGGED_PATH] = f"/t/{kind}/<token>"
+        try:
+            return await handler(request, request.match_info["token"])
+        except Exception:
+            log.exception("tracking link failed for %s %s", request.method, request[LOGGED_PATH])
+            return error_page(500, "Something went wrong", "Something went wrong on our side. Please try again later.")
+
+    return serve
+
+
+def _routes(kind: str, handler: PageHandler, summary: str) -> list[Route]:
+    path = f"/t/{kind}/{{token:.*}}"
+    common = {"auth": None, "scope": "root", "tag": "Tracking", "page": True}
+    return [Route("GET", path, _served(kind, handler), summary, head=True, **common),
+            Route("*", path, _served(kind, method_not_allowed), "Any other method: 405", **common)]
+
+
+ROUTES: list[Route] = [*_routes("o", opened, "The open-tracking pixel"),
+                       *_routes("c", clicked, "The click-tracking redirect")]
