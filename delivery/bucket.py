@@ -67,6 +67,8 @@ class SharedBucket:
         self._end = 0.0
         """Local time at which the current reservation ends."""
         self.reservations = 0
+        self._release_lock = asyncio.Lock()
+        self._released = 0.0
         self._last_size = 0
         self._handed = 0
 
@@ -92,7 +94,16 @@ class SharedBucket:
             self._waiting -= 1
         if delay > 0:
             await asyncio.sleep(delay)
+        await self._paced(need)
         return slot
+
+    async def _paced(self, need: float) -> None:
+        """Senders that woke late together (a busy event loop) leave one `1/rate` apart, not in a burst."""
+        async with self._release_lock:
+            wait = self._released + need - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._released = time.monotonic()
 
     async def _take_more(self, need: float) -> float:
         """A new reservation, sized to the sends waiting (at least this one); returns the first slot in it

@@ -148,6 +148,9 @@ def test_three_nodes_hold_one_rate_and_lose_nothing_when_one_is_killed(tmp_path,
     before = [moment for moment in times if steady < moment < killed_at]
     held = (len(before) - 1) / (before[-1] - before[0])
     assert abs(held - RATE) / RATE < 0.02, held
-    assert most_in_any_window(times) <= RATE + 2, most_in_any_window(times)  # arrivals jitter by a few ms
+    # The sink runs in this process, whose twelve client threads starve it while they load the nodes: its
+    # arrival times bunch then. From the end of acceptance on they are the nodes' own pace.
+    steady_times = [moment for moment in times if moment > steady]
+    assert most_in_any_window(steady_times) <= RATE + 1, most_in_any_window(steady_times)
     print(f"\ncluster: {len(times)} deliveries, held {held:.2f}/s (set {RATE}/s), busiest second "
-          f"{most_in_any_window(times)}, duplicates after the kill {duplicates}")
+          f"{most_in_any_window(steady_times)}, duplicates after the kill {duplicates}")
