@@ -1,0 +1,1 @@
+"""Background work on what happens after an event: outbound webhooks (`webhooks`)."""
