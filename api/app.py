@@ -12,6 +12,7 @@ from api.context import CONFIG, DB, KEYS, LINKS, ON_QUEUED, RATE_LIMITER
 from api.middleware import envelope_middleware
 from api.ratelimit import WindowRateLimiter
 from api.routing import Route, register
+from api.webhooks import ROUTES as WEBHOOK_ROUTES
 from pipeline.keys import KeyCache
 from pipeline.links import make_signer
 from plunkd.config import Config
@@ -27,7 +28,8 @@ def served_openapi() -> dict[str, Any]:
 
 def all_routes() -> list[Route]:
     return [*system.ROUTES, *send.ROUTES, *track.ROUTES, *contacts.ROUTES, *events.ROUTES, *domains.ROUTES,
-            *templates.ROUTES, *segments.ROUTES, *campaigns.ROUTES, *pages.ROUTES, *workflows.ROUTES]
+            *templates.ROUTES, *segments.ROUTES, *campaigns.ROUTES, *pages.ROUTES, *workflows.ROUTES,
+            *WEBHOOK_ROUTES]
 
 
 def build_api(config: Config, db: Database) -> web.Application:

@@ -23,6 +23,7 @@ it is sent again, with the same `webhook-id`, when the lease runs out (at least 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import random
@@ -92,7 +93,8 @@ class PublicOnlyResolver(AbstractResolver):
         found = await self._inner.resolve(host, port, family)
         allowed = [entry for entry in found if public_address(entry["host"])]
         if not allowed:
-            raise OSError(f"{host} resolves only to non-public addresses and webhooks.allow_private_targets is off")
+            raise OSError(errno.EACCES, f"{host} resolves only to non-public addresses and "
+                                        "webhooks.allow_private_targets is off")
         return allowed
 
     async def close(self) -> None:

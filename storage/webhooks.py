@@ -31,6 +31,7 @@ ENDPOINTS = WebhookEndpoint.__table__
 DELIVERIES = WebhookDelivery.__table__
 _INSERT_DELIVERY = DELIVERIES.insert()
 PENDING, DELIVERED, FAILED = "PENDING", "DELIVERED", "FAILED"
+STATUSES = (PENDING, DELIVERED, FAILED)
 SETTLED = (DELIVERED, FAILED)
 WILDCARDS = {"*": "", "email.*": "email.", "contact.*": "contact.", "segment.*": "segment."}
 """Patterns an endpoint may listen for, besides exact event names: each matches the names it starts with."""
