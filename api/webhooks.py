@@ -175,17 +175,23 @@ async def rotate_secret(request: web.Request) -> web.Response:
     return success(with_secret(endpoint))
 
 
-def _status_param(request: web.Request) -> str | None:
+def _delivery_query(request: web.Request) -> tuple[int, str | None, str | None]:
+    """?limit, ?cursor and ?status, every bad one named in one 422."""
+    errors: list[FieldError] = []
+    try:
+        limit, cursor = page_params(request)
+    except ValidationFailed as exc:
+        errors, limit, cursor = list(exc.errors), 0, None
     status = request.query.get("status")
     if status is not None and status not in store.STATUSES:
-        raise ValidationFailed([FieldError("status", "status must be PENDING, DELIVERED or FAILED",
-                                           "invalid_enum_value")])
-    return status
+        errors.append(FieldError("status", "status must be PENDING, DELIVERED or FAILED", "invalid_enum_value"))
+    if errors:
+        raise ValidationFailed(errors)
+    return limit, cursor, status
 
 
 async def list_deliveries(request: web.Request) -> web.Response:
-    limit, cursor = page_params(request)
-    status = _status_param(request)
+    limit, cursor, status = _delivery_query(request)
     project_id, endpoint_id = caller(request).project_id, request.match_info["id"]
 
     def query(session):
