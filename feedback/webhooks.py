@@ -43,7 +43,7 @@ from plunkd.config import WebhooksConfig
 from storage import webhooks as store
 from storage.db import Database
 from storage.models import utcnow
-from storage.webhooks import Attempt, ClaimedDelivery
+from storage.webhooks import Attempt, ClaimedDelivery, Outcome, Recorded
 
 log = logging.getLogger("plunkd.webhooks")
 PRUNE_SECONDS = 600.0
@@ -111,6 +111,10 @@ class WebhookSender:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._http: aiohttp.ClientSession | None = None
         self._pruned_at = 0.0
+        self._busy = False
+        self._outcomes: list[tuple[Outcome, asyncio.Future[Recorded | None]]] = []
+        self._recorder: asyncio.Task[None] | None = None
+        """The last claim got all it asked for: more may be due, so the next one skips the earliest-due read."""
 
     def wake(self) -> None:
         """Deliveries may be due now: look now instead of at the next poll."""
@@ -144,19 +148,24 @@ class WebhookSender:
         return max(0.0, min(self.settings.poll_seconds, (self.next_due - utcnow()).total_seconds()))
 
     async def run_once(self) -> int:
-        """Claim as many due deliveries as there are free slots and start posting them; returns how many."""
-        free = min(self.settings.batch_size, self.settings.concurrency - len(self._in_flight))
-        if free <= 0:
+        """Claim due deliveries for the free slots and start posting them; returns how many. Claims are made
+        for half the slots at least (a claim per delivery would cost a transaction each), and the earliest
+        due time is read only after a claim that found less than it asked for."""
+        slots = self.settings.concurrency
+        if len(self._in_flight) > slots // 2:
             await asyncio.wait(list(self._in_flight), return_when=asyncio.FIRST_COMPLETED)
             return 1
-        earliest = await self.db.read(store.earliest_due)
-        if earliest is None or earliest > utcnow():
-            self.next_due = earliest
-            return 0
+        if not self._busy:
+            earliest = await self.db.read(store.earliest_due)
+            if earliest is None or earliest > utcnow():
+                self.next_due = earliest
+                return 0
         self.next_due = None
-        settings = self.settings
-        claimed = await self.db.write(lambda s: store.claim_due(s, utcnow(), free, settings.lease_seconds,
-                                                                self.db.is_postgres), light=True)
+        free = min(self.settings.batch_size, slots - len(self._in_flight))
+        lease = self.settings.lease_seconds
+        claimed = await self.db.write(lambda s: store.claim_due(s, utcnow(), free, lease, self.db.is_postgres),
+                                      light=True)
+        self._busy = len(claimed) == free
         for delivery in claimed:
             task = asyncio.create_task(self._deliver_and_record(delivery))
             self._in_flight.add(task)
@@ -179,6 +188,9 @@ class WebhookSender:
         for task in list(self._in_flight):
             task.cancel()
         await asyncio.gather(*list(self._in_flight), return_exceptions=True)
+        if self._recorder is not None:
+            self._recorder.cancel()
+            await asyncio.gather(self._recorder, return_exceptions=True)
         if self._http is not None:
             await self._http.close()
             self._http = None
@@ -235,11 +247,8 @@ class WebhookSender:
         return status, f"HTTP {status}: {snippet}" if snippet else f"HTTP {status}"
 
     async def _record(self, delivery: ClaimedDelivery, attempt: Attempt) -> None:
-        settings = self.settings
-        retry_at = None if attempt.ok else next_attempt(delivery, attempt, settings)
-        recorded = await self.db.write(lambda s: store.record_attempt(
-            s, delivery, attempt, retry_at, settings.disable_after_failures, settings.disable_after_seconds),
-            light=True)
+        retry_at = None if attempt.ok else next_attempt(delivery, attempt, self.settings)
+        recorded: Recorded | None = await self._written(Outcome(delivery, attempt, retry_at))
         host = urlsplit(delivery.url).hostname
         number = delivery.attempts + 1
         if recorded is None:
@@ -262,6 +271,31 @@ class WebhookSender:
                         delivery.event_name, number, delivery.endpoint_id, host, attempt.error)
         if recorded.disabled:
             log.warning("webhook endpoint %s disabled: %s", delivery.endpoint_id, recorded.disabled)
+
+    def _written(self, outcome: Outcome) -> asyncio.Future[Recorded | None]:
+        """The outcome, recorded with every other one that finished meanwhile (one transaction for them all)."""
+        future: asyncio.Future[Recorded | None] = asyncio.get_running_loop().create_future()
+        self._outcomes.append((outcome, future))
+        if self._recorder is None or self._recorder.done():
+            self._recorder = asyncio.create_task(self._write_outcomes())
+        return future
+
+    async def _write_outcomes(self) -> None:
+        settings = self.settings
+        while self._outcomes:
+            batch, self._outcomes = self._outcomes, []
+            outcomes = [outcome for outcome, _ in batch]
+            try:
+                results = await self.db.write(lambda s, outcomes=outcomes: store.record_attempts(
+                    s, outcomes, settings.disable_after_failures, settings.disable_after_seconds), light=True)
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
 
     async def _prune_now_and_then(self) -> None:
         if self.settings.keep_days <= 0 or time.monotonic() - self._pruned_at < PRUNE_SECONDS:

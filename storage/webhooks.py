@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, event, func, literal, select, update
+from sqlalchemy import bindparam, delete, event, func, select, update
 from sqlalchemy.orm import Session
 
 from storage.batch import insert_at_commit
@@ -305,9 +305,34 @@ class Recorded:
     """The endpoint was disabled by this attempt's failure: why."""
 
 
+_EARLIEST = select(func.min(DELIVERIES.c.due_at)).where(DELIVERIES.c.status == PENDING)
+# Built once, with bind parameters: the sender runs these for every delivery, and building a statement
+# costs more than the database's work.
+_DUE = (select(DELIVERIES.c.id).where(DELIVERIES.c.status == PENDING, DELIVERIES.c.due_at <= bindparam("now"))
+        .order_by(DELIVERIES.c.due_at).limit(bindparam("limit")))
+_DUE_SKIP_LOCKED = _DUE.with_for_update(skip_locked=True)
+_LEASE = (update(DELIVERIES).where(DELIVERIES.c.id.in_(bindparam("ids", expanding=True)))
+          .values(due_at=bindparam("lease_until"), claimed_by=bindparam("claim")))
+_CLAIMED = (select(DELIVERIES.c.id, DELIVERIES.c.endpoint_id, ENDPOINTS.c.project_id, DELIVERIES.c.event_name,
+                   DELIVERIES.c.payload, DELIVERIES.c.attempts, DELIVERIES.c.attempt_log, DELIVERIES.c.created_at,
+                   ENDPOINTS.c.url, ENDPOINTS.c.secret, ENDPOINTS.c.previous_secret,
+                   ENDPOINTS.c.previous_secret_expires_at, ENDPOINTS.c.enabled)
+            .join(ENDPOINTS, ENDPOINTS.c.id == DELIVERIES.c.endpoint_id)
+            .where(DELIVERIES.c.id.in_(bindparam("ids", expanding=True))).order_by(DELIVERIES.c.created_at))
+_RECORD = (update(DELIVERIES).where(DELIVERIES.c.id == bindparam("delivery_id"),
+                                    DELIVERIES.c.claimed_by == bindparam("claim"), DELIVERIES.c.status == PENDING)
+           .values(status=bindparam("new_status"), attempts=DELIVERIES.c.attempts + 1, due_at=bindparam("due"),
+                   claimed_by=None, last_status=bindparam("http_status"), last_error=bindparam("error"),
+                   attempt_log=bindparam("log", type_=DELIVERIES.c.attempt_log.type), updated_at=bindparam("at")))
+_STREAK_GROW = (update(ENDPOINTS).where(ENDPOINTS.c.id == bindparam("endpoint_id"), ENDPOINTS.c.enabled.is_(True))
+                .values(consecutive_failures=ENDPOINTS.c.consecutive_failures + 1,
+                        failing_since=func.coalesce(ENDPOINTS.c.failing_since,
+                                                    bindparam("at", type_=ENDPOINTS.c.failing_since.type)))
+                .returning(ENDPOINTS.c.consecutive_failures, ENDPOINTS.c.failing_since))
+
+
 def earliest_due(session: Session) -> datetime | None:
-    return session.connection().execute(select(func.min(DELIVERIES.c.due_at))
-                                        .where(DELIVERIES.c.status == PENDING)).scalar()
+    return session.connection().execute(_EARLIEST).scalar()
 
 
 def claim_due(session: Session, now: datetime, limit: int, lease_seconds: float,
@@ -316,25 +341,13 @@ def claim_due(session: Session, now: datetime, limit: int, lease_seconds: float,
     token (PostgreSQL: `FOR UPDATE SKIP LOCKED`, so senders on several nodes share the work). A delivery
     whose endpoint was disabled meanwhile is failed here instead."""
     conn = session.connection()
-    due = (select(DELIVERIES.c.id).where(DELIVERIES.c.status == PENDING, DELIVERIES.c.due_at <= now)
-           .order_by(DELIVERIES.c.due_at).limit(limit))
-    if postgres:
-        due = due.with_for_update(skip_locked=True)
-    ids = list(conn.execute(due).scalars())
+    ids = list(conn.execute(_DUE_SKIP_LOCKED if postgres else _DUE, {"now": now, "limit": limit}).scalars())
     if not ids:
         return []
     token = new_id()
-    conn.execute(update(DELIVERIES).where(DELIVERIES.c.id.in_(ids)).values(
-        due_at=now + timedelta(seconds=lease_seconds), claimed_by=token))
-    rows = conn.execute(
-        select(DELIVERIES.c.id, DELIVERIES.c.endpoint_id, ENDPOINTS.c.project_id, DELIVERIES.c.event_name,
-               DELIVERIES.c.payload, DELIVERIES.c.attempts, DELIVERIES.c.attempt_log, DELIVERIES.c.created_at,
-               ENDPOINTS.c.url, ENDPOINTS.c.secret, ENDPOINTS.c.previous_secret,
-               ENDPOINTS.c.previous_secret_expires_at, ENDPOINTS.c.enabled)
-        .join(ENDPOINTS, ENDPOINTS.c.id == DELIVERIES.c.endpoint_id)
-        .where(DELIVERIES.c.id.in_(ids)).order_by(DELIVERIES.c.created_at))
+    conn.execute(_LEASE, {"ids": ids, "lease_until": now + timedelta(seconds=lease_seconds), "claim": token})
     claimed, orphaned = [], []
-    for row in rows:
+    for row in conn.execute(_CLAIMED, {"ids": ids}):
         if not row.enabled:
             orphaned.append(row.id)
             continue
@@ -351,6 +364,48 @@ def claim_due(session: Session, now: datetime, limit: int, lease_seconds: float,
     return claimed
 
 
+_HELD = select(DELIVERIES.c.id, DELIVERIES.c.claimed_by).where(
+    DELIVERIES.c.id.in_(bindparam("ids", expanding=True)), DELIVERIES.c.status == PENDING)
+_HELD_LOCKED = _HELD.with_for_update()
+_STREAKS_RESET = (update(ENDPOINTS).where(ENDPOINTS.c.id.in_(bindparam("endpoint_ids", expanding=True)),
+                                          ENDPOINTS.c.consecutive_failures > 0)
+                  .values(consecutive_failures=0, failing_since=None))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One attempt to record: the claimed delivery, what happened, and when to retry after a failure (None:
+    it gives up now)."""
+
+    delivery: ClaimedDelivery
+    attempt: Attempt
+    retry_at: datetime | None
+
+
+def record_attempts(session: Session, outcomes: list[Outcome], disable_after_failures: int,
+                    disable_after_seconds: float) -> list[Recorded | None]:
+    """Record each attempt (see `record_attempt`), the delivered ones together: which of them each claim
+    still holds (locked on PostgreSQL; SQLite's writer is alone), then one executemany for those and one
+    statement for their endpoints' streaks. The sender records what finished meanwhile in one go."""
+    results: list[Recorded | None] = [None] * len(outcomes)
+    delivered = [index for index, outcome in enumerate(outcomes) if outcome.attempt.ok]
+    if delivered:
+        conn = session.connection()
+        held_query = _HELD_LOCKED if session.get_bind().dialect.name == "postgresql" else _HELD
+        held = dict(conn.execute(held_query, {"ids": [outcomes[index].delivery.id for index in delivered]}).all())
+        mine = [index for index in delivered if held.get(outcomes[index].delivery.id) == outcomes[index].delivery.claim]
+        if mine:
+            conn.execute(_RECORD, [_record_params(outcomes[index]) for index in mine])
+            conn.execute(_STREAKS_RESET, {"endpoint_ids": sorted({outcomes[index].delivery.endpoint_id
+                                                                  for index in mine})})
+        for index in mine:
+            results[index] = Recorded(DELIVERED)
+    for index, outcome in enumerate(outcomes):
+        if not outcome.attempt.ok:
+            results[index] = _record_one(session, outcome, disable_after_failures, disable_after_seconds)
+    return results
+
+
 def record_attempt(session: Session, delivery: ClaimedDelivery, attempt: Attempt, retry_at: datetime | None,
                    disable_after_failures: int, disable_after_seconds: float) -> Recorded | None:
     """Write the attempt into the delivery (DELIVERED on a 2xx, else PENDING again at `retry_at`, or FAILED
@@ -358,32 +413,33 @@ def record_attempt(session: Session, delivery: ClaimedDelivery, attempt: Attempt
     least `disable_after_failures` attempts over at least `disable_after_seconds`. None, with nothing
     written, when the claim no longer holds the delivery (its lease ran out and another sender took it, or
     the endpoint was disabled or deleted meanwhile)."""
-    conn = session.connection()
+    return _record_one(session, Outcome(delivery, attempt, retry_at), disable_after_failures, disable_after_seconds)
+
+
+def _record_params(outcome: Outcome) -> dict[str, Any]:
+    delivery, attempt, retry_at = outcome.delivery, outcome.attempt, outcome.retry_at
     status = DELIVERED if attempt.ok else (PENDING if retry_at is not None else FAILED)
     error = attempt.error
     if status == FAILED:
         error = f"gave up after {delivery.attempts + 1} attempts: {attempt.error}"
-    log = [*delivery.attempt_log, attempt.as_log()][-ATTEMPT_LOG_CAP:]
-    written = conn.execute(update(DELIVERIES).where(
-        DELIVERIES.c.id == delivery.id, DELIVERIES.c.claimed_by == delivery.claim,
-        DELIVERIES.c.status == PENDING).values(
-        status=status, attempts=DELIVERIES.c.attempts + 1, due_at=retry_at if status == PENDING else attempt.at,
-        claimed_by=None, last_status=attempt.status, last_error=None if attempt.ok else error[:2000],
-        attempt_log=log, updated_at=attempt.at)).rowcount
-    if not written:
+    return {"delivery_id": delivery.id, "claim": delivery.claim, "new_status": status,
+            "due": retry_at if status == PENDING else attempt.at, "http_status": attempt.status,
+            "error": None if attempt.ok or error is None else error[:2000],
+            "log": [*delivery.attempt_log, attempt.as_log()][-ATTEMPT_LOG_CAP:], "at": attempt.at}
+
+
+def _record_one(session: Session, outcome: Outcome, disable_after_failures: int,
+                disable_after_seconds: float) -> Recorded | None:
+    conn = session.connection()
+    params = _record_params(outcome)
+    if not conn.execute(_RECORD, params).rowcount:
         return None
+    status, delivery, attempt = params["new_status"], outcome.delivery, outcome.attempt
     if attempt.ok:
-        conn.execute(update(ENDPOINTS).where(ENDPOINTS.c.id == delivery.endpoint_id,
-                                             ENDPOINTS.c.consecutive_failures > 0)
-                     .values(consecutive_failures=0, failing_since=None))
+        conn.execute(_STREAKS_RESET, {"endpoint_ids": [delivery.endpoint_id]})
         return Recorded(status)
-    conn.execute(update(ENDPOINTS).where(ENDPOINTS.c.id == delivery.endpoint_id, ENDPOINTS.c.enabled.is_(True))
-                 .values(consecutive_failures=ENDPOINTS.c.consecutive_failures + 1,
-                         failing_since=func.coalesce(ENDPOINTS.c.failing_since,
-                                                     literal(attempt.at, ENDPOINTS.c.failing_since.type))))
-    streak = conn.execute(select(ENDPOINTS.c.consecutive_failures, ENDPOINTS.c.failing_since, ENDPOINTS.c.enabled)
-                          .where(ENDPOINTS.c.id == delivery.endpoint_id)).first()
-    if streak is None or not streak.enabled or streak.failing_since is None:
+    streak = conn.execute(_STREAK_GROW, {"endpoint_id": delivery.endpoint_id, "at": attempt.at}).first()
+    if streak is None:  # disabled meanwhile
         return Recorded(status)
     since = streak.failing_since
     if (streak.consecutive_failures >= disable_after_failures
