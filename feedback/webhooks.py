@@ -112,6 +112,9 @@ class WebhookSender:
         self._http: aiohttp.ClientSession | None = None
         self._pruned_at = 0.0
         self._busy = False
+        self._posting = 0
+        """POSTs in flight (the slots `concurrency` counts)."""
+        self._slot_freed = asyncio.Event()
         self._outcomes: list[tuple[Outcome, asyncio.Future[Recorded | None]]] = []
         self._recorder: asyncio.Task[None] | None = None
         """The last claim got all it asked for: more may be due, so the next one skips the earliest-due read."""
@@ -150,10 +153,12 @@ class WebhookSender:
     async def run_once(self) -> int:
         """Claim due deliveries for the free slots and start posting them; returns how many. Claims are made
         for half the slots at least (a claim per delivery would cost a transaction each), and the earliest
-        due time is read only after a claim that found less than it asked for."""
+        due time is read only after a claim that found less than it asked for. A slot is a POST in flight: it
+        is free again once the reply is in, while the outcome is being recorded."""
         slots = self.settings.concurrency
-        if len(self._in_flight) > slots // 2:
-            await asyncio.wait(list(self._in_flight), return_when=asyncio.FIRST_COMPLETED)
+        if self._posting > slots // 2:
+            self._slot_freed.clear()
+            await self._slot_freed.wait()
             return 1
         if not self._busy:
             earliest = await self.db.read(store.earliest_due)
@@ -161,11 +166,12 @@ class WebhookSender:
                 self.next_due = earliest
                 return 0
         self.next_due = None
-        free = min(self.settings.batch_size, slots - len(self._in_flight))
+        free = min(self.settings.batch_size, slots - self._posting)
         lease = self.settings.lease_seconds
         claimed = await self.db.write(lambda s: store.claim_due(s, utcnow(), free, lease, self.db.is_postgres),
                                       light=True)
         self._busy = len(claimed) == free
+        self._posting += len(claimed)
         for delivery in claimed:
             task = asyncio.create_task(self._deliver_and_record(delivery))
             self._in_flight.add(task)
@@ -197,7 +203,11 @@ class WebhookSender:
 
     async def _deliver_and_record(self, delivery: ClaimedDelivery) -> None:
         try:
-            attempt = await self.post(delivery)
+            try:
+                attempt = await self.post(delivery)
+            finally:
+                self._posting -= 1
+                self._slot_freed.set()
             await self._record(delivery, attempt)
         except asyncio.CancelledError:
             raise
