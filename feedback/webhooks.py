@@ -110,7 +110,7 @@ class WebhookSender:
         self._wake = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
         self._http: aiohttp.ClientSession | None = None
-        self._pruned_at = 0.0
+        self._pruned_at: float | None = None
         self._busy = False
         self._posting = 0
         """POSTs in flight (the slots `concurrency` counts)."""
@@ -308,9 +308,14 @@ class WebhookSender:
                     future.set_result(result)
 
     async def _prune_now_and_then(self) -> None:
-        if self.settings.keep_days <= 0 or time.monotonic() - self._pruned_at < PRUNE_SECONDS:
+        if self._pruned_at is None or time.monotonic() - self._pruned_at >= PRUNE_SECONDS:
+            self._pruned_at = time.monotonic()
+            await self.prune()
+
+    async def prune(self) -> None:
+        """Delete the deliveries settled more than `keep_days` ago, a batch per transaction."""
+        if self.settings.keep_days <= 0:
             return
-        self._pruned_at = time.monotonic()
         before = utcnow() - timedelta(days=self.settings.keep_days)
         removed = PRUNE_BATCH
         while removed == PRUNE_BATCH:

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import socket
 import time
+from datetime import timedelta
 
 import pytest
 from aiohttp import web
@@ -19,7 +20,8 @@ from api.context import CONFIG
 from feedback.webhooks import WebhookSender
 from pipeline.track import track
 from pipeline.webhooks import public_address
-from storage.models import Event, WebhookDelivery
+from plunkd.config import ConfigError, load_config
+from storage.models import Event, WebhookDelivery, utcnow
 from tests.webhook_receiver import Receiver, start_receiver
 
 
@@ -350,3 +352,60 @@ async def test_a_rotated_secret_signs_beside_the_old_one_and_test_deliveries(api
     assert request.payload["type"] == "webhook.test" and request.payload["data"]["event"] is None
     [item] = await deliveries(api, hook["id"])
     assert item["status"] == "DELIVERED"
+
+
+async def test_a_sent_email_is_posted_as_email_sent_with_its_email_id(api, sender, receiver, tmp_path):
+    """The dispatcher's `email.sent` (recorded with the email's outcome) queues its delivery too."""
+    from tests.test_campaigns import dispatcher_for
+    from tests.test_delivery import dispatch_all
+
+    hook = await create_endpoint(api, receiver, ["email.sent"])
+    status, body = await api.call("POST", "/v1/send", json={"to": "ann@example.org", "subject": "Hi", "body": "Hello"})
+    assert status == 200, body
+    [sent] = body["data"]["emails"]
+    assert await deliveries(api, hook["id"]) == [], "queued is not sent"
+    await dispatch_all(dispatcher_for(api, tmp_path / "outbox"))
+    webhooks = sender_for(api)
+    try:
+        await webhooks.run_until_idle()
+    finally:
+        await webhooks.close()
+    [request] = receiver.received
+    assert request.verified[hook["secret"]]
+    data = request.payload["data"]
+    assert request.payload["type"] == "email.sent" and data["email"] == sent["email"]
+    assert data["contact"] == sent["contact"] and data["data"]["transport"] == "file"
+
+
+async def test_settled_deliveries_are_pruned_after_keep_days(api, receiver):
+    hook = await create_endpoint(api, receiver, ["signed-up"])
+    for address in ("old@example.org", "new@example.org"):
+        await track_event(api, address, "signed-up")
+    receiver.replies = [200, 500]
+    sender = sender_for(api, keep_days=1, retry_base_seconds=60.0)
+    try:
+        await sender.run_until_idle()
+        old, pending = sorted(await deliveries(api, hook["id"]), key=lambda item: item["status"])
+        assert (old["status"], pending["status"]) == ("DELIVERED", "PENDING")
+        await api.db.write(lambda s: s.execute(
+            WebhookDelivery.__table__.update().values(due_at=utcnow() - timedelta(days=2))))
+        await sender.prune()
+    finally:
+        await sender.close()
+    assert [item["id"] for item in await deliveries(api, hook["id"])] == [pending["id"]], "pending ones are kept"
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("LEASE_SECONDS", "5", "config key webhooks.lease_seconds: expected a number of seconds > "
+                           "webhooks.timeout_seconds"),
+    ("MAX_ENDPOINTS_PER_PROJECT", "0", "config key webhooks.max_endpoints_per_project: expected a number > 0"),
+    ("ALLOW_PRIVATE_TARGETS", "maybe", "config key webhooks.allow_private_targets "
+                                       "(PLUNKD_WEBHOOKS_ALLOW_PRIVATE_TARGETS): expected bool, got 'maybe'"),
+    ("RETRY_MAX_SECONDS", "1", "config key webhooks.retry_max_seconds: expected a number >= "
+                               "webhooks.retry_base_seconds"),
+])
+def test_bad_webhook_settings_stop_start_up_naming_the_key(key, value, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(env={f"PLUNKD_WEBHOOKS_{key}": value})
+    assert str(err.value) == message
+    assert load_config(env={}).webhooks.allow_private_targets is False, "private targets are refused by default"
