@@ -118,25 +118,30 @@ def event_payload(event_id: str | None, name: str, contact: dict[str, str] | Non
             "data": {"event": event_id, "name": name, "contact": contact, "email": email_id, "data": data}}
 
 
+_LISTENING = select(ENDPOINTS.c.id, ENDPOINTS.c.events).where(ENDPOINTS.c.project_id == bindparam("project_id"),
+                                                              ENDPOINTS.c.enabled.is_(True))
+_CONTACT_EMAIL = select(Contact.email).where(Contact.id == bindparam("contact_id"))
+
+
 def on_event(session: Session, project_id: str, contact_id: str | None, name: str, event_id: str,
              data: dict[str, Any], email_id: str | None, now: datetime) -> int:
     """The webhook side of recording an event (from `storage.events.insert_event`): one PENDING delivery,
     due now, for each enabled endpoint of the project listening for it, written with the event's
     transaction. A dictionary lookup when no endpoint listens for `name`. Returns how many were queued."""
     wanted = interest(session, project_id)
-    if not wanted or wanted.isdisjoint(patterns_for(name)):
+    if not wanted:
+        return 0
+    matching = patterns_for(name)
+    if wanted.isdisjoint(matching):
         return 0
     conn = session.connection()
-    matching = patterns_for(name)
-    endpoint_ids = [row.id for row in conn.execute(select(ENDPOINTS.c.id, ENDPOINTS.c.events).where(
-        ENDPOINTS.c.project_id == project_id, ENDPOINTS.c.enabled.is_(True)))
-        if isinstance(row.events, list) and not matching.isdisjoint(row.events)]
+    endpoint_ids = [row.id for row in conn.execute(_LISTENING, {"project_id": project_id})
+                    if isinstance(row.events, list) and not matching.isdisjoint(row.events)]
     if not endpoint_ids:
         return 0
     contact = None
     if contact_id is not None:
-        address = conn.execute(select(Contact.email).where(Contact.id == contact_id)).scalar()
-        contact = {"id": contact_id, "email": address}
+        contact = {"id": contact_id, "email": conn.execute(_CONTACT_EMAIL, {"contact_id": contact_id}).scalar()}
     payload = event_payload(event_id, name, contact, email_id, data or {}, now)
     for endpoint_id in endpoint_ids:
         _queue(session, endpoint_id, event_id, name, payload, now)
@@ -364,6 +369,9 @@ def claim_due(session: Session, now: datetime, limit: int, lease_seconds: float,
     return claimed
 
 
+_LOCK_ENDPOINTS = (select(ENDPOINTS.c.id).where(ENDPOINTS.c.id.in_(bindparam("endpoint_ids", expanding=True)))
+                   .order_by(ENDPOINTS.c.id).with_for_update(key_share=True))
+"""FOR NO KEY UPDATE: an event queuing a delivery (a foreign key to the endpoint) does not wait for it."""
 _HELD = select(DELIVERIES.c.id, DELIVERIES.c.claimed_by).where(
     DELIVERIES.c.id.in_(bindparam("ids", expanding=True)), DELIVERIES.c.status == PENDING)
 _HELD_LOCKED = _HELD.with_for_update()
@@ -384,14 +392,25 @@ class Outcome:
 
 def record_attempts(session: Session, outcomes: list[Outcome], disable_after_failures: int,
                     disable_after_seconds: float) -> list[Recorded | None]:
-    """Record each attempt (see `record_attempt`), the delivered ones together: which of them each claim
-    still holds (locked on PostgreSQL; SQLite's writer is alone), then one executemany for those and one
-    statement for their endpoints' streaks. The sender records what finished meanwhile in one go."""
+    """Record what each attempt did to its delivery (DELIVERED on a 2xx, else PENDING again at `retry_at`, or
+    FAILED when that is None) and to its endpoint's failure streak, disabling the endpoint when the streak is
+    at least `disable_after_failures` attempts over at least `disable_after_seconds`. An outcome whose claim
+    no longer holds its delivery (the lease ran out and another sender took it, or the endpoint was disabled
+    or deleted meanwhile) writes nothing: its result is None.
+
+    The sender records what finished meanwhile in one go: the delivered ones with one executemany (after
+    reading which of them each claim still holds) and one statement for their endpoints' streaks. On
+    PostgreSQL the endpoints' rows are locked first, in id order, as the API locks an endpoint before its
+    deliveries: senders on several nodes and the API never wait for each other in a circle."""
     results: list[Recorded | None] = [None] * len(outcomes)
+    postgres = session.get_bind().dialect.name == "postgresql"
+    if postgres:
+        session.connection().execute(_LOCK_ENDPOINTS, {"endpoint_ids": sorted(
+            {outcome.delivery.endpoint_id for outcome in outcomes})})
     delivered = [index for index, outcome in enumerate(outcomes) if outcome.attempt.ok]
     if delivered:
         conn = session.connection()
-        held_query = _HELD_LOCKED if session.get_bind().dialect.name == "postgresql" else _HELD
+        held_query = _HELD_LOCKED if postgres else _HELD
         held = dict(conn.execute(held_query, {"ids": [outcomes[index].delivery.id for index in delivered]}).all())
         mine = [index for index in delivered if held.get(outcomes[index].delivery.id) == outcomes[index].delivery.claim]
         if mine:
@@ -404,16 +423,6 @@ def record_attempts(session: Session, outcomes: list[Outcome], disable_after_fai
         if not outcome.attempt.ok:
             results[index] = _record_one(session, outcome, disable_after_failures, disable_after_seconds)
     return results
-
-
-def record_attempt(session: Session, delivery: ClaimedDelivery, attempt: Attempt, retry_at: datetime | None,
-                   disable_after_failures: int, disable_after_seconds: float) -> Recorded | None:
-    """Write the attempt into the delivery (DELIVERED on a 2xx, else PENDING again at `retry_at`, or FAILED
-    when that is None) and into its endpoint's failure streak, disabling the endpoint when the streak is at
-    least `disable_after_failures` attempts over at least `disable_after_seconds`. None, with nothing
-    written, when the claim no longer holds the delivery (its lease ran out and another sender took it, or
-    the endpoint was disabled or deleted meanwhile)."""
-    return _record_one(session, Outcome(delivery, attempt, retry_at), disable_after_failures, disable_after_seconds)
 
 
 def _record_params(outcome: Outcome) -> dict[str, Any]:

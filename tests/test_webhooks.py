@@ -307,15 +307,17 @@ async def test_slow_redirecting_and_endless_replies(api, receiver):
 
 async def test_private_addresses_are_refused_after_dns_unless_allowed(api, receiver):
     """The machine's own host name resolves (through /etc/hosts, no network) to a non-public address: the
-    endpoint is accepted (names are checked when connecting), and the sender never connects to it."""
+    endpoint is accepted (names are checked when connecting), and the sender never connects to it. An
+    endpoint saved on a loopback address while private targets were allowed gets nothing once they are not."""
+    literal = await create_endpoint(api, receiver, ["signed-up"], path="/literal")
     name = socket.gethostname()
     resolved = {info[4][0] for info in socket.getaddrinfo(name, receiver.port, type=socket.SOCK_STREAM)}
     assert resolved and not any(public_address(address) for address in resolved), resolved
     api.client.app[CONFIG].webhooks.allow_private_targets = False
     status, body = await api.call("POST", "/webhooks", json={
-        "url": f"http://{name}:{receiver.port}/hook", "events": ["signed-up"]})
+        "url": f"http://{name}:{receiver.port}/named", "events": ["signed-up"]})
     assert status == 201, body
-    hook = body["data"]
+    named = body["data"]
     await track_event(api, "ann@example.org", "signed-up")
     sender = sender_for(api, retry_base_seconds=60.0)
     try:
@@ -323,9 +325,14 @@ async def test_private_addresses_are_refused_after_dns_unless_allowed(api, recei
     finally:
         await sender.close()
     assert receiver.received == []
-    [item] = await deliveries(api, hook["id"])
+    [item] = await deliveries(api, named["id"])
     assert item["status"] == "PENDING" and item["attempts"] == 1
-    assert "resolves only to non-public addresses and webhooks.allow_private_targets is off" in item["lastError"]
+    assert item["lastError"] == (f"ClientConnectorDNSError: Cannot connect to host {name}:{receiver.port} "
+                                 f"ssl:default [{name} resolves only to non-public addresses and "
+                                 "webhooks.allow_private_targets is off]")
+    [item] = await deliveries(api, literal["id"])
+    assert item["status"] == "PENDING" and item["attempts"] == 1
+    assert item["lastError"] == "127.0.0.1 is a loopback or private address and webhooks.allow_private_targets is off"
 
 
 async def test_a_rotated_secret_signs_beside_the_old_one_and_test_deliveries(api, receiver):
