@@ -21,6 +21,7 @@ from feedback.webhooks import WebhookSender
 from pipeline.track import track
 from pipeline.webhooks import public_address
 from plunkd.config import ConfigError, load_config
+from storage.db import Database
 from storage.models import Event, WebhookDelivery, utcnow
 from tests.webhook_receiver import Receiver, start_receiver
 
@@ -416,3 +417,26 @@ def test_bad_webhook_settings_stop_start_up_naming_the_key(key, value, message):
         load_config(env={f"PLUNKD_WEBHOOKS_{key}": value})
     assert str(err.value) == message
     assert load_config(env={}).webhooks.allow_private_targets is False, "private targets are refused by default"
+
+
+async def test_two_senders_on_two_connections_share_the_work_and_post_each_delivery_once(api, receiver):
+    """Two nodes' senders (each its own engine) claim from the same table at once: FOR UPDATE SKIP LOCKED on
+    PostgreSQL, the single writer on SQLite. Every delivery is posted exactly once when every POST succeeds."""
+    hook = await create_endpoint(api, receiver, ["signed-up"])
+    for index in range(120):
+        await track_event(api, f"user{index}@example.org", "signed-up")
+    other_node = Database(api.db.url, 2)
+    settings = api.client.app[CONFIG].webhooks
+    settings.batch_size, settings.concurrency = 10, 8
+    senders = [WebhookSender(api.db, settings), WebhookSender(other_node, settings)]
+    try:
+        await asyncio.gather(*(sender.run_until_idle() for sender in senders))
+    finally:
+        for sender in senders:
+            await sender.close()
+        await other_node.dispose()
+    ids = [request.webhook_id for request in receiver.received]
+    assert len(ids) == len(set(ids)) == 120
+    assert all(sender.delivered > 0 for sender in senders), [sender.delivered for sender in senders]
+    assert sum(sender.delivered for sender in senders) == 120
+    assert {item["status"] for item in await deliveries(api, hook["id"])} == {"DELIVERED"}
