@@ -112,8 +112,10 @@ class WebhookSender:
         self._http: aiohttp.ClientSession | None = None
         self._pruned_at: float | None = None
         self._busy = False
-        self._posting = 0
-        """POSTs in flight (the slots `concurrency` counts)."""
+        self._held = 0
+        """Deliveries claimed and not yet answered (waiting for a slot, or being posted)."""
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        """A slot is a POST in flight: free again once the reply is in, while the outcome is recorded."""
         self._slot_freed = asyncio.Event()
         self._outcomes: list[tuple[Outcome, asyncio.Future[Recorded | None]]] = []
         self._recorder: asyncio.Task[None] | None = None
@@ -151,12 +153,13 @@ class WebhookSender:
         return max(0.0, min(self.settings.poll_seconds, (self.next_due - utcnow()).total_seconds()))
 
     async def run_once(self) -> int:
-        """Claim due deliveries for the free slots and start posting them; returns how many. Claims are made
-        for half the slots at least (a claim per delivery would cost a transaction each), and the earliest
-        due time is read only after a claim that found less than it asked for. A slot is a POST in flight: it
-        is free again once the reply is in, while the outcome is being recorded."""
+        """Claim due deliveries and start posting them, `concurrency` POSTs at a time; returns how many.
+        A claim is made once fewer than `concurrency` claimed deliveries are left unanswered, for up to
+        `batch_size` more (a claim costs a transaction, whatever its size), but never more than can be
+        answered within their lease: `concurrency` × (lease_seconds // timeout_seconds) held at once. The
+        earliest due time is read only after a claim that found less than it asked for."""
         slots = self.settings.concurrency
-        if self._posting > slots // 2:
+        if self._held >= slots:
             self._slot_freed.clear()
             await self._slot_freed.wait()
             return 1
@@ -166,12 +169,13 @@ class WebhookSender:
                 self.next_due = earliest
                 return 0
         self.next_due = None
-        free = min(self.settings.batch_size, slots - self._posting)
         lease = self.settings.lease_seconds
+        most = slots * max(1, int(lease // self.settings.timeout_seconds))
+        free = min(self.settings.batch_size, most - self._held)
         claimed = await self.db.write(lambda s: store.claim_due(s, utcnow(), free, lease, self.db.is_postgres),
                                       light=True)
         self._busy = len(claimed) == free
-        self._posting += len(claimed)
+        self._held += len(claimed)
         for delivery in claimed:
             task = asyncio.create_task(self._deliver_and_record(delivery))
             self._in_flight.add(task)
@@ -204,9 +208,10 @@ class WebhookSender:
     async def _deliver_and_record(self, delivery: ClaimedDelivery) -> None:
         try:
             try:
-                attempt = await self.post(delivery)
+                async with self._slots:
+                    attempt = await self.post(delivery)
             finally:
-                self._posting -= 1
+                self._held -= 1
                 self._slot_freed.set()
             await self._record(delivery, attempt)
         except asyncio.CancelledError:
