@@ -112,6 +112,7 @@ class WebhookSender:
         self._http: aiohttp.ClientSession | None = None
         self._pruned_at: float | None = None
         self._busy = False
+        """The last claim got all it asked for: more may be due, so the next one skips the earliest-due read."""
         self._held = 0
         """Deliveries claimed and not yet answered (waiting for a slot, or being posted)."""
         self._slots = asyncio.Semaphore(settings.concurrency)
@@ -119,7 +120,7 @@ class WebhookSender:
         self._slot_freed = asyncio.Event()
         self._outcomes: list[tuple[Outcome, asyncio.Future[Recorded | None]]] = []
         self._recorder: asyncio.Task[None] | None = None
-        """The last claim got all it asked for: more may be due, so the next one skips the earliest-due read."""
+        """Writes the outcomes waiting in `_outcomes`, all in one transaction, then those that came meanwhile."""
 
     def wake(self) -> None:
         """Deliveries may be due now: look now instead of at the next poll."""
