@@ -8,6 +8,7 @@ COPY storage storage
 COPY delivery delivery
 COPY relay relay
 COPY maintenance maintenance
+COPY feedback feedback
 RUN pip install --no-cache-dir .
 ENV PLUNKD_SERVER_HOST=0.0.0.0 PLUNKD_SERVER_DATA_DIR=/data
 VOLUME /data
