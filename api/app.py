@@ -27,6 +27,7 @@ from api.pages.tracking import ROUTES as TRACKING_PAGES
 from api.ratelimit import WindowRateLimiter
 from api.routing import Route, register
 from api.tracking_settings import ROUTES as TRACKING_SETTINGS
+from api.webhooks import ROUTES as WEBHOOK_ROUTES
 from feedback.intake import FeedbackIntake
 from pipeline.keys import KeyCache
 from pipeline.links import make_signer
@@ -45,7 +46,7 @@ def served_openapi() -> dict[str, Any]:
 def all_routes() -> list[Route]:
     return [*system.ROUTES, *send.ROUTES, *track.ROUTES, *contacts.ROUTES, *events.ROUTES, *domains.ROUTES,
             *templates.ROUTES, *segments.ROUTES, *campaigns.ROUTES, *pages.ROUTES, *workflows.ROUTES,
-            *feedback.ROUTES, *TRACKING_SETTINGS, *TRACKING_PAGES]
+            *feedback.ROUTES, *TRACKING_SETTINGS, *TRACKING_PAGES, *WEBHOOK_ROUTES]
 
 
 def build_api(config: Config, db: Database) -> web.Application:

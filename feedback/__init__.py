@@ -1,1 +1,2 @@
-"""Delivery feedback: SES notifications through SNS (intake, verification, effects) and smarthost bounces."""
+"""What happens after an email is sent or an event recorded: SES delivery feedback through SNS (intake,
+verification, effects), smarthost bounces, and outbound webhooks (`webhooks`)."""

@@ -110,12 +110,14 @@ async def relay_ctx(app: web.Application, config: Config, db: Database) -> Async
 
 
 async def delivery_ctx(app: web.Application, config: Config, db: Database) -> AsyncIterator[None]:
-    """The dispatcher and its transport, for as long as the server runs, and beside it the pruner and the
-    workflow scheduler (so one process per node prunes and runs workflow steps)."""
+    """The dispatcher and its transport, for as long as the server runs, and beside it the pruner, the
+    workflow scheduler and the webhook sender (so one process per node prunes, runs workflow steps and
+    posts webhooks)."""
     from automation.scheduler import WorkflowScheduler
     from delivery.dispatcher import Dispatcher
     from delivery.transports import make_transport
     from feedback.effects import smtp_bounce
+    from feedback.webhooks import WebhookSender
     from maintenance.pruner import Pruner
     from pipeline.deferred import DeferredComposer
     from pipeline.links import make_signer
@@ -133,10 +135,12 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
                             compose_deferred=DeferredComposer(db.read, links), record_bounce=smtp_bounce,
                             track=MessageTracker(TrackingSigner(links)))
     workflows = WorkflowScheduler(db, links, dispatcher.wake, min(config.delivery.poll_seconds, 0.2))
+    webhooks = WebhookSender(db, config.webhooks)
 
     def wake() -> None:
         dispatcher.wake()
         workflows.wake()
+        webhooks.wake()
 
     app[ON_QUEUED].append(wake)
     wake_fd = os.environ.get(WAKE_FD_ENV)
@@ -146,10 +150,11 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
     log.info("dispatcher %s started: transport %s, %.1f recipients/s", dispatcher.worker, transport.name, rate)
     pruner = asyncio.create_task(Pruner(db, config.delivery).run(), name="pruner")
     scheduler = asyncio.create_task(workflows.run(), name="workflow-scheduler")
+    senders = [asyncio.create_task(webhooks.run(), name="webhook-sender")] if config.webhooks.enabled else []
     yield
-    for background in (pruner, task, scheduler):
+    for background in (pruner, task, scheduler, *senders):
         background.cancel()
-    await asyncio.gather(task, pruner, scheduler, return_exceptions=True)
+    await asyncio.gather(task, pruner, scheduler, *senders, return_exceptions=True)
     await dispatcher.drain()
     await transport.close()
 

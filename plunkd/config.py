@@ -156,6 +156,39 @@ class FeedbackConfig:
 
 
 @dataclass
+class WebhooksConfig:
+    """Outbound webhooks (`feedback.webhooks`): signed POSTs of a project's events to its endpoints."""
+
+    enabled: bool = True
+    """Run the sender beside the dispatcher (deliveries are queued whatever this says)."""
+    allow_private_targets: bool = False
+    """Allow endpoints on loopback, private, link-local and other non-public addresses (tests, a private
+    network); false refuses them at the API and again at every connection (after DNS)."""
+    max_endpoints_per_project: int = 20
+    timeout_seconds: float = 10.0
+    """A POST's whole time (connect, send, the reply's head and the read of its body)."""
+    max_response_bytes: int = 65536
+    """Bytes of a reply's body read at most; the rest is not read."""
+    retry_base_seconds: float = 10.0
+    """Delay before the second attempt; doubles each attempt (with jitter) up to `retry_max_seconds`."""
+    retry_max_seconds: float = 14400.0
+    give_up_after_seconds: float = 86400.0
+    """A delivery not answered with a 2xx within this time of its event FAILS."""
+    disable_after_failures: int = 20
+    """An endpoint whose last attempts all failed, at least this many of them over at least
+    `disable_after_seconds`, is disabled (with the reason)."""
+    disable_after_seconds: float = 86400.0
+    concurrency: int = 16
+    """POSTs in flight at once (per process)."""
+    batch_size: int = 50
+    lease_seconds: float = 60.0
+    """A claimed delivery whose outcome is not recorded in this time (its sender died) is sent again."""
+    poll_seconds: float = 0.5
+    keep_days: int = 30
+    """Days delivered and failed deliveries (and their attempt logs) are kept; 0 = forever."""
+
+
+@dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
@@ -164,6 +197,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
 
     @property
     def data_path(self) -> Path:
@@ -271,6 +305,7 @@ def _validate(config: Config) -> None:
          "set together with smtp.key_file"),
         (config.server.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "server.log_level",
          "DEBUG, INFO, WARNING or ERROR"),
+        *_webhook_checks(config.webhooks),
     ]
     checks.append((_compiles(config.feedback.sns_host_pattern), "feedback.sns_host_pattern", "a valid regex"))
     checks += [(bool(SNS_TOPIC_ARN.fullmatch(arn)), "feedback.sns_topic_arns",
@@ -289,6 +324,26 @@ def _validate(config: Config) -> None:
     for ok, key, expected in checks:
         if not ok:
             raise ConfigError(f"config key {key}: expected {expected}")
+
+
+def _webhook_checks(hooks: WebhooksConfig) -> list[tuple[bool, str, str]]:
+    return [
+        (hooks.max_endpoints_per_project > 0, "webhooks.max_endpoints_per_project", "a number > 0"),
+        (0 < hooks.timeout_seconds <= 300, "webhooks.timeout_seconds", "a number of seconds from 0 to 300"),
+        (hooks.max_response_bytes >= 0, "webhooks.max_response_bytes", "a number >= 0"),
+        (hooks.retry_base_seconds > 0, "webhooks.retry_base_seconds", "a number > 0"),
+        (hooks.retry_max_seconds >= hooks.retry_base_seconds, "webhooks.retry_max_seconds",
+         "a number >= webhooks.retry_base_seconds"),
+        (hooks.give_up_after_seconds > 0, "webhooks.give_up_after_seconds", "a number > 0"),
+        (hooks.disable_after_failures > 0, "webhooks.disable_after_failures", "a number > 0"),
+        (hooks.disable_after_seconds >= 0, "webhooks.disable_after_seconds", "a number >= 0"),
+        (hooks.concurrency > 0, "webhooks.concurrency", "a number > 0"),
+        (hooks.batch_size > 0, "webhooks.batch_size", "a number > 0"),
+        (hooks.lease_seconds > hooks.timeout_seconds, "webhooks.lease_seconds",
+         "a number of seconds > webhooks.timeout_seconds"),
+        (hooks.poll_seconds > 0, "webhooks.poll_seconds", "a number > 0"),
+        (hooks.keep_days >= 0, "webhooks.keep_days", "a number of days >= 0"),
+    ]
 
 
 def load_config(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> Config:

@@ -398,4 +398,58 @@ class TrackingSettings(Base):
     marketing_clicks: Mapped[bool] = mapped_column(Boolean)
     transactional_opens: Mapped[bool] = mapped_column(Boolean)
     transactional_clicks: Mapped[bool] = mapped_column(Boolean)
+
+
+class WebhookEndpoint(Base):
+    """A URL a project's events are POSTed to, signed with `secret` (Standard Webhooks), for the event names
+    (or patterns: "*", "email.*", "contact.*", "segment.*") in `events`."""
+
+    __tablename__ = "webhook_endpoints"
+    __table_args__ = (Index("ix_webhook_endpoints_project_id_id", "project_id", "id"),)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(Text)
+    events: Mapped[list[str]] = mapped_column(JSON, default=list)
+    secret: Mapped[str] = mapped_column(String(100))
+    """`whsec_` + base64 of 32 random bytes."""
+    previous_secret: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    """The secret before the last rotation: requests carry a signature with it too until
+    `previous_secret_expires_at`, so receivers can switch without losing a delivery."""
+    previous_secret_expires_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
+    """Failed attempts since the last successful one."""
+    failing_since: Mapped[datetime | None] = mapped_column(nullable=True)
+    """When the first of those failed attempts was made."""
+    disabled_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    disabled_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One event to POST to one endpoint; its id is the `webhook-id` header of every attempt (receivers
+    dedupe on it). PENDING until a 2xx (DELIVERED) or until it gives up (FAILED)."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_status_due_at", "status", "due_at"),
+                      Index("ix_webhook_deliveries_endpoint_id_id", "endpoint_id", "id"))
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("webhook_endpoints.id", ondelete="CASCADE"))
+    event_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    """Not a foreign key: the delivery outlives a deleted event. None for a test delivery."""
+    event_name: Mapped[str] = mapped_column(String(200))
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    status: Mapped[str] = mapped_column(String(12), default="PENDING")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    due_at: Mapped[datetime] = mapped_column(default=utcnow)
+    """PENDING: when the next attempt is due (a claim moves it to the end of its lease); otherwise when it
+    settled (the pruner's clock)."""
+    claimed_by: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    """The claim that holds the lease: only that claim records the outcome."""
+    last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    attempt_log: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    """The latest attempts (capped): {at, status, durationMs, error}."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

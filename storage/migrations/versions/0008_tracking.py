@@ -3,7 +3,7 @@
 Plain ALTER TABLE … ADD COLUMN with a constant default (no row is copied) and one new table.
 
 Revision ID: 0008
-Revises: 0006
+Revises: 0007
 """
 
 import sqlalchemy as sa
@@ -12,7 +12,7 @@ from alembic import op
 import storage.models
 
 revision = '0008'
-down_revision = '0006'
+down_revision = '0007'
 branch_labels = None
 depends_on = None
 
