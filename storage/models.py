@@ -398,6 +398,7 @@ class TrackingSettings(Base):
     marketing_clicks: Mapped[bool] = mapped_column(Boolean)
     transactional_opens: Mapped[bool] = mapped_column(Boolean)
     transactional_clicks: Mapped[bool] = mapped_column(Boolean)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
 class WebhookEndpoint(Base):
