@@ -234,12 +234,19 @@ def pytest_configure(config) -> None:
                                        "the PostgreSQL pass (PLUNKD_TEST_DATABASE_URL), left out of the SQLite one")
 
 
+DATABASE_FIXTURES = {"database_url", "empty_database_url", "migrated_database"}
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    """Cluster tests need PostgreSQL (SQLite is one node): without PLUNKD_TEST_DATABASE_URL they are
-    deselected, and pytest's summary counts them as such; CI's PostgreSQL pass runs them."""
+    """Two passes over one suite (CI runs both), each test where it can tell something:
+    * without PLUNKD_TEST_DATABASE_URL, cluster tests (several nodes need PostgreSQL) are deselected;
+    * with it, tests that use no database fixture are deselected: they make their own SQLite files (the
+      subprocess and crash tests) or none at all, so they would run exactly as in the SQLite pass.
+    pytest's summary counts both as deselected."""
     if PG_URL:
-        return
-    kept = [item for item in items if item.get_closest_marker("postgres_only") is None]
+        kept = [item for item in items if DATABASE_FIXTURES & set(item.fixturenames)]
+    else:
+        kept = [item for item in items if item.get_closest_marker("postgres_only") is None]
     if len(kept) != len(items):
         config.hook.pytest_deselected(items=[item for item in items if item not in kept])
         items[:] = kept
