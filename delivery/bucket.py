@@ -19,8 +19,9 @@ from collections.abc import Awaitable, Callable
 from storage.cluster import Reservation
 
 log = logging.getLogger("plunkd.delivery")
-CLOCK_SLACK = 0.001
-"""How far (s) the database's clock, mapped onto this process's, may be off: the time its reply took."""
+CLOCK_SLACK = 0.005
+"""How late (s) a reservation's first slot may be found, mapped from the database's clock onto this
+process's (the reply's time and the event loop's delay), and still be used."""
 
 
 class TokenBucket:
@@ -67,8 +68,6 @@ class SharedBucket:
         self._end = 0.0
         """Local time at which the current reservation ends."""
         self.reservations = 0
-        self._release_lock = asyncio.Lock()
-        self._released = 0.0
         self._last_size = 0
         self._handed = 0
 
@@ -94,16 +93,7 @@ class SharedBucket:
             self._waiting -= 1
         if delay > 0:
             await asyncio.sleep(delay)
-        await self._paced(need)
         return slot
-
-    async def _paced(self, need: float) -> None:
-        """Senders that woke late together (a busy event loop) leave one `1/rate` apart, not in a burst."""
-        async with self._release_lock:
-            wait = self._released + need - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            self._released = time.monotonic()
 
     async def _take_more(self, need: float) -> float:
         """A new reservation, sized to the sends waiting (at least this one); returns the first slot in it

@@ -159,9 +159,10 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
     await transport.close()
 
 
-RESERVATION_LEAD = 0.05
-"""Seconds ahead of the database's clock a node's send slots begin when the schedule is idle: the reply
-(and a busy event loop) has that long to arrive before them, so they are not found already passed."""
+RESERVATION_LEAD = 0.005
+"""Seconds ahead of the database's clock a node's send slots begin when the schedule has fallen behind it:
+the reply has that long to arrive before them (with `delivery.bucket.CLOCK_SLACK`, 10 ms of event-loop
+delay in all), so they are not found passed; each such restart leaves at most this much unused."""
 
 
 def send_rate_limiter(db: Database, rate: float) -> Any:

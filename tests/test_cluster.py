@@ -14,8 +14,7 @@ import pytest
 from api.context import RATE_LIMITER
 from delivery.bucket import SharedBucket
 from pipeline.projects import create_project, rotate_keys
-from plunkd.app import create_app
-from storage import cluster
+from plunkd.app import create_app, send_rate_limiter
 from storage.db import Database
 
 pytestmark = pytest.mark.postgres_only
@@ -37,12 +36,7 @@ async def test_three_nodes_share_one_send_rate(database_url):
     never more than rate × 1 s + 1 in any second (GCRA's one-slot allowance), though each node alone
     would take 50/s."""
     nodes = [Database(database_url) for _ in range(3)]
-    buckets = []
-    for db in nodes:
-        async def reserve(span: float, db=db) -> cluster.Reservation:
-            return await db.write(lambda s: cluster.reserve_slots(s, "send", span), alone=True)
-
-        buckets.append(SharedBucket(reserve, RATE))
+    buckets = [send_rate_limiter(db, RATE) for db in nodes]
     slots: list[float] = []
     sent: list[float] = []
     remaining = 150
@@ -71,8 +65,7 @@ async def test_three_nodes_share_one_send_rate(database_url):
 async def test_a_node_that_stops_leaves_the_rate_to_the_others(database_url):
     """A node that stops sending holds no slots but its last reservation's (≤ 0.2 s of the rate)."""
     nodes = [Database(database_url) for _ in range(2)]
-    buckets = [SharedBucket(lambda span, db=db: db.write(lambda s: cluster.reserve_slots(s, "send", span),
-                                                         alone=True), RATE) for db in nodes]
+    buckets = [send_rate_limiter(db, RATE) for db in nodes]
     sent: list[float] = []
 
     async def send_for(bucket: SharedBucket, seconds: float) -> None:

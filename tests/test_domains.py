@@ -93,7 +93,7 @@ def watch_key_generation(monkeypatch, slow_seconds: float = 0.0) -> KeyWatch:
     watch, writing = KeyWatch(), threading.local()
     real_write, real_generate = Database.write, rsa.generate_private_key
 
-    async def timed_write(self, fn, light=False):
+    async def timed_write(self, fn, light=False, alone=False):
         def timed(session):
             writing.depth = getattr(writing, "depth", 0) + 1
             started = time.perf_counter()
@@ -102,7 +102,7 @@ def watch_key_generation(monkeypatch, slow_seconds: float = 0.0) -> KeyWatch:
             finally:
                 watch.held.append(time.perf_counter() - started)
                 writing.depth -= 1
-        return await real_write(self, timed, light)
+        return await real_write(self, timed, light, alone)
 
     def watched_generate(*args, **kwargs):
         watch.generated_while_writing.append(getattr(writing, "depth", 0) > 0)
