@@ -22,6 +22,13 @@ CONFIG = Path(__file__).with_name("schemathesis.toml")
 SEED = os.environ.get("PLUNKD_FUZZ_SEED", "20261123")
 """Fixed so CI is repeatable; set PLUNKD_FUZZ_SEED to sweep other cases."""
 MAX_EXAMPLES = os.environ.get("PLUNKD_FUZZ_EXAMPLES", "12")
+EXCLUDED = "^/v1/(?!(send|track)$)"
+"""/v1 copies of the unversioned routes are the same handlers with the same replies (only /v1/send and
+/v1/track exist nowhere else)."""
+if os.environ.get("PLUNKD_TEST_DATABASE_URL") and not os.environ.get("PLUNKD_FUZZ_PHASES"):
+    EXCLUDED += "|^/api/v1/"
+    """On PostgreSQL the seed-002 /api/v1 copies too: the same handlers again, differing only in the reply's
+    shape, which the SQLite pass checks (their database work is what the unversioned routes exercise)."""
 PHASES = os.environ.get("PLUNKD_FUZZ_PHASES", "examples,coverage" if os.environ.get("PLUNKD_TEST_DATABASE_URL")
                         else "examples,fuzzing")
 """CI runs the suite twice, on SQLite then on PostgreSQL, and the sweep is most of each pass: every
@@ -72,7 +79,7 @@ def test_schemathesis_finds_no_disagreement_and_no_server_error(served_api, tmp_
                f"{base}/openapi.json", "--header", f"Authorization: Bearer {secret_key}", "--checks", "all",
                "--phases", PHASES, "--max-examples", MAX_EXAMPLES, "--seed", SEED,
                "--workers", "1", "--request-timeout", "20", "--no-color",
-               "--exclude-path-regex", "^/v1/(?!(send|track)$)"]
+               "--exclude-path-regex", EXCLUDED]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     report = done.stdout[-20000:] + done.stderr[-5000:]
     assert done.returncode == 0, f"{report}\n--- server log ---\n{log_path.read_text()[-5000:]}"
