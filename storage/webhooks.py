@@ -14,16 +14,15 @@ sender died is due again when the lease runs out (at least once; the same `webho
 
 from __future__ import annotations
 
-import threading
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, delete, event, func, select, update
+from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from storage.batch import insert_at_commit
+from storage.interest import ProjectInterest
 from storage.models import Contact, Project, WebhookDelivery, WebhookEndpoint, new_id, utcnow
 from storage.pagination import Page, paginate
 
@@ -40,7 +39,6 @@ TEST_EVENT = "webhook.test"
 ATTEMPT_LOG_CAP = 20
 """Attempts kept in a delivery's log (the latest); `attempts` counts them all."""
 INTEREST_TTL = 2.0
-_MAX_CACHED = 10_000
 
 
 def iso(moment: datetime) -> str:
@@ -56,55 +54,23 @@ def patterns_for(name: str) -> frozenset[str]:
 # ---------------------------------------------------------------------------------------------------
 # Which events a project's enabled endpoints listen for (the cheap test on every event).
 
-_interest: dict[str, tuple[float, frozenset[str]]] = {}
-_interest_lock = threading.Lock()
-_WRITTEN = "plunkd.webhooks_written"
+_interest: ProjectInterest[frozenset[str]] = ProjectInterest("webhooks", INTEREST_TTL)
+forget = _interest.forget
 
 
 def endpoints_changed(session: Session, project_id: str) -> None:
-    """Call in a transaction that writes a project's endpoints: this process forgets what it cached for the
-    project now and once more when the transaction ends."""
-    forget(project_id)
-    session.info.setdefault(_WRITTEN, set()).add(project_id)
-
-
-def forget(project_id: str | None = None) -> None:
-    with _interest_lock:
-        if project_id is None:
-            _interest.clear()
-        else:
-            _interest.pop(project_id, None)
-
-
-@event.listens_for(Session, "after_commit")
-def _forget_after_commit(session: Session) -> None:
-    for project_id in session.info.pop(_WRITTEN, ()):
-        forget(project_id)
-
-
-@event.listens_for(Session, "after_soft_rollback")
-def _forget_after_rollback(session: Session, previous: Any) -> None:
-    if not previous.nested:
-        for project_id in session.info.pop(_WRITTEN, ()):
-            forget(project_id)
+    """Call in a transaction that writes a project's endpoints (see `storage.interest`)."""
+    _interest.changed(session, project_id)
 
 
 def interest(session: Session, project_id: str) -> frozenset[str]:
-    """The names and patterns the project's enabled endpoints listen for, from the cache when fresh. A
-    transaction that wrote the project's endpoints reads it from the database and caches nothing."""
-    now = time.monotonic()
-    hit = _interest.get(project_id)
-    if hit is not None and hit[0] > now:
-        return hit[1]
-    rows = session.connection().execute(select(ENDPOINTS.c.events).where(
-        ENDPOINTS.c.project_id == project_id, ENDPOINTS.c.enabled.is_(True))).scalars()
-    found = frozenset(name for events in rows if isinstance(events, list) for name in events)
-    if project_id not in session.info.get(_WRITTEN, ()):
-        with _interest_lock:
-            if len(_interest) >= _MAX_CACHED:
-                _interest.clear()
-            _interest[project_id] = (now + INTEREST_TTL, found)
-    return found
+    """The names and patterns the project's enabled endpoints listen for, from the cache when fresh."""
+    def load() -> frozenset[str]:
+        rows = session.connection().execute(select(ENDPOINTS.c.events).where(
+            ENDPOINTS.c.project_id == project_id, ENDPOINTS.c.enabled.is_(True))).scalars()
+        return frozenset(name for events in rows if isinstance(events, list) for name in events)
+
+    return _interest.get(session, project_id, load)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -16,8 +16,6 @@ A run's position (see `pipeline.workflows` for the grammar and the engine):
 
 from __future__ import annotations
 
-import threading
-import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -39,6 +37,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from storage import bulk
+from storage.interest import ProjectInterest
 from storage.models import (
     Contact,
     Event,
@@ -75,25 +74,13 @@ class Interest:
 
 
 _NOTHING = Interest(frozenset(), frozenset())
-_interest: dict[str, tuple[float, Interest]] = {}
-_interest_lock = threading.Lock()
-_WRITTEN = "plunkd.workflows_written"
-_MAX_CACHED = 10_000
+_interest: ProjectInterest[Interest] = ProjectInterest("workflows", INTEREST_TTL)
+forget = _interest.forget
 
 
 def workflows_changed(session: Session, project_id: str) -> None:
-    """Call in a transaction that writes a project's workflows or triggers: this process forgets what it
-    cached for the project now and once more when the transaction ends."""
-    forget(project_id)
-    session.info.setdefault(_WRITTEN, set()).add(project_id)
-
-
-def forget(project_id: str | None = None) -> None:
-    with _interest_lock:
-        if project_id is None:
-            _interest.clear()
-        else:
-            _interest.pop(project_id, None)
+    """Call in a transaction that writes a project's workflows or triggers (see `storage.interest`)."""
+    _interest.changed(session, project_id)
 
 
 @event.listens_for(Session, "after_flush")
@@ -103,19 +90,6 @@ def _workflows_flushed(session: Session, _context: Any) -> None:
     for row in (*session.new, *session.dirty, *session.deleted):
         if isinstance(row, Workflow | WorkflowTrigger) and row.project_id is not None:
             workflows_changed(session, row.project_id)
-
-
-@event.listens_for(Session, "after_commit")
-def _forget_after_commit(session: Session) -> None:
-    for project_id in session.info.pop(_WRITTEN, ()):
-        forget(project_id)
-
-
-@event.listens_for(Session, "after_soft_rollback")
-def _forget_after_rollback(session: Session, previous: Any) -> None:
-    if not previous.nested:
-        for project_id in session.info.pop(_WRITTEN, ()):
-            forget(project_id)
 
 
 def wait_events(definition: Any) -> set[str]:
@@ -129,27 +103,19 @@ def wait_events(definition: Any) -> set[str]:
 
 
 def interest(session: Session, project_id: str) -> Interest:
-    """The project's `Interest`, from the cache when fresh. A transaction that wrote the project's workflows
-    reads it from the database and caches nothing (it may yet roll back)."""
-    now = time.monotonic()
-    hit = _interest.get(project_id)
-    if hit is not None and hit[0] > now:
-        return hit[1]
-    conn = session.connection()
-    triggers = frozenset(conn.execute(
-        select(TRIGGERS.c.event).join(WORKFLOWS, WORKFLOWS.c.id == TRIGGERS.c.workflow_id)
-        .where(TRIGGERS.c.project_id == project_id, WORKFLOWS.c.enabled.is_(True))).scalars())
-    waits: set[str] = set()
-    definitions = conn.execute(select(WORKFLOWS.c.definition).where(WORKFLOWS.c.project_id == project_id))
-    for definition in definitions.scalars():
-        waits |= wait_events(definition)
-    found = Interest(triggers, frozenset(waits)) if triggers or waits else _NOTHING
-    if project_id not in session.info.get(_WRITTEN, ()):
-        with _interest_lock:
-            if len(_interest) >= _MAX_CACHED:
-                _interest.clear()
-            _interest[project_id] = (now + INTEREST_TTL, found)
-    return found
+    """The project's `Interest`, from the cache when fresh."""
+    def load() -> Interest:
+        conn = session.connection()
+        triggers = frozenset(conn.execute(
+            select(TRIGGERS.c.event).join(WORKFLOWS, WORKFLOWS.c.id == TRIGGERS.c.workflow_id)
+            .where(TRIGGERS.c.project_id == project_id, WORKFLOWS.c.enabled.is_(True))).scalars())
+        waits: set[str] = set()
+        definitions = conn.execute(select(WORKFLOWS.c.definition).where(WORKFLOWS.c.project_id == project_id))
+        for definition in definitions.scalars():
+            waits |= wait_events(definition)
+        return Interest(triggers, frozenset(waits)) if triggers or waits else _NOTHING
+
+    return _interest.get(session, project_id, load)
 
 
 def on_event(session: Session, project_id: str, contact_id: str, name: str, event_id: str,
