@@ -16,13 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from datetime import datetime
 
 import aiohttp
 
 from pipeline import workflows as engine
 from pipeline.links import LinkSigner
 from pipeline.workflows import Executed, Webhook
+from plunkd.loop import DueLoop
 from storage import workflows as store
 from storage.db import Database
 from storage.models import utcnow
@@ -34,53 +34,23 @@ BATCH = 500
 smaller one pays the claim and commit more often (100 ran half as many steps a second)."""
 
 
-class WorkflowScheduler:
+class WorkflowScheduler(DueLoop):
     def __init__(self, db: Database, links: LinkSigner | None, on_queued: Callable[[], None],
                  poll_seconds: float = 0.2, batch: int = BATCH) -> None:
         self.db = db
         self.links = links
         self.on_queued = on_queued
-        self.poll_seconds = min(poll_seconds, 0.5)
+        super().__init__(min(poll_seconds, 0.5), log, "workflow scheduler")
         self.batch = batch
         self.parallel = PARALLEL_POSTGRES if db.is_postgres else 1
         """Batches claimed and executed at once, each in its own transaction: on PostgreSQL the database's
         work for one overlaps the Python of another (`FOR UPDATE SKIP LOCKED` keeps them apart)."""
         self.steps = 0
-        self.next_due: datetime | None = None
-        """When the earliest live run is due, as seen by the last `run_once` that found nothing due."""
-        self._wake = asyncio.Event()
         self._http: aiohttp.ClientSession | None = None
         self._posting: set[asyncio.Task[None]] = set()
 
-    def wake(self) -> None:
-        """A run may be due now (a workflow started one, an event resumed one): look now."""
-        self._wake.set()
-
-    async def run(self) -> None:
-        try:
-            while True:
-                self._wake.clear()
-                try:
-                    busy = await self.run_once()
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("workflow scheduler failed; retrying")
-                    busy = False
-                if busy:
-                    await asyncio.sleep(0)
-                    continue
-                try:
-                    await asyncio.wait_for(self._wake.wait(), self._idle_seconds())
-                except TimeoutError:
-                    pass
-        finally:
-            await self.close()
-
-    def _idle_seconds(self) -> float:
-        if self.next_due is None:
-            return self.poll_seconds
-        return max(0.0, min(self.poll_seconds, (self.next_due - utcnow()).total_seconds()))
+    async def step(self) -> bool:
+        return await self.run_once()
 
     async def run_once(self) -> bool:
         """Execute one batch of due runs; True when the batch was full (more may be due)."""

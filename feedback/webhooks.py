@@ -40,6 +40,7 @@ from standardwebhooks import Webhook
 
 from pipeline.webhooks import private_host, public_address
 from plunkd.config import WebhooksConfig
+from plunkd.loop import DueLoop
 from storage import webhooks as store
 from storage.db import Database
 from storage.models import utcnow
@@ -101,13 +102,12 @@ class PublicOnlyResolver(AbstractResolver):
         await self._inner.close()
 
 
-class WebhookSender:
+class WebhookSender(DueLoop):
     def __init__(self, db: Database, settings: WebhooksConfig) -> None:
+        super().__init__(settings.poll_seconds, log, "webhook sender")
         self.db = db
         self.settings = settings
         self.delivered = 0
-        self.next_due: datetime | None = None
-        self._wake = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
         self._http: aiohttp.ClientSession | None = None
         self._pruned_at: float | None = None
@@ -122,36 +122,10 @@ class WebhookSender:
         self._recorder: asyncio.Task[None] | None = None
         """Writes the outcomes waiting in `_outcomes`, all in one transaction, then those that came meanwhile."""
 
-    def wake(self) -> None:
-        """Deliveries may be due now: look now instead of at the next poll."""
-        self._wake.set()
-
-    async def run(self) -> None:
-        try:
-            while True:
-                self._wake.clear()
-                try:
-                    claimed = await self.run_once()
-                    await self._prune_now_and_then()
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("webhook sender failed; retrying")
-                    claimed = 0
-                if claimed:
-                    await asyncio.sleep(0)
-                    continue
-                try:
-                    await asyncio.wait_for(self._wake.wait(), self._idle_seconds())
-                except TimeoutError:
-                    pass
-        finally:
-            await self.close()
-
-    def _idle_seconds(self) -> float:
-        if self.next_due is None:
-            return self.settings.poll_seconds
-        return max(0.0, min(self.settings.poll_seconds, (self.next_due - utcnow()).total_seconds()))
+    async def step(self) -> bool:
+        claimed = await self.run_once()
+        await self._prune_now_and_then()
+        return claimed > 0
 
     async def run_once(self) -> int:
         """Claim due deliveries and start posting them, `concurrency` POSTs at a time; returns how many.
