@@ -78,13 +78,38 @@ def _read_secret(path: Path) -> bytes:
     return text.encode()
 
 
+class SignedTokens:
+    """`base64url(payload).base64url(HMAC-SHA256(key, payload)[:16])`, the one token format of plunkd's
+    signed links (contact links here, open and click links in `pipeline.tracking`). Only the spelling
+    `make` writes is accepted (base64 ignores stray characters and a last character's spare bits)."""
+
+    def __init__(self, key: bytes, max_length: int) -> None:
+        self._key = key
+        self.max_length = max_length
+
+    def _signature(self, payload: bytes) -> bytes:
+        return hmac.digest(self._key, payload, hashlib.sha256)[:SIGNATURE_BYTES]
+
+    def make(self, payload: bytes) -> str:
+        return f"{_b64(payload)}.{_b64(self._signature(payload))}"
+
+    def read(self, token: str) -> bytes | None:
+        """The payload a token was made for, or None when it is malformed or forged."""
+        if len(token) > self.max_length or token.count(".") != 1:
+            return None
+        encoded, signature = token.split(".")
+        try:
+            payload, given = _unb64(encoded), _unb64(signature)
+        except (binascii.Error, ValueError):
+            return None
+        return payload if hmac.compare_digest(given, self._signature(payload)) else None
+
+
 class LinkSigner:
     def __init__(self, secret: bytes, public_url: str) -> None:
         self._secret = secret
+        self._tokens = SignedTokens(secret, MAX_TOKEN_LENGTH)
         self.public_url = public_url.rstrip("/")
-
-    def _signature(self, payload: bytes) -> bytes:
-        return hmac.new(self._secret, payload, hashlib.sha256).digest()[:SIGNATURE_BYTES]
 
     def derived_key(self, purpose: str) -> bytes:
         """A key for another kind of signed link (`pipeline.tracking`), from the same secret, so changing the
@@ -92,19 +117,12 @@ class LinkSigner:
         return hmac.new(self._secret, b"plunkd derived key:" + purpose.encode(), hashlib.sha256).digest()
 
     def token(self, contact_id: str, campaign_id: str | None = None) -> str:
-        payload = f"{contact_id}:{campaign_id or ''}".encode()
-        return f"{_b64(payload)}.{_b64(self._signature(payload))}"
+        return self._tokens.make(f"{contact_id}:{campaign_id or ''}".encode())
 
     def verify(self, token: str) -> LinkTarget | None:
         """The contact (and campaign) a token was made for, or None when it is malformed or forged."""
-        if len(token) > MAX_TOKEN_LENGTH or token.count(".") != 1:
-            return None
-        encoded, signature = token.split(".")
-        try:
-            payload, given = _unb64(encoded), _unb64(signature)
-        except (binascii.Error, ValueError):
-            return None
-        if not hmac.compare_digest(given, self._signature(payload)):
+        payload = self._tokens.read(token)
+        if payload is None:
             return None
         contact_id, _, campaign_id = payload.decode("ascii", "replace").partition(":")
         return LinkTarget(contact_id, campaign_id or None) if contact_id else None
@@ -121,6 +139,10 @@ def _b64(raw: bytes) -> str:
 
 
 def _unb64(text: str) -> bytes:
+    """The bytes of unpadded base64url `text`; only the one text `_b64` makes for them is accepted."""
     if not text or not text.isascii():
         raise ValueError("empty or non-ASCII")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if _b64(raw) != text:
+        raise ValueError("not canonical base64url")
+    return raw

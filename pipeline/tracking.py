@@ -16,10 +16,6 @@ a key derived from the same secret: an open token's payload is `o:<email id>`, a
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import hashlib
-import hmac
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +23,7 @@ from urllib.parse import urlsplit
 
 from sqlalchemy.orm import Session
 
-from pipeline.links import LinkSigner
+from pipeline.links import LinkSigner, SignedTokens
 from pipeline.tracking_html import UnreadableHtml, track_html
 from pipeline.tracking_mime import Untrackable, rewrite_html_parts
 from storage import events as event_store
@@ -35,7 +31,6 @@ from storage import tracking as store
 from storage.emails import Claimed
 
 log = logging.getLogger("plunkd.tracking")
-SIGNATURE_BYTES = 16
 MAX_TRACKED_URL = 2048
 """Longer links are left as written: their token would make a URL some clients and proxies cut short."""
 MAX_TOKEN_LENGTH = 4096
@@ -106,21 +101,6 @@ def tracking_for(session: Session, project_id: str, marketing: bool, asked: Trac
 
 # --- tokens --------------------------------------------------------------------------------------------
 
-def _b64(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
-def _unb64(text: str) -> bytes:
-    """The bytes of unpadded base64url `text`; only the one text `_b64` makes for them is accepted, so a token
-    has one spelling (base64 ignores stray characters and a last character's spare bits)."""
-    if not text or not text.isascii():
-        raise ValueError("empty or non-ASCII")
-    raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    if _b64(raw) != text:
-        raise ValueError("not canonical base64url")
-    return raw
-
-
 def is_redirectable(url: str) -> bool:
     """An absolute http(s) URL of printable ASCII, short enough to sign: what a click may redirect to."""
     if not url or len(url) > MAX_TRACKED_URL or not url.isascii() or not url.isprintable() or " " in url:
@@ -142,28 +122,12 @@ class TrackingSigner:
     """Makes and checks the open and click links of one node (the link secret, `public_url`)."""
 
     def __init__(self, links: LinkSigner) -> None:
-        self._key = links.derived_key("tracking")
+        self._tokens = SignedTokens(links.derived_key("tracking"), MAX_TOKEN_LENGTH)
         self.public_url = links.public_url
         self._own_pages = tuple(self.public_url + path for path in PLUNKD_PATHS)
 
-    def _token(self, payload: bytes) -> str:
-        return f"{_b64(payload)}.{_b64(self._signature(payload))}"
-
-    def _signature(self, payload: bytes) -> bytes:
-        return hmac.digest(self._key, payload, hashlib.sha256)[:SIGNATURE_BYTES]
-
-    def _payload(self, token: str) -> bytes | None:
-        if len(token) > MAX_TOKEN_LENGTH or token.count(".") != 1:
-            return None
-        encoded, signature = token.split(".")
-        try:
-            payload, given = _unb64(encoded), _unb64(signature)
-        except (binascii.Error, ValueError):
-            return None
-        return payload if hmac.compare_digest(given, self._signature(payload)) else None
-
     def open_url(self, email_id: str) -> str:
-        return f"{self.public_url}/t/o/{self._token(f'o:{email_id}'.encode())}"
+        return f"{self.public_url}/t/o/{self._tokens.make(f'o:{email_id}'.encode())}"
 
     def click_url(self, email_id: str, url: str) -> str | None:
         """The redirect for a link of this email, or None to leave the link as written (not http(s), too long,
@@ -171,11 +135,11 @@ class TrackingSigner:
         target = url.strip(" \t\n\r\f")
         if not is_redirectable(target) or target.startswith(self._own_pages):
             return None
-        return f"{self.public_url}/t/c/{self._token(f'c:{email_id}:{target}'.encode())}"
+        return f"{self.public_url}/t/c/{self._tokens.make(f'c:{email_id}:{target}'.encode())}"
 
     def verify_open(self, token: str) -> str | None:
         """The email id an open token was made for, or None."""
-        payload = self._payload(token)
+        payload = self._tokens.read(token)
         if payload is None or not payload.startswith(b"o:"):
             return None
         email_id = payload[2:].decode("ascii", "replace")
@@ -183,7 +147,7 @@ class TrackingSigner:
 
     def verify_click(self, token: str) -> Click | None:
         """The email and URL a click token was made for, or None (also for a URL no click may go to)."""
-        payload = self._payload(token)
+        payload = self._tokens.read(token)
         if payload is None or not payload.startswith(b"c:"):
             return None
         email_id, _, url = payload[2:].decode("ascii", "replace").partition(":")
