@@ -1,6 +1,7 @@
-"""Helpers of the feedback tests: the stand-in SNS host on 127.0.0.1 over real TLS with its signer, the app's
-`[feedback]` config pointed at it, posting as SNS posts, and an email sent with a transport id. Each test
-module declares its own `sns` and `config` fixtures from these (a module's `config` overrides conftest's)."""
+"""Helpers of the feedback tests: the stand-in SNS host on 127.0.0.1 over real TLS with its signer, the
+app's `[feedback]` config pointed at it, posting as SNS posts, and an email sent with a transport id;
+and the fixtures a feedback test module takes over (`signing_certificate`, `sns`, and `config`, which
+overrides conftest's there)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from delivery.bucket import TokenBucket
 from delivery.dispatcher import Dispatcher
 from delivery.transports import FileTransport
 from storage import emails as email_store
-from tests.sns import CERT_PATH, TOPIC, FakeSnsHost, SnsSigner
+from tests.sns import CERT_PATH, TOPIC, FakeSnsHost, SnsSigner, make_signing_certificate
 from tests.test_delivery import dispatch_all, settings
 
 SNS_PATH = "/webhooks/incoming/sns"
@@ -76,3 +78,28 @@ async def sent_email(api, tmp_path, to: str = "ann@example.org", **payload) -> A
     email_id = body["data"]["emails"][0]["email"]
     await dispatch_all(Dispatcher(api.db, FileTransport(tmp_path / "outbox"), TokenBucket(0), settings()))
     return await api.db.read(email_store.get_email, api.project_id, email_id)
+
+
+@pytest.fixture(scope="session")
+def signing_certificate():
+    """Generating RSA keys takes a while: one signing certificate per session."""
+    return make_signing_certificate()
+
+
+@pytest.fixture
+async def sns(test_ca, tmp_path, signing_certificate):
+    env, runner = await start_fake_sns(test_ca, tmp_path, signing_certificate)
+    yield env
+    await runner.cleanup()
+
+
+@pytest.fixture
+def config(config, sns):
+    """conftest's, with `[feedback]` pointed at the stand-in SNS."""
+    return point_at(config, sns)
+
+
+async def events(api, name: str) -> list[dict]:
+    status, body = await api.call("GET", f"/events?name={name}&limit=100")
+    assert status == 200, body
+    return body["data"]["items"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 from sqlalchemy import select
 
 from delivery.bucket import TokenBucket
@@ -16,36 +15,15 @@ from delivery.transports import FileTransport
 from plunkd.config import SesConfig
 from storage import emails as email_store
 from storage.models import Email, Suppression
-from tests.sns import make_signing_certificate, ses_event
-from tests.sns_fixtures import point_at, post_sns, sent_email, start_fake_sns
+from tests import sns_fixtures
+from tests.sns import ses_event
+from tests.sns_fixtures import events, post_sns, sent_email
 from tests.test_campaigns import add_contacts, create, deliver, stats
 from tests.test_delivery import dispatch_all, settings
 from tests.test_relay_e2e import smtp_send
 
-
-@pytest.fixture(scope="session")
-def signing_certificate():
-    """Generating RSA keys takes a while: one signing certificate per session."""
-    return make_signing_certificate()
-
-
-@pytest.fixture
-async def sns(test_ca, tmp_path, signing_certificate):
-    env, runner = await start_fake_sns(test_ca, tmp_path, signing_certificate)
-    yield env
-    await runner.cleanup()
-
-
-@pytest.fixture
-def config(config, sns):
-    """conftest's, with `[feedback]` pointed at the stand-in SNS."""
-    return point_at(config, sns)
-
-
-async def events(api, name: str) -> list[dict]:
-    status, body = await api.call("GET", f"/events?name={name}&limit=100")
-    assert status == 200, body
-    return body["data"]["items"]
+signing_certificate, sns, config = sns_fixtures.signing_certificate, sns_fixtures.sns, sns_fixtures.config
+"""The feedback fixtures (`config` overrides conftest's in this module)."""
 
 
 async def email_row(api, email_id: str) -> Email:

@@ -23,6 +23,7 @@ from plunkd.config import SmarthostConfig
 from storage import emails as email_store
 from storage.models import Suppression
 from tests.conftest import Api, add_verified_domain
+from tests.sns_fixtures import events
 from tests.test_delivery import dispatch_all, settings
 
 REFUSED_AT_RCPT = "550 5.1.1 <gone@example.org>: Recipient address rejected: User unknown"
@@ -97,12 +98,6 @@ async def settled(api, email_id: str, seconds: float = 10.0):
         if row.status != "QUEUED" or time.monotonic() > deadline:
             return row
         await asyncio.sleep(0.05)
-
-
-async def events(api, name: str) -> list[dict]:
-    status, body = await api.call("GET", f"/events?name={name}")
-    assert status == 200, body
-    return body["data"]["items"]
 
 
 async def suppressed(api) -> dict[str, str]:

@@ -18,35 +18,13 @@ from feedback.sns import SnsRefused, SnsVerifier
 from plunkd.app import create_app
 from plunkd.config import ConfigError, FeedbackConfig, load_config
 from storage.models import AppliedSnsMessage, Suppression
+from tests import sns_fixtures
 from tests.conftest import Api
 from tests.sns import TOPIC, SnsSigner, make_signing_certificate, ses_event, sns_time
-from tests.sns_fixtures import point_at, post_sns, sent_email, start_fake_sns
+from tests.sns_fixtures import events, post_sns, sent_email
 
-
-@pytest.fixture(scope="session")
-def signing_certificate():
-    """Generating RSA keys takes a while: one signing certificate per session."""
-    return make_signing_certificate()
-
-
-@pytest.fixture
-async def sns(test_ca, tmp_path, signing_certificate):
-    env, runner = await start_fake_sns(test_ca, tmp_path, signing_certificate)
-    yield env
-    await runner.cleanup()
-
-
-@pytest.fixture
-def config(config, sns):
-    """conftest's, with `[feedback]` pointed at the stand-in SNS."""
-    return point_at(config, sns)
-
-
-
-async def events(api, name: str) -> list[dict]:
-    status, body = await api.call("GET", f"/events?name={name}&limit=100")
-    assert status == 200, body
-    return body["data"]["items"]
+signing_certificate, sns, config = sns_fixtures.signing_certificate, sns_fixtures.sns, sns_fixtures.config
+"""The feedback fixtures (`config` overrides conftest's in this module)."""
 
 
 async def status_of(api, email_id: str) -> str:
