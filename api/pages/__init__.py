@@ -163,22 +163,23 @@ def _changed(subscribe: bool, view: Callable[[LinkedContact, str], web.Response]
     return handler
 
 
-def _method_not_allowed(allow: str) -> PageHandler:
+def method_not_allowed(allow: str) -> PageHandler:
     async def handler(request: web.Request, token: str) -> web.Response:
         return error_page(405, "Method not allowed", "This page does not take that method.", {"Allow": allow})
 
     return handler
 
 
-def _page(kind: str, handler: PageHandler) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """The handler with the token out of the logs and any failure answered as an HTML page."""
+def token_page(prefix: str, handler: PageHandler) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The handler of `<prefix>/{token}` with the token out of the logs and any failure answered as an HTML
+    page (the contact pages here, the tracking links in `api.pages.tracking`)."""
 
     async def serve(request: web.Request) -> web.Response:
-        request[LOGGED_PATH] = f"/{kind}/<token>"
+        request[LOGGED_PATH] = f"{prefix}/<token>"
         try:
             return await handler(request, request.match_info["token"])
         except Exception:
-            log.exception("%s page failed for %s %s", kind, request.method, request[LOGGED_PATH])
+            log.exception("page %s failed for %s", request[LOGGED_PATH], request.method)
             return error_page(500, "Something went wrong", "Something went wrong on our side. Please try again later.")
 
     return serve
@@ -187,11 +188,12 @@ def _page(kind: str, handler: PageHandler) -> Callable[[web.Request], Awaitable[
 def _routes(kind: str, get: PageHandler, post: PageHandler | None) -> list[Route]:
     path = f"/{kind}/{{token:.*}}"
     common = {"auth": None, "scope": "root", "tag": "Pages", "page": True}
-    routes = [Route("GET", path, _page(kind, get), f"The {kind} page", head=True, **common)]
+    routes = [Route("GET", path, token_page(f"/{kind}", get), f"The {kind} page", head=True, **common)]
     if post is not None:
-        routes.append(Route("POST", path, _page(kind, post), f"Submit the {kind} page", **common))
+        routes.append(Route("POST", path, token_page(f"/{kind}", post), f"Submit the {kind} page", **common))
     allow = "GET, HEAD, POST" if post is not None else "GET, HEAD"
-    return routes + [Route("*", path, _page(kind, _method_not_allowed(allow)), "Any other method: 405", **common)]
+    return routes + [Route("*", path, token_page(f"/{kind}", method_not_allowed(allow)), "Any other method: 405",
+                           **common)]
 
 
 ROUTES: list[Route] = [

@@ -17,14 +17,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from api.context import DB, TRACKING
-from api.middleware import LOGGED_PATH
-from api.pages import not_found
-from api.pages.html import error_page
+from api.pages import PageHandler, method_not_allowed, not_found, token_page
 from api.routing import Route
 from pipeline.tracking import record_click, record_open
 
@@ -34,7 +31,6 @@ PIXEL = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x
 """A 1×1 GIF whose one pixel is transparent."""
 NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Robots-Tag": "noindex, nofollow"}
 
-PageHandler = Callable[[web.Request, str], Awaitable[web.Response]]
 
 
 def pixel(status: int = 200) -> web.Response:
@@ -69,29 +65,12 @@ async def clicked(request: web.Request, token: str) -> web.Response:
     return web.Response(status=302, headers={**NO_STORE, "Location": click.url})
 
 
-async def method_not_allowed(request: web.Request, token: str) -> web.Response:
-    return error_page(405, "Method not allowed", "This page does not take that method.", {"Allow": "GET, HEAD"})
-
-
-def _served(kind: str, handler: PageHandler) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """The handler with the token out of the logs and any failure answered as the error page."""
-
-    async def serve(request: web.Request) -> web.Response:
-        request[LOGGED_PATH] = f"/t/{kind}/<token>"
-        try:
-            return await handler(request, request.match_info["token"])
-        except Exception:
-            log.exception("tracking link failed for %s %s", request.method, request[LOGGED_PATH])
-            return error_page(500, "Something went wrong", "Something went wrong on our side. Please try again later.")
-
-    return serve
-
-
 def _routes(kind: str, handler: PageHandler, summary: str) -> list[Route]:
     path = f"/t/{kind}/{{token:.*}}"
     common = {"auth": None, "scope": "root", "tag": "Tracking", "page": True}
-    return [Route("GET", path, _served(kind, handler), summary, head=True, **common),
-            Route("*", path, _served(kind, method_not_allowed), "Any other method: 405", **common)]
+    return [Route("GET", path, token_page(f"/t/{kind}", handler), summary, head=True, **common),
+            Route("*", path, token_page(f"/t/{kind}", method_not_allowed("GET, HEAD")), "Any other method: 405",
+                  **common)]
 
 
 ROUTES: list[Route] = [*_routes("o", opened, "The open-tracking pixel"),
