@@ -89,6 +89,15 @@ async def empty_database_url(tmp_path):
 
 
 @pytest.fixture
+async def db(database_url):
+    """The test's database, migrated, without an app (storage-level tests)."""
+    database = Database(database_url)
+    await database.migrate()
+    yield database
+    await database.dispose()
+
+
+@pytest.fixture
 def config(tmp_path, database_url) -> Config:
     cfg = Config()
     cfg.server.data_dir = str(tmp_path / "data")

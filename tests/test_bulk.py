@@ -11,21 +11,12 @@ from sqlalchemy import select
 
 from pipeline.projects import create_project
 from storage import bulk
-from storage.db import Database
 from storage.models import Contact, new_id
 
 CONTACTS = Contact.__table__
 COLUMNS = [("id", "text"), ("project_id", "text"), ("email", "text"), ("subscribed", "bool"), ("data", "json"),
            ("created_at", "time"), ("updated_at", "time")]
 NOON = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-async def db(database_url):
-    database = Database(database_url)
-    await database.migrate()
-    yield database
-    await database.dispose()
 
 
 async def test_rows_written_in_bulk_read_back_as_written(db):

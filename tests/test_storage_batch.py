@@ -13,18 +13,9 @@ from pipeline.domains import UnverifiedSender, add_domain, save_check
 from pipeline.projects import create_project
 from pipeline.submit import Submission, submit
 from storage.batch import insert_at_commit
-from storage.db import Database
 from storage.models import Email, OutboxItem, utcnow
 
 MESSAGE = b"From: shop@shop.example\r\nTo: a@example.org\r\nSubject: Hi\r\n\r\nHello\r\n"
-
-
-@pytest.fixture
-async def db(database_url):
-    database = Database(database_url)
-    await database.migrate()
-    yield database
-    await database.dispose()
 
 
 @pytest.fixture
