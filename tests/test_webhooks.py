@@ -51,6 +51,15 @@ def sender_for(api, **overrides) -> WebhookSender:
     return WebhookSender(api.db, settings)
 
 
+async def send_what_is_due(api, **overrides) -> None:
+    """One sender posts every delivery due now (and the retries that come due meanwhile), then stops."""
+    sender = sender_for(api, **overrides)
+    try:
+        await sender.run_until_idle()
+    finally:
+        await sender.close()
+
+
 async def create_endpoint(api, receiver: Receiver, events: list[str], path: str = "/hook", **fields) -> dict:
     status, body = await api.call("POST", "/webhooks", json={"url": receiver.url(path), "events": events, **fields})
     assert status == 201, body
@@ -153,11 +162,7 @@ async def test_only_enabled_endpoints_listening_for_the_event_receive_it(api, re
     await track_event(api, "ann@example.org", "signed-up")
     status, _ = await api.call("POST", "/contacts/unsubscribe", json={"email": "ann@example.org"})
     assert status == 200
-    sender = sender_for(api)
-    try:
-        await sender.run_until_idle()
-    finally:
-        await sender.close()
+    await send_what_is_due(api)
     by_path = sorted((r.path, r.payload["type"]) for r in receiver.received)
     assert by_path == [("/all", "contact.unsubscribed"), ("/all", "signed-up"),
                        ("/contacts", "contact.unsubscribed"), ("/wanted", "signed-up")]
@@ -171,11 +176,7 @@ async def test_disabling_an_endpoint_fails_what_it_still_had_to_send(api, receiv
     await track_event(api, "ann@example.org", "signed-up")
     status, _ = await api.call("PATCH", f"/webhooks/{hook['id']}", json={"enabled": False})
     assert status == 200
-    sender = sender_for(api)
-    try:
-        await sender.run_until_idle()
-    finally:
-        await sender.close()
+    await send_what_is_due(api)
     assert receiver.received == []
     [item] = await deliveries(api, hook["id"])
     assert item["status"] == "FAILED" and item["attempts"] == 0
@@ -320,11 +321,7 @@ async def test_private_addresses_are_refused_after_dns_unless_allowed(api, recei
     assert status == 201, body
     named = body["data"]
     await track_event(api, "ann@example.org", "signed-up")
-    sender = sender_for(api, retry_base_seconds=60.0)
-    try:
-        await sender.run_until_idle()
-    finally:
-        await sender.close()
+    await send_what_is_due(api, retry_base_seconds=60.0)
     assert receiver.received == []
     [item] = await deliveries(api, named["id"])
     assert item["status"] == "PENDING" and item["attempts"] == 1
@@ -348,11 +345,7 @@ async def test_a_rotated_secret_signs_beside_the_old_one_and_test_deliveries(api
     assert status == 202, body
     test_delivery = body["data"]
     assert test_delivery["type"] == "webhook.test" and test_delivery["status"] == "PENDING"
-    sender = sender_for(api)
-    try:
-        await sender.run_until_idle()
-    finally:
-        await sender.close()
+    await send_what_is_due(api)
     [request] = receiver.received
     assert request.webhook_id == test_delivery["id"]
     assert request.verified == {hook["secret"]: True, new_secret: True}, "both secrets verify during the overlap"
