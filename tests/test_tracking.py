@@ -389,6 +389,18 @@ def relayed(body: bytes, content_type: bytes = b"text/html; charset=utf-8", extr
             b"Content-Type: " + content_type + b"\r\n" + extra + b"\r\n" + body)
 
 
+async def relayed_with_tracking_on(api, tmp_path, message: bytes) -> bytes:
+    """The project tracks transactional mail; `message` is submitted as SMTP mail to ann@example.org and
+    delivered through the file transport: the delivered bytes."""
+    await api.call("PATCH", "/settings/tracking", json={"transactional": {"opens": True, "clicks": True}})
+    await api.db.write(lambda s: submit(s, Submission(api.project_id, "smtp", "hello@example.com",
+                                                      ["ann@example.org"], raw=message)))
+    folder = tmp_path / "out"
+    await dispatch_all(tracking_dispatcher(api, folder))
+    [path] = folder.glob("*.eml")
+    return path.read_bytes()
+
+
 @pytest.mark.parametrize(("case", "message", "why"), [
     ("signed", relayed(b"--s\r\nContent-Type: text/html\r\n\r\n<a href=\"https://x.example/\">x</a>\r\n--s\r\n"
                        b"Content-Type: application/pkcs7-signature\r\n\r\nMIIB\r\n--s--\r\n",
@@ -407,13 +419,7 @@ def relayed(body: bytes, content_type: bytes = b"text/html; charset=utf-8", extr
 async def test_messages_that_cannot_be_changed_safely_go_out_untouched(api, sender, tmp_path, caplog, case, message,
                                                                       why):
     caplog.set_level(logging.INFO)
-    await api.call("PATCH", "/settings/tracking", json={"transactional": {"opens": True, "clicks": True}})
-    await api.db.write(lambda s: submit(s, Submission(api.project_id, "smtp", "hello@example.com",
-                                                      ["ann@example.org"], raw=message)))
-    folder = tmp_path / "out"
-    await dispatch_all(tracking_dispatcher(api, folder))
-    [path] = folder.glob("*.eml")
-    raw = path.read_bytes()
+    raw = await relayed_with_tracking_on(api, tmp_path, message)
     assert raw.endswith(message), case
     assert dkim.verify(raw, dnsfunc=dns_for(sender)), case
     row = (await emails_by_recipient(api))["ann@example.org"]
@@ -431,13 +437,7 @@ async def test_single_part_html_in_other_encodings_is_tracked(api, sender, tmp_p
                                                                           encoding.encode()) + b"\r\n")
     if encoding == "lf-only":
         message = message.replace(b"\r\n", b"\n")
-    await api.call("PATCH", "/settings/tracking", json={"transactional": {"opens": True, "clicks": True}})
-    await api.db.write(lambda s: submit(s, Submission(api.project_id, "smtp", "hello@example.com",
-                                                      ["ann@example.org"], raw=message)))
-    folder = tmp_path / "out"
-    await dispatch_all(tracking_dispatcher(api, folder))
-    [path] = folder.glob("*.eml")
-    raw = path.read_bytes()
+    raw = await relayed_with_tracking_on(api, tmp_path, message)
     parsed = email.message_from_bytes(raw, policy=policy.default)
     row = (await emails_by_recipient(api))["ann@example.org"]
     signer = api.client.app[TRACKING]
