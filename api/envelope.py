@@ -15,13 +15,10 @@ from typing import Any
 from aiohttp import web
 
 from pipeline.errors import PipelineError, ValidationFailed
+from storage.models import iso
 
 JSON_TYPE = "application/json"
 _UNENCODABLE = re.compile("[\ud800-\udfff]")
-
-
-def iso(value: datetime) -> str:
-    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _default(value: Any) -> Any:

@@ -47,7 +47,6 @@ Rules:
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -66,6 +65,7 @@ from storage import contacts as contact_store
 from storage import templates as template_store
 from storage import workflows as store
 from storage.batch import discard_pending, flush_pending
+from storage.models import iso
 from storage.workflows import RunRecord, WorkflowRecord
 
 log = logging.getLogger("plunkd.workflows")
@@ -109,12 +109,6 @@ class Executed:
 
 class _StepFailed(Exception):
     """The run cannot go on (odd definition, missing template…): it FAILS with this reason."""
-
-
-@functools.lru_cache(maxsize=256)
-def iso(moment: datetime) -> str:
-    """ISO 8601 in UTC with a Z (cached: a batch notes the same moment for every run)."""
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 @dataclass

@@ -3,6 +3,7 @@ and a cursor is simply the last id seen: pages stay stable while rows are insert
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -47,6 +48,13 @@ def new_id() -> str:
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+@functools.lru_cache(maxsize=256)
+def iso(moment: datetime) -> str:
+    """The API's time format: ISO 8601 in UTC to the millisecond, with a Z. Also for times stored inside JSON
+    (run history, webhook payloads), which reach clients as written. Cached: a batch writes one moment often."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class UTCDateTime(TypeDecorator[datetime]):

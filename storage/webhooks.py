@@ -15,7 +15,7 @@ sender died is due again when the lease runs out (at least once; the same `webho
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import bindparam, delete, func, select, update
@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from storage.batch import insert_at_commit
 from storage.interest import ProjectInterest
-from storage.models import Contact, Project, WebhookDelivery, WebhookEndpoint, new_id, utcnow
+from storage.models import Contact, Project, WebhookDelivery, WebhookEndpoint, iso, new_id, utcnow
 from storage.pagination import Page, paginate
 
 ENDPOINTS = WebhookEndpoint.__table__
@@ -39,11 +39,6 @@ TEST_EVENT = "webhook.test"
 ATTEMPT_LOG_CAP = 20
 """Attempts kept in a delivery's log (the latest); `attempts` counts them all."""
 INTEREST_TTL = 2.0
-
-
-def iso(moment: datetime) -> str:
-    """The API's datetime format (`api.envelope.iso`), for payloads stored before any reply is made."""
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def patterns_for(name: str) -> frozenset[str]:

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from storage.models import Template, Workflow, WorkflowRun, WorkflowTrigger, utcnow
+from storage.models import Template, Workflow, WorkflowRun, WorkflowTrigger, iso, utcnow
 from storage.pagination import Page, paginate
 
 LIVE_STATUSES = ("ACTIVE", "WAITING")
@@ -119,7 +119,7 @@ def get_run(session: Session, workflow_id: str, run_id: str, for_update: bool = 
 def cancel_run(session: Session, run: WorkflowRun, now: datetime, step_type: str | None) -> WorkflowRun:
     """Mark a live run CANCELLED (nothing is due for it any more) and note it in its history."""
     history = list(run.history or [])
-    history.append({"step": run.step_id, "type": step_type, "at": now.isoformat(), "outcome": "cancelled"})
+    history.append({"step": run.step_id, "type": step_type, "at": iso(now), "outcome": "cancelled"})
     run.status = "CANCELLED"
     run.due_at = None
     run.waiting_for = None

@@ -27,6 +27,7 @@ from storage import workflows as store
 from storage.models import Contact, Email, Event, OutboxItem, Workflow, WorkflowRun, WorkflowTrigger, new_id, utcnow
 from tests.test_campaigns import dispatcher_for
 from tests.test_delivery import dispatch_all, settings
+from tests.test_workflows_api import MILLISECOND_TIME
 
 BODY = "<p>Plan {{plan}}, coupon {{coupon ?? none}}, from {{source ?? nowhere}}</p>"
 
@@ -118,6 +119,9 @@ async def test_track_then_delay_then_send_reaches_the_outbox_and_is_delivered(ap
     assert run.status == "COMPLETED" and run.emails_sent == 1 and 2.0 <= elapsed < 3.5, (run.history, elapsed)
     assert outcomes(run) == ["delayed", "sent"]
     fired = run.history[1]
+    # History times are the API's: milliseconds and a Z, like every other time a client reads.
+    assert all(MILLISECOND_TIME.fullmatch(entry[key]) for entry in run.history for key in ("at", "due", "until")
+               if key in entry), run.history
     lateness = (datetime.fromisoformat(fired["at"]) - datetime.fromisoformat(fired["due"])).total_seconds()
     assert 0 <= lateness < 1.0
     assert run.context == {"plan": "pro", "source": "ad"}  # the trigger's variables, one-shot ones too
