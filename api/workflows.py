@@ -7,7 +7,8 @@ e.g. `steps.2.type` unknown_step_type). The pydantic models below only describe 
 what JSON schema cannot say (step ids that must exist, no cycles, every step reachable, templates of
 the project, a delay `until` at most 366 days ahead) is listed in tests/schemathesis.toml.
 
-`/workflows/{id}/runs`, `/runs/{runId}/cancel` and `/stats` also answer for an action's id.
+An action is not a workflow: `/workflows/…` answers 404 for an action's id, and its runs and stats are
+read at `/actions/{id}/runs`, `/actions/{id}/runs/{runId}/cancel` and `/actions/{id}/stats`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pydantic import ConfigDict, Field, StringConstraints, WithJsonSchema
 
 from api.context import DB
 from api.envelope import success
-from api.routing import Route, caller
+from api.routing import Handler, Route, caller
 from api.schemas import Out
 from api.segments import SegmentCondition
 from api.serialize import page_json
@@ -380,32 +381,41 @@ async def delete_workflow(request: web.Request) -> web.Response:
     return await _delete(request, WORKFLOW, request.match_info["id"])
 
 
-async def list_runs(request: web.Request) -> web.Response:
-    limit, cursor = page_params(request)
-    project_id, workflow_id = caller(request).project_id, request.match_info["id"]
+def runs_handlers(kind: str) -> tuple[Handler, Handler, Handler]:
+    """The runs list, run cancel and stats handlers of one kind (workflows or actions), each answering 404
+    for an id of the other kind."""
 
-    def query(session) -> dict[str, Any]:
-        workflow = rules.require_workflow(session, project_id, workflow_id)
-        return page_json(store.list_runs(session, workflow.id, limit, cursor), run_json)
+    async def list_runs(request: web.Request) -> web.Response:
+        limit, cursor = page_params(request)
+        project_id, workflow_id = caller(request).project_id, request.match_info["id"]
 
-    return success(await request.app[DB].read(query))
+        def query(session) -> dict[str, Any]:
+            workflow = rules.require_workflow(session, project_id, workflow_id, kind)
+            return page_json(store.list_runs(session, workflow.id, limit, cursor), run_json)
+
+        return success(await request.app[DB].read(query))
+
+    async def cancel_run(request: web.Request) -> web.Response:
+        project_id = caller(request).project_id
+        workflow_id, run_id = request.match_info["id"], request.match_info["runId"]
+        run = await request.app[DB].write(
+            lambda s: run_json(rules.cancel_run(s, project_id, workflow_id, run_id, kind)))
+        return success(run)
+
+    async def stats(request: web.Request) -> web.Response:
+        project_id, workflow_id = caller(request).project_id, request.match_info["id"]
+
+        def query(session) -> dict[str, int]:
+            workflow = rules.require_workflow(session, project_id, workflow_id, kind)
+            return store.run_stats(session, workflow.id)
+
+        return success(await request.app[DB].read(query))
+
+    return list_runs, cancel_run, stats
 
 
-async def cancel_run(request: web.Request) -> web.Response:
-    project_id = caller(request).project_id
-    workflow_id, run_id = request.match_info["id"], request.match_info["runId"]
-    run = await request.app[DB].write(lambda s: run_json(rules.cancel_run(s, project_id, workflow_id, run_id)))
-    return success(run)
-
-
-async def workflow_stats(request: web.Request) -> web.Response:
-    project_id, workflow_id = caller(request).project_id, request.match_info["id"]
-
-    def query(session) -> dict[str, int]:
-        workflow = rules.require_workflow(session, project_id, workflow_id)
-        return store.run_stats(session, workflow.id)
-
-    return success(await request.app[DB].read(query))
+list_runs, cancel_run, workflow_stats = runs_handlers(WORKFLOW)
+list_action_runs, cancel_action_run, action_stats = runs_handlers(ACTION)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -456,12 +466,12 @@ ROUTES = [
           errors=frozenset({409})),
     Route("DELETE", "/workflows/{id}", delete_workflow, "Delete a workflow and all its runs", tag=TAG,
           response=WorkflowOut),
-    Route("GET", "/workflows/{id}/runs", list_runs, "A workflow's (or action's) runs, newest first",
+    Route("GET", "/workflows/{id}/runs", list_runs, "A workflow's runs, newest first",
           query=PAGE_QUERY, tag=TAG, response=RunPage, legacy="items"),
     Route("POST", "/workflows/{id}/runs/{runId}/cancel", cancel_run, "Cancel an active or waiting run", tag=TAG,
           response=RunOut, errors=frozenset({409})),
-    Route("GET", "/workflows/{id}/stats", workflow_stats, "A workflow's (or action's) runs by state and the "
-          "emails they sent", tag=TAG, response=WorkflowStats),
+    Route("GET", "/workflows/{id}/stats", workflow_stats, "A workflow's runs by state and the emails they sent",
+          tag=TAG, response=WorkflowStats),
     Route("GET", "/actions", list_actions, "List actions (legacy automations), newest first", query=PAGE_QUERY,
           tag=ACTIONS, response=ActionPage, legacy="items"),
     Route("POST", "/actions", create_action, "Create an action: trigger events, excluding events, a delay and a "
@@ -473,4 +483,10 @@ ROUTES = [
     Route("GET", "/actions/{id}", get_action, "Get an action", tag=ACTIONS, response=ActionOut),
     Route("DELETE", "/actions/{id}", delete_action_by_path, "Delete an action and its runs", tag=ACTIONS,
           response=ActionOut),
+    Route("GET", "/actions/{id}/runs", list_action_runs, "An action's runs, newest first", query=PAGE_QUERY,
+          tag=ACTIONS, response=RunPage, legacy="items"),
+    Route("POST", "/actions/{id}/runs/{runId}/cancel", cancel_action_run, "Cancel an action's active or waiting run",
+          tag=ACTIONS, response=RunOut, errors=frozenset({409})),
+    Route("GET", "/actions/{id}/stats", action_stats, "An action's runs by state and the emails they sent",
+          tag=ACTIONS, response=WorkflowStats),
 ]

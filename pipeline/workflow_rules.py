@@ -204,9 +204,9 @@ def update_action(session: Session, project_id: str, action_id: str, fields: Act
 # ---------------------------------------------------------------------------------------------------
 # Runs.
 
-def cancel_run(session: Session, project_id: str, workflow_id: str, run_id: str) -> WorkflowRun:
+def cancel_run(session: Session, project_id: str, workflow_id: str, run_id: str, kind: str) -> WorkflowRun:
     """ACTIVE or WAITING → CANCELLED; a run that has ended is a Conflict."""
-    workflow = require_workflow(session, project_id, workflow_id)
+    workflow = require_workflow(session, project_id, workflow_id, kind)
     run = store.get_run(session, workflow.id, run_id, for_update=True)
     if run is None:
         raise NotFound(f"Run {run_id} of workflow {workflow_id} not found")

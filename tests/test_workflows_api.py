@@ -4,6 +4,7 @@ workflow uses, runs (rows written here directly; the engine has its own tests), 
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -11,6 +12,8 @@ from sqlalchemy import func, select
 
 from pipeline.workflow_definitions import action_definition, events_used, templates_used
 from storage.models import Workflow, WorkflowRun, WorkflowTrigger, new_id
+
+MILLISECOND_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 TEMPLATE = {"name": "Welcome", "subject": "Hi {{name ?? friend}}", "body": "<p>Hello</p>"}
 
@@ -286,13 +289,22 @@ async def test_action_crud_in_the_legacy_shape(api):
     assert status == 200 and body["data"]["total"] == 1 and body["data"]["items"][0] == action
     status, body = await api.call("GET", "/api/v1/actions")
     assert status == 200 and isinstance(body, list) and body[0]["id"] == action["id"]
-    # An action is no workflow in the /workflows shape (but its runs and stats answer there).
-    status, _ = await api.call("GET", f"/workflows/{action['id']}")
-    assert status == 404
-    status, body = await api.call("GET", f"/workflows/{action['id']}/stats")
-    assert status == 200 and body["data"]["started"] == 0
+    # An action is not a workflow: every /workflows route answers 404 for it, the same on every route
+    # (issue 20.6: runs and stats answered there while the workflow itself was 404); its runs and stats
+    # are under /actions.
+    for method, path in [("GET", ""), ("PATCH", ""), ("DELETE", ""), ("GET", "/runs"), ("GET", "/stats"),
+                         ("POST", "/runs/x/cancel")]:
+        status, body = await api.call(method, f"/workflows/{action['id']}{path}",
+                                      json={"name": "n"} if method == "PATCH" else None)
+        assert (status, body["error"]["code"]) == (404, "NOT_FOUND"), (method, path)
     status, body = await api.call("GET", "/workflows")
     assert body["data"]["total"] == 0
+    status, body = await api.call("GET", f"/actions/{action['id']}/stats")
+    assert status == 200 and body["data"]["started"] == 0
+    status, body = await api.call("GET", f"/actions/{action['id']}/runs")
+    assert status == 200 and body["data"]["items"] == []
+    status, body = await api.call("POST", f"/actions/{action['id']}/runs/x/cancel")
+    assert (status, body["error"]["code"]) == (404, "NOT_FOUND")
 
     # Defaults: no delay (one send step), not run once, no notevents.
     status, body = await api.call("POST", "/actions", json={"name": "Now", "events": ["x"], "template": template_id})
@@ -443,6 +455,7 @@ async def test_runs_listing_cancel_and_stats(api):
         assert status == 200, body
         assert body["data"]["status"] == "CANCELLED" and body["data"]["dueAt"] is None
         assert body["data"]["waitingFor"] is None and body["data"]["history"][-1]["outcome"] == "cancelled"
+        assert MILLISECOND_TIME.fullmatch(body["data"]["history"][-1]["at"]), body["data"]["history"]
     for run_id in run_ids[2:]:
         status, body = await api.call("POST", f"/workflows/{made['id']}/runs/{run_id}/cancel")
         assert status == 409 and body["error"]["code"] == "CONFLICT", body
