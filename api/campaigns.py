@@ -33,6 +33,12 @@ BodyText = Annotated[str, StringConstraints(max_length=5_000_000),
                      WithJsonSchema({"type": "string", "maxLength": 5_000_000})]
 
 
+class SegmentSnapshot(Out):
+    id: str
+    name: str
+    condition: dict[str, Any]
+
+
 class CampaignOut(Out):
     id: str
     name: str
@@ -45,6 +51,8 @@ class CampaignOut(Out):
     reply: str | None
     audience: AudienceKind
     segment: str | None
+    segmentSnapshot: SegmentSnapshot | None
+    """The segment a finished campaign went to, kept when that segment was deleted (`segment` is then null)."""
     recipients: list[str]
     status: Literal["DRAFT", "SCHEDULED", "SENDING", "SENT", "CANCELLED"]
     scheduledAt: datetime | None
@@ -84,7 +92,8 @@ def campaign_json(campaign: Campaign) -> dict[str, Any]:
     return {"id": campaign.id, "name": campaign.name, "subject": campaign.subject, "body": campaign.body,
             "style": campaign.style, "template": campaign.template_id, "from": campaign.from_email,
             "fromName": campaign.from_name, "reply": campaign.reply_to, "audience": campaign.audience,
-            "segment": campaign.segment_id, "recipients": list(campaign.recipients or []), "status": campaign.status,
+            "segment": campaign.segment_id, "segmentSnapshot": campaign.segment_snapshot,
+            "recipients": list(campaign.recipients or []), "status": campaign.status,
             "scheduledAt": campaign.scheduled_at, "startedAt": campaign.started_at,
             "finishedAt": campaign.finished_at,
             "delivered": campaign.finished_at if campaign.status == "SENT" else None,

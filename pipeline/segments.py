@@ -368,14 +368,16 @@ def update_segment(session: Session, project_id: str, segment_id: str, name: str
 
 
 def delete_segment(session: Session, project_id: str, segment_id: str) -> SegmentRecord:
-    """409 while a campaign uses the segment as its audience."""
+    """409 while a campaign that is not finished uses the segment as its audience; a sent or cancelled
+    campaign keeps a snapshot of it instead (`segmentSnapshot`)."""
     segment = require_segment(session, project_id, segment_id)
-    conflict = Conflict(f"Segment {segment_id} is the audience of a campaign",
+    conflict = Conflict(f"Segment {segment_id} is the audience of a campaign that is not finished",
                         "Delete the campaign or give it another audience first.")
     if store.segment_in_use(session, segment.id):
         raise conflict
     try:
         with session.begin_nested():
+            store.keep_snapshots(session, segment)
             store.delete_segment(session, segment.id)
     except IntegrityError:
         raise conflict from None

@@ -284,6 +284,8 @@ class Campaign(Base):
     reply_to: Mapped[str | None] = mapped_column(String(320), nullable=True)
     audience: Mapped[str] = mapped_column(String(8), default="ALL")
     segment_id: Mapped[str | None] = mapped_column(ForeignKey("segments.id"), nullable=True)
+    segment_snapshot: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    """The segment (id, name, condition) a finished campaign went to, kept here when that segment is deleted."""
     recipients: Mapped[list[str]] = mapped_column(JSON, default=list)
     status: Mapped[str] = mapped_column(String(12), default="DRAFT")
     scheduled_at: Mapped[datetime | None] = mapped_column(nullable=True)

@@ -45,6 +45,7 @@ from sqlalchemy import (
     or_,
     select,
     true,
+    update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -372,10 +373,22 @@ def delete_segment(session: Session, segment_id: str) -> None:
     session.connection().execute(delete(_SEGMENTS).where(_SEGMENTS.c.id == segment_id))
 
 
+FINISHED_CAMPAIGNS = ("SENT", "CANCELLED")
+
+
 def segment_in_use(session: Session, segment_id: str) -> bool:
-    """Whether a campaign names this segment as its audience (campaigns.segment_id)."""
-    stmt = select(_CAMPAIGNS.c.id).where(_CAMPAIGNS.c.segment_id == segment_id).limit(1)
+    """Whether a campaign that is not finished names this segment as its audience (campaigns.segment_id)."""
+    stmt = (select(_CAMPAIGNS.c.id)
+            .where(_CAMPAIGNS.c.segment_id == segment_id, _CAMPAIGNS.c.status.not_in(FINISHED_CAMPAIGNS)).limit(1))
     return session.connection().execute(stmt).first() is not None
+
+
+def keep_snapshots(session: Session, segment: SegmentRecord) -> None:
+    """Finished campaigns sent to `segment` keep a copy of it (id, name, condition) and let go of the row."""
+    snapshot = {"id": segment.id, "name": segment.name, "condition": segment.condition}
+    session.connection().execute(
+        update(_CAMPAIGNS).where(_CAMPAIGNS.c.segment_id == segment.id, _CAMPAIGNS.c.status.in_(FINISHED_CAMPAIGNS))
+        .values(segment_id=None, segment_snapshot=snapshot))
 
 
 def segment_conditions(session: Session, project_id: str) -> list[tuple[str, dict[str, Any]]]:

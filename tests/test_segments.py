@@ -482,6 +482,31 @@ async def test_segment_used_by_a_campaign_cannot_be_deleted(api):
     assert status == 200
 
 
+async def test_a_finished_campaign_keeps_a_snapshot_of_its_deleted_segment(api):
+    """Issue 20: a SENT (or CANCELLED) campaign no longer blocks deleting its segment with a 409; it keeps
+    what it was sent to. A campaign still to go out keeps blocking it."""
+    segment = await create_segment(api, GOOD)
+    rows = [{"id": new_id(), "project_id": api.project_id, "name": status, "subject": "s", "body": "b",
+             "style": "PLUNK", "audience": "SEGMENT", "segment_id": segment["id"], "recipients": [], "status": status,
+             "fanout_done": status != "SENDING", "recipient_count": 3, "created_at": NOW, "updated_at": NOW}
+            for status in ("SENT", "CANCELLED", "SENDING")]
+    await api.db.write(lambda s: s.connection().execute(Campaign.__table__.insert(), rows))
+    status, body = await api.call("DELETE", f"/segments/{segment['id']}")
+    assert (status, body["error"]["code"]) == (409, "CONFLICT") and "not finished" in body["error"]["message"]
+    table = Campaign.__table__
+    await api.db.write(lambda s: s.connection().execute(table.delete().where(table.c.id == rows[2]["id"])))
+
+    status, body = await api.call("DELETE", f"/segments/{segment['id']}")
+    assert status == 200, body
+    status, _ = await api.call("GET", f"/segments/{segment['id']}")
+    assert status == 404
+    for row in rows[:2]:
+        status, body = await api.call("GET", f"/campaigns/{row['id']}")
+        assert status == 200, body
+        assert body["data"]["segment"] is None and body["data"]["audience"] == "SEGMENT"
+        assert body["data"]["segmentSnapshot"] == {"id": segment["id"], "name": segment["name"], "condition": GOOD}
+
+
 async def test_events_a_segment_uses_cannot_be_deleted(api):
     for name in ("signed-up", "clicked"):
         status, _ = await api.call("POST", "/v1/track", json={"email": "ann@example.com", "event": name})
