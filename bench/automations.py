@@ -22,8 +22,8 @@ from pathlib import Path
 from sqlalchemy import JSON, bindparam, select, update
 
 from automation.scheduler import BATCH, PARALLEL_POSTGRES, WorkflowScheduler
-from bench.campaign import fresh_database, seed_contacts
-from bench.common import temp_dir
+from bench.campaign import seed_contacts
+from bench.common import fresh_database, temp_dir
 from pipeline.domains import add_domain, save_check
 from pipeline.projects import create_project
 from storage.db import Database

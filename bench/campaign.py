@@ -15,14 +15,12 @@ import asyncio
 import contextlib
 import statistics
 import time
-import uuid
-from collections.abc import Iterator
 
 import aiohttp
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from bench.common import create_project, free_port, plunkd_env, server_process, temp_dir
+from bench.common import create_project, free_port, fresh_database, plunkd_env, server_process, temp_dir
 from bench.setup_sender import verify_offline
 from storage.db import Database
 from storage.models import Contact, new_id, utcnow
@@ -189,25 +187,6 @@ def main() -> None:
           f"(ratio {during / idle:.2f}), while dispatching at {args.rate:g}/s {dispatching * 1000:.1f} ms "
           f"(ratio {dispatching / idle:.2f}, aim <= 2; {results['sent_during']:,.0f} campaign emails went out "
           "meanwhile)")
-
-
-@contextlib.contextmanager
-def fresh_database(server_url: str) -> Iterator[str]:
-    """A new, empty PostgreSQL database on `server_url`'s server for this run, dropped afterwards (the
-    database named in the URL is only used to connect)."""
-    name = f"plunkd_bench_{uuid.uuid4().hex[:10]}"
-
-    async def admin(statement: str) -> None:
-        engine = create_async_engine(server_url, isolation_level="AUTOCOMMIT")
-        async with engine.connect() as conn:
-            await conn.execute(text(statement))
-        await engine.dispose()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    try:
-        yield server_url.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 if __name__ == "__main__":

@@ -22,8 +22,7 @@ from collections.abc import Iterator
 import aiohttp
 from aiosmtpd.controller import Controller
 
-from bench.campaign import fresh_database
-from bench.common import create_project, free_port, plunkd_env, server_process, temp_dir
+from bench.common import create_project, free_port, fresh_database, plunkd_env, server_process, temp_dir
 from bench.setup_sender import verify_offline
 from bench.smtp import connect_tls, message
 

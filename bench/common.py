@@ -12,10 +12,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiohttp
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -130,3 +133,23 @@ def report(title: str, ours: float, baseline: float, unit: str, aim: float | Non
     ratio = ours / baseline if baseline else float("nan")
     aim_text = f"  (aim >= {aim})" if aim is not None else ""
     print(f"{title}: plunkd {ours:,.0f} {unit}, baseline {baseline:,.0f} {unit}, ratio {ratio:.2f}{aim_text}")
+
+
+@contextlib.contextmanager
+def fresh_database(server_url: str) -> Iterator[str]:
+    """A new, empty PostgreSQL database on `server_url`'s server for this run, dropped afterwards (the
+    database named in the URL is only used to connect). The one way every benchmark gets its database."""
+    name = f"plunkd_bench_{uuid.uuid4().hex[:10]}"
+
+    async def admin(statement: str) -> None:
+        engine = create_async_engine(server_url, isolation_level="AUTOCOMMIT")
+        async with engine.connect() as conn:
+            await conn.execute(text(statement))
+        await engine.dispose()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield server_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+

@@ -4,7 +4,7 @@ does one insert per message (bench/bare_sns_server.py). One run, applied message
 
     python -m bench.feedback [--count 5000] [--concurrency 20] [--database-url postgresql+asyncpg://…]
 
-SNS itself is on the internet: the messages are signed here as SNS signs them (tests/sns.py, a signing certificate
+SNS itself is on the internet: the messages are signed here as SNS signs them (testkit/sns.py, a signing certificate
 of our own CA), and the certificate is served over HTTPS from this process (a trustme certificate), which plunkd
 is configured to trust (`[feedback]` through its environment variables). The emails are written straight into the
 tables before the server starts, as the SES transport leaves them (SENT, with an SES message id).
@@ -27,12 +27,12 @@ import trustme
 from aiohttp import web
 from sqlalchemy import func, select
 
-from bench.campaign import fresh_database, seed_contacts
-from bench.common import free_port, plunkd_env, report, server_process, temp_dir
+from bench.campaign import seed_contacts
+from bench.common import free_port, fresh_database, plunkd_env, report, server_process, temp_dir
 from pipeline.projects import create_project
 from storage.db import Database
 from storage.models import Contact, Content, Email, Event, new_id, utcnow
-from tests.sns import CERT_PATH, TOPIC, FakeSnsHost, SnsSigner, make_signing_certificate, ses_event
+from testkit.sns import CERT_PATH, TOPIC, FakeSnsHost, SnsSigner, make_signing_certificate, ses_event
 
 WARM_UP = 20
 

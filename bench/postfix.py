@@ -62,7 +62,15 @@ from pathlib import Path
 
 import aiosmtplib
 
-from bench.common import create_project, free_port, plunkd_env, server_process, temp_dir, wait_for_port
+from bench.common import (
+    create_project,
+    free_port,
+    fresh_database,
+    plunkd_env,
+    server_process,
+    temp_dir,
+    wait_for_port,
+)
 from bench.setup_sender import verify_offline
 from bench.smtp import insecure_client_tls, message
 
@@ -427,34 +435,10 @@ def start_postfix(stack: contextlib.ExitStack, folder: Path, cert: Path, key: Pa
     return Server("postfix", port, password, pid)
 
 
-@contextlib.contextmanager
-def fresh_database(url: str, tag: str) -> Iterator[str]:
-    """A new, empty PostgreSQL database next to the one named in `url` (dropped at the end)."""
-    import asyncpg
-    from sqlalchemy.engine import make_url
-
-    parsed = make_url(url)
-    name = f"{parsed.database}_{int(time.time())}_{tag}"
-    admin = parsed.set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)
-
-    async def run(statement: str) -> None:
-        connection = await asyncpg.connect(admin)
-        try:
-            await connection.execute(statement)
-        finally:
-            await connection.close()
-
-    asyncio.run(run(f'CREATE DATABASE "{name}"'))
-    try:
-        yield parsed.set(database=name).render_as_string(hide_password=False)
-    finally:
-        asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
 def plunkd_database(stack: contextlib.ExitStack, data: Path, database_url: str, tag: str) -> str:
     if not database_url:
         return f"sqlite+aiosqlite:///{data}/plunkd-{tag}/plunkd.sqlite3"
-    return stack.enter_context(fresh_database(database_url, tag))
+    return stack.enter_context(fresh_database(database_url))
 
 
 def start_servers(stack: contextlib.ExitStack, folder: Path, args: argparse.Namespace) -> list[Server]:

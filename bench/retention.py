@@ -22,15 +22,12 @@ import os
 import random
 import sqlite3
 import time
-import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
 
-from bench.common import temp_dir
+from bench.common import fresh_database, temp_dir
 from bench.setup_sender import verify_offline
 from delivery.bucket import TokenBucket
 from delivery.dispatcher import Dispatcher
@@ -56,24 +53,6 @@ def message(index: int, size: int) -> bytes:
             f"Content-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n").encode()
     body = base64.encodebytes(random.Random(index).randbytes(max(1, (size - len(head)) * 3 // 4 - 200)))
     return head + body.replace(b"\n", b"\r\n")
-
-
-@contextlib.asynccontextmanager
-async def fresh_database(folder: str, url: str) -> AsyncIterator[str]:
-    """An empty database: a new SQLite file, or a new PostgreSQL database next to `url`, dropped after."""
-    if not url:
-        yield f"sqlite+aiosqlite:///{folder}/plunkd.sqlite3"
-        return
-    name = f"plunkd_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_async_engine(url, isolation_level="AUTOCOMMIT")
-    async with admin.connect() as conn:
-        await conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield url.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        async with admin.connect() as conn:
-            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        await admin.dispose()
 
 
 async def database_bytes(db: Database, vacuum: bool = False) -> int:
@@ -132,33 +111,31 @@ async def prune(db: Database, keep_content_days: int, keep_days: int, days_later
                      f"{pruned.contents_deleted:,} contents deleted, {pruned.pages_released:,} pages released")
 
 
-async def run(args: argparse.Namespace) -> None:
+async def run(args: argparse.Namespace, folder: str, url: str) -> None:
     messages = [message(i, args.size) for i in range(args.count)]
     raw_total = sum(len(m) for m in messages)
     per = 10_000 / args.count
-    with temp_dir() as folder:
-        async with fresh_database(folder, args.database_url) as url:
-            db = Database(url)
-            await db.migrate()
-            issued = await db.write(lambda s: create_project(s, "bench", "shop@bench.example", "Shop"))
-            await verify_offline(url, "bench", "bench.example")
-            started = time.perf_counter()
-            await accept(db, issued.project.id, messages)
-            accepted = time.perf_counter() - started
-            started = time.perf_counter()
-            await deliver(db, folder, args.count)
-            delivered = time.perf_counter() - started
-            rows = [("plunkd, delivered, before pruning", await database_bytes(db), "")]
-            took, what = await prune(db, 7, 0, 7 + 1 / 24)
-            rows.append(("after dropping delivered content", await database_bytes(db), f"{took:.2f} s: {what}"))
-            if db.is_postgres:
-                rows.append(("  ... and a plain VACUUM", await database_bytes(db, vacuum=True), ""))
-            took, what = await prune(db, 7, 90, 90 + 1 / 24)
-            rows.append(("after deleting email rows", await database_bytes(db), f"{took:.2f} s: {what}"))
-            if db.is_postgres:
-                rows.append(("  ... and a plain VACUUM", await database_bytes(db, vacuum=True), ""))
-            bare = await bare_bytes(folder, db, messages)
-            await db.dispose()
+    db = Database(url)
+    await db.migrate()
+    issued = await db.write(lambda s: create_project(s, "bench", "shop@bench.example", "Shop"))
+    await verify_offline(url, "bench", "bench.example")
+    started = time.perf_counter()
+    await accept(db, issued.project.id, messages)
+    accepted = time.perf_counter() - started
+    started = time.perf_counter()
+    await deliver(db, folder, args.count)
+    delivered = time.perf_counter() - started
+    rows = [("plunkd, delivered, before pruning", await database_bytes(db), "")]
+    took, what = await prune(db, 7, 0, 7 + 1 / 24)
+    rows.append(("after dropping delivered content", await database_bytes(db), f"{took:.2f} s: {what}"))
+    if db.is_postgres:
+        rows.append(("  ... and a plain VACUUM", await database_bytes(db, vacuum=True), ""))
+    took, what = await prune(db, 7, 90, 90 + 1 / 24)
+    rows.append(("after deleting email rows", await database_bytes(db), f"{took:.2f} s: {what}"))
+    if db.is_postgres:
+        rows.append(("  ... and a plain VACUUM", await database_bytes(db, vacuum=True), ""))
+    bare = await bare_bytes(folder, db, messages)
+    await db.dispose()
     kind = "PostgreSQL (tables with indexes and TOAST)" if args.database_url else "SQLite (file after checkpoint)"
     print(f"{args.count:,} messages of {args.size:,} bytes ({raw_total:,} raw bytes), {kind}: accepted in "
           f"{accepted:.1f} s, delivered in {delivered:.1f} s")
@@ -174,7 +151,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=10_000)
     parser.add_argument("--database-url", default="", help="postgresql+asyncpg://… (default: SQLite in a temp dir)")
     args = parser.parse_args()
-    asyncio.run(run(args))
+    with temp_dir() as folder, (fresh_database(args.database_url) if args.database_url
+                                else contextlib.nullcontext(f"sqlite+aiosqlite:///{folder}/plunkd.sqlite3")) as url:
+        asyncio.run(run(args, folder, url))
 
 
 if __name__ == "__main__":

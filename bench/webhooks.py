@@ -21,8 +21,7 @@ import aiohttp
 from aiohttp import web
 from sqlalchemy import func, select
 
-from bench.campaign import fresh_database
-from bench.common import free_port, server_process, temp_dir
+from bench.common import free_port, fresh_database, server_process, temp_dir
 from feedback.webhooks import WebhookSender, body_of
 from pipeline import webhooks as rules
 from pipeline.projects import create_project

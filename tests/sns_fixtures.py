@@ -18,7 +18,7 @@ from delivery.bucket import TokenBucket
 from delivery.dispatcher import Dispatcher
 from delivery.transports import FileTransport
 from storage import emails as email_store
-from tests.sns import CERT_PATH, TOPIC, FakeSnsHost, SnsSigner, make_signing_certificate
+from testkit.sns import CERT_PATH, TOPIC, FakeSnsHost, SnsSigner, make_signing_certificate
 from tests.test_delivery import dispatch_all, settings
 
 SNS_PATH = "/webhooks/incoming/sns"

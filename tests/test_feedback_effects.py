@@ -15,8 +15,8 @@ from delivery.transports import FileTransport
 from plunkd.config import SesConfig
 from storage import emails as email_store
 from storage.models import Email, Suppression
+from testkit.sns import ses_event
 from tests import sns_fixtures
-from tests.sns import ses_event
 from tests.sns_fixtures import events, post_sns, sent_email
 from tests.test_campaigns import add_contacts, create, deliver, stats
 from tests.test_delivery import dispatch_all, settings

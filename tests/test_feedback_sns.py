@@ -1,4 +1,4 @@
-"""POST /webhooks/incoming/sns against a stand-in SNS (tests/sns.py: our own CA and signing certificate, a
+"""POST /webhooks/incoming/sns against a stand-in SNS (testkit/sns.py: our own CA and signing certificate, a
 local HTTPS server for the certificate and ConfirmSubscription; the real SNS is on the internet): genuine
 messages are applied once, whatever SNS redelivers; forged, tampered, stale, foreign and malformed ones are
 refused with the exact reply and change nothing."""
@@ -18,9 +18,9 @@ from feedback.sns import SnsRefused, SnsVerifier
 from plunkd.app import create_app
 from plunkd.config import ConfigError, FeedbackConfig, load_config
 from storage.models import AppliedSnsMessage, Suppression
+from testkit.sns import TOPIC, SnsSigner, make_signing_certificate, ses_event, sns_time
 from tests import sns_fixtures
 from tests.conftest import Api
-from tests.sns import TOPIC, SnsSigner, make_signing_certificate, ses_event, sns_time
 from tests.sns_fixtures import events, post_sns, sent_email
 
 signing_certificate, sns, config = sns_fixtures.signing_certificate, sns_fixtures.sns, sns_fixtures.config
