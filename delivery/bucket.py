@@ -30,9 +30,6 @@ class TokenBucket:
         self._next = 0.0
         self._lock = asyncio.Lock()
 
-    def set_rate(self, rate: float) -> None:
-        self.rate = rate
-
     async def acquire(self, tokens: float = 1.0) -> None:
         """Wait for the slot of `tokens` sends (SES counts recipients, so a message may take several)."""
         if self.rate <= 0:
@@ -70,9 +67,6 @@ class SharedBucket:
         self.reservations = 0
         self._last_size = 0
         self._handed = 0
-
-    def set_rate(self, rate: float) -> None:
-        self.rate = rate
 
     async def acquire(self, tokens: float = 1.0) -> float:
         """Wait for the next slot; returns its (monotonic) time. Waking from the sleep can be late by the

@@ -118,11 +118,6 @@ def update_workflow(session: Session, project_id: str, workflow_id: str, fields:
     return store.update_workflow(session, workflow, values)
 
 
-def set_enabled(session: Session, project_id: str, workflow_id: str, enabled: bool) -> Workflow:
-    workflow = require_workflow(session, project_id, workflow_id, for_update=True)
-    return store.update_workflow(session, workflow, {"enabled": enabled})
-
-
 def _check_live_runs(session: Session, workflow: Workflow, definition: dict[str, Any]) -> None:
     """Conflict when a live run sits on a step the new definition drops or changes the type of."""
     positions = store.live_positions(session, workflow.id)

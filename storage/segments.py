@@ -482,8 +482,3 @@ def snapshot_members(session: Session, segment_id: str, project_id: str, conditi
     result = session.connection().execute(
         _MEMBERS.insert().from_select(["segment_id", "contact_id", "entered_at"], source))
     return result.rowcount
-
-
-def member_ids(session: Session, segment_id: str) -> set[str]:
-    stmt = select(_MEMBERS.c.contact_id).where(_MEMBERS.c.segment_id == segment_id)
-    return set(session.connection().execute(stmt).scalars())
