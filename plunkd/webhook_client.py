@@ -9,7 +9,8 @@ steps (`automation.scheduler`) both POST through a `WebhookClient`, under `[webh
   which also sees the IP literals aiohttp does not resolve), so no spelling of an address and no DNS
   answer (rebinding included) reaches a loopback, private, link-local or metadata address.
 
-Errors name the URL's host at most, never its path or query (they go to logs and run histories).
+Errors name the URL's host at most, never its path or query, and are one printable line (they go to logs,
+delivery records and run histories; a ClientResponseError's own text would carry the whole URL).
 """
 
 from __future__ import annotations
@@ -107,9 +108,9 @@ class WebhookClient:
             except aiohttp.InvalidURL:
                 return None, "the URL is not valid"
             except aiohttp.ClientResponseError as exc:
-                return None, f"{type(exc).__name__}: {exc.message}"
+                return None, _printable(f"{type(exc).__name__}: {exc.message}")[:ERROR_SNIPPET]
             except (aiohttp.ClientError, OSError, ValueError) as exc:
-                return None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                return None, _printable(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
         if 200 <= status < 300:
             return status, None
         if 300 <= status < 400:
