@@ -21,14 +21,14 @@ from api.serialize import page_json
 from api.validation import NO_NUL, PAGE_QUERY, Body, page_params, read_body
 from pipeline import webhooks as rules
 from pipeline.errors import FieldError, ValidationFailed
-from pipeline.workflow_definitions import MAX_URL, URL_PATTERN
+from pipeline.webhook_targets import MAX_URL, URL_PATTERN, check_target
 from storage import webhooks as store
 from storage.models import WebhookDelivery, WebhookEndpoint, utcnow
 
 WebhookUrl = Annotated[str, StringConstraints(max_length=MAX_URL), WithJsonSchema({
     "type": "string", "maxLength": MAX_URL, "pattern": URL_PATTERN,
-    "description": "http:// or https://, with no user or password; not a loopback or private address unless "
-                   "webhooks.allow_private_targets is on"})]
+    "description": "http:// or https://, with no user or password; unless webhooks.allow_private_targets "
+                   "is on, its host may resolve only to public addresses"})]
 EventName = Annotated[str, StringConstraints(min_length=1, max_length=rules.MAX_EVENT_NAME), WithJsonSchema({
     "type": "string", "minLength": 1, "maxLength": rules.MAX_EVENT_NAME, "pattern": NO_NUL,
     "anyOf": [{"enum": [*rules.SYSTEM_EVENTS, *store.WILDCARDS]},
@@ -139,7 +139,7 @@ async def list_webhooks(request: web.Request) -> web.Response:
 async def create_webhook(request: web.Request) -> web.Response:
     body = await read_body(request, CreateWebhookBody)
     settings = request.app[CONFIG].webhooks
-    rules.check_url(body.url, settings.allow_private_targets)
+    await check_target(body.url, settings.allow_private_targets)
     rules.check_events(body.events)
     project_id = caller(request).project_id
     endpoint = await request.app[DB].write(lambda s: rules.create_endpoint(
@@ -157,6 +157,8 @@ async def get_webhook(request: web.Request) -> web.Response:
 async def update_webhook(request: web.Request) -> web.Response:
     body = await read_body(request, UpdateWebhookBody)
     allow_private = request.app[CONFIG].webhooks.allow_private_targets
+    if body.url is not None:
+        await check_target(body.url, allow_private)
     project_id, endpoint_id = caller(request).project_id, request.match_info["id"]
     endpoint = await request.app[DB].write(lambda s: rules.update_endpoint(
         s, project_id, endpoint_id, allow_private, body.url, body.events, body.enabled))

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from aiohttp import web
 from pydantic import ConfigDict, Field, StringConstraints, WithJsonSchema
 
-from api.context import DB
+from api.context import CONFIG, DB
 from api.envelope import success
 from api.routing import Handler, Route, caller
 from api.schemas import Out
@@ -28,6 +28,7 @@ from api.serialize import page_json
 from api.validation import NO_NUL, PAGE_QUERY, Body, page_params, read_body
 from pipeline import workflow_definitions as grammar
 from pipeline import workflow_rules as rules
+from pipeline.webhook_targets import MAX_URL, URL_PATTERN
 from pipeline.workflow_rules import ACTION, WORKFLOW, ActionFields, WorkflowFields
 from storage import workflow_admin as store
 from storage.models import Workflow, WorkflowRun
@@ -50,7 +51,7 @@ Minutes = Annotated[int, WithJsonSchema({"type": "integer", "minimum": 1, "maxim
 Until = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time",
                                        "description": "RFC 3339 with its offset; at most 366 days ahead"})]
 TemplateId = Annotated[str, StringConstraints(min_length=1, max_length=grammar.MAX_TEMPLATE_ID, pattern=NO_NUL)]
-Url = Annotated[str, WithJsonSchema({"type": "string", "maxLength": grammar.MAX_URL, "pattern": grammar.URL_PATTERN})]
+Url = Annotated[str, WithJsonSchema({"type": "string", "maxLength": MAX_URL, "pattern": URL_PATTERN})]
 
 
 class _Step(Out):
@@ -339,6 +340,7 @@ async def list_workflows(request: web.Request) -> web.Response:
 async def create_workflow(request: web.Request) -> web.Response:
     body = await read_body(request, CreateWorkflowBody)
     fields = WorkflowFields(body.name, body.trigger.event, body.steps, body.enabled, body.allowReentry)
+    await grammar.check_webhook_targets(body.steps, request.app[CONFIG].webhooks.allow_private_targets)
     project_id = caller(request).project_id
     workflow = await request.app[DB].write(
         lambda s: _shaped(s, rules.create_workflow(s, project_id, fields)))
@@ -359,6 +361,7 @@ async def update_workflow(request: web.Request) -> web.Response:
     body = await read_body(request, UpdateWorkflowBody)
     fields = WorkflowFields(body.name, body.trigger.event if body.trigger else None, body.steps, body.enabled,
                             body.allowReentry)
+    await grammar.check_webhook_targets(body.steps, request.app[CONFIG].webhooks.allow_private_targets)
     project_id, workflow_id = caller(request).project_id, request.match_info["id"]
     workflow = await request.app[DB].write(
         lambda s: _shaped(s, rules.update_workflow(s, project_id, workflow_id, fields)))

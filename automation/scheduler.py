@@ -2,8 +2,8 @@
 
     earliest_due (a read: is anything due, or when?) → claim + execute (one write transaction per batch:
     the claim, every step's effect and the runs' advance commit together, see `pipeline.workflows`)
-    → on_queued (wake the dispatcher when a step queued mail) → post webhooks (after the commit)
-    → finish_webhook
+    → on_queued (wake the dispatcher when a step queued mail) → post webhooks (after the commit, through
+    `plunkd.webhook_client`, as endpoint webhooks are) → finish_webhook
 
 When idle it sleeps until the earliest run is due, or `poll_seconds` at most (runs started by another
 process wake it through `wake`; the poll is for those that cannot, such as another node's), and it works
@@ -17,18 +17,20 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-import aiohttp
-
 from pipeline import workflows as engine
 from pipeline.links import LinkSigner
+from pipeline.webhook_targets import url_host
 from pipeline.workflows import Executed, Webhook
+from plunkd.config import WebhooksConfig
 from plunkd.loop import DueLoop
+from plunkd.webhook_client import WebhookClient, body_of
 from storage import workflows as store
 from storage.db import Database
 from storage.models import utcnow
 
 log = logging.getLogger("plunkd.automation")
 PARALLEL_POSTGRES = 2
+USER_AGENT = "plunkd-workflows"
 BATCH = 500
 """Runs claimed per transaction: a batch of sends holds the write lock for tens of milliseconds, and a
 smaller one pays the claim and commit more often (100 ran half as many steps a second)."""
@@ -36,7 +38,7 @@ smaller one pays the claim and commit more often (100 ran half as many steps a s
 
 class WorkflowScheduler(DueLoop):
     def __init__(self, db: Database, links: LinkSigner | None, on_queued: Callable[[], None],
-                 poll_seconds: float = 0.2, batch: int = BATCH) -> None:
+                 poll_seconds: float = 0.2, batch: int = BATCH, webhooks: WebhooksConfig | None = None) -> None:
         self.db = db
         self.links = links
         self.on_queued = on_queued
@@ -46,7 +48,8 @@ class WorkflowScheduler(DueLoop):
         """Batches claimed and executed at once, each in its own transaction: on PostgreSQL the database's
         work for one overlaps the Python of another (`FOR UPDATE SKIP LOCKED` keeps them apart)."""
         self.steps = 0
-        self._http: aiohttp.ClientSession | None = None
+        self.client = WebhookClient(webhooks or WebhooksConfig(), USER_AGENT)
+        """Webhook steps POST as endpoint webhooks do, under the same `[webhooks]` rules."""
         self._posting: set[asyncio.Task[None]] = set()
 
     async def step(self) -> bool:
@@ -91,25 +94,13 @@ class WorkflowScheduler(DueLoop):
         for task in list(self._posting):
             task.cancel()
         await asyncio.gather(*list(self._posting), return_exceptions=True)
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
+        await self.client.close()
 
     async def _post(self, hook: Webhook) -> None:
         """POST the webhook (at least once: a run whose outcome is not recorded is posted again after its
         lease), then record the outcome and move the run on."""
-        if self._http is None:
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=engine.WEBHOOK_TIMEOUT))
-        status: int | None = None
-        error: str | None = None
-        try:
-            async with self._http.post(hook.url, json=hook.payload,
-                                       headers={"User-Agent": "plunkd-workflows"}) as reply:
-                status = reply.status
-                await reply.read()
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        log.info("workflow run %s: webhook %s → %s", hook.run_id, hook.url, status or error)
+        status, error = await self.client.post(hook.url, body_of(hook.payload), {})
+        log.info("workflow run %s: webhook to %s → %s", hook.run_id, url_host(hook.url), status or error)
         try:
             moved = await self.db.write(lambda s: engine.finish_webhook(s, hook, status, error, utcnow()))
         except Exception:

@@ -22,10 +22,11 @@ from aiohttp import web
 from sqlalchemy import func, select
 
 from bench.common import free_port, fresh_database, server_process, temp_dir
-from feedback.webhooks import WebhookSender, body_of
+from feedback.webhooks import WebhookSender
 from pipeline import webhooks as rules
 from pipeline.projects import create_project
 from plunkd.config import WebhooksConfig
+from plunkd.webhook_client import body_of
 from storage.db import Database
 from storage.events import insert_event
 from storage.models import WebhookDelivery, utcnow

@@ -11,9 +11,10 @@ every attempt, so receivers can dedupe), `webhook-timestamp` (this attempt's, in
 `webhook-signature`: `v1,` + base64 HMAC-SHA256 of `id.timestamp.body` under the endpoint's secret (and a
 second one under the secret before a rotation, while it lasts). A 2xx is success; anything else, a timeout
 or a refused connection is retried with exponential backoff and jitter until `give_up_after_seconds`
-after the event. Redirects are not followed, a reply's body is read up to `max_response_bytes`, and unless
-`allow_private_targets` no connection goes to a loopback or private address, checked on the addresses DNS
-gives (so a public name pointing inside fails too).
+after the event. The POST goes through `plunkd.webhook_client` (the workflow scheduler's client too):
+redirects are not followed, a reply's body is read up to `max_response_bytes`, and unless
+`allow_private_targets` no connection goes to a non-public address, checked on the address connected to
+(so a public name pointing inside fails too).
 
 It runs beside the dispatcher (one per node); on PostgreSQL several nodes share the work through
 `FOR UPDATE SKIP LOCKED`. A sender that dies between the POST and the record leaves the delivery leased:
@@ -23,24 +24,17 @@ it is sent again, with the same `webhook-id`, when the lease runs out (at least 
 from __future__ import annotations
 
 import asyncio
-import errno
-import json
 import logging
 import random
-import socket
 import time
 from datetime import UTC, datetime, timedelta
-from typing import Any
-from urllib.parse import urlsplit
 
-import aiohttp
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
 from standardwebhooks import Webhook
 
-from pipeline.webhooks import private_host, public_address
+from pipeline.webhook_targets import url_host
 from plunkd.config import WebhooksConfig
 from plunkd.loop import DueLoop
+from plunkd.webhook_client import WebhookClient, body_of
 from storage import webhooks as store
 from storage.db import Database
 from storage.models import utcnow
@@ -50,8 +44,6 @@ log = logging.getLogger("plunkd.webhooks")
 PRUNE_SECONDS = 600.0
 PRUNE_BATCH = 500
 USER_AGENT = "plunkd-webhooks/0.1"
-ERROR_SNIPPET = 200
-"""Characters of a failed reply's body kept in the delivery's error."""
 
 
 def retry_delay(attempt: int, base: float, ceiling: float) -> float:
@@ -69,37 +61,12 @@ def next_attempt(delivery: ClaimedDelivery, attempt: Attempt, settings: Webhooks
     return retry_at
 
 
-def body_of(payload: dict[str, Any]) -> str:
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-
-
 def signed_headers(delivery_id: str, body: str, secrets: list[str], at: datetime) -> dict[str, str]:
     """The Standard Webhooks headers of one attempt; one `v1,` signature per secret."""
     moment = at.replace(microsecond=0)
     signatures = " ".join(Webhook(secret).sign(delivery_id, moment, body) for secret in secrets)
     return {"webhook-id": delivery_id, "webhook-timestamp": str(int(moment.timestamp())),
             "webhook-signature": signatures}
-
-
-class PublicOnlyResolver(AbstractResolver):
-    """DNS through aiohttp's default resolver, keeping only public addresses: a name that resolves only
-    inside (loopback, private, link-local…) fails to connect, whatever it resolved to when the endpoint
-    was saved."""
-
-    def __init__(self) -> None:
-        self._inner = DefaultResolver()
-
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-                      ) -> list[ResolveResult]:
-        found = await self._inner.resolve(host, port, family)
-        allowed = [entry for entry in found if public_address(entry["host"])]
-        if not allowed:
-            raise OSError(errno.EACCES, f"{host} resolves only to non-public addresses and "
-                                        "webhooks.allow_private_targets is off")
-        return allowed
-
-    async def close(self) -> None:
-        await self._inner.close()
 
 
 class WebhookSender(DueLoop):
@@ -109,7 +76,7 @@ class WebhookSender(DueLoop):
         self.settings = settings
         self.delivered = 0
         self._in_flight: set[asyncio.Task[None]] = set()
-        self._http: aiohttp.ClientSession | None = None
+        self.client = WebhookClient(settings, USER_AGENT)
         self._pruned_at: float | None = None
         self._busy = False
         """The last claim got all it asked for: more may be due, so the next one skips the earliest-due read."""
@@ -176,9 +143,7 @@ class WebhookSender(DueLoop):
         if self._recorder is not None:
             self._recorder.cancel()
             await asyncio.gather(self._recorder, return_exceptions=True)
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
+        await self.client.close()
 
     async def _deliver_and_record(self, delivery: ClaimedDelivery) -> None:
         try:
@@ -195,51 +160,19 @@ class WebhookSender(DueLoop):
             log.exception("webhook delivery %s: failed to post or record; it is sent again after its lease",
                           delivery.id)
 
-    def _session(self) -> aiohttp.ClientSession:
-        if self._http is None:
-            resolver = None if self.settings.allow_private_targets else PublicOnlyResolver()
-            connector = aiohttp.TCPConnector(limit=self.settings.concurrency, resolver=resolver)
-            self._http = aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                               timeout=aiohttp.ClientTimeout(total=self.settings.timeout_seconds))
-        return self._http
-
     async def post(self, delivery: ClaimedDelivery) -> Attempt:
         """Sign and POST one attempt; the outcome, whatever happened (never raises for the receiver's sake)."""
         at = datetime.now(UTC)
         started = time.perf_counter()
-        status, error = await self._post(delivery, at)
-        return Attempt(at, status, round((time.perf_counter() - started) * 1000), error)
-
-    async def _post(self, delivery: ClaimedDelivery, at: datetime) -> tuple[int | None, str | None]:
-        try:
-            host = urlsplit(delivery.url).hostname or ""
-        except ValueError:
-            return None, "the URL is not valid"
-        if not self.settings.allow_private_targets and private_host(host):
-            return None, f"{host} is a loopback or private address and webhooks.allow_private_targets is off"
         body = body_of(delivery.payload)
-        headers = {**signed_headers(delivery.id, body, delivery.secrets, at), "Content-Type": "application/json",
-                   "User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
-        try:
-            async with self._session().post(delivery.url, data=body.encode(), headers=headers,
-                                            allow_redirects=False) as reply:
-                text = await _read_capped(reply, self.settings.max_response_bytes)
-                status = reply.status
-        except TimeoutError:
-            return None, f"no reply within {self.settings.timeout_seconds:g} s"
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
-            return None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        if 200 <= status < 300:
-            return status, None
-        if 300 <= status < 400:
-            return status, f"HTTP {status} (redirects are not followed)"
-        snippet = _printable(text.decode("utf-8", "replace"))[:ERROR_SNIPPET]
-        return status, f"HTTP {status}: {snippet}" if snippet else f"HTTP {status}"
+        status, error = await self.client.post(delivery.url, body,
+                                               signed_headers(delivery.id, body, delivery.secrets, at))
+        return Attempt(at, status, round((time.perf_counter() - started) * 1000), error)
 
     async def _record(self, delivery: ClaimedDelivery, attempt: Attempt) -> None:
         retry_at = None if attempt.ok else next_attempt(delivery, attempt, self.settings)
         recorded: Recorded | None = await self._written(Outcome(delivery, attempt, retry_at))
-        host = urlsplit(delivery.url).hostname
+        host = url_host(delivery.url)
         number = delivery.attempts + 1
         if recorded is None:
             log.info("webhook delivery %s: attempt %d to %s answered %s, but another sender holds it now (or its "
@@ -302,18 +235,3 @@ class WebhookSender(DueLoop):
             removed = await self.db.write(lambda s: store.prune_settled(s, before, PRUNE_BATCH))
             if removed:
                 log.info("pruned %d webhook deliveries settled before %s", removed, before.isoformat())
-
-
-async def _read_capped(reply: aiohttp.ClientResponse, limit: int) -> bytes:
-    """At most `limit` bytes of the reply's body; the rest is never read (the connection is dropped)."""
-    body = bytearray()
-    while len(body) < limit:
-        chunk = await reply.content.read(limit - len(body))
-        if not chunk:
-            break
-        body += chunk
-    return bytes(body)
-
-
-def _printable(text: str) -> str:
-    return "".join(c if c.isprintable() else " " for c in text).strip()

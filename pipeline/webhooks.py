@@ -1,20 +1,17 @@
-"""Outbound webhook rules: which URLs and event names an endpoint may have, its secret, the cap per
-project, and which addresses a delivery may connect to (`public_address`, also used by the sender after
-every DNS lookup, so a name that resolves to a private address is refused at connection time too)."""
+"""Outbound webhook rules: which URLs (`pipeline.webhook_targets`, shared with workflow webhook steps) and
+event names an endpoint may have, its secret, and the cap per project."""
 
 from __future__ import annotations
 
 import base64
-import ipaddress
 import secrets
 from datetime import datetime, timedelta
-from urllib.parse import urlsplit
 
 from sqlalchemy.orm import Session
 
 from pipeline.contacts import is_system_event
 from pipeline.errors import Conflict, FieldError, NotFound, ValidationFailed
-from pipeline.workflow_definitions import MAX_URL, URL
+from pipeline.webhook_targets import url_problem
 from storage import webhooks as store
 from storage.models import WebhookDelivery, WebhookEndpoint, utcnow
 
@@ -29,61 +26,10 @@ SYSTEM_EVENTS = ("email.sent", "email.delivery", "email.open", "email.click", "e
 SEGMENT_EVENT = "segment.<slug>.entry|exit"
 ROTATION_OVERLAP = timedelta(hours=24)
 """How long the secret before a rotation keeps signing (as a second signature)."""
-_LOCAL_NAMES = ("localhost", "localhost.", "localhost.localdomain")
 
 
 def new_secret() -> str:
     return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(SECRET_BYTES)).decode()
-
-
-def public_address(address: str) -> bool:
-    """Whether `address` (an IP literal) is on the public internet: not loopback, private, link-local,
-    shared (CGNAT), multicast, reserved or unspecified, also when an IPv6 address embeds an IPv4 one."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address):
-        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
-        if embedded is not None:
-            ip = embedded
-    return ip.is_global and not ip.is_multicast
-
-
-def private_host(host: str) -> bool:
-    """A host that names this machine or a non-public address literally (names are checked after DNS)."""
-    host = host.lower().strip("[]")
-    if host in _LOCAL_NAMES or host.endswith((".localhost", ".localhost.")):
-        return True
-    try:
-        ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    return not public_address(host)
-
-
-def url_problem(url: str, allow_private: bool) -> FieldError | None:
-    """Why `url` cannot be an endpoint, or None: http(s) with a host, a valid port, no user or password
-    (they would show in logs and the API), at most MAX_URL characters, and (unless `allow_private`) no
-    loopback or private address."""
-    if len(url) > MAX_URL:
-        return FieldError("url", f"At most {MAX_URL} characters", "too_big")
-    if not URL.fullmatch(url) or any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
-        return FieldError("url", "Expected an http:// or https:// URL with a host", "invalid_url")
-    try:
-        parts = urlsplit(url)
-        host, _ = parts.hostname, parts.port
-    except ValueError:
-        return FieldError("url", "Expected an http:// or https:// URL with a host and a valid port", "invalid_url")
-    if not host:
-        return FieldError("url", "Expected an http:// or https:// URL with a host", "invalid_url")
-    if parts.username is not None or parts.password is not None:
-        return FieldError("url", "The URL may not carry a user name or password; authenticate the request by its "
-                                 "signature", "invalid_url")
-    if not allow_private and private_host(host):
-        return FieldError("url", f"{host} is a loopback or private address (webhooks.allow_private_targets is "
-                                 "off)", "private_target")
-    return None
 
 
 def event_problem(name: str) -> str | None:

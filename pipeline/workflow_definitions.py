@@ -9,7 +9,7 @@
       wait        "event" (a name), "timeoutSeconds" (1 … 366 days);  "then" (the event came),
                   "timeout" (it did not)
       update      "data" (object, merged into the contact's data), "subscribed" (bool);  "next"
-      webhook     "url" (http or https);  "next"
+      webhook     "url" (http or https, as an endpoint's: `pipeline.webhook_targets`);  "next"
       exit        nothing else
     "next", "then", "else", "timeout" are optional step ids; a missing one ends the run (COMPLETED).
 
@@ -21,17 +21,18 @@ unreachable_step, `steps.1.id` duplicate_step.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 from sqlalchemy.orm import Session
 
 from pipeline.errors import FieldError, ValidationFailed
 from pipeline.segments import event_names, validate_condition
+from pipeline.webhook_targets import target_problem, url_problem
 from storage import workflow_admin as store
 
 MAX_STEPS = 100
@@ -39,7 +40,6 @@ MAX_DELAY_SECONDS = 366 * 24 * 3600
 MAX_DELAY_MINUTES = MAX_DELAY_SECONDS // 60
 MAX_EVENT_NAME = 200
 MAX_TEMPLATE_ID = 64
-MAX_URL = 2048
 MAX_DATA_KEYS = 256
 MAX_DATA_KEY = 200
 MAX_DATA_BYTES = 65_536
@@ -49,8 +49,6 @@ MAX_ERRORS = 50
 
 STEP_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 STEP_ID_PATTERN = "^[A-Za-z0-9_-]{1,64}$"
-URL = re.compile(r"[Hh][Tt][Tt][Pp][Ss]?://[^\s/?#]+([/?#]\S*)?")
-URL_PATTERN = "^[Hh][Tt][Tt][Pp][Ss]?://[^\\s/?#]+([/?#]\\S*)?$"
 DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
 EVENT_NAME_PATTERN = "^[^\\u0000]*\\S[^\\u0000]*$"
 
@@ -212,10 +210,8 @@ class _Checker:
             self.fail(field, "Required", "required")
         elif not isinstance(url, str):
             self.fail(field, "Expected a URL", "invalid_type")
-        elif len(url) > MAX_URL:
-            self.fail(field, f"At most {MAX_URL} characters", "too_big")
-        elif not URL.fullmatch(url) or not _host_of(url):
-            self.fail(field, "Expected an http:// or https:// URL with a host", "invalid_url")
+        elif (problem := url_problem(url, True, field)) is not None:
+            self.fail(problem.field, problem.message, problem.code)
 
     def _exit(self, index: int, step: dict[str, Any]) -> None:
         pass
@@ -270,13 +266,6 @@ class _Checker:
             if index not in reached:
                 self.fail(self.at(index), f"Step '{steps[index]['id']}' cannot be reached from the first step",
                           "unreachable_step")
-
-
-def _host_of(url: str) -> str | None:
-    try:
-        return urlsplit(url).hostname
-    except ValueError:
-        return None
 
 
 def check_structure(definition: Any, path: str = "steps") -> list[FieldError]:
@@ -364,3 +353,19 @@ def action_fields(definition: Any) -> tuple[int, str | None]:
         elif step.get("type") == "send":
             template = step.get("template")
     return delay, template
+
+
+async def check_webhook_targets(steps: Any, allow_private: bool, path: str = "steps") -> None:
+    """Before the definition is saved (outside its transaction, as this resolves names): 422 naming
+    `steps.N.url` for each webhook step whose URL `pipeline.webhook_targets.target_problem` refuses (a
+    non-public address, unless `allow_private`). Anything else odd is left to `validate_definition`."""
+    if not isinstance(steps, list) or len(steps) > MAX_STEPS:
+        return
+    urls = {index: step["url"] for index, step in enumerate(steps) if isinstance(step, dict)
+            and step.get("type") == "webhook" and isinstance(step.get("url"), str)}
+    problems = await asyncio.gather(*(target_problem(url, allow_private, f"{path}.{index}.url")
+                                      for index, url in urls.items()))
+    errors = [problem for problem in problems if problem is not None]
+    if errors:
+        raise ValidationFailed(errors[:MAX_ERRORS], "Invalid workflow definition",
+                               "Fix each step listed in errors (they are named steps.<index>.<field>).")

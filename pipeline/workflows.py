@@ -41,8 +41,10 @@ Rules:
   the step leases the run (due again in `WEBHOOK_LEASE_SECONDS`) and hands the request to the scheduler,
   which POSTs `{workflow: {id, name}, run: {id}, contact: {id, email, data}, event: {id, name, data}}` and
   then, in a second transaction, moves the run on (`finish_webhook`). A process that dies in between posts
-  it again when the lease runs out. A failed POST (no 2xx in `WEBHOOK_TIMEOUT` seconds) is retried
-  `WEBHOOK_ATTEMPTS` times with backoff, then the run fails.
+  it again when the lease runs out. The POST is an endpoint webhook's (`plunkd.webhook_client`: no
+  redirects, `webhooks.timeout_seconds`, `max_response_bytes`, only public addresses unless
+  `allow_private_targets`). A failed POST (no 2xx) is retried `WEBHOOK_ATTEMPTS` times with backoff, then
+  the run fails.
 """
 
 from __future__ import annotations
@@ -73,7 +75,6 @@ MAX_CHAIN = 20
 """Immediate steps one run may take in one transaction; more continue at the next claim."""
 PAUSE_SECONDS = 30.0
 WEBHOOK_LEASE_SECONDS = 60.0
-WEBHOOK_TIMEOUT = 10.0
 WEBHOOK_ATTEMPTS = 5
 MAX_DELAY = timedelta(days=3660)
 SOURCE = "workflow"

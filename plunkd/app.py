@@ -134,7 +134,8 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
     dispatcher = Dispatcher(db, transport, send_rate_limiter(db, rate), config.delivery,
                             compose_deferred=DeferredComposer(db.read, links), record_bounce=smtp_bounce,
                             track=MessageTracker(TrackingSigner(links)))
-    workflows = WorkflowScheduler(db, links, dispatcher.wake, min(config.delivery.poll_seconds, 0.2))
+    workflows = WorkflowScheduler(db, links, dispatcher.wake, min(config.delivery.poll_seconds, 0.2),
+                                  webhooks=config.webhooks)
     webhooks = WebhookSender(db, config.webhooks)
 
     def wake() -> None:

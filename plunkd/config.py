@@ -157,13 +157,15 @@ class FeedbackConfig:
 
 @dataclass
 class WebhooksConfig:
-    """Outbound webhooks (`feedback.webhooks`): signed POSTs of a project's events to its endpoints."""
+    """Outbound webhooks (`feedback.webhooks`): signed POSTs of a project's events to its endpoints. Workflow
+    webhook steps POST under the same rules, through the same client (`plunkd.webhook_client`)."""
 
     enabled: bool = True
     """Run the sender beside the dispatcher (deliveries are queued whatever this says)."""
     allow_private_targets: bool = False
-    """Allow endpoints on loopback, private, link-local and other non-public addresses (tests, a private
-    network); false refuses them at the API and again at every connection (after DNS)."""
+    """Allow endpoints and workflow webhook steps on loopback, private, link-local and other non-public
+    addresses (tests, a private network); false refuses them at the API (after DNS) and again at every
+    connection (`pipeline.webhook_targets`)."""
     max_endpoints_per_project: int = 20
     timeout_seconds: float = 10.0
     """A POST's whole time (connect, send, the reply's head and the read of its body)."""

@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 from api.context import CONFIG
 from feedback.webhooks import WebhookSender
 from pipeline.track import track
-from pipeline.webhooks import public_address
+from pipeline.webhook_targets import public_address
 from plunkd.config import ConfigError, load_config
 from storage.db import Database
 from storage.models import Event, WebhookDelivery, utcnow
@@ -308,18 +308,22 @@ async def test_slow_redirecting_and_endless_replies(api, receiver):
 
 
 async def test_private_addresses_are_refused_after_dns_unless_allowed(api, receiver):
-    """The machine's own host name resolves (through /etc/hosts, no network) to a non-public address: the
-    endpoint is accepted (names are checked when connecting), and the sender never connects to it. An
-    endpoint saved on a loopback address while private targets were allowed gets nothing once they are not."""
+    """The machine's own host name resolves (through /etc/hosts, no network) to a non-public address: it is
+    refused when saved, and an endpoint saved on it (or on a loopback address) while private targets were
+    allowed gets nothing once they are not: the sender decides again on what the name resolves to."""
     literal = await create_endpoint(api, receiver, ["signed-up"], path="/literal")
     name = socket.gethostname()
     resolved = {info[4][0] for info in socket.getaddrinfo(name, receiver.port, type=socket.SOCK_STREAM)}
     assert resolved and not any(public_address(address) for address in resolved), resolved
+    named = await create_endpoint(api, receiver, ["signed-up"], path="/named")
+    named_url = f"http://{name}:{receiver.port}/named"
+    status, body = await api.call("PATCH", f"/webhooks/{named['id']}", json={"url": named_url})
+    assert status == 200, body
     api.client.app[CONFIG].webhooks.allow_private_targets = False
-    status, body = await api.call("POST", "/webhooks", json={
-        "url": f"http://{name}:{receiver.port}/named", "events": ["signed-up"]})
-    assert status == 201, body
-    named = body["data"]
+    status, body = await api.call("POST", "/webhooks", json={"url": named_url, "events": ["signed-up"]})
+    assert status == 422 and body["error"]["errors"] == [
+        {"field": "url", "code": "private_target", "message": f"{name} resolves to {sorted(resolved)[0]}, a "
+         "loopback or private address (webhooks.allow_private_targets is off)"}], body
     await track_event(api, "ann@example.org", "signed-up")
     await send_what_is_due(api, retry_base_seconds=60.0)
     assert receiver.received == []
@@ -330,7 +334,9 @@ async def test_private_addresses_are_refused_after_dns_unless_allowed(api, recei
                                  "webhooks.allow_private_targets is off]")
     [item] = await deliveries(api, literal["id"])
     assert item["status"] == "PENDING" and item["attempts"] == 1
-    assert item["lastError"] == "127.0.0.1 is a loopback or private address and webhooks.allow_private_targets is off"
+    assert item["lastError"] == (f"ClientConnectorError: Cannot connect to host 127.0.0.1:{receiver.port} "
+                                 "ssl:default [127.0.0.1 is not a public address and "
+                                 "webhooks.allow_private_targets is off]")
 
 
 async def test_a_rotated_secret_signs_beside_the_old_one_and_test_deliveries(api, receiver):

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 from sqlalchemy import func, select
 
-from api.context import LINKS
+from api.context import CONFIG, LINKS
 from automation.scheduler import WorkflowScheduler
 from delivery.bucket import TokenBucket
 from delivery.dispatcher import Dispatcher
@@ -51,7 +51,9 @@ async def make_workflow(api, steps: list[dict], triggers: list[str], **fields) -
 
 
 def scheduler_for(api, on_queued=lambda: None) -> WorkflowScheduler:
-    return WorkflowScheduler(api.db, api.client.app[LINKS], on_queued, poll_seconds=0.05)
+    """A scheduler with the app's [webhooks] settings, under which webhook steps POST."""
+    return WorkflowScheduler(api.db, api.client.app[LINKS], on_queued, poll_seconds=0.05,
+                             webhooks=api.client.app[CONFIG].webhooks)
 
 
 async def track_event(api, email_address: str, event: str, data: dict | None = None, key: str | None = None) -> dict:
@@ -371,6 +373,7 @@ async def test_webhook_posts_to_a_local_server_at_least_once(api, sender, aiohtt
     app = web.Application()
     app.router.add_post("/hook", hook)
     server = await aiohttp_server(app, host="127.0.0.1")
+    api.client.app[CONFIG].webhooks.allow_private_targets = True  # the receiver is on loopback
     url = f"http://127.0.0.1:{server.port}/hook"
     workflow = await make_workflow(api, [{"id": "h", "type": "webhook", "url": url, "next": "u"},
                                          {"id": "u", "type": "update", "data": {"hooked": True}}], ["ping"])
@@ -403,6 +406,7 @@ async def test_a_webhook_whose_outcome_was_lost_is_posted_again_after_its_lease(
     app = web.Application()
     app.router.add_post("/hook", hook)
     server = await aiohttp_server(app, host="127.0.0.1")
+    api.client.app[CONFIG].webhooks.allow_private_targets = True  # the receiver is on loopback
     workflow = await make_workflow(api, [{"id": "h", "type": "webhook", "url": f"http://127.0.0.1:{server.port}/hook"}],
                                    ["ping"])
     await track_event(api, "pat@example.org", "ping")
