@@ -35,7 +35,7 @@ from plunkd import metrics
 from plunkd.config import ConfigError, SmtpConfig
 from plunkd.redaction import AIOSMTPD_LOGGER, CLIENT_TEXT_FILTER, error_summary, traceback_without_message
 from relay.data import ChunkedData
-from relay.limits import AuthLimiter, SessionLimiter, raise_open_file_limit, session_cap
+from relay.limits import AuthLimiter, SessionLimiter, header_refusal, raise_open_file_limit, session_cap
 
 log = logging.getLogger("plunkd.relay")
 
@@ -295,6 +295,9 @@ class RelayHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         account: Caller = session.auth_data
         raw = bytes(envelope.original_content or b"")
+        refusal = header_refusal(raw)
+        if refusal is not None:
+            return refusal
         headers = parse_raw_headers(raw)
         from_fields = [str(value) for value in headers.get_all("From") or []]
         senders = [address for _, address in getaddresses(from_fields) if address]
