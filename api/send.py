@@ -29,16 +29,22 @@ from api.routing import Route, caller
 from api.schemas import Sent
 from api.tracking_settings import TrackingChoice
 from api.validation import EMAIL_SCHEMA, Body, Data, Email, body_from, case_insensitive, read_json
-from pipeline.compose import HEADER_CONTROL, HEADER_NAME, Attachment, MessageSpec, is_safe_header_value
+from pipeline.compose import (
+    HEADER_CONTROL,
+    HEADER_NAME,
+    RESERVED_HEADERS,
+    Attachment,
+    MessageSpec,
+    is_safe_header_value,
+    reserved_header,
+)
 from pipeline.errors import FieldError, ValidationFailed
 from pipeline.submit import Submission, run_idempotent, submit
 from pipeline.templates import require_template, template_spec
 
 MAX_RECIPIENTS = 50
 MAX_ATTACHMENT_BYTES = 10 * 1024 * 1024
-PROTECTED_HEADERS = {"from", "to", "cc", "bcc", "dkim-signature", "sender", "return-path", "subject",
-                     "reply-to", "message-id", "date", "mime-version", "content-type",
-                     "content-transfer-encoding"}
+MAX_CUSTOM_HEADERS = 50
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
 
@@ -67,7 +73,17 @@ BASE64 = "^([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 
 
 HEADER_NAMES_SCHEMA = {"pattern": f"^{HEADER_NAME.pattern}$", "not": {"pattern": "^(" + "|".join(
-    case_insensitive(name) for name in sorted(PROTECTED_HEADERS)) + ")$"}}
+    [case_insensitive(name) for rule in RESERVED_HEADERS for name in sorted(rule.names)]
+    + [case_insensitive(prefix) + ".*" for rule in RESERVED_HEADERS for prefix in rule.prefixes]) + ")$"}}
+"""JSON-schema form of `HEADER_NAME` and `reserved_header`."""
+
+
+def refuse_too_many_headers(value: Any) -> Any:
+    """Counted before each header is validated, so 100,000 of them cost one `len`."""
+    if isinstance(value, dict) and len(value) > MAX_CUSTOM_HEADERS:
+        raise PydanticCustomError("too_big", "At most {n} custom headers; got {count}",
+                                  {"n": MAX_CUSTOM_HEADERS, "count": len(value)})
+    return value
 
 
 class AttachmentBody(Body):
@@ -115,8 +131,9 @@ class SendBody(Body):
     name: DisplayName | None = None
     from_: HeaderEmail | None = Field(default=None, alias="from")
     reply: HeaderEmail | None = None
-    headers: Annotated[dict[str, HeaderText] | None,
-                       WithJsonSchema({"anyOf": [{"type": "object", "propertyNames": HEADER_NAMES_SCHEMA,
+    headers: Annotated[dict[str, HeaderText] | None, BeforeValidator(refuse_too_many_headers),
+                       WithJsonSchema({"anyOf": [{"type": "object", "maxProperties": MAX_CUSTOM_HEADERS,
+                                                  "propertyNames": HEADER_NAMES_SCHEMA,
                                                   "additionalProperties": {"type": "string", "maxLength": 998,
                                                                            "pattern": HEADER_SAFE}},
                                                  {"type": "null"}]})] = None
@@ -142,8 +159,9 @@ def _header_errors(headers: dict[str, str]) -> list[FieldError]:
         if not HEADER_NAME.fullmatch(name):
             errors.append(FieldError(f"headers.{name}", "Header names are printable ASCII without ':' or spaces",
                                      "invalid_header"))
-        elif name.lower() in PROTECTED_HEADERS:
-            errors.append(FieldError(f"headers.{name}", f"{name} cannot be set through headers", "protected_header"))
+        elif (why := reserved_header(name)) is not None:
+            errors.append(FieldError(f"headers.{name}", f"{name} cannot be set through headers: {why}",
+                                     "protected_header"))
     return errors
 
 

@@ -26,6 +26,50 @@ HEADER_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 """What never goes into a header value: the C0 controls but TAB, and DEL. CR and LF would end the field
 and start another; RFC 5322 allows none of the others, and some parsers (Python's `str.splitlines`
 among them) break lines at VT, FF and FS to RS."""
+
+
+@dataclass(frozen=True)
+class HeaderRule:
+    """Header fields (by exact name or name prefix, any case) a sender may not write, and why."""
+
+    why: str
+    names: frozenset[str]
+    prefixes: tuple[str, ...] = ()
+
+    def covers(self, name: str) -> bool:
+        lowered = name.lower()
+        return lowered in self.names or lowered.startswith(self.prefixes)
+
+
+AUTHENTICATION_VERDICTS = HeaderRule("authentication results are asserted by the servers that check a message",
+                                     frozenset({"authentication-results", "received-spf"}), ("arc-",))
+SES_INSTRUCTIONS = HeaderRule("instructions to Amazon SES are the operator's", frozenset(), ("x-ses-",))
+RESERVED_HEADERS = (
+    HeaderRule("written from the request's from, name, to, subject and reply",
+               frozenset({"from", "sender", "to", "cc", "bcc", "reply-to", "subject"})),
+    HeaderRule("written by plunkd when it sends the message (one Message-ID per recipient's message)",
+               frozenset({"message-id", "date"})),
+    HeaderRule("the body's MIME structure, written by plunkd", frozenset({"mime-version"}), ("content-",)),
+    HeaderRule("signatures are made by the signing domain's servers (plunkd signs with DKIM)",
+               frozenset({"dkim-signature", "domainkey-signature", "x-google-dkim-signature"})),
+    HeaderRule("trace fields are written by the mail servers a message passes through",
+               frozenset({"received", "return-path", "delivered-to", "x-original-to"}), ("resent-",)),
+    AUTHENTICATION_VERDICTS,
+    SES_INSTRUCTIONS,
+)
+"""The one deny list for the custom `headers` of `POST /v1/send` (README, "Custom headers"); every other
+field name (printable ASCII, `HEADER_NAME`) is allowed: X-*, List-*, In-Reply-To, References, Keywords..."""
+SUBMISSION_STRIPPED_HEADERS = (AUTHENTICATION_VERDICTS, SES_INSTRUCTIONS)
+"""Removed from a message a client submits over SMTP (see `pipeline.submit.strip_fields`): a relaying
+client's own Received fields and DKIM signatures are normal and kept, but no receiver should believe its
+authentication results, and no tenant may steer the operator's SES account."""
+
+
+def reserved_header(name: str) -> str | None:
+    """Why `name` may not be set through a send's `headers`, or None when it may."""
+    return next((rule.why for rule in RESERVED_HEADERS if rule.covers(name)), None)
+
+
 FOLD_WIDTH = 78
 MAX_LINE = 998
 _FOLD_CHUNK = re.compile(r"[ \t]*[^ \t]+|[ \t]+")

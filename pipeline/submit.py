@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from pipeline.compose import MessageSpec
+from pipeline.compose import SUBMISSION_STRIPPED_HEADERS, MessageSpec
 from pipeline.contacts import upsert_contact
 from pipeline.deferred import insert_spec
 from pipeline.domains import require_verified_sender
@@ -25,7 +25,11 @@ from pipeline.tracking import Tracking, tracking_for
 from plunkd.metrics import EMAILS_ACCEPTED, count_at_commit
 from storage import emails as email_store
 
-BCC_HEADER = re.compile(rb"^bcc[ \t]*:", re.I)
+STRIPPED_FIELD = re.compile(rb"^(?:bcc|" + b"|".join(
+    [re.escape(name.encode()) for rule in SUBMISSION_STRIPPED_HEADERS for name in sorted(rule.names)]
+    + [re.escape(prefix.encode()) + rb"[!-9;-~]*"  # the prefix, then the rest of a field name
+       for rule in SUBMISSION_STRIPPED_HEADERS for prefix in rule.prefixes]) + rb")[ \t]*:", re.I)
+"""The first line of a field `strip_fields` removes: Bcc, and `SUBMISSION_STRIPPED_HEADERS`."""
 LIGHT_RECIPIENTS = 10
 LIGHT_BYTES = 64 * 1024
 
@@ -78,15 +82,17 @@ def header_end(raw: bytes) -> int:
     return end + 1 if end >= 0 else len(raw)
 
 
-def strip_bcc(raw: bytes) -> bytes:
-    """Remove Bcc header fields (with their folded lines) and keep every other byte as written."""
+def strip_fields(raw: bytes) -> bytes:
+    """Remove Bcc fields (the recipients must not see them) and the fields a submitting client is not
+    trusted with (`SUBMISSION_STRIPPED_HEADERS`: authentication results, ARC sets, SES instructions), each
+    with its folded lines; keep every other byte as written."""
     split = header_end(raw)
     kept: list[bytes] = []
     dropping = False
     for line in raw[:split].splitlines(keepends=True):
         if line[:1] in (b" ", b"\t") and dropping:
             continue
-        dropping = bool(BCC_HEADER.match(line))
+        dropping = bool(STRIPPED_FIELD.match(line))
         if not dropping:
             kept.append(line)
     return b"".join(kept) + raw[split:]
@@ -110,7 +116,7 @@ def submit(session: Session, submission: Submission) -> list[Queued]:
     require_verified_sender(session, submission.project_id, submission.sender)
     if submission.envelope_sender is not None:
         require_verified_sender(session, submission.project_id, submission.envelope_sender)
-    raw = strip_bcc(submission.raw) if submission.raw is not None else None
+    raw = strip_fields(submission.raw) if submission.raw is not None else None
     tracking = tracking_for(session, submission.project_id, submission.marketing, submission.tracking)
     subject = submission.subject or (decoded_subject(parse_raw_headers(raw)) if raw is not None else "")
     contents: dict[bytes, str] = {}

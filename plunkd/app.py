@@ -219,7 +219,13 @@ async def running(work: Callable[[], Awaitable[None]], name: str) -> AsyncIterat
 
 
 def setup_logging(level: str) -> None:
+    """The process's log: one line per record on stderr, each passed through `CLIENT_TEXT_FILTER` on the
+    root handler, so nothing a client sent can forge a line or reach the log from aiosmtpd."""
+    from plunkd.redaction import CLIENT_TEXT_FILTER
+
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(CLIENT_TEXT_FILTER)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     if level.upper() != "DEBUG":
         logging.getLogger("mail.log").setLevel(logging.WARNING)

@@ -4,7 +4,7 @@ A session: EHLO → (STARTTLS) → AUTH PLAIN/LOGIN with user `plunk` and the pr
 MAIL (the null sender or an address on a verified domain) → RCPT (limited) → DATA, which becomes ONE
 `pipeline.submit` call with the original bytes, the envelope sender and the envelope recipients.
 `250 2.0.0 queued as <id>` is sent only after that commit. Sessions are capped in total and per client
-address, idle ones are closed, and nothing a client sends is logged (`relay.redaction`).
+address, idle ones are closed, and nothing a client sends is logged (`plunkd.redaction`).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from pipeline.keys import Caller, KeyCache
 from pipeline.submit import Submission, decoded_subject, parse_raw_headers, submit, submit_once
 from plunkd import metrics
 from plunkd.config import ConfigError, SmtpConfig
+from plunkd.redaction import AIOSMTPD_LOGGER, CLIENT_TEXT_FILTER, error_summary, traceback_without_message
 from relay.data import ChunkedData
-from relay.limits import AuthLimiter, SessionLimiter, raise_open_file_limit, session_cap
-from relay.redaction import ClientTextFilter, error_summary, traceback_without_message
+from relay.limits import AuthLimiter, SessionLimiter, header_refusal, raise_open_file_limit, session_cap
 
 log = logging.getLogger("plunkd.relay")
 
@@ -46,8 +46,8 @@ def _not_login_data_deprecation(record: logging.LogRecord) -> bool:
     return "login_data is deprecated" not in record.getMessage()
 
 
-logging.getLogger("mail.log").addFilter(_not_login_data_deprecation)
-logging.getLogger("mail.log").addFilter(ClientTextFilter())
+logging.getLogger(AIOSMTPD_LOGGER).addFilter(_not_login_data_deprecation)
+logging.getLogger(AIOSMTPD_LOGGER).addFilter(CLIENT_TEXT_FILTER)
 
 # aiosmtpd's own wording for these two, with the enhanced status codes RFC 3463 gives them.
 REPLY_REWRITES = {
@@ -295,6 +295,9 @@ class RelayHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         account: Caller = session.auth_data
         raw = bytes(envelope.original_content or b"")
+        refusal = header_refusal(raw)
+        if refusal is not None:
+            return refusal
         headers = parse_raw_headers(raw)
         from_fields = [str(value) for value in headers.get_all("From") or []]
         senders = [address for _, address in getaddresses(from_fields) if address]

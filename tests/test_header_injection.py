@@ -5,6 +5,8 @@ writes the header, and the delivered, DKIM-signed message keeps one line per hea
 from __future__ import annotations
 
 import email
+import json
+import time
 from email import policy
 
 import dkim
@@ -183,3 +185,97 @@ def test_header_line_never_starts_a_field_and_stays_under_998(value):
 def test_header_line_refuses_a_bad_name():
     with pytest.raises(ValueError):
         header_line("X-Tag\n", "v")
+
+
+FROM_REQUEST = "written from the request's from, name, to, subject and reply"
+AT_SENDING = "written by plunkd when it sends the message (one Message-ID per recipient's message)"
+MIME = "the body's MIME structure, written by plunkd"
+SIGNATURES = "signatures are made by the signing domain's servers (plunkd signs with DKIM)"
+TRACE = "trace fields are written by the mail servers a message passes through"
+VERDICTS = "authentication results are asserted by the servers that check a message"
+SES = "instructions to Amazon SES are the operator's"
+DENIED_HEADERS = {
+    **dict.fromkeys(["From", "Sender", "To", "Cc", "Bcc", "Reply-To", "Subject", "bcc"], FROM_REQUEST),
+    **dict.fromkeys(["Message-ID", "Date"], AT_SENDING),
+    **dict.fromkeys(["MIME-Version", "Content-Type", "Content-Transfer-Encoding", "Content-Disposition",
+                     "Content-ID"], MIME),
+    **dict.fromkeys(["DKIM-Signature", "dkim-signature", "DomainKey-Signature", "X-Google-DKIM-Signature"],
+                    SIGNATURES),
+    **dict.fromkeys(["Received", "Return-Path", "Delivered-To", "X-Original-To", "Resent-From", "Resent-Sender",
+                     "Resent-To", "Resent-Cc", "Resent-Bcc", "Resent-Date", "Resent-Message-ID", "RESENT-BCC"],
+                    TRACE),
+    **dict.fromkeys(["Authentication-Results", "Received-SPF", "ARC-Seal", "ARC-Message-Signature",
+                     "ARC-Authentication-Results", "arc-seal"], VERDICTS),
+    **dict.fromkeys(["X-SES-CONFIGURATION-SET", "X-SES-MESSAGE-TAGS", "X-SES-SOURCE-ARN"], SES),
+}
+
+
+async def test_every_reserved_header_is_refused_naming_it(api, sender):
+    """The one deny list (pipeline.compose.RESERVED_HEADERS), in any case: 422 naming `headers.<Name>` and why."""
+    for name, why in DENIED_HEADERS.items():
+        status, body = await send(api, headers={"X-Fine": "ok", name: "forged"})
+        assert status == 422, (name, body)
+        body["error"].pop("requestId")
+        assert body["error"] == refusal([{"field": f"headers.{name}", "code": "protected_header",
+                                          "message": f"{name} cannot be set through headers: {why}"}]), name
+    assert await api.db.read(email_store.list_emails, api.project_id) == []
+
+
+async def test_other_headers_are_sent_as_given(api, sender, tmp_path):
+    allowed = {"X-Campaign": "spring", "List-Id": "<news.example.com>", "In-Reply-To": "<a@example.com>",
+               "References": "<a@example.com>", "Keywords": "k", "X-Received-Note": "n", "X-Arc": "a",
+               "Precedence": "bulk", "Auto-Submitted": "auto-generated"}
+    status, body = await send(api, headers=allowed)
+    assert status == 200, body
+    [raw] = await delivered(api, tmp_path)
+    msg = email.message_from_bytes(raw, policy=policy.default)
+    assert {name: msg[name] for name in allowed} == allowed
+
+
+def numbered_headers(count: int) -> dict[str, str]:
+    return {f"X-H{i}": "v" for i in range(count)}
+
+
+async def test_fifty_custom_headers_are_the_most(api, sender, tmp_path):
+    status, body = await send(api, headers=numbered_headers(50))
+    assert status == 200, body
+    [raw] = await delivered(api, tmp_path)
+    assert [name for name in field_names(raw) if name.startswith("X-H")] == list(numbered_headers(50))
+    status, body = await send(api, headers=numbered_headers(51))
+    assert status == 422
+    body["error"].pop("requestId")
+    assert body["error"] == refusal([{"field": "headers", "code": "too_big",
+                                      "message": "At most 50 custom headers; got 51"}])
+    assert len(await api.db.read(email_store.list_emails, api.project_id)) == 1
+
+
+@pytest.mark.parametrize("count", [10_000, 100_000])
+async def test_thousands_of_headers_are_refused_fast(api, sender, count):
+    """Counted before any header is validated: the reply takes about as long as reading the JSON (on main,
+    100,000 headers were validated one by one, then queued)."""
+    encoded = json.dumps({"to": "r@example.net", "subject": "Hi", "body": "x", "headers": numbered_headers(count)})
+    started = time.perf_counter()
+    status, body = await api.call("POST", "/v1/send", data=encoded, headers={"Content-Type": "application/json"})
+    elapsed = time.perf_counter() - started
+    assert status == 422
+    body["error"].pop("requestId")
+    assert body["error"] == refusal([{"field": "headers", "code": "too_big",
+                                      "message": f"At most 50 custom headers; got {count}"}])
+    assert elapsed < 2.0, elapsed
+    assert await api.db.read(email_store.list_emails, api.project_id) == []
+
+
+async def test_a_header_is_at_most_76_plus_998_characters(api, sender, tmp_path):
+    """A name fits `Name: ` on a line (76), a value one line of a message (998): each refused one past that."""
+    longest = {"X-" + "n" * 74: "v", "X-Tag": "v" * 998}
+    status, body = await send(api, headers=longest)
+    assert status == 200, body
+    [raw] = await delivered(api, tmp_path)
+    msg = email.message_from_bytes(raw, policy=policy.default)
+    assert {name: msg[name] for name in longest} == longest
+    for headers, field, code in [({"X-" + "n" * 75: "v"}, "headers.X-" + "n" * 75, "invalid_header"),
+                                 ({"X-Tag": "v" * 999}, "headers.X-Tag", "too_big")]:
+        status, body = await send(api, headers=headers)
+        assert status == 422
+        assert [(e["field"], e["code"]) for e in body["error"]["errors"]] == [(field, code)], body
+    assert len(await api.db.read(email_store.list_emails, api.project_id)) == 1

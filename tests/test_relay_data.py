@@ -363,3 +363,84 @@ async def test_one_megabyte_message_through_the_relay_byte_exact(relay):
     claimed = await relay.api.db.write(lambda s: email_store.claim_due(s, "test", 10, 60.0, False))
     assert len(claimed) == 1 and claimed[0].recipient == "ann@example.org"
     assert claimed[0].raw == message
+
+
+HEADER_LINES_REFUSAL = (552, b"5.3.4 Message header too big: more than 1000 lines before the blank line that ends "
+                             b"the header")
+HEADER_FIELD_REFUSAL = (552, b"5.3.4 Message header too big: a header field is longer than 65536 bytes")
+ADDRESSES = b"From: Shop <hello@example.com>\r\nTo: ann@example.org\r\nSubject: headers\r\n"
+"""Three header lines of every message below."""
+
+
+def relayed(env, message: bytes) -> dict | tuple[int, bytes]:
+    """Send `message` through the TLS port: {} when queued, else (code, text) of the reply to DATA."""
+    with smtplib.SMTP_SSL("127.0.0.1", env.tls_port, context=env.client_tls, timeout=60) as client:
+        client.login("plunk", env.api.sk)
+        try:
+            return client.sendmail("bounce@example.com", ["ann@example.org"], message)
+        except smtplib.SMTPDataError as exc:
+            return exc.smtp_code, exc.smtp_error
+
+
+def folded_field(name: bytes, size: int) -> bytes:
+    """One header field of exactly `size` bytes (its last CRLF not counted), folded into lines of 900."""
+    first = name + b": " + b"v" * (898 - len(name))
+    folded, last = divmod(size - len(first), 900)
+    lines = [first] + [b" " + b"v" * 897] * folded + ([b" " + b"v" * (last - 3)] if last else [])
+    text = b"\r\n".join(lines)
+    assert len(text) == size and (last == 0 or last > 3), (len(text), last)
+    return text + b"\r\n"
+
+
+async def queued(env) -> int:
+    return len(await env.api.db.read(email_store.list_emails, env.api.project_id))
+
+
+async def test_header_section_of_1000_lines_is_the_most(relay):
+    at_cap = ADDRESSES + b"".join(b"X-Line-%d: v\r\n" % i for i in range(997)) + b"\r\nbody\r\n"
+    assert await asyncio.to_thread(relayed, relay, at_cap) == {}
+    over = ADDRESSES + b"".join(b"X-Line-%d: v\r\n" % i for i in range(998)) + b"\r\nbody\r\n"
+    assert await asyncio.to_thread(relayed, relay, over) == HEADER_LINES_REFUSAL
+    folded_lines = ADDRESSES + b"X-Folded: v\r\n" + b" v\r\n" * 997 + b"\r\nbody\r\n"
+    assert await asyncio.to_thread(relayed, relay, folded_lines) == HEADER_LINES_REFUSAL, "folded lines count"
+    assert await queued(relay) == 1
+
+
+async def test_a_header_field_of_64_kib_is_the_most(relay):
+    at_cap = ADDRESSES + folded_field(b"X-Long", 65536) + b"\r\nbody\r\n"
+    assert await asyncio.to_thread(relayed, relay, at_cap) == {}
+    over = ADDRESSES + folded_field(b"X-Long", 65537) + b"\r\nbody\r\n"
+    assert await asyncio.to_thread(relayed, relay, over) == HEADER_FIELD_REFUSAL
+    claimed = await relay.api.db.write(lambda s: email_store.claim_due(s, "test", 10, 60.0, False))
+    assert [row.raw for row in claimed] == [at_cap]
+
+
+async def test_the_issues_ten_thousand_lines_and_five_megabyte_header_are_refused(relay):
+    """Both were queued before the caps; now DATA is answered 552 and nothing is stored."""
+    relay.config.smtp.max_message_bytes = 6 * 1024 * 1024  # read by each new session
+    many = ADDRESSES + b"".join(b"X-Line-%d: v\r\n" % i for i in range(10_000)) + b"\r\nbody\r\n"
+    huge = ADDRESSES + folded_field(b"X-Huge", 5 * 1024 * 1024) + b"\r\nbody\r\n"
+    assert await asyncio.to_thread(relayed, relay, many) == HEADER_LINES_REFUSAL
+    assert await asyncio.to_thread(relayed, relay, huge) == HEADER_LINES_REFUSAL
+    assert await queued(relay) == 0
+
+
+async def test_forged_authentication_results_are_stripped_trace_fields_kept(relay):
+    """A submitting client's own Received fields and DKIM signature are normal and kept; authentication
+    results (Authentication-Results, Received-SPF, ARC sets) and SES instructions are removed with their
+    folded lines, every other byte kept as written."""
+    kept_before = (b"Received: from laptop.example.com (laptop [192.0.2.7])\r\n\tby mta.example.com; "
+                   b"Thu, 3 Dec 2026 08:00:00 +0000\r\n"
+                   b"DKIM-Signature: v=1; a=rsa-sha256; d=example.com; s=own; h=from; bh=x; b=y\r\n")
+    stripped = (b"Authentication-Results: mx.google.com;\r\n dkim=pass header.d=bank.example;\r\n spf=pass\r\n"
+                b"ARC-Seal: i=1; a=rsa-sha256; cv=none; d=google.com; s=arc; b=z\r\n"
+                b"ARC-Message-Signature: i=1; a=rsa-sha256; d=google.com; s=arc; h=from; bh=x; b=y\r\n"
+                b"arc-authentication-results: i=1; mx.google.com; dmarc=pass\r\n"
+                b"Received-SPF: pass (google.com: domain of bank.example designates 192.0.2.7)\r\n"
+                b"X-SES-CONFIGURATION-SET: someone-elses\r\n")
+    kept_after = b"X-Arc-Note: kept\r\nX-Authentication-Results-Copy: kept\r\n"
+    body = b"\r\nAuthentication-Results: in the body, kept\r\n"
+    message = kept_before + stripped + ADDRESSES + kept_after + body
+    assert await asyncio.to_thread(relayed, relay, message) == {}
+    claimed = await relay.api.db.write(lambda s: email_store.claim_due(s, "test", 10, 60.0, False))
+    assert [row.raw for row in claimed] == [kept_before + ADDRESSES + kept_after + body]
