@@ -1,4 +1,6 @@
-"""The `plunkd` command. Every failure is one line on stderr and a non-zero exit."""
+"""The `plunkd` command. Every failure is one line on stderr and a non-zero exit. A command that uses the
+database first says which one on stderr (`database: ...`); only `serve`, `migrate`, `vacuum` and
+`project create` make a new one, every other command refuses to run on a database that is not there."""
 
 from __future__ import annotations
 
@@ -13,18 +15,82 @@ from typing import Any
 from plunkd.config import Config, ConfigError, load_config
 
 
-def _config(args: argparse.Namespace) -> Config:
+def _config_path(args: argparse.Namespace) -> str | None:
+    """The config file every command reads, `plunkd serve` included: --config, else $PLUNKD_CONFIG, else
+    ./plunkd.toml when there is one (None: defaults and PLUNKD_* environment variables only)."""
     path = args.config or os.environ.get("PLUNKD_CONFIG")
     if not path and Path("plunkd.toml").exists():
         path = "plunkd.toml"
-    return load_config(path)
+    return path or None
 
 
-async def _with_db(config: Config, work: Callable[[Any], Awaitable[int]]) -> int:
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(_config_path(args))
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The file an SQLite URL names, absolute (None: not an SQLite file)."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database).resolve()
+
+
+def database_label(url: str) -> str:
+    """The database a URL names, for people: an SQLite file by its absolute path, any other URL with its
+    password masked."""
+    from sqlalchemy.engine import make_url
+
+    sqlite_file = _sqlite_file(url)
+    return f"SQLite file {sqlite_file}" if sqlite_file else make_url(url).render_as_string(hide_password=True)
+
+
+def say_storage(args: argparse.Namespace, config: Config) -> None:
+    """One line on stderr: the database this command uses, the data dir, and the config that chose them."""
+    path = _config_path(args)
+    source = f"config {Path(path).resolve()}" if path else "no config file, defaults and PLUNKD_* environment"
+    print(f"database: {database_label(config.database_url)} (data dir {config.data_path.resolve()}; {source})",
+          file=sys.stderr)
+
+
+WHERE_TO_POINT = ("run this where plunkd serve runs (with its config), or point at its database with --config FILE, "
+                  "PLUNKD_CONFIG, PLUNKD_DATABASE_URL or PLUNKD_SERVER_DATA_DIR; `plunkd migrate` makes a new one "
+                  "here")
+
+
+async def _require_schema(db: Any, url: str) -> None:
+    """Refuse (ConfigError) a database without plunkd's schema, creating nothing: a command that needs an
+    existing database must not leave an empty one behind where it happened to run."""
+    from sqlalchemy import inspect
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        async with db.engine.connect() as conn:
+            found = await conn.run_sync(lambda sync: inspect(sync).has_table("alembic_version"))
+    except (DBAPIError, OSError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise ConfigError(f"cannot open the database {database_label(url)}: {reason}") from None
+    if not found:
+        raise ConfigError(f"no plunkd database at {database_label(url)}: {WHERE_TO_POINT}")
+
+
+async def _with_db(args: argparse.Namespace, config: Config, work: Callable[[Any], Awaitable[int]],
+                   create: bool = False) -> int:
+    """Run `work` on the configured database, brought to the latest schema. Unless `create`, the database
+    must exist already (with plunkd's schema)."""
     from storage.db import Database
 
-    db = Database(config.database_url, config.database.pool_size)
+    say_storage(args, config)
+    url = config.database_url
+    sqlite_file = _sqlite_file(url)
+    if not create and url.startswith("sqlite") and not (sqlite_file and sqlite_file.is_file()):
+        raise ConfigError(f"no plunkd database at {database_label(url)}: {WHERE_TO_POINT}")
+    db = Database(url, config.database.pool_size)
     try:
+        if not create:
+            await _require_schema(db, url)
         await db.migrate()
         return await work(db)
     finally:
@@ -41,6 +107,7 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     from plunkd.app import create_app, run_without_http, setup_logging
 
     roles = parse_roles(args.role)
+    say_storage(args, config)
     setup_logging(config.server.log_level)
     child = None
     if "dispatcher" in roles and roles != {"dispatcher"} and config.delivery.enabled and config.delivery.own_process:
@@ -57,10 +124,10 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
     async def work(db) -> int:
-        print(f"database at the latest schema: {db.url.split('@')[-1]}")
+        print(f"database at the latest schema: {database_label(db.url)}")
         return 0
 
-    return asyncio.run(_with_db(config, work))
+    return asyncio.run(_with_db(args, config, work, create=True))
 
 
 def cmd_vacuum(args: argparse.Namespace, config: Config) -> int:
@@ -80,7 +147,7 @@ def cmd_vacuum(args: argparse.Namespace, config: Config) -> int:
         print("auto_vacuum is incremental: pruning now shrinks the file")
         return 0
 
-    return asyncio.run(_with_db(config, work))
+    return asyncio.run(_with_db(args, config, work, create=True))
 
 
 def cmd_project_create(args: argparse.Namespace, config: Config) -> int:
@@ -100,7 +167,7 @@ def cmd_project_create(args: argparse.Namespace, config: Config) -> int:
         print("Keep these now: plunkd stores only their digests and cannot show them again.")
         return 0
 
-    return asyncio.run(_with_db(config, work))
+    return asyncio.run(_with_db(args, config, work, create=True))
 
 
 def cmd_project_list(args: argparse.Namespace, config: Config) -> int:
@@ -114,7 +181,7 @@ def cmd_project_list(args: argparse.Namespace, config: Config) -> int:
             print(f"{p.id}  {p.name}  from={p.from_email}  sk={p.secret_key_hint}  pk={p.public_key_hint}")
         return 0
 
-    return asyncio.run(_with_db(config, work))
+    return asyncio.run(_with_db(args, config, work))
 
 
 def cmd_keys_rotate(args: argparse.Namespace, config: Config) -> int:
@@ -127,7 +194,7 @@ def cmd_keys_rotate(args: argparse.Namespace, config: Config) -> int:
         print(f"public key: {issued.public_key}")
         return 0
 
-    return asyncio.run(_with_db(config, work))
+    return asyncio.run(_with_db(args, config, work))
 
 
 def cmd_contacts_import(args: argparse.Namespace, config: Config) -> int:
@@ -151,7 +218,7 @@ def cmd_contacts_import(args: argparse.Namespace, config: Config) -> int:
             print(f"  skipped {count}: {reason}")
         return 0
 
-    return asyncio.run(_with_db(config, work))
+    return asyncio.run(_with_db(args, config, work))
 
 
 def _print_domain(domain, transport: str) -> None:
@@ -175,7 +242,7 @@ def cmd_domain_add(args: argparse.Namespace, config: Config) -> int:
         _print_domain(domain, config.delivery.transport)
         return 0
 
-    return asyncio.run(_with_db(config, work))
+    return asyncio.run(_with_db(args, config, work))
 
 
 def cmd_domain_verify(args: argparse.Namespace, config: Config) -> int:
@@ -198,7 +265,7 @@ def cmd_domain_verify(args: argparse.Namespace, config: Config) -> int:
         print("checks:", ", ".join(f"{k}={v}" for k, v in check.items()))
         return 0 if domain.verified else 2
 
-    return asyncio.run(_with_db(config, work))
+    return asyncio.run(_with_db(args, config, work))
 
 
 def cmd_domain_list(args: argparse.Namespace, config: Config) -> int:
@@ -211,7 +278,7 @@ def cmd_domain_list(args: argparse.Namespace, config: Config) -> int:
             _print_domain(domain, config.delivery.transport)
         return 0
 
-    return asyncio.run(_with_db(config, work))
+    return asyncio.run(_with_db(args, config, work))
 
 
 def build_parser() -> argparse.ArgumentParser:
