@@ -200,7 +200,7 @@ def cmd_keys_rotate(args: argparse.Namespace, config: Config) -> int:
 def cmd_contacts_import(args: argparse.Namespace, config: Config) -> int:
     from tqdm import tqdm
 
-    from pipeline.imports import count_rows, import_contacts
+    from pipeline.imports import import_contacts, survey
     from pipeline.projects import require_project
 
     if not Path(args.file).is_file():
@@ -208,14 +208,22 @@ def cmd_contacts_import(args: argparse.Namespace, config: Config) -> int:
 
     async def work(db) -> int:
         project = await db.read(require_project, args.project)
-        total = count_rows(args.file)
-        with tqdm(total=total, unit="row", desc="importing", file=sys.stderr) as bar:
-            summary = await import_contacts(db, project.id, args.file, bar.update)
-            bar.update(total - bar.n)
+        columns = await asyncio.to_thread(survey, args.file, args.strings)
+        with tqdm(total=columns.rows, unit="row", desc="importing", file=sys.stderr) as bar:
+            summary = await import_contacts(db, project.id, args.file, columns.types, bar.update,
+                                            config.api.max_data_bytes)
+            bar.update(columns.rows - bar.n)
+        if columns.types:
+            print("columns: " + ", ".join(f"{name} {'empty (left out)' if kind == 'empty' else kind}"
+                                          for name, kind in columns.types.items()))
         print(f"imported into {project.name}: {summary.created} created, {summary.updated} updated, "
               f"{summary.skipped_total} skipped")
         for reason, count in summary.skipped.most_common():
             print(f"  skipped {count}: {reason}")
+        for line, reason in summary.failures:
+            print(f"  line {line}: {reason}")
+        if summary.skipped_total > len(summary.failures):
+            print(f"  ... and {summary.skipped_total - len(summary.failures)} more rows not imported")
         return 0
 
     return asyncio.run(_with_db(args, config, work))
@@ -325,8 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(func=cmd_domain_list)
 
     contacts = sub.add_parser("contacts", help="manage contacts").add_subparsers(dest="action", required=True)
-    imp = contacts.add_parser("import", help="import contacts from a CSV file with an 'email' column")
+    imp = contacts.add_parser("import", help="import contacts from a CSV file with an 'email' column; each other "
+                                             "column is typed from its values (integer, decimal, true/false, ISO "
+                                             "date, else text), empty cells are left out")
     imp.add_argument("file")
+    imp.add_argument("--strings", action="store_true", help="keep every value as text (no type inference)")
     imp.add_argument("--project", required=True, help="project id or name")
     imp.set_defaults(func=cmd_contacts_import)
     return parser

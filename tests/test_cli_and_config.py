@@ -324,3 +324,49 @@ def test_serve_says_where_its_data_is_and_the_cli_run_beside_it_uses_the_same(tm
     finally:
         proc.terminate()
         proc.wait(timeout=15)
+
+
+async def test_contacts_import_types_each_column_and_reports_failed_rows_by_line(tmp_path, cli_env):
+    from pipeline.projects import require_project
+    from storage import contacts as contact_store
+    from storage.db import Database
+
+    assert plunkd(tmp_path, "project", "create", "--name", "shop", "--from-email", "a@shop.example",
+                  env=cli_env).returncode == 0
+    csv_path = tmp_path / "contacts.csv"
+    csv_path.write_text("email,age,score,vip,joined,zip,city,note\n"
+                        "ann@example.com,69,1.5,true,2024-03-01,02134,Paris,\n"
+                        "bob@example.com,42,2,FALSE,2024-03-01T10:00:00+02:00,12345,,\"two\nlines\"\n"
+                        "not-an-email,1,1,true,2024-01-01,1,X,\n"
+                        "carl@example.com,70,3.25,false,2024-01-01,00001,Oslo,a\x00b\n"
+                        "Ann@example.com,1,1,true,2024-01-01,1,Dup,\n"
+                        "dee@example.com,,,,,,,\n")
+    result = plunkd(tmp_path, "contacts", "import", str(csv_path), "--project", "shop", env=cli_env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "columns: age integer, score decimal, vip boolean, joined date, zip text, city text, note text",
+        "imported into shop: 3 created, 0 updated, 3 skipped",
+        "  skipped 1: invalid email", "  skipped 1: unreadable row", "  skipped 1: duplicate in file",
+        "  line 5: invalid email", "  line 6: unreadable row: a NUL character in a cell",
+        "  line 7: duplicate in file (ann@example.com)"]
+
+    strings = tmp_path / "strings.csv"
+    strings.write_text("email,age,city\nann@example.com,70,\n")
+    again = plunkd(tmp_path, "contacts", "import", str(strings), "--project", "shop", "--strings", env=cli_env)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines()[:2] == ["columns: age text, city empty (left out)",
+                                             "imported into shop: 0 created, 1 updated, 0 skipped"]
+
+    db = Database(cli_env["PLUNKD_DATABASE_URL"])
+    try:
+        project = await db.read(require_project, "shop")
+        data = {address: (await db.read(contact_store.get_contact_by_email, project.id, address)).data
+                for address in ("ann@example.com", "bob@example.com", "dee@example.com")}
+    finally:
+        await db.dispose()
+    assert data == {
+        "ann@example.com": {"age": "70", "score": 1.5, "vip": True, "joined": "2024-03-01T00:00:00.000Z",
+                            "zip": "02134", "city": "Paris"},
+        "bob@example.com": {"age": 42, "score": 2.0, "vip": False, "joined": "2024-03-01T08:00:00.000Z",
+                            "zip": "12345", "note": "two\nlines"},
+        "dee@example.com": {}}, "an empty cell is left out: nothing new, an existing value kept"
