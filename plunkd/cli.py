@@ -60,26 +60,25 @@ WHERE_TO_POINT = ("run this where plunkd serve runs (with its config), or point 
                   "here")
 
 
-async def _require_schema(db: Any, url: str) -> None:
-    """Refuse (ConfigError) a database without plunkd's schema, creating nothing: a command that needs an
-    existing database must not leave an empty one behind where it happened to run."""
+async def _has_schema(db: Any, url: str) -> bool:
+    """Whether the database holds plunkd's schema, creating nothing; a database that cannot be reached is a
+    ConfigError naming it (password masked) with the driver's reason."""
     from sqlalchemy import inspect
     from sqlalchemy.exc import DBAPIError
 
     try:
         async with db.engine.connect() as conn:
-            found = await conn.run_sync(lambda sync: inspect(sync).has_table("alembic_version"))
+            return await conn.run_sync(lambda sync: inspect(sync).has_table("alembic_version"))
     except (DBAPIError, OSError) as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise ConfigError(f"cannot open the database {database_label(url)}: {reason}") from None
-    if not found:
-        raise ConfigError(f"no plunkd database at {database_label(url)}: {WHERE_TO_POINT}")
 
 
 async def _with_db(args: argparse.Namespace, config: Config, work: Callable[[Any], Awaitable[int]],
                    create: bool = False) -> int:
     """Run `work` on the configured database, brought to the latest schema. Unless `create`, the database
-    must exist already (with plunkd's schema)."""
+    must exist already with plunkd's schema: a command that needs one must not leave an empty database
+    behind wherever it happened to run."""
     from storage.db import Database
 
     say_storage(args, config)
@@ -89,8 +88,8 @@ async def _with_db(args: argparse.Namespace, config: Config, work: Callable[[Any
         raise ConfigError(f"no plunkd database at {database_label(url)}: {WHERE_TO_POINT}")
     db = Database(url, config.database.pool_size)
     try:
-        if not create:
-            await _require_schema(db, url)
+        if not await _has_schema(db, url) and not create:
+            raise ConfigError(f"no plunkd database at {database_label(url)}: {WHERE_TO_POINT}")
         await db.migrate()
         return await work(db)
     finally:

@@ -275,10 +275,12 @@ def test_in_an_empty_folder_project_list_makes_no_database_until_migrate(tmp_pat
     assert listed.stdout == "no projects yet: plunkd project create --name NAME --from-email ADDRESS\n"
 
 
-def test_a_postgresql_password_is_never_shown(tmp_path, cli_env):
+@pytest.mark.parametrize("args", [["project", "list"], ["migrate"]], ids=["reading", "creating"])
+def test_a_postgresql_password_is_never_shown(tmp_path, cli_env, args):
+    """Nothing listens on the port: the command names the database it could not open, password masked."""
     port = free_port()
     url = f"postgresql+asyncpg://plunk:s3cret-pw@127.0.0.1:{port}/mail"
-    result = plunkd(tmp_path, "project", "list", env={"PLUNKD_DATABASE_URL": url})
+    result = plunkd(tmp_path, *args, env={"PLUNKD_DATABASE_URL": url})
     assert result.returncode == 1 and "s3cret-pw" not in result.stderr + result.stdout
     database, failure = result.stderr.splitlines()
     masked = f"postgresql+asyncpg://plunk:***@127.0.0.1:{port}/mail"
