@@ -41,11 +41,12 @@ class SesTransport:
 
     async def send(self, sender: str, recipients: list[str], message: bytes,
                    envelope_sender: str | None = None) -> SendResult:
-        """SES picks the MAIL FROM itself; an envelope sender becomes the address SES forwards bounces
-        and complaints to (`FeedbackForwardingEmailAddress`, on a verified identity too)."""
+        """SES picks the MAIL FROM itself; an envelope sender other than the From address (SES's default)
+        becomes the address SES forwards bounces and complaints to (`FeedbackForwardingEmailAddress`, on a
+        verified identity too)."""
         request: dict[str, Any] = {"FromEmailAddress": sender, "Destination": {"ToAddresses": recipients},
                                    "Content": {"Raw": {"Data": message}}}
-        if envelope_sender:
+        if envelope_sender and envelope_sender != sender:
             request["FeedbackForwardingEmailAddress"] = envelope_sender
         if self.settings.configuration_set:
             request["ConfigurationSetName"] = self.settings.configuration_set

@@ -21,7 +21,7 @@ from pipeline.deferred import insert_spec
 from pipeline.domains import require_verified_sender
 from pipeline.errors import Conflict, FieldError, NotFound, ValidationFailed
 from pipeline.links import LinkSigner
-from pipeline.submit import Queued, Submission, submit
+from pipeline.submit import Queued, Submission, envelope_sender_for, submit
 from pipeline.templates import template_spec
 from pipeline.tracking import tracking_for
 from plunkd.metrics import EMAILS_ACCEPTED, count_at_commit
@@ -248,7 +248,8 @@ def fan_out_next(session: Session, campaign_id: str, chunk: int) -> tuple[int, b
     if campaign is None or campaign.status != "SENDING" or campaign.fanout_done:
         return 0, True
     tracking = tracking_for(session, campaign.project_id, marketing=True)
-    queued = store.fan_out_chunk(session, campaign, _audience(session, campaign), campaign.from_email or "",
+    sender = campaign.from_email or ""
+    queued = store.fan_out_chunk(session, campaign, _audience(session, campaign), sender, envelope_sender_for(sender),
                                  chunk, utcnow(), bool(tracking.opens), bool(tracking.clicks))
     count_at_commit(session, EMAILS_ACCEPTED.labels("campaign"), queued)
     if campaign.fanout_done:

@@ -1,8 +1,17 @@
-"""CSV contact import: one upsert per row with the track data rules, in batches of rows."""
+"""CSV contact import: one upsert per row with the track data rules, in batches of rows.
+
+Each data column gets one type, inferred from all of its non-empty cells before anything is written
+(`survey`): integer, decimal, boolean (true/false), date (ISO 8601, stored as `storage.segments.iso_text`
+writes it, the form segments compare dates in), else text. An empty cell is left out of the contact's data
+(a new contact has no such key; an existing one keeps its value). With `strings`, every column is text.
+A row that cannot be imported is reported by its line number and the import goes on.
+"""
 
 from __future__ import annotations
 
 import csv
+import json
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -12,10 +21,56 @@ from email_validator import EmailNotValidError, validate_email
 from sqlalchemy.orm import Session
 
 from pipeline.contacts import upsert_contact
+from pipeline.segments import MAX_DATA_KEY
 from storage.db import Database
+from storage.segments import iso_text, parse_instant
 
 TRUE_WORDS = {"true", "1", "yes", "y", "subscribed"}
 FALSE_WORDS = {"false", "0", "no", "n", "unsubscribed"}
+RESERVED_COLUMNS = ("email", "subscribed")
+
+INTEGER = re.compile(r"-?(?:0|[1-9][0-9]{0,14})")
+"""At most 15 digits, exact as a JSON number everywhere; a leading zero (a postcode, a phone number) is text."""
+DECIMAL = re.compile(r"-?(?:0|[1-9][0-9]*)\.[0-9]+")
+MAX_DECIMAL_DIGITS = 15
+TYPES = ("integer", "decimal", "boolean", "date")
+"""The inferred types, narrowest first; a column that fits none is text, one with no value is empty."""
+MAX_REPORTED_FAILURES = 100
+
+
+def _fits(kind: str, cell: str) -> bool:
+    if kind == "integer":
+        return INTEGER.fullmatch(cell) is not None
+    if kind == "decimal":
+        return (INTEGER.fullmatch(cell) is not None or DECIMAL.fullmatch(cell) is not None) and \
+            sum(ch.isdigit() for ch in cell) <= MAX_DECIMAL_DIGITS
+    if kind == "boolean":
+        return cell.lower() in ("true", "false")
+    try:
+        parse_instant(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def typed(kind: str, cell: str) -> Any:
+    """A non-empty cell as the JSON value its column's type stores."""
+    if kind == "integer":
+        return int(cell)
+    if kind == "decimal":
+        return float(cell)
+    if kind == "boolean":
+        return cell.lower() == "true"
+    if kind == "date":
+        return iso_text(parse_instant(cell))
+    return cell
+
+
+@dataclass
+class Survey:
+    rows: int
+    types: dict[str, str]
+    """Each data column (as written in the header) and its type."""
 
 
 @dataclass
@@ -23,10 +78,17 @@ class ImportSummary:
     created: int = 0
     updated: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
+    failures: list[tuple[int, str]] = field(default_factory=list)
+    """(line, reason) of the first `MAX_REPORTED_FAILURES` rows not imported; `skipped` counts them all."""
 
     @property
     def skipped_total(self) -> int:
         return sum(self.skipped.values())
+
+    def fail(self, line: int, reason: str, detail: str = "") -> None:
+        self.skipped[reason] += 1
+        if len(self.failures) < MAX_REPORTED_FAILURES:
+            self.failures.append((line, f"{reason}{detail}"))
 
 
 @dataclass
@@ -37,43 +99,107 @@ class ImportRow:
     data: dict[str, Any]
 
 
-def parse_rows(path: str, summary: ImportSummary) -> Iterator[ImportRow]:
+class _CountedLines:
+    """The file's lines, counted as the csv reader takes them: a row starts on the line after the last
+    one the previous row took, even when reading that row failed (`reader.line_num` stops counting then)."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+        self.taken = 0
+
+    def __iter__(self) -> _CountedLines:
+        return self
+
+    def __next__(self) -> str:
+        line = next(self.fh)
+        self.taken += 1
+        return line
+
+
+def _rows(path: str, summary: ImportSummary | None) -> Iterator[tuple[int, dict[str, str]]]:
+    """(first line, cells by stripped column name) of each data row; an unreadable row (a cell over the csv
+    module's size limit, a NUL character) is a failure of its own and reading goes on. Unnamed columns
+    are left out."""
     with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or "email" not in [f.strip().lower() for f in reader.fieldnames]:
+        lines = _CountedLines(fh)
+        reader = csv.DictReader(lines)
+        names = [(name or "").strip() for name in reader.fieldnames or []]
+        if "email" not in [name.lower() for name in names]:
             raise ValueError(f"{path}: the header row has no 'email' column")
-        seen: set[str] = set()
-        for row in reader:
-            clean = {(k or "").strip(): (v or "").strip() for k, v in row.items() if k is not None}
-            lowered = {k.lower(): v for k, v in clean.items()}
-            raw_email = lowered.get("email", "")
-            if not raw_email:
-                summary.skipped["no email"] += 1
-                continue
+        too_long = next((name for name in names if len(name) > MAX_DATA_KEY), None)
+        if too_long is not None:
+            raise ValueError(f"{path}: the column name {too_long[:40]!r}... is longer than {MAX_DATA_KEY} characters")
+        while True:
+            line = lines.taken + 1
             try:
-                email = validate_email(raw_email, check_deliverability=False).normalized.lower()
-            except EmailNotValidError:
-                summary.skipped["invalid email"] += 1
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                if summary is not None:
+                    summary.fail(line, "unreadable row", f": {exc}")
                 continue
-            if email in seen:
-                summary.skipped["duplicate in file"] += 1
+            cells = {(k or "").strip(): (v or "").strip() for k, v in row.items() if k}
+            if any("\x00" in cell for cell in cells.values()):
+                if summary is not None:
+                    summary.fail(line, "unreadable row", ": a NUL character in a cell")
                 continue
-            seen.add(email)
-            raw_sub = lowered.get("subscribed", "").lower()
-            if raw_sub and raw_sub not in TRUE_WORDS | FALSE_WORDS:
-                summary.skipped["bad subscribed value"] += 1
+            yield line, cells
+
+
+def survey(path: str, strings: bool = False) -> Survey:
+    """Count the data rows and infer each data column's type (every column text with `strings`)."""
+    possible: dict[str, list[str]] = {}
+    seen_value: set[str] = set()
+    rows = 0
+    for _, cells in _rows(path, None):
+        rows += 1
+        for name, cell in cells.items():
+            if name.lower() in RESERVED_COLUMNS:
                 continue
-            subscribed = None if not raw_sub else raw_sub in TRUE_WORDS
-            data = {k: v for k, v in clean.items() if k.lower() not in ("email", "subscribed")}
-            yield ImportRow(reader.line_num, email, subscribed, data)
+            kinds = possible.setdefault(name, [] if strings else list(TYPES))
+            if cell:
+                seen_value.add(name)
+                kinds[:] = [kind for kind in kinds if _fits(kind, cell)]
+    types = {name: (kinds[0] if kinds else "text") if name in seen_value else "empty"
+             for name, kinds in possible.items()}
+    return Survey(rows, types)
 
 
-def count_rows(path: str) -> int:
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        return max(0, sum(1 for _ in csv.reader(fh)) - 1)
+def parse_rows(path: str, types: dict[str, str], summary: ImportSummary,
+               max_data_bytes: int) -> Iterator[ImportRow]:
+    seen: set[str] = set()
+    for line, clean in _rows(path, summary):
+        lowered = {k.lower(): v for k, v in clean.items()}
+        raw_email = lowered.get("email", "")
+        if not raw_email:
+            summary.fail(line, "no email")
+            continue
+        try:
+            email = validate_email(raw_email, check_deliverability=False).normalized.lower()
+        except EmailNotValidError:
+            summary.fail(line, "invalid email")
+            continue
+        if email in seen:
+            summary.fail(line, "duplicate in file", f" ({email})")
+            continue
+        seen.add(email)
+        raw_sub = lowered.get("subscribed", "").lower()
+        if raw_sub and raw_sub not in TRUE_WORDS | FALSE_WORDS:
+            summary.fail(line, "bad subscribed value")
+            continue
+        subscribed = None if not raw_sub else raw_sub in TRUE_WORDS
+        data = {k: typed(types.get(k, "text"), v) for k, v in clean.items()
+                if v and k.lower() not in RESERVED_COLUMNS}
+        size = len(json.dumps(data, ensure_ascii=False).encode())
+        if size > max_data_bytes:
+            summary.fail(line, "data too large", f" ({size} bytes, api.max_data_bytes is {max_data_bytes})")
+            continue
+        yield ImportRow(line, email, subscribed, data)
 
 
-async def import_contacts(db: Database, project_id: str, path: str, progress: Callable[[int], None],
+async def import_contacts(db: Database, project_id: str, path: str, types: dict[str, str],
+                          progress: Callable[[int], None], max_data_bytes: int,
                           batch_size: int = 500) -> ImportSummary:
     summary = ImportSummary()
     batch: list[ImportRow] = []
@@ -86,7 +212,7 @@ async def import_contacts(db: Database, project_id: str, path: str, progress: Ca
         progress(len(batch))
         batch.clear()
 
-    for row in parse_rows(path, summary):
+    for row in parse_rows(path, types, summary, max_data_bytes):
         batch.append(row)
         if len(batch) >= batch_size:
             await flush()

@@ -50,8 +50,8 @@ class Submission:
     size: int = 0
     """API: about how big each composed message will be (body and attachments)."""
     envelope_sender: str | None = None
-    """SMTP: the client's MAIL FROM, the Return-Path of the delivery (None: the From address); it must
-    be on a verified domain too."""
+    """SMTP: the client's MAIL FROM, the Return-Path of the delivery (None: the From address, see
+    `envelope_sender_for`); it must be on a verified domain too."""
     marketing: bool = False
     """Marketing mail (a MARKETING template, a campaign's test copy): a recipient whose contact is not
     subscribed gets an email record marked SKIPPED and nothing is queued for them."""
@@ -111,6 +111,12 @@ def decoded_subject(headers: Message) -> str:
         return str(value)[:998]
 
 
+def envelope_sender_for(sender: str, mail_from: str | None = None) -> str:
+    """The envelope sender (Return-Path) an email is delivered with, recorded on its row whatever path
+    it came in by: the SMTP client's MAIL FROM when it gave one, else the From address."""
+    return mail_from or sender
+
+
 def submit(session: Session, submission: Submission) -> list[Queued]:
     """Check the senders, upsert each recipient, write one email + outbox row per recipient."""
     require_verified_sender(session, submission.project_id, submission.sender)
@@ -119,6 +125,7 @@ def submit(session: Session, submission: Submission) -> list[Queued]:
     raw = strip_fields(submission.raw) if submission.raw is not None else None
     tracking = tracking_for(session, submission.project_id, submission.marketing, submission.tracking)
     subject = submission.subject or (decoded_subject(parse_raw_headers(raw)) if raw is not None else "")
+    envelope_sender = envelope_sender_for(submission.sender, submission.envelope_sender)
     contents: dict[bytes, str] = {}
     queued: list[Queued] = []
     for address in dict.fromkeys(r.lower() for r in submission.recipients):
@@ -137,7 +144,7 @@ def submit(session: Session, submission: Submission) -> list[Queued]:
         skipped = submission.marketing and not contact.subscribed
         email_id = email_store.insert_email(session, submission.project_id, contact.id, contents[digest], address,
                                             submission.sender, subject, submission.source,
-                                            submission.envelope_sender, skipped=skipped,
+                                            envelope_sender, skipped=skipped,
                                             track_opens=bool(tracking.opens), track_clicks=bool(tracking.clicks))
         queued.append(Queued(contact.id, address, email_id))
         if not skipped:
@@ -167,8 +174,9 @@ def submit_deferred(session: Session, project_id: str, source: str, spec: Messag
     emails = [email_store.DeferredEmail(r.contact_id, r.email, r.variables or None,
                                         skipped=marketing and not r.subscribed) for r in recipients]
     tracking = tracking_for(session, project_id, marketing)
-    ids = email_store.insert_deferred_emails(session, project_id, content_id, spec.from_email, spec.subject, source,
-                                             emails, bool(tracking.opens), bool(tracking.clicks))
+    ids = email_store.insert_deferred_emails(session, project_id, content_id, spec.from_email,
+                                             envelope_sender_for(spec.from_email), spec.subject, source, emails,
+                                             bool(tracking.opens), bool(tracking.clicks))
     count_at_commit(session, EMAILS_ACCEPTED.labels(source), sum(not email.skipped for email in emails))
     return [Queued(email.contact_id, email.recipient, email_id) for email, email_id in zip(emails, ids, strict=True)]
 

@@ -1,4 +1,6 @@
-"""The `plunkd` command. Every failure is one line on stderr and a non-zero exit."""
+"""The `plunkd` command. Every failure is one line on stderr and a non-zero exit. A command that uses the
+database first says which one on stderr (`database: ...`); only `serve`, `migrate`, `vacuum` and
+`project create` make a new one, every other command refuses to run on a database that is not there."""
 
 from __future__ import annotations
 
@@ -13,18 +15,81 @@ from typing import Any
 from plunkd.config import Config, ConfigError, load_config
 
 
-def _config(args: argparse.Namespace) -> Config:
+def _config_path(args: argparse.Namespace) -> str | None:
+    """The config file every command reads, `plunkd serve` included: --config, else $PLUNKD_CONFIG, else
+    ./plunkd.toml when there is one (None: defaults and PLUNKD_* environment variables only)."""
     path = args.config or os.environ.get("PLUNKD_CONFIG")
     if not path and Path("plunkd.toml").exists():
         path = "plunkd.toml"
-    return load_config(path)
+    return path or None
 
 
-async def _with_db(config: Config, work: Callable[[Any], Awaitable[int]]) -> int:
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(_config_path(args))
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The file an SQLite URL names, absolute (None: not an SQLite file)."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database).resolve()
+
+
+def database_label(url: str) -> str:
+    """The database a URL names, for people: an SQLite file by its absolute path, any other URL with its
+    password masked."""
+    from sqlalchemy.engine import make_url
+
+    sqlite_file = _sqlite_file(url)
+    return f"SQLite file {sqlite_file}" if sqlite_file else make_url(url).render_as_string(hide_password=True)
+
+
+def say_storage(args: argparse.Namespace, config: Config) -> None:
+    """One line on stderr: the database this command uses, the data dir, and the config that chose them."""
+    path = _config_path(args)
+    source = f"config {Path(path).resolve()}" if path else "no config file, defaults and PLUNKD_* environment"
+    print(f"database: {database_label(config.database_url)} (data dir {config.data_path.resolve()}; {source})",
+          file=sys.stderr)
+
+
+WHERE_TO_POINT = ("run this where plunkd serve runs (with its config), or point at its database with --config FILE, "
+                  "PLUNKD_CONFIG, PLUNKD_DATABASE_URL or PLUNKD_SERVER_DATA_DIR; `plunkd migrate` makes a new one "
+                  "here")
+
+
+async def _has_schema(db: Any, url: str) -> bool:
+    """Whether the database holds plunkd's schema, creating nothing; a database that cannot be reached is a
+    ConfigError naming it (password masked) with the driver's reason."""
+    from sqlalchemy import inspect
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        async with db.engine.connect() as conn:
+            return await conn.run_sync(lambda sync: inspect(sync).has_table("alembic_version"))
+    except (DBAPIError, OSError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise ConfigError(f"cannot open the database {database_label(url)}: {reason}") from None
+
+
+async def _with_db(args: argparse.Namespace, config: Config, work: Callable[[Any], Awaitable[int]],
+                   create: bool = False) -> int:
+    """Run `work` on the configured database, brought to the latest schema. Unless `create`, the database
+    must exist already with plunkd's schema: a command that needs one must not leave an empty database
+    behind wherever it happened to run."""
     from storage.db import Database
 
-    db = Database(config.database_url, config.database.pool_size)
+    say_storage(args, config)
+    url = config.database_url
+    sqlite_file = _sqlite_file(url)
+    if not create and url.startswith("sqlite") and not (sqlite_file and sqlite_file.is_file()):
+        raise ConfigError(f"no plunkd database at {database_label(url)}: {WHERE_TO_POINT}")
+    db = Database(url, config.database.pool_size)
     try:
+        if not await _has_schema(db, url) and not create:
+            raise ConfigError(f"no plunkd database at {database_label(url)}: {WHERE_TO_POINT}")
         await db.migrate()
         return await work(db)
     finally:
@@ -41,6 +106,7 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     from plunkd.app import create_app, run_without_http, setup_logging
 
     roles = parse_roles(args.role)
+    say_storage(args, config)
     setup_logging(config.server.log_level)
     child = None
     if "dispatcher" in roles and roles != {"dispatcher"} and config.delivery.enabled and config.delivery.own_process:
@@ -57,10 +123,10 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
     async def work(db) -> int:
-        print(f"database at the latest schema: {db.url.split('@')[-1]}")
+        print(f"database at the latest schema: {database_label(db.url)}")
         return 0
 
-    return asyncio.run(_with_db(config, work))
+    return asyncio.run(_with_db(args, config, work, create=True))
 
 
 def cmd_vacuum(args: argparse.Namespace, config: Config) -> int:
@@ -80,7 +146,7 @@ def cmd_vacuum(args: argparse.Namespace, config: Config) -> int:
         print("auto_vacuum is incremental: pruning now shrinks the file")
         return 0
 
-    return asyncio.run(_with_db(config, work))
+    return asyncio.run(_with_db(args, config, work, create=True))
 
 
 def cmd_project_create(args: argparse.Namespace, config: Config) -> int:
@@ -100,7 +166,7 @@ def cmd_project_create(args: argparse.Namespace, config: Config) -> int:
         print("Keep these now: plunkd stores only their digests and cannot show them again.")
         return 0
 
-    return asyncio.run(_with_db(config, work))
+    return asyncio.run(_with_db(args, config, work, create=True))
 
 
 def cmd_project_list(args: argparse.Namespace, config: Config) -> int:
@@ -114,7 +180,7 @@ def cmd_project_list(args: argparse.Namespace, config: Config) -> int:
             print(f"{p.id}  {p.name}  from={p.from_email}  sk={p.secret_key_hint}  pk={p.public_key_hint}")
         return 0
 
-    return asyncio.run(_with_db(config, work))
+    return asyncio.run(_with_db(args, config, work))
 
 
 def cmd_keys_rotate(args: argparse.Namespace, config: Config) -> int:
@@ -127,13 +193,13 @@ def cmd_keys_rotate(args: argparse.Namespace, config: Config) -> int:
         print(f"public key: {issued.public_key}")
         return 0
 
-    return asyncio.run(_with_db(config, work))
+    return asyncio.run(_with_db(args, config, work))
 
 
 def cmd_contacts_import(args: argparse.Namespace, config: Config) -> int:
     from tqdm import tqdm
 
-    from pipeline.imports import count_rows, import_contacts
+    from pipeline.imports import import_contacts, survey
     from pipeline.projects import require_project
 
     if not Path(args.file).is_file():
@@ -141,17 +207,25 @@ def cmd_contacts_import(args: argparse.Namespace, config: Config) -> int:
 
     async def work(db) -> int:
         project = await db.read(require_project, args.project)
-        total = count_rows(args.file)
-        with tqdm(total=total, unit="row", desc="importing", file=sys.stderr) as bar:
-            summary = await import_contacts(db, project.id, args.file, bar.update)
-            bar.update(total - bar.n)
+        columns = await asyncio.to_thread(survey, args.file, args.strings)
+        with tqdm(total=columns.rows, unit="row", desc="importing", file=sys.stderr) as bar:
+            summary = await import_contacts(db, project.id, args.file, columns.types, bar.update,
+                                            config.api.max_data_bytes)
+            bar.update(columns.rows - bar.n)
+        if columns.types:
+            print("columns: " + ", ".join(f"{name} {'empty (left out)' if kind == 'empty' else kind}"
+                                          for name, kind in columns.types.items()))
         print(f"imported into {project.name}: {summary.created} created, {summary.updated} updated, "
               f"{summary.skipped_total} skipped")
         for reason, count in summary.skipped.most_common():
             print(f"  skipped {count}: {reason}")
+        for line, reason in summary.failures:
+            print(f"  line {line}: {reason}")
+        if summary.skipped_total > len(summary.failures):
+            print(f"  ... and {summary.skipped_total - len(summary.failures)} more rows not imported")
         return 0
 
-    return asyncio.run(_with_db(config, work))
+    return asyncio.run(_with_db(args, config, work))
 
 
 def _print_domain(domain, transport: str) -> None:
@@ -175,7 +249,7 @@ def cmd_domain_add(args: argparse.Namespace, config: Config) -> int:
         _print_domain(domain, config.delivery.transport)
         return 0
 
-    return asyncio.run(_with_db(config, work))
+    return asyncio.run(_with_db(args, config, work))
 
 
 def cmd_domain_verify(args: argparse.Namespace, config: Config) -> int:
@@ -198,7 +272,7 @@ def cmd_domain_verify(args: argparse.Namespace, config: Config) -> int:
         print("checks:", ", ".join(f"{k}={v}" for k, v in check.items()))
         return 0 if domain.verified else 2
 
-    return asyncio.run(_with_db(config, work))
+    return asyncio.run(_with_db(args, config, work))
 
 
 def cmd_domain_list(args: argparse.Namespace, config: Config) -> int:
@@ -211,7 +285,7 @@ def cmd_domain_list(args: argparse.Namespace, config: Config) -> int:
             _print_domain(domain, config.delivery.transport)
         return 0
 
-    return asyncio.run(_with_db(config, work))
+    return asyncio.run(_with_db(args, config, work))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,8 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(func=cmd_domain_list)
 
     contacts = sub.add_parser("contacts", help="manage contacts").add_subparsers(dest="action", required=True)
-    imp = contacts.add_parser("import", help="import contacts from a CSV file with an 'email' column")
+    imp = contacts.add_parser("import", help="import contacts from a CSV file with an 'email' column; each other "
+                                             "column is typed from its values (integer, decimal, true/false, ISO "
+                                             "date, else text), empty cells are left out")
     imp.add_argument("file")
+    imp.add_argument("--strings", action="store_true", help="keep every value as text (no type inference)")
     imp.add_argument("--project", required=True, help="project id or name")
     imp.set_defaults(func=cmd_contacts_import)
     return parser

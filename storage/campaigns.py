@@ -138,8 +138,8 @@ def _derived_ids(prefix: str, ids: Any) -> Any:
     return literal(prefix, String) + func.substr(ids, 19)
 
 
-def fan_out_chunk(session: Session, campaign: Campaign, audience: Audience, sender: str, chunk: int,
-                  now: datetime, track_opens: bool = False, track_clicks: bool = False) -> int:
+def fan_out_chunk(session: Session, campaign: Campaign, audience: Audience, sender: str, envelope_sender: str,
+                  chunk: int, now: datetime, track_opens: bool = False, track_clicks: bool = False) -> int:
     """Queue the next `chunk` recipients after the cursor, an email and an outbox row each, with two
     `INSERT … SELECT`s (no row passes through Python), and move the cursor; the last chunk marks the
     fan-out done. The emails carry the tracking choice given. Returns how many were queued."""
@@ -148,14 +148,15 @@ def fan_out_chunk(session: Session, campaign: Campaign, audience: Audience, send
     recipients = _audience_rows(campaign.project_id, audience, now).with_only_columns(
         _derived_ids(email_head, _CONTACT.c.id), literal(campaign.project_id, String), _CONTACT.c.id,
         literal(campaign.content_id, String), literal(campaign.id, String), _CONTACT.c.email,
-        literal(sender, String), literal(campaign.subject, Text), literal("campaign", String),
+        literal(sender, String), literal(envelope_sender, String), literal(campaign.subject, Text),
+        literal("campaign", String),
         literal("QUEUED", String), literal(now, UTCDateTime), literal(track_opens, Boolean),
         literal(track_clicks, Boolean)).order_by(_CONTACT.c.id).limit(chunk)
     if campaign.fanout_cursor is not None:
         recipients = recipients.where(_CONTACT.c.id > campaign.fanout_cursor)
     queued = conn.execute(_EMAIL.insert().from_select(
-        ["id", "project_id", "contact_id", "content_id", "campaign_id", "recipient", "sender", "subject", "source",
-         "status", "created_at", "track_opens", "track_clicks"], recipients)).rowcount
+        ["id", "project_id", "contact_id", "content_id", "campaign_id", "recipient", "sender", "envelope_sender",
+         "subject", "source", "status", "created_at", "track_opens", "track_clicks"], recipients)).rowcount
     if queued:
         this_chunk = (_EMAIL.c.id > email_head) & (_EMAIL.c.id < email_head + "~")
         conn.execute(_OUTBOX.insert().from_select(

@@ -80,23 +80,24 @@ class DeferredEmail:
 
 
 _EMAIL_COLUMNS = [("id", "text"), ("project_id", "text"), ("contact_id", "text"), ("content_id", "text"),
-                  ("recipient", "text"), ("sender", "text"), ("subject", "text"), ("source", "text"),
-                  ("variables", "json"), ("status", "text"), ("error", "text"), ("created_at", "time"),
-                  ("track_opens", "bool"), ("track_clicks", "bool")]
+                  ("recipient", "text"), ("sender", "text"), ("envelope_sender", "text"), ("subject", "text"),
+                  ("source", "text"), ("variables", "json"), ("status", "text"), ("error", "text"),
+                  ("created_at", "time"), ("track_opens", "bool"), ("track_clicks", "bool")]
 _OUTBOX_COLUMNS = [("id", "text"), ("email_id", "text"), ("due_at", "time"), ("attempts", "int")]
 
 
-def insert_deferred_emails(session: Session, project_id: str, content_id: str, sender: str, subject: str,
-                           source: str, emails: list[DeferredEmail], track_opens: bool = False,
-                           track_clicks: bool = False) -> list[str]:
+def insert_deferred_emails(session: Session, project_id: str, content_id: str, sender: str,
+                           envelope_sender: str, subject: str, source: str, emails: list[DeferredEmail],
+                           track_opens: bool = False, track_clicks: bool = False) -> list[str]:
     """What `insert_email` writes, for many emails sharing one deferred content (and one tracking choice),
     in two statements (`storage.bulk`); returns their ids in order."""
     now = utcnow()
     ids = [new_id() for _ in emails]
     bulk.insert_rows(session, _EMAIL, _EMAIL_COLUMNS, [
-        [email_id, project_id, email.contact_id, content_id, email.recipient, sender, subject, source,
-         email.variables, "SKIPPED" if email.skipped else "QUEUED", SKIPPED_UNSUBSCRIBED if email.skipped else None,
-         now, track_opens, track_clicks] for email_id, email in zip(ids, emails, strict=True)])
+        [email_id, project_id, email.contact_id, content_id, email.recipient, sender, envelope_sender, subject,
+         source, email.variables, "SKIPPED" if email.skipped else "QUEUED",
+         SKIPPED_UNSUBSCRIBED if email.skipped else None, now, track_opens, track_clicks]
+        for email_id, email in zip(ids, emails, strict=True)])
     bulk.insert_rows(session, _OUTBOX, _OUTBOX_COLUMNS, [
         [new_id(), email_id, now, 0] for email_id, email in zip(ids, emails, strict=True) if not email.skipped])
     return ids

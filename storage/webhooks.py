@@ -73,7 +73,7 @@ def interest(session: Session, project_id: str) -> frozenset[str]:
 
 def event_payload(event_id: str | None, name: str, contact: dict[str, str] | None, email_id: str | None,
                   data: dict[str, Any], at: datetime) -> dict[str, Any]:
-    """The JSON body every attempt POSTs (see the README): `{type, timestamp, data: {event, name, contact,
+    """The JSON body every attempt POSTs (see docs/api.md): `{type, timestamp, data: {event, name, contact,
     email, data}}`."""
     return {"type": name, "timestamp": iso(at),
             "data": {"event": event_id, "name": name, "contact": contact, "email": email_id, "data": data}}

@@ -47,13 +47,21 @@ def test_project_create_list_and_rotate(tmp_path, cli_env):
     assert sk not in rotated.stdout
 
 
+def failure_lines(stderr: str) -> list[str]:
+    """stderr without the one `database: ...` line a command that uses the database starts with."""
+    lines = stderr.strip().splitlines()
+    assert sum(line.startswith("database: ") for line in lines) <= 1, lines
+    return [line for line in lines if not line.startswith("database: ")]
+
+
 def test_cli_errors_are_one_line(tmp_path, cli_env):
     for args in (["keys", "rotate", "--project", "ghost"],
                  ["project", "create", "--name", "x", "--from-email", "nope"],
                  ["contacts", "import", "missing.csv", "--project", "x"]):
         result = plunkd(tmp_path, *args, env=cli_env)
         assert result.returncode == 1
-        assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("plunkd: ")
+        failure = failure_lines(result.stderr)
+        assert len(failure) == 1 and failure[0].startswith("plunkd: "), result.stderr
     bad = plunkd(tmp_path, "project", "list", env={"PLUNKD_DELIVERY_RATE_PER_SECOND": "fast"})
     assert bad.returncode == 1
     assert bad.stderr.strip() == ("plunkd: config key delivery.rate_per_second (PLUNKD_DELIVERY_RATE_PER_SECOND): "
@@ -190,3 +198,177 @@ def read_smtp_banner(port: int, deadline: float) -> bytes:
         except OSError:
             time.sleep(0.2)
     raise AssertionError(f"nothing answered on port {port}")
+
+
+NO_CONFIG = "no config file, defaults and PLUNKD_* environment"
+WHERE_TO_POINT = ("run this where plunkd serve runs (with its config), or point at its database with --config FILE, "
+                  "PLUNKD_CONFIG, PLUNKD_DATABASE_URL or PLUNKD_SERVER_DATA_DIR; `plunkd migrate` makes a new one "
+                  "here")
+
+
+def label_of(url: str) -> str:
+    """How the CLI names a database: an SQLite file by its path, a PostgreSQL URL with its password masked."""
+    if url.startswith("sqlite"):
+        return f"SQLite file {url.split(':///', 1)[1]}"
+    user, rest = url.split("://", 1)[1].split("@", 1)
+    return f"postgresql+asyncpg://{user.split(':')[0]}:***@{rest}"
+
+
+async def has_tables(url: str) -> bool:
+    from sqlalchemy import inspect
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return bool(await conn.run_sync(lambda sync: inspect(sync).get_table_names()))
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("args", [["project", "list"], ["keys", "rotate", "--project", "shop"],
+                                  ["domain", "list", "--project", "shop"],
+                                  ["domain", "add", "shop.example", "--project", "shop"],
+                                  ["domain", "verify", "shop.example", "--project", "shop", "--offline"],
+                                  ["contacts", "import", "contacts.csv", "--project", "shop"]],
+                         ids=lambda args: "-".join(args[:2]))
+async def test_a_command_on_a_missing_database_creates_nothing_and_says_where_it_looked(tmp_path,
+                                                                                        empty_database_url, args):
+    """Each command but serve, migrate, vacuum and project create needs plunkd's database: where there is
+    none (no SQLite file; a PostgreSQL database without the schema) it makes none and says how to point
+    elsewhere, instead of making an empty one whose keys the server then answers with 401."""
+    (tmp_path / "contacts.csv").write_text("email\nann@example.org\n")
+    result = plunkd(tmp_path, *args, env={"PLUNKD_DATABASE_URL": empty_database_url})
+    label = label_of(empty_database_url)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"database: {label} (data dir {tmp_path / 'data'}; {NO_CONFIG})",
+        f"plunkd: no plunkd database at {label}: {WHERE_TO_POINT}"]
+    assert result.stdout == ""
+    if empty_database_url.startswith("sqlite"):
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["contacts.csv"], "no file, no data dir"
+    else:
+        assert not await has_tables(empty_database_url), "no schema was made in the empty database"
+
+
+def test_in_an_empty_folder_project_list_makes_no_database_until_migrate(tmp_path):
+    """The issue's case: no config, the default SQLite file under ./data."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for name in [n for n in env if n.startswith("PLUNKD_")]:
+        env.pop(name)
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "plunkd.cli", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    listed = run("project", "list")
+    default = tmp_path / "data" / "plunkd.sqlite3"
+    assert listed.returncode == 1 and listed.stdout == ""
+    assert listed.stderr.splitlines() == [
+        f"database: SQLite file {default} (data dir {tmp_path / 'data'}; {NO_CONFIG})",
+        f"plunkd: no plunkd database at SQLite file {default}: {WHERE_TO_POINT}"]
+    assert list(tmp_path.iterdir()) == []
+    migrated = run("migrate")
+    assert migrated.returncode == 0 and migrated.stdout == f"database at the latest schema: SQLite file {default}\n"
+    listed = run("project", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout == "no projects yet: plunkd project create --name NAME --from-email ADDRESS\n"
+
+
+@pytest.mark.parametrize("args", [["project", "list"], ["migrate"]], ids=["reading", "creating"])
+def test_a_postgresql_password_is_never_shown(tmp_path, cli_env, args):
+    """Nothing listens on the port: the command names the database it could not open, password masked."""
+    port = free_port()
+    url = f"postgresql+asyncpg://plunk:s3cret-pw@127.0.0.1:{port}/mail"
+    result = plunkd(tmp_path, *args, env={"PLUNKD_DATABASE_URL": url})
+    assert result.returncode == 1 and "s3cret-pw" not in result.stderr + result.stdout
+    database, failure = result.stderr.splitlines()
+    masked = f"postgresql+asyncpg://plunk:***@127.0.0.1:{port}/mail"
+    assert database == f"database: {masked} (data dir {tmp_path / 'data'}; {NO_CONFIG})"
+    assert failure.startswith(f"plunkd: cannot open the database {masked}: ")
+
+
+def test_serve_says_where_its_data_is_and_the_cli_run_beside_it_uses_the_same(tmp_path, database_url):
+    """`plunkd serve` and the CLI read the same config the same way (./plunkd.toml here): serve says on
+    stderr which database and data dir it uses, the CLI says the same, and keys it makes work at once."""
+    import json
+    import urllib.request
+
+    from tests.test_processes import api_up, wait_until
+
+    app = tmp_path / "app"
+    app.mkdir()
+    port = free_port()
+    (app / "plunkd.toml").write_text(f'[server]\nhttp_port = {port}\ndata_dir = "var"\n'
+                                     f'[database]\nurl = "{database_url}"\n'
+                                     "[smtp]\nenabled = false\n[delivery]\nenabled = false\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for name in [n for n in env if n.startswith("PLUNKD_")]:
+        env.pop(name)
+    expected = f"database: {label_of(database_url)} (data dir {app / 'var'}; config {app / 'plunkd.toml'})"
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "plunkd.cli", "serve"], cwd=app, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: api_up(f"http://127.0.0.1:{port}") or proc.poll() is not None, 30, "the API", log_path)
+        assert proc.poll() is None, log_path.read_text()
+        assert expected in log_path.read_text().splitlines()
+        made = subprocess.run([sys.executable, "-m", "plunkd.cli", "project", "create", "--name", "shop",
+                               "--from-email", "hi@shop.example"], cwd=app, env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert made.returncode == 0 and made.stderr.splitlines() == [expected], made.stderr
+        key = next(line.split()[-1] for line in made.stdout.splitlines() if line.startswith("secret key"))
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/contacts",
+                                         headers={"Authorization": f"Bearer {key}"})
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            assert reply.status == 200 and "data" in json.loads(reply.read())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+async def test_contacts_import_types_each_column_and_reports_failed_rows_by_line(tmp_path, cli_env):
+    from pipeline.projects import require_project
+    from storage import contacts as contact_store
+    from storage.db import Database
+
+    assert plunkd(tmp_path, "project", "create", "--name", "shop", "--from-email", "a@shop.example",
+                  env=cli_env).returncode == 0
+    csv_path = tmp_path / "contacts.csv"
+    csv_path.write_text("email,age,score,vip,joined,zip,city,note\n"
+                        "ann@example.com,69,1.5,true,2024-03-01,02134,Paris,\n"
+                        "bob@example.com,42,2,FALSE,2024-03-01T10:00:00+02:00,12345,,\"two\nlines\"\n"
+                        "not-an-email,1,1,true,2024-01-01,1,X,\n"
+                        "carl@example.com,70,3.25,false,2024-01-01,00001,Oslo,a\x00b\n"
+                        "Ann@example.com,1,1,true,2024-01-01,1,Dup,\n"
+                        "dee@example.com,,,,,,,\n")
+    result = plunkd(tmp_path, "contacts", "import", str(csv_path), "--project", "shop", env=cli_env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "columns: age integer, score decimal, vip boolean, joined date, zip text, city text, note text",
+        "imported into shop: 3 created, 0 updated, 3 skipped",
+        "  skipped 1: invalid email", "  skipped 1: unreadable row", "  skipped 1: duplicate in file",
+        "  line 5: invalid email", "  line 6: unreadable row: a NUL character in a cell",
+        "  line 7: duplicate in file (ann@example.com)"]
+
+    strings = tmp_path / "strings.csv"
+    strings.write_text("email,age,city\nann@example.com,70,\n")
+    again = plunkd(tmp_path, "contacts", "import", str(strings), "--project", "shop", "--strings", env=cli_env)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines()[:2] == ["columns: age text, city empty (left out)",
+                                             "imported into shop: 0 created, 1 updated, 0 skipped"]
+
+    db = Database(cli_env["PLUNKD_DATABASE_URL"])
+    try:
+        project = await db.read(require_project, "shop")
+        data = {address: (await db.read(contact_store.get_contact_by_email, project.id, address)).data
+                for address in ("ann@example.com", "bob@example.com", "dee@example.com")}
+    finally:
+        await db.dispose()
+    assert data == {
+        "ann@example.com": {"age": "70", "score": 1.5, "vip": True, "joined": "2024-03-01T00:00:00.000Z",
+                            "zip": "02134", "city": "Paris"},
+        "bob@example.com": {"age": 42, "score": 2.0, "vip": False, "joined": "2024-03-01T08:00:00.000Z",
+                            "zip": "12345", "note": "two\nlines"},
+        "dee@example.com": {}}, "an empty cell is left out: nothing new, an existing value kept"

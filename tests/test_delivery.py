@@ -66,7 +66,7 @@ async def test_file_transport_end_to_end(api, sender, tmp_path):
     rows = await email_rows(api)
     for path in files:
         raw = path.read_bytes()
-        assert raw.startswith(b"DKIM-Signature: ")
+        assert raw.startswith(b"Return-Path: <hello@example.com>\r\nDKIM-Signature: ")
         assert dkim.verify(raw, dnsfunc=dns_for(sender)), "signature verifies against the published key"
         msg = email.message_from_bytes(raw, policy=policy.default)
         assert msg["Message-ID"] and msg["Date"]

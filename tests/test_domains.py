@@ -159,7 +159,8 @@ def test_cli_domain_add_makes_the_key_off_the_write_path_and_keeps_the_cap(tmp_p
     assert watch.generated_while_writing == [False]
     capsys.readouterr()
     assert main(["domain", "add", "mail.shop.example", "--project", "shop"]) == 1
-    assert capsys.readouterr().err == "plunkd: This project has reached its limit of 1 domain\n"
+    database, failure = capsys.readouterr().err.splitlines()
+    assert database.startswith("database: ") and failure == "plunkd: This project has reached its limit of 1 domain"
     assert watch.generated_while_writing == [False], "no key is made for a refused domain"
 
 

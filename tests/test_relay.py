@@ -272,7 +272,7 @@ async def test_null_sender_is_accepted_and_delivered_from_the_from_address(relay
     accepted, (code, reply) = await in_thread(run)
     assert accepted == (250, b"2.1.0 OK") and code == 250
     row = await relay.api.db.read(email_store.get_email, relay.api.project_id, reply.decode().rsplit(" ", 1)[1])
-    assert row.sender == "hello@example.com" and row.envelope_sender is None
+    assert row.sender == "hello@example.com" and row.envelope_sender == "hello@example.com"
 
 
 async def test_mail_from_is_kept_as_the_envelope_sender(relay):

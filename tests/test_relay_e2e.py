@@ -139,6 +139,27 @@ async def test_smtp_and_api_leave_the_same_records(relay, dns_server, tmp_path):
     assert [name for name, _, _ in smtp_records[2]] == ["email.sent", "email.sent"]
 
 
+async def test_smtp_and_api_record_and_deliver_with_the_same_envelope_sender(relay, tmp_path):
+    """The same message over SMTP (MAIL FROM its From address) and over /v1/send: both rows record
+    hello@example.com as the envelope sender (the API's was NULL) and both go out with it."""
+    api = relay.api
+    raw = (b"From: Shop <hello@example.com>\r\nTo: ann@example.org\r\nSubject: Parity check\r\n"
+           b"Content-Type: text/plain; charset=utf-8\r\n\r\nHello Ann\r\n")
+    assert await asyncio.to_thread(smtp_send, relay, raw, ["ann@example.org"], "hello@example.com") == {}
+    status, body = await api.call("POST", "/v1/send", json={
+        "to": "bob@example.org", "subject": "Parity check", "body": "Hello Ann", "from": "hello@example.com",
+        "name": "Shop"})
+    assert status == 200, body
+    rows = await api.db.read(email_store.list_emails, api.project_id)
+    assert sorted((row.source, row.sender, row.envelope_sender) for row in rows) == [
+        ("api", "hello@example.com", "hello@example.com"), ("smtp", "hello@example.com", "hello@example.com")]
+    folder = tmp_path / "outbox"
+    await dispatch_all(Dispatcher(api.db, FileTransport(folder), TokenBucket(0), DeliveryConfig()))
+    written = [path.read_bytes() for path in folder.glob("*.eml")]
+    assert len(written) == 2
+    assert all(raw.startswith(b"Return-Path: <hello@example.com>\r\nDKIM-Signature: ") for raw in written)
+
+
 async def test_certificate_reload_on_sighup(relay, tmp_path):
     import trustme
 

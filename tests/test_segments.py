@@ -775,3 +775,27 @@ async def test_random_trees_agree_with_a_reference_evaluator(api):
         assert await api.db.read(matching, tree) == expected, tree
         seen_sizes.add(len(expected))
     assert len(seen_sizes) >= 5  # the trees split the contacts in many ways, not all-or-nothing
+
+
+async def test_imported_numbers_and_dates_are_compared_as_numbers_and_dates(api, config, tmp_path):
+    """`plunkd contacts import` types the columns, so the segment from the issue matches (it matched
+    nothing when every value was stored as text) and so do date conditions."""
+    from tests.test_cli_and_config import plunkd
+
+    csv_path = tmp_path / "people.csv"
+    csv_path.write_text("email,age,joined\nold@example.org,69,2024-03-01\nyoung@example.org,25,2023-12-31\n"
+                        "edge@example.org,60,2024-02-01T00:00:00Z\nnone@example.org,,\n")
+    result = plunkd(tmp_path, "contacts", "import", str(csv_path), "--project", "test",
+                    env={"PLUNKD_DATABASE_URL": config.database_url})
+    assert result.returncode == 0, result.stderr
+    assert "imported into test: 4 created, 0 updated, 0 skipped" in result.stdout
+    assert await matching_emails(api, {"field": "data.age", "op": "greaterThan", "value": 60}) == {"old@example.org"}
+    assert await matching_emails(api, {"field": "data.age", "op": "lessThan", "value": 61}) == {
+        "young@example.org", "edge@example.org"}
+    assert await matching_emails(api, {"field": "data.joined", "op": "after", "value": "2024-01-15"}) == {
+        "old@example.org", "edge@example.org"}
+    assert await matching_emails(api, {"field": "data.age", "op": "exists"}) == {
+        "old@example.org", "young@example.org", "edge@example.org"}
+    status, body = await api.call("POST", "/segments", json={
+        "name": "text operand", "condition": {"field": "data.age", "op": "greaterThan", "value": "60"}})
+    assert status == 422 and body["error"]["code"] == "VALIDATION_ERROR"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import email
 from email import policy
@@ -174,3 +175,42 @@ async def test_send_needs_secret_key(api, sender):
 async def test_unknown_template_is_404(api, sender):
     status, body = await api.call("POST", "/v1/send", json={"to": "a@example.org", "template": "t1"})
     assert status == 404
+
+
+async def test_every_path_records_the_envelope_sender_it_delivers_with(api, sender, tmp_path):
+    """An API send, a campaign, a campaign's test copy and a workflow's send step all record the From
+    address as their envelope sender (NULL before, for every one of them) and are delivered with it."""
+    from tests.test_campaigns import add_contacts, create, deliver
+    from tests.test_workflows_engine import _ended, make_template, make_workflow, scheduler_for, track_event, wait_for
+
+    status, body = await send(api, to="api@example.org")
+    assert status == 200, body
+    await add_contacts(api, 2)
+    news = await create(api, recipients=["reader0@example.org", "reader1@example.org"])
+    status, body = await api.call("POST", f"/campaigns/{news['id']}/test", json={"emails": ["proof@example.org"]})
+    assert status == 200, body
+    status, body = await api.call("POST", f"/campaigns/{news['id']}/send", json={})
+    assert status == 200, body
+    workflow = await make_workflow(api, [{"id": "mail", "type": "send", "template": await make_template(api)}],
+                                   ["signed-up"])
+    scheduler = asyncio.create_task(scheduler_for(api).run())
+    try:
+        await track_event(api, "flow@example.org", "signed-up")
+        assert await wait_for(lambda: _ended(api, workflow), 5)
+    finally:
+        scheduler.cancel()
+        await asyncio.gather(scheduler, return_exceptions=True)
+    folder = tmp_path / "outbox"
+    await deliver(api, folder)
+
+    rows = await api.db.read(email_store.list_emails, api.project_id)
+    assert sorted((row.source, row.recipient, row.envelope_sender) for row in rows) == [
+        ("api", "api@example.org", "hello@example.com"),
+        ("campaign", "proof@example.org", "hello@example.com"),
+        ("campaign", "reader0@example.org", "hello@example.com"),
+        ("campaign", "reader1@example.org", "hello@example.com"),
+        ("workflow", "flow@example.org", "hello@example.com")]
+    assert {row.status for row in rows} == {"SENT"}
+    written = [path.read_bytes() for path in folder.glob("*.eml")]
+    assert len(written) == 5 and all(raw.startswith(b"Return-Path: <hello@example.com>\r\nDKIM-Signature: ")
+                                     for raw in written)
