@@ -25,7 +25,7 @@ from email.errors import HeaderParseError
 from email.utils import getaddresses
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, syntax
 from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.cache import TtlCache
@@ -202,23 +202,27 @@ class RelaySMTP(ChunkedData, SMTP):
             return
         super()._timeout_cb()
 
+    @syntax("HELO hostname")  # aiosmtpd's HELP text, kept on the overrides
     async def smtp_HELO(self, hostname: str) -> None:
         first = self.session is not None and self.session.host_name is None
         await super().smtp_HELO(hostname)
         if first and self.session is not None and self.session.host_name is not None:
             self._progressed()
 
+    @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
         first = self.session is not None and self.session.host_name is None
         await super().smtp_EHLO(hostname)
         if first and self.session is not None and self.session.host_name is not None:
             self._progressed()
 
+    @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
         await super().smtp_STARTTLS(arg)
         if self._tls_protocol is not None:
             self._progressed()
 
+    @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
         await super().smtp_AUTH(arg)
         if self.session is not None and self.session.authenticated and not self._logged_in:
