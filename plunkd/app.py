@@ -241,7 +241,8 @@ def http_site(runner: web.AppRunner, config: Config, sock: Any) -> Any:
 
     connections = SessionLimiter(runner.app[CONNECTION_CAPS].http, config.server.max_connections_per_ip,
                                  what="http", keys="server.max_connections, server.max_connections_per_ip")
-    return GuardedSite(runner, sock, connections, config.server.header_timeout_seconds, access_log=None)
+    return GuardedSite(runner, sock, connections, config.server.header_timeout_seconds,
+                       config.server.body_timeout_seconds, access_log=None)
 
 
 async def serve(app: web.Application, config: Config, http_socket: Any = None, name: str = "plunkd") -> None:

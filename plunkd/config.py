@@ -34,6 +34,8 @@ class ServerConfig:
     header_timeout_seconds: float = 10.0
     """A connection whose next request's headers are not complete this long after it opened (or after
     the previous response) is closed: 408 if part of a request came, silently if it sat idle."""
+    body_timeout_seconds: float = 60.0
+    """A request's body must be in this long after its headers (408 and the close otherwise)."""
     link_secret: str = ""
     """Signs unsubscribe/preferences links and open/click tracking links (32+ characters); empty: one generated
     into data_dir on first start."""
@@ -316,6 +318,7 @@ def _validate(config: Config) -> None:
         (config.server.max_connections > 0, "server.max_connections", "a number > 0"),
         (config.server.max_connections_per_ip > 0, "server.max_connections_per_ip", "a number > 0"),
         (config.server.header_timeout_seconds > 0, "server.header_timeout_seconds", "a number > 0"),
+        (config.server.body_timeout_seconds > 0, "server.body_timeout_seconds", "a number > 0"),
         (config.delivery.max_attempts > 0, "delivery.max_attempts", "a number > 0"),
         (config.delivery.concurrency > 0, "delivery.concurrency", "a number > 0"),
         (0 < config.delivery.fanout_chunk <= 50_000, "delivery.fanout_chunk", "a number from 1 to 50000"),

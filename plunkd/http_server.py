@@ -6,7 +6,9 @@ A connection over a cap gets `503 TOO_MANY_CONNECTIONS` (the Plunk envelope) and
 anything is read. A connection has `server.header_timeout_seconds` from its opening, and again from
 each response, to send the complete headers of its next request: with part of a request received it
 gets `408 REQUEST_TIMEOUT` and the close; one that sent nothing since (an idle keep-alive) is closed
-silently, as a client that pools connections expects."""
+silently, as a client that pools connections expects. Once the headers are in, the body is due
+within `server.body_timeout_seconds` (else 408 and the close too), so a slow upload cannot hold a
+connection slot either."""
 
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ class RequestTimeout(PipelineError):
 OVER_THE_CAPS = TooManyConnections("Too many connections", "Retry in a second, over fewer connections.")
 HEADERS_TOO_SLOW = RequestTimeout("The request's headers did not arrive in time",
                                   "Send the whole request head at once.")
+BODY_TOO_SLOW = RequestTimeout("The request's body did not arrive in time", "Send the body at once, or a smaller one.")
 
 
 def raw_failure(error: PipelineError) -> bytes:
@@ -58,10 +61,12 @@ class GuardedRequestHandler(RequestHandler):
     request's headers are complete: aiohttp has no hook for that moment."""
 
     def __init__(self, manager: web.Server, *, connections: SessionLimiter, header_timeout: float,
-                 **kwargs: Any) -> None:
+                 body_timeout: float, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._connections = connections
         self._header_timeout = header_timeout
+        self._body_timeout = body_timeout
+        self._body_deadline: asyncio.TimerHandle | None = None
         self._client: str | None = None
         """Set while this connection holds a slot."""
         self._header_deadline: asyncio.TimerHandle | None = None
@@ -84,6 +89,7 @@ class GuardedRequestHandler(RequestHandler):
         self._connections.release(self._client)
         self._client = None
         self._cancel_header_deadline()
+        self._cancel_body_deadline()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -91,14 +97,20 @@ class GuardedRequestHandler(RequestHandler):
         super().data_received(data)
         if self._request_count != parsed:
             self._cancel_header_deadline()
+            if self._body_deadline is None:
+                self._body_deadline = self._loop.call_later(self._body_timeout, self._body_overdue)
         elif self._header_deadline is not None and data:
             self._partial_request = True
 
     async def finish_response(self, request: Any, resp: Any, start_time: float | None) -> Any:
-        """After each response: the next request's headers are due within the bound (none are waiting)."""
+        """After each response: the next request's headers are due within the bound (or, when they are in
+        already, its body)."""
         result = await super().finish_response(request, resp, start_time)
+        self._cancel_body_deadline()
         if self.transport is not None and not self._messages:
             self._await_headers()
+        elif self.transport is not None:  # a pipelined request's headers are in: its body is due
+            self._body_deadline = self._loop.call_later(self._body_timeout, self._body_overdue)
         return result
 
     def _await_headers(self) -> None:
@@ -110,6 +122,21 @@ class GuardedRequestHandler(RequestHandler):
         if self._header_deadline is not None:
             self._header_deadline.cancel()
             self._header_deadline = None
+
+    def _cancel_body_deadline(self) -> None:
+        if self._body_deadline is not None:
+            self._body_deadline.cancel()
+            self._body_deadline = None
+
+    def _body_overdue(self) -> None:
+        """The request being handled has not received its whole body in time (one whose body is in, or
+        that has none, waits for its handler as long as that takes)."""
+        self._body_deadline = None
+        request = self._current_request
+        if self.transport is None or request is None or request.content.is_eof():
+            return
+        self.transport.write(raw_failure(BODY_TOO_SLOW))
+        self.force_close()
 
     def _headers_overdue(self) -> None:
         self._header_deadline = None
@@ -125,11 +152,12 @@ class GuardedSite(web.BaseSite):
     connections are `GuardedRequestHandler`s sharing one `SessionLimiter`."""
 
     def __init__(self, runner: web.BaseRunner, sock: Any, connections: SessionLimiter, header_timeout: float,
-                 **handler_options: Any) -> None:
+                 body_timeout: float, **handler_options: Any) -> None:
         super().__init__(runner)
         self._sock = sock
         self.connections = connections
         self._header_timeout = header_timeout
+        self._body_timeout = body_timeout
         self._handler_options = handler_options
 
     @property
@@ -145,6 +173,7 @@ class GuardedSite(web.BaseSite):
 
         def handler() -> GuardedRequestHandler:
             return GuardedRequestHandler(server, loop=loop, connections=self.connections,
-                                         header_timeout=self._header_timeout, **self._handler_options)
+                                         header_timeout=self._header_timeout, body_timeout=self._body_timeout,
+                                         **self._handler_options)
 
         self._server = await loop.create_server(handler, sock=self._sock, backlog=LISTEN_BACKLOG)

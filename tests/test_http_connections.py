@@ -18,6 +18,7 @@ import time
 import pytest
 
 from tests.servers import PlunkdProcess, health
+from tests.test_cli_and_config import plunkd
 
 
 @pytest.fixture
@@ -93,10 +94,34 @@ def test_headers_dribbled_slower_than_the_bound_get_408_and_the_close(serving):
                 break
             sock.sendall(b"X-Slow: one header line every 0.2 s\r\n")
         elapsed = time.monotonic() - started
+    assert received, "nothing came back, and the connection was still open after 5 s"
     status, headers, body = parsed(received)
     assert status == b"HTTP/1.1 408 Request Timeout"
     assert body["error"]["code"] == "REQUEST_TIMEOUT" and body["error"]["statusCode"] == 408
     assert 0.4 < elapsed < 2.5, elapsed
+
+
+def test_a_body_dribbled_slower_than_the_bound_gets_408_and_the_close(serving, tmp_path):
+    made = plunkd(tmp_path, "project", "create", "--name", "p", "--from-email", "hello@example.com")
+    key = next(line.split()[-1] for line in made.stdout.splitlines() if line.startswith("secret key"))
+    server = serving({"PLUNKD_SERVER_HEADER_TIMEOUT_SECONDS": "0.5", "PLUNKD_SERVER_BODY_TIMEOUT_SECONDS": "1"})
+    with connect(server.http_port) as sock:
+        sock.sendall(f"POST /v1/send HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\n"
+                     "Content-Type: application/json\r\nContent-Length: 2000\r\n\r\n".encode())
+        started = time.monotonic()
+        received = b""
+        while time.monotonic() - started < 5:
+            ready, _, _ = select.select([sock], [], [], 0.2)
+            if ready:
+                received = reply_then_close(sock)
+                break
+            sock.sendall(b" " * 20)
+        elapsed = time.monotonic() - started
+    assert received, "nothing came back, and the connection was still open after 5 s"
+    status, _, body = parsed(received)
+    assert status == b"HTTP/1.1 408 Request Timeout"
+    assert body["error"]["code"] == "REQUEST_TIMEOUT" and body["message"] == "The request's body did not arrive in time"
+    assert 0.9 < elapsed < 3, elapsed
 
 
 def test_a_connection_that_sends_nothing_is_closed_silently_and_keep_alive_requests_are_not(serving):
