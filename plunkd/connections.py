@@ -79,10 +79,11 @@ class SessionLimiter:
         self._refused += 1
         now = time.monotonic()
         if now - self._refusals_logged_at >= REFUSAL_LOG_SECONDS:
-            self._log.warning(
-                "%s refused %d connection(s) over the caps (%s: %d in all, %d per address, %d unauthenticated); "
-                "%d open", self._what, self._refused, self._keys, self.max_total, self.max_per_address,
-                self.max_unauthenticated, self.total)
+            share = (f", {self.max_unauthenticated} unauthenticated" if self.max_unauthenticated < self.max_total
+                     else "")
+            self._log.warning("%s refused %d connection(s) over the caps (%s: %d in all, %d per address%s); %d open",
+                              self._what, self._refused, self._keys, self.max_total, self.max_per_address, share,
+                              self.total)
             self._refused = 0
             self._refusals_logged_at = now
 
