@@ -55,7 +55,7 @@ def raw_failure(error: PipelineError) -> bytes:
 
 
 class GuardedRequestHandler(RequestHandler):
-    """aiohttp's protocol for one connection, with a slot in `connections` and the header deadline.
+    """aiohttp's protocol for one connection, with a slot in `connections` and the header and body deadlines.
 
     aiohttp's own `_request_count` (requests whose headers were parsed on this connection) tells when a
     request's headers are complete: aiohttp has no hook for that moment."""
