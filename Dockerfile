@@ -12,7 +12,7 @@ COPY marketing marketing
 COPY automation automation
 COPY feedback feedback
 RUN pip install --no-cache-dir .
-ENV PLUNKD_SERVER_HOST=0.0.0.0 PLUNKD_SERVER_DATA_DIR=/data
+ENV PLUNKD_SERVER_HOST=0.0.0.0 PLUNKD_SMTP_HOST=0.0.0.0 PLUNKD_SERVER_DATA_DIR=/data
 VOLUME /data
 EXPOSE 8080 465 587
 CMD ["plunkd", "serve"]

@@ -17,21 +17,31 @@ from aiohttp import web
 from api.app import build_api
 from api.context import KEYS, LINKS, ON_QUEUED, RATE_LIMITER
 from plunkd.config import Config
+from plunkd.connections import AcceptFailureLog, ConnectionCaps, SessionLimiter, connection_caps, raise_open_file_limit
 from plunkd.processes import ROLES, WAKE_FD_ENV, WakePipe, supervise_dispatcher, watch_parent
 from storage.db import Database
 
 log = logging.getLogger("plunkd")
 RELAY = web.AppKey("relay", Any)
 """The running relay (its actual ports), for tests and logs."""
+CONNECTION_CAPS = web.AppKey("connection_caps", ConnectionCaps)
+"""The HTTP connection and SMTP session caps in force: the configured ones, or both lowered to fit the
+open-file limit (`plunkd.connections.connection_caps`)."""
 
 
 def create_app(config: Config, db: Database | None = None, roles: set[str] | None = None,
-               dispatcher_command: list[str] | None = None) -> web.Application:
+               dispatcher_command: list[str] | None = None, relay_sockets: Any = None) -> web.Application:
     """The app for `roles` (default all, in this process). With `dispatcher_command`, delivery runs in
-    that child process instead (see `plunkd.processes`), woken through a pipe when mail is queued."""
+    that child process instead (see `plunkd.processes`), woken through a pipe when mail is queued.
+    `relay_sockets`: the relay's listening sockets, bound before (`relay.server.bind_relay`); none: the
+    relay binds them when it starts."""
     roles = set(ROLES) if roles is None else roles
     db = db or Database(config.database_url, config.database.pool_size, sync_every_commit=roles != {"dispatcher"})
     app = build_api(config, db)
+    serves_smtp = "relay" in roles and config.smtp.enabled
+    app[CONNECTION_CAPS] = connection_caps(config.server.max_connections if "api" in roles else 0,
+                                           config.smtp.max_sessions if serves_smtp else 0,
+                                           ("api" in roles) + 2 * serves_smtp, raise_open_file_limit())
 
     async def storage_ctx(_app: web.Application) -> AsyncIterator[None]:
         await db.migrate()
@@ -50,8 +60,8 @@ def create_app(config: Config, db: Database | None = None, roles: set[str] | Non
         app.cleanup_ctx.append(lambda _app: dispatcher_process_ctx(app, dispatcher_command))
     elif "dispatcher" in roles and config.delivery.enabled:
         app.cleanup_ctx.append(lambda _app: delivery_ctx(app, config, db))
-    if "relay" in roles and config.smtp.enabled:
-        app.cleanup_ctx.append(lambda _app: relay_ctx(app, config, db))
+    if serves_smtp:
+        app.cleanup_ctx.append(lambda _app: relay_ctx(app, config, db, relay_sockets))
     if "api" in roles and config.delivery.enabled:
         app.cleanup_ctx.append(lambda _app: fanout_ctx(app, config, db))
     return app
@@ -82,7 +92,7 @@ async def dispatcher_process_ctx(app: web.Application, command: list[str]) -> As
         yield
 
 
-async def relay_ctx(app: web.Application, config: Config, db: Database) -> AsyncIterator[None]:
+async def relay_ctx(app: web.Application, config: Config, db: Database, sockets: Any) -> AsyncIterator[None]:
     """The SMTP relay on both ports, in this event loop; SIGHUP reloads its certificate."""
     from relay.server import Relay
     from relay.tls import RelayTls, ensure_self_signed
@@ -97,8 +107,9 @@ async def relay_ctx(app: web.Application, config: Config, db: Database) -> Async
         for wake in app[ON_QUEUED]:
             wake()
 
-    relay = Relay(db, app[KEYS], config.smtp, tls, config.api.idempotency_hours, queued)
-    await relay.start()
+    relay = Relay(db, app[KEYS], config.smtp, tls, config.api.idempotency_hours, queued,
+                  max_sessions=app[CONNECTION_CAPS].smtp)
+    await relay.start(sockets)
     app[RELAY] = relay
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -231,15 +242,35 @@ def setup_logging(level: str) -> None:
         logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
-async def run_without_http(app: web.Application) -> None:
-    """Serve `app`'s resources (relay, dispatcher) with no HTTP listener, until SIGTERM or SIGINT."""
-    runner = web.AppRunner(app)
-    await runner.setup()
-    stop = asyncio.Event()
+def http_site(runner: web.AppRunner, config: Config, sock: Any) -> Any:
+    """The HTTP listener on `sock`, with the connection caps and the header timeout (`plunkd.http_server`)."""
+    from plunkd.http_server import GuardedSite
+
+    connections = SessionLimiter(runner.app[CONNECTION_CAPS].http, config.server.max_connections_per_ip,
+                                 what="http", keys="server.max_connections, server.max_connections_per_ip")
+    return GuardedSite(runner, sock, connections, config.server.header_timeout_seconds,
+                       config.server.body_timeout_seconds, access_log=None)
+
+
+async def serve(app: web.Application, config: Config, http_socket: Any = None, name: str = "plunkd") -> None:
+    """Run `app` until SIGTERM or SIGINT: its resources (database, relay on its bound sockets, dispatcher),
+    then the HTTP API on `http_socket` (None: no HTTP listener). Logs where the API listens, and one line
+    (naming the process by `name`) when a signal stopped it cleanly."""
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(AcceptFailureLog(raise_open_file_limit()))
+    stop = asyncio.Event()
+    received: list[signal.Signals] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, lambda sig=sig: (received.append(sig), stop.set()))
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
     try:
+        if http_socket is not None:
+            site = http_site(runner, config, http_socket)
+            await site.start()
+            log.info("plunkd API listening on %s (public URL, the base of links in emails: %s)", site.name,
+                     config.server.public_url)
         await stop.wait()
     finally:
         await runner.cleanup()
+    log.info("%s stopped cleanly on %s", name, received[0].name)

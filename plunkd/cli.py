@@ -101,23 +101,31 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
 
     share_metrics(str(config.data_path))  # before anything imports prometheus_client
 
-    from aiohttp import web
-
-    from plunkd.app import create_app, run_without_http, setup_logging
+    from plunkd.app import create_app, serve, setup_logging
+    from plunkd.connections import listening_socket
 
     roles = parse_roles(args.role)
     say_storage(args, config)
     setup_logging(config.server.log_level)
+    # Every listening socket first: a port in use ends start-up here, before anything (the dispatcher
+    # process, migrations) has started.
+    http_socket = listening_socket(config.server.host, config.server.http_port) if "api" in roles else None
+    relay_sockets = None
+    if "relay" in roles and config.smtp.enabled:
+        from relay.server import bind_relay
+
+        try:
+            relay_sockets = bind_relay(config.smtp)
+        except OSError:
+            if http_socket is not None:
+                http_socket.close()
+            raise
     child = None
     if "dispatcher" in roles and roles != {"dispatcher"} and config.delivery.enabled and config.delivery.own_process:
         roles.discard("dispatcher")
         child = dispatcher_command(args.config or os.environ.get("PLUNKD_CONFIG"))
-    app = create_app(config, roles=roles, dispatcher_command=child)
-    if "api" in roles:
-        web.run_app(app, host=config.server.host, port=config.server.http_port, access_log=None,
-                    print=lambda msg: None)
-    else:
-        asyncio.run(run_without_http(app))
+    app = create_app(config, roles=roles, dispatcher_command=child, relay_sockets=relay_sockets)
+    asyncio.run(serve(app, config, http_socket, f"plunkd ({', '.join(sorted(roles))})"))
     return 0
 
 

@@ -26,6 +26,16 @@ class ServerConfig:
     data_dir: str = "./data"
     public_url: str = "http://127.0.0.1:8080"
     log_level: str = "INFO"
+    max_connections: int = 1000
+    """Concurrent HTTP connections; more get 503 TOO_MANY_CONNECTIONS and the close. Lowered at start-up
+    with smtp.max_sessions when both do not fit the open-file limit (`plunkd.connections`)."""
+    max_connections_per_ip: int = 100
+    """Concurrent HTTP connections from one client address (behind a reverse proxy: the proxy's)."""
+    header_timeout_seconds: float = 10.0
+    """A connection whose next request's headers are not complete this long after it opened (or after
+    the previous response) is closed: 408 if part of a request came, silently if it sat idle."""
+    body_timeout_seconds: float = 60.0
+    """A request's body must be in this long after its headers (408 and the close otherwise)."""
     link_secret: str = ""
     """Signs unsubscribe/preferences links and open/click tracking links (32+ characters); empty: one generated
     into data_dir on first start."""
@@ -56,7 +66,8 @@ class ApiConfig:
 @dataclass
 class SmtpConfig:
     enabled: bool = True
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
+    """Like server.host, loopback unless set: "0.0.0.0" serves every interface."""
     tls_port: int = 465
     starttls_port: int = 587
     hostname: str = "localhost"
@@ -72,7 +83,14 @@ class SmtpConfig:
     max_sessions_per_ip: int = 50
     """Concurrent SMTP sessions from one client address (Postfix's default for the same limit)."""
     idle_timeout_seconds: float = 60.0
-    """A session that sends nothing for this long is closed (also the bound on the TLS handshake)."""
+    """A session that sends nothing for this long is closed (also the bound on the TLS handshake). Before
+    AUTH only progress counts: the first EHLO/HELO (again after STARTTLS) and STARTTLS, not NOOP, RSET,
+    HELP, VRFY or a repeated EHLO."""
+    unauthenticated_lifetime_seconds: float = 60.0
+    """A session not authenticated this long after it began gets `421 4.4.2` and the close."""
+    max_unauthenticated_percent: int = 50
+    """Share of max_sessions that sessions not (yet) authenticated may hold; the rest is kept for
+    sessions that logged in."""
 
 
 @dataclass
@@ -296,6 +314,13 @@ def _validate(config: Config) -> None:
         (config.api.max_domains_per_project > 0, "api.max_domains_per_project", "a number > 0"),
         (config.smtp.max_recipients > 0, "smtp.max_recipients", "a number > 0"),
         (config.smtp.max_message_bytes > 0, "smtp.max_message_bytes", "a number > 0"),
+        (config.smtp.unauthenticated_lifetime_seconds > 0, "smtp.unauthenticated_lifetime_seconds", "a number > 0"),
+        (0 < config.smtp.max_unauthenticated_percent <= 100, "smtp.max_unauthenticated_percent",
+         "a number from 1 to 100"),
+        (config.server.max_connections > 0, "server.max_connections", "a number > 0"),
+        (config.server.max_connections_per_ip > 0, "server.max_connections_per_ip", "a number > 0"),
+        (config.server.header_timeout_seconds > 0, "server.header_timeout_seconds", "a number > 0"),
+        (config.server.body_timeout_seconds > 0, "server.body_timeout_seconds", "a number > 0"),
         (config.delivery.max_attempts > 0, "delivery.max_attempts", "a number > 0"),
         (config.delivery.concurrency > 0, "delivery.concurrency", "a number > 0"),
         (0 < config.delivery.fanout_chunk <= 50_000, "delivery.fanout_chunk", "a number from 1 to 50000"),

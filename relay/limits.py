@@ -1,64 +1,12 @@
-"""What one client may take from the relay: concurrent sessions (in total and per address), AUTH attempts
-per address, the process's open-file limit the session cap has to stay under, and the size of a message's
-header section."""
+"""What one client may take from the relay beyond its session (concurrent sessions:
+`plunkd.connections.SessionLimiter`): AUTH attempts per address, and the size of a message's header section."""
 
 from __future__ import annotations
 
-import logging
 import re
-import resource
 import time
 
 from pipeline.submit import header_end
-
-log = logging.getLogger("plunkd.relay")
-
-FD_RESERVE = 256
-"""Open files kept free of SMTP sessions: HTTP connections, the database pool, outbox files, logs."""
-REFUSAL_LOG_SECONDS = 60.0
-
-
-class SessionLimiter:
-    """Concurrent SMTP sessions, in total (both ports) and per client address. A refused connection costs
-    one counter check; refusals are logged at most once a minute, so a flood cannot flood the log too."""
-
-    def __init__(self, max_total: int, max_per_address: int) -> None:
-        self.max_total = max_total
-        self.max_per_address = max_per_address
-        self.total = 0
-        self._per_address: dict[str, int] = {}
-        self._refused = 0
-        self._refusals_logged_at = float("-inf")
-
-    def acquire(self, address: str) -> bool:
-        """Take a session slot for `address`; False when a cap is reached."""
-        held = self._per_address.get(address, 0)
-        if self.total >= self.max_total or held >= self.max_per_address:
-            self._note_refusal()
-            return False
-        self.total += 1
-        self._per_address[address] = held + 1
-        return True
-
-    def release(self, address: str) -> None:
-        held = self._per_address.get(address, 0)
-        if held <= 0:
-            return
-        self.total -= 1
-        if held == 1:
-            del self._per_address[address]
-        else:
-            self._per_address[address] = held - 1
-
-    def _note_refusal(self) -> None:
-        self._refused += 1
-        now = time.monotonic()
-        if now - self._refusals_logged_at >= REFUSAL_LOG_SECONDS:
-            log.warning("smtp refused %d connection(s) over the session caps (smtp.max_sessions=%d, "
-                        "smtp.max_sessions_per_ip=%d); %d sessions open", self._refused, self.max_total,
-                        self.max_per_address, self.total)
-            self._refused = 0
-            self._refusals_logged_at = now
 
 
 class AuthLimiter:
@@ -96,30 +44,6 @@ class AuthLimiter:
 
     def succeeded(self, address: str) -> None:
         self._attempts.pop(address, None)
-
-
-def raise_open_file_limit() -> int:
-    """Raise this process's soft RLIMIT_NOFILE to the hard limit (sessions, HTTP connections and the
-    database all hold file descriptors); return the soft limit now in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft != resource.RLIM_INFINITY and soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError) as exc:
-            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
-    return soft
-
-
-def session_cap(max_sessions: int, open_file_limit: int) -> int:
-    """`max_sessions`, lowered (with a warning) to leave FD_RESERVE descriptors for everything else, so
-    the HTTP API keeps answering however many SMTP clients connect."""
-    if open_file_limit == resource.RLIM_INFINITY or max_sessions + FD_RESERVE <= open_file_limit:
-        return max_sessions
-    cap = max(open_file_limit - FD_RESERVE, 1)
-    log.warning("smtp.max_sessions=%d does not fit the open-file limit of %d; capping SMTP sessions at %d "
-                "(raise the limit with `ulimit -n` or LimitNOFILE=)", max_sessions, open_file_limit, cap)
-    return cap
 
 
 MAX_HEADER_LINES = 1000

@@ -15,6 +15,8 @@ import binascii
 import functools
 import hashlib
 import logging
+import math
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from email.errors import HeaderParseError
 from email.utils import getaddresses
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, syntax
 from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.cache import TtlCache
@@ -33,9 +35,10 @@ from pipeline.keys import Caller, KeyCache
 from pipeline.submit import Submission, decoded_subject, parse_raw_headers, submit, submit_once
 from plunkd import metrics
 from plunkd.config import ConfigError, SmtpConfig
+from plunkd.connections import LISTEN_BACKLOG, SessionLimiter, listening_socket, peer_address
 from plunkd.redaction import AIOSMTPD_LOGGER, CLIENT_TEXT_FILTER, error_summary, traceback_without_message
 from relay.data import ChunkedData
-from relay.limits import AuthLimiter, SessionLimiter, header_refusal, raise_open_file_limit, session_cap
+from relay.limits import AuthLimiter, header_refusal
 
 log = logging.getLogger("plunkd.relay")
 
@@ -66,7 +69,13 @@ VERIFIED_SENDER_SECONDS = 5.0
 
 class RelaySMTP(ChunkedData, SMTP):
     """aiosmtpd's SMTP with standard enhanced codes, a session slot per connection (`SessionLimiter`),
-    an idle timeout counted from the last bytes received, and implicit TLS started here.
+    an idle timeout, a bound on the time before AUTH, and implicit TLS started here.
+
+    The idle timeout counts from the last bytes received once the session is authenticated; before
+    that, only from the last command that moved the session on (the first EHLO or HELO, STARTTLS), so
+    NOOPs cannot keep a session that never logs in. Whatever it sends, a session not authenticated
+    `unauthenticated_lifetime` seconds after it began gets `421 4.4.2` and is closed, and the session
+    cap keeps a share of its slots for authenticated sessions (`SessionLimiter.max_unauthenticated`).
 
     Implicit TLS (465) is not done by the listener: the connection first takes a session slot, then the
     handshake runs (bounded by the idle timeout). A connection over the caps is closed at once, before
@@ -75,14 +84,19 @@ class RelaySMTP(ChunkedData, SMTP):
     `421 4.7.0 Too many connections, try again later` in clear text, then the close.
     """
 
-    def __init__(self, *args: Any, sessions: SessionLimiter, implicit_tls: ssl.SSLContext | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, *args: Any, sessions: SessionLimiter, unauthenticated_lifetime: float,
+                 implicit_tls: ssl.SSLContext | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sessions = sessions
         self.implicit_tls = implicit_tls
+        self.unauthenticated_lifetime = unauthenticated_lifetime
         self.client_address: str | None = None
         """Set while this connection holds a session slot."""
+        self._logged_in = False
+        """The slot moved into the authenticated part of the session cap."""
         self._last_received = self.loop.time()
+        """When the idle timeout was last reset (see the class docstring for what resets it)."""
+        self._lifetime_handle: asyncio.TimerHandle | None = None
         self._handshake: asyncio.Task[None] | None = None
         if implicit_tls is not None:
             self._auth_require_tls = False
@@ -91,7 +105,7 @@ class RelaySMTP(ChunkedData, SMTP):
         if self.transport is not None:  # after STARTTLS: the same session goes on over TLS
             super().connection_made(transport)
             return
-        address = _address(transport.get_extra_info("peername"))
+        address = peer_address(transport.get_extra_info("peername"))
         if not self.sessions.acquire(address):
             if self.implicit_tls is None:
                 transport.write(TOO_MANY_CONNECTIONS.encode() + b"\r\n")
@@ -101,7 +115,7 @@ class RelaySMTP(ChunkedData, SMTP):
         metrics.SMTP_SESSIONS.inc()
         metrics.SMTP_SESSIONS_OPEN.inc()
         if self.implicit_tls is None:
-            super().connection_made(transport)
+            self._begin_session(transport)
             return
         transport.pause_reading()
         self._handshake = self.loop.create_task(self._start_implicit_tls(transport))
@@ -120,15 +134,34 @@ class RelaySMTP(ChunkedData, SMTP):
         if tls_transport is None or self.client_address is None:  # the client left during the handshake
             self._release_session()
             return
-        super().connection_made(tls_transport)
+        self._begin_session(tls_transport)
+
+    def _begin_session(self, transport: asyncio.BaseTransport) -> None:
+        """aiosmtpd's session (the greeting follows), with its time to authenticate running from now."""
+        self._last_received = self.loop.time()
+        super().connection_made(transport)
+        self._lifetime_handle = self.loop.call_later(self.unauthenticated_lifetime, self._not_authenticated_in_time)
+
+    def _not_authenticated_in_time(self) -> None:
+        self._lifetime_handle = None
+        if self.session is None or self.session.authenticated or self.transport is None:
+            return
+        log.info("smtp session from %s closed: not authenticated within %g s", self.client_address,
+                 self.unauthenticated_lifetime)
+        self._writer.write(f"421 4.4.2 {self.hostname} Error: not authenticated within "
+                           f"{self.unauthenticated_lifetime:g} s; closing connection\r\n".encode())
+        self.transport.close()
 
     def _release_session(self) -> None:
         if self.client_address is not None:
-            self.sessions.release(self.client_address)
+            self.sessions.release(self.client_address, authenticated=self._logged_in)
             self.client_address = None
             metrics.SMTP_SESSIONS_OPEN.dec()
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._lifetime_handle is not None:
+            self._lifetime_handle.cancel()
+            self._lifetime_handle = None
         self._release_session()
         if self.session is not None:  # aiosmtpd's session ran (not refused, not lost during the handshake)
             super().connection_lost(error)
@@ -144,8 +177,21 @@ class RelaySMTP(ChunkedData, SMTP):
         return super().eof_received()
 
     def data_received(self, data: bytes) -> None:
-        self._last_received = self.loop.time()
+        if self._logged_in:
+            self._last_received = self.loop.time()
         super().data_received(data)
+
+    def _progressed(self) -> None:
+        """Before AUTH: a command moved the session on, which resets the idle timeout."""
+        self._last_received = self.loop.time()
+        self._reset_timeout()
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd resets the timeout on every command it recognises: here it runs out `timeout` seconds
+        after the last reset that counts (`_last_received`), whatever came since."""
+        if duration is None:
+            duration = max(self._timeout_duration - (self.loop.time() - self._last_received), 0.001)
+        super()._reset_timeout(duration)
 
     def _timeout_cb(self) -> None:
         """aiosmtpd times a session out `timeout` seconds after the last command, even while a client is
@@ -155,6 +201,34 @@ class RelaySMTP(ChunkedData, SMTP):
             self._reset_timeout(self._timeout_duration - quiet)
             return
         super()._timeout_cb()
+
+    @syntax("HELO hostname")  # aiosmtpd's HELP text, kept on the overrides
+    async def smtp_HELO(self, hostname: str) -> None:
+        first = self.session is not None and self.session.host_name is None
+        await super().smtp_HELO(hostname)
+        if first and self.session is not None and self.session.host_name is not None:
+            self._progressed()
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        first = self.session is not None and self.session.host_name is None
+        await super().smtp_EHLO(hostname)
+        if first and self.session is not None and self.session.host_name is not None:
+            self._progressed()
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        await super().smtp_STARTTLS(arg)
+        if self._tls_protocol is not None:
+            self._progressed()
+
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        await super().smtp_AUTH(arg)
+        if self.session is not None and self.session.authenticated and not self._logged_in:
+            self._logged_in = True
+            self.sessions.authenticated()
+            self._progressed()
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's parse of a MAIL/RCPT argument, remembered: aiosmtpd builds a class and runs the email
@@ -355,25 +429,26 @@ def parsed_address(arg: str, local_part_limit: int) -> tuple[str | None, str | N
 
 
 def _peer(session: Session) -> str:
-    return _address(session.peer)
-
-
-def _address(peer: Any) -> str:
-    return str(peer[0]) if isinstance(peer, tuple) else str(peer)
+    return peer_address(session.peer)
 
 
 class Relay:
     """Both listeners, served by `loop.create_server` in the running loop (no threaded Controller)."""
 
     def __init__(self, db: Any, keys: KeyCache, config: SmtpConfig, tls: Any, idempotency_hours: int = 24,
-                 on_queued: Callable[[], None] | None = None) -> None:
-        for key in ("max_sessions", "max_sessions_per_ip", "idle_timeout_seconds"):
+                 on_queued: Callable[[], None] | None = None, max_sessions: int | None = None) -> None:
+        """`max_sessions`: the cap in force (`plunkd.connections.connection_caps`); default the configured one."""
+        for key in ("max_sessions", "max_sessions_per_ip", "idle_timeout_seconds", "unauthenticated_lifetime_seconds"):
             if not getattr(config, key) > 0:
                 raise ConfigError(f"config key smtp.{key}: expected a number > 0")
         self.config = config
         self.tls = tls
         self.handler = RelayHandler(db, keys, RelaySettings(config, idempotency_hours), on_queued)
-        self.sessions = SessionLimiter(config.max_sessions, config.max_sessions_per_ip)
+        cap = max_sessions or config.max_sessions
+        self.sessions = SessionLimiter(cap, config.max_sessions_per_ip,
+                                       max(math.ceil(cap * config.max_unauthenticated_percent / 100), 1),
+                                       keys="smtp.max_sessions, smtp.max_sessions_per_ip, "
+                                            "smtp.max_unauthenticated_percent", logger=log)
         self.servers: list[asyncio.AbstractServer] = []
         self.tls_port = self.starttls_port = 0
 
@@ -383,31 +458,18 @@ class Relay:
                          enable_SMTPUTF8=True, decode_data=False, auth_required=True, auth_require_tls=True,
                          tls_context=None if implicit_tls else self.tls.context, require_starttls=not implicit_tls,
                          implicit_tls=self.tls.context if implicit_tls else None, sessions=self.sessions,
-                         timeout=c.idle_timeout_seconds)
+                         unauthenticated_lifetime=c.unauthenticated_lifetime_seconds, timeout=c.idle_timeout_seconds)
 
-    async def start(self) -> None:
-        self.sessions.max_total = session_cap(self.config.max_sessions, raise_open_file_limit())
-        implicit = await self._listen(self.config.tls_port, True)
-        starttls = await self._listen(self.config.starttls_port, False)
-        self.servers = [implicit, starttls]
-        self.tls_port = implicit.sockets[0].getsockname()[1]
-        self.starttls_port = starttls.sockets[0].getsockname()[1]
-        log.info("smtp relay on %s: %d (TLS), %d (STARTTLS)", self.config.host, self.tls_port, self.starttls_port)
-
-    async def _listen(self, port: int, implicit_tls: bool) -> asyncio.AbstractServer:
-        """Listen on `port` (plain TCP even for implicit TLS: `RelaySMTP` starts TLS once the connection
-        holds a session slot); a privileged port the process may not bind (not root) falls back to
-        port + 2000 with a warning, so the default configuration starts for any user."""
+    async def start(self, sockets: tuple[socket.socket, socket.socket] | None = None) -> None:
+        """Serve on `sockets` (465-style, then 587-style; see `bind_relay`), or on sockets bound now."""
+        implicit_sock, starttls_sock = sockets or bind_relay(self.config)
         loop = asyncio.get_running_loop()
-        try:
-            return await loop.create_server(lambda: self._protocol(implicit_tls), self.config.host, port)
-        except PermissionError:
-            if not 0 < port < 1024:
-                raise
-        fallback = port + PRIVILEGED_PORT_OFFSET
-        log.warning("smtp port %d needs root or CAP_NET_BIND_SERVICE; listening on %d instead (set smtp.%s)",
-                    port, fallback, "tls_port" if implicit_tls else "starttls_port")
-        return await loop.create_server(lambda: self._protocol(implicit_tls), self.config.host, fallback)
+        self.servers = [await loop.create_server(functools.partial(self._protocol, implicit), sock=sock,
+                                                  backlog=LISTEN_BACKLOG)
+                        for implicit, sock in ((True, implicit_sock), (False, starttls_sock))]
+        self.tls_port = implicit_sock.getsockname()[1]
+        self.starttls_port = starttls_sock.getsockname()[1]
+        log.info("smtp relay on %s: %d (TLS), %d (STARTTLS)", self.config.host, self.tls_port, self.starttls_port)
 
     async def stop(self) -> None:
         for server in self.servers:
@@ -415,3 +477,28 @@ class Relay:
         for server in self.servers:
             await server.wait_closed()
         self.servers = []
+
+
+def bind_relay(config: SmtpConfig) -> tuple[socket.socket, socket.socket]:
+    """The relay's two listening sockets (implicit TLS, STARTTLS): plain TCP even for implicit TLS
+    (`RelaySMTP` starts TLS once the connection holds a session slot). A privileged port the process
+    may not bind (not root) falls back to port + 2000 with a warning, so the default configuration
+    starts for any user. A port in use is an OSError naming it."""
+    bound: list[socket.socket] = []
+    try:
+        for port, key in ((config.tls_port, "tls_port"), (config.starttls_port, "starttls_port")):
+            try:
+                bound.append(listening_socket(config.host, port))
+                continue
+            except PermissionError:
+                if not 0 < port < 1024:
+                    raise
+            fallback = port + PRIVILEGED_PORT_OFFSET
+            log.warning("smtp port %d needs root or CAP_NET_BIND_SERVICE; listening on %d instead (set smtp.%s)",
+                        port, fallback, key)
+            bound.append(listening_socket(config.host, fallback))
+    except OSError:
+        for sock in bound:
+            sock.close()
+        raise
+    return bound[0], bound[1]

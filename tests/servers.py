@@ -108,3 +108,75 @@ class MotoServer:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=10)
+
+
+class PlunkdProcess:
+    """`plunkd serve` in a subprocess on free loopback ports with its own data folder (SQLite, no
+    delivery unless `env` says otherwise), its output in `log_path`. `open_files`: the process's
+    RLIMIT_NOFILE, soft and hard (so plunkd cannot raise it)."""
+
+    def __init__(self, tmp_path, env: dict[str, str | None] | None = None, open_files: int | None = None) -> None:
+        import os
+        import resource
+        from pathlib import Path
+
+        root = Path(__file__).resolve().parent.parent
+        self.http_port, self.tls_port, self.starttls_port = free_port(), free_port(), free_port()
+        self.log_path = tmp_path / "serve.log"
+        full_env = {**os.environ, "PYTHONPATH": str(root), "PLUNKD_SERVER_DATA_DIR": str(tmp_path / "data"),
+                    "PLUNKD_SERVER_HTTP_PORT": str(self.http_port), "PLUNKD_SMTP_HOST": "127.0.0.1",
+                    "PLUNKD_SMTP_TLS_PORT": str(self.tls_port), "PLUNKD_SMTP_STARTTLS_PORT": str(self.starttls_port),
+                    "PLUNKD_DELIVERY_ENABLED": "false", **(env or {})}
+        full_env = {name: value for name, value in full_env.items() if value is not None}  # None: unset
+        full_env.pop("PLUNKD_CONFIG", None)
+
+        def limit_open_files() -> None:
+            if open_files is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
+        with open(self.log_path, "wb") as log_file:
+            self.proc = subprocess.Popen([sys.executable, "-m", "plunkd.cli", "serve"], cwd=tmp_path, env=full_env,
+                                         stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=limit_open_files)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_until_serving(self, seconds: float = 30) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"plunkd serve exited with {self.proc.returncode}:\n{self.log[-3000:]}")
+            if health(self.base, source="127.0.0.1") == 200:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"plunkd serve did not answer /health within {seconds} s:\n{self.log[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+def health(base: str, source: str = "127.0.0.1", timeout: float = 5) -> int | None:
+    """GET /health over a connection from `source`: the status, or None when nothing answered."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    url = urlsplit(base)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout, source_address=(source, 0))
+    try:
+        connection.request("GET", "/health")
+        return connection.getresponse().status
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        connection.close()

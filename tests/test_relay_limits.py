@@ -20,9 +20,12 @@ REFUSED = b"421 4.7.0 Too many connections, try again later\r\n"
 
 @pytest.fixture
 def dns_config(dns_config):
-    """The `relay` fixture's configuration, with small session caps."""
+    """The `relay` fixture's configuration, with small session caps. The tests here hold sessions that
+    never log in up to the caps, so all of them may be unauthenticated (the share kept for logged-in
+    sessions is tested in test_relay_unauthenticated.py)."""
     dns_config.smtp.max_sessions = MAX_SESSIONS
     dns_config.smtp.max_sessions_per_ip = MAX_PER_ADDRESS
+    dns_config.smtp.max_unauthenticated_percent = 100
     return dns_config
 
 

@@ -1,0 +1,179 @@
+"""The HTTP listener `plunkd serve` runs: aiohttp's request handler with what aiohttp lacks, a bound on
+the time a client takes to send a request's headers (slowloris) and connection caps in total and per
+client address (like the relay's session caps, `plunkd.connections.SessionLimiter`).
+
+A connection over a cap gets `503 TOO_MANY_CONNECTIONS` (the Plunk envelope) and the close, before
+anything is read. A connection has `server.header_timeout_seconds` from its opening, and again from
+each response, to send the complete headers of its next request: with part of a request received it
+gets `408 REQUEST_TIMEOUT` and the close; one that sent nothing since (an idle keep-alive) is closed
+silently, as a client that pools connections expects. Once the headers are in, the body is due
+within `server.body_timeout_seconds` (else 408 and the close too), so a slow upload cannot hold a
+connection slot either."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from http import HTTPStatus
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from api.envelope import failure
+from pipeline.errors import PipelineError
+from plunkd.connections import LISTEN_BACKLOG, SessionLimiter, peer_address, url_host
+
+
+class TooManyConnections(PipelineError):
+    code = "TOO_MANY_CONNECTIONS"
+    status = 503
+
+
+class RequestTimeout(PipelineError):
+    code = "REQUEST_TIMEOUT"
+    status = 408
+
+
+OVER_THE_CAPS = TooManyConnections("Too many connections", "Retry in a second, over fewer connections.")
+HEADERS_TOO_SLOW = RequestTimeout("The request's headers did not arrive in time",
+                                  "Send the whole request head at once.")
+BODY_TOO_SLOW = RequestTimeout("The request's body did not arrive in time", "Send the body at once, or a smaller one.")
+
+
+def raw_failure(error: PipelineError) -> bytes:
+    """A whole HTTP/1.1 response (the envelope, `Connection: close`) for a connection that is closed
+    outside aiohttp's request cycle."""
+    request_id = str(uuid.uuid4())
+    body = failure(error, request_id).body
+    assert isinstance(body, bytes)
+    retry = "Retry-After: 1\r\n" if error.status == 503 else ""
+    head = (f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}\r\n"
+            f"Content-Type: application/json; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
+            f"X-Request-Id: {request_id}\r\n{retry}Connection: close\r\n\r\n")
+    return head.encode() + body
+
+
+class GuardedRequestHandler(RequestHandler):
+    """aiohttp's protocol for one connection, with a slot in `connections` and the header and body deadlines.
+
+    aiohttp's own `_request_count` (requests whose headers were parsed on this connection) tells when a
+    request's headers are complete: aiohttp has no hook for that moment."""
+
+    def __init__(self, manager: web.Server, *, connections: SessionLimiter, header_timeout: float,
+                 body_timeout: float, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._connections = connections
+        self._header_timeout = header_timeout
+        self._body_timeout = body_timeout
+        self._body_deadline: asyncio.TimerHandle | None = None
+        self._client: str | None = None
+        """Set while this connection holds a slot."""
+        self._header_deadline: asyncio.TimerHandle | None = None
+        self._partial_request = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        address = peer_address(transport.get_extra_info("peername"))
+        if not self._connections.acquire(address):
+            assert isinstance(transport, asyncio.Transport)
+            transport.write(raw_failure(OVER_THE_CAPS))
+            transport.close()
+            return
+        self._client = address
+        super().connection_made(transport)
+        self._await_headers()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._client is None:  # refused: aiohttp never saw the connection
+            return
+        self._connections.release(self._client)
+        self._client = None
+        self._cancel_header_deadline()
+        self._cancel_body_deadline()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        parsed = self._request_count
+        super().data_received(data)
+        if self._request_count != parsed:
+            self._cancel_header_deadline()
+            if self._body_deadline is None:
+                self._body_deadline = self._loop.call_later(self._body_timeout, self._body_overdue)
+        elif self._header_deadline is not None and data:
+            self._partial_request = True
+
+    async def finish_response(self, request: Any, resp: Any, start_time: float | None) -> Any:
+        """After each response: the next request's headers are due within the bound (or, when they are in
+        already, its body)."""
+        result = await super().finish_response(request, resp, start_time)
+        self._cancel_body_deadline()
+        if self.transport is not None and not self._messages:
+            self._await_headers()
+        elif self.transport is not None:  # a pipelined request's headers are in: its body is due
+            self._body_deadline = self._loop.call_later(self._body_timeout, self._body_overdue)
+        return result
+
+    def _await_headers(self) -> None:
+        self._cancel_header_deadline()
+        self._partial_request = False
+        self._header_deadline = self._loop.call_later(self._header_timeout, self._headers_overdue)
+
+    def _cancel_header_deadline(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _cancel_body_deadline(self) -> None:
+        if self._body_deadline is not None:
+            self._body_deadline.cancel()
+            self._body_deadline = None
+
+    def _body_overdue(self) -> None:
+        """The request being handled has not received its whole body in time (one whose body is in, or
+        that has none, waits for its handler as long as that takes)."""
+        self._body_deadline = None
+        request = self._current_request
+        if self.transport is None or request is None or request.content.is_eof():
+            return
+        self.transport.write(raw_failure(BODY_TOO_SLOW))
+        self.force_close()
+
+    def _headers_overdue(self) -> None:
+        self._header_deadline = None
+        if self.transport is None or self._messages or self._request_in_progress:
+            return
+        if self._partial_request:
+            self.transport.write(raw_failure(HEADERS_TOO_SLOW))
+        self.force_close()
+
+
+class GuardedSite(web.BaseSite):
+    """A site on an already bound, listening socket (`plunkd.connections.listening_socket`) whose
+    connections are `GuardedRequestHandler`s sharing one `SessionLimiter`."""
+
+    def __init__(self, runner: web.BaseRunner, sock: Any, connections: SessionLimiter, header_timeout: float,
+                 body_timeout: float, **handler_options: Any) -> None:
+        super().__init__(runner)
+        self._sock = sock
+        self.connections = connections
+        self._header_timeout = header_timeout
+        self._body_timeout = body_timeout
+        self._handler_options = handler_options
+
+    @property
+    def name(self) -> str:
+        host, port = self._sock.getsockname()[:2]
+        return f"http://{url_host(host)}:{port}"
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        server = self._runner.server
+        assert server is not None
+
+        def handler() -> GuardedRequestHandler:
+            return GuardedRequestHandler(server, loop=loop, connections=self.connections,
+                                         header_timeout=self._header_timeout, body_timeout=self._body_timeout,
+                                         **self._handler_options)
+
+        self._server = await loop.create_server(handler, sock=self._sock, backlog=LISTEN_BACKLOG)
