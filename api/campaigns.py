@@ -8,7 +8,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
-from pydantic import AwareDatetime, Field, StringConstraints, WithJsonSchema
+from pydantic import AwareDatetime, ConfigDict, Field, StringConstraints, WithJsonSchema, field_validator
+from pydantic_core import PydanticCustomError
 
 from api.context import DB, LINKS, ON_QUEUED
 from api.envelope import success
@@ -18,7 +19,7 @@ from api.send import HeaderEmail, HeaderText
 from api.serialize import page_json
 from api.validation import NO_NUL, PAGE_QUERY, Body, page_params, read_body
 from pipeline import campaigns as rules
-from pipeline.campaigns import MAX_LIST_RECIPIENTS, CampaignFields
+from pipeline.campaigns import EMPTY_RECIPIENTS, MAX_LIST_RECIPIENTS, CampaignFields
 from pipeline.submit import Queued
 from storage import campaigns as campaign_store
 from storage.models import Campaign, Project
@@ -101,14 +102,30 @@ class CampaignBody(Body):
     from_: HeaderEmail | None = Field(default=None, alias="from")
     fromName: HeaderText | None = None
     reply: HeaderEmail | None = None
-    recipients: Annotated[list[Recipient], Field(max_length=MAX_LIST_RECIPIENTS)] | None = None
-    """Contact ids or emails (seed 001/002); a LIST audience."""
+    recipients: Annotated[list[Recipient], Field(min_length=1, max_length=MAX_LIST_RECIPIENTS)] | None = None
+    """Contact ids or emails (seed 001/002); a LIST audience. An empty list is refused, never "everyone"."""
     segment: CampaignId | None = None
     audience: AudienceKind | None = None
+
+    @field_validator("recipients", mode="before")
+    @classmethod
+    def not_empty(cls, value: Any) -> Any:
+        if value == []:
+            raise PydanticCustomError("too_small", EMPTY_RECIPIENTS)
+        return value
 
     def fields(self) -> CampaignFields:
         return CampaignFields(self.name, self.subject, self.body, self.style, self.template, self.from_,
                               self.fromName, self.reply, self.recipients, self.segment, self.audience)
+
+
+class CreateCampaignBody(CampaignBody):
+    """A new campaign names its audience: recipients, a segment, or `audience` (ALL: every subscribed contact)."""
+
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": ["recipients"], "properties": {"recipients": {"type": "array"}}},
+        {"required": ["segment"], "properties": {"segment": {"type": "string"}}},
+        {"required": ["audience"], "properties": {"audience": {"type": "string"}}}]})
 
 
 class UpdateCampaignBody(CampaignBody):
@@ -159,7 +176,7 @@ async def get_campaign(request: web.Request) -> web.Response:
 
 
 async def create_campaign(request: web.Request) -> web.Response:
-    body = await read_body(request, CampaignBody)
+    body = await read_body(request, CreateCampaignBody)
     project_id = caller(request).project_id
     campaign = await request.app[DB].write(lambda s: campaign_json(
         rules.create_campaign(s, project_id, body.fields())))
@@ -272,7 +289,7 @@ TAG = "Campaigns"
 ROUTES = [
     Route("GET", "/campaigns", list_campaigns, "List campaigns, newest first", query=PAGE_QUERY, tag=TAG,
           response=CampaignPage, legacy="items"),
-    Route("POST", "/campaigns", create_campaign, "Create a campaign (a draft)", body=CampaignBody, tag=TAG,
+    Route("POST", "/campaigns", create_campaign, "Create a campaign (a draft)", body=CreateCampaignBody, tag=TAG,
           response=CampaignOut),
     Route("PUT", "/campaigns", put_campaign, "Update a draft or scheduled campaign (id in the body)",
           body=UpdateCampaignBody, tag=TAG, response=CampaignOut, errors=frozenset({404, 409})),

@@ -39,7 +39,9 @@ async def add_contacts(api, subscribed: int, unsubscribed: int = 0, data=None, p
 
 
 async def create(api, **fields) -> dict:
-    payload = {"subject": "News for {{name ?? you}}", "body": "<p>Hello {{name}}</p>", **fields}
+    """A draft campaign; to every subscribed contact unless `recipients` or a `segment` is given."""
+    audience = {} if {"recipients", "segment", "audience"} & fields.keys() else {"audience": "ALL"}
+    payload = {"subject": "News for {{name ?? you}}", "body": "<p>Hello {{name}}</p>", **audience, **fields}
     status, body = await api.call("POST", "/campaigns", json=payload)
     assert status == 200, body
     return body["data"]
@@ -119,7 +121,7 @@ async def test_list_is_paginated_newest_first_and_per_project(api):
     ({"subject": "x", "body": "x", "recipients": ["nobody@example.org"]}, "recipients.0", "unknown_recipient"),
     ({"subject": "x", "body": "x", "recipients": ["0190aaaa-0000-7000-8000-000000000000"]}, "recipients.0",
      "unknown_recipient"),
-    ({"subject": "x", "body": "x", "template": "missing"}, "template", "unknown_template"),
+    ({"subject": "x", "body": "x", "template": "missing", "audience": "ALL"}, "template", "unknown_template"),
     ({"subject": "x", "body": "x", "segment": "missing"}, "segment", "unknown_segment"),
     ({"subject": "x", "body": "x", "audience": "SEGMENT"}, "segment", "required"),
     ({"subject": "x", "body": "x", "audience": "ALL", "recipients": ["reader0@example.org"]}, "audience",
@@ -132,6 +134,44 @@ async def test_bad_campaigns_are_422_naming_the_field(api, payload, field, code)
     status, body = await api.call("POST", "/campaigns", json=payload)
     assert status == 422, body
     assert {"field": field, "code": code} in [{k: e[k] for k in ("field", "code")} for e in body["error"]["errors"]]
+
+
+@pytest.mark.parametrize("path", ["/campaigns", "/v1/campaigns", "/api/v1/campaigns"])
+async def test_an_empty_recipient_list_is_refused_never_everyone(api, sender, path):
+    """Seeds 001-002 make `recipients` required: `[]` is a 422 naming it on every dialect, on create and on
+    update, and nothing is stored or sent (it used to create a campaign to every subscribed contact)."""
+    contacts = await add_contacts(api, 3)
+    status, body = await api.call("POST", path, json={"subject": "S", "body": "B", "recipients": [],
+                                                      "style": "PLUNK"})
+    assert status == 422, body
+    assert body["success"] is False and body["error"]["code"] == "VALIDATION_ERROR"
+    assert [(e["field"], e["code"]) for e in body["error"]["errors"]] == [("recipients", "too_small")]
+    assert "audience ALL" in body["error"]["errors"][0]["message"]
+    status, listed = await api.call("GET", "/campaigns")
+    assert status == 200 and listed["data"]["total"] == 0
+    created = await create(api, recipients=[contacts[0]["id"]])
+    by_body = ("PUT", path, {"id": created["id"], "recipients": []})
+    by_path = ("PATCH", f"{path}/{created['id']}", {"recipients": []})
+    for method, url, payload in (by_body, by_path):
+        status, body = await api.call(method, url, json=payload)
+        assert status == 422 and body["error"]["errors"][0]["field"] == "recipients", (method, body)
+    after = await campaign(api, created["id"])
+    assert after["audience"] == "LIST" and after["recipients"] == [contacts[0]["id"]]
+
+
+async def test_every_subscribed_contact_only_when_asked_for_by_name(api, sender, tmp_path):
+    contacts = await add_contacts(api, 2, unsubscribed=1)
+    status, body = await api.call("POST", "/campaigns", json={"subject": "S", "body": "B"})
+    assert status == 422 and body["error"]["errors"][0]["field"] == "recipients", body
+    assert body["error"]["errors"][0]["code"] == "required"
+    status, body = await api.call("POST", "/v1/campaigns", json={"subject": "S", "body": "B", "audience": "ALL"})
+    assert status == 200 and body["data"]["audience"] == "ALL" and body["data"]["recipients"] == [], body
+    everyone = body["data"]
+    status, body = await api.call("PATCH", f"/campaigns/{everyone['id']}", json={"subject": "S2"})
+    assert status == 200 and body["data"]["audience"] == "ALL", "leaving recipients out of an update keeps them"
+    await api.call("POST", f"/campaigns/{everyone['id']}/send", json={})
+    await deliver(api, tmp_path / "out")
+    assert sorted(delivered(tmp_path / "out")) == sorted(c["email"] for c in contacts[:2])
 
 
 async def test_unauthenticated_public_key_and_malformed_requests(api):
@@ -338,7 +378,7 @@ async def test_template_campaign_and_stats_from_feedback_events(api, sender, tmp
         return template.id
 
     template_id = await api.db.write(add_template)
-    status, body = await api.call("POST", "/campaigns", json={"template": template_id})
+    status, body = await api.call("POST", "/campaigns", json={"template": template_id, "audience": "ALL"})
     assert status == 200, body
     created = body["data"]
     await api.call("POST", f"/campaigns/{created['id']}/send", json={})
