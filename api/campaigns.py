@@ -14,7 +14,7 @@ from pydantic_core import PydanticCustomError
 from api.context import DB, LINKS, ON_QUEUED
 from api.envelope import success
 from api.routing import Route, caller
-from api.schemas import Out, Sent
+from api.schemas import Out
 from api.send import HeaderEmail, HeaderText
 from api.serialize import page_json
 from api.validation import NO_NUL, PAGE_QUERY, Body, page_params, read_body
@@ -56,6 +56,22 @@ class CampaignOut(Out):
     projectId: str
     createdAt: datetime
     updatedAt: datetime
+
+
+class TestCopyContact(Out):
+    id: None
+    """A test copy goes to no contact of the project (none is created or changed)."""
+    email: str
+
+
+class TestCopy(Out):
+    contact: TestCopyContact
+    email: str
+
+
+class TestCopies(Out):
+    emails: list[TestCopy]
+    timestamp: datetime
 
 
 class CampaignPage(Out):
@@ -305,8 +321,8 @@ ROUTES = [
           response=CampaignOut, errors=frozenset({409})),
     Route("POST", "/campaigns/{id}/send", send_campaign, "Send a campaign to its audience now or later",
           body=SendBody, tag=TAG, response=CampaignOut, errors=frozenset({409})),
-    Route("POST", "/campaigns/{id}/test", test_campaign, "Send test copies now", body=TestSendBody, tag=TAG,
-          response=Sent),
+    Route("POST", "/campaigns/{id}/test", test_campaign, "Send test copies now (to no contact: the audience is "
+          "left as it was)", body=TestSendBody, tag=TAG, response=TestCopies),
     Route("POST", "/campaigns/{id}/cancel", cancel_campaign, "Cancel a scheduled or sending campaign", tag=TAG,
           response=CampaignOut, errors=frozenset({409})),
     Route("GET", "/campaigns/{id}/stats", campaign_stats, "A campaign's delivery and engagement counts", tag=TAG,

@@ -224,13 +224,14 @@ def cancel_campaign(session: Session, project_id: str, campaign_id: str) -> Camp
 def send_test(session: Session, project: Project, campaign_id: str, addresses: list[str],
               links: LinkSigner) -> list[Queued]:
     """One copy to each address now (the project's sender when none is given), ahead of campaign mail;
-    the campaign itself does not change."""
+    the campaign itself does not change, nor does the audience: a test copy is an email of no contact
+    (`Submission.test_copy`)."""
     campaign = require_campaign(session, project.id, campaign_id)
     spec = message_spec(session, campaign, project, links)
     spec.campaign_id = None
     return submit(session, Submission(project.id, "campaign", spec.from_email, addresses or [project.from_email],
                                       compose=spec.build, subject=spec.subject, size=len(spec.body),
-                                      tracking=tracking_for(session, project.id, marketing=True)))
+                                      tracking=tracking_for(session, project.id, marketing=True), test_copy=True))
 
 
 def start_fanout(session: Session, campaign_id: str, links: LinkSigner) -> Campaign | None:

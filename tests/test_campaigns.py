@@ -312,6 +312,41 @@ async def test_test_send_goes_to_given_addresses_and_leaves_the_campaign_a_draft
     assert status == 422 and body["error"]["errors"][0]["field"] == "emails"
 
 
+async def test_test_copies_are_sent_and_recorded_but_leave_the_audience_as_it_was(api, sender, tmp_path):
+    """A test copy (POST /campaigns/:id/test, or seed 002's send with `live: false` to the project's sender)
+    creates no contact, changes none (not even an unsubscribed one it is sent to) and records no contact
+    event; it is still delivered and recorded as an email, of no contact."""
+    await add_contacts(api, 1)
+    status, body = await api.call("POST", "/contacts", json={"email": "boss@example.org", "subscribed": False,
+                                                             "data": {"name": "Boss"}})
+    assert status == 201, body
+    boss = body["data"]
+    created = await create(api)
+    status, body = await api.call("POST", f"/campaigns/{created['id']}/test",
+                                  json={"emails": ["me@example.com", "boss@example.org"]})
+    assert status == 200, body
+    assert [e["contact"] for e in body["data"]["emails"]] == [{"id": None, "email": "me@example.com"},
+                                                              {"id": None, "email": "boss@example.org"}]
+    status, body = await api.call("POST", "/api/v1/campaigns/send", json={"id": created["id"], "live": False})
+    assert status == 200 and body["status"] == "DRAFT", body
+    await dispatch_all(dispatcher_for(api, tmp_path / "out"))
+    messages = delivered(tmp_path / "out")
+    assert sorted(messages) == ["boss@example.org", "hello@example.com", "me@example.com"]
+    assert "Hello </p>" in messages["boss@example.org"].get_body(("html",)).get_content(), "no contact data"
+
+    _, count = await api.call("GET", "/contacts/count")
+    assert count["data"]["count"] == 2, "no contact was created"
+    _, after = await api.call("GET", f"/contacts/{boss['id']}")
+    assert after["data"] == boss, "the unsubscribed contact is left as it was"
+    rows = await api.db.read(email_store.list_emails, api.project_id)
+    assert sorted((r.recipient, r.contact_id, r.status) for r in rows) == [
+        ("boss@example.org", None, "SENT"), ("hello@example.com", None, "SENT"), ("me@example.com", None, "SENT")]
+    _, events = await api.call("GET", "/events?limit=100")
+    assert [(e["name"], e["contactId"]) for e in events["data"]["items"]] == [("email.sent", None)] * 3
+    _, boss_events = await api.call("GET", f"/events/contact/{boss['id']}")
+    assert boss_events["data"]["items"] == []
+
+
 async def test_empty_audience_and_unverified_sender_are_refused(api, sender):
     await add_contacts(api, 0, unsubscribed=2)
     created = await create(api)
