@@ -306,7 +306,7 @@ ROUTES = [
     Route("GET", "/campaigns", list_campaigns, "List campaigns, newest first", query=PAGE_QUERY, tag=TAG,
           response=CampaignPage, legacy="items"),
     Route("POST", "/campaigns", create_campaign, "Create a campaign (a draft)", body=CreateCampaignBody, tag=TAG,
-          response=CampaignOut),
+          status=201, seed_status=200, response=CampaignOut),
     Route("PUT", "/campaigns", put_campaign, "Update a draft or scheduled campaign (id in the body)",
           body=UpdateCampaignBody, tag=TAG, response=CampaignOut, errors=frozenset({404, 409})),
     Route("DELETE", "/campaigns", delete_campaign_by_body, "Delete a campaign (id in the body)",

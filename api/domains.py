@@ -35,7 +35,7 @@ async def add_domain(request: web.Request) -> web.Response:
     body = await read_body(request, AddDomainBody)
     domain = await rules.add_new_domain(request.app[DB], caller(request).project_id, body.domain,
                                         config.delivery.dkim_selector, config.api.max_domains_per_project)
-    return success(domain_json(domain, config.delivery.transport), status=201)
+    return success(domain_json(domain, config.delivery.transport))
 
 
 async def list_domains(request: web.Request) -> web.Response:

@@ -43,7 +43,7 @@ async def create(api, **fields) -> dict:
     audience = {} if {"recipients", "segment", "audience"} & fields.keys() else {"audience": "ALL"}
     payload = {"subject": "News for {{name ?? you}}", "body": "<p>Hello {{name}}</p>", **audience, **fields}
     status, body = await api.call("POST", "/campaigns", json=payload)
-    assert status == 200, body
+    assert status == 201, body
     return body["data"]
 
 
@@ -414,7 +414,7 @@ async def test_template_campaign_and_stats_from_feedback_events(api, sender, tmp
 
     template_id = await api.db.write(add_template)
     status, body = await api.call("POST", "/campaigns", json={"template": template_id, "audience": "ALL"})
-    assert status == 200, body
+    assert status == 201, body
     created = body["data"]
     await api.call("POST", f"/campaigns/{created['id']}/send", json={})
     await deliver(api, tmp_path / "out")
