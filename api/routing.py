@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from api.context import CONFIG, KEYS, RATE_LIMITER
 from api.envelope import Reply
 from api.errors import RateLimited, Unauthorized
-from pipeline.errors import Forbidden
+from pipeline.errors import FieldError, Forbidden, ValidationFailed
 from pipeline.keys import Caller
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -127,12 +127,25 @@ def guarded(route: Route, status: int) -> Handler:
             request[CORS_ORIGIN] = allowed_origin(request)
         if route.auth is not None:
             await authorize(request, route)
+            refuse_unknown_query(request, route)
         response = await route.handler(request)
         if isinstance(response, Reply):
             response.set_status(status)
         return response
 
     return handler
+
+
+def refuse_unknown_query(request: web.Request, route: Route) -> None:
+    """A query parameter the route does not declare is a 422 naming it, not silently ignored (a misspelt
+    filter would answer unfiltered data). Only for the API (routes that take a key): pages, tracking links,
+    SNS and probes are called with URLs that others may append to."""
+    unknown = [name for name in dict.fromkeys(request.query.keys()) if name not in route.query]
+    if unknown:
+        takes = ", ".join(route.query) or "none"
+        raise ValidationFailed([FieldError(name[:100], f"Unknown query parameter; this endpoint takes: {takes}",
+                                           "unrecognized_keys") for name in unknown[:10]],
+                               suggestion="Remove the parameter, or check its spelling in /openapi.json.")
 
 
 async def authorize(request: web.Request, route: Route) -> None:

@@ -104,7 +104,7 @@ def _reply_schema(spec: _Spec, route: Route, legacy: bool) -> dict[str, Any]:
 def _error_statuses(route: Route) -> set[int]:
     statuses = set(route.errors)
     if route.auth:
-        statuses |= {401, 429}
+        statuses |= {401, 422, 429}
     if route.auth == "secret":
         statuses.add(403)
     if route.body is not None:
