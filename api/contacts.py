@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Annotated
 
@@ -33,6 +34,8 @@ ContactId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 MAX_SEARCH = 320
 STREAM_PAGE_SIZE = 500
 """Contacts read per query while the legacy dialect streams them all."""
+STREAM_WRITE_SECONDS = 60
+"""A client that takes longer than this to take one page of the stream is cut off."""
 
 
 class CreateContactBody(Body):
@@ -89,8 +92,9 @@ async def list_contacts(request: web.Request) -> web.StreamResponse:
 async def stream_all_contacts(request: web.Request, subscribed: bool | None, search: str | None) -> web.StreamResponse:
     """The JSON array of every matching contact, newest first, written in chunks as it is read by keyset pages
     of `STREAM_PAGE_SIZE` (each its own short read), so no list of all contacts is ever built and a slow
-    reader holds no transaction open. A failure mid-stream cuts the connection: the client sees a broken
-    reply, never a well-formed array that silently lacks contacts."""
+    reader holds no transaction open. A failure mid-stream (or a reader stalled `STREAM_WRITE_SECONDS` on
+    one page) cuts the connection: the client sees a broken reply, never a well-formed array that silently
+    lacks contacts."""
     db, project_id = request.app[DB], caller(request).project_id
     response = web.StreamResponse(headers={"Content-Type": "application/json; charset=utf-8"})
     response.enable_chunked_encoding()
@@ -101,17 +105,26 @@ async def stream_all_contacts(request: web.Request, subscribed: bool | None, sea
             page = await db.read(contact_store.contacts_after, project_id, after, STREAM_PAGE_SIZE, subscribed,
                                  search)
             if page:
-                await response.write(opening + b",".join(encode_json(contact_json(c)) for c in page))
+                async with asyncio.timeout(STREAM_WRITE_SECONDS):
+                    await response.write(opening + b",".join(encode_json(contact_json(c)) for c in page))
                 opening, after, count = b",", page[-1].id, count + len(page)
             if len(page) < STREAM_PAGE_SIZE:
                 break
+    except (ConnectionError, TimeoutError) as exc:
+        log.info("streaming contacts of project %s stopped after %d: the client left or stalled (%s)", project_id,
+                 count, type(exc).__name__)
+        return _cut(request, response)
     except Exception:
         log.exception("streaming contacts of project %s failed after %d; connection cut", project_id, count)
-        if request.transport is not None:
-            request.transport.abort()
-        return response
+        return _cut(request, response)
     await response.write(b"[]" if opening == b"[" else b"]")
     await response.write_eof()
+    return response
+
+
+def _cut(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    if request.transport is not None:
+        request.transport.abort()
     return response
 
 
