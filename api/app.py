@@ -22,7 +22,7 @@ from api import (
     workflows,
 )
 from api.context import CONFIG, DB, FEEDBACK, KEYS, LINKS, ON_QUEUED, RATE_LIMITER, TRACKING
-from api.middleware import envelope_middleware
+from api.middleware import envelope_middleware, stamp_headers
 from api.pages.tracking import ROUTES as TRACKING_PAGES
 from api.ratelimit import WindowRateLimiter
 from api.routing import Route, register
@@ -59,6 +59,7 @@ def build_api(config: Config, db: Database) -> web.Application:
     app[LINKS] = make_signer(config.server.link_secret, config.data_path, config.server.public_url)
     app[FEEDBACK] = FeedbackIntake(config.feedback, db)
     app[TRACKING] = TrackingSigner(app[LINKS])
+    app.on_response_prepare.append(stamp_headers)
     routes = all_routes()
     register(app, routes)
     app[system.OPENAPI] = served_openapi()

@@ -8,17 +8,18 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
-from pydantic import AwareDatetime, Field, StringConstraints, WithJsonSchema
+from pydantic import AwareDatetime, ConfigDict, Field, StringConstraints, WithJsonSchema, field_validator
+from pydantic_core import PydanticCustomError
 
 from api.context import DB, LINKS, ON_QUEUED
 from api.envelope import success
 from api.routing import Route, caller
-from api.schemas import Out, Sent
+from api.schemas import Out
 from api.send import HeaderEmail, HeaderText
 from api.serialize import page_json
 from api.validation import NO_NUL, PAGE_QUERY, Body, page_params, read_body
 from pipeline import campaigns as rules
-from pipeline.campaigns import MAX_LIST_RECIPIENTS, CampaignFields
+from pipeline.campaigns import EMPTY_RECIPIENTS, MAX_LIST_RECIPIENTS, CampaignFields
 from pipeline.submit import Queued
 from storage import campaigns as campaign_store
 from storage.models import Campaign, Project
@@ -63,6 +64,22 @@ class CampaignOut(Out):
     projectId: str
     createdAt: datetime
     updatedAt: datetime
+
+
+class TestCopyContact(Out):
+    id: None
+    """A test copy goes to no contact of the project (none is created or changed)."""
+    email: str
+
+
+class TestCopy(Out):
+    contact: TestCopyContact
+    email: str
+
+
+class TestCopies(Out):
+    emails: list[TestCopy]
+    timestamp: datetime
 
 
 class CampaignPage(Out):
@@ -110,14 +127,30 @@ class CampaignBody(Body):
     from_: HeaderEmail | None = Field(default=None, alias="from")
     fromName: HeaderText | None = None
     reply: HeaderEmail | None = None
-    recipients: Annotated[list[Recipient], Field(max_length=MAX_LIST_RECIPIENTS)] | None = None
-    """Contact ids or emails (seed 001/002); a LIST audience."""
+    recipients: Annotated[list[Recipient], Field(min_length=1, max_length=MAX_LIST_RECIPIENTS)] | None = None
+    """Contact ids or emails (seed 001/002); a LIST audience. An empty list is refused, never "everyone"."""
     segment: CampaignId | None = None
     audience: AudienceKind | None = None
+
+    @field_validator("recipients", mode="before")
+    @classmethod
+    def not_empty(cls, value: Any) -> Any:
+        if value == []:
+            raise PydanticCustomError("too_small", EMPTY_RECIPIENTS)
+        return value
 
     def fields(self) -> CampaignFields:
         return CampaignFields(self.name, self.subject, self.body, self.style, self.template, self.from_,
                               self.fromName, self.reply, self.recipients, self.segment, self.audience)
+
+
+class CreateCampaignBody(CampaignBody):
+    """A new campaign names its audience: recipients, a segment, or `audience` (ALL: every subscribed contact)."""
+
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": ["recipients"], "properties": {"recipients": {"type": "array"}}},
+        {"required": ["segment"], "properties": {"segment": {"type": "string"}}},
+        {"required": ["audience"], "properties": {"audience": {"type": "string"}}}]})
 
 
 class UpdateCampaignBody(CampaignBody):
@@ -168,7 +201,7 @@ async def get_campaign(request: web.Request) -> web.Response:
 
 
 async def create_campaign(request: web.Request) -> web.Response:
-    body = await read_body(request, CampaignBody)
+    body = await read_body(request, CreateCampaignBody)
     project_id = caller(request).project_id
     campaign = await request.app[DB].write(lambda s: campaign_json(
         rules.create_campaign(s, project_id, body.fields())))
@@ -281,8 +314,8 @@ TAG = "Campaigns"
 ROUTES = [
     Route("GET", "/campaigns", list_campaigns, "List campaigns, newest first", query=PAGE_QUERY, tag=TAG,
           response=CampaignPage, legacy="items"),
-    Route("POST", "/campaigns", create_campaign, "Create a campaign (a draft)", body=CampaignBody, tag=TAG,
-          response=CampaignOut),
+    Route("POST", "/campaigns", create_campaign, "Create a campaign (a draft)", body=CreateCampaignBody, tag=TAG,
+          status=201, seed_status=200, response=CampaignOut),
     Route("PUT", "/campaigns", put_campaign, "Update a draft or scheduled campaign (id in the body)",
           body=UpdateCampaignBody, tag=TAG, response=CampaignOut, errors=frozenset({404, 409})),
     Route("DELETE", "/campaigns", delete_campaign_by_body, "Delete a campaign (id in the body)",
@@ -297,8 +330,8 @@ ROUTES = [
           response=CampaignOut, errors=frozenset({409})),
     Route("POST", "/campaigns/{id}/send", send_campaign, "Send a campaign to its audience now or later",
           body=SendBody, tag=TAG, response=CampaignOut, errors=frozenset({409})),
-    Route("POST", "/campaigns/{id}/test", test_campaign, "Send test copies now", body=TestSendBody, tag=TAG,
-          response=Sent),
+    Route("POST", "/campaigns/{id}/test", test_campaign, "Send test copies now (to no contact: the audience is "
+          "left as it was)", body=TestSendBody, tag=TAG, response=TestCopies),
     Route("POST", "/campaigns/{id}/cancel", cancel_campaign, "Cancel a scheduled or sending campaign", tag=TAG,
           response=CampaignOut, errors=frozenset({409})),
     Route("GET", "/campaigns/{id}/stats", campaign_stats, "A campaign's delivery and engagement counts", tag=TAG,

@@ -10,8 +10,9 @@ from pydantic import StringConstraints, WithJsonSchema
 from api.context import CONFIG, DB
 from api.envelope import success
 from api.routing import Route, caller
-from api.schemas import DomainOut
-from api.validation import Body, read_body
+from api.schemas import DomainOut, DomainPage
+from api.serialize import page_json
+from api.validation import PAGE_QUERY, Body, page_params, read_body
 from pipeline import domains as rules
 from storage import domains as domain_store
 from storage.models import Domain
@@ -34,13 +35,14 @@ async def add_domain(request: web.Request) -> web.Response:
     body = await read_body(request, AddDomainBody)
     domain = await rules.add_new_domain(request.app[DB], caller(request).project_id, body.domain,
                                         config.delivery.dkim_selector, config.api.max_domains_per_project)
-    return success(domain_json(domain, config.delivery.transport), status=201)
+    return success(domain_json(domain, config.delivery.transport))
 
 
 async def list_domains(request: web.Request) -> web.Response:
-    domains = await request.app[DB].read(domain_store.list_domains, caller(request).project_id)
+    limit, cursor = page_params(request)
+    page = await request.app[DB].read(domain_store.page_domains, caller(request).project_id, limit, cursor)
     transport = request.app[CONFIG].delivery.transport
-    return success([domain_json(d, transport) for d in domains])
+    return success(page_json(page, lambda domain: domain_json(domain, transport)))
 
 
 async def get_domain(request: web.Request) -> web.Response:
@@ -66,7 +68,8 @@ async def verify_domain(request: web.Request) -> web.Response:
 ROUTES = [
     Route("POST", "/domains", add_domain, "Add a sending domain", body=AddDomainBody, tag="Domains", status=201,
           response=DomainOut, errors=frozenset({409})),
-    Route("GET", "/domains", list_domains, "List sending domains", tag="Domains", response=list[DomainOut]),
+    Route("GET", "/domains", list_domains, "List sending domains, newest first", query=PAGE_QUERY, tag="Domains",
+          response=DomainPage, legacy="items"),
     Route("GET", "/domains/{id}", get_domain, "Get a domain and the DNS records to publish", tag="Domains",
           response=DomainOut),
     Route("POST", "/domains/{id}/verify", verify_domain, "Check the domain's DNS records", tag="Domains",

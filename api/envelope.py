@@ -60,15 +60,16 @@ def json_reply(payload: Any, status: int = 200) -> web.Response:
 
 
 class Reply(web.Response):
-    """A handler's success data; the middleware encodes it in the caller's dialect."""
+    """A handler's success data; the middleware encodes it in the caller's dialect, and the route table
+    sets its status (`Route.status`)."""
 
-    def __init__(self, data: Any, status: int = 200) -> None:
-        super().__init__(status=status, content_type=JSON_TYPE)
+    def __init__(self, data: Any) -> None:
+        super().__init__(content_type=JSON_TYPE)
         self.data = data
 
 
-def success(data: Any, status: int = 200) -> Reply:
-    return Reply(data, status)
+def success(data: Any) -> Reply:
+    return Reply(data)
 
 
 def enveloped(data: Any) -> dict[str, Any]:

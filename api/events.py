@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from aiohttp import web
 
@@ -20,9 +21,23 @@ from storage import events as event_store
 
 MAX_EVENT_NAME = 200
 DATE_QUERY = {"type": "string", "format": "date-time"}
+NAME_QUERY = {"type": "string", "maxLength": MAX_EVENT_NAME, "pattern": NO_NUL}
 
 
-def _date_param(request: web.Request, name: str) -> datetime | None:
+def plunk_name(schema: dict[str, Any], name: str) -> dict[str, Any]:
+    return {**schema, "description": f"Plunk's name for `{name}` (give one of them)"}
+
+
+def _aliased(request: web.Request, name: str, alias: str) -> str:
+    """Which of `name` and Plunk's own name for it (`alias`, what Plunk's dashboard API reads) the caller
+    gave; both is a 422."""
+    if name in request.query and alias in request.query:
+        raise ValidationFailed([FieldError(alias, f"Give {name} or {alias}, not both", "conflicting_parameters")])
+    return alias if alias in request.query else name
+
+
+def _date_param(request: web.Request, name: str, alias: str) -> datetime | None:
+    name = _aliased(request, name, alias)
     raw = request.query.get(name)
     if raw is None:
         return None
@@ -36,7 +51,7 @@ def _date_param(request: web.Request, name: str) -> datetime | None:
 
 async def list_events(request: web.Request) -> web.Response:
     limit, cursor = page_params(request)
-    name = text_param(request, "name", MAX_EVENT_NAME)
+    name = text_param(request, _aliased(request, "name", "eventName"), MAX_EVENT_NAME)
     page = await request.app[DB].read(event_store.list_events, caller(request).project_id, limit, cursor, name)
     return success(page_json(page, event_json))
 
@@ -47,7 +62,7 @@ async def event_names(request: web.Request) -> web.Response:
 
 
 async def event_stats(request: web.Request) -> web.Response:
-    start, end = _date_param(request, "start"), _date_param(request, "end")
+    start, end = _date_param(request, "start", "startDate"), _date_param(request, "end", "endDate")
     if start and end and start > end:
         raise ValidationFailed([FieldError("start", "start must be before end", "invalid_date")])
     counts = await request.app[DB].read(event_store.event_counts, caller(request).project_id, start, end)
@@ -88,11 +103,12 @@ async def delete_events(request: web.Request) -> web.Response:
 
 ROUTES = [
     Route("GET", "/events", list_events, "List events, newest first",
-          query={"name": {"type": "string", "maxLength": MAX_EVENT_NAME, "pattern": NO_NUL}, **PAGE_QUERY},
+          query={"name": NAME_QUERY, "eventName": plunk_name(NAME_QUERY, "name"), **PAGE_QUERY},
           tag="Events", response=EventPage, legacy="items"),
     Route("GET", "/events/names", event_names, "Event names by frequency", tag="Events", response=list[str]),
     Route("GET", "/events/stats", event_stats, "Event counts by name in a date window",
-          query={"start": DATE_QUERY, "end": DATE_QUERY}, tag="Events", response=EventStats),
+          query={"start": DATE_QUERY, "end": DATE_QUERY, "startDate": plunk_name(DATE_QUERY, "start"),
+                 "endDate": plunk_name(DATE_QUERY, "end")}, tag="Events", response=EventStats),
     Route("GET", "/events/contact/{contactId}", contact_events, "Events of one contact", query=PAGE_QUERY,
           tag="Events", response=EventPage, legacy="items"),
     Route("DELETE", "/events/{eventName}", delete_events,

@@ -56,13 +56,6 @@ async def envelope_middleware(request: web.Request, handler) -> web.StreamRespon
         log.exception("request %s %s failed (request id %s)", request.method, request.get(LOGGED_PATH, request.path),
                       rid)
         response = failure(InternalError("Internal server error"), rid)
-    allowance = request.get("plunkd.ratelimit")
-    if allowance is not None:
-        response.headers.update(allowance.headers())
-    response.headers["X-Request-Id"] = rid
-    origin = request.get(CORS_ORIGIN)
-    if origin is not None:
-        response.headers.update(cors_headers(origin))
     elapsed = time.perf_counter() - started
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
@@ -70,6 +63,21 @@ async def envelope_middleware(request: web.Request, handler) -> web.StreamRespon
     log.info("%s %s %d %.1fms rid=%s", request.method, request.get(LOGGED_PATH, request.path), response.status,
              elapsed * 1000, rid)
     return response
+
+
+async def stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare`: the request id, rate-limit and CORS headers on every reply, as its headers go
+    out, so a streamed reply (prepared by its handler) carries them as well as one the middleware returns."""
+    rid = request.get(REQUEST_ID)
+    if rid is None:
+        return
+    allowance = request.get("plunkd.ratelimit")
+    if allowance is not None:
+        response.headers.update(allowance.headers())
+    response.headers["X-Request-Id"] = rid
+    origin = request.get(CORS_ORIGIN)
+    if origin is not None:
+        response.headers.update(cors_headers(origin))
 
 
 async def allowed_methods(request: web.Request) -> str:

@@ -10,8 +10,9 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from api.context import CONFIG, KEYS, RATE_LIMITER
+from api.envelope import Reply
 from api.errors import RateLimited, Unauthorized
-from pipeline.errors import Forbidden
+from pipeline.errors import FieldError, Forbidden, ValidationFailed
 from pipeline.keys import Caller
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -40,6 +41,10 @@ class Route:
     """Query parameter → its JSON schema (what the handler's parsing accepts, exactly)."""
     tag: str = ""
     status: int = 200
+    """The success status (a create: 201), set on the handler's `Reply` here, so the table is its one source."""
+    seed_status: int | None = None
+    """The success status under /v1 and /api/v1 where seed 001 documents another one for this operation
+    (its creates of a contact and of a campaign answer 200)."""
     response: Any = None
     """The type of the reply's `data` (a pydantic model, or e.g. `list[Model]`), for /openapi.json."""
     errors: frozenset[int] = frozenset()
@@ -67,6 +72,11 @@ class Route:
 
     def legacy_paths(self) -> list[str]:
         return [] if self.scope == "root" else [f"{LEGACY_PREFIX}{self.path}"]
+
+    def status_at(self, path: str) -> int:
+        if self.seed_status is not None and path.startswith(("/v1/", f"{LEGACY_PREFIX}/")):
+            return self.seed_status
+        return self.status
 
 
 def caller(request: web.Request) -> Caller:
@@ -109,17 +119,33 @@ def preflight(methods: str) -> Handler:
     return handler
 
 
-def guarded(route: Route) -> Handler:
-    """Wrap a handler with its CORS marker, its key check and the project's rate limit."""
+def guarded(route: Route, status: int) -> Handler:
+    """Wrap a handler with its CORS marker, its key check, the project's rate limit and its success status."""
 
     async def handler(request: web.Request) -> web.StreamResponse:
         if route.cors:
             request[CORS_ORIGIN] = allowed_origin(request)
         if route.auth is not None:
             await authorize(request, route)
-        return await route.handler(request)
+            refuse_unknown_query(request, route)
+        response = await route.handler(request)
+        if isinstance(response, Reply):
+            response.set_status(status)
+        return response
 
     return handler
+
+
+def refuse_unknown_query(request: web.Request, route: Route) -> None:
+    """A query parameter the route does not declare is a 422 naming it, not silently ignored (a misspelt
+    filter would answer unfiltered data). Only for the API (routes that take a key): pages, tracking links,
+    SNS and probes are called with URLs that others may append to."""
+    unknown = [name for name in dict.fromkeys(request.query.keys()) if name not in route.query]
+    if unknown:
+        takes = ", ".join(route.query) or "none"
+        raise ValidationFailed([FieldError(name[:100], f"Unknown query parameter; this endpoint takes: {takes}",
+                                           "unrecognized_keys") for name in unknown[:10]],
+                               suggestion="Remove the parameter, or check its spelling in /openapi.json.")
 
 
 async def authorize(request: web.Request, route: Route) -> None:
@@ -150,9 +176,9 @@ def in_dialect(handler: Handler, shape: str) -> Handler:
 
 def register(app: web.Application, routes: list[Route]) -> None:
     for route in routes:
-        wrapped = guarded(route)
-        targets = [(path, wrapped) for path in route.paths()]
-        targets += [(path, in_dialect(wrapped, route.legacy)) for path in route.legacy_paths()]
+        targets = [(path, guarded(route, route.status_at(path))) for path in route.paths()]
+        targets += [(path, in_dialect(guarded(route, route.status_at(path)), route.legacy))
+                    for path in route.legacy_paths()]
         for path, handler in targets:
             if route.method == "GET" and route.head:
                 app.router.add_get(path, handler, allow_head=True)

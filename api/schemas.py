@@ -114,6 +114,13 @@ class DomainOut(Out):
     createdAt: datetime
 
 
+class DomainPage(Out):
+    items: list[DomainOut]
+    nextCursor: str | None
+    hasMore: bool
+    total: int = Field(ge=0)
+
+
 class FieldErrorOut(Out):
     field: str
     message: str

@@ -216,7 +216,7 @@ async def create_segment(request: web.Request) -> web.Response:
     project_id = caller(request).project_id
     segment = await request.app[DB].write(
         lambda s: rules.create_segment(s, project_id, body.name, body.condition, body.trackMembership))
-    return success(segment_json(segment), status=201)
+    return success(segment_json(segment))
 
 
 async def get_segment(request: web.Request) -> web.Response:

@@ -43,6 +43,7 @@ from pipeline.submit import Submission, run_idempotent, submit
 from pipeline.templates import require_template, template_spec
 
 MAX_RECIPIENTS = 50
+MAX_ATTACHMENTS = 5
 MAX_ATTACHMENT_BYTES = 10 * 1024 * 1024
 MAX_CUSTOM_HEADERS = 50
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
@@ -86,6 +87,12 @@ def refuse_too_many_headers(value: Any) -> Any:
     return value
 
 
+def no_attachments_as_none(value: Any) -> Any:
+    """Seed 002's own send example (its docs call the field an object) writes `"attachments": {}`: no
+    attachments. Any other object, or a non-list, goes on to the type check and its 422."""
+    return None if value == {} and isinstance(value, dict) else value
+
+
 class AttachmentBody(Body):
     filename: Annotated[str, StringConstraints(min_length=1, max_length=255), InHeader,
                         WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 255,
@@ -107,10 +114,17 @@ class AttachmentBody(Body):
         return base64.b64decode(self.content, validate=True)
 
 
-class SendBody(Body):
-    model_config = ConfigDict(json_schema_extra={"anyOf": [
+def _send_schema(schema: dict[str, Any]) -> None:
+    """Subject and body, or a template; and `attachments` may be `{}` (see `no_attachments_as_none`)."""
+    schema["anyOf"] = [
         {"required": ["subject", "body"], "properties": {"subject": {"type": "string"}, "body": {"type": "string"}}},
-        {"required": ["template"], "properties": {"template": {"type": "string"}}}]})
+        {"required": ["template"], "properties": {"template": {"type": "string"}}}]
+    schema["properties"]["attachments"]["anyOf"].insert(1, {
+        "type": "object", "maxProperties": 0, "description": "No attachments, as seed 002's send example writes it"})
+
+
+class SendBody(Body):
+    model_config = ConfigDict(json_schema_extra=_send_schema)
 
     to: Annotated[list[HeaderEmail], BeforeValidator(lambda v: [v] if isinstance(v, str) else v),
                   Field(min_length=1, max_length=MAX_RECIPIENTS),
@@ -137,7 +151,8 @@ class SendBody(Body):
                                                   "additionalProperties": {"type": "string", "maxLength": 998,
                                                                            "pattern": HEADER_SAFE}},
                                                  {"type": "null"}]})] = None
-    attachments: Annotated[list[AttachmentBody], Field(max_length=5)] | None = None
+    attachments: Annotated[Annotated[list[AttachmentBody], Field(max_length=MAX_ATTACHMENTS)] | None,
+                           BeforeValidator(no_attachments_as_none)] = None
     subscribed: bool | None = None
     tracking: Annotated[TrackingChoice | None, Field(
         description="Open and click tracking for this send: `opens` adds a 1×1 pixel to the HTML part, `clicks` "

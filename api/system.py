@@ -104,7 +104,7 @@ def _reply_schema(spec: _Spec, route: Route, legacy: bool) -> dict[str, Any]:
 def _error_statuses(route: Route) -> set[int]:
     statuses = set(route.errors)
     if route.auth:
-        statuses |= {401, 429}
+        statuses |= {401, 422, 429}
     if route.auth == "secret":
         statuses.add(403)
     if route.body is not None:
@@ -116,9 +116,9 @@ def _error_statuses(route: Route) -> set[int]:
     return statuses
 
 
-def _operation(spec: _Spec, route: Route, legacy: bool) -> dict[str, Any]:
+def _operation(spec: _Spec, route: Route, legacy: bool, status: int) -> dict[str, Any]:
     failure = {"content": {"application/json": {"schema": spec.model_ref(Failure)}}}
-    responses: dict[str, Any] = {str(route.status): {
+    responses: dict[str, Any] = {str(status): {
         "description": "Success" if not legacy else "Success, in the flat seed-002 shape",
         "content": {route.media_type: {"schema": _reply_schema(spec, route, legacy)}}}}
     for status in sorted(_error_statuses(route)):
@@ -161,8 +161,8 @@ def build_openapi(routes: list[Route]) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for route in (r for r in routes if not r.page):
         for legacy, route_paths in ((False, route.paths()), (True, route.legacy_paths())):
-            operation = _operation(spec, route, legacy)
             for path in route_paths:
+                operation = _operation(spec, route, legacy, route.status_at(path))
                 methods = paths.setdefault(path, {})
                 methods[route.method.lower()] = operation
                 if route.head:

@@ -115,7 +115,7 @@ async def create_template(request: web.Request) -> web.Response:
     values = _columns(await read_body(request, TemplateBody), given_only=False)
     project_id = caller(request).project_id
     template = await request.app[DB].write(lambda s: rules.create_template(s, project_id, values))
-    return success(template_json(template), status=201)
+    return success(template_json(template))
 
 
 def _update(model: type[TemplateBody] | type[PatchTemplateBody]):

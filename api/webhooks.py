@@ -145,7 +145,7 @@ async def create_webhook(request: web.Request) -> web.Response:
     endpoint = await request.app[DB].write(lambda s: rules.create_endpoint(
         s, project_id, body.url, body.events, body.enabled, settings.allow_private_targets,
         settings.max_endpoints_per_project))
-    return success(with_secret(endpoint), status=201)
+    return success(with_secret(endpoint))
 
 
 async def get_webhook(request: web.Request) -> web.Response:
@@ -208,7 +208,7 @@ async def send_test(request: web.Request) -> web.Response:
     delivery = await request.app[DB].write(lambda s: rules.send_test(s, project_id, endpoint_id, utcnow()))
     for wake in request.app[ON_QUEUED]:
         wake()
-    return success(delivery_json(delivery), status=202)
+    return success(delivery_json(delivery))
 
 
 TAG = "Webhooks"

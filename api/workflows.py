@@ -344,7 +344,7 @@ async def create_workflow(request: web.Request) -> web.Response:
     project_id = caller(request).project_id
     workflow = await request.app[DB].write(
         lambda s: _shaped(s, rules.create_workflow(s, project_id, fields)))
-    return success(workflow, status=201)
+    return success(workflow)
 
 
 async def _get(request: web.Request, kind: str, workflow_id: str) -> web.Response:
@@ -478,7 +478,7 @@ ROUTES = [
     Route("GET", "/actions", list_actions, "List actions (legacy automations), newest first", query=PAGE_QUERY,
           tag=ACTIONS, response=ActionPage, legacy="items"),
     Route("POST", "/actions", create_action, "Create an action: trigger events, excluding events, a delay and a "
-          "template", body=CreateActionBody, tag=ACTIONS, response=ActionOut),
+          "template", body=CreateActionBody, tag=ACTIONS, status=201, response=ActionOut),
     Route("PUT", "/actions", put_action, "Update an action (id in the body)", body=UpdateActionBody, tag=ACTIONS,
           response=ActionOut, errors=frozenset({404, 409})),
     Route("DELETE", "/actions", delete_action_by_body, "Delete an action and its runs (id in the body)",

@@ -119,7 +119,7 @@ async def run_campaign(base: str, sk: str, url: str, args: argparse.Namespace) -
         headers = {"Authorization": f"Bearer {sk}"}
         async with session.post(f"{base}/campaigns", headers=headers, json={
                 "subject": "Our news, {{name ?? friend}}", "body": "<p>Hello {{name}}, here is the news.</p>",
-                "from": "news@bench.example"}) as resp:
+                "from": "news@bench.example", "audience": "ALL"}) as resp:
             campaign_id = (await resp.json())["data"]["id"]
         async with session.post(f"{base}/campaigns/{campaign_id}/send", headers=headers, json={}) as resp:
             assert resp.status == 200, await resp.text()

@@ -33,6 +33,8 @@ from storage.models import Campaign, Project, utcnow
 log = logging.getLogger("plunkd.campaigns")
 EDITABLE = frozenset({"DRAFT", "SCHEDULED"})
 MAX_LIST_RECIPIENTS = 10_000
+EMPTY_RECIPIENTS = ("recipients must name at least one contact; to send to every subscribed contact, leave "
+                    "recipients out and give audience ALL")
 
 
 @dataclass
@@ -63,8 +65,12 @@ def require_campaign(session: Session, project_id: str, campaign_id: str, for_up
 
 
 def _audience_kind(values: dict[str, Any]) -> str:
-    """ALL, SEGMENT or LIST from what was given; conflicting choices are a validation error."""
+    """ALL, SEGMENT or LIST from what was given; conflicting choices are a validation error. Every
+    subscribed contact is an audience only when asked for by name (`audience: "ALL"`): no recipients,
+    like an empty list, never means "everyone" (seeds 001-002 make `recipients` required)."""
     kind = values.get("audience")
+    if values.get("recipients") == []:
+        raise ValidationFailed([FieldError("recipients", EMPTY_RECIPIENTS, "too_small")])
     has_list, has_segment = bool(values.get("recipients")), values.get("segment_id") is not None
     if has_list and has_segment:
         raise ValidationFailed([FieldError("segment", "Give recipients or a segment, not both",
@@ -73,7 +79,10 @@ def _audience_kind(values: dict[str, Any]) -> str:
     if kind is not None and implied is not None and kind != implied:
         raise ValidationFailed([FieldError("audience", f"audience {kind} does not go with "
                                            f"{'recipients' if has_list else 'segment'}", "conflicting_audience")])
-    kind = kind or implied or "ALL"
+    kind = kind or implied
+    if kind is None:
+        raise ValidationFailed([FieldError("recipients", "Required: give recipients (contact ids or emails), a "
+                                           "segment, or audience ALL for every subscribed contact", "required")])
     if kind == "SEGMENT" and not has_segment:
         raise ValidationFailed([FieldError("segment", "audience SEGMENT needs a segment id", "required")])
     if kind == "LIST" and not has_list:
@@ -130,7 +139,7 @@ def update_campaign(session: Session, project_id: str, campaign_id: str, fields:
     if "recipients" in changes or "segment_id" in changes or "audience" in changes:
         audience = {"audience": changes.get("audience"), "recipients": changes.get("recipients"),
                     "segment_id": changes.get("segment_id")}
-        if changes.get("audience") == "ALL" or changes.get("recipients") or changes.get("segment_id"):
+        if "recipients" in changes or changes.get("audience") == "ALL" or changes.get("segment_id"):
             changes["audience"] = _audience_kind(audience)
             changes["recipients"] = _normalized(changes.get("recipients") or [])
             changes["segment_id"] = changes.get("segment_id")
@@ -215,13 +224,14 @@ def cancel_campaign(session: Session, project_id: str, campaign_id: str) -> Camp
 def send_test(session: Session, project: Project, campaign_id: str, addresses: list[str],
               links: LinkSigner) -> list[Queued]:
     """One copy to each address now (the project's sender when none is given), ahead of campaign mail;
-    the campaign itself does not change."""
+    the campaign itself does not change, nor does the audience: a test copy is an email of no contact
+    (`Submission.test_copy`)."""
     campaign = require_campaign(session, project.id, campaign_id)
     spec = message_spec(session, campaign, project, links)
     spec.campaign_id = None
     return submit(session, Submission(project.id, "campaign", spec.from_email, addresses or [project.from_email],
                                       compose=spec.build, subject=spec.subject, size=len(spec.body),
-                                      tracking=tracking_for(session, project.id, marketing=True)))
+                                      tracking=tracking_for(session, project.id, marketing=True), test_copy=True))
 
 
 def start_fanout(session: Session, campaign_id: str, links: LinkSigner) -> Campaign | None:

@@ -58,6 +58,10 @@ class Submission:
     tracking: Tracking | None = None
     """Open and click tracking as the send asked (None, or a None field: the project's default for
     marketing mail when `marketing`, else for transactional mail; see `pipeline.tracking`)."""
+    test_copy: bool = False
+    """A campaign's test copy: sent and recorded as an email of no contact (contact_id NULL), so the
+    audience is left as it was: no contact created or changed, no contact events. Rendered without
+    contact data (`plunk_id` empty: its unsubscribe link names no contact)."""
 
     @property
     def light(self) -> bool:
@@ -68,7 +72,7 @@ class Submission:
 
 @dataclass
 class Queued:
-    contact_id: str
+    contact_id: str | None
     email: str
     email_id: str
 
@@ -129,24 +133,28 @@ def submit(session: Session, submission: Submission) -> list[Queued]:
     contents: dict[bytes, str] = {}
     queued: list[Queued] = []
     for address in dict.fromkeys(r.lower() for r in submission.recipients):
-        contact, _, _ = upsert_contact(session, submission.project_id, address, submission.subscribed,
-                                       default_subscribed=False, only_subscribe=True)
+        if submission.test_copy:
+            contact_id, contact_data, subscribed = None, {}, True
+        else:
+            contact, _, _ = upsert_contact(session, submission.project_id, address, submission.subscribed,
+                                           default_subscribed=False, only_subscribe=True)
+            contact_id, contact_data, subscribed = contact.id, contact.data or {}, contact.subscribed
         if raw is not None:
             message = raw
         else:
             assert submission.compose is not None
-            variables = {**(contact.data or {}), **(submission.variables or {}),
-                         "plunk_id": contact.id, "plunk_email": contact.email}
+            variables = {**contact_data, **(submission.variables or {}),
+                         "plunk_id": contact_id or "", "plunk_email": address}
             message = submission.compose(address, variables)
         digest = hashlib.sha256(message).digest()
         if digest not in contents:
             contents[digest] = email_store.insert_content(session, submission.project_id, message)
-        skipped = submission.marketing and not contact.subscribed
-        email_id = email_store.insert_email(session, submission.project_id, contact.id, contents[digest], address,
+        skipped = submission.marketing and not subscribed
+        email_id = email_store.insert_email(session, submission.project_id, contact_id, contents[digest], address,
                                             submission.sender, subject, submission.source,
                                             envelope_sender, skipped=skipped,
                                             track_opens=bool(tracking.opens), track_clicks=bool(tracking.clicks))
-        queued.append(Queued(contact.id, address, email_id))
+        queued.append(Queued(contact_id, address, email_id))
         if not skipped:
             count_at_commit(session, EMAILS_ACCEPTED.labels(submission.source))
     return queued

@@ -9,6 +9,7 @@ from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from storage.models import Domain, Email, OutboxItem, Project
+from storage.pagination import Page, paginate
 
 
 def insert_domain(session: Session, project_id: str, name: str, selector: str, private_key: str,
@@ -53,6 +54,10 @@ def get_domain(session: Session, project_id: str, id_or_name: str) -> Domain | N
 def list_domains(session: Session, project_id: str) -> list[Domain]:
     stmt = select(Domain).where(Domain.project_id == project_id).order_by(Domain.id.desc())
     return list(session.execute(stmt).scalars())
+
+
+def page_domains(session: Session, project_id: str, limit: int, cursor: str | None) -> Page:
+    return paginate(session, select(Domain).where(Domain.project_id == project_id), Domain.id, limit, cursor)
 
 
 _VERIFIED_DOMAIN_ID = select(Domain.id).where(Domain.project_id == bindparam("p"), Domain.name == bindparam("n"),

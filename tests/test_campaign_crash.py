@@ -68,7 +68,8 @@ def test_kill_9_mid_fan_out_queues_every_contact_exactly_once(tmp_path):
     base = f"http://127.0.0.1:{port}"
     with serving(tmp_path, full_env) as proc:
         wait_until(lambda: api_up(base), 30, "the API")
-        campaign = call(base, key, "/campaigns", {"subject": "News", "body": "<p>Hi {{name}}</p>"})
+        campaign = call(base, key, "/campaigns", {"subject": "News", "body": "<p>Hi {{name}}</p>",
+                                                  "audience": "ALL"})
         call(base, key, f"/campaigns/{campaign['id']}/send", {})
         wait_until(lambda: campaign_row(str(database), campaign["id"])[0] > 0, 30, "the fan-out to start")
         for pid in [*children(proc.pid), proc.pid]:

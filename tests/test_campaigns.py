@@ -39,9 +39,11 @@ async def add_contacts(api, subscribed: int, unsubscribed: int = 0, data=None, p
 
 
 async def create(api, **fields) -> dict:
-    payload = {"subject": "News for {{name ?? you}}", "body": "<p>Hello {{name}}</p>", **fields}
+    """A draft campaign; to every subscribed contact unless `recipients` or a `segment` is given."""
+    audience = {} if {"recipients", "segment", "audience"} & fields.keys() else {"audience": "ALL"}
+    payload = {"subject": "News for {{name ?? you}}", "body": "<p>Hello {{name}}</p>", **audience, **fields}
     status, body = await api.call("POST", "/campaigns", json=payload)
-    assert status == 200, body
+    assert status == 201, body
     return body["data"]
 
 
@@ -119,7 +121,7 @@ async def test_list_is_paginated_newest_first_and_per_project(api):
     ({"subject": "x", "body": "x", "recipients": ["nobody@example.org"]}, "recipients.0", "unknown_recipient"),
     ({"subject": "x", "body": "x", "recipients": ["0190aaaa-0000-7000-8000-000000000000"]}, "recipients.0",
      "unknown_recipient"),
-    ({"subject": "x", "body": "x", "template": "missing"}, "template", "unknown_template"),
+    ({"subject": "x", "body": "x", "template": "missing", "audience": "ALL"}, "template", "unknown_template"),
     ({"subject": "x", "body": "x", "segment": "missing"}, "segment", "unknown_segment"),
     ({"subject": "x", "body": "x", "audience": "SEGMENT"}, "segment", "required"),
     ({"subject": "x", "body": "x", "audience": "ALL", "recipients": ["reader0@example.org"]}, "audience",
@@ -132,6 +134,44 @@ async def test_bad_campaigns_are_422_naming_the_field(api, payload, field, code)
     status, body = await api.call("POST", "/campaigns", json=payload)
     assert status == 422, body
     assert {"field": field, "code": code} in [{k: e[k] for k in ("field", "code")} for e in body["error"]["errors"]]
+
+
+@pytest.mark.parametrize("path", ["/campaigns", "/v1/campaigns", "/api/v1/campaigns"])
+async def test_an_empty_recipient_list_is_refused_never_everyone(api, sender, path):
+    """Seeds 001-002 make `recipients` required: `[]` is a 422 naming it on every dialect, on create and on
+    update, and nothing is stored or sent (it used to create a campaign to every subscribed contact)."""
+    contacts = await add_contacts(api, 3)
+    status, body = await api.call("POST", path, json={"subject": "S", "body": "B", "recipients": [],
+                                                      "style": "PLUNK"})
+    assert status == 422, body
+    assert body["success"] is False and body["error"]["code"] == "VALIDATION_ERROR"
+    assert [(e["field"], e["code"]) for e in body["error"]["errors"]] == [("recipients", "too_small")]
+    assert "audience ALL" in body["error"]["errors"][0]["message"]
+    status, listed = await api.call("GET", "/campaigns")
+    assert status == 200 and listed["data"]["total"] == 0
+    created = await create(api, recipients=[contacts[0]["id"]])
+    by_body = ("PUT", path, {"id": created["id"], "recipients": []})
+    by_path = ("PATCH", f"{path}/{created['id']}", {"recipients": []})
+    for method, url, payload in (by_body, by_path):
+        status, body = await api.call(method, url, json=payload)
+        assert status == 422 and body["error"]["errors"][0]["field"] == "recipients", (method, body)
+    after = await campaign(api, created["id"])
+    assert after["audience"] == "LIST" and after["recipients"] == [contacts[0]["id"]]
+
+
+async def test_every_subscribed_contact_only_when_asked_for_by_name(api, sender, tmp_path):
+    contacts = await add_contacts(api, 2, unsubscribed=1)
+    status, body = await api.call("POST", "/campaigns", json={"subject": "S", "body": "B"})
+    assert status == 422 and body["error"]["errors"][0]["field"] == "recipients", body
+    assert body["error"]["errors"][0]["code"] == "required"
+    status, body = await api.call("POST", "/v1/campaigns", json={"subject": "S", "body": "B", "audience": "ALL"})
+    assert status == 200 and body["data"]["audience"] == "ALL" and body["data"]["recipients"] == [], body
+    everyone = body["data"]
+    status, body = await api.call("PATCH", f"/campaigns/{everyone['id']}", json={"subject": "S2"})
+    assert status == 200 and body["data"]["audience"] == "ALL", "leaving recipients out of an update keeps them"
+    await api.call("POST", f"/campaigns/{everyone['id']}/send", json={})
+    await deliver(api, tmp_path / "out")
+    assert sorted(delivered(tmp_path / "out")) == sorted(c["email"] for c in contacts[:2])
 
 
 async def test_unauthenticated_public_key_and_malformed_requests(api):
@@ -272,6 +312,41 @@ async def test_test_send_goes_to_given_addresses_and_leaves_the_campaign_a_draft
     assert status == 422 and body["error"]["errors"][0]["field"] == "emails"
 
 
+async def test_test_copies_are_sent_and_recorded_but_leave_the_audience_as_it_was(api, sender, tmp_path):
+    """A test copy (POST /campaigns/:id/test, or seed 002's send with `live: false` to the project's sender)
+    creates no contact, changes none (not even an unsubscribed one it is sent to) and records no contact
+    event; it is still delivered and recorded as an email, of no contact."""
+    await add_contacts(api, 1)
+    status, body = await api.call("POST", "/contacts", json={"email": "boss@example.org", "subscribed": False,
+                                                             "data": {"name": "Boss"}})
+    assert status == 201, body
+    boss = body["data"]
+    created = await create(api)
+    status, body = await api.call("POST", f"/campaigns/{created['id']}/test",
+                                  json={"emails": ["me@example.com", "boss@example.org"]})
+    assert status == 200, body
+    assert [e["contact"] for e in body["data"]["emails"]] == [{"id": None, "email": "me@example.com"},
+                                                              {"id": None, "email": "boss@example.org"}]
+    status, body = await api.call("POST", "/api/v1/campaigns/send", json={"id": created["id"], "live": False})
+    assert status == 200 and body["status"] == "DRAFT", body
+    await dispatch_all(dispatcher_for(api, tmp_path / "out"))
+    messages = delivered(tmp_path / "out")
+    assert sorted(messages) == ["boss@example.org", "hello@example.com", "me@example.com"]
+    assert "Hello </p>" in messages["boss@example.org"].get_body(("html",)).get_content(), "no contact data"
+
+    _, count = await api.call("GET", "/contacts/count")
+    assert count["data"]["count"] == 2, "no contact was created"
+    _, after = await api.call("GET", f"/contacts/{boss['id']}")
+    assert after["data"] == boss, "the unsubscribed contact is left as it was"
+    rows = await api.db.read(email_store.list_emails, api.project_id)
+    assert sorted((r.recipient, r.contact_id, r.status) for r in rows) == [
+        ("boss@example.org", None, "SENT"), ("hello@example.com", None, "SENT"), ("me@example.com", None, "SENT")]
+    _, events = await api.call("GET", "/events?limit=100")
+    assert [(e["name"], e["contactId"]) for e in events["data"]["items"]] == [("email.sent", None)] * 3
+    _, boss_events = await api.call("GET", f"/events/contact/{boss['id']}")
+    assert boss_events["data"]["items"] == []
+
+
 async def test_empty_audience_and_unverified_sender_are_refused(api, sender):
     await add_contacts(api, 0, unsubscribed=2)
     created = await create(api)
@@ -338,8 +413,8 @@ async def test_template_campaign_and_stats_from_feedback_events(api, sender, tmp
         return template.id
 
     template_id = await api.db.write(add_template)
-    status, body = await api.call("POST", "/campaigns", json={"template": template_id})
-    assert status == 200, body
+    status, body = await api.call("POST", "/campaigns", json={"template": template_id, "audience": "ALL"})
+    assert status == 201, body
     created = body["data"]
     await api.call("POST", f"/campaigns/{created['id']}/send", json={})
     await deliver(api, tmp_path / "out")

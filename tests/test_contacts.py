@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 import pytest
+
+from api import contacts as contacts_api
+from storage import contacts as contact_store
 
 
 async def create(api, email="c@example.com", **extra):
@@ -146,3 +150,72 @@ async def test_unknown_id_is_404(api):
     assert status == 404
     status, body = await api.call("PUT", "/contacts", json={"id": "nope", "data": {}})
     assert status == 404
+
+
+async def add_many(api, count: int) -> None:
+    """`count` contacts written straight to the database (every fifth unsubscribed)."""
+    def insert(session):
+        for index in range(count):
+            contact_store.insert_contact(session, api.project_id, f"bulk{index:04d}@example.com", index % 5 != 0, {})
+
+    await api.db.write(insert)
+
+
+def counting_pages(monkeypatch) -> list[int]:
+    """Count the keyset reads of the legacy stream (the real query runs), and make its pages 100 contacts."""
+    sizes: list[int] = []
+    read_page = contact_store.contacts_after
+
+    def counted(*args, **kwargs):
+        page = read_page(*args, **kwargs)
+        sizes.append(len(page))
+        return page
+
+    monkeypatch.setattr(contact_store, "contacts_after", counted)
+    monkeypatch.setattr(contacts_api, "STREAM_PAGE_SIZE", 100)
+    return sizes
+
+
+async def test_legacy_get_all_contacts_streams_every_contact_in_pages(api, monkeypatch):
+    """Seed 002's "Get all contacts" (GET /api/v1/contacts) answers every contact, not the first 20: a plain
+    array written chunk by chunk as keyset pages are read, never one list of them all."""
+    await add_many(api, 250)
+    pages = counting_pages(monkeypatch)
+    resp = await api.client.get("/api/v1/contacts", headers=api.auth())
+    assert resp.status == 200 and resp.headers["Transfer-Encoding"] == "chunked"
+    assert resp.content_type == "application/json"
+    assert resp.headers["X-Request-Id"] and resp.headers["X-RateLimit-Limit"] == "1000"
+    listed = await resp.json()
+    assert len(listed) == 250 and len({c["email"] for c in listed}) == 250
+    assert [c["id"] for c in listed] == sorted((c["id"] for c in listed), reverse=True), "newest first"
+    assert set(listed[0]) == {"id", "email", "subscribed", "data", "createdAt", "updatedAt"}
+    assert pages == [100, 100, 50], "three reads of at most 100 contacts each"
+
+    pages.clear()
+    status, unsubscribed = await api.call("GET", "/api/v1/contacts?subscribed=false")
+    assert status == 200 and len(unsubscribed) == 50 and not any(c["subscribed"] for c in unsubscribed)
+    assert pages == [50]
+    status, page = await api.call("GET", "/api/v1/contacts?limit=5")
+    assert status == 200 and len(page) == 5, "a page when one is asked for"
+    status, body = await api.call("GET", "/contacts")
+    assert len(body["data"]["items"]) == 20 and body["data"]["total"] == 250, "the envelope pages as before"
+    _, other_sk, _ = await api.new_project()
+    status, empty = await api.call("GET", "/api/v1/contacts", key=other_sk)
+    assert status == 200 and empty == []
+
+
+async def test_a_failure_mid_stream_breaks_the_reply_instead_of_truncating_it(api, monkeypatch):
+    await add_many(api, 150)
+    pages = counting_pages(monkeypatch)
+    read_page = contact_store.contacts_after
+
+    def fails_second(*args, **kwargs):
+        if pages:
+            raise RuntimeError("database went away")
+        return read_page(*args, **kwargs)
+
+    monkeypatch.setattr(contact_store, "contacts_after", fails_second)
+    resp = await api.client.get("/api/v1/contacts", headers=api.auth())
+    assert resp.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()

@@ -45,7 +45,29 @@ async def test_add_returns_records_and_verify_by_dns(api, dns_config, dns_server
     assert body["data"]["verified"] is True and body["data"]["lastCheck"]["dkim"] is True
     assert body["data"]["lastCheck"]["dmarc"] is False, "DMARC is advised, not required"
     _, listed = await api.call("GET", "/v1/domains")
-    assert [d["domain"] for d in listed["data"]] == ["mail.example.com"]
+    assert [d["domain"] for d in listed["data"]["items"]] == ["mail.example.com"]
+
+
+async def test_list_follows_the_list_rule(api):
+    """GET /domains pages like every list (limit default 20, max 100, cursor; {items, nextCursor, hasMore,
+    total}); the legacy /api/v1 dialect answers the page as a plain array."""
+    for name in ("one.example.org", "two.example.org", "three.example.org"):
+        status, _ = await api.call("POST", "/domains", json={"domain": name})
+        assert status == 201
+    status, body = await api.call("GET", "/domains?limit=2")
+    assert status == 200, body
+    first = body["data"]
+    assert [d["domain"] for d in first["items"]] == ["three.example.org", "two.example.org"]
+    assert first["hasMore"] is True and first["total"] == 3 and first["nextCursor"]
+    status, body = await api.call("GET", f"/domains?limit=2&cursor={first['nextCursor']}")
+    assert [d["domain"] for d in body["data"]["items"]] == ["one.example.org"] and body["data"]["hasMore"] is False
+    status, body = await api.call("GET", "/domains")
+    assert status == 200 and len(body["data"]["items"]) == 3 and body["data"]["nextCursor"] is None
+    for bad in ("limit=101", "limit=0", "cursor=nope"):
+        status, body = await api.call("GET", f"/domains?{bad}")
+        assert status == 422 and body["error"]["code"] == "VALIDATION_ERROR", bad
+    status, legacy = await api.call("GET", "/api/v1/domains?limit=2")
+    assert status == 200 and [d["domain"] for d in legacy] == ["three.example.org", "two.example.org"]
 
 
 async def test_duplicate_and_bad_domains(api):
@@ -180,7 +202,7 @@ async def test_domains_per_project_are_capped(api, config):
         "suggestion": "Delete a domain the project no longer uses (DELETE /domains/:id), "
                       "or raise api.max_domains_per_project."}
     _, listed = await api.call("GET", "/domains")
-    assert sorted(d["domain"] for d in listed["data"]) == ["a.example.com", "b.example.com"]
+    assert sorted(d["domain"] for d in listed["data"]["items"]) == ["a.example.com", "b.example.com"]
     _, other_sk, _ = await api.new_project()
     status, _ = await api.call("POST", "/domains", key=other_sk, json={"domain": "c.example.com"})
     assert status == 201, "the cap is per project"
@@ -211,7 +233,7 @@ async def test_delete_domain(api, sender, tmp_path):
     status, _ = await api.call("GET", f"/domains/{sender['id']}")
     assert status == 404
     _, listed = await api.call("GET", "/domains")
-    assert listed["data"] == []
+    assert listed["data"]["items"] == []
 
 
 async def test_delete_unknown_or_other_projects_domain_is_404(api, sender):

@@ -73,3 +73,37 @@ async def test_openapi_describes_served_routes(api):
             probe = await api.client.request(method.upper(), re.sub(r"\{[^}]+\}", "x", path))
             assert probe.status != 405 and not (probe.status == 404 and
                                                 (await probe.json())["error"]["message"] == "No such endpoint")
+
+
+async def test_creates_answer_201_except_where_seed_001_documents_200(api):
+    """One rule for creates: 201 Created, and /openapi.json says so; seed 001 documents 200 for its two
+    creates (POST /contacts and POST /campaigns of the /v1 API), so those answer 200 under /v1 and /api/v1."""
+    created = {}
+    for path, payload in [("/contacts", {"email": "a@example.com"}),
+                          ("/campaigns", {"subject": "S", "body": "B", "audience": "ALL"}),
+                          ("/templates", {"name": "T", "subject": "S", "body": "B"}),
+                          ("/segments", {"name": "All", "condition": {"field": "email", "op": "contains",
+                                                                      "value": "@"}}),
+                          ("/webhooks", {"url": "https://hooks.example.com/in", "events": ["signed-up"]})]:
+        status, body = await api.call("POST", path, json=payload)
+        assert status == 201 and body["success"] is True, (path, body)
+        created[path] = body["data"]
+    status, body = await api.call("POST", "/actions", json={"name": "A", "events": ["signed-up"],
+                                                            "template": created["/templates"]["id"]})
+    assert status == 201, body
+    for prefix in ("/v1", "/api/v1"):
+        status, _ = await api.call("POST", f"{prefix}/contacts", json={"email": f"b{len(prefix)}@example.com"})
+        assert status == 200, prefix
+        status, _ = await api.call("POST", f"{prefix}/campaigns", json={"subject": "S", "body": "B",
+                                                                        "recipients": ["a@example.com"]})
+        assert status == 200, prefix
+    status, _ = await api.call("POST", "/v1/templates", json={"name": "T2", "subject": "S", "body": "B"})
+    assert status == 201, "seed 001 has no templates: the rule holds under /v1 too"
+    _, spec = await api.call("GET", "/openapi.json")
+    for path in ("/contacts", "/campaigns", "/templates", "/segments", "/workflows", "/actions", "/webhooks",
+                 "/domains", "/v1/templates", "/api/v1/segments"):
+        responses = spec["paths"][path]["post"]["responses"]
+        assert "201" in responses and "200" not in responses, path
+    for path in ("/v1/contacts", "/api/v1/contacts", "/v1/campaigns", "/api/v1/campaigns"):
+        responses = spec["paths"][path]["post"]["responses"]
+        assert "200" in responses and "201" not in responses, path

@@ -72,3 +72,39 @@ async def test_events_are_per_project(api):
     assert status == 404
     _, body = await api.call("GET", "/events")
     assert body["data"]["total"] == 1
+
+
+@pytest.mark.parametrize(("path", "parameter"), [
+    ("/events?event=login", "event"),
+    ("/v1/events?limit=5&nmae=login", "nmae"),
+    ("/api/v1/events?name=login&sort=asc", "sort"),
+    ("/events/stats?from=2999-01-01", "from"),
+    ("/events/names?limit=1", "limit"),
+    ("/events/contact/x?name=login", "name"),
+    ("/contacts?subscribed=true&status=active", "status"),
+    ("/contacts/count?subscribed=true", "subscribed"),
+])
+async def test_an_unknown_query_parameter_is_a_422_naming_it(api, path, parameter):
+    """A misspelt or unsupported filter used to be ignored, answering unfiltered data."""
+    await track(api, "e@example.com", "login")
+    status, body = await api.call("GET", path)
+    assert status == 422, body
+    assert body["error"]["code"] == "VALIDATION_ERROR"
+    assert [(e["field"], e["code"]) for e in body["error"]["errors"]] == [(parameter, "unrecognized_keys")]
+    resp = await api.client.get(path)
+    assert resp.status == 401, "no key is still a 401 first"
+
+
+async def test_plunk_parameter_names_filter_too(api):
+    """Plunk's own dashboard API reads `eventName` on GET /events and `startDate`/`endDate` on GET
+    /events/stats; they filter here as `name`, `start` and `end` do."""
+    await track(api, "e@example.com", "login")
+    await track(api, "e@example.com", "purchase")
+    _, body = await api.call("GET", "/events?eventName=login")
+    assert [e["name"] for e in body["data"]["items"]] == ["login"]
+    _, body = await api.call("GET", "/events/stats?startDate=2999-01-01T00:00:00Z")
+    assert body["data"]["total"] == 0
+    _, body = await api.call("GET", "/events/stats?startDate=2000-01-01&endDate=2999-01-01")
+    assert body["data"]["total"] == 2
+    status, body = await api.call("GET", "/events/stats?start=2000-01-01&startDate=2000-01-01")
+    assert status == 422 and body["error"]["errors"][0]["field"] == "startDate"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import email
+import json
 from email import policy
 
 import pytest
@@ -102,6 +103,48 @@ async def test_attachments_and_headers_kept(api, sender):
     parts = {p.get_filename(): p for p in msg.iter_attachments()}
     assert parts["a.pdf"].get_content() == pdf and parts["a.pdf"].get_content_type() == "application/pdf"
     assert parts["n.txt"].get_payload(decode=True) == b"note"
+
+
+SEED_002_SEND_EXAMPLE = """{
+  "to": "<string>",
+  "subject": "<string>",
+  "body": "<string>",
+  "subscribed": true,
+  "name": "<string>",
+  "from": "<string>",
+  "reply": "<string>",
+  "headers": {},
+  "attachments": {}
+}"""
+"""The body of seed 002's `POST /v1/send` example, pasted as the document writes it."""
+SEED_PLACEHOLDERS = {"to": "reader@example.org", "subject": "Hello", "body": "<p>Hi</p>", "name": "Shop",
+                     "from": "hello@example.com", "reply": "help@example.com"}
+
+
+@pytest.mark.parametrize("path", ["/api/v1/send", "/v1/send"])
+async def test_seed_002_send_example_is_accepted(api, sender, path):
+    example = json.loads(SEED_002_SEND_EXAMPLE)
+    payload = {key: SEED_PLACEHOLDERS[key] if value == "<string>" else value for key, value in example.items()}
+    assert payload["headers"] == {} and payload["attachments"] == {}
+    status, body = await api.call("POST", path, data=json.dumps(payload), headers={"Content-Type": "application/json"})
+    assert status == 200, body
+    emails = body["emails"] if path.startswith("/api") else body["data"]["emails"]
+    assert [e["contact"]["email"] for e in emails] == ["reader@example.org"]
+    _, messages = await stored_messages(api)
+    message = messages["reader@example.org"]
+    assert list(message.iter_attachments()) == [] and message["Reply-To"] == "help@example.com"
+    assert message["From"] == "Shop <hello@example.com>"
+    contact = await api.db.read(contact_store.get_contact_by_email, api.project_id, "reader@example.org")
+    assert contact.subscribed is True
+
+
+@pytest.mark.parametrize("attachments", [{"filename": "a.txt", "content": "YQ=="}, {"0": {}}, "none", 0, True])
+async def test_attachments_other_than_a_list_or_the_empty_object_are_refused(api, sender, attachments):
+    status, body = await api.call("POST", "/api/v1/send", json={"to": "a@example.org", "subject": "s", "body": "b",
+                                                               "attachments": attachments})
+    assert status == 422, body
+    assert body["error"]["code"] == "VALIDATION_ERROR" and body["error"]["errors"][0]["field"] == "attachments"
+    assert await api.db.read(email_store.list_emails, api.project_id) == []
 
 
 async def test_unverified_sender_is_refused(api, sender):

@@ -274,7 +274,7 @@ async def test_action_crud_in_the_legacy_shape(api):
     status, body = await api.call("POST", "/actions", json={
         "name": "Welcome", "events": ["signed-up", "invited"], "notevents": ["unsubscribed-app"], "delay": 30,
         "runOnce": True, "template": template_id})
-    assert status == 200, body
+    assert status == 201, body
     action = body["data"]
     assert {k: v for k, v in action.items() if k not in ("id", "createdAt", "updatedAt")} == {
         "name": "Welcome", "events": ["invited", "signed-up"], "notevents": ["unsubscribed-app"], "delay": 30,
@@ -308,7 +308,7 @@ async def test_action_crud_in_the_legacy_shape(api):
 
     # Defaults: no delay (one send step), not run once, no notevents.
     status, body = await api.call("POST", "/actions", json={"name": "Now", "events": ["x"], "template": template_id})
-    assert status == 200, body
+    assert status == 201, body
     now = body["data"]
     assert (now["delay"], now["runOnce"], now["notevents"]) == (0, False, [])
     assert (await api.db.read(lambda s: s.get(Workflow, now["id"]))).definition == {
@@ -389,7 +389,7 @@ async def test_an_event_name_a_workflow_uses_cannot_be_deleted(api, use):
     elif use == "notevents":
         status, body = await api.call("POST", "/actions", json={"name": "A", "events": ["other"],
                                                                 "notevents": ["used-event"], "template": template_id})
-        assert status == 200, body
+        assert status == 201, body
     elif use == "wait":
         await create(api, template_id, steps=[{"id": "w", "type": "wait", "event": "used-event",
                                                "timeoutSeconds": 60}])
