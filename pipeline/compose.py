@@ -75,7 +75,8 @@ def lookup(variables: dict[str, Any], name: str) -> Any:
     return value
 
 
-def _as_text(value: Any) -> str:
+def as_text(value: Any) -> str:
+    """A variable's value as it is written: true/false in lower case, an object or a list as JSON."""
     if isinstance(value, str):
         return value
     if isinstance(value, bool):
@@ -209,7 +210,7 @@ class Template:
         value = lookup(variables, use.name)
         if value is None or value == "":
             return use.default
-        text = _as_text(value)
+        text = as_text(value)
         return html.escape(text) if escape else text
 
 

@@ -44,11 +44,13 @@ def insert_spec(session: Session, project_id: str, spec: MessageSpec) -> str:
 class DeferredComposer:
     """Composes a deferred email when the dispatcher sends it (delivery cannot import pipeline, so the
     wiring hands it this callable). None: do not send it (the contact was deleted, or marketing mail's
-    contact is no longer subscribed)."""
+    contact is no longer subscribed). A message that would be larger than `max_bytes` raises
+    `MessageTooLarge` (the dispatcher fails the email with its reason)."""
 
-    def __init__(self, read: Callable[..., Any], links: LinkSigner) -> None:
+    def __init__(self, read: Callable[..., Any], links: LinkSigner, max_bytes: int | None = None) -> None:
         self._read = read
         self._links = links
+        self._max_bytes = max_bytes
         self._specs: TtlCache[str, MessageSpec] = TtlCache(300.0, max_entries=64)
 
     async def __call__(self, item: Claimed) -> bytes | None:
@@ -63,4 +65,4 @@ class DeferredComposer:
             return None
         variables = {**(contact.data or {}), **(item.variables or {}), "plunk_id": contact.id,
                      "plunk_email": contact.email}
-        return spec.build(contact.email, variables)
+        return spec.build(contact.email, variables, self._max_bytes)
