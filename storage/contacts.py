@@ -85,8 +85,8 @@ def largest_data_bytes(session: Session, project_id: str) -> int:
 
 def all_data(session: Session, project_id: str) -> Iterator[dict[str, Any]]:
     """The data of every contact of the project, read in batches."""
-    rows = session.connection().execution_options(yield_per=1000).execute(
-        select(_TABLE.c.data).where(_TABLE.c.project_id == project_id))
+    rows = session.connection().execute(
+        select(_TABLE.c.data).where(_TABLE.c.project_id == project_id).execution_options(yield_per=1000))
     for (data,) in rows:
         if data:
             yield data
