@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 from aiohttp import web
 from pydantic import ConfigDict, Field, StringConstraints, WithJsonSchema
 
-from api.context import DB
+from api.context import CONFIG, DB
 from api.envelope import success
 from api.routing import Route, caller
 from api.schemas import Out
@@ -338,9 +338,9 @@ async def list_workflows(request: web.Request) -> web.Response:
 async def create_workflow(request: web.Request) -> web.Response:
     body = await read_body(request, CreateWorkflowBody)
     fields = WorkflowFields(body.name, body.trigger.event, body.steps, body.enabled, body.allowReentry)
-    project_id = caller(request).project_id
+    project_id, max_bytes = caller(request).project_id, request.app[CONFIG].smtp.max_message_bytes
     workflow = await request.app[DB].write(
-        lambda s: _shaped(s, rules.create_workflow(s, project_id, fields)))
+        lambda s: _shaped(s, rules.create_workflow(s, project_id, fields, max_bytes)))
     return success(workflow, status=201)
 
 
@@ -359,8 +359,9 @@ async def update_workflow(request: web.Request) -> web.Response:
     fields = WorkflowFields(body.name, body.trigger.event if body.trigger else None, body.steps, body.enabled,
                             body.allowReentry)
     project_id, workflow_id = caller(request).project_id, request.match_info["id"]
+    max_bytes = request.app[CONFIG].smtp.max_message_bytes
     workflow = await request.app[DB].write(
-        lambda s: _shaped(s, rules.update_workflow(s, project_id, workflow_id, fields)))
+        lambda s: _shaped(s, rules.update_workflow(s, project_id, workflow_id, fields, max_bytes)))
     return success(workflow)
 
 

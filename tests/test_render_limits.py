@@ -330,6 +330,23 @@ async def test_a_workflow_send_that_would_render_over_the_limit_fails_that_run(a
     assert list(delivered(tmp_path / "out")) == ["small@example.org"]
 
 
+async def test_a_workflow_whose_template_is_over_the_limit_with_the_step_data_is_refused_at_save(api):
+    """POST and PATCH /workflows: 422 naming the step's template when it renders over the limit with the
+    step's own data, before any contact's; nothing saved."""
+    template = await make_template(api, body="<p>{{a ?? none}}</p>" * 200)
+    mail = {"id": "mail", "type": "send", "template": template, "data": {"a": BIG}}
+    payload = {"name": "wf", "trigger": {"event": "go"}, "steps": [mail]}
+    status, reply = await api.call("POST", "/workflows", json=payload)
+    assert status == 422 and fields(reply) == [("steps.0.template", "too_big")], reply
+    assert str(LIMIT) in reply["error"]["errors"][0]["message"]
+    status, reply = await api.call("GET", "/workflows")
+    assert reply["data"]["total"] == 0
+    status, made = await api.call("POST", "/workflows", json={**payload, "steps": [{**mail, "data": {"a": "x"}}]})
+    assert status == 201, made
+    status, reply = await api.call("PATCH", f"/workflows/{made['data']['id']}", json={"steps": [mail]})
+    assert status == 422 and fields(reply) == [("steps.0.template", "too_big")], reply
+
+
 # --- 3. nested variables ---------------------------------------------------------------------------------------
 
 NESTED = {"nested": {"key": "deep"}, "items": [{"name": "first"}, {"name": "second"}], "tags": ["a", "b"],
