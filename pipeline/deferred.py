@@ -9,6 +9,7 @@ small rows and no MIME, and a contact who unsubscribes before marketing mail goe
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,10 @@ from pipeline.links import LinkSigner
 from storage import contacts as contact_store
 from storage import emails as email_store
 from storage.emails import Claimed
+
+INLINE_COMPOSE_BYTES = 256_000
+"""A body that renders larger is composed in a thread: a few megabytes of HTML take seconds (the text
+part is parsed out of it), and the dispatcher's event loop keeps sending meanwhile."""
 
 
 def spec_to_json(spec: MessageSpec) -> bytes:
@@ -65,4 +70,6 @@ class DeferredComposer:
             return None
         variables = {**(contact.data or {}), **(item.variables or {}), "plunk_id": contact.id,
                      "plunk_email": contact.email}
+        if spec.template(spec.body).size(variables) > INLINE_COMPOSE_BYTES:
+            return await asyncio.to_thread(spec.build, contact.email, variables, self._max_bytes)
         return spec.build(contact.email, variables, self._max_bytes)

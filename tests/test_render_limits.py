@@ -312,6 +312,32 @@ async def test_a_contact_whose_data_grew_after_the_send_fails_alone_with_the_rea
     assert await api.db.read(lambda s: s.execute(select(func.count()).select_from(OutboxItem)).scalar_one()) == 0
 
 
+async def test_a_large_deferred_email_is_composed_off_the_dispatchers_event_loop(api, sender, tmp_path):
+    """A campaign email that renders to megabytes takes seconds to compose (its text part is parsed out of
+    the HTML): that happens in a thread, and the dispatcher's event loop keeps running meanwhile."""
+    contacts = await add_contacts(api, 2, data={"a": "<" * 2000})
+    created = await create_campaign(api, body="<p>{{a}}</p>" * 1000, style="HTML")
+    status, reply = await api.call("POST", f"/campaigns/{created['id']}/send", json={})
+    assert status == 200, reply
+    gaps = []
+
+    async def tick() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.02)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    ticker = asyncio.create_task(tick())
+    try:
+        await deliver_campaigns(api, tmp_path / "out")
+    finally:
+        ticker.cancel()
+    assert sorted(delivered(tmp_path / "out")) == sorted(c["email"] for c in contacts)
+    assert max(gaps) < 1.0, max(gaps)
+
+
 async def test_a_workflow_send_that_would_render_over_the_limit_fails_that_run(api, sender, tmp_path):
     template = await make_template(api, body="<p>{{a ?? none}}</p>" * 200)
     workflow = await make_workflow(api, [{"id": "mail", "type": "send", "template": template}], ["go"])
