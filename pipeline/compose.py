@@ -87,7 +87,7 @@ def as_text(value: Any) -> str:
 
 
 def byte_length(text: str) -> int:
-    """UTF-8 octets of `text` (a lone surrogate from JSON data counts 3, as it would be escaped)."""
+    """UTF-8 octets of `text` (a lone surrogate, which JSON data can hold, counts 3 instead of raising)."""
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
@@ -217,6 +217,7 @@ class Template:
 def render(template: str, variables: dict[str, Any], escape: bool = False, limit: int | None = None) -> str:
     """Fill `{{name}}` and `{{name ?? default}}` (see `Template`); unknown names without a default become ''."""
     return Template(template).render(variables, escape, limit)
+
 
 class _TextExtractor(HTMLParser):
     BLOCKS = {"p", "div", "br", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "table"}
