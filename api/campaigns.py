@@ -11,7 +11,7 @@ from aiohttp import web
 from pydantic import AwareDatetime, ConfigDict, Field, StringConstraints, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
-from api.context import DB, LINKS, ON_QUEUED
+from api.context import CONFIG, DB, LINKS, ON_QUEUED
 from api.envelope import success
 from api.routing import Route, caller
 from api.schemas import Out
@@ -240,8 +240,9 @@ async def delete_campaign_by_path(request: web.Request) -> web.Response:
 
 async def _schedule(request: web.Request, campaign_id: str, at: datetime) -> web.Response:
     project_id, links = caller(request).project_id, request.app[LINKS]
+    max_bytes = request.app[CONFIG].smtp.max_message_bytes
     campaign = await request.app[DB].write(lambda s: campaign_json(
-        rules.schedule_campaign(s, _project(s, project_id), campaign_id, at, links)))
+        rules.schedule_campaign(s, _project(s, project_id), campaign_id, at, links, max_bytes)))
     _wake(request)
     return success(campaign)
 
@@ -260,8 +261,9 @@ async def send_campaign(request: web.Request) -> web.Response:
 
 async def _test(request: web.Request, campaign_id: str, addresses: list[str]) -> list[Queued]:
     project_id, links = caller(request).project_id, request.app[LINKS]
+    max_bytes = request.app[CONFIG].smtp.max_message_bytes
     queued = await request.app[DB].write(lambda s: rules.send_test(s, _project(s, project_id), campaign_id,
-                                                                    addresses, links))
+                                                                    addresses, links, max_bytes))
     _wake(request)
     return queued
 

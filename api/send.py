@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import re
@@ -219,7 +220,9 @@ async def send_email(request: web.Request) -> web.Response:
                              from_name=body.name, reply_to=body.reply, subject=body.subject, body=body.body,
                              headers=body.headers, attachments=attachments)
     submission = Submission(who.project_id, "api", spec.from_email, body.to,
-                            body.subscribed, body.data, compose=spec.build, subject=spec.subject,
+                            body.subscribed, body.data,
+                            compose=functools.partial(spec.build, limit=config.smtp.max_message_bytes),
+                            subject=spec.subject,
                             size=len(spec.body) + sum(len(a.content) for a in attachments),
                             marketing=spec.links is not None,
                             tracking=body.tracking.choice() if body.tracking is not None else None)

@@ -341,9 +341,9 @@ async def create_workflow(request: web.Request) -> web.Response:
     body = await read_body(request, CreateWorkflowBody)
     fields = WorkflowFields(body.name, body.trigger.event, body.steps, body.enabled, body.allowReentry)
     await grammar.check_webhook_targets(body.steps, request.app[CONFIG].webhooks.allow_private_targets)
-    project_id = caller(request).project_id
+    project_id, max_bytes = caller(request).project_id, request.app[CONFIG].smtp.max_message_bytes
     workflow = await request.app[DB].write(
-        lambda s: _shaped(s, rules.create_workflow(s, project_id, fields)))
+        lambda s: _shaped(s, rules.create_workflow(s, project_id, fields, max_bytes)))
     return success(workflow)
 
 
@@ -363,8 +363,9 @@ async def update_workflow(request: web.Request) -> web.Response:
                             body.allowReentry)
     await grammar.check_webhook_targets(body.steps, request.app[CONFIG].webhooks.allow_private_targets)
     project_id, workflow_id = caller(request).project_id, request.match_info["id"]
+    max_bytes = request.app[CONFIG].smtp.max_message_bytes
     workflow = await request.app[DB].write(
-        lambda s: _shaped(s, rules.update_workflow(s, project_id, workflow_id, fields)))
+        lambda s: _shaped(s, rules.update_workflow(s, project_id, workflow_id, fields, max_bytes)))
     return success(workflow)
 
 

@@ -38,9 +38,12 @@ smaller one pays the claim and commit more often (100 ran half as many steps a s
 
 class WorkflowScheduler(DueLoop):
     def __init__(self, db: Database, links: LinkSigner | None, on_queued: Callable[[], None],
-                 poll_seconds: float = 0.2, batch: int = BATCH, webhooks: WebhooksConfig | None = None) -> None:
+                 poll_seconds: float = 0.2, batch: int = BATCH, webhooks: WebhooksConfig | None = None,
+                 max_bytes: int | None = None) -> None:
         self.db = db
         self.links = links
+        self.max_bytes = max_bytes
+        """`smtp.max_message_bytes`: a send step fails a run whose email would render larger."""
         self.on_queued = on_queued
         super().__init__(min(poll_seconds, 0.5), log, "workflow scheduler")
         self.batch = batch
@@ -62,8 +65,8 @@ class WorkflowScheduler(DueLoop):
             self.next_due = earliest
             return False
         batches: list[Executed] = await asyncio.gather(*(
-            self.db.write(lambda s: engine.run_due(s, utcnow(), self.batch, self.links, self.db.is_postgres),
-                          alone=True)
+            self.db.write(lambda s: engine.run_due(s, utcnow(), self.batch, self.links, self.db.is_postgres,
+                                                   self.max_bytes), alone=True)
             for _ in range(self.parallel)))
         if any(done.emails for done in batches):
             self.on_queued()

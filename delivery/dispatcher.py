@@ -4,8 +4,9 @@ hand it to the transport, and record what happened. Steps, in order, for one ema
     skip_if_suppressed → compose_deferred → track → add_outgoing_headers → dkim_sign → bucket.acquire
     → transport.send → record
 
-Campaign and workflow mail is stored as a deferred spec; `compose_deferred` (handed in by the wiring, as delivery
-does not import the pipeline) composes it for its recipient, or says not to send it. A transport's bounce (the
+Campaign and workflow mail is stored as a deferred spec; `compose_deferred` (handed in by the wiring) composes
+it for its recipient, or says not to send it; a `PipelineError` it raises (a message over the size limit)
+fails the email with that reason, for good. A transport's bounce (the
 smarthost's 5xx at RCPT or DATA) marks the email BOUNCED, and `record_bounce` (handed in the same way) records
 it in that transaction as delivery feedback records a permanent bounce. `track` (handed in the same way) adds
 the open pixel and click redirects an email's tracking choice asks for; never with the SES transport, which
@@ -32,6 +33,7 @@ from sqlalchemy.orm import Session
 from delivery import dkim
 from delivery.bucket import TokenBucket
 from delivery.transports import SendResult, Transport
+from pipeline.errors import PipelineError
 from plunkd import metrics
 from plunkd.config import DeliveryConfig
 from storage import emails as email_store
@@ -42,7 +44,7 @@ from storage.models import Domain, utcnow
 
 log = logging.getLogger("plunkd.delivery")
 ComposeDeferred = Callable[[Claimed], Awaitable[bytes | None]]
-"""A claimed deferred email → its recipient's message, or None: do not send it."""
+"""A claimed deferred email → its recipient's message, or None: do not send it (PipelineError: it cannot be sent)."""
 RecordBounce = Callable[[Session, Claimed, str], None]
 """(transaction, the bounced email, the smarthost's reply) → the bounce's records: event, suppression, unsubscribe."""
 TrackMessage = Callable[[Claimed, bytes], Awaitable[bytes]]
@@ -166,7 +168,15 @@ class Dispatcher:
             return None
         raw = item.raw
         if item.deferred:
-            composed = None if self.compose_deferred is None else await self.compose_deferred(item)
+            try:
+                composed = None if self.compose_deferred is None else await self.compose_deferred(item)
+            except PipelineError as exc:
+                reason = exc.message
+                await self.db.write(lambda s: email_store.mark_failed(s, item.outbox_id, item.email_id, "FAILED",
+                                                                      reason), light=True)
+                metrics.EMAILS_FAILED.labels(self.transport.name, "FAILED").inc()
+                log.warning("email %s: cannot be composed: %s", item.email_id, reason)
+                return None
             if composed is None:
                 await self.db.write(lambda s: email_store.mark_failed(
                     s, item.outbox_id, item.email_id, "SKIPPED", "the contact unsubscribed or was deleted before "

@@ -9,6 +9,7 @@ nothing more.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,7 +17,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from pipeline.compose import MessageSpec
+from pipeline.compose import MessageSpec, as_text, byte_length, lookup
 from pipeline.deferred import insert_spec
 from pipeline.domains import require_verified_sender
 from pipeline.errors import Conflict, FieldError, NotFound, ValidationFailed
@@ -26,6 +27,7 @@ from pipeline.templates import template_spec
 from pipeline.tracking import tracking_for
 from plunkd.metrics import EMAILS_ACCEPTED, count_at_commit
 from storage import campaigns as store
+from storage import contacts as contact_store
 from storage import segments as segment_store
 from storage import templates as template_store
 from storage.models import Campaign, Project, utcnow
@@ -35,6 +37,16 @@ EDITABLE = frozenset({"DRAFT", "SCHEDULED"})
 MAX_LIST_RECIPIENTS = 10_000
 EMPTY_RECIPIENTS = ("recipients must name at least one contact; to send to every subscribed contact, leave "
                     "recipients out and give audience ALL")
+EXPANSION = 32
+"""A composed message is at most this many times what its subject and body render to: quoted-printable
+triples an octet at worst, HTML mail carries a text part beside it, and a PLUNK text body is escaped
+and gets a tag per line break before both."""
+LAYOUT_BYTES = 64 * 1024
+"""Room for the headers, the MIME around the parts and the PLUNK layout."""
+VALUE_FLOOR = 512
+"""What a variable filled by plunkd (plunk_email, the unsubscribe links) renders to at most."""
+SAMPLE_CONTACT = {"plunk_id": "00000000-0000-7000-8000-000000000000", "plunk_email": "x" * 64 + "@" + "x" * 255}
+"""A contact as long as a contact gets, for composing a campaign's message before it is sent."""
 
 
 @dataclass
@@ -187,15 +199,50 @@ def message_spec(session: Session, campaign: Campaign, project: Project, links: 
     return spec
 
 
+def check_size(session: Session, project_id: str, spec: MessageSpec, max_bytes: int) -> None:
+    """MessageTooLarge (422 naming subject or body) when the campaign's email would be larger than
+    `max_bytes` for a contact of the project, so it is refused before anything is queued instead of
+    failing recipient by recipient.
+
+    Each variable renders to at most six times (HTML escaping) the largest contact data of the project,
+    or to its default; when EXPANSION times the subject and body rendered so stays under the limit, that
+    one aggregate query is all. Otherwise the message is composed once with, for each variable it uses,
+    the largest value any contact of the project has for it (one pass over the contacts' data). A contact
+    whose value is shorter but escapes or encodes to more can still go over: the dispatcher then fails
+    that email alone, with the reason."""
+    templates = (spec.template(spec.subject), spec.template(spec.body))
+    value_bound = 6 * max(contact_store.largest_data_bytes(session, project_id), VALUE_FLOOR)
+    rendered_bound = sum(template.literal_bytes + sum(count * max(value_bound, byte_length(use.default))
+                                                      for use, count in template.uses.items())
+                         for template in templates)
+    if rendered_bound * EXPANSION + LAYOUT_BYTES <= max_bytes:
+        return
+    names = {use.name for template in templates for use in template.uses} - set(SAMPLE_CONTACT)
+    largest: dict[str, tuple[int, str]] = {}
+    for data in contact_store.all_data(session, project_id) if names else ():
+        for name in names:
+            value = lookup(data, name)
+            if value is not None:
+                text = as_text(value)
+                size = byte_length(text)
+                if size > largest.get(name, (-1, ""))[0]:
+                    largest[name] = (size, text)
+    variables = {**{name: text for name, (_, text) in largest.items()}, **SAMPLE_CONTACT}
+    spec.build(SAMPLE_CONTACT["plunk_email"], variables, max_bytes)
+
+
 def schedule_campaign(session: Session, project: Project, campaign_id: str, at: datetime,
-                      links: LinkSigner) -> Campaign:
-    """Live send: at `at` (now, or later), to every subscribed contact of the audience."""
+                      links: LinkSigner, max_bytes: int | None = None) -> Campaign:
+    """Live send: at `at` (now, or later), to every subscribed contact of the audience. With `max_bytes`
+    (`smtp.max_message_bytes`), a campaign whose email would be larger is refused (`check_size`)."""
     campaign = require_campaign(session, project.id, campaign_id, for_update=True)
     if campaign.status not in EDITABLE:
         raise Conflict(f"Campaign {campaign_id} is {campaign.status}; only a draft or scheduled campaign can be sent",
                        "Create a new campaign to send again.")
     spec = message_spec(session, campaign, project, links)
     require_verified_sender(session, project.id, spec.from_email)
+    if max_bytes is not None:
+        check_size(session, project.id, spec, max_bytes)
     if store.count_audience(session, project.id, _audience(session, campaign), utcnow()) == 0:
         raise ValidationFailed([FieldError("recipients" if campaign.audience == "LIST" else "audience",
                                            "The audience has no subscribed contacts", "empty_audience")],
@@ -222,15 +269,16 @@ def cancel_campaign(session: Session, project_id: str, campaign_id: str) -> Camp
 
 
 def send_test(session: Session, project: Project, campaign_id: str, addresses: list[str],
-              links: LinkSigner) -> list[Queued]:
+              links: LinkSigner, max_bytes: int | None = None) -> list[Queued]:
     """One copy to each address now (the project's sender when none is given), ahead of campaign mail;
     the campaign itself does not change, nor does the audience: a test copy is an email of no contact
-    (`Submission.test_copy`)."""
+    (`Submission.test_copy`). A copy larger than `max_bytes` is refused (MessageTooLarge)."""
     campaign = require_campaign(session, project.id, campaign_id)
     spec = message_spec(session, campaign, project, links)
     spec.campaign_id = None
     return submit(session, Submission(project.id, "campaign", spec.from_email, addresses or [project.from_email],
-                                      compose=spec.build, subject=spec.subject, size=len(spec.body),
+                                      compose=functools.partial(spec.build, limit=max_bytes), subject=spec.subject,
+                                      size=len(spec.body),
                                       tracking=tracking_for(session, project.id, marketing=True), test_copy=True))
 
 

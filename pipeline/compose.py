@@ -5,19 +5,21 @@ from __future__ import annotations
 import base64
 import binascii
 import html
+import json
 import re
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from email.header import Header
 from email.utils import formataddr
 from html.parser import HTMLParser
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
+from pipeline.errors import FieldError, ValidationFailed
 from pipeline.layout import plunk_layout
 from pipeline.links import LinkSigner
 
-VARIABLE = re.compile(r"\{\{\s*([A-Za-z0-9_.\-]+)\s*(?:\?\?\s*(.*?)\s*)?\}\}")
 HTML_HINT = re.compile(r"<\s*(html|body|p|div|br|table|a|span|h[1-6]|img|strong|em|b|i|ul|ol|li)\b", re.I)
 HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")
 """A header field name (printable ASCII but ':'), short enough that `Name: ` leaves room on a line.
@@ -72,21 +74,193 @@ def reserved_header(name: str) -> str | None:
 
 FOLD_WIDTH = 78
 MAX_LINE = 998
+MAX_RENDERED_HEADER = 16 * 1024
+"""Octets one header value (Subject, a custom header) may render to: folding costs grow with it (a
+megabyte takes over a second), and no mail client shows that much."""
 _FOLD_CHUNK = re.compile(r"[ \t]*[^ \t]+|[ \t]+")
 
 
-def render(template: str, variables: dict[str, Any], escape: bool = False) -> str:
-    """Fill `{{name}}` and `{{name ?? default}}`; unknown names without a default become ''."""
+_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+_SPACE = re.compile(r"\s*")
+_OPEN = re.compile(r"\{\{(?!\{)")
+"""Where a variable may start: in a run of braces only the last two can open one."""
+MAX_INDEX_DIGITS = 9
+"""A path segment of more digits is no list index (it cannot be one, and `int()` of a long run is slow)."""
 
-    def fill(match: re.Match[str]) -> str:
-        value = variables.get(match.group(1))
+
+class RenderOverflow(Exception):
+    """A render went over its byte limit; nothing past the limit was produced."""
+
+
+class Use(NamedTuple):
+    """One `{{name}}` or `{{name ?? default}}` of a template (`default` without its quotes, '' if none)."""
+
+    name: str
+    default: str
+
+
+def lookup(variables: dict[str, Any], name: str) -> Any:
+    """The value `name` refers to: the key `name` itself when there is one (a flat `{"a.b": 1}`), else
+    the dotted path: each segment reaches into an object by key, or into a list by 0-based index
+    (`items.0.name`). None when nothing is there."""
+    if name in variables:
+        return variables[name]
+    if "." not in name:
+        return None
+    value: Any = variables
+    for key in name.split("."):
+        if isinstance(value, dict):
+            value = value.get(key)
+        elif isinstance(value, list) and key.isdigit() and len(key) <= MAX_INDEX_DIGITS:
+            index = int(key)
+            value = value[index] if index < len(value) else None
+        else:
+            return None
+    return value
+
+
+def as_text(value: Any) -> str:
+    """A variable's value as it is written: true/false in lower case, an object or a list as JSON."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, dict | list):
+        return json.dumps(value, ensure_ascii=False, default=str)
+    return str(value)
+
+
+def byte_length(text: str) -> int:
+    """UTF-8 octets of `text` (a lone surrogate, which JSON data can hold, counts 3 instead of raising)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+class _Scanner:
+    """Finds the variables of one template in a single pass.
+
+    A default ends before the whitespace in front of the first `}}` after it and may not hold a line
+    break. What one search learns is kept (where the next `}}` is, where no default can end), so a
+    template full of unclosed `{{a ??` costs one pass, not one per `{{`."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.close_from = self.close_at = self.default_stop = -1
+        """A default starting in [close_from, close_at] stops at default_stop, before the `}}` at close_at."""
+        self.dead_through = -1
+        """A default starting at or before this position has no end."""
+
+    def variable(self, at: int) -> tuple[Use, int] | None:
+        """The variable whose `{{` is at `at` and the position after its `}}`; None when there is none."""
+        text = self.text
+        name = _NAME.match(text, _SPACE.match(text, at + 2).end())
+        if name is None:
+            return None
+        pos = _SPACE.match(text, name.end()).end()
+        if text.startswith("}}", pos):
+            return Use(name.group(), ""), pos + 2
+        if not text.startswith("??", pos):
+            return None
+        start = _SPACE.match(text, pos + 2).end()
+        stop = self._default_stop(start)
+        if stop is None:
+            return None
+        return Use(name.group(), text[start:stop].strip("\"'")), self.close_at + 2
+
+    def _default_stop(self, start: int) -> int | None:
+        if start <= self.dead_through:
+            return None
+        text = self.text
+        if not self.close_from <= start <= self.close_at:
+            close = text.find("}}", start)
+            if close < 0:
+                self.dead_through = len(text)
+                return None
+            self.close_from, self.close_at = start, close
+            self.default_stop = start + len(text[start:close].rstrip())
+        stop = max(start, self.default_stop)
+        newline = text.rfind("\n", start, stop)
+        if newline >= 0:
+            self.dead_through = newline
+            return None
+        return stop
+
+
+class Template:
+    """A template of the `{{name}}` / `{{name ?? default}}` language, parsed once (in linear time).
+
+    `{{name}}` is the variable's value; `{{name ?? default}}` is the default (quotes around it dropped,
+    written as given) when the value is missing, null or "". Whitespace may surround the name, `??`
+    and the default; a default ends at the first `}}` and does not span lines. Names are letters,
+    digits, `_`, `.` and `-`, looked up by `lookup` (dotted paths reach into objects and lists). A value
+    renders as text: true/false in lower case, an object or list as JSON. Anything else is literal text.
+    """
+
+    def __init__(self, text: str) -> None:
+        scanner = _Scanner(text)
+        parts: list[str | Use] = []
+        literal_from = 0
+        opening = _OPEN.search(text)
+        while opening is not None:
+            at = opening.start()
+            found = scanner.variable(at)
+            if found is None:
+                opening = _OPEN.search(text, at + 1)
+                continue
+            use, end = found
+            if at > literal_from:
+                parts.append(text[literal_from:at])
+            parts.append(use)
+            literal_from = end
+            opening = _OPEN.search(text, end)
+        if literal_from < len(text):
+            parts.append(text[literal_from:])
+        self.parts = parts
+        self.sizes = [byte_length(part) if isinstance(part, str) else -1 for part in parts]
+        self.uses = Counter(part for part in parts if isinstance(part, Use))
+        """How often each variable (with its default) is used."""
+        self.literal_bytes = sum(size for size in self.sizes if size > 0)
+
+    def render(self, variables: dict[str, Any], escape: bool = False, limit: int | None = None) -> str:
+        """The text with each variable filled (values HTML-escaped with `escape`); RenderOverflow as soon
+        as it would be longer than `limit` UTF-8 octets."""
+        return self.render_sized(variables, escape, limit)[0]
+
+    def render_sized(self, variables: dict[str, Any], escape: bool = False,
+                     limit: int | None = None) -> tuple[str, int]:
+        """`render`, and the result's length in UTF-8 octets."""
+        pieces: list[str] = []
+        filled: dict[Use, tuple[str, int]] = {}
+        total = 0
+        for part, size in zip(self.parts, self.sizes, strict=True):
+            if isinstance(part, Use):
+                known = filled.get(part)
+                if known is None:
+                    text = self._fill(part, variables, escape)
+                    known = filled[part] = (text, byte_length(text))
+                part, size = known
+            total += size
+            if limit is not None and total > limit:
+                raise RenderOverflow
+            pieces.append(part)
+        return "".join(pieces), total
+
+    def size(self, variables: dict[str, Any], escape: bool = False) -> int:
+        """The rendered length in UTF-8 octets, without rendering (one lookup per distinct variable)."""
+        return self.literal_bytes + sum(count * byte_length(self._fill(use, variables, escape))
+                                        for use, count in self.uses.items())
+
+    @staticmethod
+    def _fill(use: Use, variables: dict[str, Any], escape: bool) -> str:
+        value = lookup(variables, use.name)
         if value is None or value == "":
-            default = match.group(2) or ""
-            return default.strip("\"'")
-        text = value if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+            return use.default
+        text = as_text(value)
         return html.escape(text) if escape else text
 
-    return VARIABLE.sub(fill, template)
+
+def render(template: str, variables: dict[str, Any], escape: bool = False, limit: int | None = None) -> str:
+    """Fill `{{name}}` and `{{name ?? default}}` (see `Template`); unknown names without a default become ''."""
+    return Template(template).render(variables, escape, limit)
 
 
 class _TextExtractor(HTMLParser):
@@ -256,34 +430,104 @@ class MessageSpec:
     links: LinkSigner | None = None
     campaign_id: str | None = None
 
-    def build(self, recipient: str, variables: dict[str, Any]) -> bytes:
+    _parsed: dict[str, Template] = field(default_factory=dict, init=False, repr=False, compare=False)
+    """Each template text parsed once: a campaign's spec composes every recipient's message."""
+
+    def template(self, text: str) -> Template:
+        parsed = self._parsed.get(text)
+        if parsed is None:
+            parsed = self._parsed[text] = Template(text)
+        return parsed
+
+    def build(self, recipient: str, variables: dict[str, Any], limit: int | None = None) -> bytes:
+        """One recipient's message. With `limit` (octets; `smtp.max_message_bytes`) MessageTooLarge, naming
+        the field, as soon as what is rendered goes over it (subject, then each header, then the body share
+        it, and nothing past it is produced), or when the composed message (with the MIME around, a text
+        part beside the HTML, and attachments) is bigger."""
+        budget = _Budget(limit)
         contact_links = None
         if self.links is not None:
             contact_links = self.links.links(variables["plunk_id"], self.from_email, self.campaign_id)
             variables = {**variables, "unsubscribe_url": contact_links.unsubscribe,
                          "subscribe_url": contact_links.subscribe, "preferences_url": contact_links.preferences}
         lines = [header_line("From", self.from_name, self.from_email), header_line("To", "", recipient),
-                 header_line("Subject", render(self.subject, variables))]
+                 header_line("Subject", budget.take("subject", self.template(self.subject), variables))]
         if self.reply_to:
             lines.append(header_line("Reply-To", "", self.reply_to))
-        lines += [header_line(name, render(value, variables)) for name, value in self.headers.items()]
+        lines += [header_line(name, budget.take(f"headers.{name}", self.template(value), variables))
+                  for name, value in self.headers.items()]
         if contact_links is not None:
             lines.append(header_line("List-Unsubscribe", f"<{contact_links.unsubscribe}>, <{contact_links.mailto}>"))
             lines.append("List-Unsubscribe-Post: List-Unsubscribe=One-Click")
         lines.append("MIME-Version: 1.0")
+        body = self.template(self.body)
         if self.style == "PLUNK":
-            markup = render(self.body, variables, escape=True)
+            markup = budget.peek("body", body, variables, escape=True)
             if not looks_like_html(markup):
-                markup = text_to_html(render(self.body, variables))
-            markup = plunk_layout(markup, contact_links)
+                markup = text_to_html(budget.peek("body", body, variables))
+            markup = budget.check("body", plunk_layout(markup, contact_links))
             content = _multipart("alternative", [_text_part(html_to_text(markup), "plain"),
                                                  _text_part(markup, "html")])
         elif looks_like_html(self.body):
-            markup = render(self.body, variables, escape=True)
+            markup = budget.peek("body", body, variables, escape=True)
             content = _multipart("alternative", [_text_part(html_to_text(markup), "plain"),
                                                  _text_part(markup, "html")])
         else:
-            content = _text_part(render(self.body, variables), "plain")
+            content = _text_part(budget.peek("body", body, variables), "plain")
         if self.attachments:
             content = _multipart("mixed", [content, *(_attachment_part(a) for a in self.attachments)])
-        return ("\r\n".join(lines) + "\r\n").encode("utf-8") + content
+        message = ("\r\n".join(lines) + "\r\n").encode("utf-8") + content
+        if limit is not None and len(message) > limit:
+            raise too_large("attachments" if self.attachments else "body", limit)
+        return message
+
+
+class MessageTooLarge(ValidationFailed):
+    """A message that renders, or composes, to more than a size limit (422 naming the field at the API)."""
+
+    def __init__(self, field_name: str, detail: str) -> None:
+        super().__init__([FieldError(field_name, detail, "too_big")], message=f"The email is too large: {detail}",
+                         suggestion="Send less content, or template variables with smaller values.")
+
+
+class _Budget:
+    """The octets one message may still render (None: no limit). `take` renders a header value and spends
+    on it (one header renders to at most `MAX_RENDERED_HEADER`); `peek` renders the body (which may be
+    rendered twice) within what is left, and `check` holds the body's markup to it too."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.left = limit
+
+    def take(self, field_name: str, template: Template, variables: dict[str, Any]) -> str:
+        header_bound = self.left is None or self.left > MAX_RENDERED_HEADER
+        try:
+            text, size = template.render_sized(variables, False, MAX_RENDERED_HEADER if header_bound else self.left)
+        except RenderOverflow:
+            if header_bound:
+                raise MessageTooLarge(field_name, f"{field_name} renders to more than {MAX_RENDERED_HEADER} "
+                                                  "bytes, the limit for one header") from None
+            raise self._over(field_name) from None
+        if self.left is not None:
+            self.left -= size
+        return text
+
+    def peek(self, field_name: str, template: Template, variables: dict[str, Any], escape: bool = False) -> str:
+        try:
+            return template.render(variables, escape, self.left)
+        except RenderOverflow:
+            raise self._over(field_name) from None
+
+    def check(self, field_name: str, text: str) -> str:
+        if self.left is not None and byte_length(text) > self.left:
+            raise self._over(field_name)
+        return text
+
+    def _over(self, field_name: str) -> MessageTooLarge:
+        assert self.limit is not None
+        return too_large(field_name, self.limit)
+
+
+def too_large(field_name: str, limit: int) -> MessageTooLarge:
+    return MessageTooLarge(field_name, f"{field_name} makes the email larger than {limit} bytes once rendered "
+                                       "(the message size limit, smtp.max_message_bytes)")

@@ -9,6 +9,7 @@ small rows and no MIME, and a contact who unsubscribes before marketing mail goe
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,10 @@ from pipeline.links import LinkSigner
 from storage import contacts as contact_store
 from storage import emails as email_store
 from storage.emails import Claimed
+
+INLINE_COMPOSE_BYTES = 256_000
+"""A body that renders larger is composed in a thread: a few megabytes of HTML take seconds (the text
+part is parsed out of it), and the dispatcher's event loop keeps sending meanwhile."""
 
 
 def spec_to_json(spec: MessageSpec) -> bytes:
@@ -44,11 +49,13 @@ def insert_spec(session: Session, project_id: str, spec: MessageSpec) -> str:
 class DeferredComposer:
     """Composes a deferred email when the dispatcher sends it (delivery cannot import pipeline, so the
     wiring hands it this callable). None: do not send it (the contact was deleted, or marketing mail's
-    contact is no longer subscribed)."""
+    contact is no longer subscribed). A message that would be larger than `max_bytes` raises
+    `MessageTooLarge` (the dispatcher fails the email with its reason)."""
 
-    def __init__(self, read: Callable[..., Any], links: LinkSigner) -> None:
+    def __init__(self, read: Callable[..., Any], links: LinkSigner, max_bytes: int | None = None) -> None:
         self._read = read
         self._links = links
+        self._max_bytes = max_bytes
         self._specs: TtlCache[str, MessageSpec] = TtlCache(300.0, max_entries=64)
 
     async def __call__(self, item: Claimed) -> bytes | None:
@@ -63,4 +70,6 @@ class DeferredComposer:
             return None
         variables = {**(contact.data or {}), **(item.variables or {}), "plunk_id": contact.id,
                      "plunk_email": contact.email}
-        return spec.build(contact.email, variables)
+        if spec.template(spec.body).size(variables) > INLINE_COMPOSE_BYTES:
+            return await asyncio.to_thread(spec.build, contact.email, variables, self._max_bytes)
+        return spec.build(contact.email, variables, self._max_bytes)

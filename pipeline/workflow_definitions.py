@@ -30,9 +30,11 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from pipeline.compose import MAX_RENDERED_HEADER, Template, looks_like_html
 from pipeline.errors import FieldError, ValidationFailed
 from pipeline.segments import event_names, validate_condition
 from pipeline.webhook_targets import target_problem, url_problem
+from storage import templates as template_store
 from storage import workflow_admin as store
 
 MAX_STEPS = 100
@@ -290,12 +292,14 @@ def check_structure(definition: Any, path: str = "steps") -> list[FieldError]:
     return checker.errors
 
 
-def validate_definition(session: Session, project_id: str, definition: Any, path: str = "steps") -> None:
+def validate_definition(session: Session, project_id: str, definition: Any, path: str = "steps",
+                        max_bytes: int | None = None) -> None:
     """Raise ValidationFailed naming each problem by its step (`steps.N.field`) and code: invalid_type,
     required, unknown_key, invalid_string, unknown_step_type, invalid_delay, invalid_date, too_small,
     too_big, invalid_url, duplicate_step, unknown_step, cycle, unreachable_step, unknown_template, and
     the condition codes of `pipeline.segments.validate_condition`. Whole-number fields given as 5.0 are
-    rewritten to 5 in `definition`."""
+    rewritten to 5 in `definition`. With `max_bytes` (`smtp.max_message_bytes`), a send step whose template
+    renders larger with the step's own data alone (before any contact's) is too_big."""
     errors = check_structure(definition, path)
     if not errors:
         steps = definition["steps"]
@@ -305,9 +309,29 @@ def validate_definition(session: Session, project_id: str, definition: Any, path
             if step["type"] == "send" and step["template"] not in known:
                 errors.append(FieldError(f"{path}.{index}.template", f"Template {step['template']} not found",
                                          "unknown_template"))
+            elif step["type"] == "send" and max_bytes is not None:
+                errors += _template_size(session, project_id, step, f"{path}.{index}.template", max_bytes)
     if errors:
         raise ValidationFailed(errors[:MAX_ERRORS], "Invalid workflow definition",
                                "Fix each step listed in errors (they are named steps.<index>.<field>).")
+
+
+def _template_size(session: Session, project_id: str, step: dict[str, Any], field: str,
+                   max_bytes: int) -> list[FieldError]:
+    """too_big when the step's template, with the step's data, renders over the size limits by itself."""
+    template = template_store.get_template(session, project_id, step["template"])
+    if template is None:
+        return []
+    data = step.get("data") or {}
+    subject_bytes = Template(template.subject).size(data)
+    body_bytes = Template(template.body).size(data, template.style == "PLUNK" or looks_like_html(template.body))
+    if subject_bytes > MAX_RENDERED_HEADER:
+        return [FieldError(field, f"Template {template.id}'s subject renders to more than {MAX_RENDERED_HEADER} "
+                                  "bytes, the limit for one header", "too_big")]
+    if subject_bytes + body_bytes > max_bytes:
+        return [FieldError(field, f"Template {template.id} renders to more than {max_bytes} bytes, the message "
+                                  "size limit (smtp.max_message_bytes)", "too_big")]
+    return []
 
 
 def _steps(definition: Any) -> list[dict[str, Any]]:

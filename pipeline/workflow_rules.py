@@ -85,26 +85,29 @@ def _raise(errors: list[FieldError]) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Plunk-next workflows.
 
-def create_workflow(session: Session, project_id: str, fields: WorkflowFields) -> Workflow:
+def create_workflow(session: Session, project_id: str, fields: WorkflowFields,
+                    max_bytes: int | None = None) -> Workflow:
+    """`max_bytes`: see `validate_definition`."""
     if fields.name is None or fields.trigger is None or fields.steps is None:
         raise ValueError("name, trigger and steps are required")
     _raise(_check_events([fields.trigger], "trigger.event"))
     definition = {"steps": fields.steps}
-    validate_definition(session, project_id, definition)
+    validate_definition(session, project_id, definition, max_bytes=max_bytes)
     values = {"name": fields.name, "definition": definition, "kind": WORKFLOW, "exclude_events": [],
               "enabled": True if fields.enabled is None else fields.enabled,
               "run_once": fields.allow_reentry is False}
     return store.insert_workflow(session, project_id, values, [fields.trigger])
 
 
-def update_workflow(session: Session, project_id: str, workflow_id: str, fields: WorkflowFields) -> Workflow:
+def update_workflow(session: Session, project_id: str, workflow_id: str, fields: WorkflowFields,
+                    max_bytes: int | None = None) -> Workflow:
     workflow = require_workflow(session, project_id, workflow_id, WORKFLOW, for_update=True)
     values: dict[str, Any] = {}
     if fields.trigger is not None:
         _raise(_check_events([fields.trigger], "trigger.event"))
     if fields.steps is not None:
         definition = {"steps": fields.steps}
-        validate_definition(session, project_id, definition)
+        validate_definition(session, project_id, definition, max_bytes=max_bytes)
         _check_live_runs(session, workflow, definition)
         values["definition"] = definition
     if fields.name is not None:

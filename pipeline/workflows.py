@@ -57,7 +57,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from pipeline.compose import MessageSpec
+from pipeline.compose import MAX_RENDERED_HEADER, MessageSpec, looks_like_html
 from pipeline.contacts import update_contact
 from pipeline.errors import PipelineError
 from pipeline.links import LinkSigner
@@ -175,9 +175,11 @@ def _steps(definition: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], str |
 class _Batch:
     """Per-transaction lookups shared by the runs of one claim."""
 
-    def __init__(self, session: Session, runs: list[RunRecord], links: LinkSigner | None) -> None:
+    def __init__(self, session: Session, runs: list[RunRecord], links: LinkSigner | None,
+                 max_bytes: int | None = None) -> None:
         self.session = session
         self.links = links
+        self.max_bytes = max_bytes
         self.workflows = store.workflows_by_id(session, {run.workflow_id for run in runs})
         self.senders = store.project_senders(session, {run.project_id for run in runs}) if runs else {}
         self.steps = {workflow_id: _steps(workflow.definition) for workflow_id, workflow in self.workflows.items()}
@@ -201,19 +203,22 @@ class _Batch:
         return found
 
 
-def run_due(session: Session, now: datetime, limit: int, links: LinkSigner | None, postgres: bool) -> Executed:
+def run_due(session: Session, now: datetime, limit: int, links: LinkSigner | None, postgres: bool,
+            max_bytes: int | None = None) -> Executed:
     """Claim up to `limit` due runs and execute them, in this transaction."""
-    return execute_due(session, store.claim_due(session, now, limit, postgres), now, links)
+    return execute_due(session, store.claim_due(session, now, limit, postgres), now, links, max_bytes)
 
 
-def execute_due(session: Session, runs: list[RunRecord], now: datetime, links: LinkSigner | None) -> Executed:
+def execute_due(session: Session, runs: list[RunRecord], now: datetime, links: LinkSigner | None,
+                max_bytes: int | None = None) -> Executed:
     """Run each claimed run's due step (and the immediate steps after it) and write every run's new position,
     in the caller's transaction. When the batch raises unexpectedly it is run again one run at a time (a
-    savepoint each), so the run at fault fails alone and the others keep their effects."""
+    savepoint each), so the run at fault fails alone and the others keep their effects. With `max_bytes`
+    (`smtp.max_message_bytes`) a send step fails a run whose email would render larger."""
     if not runs:
         return Executed()
     flush_pending(session)  # rows other work queued before us stay out of our savepoint's fate
-    batch = _Batch(session, runs, links)
+    batch = _Batch(session, runs, links, max_bytes)
     savepoint = session.begin_nested()
     try:
         done = Executed(runs=len(runs))
@@ -227,7 +232,7 @@ def execute_due(session: Session, runs: list[RunRecord], now: datetime, links: L
         discard_pending(session)
         savepoint.rollback()
         log.exception("a workflow batch failed; running its %d runs one by one", len(runs))
-    batch = _Batch(session, runs, links)
+    batch = _Batch(session, runs, links, max_bytes)
     done = Executed(runs=len(runs))
     for record in runs:
         savepoint = session.begin_nested()
@@ -412,11 +417,15 @@ def _send_group(batch: _Batch, runs: list[_Run], step: dict[str, Any], step_id: 
     project_id = runs[0].record.project_id
     spec = batch.spec(project_id, template_id)
     contacts = contact_store.addresses_by_id(batch.session, project_id, [run.record.contact_id for run in runs])
+    too_large = _too_large(batch, spec, project_id, runs, extra or {})
     sending, recipients = [], []
     for run in runs:
         found = contacts.get(run.record.contact_id)
         if found is None:
             run.fail(step, step_id, now, "the contact is gone")
+            continue
+        if run.record.id in too_large:
+            run.fail(step, step_id, now, too_large[run.record.id])
             continue
         sending.append(run)
         recipients.append(DeferredRecipient(run.record.contact_id, *found,
@@ -435,6 +444,28 @@ def _send_group(batch: _Batch, runs: list[_Run], step: dict[str, Any], step_id: 
             done.emails += 1
             run.note(step, step_id, now, "sent", email=email.email_id)
         run.go(step.get("next"), now)
+
+
+def _too_large(batch: _Batch, spec: MessageSpec, project_id: str, runs: list[_Run],
+               extra: dict[str, Any]) -> dict[str, str]:
+    """Runs whose email would render larger than the message size limit, with the reason, by run id. The
+    subject and body are measured as the dispatcher will render them (the contact's data now, the run's
+    event data, the step's data), without rendering; the MIME around them is checked when it is composed."""
+    subject, body = spec.template(spec.subject), spec.template(spec.body)
+    if batch.max_bytes is None or not subject.uses and not body.uses:
+        return {}
+    escape = spec.style == "PLUNK" or looks_like_html(spec.body)
+    data = contact_store.data_by_id(batch.session, project_id, [run.record.contact_id for run in runs])
+    refused = {}
+    for run in runs:
+        variables = {**data.get(run.record.contact_id, {}), **run.record.context, **extra}
+        subject_bytes = subject.size(variables)
+        if subject_bytes > MAX_RENDERED_HEADER:
+            refused[run.record.id] = f"the subject would render to more than {MAX_RENDERED_HEADER} bytes"
+        elif subject_bytes + body.size(variables, escape) > batch.max_bytes:
+            refused[run.record.id] = (f"the email would be larger than {batch.max_bytes} bytes once rendered "
+                                      "(the message size limit, smtp.max_message_bytes)")
+    return refused
 
 
 def _condition_group(batch: _Batch, runs: list[_Run], step: dict[str, Any], step_id: str, now: datetime,

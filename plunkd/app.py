@@ -142,11 +142,12 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
             log.info("using SES's send quota of %.1f/s instead of the configured %.1f/s", ses_rate, rate)
             rate = ses_rate
     links = make_signer(config.server.link_secret, config.data_path, config.server.public_url)
+    composer = DeferredComposer(db.read, links, config.smtp.max_message_bytes)
     dispatcher = Dispatcher(db, transport, send_rate_limiter(db, rate), config.delivery,
-                            compose_deferred=DeferredComposer(db.read, links), record_bounce=smtp_bounce,
+                            compose_deferred=composer, record_bounce=smtp_bounce,
                             track=MessageTracker(TrackingSigner(links)))
     workflows = WorkflowScheduler(db, links, dispatcher.wake, min(config.delivery.poll_seconds, 0.2),
-                                  webhooks=config.webhooks)
+                                  webhooks=config.webhooks, max_bytes=config.smtp.max_message_bytes)
     webhooks = WebhookSender(db, config.webhooks)
 
     def wake() -> None:

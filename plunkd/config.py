@@ -75,6 +75,7 @@ class SmtpConfig:
     key_file: str = ""
     max_recipients: int = 50
     max_message_bytes: int = 10 * 1024 * 1024
+    """The relay's SIZE, and the most a templated send (API, campaign, workflow) may render and compose to."""
     auth_failure_limit: int = 5
     lockout_seconds: int = 300
     max_sessions: int = 1000

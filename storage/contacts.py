@@ -7,11 +7,12 @@ for every request, and the ORM's unit of work costs several times more per row. 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, select
+from sqlalchemy import LargeBinary, Text, bindparam, cast, delete, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -62,6 +63,33 @@ def addresses_by_id(session: Session, project_id: str, ids: list[str]) -> dict[s
     rows = session.connection().execute(select(_TABLE.c.id, _TABLE.c.email, _TABLE.c.subscribed).where(
         _TABLE.c.project_id == project_id, _TABLE.c.id.in_(ids)))
     return {contact_id: (email, subscribed) for contact_id, email, subscribed in rows}
+
+
+def data_by_id(session: Session, project_id: str, ids: list[str]) -> dict[str, dict[str, Any]]:
+    """The data of the project's contacts among `ids`, by id (the missing are left out)."""
+    if not ids:
+        return {}
+    rows = session.connection().execute(select(_TABLE.c.id, _TABLE.c.data).where(
+        _TABLE.c.project_id == project_id, _TABLE.c.id.in_(ids)))
+    return {contact_id: data or {} for contact_id, data in rows}
+
+
+def largest_data_bytes(session: Session, project_id: str) -> int:
+    """Octets of the largest contact data of the project as stored (JSON text): no value in any contact's
+    data is longer."""
+    text = cast(_TABLE.c.data, Text)
+    size = func.octet_length(text) if session.get_bind().dialect.name == "postgresql" else \
+        func.length(cast(text, LargeBinary))
+    return session.connection().execute(select(func.max(size)).where(_TABLE.c.project_id == project_id)).scalar() or 0
+
+
+def all_data(session: Session, project_id: str) -> Iterator[dict[str, Any]]:
+    """The data of every contact of the project, read in batches."""
+    rows = session.connection().execute(
+        select(_TABLE.c.data).where(_TABLE.c.project_id == project_id).execution_options(yield_per=1000))
+    for (data,) in rows:
+        if data:
+            yield data
 
 
 def get_contact_by_email(session: Session, project_id: str, email: str,
