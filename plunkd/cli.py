@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from plunkd.atrest import PRIVATE_UMASK
 from plunkd.config import Config, ConfigError, load_config
 
 
@@ -21,11 +22,14 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 async def _with_db(config: Config, work: Callable[[Any], Awaitable[int]]) -> int:
+    from plunkd.atrest import make_private, open_secrets
     from storage.db import Database
 
+    make_private(config)
     db = Database(config.database_url, config.database.pool_size)
     try:
         await db.migrate()
+        await open_secrets(db, config)
         return await work(db)
     finally:
         await db.dispose()
@@ -214,6 +218,28 @@ def cmd_domain_list(args: argparse.Namespace, config: Config) -> int:
     return asyncio.run(_with_db(config, work))
 
 
+def cmd_secrets_rotate(args: argparse.Namespace, config: Config) -> int:
+    from tqdm import tqdm
+
+    from plunkd.atrest import rotate
+
+    async def work(db) -> int:
+        bars = []
+
+        def progress(total: int):
+            bars.append(tqdm(total=total, unit="secret", desc="sealing", file=sys.stderr, disable=total < 1000))
+            return bars[0].update
+
+        try:
+            print(await rotate(db, config, progress))
+        finally:
+            for bar in bars:
+                bar.close()
+        return 0
+
+    return asyncio.run(_with_db(config, work))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plunkd", description="Self-hosted, Plunk-compatible email server")
     parser.add_argument("--config", help="TOML config file (default: $PLUNKD_CONFIG or ./plunkd.toml)")
@@ -243,6 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.add_argument("--project", required=True, help="project id or name")
     rotate.set_defaults(func=cmd_keys_rotate)
 
+    secrets = sub.add_parser("secrets", help="the key that seals DKIM keys and webhook secrets in the database")
+    secrets.add_subparsers(dest="action", required=True).add_parser(
+        "rotate", help="seal every secret with a new key (key file: made now, the old one dropped when done; "
+                       "security.encryption_key: the configured one). Stop plunkd first, start it after: it "
+                       "holds the old key until then. Resumable: run it again if it was interrupted"
+    ).set_defaults(func=cmd_secrets_rotate)
+
     domain = sub.add_parser("domain", help="sending domains").add_subparsers(dest="action", required=True)
     for action, func, text in (("add", cmd_domain_add, "add a domain: make its DKIM key, print the DNS records"),
                                ("verify", cmd_domain_verify, "check the domain's DNS records (exit 2 if not yet)")):
@@ -268,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from pipeline.errors import PipelineError
 
+    os.umask(PRIVATE_UMASK)  # what plunkd makes (database, outbox, keys) is readable by its user only
     args = build_parser().parse_args(argv)
     try:
         config = _config(args)
