@@ -21,7 +21,9 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(path)
 
 
-async def _with_db(config: Config, work: Callable[[Any], Awaitable[int]]) -> int:
+async def _with_db(config: Config, work: Callable[[Any], Awaitable[int]], open_keys: bool = True) -> int:
+    """Run `work(db)` on the migrated database; `open_keys`: with the key ring checked and in use, and every
+    secret sealed with its current key (`plunkd.atrest.open_secrets`), as at the server's start."""
     from plunkd.atrest import make_private, open_secrets
     from storage.db import Database
 
@@ -29,7 +31,8 @@ async def _with_db(config: Config, work: Callable[[Any], Awaitable[int]]) -> int
     db = Database(config.database_url, config.database.pool_size)
     try:
         await db.migrate()
-        await open_secrets(db, config)
+        if open_keys:
+            await open_secrets(db, config)
         return await work(db)
     finally:
         await db.dispose()
@@ -237,7 +240,7 @@ def cmd_secrets_rotate(args: argparse.Namespace, config: Config) -> int:
                 bar.close()
         return 0
 
-    return asyncio.run(_with_db(config, work))
+    return asyncio.run(_with_db(config, work, open_keys=False))
 
 
 def build_parser() -> argparse.ArgumentParser:
