@@ -236,30 +236,25 @@ async def open_secrets(db: Any, config: Config) -> KeyRing:
     return ring
 
 
-async def rotate(db: Any, config: Config, progress_total: Callable[[int], Callable[[int], None]]) -> str:
+async def rotate(db: Any, config: Config, counted: Callable[[int], None], sealed_some: Callable[[int], None]) -> str:
     """Seal every secret with a new key (key file) or with `security.encryption_key` (config), then drop the
     previous key from the key file; resumable: a rotation stopped midway is finished by the next one (or by
     the next start) with the same new key. Returns what was done, for the operator."""
-    if config.security.encryption_key:
-        ring, _ = load_keyring(config)
-        dropped = [kid for kid in ring.key_ids if kid != ring.current]
-    else:
-        path = config.key_file_path
-        try:
-            keys = read_key_file(path)
-        except FileNotFoundError:
-            raise SecretsError(f"key file {path} does not exist: nothing to rotate") from None
-        if len(keys) == 1:
-            keys = [new_key(), *keys]
-            write_private_file(path, key_file_text(keys))
-        ring = KeyRing(keys, f"key file {path}")
-        dropped = [kid for kid in ring.key_ids if kid != ring.current]
+    path = config.key_file_path
+    if not config.security.encryption_key and not path.exists():
+        raise SecretsError(f"key file {path} does not exist: nothing to rotate")
+    ring, _ = load_keyring(config)
     foreign = await db.read(foreign_key_ids, ring)
     if foreign:
         raise _missing_key(ring, foreign, False, config)
+    if not config.security.encryption_key and len(ring.key_ids) == 1:
+        keys = [new_key(), ring.current_key]
+        write_private_file(path, key_file_text(keys))  # before anything is sealed with it
+        ring = KeyRing(keys, ring.source)
+    dropped = [kid for kid in ring.key_ids if kid != ring.current]
     use_keyring(ring)
-    total = await db.read(count_unsealed, ring)
-    sealed = await seal_all(db, ring, progress_total(total))
+    counted(await db.read(count_unsealed, ring))
+    sealed = await seal_all(db, ring, sealed_some)
     if config.security.encryption_key:
         advice = (f"security.previous_encryption_keys (key id {', '.join(dropped)}) are no longer needed: "
                   "remove them" if dropped else "")

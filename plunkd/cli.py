@@ -227,17 +227,13 @@ def cmd_secrets_rotate(args: argparse.Namespace, config: Config) -> int:
     from plunkd.atrest import rotate
 
     async def work(db) -> int:
-        bars = []
+        with tqdm(unit="secret", desc="sealing", file=sys.stderr, disable=None) as bar:  # None: only on a terminal
+            def counted(total: int) -> None:
+                bar.total = total
+                bar.refresh()
 
-        def progress(total: int):
-            bars.append(tqdm(total=total, unit="secret", desc="sealing", file=sys.stderr, disable=total < 1000))
-            return bars[0].update
-
-        try:
-            print(await rotate(db, config, progress))
-        finally:
-            for bar in bars:
-                bar.close()
+            done = await rotate(db, config, counted, bar.update)
+        print(done)
         return 0
 
     return asyncio.run(_with_db(config, work, open_keys=False))

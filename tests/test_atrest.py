@@ -30,7 +30,7 @@ from feedback.webhooks import WebhookSender
 from plunkd.app import create_app
 from plunkd.atrest import key_file_text, open_secrets, read_key_file
 from storage import emails as email_store
-from storage.secrets import SecretsError, format_key, key_id, new_key
+from storage.secrets import SecretsError, format_key, key_id, keyring, new_key
 from tests.conftest import Api
 from tests.test_cli_and_config import ROOT, free_port
 from tests.test_delivery import dispatch_all, dns_for, send, settings
@@ -113,6 +113,9 @@ async def test_the_database_holds_no_dkim_key_and_no_webhook_secret_in_clear(api
     assert_sealed_with(stored, file_key_id(api.client.app[CONFIG]))
 
     await deliver_and_verify_dkim(api, api.db, sender, tmp_path / "outbox")
+    opened = keyring().open.cache_info().misses
+    await deliver_and_verify_dkim(api, api.db, sender, tmp_path / "outbox-of-a-new-dispatcher")
+    assert keyring().open.cache_info().misses == opened, "a DKIM key is decrypted once per process, not per message"
     await track_event(api, "ann@example.org", "signed-up")
     await post_webhooks(api.db, api.client.app[CONFIG].webhooks)
     [request] = receiver.received
