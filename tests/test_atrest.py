@@ -216,6 +216,27 @@ async def test_rotation_seals_every_secret_with_a_new_key_and_the_old_one_is_no_
                                   "plunkd with the key they were sealed with")
 
 
+async def test_a_configured_key_takes_over_with_the_old_one_as_a_previous_key(api, sender, receiver, config,
+                                                                             aiohttp_client, tmp_path):
+    """The rotation a cluster makes through its config: security.encryption_key = the new key, the old one in
+    previous_encryption_keys. Start-up seals everything with the new key; from then on the old one can go."""
+    await create_endpoint(api, receiver, ["signed-up"])
+    [old] = read_key_file(config.key_file_path)
+    new = new_key()
+    both = copy.deepcopy(config)
+    both.security.encryption_key, both.security.previous_encryption_keys = format_key(new), [format_key(old)]
+    client = await aiohttp_client(create_app(both))
+    assert_sealed_with(await stored_secrets(client.app[DB]), key_id(new))
+
+    only_new = copy.deepcopy(both)
+    only_new.security.previous_encryption_keys = []
+    only_new.server.data_dir = str(tmp_path / "no-key-file-here")
+    client = await aiohttp_client(create_app(only_new))
+    started = Api(client, client.app[DB], api.project_id, api.sk, api.pk)
+    await deliver_and_verify_dkim(started, started.db, sender, tmp_path / "outbox")
+    assert not only_new.key_file_path.exists(), "a configured key makes no key file"
+
+
 def test_an_interrupted_rotation_is_finished_with_its_new_key(tmp_path, database_url):
     """A rotation stopped after it wrote the new key (first) beside the old one: running it again finishes
     with that key instead of making a third."""
