@@ -23,7 +23,7 @@ from sqlalchemy import JSON, bindparam, select, update
 
 from automation.scheduler import BATCH, PARALLEL_POSTGRES, WorkflowScheduler
 from bench.campaign import fresh_database, seed_contacts
-from bench.common import temp_dir, use_bench_key
+from bench.common import temp_dir
 from pipeline.domains import add_domain, save_check
 from pipeline.projects import create_project
 from storage.db import Database
@@ -41,6 +41,8 @@ def parse_args() -> argparse.Namespace:
 
 
 async def setup(db: Database, runs: int, delay: int) -> tuple[str, str]:
+    from bench.common import use_bench_key
+
     use_bench_key()
     await db.migrate()
     issued = await db.write(lambda s: create_project(s, "bench", "news@example.com", "Bench"))

@@ -22,7 +22,7 @@ from aiohttp import web
 from sqlalchemy import func, select
 
 from bench.campaign import fresh_database
-from bench.common import free_port, server_process, temp_dir, use_bench_key
+from bench.common import free_port, server_process, temp_dir
 from feedback.webhooks import WebhookSender, body_of
 from pipeline import webhooks as rules
 from pipeline.projects import create_project
@@ -57,6 +57,8 @@ def serve(port: int) -> None:
 
 
 async def queue(db: Database, count: int, url: str) -> str:
+    from bench.common import use_bench_key
+
     use_bench_key()
     await db.migrate()
     issued = await db.write(lambda s: create_project(s, "bench", "news@example.com", "Bench"))
