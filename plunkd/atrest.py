@@ -40,6 +40,7 @@ SEAL_BATCH = 500
 KEY_FILE_HEADER = ("# plunkd's encryption key: it seals the DKIM private keys and webhook secrets in the database.\n"
                    "# Back it up apart from the database: without it they cannot be read. The first key seals,\n"
                    "# any others only open secrets sealed before a rotation (plunkd secrets rotate).\n")
+CONFIG_KEY_SOURCE = "security.encryption_key (PLUNKD_SECURITY_ENCRYPTION_KEY)"
 MAX_LISTED = 8
 """Paths named in the warning about files made private; the rest are counted."""
 
@@ -144,10 +145,6 @@ def make_private(config: Config) -> list[str]:
 # ---------------------------------------------------------------------------------------------------
 # The key ring.
 
-def config_source() -> str:
-    return "security.encryption_key (PLUNKD_SECURITY_ENCRYPTION_KEY)"
-
-
 def read_key_file(path: Path) -> list[bytes]:
     keys = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
@@ -173,7 +170,7 @@ def load_keyring(config: Config) -> tuple[KeyRing, bool]:
     security = config.security
     if security.encryption_key:
         keys = [parse_key(security.encryption_key), *map(parse_key, security.previous_encryption_keys)]
-        return KeyRing(keys, config_source()), False
+        return KeyRing(keys, CONFIG_KEY_SOURCE), False
     path = config.key_file_path
     try:
         return KeyRing(read_key_file(path), f"key file {path}"), False
