@@ -41,6 +41,9 @@ def parse_args() -> argparse.Namespace:
 
 
 async def setup(db: Database, runs: int, delay: int) -> tuple[str, str]:
+    from bench.common import use_bench_key
+
+    use_bench_key()
     await db.migrate()
     issued = await db.write(lambda s: create_project(s, "bench", "news@example.com", "Bench"))
     project_id = issued.project.id

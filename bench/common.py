@@ -20,7 +20,17 @@ import aiohttp
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from storage.secrets import KeyRing, format_key, new_key, parse_key, use_keyring
+
 ROOT = Path(__file__).resolve().parent.parent
+ENCRYPTION_KEY = format_key(new_key())
+"""One key for every plunkd process a benchmark run starts (their data dirs differ) and for the benchmark's
+own writes of DKIM keys and webhook secrets (`use_bench_key`)."""
+
+
+def use_bench_key() -> None:
+    """Seal and open secrets in this process with the run's key, as the servers it starts do."""
+    use_keyring(KeyRing([parse_key(ENCRYPTION_KEY)], "the benchmark's key"))
 
 
 def free_port() -> int:
@@ -64,13 +74,15 @@ def server_process(args: list[str], port: int,
 
 def plunkd_env(data_dir: str, port: int, **extra: str) -> dict[str, str]:
     return {"PLUNKD_SERVER_DATA_DIR": data_dir, "PLUNKD_SERVER_HTTP_PORT": str(port),
+            "PLUNKD_SECURITY_ENCRYPTION_KEY": ENCRYPTION_KEY,
             "PLUNKD_SMTP_ENABLED": "false", "PLUNKD_DELIVERY_ENABLED": "false",
             "PLUNKD_SERVER_LOG_LEVEL": "WARNING", "PLUNKD_API_RATE_LIMIT_PER_MINUTE": "100000000", **extra}
 
 
 def create_project(data_dir: str, env: dict[str, str]) -> str:
     out = subprocess.run([sys.executable, "-m", "plunkd.cli", "project", "create", "--name", "bench",
-                          "--from-email", "bench@bench.example"], cwd=ROOT, env={**os.environ, **env},
+                          "--from-email", "bench@bench.example"], cwd=ROOT,
+                         env={**os.environ, "PLUNKD_SECURITY_ENCRYPTION_KEY": ENCRYPTION_KEY, **env},
                          capture_output=True, text=True, check=True).stdout
     return next(line.split()[-1] for line in out.splitlines() if line.startswith("secret key"))
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import sys
 
+from bench.common import use_bench_key
 from pipeline.domains import add_domain, save_check
 from pipeline.projects import require_project
 from storage.db import Database
 
 
 async def verify_offline(url: str, project: str, domain: str) -> None:
+    use_bench_key()
     db = Database(url)
     await db.migrate()
     found = await db.read(require_project, project)

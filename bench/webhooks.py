@@ -57,6 +57,9 @@ def serve(port: int) -> None:
 
 
 async def queue(db: Database, count: int, url: str) -> str:
+    from bench.common import use_bench_key
+
+    use_bench_key()
     await db.migrate()
     issued = await db.write(lambda s: create_project(s, "bench", "news@example.com", "Bench"))
     project_id = issued.project.id

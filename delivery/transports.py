@@ -17,6 +17,7 @@ from typing import Protocol
 
 import aiosmtplib
 
+from plunkd.atrest import PRIVATE_FILE, private_dir
 from plunkd.config import Config, SmarthostConfig
 
 
@@ -63,8 +64,7 @@ class FileTransport:
     name = "file"
 
     def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = private_dir(folder)
 
     async def send(self, sender: str, recipients: list[str], message: bytes,
                    envelope_sender: str | None = None) -> SendResult:
@@ -77,7 +77,7 @@ class FileTransport:
     def _write(self, transport_id: str, message: bytes) -> None:
         final = self.folder / f"{transport_id}.eml"
         temp = final.with_suffix(".tmp")
-        with open(temp, "wb") as fh:
+        with os.fdopen(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE), "wb") as fh:
             fh.write(message)
             fh.flush()
             os.fsync(fh.fileno())

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from api.app import build_api
 from api.context import KEYS, LINKS, ON_QUEUED, RATE_LIMITER
+from plunkd.atrest import make_private, open_secrets
 from plunkd.config import Config
 from plunkd.connections import AcceptFailureLog, ConnectionCaps, SessionLimiter, connection_caps, raise_open_file_limit
 from plunkd.processes import ROLES, WAKE_FD_ENV, WakePipe, supervise_dispatcher, watch_parent
@@ -44,8 +45,14 @@ def create_app(config: Config, db: Database | None = None, roles: set[str] | Non
                                            ("api" in roles) + 2 * serves_smtp, raise_open_file_limit())
 
     async def storage_ctx(_app: web.Application) -> AsyncIterator[None]:
+        make_private(config)
         await db.migrate()
         db.writer.start()
+        try:
+            await open_secrets(db, config)
+        except BaseException:
+            await db.dispose()
+            raise
         yield
         await db.dispose()
 

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from plunkd.atrest import PRIVATE_UMASK
 from plunkd.config import Config, ConfigError, load_config
 
 
@@ -75,10 +76,12 @@ async def _has_schema(db: Any, url: str) -> bool:
 
 
 async def _with_db(args: argparse.Namespace, config: Config, work: Callable[[Any], Awaitable[int]],
-                   create: bool = False) -> int:
+                   create: bool = False, open_keys: bool = True) -> int:
     """Run `work` on the configured database, brought to the latest schema. Unless `create`, the database
     must exist already with plunkd's schema: a command that needs one must not leave an empty database
-    behind wherever it happened to run."""
+    behind wherever it happened to run. `open_keys`: with the key ring checked and in use, and every secret
+    sealed with its current key (`plunkd.atrest.open_secrets`), as at the server's start."""
+    from plunkd.atrest import make_private, open_secrets
     from storage.db import Database
 
     say_storage(args, config)
@@ -86,11 +89,14 @@ async def _with_db(args: argparse.Namespace, config: Config, work: Callable[[Any
     sqlite_file = _sqlite_file(url)
     if not create and url.startswith("sqlite") and not (sqlite_file and sqlite_file.is_file()):
         raise ConfigError(f"no plunkd database at {database_label(url)}: {WHERE_TO_POINT}")
+    make_private(config)
     db = Database(url, config.database.pool_size)
     try:
         if not await _has_schema(db, url) and not create:
             raise ConfigError(f"no plunkd database at {database_label(url)}: {WHERE_TO_POINT}")
         await db.migrate()
+        if open_keys:
+            await open_secrets(db, config)
         return await work(db)
     finally:
         await db.dispose()
@@ -296,6 +302,24 @@ def cmd_domain_list(args: argparse.Namespace, config: Config) -> int:
     return asyncio.run(_with_db(args, config, work))
 
 
+def cmd_secrets_rotate(args: argparse.Namespace, config: Config) -> int:
+    from tqdm import tqdm
+
+    from plunkd.atrest import rotate
+
+    async def work(db) -> int:
+        with tqdm(unit="secret", desc="sealing", file=sys.stderr, disable=None) as bar:  # None: only on a terminal
+            def counted(total: int) -> None:
+                bar.total = total
+                bar.refresh()
+
+            done = await rotate(db, config, counted, bar.update)
+        print(done)
+        return 0
+
+    return asyncio.run(_with_db(args, config, work, open_keys=False))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plunkd", description="Self-hosted, Plunk-compatible email server")
     parser.add_argument("--config", help="TOML config file (default: $PLUNKD_CONFIG or ./plunkd.toml)")
@@ -325,6 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.add_argument("--project", required=True, help="project id or name")
     rotate.set_defaults(func=cmd_keys_rotate)
 
+    secrets = sub.add_parser("secrets", help="the key that seals DKIM keys and webhook secrets in the database")
+    secrets.add_subparsers(dest="action", required=True).add_parser(
+        "rotate", help="seal every secret with a new key (key file: made now, the old one dropped when done; "
+                       "security.encryption_key: the configured one). Stop plunkd first, start it after: it "
+                       "holds the old key until then. Resumable: run it again if it was interrupted"
+    ).set_defaults(func=cmd_secrets_rotate)
+
     domain = sub.add_parser("domain", help="sending domains").add_subparsers(dest="action", required=True)
     for action, func, text in (("add", cmd_domain_add, "add a domain: make its DKIM key, print the DNS records"),
                                ("verify", cmd_domain_verify, "check the domain's DNS records (exit 2 if not yet)")):
@@ -353,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from pipeline.errors import PipelineError
 
+    os.umask(PRIVATE_UMASK)  # what plunkd makes (database, outbox, keys) is readable by its user only
     args = build_parser().parse_args(argv)
     try:
         config = _config(args)

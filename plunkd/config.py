@@ -210,6 +210,19 @@ class WebhooksConfig:
 
 
 @dataclass
+class SecurityConfig:
+    """The key that seals DKIM private keys and webhook secrets in the database (`storage.secrets`)."""
+
+    encryption_key: str = ""
+    """Base64 of 32 random bytes (`openssl rand -base64 32`); empty: the key file. Nodes sharing a database
+    need the same key."""
+    previous_encryption_keys: list[str] = field(default_factory=list)
+    """Keys that still open secrets sealed before a rotation (start-up seals them again with encryption_key)."""
+    key_file: str = ""
+    """Used when encryption_key is empty; empty means `<data_dir>/encryption.key`, made (0600) on first start."""
+
+
+@dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
@@ -219,6 +232,7 @@ class Config:
     dns: DnsConfig = field(default_factory=DnsConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     @property
     def data_path(self) -> Path:
@@ -231,6 +245,10 @@ class Config:
     @property
     def outbox_path(self) -> Path:
         return Path(self.delivery.outbox_dir) if self.delivery.outbox_dir else self.data_path / "outbox"
+
+    @property
+    def key_file_path(self) -> Path:
+        return Path(self.security.key_file) if self.security.key_file else self.data_path / "encryption.key"
 
 
 TRANSPORTS = ("file", "smtp", "ses")
@@ -335,6 +353,7 @@ def _validate(config: Config) -> None:
          "DEBUG, INFO, WARNING or ERROR"),
         *_webhook_checks(config.webhooks),
     ]
+    checks += _security_checks(config.security)
     checks.append((_compiles(config.feedback.sns_host_pattern), "feedback.sns_host_pattern", "a valid regex"))
     checks += [(bool(SNS_TOPIC_ARN.fullmatch(arn)), "feedback.sns_topic_arns",
                 f"SNS topic ARNs like arn:aws:sns:us-east-1:123456789012:ses-feedback, got {arn!r}")
@@ -352,6 +371,27 @@ def _validate(config: Config) -> None:
     for ok, key, expected in checks:
         if not ok:
             raise ConfigError(f"config key {key}: expected {expected}")
+
+
+def _parses_as_key(text: str) -> bool:
+    from storage.secrets import parse_key
+
+    try:
+        parse_key(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _security_checks(security: SecurityConfig) -> list[tuple[bool, str, str]]:
+    expected = "base64 of 32 random bytes (openssl rand -base64 32)"
+    checks = [(not security.encryption_key or _parses_as_key(security.encryption_key), "security.encryption_key",
+               f"{expected} or empty (the key file)"),
+              (bool(security.encryption_key) or not security.previous_encryption_keys,
+               "security.previous_encryption_keys", "empty unless security.encryption_key is set")]
+    checks += [(_parses_as_key(key), "security.previous_encryption_keys", f"a list of {expected}")
+               for key in security.previous_encryption_keys]
+    return checks
 
 
 def _webhook_checks(hooks: WebhooksConfig) -> list[tuple[bool, str, str]]:

@@ -20,6 +20,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+from plunkd.atrest import private_dir
+
 log = logging.getLogger("plunkd")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 ROLES = ("api", "relay", "dispatcher")
@@ -40,8 +42,7 @@ def share_metrics(data_dir: str) -> Path:
     existing = os.environ.get(MULTIPROC_ENV)
     if existing:
         return Path(existing)
-    folder = Path(data_dir) / "metrics"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = private_dir(Path(data_dir) / "metrics")
     for path in folder.glob("*.db"):
         pid = path.stem.rsplit("_", 1)[-1]
         if pid.isdigit() and not _alive(int(pid)):

@@ -15,6 +15,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from plunkd.atrest import private_dir
+
 log = logging.getLogger("plunkd.relay")
 
 
@@ -23,7 +25,7 @@ def ensure_self_signed(folder: Path, hostname: str) -> tuple[Path, Path]:
     cert_path, key_path = folder / "relay-cert.pem", folder / "relay-key.pem"
     if cert_path.exists() and key_path.exists():
         return cert_path, key_path
-    folder.mkdir(parents=True, exist_ok=True)
+    private_dir(folder)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
     now = dt.datetime.now(dt.UTC)

@@ -9,6 +9,7 @@ PostgreSQL it runs the functions through `AsyncSession.run_sync` on asyncpg.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,7 +42,7 @@ class Database:
         else:
             path = url.split(":///", 1)[1] if ":///" in url else ""
             if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                _private_sqlite_file(Path(path))
             self.engine = create_async_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
             self.sync_engine = create_engine(url.replace("sqlite+aiosqlite", "sqlite+pysqlite"), hide_parameters=True,
@@ -82,6 +83,13 @@ class Database:
         await self.engine.dispose()
         if self.sync_engine is not None:
             self.sync_engine.dispose()
+
+
+def _private_sqlite_file(path: Path) -> None:
+    """Make the database file (empty: SQLite takes it for a new database) readable by this user only, before
+    SQLite makes it with its own mode; SQLite gives the WAL and shared-memory files the database's mode."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

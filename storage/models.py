@@ -30,6 +30,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.expression import false, text
 from sqlalchemy.types import TypeDecorator
 
+from storage.secrets import WEBHOOK_SECRET_SQLITE_TYPE, EncryptedText
+
 _last_stamp = 0
 _stamp_lock = threading.Lock()
 
@@ -100,7 +102,8 @@ class Domain(Base):
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(253))
     dkim_selector: Mapped[str] = mapped_column(String(63))
-    dkim_private_key: Mapped[str] = mapped_column(Text)
+    dkim_private_key: Mapped[str] = mapped_column(EncryptedText())
+    """Sealed at rest (`storage.secrets`)."""
     dkim_public_key: Mapped[str] = mapped_column(Text)
     verified: Mapped[bool] = mapped_column(Boolean, default=False)
     verified_at: Mapped[datetime | None] = mapped_column(nullable=True)
@@ -421,9 +424,9 @@ class WebhookEndpoint(Base):
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
     url: Mapped[str] = mapped_column(Text)
     events: Mapped[list[str]] = mapped_column(JSON, default=list)
-    secret: Mapped[str] = mapped_column(String(100))
-    """`whsec_` + base64 of 32 random bytes."""
-    previous_secret: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    secret: Mapped[str] = mapped_column(EncryptedText(WEBHOOK_SECRET_SQLITE_TYPE))
+    """`whsec_` + base64 of 32 random bytes; sealed at rest (`storage.secrets`)."""
+    previous_secret: Mapped[str | None] = mapped_column(EncryptedText(WEBHOOK_SECRET_SQLITE_TYPE), nullable=True)
     """The secret before the last rotation: requests carry a signature with it too until
     `previous_secret_expires_at`, so receivers can switch without losing a delivery."""
     previous_secret_expires_at: Mapped[datetime | None] = mapped_column(nullable=True)

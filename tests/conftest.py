@@ -21,6 +21,7 @@ from plunkd.app import create_app
 from plunkd.config import Config
 from storage.db import Database
 from storage.models import Base
+from storage.secrets import KeyRing, new_key, use_keyring
 
 PG_URL = os.environ.get("PLUNKD_TEST_DATABASE_URL", "")
 
@@ -90,7 +91,8 @@ async def empty_database_url(tmp_path):
 
 @pytest.fixture
 async def db(database_url):
-    """The test's database, migrated, without an app (storage-level tests)."""
+    """The test's database, migrated, without an app (storage-level tests), with a key to seal secrets."""
+    use_keyring(KeyRing([new_key()], "the test's key"))
     database = Database(database_url)
     await database.migrate()
     yield database

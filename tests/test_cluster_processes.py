@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from aiosmtpd.controller import Controller
 
+from storage.secrets import format_key, new_key
 from tests.test_cli_and_config import ROOT, free_port, plunkd
 from tests.test_cluster import most_in_any_window
 from tests.test_processes import alive, api_up, children, wait_until
@@ -96,7 +97,9 @@ def send_smtp(port: int, key: str, recipients: list[str]) -> None:
 @pytest.mark.timeout(300)
 def test_three_nodes_hold_one_rate_and_lose_nothing_when_one_is_killed(tmp_path, database_url, sink):
     handler, sink_port = sink
-    env = {"PLUNKD_DATABASE_URL": database_url, "PLUNKD_DELIVERY_TRANSPORT": "file"}
+    # one encryption key for every node (each has its own data dir): the DKIM key the CLI seals, they open
+    env = {"PLUNKD_DATABASE_URL": database_url, "PLUNKD_DELIVERY_TRANSPORT": "file",
+           "PLUNKD_SECURITY_ENCRYPTION_KEY": format_key(new_key())}
     made = plunkd(tmp_path, "project", "create", "--name", "p", "--from-email", "hello@example.com", env=env)
     key = next(line.split()[-1] for line in made.stdout.splitlines() if line.startswith("secret key"))
     for step in (("domain", "add", "example.com", "--project", "p"),

@@ -47,6 +47,8 @@ def test_compose_runs_two_nodes_on_one_postgresql_into_mailpit():
     assert first.delivery.smtp.port == 1025
     assert first.delivery.rate_per_second == second.delivery.rate_per_second  # one shared rate
     assert first.server.link_secret == second.server.link_secret and len(first.server.link_secret) >= 32
+    # one encryption key: each node opens the DKIM keys and webhook secrets another sealed (their data dirs differ)
+    assert first.security.encryption_key == second.security.encryption_key != ""
     assert first.server.public_url != second.server.public_url
     host_ports = [port.split(":")[0] for node in nodes.values() for port in node["ports"]]
     assert len(host_ports) == len(set(host_ports))
