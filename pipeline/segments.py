@@ -181,6 +181,8 @@ def _data_field(value: Any) -> str:
         raise problem("unknown_field", f"Unknown field '{value}'; fields are {', '.join(FIELDS)} and data.<key>")
     if field_kind(value) == "data" and len(value) - len("data.") > MAX_DATA_KEY:
         raise problem("too_big", f"Data keys are at most {MAX_DATA_KEY} characters")
+    if "\x00" in value:
+        raise problem("invalid_string", "Text may not contain NUL")
     return value
 
 
