@@ -1,8 +1,10 @@
 """The workflow engine: run each claimed run's due step and advance the run, in one transaction.
 
-A workflow's definition is `{"steps": [step, ...]}` (validated at the API by `pipeline.workflow_definitions`;
-here odd stored data fails the run with the reason in its history, never an exception). The first step is
-the entry; each step has an `id` and a `type`:
+A workflow's definition is `{"steps": [step, ...]}`, checked at the API by the models of
+`pipeline.workflow_definitions`. Each claim parses the definitions of its runs' workflows once with the same
+models (`parse_definition`), and each step type has its handler (`_RUN_STEPS`, `_GROUP_STEPS`); a stored step
+that does not parse fails the run that reaches it with the reason in its history, never an exception. The
+first step is the entry; each step has an `id` and a `type`:
 
     delay      seconds | minutes | until (ISO 8601 with zone); next      the next step runs then
     send       template, data (extra variables); next                    one email through `pipeline.submit`
