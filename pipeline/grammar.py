@@ -37,6 +37,8 @@ NOT_AN_OBJECT = {"invalid_condition": "a condition object", "invalid_step": "a s
 """A discriminator's error type, and what the node should have been when it is not even an object."""
 NO_NUL = "^[^\\u0000]*$"
 """The JSON-schema pattern of text without NUL (the API refuses NUL outside `data`)."""
+EVENT_NAME_PATTERN = "^[^\\u0000]*[^\\u0000\\s][^\\u0000]*$"
+"""Not blank, no NUL (NUL is not white space: it may not be the one character that is not)."""
 STORED = {"stored": True}
 """Validation context for a definition read back from the database: see `whole_number`."""
 
@@ -121,7 +123,7 @@ def event_name(limit: int) -> Any:
             raise found
         return value
 
-    return atom(check, {"type": "string", "minLength": 1, "maxLength": limit, "pattern": "^[^\\u0000]*\\S[^\\u0000]*$"})
+    return atom(check, {"type": "string", "minLength": 1, "maxLength": limit, "pattern": EVENT_NAME_PATTERN})
 
 
 def whole_number(limit: int, why: str = "", schema: dict[str, Any] | None = None) -> Any:

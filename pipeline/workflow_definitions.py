@@ -59,7 +59,7 @@ MAX_ERRORS = 50
 STEP_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 STEP_ID_PATTERN = "^[A-Za-z0-9_-]{1,64}$"
 DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
-EVENT_NAME_PATTERN = "^[^\\u0000]*\\S[^\\u0000]*$"
+EVENT_NAME_PATTERN = grammar.EVENT_NAME_PATTERN
 
 BRANCHES: dict[str, tuple[str, ...]] = {
     "delay": ("next",), "send": ("next",), "condition": ("then", "else"), "wait": ("then", "timeout"),
@@ -112,6 +112,8 @@ def _template_id(value: Any) -> str:
         raise grammar.problem("invalid_type", "Expected a template id")
     if not 1 <= len(value) <= MAX_TEMPLATE_ID:
         raise grammar.problem("invalid_string", f"Template ids are 1-{MAX_TEMPLATE_ID} characters")
+    if "\x00" in value:
+        raise grammar.problem("invalid_string", "Text may not contain NUL")
     return value
 
 
