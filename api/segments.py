@@ -1,164 +1,30 @@
 """Segments: list, create, get (with a count), update, delete, their contacts and their count.
 
-The condition tree is validated by `pipeline.segments.validate_condition` (errors name the path inside
-the tree, e.g. `condition.all.1.op`). The pydantic models below only describe the tree in
-/openapi.json, as exactly as JSON schema can: what it cannot say (at most 10 levels and 200 nodes) is
-listed in tests/schemathesis.toml.
+The condition tree is parsed by the models of `pipeline.segments` (`validate_condition`; errors name the
+path inside the tree, e.g. `condition.all.1.op`), which also describe it in /openapi.json
+(SegmentCondition): what JSON schema cannot say (at most 10 levels and 200 nodes) is listed in
+tests/schemathesis.toml.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from aiohttp import web
-from pydantic import ConfigDict, Field, StringConstraints, TypeAdapter, WithJsonSchema
-from typing_extensions import TypeAliasType
+from pydantic import Field, StringConstraints
 
 from api.context import DB
 from api.envelope import success
 from api.routing import Route, caller
 from api.schemas import ContactPage, Count, Out
 from api.serialize import contact_json, page_json
-from api.validation import NO_NUL, PAGE_QUERY, Body, page_params, read_body
+from api.validation import PAGE_QUERY, Body, page_params, read_body
 from pipeline import segments as rules
 from storage import segments as segment_store
 from storage.models import utcnow
 
-# ---------------------------------------------------------------------------------------------------
-# The condition tree, for /openapi.json (validation is pipeline.segments.validate_condition).
-
-_TEXT = {"type": "string", "maxLength": rules.MAX_TEXT, "pattern": NO_NUL}
-_NUMBER = {"type": "number", "minimum": -rules.MAX_NUMBER, "maximum": rules.MAX_NUMBER}
-_DATE = {"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "format": "date-time"}],
-         "description": "ISO 8601: a date (midnight UTC) or a date-time with its offset"}
-Text = Annotated[str, WithJsonSchema(_TEXT)]
-Number = Annotated[float, WithJsonSchema(_NUMBER)]
-DateValue = Annotated[str, WithJsonSchema(_DATE)]
-Scalar = Annotated[str | float | bool, WithJsonSchema({"anyOf": [_TEXT, _NUMBER, {"type": "boolean"}]})]
-DataField = Annotated[str, WithJsonSchema({
-    "type": "string", "pattern": f"^data\\.[^\\u0000]{{1,{rules.MAX_DATA_KEY}}}$",
-    "description": "data.<key>: a top-level key of the contact's data"})]
-EventName = Annotated[str, WithJsonSchema({"type": "string", "minLength": 1, "maxLength": rules.MAX_EVENT_NAME,
-                                           "pattern": "^[^\\u0000]*\\S[^\\u0000]*$"})]
-AtLeast = Annotated[int, WithJsonSchema({"type": "integer", "minimum": 1, "maximum": rules.MAX_AT_LEAST,
-                                         "default": 1})]
-WithinDays = Annotated[int, WithJsonSchema({"type": "integer", "minimum": 1, "maximum": rules.MAX_WITHIN_DAYS})]
-
-
-class _Node(Out):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-
-SegmentCondition = TypeAliasType(
-    "SegmentCondition",
-    "SegmentAll | SegmentAny | SegmentNot | SegmentEmailTest | SegmentSubscribedTest | SegmentTimestampTest "
-    "| SegmentDataTextTest | SegmentDataMatchTest | SegmentDataPresenceTest | SegmentDataNumberTest "
-    "| SegmentDataDateTest | SegmentEventDid | SegmentEventDidNot")
-
-
-class SegmentAll(_Node):
-    """Every condition matches (an empty list matches every contact)."""
-
-    all: list[SegmentCondition]
-
-
-class SegmentAny(_Node):
-    """Some condition matches (an empty list matches none)."""
-
-    any: list[SegmentCondition]
-
-
-class SegmentNot(_Node):
-    not_: SegmentCondition = Field(alias="not")
-
-
-class SegmentEmailTest(_Node):
-    """The contact's (lower-case) email; the value is compared lower-cased."""
-
-    field: Literal["email"]
-    op: Literal[rules.TEXT_OPS]
-    value: Text
-
-
-class SegmentSubscribedTest(_Node):
-    field: Literal["subscribed"]
-    op: Literal[rules.MATCH_OPS]
-    value: bool
-
-
-class SegmentTimestampTest(_Node):
-    field: Literal[rules.TIMESTAMP_FIELDS]
-    op: Literal[rules.DATE_OPS]
-    value: DateValue
-
-
-class SegmentDataTextTest(_Node):
-    """A string in the contact's data: exact, case-sensitive comparison."""
-
-    field: DataField
-    op: Literal[rules.TEXT_OPS]
-    value: Text
-
-
-class SegmentDataMatchTest(_Node):
-    field: DataField
-    op: Literal[rules.MATCH_OPS]
-    value: Scalar
-
-
-class SegmentDataPresenceTest(_Node):
-    """The key holds a value other than null."""
-
-    field: DataField
-    op: Literal[rules.PRESENCE_OPS]
-
-
-class SegmentDataNumberTest(_Node):
-    field: DataField
-    op: Literal[rules.NUMBER_OPS]
-    value: Number
-
-
-class SegmentDataDateTest(_Node):
-    """A date stored as text in the data, compared as text with the value in UTC
-    (`YYYY-MM-DDTHH:MM:SS.mmmZ`, JavaScript's toISOString)."""
-
-    field: DataField
-    op: Literal[rules.DATE_OPS]
-    value: DateValue
-
-
-class SegmentEventDid(_Node):
-    """The contact has at least `atLeast` events of this name (in the last `withinDays` days)."""
-
-    event: EventName
-    op: Literal["did"]
-    atLeast: AtLeast = 1
-    withinDays: WithinDays | None = None
-
-
-class SegmentEventDidNot(_Node):
-    """The contact has no event of this name (in the last `withinDays` days)."""
-
-    event: EventName
-    op: Literal["didNot"]
-    withinDays: WithinDays | None = None
-
-
-for _model in (SegmentAll, SegmentAny, SegmentNot):
-    _model.model_rebuild()
-
-
-class _ConditionSchema:
-    """A body field validated as a plain object (by pipeline.segments) and described as SegmentCondition."""
-
-    @classmethod
-    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> Any:
-        return handler(TypeAdapter(SegmentCondition).core_schema)
-
-
-Condition = Annotated[dict[str, Any], _ConditionSchema]
+Condition = Annotated[dict[str, Any], rules.ConditionObject]
 SegmentName = Annotated[str, StringConstraints(min_length=1, max_length=rules.MAX_NAME)]
 
 
@@ -178,7 +44,7 @@ class SegmentOut(Out):
     id: str
     name: str
     slug: str = Field(description="From the name; names the segment.<slug>.entry / .exit events")
-    condition: SegmentCondition
+    condition: rules.SegmentCondition
     trackMembership: bool
     createdAt: datetime
     updatedAt: datetime

@@ -2,9 +2,9 @@
 `/actions`: trigger events, `notevents`, a delay in minutes, `runOnce`, a template), one engine behind
 both: an action is stored as a workflow of kind ACTION whose steps are a delay (when > 0) and a send.
 
-The steps are validated by `pipeline.workflow_definitions.validate_definition` (errors name the step,
-e.g. `steps.2.type` unknown_step_type). The pydantic models below only describe them in /openapi.json;
-what JSON schema cannot say (step ids that must exist, no cycles, every step reachable, templates of
+The steps are parsed by the models of `pipeline.workflow_definitions` (`validate_definition`; errors name
+the step, e.g. `steps.2.type` unknown_step_type), which also describe them in /openapi.json; what JSON
+schema cannot say (step ids that must exist, no cycles, every step reachable, templates of
 the project, a delay `until` at most 366 days ahead) is listed in tests/schemathesis.toml.
 
 An action is not a workflow: `/workflows/…` answers 404 for an action's id, and its runs and stats are
@@ -23,126 +23,18 @@ from api.context import CONFIG, DB
 from api.envelope import success
 from api.routing import Handler, Route, caller
 from api.schemas import Out
-from api.segments import SegmentCondition
 from api.serialize import page_json
 from api.validation import NO_NUL, PAGE_QUERY, Body, page_params, read_body
 from pipeline import workflow_definitions as grammar
 from pipeline import workflow_rules as rules
-from pipeline.webhook_targets import MAX_URL, URL_PATTERN
 from pipeline.workflow_rules import ACTION, WORKFLOW, ActionFields, WorkflowFields
 from storage import workflow_admin as store
 from storage.models import Workflow, WorkflowRun
 
-# ---------------------------------------------------------------------------------------------------
-# The steps, for /openapi.json (validation is pipeline.workflow_definitions).
-
-StepId = Annotated[str, WithJsonSchema({"type": "string", "pattern": grammar.STEP_ID_PATTERN})]
-StepRef = Annotated[str | None, WithJsonSchema({"anyOf": [
-    {"type": "string", "pattern": grammar.STEP_ID_PATTERN}, {"type": "null"}],
-    "description": "The id of the step to go to; missing or null: the run completes here"})]
+Steps = Annotated[list[Any], grammar.StepList]
 EventName = Annotated[str, WithJsonSchema({"type": "string", "minLength": 1, "maxLength": grammar.MAX_EVENT_NAME,
                                            "pattern": grammar.EVENT_NAME_PATTERN})]
-StepData = Annotated[dict[str, Any], WithJsonSchema({
-    "type": "object", "maxProperties": grammar.MAX_DATA_KEYS,
-    "propertyNames": {"minLength": 1, "maxLength": grammar.MAX_DATA_KEY},
-    "description": f"At most {grammar.MAX_DATA_BYTES} bytes as JSON"})]
-Seconds = Annotated[int, WithJsonSchema({"type": "integer", "minimum": 1, "maximum": grammar.MAX_DELAY_SECONDS})]
-Minutes = Annotated[int, WithJsonSchema({"type": "integer", "minimum": 1, "maximum": grammar.MAX_DELAY_MINUTES})]
-Until = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time",
-                                       "description": "RFC 3339 with its offset; at most 366 days ahead"})]
 TemplateId = Annotated[str, StringConstraints(min_length=1, max_length=grammar.MAX_TEMPLATE_ID, pattern=NO_NUL)]
-Url = Annotated[str, WithJsonSchema({"type": "string", "maxLength": MAX_URL, "pattern": URL_PATTERN})]
-
-
-class _Step(Out):
-    model_config = ConfigDict(extra="forbid")
-    id: StepId
-
-
-class DelaySecondsStep(_Step):
-    type: Literal["delay"]
-    seconds: Seconds
-    next: StepRef = None
-
-
-class DelayMinutesStep(_Step):
-    type: Literal["delay"]
-    minutes: Minutes
-    next: StepRef = None
-
-
-class DelayUntilStep(_Step):
-    type: Literal["delay"]
-    until: Until
-    next: StepRef = None
-
-
-class SendStep(_Step):
-    """Send a template of the project to the contact; `data` and the triggering event's data fill its
-    variables."""
-
-    type: Literal["send"]
-    template: TemplateId
-    data: StepData | None = None
-    next: StepRef = None
-
-
-class ConditionStep(_Step):
-    """Branch on the contact (a segment condition tree): `then` when it matches, else `else`."""
-
-    type: Literal["condition"]
-    condition: SegmentCondition
-    then: StepRef = None
-    else_: StepRef = Field(default=None, alias="else")
-
-
-class WaitStep(_Step):
-    """Wait for the contact's next `event`: `then` when it comes, `timeout` after `timeoutSeconds`."""
-
-    type: Literal["wait"]
-    event: EventName
-    timeoutSeconds: Seconds
-    then: StepRef = None
-    timeout: StepRef = None
-
-
-class UpdateStep(_Step):
-    """Merge `data` into the contact's data and/or set its subscription."""
-
-    type: Literal["update"]
-    data: StepData | None = None
-    subscribed: bool | None = None
-    next: StepRef = None
-
-
-class WebhookStep(_Step):
-    type: Literal["webhook"]
-    url: Url
-    next: StepRef = None
-
-
-class ExitStep(_Step):
-    type: Literal["exit"]
-
-
-WorkflowStep = (DelaySecondsStep | DelayMinutesStep | DelayUntilStep | SendStep | ConditionStep | WaitStep
-                | UpdateStep | WebhookStep | ExitStep)
-
-
-class _StepsSchema:
-    """A field validated as a plain list (by pipeline.workflow_definitions), described as the steps."""
-
-    @classmethod
-    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> Any:
-        from pydantic import TypeAdapter
-
-        schema = handler(TypeAdapter(list[WorkflowStep]).core_schema)
-        return {**schema, "minItems": 1, "maxItems": grammar.MAX_STEPS,
-                "description": "The first step is the entry. Every step must be reachable from it and no path "
-                               "may return to a step (no cycles)."}
-
-
-Steps = Annotated[list[Any], _StepsSchema]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=rules.MAX_NAME)]
 Id = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=NO_NUL)]
 

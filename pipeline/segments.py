@@ -1,6 +1,6 @@
 """Segments: a named filter over a project's contacts, written as a condition tree.
 
-The grammar (checked by `validate_condition`; compiled to SQL by `storage.segments.condition_clause`):
+The grammar (the models below, checked by `validate_condition`; compiled to SQL by `storage.segments.condition_clause`):
 
     group  {"all": [cond, ...]}   every child matches (an empty list matches every contact)
            {"any": [cond, ...]}   some child matches (an empty list matches none)
@@ -28,14 +28,39 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
+from pydantic import (
+    BeforeValidator,
+    Field,
+    PlainSerializer,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+)
+from pydantic_core import PydanticCustomError
 from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from typing_extensions import TypeAliasType
 
 from pipeline.cache import TtlCache
-from pipeline.errors import Conflict, FieldError, NotFound, ValidationFailed
+from pipeline.errors import Conflict, NotFound, ValidationFailed
+from pipeline.grammar import (
+    LIMITS,
+    NO_NUL,
+    Boolean,
+    Node,
+    atom,
+    event_name,
+    field_errors,
+    problem,
+    tagged_union,
+    text_problem,
+    whole_number,
+)
 from storage import events as event_store
 from storage import segments as store
 from storage.models import utcnow
@@ -79,10 +104,11 @@ _VALUE_WORDS = {"text": "a string", "boolean": "true or false", "date": "an ISO 
                 "number": "a number", "scalar": "a string, a number, true or false"}
 SHAPES = ("A condition is a group ({\"all\": [...]}, {\"any\": [...]}, {\"not\": {...}}), a field test "
           "({\"field\", \"op\", \"value\"}) or an event test ({\"event\", \"op\", \"atLeast\"?, \"withinDays\"?})")
+MAX_ERRORS = 20
 
 
 # ---------------------------------------------------------------------------------------------------
-# Validation.
+# The grammar: one pydantic model per shape of node (also /openapi.json's SegmentCondition).
 
 def field_kind(field: str) -> str | None:
     if field == "email" or field == "subscribed":
@@ -94,154 +120,9 @@ def field_kind(field: str) -> str | None:
     return None
 
 
-class _Checker:
-    def __init__(self) -> None:
-        self.errors: list[FieldError] = []
-        self.nodes = 0
-
-    def fail(self, path: str, message: str, code: str) -> None:
-        if len(self.errors) < 20:
-            self.errors.append(FieldError(path, message, code))
-
-    def node(self, node: Any, path: str, depth: int) -> None:
-        self.nodes += 1
-        if self.nodes == MAX_NODES + 1:
-            self.fail(path, f"A condition may hold at most {MAX_NODES} nodes", "too_many_nodes")
-        if self.nodes > MAX_NODES:
-            return
-        if depth > MAX_DEPTH:
-            self.fail(path, f"Conditions may be nested at most {MAX_DEPTH} levels deep", "too_deep")
-            return
-        if not isinstance(node, dict):
-            self.fail(path, "Expected a condition object", "invalid_type")
-            return
-        kinds = [key for key in (*GROUPS, "field", "event") if key in node]
-        if not kinds:
-            self.fail(path, SHAPES, "invalid_condition")
-            return
-        kind = kinds[0]
-        if kind in ("all", "any"):
-            self.keys(node, path, {kind})
-            children = node[kind]
-            if not isinstance(children, list):
-                self.fail(f"{path}.{kind}", "Expected a list of conditions", "invalid_type")
-                return
-            for i, child in enumerate(children):
-                self.node(child, f"{path}.{kind}.{i}", depth + 1)
-        elif kind == "not":
-            self.keys(node, path, {"not"})
-            self.node(node["not"], f"{path}.not", depth + 1)
-        elif kind == "field":
-            self.field(node, path)
-        else:
-            self.event(node, path)
-
-    def keys(self, node: dict[str, Any], path: str, allowed: set[str]) -> None:
-        for key in node:
-            if key not in allowed:
-                self.fail(f"{path}.{key}", f"Unknown key '{key}' here; expected only {', '.join(sorted(allowed))}",
-                          "unknown_key")
-
-    def operator(self, node: dict[str, Any], path: str, allowed: tuple[str, ...], subject: str) -> str | None:
-        """The node's op if it is one of `allowed`, else None (after recording why)."""
-        if "op" not in node:
-            self.fail(f"{path}.op", "Required", "required")
-            return None
-        op = node["op"]
-        if not isinstance(op, str):
-            self.fail(f"{path}.op", "Expected a string", "invalid_type")
-        elif op not in OPERATORS:
-            self.fail(f"{path}.op", f"Unknown operator '{op}'; operators are {', '.join(OPERATORS)}",
-                      "unknown_operator")
-        elif op not in allowed:
-            self.fail(f"{path}.op", f"Operator '{op}' does not apply to {subject}; use one of {', '.join(allowed)}",
-                      "invalid_operator")
-        else:
-            return op
-        return None
-
-    def field(self, node: dict[str, Any], path: str) -> None:
-        field = node["field"]
-        kind = None
-        if not isinstance(field, str):
-            self.fail(f"{path}.field", "Expected a string", "invalid_type")
-        elif (kind := field_kind(field)) is None:
-            self.fail(f"{path}.field", f"Unknown field '{field}'; fields are {', '.join(FIELDS)} and data.<key>",
-                      "unknown_field")
-        elif kind == "data" and len(field) - len("data.") > MAX_DATA_KEY:
-            self.fail(f"{path}.field", f"Data keys are at most {MAX_DATA_KEY} characters", "too_big")
-            kind = None
-        allowed_keys = {"field", "op", "value"}
-        if kind is None:
-            self.operator(node, path, FIELD_OPS, "a field")
-            self.keys(node, path, allowed_keys)
-            return
-        operands = _OPERANDS[kind]
-        op = self.operator(node, path, tuple(operands), f"field '{field}'")
-        if op is None:
-            self.keys(node, path, allowed_keys)
-            return
-        operand = operands[op]
-        if operand is None:
-            allowed_keys.discard("value")
-        self.keys(node, path, allowed_keys)
-        if operand is not None:
-            if "value" not in node:
-                self.fail(f"{path}.value", "Required", "required")
-            else:
-                self.value(node["value"], f"{path}.value", operand)
-
-    def value(self, value: Any, path: str, operand: str) -> None:
-        expected = _VALUE_WORDS[operand]
-        if operand == "boolean" or (operand == "scalar" and isinstance(value, bool)):
-            if not isinstance(value, bool):
-                self.fail(path, f"Expected {expected}", "invalid_type")
-        elif operand == "number" or (operand == "scalar" and isinstance(value, int | float)):
-            if not isinstance(value, int | float) or isinstance(value, bool):
-                self.fail(path, f"Expected {expected}", "invalid_type")
-            elif not _finite_within(value, MAX_NUMBER):
-                self.fail(path, f"Numbers must be finite and at most {MAX_NUMBER:g} in size", "too_big")
-        elif not isinstance(value, str):
-            self.fail(path, f"Expected {expected}", "invalid_type")
-        elif operand == "date":
-            try:
-                parse_instant(value)
-            except ValueError:
-                self.fail(path, "Expected an ISO 8601 date (2024-03-01) or date-time with offset "
-                                "(2024-03-01T10:00:00Z)", "invalid_date")
-        else:
-            self.text(value, path, MAX_TEXT)
-
-    def text(self, value: str, path: str, limit: int) -> None:
-        if len(value) > limit:
-            self.fail(path, f"At most {limit} characters", "too_big")
-        elif "\x00" in value:
-            self.fail(path, "Text may not contain NUL", "invalid_string")
-
-    def event(self, node: dict[str, Any], path: str) -> None:
-        name = node["event"]
-        if not isinstance(name, str):
-            self.fail(f"{path}.event", "Expected an event name", "invalid_type")
-        elif not name.strip():
-            self.fail(f"{path}.event", "Event names are not blank", "too_small")
-        else:
-            self.text(name, f"{path}.event", MAX_EVENT_NAME)
-        op = self.operator(node, path, EVENT_OPS, "an event")
-        allowed_keys = {"event", "op", "withinDays"} | ({"atLeast"} if op != "didNot" else set())
-        self.keys(node, path, allowed_keys)
-        if "atLeast" in allowed_keys and "atLeast" in node:
-            self.count(node["atLeast"], f"{path}.atLeast", MAX_AT_LEAST)
-        if node.get("withinDays") is not None:
-            self.count(node["withinDays"], f"{path}.withinDays", MAX_WITHIN_DAYS)
-
-    def count(self, value: Any, path: str, limit: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int | float) or (
-                isinstance(value, float) and not value.is_integer()):
-            self.fail(path, "Expected a whole number", "invalid_type")
-        elif value < 1:
-            self.fail(path, "At least 1", "too_small")
-        elif value > limit:
-            self.fail(path, f"At most {limit}", "too_big")
+def _ops(kind: str, operand: str | None) -> Any:
+    """The Literal of the operators that give `kind` fields an `operand` value."""
+    return Literal[tuple(op for op, wanted in _OPERANDS[kind].items() if wanted == operand)]
 
 
 def _finite_within(value: int | float, limit: float) -> bool:
@@ -252,16 +133,328 @@ def _finite_within(value: int | float, limit: float) -> bool:
     return math.isfinite(number) and abs(number) <= limit
 
 
+def _expected(operand: str) -> PydanticCustomError:
+    return problem("invalid_type", f"Expected {_VALUE_WORDS[operand]}")
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _expected("text")
+    if (found := text_problem(value, MAX_TEXT)) is not None:
+        raise found
+    return value
+
+
+def _number(value: Any) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _expected("number")
+    if not _finite_within(value, MAX_NUMBER):
+        raise problem("too_big", f"Numbers must be finite and at most {MAX_NUMBER:g} in size")
+    return value
+
+
+def _date(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _expected("date")
+    try:
+        parse_instant(value)
+    except ValueError:
+        raise problem("invalid_date", "Expected an ISO 8601 date (2024-03-01) or date-time with offset "
+                                      "(2024-03-01T10:00:00Z)") from None
+    return value
+
+
+def _scalar(value: Any) -> str | int | float | bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return _number(value)
+    if isinstance(value, str):
+        return _text(value)
+    raise _expected("scalar")
+
+
+def _data_field(value: Any) -> str:
+    if not isinstance(value, str):
+        raise problem("invalid_type", "Expected a string")
+    if field_kind(value) is None:
+        raise problem("unknown_field", f"Unknown field '{value}'; fields are {', '.join(FIELDS)} and data.<key>")
+    if field_kind(value) == "data" and len(value) - len("data.") > MAX_DATA_KEY:
+        raise problem("too_big", f"Data keys are at most {MAX_DATA_KEY} characters")
+    if "\x00" in value:
+        raise problem("invalid_string", "Text may not contain NUL")
+    return value
+
+
+def _operator_problem(op: Any, allowed: tuple[str, ...], subject: str) -> PydanticCustomError | None:
+    if not isinstance(op, str):
+        return problem("invalid_type", "Expected a string")
+    if op not in OPERATORS:
+        return problem("unknown_operator", f"Unknown operator '{op}'; operators are {', '.join(OPERATORS)}")
+    if op not in allowed:
+        return problem("invalid_operator", f"Operator '{op}' does not apply to {subject}; use one of "
+                                           f"{', '.join(allowed)}")
+    return None
+
+
+def _field_operator(op: Any, info: ValidationInfo) -> str:
+    """The op of a field test whose field is unknown (checked against every field operator) or whose op
+    does not apply to its (valid) field."""
+    field = info.data.get("field")
+    kind = field_kind(field) if isinstance(field, str) else None
+    allowed, subject = (tuple(_OPERANDS[kind]), f"field '{field}'") if kind else (FIELD_OPS, "a field")
+    if (found := _operator_problem(op, allowed, subject)) is not None:
+        raise found
+    return op
+
+
+def _event_operator(op: Any) -> str:
+    if (found := _operator_problem(op, EVENT_OPS, "an event")) is not None:
+        raise found
+    return op
+
+
+def _conditions(value: Any) -> Any:
+    if not isinstance(value, list):
+        raise problem("invalid_type", "Expected a list of conditions")
+    return value
+
+
+_TEXT_SCHEMA = {"type": "string", "maxLength": MAX_TEXT, "pattern": NO_NUL}
+_NUMBER_SCHEMA = {"type": "number", "minimum": -MAX_NUMBER, "maximum": MAX_NUMBER}
+Text = atom(_text, _TEXT_SCHEMA)
+Number = atom(_number, _NUMBER_SCHEMA)
+DateValue = atom(_date, {"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "format": "date-time"}],
+                         "description": "ISO 8601: a date (midnight UTC) or a date-time with its offset"})
+Scalar = atom(_scalar, {"anyOf": [_TEXT_SCHEMA, _NUMBER_SCHEMA, {"type": "boolean"}]})
+DataField = atom(_data_field, {"type": "string", "pattern": f"^data\\.[^\\u0000]{{1,{MAX_DATA_KEY}}}$",
+                               "description": "data.<key>: a top-level key of the contact's data"})
+EventName = event_name(MAX_EVENT_NAME)
+AtLeast = whole_number(MAX_AT_LEAST, schema={"default": 1})
+WithinDays = whole_number(MAX_WITHIN_DAYS)
+Conditions = Annotated[list["SegmentCondition"], BeforeValidator(_conditions)]
+
+
+class SegmentAll(Node):
+    """Every condition matches (an empty list matches every contact)."""
+
+    TAG: ClassVar[str] = "<all>"
+    all: Conditions
+
+
+class SegmentAny(Node):
+    """Some condition matches (an empty list matches none)."""
+
+    TAG: ClassVar[str] = "<any>"
+    any: Conditions
+
+
+class SegmentNot(Node):
+    TAG: ClassVar[str] = "<not>"
+    not_: SegmentCondition = Field(alias="not")
+
+
+class SegmentEmailTest(Node):
+    """The contact's (lower-case) email; the value is compared lower-cased."""
+
+    TAG: ClassVar[str] = "<email.text>"
+    field: Literal["email"]
+    op: _ops("email", "text")
+    value: Text
+
+
+class SegmentSubscribedTest(Node):
+    TAG: ClassVar[str] = "<subscribed.boolean>"
+    field: Literal["subscribed"]
+    op: _ops("subscribed", "boolean")
+    value: Boolean
+
+
+class SegmentTimestampTest(Node):
+    TAG: ClassVar[str] = "<timestamp.date>"
+    field: Literal[TIMESTAMP_FIELDS]
+    op: _ops("timestamp", "date")
+    value: DateValue
+
+
+class _DataTest(Node):
+    field: DataField
+
+
+class SegmentDataTextTest(_DataTest):
+    """A string in the contact's data: exact, case-sensitive comparison."""
+
+    TAG: ClassVar[str] = "<data.text>"
+    op: _ops("data", "text")
+    value: Text
+
+
+class SegmentDataMatchTest(_DataTest):
+    """The value as stored: a string (case-sensitive), a number or true/false."""
+
+    TAG: ClassVar[str] = "<data.scalar>"
+    op: _ops("data", "scalar")
+    value: Scalar
+
+
+class SegmentDataPresenceTest(_DataTest):
+    """The key holds a value other than null."""
+
+    TAG: ClassVar[str] = "<data.None>"
+    op: _ops("data", None)
+
+
+class SegmentDataNumberTest(_DataTest):
+    TAG: ClassVar[str] = "<data.number>"
+    op: _ops("data", "number")
+    value: Number
+
+
+class SegmentDataDateTest(_DataTest):
+    """A date stored as text in the data, compared as text with the value in UTC
+    (`YYYY-MM-DDTHH:MM:SS.mmmZ`, JavaScript's toISOString)."""
+
+    TAG: ClassVar[str] = "<data.date>"
+    op: _ops("data", "date")
+    value: DateValue
+
+
+class SegmentEventDid(Node):
+    """The contact has at least `atLeast` events of this name (in the last `withinDays` days)."""
+
+    TAG: ClassVar[str] = "<event.did>"
+    event: EventName
+    op: Literal["did"]
+    atLeast: AtLeast = 1
+    withinDays: WithinDays | None = None
+
+
+class SegmentEventDidNot(Node):
+    """The contact has no event of this name (in the last `withinDays` days)."""
+
+    TAG: ClassVar[str] = "<event.didNot>"
+    event: EventName
+    op: Literal["didNot"]
+    withinDays: WithinDays | None = None
+
+
+class _FieldTestProblem(_DataTest):
+    """A field test whose field is unknown, or whose op does not apply to its field: says which."""
+
+    TAG: ClassVar[str] = "<field?>"
+    op: atom(_field_operator, {})
+    value: Any = None
+
+
+class _EventTestProblem(Node):
+    """An event test whose op is neither did nor didNot: says why."""
+
+    TAG: ClassVar[str] = "<event?>"
+    event: EventName
+    op: atom(_event_operator, {})
+    atLeast: AtLeast = 1
+    withinDays: WithinDays | None = None
+
+
+_NODES: tuple[type[Node], ...] = (
+    SegmentAll, SegmentAny, SegmentNot, SegmentEmailTest, SegmentSubscribedTest, SegmentTimestampTest,
+    SegmentDataTextTest, SegmentDataMatchTest, SegmentDataPresenceTest, SegmentDataNumberTest, SegmentDataDateTest,
+    SegmentEventDid, SegmentEventDidNot, _FieldTestProblem, _EventTestProblem)
+CONDITION_TAGS: dict[str, type[Node]] = {node.TAG: node for node in _NODES}
+
+
+def condition_tag(node: Any) -> str | None:
+    """Which model a node is, from its keys (the first of all, any, not, field, event it has), and for a
+    test from its field and op; None when it is none of the shapes."""
+    if isinstance(node, Node):
+        return node.TAG
+    if not isinstance(node, dict):
+        return None
+    kind = next((key for key in (*GROUPS, "field", "event") if key in node), None)
+    if kind is None:
+        return None
+    if kind in GROUPS:
+        return f"<{kind}>"
+    op = node.get("op")
+    if kind == "event":
+        return f"<event.{op}>" if isinstance(op, str) and op in EVENT_OPS else "<event?>"
+    field = node["field"]
+    operands = _OPERANDS.get(field_kind(field) or "", {}) if isinstance(field, str) else {}
+    if not isinstance(op, str) or op not in operands:
+        return "<field?>"
+    if field_kind(field) == "data" and len(field) - len("data.") > MAX_DATA_KEY:
+        return "<field?>"
+    return f"<{field_kind(field)}.{operands[op]}>"
+
+
+SegmentCondition = TypeAliasType("SegmentCondition", tagged_union(
+    _NODES[:-2], _NODES[-2:], condition_tag, "invalid_condition", SHAPES))
+for _model in (SegmentAll, SegmentAny, SegmentNot, _FieldTestProblem, _EventTestProblem):
+    _model.model_rebuild()
+
+
+def limit_problems(tree: Any) -> list[tuple[str, str, str]]:
+    """(path in the tree, message, code) for each node past MAX_DEPTH, and the first past MAX_NODES,
+    visiting at most MAX_NODES + 1 nodes: a tree past its limits is not parsed further."""
+    found: list[tuple[str, str, str]] = []
+    nodes = 0
+    stack: list[tuple[Any, str, int]] = [(tree, "", 1)]
+    while stack and len(found) < MAX_ERRORS:
+        node, path, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_NODES:
+            found.append((path, f"A condition may hold at most {MAX_NODES} nodes", "too_many_nodes"))
+            break
+        if depth > MAX_DEPTH:
+            found.append((path, f"Conditions may be nested at most {MAX_DEPTH} levels deep", "too_deep"))
+            continue
+        kind = next((key for key in GROUPS if key in node), None) if isinstance(node, dict) else None
+        if kind in ("all", "any") and isinstance(node[kind], list):
+            children = node[kind][:MAX_NODES]
+            stack.extend((child, f"{path}.{kind}.{i}".lstrip("."), depth + 1)
+                         for i, child in reversed(list(enumerate(children))))
+        elif kind == "not":
+            stack.append((node["not"], f"{path}.not".lstrip("."), depth + 1))
+    return found
+
+
+def _within_limits(tree: Any) -> Any:
+    if found := limit_problems(tree):
+        raise PydanticCustomError(LIMITS, "The condition is past its size limits", {"errors": found})
+    return tree
+
+
+def _kept(tree: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    handler(tree)
+    return tree
+
+
+Condition = Annotated[SegmentCondition, BeforeValidator(_within_limits), WrapValidator(_kept),
+                      PlainSerializer(lambda tree: tree)]
+"""A condition tree at most MAX_DEPTH deep and MAX_NODES big (which JSON schema cannot say), checked by
+the models and kept as the plain object it was: what `storage.segments.condition_clause` compiles."""
+_CONDITION: TypeAdapter[Any] = TypeAdapter(Condition)
+
+
+class ConditionObject:
+    """A request body's condition: taken as a plain object (`validate_condition` names each problem by
+    its path in the tree) and described as SegmentCondition in /openapi.json."""
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> Any:
+        return handler(TypeAdapter(SegmentCondition).core_schema)
+
+
 def validate_condition(tree: Any, path: str = "condition") -> None:
     """Raise ValidationFailed naming each problem by its path in the tree (`condition.all.1.op`), with
     codes: invalid_type, invalid_condition (none of the shapes), unknown_key, required, unknown_field,
     unknown_operator, invalid_operator (known, but not for this field or for events), invalid_date,
     invalid_string, too_small, too_big, too_deep (more than MAX_DEPTH levels), too_many_nodes."""
-    checker = _Checker()
-    checker.node(tree, path, 1)
-    if checker.errors:
-        raise ValidationFailed(checker.errors, "Invalid segment condition",
-                               "Fix the condition at each path listed in errors.")
+    try:
+        _CONDITION.validate_python(tree)
+    except ValidationError as exc:
+        raise ValidationFailed(field_errors(exc, path, CONDITION_TAGS, MAX_ERRORS), "Invalid segment condition",
+                               "Fix the condition at each path listed in errors.") from None
 
 
 def event_names(tree: Any) -> set[str]:

@@ -23,17 +23,26 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
+from pydantic import (
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 from sqlalchemy.orm import Session
 
+from pipeline import grammar
 from pipeline.compose import MAX_RENDERED_HEADER, Template, looks_like_html
 from pipeline.errors import FieldError, ValidationFailed
-from pipeline.segments import event_names, validate_condition
-from pipeline.webhook_targets import target_problem, url_problem
+from pipeline.segments import CONDITION_TAGS, Condition, event_names
+from pipeline.webhook_targets import MAX_URL, URL_PATTERN, target_problem, url_problem
 from storage import templates as template_store
 from storage import workflow_admin as store
 
@@ -52,7 +61,7 @@ MAX_ERRORS = 50
 STEP_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 STEP_ID_PATTERN = "^[A-Za-z0-9_-]{1,64}$"
 DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
-EVENT_NAME_PATTERN = "^[^\\u0000]*\\S[^\\u0000]*$"
+EVENT_NAME_PATTERN = grammar.EVENT_NAME_PATTERN
 
 BRANCHES: dict[str, tuple[str, ...]] = {
     "delay": ("next",), "send": ("next",), "condition": ("then", "else"), "wait": ("then", "timeout"),
@@ -60,13 +69,306 @@ BRANCHES: dict[str, tuple[str, ...]] = {
 }
 """Each step type's fields that name the step to go to."""
 STEP_TYPES = tuple(BRANCHES)
-_KEYS: dict[str, set[str]] = {
-    "delay": {"seconds", "minutes", "until"}, "send": {"template", "data"}, "condition": {"condition"},
-    "wait": {"event", "timeoutSeconds"}, "update": {"data", "subscribed"}, "webhook": {"url"}, "exit": set(),
-}
+DELAY_UNITS = ("seconds", "minutes", "until")
 
 
-class _Checker:
+# ---------------------------------------------------------------------------------------------------
+# One step: a pydantic model per type (also /openapi.json's step schemas).
+
+def _step_id(value: Any) -> str:
+    if not isinstance(value, str):
+        raise grammar.problem("invalid_type", "Expected a string")
+    if not STEP_ID.fullmatch(value):
+        raise grammar.problem("invalid_string", "Step ids are 1-64 characters of A-Z, a-z, 0-9, _ and -")
+    return value
+
+
+def _step_ref(value: Any) -> str:
+    if not isinstance(value, str):
+        raise grammar.problem("invalid_type", "Expected a step id")
+    return value
+
+
+def _until(value: Any, info: ValidationInfo) -> str:
+    if not isinstance(value, str):
+        raise grammar.problem("invalid_type", "Expected an ISO 8601 date-time with its offset")
+    try:
+        if not DATE_TIME.fullmatch(value):
+            raise ValueError(value)
+        when = until_time(value)
+    except ValueError:
+        raise grammar.problem("invalid_date",
+                              "Expected an ISO 8601 date-time with its offset (2025-03-01T10:00:00Z)") from None
+    if info.context != grammar.STORED and when > datetime.now(UTC) + timedelta(seconds=MAX_DELAY_SECONDS):
+        raise grammar.problem("too_big", "A delay is at most 366 days; until is further ahead")
+    return value
+
+
+def until_time(value: str) -> datetime:
+    """A delay's `until` as a UTC datetime; ValueError when it is none."""
+    return datetime.fromisoformat(value.upper().replace("Z", "+00:00")).astimezone(UTC)
+
+
+def _template_id(value: Any) -> str:
+    if not isinstance(value, str):
+        raise grammar.problem("invalid_type", "Expected a template id")
+    if not 1 <= len(value) <= MAX_TEMPLATE_ID:
+        raise grammar.problem("invalid_string", f"Template ids are 1-{MAX_TEMPLATE_ID} characters")
+    if "\x00" in value:
+        raise grammar.problem("invalid_string", "Text may not contain NUL")
+    return value
+
+
+def _data(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise grammar.problem("invalid_type", "Expected an object")
+    if len(value) > MAX_DATA_KEYS:
+        raise grammar.problem("too_big", f"At most {MAX_DATA_KEYS} keys")
+    if any(not 1 <= len(key) <= MAX_DATA_KEY for key in value):
+        raise grammar.problem("invalid_string", f"Data keys must be 1-{MAX_DATA_KEY} characters")
+    if len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()) > MAX_DATA_BYTES:
+        raise grammar.problem("too_big", f"At most {MAX_DATA_BYTES} bytes as JSON")
+    return value
+
+
+def _url(value: Any) -> str:
+    if not isinstance(value, str):
+        raise grammar.problem("invalid_type", "Expected a URL")
+    if (found := url_problem(value, True)) is not None:
+        raise grammar.problem(found.code, found.message)
+    return value
+
+
+def _unknown_type(value: Any) -> str:
+    raise grammar.problem("unknown_step_type", f"Unknown step type {json.dumps(value, default=str)[:80]}; types are "
+                                       f"{', '.join(STEP_TYPES)}")
+
+
+StepId = grammar.atom(_step_id, {"type": "string", "pattern": STEP_ID_PATTERN})
+StepRef = Annotated[grammar.atom(_step_ref, {"type": "string", "pattern": STEP_ID_PATTERN}) | None, Field(
+    description="The id of the step to go to; missing or null: the run completes here")]
+EventName = grammar.event_name(MAX_EVENT_NAME)
+StepData = grammar.atom(_data, {"type": "object", "maxProperties": MAX_DATA_KEYS,
+                                "propertyNames": {"minLength": 1, "maxLength": MAX_DATA_KEY},
+                                "description": f"At most {MAX_DATA_BYTES} bytes as JSON"})
+Seconds = grammar.whole_number(MAX_DELAY_SECONDS, "a delay is at most 366 days")
+Minutes = grammar.whole_number(MAX_DELAY_MINUTES, "a delay is at most 366 days")
+TimeoutSeconds = grammar.whole_number(MAX_DELAY_SECONDS, "a wait lasts at most 366 days")
+Until = grammar.atom(_until, {"type": "string", "format": "date-time",
+                              "description": "RFC 3339 with its offset; at most 366 days ahead"})
+TemplateId = grammar.atom(_template_id, {"type": "string", "minLength": 1, "maxLength": MAX_TEMPLATE_ID,
+                                         "pattern": grammar.NO_NUL})
+Url = grammar.atom(_url, {"type": "string", "maxLength": MAX_URL, "pattern": URL_PATTERN})
+
+
+class _Step(grammar.Node):
+    id: StepId
+
+    def branch(self, name: str) -> str | None:
+        """The step id this step's `name` branch goes to (None: the run completes)."""
+        return getattr(self, "else_" if name == "else" else name, None)
+
+
+class _Delay(_Step):
+    WHERE: ClassVar[str] = "in a delay step"
+    type: Literal["delay"]
+    next: StepRef = None
+
+
+class DelaySecondsStep(_Delay):
+    TAG: ClassVar[str] = "<delay.seconds>"
+    seconds: Seconds
+
+    def due(self, now: datetime) -> datetime:
+        return now + timedelta(seconds=self.seconds)
+
+
+class DelayMinutesStep(_Delay):
+    TAG: ClassVar[str] = "<delay.minutes>"
+    minutes: Minutes
+
+    def due(self, now: datetime) -> datetime:
+        return now + timedelta(minutes=self.minutes)
+
+
+class DelayUntilStep(_Delay):
+    TAG: ClassVar[str] = "<delay.until>"
+    until: Until
+
+    def due(self, now: datetime) -> datetime:
+        return until_time(self.until)
+
+
+class SendStep(_Step):
+    """Send a template of the project to the contact; `data` and the triggering event's data fill its
+    variables."""
+
+    TAG: ClassVar[str] = "<send>"
+    WHERE: ClassVar[str] = "in a send step"
+    type: Literal["send"]
+    template: TemplateId
+    data: StepData | None = None
+    next: StepRef = None
+
+
+class ConditionStep(_Step):
+    """Branch on the contact (a segment condition tree): `then` when it matches, else `else`."""
+
+    TAG: ClassVar[str] = "<condition>"
+    WHERE: ClassVar[str] = "in a condition step"
+    type: Literal["condition"]
+    condition: Condition
+    then: StepRef = None
+    else_: StepRef = Field(default=None, alias="else")
+
+
+class WaitStep(_Step):
+    """Wait for the contact's next `event`: `then` when it comes, `timeout` after `timeoutSeconds`."""
+
+    TAG: ClassVar[str] = "<wait>"
+    WHERE: ClassVar[str] = "in a wait step"
+    type: Literal["wait"]
+    event: EventName
+    timeoutSeconds: TimeoutSeconds
+    then: StepRef = None
+    timeout: StepRef = None
+
+
+class UpdateStep(_Step):
+    """Merge `data` into the contact's data and/or set its subscription."""
+
+    TAG: ClassVar[str] = "<update>"
+    WHERE: ClassVar[str] = "in an update step"
+    type: Literal["update"]
+    data: StepData | None = None
+    subscribed: grammar.Boolean | None = None
+    next: StepRef = None
+
+
+class WebhookStep(_Step):
+    TAG: ClassVar[str] = "<webhook>"
+    WHERE: ClassVar[str] = "in a webhook step"
+    type: Literal["webhook"]
+    url: Url
+    next: StepRef = None
+
+
+class ExitStep(_Step):
+    TAG: ClassVar[str] = "<exit>"
+    WHERE: ClassVar[str] = "in an exit step"
+    type: Literal["exit"]
+
+
+class _DelayProblem(_Delay):
+    """A delay step with none, or more than one, of seconds, minutes and until: says so."""
+
+    TAG: ClassVar[str] = "<delay?>"
+    seconds: Any = None
+    minutes: Any = None
+    until: Any = None
+
+    @model_validator(mode="after")
+    def _one_unit(self) -> _DelayProblem:
+        raise grammar.problem("invalid_delay", "A delay step takes exactly one of seconds, minutes or until")
+
+
+class _UnknownTypeStep(_Step):
+    """A step with no type, or one that is none of STEP_TYPES: says so (its other keys are not judged)."""
+
+    TAG: ClassVar[str] = "<unknown>"
+    model_config = ConfigDict(extra="allow")
+    type: grammar.atom(_unknown_type, {})
+
+
+DelayStep = DelaySecondsStep | DelayMinutesStep | DelayUntilStep
+_LISTED: tuple[type[_Step], ...] = (DelaySecondsStep, DelayMinutesStep, DelayUntilStep, SendStep, ConditionStep,
+                                    WaitStep, UpdateStep, WebhookStep, ExitStep)
+STEP_TAGS: dict[str, type[grammar.Node]] = {step.TAG: step for step in (*_LISTED, _DelayProblem, _UnknownTypeStep)}
+_TAGS = {**STEP_TAGS, **CONDITION_TAGS}
+"""Every tag a step's error may pass through (a condition step holds a condition tree)."""
+
+
+def step_tag(step: Any) -> str | None:
+    """Which model a step is, from its type (and a delay's unit); None when it is not an object."""
+    if isinstance(step, _Step):
+        return step.TAG
+    if not isinstance(step, dict):
+        return None
+    kind = step.get("type")
+    if not isinstance(kind, str) or kind not in BRANCHES:
+        return _UnknownTypeStep.TAG
+    if kind == "delay":
+        given = [unit for unit in DELAY_UNITS if unit in step]
+        return f"<delay.{given[0]}>" if len(given) == 1 else _DelayProblem.TAG
+    return f"<{kind}>"
+
+
+WorkflowStep = grammar.tagged_union(_LISTED, (_DelayProblem, _UnknownTypeStep), step_tag, "invalid_step",
+                            "Expected a step object")
+_STEPS: TypeAdapter[list[Any]] = TypeAdapter(list[WorkflowStep])
+_STEP: TypeAdapter[Any] = TypeAdapter(WorkflowStep)
+
+
+@dataclass(frozen=True)
+class BrokenStep:
+    """A stored step the engine cannot run (an odd row written before the rules, or by hand): a run that
+    reaches it fails with `reason`."""
+
+    id: str
+    type: Any
+    reason: str
+
+
+RunnableStep = DelayStep | SendStep | ConditionStep | WaitStep | UpdateStep | WebhookStep | ExitStep
+
+
+@dataclass(frozen=True)
+class ParsedDefinition:
+    """A stored definition as the engine runs it: its steps by id, and the id of the first."""
+
+    steps: dict[str, RunnableStep | BrokenStep]
+    entry: str | None
+
+
+def parse_definition(definition: Any) -> ParsedDefinition:
+    """Parse each step of a stored definition with the API's models (a stored delay or wait may be 0),
+    once per claim of the workflow's runs; a step that does not parse becomes a BrokenStep. Never raises."""
+    steps = definition.get("steps") if isinstance(definition, dict) else None
+    if not isinstance(steps, list):
+        return ParsedDefinition({}, None)
+    parsed = {str(step["id"]): _parse_step(step, str(step["id"])) for step in steps
+              if isinstance(step, dict) and "id" in step}
+    first = steps[0] if steps and isinstance(steps[0], dict) and "id" in steps[0] else None
+    return ParsedDefinition(parsed, str(first["id"]) if first is not None else None)
+
+
+def _parse_step(step: dict[str, Any], step_id: str) -> RunnableStep | BrokenStep:
+    try:
+        return _STEP.validate_python(step, context=grammar.STORED)
+    except ValidationError as exc:
+        kind = step.get("type")
+        if not isinstance(kind, str) or kind not in BRANCHES:
+            return BrokenStep(step_id, kind, f"step {step_id!r} has an unknown type {kind!r}")
+        first = grammar.field_errors(exc, "", _TAGS, 1)[0]
+        return BrokenStep(step_id, kind, f"step {step_id!r}: {first.field or 'the step'}: {first.message}")
+
+
+class StepList:
+    """A request body's steps: taken as a plain list (`validate_definition` names each problem by its
+    step) and described as the list of WorkflowStep in /openapi.json."""
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> Any:
+        schema = handler(_STEPS.core_schema)
+        return {**schema, "minItems": 1, "maxItems": MAX_STEPS,
+                "description": "The first step is the entry. Every step must be reachable from it and no path "
+                               "may return to a step (no cycles)."}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The graph.
+
+class _Graph:
     def __init__(self, path: str) -> None:
         self.path = path
         self.errors: list[FieldError] = []
@@ -78,166 +380,21 @@ class _Checker:
     def at(self, index: int, key: str | None = None) -> str:
         return f"{self.path}.{index}" + (f".{key}" if key else "")
 
-    # --- one step ---------------------------------------------------------------------------------
-
-    def step(self, index: int, step: Any) -> str | None:
-        """Check one step's own fields; its type if known (for the graph checks), else None."""
-        if not isinstance(step, dict):
-            self.fail(self.at(index), "Expected a step object", "invalid_type")
-            return None
-        kind = step.get("type")
-        if "id" not in step:
-            self.fail(self.at(index, "id"), "Required", "required")
-        elif not isinstance(step["id"], str):
-            self.fail(self.at(index, "id"), "Expected a string", "invalid_type")
-        elif not STEP_ID.fullmatch(step["id"]):
-            self.fail(self.at(index, "id"), "Step ids are 1-64 characters of A-Z, a-z, 0-9, _ and -",
-                      "invalid_string")
-        if "type" not in step:
-            self.fail(self.at(index, "type"), "Required", "required")
-            return None
-        if not isinstance(kind, str) or kind not in BRANCHES:
-            self.fail(self.at(index, "type"), f"Unknown step type {json.dumps(kind)[:80]}; types are "
-                                              f"{', '.join(STEP_TYPES)}", "unknown_step_type")
-            return None
-        allowed = {"id", "type", *_KEYS[kind], *BRANCHES[kind]}
-        for key in step:
-            if key not in allowed:
-                self.fail(self.at(index, key), f"Unknown key '{key}' in a {kind} step; expected only "
-                                               f"{', '.join(sorted(allowed))}", "unknown_key")
-        for branch in BRANCHES[kind]:
-            if step.get(branch) is not None and not isinstance(step[branch], str):
-                self.fail(self.at(index, branch), "Expected a step id", "invalid_type")
-        getattr(self, f"_{kind}")(index, step)
-        return kind
-
-    def _delay(self, index: int, step: dict[str, Any]) -> None:
-        given = [key for key in ("seconds", "minutes", "until") if key in step]
-        if len(given) != 1:
-            self.fail(self.at(index), "A delay step takes exactly one of seconds, minutes or until", "invalid_delay")
-            return
-        key = given[0]
-        if key == "until":
-            self.until(index, step["until"])
-        else:
-            limit = MAX_DELAY_SECONDS if key == "seconds" else MAX_DELAY_MINUTES
-            self.whole(step, key, index, limit, "a delay is at most 366 days")
-
-    def until(self, index: int, value: Any) -> None:
-        field = self.at(index, "until")
-        if not isinstance(value, str):
-            self.fail(field, "Expected an ISO 8601 date-time with its offset", "invalid_type")
-            return
-        try:
-            if not DATE_TIME.fullmatch(value):
-                raise ValueError(value)
-            when = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
-        except ValueError:
-            self.fail(field, "Expected an ISO 8601 date-time with its offset (2025-03-01T10:00:00Z)", "invalid_date")
-            return
-        if when.astimezone(UTC) > datetime.now(UTC) + timedelta(seconds=MAX_DELAY_SECONDS):
-            self.fail(field, "A delay is at most 366 days; until is further ahead", "too_big")
-
-    def whole(self, step: dict[str, Any], key: str, index: int, limit: int, why: str) -> None:
-        """A whole number 1…limit (an integral float such as 5.0 is stored as 5)."""
-        value, field = step[key], self.at(index, key)
-        if isinstance(value, bool) or not isinstance(value, int | float) or (
-                isinstance(value, float) and not (math.isfinite(value) and value.is_integer())):
-            self.fail(field, "Expected a whole number", "invalid_type")
-        elif value < 1:
-            self.fail(field, "At least 1", "too_small")
-        elif value > limit:
-            self.fail(field, f"At most {limit}: {why}", "too_big")
-        else:
-            step[key] = int(value)
-
-    def _send(self, index: int, step: dict[str, Any]) -> None:
-        if "template" not in step:
-            self.fail(self.at(index, "template"), "Required", "required")
-        elif not isinstance(step["template"], str):
-            self.fail(self.at(index, "template"), "Expected a template id", "invalid_type")
-        elif not 1 <= len(step["template"]) <= MAX_TEMPLATE_ID:
-            self.fail(self.at(index, "template"), f"Template ids are 1-{MAX_TEMPLATE_ID} characters",
-                      "invalid_string")
-        self.data(index, step)
-
-    def data(self, index: int, step: dict[str, Any]) -> None:
-        if "data" not in step:
-            return
-        value, field = step["data"], self.at(index, "data")
-        if not isinstance(value, dict):
-            self.fail(field, "Expected an object", "invalid_type")
-        elif len(value) > MAX_DATA_KEYS:
-            self.fail(field, f"At most {MAX_DATA_KEYS} keys", "too_big")
-        elif any(not 1 <= len(key) <= MAX_DATA_KEY for key in value):
-            self.fail(field, f"Data keys must be 1-{MAX_DATA_KEY} characters", "invalid_string")
-        elif len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()) > MAX_DATA_BYTES:
-            self.fail(field, f"At most {MAX_DATA_BYTES} bytes as JSON", "too_big")
-
-    def _condition(self, index: int, step: dict[str, Any]) -> None:
-        if "condition" not in step:
-            self.fail(self.at(index, "condition"), "Required", "required")
-            return
-        try:
-            validate_condition(step["condition"], path=self.at(index, "condition"))
-        except ValidationFailed as exc:
-            for error in exc.errors:
-                self.fail(error.field, error.message, error.code)
-
-    def _wait(self, index: int, step: dict[str, Any]) -> None:
-        field = self.at(index, "event")
-        if "event" not in step:
-            self.fail(field, "Required", "required")
-        elif not isinstance(step["event"], str):
-            self.fail(field, "Expected an event name", "invalid_type")
-        elif not step["event"].strip():
-            self.fail(field, "Event names are not blank", "too_small")
-        elif len(step["event"]) > MAX_EVENT_NAME:
-            self.fail(field, f"At most {MAX_EVENT_NAME} characters", "too_big")
-        elif "\x00" in step["event"]:
-            self.fail(field, "Text may not contain NUL", "invalid_string")
-        if "timeoutSeconds" not in step:
-            self.fail(self.at(index, "timeoutSeconds"), "Required", "required")
-        else:
-            self.whole(step, "timeoutSeconds", index, MAX_DELAY_SECONDS, "a wait lasts at most 366 days")
-
-    def _update(self, index: int, step: dict[str, Any]) -> None:
-        self.data(index, step)
-        if "subscribed" in step and not isinstance(step["subscribed"], bool):
-            self.fail(self.at(index, "subscribed"), "Expected true or false", "invalid_type")
-
-    def _webhook(self, index: int, step: dict[str, Any]) -> None:
-        field, url = self.at(index, "url"), step.get("url")
-        if "url" not in step:
-            self.fail(field, "Required", "required")
-        elif not isinstance(url, str):
-            self.fail(field, "Expected a URL", "invalid_type")
-        elif (problem := url_problem(url, True, field)) is not None:
-            self.fail(problem.field, problem.message, problem.code)
-
-    def _exit(self, index: int, step: dict[str, Any]) -> None:
-        pass
-
-    # --- the graph ----------------------------------------------------------------------------------
-
-    def graph(self, steps: list[Any], kinds: list[str | None]) -> None:
+    def check(self, steps: list[_Step]) -> None:
         """Duplicate ids, references to unknown steps, cycles, unreachable steps."""
         index_of: dict[str, int] = {}
         for index, step in enumerate(steps):
-            step_id = step.get("id") if isinstance(step, dict) else None
-            if not isinstance(step_id, str):
-                continue
-            if step_id in index_of:
-                self.fail(self.at(index, "id"), f"Step id '{step_id}' is also step {index_of[step_id]}'s",
+            if step.id in index_of:
+                self.fail(self.at(index, "id"), f"Step id '{step.id}' is also step {index_of[step.id]}'s",
                           "duplicate_step")
             else:
-                index_of[step_id] = index
+                index_of[step.id] = index
         edges: dict[int, list[tuple[str, int]]] = {}
-        for index, (step, kind) in enumerate(zip(steps, kinds, strict=True)):
+        for index, step in enumerate(steps):
             edges[index] = []
-            for branch in BRANCHES.get(kind or "", ()):
-                target = step.get(branch)
-                if not isinstance(target, str):
+            for branch in BRANCHES[step.type]:
+                target = step.branch(branch)
+                if target is None:
                     continue
                 if target not in index_of:
                     self.fail(self.at(index, branch), f"No step has the id '{target[:64]}'", "unknown_step")
@@ -258,7 +415,7 @@ class _Checker:
                 continue
             branch, target = edge
             if target in on_path:
-                self.fail(self.at(step_index, branch), f"Going to step '{steps[target]['id']}' here makes a loop; "
+                self.fail(self.at(step_index, branch), f"Going to step '{steps[target].id}' here makes a loop; "
                                                        "workflows may not revisit a step", "cycle")
             elif target not in reached:
                 reached.add(target)
@@ -266,30 +423,35 @@ class _Checker:
                 iterators.append(iter(edges[target]))
         for index in range(len(steps)):
             if index not in reached:
-                self.fail(self.at(index), f"Step '{steps[index]['id']}' cannot be reached from the first step",
+                self.fail(self.at(index), f"Step '{steps[index].id}' cannot be reached from the first step",
                           "unreachable_step")
 
 
 def check_structure(definition: Any, path: str = "steps") -> list[FieldError]:
-    """Every problem of a definition that needs no database (all but unknown templates)."""
-    checker = _Checker(path)
+    """Every problem of a definition that needs no database (all but unknown templates). A valid
+    definition's steps are rewritten as parsed (a whole number given as 5.0 is stored as 5)."""
+    graph = _Graph(path)
     steps = definition.get("steps") if isinstance(definition, dict) else None
     if not isinstance(steps, list):
-        checker.fail(path, "Expected a list of steps", "invalid_type")
-        return checker.errors
+        graph.fail(path, "Expected a list of steps", "invalid_type")
+        return graph.errors
     if not steps:
-        checker.fail(path, "A workflow has at least one step", "too_small")
-        return checker.errors
+        graph.fail(path, "A workflow has at least one step", "too_small")
+        return graph.errors
     if len(steps) > MAX_STEPS:
-        checker.fail(path, f"A workflow has at most {MAX_STEPS} steps", "too_big")
-        return checker.errors
+        graph.fail(path, f"A workflow has at most {MAX_STEPS} steps", "too_big")
+        return graph.errors
     if len(json.dumps(steps, separators=(",", ":"), ensure_ascii=False, default=str).encode()) > MAX_DEFINITION_BYTES:
-        checker.fail(path, f"Steps are at most {MAX_DEFINITION_BYTES} bytes as JSON", "too_big")
-        return checker.errors
-    kinds = [checker.step(index, step) for index, step in enumerate(steps)]
-    if not checker.errors:
-        checker.graph(steps, kinds)
-    return checker.errors
+        graph.fail(path, f"Steps are at most {MAX_DEFINITION_BYTES} bytes as JSON", "too_big")
+        return graph.errors
+    try:
+        parsed: list[_Step] = _STEPS.validate_python(steps)
+    except ValidationError as exc:
+        return grammar.field_errors(exc, path, _TAGS, MAX_ERRORS)
+    graph.check(parsed)
+    if not graph.errors:
+        definition["steps"] = [step.model_dump(by_alias=True, exclude_unset=True) for step in parsed]
+    return graph.errors
 
 
 def validate_definition(session: Session, project_id: str, definition: Any, path: str = "steps",
@@ -389,7 +551,7 @@ async def check_webhook_targets(steps: Any, allow_private: bool, path: str = "st
             and step.get("type") == "webhook" and isinstance(step.get("url"), str)}
     problems = await asyncio.gather(*(target_problem(url, allow_private, f"{path}.{index}.url")
                                       for index, url in urls.items()))
-    errors = [problem for problem in problems if problem is not None]
+    errors = [found for found in problems if found is not None]
     if errors:
         raise ValidationFailed(errors[:MAX_ERRORS], "Invalid workflow definition",
                                "Fix each step listed in errors (they are named steps.<index>.<field>).")

@@ -1,8 +1,10 @@
 """The workflow engine: run each claimed run's due step and advance the run, in one transaction.
 
-A workflow's definition is `{"steps": [step, ...]}` (validated at the API by `pipeline.workflow_definitions`;
-here odd stored data fails the run with the reason in its history, never an exception). The first step is
-the entry; each step has an `id` and a `type`:
+A workflow's definition is `{"steps": [step, ...]}`, checked at the API by the models of
+`pipeline.workflow_definitions`. Each claim parses the definitions of its runs' workflows once with the same
+models (`parse_definition`), and each step type has its handler (`_RUN_STEPS`, `_GROUP_STEPS`); a stored step
+that does not parse fails the run that reaches it with the reason in its history, never an exception. The
+first step is the entry; each step has an `id` and a `type`:
 
     delay      seconds | minutes | until (ISO 8601 with zone); next      the next step runs then
     send       template, data (extra variables); next                    one email through `pipeline.submit`
@@ -51,6 +53,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -63,6 +66,18 @@ from pipeline.errors import PipelineError
 from pipeline.links import LinkSigner
 from pipeline.submit import DeferredRecipient, submit_deferred
 from pipeline.templates import template_spec
+from pipeline.workflow_definitions import (
+    BrokenStep,
+    ConditionStep,
+    DelayStep,
+    ExitStep,
+    RunnableStep,
+    SendStep,
+    UpdateStep,
+    WaitStep,
+    WebhookStep,
+    parse_definition,
+)
 from storage import contacts as contact_store
 from storage import templates as template_store
 from storage import workflows as store
@@ -76,7 +91,6 @@ MAX_CHAIN = 20
 PAUSE_SECONDS = 30.0
 WEBHOOK_LEASE_SECONDS = 60.0
 WEBHOOK_ATTEMPTS = 5
-MAX_DELAY = timedelta(days=3660)
 SOURCE = "workflow"
 """The `source` of the emails a send step writes."""
 _EPOCH = datetime.min.replace(tzinfo=UTC)
@@ -132,9 +146,9 @@ class _Run:
         return cls(record, record.status, record.step_id, record.due_at, record.waiting_for, list(record.history),
                    record.emails_sent, due_note={"due": iso(record.due_at)} if record.due_at is not None else {})
 
-    def note(self, step: dict[str, Any] | None, step_id: str | None, now: datetime, outcome: str,
+    def note(self, step: RunnableStep | BrokenStep | None, step_id: str | None, now: datetime, outcome: str,
              **extra: Any) -> None:
-        self.history.append({"step": step_id, "type": step.get("type") if step else None, "at": iso(now),
+        self.history.append({"step": step_id, "type": step.type if step else None, "at": iso(now),
                              "outcome": outcome, **self.due_note, **extra})
         self.due_note = {}
 
@@ -149,7 +163,7 @@ class _Run:
     def end(self, status: str) -> None:
         self.status, self.due_at, self.waiting_for = status, None, None
 
-    def fail(self, step: dict[str, Any] | None, step_id: str | None, now: datetime, reason: str) -> None:
+    def fail(self, step: RunnableStep | BrokenStep | None, step_id: str | None, now: datetime, reason: str) -> None:
         self.note(step, step_id, now, "failed", reason=reason)
         self.end("FAILED")
 
@@ -163,15 +177,6 @@ class _Run:
                 "updated_at": now}
 
 
-def _steps(definition: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], str | None]:
-    steps = definition.get("steps")
-    if not isinstance(steps, list):
-        return {}, None
-    by_id = {str(step["id"]): step for step in steps if isinstance(step, dict) and "id" in step}
-    first = steps[0] if steps and isinstance(steps[0], dict) else None
-    return by_id, str(first["id"]) if first is not None and "id" in first else None
-
-
 class _Batch:
     """Per-transaction lookups shared by the runs of one claim."""
 
@@ -182,7 +187,8 @@ class _Batch:
         self.max_bytes = max_bytes
         self.workflows = store.workflows_by_id(session, {run.workflow_id for run in runs})
         self.senders = store.project_senders(session, {run.project_id for run in runs}) if runs else {}
-        self.steps = {workflow_id: _steps(workflow.definition) for workflow_id, workflow in self.workflows.items()}
+        self.steps = {workflow_id: parse_definition(workflow.definition)
+                      for workflow_id, workflow in self.workflows.items()}
         self._specs: dict[tuple[str, str], MessageSpec | str] = {}
 
     def spec(self, project_id: str, template_id: str) -> MessageSpec:
@@ -274,12 +280,12 @@ def _advance(batch: _Batch, runs: list[_Run], now: datetime, done: Executed) -> 
 
 def _wave(batch: _Batch, runs: list[_Run], now: datetime, done: Executed) -> list[_Run]:
     """One step of each run; returns the runs whose next step is due now."""
-    placed: list[tuple[_Run, dict[str, Any], str]] = []
+    placed: list[tuple[_Run, RunnableStep | BrokenStep, str]] = []
     for run in runs:
         assert run.workflow is not None
-        steps, entry = batch.steps[run.workflow.id]
-        step_id = run.step_id or entry
-        step = steps.get(step_id) if step_id is not None else None
+        definition = batch.steps[run.workflow.id]
+        step_id = run.step_id or definition.entry
+        step = definition.steps.get(step_id) if step_id is not None else None
         if step is None:
             run.fail(None, step_id, now, f"step {step_id!r} is not in the workflow" if step_id
                      else "the workflow has no steps")
@@ -290,18 +296,20 @@ def _wave(batch: _Batch, runs: list[_Run], now: datetime, done: Executed) -> lis
     grouped: dict[tuple[str, str, str], list[_Run]] = defaultdict(list)
     for run, step, step_id in placed:
         done.steps += 1
-        kind = step.get("type")
-        if kind in _GROUP_STEPS:
+        if isinstance(step, BrokenStep):
+            run.fail(step, step_id, now, step.reason)
+            continue
+        if step.type in _GROUP_STEPS:
             assert run.workflow is not None
-            grouped[(str(kind), run.workflow.id, step_id)].append(run)
+            grouped[(step.type, run.workflow.id, step_id)].append(run)
             continue
         try:
-            if _step(batch, run, step, step_id, now, done):
+            if _RUN_STEPS[step.type](batch, run, step, step_id, now, done):
                 going.append(run)
         except _StepFailed as exc:
             run.fail(step, step_id, now, str(exc))
     for (kind, workflow_id, step_id), group in grouped.items():
-        step = batch.steps[workflow_id][0][step_id]
+        step = batch.steps[workflow_id].steps[step_id]
         try:
             _GROUP_STEPS[kind](batch, group, step, step_id, now, done)
         except _StepFailed as exc:
@@ -312,8 +320,8 @@ def _wave(batch: _Batch, runs: list[_Run], now: datetime, done: Executed) -> lis
     return [run for run in going if run.may_go_on(now)]
 
 
-def _exit_excluded(batch: _Batch, placed: list[tuple[_Run, dict[str, Any], str]],
-                   now: datetime) -> list[tuple[_Run, dict[str, Any], str]]:
+def _exit_excluded(batch: _Batch, placed: list[tuple[_Run, RunnableStep | BrokenStep, str]],
+                   now: datetime) -> list[tuple[_Run, RunnableStep | BrokenStep, str]]:
     """Runs whose contact did one of the workflow's exclude events since the run started EXIT (one query
     for the wave); the others are returned."""
     watched = [run for run, _, _ in placed if run.workflow is not None and run.workflow.exclude_events]
@@ -334,88 +342,74 @@ def _exit_excluded(batch: _Batch, placed: list[tuple[_Run, dict[str, Any], str]]
     return kept
 
 
-def _step(batch: _Batch, run: _Run, step: dict[str, Any], step_id: str, now: datetime, done: Executed) -> bool:
-    """Run one step that is not run per group and move the run; True when the next step may run now."""
-    kind = step.get("type")
+def _delay(batch: _Batch, run: _Run, step: DelayStep, step_id: str, now: datetime, done: Executed) -> bool:
+    until = step.due(now)
+    run.note(step, step_id, now, "delayed", until=iso(until))
+    run.go(step.next, now)
+    if run.status == "ACTIVE" and until > now:
+        run.due_at = until
+        return False
+    return True
+
+
+def _wait(batch: _Batch, run: _Run, step: WaitStep, step_id: str, now: datetime, done: Executed) -> bool:
+    if run.status == "WAITING":  # due at its timeout
+        run.note(step, step_id, now, "timeout", event=step.event)
+        run.go(step.timeout, now)
+        return True
+    if run.waiting_for is not None:  # the event came (`storage.workflows.resume_waiting`)
+        run.note(step, step_id, now, "event", event=step.event)
+        run.go(step.then, now)
+        return True
+    run.status, run.waiting_for = "WAITING", step.event
+    run.due_at = now + timedelta(seconds=step.timeoutSeconds)
+    run.note(step, step_id, now, "waiting", event=step.event, until=iso(run.due_at))
+    return False
+
+
+def _update(batch: _Batch, run: _Run, step: UpdateStep, step_id: str, now: datetime, done: Executed) -> bool:
+    try:
+        update_contact(batch.session, run.record.project_id, run.record.contact_id, None, step.subscribed, step.data)
+    except PipelineError as exc:
+        raise _StepFailed(exc.message) from exc
+    run.note(step, step_id, now, "updated")
+    run.go(step.next, now)
+    return True
+
+
+def _webhook(batch: _Batch, run: _Run, step: WebhookStep, step_id: str, now: datetime, done: Executed) -> bool:
     record = run.record
-    if kind == "delay":
-        until = _delay_until(step, now)
-        run.note(step, step_id, now, "delayed", until=iso(until))
-        run.go(step.get("next"), now)
-        if run.status == "ACTIVE" and until > now:
-            run.due_at = until
-            return False
-        return True
-    if kind == "wait":
-        event = step.get("event")
-        if not isinstance(event, str) or not event:
-            raise _StepFailed(f"step {step_id!r} waits for no event")
-        if run.status == "WAITING":  # due at its timeout
-            run.note(step, step_id, now, "timeout", event=event)
-            run.go(step.get("timeout"), now)
-            return True
-        if run.waiting_for is not None:  # the event came (`storage.workflows.resume_waiting`)
-            run.note(step, step_id, now, "event", event=event)
-            run.go(step.get("then"), now)
-            return True
-        seconds = step.get("timeoutSeconds")
-        if isinstance(seconds, bool) or not isinstance(seconds, int) or seconds < 0 or \
-                timedelta(seconds=seconds) > MAX_DELAY:
-            raise _StepFailed(f"step {step_id!r} has no valid timeoutSeconds")
-        run.status, run.waiting_for, run.due_at = "WAITING", event, now + timedelta(seconds=seconds)
-        run.note(step, step_id, now, "waiting", event=event, until=iso(run.due_at))
-        return False
-    if kind == "update":
-        data, subscribed = step.get("data"), step.get("subscribed")
-        if data is not None and not isinstance(data, dict) or subscribed is not None and not isinstance(subscribed,
-                                                                                                        bool):
-            raise _StepFailed(f"step {step_id!r}: data must be an object and subscribed true or false")
-        try:
-            update_contact(batch.session, record.project_id, record.contact_id, None, subscribed, data)
-        except PipelineError as exc:
-            raise _StepFailed(exc.message) from exc
-        run.note(step, step_id, now, "updated")
-        run.go(step.get("next"), now)
-        return True
-    if kind == "webhook":
-        url = step.get("url")
-        if not isinstance(url, str) or not url.lower().startswith(("http://", "https://")):
-            raise _StepFailed(f"step {step_id!r} has no http(s) url")
-        contact = contact_store.get_contact(batch.session, record.project_id, record.contact_id)
-        if contact is None:
-            raise _StepFailed("the contact is gone")
-        assert run.workflow is not None
-        leased = now + timedelta(seconds=WEBHOOK_LEASE_SECONDS)
-        payload = {"workflow": {"id": run.workflow.id, "name": run.workflow.name}, "run": {"id": record.id},
-                   "contact": {"id": contact.id, "email": contact.email, "data": contact.data or {}},
-                   "event": {"id": record.trigger_event_id,
-                             "name": store.event_name(batch.session, record.trigger_event_id),
-                             "data": record.context}}
-        done.webhooks.append(Webhook(record.id, step_id, url, payload, leased))
-        run.status, run.step_id, run.due_at, run.waiting_for = "ACTIVE", step_id, leased, None
-        if run.due_note:
-            run.note(step, step_id, now, "posting")
-        return False
-    if kind == "exit":
-        run.note(step, step_id, now, "exit")
-        run.end("EXITED")
-        return False
-    raise _StepFailed(f"step {step_id!r} has an unknown type {kind!r}")
+    contact = contact_store.get_contact(batch.session, record.project_id, record.contact_id)
+    if contact is None:
+        raise _StepFailed("the contact is gone")
+    assert run.workflow is not None
+    leased = now + timedelta(seconds=WEBHOOK_LEASE_SECONDS)
+    payload = {"workflow": {"id": run.workflow.id, "name": run.workflow.name}, "run": {"id": record.id},
+               "contact": {"id": contact.id, "email": contact.email, "data": contact.data or {}},
+               "event": {"id": record.trigger_event_id,
+                         "name": store.event_name(batch.session, record.trigger_event_id),
+                         "data": record.context}}
+    done.webhooks.append(Webhook(record.id, step_id, step.url, payload, leased))
+    run.status, run.step_id, run.due_at, run.waiting_for = "ACTIVE", step_id, leased, None
+    if run.due_note:
+        run.note(step, step_id, now, "posting")
+    return False
 
 
-def _send_group(batch: _Batch, runs: list[_Run], step: dict[str, Any], step_id: str, now: datetime,
+def _exit(batch: _Batch, run: _Run, step: ExitStep, step_id: str, now: datetime, done: Executed) -> bool:
+    run.note(step, step_id, now, "exit")
+    run.end("EXITED")
+    return False
+
+
+def _send_group(batch: _Batch, runs: list[_Run], step: SendStep, step_id: str, now: datetime,
                 done: Executed) -> None:
     """A send step for a group of runs at it: the template once, then an email per run's contact
     through `submit_deferred` (one content row for the group). A contact who is gone fails its run; a
     MARKETING template to a contact who is not subscribed records a SKIPPED email (not counted as sent)."""
-    template_id = step.get("template")
-    if not isinstance(template_id, str):
-        raise _StepFailed(f"step {step_id!r} names no template")
-    extra = step.get("data")
-    if extra is not None and not isinstance(extra, dict):
-        raise _StepFailed(f"step {step_id!r}: data must be an object")
+    extra = step.data
     project_id = runs[0].record.project_id
-    spec = batch.spec(project_id, template_id)
+    spec = batch.spec(project_id, step.template)
     contacts = contact_store.addresses_by_id(batch.session, project_id, [run.record.contact_id for run in runs])
     too_large = _too_large(batch, spec, project_id, runs, extra or {})
     sending, recipients = [], []
@@ -443,7 +437,7 @@ def _send_group(batch: _Batch, runs: list[_Run], step: dict[str, Any], step_id: 
             run.emails_sent += 1
             done.emails += 1
             run.note(step, step_id, now, "sent", email=email.email_id)
-        run.go(step.get("next"), now)
+        run.go(step.next, now)
 
 
 def _too_large(batch: _Batch, spec: MessageSpec, project_id: str, runs: list[_Run],
@@ -468,16 +462,13 @@ def _too_large(batch: _Batch, spec: MessageSpec, project_id: str, runs: list[_Ru
     return refused
 
 
-def _condition_group(batch: _Batch, runs: list[_Run], step: dict[str, Any], step_id: str, now: datetime,
+def _condition_group(batch: _Batch, runs: list[_Run], step: ConditionStep, step_id: str, now: datetime,
                      done: Executed) -> None:
     """A condition step for a group of runs at it: the tree is matched against all their contacts in one
     query, and each run takes `then` or `else`."""
-    condition = step.get("condition")
-    if not isinstance(condition, dict):
-        raise _StepFailed(f"step {step_id!r} has no condition")
     try:
         matched = store.contacts_matching(batch.session, runs[0].record.project_id,
-                                          [run.record.contact_id for run in runs], condition, now)
+                                          [run.record.contact_id for run in runs], step.condition, now)
     except (ValueError, TypeError, KeyError) as exc:
         raise _StepFailed(f"step {step_id!r} has a bad condition: {exc}") from exc
     for run in runs:
@@ -486,33 +477,14 @@ def _condition_group(batch: _Batch, runs: list[_Run], step: dict[str, Any], step
             run.fail(step, step_id, now, "the contact is gone")
             continue
         run.note(step, step_id, now, "then" if found else "else")
-        run.go(step.get("then" if found else "else"), now)
+        run.go(step.then if found else step.else_, now)
 
 
-_GROUP_STEPS = {"send": _send_group, "condition": _condition_group}
+_RUN_STEPS: dict[str, Callable[..., bool]] = {"delay": _delay, "wait": _wait, "update": _update,
+                                              "webhook": _webhook, "exit": _exit}
+"""Step type → its handler, for the types run one run at a time; True when the run's next step may run now."""
+_GROUP_STEPS: dict[str, Callable[..., None]] = {"send": _send_group, "condition": _condition_group}
 """Step types run per (workflow, step) group of a wave, each in a few statements for the whole group."""
-
-
-def _delay_until(step: dict[str, Any], now: datetime) -> datetime:
-    for unit in ("seconds", "minutes"):
-        value = step.get(unit)
-        if value is not None:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise _StepFailed(f"step {step.get('id')!r}: {unit} must be a whole number")
-            span = timedelta(seconds=value) if unit == "seconds" else timedelta(minutes=value)
-            if span > MAX_DELAY:
-                raise _StepFailed(f"step {step.get('id')!r}: the delay is too long")
-            return now + span
-    until = step.get("until")
-    if isinstance(until, str):
-        try:
-            moment = datetime.fromisoformat(until.replace("Z", "+00:00"))
-        except ValueError as exc:
-            raise _StepFailed(f"step {step.get('id')!r}: until is not an ISO 8601 date-time") from exc
-        if moment.tzinfo is None:
-            raise _StepFailed(f"step {step.get('id')!r}: until needs a time zone")
-        return moment
-    raise _StepFailed(f"step {step.get('id')!r}: a delay needs seconds, minutes or until")
 
 
 def finish_webhook(session: Session, hook: Webhook, status: int | None, error: str | None, now: datetime) -> bool:
@@ -526,11 +498,12 @@ def finish_webhook(session: Session, hook: Webhook, status: int | None, error: s
     run = _Run.of(record)
     run.due_note = {}  # due was the lease, not a step's time
     workflow = store.workflows_by_id(session, {record.workflow_id}).get(record.workflow_id)
-    steps, _ = _steps(workflow.definition if workflow else {})
-    step = steps.get(hook.step_id, {"type": "webhook"})
+    step = parse_definition(workflow.definition if workflow else {}).steps.get(hook.step_id)
+    if not isinstance(step, WebhookStep):  # the workflow changed meanwhile: the run completes
+        step = WebhookStep.model_construct(id=hook.step_id, type="webhook", url=hook.url, next=None)
     if status is not None and 200 <= status < 300:
         run.note(step, hook.step_id, now, "posted", status=status)
-        run.go(step.get("next"), now)
+        run.go(step.next, now)
     else:
         failures = 0
         for entry in reversed(run.history):

@@ -1,0 +1,178 @@
+"""What the two grammars (segment conditions in `pipeline.segments`, workflow steps in
+`pipeline.workflow_definitions`) share: pydantic models parse a tree once, and the same models give
+/openapi.json its schemas, so the schema and the validation cannot disagree.
+
+* A value's check and its JSON schema are written side by side (`atom`); a failed check raises
+  `problem(code, message)`, which the API shows as is.
+* The kind of a node is chosen by a callable `Discriminator` from its keys. Its choices are tagged
+  `<...>` (never a model's field name): `field_errors` drops the tags from the paths it reports. A choice
+  that only exists to report why a node fits none of the shapes is marked `Unlisted` (not in the schema).
+* `field_errors` is the one place pydantic's own error types become the API's FieldError codes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Annotated, Any, ClassVar, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    PlainValidator,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+)
+from pydantic.json_schema import PydanticOmit
+from pydantic_core import PydanticCustomError
+
+from pipeline.errors import FieldError
+
+LIMITS = "limits"
+"""The error type whose context carries several FieldErrors at once (a tree past its size limits)."""
+NOT_AN_OBJECT = {"invalid_condition": "a condition object", "invalid_step": "a step object"}
+"""A discriminator's error type, and what the node should have been when it is not even an object."""
+NO_NUL = "^[^\\u0000]*$"
+"""The JSON-schema pattern of text without NUL (the API refuses NUL outside `data`)."""
+EVENT_NAME_PATTERN = "^[^\\u0000]*[^\\u0000\\s][^\\u0000]*$"
+"""Not blank, no NUL (NUL is not white space: it may not be the one character that is not)."""
+STORED = {"stored": True}
+"""Validation context for a definition read back from the database: see `whole_number`."""
+
+
+class Node(BaseModel):
+    """A node of a grammar: every key is known."""
+
+    model_config = ConfigDict(extra="forbid")
+    TAG: ClassVar[str]
+    """Its choice's tag in the grammar's union."""
+    WHERE: ClassVar[str] = "here"
+    """How an unknown key's message names the node ("here", "in a send step")."""
+
+
+class Unlisted:
+    """Marks a union's choice that only reports why a node fits none of the listed shapes: left out of
+    the schema (its model's definition is then unused, and dropped)."""
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> Any:
+        raise PydanticOmit
+
+
+class AnyOf:
+    """The discriminated union's schema as `anyOf` (its choices exclude each other, so anyOf and pydantic's
+    default oneOf say the same; anyOf is cheaper for schema-driven generators)."""
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> Any:
+        schema = handler(core_schema)
+        if "oneOf" in schema:
+            schema = {"anyOf": schema.pop("oneOf"), **schema}
+        return schema
+
+
+def tagged_union(listed: tuple[type[Node], ...], unlisted: tuple[type[Node], ...], tag: Callable[[Any], str | None],
+                 error_type: str, error_message: str) -> Any:
+    """The union of a grammar's nodes, chosen by `tag(node)` (None: `error_type`); the `unlisted` choices
+    are left out of the schema."""
+    choices = [Annotated[node, Tag(node.TAG)] for node in listed]
+    choices += [Annotated[node, Tag(node.TAG), Unlisted] for node in unlisted]
+    return Annotated[Union[tuple(choices)], Discriminator(  # noqa: UP007
+        tag, custom_error_type=error_type, custom_error_message=error_message), AnyOf]
+
+
+def problem(code: str, message: str) -> PydanticCustomError:
+    return PydanticCustomError(code, message)
+
+
+def atom(check: Callable[..., Any], schema: dict[str, Any]) -> Any:
+    """A value type: `check(value)` (or `check(value, info)`) returns the value or raises a `problem`;
+    `schema` says the same in JSON schema."""
+    return Annotated[Any, PlainValidator(check), WithJsonSchema(schema)]
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise problem("invalid_type", "Expected true or false")
+    return value
+
+
+Boolean = atom(_boolean, {"type": "boolean"})
+
+
+def text_problem(value: str, limit: int) -> PydanticCustomError | None:
+    if len(value) > limit:
+        return problem("too_big", f"At most {limit} characters")
+    if "\x00" in value:
+        return problem("invalid_string", "Text may not contain NUL")
+    return None
+
+
+def event_name(limit: int) -> Any:
+    """An event name: not blank, at most `limit` characters, no NUL."""
+
+    def check(value: Any) -> str:
+        if not isinstance(value, str):
+            raise problem("invalid_type", "Expected an event name")
+        if not value.strip():
+            raise problem("too_small", "Event names are not blank")
+        if (found := text_problem(value, limit)) is not None:
+            raise found
+        return value
+
+    return atom(check, {"type": "string", "minLength": 1, "maxLength": limit, "pattern": EVENT_NAME_PATTERN})
+
+
+def whole_number(limit: int, why: str = "", schema: dict[str, Any] | None = None) -> Any:
+    """A whole number 1…limit; an integral float such as 5.0 is taken as 5. A stored
+    definition (`STORED` context) may hold 0: the engine always ran those."""
+    least_stored = 0
+
+    def check(value: Any, info: ValidationInfo) -> int | float:
+        least = least_stored if info.context == STORED else 1
+        if isinstance(value, bool) or not isinstance(value, int | float) or (
+                isinstance(value, float) and not (math.isfinite(value) and value.is_integer())):
+            raise problem("invalid_type", "Expected a whole number")
+        if value < least:
+            raise problem("too_small", f"At least {least}")
+        if value > limit:
+            raise problem("too_big", f"At most {limit}" + (f": {why}" if why else ""))
+        return int(value)
+
+    return atom(check, {"type": "integer", "minimum": 1, "maximum": limit, **(schema or {})})
+
+
+def _aliases(model: type[BaseModel]) -> list[str]:
+    return sorted(field.alias or name for name, field in model.model_fields.items())
+
+
+def field_errors(exc: ValidationError, path: str, tags: dict[str, type[BaseModel]],
+                 limit: int) -> list[FieldError]:
+    """The errors of a grammar's validation as the API names them: `path` and the keys and indexes down
+    to the value (the `<tag>` of each chosen node dropped), with the grammar's own codes. `tags` maps each
+    tag to its model (to list the keys a node may have)."""
+    errors: list[FieldError] = []
+    for err in exc.errors(include_url=False):
+        loc, kind, message = err["loc"], err["type"], err["msg"]
+        key = len(loc) - 1 if kind == "extra_forbidden" else -1
+        """An unknown key is the last part of its loc, even when it is spelled like a tag."""
+        parts = [str(part) for i, part in enumerate(loc) if i == key or part not in tags]
+        where = ".".join([path, *parts]) if path else ".".join(parts)
+        if kind == LIMITS:
+            errors.extend(FieldError(".".join(filter(None, [where, rest])), text, code)
+                          for rest, text, code in err["ctx"]["errors"])
+            continue
+        if kind == "missing":
+            kind, message = "required", "Required"
+        elif kind == "extra_forbidden":
+            model = tags.get(str(loc[-2])) if len(loc) > 1 else None
+            allowed = f"; expected only {', '.join(_aliases(model))}" if model else ""
+            kind = "unknown_key"
+            message = f"Unknown key '{loc[-1]}' {model.WHERE if model else 'here'}{allowed}"  # type: ignore[attr-defined]
+        elif kind in NOT_AN_OBJECT and not isinstance(err.get("input"), dict):
+            kind, message = "invalid_type", f"Expected {NOT_AN_OBJECT[kind]}"
+        errors.append(FieldError(where, message, kind))
+    return errors[:limit]
