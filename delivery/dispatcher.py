@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from email.parser import BytesHeaderParser
 from email.policy import compat32
-from email.utils import formatdate, make_msgid
+from email.utils import formatdate
 
 from dkim import DKIMException
 from sqlalchemy.orm import Session
@@ -37,6 +37,7 @@ from plunkd.config import DeliveryConfig
 from storage import emails as email_store
 from storage import events as event_store
 from storage.db import Database
+from storage.domains import sender_domain
 from storage.emails import Claimed
 from storage.models import Domain, utcnow
 
@@ -51,17 +52,18 @@ INLINE_SIGN_BYTES = 256_000
 """Bigger messages are canonicalized in a thread so the event loop keeps serving."""
 
 
-def add_outgoing_headers(raw: bytes, sender_domain: str) -> tuple[bytes, str]:
-    """Prepend Message-ID and Date when the message lacks them; return (message, Message-ID)."""
+def add_outgoing_headers(raw: bytes, message_id: str) -> tuple[bytes, str]:
+    """Prepend the email's Message-ID (given when it was accepted) and Date when the message lacks them;
+    return (message, the Message-ID it goes out with). A message that carries its own Message-ID keeps
+    it: it is the one its email was accepted with."""
     headers = BytesHeaderParser(policy=compat32).parsebytes(raw, headersonly=True)
     added = b""
-    message_id = str(headers.get("Message-ID", "")).strip()
-    if not message_id:
-        message_id = make_msgid(domain=sender_domain)
+    carried = email_store.message_id_header(headers)
+    if carried is None:
         added += b"Message-ID: " + message_id.encode() + b"\r\n"
     if headers.get("Date") is None:
         added += b"Date: " + formatdate(usegmt=True).encode() + b"\r\n"
-    return added + raw, message_id
+    return added + raw, carried or message_id
 
 
 def retry_delay(attempt: int, base: float) -> float:
@@ -177,9 +179,10 @@ class Dispatcher:
             raw = composed
         if self.track is not None and (item.track_opens or item.track_clicks):
             raw = await self.track(item, raw)
-        domain_name = item.sender.rsplit("@", 1)[-1].lower()
+        domain_name = sender_domain(item.sender)
         domain = await self._signing_key(item.project_id, domain_name)
-        message, message_id = add_outgoing_headers(raw, domain_name)
+        message, message_id = add_outgoing_headers(
+            raw, item.message_id or email_store.generated_message_id(item.email_id, item.sender))
         if domain is None:
             await self._record(item, message_id, SendResult.fail(f"no DKIM key for {domain_name}"))
             return None

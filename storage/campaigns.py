@@ -28,6 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
+from storage.domains import sender_domain
 from storage.models import (
     Campaign,
     Contact,
@@ -142,20 +143,23 @@ def fan_out_chunk(session: Session, campaign: Campaign, audience: Audience, send
                   now: datetime, track_opens: bool = False, track_clicks: bool = False) -> int:
     """Queue the next `chunk` recipients after the cursor, an email and an outbox row each, with two
     `INSERT … SELECT`s (no row passes through Python), and move the cursor; the last chunk marks the
-    fan-out done. The emails carry the tracking choice given. Returns how many were queued."""
+    fan-out done. The emails carry the tracking choice given and their Message-IDs (what
+    `storage.emails.generated_message_id` makes, in SQL). Returns how many were queued."""
     conn = session.connection()
     email_head, outbox_head = new_id()[:18], new_id()[:18]
+    email_id = _derived_ids(email_head, _CONTACT.c.id)
+    message_id = literal("<", String) + email_id + literal(f"@{sender_domain(sender)}>", String)
     recipients = _audience_rows(campaign.project_id, audience, now).with_only_columns(
-        _derived_ids(email_head, _CONTACT.c.id), literal(campaign.project_id, String), _CONTACT.c.id,
+        email_id, literal(campaign.project_id, String), _CONTACT.c.id,
         literal(campaign.content_id, String), literal(campaign.id, String), _CONTACT.c.email,
         literal(sender, String), literal(campaign.subject, Text), literal("campaign", String),
         literal("QUEUED", String), literal(now, UTCDateTime), literal(track_opens, Boolean),
-        literal(track_clicks, Boolean)).order_by(_CONTACT.c.id).limit(chunk)
+        literal(track_clicks, Boolean), message_id).order_by(_CONTACT.c.id).limit(chunk)
     if campaign.fanout_cursor is not None:
         recipients = recipients.where(_CONTACT.c.id > campaign.fanout_cursor)
     queued = conn.execute(_EMAIL.insert().from_select(
         ["id", "project_id", "contact_id", "content_id", "campaign_id", "recipient", "sender", "subject", "source",
-         "status", "created_at", "track_opens", "track_clicks"], recipients)).rowcount
+         "status", "created_at", "track_opens", "track_clicks", "message_id"], recipients)).rowcount
     if queued:
         this_chunk = (_EMAIL.c.id > email_head) & (_EMAIL.c.id < email_head + "~")
         conn.execute(_OUTBOX.insert().from_select(

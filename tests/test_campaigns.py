@@ -176,6 +176,11 @@ async def test_live_send_reaches_each_subscribed_contact_once_signed_and_unsubsc
         assert b"list-unsubscribe" in signature.lower()
         assert dkim.verify(raw.split(b"\r\n", 1)[1] if raw.startswith(b"Return-Path") else raw,
                            dnsfunc=dns_for(sender))
+    rows = {row.recipient: row for row in await api.db.read(email_store.list_emails, api.project_id)}
+    for contact in contacts[:3]:
+        row = rows[contact["email"]]
+        assert messages[contact["email"]]["Message-ID"] == row.message_id == f"<{row.id}@example.com>", \
+            "composed at dispatch, with the Message-ID given at the fan-out"
     after = await campaign(api, created["id"])
     assert after["status"] == "SENT" and after["recipientCount"] == 3 and after["delivered"] is not None
     counts = await stats(api, created["id"])
