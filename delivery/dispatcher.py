@@ -4,6 +4,11 @@ hand it to the transport, and record what happened. Steps, in order, for one ema
     skip_if_suppressed → compose_deferred → track → add_outgoing_headers → dkim_sign → bucket.acquire
     → transport.send → record
 
+At most `concurrency` emails are being prepared at once, and at most `concurrency` are handed to the
+transport and not yet recorded, so a dispatcher killed at any moment has sent at most `concurrency` emails
+it did not record (they are sent again after their lease). Each goes out with the Message-ID it was given
+when accepted, every time, so a receiver can tell the second copy.
+
 Campaign and workflow mail is stored as a deferred spec; `compose_deferred` (handed in by the wiring, as delivery
 does not import the pipeline) composes it for its recipient, or says not to send it. A transport's bounce (the
 smarthost's 5xx at RCPT or DATA) marks the email BOUNCED, and `record_bounce` (handed in the same way) records
@@ -85,6 +90,9 @@ class Dispatcher:
         self.worker = worker or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(settings.concurrency)
+        # Sends handed to the transport whose outcome is not committed yet: all that a dispatcher killed at
+        # any moment can have sent and not recorded (and that are then sent again).
+        self._unrecorded = asyncio.Semaphore(settings.concurrency)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._keys: dict[tuple[str, str], tuple[float, Domain | None]] = {}
         self._send_rate = metrics.SendRate()
@@ -128,7 +136,7 @@ class Dispatcher:
             s, self.worker, free, self.settings.lease_seconds, self.db.is_postgres))
         for item in claimed:
             await self._slots.acquire()
-            task = asyncio.create_task(self._deliver_released(item))
+            task = asyncio.create_task(self._deliver_in_slot(item))
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
         return len(claimed)
@@ -138,25 +146,32 @@ class Dispatcher:
         while self._in_flight:
             await asyncio.gather(*list(self._in_flight), return_exceptions=True)
 
-    async def _deliver_released(self, item: Claimed) -> None:
-        """Deliver one email; its slot is given back as soon as the transport has answered, so the
-        next message goes out while this one's outcome is being committed."""
-        released = False
+    async def _deliver_in_slot(self, item: Claimed) -> None:
+        """Deliver one email and record its outcome. Its slot is given back as soon as the transport has
+        answered, so the next message is prepared while this one's outcome is committed; the send itself
+        holds an `_unrecorded` permit until then (see `deliver`)."""
         try:
             sent = await self.deliver(item)
-            self._slots.release()
-            released = True
-            if sent is not None:
-                await self._record(item, *sent)
         except Exception:
             log.exception("email %s: delivery crashed; it will be retried after its lease", item.email_id)
+            sent = None
         finally:
-            if not released:
-                self._slots.release()
+            self._slots.release()
+        if sent is None:
+            return
+        try:
+            await self._record(item, *sent)
+        except Exception:
+            log.exception("email %s: its outcome was not recorded; it will be retried after its lease",
+                          item.email_id)
+        finally:
+            self._unrecorded.release()
 
     async def deliver(self, item: Claimed) -> tuple[str, SendResult] | None:
         """Everything up to the transport's answer, which is returned as (Message-ID, result) for
-        `_record`; None when the email was settled here (suppressed, unsignable)."""
+        `_record`; None when the email was settled here (suppressed, unsignable).
+        A returned answer holds one of the `_unrecorded` permits, which the caller gives back once the
+        outcome is committed."""
         log.info("email %s: claimed by %s (attempt %d) to %s", item.email_id, self.worker, item.attempts + 1,
                  item.recipient)
         if item.suppressed:
@@ -196,8 +211,13 @@ class Dispatcher:
             await self._record(item, message_id, SendResult.fail(f"cannot DKIM-sign the message: {exc}"))
             return None
         await self.bucket.acquire(1)
-        return message_id, await self.transport.send(item.sender, [item.recipient], signed,
-                                                     envelope_sender=item.envelope_sender)
+        await self._unrecorded.acquire()
+        try:
+            return message_id, await self.transport.send(item.sender, [item.recipient], signed,
+                                                         envelope_sender=item.envelope_sender)
+        except BaseException:
+            self._unrecorded.release()
+            raise
 
     async def _record(self, item: Claimed, message_id: str, result: SendResult) -> None:
         settings = self.settings
