@@ -1,13 +1,14 @@
 """The dispatcher: claim due outbox rows, finish and sign each message, wait on the shared rate,
 hand it to the transport, and record what happened. Steps, in order, for one email:
 
-    skip_if_suppressed → compose_deferred → track → add_outgoing_headers → dkim_sign → bucket.acquire
-    → transport.send → record
+    skip_if_suppressed → skip_if_campaign_cancelled → compose_deferred → track → add_outgoing_headers
+    → dkim_sign → bucket.acquire → skip_if_campaign_cancelled → transport.send → record
 
 At most `concurrency` emails are being prepared at once, and at most `concurrency` are handed to the
 transport and not yet recorded, so a dispatcher killed at any moment has sent at most `concurrency` emails
 it did not record (they are sent again after their lease). Each goes out with the Message-ID it was given
-when accepted, every time, so a receiver can tell the second copy.
+when accepted, every time, so a receiver can tell the second copy. The emails of a campaign cancelled after
+they were claimed are cancelled here (`skip_if_campaign_cancelled`).
 
 Campaign and workflow mail is stored as a deferred spec; `compose_deferred` (handed in by the wiring, as delivery
 does not import the pipeline) composes it for its recipient, or says not to send it. A transport's bounce (the
@@ -39,6 +40,7 @@ from delivery.bucket import TokenBucket
 from delivery.transports import SendResult, Transport
 from plunkd import metrics
 from plunkd.config import DeliveryConfig
+from storage import campaigns as campaign_store
 from storage import emails as email_store
 from storage import events as event_store
 from storage.db import Database
@@ -53,6 +55,9 @@ RecordBounce = Callable[[Session, Claimed, str], None]
 """(transaction, the bounced email, the smarthost's reply) → the bounce's records: event, suppression, unsubscribe."""
 TrackMessage = Callable[[Claimed, bytes], Awaitable[bytes]]
 """A claimed email and its message → the message with the tracking its row asks for (or as it was)."""
+CAMPAIGN_STATUS_SECONDS = 0.2
+"""How long a campaign's status, read when its emails are sent, is reused: after a cancel, emails handed to
+the transport within this time (and those already there) still go; the rest are cancelled."""
 INLINE_SIGN_BYTES = 256_000
 """Bigger messages are canonicalized in a thread so the event loop keeps serving."""
 
@@ -95,6 +100,7 @@ class Dispatcher:
         self._unrecorded = asyncio.Semaphore(settings.concurrency)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._keys: dict[tuple[str, str], tuple[float, Domain | None]] = {}
+        self._campaigns: dict[str, tuple[float, asyncio.Future[str | None]]] = {}
         self._send_rate = metrics.SendRate()
         metrics.DISPATCH_RATE_LIMIT.set(bucket.rate)
 
@@ -167,9 +173,31 @@ class Dispatcher:
         finally:
             self._unrecorded.release()
 
+    async def _campaign_cancelled(self, item: Claimed) -> bool:
+        """Whether the email belongs to a campaign cancelled (or deleted) since it was claimed. The status
+        is read once per campaign every `CAMPAIGN_STATUS_SECONDS`, and the emails that ask meanwhile share
+        that read."""
+        if item.campaign_id is None:
+            return False
+        now = time.monotonic()
+        cached = self._campaigns.get(item.campaign_id)
+        if cached is None or cached[0] <= now:
+            if len(self._campaigns) > 256:
+                self._campaigns = {key: value for key, value in self._campaigns.items() if value[0] > now}
+            read = asyncio.ensure_future(self.db.read(campaign_store.campaign_status, item.campaign_id))
+            cached = (now + CAMPAIGN_STATUS_SECONDS, read)
+            self._campaigns[item.campaign_id] = cached
+        return await asyncio.shield(cached[1]) in (None, "CANCELLED")
+
+    async def _cancel(self, item: Claimed) -> None:
+        await self.db.write(lambda s: email_store.mark_failed(s, item.outbox_id, item.email_id, "CANCELLED",
+                                                              campaign_store.CANCELLED_ERROR), light=True)
+        metrics.EMAILS_FAILED.labels(self.transport.name, "CANCELLED").inc()
+        log.info("email %s: not sent, its campaign %s was cancelled", item.email_id, item.campaign_id)
+
     async def deliver(self, item: Claimed) -> tuple[str, SendResult] | None:
         """Everything up to the transport's answer, which is returned as (Message-ID, result) for
-        `_record`; None when the email was settled here (suppressed, unsignable).
+        `_record`; None when the email was settled here (suppressed, unsignable, its campaign cancelled).
         A returned answer holds one of the `_unrecorded` permits, which the caller gives back once the
         outcome is committed."""
         log.info("email %s: claimed by %s (attempt %d) to %s", item.email_id, self.worker, item.attempts + 1,
@@ -180,6 +208,9 @@ class Dispatcher:
                                 light=True)
             metrics.EMAILS_FAILED.labels(self.transport.name, "SUPPRESSED").inc()
             log.info("email %s: skipped, %s is suppressed", item.email_id, item.recipient)
+            return None
+        if await self._campaign_cancelled(item):
+            await self._cancel(item)
             return None
         raw = item.raw
         if item.deferred:
@@ -213,6 +244,10 @@ class Dispatcher:
         await self.bucket.acquire(1)
         await self._unrecorded.acquire()
         try:
+            if await self._campaign_cancelled(item):
+                await self._cancel(item)
+                self._unrecorded.release()
+                return None
             return message_id, await self.transport.send(item.sender, [item.recipient], signed,
                                                          envelope_sender=item.envelope_sender)
         except BaseException:

@@ -58,6 +58,11 @@ def get_campaign(session: Session, project_id: str, campaign_id: str, for_update
     return session.execute(stmt).scalar_one_or_none()
 
 
+def campaign_status(session: Session, campaign_id: str) -> str | None:
+    """The campaign's status; None: it was deleted."""
+    return session.connection().execute(select(_CAMPAIGN.c.status).where(_CAMPAIGN.c.id == campaign_id)).scalar()
+
+
 def get_campaign_by_id(session: Session, campaign_id: str, for_update: bool = False) -> Campaign | None:
     stmt = select(Campaign).where(Campaign.id == campaign_id)
     if for_update:
@@ -186,12 +191,16 @@ def finish_drained(session: Session, now: datetime) -> list[str]:
     return list(done)
 
 
+CANCELLED_ERROR = "campaign cancelled"
+
+
 def withdraw_queued(session: Session, campaign_id: str) -> int:
-    """Cancel: take the campaign's emails out of the outbox (those a dispatcher holds right now still
-    go) and mark them CANCELLED. Returns how many."""
+    """Cancel: take the campaign's emails out of the outbox and mark them CANCELLED. Returns how many.
+    Those a dispatcher holds right now stay; it cancels them itself when it sees the campaign's status
+    (`campaign_status`)."""
     waiting = select(_OUTBOX.c.email_id).where(_OUTBOX.c.campaign_id == campaign_id, _OUTBOX.c.claimed_by.is_(None))
     cancelled = session.execute(update(Email).where(Email.id.in_(waiting)).values(
-        status="CANCELLED", error="campaign cancelled")).rowcount
+        status="CANCELLED", error=CANCELLED_ERROR)).rowcount
     session.execute(delete(OutboxItem).where(OutboxItem.campaign_id == campaign_id, OutboxItem.claimed_by.is_(None)))
     return cancelled
 
