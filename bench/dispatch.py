@@ -54,7 +54,7 @@ async def queue(db: Database, project_id: str, count: int) -> None:
 
 async def prepared_db(folder: str, count: int) -> tuple[Database, str]:
     url = f"sqlite+aiosqlite:///{folder}/plunkd.sqlite3"
-    db = Database(url)
+    db = Database(url, sync_every_commit=False)  # as in the dispatcher process `plunkd serve` starts
     await db.migrate()
     issued = await db.write(lambda s: create_project(s, "bench", "shop@bench.example", "Shop"))
     await verify_offline(url, "bench", "bench.example")
