@@ -28,7 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from storage.domains import sender_domain
+from storage.emails import message_id_domain
 from storage.models import (
     Campaign,
     Contact,
@@ -153,7 +153,7 @@ def fan_out_chunk(session: Session, campaign: Campaign, audience: Audience, send
     conn = session.connection()
     email_head, outbox_head = new_id()[:18], new_id()[:18]
     email_id = _derived_ids(email_head, _CONTACT.c.id)
-    message_id = literal("<", String) + email_id + literal(f"@{sender_domain(sender)}>", String)
+    message_id = literal("<", String) + email_id + literal(f"@{message_id_domain(sender)}>", String)
     recipients = _audience_rows(campaign.project_id, audience, now).with_only_columns(
         email_id, literal(campaign.project_id, String), _CONTACT.c.id,
         literal(campaign.content_id, String), literal(campaign.id, String), _CONTACT.c.email,

@@ -61,7 +61,14 @@ def generated_message_id(email_id: str, sender: str) -> str:
     """The Message-ID an email gets when it is accepted without one: its own id at the sender's domain.
     It is stored with the email and sent on every attempt, so a copy sent again after a crash carries
     the same Message-ID as the first and a receiver can tell it is a duplicate."""
-    return f"<{email_id}@{sender_domain(sender)}>"
+    return f"<{email_id}@{message_id_domain(sender)}>"
+
+
+def message_id_domain(sender: str) -> str:
+    """The right side of the Message-IDs generated for `sender`: its domain, cut from the left where the
+    Message-ID would not fit `MESSAGE_ID_LIMIT` beside an email id (a domain name may be 253 characters)."""
+    room = MESSAGE_ID_LIMIT - len("<@>") - len(new_id())
+    return sender_domain(sender)[-room:].lstrip(".")
 
 
 def insert_email(session: Session, project_id: str, contact_id: str | None, content_id: str, recipient: str,

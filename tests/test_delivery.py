@@ -18,6 +18,7 @@ from delivery.transports import FileTransport, SmtpTransport
 from plunkd.config import DeliveryConfig, SesConfig, SmarthostConfig
 from storage import emails as email_store
 from storage import events as event_store
+from tests.conftest import add_verified_domain
 from tests.servers import SinkHandler, start_sink
 
 
@@ -145,6 +146,22 @@ async def test_a_retried_email_goes_out_with_the_message_id_it_was_accepted_with
     assert ids == [accepted, accepted], "the receiver can tell the second copy from a new email"
     row = (await email_rows(api))["ann@example.org"]
     assert row.status == "SENT" and row.message_id == accepted
+
+
+async def test_a_sender_domain_near_the_longest_gets_message_ids_that_fit_the_record(api, dns_config, dns_server,
+                                                                                   tmp_path):
+    """A domain name may be 253 characters; <email id@domain> would then overflow `emails.message_id`
+    (255), which PostgreSQL refuses: the generated id keeps the domain's right end instead."""
+    long_domain = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 38]) + ".com"
+    await add_verified_domain(api, dns_server, long_domain)
+    [queued] = await send(api, **{"from": f"hello@{long_domain}"})
+    folder = tmp_path / "out"
+    await dispatch_all(Dispatcher(api.db, FileTransport(folder), TokenBucket(0), settings()))
+    [path] = folder.glob("*.eml")
+    row = (await email_rows(api))["ann@example.org"]
+    message_id = email.message_from_bytes(path.read_bytes(), policy=policy.compat32)["Message-ID"]
+    assert row.status == "SENT" and message_id == row.message_id and len(message_id) == 255
+    assert message_id.startswith(f"<{queued['email']}@") and message_id.endswith(long_domain[-200:] + ">")
 
 
 async def test_permanent_refusal_at_data_is_a_bounce(api, sender, sink):
