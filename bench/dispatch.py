@@ -38,9 +38,10 @@ class TimedTransport(SmtpTransport):
         super().__init__(settings)
         self.sent_at: list[float] = []
 
-    async def send(self, sender: str, recipients: list[str], message: bytes) -> SendResult:
+    async def send(self, sender: str, recipients: list[str], message: bytes,
+                   envelope_sender: str | None = None) -> SendResult:
         self.sent_at.append(time.monotonic())
-        return await super().send(sender, recipients, message)
+        return await super().send(sender, recipients, message, envelope_sender)
 
 
 async def queue(db: Database, project_id: str, count: int) -> None:
@@ -53,7 +54,7 @@ async def queue(db: Database, project_id: str, count: int) -> None:
 
 async def prepared_db(folder: str, count: int) -> tuple[Database, str]:
     url = f"sqlite+aiosqlite:///{folder}/plunkd.sqlite3"
-    db = Database(url)
+    db = Database(url, sync_every_commit=False)  # as in the dispatcher process `plunkd serve` starts
     await db.migrate()
     issued = await db.write(lambda s: create_project(s, "bench", "shop@bench.example", "Shop"))
     await verify_offline(url, "bench", "bench.example")

@@ -1,8 +1,14 @@
 """The dispatcher: claim due outbox rows, finish and sign each message, wait on the shared rate,
 hand it to the transport, and record what happened. Steps, in order, for one email:
 
-    skip_if_suppressed → compose_deferred → track → add_outgoing_headers → dkim_sign → bucket.acquire
-    → transport.send → record
+    skip_if_suppressed → skip_if_campaign_cancelled → compose_deferred → track → add_outgoing_headers
+    → dkim_sign → bucket.acquire → skip_if_campaign_cancelled → transport.send → record
+
+At most `concurrency` emails are being prepared at once, and at most `concurrency` are handed to the
+transport and not yet recorded, so a dispatcher killed at any moment has sent at most `concurrency` emails
+it did not record (they are sent again after their lease). Each goes out with the Message-ID it was given
+when accepted, every time, so a receiver can tell the second copy. The emails of a campaign cancelled after
+they were claimed are cancelled here (`skip_if_campaign_cancelled`).
 
 Campaign and workflow mail is stored as a deferred spec; `compose_deferred` (handed in by the wiring) composes
 it for its recipient, or says not to send it; a `PipelineError` it raises (a message over the size limit)
@@ -25,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from email.parser import BytesHeaderParser
 from email.policy import compat32
-from email.utils import formatdate, make_msgid
+from email.utils import formatdate
 
 from dkim import DKIMException
 from sqlalchemy.orm import Session
@@ -36,9 +42,11 @@ from delivery.transports import SendResult, Transport
 from pipeline.errors import PipelineError
 from plunkd import metrics
 from plunkd.config import DeliveryConfig
+from storage import campaigns as campaign_store
 from storage import emails as email_store
 from storage import events as event_store
 from storage.db import Database
+from storage.domains import sender_domain
 from storage.emails import Claimed
 from storage.models import Domain, utcnow
 
@@ -49,21 +57,25 @@ RecordBounce = Callable[[Session, Claimed, str], None]
 """(transaction, the bounced email, the smarthost's reply) → the bounce's records: event, suppression, unsubscribe."""
 TrackMessage = Callable[[Claimed, bytes], Awaitable[bytes]]
 """A claimed email and its message → the message with the tracking its row asks for (or as it was)."""
+CAMPAIGN_STATUS_SECONDS = 0.2
+"""How long a campaign's status, read when its emails are sent, is reused: after a cancel, emails handed to
+the transport within this time (and those already there) still go; the rest are cancelled."""
 INLINE_SIGN_BYTES = 256_000
 """Bigger messages are canonicalized in a thread so the event loop keeps serving."""
 
 
-def add_outgoing_headers(raw: bytes, sender_domain: str) -> tuple[bytes, str]:
-    """Prepend Message-ID and Date when the message lacks them; return (message, Message-ID)."""
+def add_outgoing_headers(raw: bytes, message_id: str) -> tuple[bytes, str]:
+    """Prepend the email's Message-ID (given when it was accepted) and Date when the message lacks them;
+    return (message, the Message-ID it goes out with). A message that carries its own Message-ID keeps
+    it: it is the one its email was accepted with."""
     headers = BytesHeaderParser(policy=compat32).parsebytes(raw, headersonly=True)
     added = b""
-    message_id = str(headers.get("Message-ID", "")).strip()
-    if not message_id:
-        message_id = make_msgid(domain=sender_domain)
+    carried = email_store.message_id_header(headers)
+    if carried is None:
         added += b"Message-ID: " + message_id.encode() + b"\r\n"
     if headers.get("Date") is None:
         added += b"Date: " + formatdate(usegmt=True).encode() + b"\r\n"
-    return added + raw, message_id
+    return added + raw, carried or message_id
 
 
 def retry_delay(attempt: int, base: float) -> float:
@@ -85,8 +97,12 @@ class Dispatcher:
         self.worker = worker or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(settings.concurrency)
+        # Sends handed to the transport whose outcome is not committed yet: all that a dispatcher killed at
+        # any moment can have sent and not recorded (and that are then sent again).
+        self._unrecorded = asyncio.Semaphore(settings.concurrency)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._keys: dict[tuple[str, str], tuple[float, Domain | None]] = {}
+        self._campaigns: dict[str, tuple[float, asyncio.Future[str | None]]] = {}
         self._send_rate = metrics.SendRate()
         metrics.DISPATCH_RATE_LIMIT.set(bucket.rate)
 
@@ -128,7 +144,7 @@ class Dispatcher:
             s, self.worker, free, self.settings.lease_seconds, self.db.is_postgres))
         for item in claimed:
             await self._slots.acquire()
-            task = asyncio.create_task(self._deliver_released(item))
+            task = asyncio.create_task(self._deliver_in_slot(item))
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
         return len(claimed)
@@ -138,25 +154,54 @@ class Dispatcher:
         while self._in_flight:
             await asyncio.gather(*list(self._in_flight), return_exceptions=True)
 
-    async def _deliver_released(self, item: Claimed) -> None:
-        """Deliver one email; its slot is given back as soon as the transport has answered, so the
-        next message goes out while this one's outcome is being committed."""
-        released = False
+    async def _deliver_in_slot(self, item: Claimed) -> None:
+        """Deliver one email and record its outcome. Its slot is given back as soon as the transport has
+        answered, so the next message is prepared while this one's outcome is committed; the send itself
+        holds an `_unrecorded` permit until then (see `deliver`)."""
         try:
             sent = await self.deliver(item)
-            self._slots.release()
-            released = True
-            if sent is not None:
-                await self._record(item, *sent)
         except Exception:
             log.exception("email %s: delivery crashed; it will be retried after its lease", item.email_id)
+            sent = None
         finally:
-            if not released:
-                self._slots.release()
+            self._slots.release()
+        if sent is None:
+            return
+        try:
+            await self._record(item, *sent)
+        except Exception:
+            log.exception("email %s: its outcome was not recorded; it will be retried after its lease",
+                          item.email_id)
+        finally:
+            self._unrecorded.release()
+
+    async def _campaign_cancelled(self, item: Claimed) -> bool:
+        """Whether the email belongs to a campaign cancelled (or deleted) since it was claimed. The status
+        is read once per campaign every `CAMPAIGN_STATUS_SECONDS`, and the emails that ask meanwhile share
+        that read."""
+        if item.campaign_id is None:
+            return False
+        now = time.monotonic()
+        cached = self._campaigns.get(item.campaign_id)
+        if cached is None or cached[0] <= now:
+            if len(self._campaigns) > 256:
+                self._campaigns = {key: value for key, value in self._campaigns.items() if value[0] > now}
+            read = asyncio.ensure_future(self.db.read(campaign_store.campaign_status, item.campaign_id))
+            cached = (now + CAMPAIGN_STATUS_SECONDS, read)
+            self._campaigns[item.campaign_id] = cached
+        return await asyncio.shield(cached[1]) in (None, "CANCELLED")
+
+    async def _cancel(self, item: Claimed) -> None:
+        await self.db.write(lambda s: email_store.mark_failed(s, item.outbox_id, item.email_id, "CANCELLED",
+                                                              campaign_store.CANCELLED_ERROR), light=True)
+        metrics.EMAILS_FAILED.labels(self.transport.name, "CANCELLED").inc()
+        log.info("email %s: not sent, its campaign %s was cancelled", item.email_id, item.campaign_id)
 
     async def deliver(self, item: Claimed) -> tuple[str, SendResult] | None:
         """Everything up to the transport's answer, which is returned as (Message-ID, result) for
-        `_record`; None when the email was settled here (suppressed, unsignable)."""
+        `_record`; None when the email was settled here (suppressed, unsignable, its campaign cancelled).
+        A returned answer holds one of the `_unrecorded` permits, which the caller gives back once the
+        outcome is committed."""
         log.info("email %s: claimed by %s (attempt %d) to %s", item.email_id, self.worker, item.attempts + 1,
                  item.recipient)
         if item.suppressed:
@@ -165,6 +210,9 @@ class Dispatcher:
                                 light=True)
             metrics.EMAILS_FAILED.labels(self.transport.name, "SUPPRESSED").inc()
             log.info("email %s: skipped, %s is suppressed", item.email_id, item.recipient)
+            return None
+        if await self._campaign_cancelled(item):
+            await self._cancel(item)
             return None
         raw = item.raw
         if item.deferred:
@@ -187,9 +235,10 @@ class Dispatcher:
             raw = composed
         if self.track is not None and (item.track_opens or item.track_clicks):
             raw = await self.track(item, raw)
-        domain_name = item.sender.rsplit("@", 1)[-1].lower()
+        domain_name = sender_domain(item.sender)
         domain = await self._signing_key(item.project_id, domain_name)
-        message, message_id = add_outgoing_headers(raw, domain_name)
+        message, message_id = add_outgoing_headers(
+            raw, item.message_id or email_store.generated_message_id(item.email_id, item.sender))
         if domain is None:
             await self._record(item, message_id, SendResult.fail(f"no DKIM key for {domain_name}"))
             return None
@@ -203,8 +252,17 @@ class Dispatcher:
             await self._record(item, message_id, SendResult.fail(f"cannot DKIM-sign the message: {exc}"))
             return None
         await self.bucket.acquire(1)
-        return message_id, await self.transport.send(item.sender, [item.recipient], signed,
-                                                     envelope_sender=item.envelope_sender)
+        await self._unrecorded.acquire()
+        try:
+            if await self._campaign_cancelled(item):
+                await self._cancel(item)
+                self._unrecorded.release()
+                return None
+            return message_id, await self.transport.send(item.sender, [item.recipient], signed,
+                                                         envelope_sender=item.envelope_sender)
+        except BaseException:
+            self._unrecorded.release()
+            raise
 
     async def _record(self, item: Claimed, message_id: str, result: SendResult) -> None:
         settings = self.settings

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from pipeline.errors import Conflict, FieldError, NotFound, ValidationFailed
 from storage import domains as domain_store
 from storage.db import Database
+from storage.domains import sender_domain
 from storage.models import Domain, utcnow
 
 DOMAIN_NAME = r"([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}\.?"
@@ -164,10 +165,6 @@ async def check_dns(domain: Domain, resolver: dns.asyncresolver.Resolver) -> dic
 def save_check(session: Session, domain_id: str, check: dict[str, Any]) -> Domain:
     verified = bool(check.get("verified"))
     return domain_store.save_check(session, domain_id, verified, check, utcnow() if verified else None)
-
-
-def sender_domain(address: str) -> str:
-    return address.rsplit("@", 1)[-1].lower()
 
 
 def require_verified_sender(session: Session, project_id: str, address: str) -> str:

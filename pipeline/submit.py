@@ -20,7 +20,7 @@ from pipeline.compose import SUBMISSION_STRIPPED_HEADERS, MessageSpec
 from pipeline.contacts import upsert_contact
 from pipeline.deferred import insert_spec
 from pipeline.domains import require_verified_sender
-from pipeline.errors import Conflict
+from pipeline.errors import Conflict, FieldError, ValidationFailed
 from pipeline.tracking import Tracking, tracking_for
 from plunkd.metrics import EMAILS_ACCEPTED, count_at_commit
 from storage import emails as email_store
@@ -121,14 +121,32 @@ def envelope_sender_for(sender: str, mail_from: str | None = None) -> str:
     return mail_from or sender
 
 
+def client_message_id(headers: Message) -> str | None:
+    """The Message-ID of a client's message, kept and recorded as it is (None: it has none, and each
+    email gets one of its own); one longer than the record holds is refused."""
+    message_id = email_store.message_id_header(headers)
+    if message_id is not None and len(message_id) > email_store.MESSAGE_ID_LIMIT:
+        raise ValidationFailed(
+            [FieldError("Message-ID", f"at most {email_store.MESSAGE_ID_LIMIT} characters", "too_long")],
+            f"The Message-ID header is longer than {email_store.MESSAGE_ID_LIMIT} characters",
+            "Send a shorter Message-ID, or none: plunkd then gives the message one.")
+    return message_id
+
+
 def submit(session: Session, submission: Submission) -> list[Queued]:
-    """Check the senders, upsert each recipient, write one email + outbox row per recipient."""
+    """Check the senders, upsert each recipient, write one email + outbox row per recipient. Each email
+    is given its Message-ID here, once (`storage.emails.generated_message_id`), or keeps the one its
+    message carries (SMTP); every attempt to deliver it sends that one."""
     require_verified_sender(session, submission.project_id, submission.sender)
     if submission.envelope_sender is not None:
         require_verified_sender(session, submission.project_id, submission.envelope_sender)
     raw = strip_fields(submission.raw) if submission.raw is not None else None
     tracking = tracking_for(session, submission.project_id, submission.marketing, submission.tracking)
-    subject = submission.subject or (decoded_subject(parse_raw_headers(raw)) if raw is not None else "")
+    subject, message_id = submission.subject, None
+    if raw is not None:
+        headers = parse_raw_headers(raw)
+        subject = subject or decoded_subject(headers)
+        message_id = client_message_id(headers)
     envelope_sender = envelope_sender_for(submission.sender, submission.envelope_sender)
     contents: dict[bytes, str] = {}
     queued: list[Queued] = []
@@ -153,7 +171,8 @@ def submit(session: Session, submission: Submission) -> list[Queued]:
         email_id = email_store.insert_email(session, submission.project_id, contact_id, contents[digest], address,
                                             submission.sender, subject, submission.source,
                                             envelope_sender, skipped=skipped,
-                                            track_opens=bool(tracking.opens), track_clicks=bool(tracking.clicks))
+                                            track_opens=bool(tracking.opens), track_clicks=bool(tracking.clicks),
+                                            message_id=message_id)
         queued.append(Queued(contact_id, address, email_id))
         if not skipped:
             count_at_commit(session, EMAILS_ACCEPTED.labels(submission.source))

@@ -28,6 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
+from storage.emails import message_id_domain
 from storage.models import (
     Campaign,
     Contact,
@@ -55,6 +56,11 @@ def get_campaign(session: Session, project_id: str, campaign_id: str, for_update
     if for_update:
         stmt = stmt.with_for_update()
     return session.execute(stmt).scalar_one_or_none()
+
+
+def campaign_status(session: Session, campaign_id: str) -> str | None:
+    """The campaign's status; None: it was deleted."""
+    return session.connection().execute(select(_CAMPAIGN.c.status).where(_CAMPAIGN.c.id == campaign_id)).scalar()
 
 
 def get_campaign_by_id(session: Session, campaign_id: str, for_update: bool = False) -> Campaign | None:
@@ -142,21 +148,25 @@ def fan_out_chunk(session: Session, campaign: Campaign, audience: Audience, send
                   chunk: int, now: datetime, track_opens: bool = False, track_clicks: bool = False) -> int:
     """Queue the next `chunk` recipients after the cursor, an email and an outbox row each, with two
     `INSERT … SELECT`s (no row passes through Python), and move the cursor; the last chunk marks the
-    fan-out done. The emails carry the tracking choice given. Returns how many were queued."""
+    fan-out done. The emails carry the tracking choice given and their Message-IDs (what
+    `storage.emails.generated_message_id` makes, in SQL). Returns how many were queued."""
     conn = session.connection()
     email_head, outbox_head = new_id()[:18], new_id()[:18]
+    email_id = _derived_ids(email_head, _CONTACT.c.id)
+    message_id = literal("<", String) + email_id + literal(f"@{message_id_domain(sender)}>", String)
     recipients = _audience_rows(campaign.project_id, audience, now).with_only_columns(
-        _derived_ids(email_head, _CONTACT.c.id), literal(campaign.project_id, String), _CONTACT.c.id,
+        email_id, literal(campaign.project_id, String), _CONTACT.c.id,
         literal(campaign.content_id, String), literal(campaign.id, String), _CONTACT.c.email,
         literal(sender, String), literal(envelope_sender, String), literal(campaign.subject, Text),
         literal("campaign", String),
         literal("QUEUED", String), literal(now, UTCDateTime), literal(track_opens, Boolean),
-        literal(track_clicks, Boolean)).order_by(_CONTACT.c.id).limit(chunk)
+        literal(track_clicks, Boolean), message_id).order_by(_CONTACT.c.id).limit(chunk)
     if campaign.fanout_cursor is not None:
         recipients = recipients.where(_CONTACT.c.id > campaign.fanout_cursor)
     queued = conn.execute(_EMAIL.insert().from_select(
         ["id", "project_id", "contact_id", "content_id", "campaign_id", "recipient", "sender", "envelope_sender",
-         "subject", "source", "status", "created_at", "track_opens", "track_clicks"], recipients)).rowcount
+         "subject", "source", "status", "created_at", "track_opens", "track_clicks", "message_id"],
+        recipients)).rowcount
     if queued:
         this_chunk = (_EMAIL.c.id > email_head) & (_EMAIL.c.id < email_head + "~")
         conn.execute(_OUTBOX.insert().from_select(
@@ -183,12 +193,16 @@ def finish_drained(session: Session, now: datetime) -> list[str]:
     return list(done)
 
 
+CANCELLED_ERROR = "campaign cancelled"
+
+
 def withdraw_queued(session: Session, campaign_id: str) -> int:
-    """Cancel: take the campaign's emails out of the outbox (those a dispatcher holds right now still
-    go) and mark them CANCELLED. Returns how many."""
+    """Cancel: take the campaign's emails out of the outbox and mark them CANCELLED. Returns how many.
+    Those a dispatcher holds right now stay; it cancels them itself when it sees the campaign's status
+    (`campaign_status`)."""
     waiting = select(_OUTBOX.c.email_id).where(_OUTBOX.c.campaign_id == campaign_id, _OUTBOX.c.claimed_by.is_(None))
     cancelled = session.execute(update(Email).where(Email.id.in_(waiting)).values(
-        status="CANCELLED", error="campaign cancelled")).rowcount
+        status="CANCELLED", error=CANCELLED_ERROR)).rowcount
     session.execute(delete(OutboxItem).where(OutboxItem.campaign_id == campaign_id, OutboxItem.claimed_by.is_(None)))
     return cancelled
 

@@ -12,6 +12,11 @@ from storage.models import Domain, Email, OutboxItem, Project
 from storage.pagination import Page, paginate
 
 
+def sender_domain(address: str) -> str:
+    """The domain of a From address, as domains are stored (lower case)."""
+    return address.rsplit("@", 1)[-1].lower()
+
+
 def insert_domain(session: Session, project_id: str, name: str, selector: str, private_key: str,
                   public_key: str) -> Domain:
     domain = Domain(project_id=project_id, name=name, dkim_selector=selector, dkim_private_key=private_key,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from email.message import Message
 from typing import Any
 
 from sqlalchemy import bindparam, delete, func, select, update
@@ -17,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from storage import bulk
 from storage.batch import insert_at_commit
+from storage.domains import sender_domain
 from storage.models import Content, Domain, Email, IdempotencyRecord, OutboxItem, Suppression, new_id, utcnow
 
 _CONTENT = Content.__table__
@@ -45,20 +47,44 @@ def insert_deferred_content(session: Session, project_id: str, spec: bytes) -> s
 
 
 SKIPPED_UNSUBSCRIBED = "marketing mail to a contact who is not subscribed"
+MESSAGE_ID_LIMIT = 255
+"""`emails.message_id` holds at most this many characters."""
+
+
+def message_id_header(headers: Message) -> str | None:
+    """The Message-ID a message carries, unfolded (None: none, or an empty one)."""
+    value = "".join(str(headers.get("Message-ID", "")).splitlines()).strip()
+    return value or None
+
+
+def generated_message_id(email_id: str, sender: str) -> str:
+    """The Message-ID an email gets when it is accepted without one: its own id at the sender's domain.
+    It is stored with the email and sent on every attempt, so a copy sent again after a crash carries
+    the same Message-ID as the first and a receiver can tell it is a duplicate."""
+    return f"<{email_id}@{message_id_domain(sender)}>"
+
+
+def message_id_domain(sender: str) -> str:
+    """The right side of the Message-IDs generated for `sender`: its domain, cut from the left where the
+    Message-ID would not fit `MESSAGE_ID_LIMIT` beside an email id (a domain name may be 253 characters)."""
+    room = MESSAGE_ID_LIMIT - len("<@>") - len(new_id())
+    return sender_domain(sender)[-room:].lstrip(".")
 
 
 def insert_email(session: Session, project_id: str, contact_id: str | None, content_id: str, recipient: str,
                  sender: str, subject: str, source: str, envelope_sender: str | None = None,
                  skipped: bool = False, variables: dict[str, Any] | None = None, track_opens: bool = False,
-                 track_clicks: bool = False) -> str:
+                 track_clicks: bool = False, message_id: str | None = None) -> str:
     """One email record and its outbox row, due now (written at commit, with the batch's others); a
     `skipped` email is recorded as SKIPPED, with no outbox row. `variables`: a deferred email's own
-    template variables. `track_opens` / `track_clicks`: its tracking choice (`pipeline.tracking`)."""
+    template variables. `track_opens` / `track_clicks`: its tracking choice (`pipeline.tracking`).
+    `message_id`: the Message-ID the message already carries (SMTP); None gives it one."""
     email_id, now = new_id(), utcnow()
     insert_at_commit(session, _INSERT_EMAIL, {"id": email_id, "project_id": project_id, "contact_id": contact_id,
                                               "content_id": content_id, "recipient": recipient, "sender": sender,
                                               "envelope_sender": envelope_sender, "subject": subject,
                                               "source": source, "variables": variables,
+                                              "message_id": message_id or generated_message_id(email_id, sender),
                                               "status": "SKIPPED" if skipped else "QUEUED",
                                               "error": SKIPPED_UNSUBSCRIBED if skipped else None,
                                               "created_at": now, "track_opens": track_opens,
@@ -82,7 +108,7 @@ class DeferredEmail:
 _EMAIL_COLUMNS = [("id", "text"), ("project_id", "text"), ("contact_id", "text"), ("content_id", "text"),
                   ("recipient", "text"), ("sender", "text"), ("envelope_sender", "text"), ("subject", "text"),
                   ("source", "text"), ("variables", "json"), ("status", "text"), ("error", "text"),
-                  ("created_at", "time"), ("track_opens", "bool"), ("track_clicks", "bool")]
+                  ("created_at", "time"), ("track_opens", "bool"), ("track_clicks", "bool"), ("message_id", "text")]
 _OUTBOX_COLUMNS = [("id", "text"), ("email_id", "text"), ("due_at", "time"), ("attempts", "int")]
 
 
@@ -96,7 +122,8 @@ def insert_deferred_emails(session: Session, project_id: str, content_id: str, s
     bulk.insert_rows(session, _EMAIL, _EMAIL_COLUMNS, [
         [email_id, project_id, email.contact_id, content_id, email.recipient, sender, envelope_sender, subject,
          source, email.variables, "SKIPPED" if email.skipped else "QUEUED",
-         SKIPPED_UNSUBSCRIBED if email.skipped else None, now, track_opens, track_clicks]
+         SKIPPED_UNSUBSCRIBED if email.skipped else None, now, track_opens, track_clicks,
+         generated_message_id(email_id, sender)]
         for email_id, email in zip(ids, emails, strict=True)])
     bulk.insert_rows(session, _OUTBOX, _OUTBOX_COLUMNS, [
         [new_id(), email_id, now, 0] for email_id, email in zip(ids, emails, strict=True) if not email.skipped])
@@ -133,6 +160,10 @@ class Claimed:
     track_opens: bool = False
     track_clicks: bool = False
     """The email's tracking choice: the dispatcher adds the open pixel / click redirects (`Email.track_*`)."""
+    message_id: str | None = None
+    """Given when the email was accepted (None: an email queued before Message-IDs were stored)."""
+    campaign_id: str | None = None
+    """The campaign whose live send this is: the dispatcher sends it only while the campaign is not cancelled."""
 
 
 def claim_due(session: Session, worker: str, limit: int, lease_seconds: float, postgres: bool) -> list[Claimed]:
@@ -155,7 +186,7 @@ def claim_due(session: Session, worker: str, limit: int, lease_seconds: float, p
         select(_OUTBOX.c.id, _OUTBOX.c.attempts, _EMAIL.c.id, _EMAIL.c.project_id, _EMAIL.c.contact_id,
                _EMAIL.c.recipient, _EMAIL.c.sender, _EMAIL.c.envelope_sender, _CONTENT.c.raw, suppressed,
                _CONTENT.c.id, _CONTENT.c.deferred, _EMAIL.c.variables, _EMAIL.c.track_opens,
-               _EMAIL.c.track_clicks)
+               _EMAIL.c.track_clicks, _EMAIL.c.message_id, _OUTBOX.c.campaign_id)
         .join(_EMAIL, _EMAIL.c.id == _OUTBOX.c.email_id).join(_CONTENT, _CONTENT.c.id == _EMAIL.c.content_id)
         .where(_OUTBOX.c.id.in_(ids)).order_by(_OUTBOX.c.priority, _OUTBOX.c.due_at))
     return [Claimed(*row) for row in rows]

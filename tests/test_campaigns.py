@@ -5,7 +5,9 @@ and stats."""
 
 from __future__ import annotations
 
+import asyncio
 import email
+import time
 from datetime import UTC, datetime, timedelta
 from email import policy
 
@@ -17,10 +19,11 @@ from sqlalchemy.exc import IntegrityError
 from api.context import LINKS
 from delivery.bucket import TokenBucket
 from delivery.dispatcher import Dispatcher
-from delivery.transports import FileTransport
+from delivery.transports import FileTransport, SmtpTransport
 from marketing.fanout import CampaignFanOut
 from pipeline import campaigns as rules
 from pipeline.deferred import DeferredComposer
+from plunkd.config import SmarthostConfig
 from storage import emails as email_store
 from storage import events as event_store
 from storage.models import Campaign, Email, OutboxItem, Template
@@ -216,6 +219,11 @@ async def test_live_send_reaches_each_subscribed_contact_once_signed_and_unsubsc
         assert b"list-unsubscribe" in signature.lower()
         assert dkim.verify(raw.split(b"\r\n", 1)[1] if raw.startswith(b"Return-Path") else raw,
                            dnsfunc=dns_for(sender))
+    rows = {row.recipient: row for row in await api.db.read(email_store.list_emails, api.project_id)}
+    for contact in contacts[:3]:
+        row = rows[contact["email"]]
+        assert messages[contact["email"]]["Message-ID"] == row.message_id == f"<{row.id}@example.com>", \
+            "composed at dispatch, with the Message-ID given at the fan-out"
     after = await campaign(api, created["id"])
     assert after["status"] == "SENT" and after["recipientCount"] == 3 and after["delivered"] is not None
     counts = await stats(api, created["id"])
@@ -377,8 +385,12 @@ async def test_cancel_withdraws_queued_mail_and_a_contact_who_unsubscribes_is_sk
     assert status == 409 and "Cancel it first" in body["error"]["suggestion"]
     status, _ = await api.call("POST", "/contacts/unsubscribe", json={"id": contacts[0]["id"]})
     assert status == 200
-    claimed = await api.db.write(lambda s: email_store.claim_due(s, "held", 2, 60, api.db.is_postgres))
-    assert len(claimed) == 2
+    claimed = await api.db.write(lambda s: email_store.claim_due(s, "held", 3, 60, api.db.is_postgres))
+    assert len(claimed) == 3
+    first = next((item for item in claimed if item.recipient == contacts[0]["email"]), claimed[0])
+    sent = await dispatcher_for(api, tmp_path / "out").deliver(first)
+    if sent is not None:
+        await dispatcher_for(api, tmp_path / "out")._record(first, *sent)
     status, body = await api.call("POST", f"/campaigns/{created['id']}/cancel")
     assert status == 200 and body["data"]["status"] == "CANCELLED"
 
@@ -386,20 +398,50 @@ async def test_cancel_withdraws_queued_mail_and_a_contact_who_unsubscribes_is_sk
         return session.execute(select(func.count()).select_from(OutboxItem)
                                .where(OutboxItem.campaign_id == created["id"])).scalar_one()
 
-    assert await api.db.read(outbox_left) == 2  # the two a dispatcher holds still go
+    assert await api.db.read(outbox_left) == 2  # the two a dispatcher holds are left to it, which cancels them
     dispatcher = dispatcher_for(api, tmp_path / "out")
-    for item in claimed:
-        sent = await dispatcher.deliver(item)
-        if sent is not None:
-            await dispatcher._record(item, *sent)
+    assert [await dispatcher.deliver(item) for item in claimed if item is not first] == [None, None]
     counts = await stats(api, created["id"])
-    skipped = contacts[0]["email"] in [item.recipient for item in claimed]
-    assert counts["cancelled"] == 2 and counts["sent"] == (1 if skipped else 2)
+    skipped = first.recipient == contacts[0]["email"]
+    assert counts["cancelled"] == 3 and counts["sent"] == (0 if skipped else 1)
+    assert await api.db.read(outbox_left) == 0
     assert contacts[0]["email"] not in delivered(tmp_path / "out")
     status, _ = await api.call("POST", f"/campaigns/{created['id']}/cancel")
     assert status == 409
     status, _ = await api.call("DELETE", f"/campaigns/{created['id']}")
     assert status == 200
+
+
+async def test_cancel_while_sending_stops_the_claimed_batch_at_the_transport(api, sender, sink):
+    """Every email of the campaign is claimed at once and goes out at 10/s; a cancel stops what has not
+    reached the transport yet: at most `concurrency` more arrive, the rest are CANCELLED."""
+    await add_contacts(api, 60)
+    created = await create(api)
+    await api.call("POST", f"/campaigns/{created['id']}/send", json={})
+    assert await CampaignFanOut(api.db, api.client.app[LINKS], lambda: None).run_once() == 60
+    transport = SmtpTransport(SmarthostConfig(host="127.0.0.1", port=sink.port, timeout_seconds=5))
+    dispatcher = Dispatcher(api.db, transport, TokenBucket(10), settings(batch_size=100, concurrency=8),
+                            compose_deferred=DeferredComposer(api.db.read, api.client.app[LINKS]))
+    running = asyncio.create_task(dispatcher.run())
+    try:
+        deadline = time.monotonic() + 30
+        while len(sink.messages) < 10 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        status, body = await api.call("POST", f"/campaigns/{created['id']}/cancel")
+        at_cancel = len(sink.messages)
+        assert status == 200 and body["data"]["status"] == "CANCELLED" and 10 <= at_cancel < 30
+        await asyncio.sleep(2.0)  # 20 more sends' worth at the rate
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await dispatcher.drain()
+        await transport.close()
+    assert len(sink.messages) <= at_cancel + 8, f"{len(sink.messages) - at_cancel} sent after the cancel"
+    counts = await stats(api, created["id"])
+    assert counts["sent"] == len(sink.messages) and counts["cancelled"] == 60 - len(sink.messages)
+    assert counts["queued"] == counts["failed"] == 0
+    assert (await campaign(api, created["id"]))["status"] == "CANCELLED"
+    assert await api.db.read(email_store.outbox_rows) == []
 
 
 async def test_template_campaign_and_stats_from_feedback_events(api, sender, tmp_path):

@@ -18,6 +18,8 @@ from delivery.transports import FileTransport, SmtpTransport
 from plunkd.config import DeliveryConfig, SesConfig, SmarthostConfig
 from storage import emails as email_store
 from storage import events as event_store
+from tests.conftest import add_verified_domain
+from tests.servers import SinkHandler, start_sink
 
 
 def settings(**overrides) -> DeliveryConfig:
@@ -106,6 +108,60 @@ async def test_transient_smtp_failure_is_retried_then_sent(api, sender, sink):
     await dispatch_all(dispatcher)
     assert (await email_rows(api))["ann@example.org"].status == "SENT"
     assert len(sink.messages) == 1
+
+
+class RefusingOnceSink(SinkHandler):
+    """A smarthost that answers the first DATA with a transient refusal and takes the next one; it keeps
+    what it was given both times."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attempts: list[bytes] = []
+
+    async def handle_DATA(self, server, session, envelope) -> str:
+        self.attempts.append(envelope.original_content)
+        if len(self.attempts) == 1:
+            return "451 4.3.0 try again later"
+        return await super().handle_DATA(server, session, envelope)
+
+
+async def test_a_retried_email_goes_out_with_the_message_id_it_was_accepted_with(api, sender):
+    [queued] = await send(api)
+    accepted = (await email_rows(api))["ann@example.org"].message_id
+    assert accepted == f"<{queued['email']}@example.com>", "given once, when the email is accepted"
+    handler = RefusingOnceSink()
+    server, port = await start_sink(handler)
+    transport = SmtpTransport(SmarthostConfig(host="127.0.0.1", port=port, timeout_seconds=5))
+    dispatcher = Dispatcher(api.db, transport, TokenBucket(0), settings(retry_base_seconds=0.1))
+    try:
+        await dispatch_all(dispatcher)
+        assert len(handler.attempts) == 1 and (await email_rows(api))["ann@example.org"].status == "QUEUED"
+        await asyncio.sleep(0.15)
+        await dispatch_all(dispatcher)
+    finally:
+        await transport.close()
+        server.close()
+    assert len(handler.attempts) == 2 and len(handler.messages) == 1
+    ids = [email.message_from_bytes(raw, policy=policy.compat32)["Message-ID"] for raw in handler.attempts]
+    assert ids == [accepted, accepted], "the receiver can tell the second copy from a new email"
+    row = (await email_rows(api))["ann@example.org"]
+    assert row.status == "SENT" and row.message_id == accepted
+
+
+async def test_a_sender_domain_near_the_longest_gets_message_ids_that_fit_the_record(api, dns_config, dns_server,
+                                                                                   tmp_path):
+    """A domain name may be 253 characters; <email id@domain> would then overflow `emails.message_id`
+    (255), which PostgreSQL refuses: the generated id keeps the domain's right end instead."""
+    long_domain = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 38]) + ".com"
+    await add_verified_domain(api, dns_server, long_domain)
+    [queued] = await send(api, **{"from": f"hello@{long_domain}"})
+    folder = tmp_path / "out"
+    await dispatch_all(Dispatcher(api.db, FileTransport(folder), TokenBucket(0), settings()))
+    [path] = folder.glob("*.eml")
+    row = (await email_rows(api))["ann@example.org"]
+    message_id = email.message_from_bytes(path.read_bytes(), policy=policy.compat32)["Message-ID"]
+    assert row.status == "SENT" and message_id == row.message_id and len(message_id) == 255
+    assert message_id.startswith(f"<{queued['email']}@") and message_id.endswith(long_domain[-200:] + ">")
 
 
 async def test_permanent_refusal_at_data_is_a_bounce(api, sender, sink):

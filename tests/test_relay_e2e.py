@@ -103,6 +103,40 @@ async def test_verp_mail_from_is_the_envelope_sender_of_the_delivery(relay, sink
     assert dkim.verify(written, dnsfunc=dns_for(relay.domain)), "Return-Path is outside the signature"
 
 
+async def test_a_relayed_message_id_is_kept_to_the_delivered_copies_and_the_records(relay, sink):
+    """A message with its own Message-ID keeps it for every recipient, recorded from the moment it is
+    accepted; one without gets one per email then, which is the one delivered."""
+    own = b"From: hello@example.com\r\nTo: ann@example.org\r\nMessage-ID: <order-7@shop.example>\r\n" \
+          b"Subject: Order 7\r\n\r\nShipped\r\n"
+    bare = b"From: hello@example.com\r\nTo: cy@example.org\r\nSubject: Order 8\r\n\r\nShipped\r\n"
+    assert await asyncio.to_thread(smtp_send, relay, own, ["ann@example.org", "bob@example.org"]) == {}
+    assert await asyncio.to_thread(smtp_send, relay, bare, ["cy@example.org"]) == {}
+    accepted = {e.recipient: (e.id, e.message_id) for e in await relay.api.db.read(email_store.list_emails,
+                                                                                   relay.api.project_id)}
+    assert accepted["ann@example.org"][1] == accepted["bob@example.org"][1] == "<order-7@shop.example>"
+    assert accepted["cy@example.org"][1] == f"<{accepted['cy@example.org'][0]}@example.com>"
+    transport = SmtpTransport(SmarthostConfig(host="127.0.0.1", port=sink.port, timeout_seconds=10))
+    await dispatch_all(Dispatcher(relay.api.db, transport, TokenBucket(0), DeliveryConfig()))
+    await transport.close()
+    for message in sink.messages:
+        headers = email.message_from_bytes(message.original_content, policy=policy.compat32)
+        assert headers.get_all("Message-ID") == [accepted[message.rcpt_tos[0]][1]]
+    assert len(sink.messages) == 3
+    rows = await relay.api.db.read(email_store.list_emails, relay.api.project_id)
+    assert {(e.recipient, e.status, e.message_id) for e in rows} == {
+        (recipient, "SENT", message_id) for recipient, (_, message_id) in accepted.items()}
+
+
+async def test_a_message_id_longer_than_the_record_holds_is_refused_and_nothing_stored(relay):
+    raw = (b"From: hello@example.com\r\nTo: ann@example.org\r\nMessage-ID: <" + b"x" * 300
+           + b"@shop.example>\r\nSubject: Hi\r\n\r\nHi\r\n")
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        await asyncio.to_thread(smtp_send, relay, raw, ["ann@example.org"])
+    assert refused.value.smtp_code == 554
+    assert b"Message-ID header is longer than 255 characters" in refused.value.smtp_error
+    assert await relay.api.db.read(email_store.list_emails, relay.api.project_id) == []
+
+
 async def test_smtp_and_api_leave_the_same_records(relay, dns_server, tmp_path):
     """Parity: one project sends over SMTP, another the same email over /v1/send."""
     api = relay.api

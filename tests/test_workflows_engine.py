@@ -129,11 +129,13 @@ async def test_track_then_delay_then_send_reaches_the_outbox_and_is_delivered(ap
     assert run.context == {"plan": "pro", "source": "ad"}  # the trigger's variables, one-shot ones too
     [queued] = await emails_to(api, "ann@example.org")
     assert queued.status == "QUEUED" and queued.source == "workflow" and queued.subject == "Hi {{plan ?? there}}"
+    assert queued.message_id == f"<{queued.id}@example.com>", "given when the step queued it"
     folder = tmp_path / "outbox"
     await dispatch_all(dispatcher_for(api, folder))  # composes the deferred email, as `plunkd serve` does
     [path] = list(folder.glob("*.eml"))
     message = email.message_from_bytes(path.read_bytes(), policy=policy.default)
     assert message["Subject"] == "Hi pro" and message["To"] == "ann@example.org"
+    assert message["Message-ID"] == queued.message_id
     text = message.get_body(("html",)).get_content()
     assert "Plan pro, coupon C-42, from ad" in text
 
