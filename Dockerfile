@@ -1,6 +1,7 @@
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY core core
 COPY plunkd plunkd
 COPY api api
 COPY pipeline pipeline
@@ -11,6 +12,7 @@ COPY maintenance maintenance
 COPY marketing marketing
 COPY automation automation
 COPY feedback feedback
+COPY webhooks webhooks
 RUN pip install --no-cache-dir .
 ENV PLUNKD_SERVER_HOST=0.0.0.0 PLUNKD_SMTP_HOST=0.0.0.0 PLUNKD_SERVER_DATA_DIR=/data
 VOLUME /data

@@ -28,11 +28,11 @@ from api.ratelimit import WindowRateLimiter
 from api.routing import Route, register
 from api.tracking_settings import ROUTES as TRACKING_SETTINGS
 from api.webhooks import ROUTES as WEBHOOK_ROUTES
+from core.config import Config
 from feedback.intake import FeedbackIntake
 from pipeline.keys import KeyCache
 from pipeline.links import make_signer
 from pipeline.tracking import TrackingSigner
-from plunkd.config import Config
 from storage.db import Database
 
 

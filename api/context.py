@@ -5,11 +5,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from api.ratelimit import WindowRateLimiter
+from core.config import Config
 from feedback.intake import FeedbackIntake
 from pipeline.keys import KeyCache
 from pipeline.links import LinkSigner
 from pipeline.tracking import TrackingSigner
-from plunkd.config import Config
 from storage.db import Database
 
 CONFIG = web.AppKey("config", Config)

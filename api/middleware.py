@@ -12,8 +12,8 @@ from aiohttp import web
 from api.envelope import Reply, encode_json, enveloped, failure, legacy
 from api.errors import BadRequest, MethodNotAllowed, PayloadTooLarge, RateLimited
 from api.routing import CORS_ORIGIN, DIALECT, cors_headers
+from core.metrics import HTTP_DURATION
 from pipeline.errors import NotFound, PipelineError
-from plunkd.metrics import HTTP_DURATION
 
 log = logging.getLogger("plunkd.api")
 REQUEST_ID = "plunkd.request_id"

@@ -16,7 +16,7 @@ from api.errors import Unauthorized
 from api.routing import Route
 from api.schemas import Failure, ReadyStatus, Status
 from api.validation import NO_NUL
-from plunkd import metrics as plunkd_metrics
+from core import metrics as plunkd_metrics
 from storage import emails as email_store
 from storage.models import utcnow
 

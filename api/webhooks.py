@@ -2,7 +2,7 @@
 rotated, never again), their deliveries with each one's attempts, and a test delivery.
 
 Rules are `pipeline.webhooks` (the URL, the event names, the cap per project); the sender is
-`feedback.webhooks`. No route here starts with /webhooks/incoming (the SNS intake's).
+`webhooks.sender`. No route here starts with /webhooks/incoming (the SNS intake's).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     earliest_due (a read: is anything due, or when?) → claim + execute (one write transaction per batch:
     the claim, every step's effect and the runs' advance commit together, see `pipeline.workflows`)
     → on_queued (wake the dispatcher when a step queued mail) → post webhooks (after the commit, through
-    `plunkd.webhook_client`, as endpoint webhooks are) → finish_webhook
+    `webhooks.client`, as endpoint webhooks are) → finish_webhook
 
 When idle it sleeps until the earliest run is due, or `poll_seconds` at most (runs started by another
 process wake it through `wake`; the poll is for those that cannot, such as another node's), and it works
@@ -17,16 +17,16 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from core.config import WebhooksConfig
+from core.loop import DueLoop
 from pipeline import workflows as engine
 from pipeline.links import LinkSigner
 from pipeline.webhook_targets import url_host
 from pipeline.workflows import Executed, Webhook
-from plunkd.config import WebhooksConfig
-from plunkd.loop import DueLoop
-from plunkd.webhook_client import WebhookClient, body_of
 from storage import workflows as store
 from storage.db import Database
 from storage.models import utcnow
+from webhooks.client import WebhookClient, body_of
 
 log = logging.getLogger("plunkd.automation")
 PARALLEL_POSTGRES = 2

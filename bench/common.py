@@ -20,7 +20,8 @@ import aiohttp
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from storage.secrets import KeyRing, format_key, new_key, parse_key, use_keyring
+from core.keys import format_key, new_key, parse_key
+from storage.secrets import KeyRing, use_keyring
 
 ROOT = Path(__file__).resolve().parent.parent
 ENCRYPTION_KEY = format_key(new_key())

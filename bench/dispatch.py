@@ -19,13 +19,13 @@ import aiosmtplib
 
 from bench.common import free_port, report, server_process, temp_dir
 from bench.setup_sender import verify_offline
+from core.config import DeliveryConfig, SmarthostConfig
 from delivery.bucket import TokenBucket
 from delivery.dispatcher import Dispatcher
 from delivery.transports import SendResult, SmtpTransport
 from pipeline.compose import MessageSpec
 from pipeline.projects import create_project
 from pipeline.submit import Submission, submit
-from plunkd.config import DeliveryConfig, SmarthostConfig
 from storage.db import Database
 
 SPEC = MessageSpec("shop@bench.example", "Shop", "Your receipt", "<p>Thanks for your order.</p>" * 20)

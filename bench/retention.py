@@ -29,13 +29,13 @@ from sqlalchemy import text
 
 from bench.common import fresh_database, temp_dir
 from bench.setup_sender import verify_offline
+from core.config import DeliveryConfig
 from delivery.bucket import TokenBucket
 from delivery.dispatcher import Dispatcher
 from delivery.transports import FileTransport
 from maintenance.pruner import Pruner
 from pipeline.projects import create_project
 from pipeline.submit import Submission, submit
-from plunkd.config import DeliveryConfig
 from storage import retention
 from storage.db import Database
 from storage.models import utcnow

@@ -1,4 +1,4 @@
-"""Outbound webhooks: deliveries per second from `feedback.webhooks.WebhookSender` (claim with a lease, sign,
+"""Outbound webhooks: deliveries per second from `webhooks.sender.WebhookSender` (claim with a lease, sign,
 POST, record each attempt) to a bare aiohttp receiver on loopback, against a bare aiohttp client POST loop
 (same receiver, same body, same concurrency, no database and no signature), run before and after ours (the
 better of the two counts). Ratio printed.
@@ -22,15 +22,15 @@ from aiohttp import web
 from sqlalchemy import func, select
 
 from bench.common import free_port, fresh_database, server_process, temp_dir
-from feedback.webhooks import WebhookSender
+from core.config import WebhooksConfig
 from pipeline import webhooks as rules
 from pipeline.projects import create_project
-from plunkd.config import WebhooksConfig
-from plunkd.webhook_client import body_of
 from storage.db import Database
 from storage.events import insert_event
 from storage.models import WebhookDelivery, utcnow
 from storage.webhooks import event_payload
+from webhooks.client import body_of
+from webhooks.sender import WebhookSender
 
 QUEUE_CHUNK = 500
 DATA = {"plan": "pro", "source": "bench", "note": "x" * 200}

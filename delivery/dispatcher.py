@@ -36,12 +36,12 @@ from email.utils import formatdate
 from dkim import DKIMException
 from sqlalchemy.orm import Session
 
+from core import metrics
+from core.config import DeliveryConfig
 from delivery import dkim
 from delivery.bucket import TokenBucket
 from delivery.transports import SendResult, Transport
 from pipeline.errors import PipelineError
-from plunkd import metrics
-from plunkd.config import DeliveryConfig
 from storage import campaigns as campaign_store
 from storage import emails as email_store
 from storage import events as event_store

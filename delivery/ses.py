@@ -7,8 +7,8 @@ from typing import Any
 import aioboto3
 from botocore.exceptions import BotoCoreError, ClientError
 
+from core.config import SesConfig
 from delivery.transports import SendResult
-from plunkd.config import SesConfig
 
 THROTTLING = {"Throttling", "ThrottlingException", "TooManyRequestsException", "LimitExceededException",
               "ServiceUnavailable", "InternalFailure", "SendingPausedException"}

@@ -17,8 +17,8 @@ from typing import Protocol
 
 import aiosmtplib
 
-from plunkd.atrest import PRIVATE_FILE, private_dir
-from plunkd.config import Config, SmarthostConfig
+from core.config import Config, SmarthostConfig
+from core.files import PRIVATE_FILE, private_dir
 
 
 @dataclass

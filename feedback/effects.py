@@ -19,9 +19,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from core.metrics import EMAILS_BOUNCED, count_at_commit
 from feedback.ses import Notice
 from pipeline.contacts import record_subscription
-from plunkd.metrics import EMAILS_BOUNCED, count_at_commit
 from storage import contacts as contact_store
 from storage import emails as email_store
 from storage import events as event_store

@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session
 
+from core.config import FeedbackConfig
 from feedback.effects import apply_notice
 from feedback.ses import Notice, parse_notification
 from feedback.sns import (
@@ -26,7 +27,6 @@ from feedback.sns import (
     SnsUnavailable,
     SnsVerifier,
 )
-from plunkd.config import FeedbackConfig
 from storage import feedback as feedback_store
 from storage.db import Database
 from storage.models import utcnow

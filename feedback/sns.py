@@ -34,9 +34,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from core.config import FeedbackConfig
 from pipeline.cache import TtlCache
 from pipeline.errors import Forbidden, PipelineError
-from plunkd.config import FeedbackConfig
 
 log = logging.getLogger("plunkd.feedback")
 NOTIFICATION = "Notification"

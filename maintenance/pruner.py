@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 
-from plunkd.config import DeliveryConfig
+from core.config import DeliveryConfig
 from storage import retention
 from storage.db import Database
 from storage.models import utcnow

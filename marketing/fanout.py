@@ -14,9 +14,9 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from core.config import DeliveryConfig
 from pipeline import campaigns as rules
 from pipeline.links import LinkSigner
-from plunkd.config import DeliveryConfig
 from storage import campaigns as store
 from storage.db import Database
 from storage.models import utcnow

@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from core.metrics import EMAILS_ACCEPTED, count_at_commit
 from pipeline.compose import MessageSpec, as_text, byte_length, lookup
 from pipeline.deferred import insert_spec
 from pipeline.domains import require_verified_sender
@@ -25,7 +26,6 @@ from pipeline.links import LinkSigner
 from pipeline.submit import Queued, Submission, envelope_sender_for, submit
 from pipeline.templates import template_spec
 from pipeline.tracking import tracking_for
-from plunkd.metrics import EMAILS_ACCEPTED, count_at_commit
 from storage import campaigns as store
 from storage import contacts as contact_store
 from storage import segments as segment_store

@@ -16,13 +16,13 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from core.metrics import EMAILS_ACCEPTED, count_at_commit
 from pipeline.compose import SUBMISSION_STRIPPED_HEADERS, MessageSpec
 from pipeline.contacts import upsert_contact
 from pipeline.deferred import insert_spec
 from pipeline.domains import require_verified_sender
 from pipeline.errors import Conflict, FieldError, ValidationFailed
 from pipeline.tracking import Tracking, tracking_for
-from plunkd.metrics import EMAILS_ACCEPTED, count_at_commit
 from storage import emails as email_store
 
 STRIPPED_FIELD = re.compile(rb"^(?:bcc|" + b"|".join(

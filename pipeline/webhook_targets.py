@@ -6,7 +6,7 @@ The decision is made on addresses, never on how a host is spelt: `check_target` 
 resolves the host with getaddrinfo, in a small pool of its own and within `RESOLVE_SECONDS`, so
 `2130706433`, `0x7f000001`, `0177.0.0.1`, `127.1` and names from /etc/hosts come back as the 127.0.0.1 they
 are; IPv6 forms that carry an IPv4 address (mapped, compatible `::a.b.c.d`, NAT64 `64:ff9b::/96`, 6to4,
-Teredo) are judged by that IPv4 address (`public_address`). The client (`plunkd.webhook_client`) decides
+Teredo) are judged by that IPv4 address (`public_address`). The client (`webhooks.client`) decides
 again on every address it connects to, so a name that resolved to a public address when it was saved and
 to a private one later (DNS rebinding) is refused too. A name that does not resolve when it is saved is
 accepted: it may exist later, and the connect-time check is the one that holds.

@@ -43,7 +43,7 @@ Rules:
   the step leases the run (due again in `WEBHOOK_LEASE_SECONDS`) and hands the request to the scheduler,
   which POSTs `{workflow: {id, name}, run: {id}, contact: {id, email, data}, event: {id, name, data}}` and
   then, in a second transaction, moves the run on (`finish_webhook`). A process that dies in between posts
-  it again when the lease runs out. The POST is an endpoint webhook's (`plunkd.webhook_client`: no
+  it again when the lease runs out. The POST is an endpoint webhook's (`webhooks.client`: no
   redirects, `webhooks.timeout_seconds`, `max_response_bytes`, only public addresses unless
   `allow_private_targets`). A failed POST (no 2xx) is retried `WEBHOOK_ATTEMPTS` times with backoff, then
   the run fails.

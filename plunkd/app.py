@@ -16,9 +16,9 @@ from aiohttp import web
 
 from api.app import build_api
 from api.context import KEYS, LINKS, ON_QUEUED, RATE_LIMITER
+from core.config import Config
+from core.connections import AcceptFailureLog, ConnectionCaps, SessionLimiter, connection_caps, raise_open_file_limit
 from plunkd.atrest import make_private, open_secrets
-from plunkd.config import Config
-from plunkd.connections import AcceptFailureLog, ConnectionCaps, SessionLimiter, connection_caps, raise_open_file_limit
 from plunkd.processes import ROLES, WAKE_FD_ENV, WakePipe, supervise_dispatcher, watch_parent
 from storage.db import Database
 
@@ -27,7 +27,7 @@ RELAY = web.AppKey("relay", Any)
 """The running relay (its actual ports), for tests and logs."""
 CONNECTION_CAPS = web.AppKey("connection_caps", ConnectionCaps)
 """The HTTP connection and SMTP session caps in force: the configured ones, or both lowered to fit the
-open-file limit (`plunkd.connections.connection_caps`)."""
+open-file limit (`core.connections.connection_caps`)."""
 
 
 def create_app(config: Config, db: Database | None = None, roles: set[str] | None = None,
@@ -135,11 +135,11 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
     from delivery.dispatcher import Dispatcher
     from delivery.transports import make_transport
     from feedback.effects import smtp_bounce
-    from feedback.webhooks import WebhookSender
     from maintenance.pruner import Pruner
     from pipeline.deferred import DeferredComposer
     from pipeline.links import make_signer
     from pipeline.tracking import MessageTracker, TrackingSigner
+    from webhooks.sender import WebhookSender
 
     transport = make_transport(config)
     rate = config.delivery.rate_per_second
@@ -240,7 +240,7 @@ async def running(work: Callable[[], Awaitable[None]], name: str) -> AsyncIterat
 def setup_logging(level: str) -> None:
     """The process's log: one line per record on stderr, each passed through `CLIENT_TEXT_FILTER` on the
     root handler, so nothing a client sent can forge a line or reach the log from aiosmtpd."""
-    from plunkd.redaction import CLIENT_TEXT_FILTER
+    from core.redaction import CLIENT_TEXT_FILTER
 
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     for handler in logging.getLogger().handlers:

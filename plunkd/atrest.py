@@ -18,23 +18,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from plunkd.config import Config
+from core.config import Config
+from core.files import private_dir, write_private_file
+from core.keys import format_key, new_key, parse_key
 from storage.secrets import (
     KeyRing,
     SecretsError,
     count_unsealed,
     foreign_key_ids,
-    format_key,
-    new_key,
-    parse_key,
     seal_batch,
     use_keyring,
 )
 
 log = logging.getLogger("plunkd")
-PRIVATE_UMASK = 0o077
-PRIVATE_DIR = 0o700
-PRIVATE_FILE = 0o600
 SEAL_BATCH = 500
 """Secrets sealed per transaction (per column): a rotation interrupted between two keeps what is done."""
 KEY_FILE_HEADER = ("# plunkd's encryption key: it seals the DKIM private keys and webhook secrets in the database.\n"
@@ -43,39 +39,6 @@ KEY_FILE_HEADER = ("# plunkd's encryption key: it seals the DKIM private keys an
 CONFIG_KEY_SOURCE = "security.encryption_key (PLUNKD_SECURITY_ENCRYPTION_KEY)"
 MAX_LISTED = 8
 """Paths named in the warning about files made private; the rest are counted."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# Files and directories only plunkd's user can read.
-
-def private_dir(path: Path) -> Path:
-    """`path` made (with its parents) if absent; a new directory is 0700 whatever the umask."""
-    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
-    return path
-
-
-def write_private_file(path: Path, text: str, replace: bool = True) -> bool:
-    """Write `text` to `path` (0600) atomically: a staged file, fsynced, then renamed over `path`, or with
-    `replace=False` linked to it only if no file is there yet. Returns whether `path` now holds `text`."""
-    private_dir(path.parent)
-    staged = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        if replace:
-            os.replace(staged, path)
-            return True
-        try:
-            os.link(staged, path)
-        except FileExistsError:
-            return False
-        return True
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            staged.unlink()
 
 
 def _sqlite_files(config: Config) -> list[Path]:

@@ -12,8 +12,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from plunkd.atrest import PRIVATE_UMASK
-from plunkd.config import Config, ConfigError, load_config
+from core.config import Config, ConfigError, load_config
+from core.files import PRIVATE_UMASK
 
 
 def _config_path(args: argparse.Namespace) -> str | None:
@@ -103,12 +103,13 @@ async def _with_db(args: argparse.Namespace, config: Config, work: Callable[[Any
 
 
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
-    from plunkd.processes import dispatcher_command, parse_roles, share_metrics
+    from core.multiproc import share_metrics
+    from plunkd.processes import dispatcher_command, parse_roles
 
     share_metrics(str(config.data_path))  # before anything imports prometheus_client
 
+    from core.connections import listening_socket
     from plunkd.app import create_app, serve, setup_logging
-    from plunkd.connections import listening_socket
 
     roles = parse_roles(args.role)
     say_storage(args, config)

@@ -1,6 +1,6 @@
 """The HTTP listener `plunkd serve` runs: aiohttp's request handler with what aiohttp lacks, a bound on
 the time a client takes to send a request's headers (slowloris) and connection caps in total and per
-client address (like the relay's session caps, `plunkd.connections.SessionLimiter`).
+client address (like the relay's session caps, `core.connections.SessionLimiter`).
 
 A connection over a cap gets `503 TOO_MANY_CONNECTIONS` (the Plunk envelope) and the close, before
 anything is read. A connection has `server.header_timeout_seconds` from its opening, and again from
@@ -21,8 +21,8 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from api.envelope import failure
+from core.connections import LISTEN_BACKLOG, SessionLimiter, peer_address, url_host
 from pipeline.errors import PipelineError
-from plunkd.connections import LISTEN_BACKLOG, SessionLimiter, peer_address, url_host
 
 
 class TooManyConnections(PipelineError):
@@ -148,7 +148,7 @@ class GuardedRequestHandler(RequestHandler):
 
 
 class GuardedSite(web.BaseSite):
-    """A site on an already bound, listening socket (`plunkd.connections.listening_socket`) whose
+    """A site on an already bound, listening socket (`core.connections.listening_socket`) whose
     connections are `GuardedRequestHandler`s sharing one `SessionLimiter`."""
 
     def __init__(self, runner: web.BaseRunner, sock: Any, connections: SessionLimiter, header_timeout: float,

@@ -18,47 +18,14 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
-
-from plunkd.atrest import private_dir
 
 log = logging.getLogger("plunkd")
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 ROLES = ("api", "relay", "dispatcher")
 WAKE_FD_ENV = "PLUNKD_WAKE_FD"
 RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)
 """Seconds before restarting a dispatcher process that died, by how many times in a row it died early."""
 STABLE_SECONDS = 60.0
 """A dispatcher process that ran this long before dying is restarted after the shortest delay again."""
-
-
-def share_metrics(data_dir: str) -> Path:
-    """Prometheus multiprocess mode in `<data_dir>/metrics`, inherited by the dispatcher process, so the
-    API's /metrics shows both processes' samples. It must run before prometheus_client is first
-    imported (which fixes how samples are stored), so it lives here and not in `plunkd.metrics`. A
-    process that finds the variable set (a child, or the operator's own folder) uses it as it is;
-    otherwise files of processes no longer alive are removed first (a restart starts the counters from
-    zero, while a dispatcher restarted by its parent adds to its predecessor's, whose files stay)."""
-    existing = os.environ.get(MULTIPROC_ENV)
-    if existing:
-        return Path(existing)
-    folder = private_dir(Path(data_dir) / "metrics")
-    for path in folder.glob("*.db"):
-        pid = path.stem.rsplit("_", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            path.unlink(missing_ok=True)
-    os.environ[MULTIPROC_ENV] = str(folder)
-    return folder
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def parse_roles(text: str) -> set[str]:
@@ -130,7 +97,7 @@ async def supervise_dispatcher(command: list[str], wake: WakePipe) -> AsyncItera
                 *command, pass_fds=(wake.read_fd,), env={**os.environ, WAKE_FD_ENV: str(wake.read_fd)})
             log.info("dispatcher process %d started", current.pid)
             code = await current.wait()
-            from plunkd.metrics import process_ended  # not at the top: see `share_metrics`
+            from core.metrics import process_ended  # not at the top: see `core.multiproc.share_metrics`
 
             process_ended(current.pid)
             if stopping.is_set():

@@ -1,5 +1,5 @@
 """What one client may take from the relay beyond its session (concurrent sessions:
-`plunkd.connections.SessionLimiter`): AUTH attempts per address, and the size of a message's header section."""
+`core.connections.SessionLimiter`): AUTH attempts per address, and the size of a message's header section."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ A session: EHLO → (STARTTLS) → AUTH PLAIN/LOGIN with user `plunk` and the pr
 MAIL (the null sender or an address on a verified domain) → RCPT (limited) → DATA, which becomes ONE
 `pipeline.submit` call with the original bytes, the envelope sender and the envelope recipients.
 `250 2.0.0 queued as <id>` is sent only after that commit. Sessions are capped in total and per client
-address, idle ones are closed, and nothing a client sends is logged (`plunkd.redaction`).
+address, idle ones are closed, and nothing a client sends is logged (`core.redaction`).
 """
 
 from __future__ import annotations
@@ -28,15 +28,15 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, syntax
 from sqlalchemy.exc import SQLAlchemyError
 
+from core import metrics
+from core.config import ConfigError, SmtpConfig
+from core.connections import LISTEN_BACKLOG, SessionLimiter, listening_socket, peer_address
+from core.redaction import AIOSMTPD_LOGGER, CLIENT_TEXT_FILTER, error_summary, traceback_without_message
 from pipeline.cache import TtlCache
 from pipeline.domains import UnverifiedSender, require_verified_sender, sender_domain
 from pipeline.errors import PipelineError
 from pipeline.keys import Caller, KeyCache
 from pipeline.submit import Submission, decoded_subject, parse_raw_headers, submit, submit_once
-from plunkd import metrics
-from plunkd.config import ConfigError, SmtpConfig
-from plunkd.connections import LISTEN_BACKLOG, SessionLimiter, listening_socket, peer_address
-from plunkd.redaction import AIOSMTPD_LOGGER, CLIENT_TEXT_FILTER, error_summary, traceback_without_message
 from relay.data import ChunkedData
 from relay.limits import AuthLimiter, header_refusal
 
@@ -437,7 +437,7 @@ class Relay:
 
     def __init__(self, db: Any, keys: KeyCache, config: SmtpConfig, tls: Any, idempotency_hours: int = 24,
                  on_queued: Callable[[], None] | None = None, max_sessions: int | None = None) -> None:
-        """`max_sessions`: the cap in force (`plunkd.connections.connection_caps`); default the configured one."""
+        """`max_sessions`: the cap in force (`core.connections.connection_caps`); default the configured one."""
         for key in ("max_sessions", "max_sessions_per_ip", "idle_timeout_seconds", "unauthenticated_lifetime_seconds"):
             if not getattr(config, key) > 0:
                 raise ConfigError(f"config key smtp.{key}: expected a number > 0")

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from plunkd.atrest import private_dir
+from core.files import private_dir
 
 log = logging.getLogger("plunkd.relay")
 

@@ -28,7 +28,6 @@ from sqlalchemy.orm import Session
 from sqlalchemy.types import TypeDecorator
 
 PREFIX = "enc1:"
-KEY_BYTES = 32
 NONCE_BYTES = 12
 ASSOCIATED_DATA = b"plunkd secret v1"
 SECRET_COLUMNS = (("domains", "dkim_private_key"), ("webhook_endpoints", "secret"),
@@ -38,26 +37,6 @@ SECRET_COLUMNS = (("domains", "dkim_private_key"), ("webhook_endpoints", "secret
 
 class SecretsError(ValueError):
     """The key cannot open what the database holds, or no key is loaded; one line naming the key's source."""
-
-
-def parse_key(text: str) -> bytes:
-    """A key as written in the key file or the config: base64 (standard or URL-safe) of 32 bytes."""
-    cleaned = text.strip().replace("+", "-").replace("/", "_")
-    try:
-        key = base64.urlsafe_b64decode(cleaned + "=" * (-len(cleaned) % 4))
-    except (binascii.Error, ValueError):
-        raise ValueError("expected base64 of 32 random bytes (openssl rand -base64 32)") from None
-    if len(key) != KEY_BYTES:
-        raise ValueError(f"expected base64 of 32 random bytes (openssl rand -base64 32), got {len(key)} bytes")
-    return key
-
-
-def format_key(key: bytes) -> str:
-    return base64.urlsafe_b64encode(key).decode()
-
-
-def new_key() -> bytes:
-    return os.urandom(KEY_BYTES)
 
 
 def key_id(key: bytes) -> str:

@@ -16,12 +16,13 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from api.context import DB
+from core.config import Config
+from core.keys import new_key
 from pipeline.projects import create_project
 from plunkd.app import create_app
-from plunkd.config import Config
 from storage.db import Database
 from storage.models import Base
-from storage.secrets import KeyRing, new_key, use_keyring
+from storage.secrets import KeyRing, use_keyring
 
 PG_URL = os.environ.get("PLUNKD_TEST_DATABASE_URL", "")
 

@@ -23,20 +23,21 @@ import pytest
 from sqlalchemy import text
 
 from api.context import CONFIG, DB
+from core.keys import format_key, new_key
 from delivery.bucket import TokenBucket
 from delivery.dispatcher import Dispatcher
 from delivery.transports import FileTransport
-from feedback.webhooks import WebhookSender
 from plunkd.app import create_app
 from plunkd.atrest import key_file_text, open_secrets, read_key_file
 from storage import emails as email_store
-from storage.secrets import SecretsError, format_key, key_id, keyring, new_key
+from storage.secrets import SecretsError, key_id, keyring
 from tests.conftest import Api
 from tests.test_cli_and_config import ROOT, free_port
 from tests.test_delivery import dispatch_all, dns_for, send, settings
 from tests.test_processes import api_up, children, wait_until
 from tests.test_webhooks import create_endpoint, track_event
 from tests.test_webhooks import receiver as webhook_receiver
+from webhooks.sender import WebhookSender
 
 receiver = webhook_receiver
 """The webhook tests' fixture: a receiver on 127.0.0.1 that verifies every signature."""

@@ -17,13 +17,13 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from api.context import LINKS
+from core.config import SmarthostConfig
 from delivery.bucket import TokenBucket
 from delivery.dispatcher import Dispatcher
 from delivery.transports import FileTransport, SmtpTransport
 from marketing.fanout import CampaignFanOut
 from pipeline import campaigns as rules
 from pipeline.deferred import DeferredComposer
-from plunkd.config import SmarthostConfig
 from storage import emails as email_store
 from storage import events as event_store
 from storage.models import Campaign, Email, OutboxItem, Template

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from plunkd.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -138,7 +138,7 @@ def test_bad_config_values_name_the_key(tmp_path, toml, env, message):
 def test_example_config_loads_and_documents_every_key():
     import dataclasses
 
-    from plunkd.config import Config
+    from core.config import Config
 
     root = os.path.dirname(os.path.dirname(__file__))
     example = os.path.join(root, "config.example.toml")

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from aiosmtpd.controller import Controller
 
-from storage.secrets import format_key, new_key
+from core.keys import format_key, new_key
 from tests.test_cli_and_config import ROOT, free_port, plunkd
 from tests.test_cluster import most_in_any_window
 from tests.test_processes import alive, api_up, children, wait_until

@@ -12,10 +12,10 @@ from email import policy
 import dkim
 import pytest
 
+from core.config import DeliveryConfig, SesConfig, SmarthostConfig
 from delivery.bucket import TokenBucket
 from delivery.dispatcher import Dispatcher
 from delivery.transports import FileTransport, SmtpTransport
-from plunkd.config import DeliveryConfig, SesConfig, SmarthostConfig
 from storage import emails as email_store
 from storage import events as event_store
 from tests.conftest import add_verified_domain

@@ -9,10 +9,10 @@ import asyncio
 
 from sqlalchemy import select
 
+from core.config import SesConfig
 from delivery.bucket import TokenBucket
 from delivery.dispatcher import Dispatcher
 from delivery.transports import FileTransport
-from plunkd.config import SesConfig
 from storage import emails as email_store
 from storage.models import Email, Suppression
 from testkit.sns import ses_event

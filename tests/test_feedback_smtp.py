@@ -13,13 +13,13 @@ from aiosmtpd.smtp import SMTP, Envelope
 from sqlalchemy import select
 
 from api.context import DB
+from core.config import SmarthostConfig
 from delivery.bucket import TokenBucket
 from delivery.dispatcher import Dispatcher
 from delivery.transports import SmtpTransport
 from feedback.effects import smtp_bounce
 from pipeline.projects import create_project
 from plunkd.app import create_app
-from plunkd.config import SmarthostConfig
 from storage import emails as email_store
 from storage.models import Suppression
 from tests.conftest import Api, add_verified_domain

@@ -14,9 +14,9 @@ import pytest
 from sqlalchemy import func, select
 
 from api.context import DB
+from core.config import ConfigError, FeedbackConfig, load_config
 from feedback.sns import SnsRefused, SnsVerifier
 from plunkd.app import create_app
-from plunkd.config import ConfigError, FeedbackConfig, load_config
 from storage.models import AppliedSnsMessage, Suppression
 from testkit.sns import TOPIC, SnsSigner, make_signing_certificate, ses_event, sns_time
 from tests import sns_fixtures

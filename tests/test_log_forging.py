@@ -16,8 +16,8 @@ import time
 
 import pytest
 
+from core.redaction import CLIENT_TEXT_FILTER
 from plunkd.app import setup_logging
-from plunkd.redaction import CLIENT_TEXT_FILTER
 from tests.test_cli_and_config import ROOT, free_port
 
 FORGED_LINE = "2026-12-03 08:00:00,000 INFO plunkd.api POST /v1/send 200"

@@ -9,7 +9,7 @@ import tomllib
 
 import yaml
 
-from plunkd.config import Config, load_config
+from core.config import Config, load_config
 from tests.test_cli_and_config import ROOT
 
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import dkim
 import pytest
 
+from core.config import DeliveryConfig, SmarthostConfig
 from delivery.bucket import TokenBucket
 from delivery.dispatcher import Dispatcher
 from delivery.transports import FileTransport, SmtpTransport
-from plunkd.config import DeliveryConfig, SmarthostConfig
 from storage import contacts as contact_store
 from storage import emails as email_store
 from storage import events as event_store

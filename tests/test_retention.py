@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from core.config import ConfigError, load_config
 from delivery.bucket import TokenBucket
 from delivery.dispatcher import Dispatcher
 from delivery.transports import FileTransport
 from maintenance.pruner import Pruner, batches_by_size
 from pipeline.submit import Submission, submit
-from plunkd.config import ConfigError, load_config
 from storage import emails as email_store
 from storage import events as event_store
 from storage import retention

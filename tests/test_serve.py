@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from plunkd.config import Config
+from core.config import Config
 from tests.servers import PlunkdProcess, free_port
 from tests.test_cli_and_config import plunkd
 

@@ -18,6 +18,7 @@ import dkim
 import pytest
 
 from api.context import LINKS, TRACKING
+from core.config import Config
 from delivery.bucket import TokenBucket
 from delivery.dispatcher import Dispatcher
 from delivery.transports import FileTransport
@@ -25,7 +26,6 @@ from marketing.fanout import CampaignFanOut
 from pipeline.deferred import DeferredComposer
 from pipeline.submit import Submission, submit
 from pipeline.tracking import MessageTracker
-from plunkd.config import Config
 from storage import emails as email_store
 from storage import events as event_store
 from storage.models import Template, new_id
@@ -190,8 +190,8 @@ async def test_ses_transport_never_gets_tracked_mail(api, sender, moto_server, m
     """SES tracks opens and clicks itself (configuration set events): the dispatcher leaves the message alone."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    from core.config import SesConfig
     from delivery.ses import SesTransport, ses_identity_verified
-    from plunkd.config import SesConfig
 
     ses_settings = SesConfig(region="us-east-1", endpoint_url=moto_server.url)
     assert await ses_identity_verified(ses_settings, "example.com") is True
@@ -540,8 +540,8 @@ async def test_concurrent_opens_record_one_first_open(api, sender, tmp_path):
 
 
 async def test_smtp_transport_delivers_tracked_mail_to_the_smarthost(api, sender, sink):
+    from core.config import SmarthostConfig
     from delivery.transports import SmtpTransport
-    from plunkd.config import SmarthostConfig
 
     [sent] = await send(api, tracking={"opens": True, "clicks": True})
     transport = SmtpTransport(SmarthostConfig(host="127.0.0.1", port=sink.port, timeout_seconds=5))

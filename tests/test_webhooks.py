@@ -17,13 +17,13 @@ from aiohttp import web
 from sqlalchemy import func, select
 
 from api.context import CONFIG
-from feedback.webhooks import WebhookSender
+from core.config import ConfigError, load_config
 from pipeline.track import track
 from pipeline.webhook_targets import public_address
-from plunkd.config import ConfigError, load_config
 from storage.db import Database
 from storage.models import Event, WebhookDelivery, utcnow
 from tests.webhook_receiver import Receiver, start_receiver
+from webhooks.sender import WebhookSender
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The one HTTP client of outbound webhooks: endpoint deliveries (`feedback.webhooks`) and workflow webhook
+"""The one HTTP client of outbound webhooks: endpoint deliveries (`webhooks.sender`) and workflow webhook
 steps (`automation.scheduler`) both POST through a `WebhookClient`, under `[webhooks]`'s rules:
 
 * at most `concurrency` POSTs at once, each within `timeout_seconds` (connect, send, the reply's head and
@@ -24,8 +24,8 @@ from typing import Any
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
+from core.config import WebhooksConfig
 from pipeline.webhook_targets import public_address, resolve, url_host
-from plunkd.config import WebhooksConfig
 
 ERROR_SNIPPET = 200
 """Characters of a failed reply's body kept in its error."""

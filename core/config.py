@@ -28,7 +28,7 @@ class ServerConfig:
     log_level: str = "INFO"
     max_connections: int = 1000
     """Concurrent HTTP connections; more get 503 TOO_MANY_CONNECTIONS and the close. Lowered at start-up
-    with smtp.max_sessions when both do not fit the open-file limit (`plunkd.connections`)."""
+    with smtp.max_sessions when both do not fit the open-file limit (`core.connections`)."""
     max_connections_per_ip: int = 100
     """Concurrent HTTP connections from one client address (behind a reverse proxy: the proxy's)."""
     header_timeout_seconds: float = 10.0
@@ -176,8 +176,8 @@ class FeedbackConfig:
 
 @dataclass
 class WebhooksConfig:
-    """Outbound webhooks (`feedback.webhooks`): signed POSTs of a project's events to its endpoints. Workflow
-    webhook steps POST under the same rules, through the same client (`plunkd.webhook_client`)."""
+    """Outbound webhooks (`webhooks.sender`): signed POSTs of a project's events to its endpoints. Workflow
+    webhook steps POST under the same rules, through the same client (`webhooks.client`)."""
 
     enabled: bool = True
     """Run the sender beside the dispatcher (deliveries are queued whatever this says)."""
@@ -374,7 +374,7 @@ def _validate(config: Config) -> None:
 
 
 def _parses_as_key(text: str) -> bool:
-    from storage.secrets import parse_key
+    from core.keys import parse_key
 
     try:
         parse_key(text)

@@ -1,6 +1,6 @@
 """`DueLoop`: a background loop that works through whatever is due and, when nothing is, sleeps until the
 earliest thing is due, a `wake()`, or `poll_seconds` at most (the poll finds what another process or
-node made due, which cannot wake this one). Like `plunkd.config`, it imports nothing of the project."""
+node made due, which cannot wake this one). Like `core.config`, it imports nothing of the project."""
 
 from __future__ import annotations
 

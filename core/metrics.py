@@ -1,6 +1,6 @@
 """Prometheus metrics: the objects every package updates, and `GET /metrics`'s exposition.
 
-Like `plunkd.config`, this module imports nothing from the rest of the project, so any package may
+Like `core.config`, this module imports nothing from the rest of the project, so any package may
 import it. `plunkd serve` runs acceptance and delivery in two processes; prometheus-client's
 multiprocess mode (`use_shared_directory`, called before the first import of prometheus_client) lets
 both write their samples to files in one folder, which the API process reads when scraped. Without
@@ -29,7 +29,7 @@ from prometheus_client import (
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
-from plunkd.processes import MULTIPROC_ENV
+from core.multiproc import MULTIPROC_ENV
 
 EMAILS_ACCEPTED = Counter("plunkd_emails_accepted", "Emails accepted for delivery (queued or recorded skipped)",
                           ["source"])

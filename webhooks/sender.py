@@ -11,7 +11,7 @@ every attempt, so receivers can dedupe), `webhook-timestamp` (this attempt's, in
 `webhook-signature`: `v1,` + base64 HMAC-SHA256 of `id.timestamp.body` under the endpoint's secret (and a
 second one under the secret before a rotation, while it lasts). A 2xx is success; anything else, a timeout
 or a refused connection is retried with exponential backoff and jitter until `give_up_after_seconds`
-after the event. The POST goes through `plunkd.webhook_client` (the workflow scheduler's client too):
+after the event. The POST goes through `webhooks.client` (the workflow scheduler's client too):
 redirects are not followed, a reply's body is read up to `max_response_bytes`, and unless
 `allow_private_targets` no connection goes to a non-public address, checked on the address connected to
 (so a public name pointing inside fails too).
@@ -31,14 +31,14 @@ from datetime import UTC, datetime, timedelta
 
 from standardwebhooks import Webhook
 
+from core.config import WebhooksConfig
+from core.loop import DueLoop
 from pipeline.webhook_targets import url_host
-from plunkd.config import WebhooksConfig
-from plunkd.loop import DueLoop
-from plunkd.webhook_client import WebhookClient, body_of
 from storage import webhooks as store
 from storage.db import Database
 from storage.models import utcnow
 from storage.webhooks import Attempt, ClaimedDelivery, Outcome, Recorded
+from webhooks.client import WebhookClient, body_of
 
 log = logging.getLogger("plunkd.webhooks")
 PRUNE_SECONDS = 600.0
