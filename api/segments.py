@@ -77,19 +77,19 @@ class SegmentEmailTest(_Node):
     """The contact's (lower-case) email; the value is compared lower-cased."""
 
     field: Literal["email"]
-    op: Literal[rules.TEXT_OPS]
+    op: rules.TextOp
     value: Text
 
 
 class SegmentSubscribedTest(_Node):
     field: Literal["subscribed"]
-    op: Literal[rules.MATCH_OPS]
+    op: rules.MatchOp
     value: bool
 
 
 class SegmentTimestampTest(_Node):
-    field: Literal[rules.TIMESTAMP_FIELDS]
-    op: Literal[rules.DATE_OPS]
+    field: rules.TimestampField
+    op: rules.DateOp
     value: DateValue
 
 
@@ -97,13 +97,13 @@ class SegmentDataTextTest(_Node):
     """A string in the contact's data: exact, case-sensitive comparison."""
 
     field: DataField
-    op: Literal[rules.TEXT_OPS]
+    op: rules.TextOp
     value: Text
 
 
 class SegmentDataMatchTest(_Node):
     field: DataField
-    op: Literal[rules.MATCH_OPS]
+    op: rules.MatchOp
     value: Scalar
 
 
@@ -111,12 +111,12 @@ class SegmentDataPresenceTest(_Node):
     """The key holds a value other than null."""
 
     field: DataField
-    op: Literal[rules.PRESENCE_OPS]
+    op: rules.PresenceOp
 
 
 class SegmentDataNumberTest(_Node):
     field: DataField
-    op: Literal[rules.NUMBER_OPS]
+    op: rules.NumberOp
     value: Number
 
 
@@ -125,7 +125,7 @@ class SegmentDataDateTest(_Node):
     (`YYYY-MM-DDTHH:MM:SS.mmmZ`, JavaScript's toISOString)."""
 
     field: DataField
-    op: Literal[rules.DATE_OPS]
+    op: rules.DateOp
     value: DateValue
 
 

@@ -15,12 +15,22 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
-from sqlalchemy import text
+from sqlalchemy import Table, text
 from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.orm import Session
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def insert_into(table: Table, rows: list[dict[str, Any]]) -> Callable[[Session], None]:
+    """A `Database.write` function inserting `rows` into `table` (one per batch: each binds its own rows)."""
+    def write(session: Session) -> None:
+        session.connection().execute(table.insert(), rows)
+
+    return write
 
 
 def free_port() -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import time
 
 import aiosmtplib
@@ -38,17 +39,18 @@ class TimedTransport(SmtpTransport):
         super().__init__(settings)
         self.sent_at: list[float] = []
 
-    async def send(self, sender: str, recipients: list[str], message: bytes) -> SendResult:
+    async def send(self, sender: str, recipients: list[str], message: bytes,
+                   envelope_sender: str | None = None) -> SendResult:
         self.sent_at.append(time.monotonic())
-        return await super().send(sender, recipients, message)
+        return await super().send(sender, recipients, message, envelope_sender)
 
 
 async def queue(db: Database, project_id: str, count: int) -> None:
     batch = 200
     for start in range(0, count, batch):
         addresses = [f"user{i}@example.org" for i in range(start, min(count, start + batch))]
-        await db.write(lambda s, a=addresses: submit(s, Submission(project_id, "api", "shop@bench.example", a,
-                                                                   compose=SPEC.build)))
+        await db.write(functools.partial(submit, submission=Submission(project_id, "api", "shop@bench.example",
+                                                                       addresses, compose=SPEC.build)))
 
 
 async def prepared_db(folder: str, count: int) -> tuple[Database, str]:

@@ -231,8 +231,7 @@ def start_fanout(session: Session, campaign_id: str, links: LinkSigner) -> Campa
     if campaign is None or campaign.status not in ("SCHEDULED", "SENDING"):
         return None
     if campaign.content_id is None:
-        project = session.get(Project, campaign.project_id)
-        spec = message_spec(session, campaign, project, links)
+        spec = message_spec(session, campaign, session.get_one(Project, campaign.project_id), links)
         campaign.content_id = insert_spec(session, campaign.project_id, spec)
         campaign.from_email = campaign.from_email or spec.from_email
         campaign.status = "SENDING"

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from typing import Any
+from typing import Any, Literal, get_args
 
 from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
@@ -54,15 +54,22 @@ MAX_NAME = 200
 MAX_SLUG = 100
 
 GROUPS = ("all", "any", "not")
-TEXT_OPS = ("equals", "notEquals", "contains", "notContains")
-MATCH_OPS = ("equals", "notEquals")
-PRESENCE_OPS = ("exists", "notExists")
-NUMBER_OPS = ("greaterThan", "lessThan")
-DATE_OPS = ("before", "after")
+# Each set of operators as a Literal type (the API's request models) and as its tuple of names.
+TextOp = Literal["equals", "notEquals", "contains", "notContains"]
+MatchOp = Literal["equals", "notEquals"]
+PresenceOp = Literal["exists", "notExists"]
+NumberOp = Literal["greaterThan", "lessThan"]
+DateOp = Literal["before", "after"]
+TimestampField = Literal["createdAt", "updatedAt"]
+TEXT_OPS: tuple[TextOp, ...] = get_args(TextOp)
+MATCH_OPS: tuple[MatchOp, ...] = get_args(MatchOp)
+PRESENCE_OPS: tuple[PresenceOp, ...] = get_args(PresenceOp)
+NUMBER_OPS: tuple[NumberOp, ...] = get_args(NumberOp)
+DATE_OPS: tuple[DateOp, ...] = get_args(DateOp)
 FIELD_OPS = (*TEXT_OPS, *PRESENCE_OPS, *NUMBER_OPS, *DATE_OPS)
 EVENT_OPS = ("did", "didNot")
 OPERATORS = (*FIELD_OPS, *EVENT_OPS)
-TIMESTAMP_FIELDS = ("createdAt", "updatedAt")
+TIMESTAMP_FIELDS: tuple[TimestampField, ...] = get_args(TimestampField)
 FIELDS = ("email", "subscribed", *TIMESTAMP_FIELDS)
 """Plus `data.<key>`."""
 

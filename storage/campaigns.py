@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     Boolean,
@@ -26,6 +26,7 @@ from sqlalchemy import (
     true,
     update,
 )
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
 from storage.models import (
@@ -186,8 +187,9 @@ def withdraw_queued(session: Session, campaign_id: str) -> int:
     """Cancel: take the campaign's emails out of the outbox (those a dispatcher holds right now still
     go) and mark them CANCELLED. Returns how many."""
     waiting = select(_OUTBOX.c.email_id).where(_OUTBOX.c.campaign_id == campaign_id, _OUTBOX.c.claimed_by.is_(None))
-    cancelled = session.execute(update(Email).where(Email.id.in_(waiting)).values(
-        status="CANCELLED", error="campaign cancelled")).rowcount
+    # An ORM UPDATE returns a CursorResult; Session.execute's stubs only say Result.
+    cancelled = cast(CursorResult[Any], session.execute(update(Email).where(Email.id.in_(waiting)).values(
+        status="CANCELLED", error="campaign cancelled"))).rowcount
     session.execute(delete(OutboxItem).where(OutboxItem.campaign_id == campaign_id, OutboxItem.claimed_by.is_(None)))
     return cancelled
 

@@ -8,7 +8,7 @@ import os
 import threading
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -23,6 +23,7 @@ from sqlalchemy import (
     LargeBinary,
     SmallInteger,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
@@ -78,6 +79,11 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, datetime: UTCDateTime}
+
+    if TYPE_CHECKING:
+        # Declarative types `__table__` as any FromClause (a class may be mapped to a select); every model
+        # here is declared with `__tablename__`, so it is a Table, with insert(), update() and delete().
+        __table__: ClassVar[Table]
 
 
 class Project(Base):

@@ -225,7 +225,8 @@ def parse_instant(text: str) -> datetime:
     (`2024-03-01T10:00:00Z`, `2024-03-01T12:00:00.5+02:00`) as an aware UTC datetime, clamped to the
     years 1-9999. ValueError for anything else (what JSON schema's `date` and `date-time` refuse)."""
     if (match := _DATE.fullmatch(text)) is not None:
-        return datetime(*map(int, match.groups()), tzinfo=UTC)
+        year, month, day = match.groups()
+        return datetime(int(year), int(month), int(day), tzinfo=UTC)
     match = _DATE_TIME.fullmatch(text)
     if match is None:
         raise ValueError(f"not an ISO 8601 date or date-time: {text!r}")

@@ -71,7 +71,7 @@ def interest(session: Session, project_id: str) -> frozenset[str]:
 # ---------------------------------------------------------------------------------------------------
 # Queuing deliveries.
 
-def event_payload(event_id: str | None, name: str, contact: dict[str, str] | None, email_id: str | None,
+def event_payload(event_id: str | None, name: str, contact: dict[str, str | None] | None, email_id: str | None,
                   data: dict[str, Any], at: datetime) -> dict[str, Any]:
     """The JSON body every attempt POSTs (see the README): `{type, timestamp, data: {event, name, contact,
     email, data}}`."""

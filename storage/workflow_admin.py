@@ -99,9 +99,9 @@ def delete_workflow(session: Session, workflow: Workflow) -> None:
 
 def live_positions(session: Session, workflow_id: str) -> set[str]:
     """The step ids that ACTIVE or WAITING runs of the workflow sit on."""
-    return set(session.execute(select(WorkflowRun.step_id).distinct().where(
-        WorkflowRun.workflow_id == workflow_id, WorkflowRun.status.in_(LIVE_STATUSES),
-        WorkflowRun.step_id.is_not(None))).scalars())
+    step_ids = session.execute(select(WorkflowRun.step_id).distinct().where(
+        WorkflowRun.workflow_id == workflow_id, WorkflowRun.status.in_(LIVE_STATUSES))).scalars()
+    return {step_id for step_id in step_ids if step_id is not None}
 
 
 def list_runs(session: Session, workflow_id: str, limit: int, cursor: str | None) -> Page:
@@ -152,8 +152,8 @@ def _definitions(session: Session, project_id: str) -> list[tuple[str, str, str,
 
 def _sent_templates(definition: dict[str, Any]) -> set[str]:
     steps = definition.get("steps") if isinstance(definition, dict) else None
-    return {step.get("template") for step in steps or []
-            if isinstance(step, dict) and step.get("type") == "send"}
+    return {step["template"] for step in steps or []
+            if isinstance(step, dict) and step.get("type") == "send" and isinstance(step.get("template"), str)}
 
 
 def template_workflows(session: Session, template_id: str) -> list[WorkflowRef]:

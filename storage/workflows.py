@@ -200,10 +200,11 @@ def start_run(session: Session, workflow: Workflow, contact_id: str, now: dateti
     steps = (workflow.definition or {}).get("steps") if isinstance(workflow.definition, dict) else None
     first = steps[0].get("id") if isinstance(steps, list) and steps and isinstance(steps[0], dict) else None
     run_id = new_id()
-    values = {"id": run_id, "workflow_id": workflow.id, "project_id": workflow.project_id, "contact_id": contact_id,
-              "status": "ACTIVE", "step_id": str(first)[:64] if first is not None else None, "due_at": now,
-              "waiting_for": None, "once_key": "once" if workflow.run_once else run_id, "trigger_event_id": None,
-              "context": context or {}, "history": [], "emails_sent": 0, "created_at": now, "updated_at": now}
+    values: dict[str, Any] = {
+        "id": run_id, "workflow_id": workflow.id, "project_id": workflow.project_id, "contact_id": contact_id,
+        "status": "ACTIVE", "step_id": str(first)[:64] if first is not None else None, "due_at": now,
+        "waiting_for": None, "once_key": "once" if workflow.run_once else run_id, "trigger_event_id": None,
+        "context": context or {}, "history": [], "emails_sent": 0, "created_at": now, "updated_at": now}
     insert = sqlite_insert(RUNS) if session.get_bind().dialect.name == "sqlite" else pg_insert(RUNS)
     done = session.connection().execute(insert.on_conflict_do_nothing(), values).rowcount
     return run_id if done else None
