@@ -67,7 +67,7 @@ from storage import contacts as contact_store
 from storage import templates as template_store
 from storage import workflows as store
 from storage.batch import discard_pending, flush_pending
-from storage.models import iso
+from storage.models import RunStatus, iso
 from storage.workflows import RunRecord, WorkflowRecord
 
 log = logging.getLogger("plunkd.workflows")
@@ -142,20 +142,20 @@ class _Run:
         """On to `next_id` now, or COMPLETED when there is none."""
         self.waiting_for = None
         if next_id is None:
-            self.status, self.step_id, self.due_at = "COMPLETED", None, None
+            self.status, self.step_id, self.due_at = RunStatus.COMPLETED, None, None
         else:
-            self.status, self.step_id, self.due_at = "ACTIVE", str(next_id)[:64], now
+            self.status, self.step_id, self.due_at = RunStatus.ACTIVE, str(next_id)[:64], now
 
-    def end(self, status: str) -> None:
+    def end(self, status: RunStatus) -> None:
         self.status, self.due_at, self.waiting_for = status, None, None
 
     def fail(self, step: dict[str, Any] | None, step_id: str | None, now: datetime, reason: str) -> None:
         self.note(step, step_id, now, "failed", reason=reason)
-        self.end("FAILED")
+        self.end(RunStatus.FAILED)
 
     def may_go_on(self, now: datetime) -> bool:
         """Due again within this transaction (its next step is immediate)?"""
-        return self.status == "ACTIVE" and self.due_at is not None and self.due_at <= now
+        return self.status == RunStatus.ACTIVE and self.due_at is not None and self.due_at <= now
 
     def row(self, now: datetime) -> dict[str, Any]:
         return {"run_id": self.record.id, "status": self.status, "step_id": self.step_id, "due_at": self.due_at,
@@ -325,7 +325,7 @@ def _exit_excluded(batch: _Batch, placed: list[tuple[_Run, dict[str, Any], str]]
             kept.append((run, step, step_id))
         else:
             run.note(step, step_id, now, "exited", reason=f"the contact did {did}")
-            run.end("EXITED")
+            run.end(RunStatus.EXITED)
     return kept
 
 
@@ -337,7 +337,7 @@ def _step(batch: _Batch, run: _Run, step: dict[str, Any], step_id: str, now: dat
         until = _delay_until(step, now)
         run.note(step, step_id, now, "delayed", until=iso(until))
         run.go(step.get("next"), now)
-        if run.status == "ACTIVE" and until > now:
+        if run.status == RunStatus.ACTIVE and until > now:
             run.due_at = until
             return False
         return True
@@ -345,7 +345,7 @@ def _step(batch: _Batch, run: _Run, step: dict[str, Any], step_id: str, now: dat
         event = step.get("event")
         if not isinstance(event, str) or not event:
             raise _StepFailed(f"step {step_id!r} waits for no event")
-        if run.status == "WAITING":  # due at its timeout
+        if run.status == RunStatus.WAITING:  # due at its timeout
             run.note(step, step_id, now, "timeout", event=event)
             run.go(step.get("timeout"), now)
             return True
@@ -357,7 +357,7 @@ def _step(batch: _Batch, run: _Run, step: dict[str, Any], step_id: str, now: dat
         if isinstance(seconds, bool) or not isinstance(seconds, int) or seconds < 0 or \
                 timedelta(seconds=seconds) > MAX_DELAY:
             raise _StepFailed(f"step {step_id!r} has no valid timeoutSeconds")
-        run.status, run.waiting_for, run.due_at = "WAITING", event, now + timedelta(seconds=seconds)
+        run.status, run.waiting_for, run.due_at = RunStatus.WAITING, event, now + timedelta(seconds=seconds)
         run.note(step, step_id, now, "waiting", event=event, until=iso(run.due_at))
         return False
     if kind == "update":
@@ -387,13 +387,13 @@ def _step(batch: _Batch, run: _Run, step: dict[str, Any], step_id: str, now: dat
                              "name": store.event_name(batch.session, record.trigger_event_id),
                              "data": record.context}}
         done.webhooks.append(Webhook(record.id, step_id, url, payload, leased))
-        run.status, run.step_id, run.due_at, run.waiting_for = "ACTIVE", step_id, leased, None
+        run.status, run.step_id, run.due_at, run.waiting_for = RunStatus.ACTIVE, step_id, leased, None
         if run.due_note:
             run.note(step, step_id, now, "posting")
         return False
     if kind == "exit":
         run.note(step, step_id, now, "exit")
-        run.end("EXITED")
+        run.end(RunStatus.EXITED)
         return False
     raise _StepFailed(f"step {step_id!r} has an unknown type {kind!r}")
 
@@ -489,7 +489,7 @@ def finish_webhook(session: Session, hook: Webhook, status: int | None, error: s
     run. Nothing when the run left the lease meanwhile (cancelled, or another scheduler took it over after
     the lease ran out). Returns whether the run moved."""
     record = store.get_run_record(session, hook.run_id, session.get_bind().dialect.name == "postgresql")
-    if record is None or (record.status, record.step_id, record.due_at) != ("ACTIVE", hook.step_id,
+    if record is None or (record.status, record.step_id, record.due_at) != (RunStatus.ACTIVE, hook.step_id,
                                                                            hook.leased_until):
         return False
     run = _Run.of(record)
@@ -511,7 +511,7 @@ def finish_webhook(session: Session, hook: Webhook, status: int | None, error: s
         if failures + 1 >= WEBHOOK_ATTEMPTS:
             run.note(step, hook.step_id, now, "failed", reason=f"webhook gave up after {failures + 1} attempts: "
                                                                f"{reason}")
-            run.end("FAILED")
+            run.end(RunStatus.FAILED)
         else:
             run.due_at = now + timedelta(seconds=2 ** failures * 5)
     values = run.row(now)

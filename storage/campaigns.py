@@ -31,8 +31,10 @@ from sqlalchemy.orm import Session
 
 from storage.models import (
     Campaign,
+    CampaignStatus,
     Contact,
     Email,
+    EmailStatus,
     Event,
     OutboxItem,
     UTCDateTime,
@@ -126,8 +128,9 @@ def campaigns_to_start(session: Session, now: datetime, limit: int = 10) -> list
     """Scheduled campaigns now due, and SENDING ones whose fan-out has not finished (a process died
     in it), oldest first."""
     stmt = select(Campaign).where(or_(
-        (Campaign.status == "SCHEDULED") & (Campaign.scheduled_at <= now),
-        (Campaign.status == "SENDING") & Campaign.fanout_done.is_(False))).order_by(Campaign.scheduled_at).limit(limit)
+        (Campaign.status == CampaignStatus.SCHEDULED) & (Campaign.scheduled_at <= now),
+        (Campaign.status == CampaignStatus.SENDING) & Campaign.fanout_done.is_(False))
+    ).order_by(Campaign.scheduled_at).limit(limit)
     return list(session.execute(stmt).scalars())
 
 
@@ -150,7 +153,7 @@ def fan_out_chunk(session: Session, campaign: Campaign, audience: Audience, send
         _derived_ids(email_head, _CONTACT.c.id), literal(campaign.project_id, String), _CONTACT.c.id,
         literal(campaign.content_id, String), literal(campaign.id, String), _CONTACT.c.email,
         literal(sender, String), literal(campaign.subject, Text), literal("campaign", String),
-        literal("QUEUED", String), literal(now, UTCDateTime), literal(track_opens, Boolean),
+        literal(EmailStatus.QUEUED, String), literal(now, UTCDateTime), literal(track_opens, Boolean),
         literal(track_clicks, Boolean)).order_by(_CONTACT.c.id).limit(chunk)
     if campaign.fanout_cursor is not None:
         recipients = recipients.where(_CONTACT.c.id > campaign.fanout_cursor)
@@ -176,10 +179,10 @@ def finish_drained(session: Session, now: datetime) -> list[str]:
     """Campaigns whose fan-out is done and whose last email has left the outbox become SENT."""
     queued = select(_OUTBOX.c.id).where(_OUTBOX.c.campaign_id == _CAMPAIGN.c.id).exists()
     done = session.execute(select(_CAMPAIGN.c.id).where(
-        _CAMPAIGN.c.status == "SENDING", _CAMPAIGN.c.fanout_done.is_(True), ~queued)).scalars().all()
+        _CAMPAIGN.c.status == CampaignStatus.SENDING, _CAMPAIGN.c.fanout_done.is_(True), ~queued)).scalars().all()
     if done:
-        session.execute(update(Campaign).where(Campaign.id.in_(done)).values(status="SENT", finished_at=now,
-                                                                            updated_at=now))
+        session.execute(update(Campaign).where(Campaign.id.in_(done)).values(
+            status=CampaignStatus.SENT, finished_at=now, updated_at=now))
     return list(done)
 
 
@@ -189,7 +192,7 @@ def withdraw_queued(session: Session, campaign_id: str) -> int:
     waiting = select(_OUTBOX.c.email_id).where(_OUTBOX.c.campaign_id == campaign_id, _OUTBOX.c.claimed_by.is_(None))
     # An ORM UPDATE returns a CursorResult; Session.execute's stubs only say Result.
     cancelled = cast(CursorResult[Any], session.execute(update(Email).where(Email.id.in_(waiting)).values(
-        status="CANCELLED", error="campaign cancelled"))).rowcount
+        status=EmailStatus.CANCELLED, error="campaign cancelled"))).rowcount
     session.execute(delete(OutboxItem).where(OutboxItem.campaign_id == campaign_id, OutboxItem.claimed_by.is_(None)))
     return cancelled
 
@@ -203,9 +206,9 @@ def campaign_stats(session: Session, campaign_id: str) -> dict[str, int]:
             .where(_EMAIL.c.campaign_id == campaign_id).group_by(_EMAIL.c.status, _EMAIL.c.sent_at.is_not(None))):
         if sent:
             stats["sent"] += count
-        elif status == "QUEUED":
+        elif status == EmailStatus.QUEUED:
             stats["queued"] += count
-        elif status == "CANCELLED":
+        elif status == EmailStatus.CANCELLED:
             stats["cancelled"] += count
         else:
             stats["failed"] += count

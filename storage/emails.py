@@ -17,7 +17,17 @@ from sqlalchemy.orm import Session
 
 from storage import bulk
 from storage.batch import insert_at_commit
-from storage.models import Content, Domain, Email, IdempotencyRecord, OutboxItem, Suppression, new_id, utcnow
+from storage.models import (
+    Content,
+    Domain,
+    Email,
+    EmailStatus,
+    IdempotencyRecord,
+    OutboxItem,
+    Suppression,
+    new_id,
+    utcnow,
+)
 
 _CONTENT = Content.__table__
 _EMAIL = Email.__table__
@@ -59,7 +69,7 @@ def insert_email(session: Session, project_id: str, contact_id: str | None, cont
                                               "content_id": content_id, "recipient": recipient, "sender": sender,
                                               "envelope_sender": envelope_sender, "subject": subject,
                                               "source": source, "variables": variables,
-                                              "status": "SKIPPED" if skipped else "QUEUED",
+                                              "status": EmailStatus.SKIPPED if skipped else EmailStatus.QUEUED,
                                               "error": SKIPPED_UNSUBSCRIBED if skipped else None,
                                               "created_at": now, "track_opens": track_opens,
                                               "track_clicks": track_clicks})
@@ -95,8 +105,9 @@ def insert_deferred_emails(session: Session, project_id: str, content_id: str, s
     ids = [new_id() for _ in emails]
     bulk.insert_rows(session, _EMAIL, _EMAIL_COLUMNS, [
         [email_id, project_id, email.contact_id, content_id, email.recipient, sender, subject, source,
-         email.variables, "SKIPPED" if email.skipped else "QUEUED", SKIPPED_UNSUBSCRIBED if email.skipped else None,
-         now, track_opens, track_clicks] for email_id, email in zip(ids, emails, strict=True)])
+         email.variables, EmailStatus.SKIPPED if email.skipped else EmailStatus.QUEUED,
+         SKIPPED_UNSUBSCRIBED if email.skipped else None, now, track_opens, track_clicks]
+        for email_id, email in zip(ids, emails, strict=True)])
     bulk.insert_rows(session, _OUTBOX, _OUTBOX_COLUMNS, [
         [new_id(), email_id, now, 0] for email_id, email in zip(ids, emails, strict=True) if not email.skipped])
     return ids
@@ -170,12 +181,12 @@ _MARK = _EMAIL.update().where(_EMAIL.c.id == bindparam("email_id"))
 
 def mark_sent(session: Session, outbox_id: str, email_id: str, message_id: str, transport_id: str) -> None:
     conn = session.connection()
-    conn.execute(_MARK, {"email_id": email_id, "status": "SENT", "message_id": message_id,
+    conn.execute(_MARK, {"email_id": email_id, "status": EmailStatus.SENT, "message_id": message_id,
                          "transport_id": transport_id, "sent_at": utcnow(), "error": None})
     conn.execute(delete(OutboxItem).where(_OUTBOX.c.id == outbox_id))
 
 
-def mark_failed(session: Session, outbox_id: str, email_id: str, status: str, error: str) -> None:
+def mark_failed(session: Session, outbox_id: str, email_id: str, status: EmailStatus, error: str) -> None:
     conn = session.connection()
     conn.execute(_MARK, {"email_id": email_id, "status": status, "error": error[:2000]})
     conn.execute(delete(OutboxItem).where(_OUTBOX.c.id == outbox_id))

@@ -53,7 +53,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.functions import FunctionElement
 
-from storage.models import Campaign, Contact, Event, Segment, SegmentMember, new_id, utcnow
+from storage.models import Campaign, CampaignStatus, Contact, Event, Segment, SegmentMember, new_id, utcnow
 from storage.pagination import Page, paginate
 
 CONTACTS = Contact.__table__
@@ -374,7 +374,7 @@ def delete_segment(session: Session, segment_id: str) -> None:
     session.connection().execute(delete(_SEGMENTS).where(_SEGMENTS.c.id == segment_id))
 
 
-FINISHED_CAMPAIGNS = ("SENT", "CANCELLED")
+FINISHED_CAMPAIGNS = (CampaignStatus.SENT, CampaignStatus.CANCELLED)
 
 
 def segment_in_use(session: Session, segment_id: str) -> bool:

@@ -23,14 +23,24 @@ from sqlalchemy.orm import Session
 
 from storage.batch import insert_at_commit
 from storage.interest import ProjectInterest
-from storage.models import Contact, Project, WebhookDelivery, WebhookEndpoint, iso, new_id, utcnow
+from storage.models import (
+    Contact,
+    Project,
+    WebhookDelivery,
+    WebhookDeliveryStatus,
+    WebhookEndpoint,
+    iso,
+    new_id,
+    utcnow,
+)
 from storage.pagination import Page, paginate
 
 ENDPOINTS = WebhookEndpoint.__table__
 DELIVERIES = WebhookDelivery.__table__
 _INSERT_DELIVERY = DELIVERIES.insert()
-PENDING, DELIVERED, FAILED = "PENDING", "DELIVERED", "FAILED"
-STATUSES = (PENDING, DELIVERED, FAILED)
+PENDING, DELIVERED, FAILED = (WebhookDeliveryStatus.PENDING, WebhookDeliveryStatus.DELIVERED,
+                              WebhookDeliveryStatus.FAILED)
+STATUSES = tuple(WebhookDeliveryStatus)
 SETTLED = (DELIVERED, FAILED)
 WILDCARDS = {"*": "", "email.*": "email.", "contact.*": "contact.", "segment.*": "segment."}
 """Patterns an endpoint may listen for, besides exact event names: each matches the names it starts with."""

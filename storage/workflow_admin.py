@@ -13,11 +13,11 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from storage.models import Template, Workflow, WorkflowRun, WorkflowTrigger, iso, utcnow
+from storage.models import RunStatus, Template, Workflow, WorkflowRun, WorkflowTrigger, iso, utcnow
 from storage.pagination import Page, paginate
 
-LIVE_STATUSES = ("ACTIVE", "WAITING")
-RUN_STATUSES = ("ACTIVE", "WAITING", "COMPLETED", "EXITED", "CANCELLED", "FAILED")
+LIVE_STATUSES = (RunStatus.ACTIVE, RunStatus.WAITING)
+RUN_STATUSES = tuple(RunStatus)
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ def cancel_run(session: Session, run: WorkflowRun, now: datetime, step_type: str
     """Mark a live run CANCELLED (nothing is due for it any more) and note it in its history."""
     history = list(run.history or [])
     history.append({"step": run.step_id, "type": step_type, "at": iso(now), "outcome": "cancelled"})
-    run.status = "CANCELLED"
+    run.status = RunStatus.CANCELLED
     run.due_at = None
     run.waiting_for = None
     run.history = history

@@ -42,6 +42,7 @@ from storage.models import (
     Contact,
     Event,
     Project,
+    RunStatus,
     UTCDateTime,
     Workflow,
     WorkflowRun,
@@ -55,9 +56,9 @@ TRIGGERS = WorkflowTrigger.__table__
 RUNS = WorkflowRun.__table__
 _EVENTS = Event.__table__
 _CONTACTS = Contact.__table__
-LIVE = ("ACTIVE", "WAITING")
+LIVE = (RunStatus.ACTIVE, RunStatus.WAITING)
 """Statuses of a run that is not over."""
-ENDED = ("COMPLETED", "EXITED", "CANCELLED", "FAILED")
+ENDED = (RunStatus.COMPLETED, RunStatus.EXITED, RunStatus.CANCELLED, RunStatus.FAILED)
 INTEREST_TTL = 2.0
 """Seconds a process trusts its cached answer to "which events does this project's workflows listen for"."""
 
@@ -156,7 +157,7 @@ def _start_statement(dialect: str) -> Any:
         _EVENTS.c.contact_id == bindparam("contact_id"),
         _EVENTS.c.name.in_(select(excluded.c.value))).correlate(WORKFLOWS).exists())
     source = (select(run_id, WORKFLOWS.c.id, bindparam("project_id", type_=String()),
-                     bindparam("contact_id", type_=String()), literal("ACTIVE", String()),
+                     bindparam("contact_id", type_=String()), literal(RunStatus.ACTIVE, String()),
                      func.substr(WORKFLOWS.c.definition[("steps", 0, "id")].as_string(), 1, 64),
                      bindparam("now", type_=UTCDateTime()), literal(None, String()),
                      case((WORKFLOWS.c.run_once.is_(True), literal("once", String())), else_=run_id),
@@ -182,9 +183,9 @@ def start_runs(session: Session, project_id: str, contact_id: str, event_name: s
         "event_id": event_id, "data": data or {}, "history": [], "now": now}).rowcount
 
 
-_RESUME = (update(RUNS).where(RUNS.c.contact_id == bindparam("c"), RUNS.c.status == "WAITING",
+_RESUME = (update(RUNS).where(RUNS.c.contact_id == bindparam("c"), RUNS.c.status == RunStatus.WAITING,
                               RUNS.c.waiting_for == bindparam("e"))
-           .values(status="ACTIVE", due_at=bindparam("now"), updated_at=bindparam("now")))
+           .values(status=RunStatus.ACTIVE, due_at=bindparam("now"), updated_at=bindparam("now")))
 
 
 def resume_waiting(session: Session, contact_id: str, event_name: str, now: datetime) -> int:
@@ -202,7 +203,7 @@ def start_run(session: Session, workflow: Workflow, contact_id: str, now: dateti
     run_id = new_id()
     values: dict[str, Any] = {
         "id": run_id, "workflow_id": workflow.id, "project_id": workflow.project_id, "contact_id": contact_id,
-        "status": "ACTIVE", "step_id": str(first)[:64] if first is not None else None, "due_at": now,
+        "status": RunStatus.ACTIVE, "step_id": str(first)[:64] if first is not None else None, "due_at": now,
         "waiting_for": None, "once_key": "once" if workflow.run_once else run_id, "trigger_event_id": None,
         "context": context or {}, "history": [], "emails_sent": 0, "created_at": now, "updated_at": now}
     insert = sqlite_insert(RUNS) if session.get_bind().dialect.name == "sqlite" else pg_insert(RUNS)
@@ -349,7 +350,7 @@ def advance_if_at(session: Session, run_id: str, step_id: str, leased_until: dat
                   values: dict[str, Any]) -> bool:
     """Move a run on from `step_id` only if it is still there under the lease this process set (a webhook
     posted after a commit); False if another scheduler took it over meanwhile."""
-    stmt = update(RUNS).where(RUNS.c.id == run_id, RUNS.c.status == "ACTIVE", RUNS.c.step_id == step_id,
+    stmt = update(RUNS).where(RUNS.c.id == run_id, RUNS.c.status == RunStatus.ACTIVE, RUNS.c.step_id == step_id,
                               RUNS.c.due_at == leased_until).values(**values)
     return session.connection().execute(stmt).rowcount == 1
 
