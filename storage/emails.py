@@ -122,8 +122,11 @@ def list_emails(session: Session, project_id: str) -> list[Email]:
     return list(session.execute(select(Email).where(Email.project_id == project_id).order_by(Email.id)).scalars())
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Claimed:
+    """An outbox row a dispatcher leased, with what sending it needs. Built by name from `claim_due`'s
+    labelled columns; keyword-only without defaults, so a field the query does not select fails at once."""
+
     outbox_id: str
     attempts: int
     email_id: str
@@ -135,13 +138,13 @@ class Claimed:
     """The Return-Path to deliver with; None: the From address (`sender`)."""
     raw: bytes
     suppressed: bool
-    content_id: str = ""
-    deferred: bool = False
+    content_id: str
+    deferred: bool
     """`raw` is a message spec (a campaign's, a workflow step's), composed for this recipient when sent."""
-    variables: dict[str, Any] | None = None
+    variables: dict[str, Any] | None
     """A deferred email's own template variables (`Email.variables`)."""
-    track_opens: bool = False
-    track_clicks: bool = False
+    track_opens: bool
+    track_clicks: bool
     """The email's tracking choice: the dispatcher adds the open pixel / click redirects (`Email.track_*`)."""
 
 
@@ -162,13 +165,14 @@ def claim_due(session: Session, worker: str, limit: int, lease_seconds: float, p
     suppressed = select(Suppression.id).where(Suppression.project_id == _EMAIL.c.project_id,
                                               Suppression.email == _EMAIL.c.recipient).exists()
     rows = conn.execute(
-        select(_OUTBOX.c.id, _OUTBOX.c.attempts, _EMAIL.c.id, _EMAIL.c.project_id, _EMAIL.c.contact_id,
-               _EMAIL.c.recipient, _EMAIL.c.sender, _EMAIL.c.envelope_sender, _CONTENT.c.raw, suppressed,
-               _CONTENT.c.id, _CONTENT.c.deferred, _EMAIL.c.variables, _EMAIL.c.track_opens,
+        select(_OUTBOX.c.id.label("outbox_id"), _OUTBOX.c.attempts, _EMAIL.c.id.label("email_id"),
+               _EMAIL.c.project_id, _EMAIL.c.contact_id, _EMAIL.c.recipient, _EMAIL.c.sender,
+               _EMAIL.c.envelope_sender, _CONTENT.c.raw, suppressed.label("suppressed"),
+               _CONTENT.c.id.label("content_id"), _CONTENT.c.deferred, _EMAIL.c.variables, _EMAIL.c.track_opens,
                _EMAIL.c.track_clicks)
         .join(_EMAIL, _EMAIL.c.id == _OUTBOX.c.email_id).join(_CONTENT, _CONTENT.c.id == _EMAIL.c.content_id)
-        .where(_OUTBOX.c.id.in_(ids)).order_by(_OUTBOX.c.priority, _OUTBOX.c.due_at))
-    return [Claimed(*row) for row in rows]
+        .where(_OUTBOX.c.id.in_(ids)).order_by(_OUTBOX.c.priority, _OUTBOX.c.due_at)).mappings()
+    return [Claimed(**row) for row in rows]
 
 
 def still_claimed(session: Session, outbox_id: str, worker: str) -> bool:

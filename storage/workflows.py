@@ -16,7 +16,7 @@ A run's position (see `pipeline.workflows` for the grammar and the engine):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
@@ -34,6 +34,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
 from storage import bulk
@@ -231,13 +232,12 @@ class RunRecord:
     created_at: datetime
 
 
-_CLAIM_COLUMNS = [RUNS.c[name] for name in ("id", "workflow_id", "project_id", "contact_id", "status", "step_id",
-                                            "due_at", "waiting_for", "trigger_event_id", "context", "history",
-                                            "emails_sent", "created_at")]
+_CLAIM_COLUMNS = [RUNS.c[field.name] for field in fields(RunRecord)]
+"""Each field of RunRecord is the workflow_runs column of its name, and the record is built by name."""
 
 
-def _record(row: Any) -> RunRecord:
-    record = RunRecord(*row)
+def _record(row: Row[Any]) -> RunRecord:
+    record = RunRecord(**row._mapping)
     record.context = record.context if isinstance(record.context, dict) else {}
     record.history = list(record.history) if isinstance(record.history, list) else []
     return record
@@ -256,7 +256,7 @@ def claim_due(session: Session, now: datetime, limit: int, postgres: bool) -> li
     `FOR UPDATE SKIP LOCKED`, so schedulers on several nodes share the work; SQLite has one writer). Each
     status is read in its index order, so a backlog costs no sort."""
     conn = session.connection()
-    rows: list[Any] = []
+    rows: list[Row[Any]] = []
     for status in LIVE:
         stmt = (select(*_CLAIM_COLUMNS).where(RUNS.c.status == status, RUNS.c.due_at <= now)
                 .order_by(RUNS.c.due_at).limit(limit))
