@@ -22,7 +22,7 @@ from pipeline import campaigns as rules
 from pipeline.campaigns import EMPTY_RECIPIENTS, MAX_LIST_RECIPIENTS, CampaignFields
 from pipeline.submit import Queued
 from storage import campaigns as campaign_store
-from storage.models import Campaign, Project
+from storage.models import Campaign, CampaignStatus, Project
 
 CampaignId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=NO_NUL)]
 Recipient = Annotated[str, StringConstraints(min_length=1, max_length=320, pattern=NO_NUL)]
@@ -113,7 +113,7 @@ def campaign_json(campaign: Campaign) -> dict[str, Any]:
             "recipients": list(campaign.recipients or []), "status": campaign.status,
             "scheduledAt": campaign.scheduled_at, "startedAt": campaign.started_at,
             "finishedAt": campaign.finished_at,
-            "delivered": campaign.finished_at if campaign.status == "SENT" else None,
+            "delivered": campaign.finished_at if campaign.status == CampaignStatus.SENT else None,
             "recipientCount": campaign.recipient_count, "projectId": campaign.project_id,
             "createdAt": campaign.created_at, "updatedAt": campaign.updated_at}
 

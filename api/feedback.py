@@ -69,11 +69,12 @@ async def receive_sns(request: web.Request) -> web.Response:
                     "detail": receipt.detail})
 
 
-_SNS = dict(auth=None, scope="root", body=SnsMessageBody, tag="Feedback", response=SnsReceipt,
-            errors=frozenset({403, 503}))
+def _sns_route(path: str, summary: str) -> Route:
+    return Route("POST", path, receive_sns, summary, auth=None, scope="root", body=SnsMessageBody, tag="Feedback",
+                 response=SnsReceipt, errors=frozenset({403, 503}))
+
+
 ROUTES = [
-    Route("POST", "/webhooks/incoming/sns", receive_sns, "SES delivery feedback from Amazon SNS (signed by SNS)",
-          **_SNS),
-    Route("POST", "/api/webhooks/incoming/sns", receive_sns, "The same, at the path Plunk's self-hosting docs "
-                                                             "subscribe", **_SNS),
+    _sns_route("/webhooks/incoming/sns", "SES delivery feedback from Amazon SNS (signed by SNS)"),
+    _sns_route("/api/webhooks/incoming/sns", "The same, at the path Plunk's self-hosting docs subscribe"),
 ]

@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel, TypeAdapter
+from pydantic.json_schema import JsonSchemaMode
 from sqlalchemy import text
 
 from api.context import CONFIG, DB
@@ -69,12 +70,12 @@ class _Spec:
     def __init__(self) -> None:
         self.schemas: dict[str, Any] = {}
 
-    def schema_of(self, kind: Any, mode: str = "serialization") -> dict[str, Any]:
+    def schema_of(self, kind: Any, mode: JsonSchemaMode = "serialization") -> dict[str, Any]:
         schema = TypeAdapter(kind).json_schema(ref_template=REF, mode=mode)
         self.schemas.update(schema.pop("$defs", {}))
         return schema
 
-    def model_ref(self, model: type[BaseModel], mode: str = "serialization") -> dict[str, Any]:
+    def model_ref(self, model: type[BaseModel], mode: JsonSchemaMode = "serialization") -> dict[str, Any]:
         name = model.__name__
         if name not in self.schemas:
             self.schemas[name] = self.schema_of(model, mode)

@@ -23,7 +23,7 @@ from sqlalchemy import JSON, bindparam, select, update
 
 from automation.scheduler import BATCH, PARALLEL_POSTGRES, WorkflowScheduler
 from bench.campaign import seed_contacts
-from bench.common import fresh_database, temp_dir
+from bench.common import fresh_database, insert_into, temp_dir
 from pipeline.domains import add_domain, save_check
 from pipeline.projects import create_project
 from storage.db import Database
@@ -82,7 +82,7 @@ async def start_runs(db: Database, project_id: str, workflow_id: str, step: str)
                          "status": "ACTIVE", "step_id": step, "due_at": now, "waiting_for": None, "once_key": run_id,
                          "trigger_event_id": None, "context": {}, "history": [], "emails_sent": 0, "created_at": now,
                          "updated_at": now})
-        await db.write(lambda s, rows=rows: s.connection().execute(RUNS.insert(), rows))
+        await db.write(insert_into(RUNS, rows))
 
 
 _BARE_UPDATE = (update(RUNS).where(RUNS.c.id == bindparam("run_id"))

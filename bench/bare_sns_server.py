@@ -16,7 +16,7 @@ from aiohttp import web
 from bare_insert_server import serve  # run as a script from bench/, beside it
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from sqlalchemy import Column, MetaData, String, Table, Text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -28,6 +28,8 @@ KEYS = ("Message", "MessageId", "Subject", "Timestamp", "TopicArn", "Type")
 def verifying(pem_path: str) -> Callable[[AsyncEngine], Callable[[web.Request], Awaitable[web.Response]]]:
     with open(pem_path, "rb") as fh:
         key = x509.load_pem_x509_certificate(fh.read()).public_key()
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise TypeError(f"SNS signs with RSA; {pem_path} holds a {type(key).__name__}")
 
     def handler_for(engine: AsyncEngine) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def receive(request: web.Request) -> web.Response:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import multiprocessing.synchronize
 import statistics
 import time
 
@@ -25,7 +26,8 @@ def big_message(megabytes: int) -> bytes:
     return head + (b"y" * 998 + b"\r\n") * (megabytes * 1024 * 1024 // 1000)
 
 
-def send_big(port: int, password: str, clients: int, megabytes: int, started: multiprocessing.Event) -> None:
+def send_big(port: int, password: str, clients: int, megabytes: int,
+             started: multiprocessing.synchronize.Event) -> None:
     async def one() -> None:
         client = await connect_tls(port, password)
         await client.sendmail("bounce@bench.example", ["big@example.org"], big_message(megabytes))

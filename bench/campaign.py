@@ -20,7 +20,15 @@ import aiohttp
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from bench.common import create_project, free_port, fresh_database, plunkd_env, server_process, temp_dir
+from bench.common import (
+    create_project,
+    free_port,
+    fresh_database,
+    insert_into,
+    plunkd_env,
+    server_process,
+    temp_dir,
+)
 from bench.setup_sender import verify_offline
 from storage.db import Database
 from storage.models import Contact, new_id, utcnow
@@ -49,7 +57,7 @@ async def seed_contacts(url: str, project_id: str, count: int) -> float:
         rows = [{"id": new_id(), "project_id": project_id, "email": f"reader{i}@example.org", "subscribed": True,
                  "data": {"name": f"Reader {i}", "plan": "pro" if i % 3 else "free"}, "created_at": now,
                  "updated_at": now} for i in range(first, min(first + CONTACT_BATCH, count))]
-        await db.write(lambda s, rows=rows: s.connection().execute(table.insert(), rows))
+        await db.write(insert_into(table, rows))
     await db.dispose()
     return time.perf_counter() - started
 

@@ -15,10 +15,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
-from sqlalchemy import text
+from sqlalchemy import Table, text
 from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.orm import Session
 
 from core.keys import format_key, new_key, parse_key
 from storage.secrets import KeyRing, use_keyring
@@ -32,6 +34,14 @@ own writes of DKIM keys and webhook secrets (`use_bench_key`)."""
 def use_bench_key() -> None:
     """Seal and open secrets in this process with the run's key, as the servers it starts do."""
     use_keyring(KeyRing([parse_key(ENCRYPTION_KEY)], "the benchmark's key"))
+
+
+def insert_into(table: Table, rows: list[dict[str, Any]]) -> Callable[[Session], None]:
+    """A `Database.write` function inserting `rows` into `table` (one per batch: each binds its own rows)."""
+    def write(session: Session) -> None:
+        session.connection().execute(table.insert(), rows)
+
+    return write
 
 
 def free_port() -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import time
 
 import aiosmtplib
@@ -48,8 +49,8 @@ async def queue(db: Database, project_id: str, count: int) -> None:
     batch = 200
     for start in range(0, count, batch):
         addresses = [f"user{i}@example.org" for i in range(start, min(count, start + batch))]
-        await db.write(lambda s, a=addresses: submit(s, Submission(project_id, "api", "shop@bench.example", a,
-                                                                   compose=SPEC.build)))
+        await db.write(functools.partial(submit, submission=Submission(project_id, "api", "shop@bench.example",
+                                                                       addresses, compose=SPEC.build)))
 
 
 async def prepared_db(folder: str, count: int) -> tuple[Database, str]:

@@ -11,7 +11,7 @@ import hashlib
 import time
 
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from bench.common import report
@@ -38,6 +38,8 @@ def main() -> None:
     args = parser.parse_args()
     private_pem, _ = generate_key()
     key = load_pem_private_key(private_pem.encode(), None)
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise TypeError(f"generate_key made a {type(key).__name__}, not an RSA key")
     digest = hashlib.sha256(MESSAGE).digest()
     from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 

@@ -28,7 +28,7 @@ from aiohttp import web
 from sqlalchemy import func, select
 
 from bench.campaign import seed_contacts
-from bench.common import free_port, fresh_database, plunkd_env, report, server_process, temp_dir
+from bench.common import free_port, fresh_database, insert_into, plunkd_env, report, server_process, temp_dir
 from pipeline.projects import create_project
 from storage.db import Database
 from storage.models import Contact, Content, Email, Event, new_id, utcnow
@@ -65,7 +65,7 @@ async def seed(url: str, count: int) -> None:
                   "recipient": email, "sender": "news@example.com", "subject": "hi", "source": "api", "status": "SENT",
                   "transport_id": f"bench-ses-{email.split('@')[0].removeprefix('reader')}", "created_at": now,
                   "sent_at": now} for contact_id, email in contacts[first:first + 5000]]
-        await db.write(lambda s, chunk=chunk: s.connection().execute(Email.__table__.insert(), chunk))
+        await db.write(insert_into(Email.__table__, chunk))
     await db.dispose()
 
 

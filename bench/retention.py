@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import functools
 import os
 import random
 import sqlite3
@@ -26,6 +27,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import text
+from sqlalchemy.orm import Session
 
 from bench.common import fresh_database, temp_dir
 from bench.setup_sender import verify_offline
@@ -63,7 +65,7 @@ async def database_bytes(db: Database, vacuum: bool = False) -> int:
                 await conn.execute(text("VACUUM"))
             return int((await conn.execute(text(PG_TABLES_BYTES))).scalar_one())
     await db.read(retention.checkpoint)
-    return os.path.getsize(db.sync_engine.url.database)
+    return os.path.getsize(db.engine.url.database or "")
 
 
 async def bare_bytes(folder: str, db: Database, messages: list[bytes]) -> int:
@@ -82,11 +84,16 @@ async def bare_bytes(folder: str, db: Database, messages: list[bytes]) -> int:
     return os.path.getsize(path)
 
 
+def submit_each(session: Session, submissions: list[Submission]) -> None:
+    for submission in submissions:
+        submit(session, submission)
+
+
 async def accept(db: Database, project_id: str, messages: list[bytes]) -> None:
     for start in range(0, len(messages), SUBMISSIONS_PER_WRITE):
         batch = [Submission(project_id, "smtp", "shop@bench.example", [f"user{start + i}@example.org"], raw=raw)
                  for i, raw in enumerate(messages[start:start + SUBMISSIONS_PER_WRITE])]
-        await db.write(lambda s, batch=batch: [submit(s, one) for one in batch])
+        await db.write(functools.partial(submit_each, submissions=batch))
 
 
 async def deliver(db: Database, folder: str, count: int) -> None:

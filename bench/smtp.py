@@ -55,17 +55,16 @@ async def load(port: int, password: str | None, sessions: int, size: int, reconn
 
     async def session(worker: int) -> None:
         nonlocal sent
-        client = None if reconnect else await connect()
+        kept = None if reconnect else await connect()
         while time.monotonic() < deadline and sent < max_messages:
-            if reconnect:
-                client = await connect()
+            client = kept or await connect()
             body = bodies[(sent + worker) % len(bodies)]
             await client.sendmail("bounce@bench.example", [f"user{(sent + worker) % 500}@example.org"], body)
             sent += 1
             if reconnect:
                 await client.quit()
-        if not reconnect:
-            await client.quit()
+        if kept is not None:
+            await kept.quit()
 
     started = time.monotonic()
     await asyncio.gather(*[session(i) for i in range(sessions)])

@@ -40,7 +40,7 @@ from core import metrics
 from core.config import DeliveryConfig
 from delivery import dkim
 from delivery.bucket import TokenBucket
-from delivery.transports import SendResult, Transport
+from delivery.transports import SendOutcome, SendResult, Transport
 from pipeline.errors import PipelineError
 from storage import campaigns as campaign_store
 from storage import emails as email_store
@@ -48,7 +48,7 @@ from storage import events as event_store
 from storage.db import Database
 from storage.domains import sender_domain
 from storage.emails import Claimed
-from storage.models import Domain, utcnow
+from storage.models import Domain, EmailStatus, utcnow
 
 log = logging.getLogger("plunkd.delivery")
 ComposeDeferred = Callable[[Claimed], Awaitable[bytes | None]]
@@ -205,10 +205,10 @@ class Dispatcher:
         log.info("email %s: claimed by %s (attempt %d) to %s", item.email_id, self.worker, item.attempts + 1,
                  item.recipient)
         if item.suppressed:
-            await self.db.write(lambda s: email_store.mark_failed(s, item.outbox_id, item.email_id, "SUPPRESSED",
-                                                                  "recipient is on the suppression list"),
-                                light=True)
-            metrics.EMAILS_FAILED.labels(self.transport.name, "SUPPRESSED").inc()
+            await self.db.write(lambda s: email_store.mark_failed(
+                s, item.outbox_id, item.email_id, EmailStatus.SUPPRESSED, "recipient is on the suppression list"),
+                light=True)
+            metrics.EMAILS_FAILED.labels(self.transport.name, EmailStatus.SUPPRESSED).inc()
             log.info("email %s: skipped, %s is suppressed", item.email_id, item.recipient)
             return None
         if await self._campaign_cancelled(item):
@@ -227,9 +227,9 @@ class Dispatcher:
                 return None
             if composed is None:
                 await self.db.write(lambda s: email_store.mark_failed(
-                    s, item.outbox_id, item.email_id, "SKIPPED", "the contact unsubscribed or was deleted before "
-                                                                 "this email went out"), light=True)
-                metrics.EMAILS_FAILED.labels(self.transport.name, "SKIPPED").inc()
+                    s, item.outbox_id, item.email_id, EmailStatus.SKIPPED,
+                    "the contact unsubscribed or was deleted before this email went out"), light=True)
+                metrics.EMAILS_FAILED.labels(self.transport.name, EmailStatus.SKIPPED).inc()
                 log.info("email %s: skipped, its contact is no longer subscribed", item.email_id)
                 return None
             raw = composed
@@ -266,7 +266,7 @@ class Dispatcher:
 
     async def _record(self, item: Claimed, message_id: str, result: SendResult) -> None:
         settings = self.settings
-        if result.outcome == "sent":
+        if result.outcome == SendOutcome.SENT:
             def work(session) -> None:
                 email_store.mark_sent(session, item.outbox_id, item.email_id, message_id, result.transport_id)
                 event_store.insert_event(session, item.project_id, item.contact_id, "email.sent",
@@ -277,24 +277,24 @@ class Dispatcher:
             metrics.EMAILS_SENT.labels(self.transport.name).inc()
             self._send_rate.sent()
             log.info("email %s: sent via %s as %s", item.email_id, self.transport.name, result.transport_id)
-        elif result.outcome == "bounce":
+        elif result.outcome == SendOutcome.BOUNCE:
             def bounced(session) -> None:
-                email_store.mark_failed(session, item.outbox_id, item.email_id, "BOUNCED", result.error)
+                email_store.mark_failed(session, item.outbox_id, item.email_id, EmailStatus.BOUNCED, result.error)
                 if self.record_bounce is not None:
                     self.record_bounce(session, item, result.error)
 
             await self.db.write(bounced, light=True)
             metrics.EMAILS_BOUNCED.labels(self.transport.name, "permanent").inc()
             log.warning("email %s: bounced by %s: %s", item.email_id, self.transport.name, result.error)
-        elif result.outcome == "retry" and item.attempts + 1 < settings.max_attempts:
+        elif result.outcome == SendOutcome.RETRY and item.attempts + 1 < settings.max_attempts:
             due = utcnow() + timedelta(seconds=retry_delay(item.attempts, settings.retry_base_seconds))
             await self.db.write(lambda s: email_store.schedule_retry(s, item.outbox_id, due, result.error), light=True)
             log.warning("email %s: transient failure (%s); retry at %s", item.email_id, result.error, due.isoformat())
         else:
             reason = result.error
-            if result.outcome == "retry":
+            if result.outcome == SendOutcome.RETRY:
                 reason = f"gave up after {item.attempts + 1} attempts: {result.error}"
-            await self.db.write(lambda s: email_store.mark_failed(s, item.outbox_id, item.email_id, "FAILED", reason),
-                                light=True)
-            metrics.EMAILS_FAILED.labels(self.transport.name, "FAILED").inc()
+            await self.db.write(lambda s: email_store.mark_failed(
+                s, item.outbox_id, item.email_id, EmailStatus.FAILED, reason), light=True)
+            metrics.EMAILS_FAILED.labels(self.transport.name, EmailStatus.FAILED).inc()
             log.warning("email %s: failed permanently: %s", item.email_id, reason)

@@ -16,6 +16,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
+from delivery.dkimpy_hooks import cache_key_parsing, replace_rsa_sign
+
 SIGNED_HEADERS = [b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"reply-to", b"mime-version",
                   b"content-type", b"content-transfer-encoding", b"list-unsubscribe", b"list-unsubscribe-post"]
 _HASHES = {"sha256": hashes.SHA256, "sha1": hashes.SHA1}
@@ -36,9 +38,8 @@ def _rsa_sign_with_openssl(hash_obj: Any, key: dict[str, int]) -> bytes:
     return private.sign(hash_obj.digest(), padding.PKCS1v15(), Prehashed(algorithm))
 
 
-dkim.RSASSA_PKCS1_v1_5_sign = _rsa_sign_with_openssl
-# dkimpy parses the PEM key (pure-Python ASN.1) on every signature; a domain's key rarely changes.
-dkim.parse_pem_private_key = lru_cache(maxsize=256)(dkim.parse_pem_private_key)
+replace_rsa_sign(_rsa_sign_with_openssl)  # dkimpy's private hook points: see delivery.dkimpy_hooks
+cache_key_parsing(maxsize=256)  # a domain's key rarely changes
 
 
 def sign(message: bytes, domain: str, selector: str, private_key_pem: str) -> bytes:

@@ -12,6 +12,7 @@ import os
 import ssl
 import uuid
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
@@ -21,27 +22,36 @@ from core.config import Config, SmarthostConfig
 from core.files import PRIVATE_FILE, private_dir
 
 
+class SendOutcome(StrEnum):
+    """What a transport did with a message (see the module's docstring)."""
+
+    SENT = "sent"
+    RETRY = "retry"
+    BOUNCE = "bounce"
+    FAIL = "fail"
+
+
 @dataclass
 class SendResult:
-    outcome: str  # "sent", "retry", "bounce" or "fail"
+    outcome: SendOutcome
     transport_id: str = ""
     error: str = ""
 
     @classmethod
     def sent(cls, transport_id: str) -> SendResult:
-        return cls("sent", transport_id)
+        return cls(SendOutcome.SENT, transport_id)
 
     @classmethod
     def retry(cls, error: str) -> SendResult:
-        return cls("retry", error=error)
+        return cls(SendOutcome.RETRY, error=error)
 
     @classmethod
     def fail(cls, error: str) -> SendResult:
-        return cls("fail", error=error)
+        return cls(SendOutcome.FAIL, error=error)
 
     @classmethod
     def bounce(cls, error: str) -> SendResult:
-        return cls("bounce", error=error)
+        return cls(SendOutcome.BOUNCE, error=error)
 
 
 class Transport(Protocol):

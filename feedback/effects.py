@@ -28,6 +28,7 @@ from storage import events as event_store
 from storage import feedback as feedback_store
 from storage.emails import Claimed
 from storage.feedback import FeedbackEmail
+from storage.models import EmailStatus
 
 
 def apply_notice(session: Session, notice: Notice) -> tuple[bool, str]:
@@ -47,7 +48,7 @@ def apply_notice(session: Session, notice: Notice) -> tuple[bool, str]:
 def _delivery(session: Session, email: FeedbackEmail, data: dict[str, Any], notice: Notice) -> str:
     if feedback_store.count_events(session, email.id, "email.delivery"):
         return "delivery already recorded"
-    feedback_store.set_status(session, email.id, "DELIVERED", only_from=("SENT",))
+    feedback_store.set_status(session, email.id, EmailStatus.DELIVERED, only_from=(EmailStatus.SENT,))
     _event(session, email, "email.delivery", data)
     return "delivered"
 
@@ -60,18 +61,18 @@ def _bounce(session: Session, email: FeedbackEmail, data: dict[str, Any], notice
         _event(session, email, "email.bounce", data)
         count_at_commit(session, EMAILS_BOUNCED.labels("ses", "transient"))
         return f"{kind} bounce recorded (not suppressed)"
-    if email.status == "BOUNCED":
+    if email.status == EmailStatus.BOUNCED:
         return f"{kind} bounce: already bounced"
     count_at_commit(session, EMAILS_BOUNCED.labels("ses", "permanent"))
     diagnostic = data.get("diagnosticCode") or data.get("status") or kind
-    feedback_store.set_status(session, email.id, "BOUNCED", error=f"bounced ({kind}): {diagnostic}")
+    feedback_store.set_status(session, email.id, EmailStatus.BOUNCED, error=f"bounced ({kind}): {diagnostic}")
     return f"{kind} bounce: BOUNCED, {bounced(session, email, data, f'bounce ({kind}): {diagnostic}')}"
 
 
 def _complaint(session: Session, email: FeedbackEmail, data: dict[str, Any], notice: Notice) -> str:
-    if email.status == "COMPLAINED":
+    if email.status == EmailStatus.COMPLAINED:
         return "complaint already recorded"
-    feedback_store.set_status(session, email.id, "COMPLAINED")
+    feedback_store.set_status(session, email.id, EmailStatus.COMPLAINED)
     _event(session, email, "email.complaint", data)
     reason = f"complaint ({data.get('complaintFeedbackType', 'unspecified')})"
     return f"COMPLAINED, {_stop_mail(session, email, 'complaint', reason)}"
@@ -85,7 +86,7 @@ def _engagement(session: Session, email: FeedbackEmail, data: dict[str, Any], no
 
 
 def _reject(session: Session, email: FeedbackEmail, data: dict[str, Any], notice: Notice) -> str:
-    feedback_store.set_status(session, email.id, "FAILED", error=f"SES rejected the message: "
+    feedback_store.set_status(session, email.id, EmailStatus.FAILED, error=f"SES rejected the message: "
                                                                  f"{data.get('reason', 'no reason given')}")
     return "FAILED (rejected by SES)"
 
@@ -108,7 +109,7 @@ def bounced(session: Session, email: FeedbackEmail, data: dict[str, Any], reason
 def smtp_bounce(session: Session, item: Claimed, reply: str) -> None:
     """The smarthost refused the recipient or the message with a 5xx (at RCPT or DATA): a permanent bounce.
     Handed to the dispatcher by the wiring; the dispatcher has marked the email BOUNCED."""
-    email = FeedbackEmail(item.email_id, item.project_id, item.contact_id, item.recipient, "BOUNCED")
+    email = FeedbackEmail(item.email_id, item.project_id, item.contact_id, item.recipient, EmailStatus.BOUNCED)
     data = {"via": "smtp", "bounceType": "Permanent", "bounceSubType": "General", "diagnosticCode": reply[:2048]}
     bounced(session, email, data, f"bounce (smtp): {reply}")
 

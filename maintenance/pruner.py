@@ -13,6 +13,7 @@ it removes), and autovacuum reclaims the space. Emails still queued or being del
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
@@ -98,7 +99,7 @@ class Pruner:
         while True:
             page = await self.db.read(retention.scan_contents, after, before, self.batch_rows)
             for ids in batches_by_size([row for row in page if row.size and not row.queued], BATCH_BYTES):
-                emptied += await self.db.write(lambda s, ids=ids: retention.empty_contents(s, ids))
+                emptied += await self.db.write(functools.partial(retention.empty_contents, content_ids=ids))
             for row in page:
                 queued_seen = queued_seen or row.queued
                 if not queued_seen:

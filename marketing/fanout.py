@@ -11,6 +11,7 @@ makes a second email impossible.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 
@@ -57,13 +58,14 @@ class CampaignFanOut:
         emails were queued."""
         queued = 0
         for campaign in await self.db.read(store.campaigns_to_start, utcnow()):
-            started = await self.db.write(lambda s, cid=campaign.id: rules.start_fanout(s, cid, self.links))
+            started = await self.db.write(functools.partial(rules.start_fanout, campaign_id=campaign.id,
+                                                                   links=self.links))
             if started is None:
                 continue
             finished = False
             while not finished:
                 count, finished = await self.db.write(
-                    lambda s, cid=campaign.id: rules.fan_out_next(s, cid, self.chunk))
+                    functools.partial(rules.fan_out_next, campaign_id=campaign.id, chunk=self.chunk))
                 queued += count
                 if count:
                     self.on_queued()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, overload
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -21,7 +21,13 @@ class TtlCache(Generic[K, V]):
         self.max_entries = max_entries
         self._entries: dict[K, tuple[float, V]] = {}
 
-    def get(self, key: K, default: D = None) -> V | D:
+    @overload
+    def get(self, key: K) -> V | None: ...
+
+    @overload
+    def get(self, key: K, default: D) -> V | D: ...
+
+    def get(self, key: K, default: D | None = None) -> V | D | None:
         """The live value, or `default` (pass a sentinel where None is a value worth caching)."""
         hit = self._entries.get(key)
         if hit is None or hit[0] <= time.monotonic():

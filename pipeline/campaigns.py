@@ -30,10 +30,10 @@ from storage import campaigns as store
 from storage import contacts as contact_store
 from storage import segments as segment_store
 from storage import templates as template_store
-from storage.models import Campaign, Project, utcnow
+from storage.models import Campaign, CampaignStatus, Project, utcnow
 
 log = logging.getLogger("plunkd.campaigns")
-EDITABLE = frozenset({"DRAFT", "SCHEDULED"})
+EDITABLE = frozenset({CampaignStatus.DRAFT, CampaignStatus.SCHEDULED})
 MAX_LIST_RECIPIENTS = 10_000
 EMPTY_RECIPIENTS = ("recipients must name at least one contact; to send to every subscribed contact, leave "
                     "recipients out and give audience ALL")
@@ -166,7 +166,7 @@ def update_campaign(session: Session, project_id: str, campaign_id: str, fields:
 
 def delete_campaign(session: Session, project_id: str, campaign_id: str) -> Campaign:
     campaign = require_campaign(session, project_id, campaign_id, for_update=True)
-    if campaign.status == "SENDING":
+    if campaign.status == CampaignStatus.SENDING:
         raise Conflict(f"Campaign {campaign_id} is sending", "Cancel it first (POST /campaigns/:id/cancel).")
     store.delete_campaign(session, campaign)
     return campaign
@@ -248,7 +248,7 @@ def schedule_campaign(session: Session, project: Project, campaign_id: str, at: 
                                            "The audience has no subscribed contacts", "empty_audience")],
                                message="The campaign's audience is empty: no subscribed contact would receive it",
                                suggestion="Subscribe contacts, or pick another segment or list.")
-    campaign.status = "SCHEDULED"
+    campaign.status = CampaignStatus.SCHEDULED
     campaign.scheduled_at = at
     session.flush()
     log.info("campaign %s: scheduled for %s", campaign.id, at.isoformat())
@@ -257,11 +257,11 @@ def schedule_campaign(session: Session, project: Project, campaign_id: str, at: 
 
 def cancel_campaign(session: Session, project_id: str, campaign_id: str) -> Campaign:
     campaign = require_campaign(session, project_id, campaign_id, for_update=True)
-    if campaign.status not in ("SCHEDULED", "SENDING"):
+    if campaign.status not in (CampaignStatus.SCHEDULED, CampaignStatus.SENDING):
         raise Conflict(f"Campaign {campaign_id} is {campaign.status}; only a scheduled or sending campaign "
                        "can be cancelled")
     withdrawn = store.withdraw_queued(session, campaign.id)
-    campaign.status = "CANCELLED"
+    campaign.status = CampaignStatus.CANCELLED
     campaign.finished_at = utcnow()
     session.flush()
     log.info("campaign %s: cancelled, %d queued emails withdrawn", campaign.id, withdrawn)
@@ -286,14 +286,13 @@ def start_fanout(session: Session, campaign_id: str, links: LinkSigner) -> Campa
     """SCHEDULED → SENDING, with the message spec fixed as the campaign's deferred content. A campaign
     already SENDING (a fan-out that died) is returned as it is; a cancelled one is None."""
     campaign = store.get_campaign_by_id(session, campaign_id)
-    if campaign is None or campaign.status not in ("SCHEDULED", "SENDING"):
+    if campaign is None or campaign.status not in (CampaignStatus.SCHEDULED, CampaignStatus.SENDING):
         return None
     if campaign.content_id is None:
-        project = session.get(Project, campaign.project_id)
-        spec = message_spec(session, campaign, project, links)
+        spec = message_spec(session, campaign, session.get_one(Project, campaign.project_id), links)
         campaign.content_id = insert_spec(session, campaign.project_id, spec)
         campaign.from_email = campaign.from_email or spec.from_email
-        campaign.status = "SENDING"
+        campaign.status = CampaignStatus.SENDING
         campaign.started_at = utcnow()
         session.flush()
         log.info("campaign %s: fan-out started", campaign.id)
@@ -303,7 +302,7 @@ def start_fanout(session: Session, campaign_id: str, links: LinkSigner) -> Campa
 def fan_out_next(session: Session, campaign_id: str, chunk: int) -> tuple[int, bool]:
     """Queue the next chunk of a SENDING campaign; returns (queued, finished)."""
     campaign = store.get_campaign_by_id(session, campaign_id, for_update=True)
-    if campaign is None or campaign.status != "SENDING" or campaign.fanout_done:
+    if campaign is None or campaign.status != CampaignStatus.SENDING or campaign.fanout_done:
         return 0, True
     tracking = tracking_for(session, campaign.project_id, marketing=True)
     sender = campaign.from_email or ""

@@ -131,6 +131,7 @@ def update_contact(session: Session, project_id: str, contact_id: str, email: st
 
 def set_subscribed(session: Session, project_id: str, contact_id: str | None, email: str | None,
                    subscribed: bool) -> ContactRecord:
+    contact: ContactRecord | None
     if contact_id is not None:
         contact = require_contact(session, project_id, contact_id)
     else:

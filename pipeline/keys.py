@@ -4,12 +4,17 @@ database read per ask costs more than the rest of a small request."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 from pipeline.cache import TtlCache
 from storage.db import Database
 from storage.projects import find_project_by_key
 
-_UNKNOWN = object()
+
+class _Unknown(Enum):
+    """Not in the cache (a cached None is a known answer: no project has that key)."""
+
+    KEY = "unknown key"
 
 
 @dataclass(frozen=True)
@@ -39,8 +44,8 @@ class KeyCache:
         self._owners.discard_where(lambda caller: caller is not None and caller.project_id == project_id)
 
     async def lookup(self, key: str) -> Caller | None:
-        cached = self._owners.get(key, _UNKNOWN)
-        if cached is not _UNKNOWN:
+        cached = self._owners.get(key, _Unknown.KEY)
+        if cached is not _Unknown.KEY:
             return cached
         found = await self.db.read(find_project_by_key, key)
         caller = None

@@ -137,7 +137,7 @@ def _check_live_runs(session: Session, workflow: Workflow, definition: dict[str,
                                       "cancel the runs (POST /workflows/:id/runs/:runId/cancel).")
 
 
-def _step_types(definition: Any) -> dict[str, str]:
+def _step_types(definition: Any) -> dict[str, str | None]:
     steps = definition.get("steps") if isinstance(definition, dict) else None
     return {step["id"]: step.get("type") for step in steps or [] if isinstance(step, dict) and "id" in step}
 

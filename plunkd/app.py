@@ -8,9 +8,9 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -22,8 +22,11 @@ from plunkd.atrest import make_private, open_secrets
 from plunkd.processes import ROLES, WAKE_FD_ENV, WakePipe, supervise_dispatcher, watch_parent
 from storage.db import Database
 
+if TYPE_CHECKING:
+    from relay.server import Relay
+
 log = logging.getLogger("plunkd")
-RELAY = web.AppKey("relay", Any)
+RELAY: web.AppKey[Relay] = web.AppKey("relay")
 """The running relay (its actual ports), for tests and logs."""
 CONNECTION_CAPS = web.AppKey("connection_caps", ConnectionCaps)
 """The HTTP connection and SMTP session caps in force: the configured ones, or both lowered to fit the
@@ -144,6 +147,9 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
     transport = make_transport(config)
     rate = config.delivery.rate_per_second
     if config.delivery.transport == "ses":
+        from delivery.ses import SesTransport
+
+        assert isinstance(transport, SesTransport)  # what make_transport builds for "ses"
         ses_rate = await transport.max_send_rate()
         if ses_rate and (rate <= 0 or ses_rate < rate):
             log.info("using SES's send quota of %.1f/s instead of the configured %.1f/s", ses_rate, rate)
@@ -229,7 +235,7 @@ def shared_request_limit(db: Database, limit: int) -> Any:
     return SharedWindowLimiter(limit, sync)
 
 
-async def running(work: Callable[[], Awaitable[None]], name: str) -> AsyncIterator[None]:
+async def running(work: Callable[[], Coroutine[Any, Any, None]], name: str) -> AsyncIterator[None]:
     """Run `work()` for as long as the app runs."""
     task = asyncio.create_task(work(), name=name)
     yield

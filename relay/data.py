@@ -22,10 +22,11 @@ judged exactly as aiosmtpd judges it (tests/test_relay_data.py compares the two 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 from warnings import warn
 
 from aiosmtpd.smtp import MISSING, SMTP, log
+
+from relay.stream_reader import line_limit, unread
 
 CHUNK_BYTES = 256 * 1024
 """At most this much is taken from the reader per read (whatever it has buffered, up to this)."""
@@ -156,10 +157,13 @@ class ChunkedData(SMTP):
     when it has nothing), and `DotStuffedData` finds the end of data in it. A client may send its
     next commands right behind the end of data (pipelining); those bytes were read along with the
     message, so they are put back at the front of the reader's buffer, where aiosmtpd's command loop
-    reads them next. StreamReader has no public unread; `_buffer` is the same bytearray aiosmtpd
-    itself clears after STARTTLS. Reading only up to the end of data instead (`readuntil` on
-    ".\\r\\n", the only separator that also sees a lone "." as the first line) would cost a call per
-    line ending in a dot, and per-line cost is what this replaces.
+    reads them next (`relay.stream_reader.unread`: StreamReader has no public unread). Reading only up
+    to the end of data instead (`readuntil` on ".\\r\\n", the only separator that also sees a lone "."
+    as the first line) would cost a call per line ending in a dot, and per-line cost is what this
+    replaces.
+
+    It is aiosmtpd 1.4.6's `smtp_DATA` with the read loop replaced: tests/test_library_adapters.py
+    fails when the pinned aiosmtpd's changes, so the copy is reviewed with the upgrade.
 
     Put it before SMTP in a subclass's bases; the rest of the class is aiosmtpd's.
     """
@@ -178,8 +182,8 @@ class ChunkedData(SMTP):
             return
 
         await self.push('354 End data with <CR><LF>.<CR><LF>')
-        reader: Any = self._reader
-        data = DotStuffedData(self.line_length_limit, reader._limit, self.data_size_limit)
+        reader = self._reader
+        data = DotStuffedData(self.line_length_limit, line_limit(reader), self.data_size_limit)
         while True:
             try:
                 chunk = await reader.read(CHUNK_BYTES)
@@ -194,7 +198,7 @@ class ChunkedData(SMTP):
             used = data.feed(chunk)
             if used is not None:
                 if used < len(chunk):
-                    reader._buffer[:0] = chunk[used:]
+                    unread(reader, chunk[used:])
                 break
 
         if data.refusal is not None:

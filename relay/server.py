@@ -101,7 +101,8 @@ class RelaySMTP(ChunkedData, SMTP):
         if implicit_tls is not None:
             self._auth_require_tls = False
 
-    def connection_made(self, transport: asyncio.Transport) -> None:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)  # a TCP server's connection: a stream transport
         if self.transport is not None:  # after STARTTLS: the same session goes on over TLS
             super().connection_made(transport)
             return
@@ -344,7 +345,7 @@ class RelayHandler:
             if not local_part or not domain or len(address) > 254 or any(ord(c) < 32 or c == "\x7f"
                                                                           for c in address):
                 return "553 5.1.7 Sender address must be local-part@domain"
-            account: Caller = session.auth_data
+            account = _account(session)
             verified = (account.project_id, sender_domain(address))
             if verified not in self._verified_senders:
                 try:
@@ -367,7 +368,7 @@ class RelayHandler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        account: Caller = session.auth_data
+        account = _account(session)
         raw = bytes(envelope.original_content or b"")
         refusal = header_refusal(raw)
         if refusal is not None:
@@ -428,8 +429,17 @@ def parsed_address(arg: str, local_part_limit: int) -> tuple[str | None, str | N
     return address.addr_spec, rest
 
 
-def _peer(session: Session) -> str:
-    return peer_address(session.peer)
+def _peer(session: Session | None) -> str:
+    return peer_address(session.peer if session is not None else None)
+
+
+def _account(session: Session) -> Caller:
+    """The project the session logged in as. aiosmtpd answers MAIL and DATA before AUTH with 530
+    (`auth_required`), so the hooks always find the `Caller` `_check` returned as `auth_data`."""
+    account: object = session.auth_data  # aiosmtpd's Session declares it as always None
+    if not isinstance(account, Caller):
+        raise RuntimeError("an SMTP transaction without a login")
+    return account
 
 
 class Relay:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     Boolean,
@@ -26,13 +26,16 @@ from sqlalchemy import (
     true,
     update,
 )
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
 from storage.emails import message_id_domain
 from storage.models import (
     Campaign,
+    CampaignStatus,
     Contact,
     Email,
+    EmailStatus,
     Event,
     OutboxItem,
     UTCDateTime,
@@ -131,8 +134,9 @@ def campaigns_to_start(session: Session, now: datetime, limit: int = 10) -> list
     """Scheduled campaigns now due, and SENDING ones whose fan-out has not finished (a process died
     in it), oldest first."""
     stmt = select(Campaign).where(or_(
-        (Campaign.status == "SCHEDULED") & (Campaign.scheduled_at <= now),
-        (Campaign.status == "SENDING") & Campaign.fanout_done.is_(False))).order_by(Campaign.scheduled_at).limit(limit)
+        (Campaign.status == CampaignStatus.SCHEDULED) & (Campaign.scheduled_at <= now),
+        (Campaign.status == CampaignStatus.SENDING) & Campaign.fanout_done.is_(False))
+    ).order_by(Campaign.scheduled_at).limit(limit)
     return list(session.execute(stmt).scalars())
 
 
@@ -159,7 +163,7 @@ def fan_out_chunk(session: Session, campaign: Campaign, audience: Audience, send
         literal(campaign.content_id, String), literal(campaign.id, String), _CONTACT.c.email,
         literal(sender, String), literal(envelope_sender, String), literal(campaign.subject, Text),
         literal("campaign", String),
-        literal("QUEUED", String), literal(now, UTCDateTime), literal(track_opens, Boolean),
+        literal(EmailStatus.QUEUED, String), literal(now, UTCDateTime), literal(track_opens, Boolean),
         literal(track_clicks, Boolean), message_id).order_by(_CONTACT.c.id).limit(chunk)
     if campaign.fanout_cursor is not None:
         recipients = recipients.where(_CONTACT.c.id > campaign.fanout_cursor)
@@ -186,10 +190,10 @@ def finish_drained(session: Session, now: datetime) -> list[str]:
     """Campaigns whose fan-out is done and whose last email has left the outbox become SENT."""
     queued = select(_OUTBOX.c.id).where(_OUTBOX.c.campaign_id == _CAMPAIGN.c.id).exists()
     done = session.execute(select(_CAMPAIGN.c.id).where(
-        _CAMPAIGN.c.status == "SENDING", _CAMPAIGN.c.fanout_done.is_(True), ~queued)).scalars().all()
+        _CAMPAIGN.c.status == CampaignStatus.SENDING, _CAMPAIGN.c.fanout_done.is_(True), ~queued)).scalars().all()
     if done:
-        session.execute(update(Campaign).where(Campaign.id.in_(done)).values(status="SENT", finished_at=now,
-                                                                            updated_at=now))
+        session.execute(update(Campaign).where(Campaign.id.in_(done)).values(
+            status=CampaignStatus.SENT, finished_at=now, updated_at=now))
     return list(done)
 
 
@@ -201,8 +205,9 @@ def withdraw_queued(session: Session, campaign_id: str) -> int:
     Those a dispatcher holds right now stay; it cancels them itself when it sees the campaign's status
     (`campaign_status`)."""
     waiting = select(_OUTBOX.c.email_id).where(_OUTBOX.c.campaign_id == campaign_id, _OUTBOX.c.claimed_by.is_(None))
-    cancelled = session.execute(update(Email).where(Email.id.in_(waiting)).values(
-        status="CANCELLED", error=CANCELLED_ERROR)).rowcount
+    # An ORM UPDATE returns a CursorResult; Session.execute's stubs only say Result.
+    cancelled = cast(CursorResult[Any], session.execute(update(Email).where(Email.id.in_(waiting)).values(
+        status=EmailStatus.CANCELLED, error=CANCELLED_ERROR))).rowcount
     session.execute(delete(OutboxItem).where(OutboxItem.campaign_id == campaign_id, OutboxItem.claimed_by.is_(None)))
     return cancelled
 
@@ -216,9 +221,9 @@ def campaign_stats(session: Session, campaign_id: str) -> dict[str, int]:
             .where(_EMAIL.c.campaign_id == campaign_id).group_by(_EMAIL.c.status, _EMAIL.c.sent_at.is_not(None))):
         if sent:
             stats["sent"] += count
-        elif status == "QUEUED":
+        elif status == EmailStatus.QUEUED:
             stats["queued"] += count
-        elif status == "CANCELLED":
+        elif status == EmailStatus.CANCELLED:
             stats["cancelled"] += count
         else:
             stats["failed"] += count

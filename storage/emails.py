@@ -19,7 +19,17 @@ from sqlalchemy.orm import Session
 from storage import bulk
 from storage.batch import insert_at_commit
 from storage.domains import sender_domain
-from storage.models import Content, Domain, Email, IdempotencyRecord, OutboxItem, Suppression, new_id, utcnow
+from storage.models import (
+    Content,
+    Domain,
+    Email,
+    EmailStatus,
+    IdempotencyRecord,
+    OutboxItem,
+    Suppression,
+    new_id,
+    utcnow,
+)
 
 _CONTENT = Content.__table__
 _EMAIL = Email.__table__
@@ -85,7 +95,7 @@ def insert_email(session: Session, project_id: str, contact_id: str | None, cont
                                               "envelope_sender": envelope_sender, "subject": subject,
                                               "source": source, "variables": variables,
                                               "message_id": message_id or generated_message_id(email_id, sender),
-                                              "status": "SKIPPED" if skipped else "QUEUED",
+                                              "status": EmailStatus.SKIPPED if skipped else EmailStatus.QUEUED,
                                               "error": SKIPPED_UNSUBSCRIBED if skipped else None,
                                               "created_at": now, "track_opens": track_opens,
                                               "track_clicks": track_clicks})
@@ -121,7 +131,7 @@ def insert_deferred_emails(session: Session, project_id: str, content_id: str, s
     ids = [new_id() for _ in emails]
     bulk.insert_rows(session, _EMAIL, _EMAIL_COLUMNS, [
         [email_id, project_id, email.contact_id, content_id, email.recipient, sender, envelope_sender, subject,
-         source, email.variables, "SKIPPED" if email.skipped else "QUEUED",
+         source, email.variables, EmailStatus.SKIPPED if email.skipped else EmailStatus.QUEUED,
          SKIPPED_UNSUBSCRIBED if email.skipped else None, now, track_opens, track_clicks,
          generated_message_id(email_id, sender)]
         for email_id, email in zip(ids, emails, strict=True)])
@@ -139,8 +149,11 @@ def list_emails(session: Session, project_id: str) -> list[Email]:
     return list(session.execute(select(Email).where(Email.project_id == project_id).order_by(Email.id)).scalars())
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Claimed:
+    """An outbox row a dispatcher leased, with what sending it needs. Built by name from `claim_due`'s
+    labelled columns; keyword-only without defaults, so a field the query does not select fails at once."""
+
     outbox_id: str
     attempts: int
     email_id: str
@@ -152,13 +165,13 @@ class Claimed:
     """The Return-Path to deliver with; None: the From address (`sender`)."""
     raw: bytes
     suppressed: bool
-    content_id: str = ""
-    deferred: bool = False
+    content_id: str
+    deferred: bool
     """`raw` is a message spec (a campaign's, a workflow step's), composed for this recipient when sent."""
-    variables: dict[str, Any] | None = None
+    variables: dict[str, Any] | None
     """A deferred email's own template variables (`Email.variables`)."""
-    track_opens: bool = False
-    track_clicks: bool = False
+    track_opens: bool
+    track_clicks: bool
     """The email's tracking choice: the dispatcher adds the open pixel / click redirects (`Email.track_*`)."""
     message_id: str | None = None
     """Given when the email was accepted (None: an email queued before Message-IDs were stored)."""
@@ -183,13 +196,14 @@ def claim_due(session: Session, worker: str, limit: int, lease_seconds: float, p
     suppressed = select(Suppression.id).where(Suppression.project_id == _EMAIL.c.project_id,
                                               Suppression.email == _EMAIL.c.recipient).exists()
     rows = conn.execute(
-        select(_OUTBOX.c.id, _OUTBOX.c.attempts, _EMAIL.c.id, _EMAIL.c.project_id, _EMAIL.c.contact_id,
-               _EMAIL.c.recipient, _EMAIL.c.sender, _EMAIL.c.envelope_sender, _CONTENT.c.raw, suppressed,
-               _CONTENT.c.id, _CONTENT.c.deferred, _EMAIL.c.variables, _EMAIL.c.track_opens,
+        select(_OUTBOX.c.id.label("outbox_id"), _OUTBOX.c.attempts, _EMAIL.c.id.label("email_id"),
+               _EMAIL.c.project_id, _EMAIL.c.contact_id, _EMAIL.c.recipient, _EMAIL.c.sender,
+               _EMAIL.c.envelope_sender, _CONTENT.c.raw, suppressed.label("suppressed"),
+               _CONTENT.c.id.label("content_id"), _CONTENT.c.deferred, _EMAIL.c.variables, _EMAIL.c.track_opens,
                _EMAIL.c.track_clicks, _EMAIL.c.message_id, _OUTBOX.c.campaign_id)
         .join(_EMAIL, _EMAIL.c.id == _OUTBOX.c.email_id).join(_CONTENT, _CONTENT.c.id == _EMAIL.c.content_id)
-        .where(_OUTBOX.c.id.in_(ids)).order_by(_OUTBOX.c.priority, _OUTBOX.c.due_at))
-    return [Claimed(*row) for row in rows]
+        .where(_OUTBOX.c.id.in_(ids)).order_by(_OUTBOX.c.priority, _OUTBOX.c.due_at)).mappings()
+    return [Claimed(**row) for row in rows]
 
 
 def still_claimed(session: Session, outbox_id: str, worker: str) -> bool:
@@ -202,12 +216,12 @@ _MARK = _EMAIL.update().where(_EMAIL.c.id == bindparam("email_id"))
 
 def mark_sent(session: Session, outbox_id: str, email_id: str, message_id: str, transport_id: str) -> None:
     conn = session.connection()
-    conn.execute(_MARK, {"email_id": email_id, "status": "SENT", "message_id": message_id,
+    conn.execute(_MARK, {"email_id": email_id, "status": EmailStatus.SENT, "message_id": message_id,
                          "transport_id": transport_id, "sent_at": utcnow(), "error": None})
     conn.execute(delete(OutboxItem).where(_OUTBOX.c.id == outbox_id))
 
 
-def mark_failed(session: Session, outbox_id: str, email_id: str, status: str, error: str) -> None:
+def mark_failed(session: Session, outbox_id: str, email_id: str, status: EmailStatus, error: str) -> None:
     conn = session.connection()
     conn.execute(_MARK, {"email_id": email_id, "status": status, "error": error[:2000]})
     conn.execute(delete(OutboxItem).where(_OUTBOX.c.id == outbox_id))

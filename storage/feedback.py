@@ -11,7 +11,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from storage.models import AppliedSnsMessage, Email, Event, utcnow
+from storage.models import AppliedSnsMessage, Email, EmailStatus, Event, utcnow
 
 _APPLIED = AppliedSnsMessage.__table__
 _EMAIL = Email.__table__
@@ -68,7 +68,7 @@ def emails_by_transport_id(session: Session, transport_id: str) -> list[Feedback
     return [FeedbackEmail(*row) for row in rows]
 
 
-def set_status(session: Session, email_id: str, status: str, error: str | None = None,
+def set_status(session: Session, email_id: str, status: EmailStatus, error: str | None = None,
                only_from: tuple[str, ...] | None = None) -> bool:
     """Set the email's status (and `error`, when given); with `only_from`, only if its status is one of
     those. True when the row changed."""

@@ -8,7 +8,8 @@ import os
 import threading
 import time
 from datetime import UTC, datetime
-from typing import Any
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -23,6 +24,7 @@ from sqlalchemy import (
     LargeBinary,
     SmallInteger,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
@@ -31,6 +33,54 @@ from sqlalchemy.sql.expression import false, text
 from sqlalchemy.types import TypeDecorator
 
 from storage.secrets import WEBHOOK_SECRET_SQLITE_TYPE, EncryptedText
+
+
+class EmailStatus(StrEnum):
+    """`emails.status`. Written QUEUED, or SKIPPED (marketing mail to a contact who is not subscribed);
+    the dispatcher settles it SENT, FAILED, BOUNCED (refused for good at SMTP) or SUPPRESSED; SES feedback
+    makes a sent one DELIVERED, BOUNCED or COMPLAINED; cancelling a campaign makes its waiting ones CANCELLED.
+    Stored and shown as the plain text (a StrEnum member is that str)."""
+
+    QUEUED = "QUEUED"
+    SKIPPED = "SKIPPED"
+    SENT = "SENT"
+    DELIVERED = "DELIVERED"
+    FAILED = "FAILED"
+    BOUNCED = "BOUNCED"
+    COMPLAINED = "COMPLAINED"
+    SUPPRESSED = "SUPPRESSED"
+    CANCELLED = "CANCELLED"
+
+
+class CampaignStatus(StrEnum):
+    """`campaigns.status`: DRAFT → SCHEDULED → SENDING → SENT, or CANCELLED."""
+
+    DRAFT = "DRAFT"
+    SCHEDULED = "SCHEDULED"
+    SENDING = "SENDING"
+    SENT = "SENT"
+    CANCELLED = "CANCELLED"
+
+
+class RunStatus(StrEnum):
+    """`workflow_runs.status`: ACTIVE (a step is due), WAITING (for an event, or its timeout), then one of
+    the ended ones."""
+
+    ACTIVE = "ACTIVE"
+    WAITING = "WAITING"
+    COMPLETED = "COMPLETED"
+    EXITED = "EXITED"
+    CANCELLED = "CANCELLED"
+    FAILED = "FAILED"
+
+
+class WebhookDeliveryStatus(StrEnum):
+    """`webhook_deliveries.status`: PENDING until a 2xx (DELIVERED) or it gives up (FAILED)."""
+
+    PENDING = "PENDING"
+    DELIVERED = "DELIVERED"
+    FAILED = "FAILED"
+
 
 _last_stamp = 0
 _stamp_lock = threading.Lock()
@@ -80,6 +130,11 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, datetime: UTCDateTime}
+
+    if TYPE_CHECKING:
+        # Declarative types `__table__` as any FromClause (a class may be mapped to a select); every model
+        # here is declared with `__tablename__`, so it is a Table, with insert(), update() and delete().
+        __table__: ClassVar[Table]
 
 
 class Project(Base):
@@ -173,7 +228,7 @@ class Email(Base):
     """A deferred email's own template variables (a workflow run's event data and its send step's data),
     laid over the contact's data when the dispatcher composes it; None: the contact's data alone."""
     source: Mapped[str] = mapped_column(String(8))
-    status: Mapped[str] = mapped_column(String(16), default="QUEUED")
+    status: Mapped[str] = mapped_column(String(16), default=EmailStatus.QUEUED)
     message_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
     transport_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -290,7 +345,7 @@ class Campaign(Base):
     segment_snapshot: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     """The segment (id, name, condition) a finished campaign went to, kept here when that segment is deleted."""
     recipients: Mapped[list[str]] = mapped_column(JSON, default=list)
-    status: Mapped[str] = mapped_column(String(12), default="DRAFT")
+    status: Mapped[str] = mapped_column(String(12), default=CampaignStatus.DRAFT)
     scheduled_at: Mapped[datetime | None] = mapped_column(nullable=True)
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
@@ -348,8 +403,8 @@ class WorkflowRun(Base):
     workflow_id: Mapped[str] = mapped_column(ForeignKey("workflows.id", ondelete="CASCADE"))
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
     contact_id: Mapped[str] = mapped_column(ForeignKey("contacts.id", ondelete="CASCADE"))
-    status: Mapped[str] = mapped_column(String(12), default="ACTIVE")
-    """ACTIVE (a step is due), WAITING (for an event, or its timeout), COMPLETED, EXITED, CANCELLED, FAILED."""
+    status: Mapped[str] = mapped_column(String(12), default=RunStatus.ACTIVE)
+    """A `RunStatus`."""
     step_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     due_at: Mapped[datetime | None] = mapped_column(nullable=True)
     waiting_for: Mapped[str | None] = mapped_column(String(200), nullable=True)
@@ -454,7 +509,7 @@ class WebhookDelivery(Base):
     """Not a foreign key: the delivery outlives a deleted event. None for a test delivery."""
     event_name: Mapped[str] = mapped_column(String(200))
     payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    status: Mapped[str] = mapped_column(String(12), default="PENDING")
+    status: Mapped[str] = mapped_column(String(12), default=WebhookDeliveryStatus.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     due_at: Mapped[datetime] = mapped_column(default=utcnow)
     """PENDING: when the next attempt is due (a claim moves it to the end of its lease); otherwise when it

@@ -53,7 +53,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.functions import FunctionElement
 
-from storage.models import Campaign, Contact, Event, Segment, SegmentMember, new_id, utcnow
+from storage.models import Campaign, CampaignStatus, Contact, Event, Segment, SegmentMember, new_id, utcnow
 from storage.pagination import Page, paginate
 
 CONTACTS = Contact.__table__
@@ -225,7 +225,8 @@ def parse_instant(text: str) -> datetime:
     (`2024-03-01T10:00:00Z`, `2024-03-01T12:00:00.5+02:00`) as an aware UTC datetime, clamped to the
     years 1-9999. ValueError for anything else (what JSON schema's `date` and `date-time` refuse)."""
     if (match := _DATE.fullmatch(text)) is not None:
-        return datetime(*map(int, match.groups()), tzinfo=UTC)
+        year, month, day = match.groups()
+        return datetime(int(year), int(month), int(day), tzinfo=UTC)
     match = _DATE_TIME.fullmatch(text)
     if match is None:
         raise ValueError(f"not an ISO 8601 date or date-time: {text!r}")
@@ -373,7 +374,7 @@ def delete_segment(session: Session, segment_id: str) -> None:
     session.connection().execute(delete(_SEGMENTS).where(_SEGMENTS.c.id == segment_id))
 
 
-FINISHED_CAMPAIGNS = ("SENT", "CANCELLED")
+FINISHED_CAMPAIGNS = (CampaignStatus.SENT, CampaignStatus.CANCELLED)
 
 
 def segment_in_use(session: Session, segment_id: str) -> bool:

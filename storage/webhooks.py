@@ -23,14 +23,24 @@ from sqlalchemy.orm import Session
 
 from storage.batch import insert_at_commit
 from storage.interest import ProjectInterest
-from storage.models import Contact, Project, WebhookDelivery, WebhookEndpoint, iso, new_id, utcnow
+from storage.models import (
+    Contact,
+    Project,
+    WebhookDelivery,
+    WebhookDeliveryStatus,
+    WebhookEndpoint,
+    iso,
+    new_id,
+    utcnow,
+)
 from storage.pagination import Page, paginate
 
 ENDPOINTS = WebhookEndpoint.__table__
 DELIVERIES = WebhookDelivery.__table__
 _INSERT_DELIVERY = DELIVERIES.insert()
-PENDING, DELIVERED, FAILED = "PENDING", "DELIVERED", "FAILED"
-STATUSES = (PENDING, DELIVERED, FAILED)
+PENDING, DELIVERED, FAILED = (WebhookDeliveryStatus.PENDING, WebhookDeliveryStatus.DELIVERED,
+                              WebhookDeliveryStatus.FAILED)
+STATUSES = tuple(WebhookDeliveryStatus)
 SETTLED = (DELIVERED, FAILED)
 WILDCARDS = {"*": "", "email.*": "email.", "contact.*": "contact.", "segment.*": "segment."}
 """Patterns an endpoint may listen for, besides exact event names: each matches the names it starts with."""
@@ -71,7 +81,7 @@ def interest(session: Session, project_id: str) -> frozenset[str]:
 # ---------------------------------------------------------------------------------------------------
 # Queuing deliveries.
 
-def event_payload(event_id: str | None, name: str, contact: dict[str, str] | None, email_id: str | None,
+def event_payload(event_id: str | None, name: str, contact: dict[str, str | None] | None, email_id: str | None,
                   data: dict[str, Any], at: datetime) -> dict[str, Any]:
     """The JSON body every attempt POSTs (see docs/api.md): `{type, timestamp, data: {event, name, contact,
     email, data}}`."""

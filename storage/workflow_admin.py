@@ -13,11 +13,11 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from storage.models import Template, Workflow, WorkflowRun, WorkflowTrigger, iso, utcnow
+from storage.models import RunStatus, Template, Workflow, WorkflowRun, WorkflowTrigger, iso, utcnow
 from storage.pagination import Page, paginate
 
-LIVE_STATUSES = ("ACTIVE", "WAITING")
-RUN_STATUSES = ("ACTIVE", "WAITING", "COMPLETED", "EXITED", "CANCELLED", "FAILED")
+LIVE_STATUSES = (RunStatus.ACTIVE, RunStatus.WAITING)
+RUN_STATUSES = tuple(RunStatus)
 
 
 @dataclass(frozen=True)
@@ -99,9 +99,9 @@ def delete_workflow(session: Session, workflow: Workflow) -> None:
 
 def live_positions(session: Session, workflow_id: str) -> set[str]:
     """The step ids that ACTIVE or WAITING runs of the workflow sit on."""
-    return set(session.execute(select(WorkflowRun.step_id).distinct().where(
-        WorkflowRun.workflow_id == workflow_id, WorkflowRun.status.in_(LIVE_STATUSES),
-        WorkflowRun.step_id.is_not(None))).scalars())
+    step_ids = session.execute(select(WorkflowRun.step_id).distinct().where(
+        WorkflowRun.workflow_id == workflow_id, WorkflowRun.status.in_(LIVE_STATUSES))).scalars()
+    return {step_id for step_id in step_ids if step_id is not None}
 
 
 def list_runs(session: Session, workflow_id: str, limit: int, cursor: str | None) -> Page:
@@ -120,7 +120,7 @@ def cancel_run(session: Session, run: WorkflowRun, now: datetime, step_type: str
     """Mark a live run CANCELLED (nothing is due for it any more) and note it in its history."""
     history = list(run.history or [])
     history.append({"step": run.step_id, "type": step_type, "at": iso(now), "outcome": "cancelled"})
-    run.status = "CANCELLED"
+    run.status = RunStatus.CANCELLED
     run.due_at = None
     run.waiting_for = None
     run.history = history
@@ -152,8 +152,8 @@ def _definitions(session: Session, project_id: str) -> list[tuple[str, str, str,
 
 def _sent_templates(definition: dict[str, Any]) -> set[str]:
     steps = definition.get("steps") if isinstance(definition, dict) else None
-    return {step.get("template") for step in steps or []
-            if isinstance(step, dict) and step.get("type") == "send"}
+    return {step["template"] for step in steps or []
+            if isinstance(step, dict) and step.get("type") == "send" and isinstance(step.get("template"), str)}
 
 
 def template_workflows(session: Session, template_id: str) -> list[WorkflowRef]:

@@ -16,7 +16,7 @@ A run's position (see `pipeline.workflows` for the grammar and the engine):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
@@ -34,6 +34,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
 from storage import bulk
@@ -42,6 +43,7 @@ from storage.models import (
     Contact,
     Event,
     Project,
+    RunStatus,
     UTCDateTime,
     Workflow,
     WorkflowRun,
@@ -55,9 +57,9 @@ TRIGGERS = WorkflowTrigger.__table__
 RUNS = WorkflowRun.__table__
 _EVENTS = Event.__table__
 _CONTACTS = Contact.__table__
-LIVE = ("ACTIVE", "WAITING")
+LIVE = (RunStatus.ACTIVE, RunStatus.WAITING)
 """Statuses of a run that is not over."""
-ENDED = ("COMPLETED", "EXITED", "CANCELLED", "FAILED")
+ENDED = (RunStatus.COMPLETED, RunStatus.EXITED, RunStatus.CANCELLED, RunStatus.FAILED)
 INTEREST_TTL = 2.0
 """Seconds a process trusts its cached answer to "which events does this project's workflows listen for"."""
 
@@ -156,7 +158,7 @@ def _start_statement(dialect: str) -> Any:
         _EVENTS.c.contact_id == bindparam("contact_id"),
         _EVENTS.c.name.in_(select(excluded.c.value))).correlate(WORKFLOWS).exists())
     source = (select(run_id, WORKFLOWS.c.id, bindparam("project_id", type_=String()),
-                     bindparam("contact_id", type_=String()), literal("ACTIVE", String()),
+                     bindparam("contact_id", type_=String()), literal(RunStatus.ACTIVE, String()),
                      func.substr(WORKFLOWS.c.definition[("steps", 0, "id")].as_string(), 1, 64),
                      bindparam("now", type_=UTCDateTime()), literal(None, String()),
                      case((WORKFLOWS.c.run_once.is_(True), literal("once", String())), else_=run_id),
@@ -182,9 +184,9 @@ def start_runs(session: Session, project_id: str, contact_id: str, event_name: s
         "event_id": event_id, "data": data or {}, "history": [], "now": now}).rowcount
 
 
-_RESUME = (update(RUNS).where(RUNS.c.contact_id == bindparam("c"), RUNS.c.status == "WAITING",
+_RESUME = (update(RUNS).where(RUNS.c.contact_id == bindparam("c"), RUNS.c.status == RunStatus.WAITING,
                               RUNS.c.waiting_for == bindparam("e"))
-           .values(status="ACTIVE", due_at=bindparam("now"), updated_at=bindparam("now")))
+           .values(status=RunStatus.ACTIVE, due_at=bindparam("now"), updated_at=bindparam("now")))
 
 
 def resume_waiting(session: Session, contact_id: str, event_name: str, now: datetime) -> int:
@@ -200,10 +202,11 @@ def start_run(session: Session, workflow: Workflow, contact_id: str, now: dateti
     steps = (workflow.definition or {}).get("steps") if isinstance(workflow.definition, dict) else None
     first = steps[0].get("id") if isinstance(steps, list) and steps and isinstance(steps[0], dict) else None
     run_id = new_id()
-    values = {"id": run_id, "workflow_id": workflow.id, "project_id": workflow.project_id, "contact_id": contact_id,
-              "status": "ACTIVE", "step_id": str(first)[:64] if first is not None else None, "due_at": now,
-              "waiting_for": None, "once_key": "once" if workflow.run_once else run_id, "trigger_event_id": None,
-              "context": context or {}, "history": [], "emails_sent": 0, "created_at": now, "updated_at": now}
+    values: dict[str, Any] = {
+        "id": run_id, "workflow_id": workflow.id, "project_id": workflow.project_id, "contact_id": contact_id,
+        "status": RunStatus.ACTIVE, "step_id": str(first)[:64] if first is not None else None, "due_at": now,
+        "waiting_for": None, "once_key": "once" if workflow.run_once else run_id, "trigger_event_id": None,
+        "context": context or {}, "history": [], "emails_sent": 0, "created_at": now, "updated_at": now}
     insert = sqlite_insert(RUNS) if session.get_bind().dialect.name == "sqlite" else pg_insert(RUNS)
     done = session.connection().execute(insert.on_conflict_do_nothing(), values).rowcount
     return run_id if done else None
@@ -229,13 +232,12 @@ class RunRecord:
     created_at: datetime
 
 
-_CLAIM_COLUMNS = [RUNS.c[name] for name in ("id", "workflow_id", "project_id", "contact_id", "status", "step_id",
-                                            "due_at", "waiting_for", "trigger_event_id", "context", "history",
-                                            "emails_sent", "created_at")]
+_CLAIM_COLUMNS = [RUNS.c[field.name] for field in fields(RunRecord)]
+"""Each field of RunRecord is the workflow_runs column of its name, and the record is built by name."""
 
 
-def _record(row: Any) -> RunRecord:
-    record = RunRecord(*row)
+def _record(row: Row[Any]) -> RunRecord:
+    record = RunRecord(**row._mapping)
     record.context = record.context if isinstance(record.context, dict) else {}
     record.history = list(record.history) if isinstance(record.history, list) else []
     return record
@@ -254,7 +256,7 @@ def claim_due(session: Session, now: datetime, limit: int, postgres: bool) -> li
     `FOR UPDATE SKIP LOCKED`, so schedulers on several nodes share the work; SQLite has one writer). Each
     status is read in its index order, so a backlog costs no sort."""
     conn = session.connection()
-    rows: list[Any] = []
+    rows: list[Row[Any]] = []
     for status in LIVE:
         stmt = (select(*_CLAIM_COLUMNS).where(RUNS.c.status == status, RUNS.c.due_at <= now)
                 .order_by(RUNS.c.due_at).limit(limit))
@@ -348,7 +350,7 @@ def advance_if_at(session: Session, run_id: str, step_id: str, leased_until: dat
                   values: dict[str, Any]) -> bool:
     """Move a run on from `step_id` only if it is still there under the lease this process set (a webhook
     posted after a commit); False if another scheduler took it over meanwhile."""
-    stmt = update(RUNS).where(RUNS.c.id == run_id, RUNS.c.status == "ACTIVE", RUNS.c.step_id == step_id,
+    stmt = update(RUNS).where(RUNS.c.id == run_id, RUNS.c.status == RunStatus.ACTIVE, RUNS.c.step_id == step_id,
                               RUNS.c.due_at == leased_until).values(**values)
     return session.connection().execute(stmt).rowcount == 1
 

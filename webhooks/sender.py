@@ -24,6 +24,7 @@ it is sent again, with the same `webhook-id`, when the lease runs out (at least 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -209,8 +210,9 @@ class WebhookSender(DueLoop):
             batch, self._outcomes = self._outcomes, []
             outcomes = [outcome for outcome, _ in batch]
             try:
-                results = await self.db.write(lambda s, outcomes=outcomes: store.record_attempts(
-                    s, outcomes, settings.disable_after_failures, settings.disable_after_seconds), light=True)
+                results = await self.db.write(functools.partial(
+                    store.record_attempts, outcomes=outcomes, disable_after_failures=settings.disable_after_failures,
+                    disable_after_seconds=settings.disable_after_seconds), light=True)
             except Exception as exc:
                 for _, future in batch:
                     if not future.done():

@@ -187,13 +187,16 @@ def token_page(prefix: str, handler: PageHandler) -> Callable[[web.Request], Awa
 
 def _routes(kind: str, get: PageHandler, post: PageHandler | None) -> list[Route]:
     path = f"/{kind}/{{token:.*}}"
-    common = {"auth": None, "scope": "root", "tag": "Pages", "page": True}
-    routes = [Route("GET", path, token_page(f"/{kind}", get), f"The {kind} page", head=True, **common)]
+
+    def page(method: str, handler: PageHandler, summary: str, head: bool = False) -> Route:
+        return Route(method, path, token_page(f"/{kind}", handler), summary, auth=None, scope="root", tag="Pages",
+                     page=True, head=head)
+
+    routes = [page("GET", get, f"The {kind} page", head=True)]
     if post is not None:
-        routes.append(Route("POST", path, token_page(f"/{kind}", post), f"Submit the {kind} page", **common))
+        routes.append(page("POST", post, f"Submit the {kind} page"))
     allow = "GET, HEAD, POST" if post is not None else "GET, HEAD"
-    return routes + [Route("*", path, token_page(f"/{kind}", method_not_allowed(allow)), "Any other method: 405",
-                           **common)]
+    return routes + [page("*", method_not_allowed(allow), "Any other method: 405")]
 
 
 ROUTES: list[Route] = [

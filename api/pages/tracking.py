@@ -67,10 +67,13 @@ async def clicked(request: web.Request, token: str) -> web.Response:
 
 def _routes(kind: str, handler: PageHandler, summary: str) -> list[Route]:
     path = f"/t/{kind}/{{token:.*}}"
-    common = {"auth": None, "scope": "root", "tag": "Tracking", "page": True}
-    return [Route("GET", path, token_page(f"/t/{kind}", handler), summary, head=True, **common),
-            Route("*", path, token_page(f"/t/{kind}", method_not_allowed("GET, HEAD")), "Any other method: 405",
-                  **common)]
+
+    def page(method: str, page_handler: PageHandler, page_summary: str, head: bool = False) -> Route:
+        return Route(method, path, token_page(f"/t/{kind}", page_handler), page_summary, auth=None, scope="root",
+                     tag="Tracking", page=True, head=head)
+
+    return [page("GET", handler, summary, head=True),
+            page("*", method_not_allowed("GET, HEAD"), "Any other method: 405")]
 
 
 ROUTES: list[Route] = [*_routes("o", opened, "The open-tracking pixel"),
