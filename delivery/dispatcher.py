@@ -32,10 +32,10 @@ from sqlalchemy.orm import Session
 from delivery import dkim
 from delivery.bucket import TokenBucket
 from delivery.transports import SendResult, Transport
+from pipeline.events import record_event
 from plunkd import metrics
 from plunkd.config import DeliveryConfig
 from storage import emails as email_store
-from storage import events as event_store
 from storage.db import Database
 from storage.emails import Claimed
 from storage.models import Domain, utcnow
@@ -201,9 +201,9 @@ class Dispatcher:
         if result.outcome == "sent":
             def work(session) -> None:
                 email_store.mark_sent(session, item.outbox_id, item.email_id, message_id, result.transport_id)
-                event_store.insert_event(session, item.project_id, item.contact_id, "email.sent",
-                                         {"messageId": result.transport_id, "transport": self.transport.name},
-                                         email_id=item.email_id)
+                record_event(session, item.project_id, item.contact_id, "email.sent",
+                             {"messageId": result.transport_id, "transport": self.transport.name},
+                             email_id=item.email_id)
 
             await self.db.write(work, light=True)
             metrics.EMAILS_SENT.labels(self.transport.name).inc()

@@ -1,10 +1,10 @@
-"""Outbound webhook queries: endpoints, queuing a delivery per matching endpoint when an event is recorded
-(called by `storage.events.insert_event`, in the event's own transaction), claiming due deliveries with a
+"""Outbound webhook queries: endpoints, the endpoints listening for an event and queuing a delivery to each
+(for `pipeline.events.record_event`, in the event's own transaction), claiming due deliveries with a
 lease, recording each attempt, and the endpoint's failure streak.
 
 Queuing costs nothing on the event path of a project without endpoints: a per-process cache holds, per
-project, the event names and patterns its enabled endpoints listen for (see `storage.workflows`, whose
-"interest" this mirrors). An endpoint written in this process is forgotten at once and again at the
+project, the event names and patterns its enabled endpoints listen for (`interest`, as `storage.workflows`
+has one). An endpoint written in this process is forgotten at once and again at the
 commit; one written by another process is seen within `INTEREST_TTL` seconds.
 
 A delivery's lease is its due time, as in the outbox: a claim moves `due_at` to the end of the lease and
@@ -32,18 +32,9 @@ _INSERT_DELIVERY = DELIVERIES.insert()
 PENDING, DELIVERED, FAILED = "PENDING", "DELIVERED", "FAILED"
 STATUSES = (PENDING, DELIVERED, FAILED)
 SETTLED = (DELIVERED, FAILED)
-WILDCARDS = {"*": "", "email.*": "email.", "contact.*": "contact.", "segment.*": "segment."}
-"""Patterns an endpoint may listen for, besides exact event names: each matches the names it starts with."""
-TEST_EVENT = "webhook.test"
-"""The type of the delivery `POST /webhooks/:id/test` sends (never an event of its own)."""
 ATTEMPT_LOG_CAP = 20
 """Attempts kept in a delivery's log (the latest); `attempts` counts them all."""
 INTEREST_TTL = 2.0
-
-
-def patterns_for(name: str) -> frozenset[str]:
-    """What an endpoint's `events` must hold to receive event `name`: the name or a pattern matching it."""
-    return frozenset([name, *(pattern for pattern, prefix in WILDCARDS.items() if name.startswith(prefix))])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -71,46 +62,24 @@ def interest(session: Session, project_id: str) -> frozenset[str]:
 # ---------------------------------------------------------------------------------------------------
 # Queuing deliveries.
 
-def event_payload(event_id: str | None, name: str, contact: dict[str, str] | None, email_id: str | None,
-                  data: dict[str, Any], at: datetime) -> dict[str, Any]:
-    """The JSON body every attempt POSTs (see docs/api.md): `{type, timestamp, data: {event, name, contact,
-    email, data}}`."""
-    return {"type": name, "timestamp": iso(at),
-            "data": {"event": event_id, "name": name, "contact": contact, "email": email_id, "data": data}}
-
-
 _LISTENING = select(ENDPOINTS.c.id, ENDPOINTS.c.events).where(ENDPOINTS.c.project_id == bindparam("project_id"),
                                                               ENDPOINTS.c.enabled.is_(True))
 _CONTACT_EMAIL = select(Contact.email).where(Contact.id == bindparam("contact_id"))
 
 
-def on_event(session: Session, project_id: str, contact_id: str | None, name: str, event_id: str,
-             data: dict[str, Any], email_id: str | None, now: datetime) -> int:
-    """The webhook side of recording an event (from `storage.events.insert_event`): one PENDING delivery,
-    due now, for each enabled endpoint of the project listening for it, written with the event's
-    transaction. A dictionary lookup when no endpoint listens for `name`. Returns how many were queued."""
-    wanted = interest(session, project_id)
-    if not wanted:
-        return 0
-    matching = patterns_for(name)
-    if wanted.isdisjoint(matching):
-        return 0
-    conn = session.connection()
-    endpoint_ids = [row.id for row in conn.execute(_LISTENING, {"project_id": project_id})
-                    if isinstance(row.events, list) and not matching.isdisjoint(row.events)]
-    if not endpoint_ids:
-        return 0
-    contact = None
-    if contact_id is not None:
-        contact = {"id": contact_id, "email": conn.execute(_CONTACT_EMAIL, {"contact_id": contact_id}).scalar()}
-    payload = event_payload(event_id, name, contact, email_id, data or {}, now)
-    for endpoint_id in endpoint_ids:
-        _queue(session, endpoint_id, event_id, name, payload, now)
-    return len(endpoint_ids)
+def listening_endpoints(session: Session, project_id: str, names: frozenset[str]) -> list[str]:
+    """The ids of the project's enabled endpoints whose `events` hold one of `names`."""
+    rows = session.connection().execute(_LISTENING, {"project_id": project_id})
+    return [row.id for row in rows if isinstance(row.events, list) and not names.isdisjoint(row.events)]
 
 
-def _queue(session: Session, endpoint_id: str, event_id: str | None, name: str, payload: dict[str, Any],
-           now: datetime) -> str:
+def contact_email(session: Session, contact_id: str) -> str | None:
+    return session.connection().execute(_CONTACT_EMAIL, {"contact_id": contact_id}).scalar()
+
+
+def queue_delivery(session: Session, endpoint_id: str, event_id: str | None, name: str, payload: dict[str, Any],
+                   now: datetime) -> str:
+    """One PENDING delivery due now, written at commit with the batch's others (`storage.batch`)."""
     delivery_id = new_id()
     insert_at_commit(session, _INSERT_DELIVERY, {
         "id": delivery_id, "endpoint_id": endpoint_id, "event_id": event_id, "event_name": name, "payload": payload,
@@ -119,10 +88,10 @@ def _queue(session: Session, endpoint_id: str, event_id: str | None, name: str, 
     return delivery_id
 
 
-def queue_test(session: Session, endpoint: WebhookEndpoint, now: datetime) -> WebhookDelivery:
-    """A `webhook.test` delivery to this endpoint, due now (POST /webhooks/:id/test)."""
-    payload = event_payload(None, TEST_EVENT, None, None, {"message": "A test delivery from plunkd"}, now)
-    delivery = WebhookDelivery(endpoint_id=endpoint.id, event_id=None, event_name=TEST_EVENT, payload=payload,
+def queue_test(session: Session, endpoint: WebhookEndpoint, name: str, payload: dict[str, Any],
+               now: datetime) -> WebhookDelivery:
+    """A delivery of `payload` to this endpoint that no event made, due now (POST /webhooks/:id/test)."""
+    delivery = WebhookDelivery(endpoint_id=endpoint.id, event_id=None, event_name=name, payload=payload,
                                status=PENDING, attempts=0, due_at=now, attempt_log=[], created_at=now,
                                updated_at=now)
     session.add(delivery)

@@ -1,5 +1,5 @@
-"""Workflow queries: the workflows and their triggers, starting and resuming runs from an event (called by
-`storage.events.insert_event`, in the event's own transaction), claiming due runs, advancing them, stats.
+"""Workflow queries: the workflows and their triggers, starting and resuming runs from an event (for
+`pipeline.events.record_event`, in the event's own transaction), claiming due runs, advancing them, stats.
 
 Starting runs costs nothing on the event path of a project whose workflows do not listen for the event:
 a per-process cache says which event names start runs (enabled workflows' triggers) or may resume a waiting
@@ -116,18 +116,6 @@ def interest(session: Session, project_id: str) -> Interest:
         return Interest(triggers, frozenset(waits)) if triggers or waits else _NOTHING
 
     return _interest.get(session, project_id, load)
-
-
-def on_event(session: Session, project_id: str, contact_id: str, name: str, event_id: str,
-             data: dict[str, Any], now: datetime) -> None:
-    """The workflow side of recording an event (from `storage.events.insert_event`): start the runs it
-    triggers and resume the runs waiting for it, in the event's transaction. A dictionary lookup when no
-    workflow of the project listens for `name`."""
-    wanted = interest(session, project_id)
-    if name in wanted.triggers:
-        start_runs(session, project_id, contact_id, name, event_id, data, now)
-    if name in wanted.waits:
-        resume_waiting(session, contact_id, name, now)
 
 
 # ---------------------------------------------------------------------------------------------------
