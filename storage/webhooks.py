@@ -22,6 +22,7 @@ from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from storage.batch import insert_at_commit
+from storage.claims import DueClaim
 from storage.interest import ProjectInterest
 from storage.models import Contact, Project, WebhookDelivery, WebhookEndpoint, iso, new_id, utcnow
 from storage.pagination import Page, paginate
@@ -243,11 +244,8 @@ class Recorded:
 _EARLIEST = select(func.min(DELIVERIES.c.due_at)).where(DELIVERIES.c.status == PENDING)
 # Built once, with bind parameters: the sender runs these for every delivery, and building a statement
 # costs more than the database's work.
-_DUE = (select(DELIVERIES.c.id).where(DELIVERIES.c.status == PENDING, DELIVERIES.c.due_at <= bindparam("now"))
-        .order_by(DELIVERIES.c.due_at).limit(bindparam("limit")))
-_DUE_SKIP_LOCKED = _DUE.with_for_update(skip_locked=True)
-_LEASE = (update(DELIVERIES).where(DELIVERIES.c.id.in_(bindparam("ids", expanding=True)))
-          .values(due_at=bindparam("lease_until"), claimed_by=bindparam("claim")))
+_DUE = DueClaim(select(DELIVERIES.c.id).where(DELIVERIES.c.status == PENDING, DELIVERIES.c.due_at <= bindparam("now"))
+                .order_by(DELIVERIES.c.due_at).limit(bindparam("limit")), lease=DELIVERIES)
 _CLAIMED = (select(DELIVERIES.c.id, DELIVERIES.c.endpoint_id, ENDPOINTS.c.project_id, DELIVERIES.c.event_name,
                    DELIVERIES.c.payload, DELIVERIES.c.attempts, DELIVERIES.c.attempt_log, DELIVERIES.c.created_at,
                    ENDPOINTS.c.url, ENDPOINTS.c.secret, ENDPOINTS.c.previous_secret,
@@ -275,12 +273,11 @@ def claim_due(session: Session, now: datetime, limit: int, lease_seconds: float,
     """Up to `limit` due deliveries, longest due first, leased until now + `lease_seconds` under a new claim
     token (PostgreSQL: `FOR UPDATE SKIP LOCKED`, so senders on several nodes share the work). A delivery
     whose endpoint was disabled meanwhile is failed here instead."""
-    conn = session.connection()
-    ids = list(conn.execute(_DUE_SKIP_LOCKED if postgres else _DUE, {"now": now, "limit": limit}).scalars())
+    token = new_id()
+    ids = [row.id for row in _DUE.claim(session, now, limit, postgres, now + timedelta(seconds=lease_seconds), token)]
     if not ids:
         return []
-    token = new_id()
-    conn.execute(_LEASE, {"ids": ids, "lease_until": now + timedelta(seconds=lease_seconds), "claim": token})
+    conn = session.connection()
     claimed, orphaned = [], []
     for row in conn.execute(_CLAIMED, {"ids": ids}):
         if not row.enabled:

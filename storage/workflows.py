@@ -37,6 +37,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from storage import bulk
+from storage.claims import DueClaim
 from storage.interest import ProjectInterest
 from storage.models import (
     Contact,
@@ -237,20 +238,16 @@ def earliest_due(session: Session) -> datetime | None:
     return min((moment for moment in times if moment is not None), default=None)
 
 
+_DUE = DueClaim(*(select(*_CLAIM_COLUMNS).where(RUNS.c.status == status, RUNS.c.due_at <= bindparam("now"))
+                  .order_by(RUNS.c.due_at).limit(bindparam("limit")) for status in LIVE),
+                merge_key=lambda row: row.due_at)
+"""One select per live status, each read in its index order, so a backlog costs no sort."""
+
+
 def claim_due(session: Session, now: datetime, limit: int, postgres: bool) -> list[RunRecord]:
-    """Up to `limit` runs due by `now`, earliest first, locked until the transaction ends (PostgreSQL:
-    `FOR UPDATE SKIP LOCKED`, so schedulers on several nodes share the work; SQLite has one writer). Each
-    status is read in its index order, so a backlog costs no sort."""
-    conn = session.connection()
-    rows: list[Any] = []
-    for status in LIVE:
-        stmt = (select(*_CLAIM_COLUMNS).where(RUNS.c.status == status, RUNS.c.due_at <= now)
-                .order_by(RUNS.c.due_at).limit(limit))
-        if postgres:
-            stmt = stmt.with_for_update(skip_locked=True)
-        rows.extend(conn.execute(stmt))
-    rows.sort(key=lambda row: row.due_at)
-    return [_record(row) for row in rows[:limit]]
+    """Up to `limit` runs due by `now`, earliest first, locked until the transaction ends (no lease: the
+    scheduler executes them in the claiming transaction; see `storage.claims`)."""
+    return [_record(row) for row in _DUE.claim(session, now, limit, postgres)]
 
 
 def get_run_record(session: Session, run_id: str, postgres: bool = False) -> RunRecord | None:
