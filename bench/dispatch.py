@@ -38,9 +38,10 @@ class TimedTransport(SmtpTransport):
         super().__init__(settings)
         self.sent_at: list[float] = []
 
-    async def send(self, sender: str, recipients: list[str], message: bytes) -> SendResult:
+    async def send(self, sender: str, recipients: list[str], message: bytes,
+                   envelope_sender: str | None = None) -> SendResult:
         self.sent_at.append(time.monotonic())
-        return await super().send(sender, recipients, message)
+        return await super().send(sender, recipients, message, envelope_sender=envelope_sender)
 
 
 async def queue(db: Database, project_id: str, count: int) -> None:
