@@ -21,6 +21,7 @@ from api.serialize import page_json
 from api.validation import NO_NUL, PAGE_QUERY, Body, page_params, read_body
 from pipeline import webhooks as rules
 from pipeline.errors import FieldError, ValidationFailed
+from pipeline.events import WILDCARDS
 from pipeline.webhook_targets import MAX_URL, URL_PATTERN, check_target
 from storage import webhooks as store
 from storage.models import WebhookDelivery, WebhookEndpoint, utcnow
@@ -31,7 +32,7 @@ WebhookUrl = Annotated[str, StringConstraints(max_length=MAX_URL), WithJsonSchem
                    "is on, its host may resolve only to public addresses"})]
 EventName = Annotated[str, StringConstraints(min_length=1, max_length=rules.MAX_EVENT_NAME), WithJsonSchema({
     "type": "string", "minLength": 1, "maxLength": rules.MAX_EVENT_NAME, "pattern": NO_NUL,
-    "anyOf": [{"enum": [*rules.SYSTEM_EVENTS, *store.WILDCARDS]},
+    "anyOf": [{"enum": [*rules.SYSTEM_EVENTS, *WILDCARDS]},
               {"pattern": "^segment\\.[^.]+\\.(entry|exit)$"},
               {"not": {"pattern": "^\\s*(email|contact|segment)\\."}}],
     "description": "An event name you track, a system event, or a pattern: * (all), email.*, contact.*, "

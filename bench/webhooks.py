@@ -6,7 +6,7 @@ better of the two counts). Ratio printed.
     python -m bench.webhooks [--deliveries 5000] [--concurrency 16] [--database-url postgresql+asyncpg://…]
 
 The receiver runs in a process of its own (this file with --serve), so it does not share the sender's loop.
-The deliveries are queued first (events recorded through `storage.events.insert_event`, which queues them),
+The deliveries are queued first (events recorded through `pipeline.events.record_event`, which queues them),
 then the sender is timed from its first claim until the last one is recorded.
 """
 
@@ -24,11 +24,10 @@ from sqlalchemy import func, select
 from bench.common import free_port, fresh_database, server_process, temp_dir
 from core.config import WebhooksConfig
 from pipeline import webhooks as rules
+from pipeline.events import event_payload, record_event
 from pipeline.projects import create_project
 from storage.db import Database
-from storage.events import insert_event
 from storage.models import WebhookDelivery, utcnow
-from storage.webhooks import event_payload
 from webhooks.client import body_of
 from webhooks.sender import WebhookSender
 
@@ -69,7 +68,7 @@ async def queue(db: Database, count: int, url: str) -> str:
 
         def record(session, size=size) -> None:
             for _ in range(size):
-                insert_event(session, project_id, None, "signed-up", DATA)
+                record_event(session, project_id, None, "signed-up", DATA)
 
         await db.write(record)
     return project_id

@@ -42,9 +42,9 @@ from delivery import dkim
 from delivery.bucket import TokenBucket
 from delivery.transports import SendOutcome, SendResult, Transport
 from pipeline.errors import PipelineError
+from pipeline.events import record_event
 from storage import campaigns as campaign_store
 from storage import emails as email_store
-from storage import events as event_store
 from storage.db import Database
 from storage.domains import sender_domain
 from storage.emails import Claimed
@@ -269,9 +269,9 @@ class Dispatcher:
         if result.outcome == SendOutcome.SENT:
             def work(session) -> None:
                 email_store.mark_sent(session, item.outbox_id, item.email_id, message_id, result.transport_id)
-                event_store.insert_event(session, item.project_id, item.contact_id, "email.sent",
-                                         {"messageId": result.transport_id, "transport": self.transport.name},
-                                         email_id=item.email_id)
+                record_event(session, item.project_id, item.contact_id, "email.sent",
+                             {"messageId": result.transport_id, "transport": self.transport.name},
+                             email_id=item.email_id)
 
             await self.db.write(work, light=True)
             metrics.EMAILS_SENT.labels(self.transport.name).inc()

@@ -22,9 +22,9 @@ from sqlalchemy.orm import Session
 from core.metrics import EMAILS_BOUNCED, count_at_commit
 from feedback.ses import Notice
 from pipeline.contacts import record_subscription
+from pipeline.events import record_event
 from storage import contacts as contact_store
 from storage import emails as email_store
-from storage import events as event_store
 from storage import feedback as feedback_store
 from storage.emails import Claimed
 from storage.feedback import FeedbackEmail
@@ -115,7 +115,7 @@ def smtp_bounce(session: Session, item: Claimed, reply: str) -> None:
 
 
 def _event(session: Session, email: FeedbackEmail, name: str, data: dict[str, Any]) -> None:
-    event_store.insert_event(session, email.project_id, email.contact_id, name, data, email_id=email.id)
+    record_event(session, email.project_id, email.contact_id, name, data, email_id=email.id)
 
 
 def _stop_mail(session: Session, email: FeedbackEmail, cause: str, reason: str) -> str:

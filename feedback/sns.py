@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from core.config import FeedbackConfig
+from core.http_body import read_at_most
 from pipeline.cache import TtlCache
 from pipeline.errors import Forbidden, PipelineError
 
@@ -207,21 +208,15 @@ class SnsVerifier:
             async with aiohttp.ClientSession(timeout=timeout) as session, \
                     session.get(url, ssl=self.tls, allow_redirects=False) as resp:
                 if resp.status == 200:
-                    return await _read_capped(resp, limit, what)
+                    body = await read_at_most(resp, limit + 1)
+                    if len(body) > limit:
+                        raise SnsRefused(f"The SNS {what} is larger than {limit} bytes")
+                    return body
                 if resp.status >= 500:
                     raise SnsUnavailable(f"SNS answered {resp.status} for the {what}; SNS will retry")
                 raise SnsRefused(f"SNS answered {resp.status} for the {what}")
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise SnsUnavailable(f"Could not fetch the SNS {what}: {exc.__class__.__name__}; SNS will retry") from None
-
-
-async def _read_capped(resp: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
-    body = bytearray()
-    async for chunk in resp.content.iter_chunked(16 * 1024):
-        body += chunk
-        if len(body) > limit:
-            raise SnsRefused(f"The SNS {what} is larger than {limit} bytes")
-    return bytes(body)
 
 
 def _parse_certificate(pem: bytes) -> SigningKey:

@@ -8,9 +8,8 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from pipeline.errors import Conflict, FieldError, NotFound, ValidationFailed
-from pipeline.segments import refresh_membership
+from pipeline.events import record_event, refresh_segment_membership
 from storage import contacts as contact_store
-from storage import events as event_store
 from storage.contacts import ContactRecord
 
 RESERVED_DATA_KEYS = frozenset({
@@ -63,9 +62,7 @@ def record_subscription(session: Session, project_id: str, contact: ContactRecor
     contact.subscribed = subscribed
     contact_store.update_contact(session, contact.id, subscribed=subscribed)
     name = "contact.subscribed" if subscribed else "contact.unsubscribed"
-    event_store.insert_event(session, project_id, contact.id, name, event_data or {}, email_id=email_id)
-    if refresh:
-        refresh_membership(session, project_id, contact.id)
+    record_event(session, project_id, contact.id, name, event_data or {}, email_id=email_id, refresh_segments=refresh)
     return True
 
 
@@ -89,7 +86,7 @@ def upsert_contact(session: Session, project_id: str, email: str, subscribed: bo
     if not created and subscribed is not None and (subscribed or not only_subscribe):
         changed = record_subscription(session, project_id, contact, subscribed, refresh=False) or changed
     if changed and refresh:
-        refresh_membership(session, project_id, contact.id)
+        refresh_segment_membership(session, project_id, contact.id)
     return contact, variables, created
 
 
@@ -108,7 +105,7 @@ def create_contact(session: Session, project_id: str, email: str, subscribed: bo
                        "Update the existing contact with PUT /contacts instead.")
     stored, _ = merge_data({}, data)
     contact = contact_store.insert_contact(session, project_id, email, subscribed, stored)
-    refresh_membership(session, project_id, contact.id)
+    refresh_segment_membership(session, project_id, contact.id)
     return contact
 
 
@@ -125,7 +122,7 @@ def update_contact(session: Session, project_id: str, contact_id: str, email: st
         contact_store.update_contact(session, contact.id, data=merged)
     if subscribed is not None:
         record_subscription(session, project_id, contact, subscribed, refresh=False)
-    refresh_membership(session, project_id, contact.id)
+    refresh_segment_membership(session, project_id, contact.id)
     return require_contact(session, project_id, contact_id)
 
 

@@ -19,8 +19,8 @@ The grammar (the models below, checked by `validate_condition`; compiled to SQL 
            D: 1-36500 days back from now, or null (any time)
 
 Membership tracking: a segment with `track_membership` keeps its members in `segment_members`; whenever a
-contact's data, subscription or events change (`refresh_membership`), the segments are evaluated for that
-one contact and an entry or exit records `segment.<slug>.entry` / `segment.<slug>.exit`.
+contact's data or subscription changes or it tracks an event (`pipeline.events.refresh_segment_membership`),
+the segments are evaluated for that one contact and an entry or exit records `segment.<slug>.entry` / `.exit`.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
+from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -61,7 +62,6 @@ from pipeline.grammar import (
     text_problem,
     whole_number,
 )
-from storage import events as event_store
 from storage import segments as store
 from storage.models import utcnow
 from storage.segments import SegmentRecord, TrackedSegment, parse_instant
@@ -637,21 +637,30 @@ def tracked_segments(session: Session, project_id: str) -> tuple[TrackedSegment,
     return found
 
 
-def refresh_membership(session: Session, project_id: str, contact_id: str) -> None:
-    """Re-evaluate the project's tracked segments for this one contact (one statement for all of them)
-    and record `segment.<slug>.entry` / `.exit` for each change. Nothing but a cache lookup when the
-    project tracks no segment."""
+@dataclass(frozen=True)
+class MembershipMove:
+    """A contact entering or leaving a tracked segment."""
+
+    segment_id: str
+    event_name: str
+    """`segment.<slug>.entry` or `segment.<slug>.exit`."""
+
+
+def membership_moves(session: Session, project_id: str, contact_id: str) -> list[MembershipMove]:
+    """Re-evaluate the project's tracked segments for this one contact (one statement for all of them),
+    write each change of membership and return it (`pipeline.events.refresh_segment_membership` records the
+    events). Nothing but a cache lookup when the project tracks no segment."""
     segments = tracked_segments(session, project_id)
     if not segments:
-        return
+        return []
     now = utcnow()
+    moves = []
     states = store.membership_states(session, contact_id, segments, now)
     for segment, (matches, member) in zip(segments, states, strict=False):
         if matches and not member:
             if store.add_member(session, segment.id, contact_id, now):
-                event_store.insert_event(session, project_id, contact_id, f"segment.{segment.slug}.entry",
-                                         {"segmentId": segment.id})
+                moves.append(MembershipMove(segment.id, f"segment.{segment.slug}.entry"))
         elif member and not matches:
             if store.remove_member(session, segment.id, contact_id):
-                event_store.insert_event(session, project_id, contact_id, f"segment.{segment.slug}.exit",
-                                         {"segmentId": segment.id})
+                moves.append(MembershipMove(segment.id, f"segment.{segment.slug}.exit"))
+    return moves

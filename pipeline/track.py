@@ -9,8 +9,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from pipeline.contacts import is_system_event, reserved_event_error, upsert_contact
-from pipeline.segments import refresh_membership
-from storage import events as event_store
+from pipeline.events import record_event
 
 
 @dataclass
@@ -30,6 +29,5 @@ def track(session: Session, project_id: str, email: str, event: str, subscribed:
     """Seed 003: new contacts default to subscribed; every call records a new event."""
     check_event_name(event)
     contact, variables, _ = upsert_contact(session, project_id, email, subscribed, True, data, refresh=False)
-    event_id, created_at = event_store.insert_event(session, project_id, contact.id, event, variables)
-    refresh_membership(session, project_id, contact.id)
+    event_id, created_at = record_event(session, project_id, contact.id, event, variables, refresh_segments=True)
     return Tracked(contact.id, event_id, created_at)

@@ -23,10 +23,10 @@ from urllib.parse import urlsplit
 
 from sqlalchemy.orm import Session
 
+from pipeline.events import record_event
 from pipeline.links import LinkSigner, SignedTokens
 from pipeline.tracking_html import UnreadableHtml, track_html
 from pipeline.tracking_mime import Untrackable, rewrite_html_parts
-from storage import events as event_store
 from storage import tracking as store
 from storage.emails import Claimed
 
@@ -220,8 +220,8 @@ def _record(session: Session, email_id: str, name: str, extra: dict[str, Any],
     if tracked is None:
         return None
     first = not store.email_has_event(session, email_id, name)
-    event_store.insert_event(session, tracked.project_id, tracked.contact_id, name,
-                             {**extra, **_event_data(tracked, first, user_agent)}, email_id=email_id)
+    record_event(session, tracked.project_id, tracked.contact_id, name,
+                 {**extra, **_event_data(tracked, first, user_agent)}, email_id=email_id)
     return Recorded(email_id, first)
 
 

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from pipeline.contacts import is_system_event
 from pipeline.errors import Conflict, FieldError, NotFound, ValidationFailed
+from pipeline.events import WILDCARDS, event_payload
 from pipeline.webhook_targets import url_problem
 from storage import webhooks as store
 from storage.models import WebhookDelivery, WebhookEndpoint, utcnow
@@ -24,6 +25,8 @@ SYSTEM_EVENTS = ("email.sent", "email.delivery", "email.open", "email.click", "e
                  "contact.subscribed", "contact.unsubscribed")
 """The system events plunkd records, besides `segment.<slug>.entry|exit` (seed 004)."""
 SEGMENT_EVENT = "segment.<slug>.entry|exit"
+TEST_EVENT = "webhook.test"
+"""The type of the delivery `POST /webhooks/:id/test` sends (never an event of its own)."""
 ROTATION_OVERLAP = timedelta(hours=24)
 """How long the secret before a rotation keeps signing (as a second signature)."""
 
@@ -38,10 +41,10 @@ def event_problem(name: str) -> str | None:
     system namespace that plunkd never records (`email.delivered`) is refused: it would never fire."""
     if not name or len(name) > MAX_EVENT_NAME or "\x00" in name:
         return f"Event names are 1 to {MAX_EVENT_NAME} characters"
-    if name in store.WILDCARDS or name in SYSTEM_EVENTS or (name.startswith("segment.") and is_system_event(name)):
+    if name in WILDCARDS or name in SYSTEM_EVENTS or (name.startswith("segment.") and is_system_event(name)):
         return None
     if name.startswith(("email.", "contact.", "segment.")):
-        known = ", ".join([*SYSTEM_EVENTS, SEGMENT_EVENT, *store.WILDCARDS])
+        known = ", ".join([*SYSTEM_EVENTS, SEGMENT_EVENT, *WILDCARDS])
         return f"'{name}' is not an event plunkd records; system events are {known}"
     return None
 
@@ -132,4 +135,5 @@ def send_test(session: Session, project_id: str, endpoint_id: str, now: datetime
     endpoint = require_endpoint(session, project_id, endpoint_id)
     if not endpoint.enabled:
         raise Conflict(f"Webhook {endpoint_id} is disabled", "Enable it first (PATCH with {\"enabled\": true}).")
-    return store.queue_test(session, endpoint, now)
+    payload = event_payload(None, TEST_EVENT, None, None, {"message": "A test delivery from plunkd"}, now)
+    return store.queue_test(session, endpoint, TEST_EVENT, payload, now)

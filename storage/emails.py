@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from storage import bulk
 from storage.batch import insert_at_commit
+from storage.claims import DueClaim
 from storage.domains import sender_domain
 from storage.models import (
     Content,
@@ -179,20 +180,19 @@ class Claimed:
     """The campaign whose live send this is: the dispatcher sends it only while the campaign is not cancelled."""
 
 
+_DUE = DueClaim(select(_OUTBOX.c.id).where(_OUTBOX.c.due_at <= bindparam("now"))
+                .order_by(_OUTBOX.c.priority, _OUTBOX.c.due_at).limit(bindparam("limit")), lease=_OUTBOX)
+
+
 def claim_due(session: Session, worker: str, limit: int, lease_seconds: float, postgres: bool) -> list[Claimed]:
     """Take up to `limit` due rows for `worker`, leasing them for `lease_seconds`: the lowest priority
     first (transactional mail before campaign mail), then the longest due."""
     now = utcnow()
-    due = (select(_OUTBOX.c.id).where(_OUTBOX.c.due_at <= now).order_by(_OUTBOX.c.priority, _OUTBOX.c.due_at)
-           .limit(limit))
-    if postgres:
-        due = due.with_for_update(skip_locked=True)
-    conn = session.connection()
-    ids = [row.id for row in conn.execute(due)]
+    ids = [row.id for row in _DUE.claim(session, now, limit, postgres, now + timedelta(seconds=lease_seconds),
+                                        worker)]
     if not ids:
         return []
-    conn.execute(update(OutboxItem).where(_OUTBOX.c.id.in_(ids)).values(
-        due_at=now + timedelta(seconds=lease_seconds), claimed_by=worker))
+    conn = session.connection()
     suppressed = select(Suppression.id).where(Suppression.project_id == _EMAIL.c.project_id,
                                               Suppression.email == _EMAIL.c.recipient).exists()
     rows = conn.execute(

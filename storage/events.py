@@ -8,8 +8,6 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from storage import webhooks as webhook_store
-from storage import workflows as workflow_store
 from storage.models import Event, new_id, utcnow
 from storage.pagination import Page, paginate
 
@@ -18,18 +16,11 @@ _INSERT = Event.__table__.insert()
 
 def insert_event(session: Session, project_id: str, contact_id: str | None, name: str,
                  data: dict[str, Any], email_id: str | None = None) -> tuple[str, datetime]:
-    """Record an event (a Core insert: this runs on every track and send); return its id and time.
-    A contact's event also starts the workflow runs it triggers and resumes the runs waiting for it, in
-    this same transaction (`storage.workflows.on_event`: a cache lookup when no workflow listens for it),
-    so an event that commits has its runs and one that rolls back has none, whichever path recorded it.
-    Every event also queues its outbound webhook deliveries in this transaction (`storage.webhooks.on_event`,
-    a cache lookup when no endpoint of the project listens for it)."""
+    """Insert an event row (a Core insert: this runs on every track and send); return its id and time.
+    Record events through `pipeline.events.record_event`, which also writes what the event sets off."""
     event_id, now = new_id(), utcnow()
     session.connection().execute(_INSERT, {"id": event_id, "project_id": project_id, "contact_id": contact_id,
                                            "name": name, "data": data, "email_id": email_id, "created_at": now})
-    if contact_id is not None:
-        workflow_store.on_event(session, project_id, contact_id, name, event_id, data, now)
-    webhook_store.on_event(session, project_id, contact_id, name, event_id, data, email_id, now)
     return event_id, now
 
 

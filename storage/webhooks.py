@@ -1,10 +1,10 @@
-"""Outbound webhook queries: endpoints, queuing a delivery per matching endpoint when an event is recorded
-(called by `storage.events.insert_event`, in the event's own transaction), claiming due deliveries with a
+"""Outbound webhook queries: endpoints, the endpoints listening for an event and queuing a delivery to each
+(for `pipeline.events.record_event`, in the event's own transaction), claiming due deliveries with a
 lease, recording each attempt, and the endpoint's failure streak.
 
 Queuing costs nothing on the event path of a project without endpoints: a per-process cache holds, per
-project, the event names and patterns its enabled endpoints listen for (see `storage.workflows`, whose
-"interest" this mirrors). An endpoint written in this process is forgotten at once and again at the
+project, the event names and patterns its enabled endpoints listen for (`interest`, as `storage.workflows`
+has one). An endpoint written in this process is forgotten at once and again at the
 commit; one written by another process is seen within `INTEREST_TTL` seconds.
 
 A delivery's lease is its due time, as in the outbox: a claim moves `due_at` to the end of the lease and
@@ -22,6 +22,7 @@ from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from storage.batch import insert_at_commit
+from storage.claims import DueClaim
 from storage.interest import ProjectInterest
 from storage.models import (
     Contact,
@@ -42,18 +43,9 @@ PENDING, DELIVERED, FAILED = (WebhookDeliveryStatus.PENDING, WebhookDeliveryStat
                               WebhookDeliveryStatus.FAILED)
 STATUSES = tuple(WebhookDeliveryStatus)
 SETTLED = (DELIVERED, FAILED)
-WILDCARDS = {"*": "", "email.*": "email.", "contact.*": "contact.", "segment.*": "segment."}
-"""Patterns an endpoint may listen for, besides exact event names: each matches the names it starts with."""
-TEST_EVENT = "webhook.test"
-"""The type of the delivery `POST /webhooks/:id/test` sends (never an event of its own)."""
 ATTEMPT_LOG_CAP = 20
 """Attempts kept in a delivery's log (the latest); `attempts` counts them all."""
 INTEREST_TTL = 2.0
-
-
-def patterns_for(name: str) -> frozenset[str]:
-    """What an endpoint's `events` must hold to receive event `name`: the name or a pattern matching it."""
-    return frozenset([name, *(pattern for pattern, prefix in WILDCARDS.items() if name.startswith(prefix))])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -81,46 +73,24 @@ def interest(session: Session, project_id: str) -> frozenset[str]:
 # ---------------------------------------------------------------------------------------------------
 # Queuing deliveries.
 
-def event_payload(event_id: str | None, name: str, contact: dict[str, str | None] | None, email_id: str | None,
-                  data: dict[str, Any], at: datetime) -> dict[str, Any]:
-    """The JSON body every attempt POSTs (see docs/api.md): `{type, timestamp, data: {event, name, contact,
-    email, data}}`."""
-    return {"type": name, "timestamp": iso(at),
-            "data": {"event": event_id, "name": name, "contact": contact, "email": email_id, "data": data}}
-
-
 _LISTENING = select(ENDPOINTS.c.id, ENDPOINTS.c.events).where(ENDPOINTS.c.project_id == bindparam("project_id"),
                                                               ENDPOINTS.c.enabled.is_(True))
 _CONTACT_EMAIL = select(Contact.email).where(Contact.id == bindparam("contact_id"))
 
 
-def on_event(session: Session, project_id: str, contact_id: str | None, name: str, event_id: str,
-             data: dict[str, Any], email_id: str | None, now: datetime) -> int:
-    """The webhook side of recording an event (from `storage.events.insert_event`): one PENDING delivery,
-    due now, for each enabled endpoint of the project listening for it, written with the event's
-    transaction. A dictionary lookup when no endpoint listens for `name`. Returns how many were queued."""
-    wanted = interest(session, project_id)
-    if not wanted:
-        return 0
-    matching = patterns_for(name)
-    if wanted.isdisjoint(matching):
-        return 0
-    conn = session.connection()
-    endpoint_ids = [row.id for row in conn.execute(_LISTENING, {"project_id": project_id})
-                    if isinstance(row.events, list) and not matching.isdisjoint(row.events)]
-    if not endpoint_ids:
-        return 0
-    contact = None
-    if contact_id is not None:
-        contact = {"id": contact_id, "email": conn.execute(_CONTACT_EMAIL, {"contact_id": contact_id}).scalar()}
-    payload = event_payload(event_id, name, contact, email_id, data or {}, now)
-    for endpoint_id in endpoint_ids:
-        _queue(session, endpoint_id, event_id, name, payload, now)
-    return len(endpoint_ids)
+def listening_endpoints(session: Session, project_id: str, names: frozenset[str]) -> list[str]:
+    """The ids of the project's enabled endpoints whose `events` hold one of `names`."""
+    rows = session.connection().execute(_LISTENING, {"project_id": project_id})
+    return [row.id for row in rows if isinstance(row.events, list) and not names.isdisjoint(row.events)]
 
 
-def _queue(session: Session, endpoint_id: str, event_id: str | None, name: str, payload: dict[str, Any],
-           now: datetime) -> str:
+def contact_email(session: Session, contact_id: str) -> str | None:
+    return session.connection().execute(_CONTACT_EMAIL, {"contact_id": contact_id}).scalar()
+
+
+def queue_delivery(session: Session, endpoint_id: str, event_id: str | None, name: str, payload: dict[str, Any],
+                   now: datetime) -> str:
+    """One PENDING delivery due now, written at commit with the batch's others (`storage.batch`)."""
     delivery_id = new_id()
     insert_at_commit(session, _INSERT_DELIVERY, {
         "id": delivery_id, "endpoint_id": endpoint_id, "event_id": event_id, "event_name": name, "payload": payload,
@@ -129,10 +99,10 @@ def _queue(session: Session, endpoint_id: str, event_id: str | None, name: str, 
     return delivery_id
 
 
-def queue_test(session: Session, endpoint: WebhookEndpoint, now: datetime) -> WebhookDelivery:
-    """A `webhook.test` delivery to this endpoint, due now (POST /webhooks/:id/test)."""
-    payload = event_payload(None, TEST_EVENT, None, None, {"message": "A test delivery from plunkd"}, now)
-    delivery = WebhookDelivery(endpoint_id=endpoint.id, event_id=None, event_name=TEST_EVENT, payload=payload,
+def queue_test(session: Session, endpoint: WebhookEndpoint, name: str, payload: dict[str, Any],
+               now: datetime) -> WebhookDelivery:
+    """A delivery of `payload` to this endpoint that no event made, due now (POST /webhooks/:id/test)."""
+    delivery = WebhookDelivery(endpoint_id=endpoint.id, event_id=None, event_name=name, payload=payload,
                                status=PENDING, attempts=0, due_at=now, attempt_log=[], created_at=now,
                                updated_at=now)
     session.add(delivery)
@@ -284,11 +254,8 @@ class Recorded:
 _EARLIEST = select(func.min(DELIVERIES.c.due_at)).where(DELIVERIES.c.status == PENDING)
 # Built once, with bind parameters: the sender runs these for every delivery, and building a statement
 # costs more than the database's work.
-_DUE = (select(DELIVERIES.c.id).where(DELIVERIES.c.status == PENDING, DELIVERIES.c.due_at <= bindparam("now"))
-        .order_by(DELIVERIES.c.due_at).limit(bindparam("limit")))
-_DUE_SKIP_LOCKED = _DUE.with_for_update(skip_locked=True)
-_LEASE = (update(DELIVERIES).where(DELIVERIES.c.id.in_(bindparam("ids", expanding=True)))
-          .values(due_at=bindparam("lease_until"), claimed_by=bindparam("claim")))
+_DUE = DueClaim(select(DELIVERIES.c.id).where(DELIVERIES.c.status == PENDING, DELIVERIES.c.due_at <= bindparam("now"))
+                .order_by(DELIVERIES.c.due_at).limit(bindparam("limit")), lease=DELIVERIES)
 _CLAIMED = (select(DELIVERIES.c.id, DELIVERIES.c.endpoint_id, ENDPOINTS.c.project_id, DELIVERIES.c.event_name,
                    DELIVERIES.c.payload, DELIVERIES.c.attempts, DELIVERIES.c.attempt_log, DELIVERIES.c.created_at,
                    ENDPOINTS.c.url, ENDPOINTS.c.secret, ENDPOINTS.c.previous_secret,
@@ -316,12 +283,11 @@ def claim_due(session: Session, now: datetime, limit: int, lease_seconds: float,
     """Up to `limit` due deliveries, longest due first, leased until now + `lease_seconds` under a new claim
     token (PostgreSQL: `FOR UPDATE SKIP LOCKED`, so senders on several nodes share the work). A delivery
     whose endpoint was disabled meanwhile is failed here instead."""
-    conn = session.connection()
-    ids = list(conn.execute(_DUE_SKIP_LOCKED if postgres else _DUE, {"now": now, "limit": limit}).scalars())
+    token = new_id()
+    ids = [row.id for row in _DUE.claim(session, now, limit, postgres, now + timedelta(seconds=lease_seconds), token)]
     if not ids:
         return []
-    token = new_id()
-    conn.execute(_LEASE, {"ids": ids, "lease_until": now + timedelta(seconds=lease_seconds), "claim": token})
+    conn = session.connection()
     claimed, orphaned = [], []
     for row in conn.execute(_CLAIMED, {"ids": ids}):
         if not row.enabled:

@@ -1,5 +1,5 @@
-"""Workflow queries: the workflows and their triggers, starting and resuming runs from an event (called by
-`storage.events.insert_event`, in the event's own transaction), claiming due runs, advancing them, stats.
+"""Workflow queries: the workflows and their triggers, starting and resuming runs from an event (for
+`pipeline.events.record_event`, in the event's own transaction), claiming due runs, advancing them, stats.
 
 Starting runs costs nothing on the event path of a project whose workflows do not listen for the event:
 a per-process cache says which event names start runs (enabled workflows' triggers) or may resume a waiting
@@ -38,6 +38,7 @@ from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
 from storage import bulk
+from storage.claims import DueClaim
 from storage.interest import ProjectInterest
 from storage.models import (
     Contact,
@@ -118,18 +119,6 @@ def interest(session: Session, project_id: str) -> Interest:
         return Interest(triggers, frozenset(waits)) if triggers or waits else _NOTHING
 
     return _interest.get(session, project_id, load)
-
-
-def on_event(session: Session, project_id: str, contact_id: str, name: str, event_id: str,
-             data: dict[str, Any], now: datetime) -> None:
-    """The workflow side of recording an event (from `storage.events.insert_event`): start the runs it
-    triggers and resume the runs waiting for it, in the event's transaction. A dictionary lookup when no
-    workflow of the project listens for `name`."""
-    wanted = interest(session, project_id)
-    if name in wanted.triggers:
-        start_runs(session, project_id, contact_id, name, event_id, data, now)
-    if name in wanted.waits:
-        resume_waiting(session, contact_id, name, now)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -251,20 +240,16 @@ def earliest_due(session: Session) -> datetime | None:
     return min((moment for moment in times if moment is not None), default=None)
 
 
+_DUE = DueClaim(*(select(*_CLAIM_COLUMNS).where(RUNS.c.status == status, RUNS.c.due_at <= bindparam("now"))
+                  .order_by(RUNS.c.due_at).limit(bindparam("limit")) for status in LIVE),
+                merge_key=lambda row: row.due_at)
+"""One select per live status, each read in its index order, so a backlog costs no sort."""
+
+
 def claim_due(session: Session, now: datetime, limit: int, postgres: bool) -> list[RunRecord]:
-    """Up to `limit` runs due by `now`, earliest first, locked until the transaction ends (PostgreSQL:
-    `FOR UPDATE SKIP LOCKED`, so schedulers on several nodes share the work; SQLite has one writer). Each
-    status is read in its index order, so a backlog costs no sort."""
-    conn = session.connection()
-    rows: list[Row[Any]] = []
-    for status in LIVE:
-        stmt = (select(*_CLAIM_COLUMNS).where(RUNS.c.status == status, RUNS.c.due_at <= now)
-                .order_by(RUNS.c.due_at).limit(limit))
-        if postgres:
-            stmt = stmt.with_for_update(skip_locked=True)
-        rows.extend(conn.execute(stmt))
-    rows.sort(key=lambda row: row.due_at)
-    return [_record(row) for row in rows[:limit]]
+    """Up to `limit` runs due by `now`, earliest first, locked until the transaction ends (no lease: the
+    scheduler executes them in the claiming transaction; see `storage.claims`)."""
+    return [_record(row) for row in _DUE.claim(session, now, limit, postgres)]
 
 
 def get_run_record(session: Session, run_id: str, postgres: bool = False) -> RunRecord | None:

@@ -1,14 +1,21 @@
 """Real servers the tests talk to on loopback: a DNS server answering from a dict, an aiosmtpd sink,
-and moto's SES in server mode (AWS itself is on the internet, which tests cannot reach)."""
+moto's SES in server mode (AWS itself is on the internet, which tests cannot reach), and `plunkd serve`
+itself as a user runs it (`served_plunkd`)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import dns.message
 import dns.rcode
@@ -108,6 +115,107 @@ class MotoServer:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=10)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+"""This checkout: the `plunkd serve` subprocesses run its code (PYTHONPATH), even where another checkout is
+the installed one."""
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def api_up(base: str) -> bool:
+    try:
+        urllib.request.urlopen(f"{base}/health", timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class ServedPlunkd:
+    """A running `plunkd serve` subprocess, its HTTP port and the file its output goes to."""
+
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait(self, ready, seconds: float, what: str) -> None:
+        """Until `ready()` is true; fail naming `what`, with the log's tail, on a timeout or when the
+        process exits first."""
+        deadline = time.monotonic() + seconds
+        while not ready():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                ended = f"exited with {self.proc.returncode}" if self.proc.poll() is not None else "timed out"
+                raise AssertionError(f"plunkd serve {ended} waiting for {what}:\n{self.log()[-5000:]}")
+            time.sleep(0.1)
+
+    def stop(self, graceful: bool = False) -> None:
+        """`graceful`: SIGTERM and wait for a clean exit; else SIGKILL the process and its children."""
+        if graceful:
+            self.proc.terminate()
+            self.proc.wait(timeout=15)
+            return
+        for pid in children(self.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def served_plunkd(workdir: Path, env: dict[str, str] | None = None, *, port: int | None = None,
+                  config_only: bool = False, args: Sequence[str] = (), prefix: Sequence[str] = (),
+                  log_name: str = "serve.log", wait_for: str | None = "api",
+                  graceful: bool = False) -> Iterator[ServedPlunkd]:
+    """Run `python -m plunkd.cli [args] serve` in `workdir` with this checkout's code, its output appended
+    to `workdir/log_name`, and stop it on the way out (`graceful`: SIGTERM and a clean exit; else SIGKILL
+    to it and its children, as a crash would).
+
+    The environment is the test's, without PLUNKD_CONFIG, with the data dir `workdir/data` and the HTTP
+    port (`port`, else a free one) set, then `env` on top. `config_only`: no PLUNKD_* variable but `env`'s
+    (the config file decides; give its HTTP port as `port`). `prefix`: words before the command (`setpriv`).
+    `wait_for`: "api" (GET /health answers), "port" (the HTTP port accepts) or None (the caller waits)."""
+    port = port or free_port()
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if config_only:
+        for name in [name for name in full_env if name.startswith("PLUNKD_")]:
+            full_env.pop(name)
+    else:
+        full_env.pop("PLUNKD_CONFIG", None)
+        full_env.update({"PLUNKD_SERVER_DATA_DIR": str(workdir / "data"), "PLUNKD_SERVER_HTTP_PORT": str(port)})
+    full_env.update(env or {})
+    log_path = workdir / log_name
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([*prefix, sys.executable, "-m", "plunkd.cli", *args, "serve"], cwd=workdir,
+                                env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    served = ServedPlunkd(proc, port, log_path)
+    try:
+        if wait_for == "api":
+            served.wait(lambda: api_up(served.base), 30, "the API")
+        elif wait_for == "port":
+            served.wait(lambda: port_open(port), 30, f"port {port}")
+        yield served
+    finally:
+        served.stop(graceful)
 
 
 class PlunkdProcess:

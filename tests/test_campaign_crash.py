@@ -5,19 +5,16 @@ finishes the job and every subscribed contact is queued exactly once."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import urllib.request
-from collections.abc import Iterator
 
 from bench.campaign import seed_contacts
-from tests.test_cli_and_config import ROOT, free_port, plunkd
-from tests.test_processes import api_up, children, wait_until
+from tests.servers import children, served_plunkd
+from tests.test_cli_and_config import plunkd
+from tests.test_processes import wait_until
 
 CONTACTS = 10_000
 
@@ -35,20 +32,6 @@ def campaign_row(database: str, campaign_id: str) -> tuple[int, int, str]:
                             (campaign_id,)).fetchone()
 
 
-@contextlib.contextmanager
-def serving(tmp_path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
-    with open(tmp_path / "serve.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "plunkd.cli", "serve"], cwd=tmp_path, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
-        try:
-            yield proc
-        finally:
-            for pid in children(proc.pid):
-                os.kill(pid, signal.SIGKILL)
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 def test_kill_9_mid_fan_out_queues_every_contact_exactly_once(tmp_path):
     env = {"PLUNKD_SMTP_ENABLED": "false", "PLUNKD_DELIVERY_FANOUT_CHUNK": "100",
            "PLUNKD_DELIVERY_RATE_PER_SECOND": "1"}
@@ -61,13 +44,8 @@ def test_kill_9_mid_fan_out_queues_every_contact_exactly_once(tmp_path):
     database = tmp_path / "data" / "plunkd.sqlite3"
     asyncio.run(seed_contacts(f"sqlite+aiosqlite:///{database}", project_id, CONTACTS))
 
-    port = free_port()
-    full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT), "PLUNKD_SERVER_DATA_DIR": str(tmp_path / "data"),
-                "PLUNKD_SERVER_HTTP_PORT": str(port)}
-    full_env.pop("PLUNKD_CONFIG", None)
-    base = f"http://127.0.0.1:{port}"
-    with serving(tmp_path, full_env) as proc:
-        wait_until(lambda: api_up(base), 30, "the API")
+    with served_plunkd(tmp_path, env) as server:
+        base, proc = server.base, server.proc
         campaign = call(base, key, "/campaigns", {"subject": "News", "body": "<p>Hi {{name}}</p>",
                                                   "audience": "ALL"})
         call(base, key, f"/campaigns/{campaign['id']}/send", {})
@@ -76,7 +54,7 @@ def test_kill_9_mid_fan_out_queues_every_contact_exactly_once(tmp_path):
             os.kill(pid, signal.SIGKILL)
         queued_at_kill, done_at_kill, _ = campaign_row(str(database), campaign["id"])
     assert not done_at_kill and 0 < queued_at_kill < CONTACTS, "the kill did not land mid fan-out"
-    with serving(tmp_path, full_env):
+    with served_plunkd(tmp_path, env, port=server.port):
         wait_until(lambda: campaign_row(str(database), campaign["id"])[1], 60, "the fan-out to finish")
 
     with sqlite3.connect(database) as conn:

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from core.config import ConfigError, load_config
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.servers import ROOT, free_port, served_plunkd
 
 
 def plunkd(tmp_path, *args, env=None):
@@ -162,32 +161,16 @@ def test_serve_without_privileged_ports_falls_back_and_says_so(tmp_path):
     CAP_NET_BIND_SERVICE, as any non-root user would be) listens on 2465/2587 and logs why."""
     if Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text().strip() != "1024":
         pytest.fail("this machine lets anyone bind ports below 1024; the fallback cannot be exercised")
-    command = [sys.executable, "-m", "plunkd.cli", "serve"]
+    prefix = []
     if os.geteuid() == 0:
-        command = ["setpriv", "--bounding-set=-net_bind_service", "--inh-caps=-net_bind_service", *command]
-    http_port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PLUNKD_SERVER_DATA_DIR": str(tmp_path / "data"),
-           "PLUNKD_SERVER_HTTP_PORT": str(http_port), "PLUNKD_SMTP_HOST": "127.0.0.1",
-           "PLUNKD_DELIVERY_ENABLED": "false"}
-    env.pop("PLUNKD_CONFIG", None)
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    try:
+        prefix = ["setpriv", "--bounding-set=-net_bind_service", "--inh-caps=-net_bind_service"]
+    env = {"PLUNKD_SMTP_HOST": "127.0.0.1", "PLUNKD_DELIVERY_ENABLED": "false"}
+    with served_plunkd(tmp_path, env, prefix=prefix, wait_for=None, graceful=True) as server:
         banner = read_smtp_banner(2587, deadline=time.monotonic() + 30)
         assert banner.startswith(b"220 "), banner
-        log = log_path.read_text()
+        log = server.log()
         assert "smtp port 465 needs root or CAP_NET_BIND_SERVICE; listening on 2465 instead" in log
         assert "smtp port 587 needs root or CAP_NET_BIND_SERVICE; listening on 2587 instead" in log
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def read_smtp_banner(port: int, deadline: float) -> bytes:
@@ -294,38 +277,25 @@ def test_serve_says_where_its_data_is_and_the_cli_run_beside_it_uses_the_same(tm
     import json
     import urllib.request
 
-    from tests.test_processes import api_up, wait_until
-
     app = tmp_path / "app"
     app.mkdir()
     port = free_port()
     (app / "plunkd.toml").write_text(f'[server]\nhttp_port = {port}\ndata_dir = "var"\n'
                                      f'[database]\nurl = "{database_url}"\n'
                                      "[smtp]\nenabled = false\n[delivery]\nenabled = false\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for name in [n for n in env if n.startswith("PLUNKD_")]:
-        env.pop(name)
     expected = f"database: {label_of(database_url)} (data dir {app / 'var'}; config {app / 'plunkd.toml'})"
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "plunkd.cli", "serve"], cwd=app, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
-    try:
-        wait_until(lambda: api_up(f"http://127.0.0.1:{port}") or proc.poll() is not None, 30, "the API", log_path)
-        assert proc.poll() is None, log_path.read_text()
-        assert expected in log_path.read_text().splitlines()
+    with served_plunkd(app, port=port, config_only=True, graceful=True) as server:
+        assert expected in server.log().splitlines()
+        env = {name: value for name, value in os.environ.items() if not name.startswith("PLUNKD_")}
         made = subprocess.run([sys.executable, "-m", "plunkd.cli", "project", "create", "--name", "shop",
-                               "--from-email", "hi@shop.example"], cwd=app, env=env, capture_output=True,
-                              text=True, timeout=60)
+                               "--from-email", "hi@shop.example"], cwd=app, env={**env, "PYTHONPATH": str(ROOT)},
+                              capture_output=True, text=True, timeout=60)
         assert made.returncode == 0 and made.stderr.splitlines() == [expected], made.stderr
         key = next(line.split()[-1] for line in made.stdout.splitlines() if line.startswith("secret key"))
         request = urllib.request.Request(f"http://127.0.0.1:{port}/contacts",
                                          headers={"Authorization": f"Bearer {key}"})
         with urllib.request.urlopen(request, timeout=10) as reply:
             assert reply.status == 200 and "data" in json.loads(reply.read())
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
 
 
 async def test_contacts_import_types_each_column_and_reports_failed_rows_by_line(tmp_path, cli_env):

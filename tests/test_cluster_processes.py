@@ -12,21 +12,21 @@ import os
 import signal
 import smtplib
 import ssl
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
 
 from core.keys import format_key, new_key
-from tests.test_cli_and_config import ROOT, free_port, plunkd
+from tests.servers import ServedPlunkd, api_up, children, free_port, served_plunkd
+from tests.test_cli_and_config import plunkd
 from tests.test_cluster import most_in_any_window
-from tests.test_processes import alive, api_up, children, wait_until
+from tests.test_processes import wait_until
 
 pytestmark = pytest.mark.postgres_only
 RATE = 50
@@ -62,17 +62,12 @@ def sink():
     controller.stop()
 
 
-def start_node(tmp_path: Path, index: int, env: dict[str, str]) -> dict:
-    ports = {"http": free_port(), "tls": free_port(), "starttls": free_port()}
-    node_env = {**os.environ, **env, "PYTHONPATH": str(ROOT), "PLUNKD_SERVER_DATA_DIR": str(tmp_path / f"node{index}"),
-                "PLUNKD_SERVER_HTTP_PORT": str(ports["http"]), "PLUNKD_SMTP_TLS_PORT": str(ports["tls"]),
-                "PLUNKD_SMTP_STARTTLS_PORT": str(ports["starttls"])}
-    node_env.pop("PLUNKD_CONFIG", None)
-    log = open(tmp_path / f"node{index}.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "plunkd.cli", "serve"], cwd=tmp_path, env=node_env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    return {"proc": proc, "log": log, "path": tmp_path / f"node{index}.log", "base": f"http://127.0.0.1:{ports['http']}",
-            **ports}
+def start_node(stack: ExitStack, tmp_path: Path, index: int, env: dict[str, str]) -> tuple[ServedPlunkd, int]:
+    """A node with its own data dir and log, not waited for; returns it and its implicit-TLS SMTP port."""
+    tls = free_port()
+    node_env = {**env, "PLUNKD_SERVER_DATA_DIR": str(tmp_path / f"node{index}"), "PLUNKD_SMTP_TLS_PORT": str(tls),
+                "PLUNKD_SMTP_STARTTLS_PORT": str(free_port())}
+    return stack.enter_context(served_plunkd(tmp_path, node_env, log_name=f"node{index}.log", wait_for=None)), tls
 
 
 def send_api(base: str, key: str, to: str) -> None:
@@ -109,36 +104,29 @@ def test_three_nodes_hold_one_rate_and_lose_nothing_when_one_is_killed(tmp_path,
                 "PLUNKD_DELIVERY_SMTP_PORT": str(sink_port), "PLUNKD_DELIVERY_RATE_PER_SECOND": str(RATE),
                 "PLUNKD_DELIVERY_LEASE_SECONDS": "10", "PLUNKD_DELIVERY_CONCURRENCY": str(CONCURRENCY),
                 "PLUNKD_API_RATE_LIMIT_PER_MINUTE": "100000", "PLUNKD_SMTP_HOST": "127.0.0.1"})
-    nodes = [start_node(tmp_path, index, env) for index in range(3)]
-    try:
-        for node in nodes:
-            wait_until(lambda node=node: api_up(node["base"]), 60, "a node's API", node["path"])
+    with ExitStack() as stack:
+        nodes = [start_node(stack, tmp_path, index, env) for index in range(3)]
+        for node, _ in nodes:
+            node.wait(lambda node=node: api_up(node.base), 60, "a node's API")
         api_recipients = [f"api{i}@example.org" for i in range(EMAILS_BY_API)]
         smtp_recipients = [f"smtp{i}@example.org" for i in range(EMAILS_BY_SMTP)]
         with ThreadPoolExecutor(12) as pool:
-            sends = [pool.submit(send_api, nodes[i % 3]["base"], key, to) for i, to in enumerate(api_recipients)]
-            sends += [pool.submit(send_smtp, nodes[i]["tls"], key, smtp_recipients[i::3]) for i in range(3)]
+            sends = [pool.submit(send_api, nodes[i % 3][0].base, key, to) for i, to in enumerate(api_recipients)]
+            sends += [pool.submit(send_smtp, nodes[i][1], key, smtp_recipients[i::3]) for i in range(3)]
             for done in sends:
                 done.result()
         accepted = set(api_recipients) | set(smtp_recipients)
         steady = time.monotonic() + 1.0  # acceptance is over: from here on the nodes only deliver
 
-        victim = nodes[2]
+        victim = nodes[2][0]
         wait_until(lambda: sum(moment > steady for moment, _ in handler.arrivals) >= 400, 60,
-                   "400 deliveries after acceptance", victim["path"])
-        for pid in [*children(victim["proc"].pid), victim["proc"].pid]:
+                   "400 deliveries after acceptance", victim.log_path)
+        for pid in [*children(victim.proc.pid), victim.proc.pid]:
             os.kill(pid, signal.SIGKILL)
         killed_at = time.monotonic()
-        victim["proc"].wait(timeout=10)
-        wait_until(lambda: handler.recipients() >= accepted, 120, "every accepted email at the sink", nodes[0]["path"])
-    finally:
-        for node in nodes:
-            for pid in children(node["proc"].pid):
-                if alive(pid):
-                    os.kill(pid, signal.SIGKILL)
-            node["proc"].kill()
-            node["proc"].wait(timeout=10)
-            node["log"].close()
+        victim.proc.wait(timeout=10)
+        wait_until(lambda: handler.recipients() >= accepted, 120, "every accepted email at the sink",
+                   nodes[0][0].log_path)
 
     times = sorted(moment for moment, _ in handler.arrivals)
     counts: dict[str, int] = {}

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from bench.dispatch import queue
 from storage.db import Database
-from tests.test_campaign_crash import serving
-from tests.test_cli_and_config import ROOT, free_port, plunkd
-from tests.test_processes import children, delivered, wait_until
+from tests.servers import children, served_plunkd
+from tests.test_cli_and_config import plunkd
+from tests.test_processes import delivered, wait_until
 
 EMAILS = 40
 CONCURRENCY = 8
@@ -68,11 +68,8 @@ def test_kill_9_while_sending_repeats_at_most_concurrency_emails_with_their_mess
     assert len(accepted) == EMAILS and all(message_id for _, message_id in accepted.values()), \
         "each email has its Message-ID from the moment it is accepted"
 
-    port = free_port()
-    full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT), "PLUNKD_SERVER_DATA_DIR": str(tmp_path / "data"),
-                "PLUNKD_SERVER_HTTP_PORT": str(port)}
-    full_env.pop("PLUNKD_CONFIG", None)
-    with serving(tmp_path, full_env) as proc:
+    with served_plunkd(tmp_path, env, wait_for=None) as server:
+        proc = server.proc
         wait_until(lambda: delivered(outbox) > 0, 60, "the first delivery", tmp_path / "serve.log")
         # Another process's write transaction (as a backup or a long write would hold) keeps the dispatcher's
         # outcomes from committing while it goes on sending what it claimed: the moment a kill costs most.
@@ -88,7 +85,7 @@ def test_kill_9_while_sending_repeats_at_most_concurrency_emails_with_their_mess
     sent_recorded = sum(status == "SENT" for status, _ in recorded(database).values())
     assert sent_at_kill > sent_recorded, "the kill did not land while sends waited for their outcome"
 
-    with serving(tmp_path, full_env):
+    with served_plunkd(tmp_path, env, wait_for=None):
         wait_until(lambda: all(status == "SENT" for status, _ in recorded(database).values()), 60,
                    "every email to be sent", tmp_path / "serve.log")
     final = recorded(database)

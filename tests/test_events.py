@@ -1,8 +1,16 @@
-"""Events API (seed 004)."""
+"""Events API (seed 004), and `pipeline.events.record_event`: what an event sets off is written in the
+event's own transaction."""
 
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import func, select
+
+from pipeline.events import record_event
+from storage import contacts as contact_store
+from storage import webhooks as webhook_store
+from storage import workflow_admin
+from storage.models import Event, WebhookDelivery, WorkflowRun
 
 
 async def track(api, email, event, **extra):
@@ -108,3 +116,51 @@ async def test_plunk_parameter_names_filter_too(api):
     assert body["data"]["total"] == 2
     status, body = await api.call("GET", "/events/stats?start=2000-01-01&startDate=2000-01-01")
     assert status == 422 and body["error"]["errors"][0]["field"] == "startDate"
+
+
+class RolledBack(Exception):
+    """Raised by a write after recording an event, so that its transaction rolls back."""
+
+
+async def test_record_event_writes_the_event_its_run_and_its_delivery_in_one_transaction(api):
+    def listeners(session):
+        contact = contact_store.insert_contact(session, api.project_id, "rec@example.com", True, {})
+        workflow = workflow_admin.insert_workflow(session, api.project_id, {
+            "name": "welcome", "exclude_events": [], "enabled": True, "run_once": False, "kind": "WORKFLOW",
+            "definition": {"steps": [{"id": "pause", "type": "delay", "seconds": 3600}]}}, ["signed-up"])
+        endpoint = webhook_store.insert_endpoint(session, api.project_id, "https://hooks.example.com/in",
+                                                 ["signed-up"], "whsec_test", True)
+        return contact.id, workflow.id, endpoint.id
+
+    contact_id, workflow_id, endpoint_id = await api.db.write(listeners)
+
+    def counts(session):
+        return (session.scalar(select(func.count()).select_from(Event).where(Event.name == "signed-up")),
+                session.scalar(select(func.count()).select_from(WorkflowRun)
+                               .where(WorkflowRun.workflow_id == workflow_id)),
+                session.scalar(select(func.count()).select_from(WebhookDelivery)
+                               .where(WebhookDelivery.endpoint_id == endpoint_id)))
+
+    def record_then_fail(session):
+        record_event(session, api.project_id, contact_id, "signed-up", {"plan": "pro"})
+        raise RolledBack
+
+    with pytest.raises(RolledBack):
+        await api.db.write(record_then_fail)
+    assert await api.db.read(counts) == (0, 0, 0)
+
+    event_id, _ = await api.db.write(
+        lambda session: record_event(session, api.project_id, contact_id, "signed-up", {"plan": "pro"}))
+    assert await api.db.read(counts) == (1, 1, 1)
+
+    def written(session):
+        run = session.execute(select(WorkflowRun).where(WorkflowRun.workflow_id == workflow_id)).scalar_one()
+        delivery = session.execute(select(WebhookDelivery)
+                                   .where(WebhookDelivery.endpoint_id == endpoint_id)).scalar_one()
+        return run, delivery
+
+    run, delivery = await api.db.read(written)
+    assert (run.contact_id, run.trigger_event_id, run.status) == (contact_id, event_id, "ACTIVE")
+    assert (delivery.event_id, delivery.status) == (event_id, "PENDING")
+    assert delivery.payload["data"]["contact"] == {"id": contact_id, "email": "rec@example.com"}
+    assert delivery.payload["data"]["data"] == {"plan": "pro"}

@@ -7,18 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
 
 from core.redaction import CLIENT_TEXT_FILTER
 from plunkd.app import setup_logging
-from tests.test_cli_and_config import ROOT, free_port
+from tests.servers import served_plunkd
 
 FORGED_LINE = "2026-12-03 08:00:00,000 INFO plunkd.api POST /v1/send 200"
 FORGING_PATHS = {
@@ -47,17 +44,6 @@ def raw_request(port: int, path: str, header: str = "X-Test: 1") -> bytes:
     return reply.split(b"\r\n", 1)[0]
 
 
-def wait_for_http(port: int, seconds: float, log_path) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"plunkd serve did not listen on {port}:\n{log_path.read_text()[-3000:]}")
-
-
 def assert_one_line_per_record(log: str) -> None:
     """No character any reader treats as a line break (str.splitlines: CR, VT, FF, FS-RS, NEL, U+2028,
     U+2029) but the LF that ends a record or a traceback's line."""
@@ -66,17 +52,10 @@ def assert_one_line_per_record(log: str) -> None:
 
 
 def test_a_served_process_writes_one_escaped_line_per_request(tmp_path):
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PLUNKD_SERVER_DATA_DIR": str(tmp_path / "data"),
-           "PLUNKD_SERVER_HOST": "127.0.0.1", "PLUNKD_SERVER_HTTP_PORT": str(port), "PLUNKD_SMTP_ENABLED": "false",
-           "PLUNKD_DELIVERY_ENABLED": "false", "PLUNKD_SERVER_LOG_LEVEL": "INFO"}
-    env.pop("PLUNKD_CONFIG", None)
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "plunkd.cli", "serve"], cwd=tmp_path, env=env,
-                                stdout=log_file, stderr=subprocess.STDOUT)
-    try:
-        wait_for_http(port, 30, log_path)
+    env = {"PLUNKD_SERVER_HOST": "127.0.0.1", "PLUNKD_SMTP_ENABLED": "false", "PLUNKD_DELIVERY_ENABLED": "false",
+           "PLUNKD_SERVER_LOG_LEVEL": "INFO"}
+    with served_plunkd(tmp_path, env, wait_for="port", graceful=True) as server:
+        port, log_path = server.port, server.log_path
         for path in FORGING_PATHS:
             assert raw_request(port, path) == b"HTTP/1.1 404 Not Found"
         assert raw_request(port, "/v1/health", RAW_CR_HEADER).startswith(b"HTTP/1.0 400 Bad Request")
@@ -84,9 +63,6 @@ def test_a_served_process_writes_one_escaped_line_per_request(tmp_path):
         deadline = time.monotonic() + 10
         while "GET /after 404" not in log_path.read_text() and time.monotonic() < deadline:
             time.sleep(0.1)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
     log = log_path.read_bytes().decode("utf-8")
     assert_one_line_per_record(log)
     lines = log.splitlines()

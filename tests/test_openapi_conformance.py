@@ -10,13 +10,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.test_cli_and_config import ROOT, free_port, plunkd
+from tests.servers import served_plunkd
+from tests.test_cli_and_config import plunkd
 
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 SEED = os.environ.get("PLUNKD_FUZZ_SEED", "20261123")
@@ -47,29 +46,8 @@ def served_api(tmp_path, database_url):
                  ("domain", "verify", "example.com", "--project", "fuzz", "--offline")):
         done = plunkd(tmp_path, *step, env=env)
         assert done.returncode == 0, done.stderr
-    port = free_port()
-    full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT), "PLUNKD_SERVER_DATA_DIR": str(tmp_path / "data"),
-                "PLUNKD_SERVER_HTTP_PORT": str(port), "PLUNKD_SERVER_LOG_LEVEL": "WARNING"}
-    full_env.pop("PLUNKD_CONFIG", None)
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "plunkd.cli", "serve"], cwd=tmp_path, env=full_env,
-                                stdout=log_file, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise AssertionError(f"plunkd did not start:\n{log_path.read_text()}") from None
-                time.sleep(0.2)
-        yield base, secret_key, log_path
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
+    with served_plunkd(tmp_path, {**env, "PLUNKD_SERVER_LOG_LEVEL": "WARNING"}, graceful=True) as server:
+        yield server.base, secret_key, server.log_path
 
 
 @pytest.mark.timeout(600)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -15,12 +13,8 @@ from pathlib import Path
 import pytest
 
 from plunkd.processes import parse_roles
-from tests.test_cli_and_config import ROOT, free_port, plunkd
-
-
-def children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
+from tests.servers import api_up, children, served_plunkd
+from tests.test_cli_and_config import plunkd
 
 
 def command_line(pid: int) -> str:
@@ -58,21 +52,8 @@ def served(tmp_path):
     for step in (("domain", "add", "example.com", "--project", "p"),
                  ("domain", "verify", "example.com", "--project", "p", "--offline")):
         assert plunkd(tmp_path, *step, env=env).returncode == 0
-    port = free_port()
-    full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT), "PLUNKD_SERVER_DATA_DIR": str(tmp_path / "data"),
-                "PLUNKD_SERVER_HTTP_PORT": str(port)}
-    full_env.pop("PLUNKD_CONFIG", None)
-    log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "plunkd.cli", "serve"], cwd=tmp_path, env=full_env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    try:
-        yield proc, f"http://127.0.0.1:{port}", key, tmp_path / "data" / "outbox"
-    finally:
-        for pid in children(proc.pid):
-            os.kill(pid, signal.SIGKILL)
-        proc.kill()
-        proc.wait(timeout=10)
-        log.close()
+    with served_plunkd(tmp_path, env) as server:
+        yield server.proc, server.base, key, tmp_path / "data" / "outbox"
 
 
 def send(base: str, key: str, to: str) -> None:
@@ -81,14 +62,6 @@ def send(base: str, key: str, to: str) -> None:
         "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=10) as reply:
         assert reply.status == 200
-
-
-def api_up(base: str) -> bool:
-    try:
-        urllib.request.urlopen(f"{base}/health", timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 def dispatcher_child(proc) -> int | None:
@@ -124,6 +97,17 @@ def test_dispatcher_runs_in_a_child_woken_at_once_restarted_and_stopped_with_its
     proc.kill()
     proc.wait(timeout=10)
     wait_until(lambda: not alive(replacement), 10, "the orphaned dispatcher to stop")
+
+
+def test_a_served_plunkd_that_cannot_start_fails_at_once_with_its_log(tmp_path):
+    """`tests.servers.served_plunkd`, which every test of a real `plunkd serve` starts it with, does not wait
+    out its 30 s for a process that already exited: it fails with the exit status and what the process said."""
+    started = time.monotonic()
+    with pytest.raises(AssertionError, match="plunkd serve exited with 1 waiting for the API") as failed, \
+            served_plunkd(tmp_path, {"PLUNKD_SERVER_HTTP_PORT": "abc"}):
+        pass
+    assert "config key server.http_port (PLUNKD_SERVER_HTTP_PORT): expected int, got 'abc'" in str(failed.value)
+    assert time.monotonic() - started < 15
 
 
 @pytest.mark.parametrize("text, roles", [("all", {"api", "relay", "dispatcher"}), ("api,relay", {"api", "relay"}),

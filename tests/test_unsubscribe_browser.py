@@ -11,9 +11,7 @@ import email
 import json
 import os
 import re
-import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -30,8 +28,9 @@ from storage import emails as email_store
 from storage import events as event_store
 from storage import projects as project_store
 from storage.db import Database
-from tests.test_cli_and_config import ROOT, free_port, plunkd
-from tests.test_processes import api_up, children, wait_until
+from tests.servers import free_port, served_plunkd
+from tests.test_cli_and_config import plunkd
+from tests.test_processes import wait_until
 
 CHROMIUM = os.environ.get("PLUNKD_TEST_CHROMIUM", "/usr/bin/chromium")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -78,32 +77,12 @@ poll_seconds = 0.2
 """)
         self.outbox = self.data_dir / "outbox"
         self.log = tmp_path / "serve.log"
-        self.proc: subprocess.Popen | None = None
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         done = plunkd(self.tmp_path, "--config", str(self.config), *args,
                       env={"PLUNKD_SERVER_DATA_DIR": str(self.data_dir), "PLUNKD_DATABASE_URL": self.db_url})
         assert done.returncode == 0, done.stderr
         return done
-
-    def start(self) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        for name in [n for n in env if n.startswith("PLUNKD_")]:
-            env.pop(name)
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "plunkd.cli", "--config", str(self.config), "serve"],
-                                         cwd=self.tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
-        wait_until(lambda: api_up(self.base) or self.proc.poll() is not None, 30, "the API", self.log)
-        assert self.proc.poll() is None, self.log.read_text()
-        wait_until(lambda: "started: transport file" in self.log.read_text(), 30, "the dispatcher", self.log)
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        for pid in children(self.proc.pid):
-            os.kill(pid, signal.SIGKILL)
-        self.proc.kill()
-        self.proc.wait(timeout=10)
 
 
 @pytest.fixture
@@ -114,11 +93,9 @@ def served(tmp_path, database_url):
     key = next(line.split()[-1] for line in made.stdout.splitlines() if line.startswith("secret key"))
     server.cli("domain", "add", "example.com", "--project", "news")
     server.cli("domain", "verify", "example.com", "--project", "news", "--offline")
-    server.start()
-    try:
+    with served_plunkd(tmp_path, port=server.port, config_only=True, args=("--config", str(server.config))) as process:
+        process.wait(lambda: "started: transport file" in process.log(), 30, "the dispatcher")
         yield server, key
-    finally:
-        server.stop()
 
 
 async def _in_database(url: str, fn):

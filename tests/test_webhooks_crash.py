@@ -9,15 +9,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import aiohttp
 from aiohttp import web
 
-from tests.test_cli_and_config import ROOT, free_port, plunkd
-from tests.test_processes import children, dispatcher_child
+from tests.servers import served_plunkd
+from tests.test_cli_and_config import plunkd
+from tests.test_processes import dispatcher_child
 from tests.webhook_receiver import Receiver, start_receiver
 
 LEASE_SECONDS = 3.0
@@ -49,54 +48,44 @@ async def test_kill_9_while_posting_then_redelivered_after_the_lease_with_the_sa
     made = plunkd(tmp_path, "project", "create", "--name", "p", "--from-email", "hello@example.com", env=env)
     assert made.returncode == 0, made.stderr
     key = next(line.split()[-1] for line in made.stdout.splitlines() if line.startswith("secret key"))
-    port = free_port()
-    full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT), "PLUNKD_SERVER_DATA_DIR": str(tmp_path / "data"),
-                "PLUNKD_SERVER_HTTP_PORT": str(port)}
-    full_env.pop("PLUNKD_CONFIG", None)
-    base, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"}
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "plunkd.cli", "serve"], cwd=tmp_path, env=full_env,
-                                stdout=log_file, stderr=subprocess.STDOUT)
+    auth = {"Authorization": f"Bearer {key}"}
     try:
-        async with aiohttp.ClientSession() as http:
-            async def api_up():
-                try:
-                    async with http.get(f"{base}/health") as reply:
-                        return reply.status == 200
-                except aiohttp.ClientError:
-                    return False
+        with served_plunkd(tmp_path, env, wait_for=None) as server:
+            base, proc, log_path = server.base, server.proc, server.log_path
+            async with aiohttp.ClientSession() as http:
+                async def api_up():
+                    try:
+                        async with http.get(f"{base}/health") as reply:
+                            return reply.status == 200
+                    except aiohttp.ClientError:
+                        return False
 
-            await eventually(api_up, 30, "the API", log_path)
-            child = await eventually(lambda: _now(dispatcher_child(proc)), 30, "the dispatcher process", log_path)
-            async with http.post(f"{base}/webhooks", headers=auth,
-                                 json={"url": receiver.url(), "events": ["signed-up"]}) as reply:
-                assert reply.status == 201, await reply.text()
-                hook = (await reply.json())["data"]
-            receiver.secrets.append(hook["secret"])
-            async with http.post(f"{base}/v1/track", headers=auth,
-                                 json={"email": "ann@example.org", "event": "signed-up"}) as reply:
-                assert reply.status == 200, await reply.text()
+                await eventually(api_up, 30, "the API", log_path)
+                child = await eventually(lambda: _now(dispatcher_child(proc)), 30, "the dispatcher process", log_path)
+                async with http.post(f"{base}/webhooks", headers=auth,
+                                     json={"url": receiver.url(), "events": ["signed-up"]}) as reply:
+                    assert reply.status == 201, await reply.text()
+                    hook = (await reply.json())["data"]
+                receiver.secrets.append(hook["secret"])
+                async with http.post(f"{base}/v1/track", headers=auth,
+                                     json={"email": "ann@example.org", "event": "signed-up"}) as reply:
+                    assert reply.status == 200, await reply.text()
 
-            assert len(await receiver.wait_for(1, 30)) == 1, log_path.read_text()[-3000:]
-            os.kill(child, signal.SIGKILL)
-            killed_at = time.monotonic()
-            await eventually(lambda: _now((pid := dispatcher_child(proc)) and pid != child), 30,
-                             "a new dispatcher process", log_path)
+                assert len(await receiver.wait_for(1, 30)) == 1, log_path.read_text()[-3000:]
+                os.kill(child, signal.SIGKILL)
+                killed_at = time.monotonic()
+                await eventually(lambda: _now((pid := dispatcher_child(proc)) and pid != child), 30,
+                                 "a new dispatcher process", log_path)
 
-            async def delivered():
-                async with http.get(f"{base}/webhooks/{hook['id']}/deliveries", headers=auth) as reply:
-                    items = (await reply.json())["data"]["items"]
-                return items if items and items[0]["status"] == "DELIVERED" else None
+                async def delivered():
+                    async with http.get(f"{base}/webhooks/{hook['id']}/deliveries", headers=auth) as reply:
+                        items = (await reply.json())["data"]["items"]
+                    return items if items and items[0]["status"] == "DELIVERED" else None
 
-            [item] = await eventually(delivered, 30, "the delivery to be recorded", log_path)
-            await asyncio.sleep(0.5)
+                [item] = await eventually(delivered, 30, "the delivery to be recorded", log_path)
+                await asyncio.sleep(0.5)
     finally:
         released.set()
-        for pid in children(proc.pid):
-            os.kill(pid, signal.SIGKILL)
-        proc.kill()
-        proc.wait(timeout=10)
         await runner.cleanup()
     first, second = receiver.received
     assert first.webhook_id == second.webhook_id == item["id"], "the same webhook-id: the receiver can dedupe"

@@ -9,15 +9,14 @@ import asyncio
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 from datetime import timedelta
 
 from bench.campaign import seed_contacts
 from storage.db import Database
 from storage.models import Contact, Template, Workflow, WorkflowRun, WorkflowTrigger, new_id, utcnow
-from tests.test_cli_and_config import ROOT, free_port, plunkd
-from tests.test_processes import api_up, children, dispatcher_child, wait_until
+from tests.servers import served_plunkd
+from tests.test_cli_and_config import plunkd
+from tests.test_processes import dispatcher_child, wait_until
 
 RUNS = 2_000
 
@@ -74,29 +73,16 @@ def test_kill_9_mid_burst_runs_every_step_exactly_once(tmp_path):
     url = f"sqlite+aiosqlite:///{database}"
     asyncio.run(seed_contacts(url, project_id, RUNS))
 
-    port = free_port()
-    full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT), "PLUNKD_SERVER_DATA_DIR": str(tmp_path / "data"),
-                "PLUNKD_SERVER_HTTP_PORT": str(port)}
-    full_env.pop("PLUNKD_CONFIG", None)
-    base = f"http://127.0.0.1:{port}"
-    with open(tmp_path / "serve.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "plunkd.cli", "serve"], cwd=tmp_path, env=full_env,
-                                stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_until(lambda: api_up(base), 30, "the API")
-            child = wait_until(lambda: dispatcher_child(proc), 30, "the dispatcher process")
-            workflow_id = asyncio.run(start_burst(url, project_id, 1.0))
-            wait_until(lambda: progress(str(database), workflow_id)[0] > 0, 30, "the burst to start")
-            os.kill(child, signal.SIGKILL)
-            sent_at_kill, _ = progress(str(database), workflow_id)
-            assert 0 < sent_at_kill < RUNS, "the kill did not land mid-burst"
-            wait_until(lambda: (pid := dispatcher_child(proc)) and pid != child, 30, "a new dispatcher process")
-            wait_until(lambda: progress(str(database), workflow_id)[1] == RUNS, 60, "every run to complete")
-        finally:
-            for pid in children(proc.pid):
-                os.kill(pid, signal.SIGKILL)
-            proc.kill()
-            proc.wait(timeout=10)
+    with served_plunkd(tmp_path, env) as server:
+        proc = server.proc
+        child = wait_until(lambda: dispatcher_child(proc), 30, "the dispatcher process")
+        workflow_id = asyncio.run(start_burst(url, project_id, 1.0))
+        wait_until(lambda: progress(str(database), workflow_id)[0] > 0, 30, "the burst to start")
+        os.kill(child, signal.SIGKILL)
+        sent_at_kill, _ = progress(str(database), workflow_id)
+        assert 0 < sent_at_kill < RUNS, "the kill did not land mid-burst"
+        wait_until(lambda: (pid := dispatcher_child(proc)) and pid != child, 30, "a new dispatcher process")
+        wait_until(lambda: progress(str(database), workflow_id)[1] == RUNS, 60, "every run to complete")
 
     with sqlite3.connect(database) as conn:
         emails, contacts = conn.execute("SELECT count(*), count(DISTINCT contact_id) FROM emails "

@@ -25,6 +25,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from core.config import WebhooksConfig
+from core.http_body import read_at_most
 from pipeline.webhook_targets import public_address, resolve, url_host
 
 ERROR_SNIPPET = 200
@@ -101,7 +102,7 @@ class WebhookClient:
             try:
                 async with self._session().post(url, data=body.encode(), headers=headers,
                                                 allow_redirects=False) as reply:
-                    text = await _read_capped(reply, self.settings.max_response_bytes)
+                    text = await read_at_most(reply, self.settings.max_response_bytes)
                     status = reply.status
             except TimeoutError:
                 return None, f"no reply within {timeout:g} s"
@@ -117,17 +118,6 @@ class WebhookClient:
             return status, f"HTTP {status} (redirects are not followed)"
         snippet = _printable(text.decode("utf-8", "replace"))[:ERROR_SNIPPET]
         return status, f"HTTP {status}: {snippet}" if snippet else f"HTTP {status}"
-
-
-async def _read_capped(reply: aiohttp.ClientResponse, limit: int) -> bytes:
-    """At most `limit` bytes of the reply's body; the rest is never read (the connection is dropped)."""
-    body = bytearray()
-    while len(body) < limit:
-        chunk = await reply.content.read(limit - len(body))
-        if not chunk:
-            break
-        body += chunk
-    return bytes(body)
 
 
 def _printable(text: str) -> str:
