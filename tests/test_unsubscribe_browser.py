@@ -22,12 +22,14 @@ import dkim
 import pytest
 
 from pipeline.domains import dkim_txt
+from plunkd.atrest import read_key_file
 from storage import contacts as contact_store
 from storage import domains as domain_store
 from storage import emails as email_store
 from storage import events as event_store
 from storage import projects as project_store
 from storage.db import Database
+from storage.secrets import KeyRing, use_keyring
 from tests.servers import free_port, served_plunkd
 from tests.test_cli_and_config import plunkd
 from tests.test_processes import wait_until
@@ -98,8 +100,10 @@ def served(tmp_path, database_url):
         yield server, key
 
 
-async def _in_database(url: str, fn):
-    db = Database(url)
+async def _in_database(server: Served, fn):
+    """`fn(db)` with the server's own key ring (its key file), as the secrets it sealed need."""
+    use_keyring(KeyRing(read_key_file(server.data_dir / "encryption.key"), "the server's key file"))
+    db = Database(server.db_url)
     db.writer.start()
     try:
         return await fn(db)
@@ -111,7 +115,7 @@ def in_database(server: Served, fn):
     """`fn(db)` on the server's database, in a thread of its own (Playwright's sync API keeps an event loop
     running in this one)."""
     with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, _in_database(server.db_url, fn)).result()
+        return pool.submit(asyncio.run, _in_database(server, fn)).result()
 
 
 def dns_for(domain) -> callable:
