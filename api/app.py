@@ -32,7 +32,7 @@ from core.config import Config
 from feedback.intake import FeedbackIntake
 from pipeline.keys import KeyCache
 from pipeline.links import make_signer
-from pipeline.tracking import TrackingSigner
+from pipeline.tracking.links import TrackingSigner
 from storage.db import Database
 
 

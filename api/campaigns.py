@@ -1,6 +1,6 @@
 """Campaigns: the Plunk dashboard shape (unversioned: /campaigns/:id/send, /cancel, /test, /stats) and
 the seed-002 shape (PUT/DELETE /campaigns with the id in the body, POST /campaigns/send with `live` and
-`delay`), from the same rules in `pipeline.campaigns`."""
+`delay`), from the same rules in `pipeline.marketing.campaigns`."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from api.schemas import Out
 from api.send import HeaderEmail, HeaderText
 from api.serialize import page_json
 from api.validation import NO_NUL, PAGE_QUERY, Body, page_params, read_body
-from pipeline import campaigns as rules
-from pipeline.campaigns import EMPTY_RECIPIENTS, MAX_LIST_RECIPIENTS, CampaignFields
+from pipeline.marketing import campaigns as rules
+from pipeline.marketing.campaigns import EMPTY_RECIPIENTS, MAX_LIST_RECIPIENTS, CampaignFields
 from pipeline.submit import Queued
 from storage import campaigns as campaign_store
 from storage.models import Campaign, CampaignStatus, Project

@@ -9,7 +9,7 @@ from core.config import Config
 from feedback.intake import FeedbackIntake
 from pipeline.keys import KeyCache
 from pipeline.links import LinkSigner
-from pipeline.tracking import TrackingSigner
+from pipeline.tracking.links import TrackingSigner
 from storage.db import Database
 
 CONFIG = web.AppKey("config", Config)

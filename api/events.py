@@ -15,8 +15,8 @@ from api.serialize import event_json, page_json
 from api.validation import NO_NUL, PAGE_QUERY, page_params, text_param
 from pipeline.contacts import is_system_event, require_contact
 from pipeline.errors import FieldError, Forbidden, NotFound, ValidationFailed
-from pipeline.segments import check_event_deletable
-from pipeline.workflow_rules import check_event_unused
+from pipeline.marketing.segments import check_event_deletable
+from pipeline.workflows.rules import check_event_unused
 from storage import events as event_store
 
 MAX_EVENT_NAME = 200

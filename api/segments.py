@@ -1,6 +1,6 @@
 """Segments: list, create, get (with a count), update, delete, their contacts and their count.
 
-The condition tree is parsed by the models of `pipeline.segments` (`validate_condition`; errors name the
+The condition tree is parsed by the models of `pipeline.marketing.segments` (`validate_condition`; errors name the
 path inside the tree, e.g. `condition.all.1.op`), which also describe it in /openapi.json
 (SegmentCondition): what JSON schema cannot say (at most 10 levels and 200 nodes) is listed in
 tests/schemathesis.toml.
@@ -20,7 +20,7 @@ from api.routing import Route, caller
 from api.schemas import ContactPage, Count, Out
 from api.serialize import contact_json, page_json
 from api.validation import PAGE_QUERY, Body, page_params, read_body
-from pipeline import segments as rules
+from pipeline.marketing import segments as rules
 from storage import segments as segment_store
 from storage.models import utcnow
 

@@ -40,8 +40,8 @@ from pipeline.compose import (
     reserved_header,
 )
 from pipeline.errors import FieldError, ValidationFailed
+from pipeline.marketing.templates import require_template, template_spec
 from pipeline.submit import Submission, run_idempotent, submit
-from pipeline.templates import require_template, template_spec
 
 MAX_RECIPIENTS = 50
 MAX_ATTACHMENTS = 5

@@ -15,7 +15,7 @@ from api.schemas import Out
 from api.send import DisplayName, HeaderEmail, HeaderText
 from api.serialize import page_json
 from api.validation import PAGE_QUERY, Body, page_params, read_body
-from pipeline import templates as rules
+from pipeline.marketing import templates as rules
 from storage import templates as template_store
 from storage.models import Template
 

@@ -9,7 +9,7 @@ from api.envelope import success
 from api.routing import Route, caller
 from api.schemas import Out
 from api.validation import Body, read_body
-from pipeline import tracking as rules
+from pipeline.tracking import links as rules
 
 
 class TrackingChoice(Body):

@@ -2,7 +2,7 @@
 `/actions`: trigger events, `notevents`, a delay in minutes, `runOnce`, a template), one engine behind
 both: an action is stored as a workflow of kind ACTION whose steps are a delay (when > 0) and a send.
 
-The steps are parsed by the models of `pipeline.workflow_definitions` (`validate_definition`; errors name
+The steps are parsed by the models of `pipeline.workflows.definitions` (`validate_definition`; errors name
 the step, e.g. `steps.2.type` unknown_step_type), which also describe them in /openapi.json; what JSON
 schema cannot say (step ids that must exist, no cycles, every step reachable, templates of
 the project, a delay `until` at most 366 days ahead) is listed in tests/schemathesis.toml.
@@ -25,9 +25,9 @@ from api.routing import Handler, Route, caller
 from api.schemas import Out
 from api.serialize import page_json
 from api.validation import NO_NUL, PAGE_QUERY, Body, page_params, read_body
-from pipeline import workflow_definitions as grammar
-from pipeline import workflow_rules as rules
-from pipeline.workflow_rules import ACTION, WORKFLOW, ActionFields, WorkflowFields
+from pipeline.workflows import definitions as grammar
+from pipeline.workflows import rules as rules
+from pipeline.workflows.rules import ACTION, WORKFLOW, ActionFields, WorkflowFields
 from storage import workflow_admin as store
 from storage.models import Workflow, WorkflowRun
 

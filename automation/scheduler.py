@@ -1,7 +1,7 @@
 """The workflow scheduler: a loop of small named steps, as the dispatcher and the campaign fan-out are.
 
     earliest_due (a read: is anything due, or when?) → claim + execute (one write transaction per batch:
-    the claim, every step's effect and the runs' advance commit together, see `pipeline.workflows`)
+    the claim, every step's effect and the runs' advance commit together, see `pipeline.workflows.engine`)
     → on_queued (wake the dispatcher when a step queued mail) → post webhooks (after the commit, through
     `webhooks.client`, as endpoint webhooks are) → finish_webhook
 
@@ -19,10 +19,10 @@ from collections.abc import Callable
 
 from core.config import WebhooksConfig
 from core.loop import DueLoop
-from pipeline import workflows as engine
 from pipeline.links import LinkSigner
 from pipeline.webhook_targets import url_host
-from pipeline.workflows import Executed, Webhook
+from pipeline.workflows import engine as engine
+from pipeline.workflows.engine import Executed, Webhook
 from storage import workflows as store
 from storage.db import Database
 from storage.models import utcnow

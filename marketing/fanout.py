@@ -16,8 +16,8 @@ import logging
 from collections.abc import Callable
 
 from core.config import DeliveryConfig
-from pipeline import campaigns as rules
 from pipeline.links import LinkSigner
+from pipeline.marketing import campaigns as rules
 from storage import campaigns as store
 from storage.db import Database
 from storage.models import utcnow

@@ -17,8 +17,8 @@ from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from pipeline.errors import FieldError, ValidationFailed
-from pipeline.layout import plunk_layout
 from pipeline.links import LinkSigner
+from pipeline.marketing.layout import plunk_layout
 
 HTML_HINT = re.compile(r"<\s*(html|body|p|div|br|table|a|span|h[1-6]|img|strong|em|b|i|ul|ol|li)\b", re.I)
 HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")

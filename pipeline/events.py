@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from pipeline.segments import membership_moves
+from pipeline.marketing.segments import membership_moves
 from storage import events as event_store
 from storage import webhooks as webhook_store
 from storage import workflows as workflow_store

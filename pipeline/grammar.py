@@ -1,5 +1,5 @@
-"""What the two grammars (segment conditions in `pipeline.segments`, workflow steps in
-`pipeline.workflow_definitions`) share: pydantic models parse a tree once, and the same models give
+"""What the two grammars (segment conditions in `pipeline.marketing.segments`, workflow steps in
+`pipeline.workflows.definitions`) share: pydantic models parse a tree once, and the same models give
 /openapi.json its schemas, so the schema and the validation cannot disagree.
 
 * A value's check and its JSON schema are written side by side (`atom`); a failed check raises

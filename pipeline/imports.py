@@ -21,7 +21,7 @@ from email_validator import EmailNotValidError, validate_email
 from sqlalchemy.orm import Session
 
 from pipeline.contacts import upsert_contact
-from pipeline.segments import MAX_DATA_KEY
+from pipeline.marketing.segments import MAX_DATA_KEY
 from storage.db import Database
 from storage.segments import iso_text, parse_instant
 

@@ -80,7 +80,7 @@ def _read_secret(path: Path) -> bytes:
 
 class SignedTokens:
     """`base64url(payload).base64url(HMAC-SHA256(key, payload)[:16])`, the one token format of plunkd's
-    signed links (contact links here, open and click links in `pipeline.tracking`). Only the spelling
+    signed links (contact links here, open and click links in `pipeline.tracking.links`). Only the spelling
     `make` writes is accepted (base64 ignores stray characters and a last character's spare bits)."""
 
     def __init__(self, key: bytes, max_length: int) -> None:
@@ -112,7 +112,7 @@ class LinkSigner:
         self.public_url = public_url.rstrip("/")
 
     def derived_key(self, purpose: str) -> bytes:
-        """A key for another kind of signed link (`pipeline.tracking`), from the same secret, so changing the
+        """A key for another kind of signed link (`pipeline.tracking.links`), from the same secret, so changing the
         secret invalidates those links too; no token of one kind verifies as another."""
         return hmac.new(self._secret, b"plunkd derived key:" + purpose.encode(), hashlib.sha256).digest()
 

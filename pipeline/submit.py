@@ -22,7 +22,7 @@ from pipeline.contacts import upsert_contact
 from pipeline.deferred import insert_spec
 from pipeline.domains import require_verified_sender
 from pipeline.errors import Conflict, FieldError, ValidationFailed
-from pipeline.tracking import Tracking, tracking_for
+from pipeline.tracking.links import Tracking, tracking_for
 from storage import emails as email_store
 
 STRIPPED_FIELD = re.compile(rb"^(?:bcc|" + b"|".join(
@@ -57,7 +57,7 @@ class Submission:
     subscribed gets an email record marked SKIPPED and nothing is queued for them."""
     tracking: Tracking | None = None
     """Open and click tracking as the send asked (None, or a None field: the project's default for
-    marketing mail when `marketing`, else for transactional mail; see `pipeline.tracking`)."""
+    marketing mail when `marketing`, else for transactional mail; see `pipeline.tracking.links`)."""
     test_copy: bool = False
     """A campaign's test copy: sent and recorded as an email of no contact (contact_id NULL), so the
     audience is left as it was: no contact created or changed, no contact events. Rendered without

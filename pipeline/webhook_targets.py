@@ -1,5 +1,5 @@
 """Where outbound webhooks may go, one set of rules for endpoint webhooks (`pipeline.webhooks`) and workflow
-webhook steps (`pipeline.workflow_definitions`): the URL's form (`url_problem`), and unless
+webhook steps (`pipeline.workflows.definitions`): the URL's form (`url_problem`), and unless
 `webhooks.allow_private_targets`, only globally routable addresses.
 
 The decision is made on addresses, never on how a host is spelt: `check_target` (when a URL is saved)

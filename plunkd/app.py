@@ -141,7 +141,7 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
     from maintenance.pruner import Pruner
     from pipeline.deferred import DeferredComposer
     from pipeline.links import make_signer
-    from pipeline.tracking import MessageTracker, TrackingSigner
+    from pipeline.tracking.links import MessageTracker, TrackingSigner
     from webhooks.sender import WebhookSender
 
     transport = make_transport(config)

@@ -88,7 +88,7 @@ def insert_email(session: Session, project_id: str, contact_id: str | None, cont
                  track_clicks: bool = False, message_id: str | None = None) -> str:
     """One email record and its outbox row, due now (written at commit, with the batch's others); a
     `skipped` email is recorded as SKIPPED, with no outbox row. `variables`: a deferred email's own
-    template variables. `track_opens` / `track_clicks`: its tracking choice (`pipeline.tracking`).
+    template variables. `track_opens` / `track_clicks`: its tracking choice (`pipeline.tracking.links`).
     `message_id`: the Message-ID the message already carries (SMTP); None gives it one."""
     email_id, now = new_id(), utcnow()
     insert_at_commit(session, _INSERT_EMAIL, {"id": email_id, "project_id": project_id, "contact_id": contact_id,

@@ -235,7 +235,7 @@ class Email(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(nullable=True)
     track_opens: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
-    """Chosen when the email is queued (`pipeline.tracking`): the dispatcher adds the open pixel."""
+    """Chosen when the email is queued (`pipeline.tracking.links`): the dispatcher adds the open pixel."""
     track_clicks: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     """Chosen when the email is queued: the dispatcher sends its links through the click redirect."""
 
@@ -299,7 +299,7 @@ class Template(Base):
 
 
 class Segment(Base):
-    """A named filter over a project's contacts (`condition`, see `pipeline.segments`)."""
+    """A named filter over a project's contacts (`condition`, see `pipeline.marketing.segments`)."""
 
     __tablename__ = "segments"
     __table_args__ = (UniqueConstraint("project_id", "slug"), Index("ix_segments_project_id_id", "project_id", "id"))
@@ -361,7 +361,7 @@ class Campaign(Base):
 
 class Workflow(Base):
     """An automation: a trigger event starts a run per contact through `definition`'s steps (see
-    `pipeline.workflows` for the grammar). Legacy actions (seed 002's /actions) are stored as workflows."""
+    `pipeline.workflows.engine` for the grammar). Legacy actions (seed 002's /actions) are stored as workflows."""
 
     __tablename__ = "workflows"
     __table_args__ = (Index("ix_workflows_project_id_id", "project_id", "id"),)
@@ -458,7 +458,7 @@ class ApiUsage(Base):
 
 class TrackingSettings(Base):
     """A project's open and click tracking defaults, per kind of mail; no row: the defaults of
-    `pipeline.tracking.DEFAULT_SETTINGS` (marketing mail tracked, transactional not)."""
+    `pipeline.tracking.links.DEFAULT_SETTINGS` (marketing mail tracked, transactional not)."""
 
     __tablename__ = "tracking_settings"
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True)

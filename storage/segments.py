@@ -1,6 +1,6 @@
 """Segment queries, and the one compiler of a segment's condition tree into SQL (`condition_clause`).
 
-The tree's grammar and its validation live in `pipeline.segments`; `condition_clause` takes a tree that
+The tree's grammar and its validation live in `pipeline.marketing.segments`; `condition_clause` takes a tree that
 passed it. The same clause serves every use: counting and listing a segment's contacts, a campaign's
 fan-out, membership tracking for one contact (`membership_states`) and the snapshot taken when
 tracking starts, so a contact matches a segment in exactly one way everywhere.

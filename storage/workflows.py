@@ -7,7 +7,7 @@ run (every workflow's `wait` steps) for each project. A workflow written in this
 once and again at the commit (`workflows_changed`); one written by another process is seen within
 `INTEREST_TTL` seconds.
 
-A run's position (see `pipeline.workflows` for the grammar and the engine):
+A run's position (see `pipeline.workflows.engine` for the grammar and the engine):
 * ACTIVE, `step_id` due at `due_at` (`step_id` None: the definition's first step).
 * WAITING at a `wait` step for `waiting_for`, due at its timeout.
 * ACTIVE at a `wait` step with `waiting_for` still set: the event happened (`resume_waiting`); the engine

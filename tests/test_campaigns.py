@@ -22,8 +22,8 @@ from delivery.bucket import TokenBucket
 from delivery.dispatcher import Dispatcher
 from delivery.transports import FileTransport, SmtpTransport
 from marketing.fanout import CampaignFanOut
-from pipeline import campaigns as rules
 from pipeline.deferred import DeferredComposer
+from pipeline.marketing import campaigns as rules
 from storage import emails as email_store
 from storage import events as event_store
 from storage.models import Campaign, Email, OutboxItem, Template

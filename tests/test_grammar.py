@@ -13,8 +13,8 @@ from jsonschema import Draft202012Validator
 
 from api.app import served_openapi
 from pipeline.errors import ValidationFailed
-from pipeline.segments import OPERATORS, limit_problems, validate_condition
-from pipeline.workflow_definitions import check_structure
+from pipeline.marketing.segments import OPERATORS, limit_problems, validate_condition
+from pipeline.workflows.definitions import check_structure
 from tests.test_workflows_api import template
 from tests.test_workflows_engine import make_workflow, one_run, outcomes, scheduler_for, track_event
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event, select
 
-from pipeline.segments import MAX_DEPTH, MAX_NODES, slugify
+from pipeline.marketing.segments import MAX_DEPTH, MAX_NODES, slugify
 from storage.models import Campaign, Contact, Event, SegmentMember, new_id, utcnow
 from storage.segments import CONTACTS, condition_clause, parse_instant
 
@@ -672,7 +672,7 @@ VALUE_POOLS = {
 
 
 def random_leaf(rng) -> dict:
-    from pipeline.segments import _OPERANDS
+    from pipeline.marketing.segments import _OPERANDS
 
     choice = rng.random()
     if choice < 0.2:
@@ -748,7 +748,7 @@ async def test_random_trees_agree_with_a_reference_evaluator(api):
     import random
 
     from pipeline.contacts import merge_data
-    from pipeline.segments import validate_condition
+    from pipeline.marketing.segments import validate_condition
 
     now = utcnow()
     contacts, events = [], {}

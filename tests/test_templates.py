@@ -14,7 +14,7 @@ import pytest
 
 from api.context import LINKS
 from pipeline.compose import MessageSpec
-from pipeline.templates import template_spec
+from pipeline.marketing.templates import template_spec
 from storage import contacts as contact_store
 from storage import emails as email_store
 from storage.models import Campaign, Template

@@ -25,7 +25,7 @@ from delivery.transports import FileTransport
 from marketing.fanout import CampaignFanOut
 from pipeline.deferred import DeferredComposer
 from pipeline.submit import Submission, submit
-from pipeline.tracking import MessageTracker
+from pipeline.tracking.links import MessageTracker
 from storage import emails as email_store
 from storage import events as event_store
 from storage.models import Template, new_id

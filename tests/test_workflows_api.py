@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import func, select
 
-from pipeline.workflow_definitions import action_definition, events_used, templates_used
+from pipeline.workflows.definitions import action_definition, events_used, templates_used
 from storage.models import Workflow, WorkflowRun, WorkflowTrigger, new_id
 
 MILLISECOND_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")

@@ -20,8 +20,8 @@ from automation.scheduler import WorkflowScheduler
 from delivery.bucket import TokenBucket
 from delivery.dispatcher import Dispatcher
 from delivery.transports import FileTransport
-from pipeline import workflows as engine
 from pipeline.track import track
+from pipeline.workflows import engine as engine
 from storage import workflow_admin as admin
 from storage import workflows as store
 from storage.models import Contact, Email, Event, OutboxItem, Workflow, WorkflowRun, WorkflowTrigger, new_id, utcnow

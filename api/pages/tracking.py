@@ -23,7 +23,7 @@ from aiohttp import web
 from api.context import DB, TRACKING
 from api.pages import PageHandler, method_not_allowed, not_found, token_page
 from api.routing import Route
-from pipeline.tracking import record_click, record_open
+from pipeline.tracking.links import record_click, record_open
 
 log = logging.getLogger("plunkd.tracking")
 PIXEL = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00"

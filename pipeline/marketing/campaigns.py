@@ -23,9 +23,9 @@ from pipeline.deferred import insert_spec
 from pipeline.domains import require_verified_sender
 from pipeline.errors import Conflict, FieldError, NotFound, ValidationFailed
 from pipeline.links import LinkSigner
+from pipeline.marketing.templates import template_spec
 from pipeline.submit import Queued, Submission, envelope_sender_for, submit
-from pipeline.templates import template_spec
-from pipeline.tracking import tracking_for
+from pipeline.tracking.links import tracking_for
 from storage import campaigns as store
 from storage import contacts as contact_store
 from storage import segments as segment_store

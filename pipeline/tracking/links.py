@@ -25,8 +25,8 @@ from sqlalchemy.orm import Session
 
 from pipeline.events import record_event
 from pipeline.links import LinkSigner, SignedTokens
-from pipeline.tracking_html import UnreadableHtml, track_html
-from pipeline.tracking_mime import Untrackable, rewrite_html_parts
+from pipeline.tracking.html import UnreadableHtml, track_html
+from pipeline.tracking.mime import Untrackable, rewrite_html_parts
 from storage import tracking as store
 from storage.emails import Claimed
 

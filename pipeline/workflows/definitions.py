@@ -5,7 +5,7 @@
       delay       exactly one of "seconds" (int ≥ 1), "minutes" (int ≥ 1), "until" (RFC 3339 date-time
                   with its offset); at most MAX_DELAY_SECONDS (366 days) ahead;  "next"
       send        "template" (a template id of the project), "data" (object, optional);  "next"
-      condition   "condition" (a segment condition tree, `pipeline.segments`);  "then", "else"
+      condition   "condition" (a segment condition tree, `pipeline.marketing.segments`);  "then", "else"
       wait        "event" (a name), "timeoutSeconds" (1 … 366 days);  "then" (the event came),
                   "timeout" (it did not)
       update      "data" (object, merged into the contact's data), "subscribed" (bool);  "next"
@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session
 from pipeline import grammar
 from pipeline.compose import MAX_RENDERED_HEADER, Template, looks_like_html
 from pipeline.errors import FieldError, ValidationFailed
-from pipeline.segments import CONDITION_TAGS, Condition, event_names
+from pipeline.marketing.segments import CONDITION_TAGS, Condition, event_names
 from pipeline.webhook_targets import MAX_URL, URL_PATTERN, target_problem, url_problem
 from storage import templates as template_store
 from storage import workflow_admin as store
@@ -459,7 +459,7 @@ def validate_definition(session: Session, project_id: str, definition: Any, path
     """Raise ValidationFailed naming each problem by its step (`steps.N.field`) and code: invalid_type,
     required, unknown_key, invalid_string, unknown_step_type, invalid_delay, invalid_date, too_small,
     too_big, invalid_url, duplicate_step, unknown_step, cycle, unreachable_step, unknown_template, and
-    the condition codes of `pipeline.segments.validate_condition`. Whole-number fields given as 5.0 are
+    the condition codes of `pipeline.marketing.segments.validate_condition`. Whole-number fields given as 5.0 are
     rewritten to 5 in `definition`. With `max_bytes` (`smtp.max_message_bytes`), a send step whose template
     renders larger with the step's own data alone (before any contact's) is too_big."""
     errors = check_structure(definition, path)

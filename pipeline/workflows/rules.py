@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from pipeline.errors import Conflict, FieldError, NotFound, ValidationFailed
-from pipeline.workflow_definitions import action_definition, action_fields, events_used, validate_definition
+from pipeline.workflows.definitions import action_definition, action_fields, events_used, validate_definition
 from storage import workflow_admin as store
 from storage.models import Workflow, WorkflowRun, utcnow
 from storage.workflow_admin import LIVE_STATUSES, WorkflowRef

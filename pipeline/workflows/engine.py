@@ -1,7 +1,7 @@
 """The workflow engine: run each claimed run's due step and advance the run, in one transaction.
 
 A workflow's definition is `{"steps": [step, ...]}`, checked at the API by the models of
-`pipeline.workflow_definitions`. Each claim parses the definitions of its runs' workflows once with the same
+`pipeline.workflows.definitions`. Each claim parses the definitions of its runs' workflows once with the same
 models (`parse_definition`), and each step type has its handler (`_RUN_STEPS`, `_GROUP_STEPS`); a stored step
 that does not parse fails the run that reaches it with the reason in its history, never an exception. The
 first step is the entry; each step has an `id` and a `type`:
@@ -64,9 +64,9 @@ from pipeline.compose import MAX_RENDERED_HEADER, MessageSpec, looks_like_html
 from pipeline.contacts import update_contact
 from pipeline.errors import PipelineError
 from pipeline.links import LinkSigner
+from pipeline.marketing.templates import template_spec
 from pipeline.submit import DeferredRecipient, submit_deferred
-from pipeline.templates import template_spec
-from pipeline.workflow_definitions import (
+from pipeline.workflows.definitions import (
     BrokenStep,
     ConditionStep,
     DelayStep,

@@ -1,0 +1,1 @@
+"""Marketing: templates, segments, campaigns and the house layout."""
