@@ -13,6 +13,7 @@ from api.routing import Route, caller
 from api.schemas import DomainOut, DomainPage
 from api.serialize import page_json
 from api.validation import PAGE_QUERY, Body, page_params, read_body
+from delivery.ses import ses_identity_verified
 from pipeline import domains as rules
 from storage import domains as domain_store
 from storage.models import Domain
@@ -60,7 +61,7 @@ async def verify_domain(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     db = request.app[DB]
     domain = await db.read(rules.require_domain, caller(request).project_id, request.match_info["id"])
-    check = await rules.verify(domain, config)
+    check = await rules.verify(domain, config, ses_identity_verified)
     domain = await db.write(lambda s: rules.save_check(s, domain.id, check))
     return success(domain_json(domain, config.delivery.transport))
 

@@ -23,7 +23,8 @@ from bench.setup_sender import verify_offline
 from core.config import DeliveryConfig, SmarthostConfig
 from delivery.bucket import TokenBucket
 from delivery.dispatcher import Dispatcher
-from delivery.transports import SendResult, SmtpTransport
+from delivery.result import SendResult
+from delivery.transports import SmtpTransport
 from pipeline.compose import MessageSpec
 from pipeline.projects import create_project
 from pipeline.submit import Submission, submit

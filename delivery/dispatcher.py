@@ -40,7 +40,7 @@ from core import metrics
 from core.config import DeliveryConfig
 from delivery import dkim
 from delivery.bucket import TokenBucket
-from delivery.transports import SendOutcome, SendResult, Transport
+from delivery.result import SendOutcome, SendResult, Transport
 from pipeline.errors import PipelineError
 from pipeline.events import record_event
 from storage import campaigns as campaign_store

@@ -8,7 +8,7 @@ import aioboto3
 from botocore.exceptions import BotoCoreError, ClientError
 
 from core.config import SesConfig
-from delivery.transports import SendResult
+from delivery.result import SendResult
 
 THROTTLING = {"Throttling", "ThrottlingException", "TooManyRequestsException", "LimitExceededException",
               "ServiceUnavailable", "InternalFailure", "SendingPausedException"}

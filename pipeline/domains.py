@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -196,12 +197,14 @@ class TooManyDomains(ValidationFailed):
                                     "or raise api.max_domains_per_project.")
 
 
-async def verify(domain: Domain, config: Any) -> dict[str, Any]:
-    """Verify by DNS, or by SES's own identity check when the SES transport is configured."""
+async def verify(domain: Domain, config: Any,
+                 ses_verified: Callable[[Any, str], Awaitable[bool]] | None = None) -> dict[str, Any]:
+    """Verify by DNS, or by SES's own identity check (`ses_verified`: `delivery.ses.ses_identity_verified`,
+    handed in by the caller, as pipeline does not import the transports) when the SES transport is configured."""
     if config.delivery.transport == "ses":
-        from delivery.ses import ses_identity_verified
-
-        verified = await ses_identity_verified(config.delivery.ses, domain.name)
+        if ses_verified is None:
+            raise ValueError("the SES transport is configured but no SES identity check was given")
+        verified = await ses_verified(config.delivery.ses, domain.name)
         return {"verified": verified, "method": "ses"}
     resolver = make_resolver(config.dns.nameservers, config.dns.port, config.dns.timeout_seconds)
     return {**await check_dns(domain, resolver), "method": "dns"}

@@ -281,7 +281,9 @@ def cmd_domain_verify(args: argparse.Namespace, config: Config) -> int:
         if args.offline:
             check = {"verified": True, "method": "offline (file transport)"}
         else:
-            check = await verify(domain, config)
+            from delivery.ses import ses_identity_verified
+
+            check = await verify(domain, config, ses_identity_verified)
         domain = await db.write(lambda s: save_check(s, domain.id, check))
         _print_domain(domain, config.delivery.transport)
         print("checks:", ", ".join(f"{k}={v}" for k, v in check.items()))

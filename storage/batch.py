@@ -22,15 +22,22 @@ import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import Insert, event
+from sqlalchemy import Engine, Insert, event
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
-if TYPE_CHECKING:
-    from storage.db import Database
-
 log = logging.getLogger("plunkd.storage")
+
+
+class Engines(Protocol):
+    """What the writer needs of `storage.db.Database` (which owns a writer, so it is not imported here)."""
+
+    is_postgres: bool
+    sync_engine: Engine | None
+    session: async_sessionmaker[AsyncSession]
+
 T = TypeVar("T")
 Work = Callable[[Session], Any]
 Outcome = tuple[bool, Any]
@@ -71,7 +78,7 @@ def _discard_on_rollback(session: Session, previous: Any) -> None:
 
 
 class TransactionBatcher:
-    def __init__(self, db: Database, max_batch: int = 200, writers: int | None = None) -> None:
+    def __init__(self, db: Engines, max_batch: int = 200, writers: int | None = None) -> None:
         self.db = db
         self.max_batch = max_batch
         self.writers = writers or (4 if db.is_postgres else 1)

@@ -15,7 +15,7 @@ import api.webhooks
 import api.workflows
 from api.campaigns import CampaignOut
 from api.context import LINKS
-from delivery.transports import SendOutcome, SendResult
+from delivery.result import SendOutcome, SendResult
 from marketing.fanout import CampaignFanOut
 from storage import webhooks as webhook_store
 from storage.models import CampaignStatus, EmailStatus, RunStatus, WebhookDeliveryStatus, WorkflowRun
