@@ -33,3 +33,13 @@ class RateLimited(PipelineError):
 class MethodNotAllowed(PipelineError):
     code = "METHOD_NOT_ALLOWED"
     status = 405
+
+
+class RequestTimeout(PipelineError):
+    code = "REQUEST_TIMEOUT"
+    status = 408
+
+
+class TooManyConnections(PipelineError):
+    code = "TOO_MANY_CONNECTIONS"
+    status = 503

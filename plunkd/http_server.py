@@ -21,19 +21,9 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from api.envelope import failure
+from api.errors import RequestTimeout, TooManyConnections
 from core.connections import LISTEN_BACKLOG, SessionLimiter, peer_address, url_host
 from pipeline.errors import PipelineError
-
-
-class TooManyConnections(PipelineError):
-    code = "TOO_MANY_CONNECTIONS"
-    status = 503
-
-
-class RequestTimeout(PipelineError):
-    code = "REQUEST_TIMEOUT"
-    status = 408
-
 
 OVER_THE_CAPS = TooManyConnections("Too many connections", "Retry in a second, over fewer connections.")
 HEADERS_TOO_SLOW = RequestTimeout("The request's headers did not arrive in time",
