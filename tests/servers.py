@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -150,6 +151,13 @@ class ServedPlunkd:
     proc: subprocess.Popen
     port: int
     log_path: Path
+    tls_port: int | None = None
+    starttls_port: int | None = None
+    """The relay's ports, when it was started with `relay=True`."""
+
+    @property
+    def http_port(self) -> int:
+        return self.port
 
     @property
     def base(self) -> str:
@@ -184,8 +192,8 @@ class ServedPlunkd:
 @contextlib.contextmanager
 def served_plunkd(workdir: Path, env: dict[str, str] | None = None, *, port: int | None = None,
                   config_only: bool = False, args: Sequence[str] = (), prefix: Sequence[str] = (),
-                  log_name: str = "serve.log", wait_for: str | None = "api",
-                  graceful: bool = False) -> Iterator[ServedPlunkd]:
+                  log_name: str = "serve.log", wait_for: str | None = "api", graceful: bool = False,
+                  relay: bool = False, open_files: int | None = None) -> Iterator[ServedPlunkd]:
     """Run `python -m plunkd.cli [args] serve` in `workdir` with this checkout's code, its output appended
     to `workdir/log_name`, and stop it on the way out (`graceful`: SIGTERM and a clean exit; else SIGKILL
     to it and its children, as a crash would).
@@ -193,21 +201,34 @@ def served_plunkd(workdir: Path, env: dict[str, str] | None = None, *, port: int
     The environment is the test's, without PLUNKD_CONFIG, with the data dir `workdir/data` and the HTTP
     port (`port`, else a free one) set, then `env` on top. `config_only`: no PLUNKD_* variable but `env`'s
     (the config file decides; give its HTTP port as `port`). `prefix`: words before the command (`setpriv`).
-    `wait_for`: "api" (GET /health answers), "port" (the HTTP port accepts) or None (the caller waits)."""
+    `wait_for`: "api" (GET /health answers), "port" (the HTTP port accepts) or None (the caller waits).
+    `relay`: the SMTP relay on 127.0.0.1 on two free ports (`tls_port`, `starttls_port`). `open_files`: the
+    process's RLIMIT_NOFILE, soft and hard (so plunkd cannot raise it). A value None in `env` unsets it."""
     port = port or free_port()
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    full_env: dict[str, str | None] = {**os.environ, "PYTHONPATH": str(ROOT)}
     if config_only:
         for name in [name for name in full_env if name.startswith("PLUNKD_")]:
             full_env.pop(name)
     else:
         full_env.pop("PLUNKD_CONFIG", None)
         full_env.update({"PLUNKD_SERVER_DATA_DIR": str(workdir / "data"), "PLUNKD_SERVER_HTTP_PORT": str(port)})
+    tls_port = starttls_port = None
+    if relay:
+        tls_port, starttls_port = free_port(), free_port()
+        full_env.update({"PLUNKD_SMTP_HOST": "127.0.0.1", "PLUNKD_SMTP_TLS_PORT": str(tls_port),
+                         "PLUNKD_SMTP_STARTTLS_PORT": str(starttls_port)})
     full_env.update(env or {})
+
+    def limit_open_files() -> None:
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
     log_path = workdir / log_name
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([*prefix, sys.executable, "-m", "plunkd.cli", *args, "serve"], cwd=workdir,
-                                env=full_env, stdout=log, stderr=subprocess.STDOUT)
-    served = ServedPlunkd(proc, port, log_path)
+                                env={name: value for name, value in full_env.items() if value is not None},
+                                stdout=log, stderr=subprocess.STDOUT, preexec_fn=limit_open_files)
+    served = ServedPlunkd(proc, port, log_path, tls_port, starttls_port)
     try:
         if wait_for == "api":
             served.wait(lambda: api_up(served.base), 30, "the API")
@@ -216,62 +237,6 @@ def served_plunkd(workdir: Path, env: dict[str, str] | None = None, *, port: int
         yield served
     finally:
         served.stop(graceful)
-
-
-class PlunkdProcess:
-    """`plunkd serve` in a subprocess on free loopback ports with its own data folder (SQLite, no
-    delivery unless `env` says otherwise), its output in `log_path`. `open_files`: the process's
-    RLIMIT_NOFILE, soft and hard (so plunkd cannot raise it)."""
-
-    def __init__(self, tmp_path, env: dict[str, str | None] | None = None, open_files: int | None = None) -> None:
-        import os
-        import resource
-        from pathlib import Path
-
-        root = Path(__file__).resolve().parent.parent
-        self.http_port, self.tls_port, self.starttls_port = free_port(), free_port(), free_port()
-        self.log_path = tmp_path / "serve.log"
-        full_env = {**os.environ, "PYTHONPATH": str(root), "PLUNKD_SERVER_DATA_DIR": str(tmp_path / "data"),
-                    "PLUNKD_SERVER_HTTP_PORT": str(self.http_port), "PLUNKD_SMTP_HOST": "127.0.0.1",
-                    "PLUNKD_SMTP_TLS_PORT": str(self.tls_port), "PLUNKD_SMTP_STARTTLS_PORT": str(self.starttls_port),
-                    "PLUNKD_DELIVERY_ENABLED": "false", **(env or {})}
-        full_env = {name: value for name, value in full_env.items() if value is not None}  # None: unset
-        full_env.pop("PLUNKD_CONFIG", None)
-
-        def limit_open_files() -> None:
-            if open_files is not None:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
-
-        with open(self.log_path, "wb") as log_file:
-            self.proc = subprocess.Popen([sys.executable, "-m", "plunkd.cli", "serve"], cwd=tmp_path, env=full_env,
-                                         stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=limit_open_files)
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def wait_until_serving(self, seconds: float = 30) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"plunkd serve exited with {self.proc.returncode}:\n{self.log[-3000:]}")
-            if health(self.base, source="127.0.0.1") == 200:
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"plunkd serve did not answer /health within {seconds} s:\n{self.log[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
 
 
 def health(base: str, source: str = "127.0.0.1", timeout: float = 5) -> int | None:

@@ -1,12 +1,13 @@
 """What HTTP clients may hold of `plunkd serve`: request headers are due within a bound (slowloris),
 connections are capped per client address and in total, HTTP and SMTP each have descriptors the
 other cannot take, and failed accept() calls are logged once per interval, not once per attempt.
-`plunkd serve` runs in a subprocess on loopback (tests.servers.PlunkdProcess); other hosts are other
+`plunkd serve` runs in a subprocess on loopback (tests.servers.served_plunkd); other hosts are other
 loopback addresses (127.0.0.2, …). Loads are small and bounded: caps of 20 and 5, floods of at most
 2000 connections held for seconds."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -17,24 +18,19 @@ import time
 
 import pytest
 
-from tests.servers import PlunkdProcess, health
+from tests.servers import ServedPlunkd, health, served_plunkd
 from tests.test_cli_and_config import plunkd
 
 
 @pytest.fixture
 def serving(tmp_path):
     """Start `plunkd serve` with `env` (and an open-file limit) on first call; stopped after the test."""
-    started: list[PlunkdProcess] = []
+    with contextlib.ExitStack() as stack:
+        def start(env: dict[str, str], open_files: int | None = None) -> ServedPlunkd:
+            return stack.enter_context(served_plunkd(tmp_path, {"PLUNKD_DELIVERY_ENABLED": "false", **env},
+                                                     relay=True, open_files=open_files, graceful=True))
 
-    def start(env: dict[str, str], open_files: int | None = None) -> PlunkdProcess:
-        server = PlunkdProcess(tmp_path, env, open_files)
-        started.append(server)
-        server.wait_until_serving()
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
+        yield start
 
 
 def connect(port: int, source: str = "127.0.0.1") -> socket.socket:
@@ -205,9 +201,9 @@ def test_a_flood_on_the_http_port_leaves_the_relay_its_descriptors(serving):
     finally:
         for sock in connections:
             sock.close()
-    assert "out of system resource" not in server.log and "accept() failed" not in server.log
+    assert "out of system resource" not in server.log() and "accept() failed" not in server.log()
     assert ("server.max_connections=1000 and smtp.max_sessions=1000 do not fit the open-file limit of 600"
-            in server.log) and "capping HTTP connections at 22 and SMTP sessions at 22" in server.log
+            in server.log()) and "capping HTTP connections at 22 and SMTP sessions at 22" in server.log()
 
 
 def test_a_burst_of_failed_accepts_is_logged_in_one_line_not_one_per_attempt(serving):
@@ -218,8 +214,8 @@ def test_a_burst_of_failed_accepts_is_logged_in_one_line_not_one_per_attempt(ser
                    for sock in flood(port, 300)]
     try:
         deadline = time.monotonic() + 10
-        while "accept() failed" not in server.log:
-            assert time.monotonic() < deadline, server.log[-3000:]
+        while "accept() failed" not in server.log():
+            assert time.monotonic() < deadline, server.log()[-3000:]
             time.sleep(0.1)
         time.sleep(2)  # more failures meanwhile, counted, not logged
     finally:
@@ -229,6 +225,6 @@ def test_a_burst_of_failed_accepts_is_logged_in_one_line_not_one_per_attempt(ser
     while health(server.base) != 200:
         assert time.monotonic() < deadline, "serving again once the burst is gone"
         time.sleep(0.2)
-    log = server.log
+    log = server.log()
     assert len([line for line in log.splitlines() if "accept() failed" in line]) == 1, log[-3000:]
     assert "socket.accept() out of system resource" not in log and "Traceback" not in log

@@ -10,7 +10,7 @@ import socket
 import pytest
 
 from core.config import Config
-from tests.servers import PlunkdProcess, free_port
+from tests.servers import free_port, served_plunkd
 from tests.test_cli_and_config import plunkd
 
 
@@ -32,21 +32,17 @@ def test_a_busy_port_ends_start_up_with_one_line_naming_it_before_anything_start
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
 def test_the_log_says_where_the_api_listens_and_one_line_at_a_clean_stop(tmp_path, stop_signal):
-    server = PlunkdProcess(tmp_path, env={"PLUNKD_SERVER_PUBLIC_URL": "https://mail.example.org",
-                                          "PLUNKD_SMTP_HOST": None})
-    try:
-        server.wait_until_serving()
-        log = server.log
+    with served_plunkd(tmp_path, {"PLUNKD_SERVER_PUBLIC_URL": "https://mail.example.org", "PLUNKD_SMTP_HOST": None,
+                                  "PLUNKD_DELIVERY_ENABLED": "false"}, relay=True, graceful=True) as server:
+        log = server.log()
         assert (f"plunkd API listening on http://127.0.0.1:{server.http_port} "
                 f"(public URL, the base of links in emails: https://mail.example.org)") in log
         assert f"smtp relay on 127.0.0.1: {server.tls_port} (TLS), {server.starttls_port} (STARTTLS)" in log
         server.proc.send_signal(stop_signal)
         assert server.proc.wait(timeout=20) == 0
-    finally:
-        server.stop()
-    stopped = [line for line in server.log.splitlines() if "stopped" in line]
+    stopped = [line for line in server.log().splitlines() if "stopped" in line]
     assert len(stopped) == 1 and stopped[0].endswith(f"stopped cleanly on {stop_signal.name}")
-    assert "Traceback" not in server.log
+    assert "Traceback" not in server.log()
 
 
 def test_both_listeners_default_to_loopback():
