@@ -93,9 +93,8 @@ def test_several_selects_need_a_merge_order():
         DueClaim(due, due)
 
 
+@pytest.mark.postgres_only  # SQLite has one writer: a second claim waits for the first transaction
 async def test_two_workers_claiming_at_once_take_disjoint_rows_without_waiting(api):
-    if not api.db.is_postgres:
-        pytest.skip("SQLite has one writer: a second claim waits for the first transaction")
     names = await seed_deliveries(api, [-5, -4, -3, -2])
     async with api.db.session() as first, api.db.session() as second:
         held = await first.run_sync(claim_deliveries(2, True))
