@@ -192,9 +192,9 @@ class Dispatcher:
         return await asyncio.shield(cached[1]) in (None, "CANCELLED")
 
     async def _cancel(self, item: Claimed) -> None:
-        await self.db.write(lambda s: email_store.mark_failed(s, item.outbox_id, item.email_id, "CANCELLED",
-                                                              campaign_store.CANCELLED_ERROR), light=True)
-        metrics.EMAILS_FAILED.labels(self.transport.name, "CANCELLED").inc()
+        await self.db.write(lambda s: email_store.mark_failed(
+            s, item.outbox_id, item.email_id, EmailStatus.CANCELLED, campaign_store.CANCELLED_ERROR), light=True)
+        metrics.EMAILS_FAILED.labels(self.transport.name, EmailStatus.CANCELLED).inc()
         log.info("email %s: not sent, its campaign %s was cancelled", item.email_id, item.campaign_id)
 
     async def deliver(self, item: Claimed) -> tuple[str, SendResult] | None:
@@ -220,9 +220,9 @@ class Dispatcher:
                 composed = None if self.compose_deferred is None else await self.compose_deferred(item)
             except PipelineError as exc:
                 reason = exc.message
-                await self.db.write(lambda s: email_store.mark_failed(s, item.outbox_id, item.email_id, "FAILED",
-                                                                      reason), light=True)
-                metrics.EMAILS_FAILED.labels(self.transport.name, "FAILED").inc()
+                await self.db.write(lambda s: email_store.mark_failed(s, item.outbox_id, item.email_id,
+                                                                      EmailStatus.FAILED, reason), light=True)
+                metrics.EMAILS_FAILED.labels(self.transport.name, EmailStatus.FAILED).inc()
                 log.warning("email %s: cannot be composed: %s", item.email_id, reason)
                 return None
             if composed is None:

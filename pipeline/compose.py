@@ -135,6 +135,12 @@ def byte_length(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
+def _after_space(text: str, pos: int) -> int:
+    """The first position at or after `pos` that is not white space."""
+    space = _SPACE.match(text, pos)
+    return space.end() if space else pos
+
+
 class _Scanner:
     """Finds the variables of one template in a single pass.
 
@@ -152,15 +158,15 @@ class _Scanner:
     def variable(self, at: int) -> tuple[Use, int] | None:
         """The variable whose `{{` is at `at` and the position after its `}}`; None when there is none."""
         text = self.text
-        name = _NAME.match(text, _SPACE.match(text, at + 2).end())
+        name = _NAME.match(text, _after_space(text, at + 2))
         if name is None:
             return None
-        pos = _SPACE.match(text, name.end()).end()
+        pos = _after_space(text, name.end())
         if text.startswith("}}", pos):
             return Use(name.group(), ""), pos + 2
         if not text.startswith("??", pos):
             return None
-        start = _SPACE.match(text, pos + 2).end()
+        start = _after_space(text, pos + 2)
         stop = self._default_stop(start)
         if stop is None:
             return None

@@ -32,7 +32,7 @@ def patterns_for(name: str) -> frozenset[str]:
     return frozenset([name, *(pattern for pattern, prefix in WILDCARDS.items() if name.startswith(prefix))])
 
 
-def event_payload(event_id: str | None, name: str, contact: dict[str, str] | None, email_id: str | None,
+def event_payload(event_id: str | None, name: str, contact: dict[str, str | None] | None, email_id: str | None,
                   data: dict[str, Any], at: datetime) -> dict[str, Any]:
     """The JSON body every webhook attempt POSTs (see docs/api.md): `{type, timestamp, data: {event, name,
     contact, email, data}}`."""

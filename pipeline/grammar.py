@@ -2,32 +2,37 @@
 `pipeline.workflows.definitions`) share: pydantic models parse a tree once, and the same models give
 /openapi.json its schemas, so the schema and the validation cannot disagree.
 
-* A value's check and its JSON schema are written side by side (`atom`); a failed check raises
+* A value's check and its JSON schema are written side by side (`Atom`, the metadata of an Annotated
+  type such as `Annotated[str, Atom(check, schema)]`: mypy sees the plain type); a failed check raises
   `problem(code, message)`, which the API shows as is.
-* The kind of a node is chosen by a callable `Discriminator` from its keys. Its choices are tagged
-  `<...>` (never a model's field name): `field_errors` drops the tags from the paths it reports. A choice
-  that only exists to report why a node fits none of the shapes is marked `Unlisted` (not in the schema).
+* The kind of a node is chosen by a callable `Discriminator` from its keys (`TaggedUnion`, the metadata
+  of the union of the nodes). Its choices are tagged `<...>` (never a model's field name): `field_errors`
+  drops the tags from the paths it reports. A choice that only exists to report why a node fits none of
+  the shapes is left out of the schema (`unlisted`).
 * `field_errors` is the one place pydantic's own error types become the API's FieldError codes.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Annotated, Any, ClassVar, Union
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, TypeAlias, Union, get_args
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Discriminator,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
     PlainValidator,
     Tag,
     ValidationError,
     ValidationInfo,
     WithJsonSchema,
 )
-from pydantic.json_schema import PydanticOmit
-from pydantic_core import PydanticCustomError
+from pydantic.json_schema import JsonSchemaValue, PydanticOmit
+from pydantic_core import CoreSchema, PydanticCustomError
 
 from pipeline.errors import FieldError
 
@@ -74,24 +79,46 @@ class AnyOf:
         return schema
 
 
-def tagged_union(listed: tuple[type[Node], ...], unlisted: tuple[type[Node], ...], tag: Callable[[Any], str | None],
-                 error_type: str, error_message: str) -> Any:
-    """The union of a grammar's nodes, chosen by `tag(node)` (None: `error_type`); the `unlisted` choices
-    are left out of the schema."""
-    choices = [Annotated[node, Tag(node.TAG)] for node in listed]
-    choices += [Annotated[node, Tag(node.TAG), Unlisted] for node in unlisted]
-    return Annotated[Union[tuple(choices)], Discriminator(  # noqa: UP007
-        tag, custom_error_type=error_type, custom_error_message=error_message), AnyOf]
+@dataclass(frozen=True)
+class TaggedUnion:
+    """The metadata of the union of a grammar's nodes (`Annotated[A | B | C, TaggedUnion(tag, ...)]`): a
+    node is parsed as the choice whose TAG `tag(node)` returns (None: `error_type`, `error_message`); the
+    `unlisted` choices are left out of the schema."""
+
+    tag: Callable[[Any], str | None]
+    error_type: str
+    error_message: str
+    unlisted: tuple[type[Node], ...] = ()
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        choices = [Annotated[node, Tag(node.TAG), Unlisted] if node in self.unlisted else Annotated[node, Tag(node.TAG)]
+                   for node in get_args(source)]
+        return handler(Annotated[Union[tuple(choices)], Discriminator(  # noqa: UP007
+            self.tag, custom_error_type=self.error_type, custom_error_message=self.error_message), AnyOf])
 
 
 def problem(code: str, message: str) -> PydanticCustomError:
     return PydanticCustomError(code, message)
 
 
-def atom(check: Callable[..., Any], schema: dict[str, Any]) -> Any:
-    """A value type: `check(value)` (or `check(value, info)`) returns the value or raises a `problem`;
+@dataclass(frozen=True)
+class Atom:
+    """The metadata of a value type `Annotated[T, Atom(check, schema)]`: `check(value)` (or
+    `check(value, info)`) returns the value, a T, or raises a `problem` (T's own validation is not used);
     `schema` says the same in JSON schema."""
-    return Annotated[Any, PlainValidator(check), WithJsonSchema(schema)]
+
+    check: Callable[..., Any]
+    schema: dict[str, Any]
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return PlainValidator(self.check).__get_pydantic_core_schema__(source, handler)
+
+    def __get_pydantic_json_schema__(self, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        return WithJsonSchema(self.schema).__get_pydantic_json_schema__(core_schema, handler)
+
+    def __hash__(self) -> int:
+        """By its check alone: `schema` (a dict) cannot be hashed, and a Union hashes its members."""
+        return hash(self.check)
 
 
 def _boolean(value: Any) -> bool:
@@ -100,7 +127,7 @@ def _boolean(value: Any) -> bool:
     return value
 
 
-Boolean = atom(_boolean, {"type": "boolean"})
+Boolean: TypeAlias = Annotated[bool, Atom(_boolean, {"type": "boolean"})]
 
 
 def text_problem(value: str, limit: int) -> PydanticCustomError | None:
@@ -111,8 +138,8 @@ def text_problem(value: str, limit: int) -> PydanticCustomError | None:
     return None
 
 
-def event_name(limit: int) -> Any:
-    """An event name: not blank, at most `limit` characters, no NUL."""
+def event_name(limit: int) -> Atom:
+    """An event name (`Annotated[str, event_name(limit)]`): not blank, at most `limit` characters, no NUL."""
 
     def check(value: Any) -> str:
         if not isinstance(value, str):
@@ -123,15 +150,15 @@ def event_name(limit: int) -> Any:
             raise found
         return value
 
-    return atom(check, {"type": "string", "minLength": 1, "maxLength": limit, "pattern": EVENT_NAME_PATTERN})
+    return Atom(check, {"type": "string", "minLength": 1, "maxLength": limit, "pattern": EVENT_NAME_PATTERN})
 
 
-def whole_number(limit: int, why: str = "", schema: dict[str, Any] | None = None) -> Any:
-    """A whole number 1…limit; an integral float such as 5.0 is taken as 5. A stored
-    definition (`STORED` context) may hold 0: the engine always ran those."""
+def whole_number(limit: int, why: str = "", schema: dict[str, Any] | None = None) -> Atom:
+    """A whole number 1…limit (`Annotated[int, whole_number(limit)]`); an integral float such as 5.0 is
+    taken as 5. A stored definition (`STORED` context) may hold 0: the engine always ran those."""
     least_stored = 0
 
-    def check(value: Any, info: ValidationInfo) -> int | float:
+    def check(value: Any, info: ValidationInfo) -> int:
         least = least_stored if info.context == STORED else 1
         if isinstance(value, bool) or not isinstance(value, int | float) or (
                 isinstance(value, float) and not (math.isfinite(value) and value.is_integer())):
@@ -142,14 +169,14 @@ def whole_number(limit: int, why: str = "", schema: dict[str, Any] | None = None
             raise problem("too_big", f"At most {limit}" + (f": {why}" if why else ""))
         return int(value)
 
-    return atom(check, {"type": "integer", "minimum": 1, "maximum": limit, **(schema or {})})
+    return Atom(check, {"type": "integer", "minimum": 1, "maximum": limit, **(schema or {})})
 
 
 def _aliases(model: type[BaseModel]) -> list[str]:
     return sorted(field.alias or name for name, field in model.model_fields.items())
 
 
-def field_errors(exc: ValidationError, path: str, tags: dict[str, type[BaseModel]],
+def field_errors(exc: ValidationError, path: str, tags: Mapping[str, type[Node]],
                  limit: int) -> list[FieldError]:
     """The errors of a grammar's validation as the API names them: `path` and the keys and indexes down
     to the value (the `<tag>` of each chosen node dropped), with the grammar's own codes. `tags` maps each
@@ -171,7 +198,7 @@ def field_errors(exc: ValidationError, path: str, tags: dict[str, type[BaseModel
             model = tags.get(str(loc[-2])) if len(loc) > 1 else None
             allowed = f"; expected only {', '.join(_aliases(model))}" if model else ""
             kind = "unknown_key"
-            message = f"Unknown key '{loc[-1]}' {model.WHERE if model else 'here'}{allowed}"  # type: ignore[attr-defined]
+            message = f"Unknown key '{loc[-1]}' {model.WHERE if model else 'here'}{allowed}"
         elif kind in NOT_AN_OBJECT and not isinstance(err.get("input"), dict):
             kind, message = "invalid_type", f"Expected {NOT_AN_OBJECT[kind]}"
         errors.append(FieldError(where, message, kind))

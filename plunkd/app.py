@@ -274,8 +274,13 @@ async def serve(app: web.Application, config: Config, http_socket: Any = None, n
     loop.set_exception_handler(AcceptFailureLog(raise_open_file_limit()))
     stop = asyncio.Event()
     received: list[signal.Signals] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda sig=sig: (received.append(sig), stop.set()))
+        loop.add_signal_handler(sig, on_signal, sig)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     try:

@@ -29,11 +29,12 @@ import math
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeAlias, get_args
 
 from pydantic import (
     BeforeValidator,
     Field,
+    GetCoreSchemaHandler,
     PlainSerializer,
     TypeAdapter,
     ValidationError,
@@ -41,7 +42,7 @@ from pydantic import (
     ValidatorFunctionWrapHandler,
     WrapValidator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import CoreSchema, PydanticCustomError
 from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -52,13 +53,13 @@ from pipeline.errors import Conflict, NotFound, ValidationFailed
 from pipeline.grammar import (
     LIMITS,
     NO_NUL,
+    Atom,
     Boolean,
     Node,
-    atom,
+    TaggedUnion,
     event_name,
     field_errors,
     problem,
-    tagged_union,
     text_problem,
     whole_number,
 )
@@ -79,26 +80,35 @@ MAX_NAME = 200
 MAX_SLUG = 100
 
 GROUPS = ("all", "any", "not")
-TEXT_OPS = ("equals", "notEquals", "contains", "notContains")
-MATCH_OPS = ("equals", "notEquals")
-PRESENCE_OPS = ("exists", "notExists")
-NUMBER_OPS = ("greaterThan", "lessThan")
-DATE_OPS = ("before", "after")
+MatchOp: TypeAlias = Literal["equals", "notEquals"]
+ContainsOp: TypeAlias = Literal["contains", "notContains"]
+TextOp: TypeAlias = Literal[MatchOp, ContainsOp]
+PresenceOp: TypeAlias = Literal["exists", "notExists"]
+NumberOp: TypeAlias = Literal["greaterThan", "lessThan"]
+DateOp: TypeAlias = Literal["before", "after"]
+TimestampField: TypeAlias = Literal["createdAt", "updatedAt"]
+TEXT_OPS: tuple[str, ...] = get_args(TextOp)
+MATCH_OPS: tuple[str, ...] = get_args(MatchOp)
+CONTAINS_OPS: tuple[str, ...] = get_args(ContainsOp)
+PRESENCE_OPS: tuple[str, ...] = get_args(PresenceOp)
+NUMBER_OPS: tuple[str, ...] = get_args(NumberOp)
+DATE_OPS: tuple[str, ...] = get_args(DateOp)
 FIELD_OPS = (*TEXT_OPS, *PRESENCE_OPS, *NUMBER_OPS, *DATE_OPS)
 EVENT_OPS = ("did", "didNot")
 OPERATORS = (*FIELD_OPS, *EVENT_OPS)
-TIMESTAMP_FIELDS = ("createdAt", "updatedAt")
+TIMESTAMP_FIELDS: tuple[str, ...] = get_args(TimestampField)
 FIELDS = ("email", "subscribed", *TIMESTAMP_FIELDS)
 """Plus `data.<key>`."""
 
-# What each operator takes as its value, per kind of field. None: no value.
+# What each operator takes as its value, per kind of field. None: no value. The same Literals type the
+# `op` of each test's model below.
+_DATA_OPERANDS: tuple[tuple[tuple[str, ...], str | None], ...] = (
+    (MATCH_OPS, "scalar"), (CONTAINS_OPS, "text"), (PRESENCE_OPS, None), (NUMBER_OPS, "number"), (DATE_OPS, "date"))
 _OPERANDS: dict[str, dict[str, str | None]] = {
     "email": {op: "text" for op in TEXT_OPS},
     "subscribed": {op: "boolean" for op in MATCH_OPS},
     "timestamp": {op: "date" for op in DATE_OPS},
-    "data": {"equals": "scalar", "notEquals": "scalar", "contains": "text", "notContains": "text",
-             "exists": None, "notExists": None, "greaterThan": "number", "lessThan": "number",
-             "before": "date", "after": "date"},
+    "data": {op: operand for ops, operand in _DATA_OPERANDS for op in ops},
 }
 _VALUE_WORDS = {"text": "a string", "boolean": "true or false", "date": "an ISO 8601 date or date-time string",
                 "number": "a number", "scalar": "a string, a number, true or false"}
@@ -118,11 +128,6 @@ def field_kind(field: str) -> str | None:
     if field.startswith("data.") and len(field) > len("data."):
         return "data"
     return None
-
-
-def _ops(kind: str, operand: str | None) -> Any:
-    """The Literal of the operators that give `kind` fields an `operand` value."""
-    return Literal[tuple(op for op, wanted in _OPERANDS[kind].items() if wanted == operand)]
 
 
 def _finite_within(value: int | float, limit: float) -> bool:
@@ -222,17 +227,20 @@ def _conditions(value: Any) -> Any:
 
 _TEXT_SCHEMA = {"type": "string", "maxLength": MAX_TEXT, "pattern": NO_NUL}
 _NUMBER_SCHEMA = {"type": "number", "minimum": -MAX_NUMBER, "maximum": MAX_NUMBER}
-Text = atom(_text, _TEXT_SCHEMA)
-Number = atom(_number, _NUMBER_SCHEMA)
-DateValue = atom(_date, {"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "format": "date-time"}],
-                         "description": "ISO 8601: a date (midnight UTC) or a date-time with its offset"})
-Scalar = atom(_scalar, {"anyOf": [_TEXT_SCHEMA, _NUMBER_SCHEMA, {"type": "boolean"}]})
-DataField = atom(_data_field, {"type": "string", "pattern": f"^data\\.[^\\u0000]{{1,{MAX_DATA_KEY}}}$",
-                               "description": "data.<key>: a top-level key of the contact's data"})
-EventName = event_name(MAX_EVENT_NAME)
-AtLeast = whole_number(MAX_AT_LEAST, schema={"default": 1})
-WithinDays = whole_number(MAX_WITHIN_DAYS)
-Conditions = Annotated[list["SegmentCondition"], BeforeValidator(_conditions)]
+Text: TypeAlias = Annotated[str, Atom(_text, _TEXT_SCHEMA)]
+Number: TypeAlias = Annotated[int | float, Atom(_number, _NUMBER_SCHEMA)]
+DateValue: TypeAlias = Annotated[str, Atom(_date, {
+    "anyOf": [{"type": "string", "format": "date"}, {"type": "string", "format": "date-time"}],
+    "description": "ISO 8601: a date (midnight UTC) or a date-time with its offset"})]
+Scalar: TypeAlias = Annotated[str | int | float | bool, Atom(_scalar, {
+    "anyOf": [_TEXT_SCHEMA, _NUMBER_SCHEMA, {"type": "boolean"}]})]
+DataField: TypeAlias = Annotated[str, Atom(_data_field, {
+    "type": "string", "pattern": f"^data\\.[^\\u0000]{{1,{MAX_DATA_KEY}}}$",
+    "description": "data.<key>: a top-level key of the contact's data"})]
+EventName: TypeAlias = Annotated[str, event_name(MAX_EVENT_NAME)]
+AtLeast: TypeAlias = Annotated[int, whole_number(MAX_AT_LEAST, schema={"default": 1})]
+WithinDays: TypeAlias = Annotated[int, whole_number(MAX_WITHIN_DAYS)]
+Conditions: TypeAlias = Annotated[list["SegmentCondition"], BeforeValidator(_conditions)]
 
 
 class SegmentAll(Node):
@@ -259,21 +267,21 @@ class SegmentEmailTest(Node):
 
     TAG: ClassVar[str] = "<email.text>"
     field: Literal["email"]
-    op: _ops("email", "text")
+    op: TextOp
     value: Text
 
 
 class SegmentSubscribedTest(Node):
     TAG: ClassVar[str] = "<subscribed.boolean>"
     field: Literal["subscribed"]
-    op: _ops("subscribed", "boolean")
+    op: MatchOp
     value: Boolean
 
 
 class SegmentTimestampTest(Node):
     TAG: ClassVar[str] = "<timestamp.date>"
-    field: Literal[TIMESTAMP_FIELDS]
-    op: _ops("timestamp", "date")
+    field: TimestampField
+    op: DateOp
     value: DateValue
 
 
@@ -285,7 +293,7 @@ class SegmentDataTextTest(_DataTest):
     """A string in the contact's data: exact, case-sensitive comparison."""
 
     TAG: ClassVar[str] = "<data.text>"
-    op: _ops("data", "text")
+    op: ContainsOp
     value: Text
 
 
@@ -293,7 +301,7 @@ class SegmentDataMatchTest(_DataTest):
     """The value as stored: a string (case-sensitive), a number or true/false."""
 
     TAG: ClassVar[str] = "<data.scalar>"
-    op: _ops("data", "scalar")
+    op: MatchOp
     value: Scalar
 
 
@@ -301,12 +309,12 @@ class SegmentDataPresenceTest(_DataTest):
     """The key holds a value other than null."""
 
     TAG: ClassVar[str] = "<data.None>"
-    op: _ops("data", None)
+    op: PresenceOp
 
 
 class SegmentDataNumberTest(_DataTest):
     TAG: ClassVar[str] = "<data.number>"
-    op: _ops("data", "number")
+    op: NumberOp
     value: Number
 
 
@@ -315,7 +323,7 @@ class SegmentDataDateTest(_DataTest):
     (`YYYY-MM-DDTHH:MM:SS.mmmZ`, JavaScript's toISOString)."""
 
     TAG: ClassVar[str] = "<data.date>"
-    op: _ops("data", "date")
+    op: DateOp
     value: DateValue
 
 
@@ -342,7 +350,7 @@ class _FieldTestProblem(_DataTest):
     """A field test whose field is unknown, or whose op does not apply to its field: says which."""
 
     TAG: ClassVar[str] = "<field?>"
-    op: atom(_field_operator, {})
+    op: Annotated[str, Atom(_field_operator, {})]
     value: Any = None
 
 
@@ -351,16 +359,17 @@ class _EventTestProblem(Node):
 
     TAG: ClassVar[str] = "<event?>"
     event: EventName
-    op: atom(_event_operator, {})
+    op: Annotated[str, Atom(_event_operator, {})]
     atLeast: AtLeast = 1
     withinDays: WithinDays | None = None
 
 
-_NODES: tuple[type[Node], ...] = (
-    SegmentAll, SegmentAny, SegmentNot, SegmentEmailTest, SegmentSubscribedTest, SegmentTimestampTest,
-    SegmentDataTextTest, SegmentDataMatchTest, SegmentDataPresenceTest, SegmentDataNumberTest, SegmentDataDateTest,
-    SegmentEventDid, SegmentEventDidNot, _FieldTestProblem, _EventTestProblem)
-CONDITION_TAGS: dict[str, type[Node]] = {node.TAG: node for node in _NODES}
+ConditionNode: TypeAlias = (
+    SegmentAll | SegmentAny | SegmentNot | SegmentEmailTest | SegmentSubscribedTest | SegmentTimestampTest
+    | SegmentDataTextTest | SegmentDataMatchTest | SegmentDataPresenceTest | SegmentDataNumberTest | SegmentDataDateTest
+    | SegmentEventDid | SegmentEventDidNot | _FieldTestProblem | _EventTestProblem)
+"""Every shape of node; the last two only report why a node fits none of the others."""
+CONDITION_TAGS: dict[str, type[Node]] = {node.TAG: node for node in get_args(ConditionNode)}
 
 
 def condition_tag(node: Any) -> str | None:
@@ -387,8 +396,8 @@ def condition_tag(node: Any) -> str | None:
     return f"<{field_kind(field)}.{operands[op]}>"
 
 
-SegmentCondition = TypeAliasType("SegmentCondition", tagged_union(
-    _NODES[:-2], _NODES[-2:], condition_tag, "invalid_condition", SHAPES))
+SegmentCondition = TypeAliasType("SegmentCondition", Annotated[ConditionNode, TaggedUnion(
+    condition_tag, "invalid_condition", SHAPES, unlisted=(_FieldTestProblem, _EventTestProblem))])
 for _model in (SegmentAll, SegmentAny, SegmentNot, _FieldTestProblem, _EventTestProblem):
     _model.model_rebuild()
 
@@ -429,8 +438,16 @@ def _kept(tree: Any, handler: ValidatorFunctionWrapHandler) -> Any:
     return tree
 
 
-Condition = Annotated[SegmentCondition, BeforeValidator(_within_limits), WrapValidator(_kept),
-                      PlainSerializer(lambda tree: tree)]
+class _ConditionTree:
+    """How pydantic takes a `Condition`: as a SegmentCondition within its limits, kept as it was."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return handler(Annotated[SegmentCondition, BeforeValidator(_within_limits), WrapValidator(_kept),
+                                 PlainSerializer(lambda tree: tree)])
+
+
+Condition: TypeAlias = Annotated[dict[str, Any], _ConditionTree]
 """A condition tree at most MAX_DEPTH deep and MAX_NODES big (which JSON schema cannot say), checked by
 the models and kept as the plain object it was: what `storage.segments.condition_clause` compiles."""
 _CONDITION: TypeAdapter[Any] = TypeAdapter(Condition)

@@ -26,7 +26,7 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeAlias, get_args
 
 from pydantic import (
     ConfigDict,
@@ -144,21 +144,22 @@ def _unknown_type(value: Any) -> str:
                                        f"{', '.join(STEP_TYPES)}")
 
 
-StepId = grammar.atom(_step_id, {"type": "string", "pattern": STEP_ID_PATTERN})
-StepRef = Annotated[grammar.atom(_step_ref, {"type": "string", "pattern": STEP_ID_PATTERN}) | None, Field(
-    description="The id of the step to go to; missing or null: the run completes here")]
-EventName = grammar.event_name(MAX_EVENT_NAME)
-StepData = grammar.atom(_data, {"type": "object", "maxProperties": MAX_DATA_KEYS,
-                                "propertyNames": {"minLength": 1, "maxLength": MAX_DATA_KEY},
-                                "description": f"At most {MAX_DATA_BYTES} bytes as JSON"})
-Seconds = grammar.whole_number(MAX_DELAY_SECONDS, "a delay is at most 366 days")
-Minutes = grammar.whole_number(MAX_DELAY_MINUTES, "a delay is at most 366 days")
-TimeoutSeconds = grammar.whole_number(MAX_DELAY_SECONDS, "a wait lasts at most 366 days")
-Until = grammar.atom(_until, {"type": "string", "format": "date-time",
-                              "description": "RFC 3339 with its offset; at most 366 days ahead"})
-TemplateId = grammar.atom(_template_id, {"type": "string", "minLength": 1, "maxLength": MAX_TEMPLATE_ID,
-                                         "pattern": grammar.NO_NUL})
-Url = grammar.atom(_url, {"type": "string", "maxLength": MAX_URL, "pattern": URL_PATTERN})
+StepId: TypeAlias = Annotated[str, grammar.Atom(_step_id, {"type": "string", "pattern": STEP_ID_PATTERN})]
+StepRef: TypeAlias = Annotated[
+    Annotated[str, grammar.Atom(_step_ref, {"type": "string", "pattern": STEP_ID_PATTERN})] | None,
+    Field(description="The id of the step to go to; missing or null: the run completes here")]
+EventName: TypeAlias = Annotated[str, grammar.event_name(MAX_EVENT_NAME)]
+StepData: TypeAlias = Annotated[dict[str, Any], grammar.Atom(_data, {
+    "type": "object", "maxProperties": MAX_DATA_KEYS, "propertyNames": {"minLength": 1, "maxLength": MAX_DATA_KEY},
+    "description": f"At most {MAX_DATA_BYTES} bytes as JSON"})]
+Seconds: TypeAlias = Annotated[int, grammar.whole_number(MAX_DELAY_SECONDS, "a delay is at most 366 days")]
+Minutes: TypeAlias = Annotated[int, grammar.whole_number(MAX_DELAY_MINUTES, "a delay is at most 366 days")]
+TimeoutSeconds: TypeAlias = Annotated[int, grammar.whole_number(MAX_DELAY_SECONDS, "a wait lasts at most 366 days")]
+Until: TypeAlias = Annotated[str, grammar.Atom(_until, {
+    "type": "string", "format": "date-time", "description": "RFC 3339 with its offset; at most 366 days ahead"})]
+TemplateId: TypeAlias = Annotated[str, grammar.Atom(_template_id, {
+    "type": "string", "minLength": 1, "maxLength": MAX_TEMPLATE_ID, "pattern": grammar.NO_NUL})]
+Url: TypeAlias = Annotated[str, grammar.Atom(_url, {"type": "string", "maxLength": MAX_URL, "pattern": URL_PATTERN})]
 
 
 class _Step(grammar.Node):
@@ -277,13 +278,14 @@ class _UnknownTypeStep(_Step):
 
     TAG: ClassVar[str] = "<unknown>"
     model_config = ConfigDict(extra="allow")
-    type: grammar.atom(_unknown_type, {})
+    type: Annotated[str, grammar.Atom(_unknown_type, {})]
 
 
-DelayStep = DelaySecondsStep | DelayMinutesStep | DelayUntilStep
-_LISTED: tuple[type[_Step], ...] = (DelaySecondsStep, DelayMinutesStep, DelayUntilStep, SendStep, ConditionStep,
-                                    WaitStep, UpdateStep, WebhookStep, ExitStep)
-STEP_TAGS: dict[str, type[grammar.Node]] = {step.TAG: step for step in (*_LISTED, _DelayProblem, _UnknownTypeStep)}
+DelayStep: TypeAlias = DelaySecondsStep | DelayMinutesStep | DelayUntilStep
+RunnableStep: TypeAlias = DelayStep | SendStep | ConditionStep | WaitStep | UpdateStep | WebhookStep | ExitStep
+StepNode: TypeAlias = RunnableStep | _DelayProblem | _UnknownTypeStep
+"""Every shape of step; the last two only report why a step fits none of the others."""
+STEP_TAGS: dict[str, type[grammar.Node]] = {step.TAG: step for step in get_args(StepNode)}
 _TAGS = {**STEP_TAGS, **CONDITION_TAGS}
 """Every tag a step's error may pass through (a condition step holds a condition tree)."""
 
@@ -303,9 +305,9 @@ def step_tag(step: Any) -> str | None:
     return f"<{kind}>"
 
 
-WorkflowStep = grammar.tagged_union(_LISTED, (_DelayProblem, _UnknownTypeStep), step_tag, "invalid_step",
-                            "Expected a step object")
-_STEPS: TypeAdapter[list[Any]] = TypeAdapter(list[WorkflowStep])
+WorkflowStep: TypeAlias = Annotated[StepNode, grammar.TaggedUnion(
+    step_tag, "invalid_step", "Expected a step object", unlisted=(_DelayProblem, _UnknownTypeStep))]
+_STEPS: TypeAdapter[list[WorkflowStep]] = TypeAdapter(list[WorkflowStep])
 _STEP: TypeAdapter[Any] = TypeAdapter(WorkflowStep)
 
 
@@ -317,9 +319,6 @@ class BrokenStep:
     id: str
     type: Any
     reason: str
-
-
-RunnableStep = DelayStep | SendStep | ConditionStep | WaitStep | UpdateStep | WebhookStep | ExitStep
 
 
 @dataclass(frozen=True)
@@ -380,7 +379,7 @@ class _Graph:
     def at(self, index: int, key: str | None = None) -> str:
         return f"{self.path}.{index}" + (f".{key}" if key else "")
 
-    def check(self, steps: list[_Step]) -> None:
+    def check(self, steps: list[StepNode]) -> None:
         """Duplicate ids, references to unknown steps, cycles, unreachable steps."""
         index_of: dict[str, int] = {}
         for index, step in enumerate(steps):
@@ -413,14 +412,14 @@ class _Graph:
                 iterators.pop()
                 on_path.pop()
                 continue
-            branch, target = edge
-            if target in on_path:
-                self.fail(self.at(step_index, branch), f"Going to step '{steps[target].id}' here makes a loop; "
-                                                       "workflows may not revisit a step", "cycle")
-            elif target not in reached:
-                reached.add(target)
-                on_path.append(target)
-                iterators.append(iter(edges[target]))
+            branch, target_index = edge
+            if target_index in on_path:
+                self.fail(self.at(step_index, branch), f"Going to step '{steps[target_index].id}' here makes a "
+                                                       "loop; workflows may not revisit a step", "cycle")
+            elif target_index not in reached:
+                reached.add(target_index)
+                on_path.append(target_index)
+                iterators.append(iter(edges[target_index]))
         for index in range(len(steps)):
             if index not in reached:
                 self.fail(self.at(index), f"Step '{steps[index].id}' cannot be reached from the first step",
@@ -445,7 +444,7 @@ def check_structure(definition: Any, path: str = "steps") -> list[FieldError]:
         graph.fail(path, f"Steps are at most {MAX_DEFINITION_BYTES} bytes as JSON", "too_big")
         return graph.errors
     try:
-        parsed: list[_Step] = _STEPS.validate_python(steps)
+        parsed = _STEPS.validate_python(steps)
     except ValidationError as exc:
         return grammar.field_errors(exc, path, _TAGS, MAX_ERRORS)
     graph.check(parsed)
