@@ -25,6 +25,8 @@ class ServerConfig:
     http_port: int = 8080
     data_dir: str = "./data"
     public_url: str = "http://127.0.0.1:8080"
+    """The base of links in emails. Left at its default, it follows `host` and `http_port` when they are set
+    (`load_config`); behind a proxy or on a public host, set it."""
     log_level: str = "INFO"
     max_connections: int = 1000
     """Concurrent HTTP connections; more get 503 TOO_MANY_CONNECTIONS and the close. Lowered at start-up
@@ -427,5 +429,9 @@ def load_config(path: str | os.PathLike[str] | None = None, env: dict[str, str] 
             raise ConfigError(f"config file {path}: {exc}") from None
         _apply(config, data, "")
     _apply_env(config, dict(os.environ if env is None else env), "PLUNKD", "")
+    server = config.server
+    if server.public_url == ServerConfig.public_url:
+        host = "127.0.0.1" if server.host in ("", "0.0.0.0", "::") else server.host
+        server.public_url = f"http://{f'[{host}]' if ':' in host else host}:{server.http_port}"
     _validate(config)
     return config

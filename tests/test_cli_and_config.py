@@ -114,6 +114,16 @@ def test_config_file_and_env(tmp_path):
     assert cfg.dns.nameservers == ["127.0.0.1", "::1"]
 
 
+def test_links_in_emails_follow_the_api_port_unless_the_public_url_is_set():
+    """Left at its default, server.public_url followed no change of port: the unsubscribe and tracking
+    links of a server moved to port 9100 pointed at 8080."""
+    assert load_config(env={"PLUNKD_SERVER_HTTP_PORT": "9100"}).server.public_url == "http://127.0.0.1:9100"
+    assert load_config(env={"PLUNKD_SERVER_HOST": "0.0.0.0"}).server.public_url == "http://127.0.0.1:8080"
+    assert load_config(env={"PLUNKD_SERVER_HOST": "::1"}).server.public_url == "http://[::1]:8080"
+    assert load_config(env={"PLUNKD_SERVER_HTTP_PORT": "9100", "PLUNKD_SERVER_PUBLIC_URL": "https://mail.example.org"}
+                       ).server.public_url == "https://mail.example.org"
+
+
 @pytest.mark.parametrize(("toml", "env", "message"), [
     ('[server]\nhttp_port = "80"\n', {}, "config key server.http_port: expected int, got '80'"),
     ("[server]\nhttp_port = 70000\n", {}, "config key server.http_port: expected a port number 0-65535"),
