@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -59,6 +60,17 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
     raise RuntimeError(f"nothing listened on port {port} within {timeout}s")
 
 
+def wait_for_health(port: int, timeout: float = 30.0) -> None:
+    """Until plunkd's GET /health answers 200: it binds its ports before it starts (migrations, the relay's
+    certificate), so a port that accepts does not yet mean a server that answers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"plunkd on port {port} did not answer /health within {timeout}s")
+
+
 @contextlib.contextmanager
 def server_process(args: list[str], port: int,
                    env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
@@ -69,6 +81,8 @@ def server_process(args: list[str], port: int,
                                 stdout=subprocess.DEVNULL, stderr=log_file)
         try:
             wait_for_port(port)
+            if "PLUNKD_SERVER_HTTP_PORT" in (env or {}):
+                wait_for_health(int((env or {})["PLUNKD_SERVER_HTTP_PORT"]))
             yield proc
         except BaseException:
             log_file.seek(0)
