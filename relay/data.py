@@ -22,7 +22,6 @@ judged exactly as aiosmtpd judges it (tests/test_relay_data.py compares the two 
 from __future__ import annotations
 
 import asyncio
-from warnings import warn
 
 from aiosmtpd.smtp import MISSING, SMTP, log
 
@@ -225,21 +224,7 @@ class ChunkedData(SMTP):
         self.envelope.content = content
         self.envelope.original_content = original_content
 
-        # Call the new API first if it's implemented.
-        if "DATA" in self._handle_hooks:
-            status = await self._call_handler_hook('DATA')
-        else:
-            # Backward compatibility.
-            status = MISSING
-            if hasattr(self.event_handler, 'process_message'):
-                warn('Use handler.handle_DATA() instead of .process_message()', DeprecationWarning, stacklevel=1)
-                assert self.session is not None
-                args = (self.session.peer, self.envelope.mail_from, self.envelope.rcpt_tos, self.envelope.content)
-                if asyncio.iscoroutinefunction(self.event_handler.process_message):
-                    status = await self.event_handler.process_message(*args)
-                else:
-                    status = self.event_handler.process_message(*args)
-                if status is None:
-                    status = MISSING
+        # The relay's handler has handle_DATA (aiosmtpd's process_message fallback is left out).
+        status = await self._call_handler_hook('DATA') if "DATA" in self._handle_hooks else MISSING
         self._set_post_data_state()
         await self.push('250 OK' if status is MISSING else status)

@@ -206,11 +206,6 @@ def claim_due(session: Session, worker: str, limit: int, lease_seconds: float, p
     return [Claimed(**row) for row in rows]
 
 
-def still_claimed(session: Session, outbox_id: str, worker: str) -> bool:
-    stmt = select(_OUTBOX.c.id).where(_OUTBOX.c.id == outbox_id, _OUTBOX.c.claimed_by == worker)
-    return session.connection().execute(stmt).first() is not None
-
-
 _MARK = _EMAIL.update().where(_EMAIL.c.id == bindparam("email_id"))
 
 
@@ -254,11 +249,6 @@ def outbox_summary(session: Session, now: datetime) -> OutboxSummary:
 
 def outbox_rows(session: Session) -> list[OutboxItem]:
     return list(session.execute(select(OutboxItem).order_by(OutboxItem.id)).scalars())
-
-
-def is_suppressed(session: Session, project_id: str, email: str) -> bool:
-    stmt = select(Suppression.id).where(Suppression.project_id == project_id, Suppression.email == email)
-    return session.execute(stmt).first() is not None
 
 
 _SUPPRESSION = Suppression.__table__
