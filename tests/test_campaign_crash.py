@@ -13,7 +13,7 @@ import urllib.request
 
 from bench.campaign import seed_contacts
 from tests.servers import children, served_plunkd
-from tests.test_cli_and_config import plunkd
+from tests.test_cli_and_config import project_with_domain
 from tests.test_processes import wait_until
 
 CONTACTS = 10_000
@@ -35,12 +35,8 @@ def campaign_row(database: str, campaign_id: str) -> tuple[int, int, str]:
 def test_kill_9_mid_fan_out_queues_every_contact_exactly_once(tmp_path):
     env = {"PLUNKD_SMTP_ENABLED": "false", "PLUNKD_DELIVERY_FANOUT_CHUNK": "100",
            "PLUNKD_DELIVERY_RATE_PER_SECOND": "1"}
-    made = plunkd(tmp_path, "project", "create", "--name", "p", "--from-email", "news@example.com", env=env)
-    key = next(line.split()[-1] for line in made.stdout.splitlines() if line.startswith("secret key"))
-    project_id = next(line.split()[-1] for line in made.stdout.splitlines() if line.startswith("project")).strip("()")
-    for step in (("domain", "add", "example.com", "--project", "p"),
-                 ("domain", "verify", "example.com", "--project", "p", "--offline")):
-        assert plunkd(tmp_path, *step, env=env).returncode == 0
+    project = project_with_domain(tmp_path, "p", "news@example.com", env)
+    key, project_id = project.secret_key, project.id
     database = tmp_path / "data" / "plunkd.sqlite3"
     asyncio.run(seed_contacts(f"sqlite+aiosqlite:///{database}", project_id, CONTACTS))
 

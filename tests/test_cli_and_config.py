@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,27 @@ def plunkd(tmp_path, *args, env=None):
     full_env.pop("PLUNKD_CONFIG", None)
     return subprocess.run([sys.executable, "-m", "plunkd.cli", *args], cwd=tmp_path, env=full_env,
                           capture_output=True, text=True, timeout=60)
+
+
+@dataclass
+class CliProject:
+    id: str
+    secret_key: str
+
+
+def project_with_domain(tmp_path, name: str, from_email: str, env: dict[str, str]) -> CliProject:
+    """A project made with the CLI, its sender's domain added and verified offline (the file transport's
+    way), as an operator sets one up before `plunkd serve`."""
+    made = plunkd(tmp_path, "project", "create", "--name", name, "--from-email", from_email, env=env)
+    assert made.returncode == 0, made.stderr
+    lines = made.stdout.splitlines()
+    domain = from_email.rsplit("@", 1)[1]
+    for step in (("domain", "add", domain, "--project", name), ("domain", "verify", domain, "--project", name,
+                                                                 "--offline")):
+        done = plunkd(tmp_path, *step, env=env)
+        assert done.returncode == 0, done.stderr
+    return CliProject(next(line.split()[-1] for line in lines if line.startswith("project")).strip("()"),
+                      next(line.split()[-1] for line in lines if line.startswith("secret key")))
 
 
 @pytest.fixture

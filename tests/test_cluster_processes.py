@@ -24,7 +24,7 @@ from aiosmtpd.controller import Controller
 
 from core.keys import format_key, new_key
 from tests.servers import ServedPlunkd, api_up, children, free_port, served_plunkd
-from tests.test_cli_and_config import plunkd
+from tests.test_cli_and_config import project_with_domain
 from tests.test_cluster import most_in_any_window
 from tests.test_processes import wait_until
 
@@ -95,11 +95,7 @@ def test_three_nodes_hold_one_rate_and_lose_nothing_when_one_is_killed(tmp_path,
     # one encryption key for every node (each has its own data dir): the DKIM key the CLI seals, they open
     env = {"PLUNKD_DATABASE_URL": database_url, "PLUNKD_DELIVERY_TRANSPORT": "file",
            "PLUNKD_SECURITY_ENCRYPTION_KEY": format_key(new_key())}
-    made = plunkd(tmp_path, "project", "create", "--name", "p", "--from-email", "hello@example.com", env=env)
-    key = next(line.split()[-1] for line in made.stdout.splitlines() if line.startswith("secret key"))
-    for step in (("domain", "add", "example.com", "--project", "p"),
-                 ("domain", "verify", "example.com", "--project", "p", "--offline")):
-        assert plunkd(tmp_path, *step, env=env).returncode == 0
+    key = project_with_domain(tmp_path, "p", "hello@example.com", env).secret_key
     env.update({"PLUNKD_DELIVERY_TRANSPORT": "smtp", "PLUNKD_DELIVERY_SMTP_HOST": "127.0.0.1",
                 "PLUNKD_DELIVERY_SMTP_PORT": str(sink_port), "PLUNKD_DELIVERY_RATE_PER_SECOND": str(RATE),
                 "PLUNKD_DELIVERY_LEASE_SECONDS": "10", "PLUNKD_DELIVERY_CONCURRENCY": str(CONCURRENCY),

@@ -18,7 +18,7 @@ from pathlib import Path
 from bench.dispatch import queue
 from storage.db import Database
 from tests.servers import children, served_plunkd
-from tests.test_cli_and_config import plunkd
+from tests.test_cli_and_config import project_with_domain
 from tests.test_processes import delivered, wait_until
 
 EMAILS = 40
@@ -50,11 +50,7 @@ def test_kill_9_while_sending_repeats_at_most_concurrency_emails_with_their_mess
     env = {"PLUNKD_SMTP_ENABLED": "false", "PLUNKD_DELIVERY_RATE_PER_SECOND": "20",
            "PLUNKD_DELIVERY_BATCH_SIZE": str(EMAILS), "PLUNKD_DELIVERY_CONCURRENCY": str(CONCURRENCY),
            "PLUNKD_DELIVERY_LEASE_SECONDS": "3"}
-    made = plunkd(tmp_path, "project", "create", "--name", "p", "--from-email", "shop@bench.example", env=env)
-    project_id = next(line.split()[-1] for line in made.stdout.splitlines() if line.startswith("project")).strip("()")
-    for step in (("domain", "add", "bench.example", "--project", "p"),
-                 ("domain", "verify", "bench.example", "--project", "p", "--offline")):
-        assert plunkd(tmp_path, *step, env=env).returncode == 0
+    project_id = project_with_domain(tmp_path, "p", "shop@bench.example", env).id
     database = tmp_path / "data" / "plunkd.sqlite3"
     outbox = tmp_path / "data" / "outbox"
 

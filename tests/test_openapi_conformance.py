@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.servers import served_plunkd
-from tests.test_cli_and_config import plunkd
+from tests.test_cli_and_config import project_with_domain
 
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 SEED = os.environ.get("PLUNKD_FUZZ_SEED", "20261123")
@@ -39,13 +39,7 @@ values on PostgreSQL, the stricter store. Set PLUNKD_FUZZ_PHASES=examples,covera
 def served_api(tmp_path, database_url):
     env = {"PLUNKD_DATABASE_URL": database_url, "PLUNKD_SMTP_ENABLED": "false",
            "PLUNKD_DELIVERY_ENABLED": "false", "PLUNKD_API_RATE_LIMIT_PER_MINUTE": "100000000"}
-    made = plunkd(tmp_path, "project", "create", "--name", "fuzz", "--from-email", "hello@example.com", env=env)
-    assert made.returncode == 0, made.stderr
-    secret_key = next(line.split()[-1] for line in made.stdout.splitlines() if line.startswith("secret key"))
-    for step in (("domain", "add", "example.com", "--project", "fuzz"),
-                 ("domain", "verify", "example.com", "--project", "fuzz", "--offline")):
-        done = plunkd(tmp_path, *step, env=env)
-        assert done.returncode == 0, done.stderr
+    secret_key = project_with_domain(tmp_path, "fuzz", "hello@example.com", env).secret_key
     with served_plunkd(tmp_path, {**env, "PLUNKD_SERVER_LOG_LEVEL": "WARNING"}, graceful=True) as server:
         yield server.base, secret_key, server.log_path
 

@@ -14,7 +14,7 @@ import pytest
 
 from plunkd.processes import parse_roles
 from tests.servers import api_up, children, served_plunkd
-from tests.test_cli_and_config import plunkd
+from tests.test_cli_and_config import plunkd, project_with_domain
 
 
 def command_line(pid: int) -> str:
@@ -47,11 +47,7 @@ def alive(pid: int) -> bool:
 @pytest.fixture
 def served(tmp_path):
     env = {"PLUNKD_SMTP_ENABLED": "false", "PLUNKD_DELIVERY_POLL_SECONDS": "30"}
-    made = plunkd(tmp_path, "project", "create", "--name", "p", "--from-email", "hello@example.com", env=env)
-    key = next(line.split()[-1] for line in made.stdout.splitlines() if line.startswith("secret key"))
-    for step in (("domain", "add", "example.com", "--project", "p"),
-                 ("domain", "verify", "example.com", "--project", "p", "--offline")):
-        assert plunkd(tmp_path, *step, env=env).returncode == 0
+    key = project_with_domain(tmp_path, "p", "hello@example.com", env).secret_key
     with served_plunkd(tmp_path, env) as server:
         yield server.proc, server.base, key, tmp_path / "data" / "outbox"
 

@@ -15,7 +15,7 @@ from bench.campaign import seed_contacts
 from storage.db import Database
 from storage.models import Contact, Template, Workflow, WorkflowRun, WorkflowTrigger, new_id, utcnow
 from tests.servers import served_plunkd
-from tests.test_cli_and_config import plunkd
+from tests.test_cli_and_config import project_with_domain
 from tests.test_processes import dispatcher_child, wait_until
 
 RUNS = 2_000
@@ -64,11 +64,7 @@ def progress(database: str, workflow_id: str) -> tuple[int, int]:
 
 def test_kill_9_mid_burst_runs_every_step_exactly_once(tmp_path):
     env = {"PLUNKD_SMTP_ENABLED": "false", "PLUNKD_DELIVERY_RATE_PER_SECOND": "1"}
-    made = plunkd(tmp_path, "project", "create", "--name", "p", "--from-email", "news@example.com", env=env)
-    project_id = next(line.split()[-1] for line in made.stdout.splitlines() if line.startswith("project")).strip("()")
-    for step in (("domain", "add", "example.com", "--project", "p"),
-                 ("domain", "verify", "example.com", "--project", "p", "--offline")):
-        assert plunkd(tmp_path, *step, env=env).returncode == 0
+    project_id = project_with_domain(tmp_path, "p", "news@example.com", env).id
     database = tmp_path / "data" / "plunkd.sqlite3"
     url = f"sqlite+aiosqlite:///{database}"
     asyncio.run(seed_contacts(url, project_id, RUNS))
