@@ -136,8 +136,12 @@ def test_three_nodes_hold_one_rate_and_lose_nothing_when_one_is_killed(tmp_path,
     held = (len(before) - 1) / (before[-1] - before[0])
     assert abs(held - RATE) / RATE < 0.02, held
     # The sink runs in this process, whose twelve client threads starve it while they load the nodes: its
-    # arrival times bunch then. From the end of acceptance on they are the nodes' own pace.
+    # arrival times bunch then. From the end of acceptance on they are the nodes' own pace. The schedule
+    # allows RATE + 1 slots in any second (GCRA's one-slot allowance, checked exactly at the slots in
+    # tests/test_cluster.py); an arrival comes one SMTP conversation after its slot, and that time varies
+    # from send to send by up to a slot's length (20 ms) on a busy machine, so one more arrival than slots
+    # may fall in a second at the sink.
     steady_times = [moment for moment in times if moment > steady]
-    assert most_in_any_window(steady_times) <= RATE + 1, most_in_any_window(steady_times)
+    assert most_in_any_window(steady_times) <= RATE + 2, most_in_any_window(steady_times)
     print(f"\ncluster: {len(times)} deliveries, held {held:.2f}/s (set {RATE}/s), busiest second "
           f"{most_in_any_window(steady_times)}, duplicates after the kill {duplicates}")
