@@ -251,9 +251,11 @@ class Dispatcher:
         except DKIMException as exc:
             await self._record(item, message_id, SendResult.fail(f"cannot DKIM-sign the message: {exc}"))
             return None
-        await self.bucket.acquire(1)
+        # The permit first, then the rate's slot: a send waiting for a permit after its slot had come would
+        # leave late, and several such sends would leave together when the commits they waited on finish.
         await self._unrecorded.acquire()
         try:
+            await self.bucket.acquire(1)
             if await self._campaign_cancelled(item):
                 await self._cancel(item)
                 self._unrecorded.release()
