@@ -77,18 +77,24 @@ def smtp_greeting(port: int, source: str = "127.0.0.1") -> int:
         return client.noop()[0]
 
 
+def dribble_until_answered(sock: socket.socket, piece: bytes, seconds: float = 5) -> bytes:
+    """Send `piece` every 0.2 s until the server answers (then everything it sends until it closes), for at
+    most `seconds`; b"" when nothing came back."""
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        ready, _, _ = select.select([sock], [], [], 0.2)
+        if ready:
+            return reply_then_close(sock)
+        sock.sendall(piece)
+    return b""
+
+
 def test_headers_dribbled_slower_than_the_bound_get_408_and_the_close(serving):
     server = serving({"PLUNKD_SERVER_HEADER_TIMEOUT_SECONDS": "0.5"})
     with connect(server.http_port) as sock:
         started = time.monotonic()
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")
-        received = b""
-        while time.monotonic() - started < 5:
-            ready, _, _ = select.select([sock], [], [], 0.2)
-            if ready:
-                received = reply_then_close(sock)
-                break
-            sock.sendall(b"X-Slow: one header line every 0.2 s\r\n")
+        received = dribble_until_answered(sock, b"X-Slow: one header line every 0.2 s\r\n")
         elapsed = time.monotonic() - started
     assert received, "nothing came back, and the connection was still open after 5 s"
     status, headers, body = parsed(received)
@@ -105,13 +111,7 @@ def test_a_body_dribbled_slower_than_the_bound_gets_408_and_the_close(serving, t
         sock.sendall(f"POST /v1/send HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\n"
                      "Content-Type: application/json\r\nContent-Length: 2000\r\n\r\n".encode())
         started = time.monotonic()
-        received = b""
-        while time.monotonic() - started < 5:
-            ready, _, _ = select.select([sock], [], [], 0.2)
-            if ready:
-                received = reply_then_close(sock)
-                break
-            sock.sendall(b" " * 20)
+        received = dribble_until_answered(sock, b" " * 20)
         elapsed = time.monotonic() - started
     assert received, "nothing came back, and the connection was still open after 5 s"
     status, _, body = parsed(received)
