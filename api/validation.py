@@ -8,13 +8,14 @@ import re
 from typing import Annotated, Any, TypeVar
 
 from aiohttp import web
-from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
+from email_validator import SPECIAL_USE_DOMAIN_NAMES
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 from api.context import CONFIG
 from api.errors import BadRequest, PayloadTooLarge
 from pipeline.errors import FieldError, ValidationFailed
+from pipeline.grammar import normalize_email
 from storage.pagination import CURSOR_PATTERN, is_valid_cursor
 
 M = TypeVar("M", bound=BaseModel)
@@ -22,17 +23,6 @@ MAX_DATA_KEYS = 256
 MAX_JSON_DEPTH = 32
 PAGE_LIMIT_MAX = 100
 _PAGE_LIMIT = re.compile(r"[0-9]{1,3}")
-
-
-def normalize_email(value: str) -> str:
-    """Check syntax (no DNS) and lower-case the address; the stored form of every email."""
-    if len(value) > 320:
-        raise PydanticCustomError("invalid_string", "Invalid email: longer than 320 characters")
-    try:
-        result = validate_email(value, check_deliverability=False, allow_smtputf8=True)
-    except EmailNotValidError as exc:
-        raise PydanticCustomError("invalid_string", "Invalid email: {reason}", {"reason": str(exc)}) from None
-    return result.normalized.lower()
 
 
 def check_data(value: dict[str, Any] | None) -> dict[str, Any] | None:

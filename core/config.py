@@ -225,6 +225,26 @@ class SecurityConfig:
 
 
 @dataclass
+class DashboardConfig:
+    """The web dashboard's accounts and sessions (`dashboard/`, `pipeline/accounts.py`)."""
+
+    enabled: bool = True
+    session_idle_hours: float = 12.0
+    """A session unused this long is ended (signed out)."""
+    session_max_days: float = 14.0
+    """A session ends this long after sign-in, used or not."""
+    login_failure_limit: int = 5
+    """Wrong passwords in a row, per account and per client address, before sign-in is refused..."""
+    lockout_seconds: int = 300
+    """...for this long after the first of them (the rule SMTP AUTH follows)."""
+    mail_project: str = ""
+    """The project (id or name) whose sender and pipeline mail invitations and password resets; empty: the
+    dashboard shows the link to pass on instead of mailing it."""
+    max_upload_bytes: int = 50 * 1024 * 1024
+    """The largest CSV a contact import may upload."""
+
+
+@dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
@@ -235,6 +255,7 @@ class Config:
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
 
     @property
     def data_path(self) -> Path:
@@ -356,6 +377,11 @@ def _validate(config: Config) -> None:
         *_webhook_checks(config.webhooks),
     ]
     checks += _security_checks(config.security)
+    checks += [(config.dashboard.session_idle_hours > 0, "dashboard.session_idle_hours", "a number > 0"),
+               (config.dashboard.session_max_days > 0, "dashboard.session_max_days", "a number > 0"),
+               (config.dashboard.login_failure_limit > 0, "dashboard.login_failure_limit", "a number > 0"),
+               (config.dashboard.lockout_seconds > 0, "dashboard.lockout_seconds", "a number > 0"),
+               (config.dashboard.max_upload_bytes > 0, "dashboard.max_upload_bytes", "a number > 0")]
     checks.append((_compiles(config.feedback.sns_host_pattern), "feedback.sns_host_pattern", "a valid regex"))
     checks += [(bool(SNS_TOPIC_ARN.fullmatch(arn)), "feedback.sns_topic_arns",
                 f"SNS topic ARNs like arn:aws:sns:us-east-1:123456789012:ses-feedback, got {arn!r}")

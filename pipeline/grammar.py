@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, TypeAlias, Union, get_args
 
+from email_validator import EmailNotValidError, validate_email
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -44,6 +45,17 @@ NO_NUL = "^[^\\u0000]*$"
 """The JSON-schema pattern of text without NUL (the API refuses NUL outside `data`)."""
 EVENT_NAME_PATTERN = "^[^\\u0000]*[^\\u0000\\s][^\\u0000]*$"
 """Not blank, no NUL (NUL is not white space: it may not be the one character that is not)."""
+def normalize_email(value: str) -> str:
+    """Check syntax (no DNS) and lower-case the address; the stored form of every email."""
+    if len(value) > 320:
+        raise PydanticCustomError("invalid_string", "Invalid email: longer than 320 characters")
+    try:
+        result = validate_email(value, check_deliverability=False, allow_smtputf8=True)
+    except EmailNotValidError as exc:
+        raise PydanticCustomError("invalid_string", "Invalid email: {reason}", {"reason": str(exc)}) from None
+    return result.normalized.lower()
+
+
 STORED = {"stored": True}
 """Validation context for a definition read back from the database: see `whole_number`."""
 

@@ -60,6 +60,10 @@ def create_app(config: Config, db: Database | None = None, roles: set[str] | Non
         await db.dispose()
 
     app.cleanup_ctx.append(storage_ctx)
+    if "api" in roles and config.dashboard.enabled:
+        from dashboard.app import install
+
+        install(app, config, db, app[KEYS], app[LINKS], app[ON_QUEUED])
     if db.is_postgres and roles & {"api", "relay"}:
         app.cleanup_ctx.append(lambda _app: key_changes_ctx(app, db))
     if db.is_postgres and "api" in roles:

@@ -165,7 +165,7 @@ def cmd_vacuum(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_project_create(args: argparse.Namespace, config: Config) -> int:
-    from api.validation import normalize_email
+    from pipeline.grammar import normalize_email
     from pipeline.projects import create_project
 
     try:
@@ -193,6 +193,63 @@ def cmd_project_list(args: argparse.Namespace, config: Config) -> int:
             print("no projects yet: plunkd project create --name NAME --from-email ADDRESS")
         for p in projects:
             print(f"{p.id}  {p.name}  from={p.from_email}  sk={p.secret_key_hint}  pk={p.public_key_hint}")
+        return 0
+
+    return asyncio.run(_with_db(args, config, work))
+
+
+def read_password(args: argparse.Namespace) -> str:
+    """The new password: one line on stdin with --password-stdin, else asked twice at the terminal."""
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    import getpass
+
+    first = getpass.getpass("password (10 characters or more): ")
+    if getpass.getpass("again: ") != first:
+        raise ConfigError("the two passwords differ")
+    return first
+
+
+def cmd_user_create(args: argparse.Namespace, config: Config) -> int:
+    from pipeline import accounts
+    from pipeline.errors import PipelineError
+    from pipeline.projects import require_project
+    from storage import accounts as account_store
+
+    password = read_password(args)
+
+    async def work(db) -> int:
+        try:
+            role = accounts.role_of(args.role)
+            project = await db.read(require_project, args.project) if args.project else None
+            if project is None and role != "owner":
+                raise ConfigError("--role other than owner needs --project (the project to join)")
+            user = await accounts.create_user(db, args.email, password, instance_owner=project is None)
+            if project is not None:
+                await db.write(lambda s: account_store.put_membership(s, project.id, user.id, role))
+        except PipelineError as exc:
+            raise ConfigError(f"{exc.message}; {'; '.join(e.message for e in getattr(exc, 'errors', []))}"
+                              .rstrip("; ")) from None
+        where = f"{role} of {project.name}" if project else "owner of this plunkd (every project, the system page)"
+        print(f"user {user.email} ({user.id}): {where}; sign in at {config.server.public_url.rstrip('/')}/login")
+        return 0
+
+    return asyncio.run(_with_db(args, config, work, create=True))
+
+
+def cmd_user_password(args: argparse.Namespace, config: Config) -> int:
+    from pipeline import accounts
+    from pipeline.errors import PipelineError
+
+    password = read_password(args)
+
+    async def work(db) -> int:
+        try:
+            user = await accounts.set_password_by_email(db, args.email, password)
+        except PipelineError as exc:
+            raise ConfigError(f"{exc.message}; {'; '.join(e.message for e in getattr(exc, 'errors', []))}"
+                              .rstrip("; ")) from None
+        print(f"new password for {user.email}; every session of it is signed out")
         return 0
 
     return asyncio.run(_with_db(args, config, work))
@@ -346,6 +403,19 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--from-name", default="", help="default sender name (default: the project name)")
     create.set_defaults(func=cmd_project_create)
     project.add_parser("list", help="list projects").set_defaults(func=cmd_project_list)
+
+    user = sub.add_parser("user", help="dashboard users").add_subparsers(dest="action", required=True)
+    make_user = user.add_parser("create", help="create a dashboard user (the first: --role owner)")
+    make_user.add_argument("--email", required=True)
+    make_user.add_argument("--role", default="owner", help="owner (without --project: owner of this plunkd), "
+                                                             "or with --project: owner, admin, editor or viewer")
+    make_user.add_argument("--project", default="", help="project id or name to join with --role")
+    make_user.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    make_user.set_defaults(func=cmd_user_create)
+    password = user.add_parser("password", help="set a user's password (signs out all their sessions)")
+    password.add_argument("--email", required=True)
+    password.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    password.set_defaults(func=cmd_user_password)
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
     rotate = keys.add_parser("rotate", help="replace a project's keys and print the new ones once")
