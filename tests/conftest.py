@@ -142,6 +142,45 @@ async def api(aiohttp_client, config) -> Api:
     return Api(client, db, issued.project.id, issued.secret_key, issued.public_key)
 
 
+@dataclass
+class Dash:
+    """The app of `api` (with its project), and its dashboard seen by browsers: `owner` is signed in as the
+    instance's owner; `browser()` is another visitor with cookies of its own."""
+
+    api: Api
+    owner: Any
+    sessions: list[Any]
+
+    async def browser(self, email: str | None = None, role: str = "viewer") -> Any:
+        """A new visitor; with `email`, a member of the api's project with `role`, signed in."""
+        import aiohttp
+
+        from tests.dashboard_kit import Browser, make_user
+
+        session = aiohttp.ClientSession(base_url=str(self.api.client.make_url("/")),
+                                        cookie_jar=aiohttp.CookieJar(unsafe=True))
+        self.sessions.append(session)
+        visitor = Browser(session)
+        if email is not None:
+            await make_user(self.api.db, email, project_id=self.api.project_id, role=role)
+            await visitor.sign_in(email)
+        return visitor
+
+
+@pytest.fixture
+async def dash(api) -> Any:
+    from tests.dashboard_kit import Browser, make_user
+
+    await make_user(api.db, "owner@example.com", instance_owner=True)
+    owner = Browser(api.client)
+    response = await owner.sign_in("owner@example.com")
+    assert response.status == 303, await response.text()
+    board = Dash(api, owner, [])
+    yield board
+    for session in board.sessions:
+        await session.close()
+
+
 @pytest.fixture
 async def dns_server():
     from tests.servers import start_dns
