@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any, cast
 
 from sqlalchemy import case, delete, func, literal, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
 from storage.models import DashboardSession, Invitation, LoginFailure, Membership, Project, Role, User
+
+
+def affected(session: Session, statement: Any) -> int:
+    """The rows an UPDATE or DELETE changed (Session.execute's stubs say Result; it is a CursorResult)."""
+    return cast(CursorResult[Any], session.execute(statement)).rowcount or 0
 
 
 def count_users(session: Session) -> int:
@@ -62,22 +69,21 @@ def list_sessions(session: Session, user_id: str) -> list[DashboardSession]:
 
 
 def delete_session(session: Session, user_id: str, session_id: str) -> bool:
-    result = session.execute(delete(DashboardSession).where(DashboardSession.id == session_id,
-                                                            DashboardSession.user_id == user_id))
-    return bool(result.rowcount)
+    return bool(affected(session, delete(DashboardSession).where(DashboardSession.id == session_id,
+                                                            DashboardSession.user_id == user_id)))
 
 
 def delete_sessions(session: Session, user_id: str, keep: str | None = None) -> int:
     stmt = delete(DashboardSession).where(DashboardSession.user_id == user_id)
     if keep is not None:
         stmt = stmt.where(DashboardSession.id != keep)
-    return session.execute(stmt).rowcount or 0
+    return affected(session, stmt)
 
 
 def delete_expired_sessions(session: Session, now: datetime, idle_since: datetime) -> int:
     stmt = delete(DashboardSession).where((DashboardSession.expires_at <= now)
                                           | (DashboardSession.last_seen_at <= idle_since))
-    return session.execute(stmt).rowcount or 0
+    return affected(session, stmt)
 
 
 def projects_of(session: Session, user: User) -> list[tuple[Project, str]]:
@@ -111,9 +117,8 @@ def put_membership(session: Session, project_id: str, user_id: str, role: str) -
 
 
 def delete_membership(session: Session, project_id: str, user_id: str) -> bool:
-    result = session.execute(delete(Membership).where(Membership.project_id == project_id,
-                                                      Membership.user_id == user_id))
-    return bool(result.rowcount)
+    return bool(affected(session, delete(Membership).where(Membership.project_id == project_id,
+                                                      Membership.user_id == user_id)))
 
 
 def list_members(session: Session, project_id: str) -> list[tuple[User, str]]:
@@ -146,9 +151,8 @@ def find_invitation(session: Session, token_digest: str) -> tuple[Invitation, Pr
 
 def accept_invitation(session: Session, invitation_id: str, now: datetime) -> bool:
     """Mark it used; False if it already was (two tabs accepting at once: one wins)."""
-    result = session.execute(update(Invitation).where(Invitation.id == invitation_id,
-                                                      Invitation.accepted_at.is_(None)).values(accepted_at=now))
-    return bool(result.rowcount)
+    return bool(affected(session, update(Invitation).where(Invitation.id == invitation_id,
+                                                      Invitation.accepted_at.is_(None)).values(accepted_at=now)))
 
 
 def list_invitations(session: Session, project_id: str, now: datetime) -> list[Invitation]:
@@ -158,9 +162,8 @@ def list_invitations(session: Session, project_id: str, now: datetime) -> list[I
 
 
 def delete_invitation(session: Session, project_id: str, invitation_id: str) -> bool:
-    result = session.execute(delete(Invitation).where(Invitation.project_id == project_id,
-                                                      Invitation.id == invitation_id))
-    return bool(result.rowcount)
+    return bool(affected(session, delete(Invitation).where(Invitation.project_id == project_id,
+                                                      Invitation.id == invitation_id)))
 
 
 def count_attempt(session: Session, key: str, now: datetime, window_start: datetime) -> int:
@@ -170,18 +173,13 @@ def count_attempt(session: Session, key: str, now: datetime, window_start: datet
     insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
     table = LoginFailure.__table__
     stale = table.c.first_at < window_start
-    stmt = insert(table).values(key=key, count=1, first_at=now)
-    stmt = stmt.on_conflict_do_update(index_elements=["key"], set_={
+    upsert = insert(table).values(key=key, count=1, first_at=now).on_conflict_do_update(index_elements=["key"], set_={
         "count": case((stale, 1), else_=table.c.count + 1),
         "first_at": case((stale, literal(now, table.c.first_at.type)), else_=table.c.first_at),
-    }).returning(table.c.count)
-    return session.execute(stmt).scalar_one()
+    })
+    return session.execute(upsert.returning(table.c.count)).scalar_one()
 
 
 def clear_attempts(session: Session, key: str) -> None:
     session.execute(delete(LoginFailure).where(LoginFailure.key == key))
 
-
-def attempts_since(session: Session, key: str, window_start: datetime) -> int:
-    stmt = select(LoginFailure.count).where(LoginFailure.key == key, LoginFailure.first_at >= window_start)
-    return session.execute(stmt).scalar_one_or_none() or 0

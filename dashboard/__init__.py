@@ -1,0 +1,1 @@
+"""The web dashboard: server-rendered pages for people, a face beside `api/` over the same `pipeline/`."""
