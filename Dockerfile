@@ -13,6 +13,7 @@ COPY marketing marketing
 COPY automation automation
 COPY feedback feedback
 COPY webhooks webhooks
+COPY dashboard dashboard
 RUN pip install --no-cache-dir .
 ENV PLUNKD_SERVER_HOST=0.0.0.0 PLUNKD_SMTP_HOST=0.0.0.0 PLUNKD_SERVER_DATA_DIR=/data
 VOLUME /data
