@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from dashboard.context import CONFIG, DB
-from dashboard.routing import Answer, Ctx, Page, form_of
+from dashboard.routing import Answer, Ctx, Page, form_of, wants_json
 from delivery.ses import ses_identity_verified
 from pipeline import domains as rules
 from pipeline.errors import ValidationFailed
@@ -53,6 +53,8 @@ async def add_domain(ctx: Ctx) -> Answer:
         domain = await rules.add_new_domain(ctx.request.app[DB], ctx.project_id, name[:rules.MAX_DOMAIN_LENGTH + 1],
                                             config.delivery.dkim_selector, config.api.max_domains_per_project)
     except ValidationFailed as exc:
+        if wants_json(ctx.request):
+            raise  # a script gets the error answer
         return await domain_list(ctx, 422, errors=[e.as_dict() for e in exc.errors], message=exc.message,
                                  newDomain=name[:rules.MAX_DOMAIN_LENGTH + 10])
     return Answer(redirect=f"/projects/{ctx.project_id}/domains/{domain.id}", status=201,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from dashboard.context import DB, KEYS
-from dashboard.routing import Answer, Ctx, Page, form_of
+from dashboard.routing import Answer, Ctx, Page, form_of, wants_json
 from pipeline import projects as rules
 from pipeline.errors import ValidationFailed
 from storage import projects as project_store
@@ -50,6 +50,8 @@ async def create_key(ctx: Ctx) -> Answer:
         issued = await ctx.request.app[DB].write(
             lambda s: rules.create_secret_key(s, ctx.project_id, fields.get("name", "")))
     except ValidationFailed as exc:
+        if wants_json(ctx.request):
+            raise  # a script gets the error answer
         return await key_list(ctx, 422, errors=[e.as_dict() for e in exc.errors], message=exc.message,
                               newName=fields.get("name", "")[:rules.MAX_KEY_NAME * 2])
     return shown_once(ctx, issued, 201, "created")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dashboard.context import DB, KEYS, LINKS
 from dashboard.mail import mail_link
-from dashboard.routing import Access, Answer, Ctx, Page, form_of
+from dashboard.routing import Access, Answer, Ctx, Page, form_of, wants_json
 from pipeline import accounts, projects
 from pipeline.errors import Forbidden, ValidationFailed
 from pipeline.projects import create_project, project_settings
@@ -51,6 +51,8 @@ async def change_settings(ctx: Ctx) -> Answer:
     try:
         settings = project_settings(fields.get("name", ""), fields.get("fromEmail", ""), fields.get("fromName", ""))
     except ValidationFailed as exc:
+        if wants_json(ctx.request):
+            raise  # a script gets the error answer
         shown = {**project_json(ctx.project, ctx.role),
                  "form": {key: fields.get(key, "")[:1000] for key in ("name", "fromEmail", "fromName")}}
         return Answer("project.html", {**shown, "errors": [e.as_dict() for e in exc.errors]}, status=422)
