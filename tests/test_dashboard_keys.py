@@ -7,10 +7,14 @@ from __future__ import annotations
 import asyncio
 import re
 import smtplib
+import time
 
+import pytest
 from sqlalchemy import text, update
 
-from pipeline.projects import rotate_keys
+from api.context import DB
+from pipeline.projects import create_project, rotate_keys
+from plunkd.app import create_app
 from storage.db import Database
 from storage.models import Project
 from storage.projects import find_project_by_key, key_digest, key_hint
@@ -268,3 +272,31 @@ async def test_bad_project_settings_are_422_on_the_form_and_nothing_changes(dash
     viewer = await dash.browser("v@example.com", "viewer")
     _, page = await viewer.get(overview)
     assert "Save settings" not in page and 'name="fromEmail"' not in page
+
+
+@pytest.mark.postgres_only
+async def test_a_key_revoked_in_one_nodes_dashboard_stops_on_the_other_within_a_second(aiohttp_client, config):
+    """Two nodes on one PostgreSQL database: the revoke's NOTIFY makes the other node forget the key (its
+    cache would keep it for 5 s)."""
+    first = await aiohttp_client(create_app(config))
+    second = await aiohttp_client(create_app(config))
+    issued = await first.app[DB].write(lambda s: create_project(s, "shared", "hello@example.com", "Shared"))
+    await make_user(second.app[DB], "owner@example.com", instance_owner=True)
+    owner = Browser(second)
+    assert (await owner.sign_in("owner@example.com")).status == 303
+
+    async def domains_status(client) -> int:
+        reply = await client.get("/domains", headers={"Authorization": f"Bearer {issued.secret_key}"})
+        await reply.read()
+        return reply.status
+
+    assert await domains_status(first) == 200 and await domains_status(second) == 200  # both cached it
+    key_id = (await secret_keys(owner, issued.project.id))["secretKeys"][0]["id"]
+    await owner.get(keys_path(issued.project.id))
+    response = await owner.post(f"{keys_path(issued.project.id)}/{key_id}/revoke")
+    assert response.status == 303
+    assert await domains_status(second) == 401, "this node forgot it at once"
+    revoked = time.monotonic()
+    while await domains_status(first) != 401:
+        assert time.monotonic() - revoked < 1.0, "the revoked key still works on the other node after 1 s"
+        await asyncio.sleep(0.02)
