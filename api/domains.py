@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from aiohttp import web
 from pydantic import StringConstraints, WithJsonSchema
@@ -16,7 +16,6 @@ from api.validation import PAGE_QUERY, Body, page_params, read_body
 from delivery.ses import ses_identity_verified
 from pipeline import domains as rules
 from storage import domains as domain_store
-from storage.models import Domain
 
 
 class AddDomainBody(Body):
@@ -25,36 +24,30 @@ class AddDomainBody(Body):
                                       "pattern": f"^{rules.DOMAIN_NAME}$"})]
 
 
-def domain_json(domain: Domain, transport: str) -> dict[str, Any]:
-    return {"id": domain.id, "domain": domain.name, "verified": domain.verified, "verifiedAt": domain.verified_at,
-            "selector": domain.dkim_selector, "records": [r.as_dict() for r in rules.records(domain, transport)],
-            "lastCheck": domain.last_check or {}, "createdAt": domain.created_at}
-
-
 async def add_domain(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     body = await read_body(request, AddDomainBody)
     domain = await rules.add_new_domain(request.app[DB], caller(request).project_id, body.domain,
                                         config.delivery.dkim_selector, config.api.max_domains_per_project)
-    return success(domain_json(domain, config.delivery.transport))
+    return success(rules.domain_json(domain, config.delivery.transport))
 
 
 async def list_domains(request: web.Request) -> web.Response:
     limit, cursor = page_params(request)
     page = await request.app[DB].read(domain_store.page_domains, caller(request).project_id, limit, cursor)
     transport = request.app[CONFIG].delivery.transport
-    return success(page_json(page, lambda domain: domain_json(domain, transport)))
+    return success(page_json(page, lambda domain: rules.domain_json(domain, transport)))
 
 
 async def get_domain(request: web.Request) -> web.Response:
     domain = await request.app[DB].read(rules.require_domain, caller(request).project_id, request.match_info["id"])
-    return success(domain_json(domain, request.app[CONFIG].delivery.transport))
+    return success(rules.domain_json(domain, request.app[CONFIG].delivery.transport))
 
 
 async def delete_domain(request: web.Request) -> web.Response:
     project_id, id_or_name = caller(request).project_id, request.match_info["id"]
     domain = await request.app[DB].write(lambda s: rules.delete_domain(s, project_id, id_or_name))
-    return success(domain_json(domain, request.app[CONFIG].delivery.transport))
+    return success(rules.domain_json(domain, request.app[CONFIG].delivery.transport))
 
 
 async def verify_domain(request: web.Request) -> web.Response:
@@ -63,7 +56,7 @@ async def verify_domain(request: web.Request) -> web.Response:
     domain = await db.read(rules.require_domain, caller(request).project_id, request.match_info["id"])
     check = await rules.verify(domain, config, ses_identity_verified)
     domain = await db.write(lambda s: rules.save_check(s, domain.id, check))
-    return success(domain_json(domain, config.delivery.transport))
+    return success(rules.domain_json(domain, config.delivery.transport))
 
 
 ROUTES = [

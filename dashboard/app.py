@@ -16,7 +16,7 @@ from aiohttp import web
 from markupsafe import Markup, escape
 
 from core.config import Config
-from dashboard import accounts, projects
+from dashboard import accounts, domains, keys, projects
 from dashboard.context import CONFIG, DB, KEYS, LINKS, ON_QUEUED, SETUP_TOKEN
 from dashboard.routing import Page, register
 from pipeline.accounts import has_users
@@ -31,12 +31,12 @@ TEMPLATES = Path(__file__).parent / "templates"
 
 
 def all_pages() -> list[Page]:
-    return [*accounts.ROUTES, *projects.ROUTES]
+    return [*accounts.ROUTES, *projects.ROUTES, *keys.ROUTES, *domains.ROUTES]
 
 
 def when(value: datetime | str | None) -> Markup:
     """A time as `<time>` in UTC; the page's script shows it in the browser's zone."""
-    if value is None:
+    if not value:  # None, or a time missing from stored JSON (a domain never checked)
         return Markup('<span class="muted">never</span>')
     stamp = iso(value) if isinstance(value, datetime) else str(value)
     shown = stamp.replace("T", " ").replace("Z", " UTC")

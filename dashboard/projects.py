@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dashboard.context import DB, LINKS
+from dashboard.context import DB, KEYS, LINKS
 from dashboard.mail import mail_link
-from dashboard.routing import Access, Answer, Ctx, Page, form_of
-from pipeline import accounts
-from pipeline.errors import FieldError, Forbidden, ValidationFailed
-from pipeline.projects import create_project
+from dashboard.routing import Access, Answer, Ctx, Page, form_of, wants_json
+from pipeline import accounts, projects
+from pipeline.errors import Forbidden, ValidationFailed
+from pipeline.projects import create_project, project_settings
 from storage import accounts as account_store
 from storage.models import Role, utcnow
 
@@ -24,31 +24,15 @@ async def project_list(ctx: Ctx) -> Answer:
                                     "mayCreate": ctx.visit.user.instance_owner})
 
 
-def project_fields(fields: dict[str, str]) -> tuple[str, str, str]:
-    name = fields.get("name", "").strip()
-    errors = []
-    if not 1 <= len(name) <= 200 or "\x00" in name:
-        errors.append(FieldError("name", "1 to 200 characters", "invalid_string"))
-    from_name = fields.get("fromName", "").strip()
-    if len(from_name) > 200 or "\x00" in from_name:
-        errors.append(FieldError("fromName", "At most 200 characters", "too_big"))
-    try:
-        from_email = accounts.valid_email(fields.get("fromEmail", ""), "fromEmail")
-    except ValidationFailed as exc:
-        errors += exc.errors
-        from_email = ""
-    if errors:
-        raise ValidationFailed(errors)
-    return name, from_email, from_name
-
-
 async def new_project(ctx: Ctx) -> Answer:
     """An instance owner makes a project; its secret key is shown once, on the next page."""
     assert ctx.visit is not None
     if not ctx.visit.user.instance_owner:
         raise Forbidden("Only the instance's owners create projects")
-    name, from_email, from_name = project_fields(await form_of(ctx.request))
-    issued = await ctx.request.app[DB].write(lambda s: create_project(s, name, from_email, from_name))
+    fields = await form_of(ctx.request)
+    settings = project_settings(fields.get("name", ""), fields.get("fromEmail", ""), fields.get("fromName", ""))
+    issued = await ctx.request.app[DB].write(
+        lambda s: create_project(s, settings.name, settings.from_email, settings.from_name))
     data = {**project_json(issued.project, Role.OWNER), "secretKey": issued.secret_key,
             "publicKey": issued.public_key}
     return Answer("project_created.html", data, status=201)
@@ -57,6 +41,26 @@ async def new_project(ctx: Ctx) -> Answer:
 async def overview(ctx: Ctx) -> Answer:
     assert ctx.project is not None and ctx.role is not None
     return Answer("project.html", project_json(ctx.project, ctx.role))
+
+
+async def change_settings(ctx: Ctx) -> Answer:
+    """Rename the project or change its sender defaults; a wrong field re-shows the form (422)."""
+    assert ctx.project is not None and ctx.role is not None
+    request = ctx.request
+    fields = await form_of(request)
+    try:
+        settings = project_settings(fields.get("name", ""), fields.get("fromEmail", ""), fields.get("fromName", ""))
+    except ValidationFailed as exc:
+        if wants_json(ctx.request):
+            raise  # a script gets the error answer
+        shown = {**project_json(ctx.project, ctx.role),
+                 "form": {key: fields.get(key, "")[:1000] for key in ("name", "fromEmail", "fromName")}}
+        return Answer("project.html", {**shown, "errors": [e.as_dict() for e in exc.errors]}, status=422)
+    await request.app[DB].write(lambda s: projects.change_settings(s, ctx.project_id, settings))
+    request.app[KEYS].forget_project(ctx.project_id)
+    return Answer(redirect=f"/projects/{ctx.project_id}", flash="Project settings saved",
+                  data={"id": ctx.project_id, "name": settings.name, "fromEmail": settings.from_email,
+                        "fromName": settings.from_name})
 
 
 async def members(ctx: Ctx) -> Answer:
@@ -112,6 +116,7 @@ ROUTES = [
     Page("GET", "/projects", project_list, Access.USER),
     Page("POST", "/projects", new_project, Access.USER),
     Page("GET", "/projects/{project}", overview),
+    Page("POST", "/projects/{project}/settings", change_settings, role=Role.ADMIN),
     Page("GET", "/projects/{project}/members", members),
     Page("POST", "/projects/{project}/members/invite", invite, role=Role.ADMIN),
     Page("POST", "/projects/{project}/members/invitations/{invitation}/withdraw", withdraw_invitation,

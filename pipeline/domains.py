@@ -20,7 +20,7 @@ from pipeline.errors import Conflict, FieldError, NotFound, ValidationFailed
 from storage import domains as domain_store
 from storage.db import Database
 from storage.domains import sender_domain
-from storage.models import Domain, utcnow
+from storage.models import Domain, iso, utcnow
 
 DOMAIN_NAME = r"([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}\.?"
 """A domain name as given (any case, optional trailing dot); also the API's JSON-schema pattern."""
@@ -164,8 +164,18 @@ async def check_dns(domain: Domain, resolver: dns.asyncresolver.Resolver) -> dic
 
 
 def save_check(session: Session, domain_id: str, check: dict[str, Any]) -> Domain:
+    """Store the check (each record's result, by purpose) with the time it was made, `checkedAt`."""
+    now = utcnow()
     verified = bool(check.get("verified"))
-    return domain_store.save_check(session, domain_id, verified, check, utcnow() if verified else None)
+    return domain_store.save_check(session, domain_id, verified, {**check, "checkedAt": iso(now)},
+                                   now if verified else None)
+
+
+def domain_json(domain: Domain, transport: str) -> dict[str, Any]:
+    """A domain as the API and the dashboard show it: the records to publish and the last check."""
+    return {"id": domain.id, "domain": domain.name, "verified": domain.verified, "verifiedAt": domain.verified_at,
+            "selector": domain.dkim_selector, "records": [r.as_dict() for r in records(domain, transport)],
+            "lastCheck": domain.last_check or {}, "createdAt": domain.created_at}
 
 
 def require_verified_sender(session: Session, project_id: str, address: str) -> str:

@@ -165,16 +165,17 @@ def cmd_vacuum(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_project_create(args: argparse.Namespace, config: Config) -> int:
-    from pipeline.grammar import normalize_email
-    from pipeline.projects import create_project
+    from pipeline.errors import ValidationFailed
+    from pipeline.projects import create_project, project_settings
 
     try:
-        from_email = normalize_email(args.from_email)
-    except Exception as exc:  # pydantic_core.PydanticCustomError
-        raise ConfigError(f"--from-email: {exc}") from None
+        settings = project_settings(args.name, args.from_email, args.from_name or args.name)
+    except ValidationFailed as exc:
+        options = {"name": "--name", "fromEmail": "--from-email", "fromName": "--from-name"}
+        raise ConfigError("; ".join(f"{options.get(e.field, e.field)}: {e.message}" for e in exc.errors)) from None
 
     async def work(db) -> int:
-        issued = await db.write(lambda s: create_project(s, args.name, from_email, args.from_name or args.name))
+        issued = await db.write(lambda s: create_project(s, settings.name, settings.from_email, settings.from_name))
         print(f"project {issued.project.name} ({issued.project.id})")
         print(f"secret key: {issued.secret_key}")
         print(f"public key: {issued.public_key}")
@@ -192,7 +193,7 @@ def cmd_project_list(args: argparse.Namespace, config: Config) -> int:
         if not projects:
             print("no projects yet: plunkd project create --name NAME --from-email ADDRESS")
         for p in projects:
-            print(f"{p.id}  {p.name}  from={p.from_email}  sk={p.secret_key_hint}  pk={p.public_key_hint}")
+            print(f"{p.id}  {p.name}  from={p.from_email}  pk={p.public_key_hint}")
         return 0
 
     return asyncio.run(_with_db(args, config, work))

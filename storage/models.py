@@ -142,12 +142,33 @@ class Project(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(200))
     secret_key_digest: Mapped[str] = mapped_column(String(64), unique=True)
+    """The digest of the project's first secret key, as made. Not read since 0013, which copied it into
+    `api_keys` (named "default"): that table holds every secret key and says which are live."""
     public_key_digest: Mapped[str] = mapped_column(String(64), unique=True)
     secret_key_hint: Mapped[str] = mapped_column(String(16))
+    """Of the first secret key, as `secret_key_digest`."""
     public_key_hint: Mapped[str] = mapped_column(String(16))
+    public_key: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    """The public key itself (it is meant to be pasted into browser code); None for a project made before
+    0013 until its keys are rotated."""
     from_email: Mapped[str] = mapped_column(String(320))
     from_name: Mapped[str] = mapped_column(String(200), default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiKey(Base):
+    """A named secret key of a project, stored as a digest; revoked keys stay listed (who had which key)."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (Index("ix_api_keys_project_id_id", "project_id", "id"),)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(100))
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    hint: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    rotated_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(nullable=True)
 
 
 class Domain(Base):

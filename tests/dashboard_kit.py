@@ -64,6 +64,8 @@ class Browser:
         return next((morsel.value for morsel in jar if morsel.key == name), None)
 
     def _remember(self, text: str) -> None:
+        assert 'name="csrf" value=""' not in text, \
+            "a form without its CSRF token (import the macros `with context`): a browser's POST would be refused"
         found = CSRF_FIELD.search(text)
         if found:
             self.csrf = found.group(1)

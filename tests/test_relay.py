@@ -158,7 +158,7 @@ async def test_concurrent_auth_guesses_are_counted_before_the_key_lookup(relay):
     key_lookups = []
 
     def count_key_lookups(conn, cursor, statement, parameters, context, executemany):
-        if "secret_key_digest" in statement:
+        if "api_keys" in statement:
             key_lookups.append(statement)
 
     async def guess() -> tuple[int, str]:

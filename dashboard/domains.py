@@ -1,0 +1,97 @@
+"""A project's sending domains: the list with the add form, and a domain's page with the records to
+publish (as `GET /domains/{id}` gives them), each record's last check, "Verify now" and delete."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dashboard.context import CONFIG, DB
+from dashboard.routing import Answer, Ctx, Page, form_of, wants_json
+from delivery.ses import ses_identity_verified
+from pipeline import domains as rules
+from pipeline.errors import ValidationFailed
+from storage import domains as domain_store
+from storage.models import Domain, Role
+from storage.pagination import is_valid_cursor
+
+PAGE_SIZE = 50
+PURPOSES = {"dkim": "DKIM (required)", "spf": "SPF (required)", "dmarc": "DMARC (advised)"}
+
+
+def shown(domain: Domain, transport: str) -> dict[str, Any]:
+    """The API's JSON of the domain, each record with its result in the last check."""
+    data = rules.domain_json(domain, transport)
+    check = data["lastCheck"]
+    for record in data["records"]:
+        record["label"] = PURPOSES.get(record["purpose"], record["purpose"])
+        record["lastResult"] = check.get(record["purpose"]) if isinstance(check.get(record["purpose"]), bool) else None
+    return data
+
+
+async def domain_list(ctx: Ctx, status: int = 200, **more: Any) -> Answer:
+    request = ctx.request
+    cursor = request.query.get("cursor")
+    notice = None
+    if cursor is not None and not is_valid_cursor(cursor):
+        cursor, notice = None, "That page link is not valid: showing the first page."
+    page = await request.app[DB].read(domain_store.page_domains, ctx.project_id, PAGE_SIZE, cursor)
+    transport = request.app[CONFIG].delivery.transport
+    return Answer("domains.html", {"domains": [shown(d, transport) for d in page.items], "total": page.total,
+                                   "nextCursor": page.next_cursor, "notice": notice, **more}, status=status)
+
+
+async def domains_page(ctx: Ctx) -> Answer:
+    return await domain_list(ctx)
+
+
+async def add_domain(ctx: Ctx) -> Answer:
+    """The rule of `POST /domains`; a refused name re-shows the form with the reason (422)."""
+    config = ctx.request.app[CONFIG]
+    fields = await form_of(ctx.request)
+    name = fields.get("domain", "")
+    try:
+        domain = await rules.add_new_domain(ctx.request.app[DB], ctx.project_id, name[:rules.MAX_DOMAIN_LENGTH + 1],
+                                            config.delivery.dkim_selector, config.api.max_domains_per_project)
+    except ValidationFailed as exc:
+        if wants_json(ctx.request):
+            raise  # a script gets the error answer
+        return await domain_list(ctx, 422, errors=[e.as_dict() for e in exc.errors], message=exc.message,
+                                 newDomain=name[:rules.MAX_DOMAIN_LENGTH + 10])
+    return Answer(redirect=f"/projects/{ctx.project_id}/domains/{domain.id}", status=201,
+                  flash=f"{domain.name} added: publish its records, then verify",
+                  data=shown(domain, config.delivery.transport))
+
+
+async def domain_page(ctx: Ctx) -> Answer:
+    domain = await ctx.request.app[DB].read(rules.require_domain, ctx.project_id,
+                                            ctx.request.match_info["domain"][:rules.MAX_DOMAIN_LENGTH])
+    transport = ctx.request.app[CONFIG].delivery.transport
+    return Answer("domain.html", shown(domain, transport))
+
+
+async def verify_domain(ctx: Ctx) -> Answer:
+    """Verify now: the DNS check (or SES's identity check) the API's verify makes, stored with its time."""
+    config, db = ctx.request.app[CONFIG], ctx.request.app[DB]
+    domain = await db.read(rules.require_domain, ctx.project_id,
+                           ctx.request.match_info["domain"][:rules.MAX_DOMAIN_LENGTH])
+    check = await rules.verify(domain, config, ses_identity_verified)
+    domain = await db.write(lambda s: rules.save_check(s, domain.id, check))
+    flash = f"{domain.name} is verified" if domain.verified else f"{domain.name} is not verified yet"
+    return Answer(redirect=f"/projects/{ctx.project_id}/domains/{domain.id}", flash=flash,
+                  data=shown(domain, config.delivery.transport))
+
+
+async def delete_domain(ctx: Ctx) -> Answer:
+    id_or_name = ctx.request.match_info["domain"][:rules.MAX_DOMAIN_LENGTH]
+    domain = await ctx.request.app[DB].write(lambda s: rules.delete_domain(s, ctx.project_id, id_or_name))
+    return Answer(redirect=f"/projects/{ctx.project_id}/domains", flash=f"{domain.name} deleted",
+                  data={"id": domain.id, "domain": domain.name, "deleted": True})
+
+
+ROUTES = [
+    Page("GET", "/projects/{project}/domains", domains_page),
+    Page("POST", "/projects/{project}/domains", add_domain, role=Role.ADMIN),
+    Page("GET", "/projects/{project}/domains/{domain}", domain_page),
+    Page("POST", "/projects/{project}/domains/{domain}/verify", verify_domain, role=Role.ADMIN),
+    Page("POST", "/projects/{project}/domains/{domain}/delete", delete_domain, role=Role.ADMIN),
+]
