@@ -68,6 +68,9 @@ async def test_add_send_test_and_read_the_delivery_log(dash, receiver):
     assert "secret" not in listed["data"]["webhooks"][0], "the secret is shown once, on the page after adding"
     status, html = await dash.owner.get(pages(dash) + f"/{endpoint_id}")
     assert status == 200 and "whsec_" not in html and ">Send test</button>" in html
+    for page_html in (html, (await dash.owner.get(pages(dash)))[1]):
+        tokens = re.findall(r'name="csrf" value="([^"]*)"', page_html)
+        assert len(tokens) > 1 and set(tokens) == {dash.owner.csrf}, "every form carries the token a browser posts"
 
     response = await dash.owner.post(pages(dash) + f"/{endpoint_id}/test")
     assert response.status == 303 and response.headers["Location"] == pages(dash) + f"/{endpoint_id}"
