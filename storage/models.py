@@ -475,11 +475,14 @@ class Node(Base):
 
 class SendMinute(Base):
     """Emails settled per minute, over every node, added in the transaction that records each outcome: the
-    system page's chart reads 1,440 small rows instead of a day of emails."""
+    system page's chart reads a day of small rows instead of a day of emails."""
 
     __tablename__ = "send_minutes"
     minute: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     """Epoch seconds // 60 (UTC)."""
+    shard: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
+    """Chosen at random per transaction (`storage.system.SHARDS`), so concurrent writers (several per node
+    on PostgreSQL, and several nodes) seldom wait for each other's lock on one minute's row."""
     sent: Mapped[int] = mapped_column(Integer)
     failed: Mapped[int] = mapped_column(Integer)
     """Bounced or failed for good."""

@@ -2,12 +2,13 @@
 process, its heartbeat), the per-minute send rollup, and the outbox's depth per priority.
 
 Every query here is bounded: the nodes table holds the processes of the last day, the rollup at most
-`ROLLUP_KEEP_MINUTES` rows (read by primary-key range), and the outbox counts stop at `COUNT_CAP` rows
+`ROLLUP_KEEP_MINUTES` × `SHARDS` rows (read by primary-key range), and the outbox counts stop at `COUNT_CAP` rows
 each (an index range each; the partial index `ix_outbox_leased` holds only the leased rows).
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -26,6 +27,8 @@ _OUTBOX = OutboxItem.__table__
 COUNT_CAP = 10_000
 """Outbox rows counted per figure at most: the page shows "10000+" beyond (/metrics has the exact depth)."""
 ROLLUP_KEEP_MINUTES = 2 * 24 * 60
+SHARDS = 16
+_SHARD_KEY = "plunkd.send_minute_shard"
 
 
 def _upsert_dialect(session: Session) -> Any:
@@ -64,8 +67,9 @@ def _add_minute(session: Session) -> Insert:
     dialect = session.get_bind().dialect.name
     if dialect not in _ADD_MINUTE:
         insert = _upsert_dialect(session)(MINUTES)
-        _ADD_MINUTE[dialect] = insert.on_conflict_do_update(index_elements=[MINUTES.c.minute], set_={
-            "sent": MINUTES.c.sent + insert.excluded.sent, "failed": MINUTES.c.failed + insert.excluded.failed})
+        _ADD_MINUTE[dialect] = insert.on_conflict_do_update(
+            index_elements=[MINUTES.c.minute, MINUTES.c.shard],
+            set_={"sent": MINUTES.c.sent + insert.excluded.sent, "failed": MINUTES.c.failed + insert.excluded.failed})
     return _ADD_MINUTE[dialect]
 
 
@@ -75,17 +79,21 @@ def minute_of(at: datetime) -> int:
 
 def count_settled(session: Session, at: datetime, sent: bool) -> None:
     """Add one sent (or failed) email to `at`'s minute, in the transaction recording it; the batch writes
-    its rows with one executemany at commit (`storage.batch.insert_at_commit`)."""
-    insert_at_commit(session, _add_minute(session), {"minute": minute_of(at), "sent": int(sent),
+    its rows with one executemany at commit (`storage.batch.insert_at_commit`), all to the shard the
+    transaction drew (one shard per transaction: two transactions never lock each other's rows in
+    opposite orders)."""
+    shard = session.info.setdefault(_SHARD_KEY, random.randrange(SHARDS))
+    insert_at_commit(session, _add_minute(session), {"minute": minute_of(at), "shard": shard, "sent": int(sent),
                                                      "failed": int(not sent)})
 
 
 def send_minutes(session: Session, first: int, last: int) -> dict[int, tuple[int, int]]:
-    """(sent, failed) per minute from `first` to `last` (epoch minutes, both included); minutes without
-    a row sent nothing."""
-    rows = session.connection().execute(select(MINUTES.c.minute, MINUTES.c.sent, MINUTES.c.failed).where(
-        MINUTES.c.minute >= first, MINUTES.c.minute <= last))
-    return {row.minute: (row.sent, row.failed) for row in rows}
+    """(sent, failed) per minute from `first` to `last` (epoch minutes, both included), summed over the
+    shards (a primary-key range); minutes without a row sent nothing."""
+    rows = session.connection().execute(
+        select(MINUTES.c.minute, func.sum(MINUTES.c.sent).label("sent"), func.sum(MINUTES.c.failed).label("failed"))
+        .where(MINUTES.c.minute >= first, MINUTES.c.minute <= last).group_by(MINUTES.c.minute))
+    return {row.minute: (int(row.sent), int(row.failed)) for row in rows}
 
 
 def prune_send_minutes(session: Session, before: int) -> int:

@@ -6,6 +6,7 @@ mocked."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import time
@@ -159,3 +160,14 @@ async def test_a_served_plunkd_writes_heartbeats_for_each_process(dash, tmp_path
     remaining = {node.id for node in await db.read(system_store.list_nodes)}
     assert by_role["api"].id not in remaining and by_role["dispatcher"].id not in remaining, \
         "a clean stop removes its rows"
+
+
+async def test_concurrent_writers_add_up_in_one_minute(dash):
+    """Each transaction adds to a shard of its own drawing; the page sums them (200 writes at once, which
+    the group-commit writer spreads over several transactions, on PostgreSQL over several connections)."""
+    now = utcnow()
+    await asyncio.gather(*[dash.api.db.write(lambda s, sent=index % 4 != 0: system_store.count_settled(s, now, sent))
+                           for index in range(200)])
+    status, body = await dash.owner.get_json("/system")
+    assert (body["data"]["sends"]["total"], body["data"]["sends"]["failedTotal"]) == (150, 50)
+    assert body["data"]["rate"]["thisMinuteSent"] in (0, 150) and 150 in body["data"]["sends"]["sent"][-2:]

@@ -29,6 +29,7 @@ def upgrade() -> None:
     op.create_table(
         'send_minutes',
         sa.Column('minute', sa.BigInteger(), primary_key=True, autoincrement=False),
+        sa.Column('shard', sa.SmallInteger(), primary_key=True, autoincrement=False),
         sa.Column('sent', sa.Integer(), nullable=False),
         sa.Column('failed', sa.Integer(), nullable=False),
     )
