@@ -33,7 +33,8 @@ class Heartbeat:
         self.db = db
         self.every_seconds = every_seconds
         now = utcnow()
-        self.row = {"id": new_id(), "hostname": socket.gethostname()[:255], "pid": os.getpid(),
+        self.node_id = new_id()
+        self.row: dict[str, object] = {"id": self.node_id, "hostname": socket.gethostname()[:255], "pid": os.getpid(),
                     "roles": " ".join(sorted(roles))[:100], "version": plunkd_version(), "started_at": now,
                     "last_heartbeat": now}
 
@@ -55,10 +56,10 @@ class Heartbeat:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("heartbeat of node %s failed: %s", self.row["id"], exc)
+                log.warning("heartbeat of node %s failed: %s", self.node_id, exc)
             await asyncio.sleep(self.every_seconds)
 
     async def leave(self) -> None:
         """Delete this process's row (a clean stop); a crash leaves it to turn stale."""
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.db.write(lambda s: store.remove_node(s, self.row["id"])), 5)
+            await asyncio.wait_for(self.db.write(lambda s: store.remove_node(s, self.node_id)), 5)
