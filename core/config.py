@@ -41,6 +41,10 @@ class ServerConfig:
     link_secret: str = ""
     """Signs unsubscribe/preferences links and open/click tracking links (32+ characters); empty: one generated
     into data_dir on first start."""
+    heartbeat_seconds: float = 5.0
+    """How often each process writes its row in the node registry (the system page's node list)."""
+    node_stale_seconds: float = 30.0
+    """A process without a heartbeat for this long is shown as stale (its row is pruned after a day)."""
 
 
 @dataclass
@@ -363,6 +367,9 @@ def _validate(config: Config) -> None:
         (config.server.max_connections_per_ip > 0, "server.max_connections_per_ip", "a number > 0"),
         (config.server.header_timeout_seconds > 0, "server.header_timeout_seconds", "a number > 0"),
         (config.server.body_timeout_seconds > 0, "server.body_timeout_seconds", "a number > 0"),
+        (config.server.heartbeat_seconds > 0, "server.heartbeat_seconds", "a number > 0"),
+        (config.server.node_stale_seconds > config.server.heartbeat_seconds, "server.node_stale_seconds",
+         "a number > server.heartbeat_seconds"),
         (config.delivery.max_attempts > 0, "delivery.max_attempts", "a number > 0"),
         (config.delivery.concurrency > 0, "delivery.concurrency", "a number > 0"),
         (0 < config.delivery.fanout_chunk <= 50_000, "delivery.fanout_chunk", "a number from 1 to 50000"),

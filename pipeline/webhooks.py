@@ -130,10 +130,28 @@ def delete_endpoint(session: Session, project_id: str, endpoint_id: str) -> Webh
     return endpoint
 
 
-def send_test(session: Session, project_id: str, endpoint_id: str, now: datetime) -> WebhookDelivery:
-    """Queue a `webhook.test` delivery; 409 when the endpoint is disabled (it would never be sent)."""
+def require_enabled(session: Session, project_id: str, endpoint_id: str) -> WebhookEndpoint:
+    """The endpoint; 409 when it is disabled (a delivery queued to it would never be sent)."""
     endpoint = require_endpoint(session, project_id, endpoint_id)
     if not endpoint.enabled:
         raise Conflict(f"Webhook {endpoint_id} is disabled", "Enable it first (PATCH with {\"enabled\": true}).")
+    return endpoint
+
+
+def send_test(session: Session, project_id: str, endpoint_id: str, now: datetime) -> WebhookDelivery:
+    """Queue a `webhook.test` delivery; 409 when the endpoint is disabled (it would never be sent)."""
+    endpoint = require_enabled(session, project_id, endpoint_id)
     payload = event_payload(None, TEST_EVENT, None, None, {"message": "A test delivery from plunkd"}, now)
     return store.queue_test(session, endpoint, TEST_EVENT, payload, now)
+
+
+def resend_delivery(session: Session, project_id: str, endpoint_id: str, delivery_id: str,
+                    now: datetime) -> WebhookDelivery:
+    """A new delivery of an earlier one's event and payload to the same endpoint, due now: a new
+    `webhook-id` (a receiver that deduplicates takes it as a new message) and a fresh attempt log, while the
+    earlier delivery keeps its own history. 404 for a delivery not of this endpoint, 409 when disabled."""
+    endpoint = require_enabled(session, project_id, endpoint_id)
+    original = store.get_delivery(session, endpoint_id, delivery_id)
+    if original is None:
+        raise NotFound(f"Delivery {delivery_id} not found", "Check the delivery id; it must belong to this webhook.")
+    return store.queue_test(session, endpoint, original.event_name, original.payload, now, original.event_id)

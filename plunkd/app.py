@@ -78,7 +78,23 @@ def create_app(config: Config, db: Database | None = None, roles: set[str] | Non
         app.cleanup_ctx.append(lambda _app: relay_ctx(app, config, db, relay_sockets))
     if "api" in roles and config.delivery.enabled:
         app.cleanup_ctx.append(lambda _app: fanout_ctx(app, config, db))
+    serves = [role for role, runs in (("api", "api" in roles), ("relay", serves_smtp),
+                                      ("dispatcher", dispatcher_command is None and "dispatcher" in roles
+                                       and config.delivery.enabled)) if runs]
+    app.cleanup_ctx.append(lambda _app: heartbeat_ctx(db, serves, config.server.heartbeat_seconds))
     return app
+
+
+async def heartbeat_ctx(db: Database, roles: list[str], every_seconds: float) -> AsyncIterator[None]:
+    """This process's row in the node registry (the dashboard's system page), for as long as it runs."""
+    from maintenance.heartbeat import Heartbeat
+
+    heartbeat = Heartbeat(db, roles, every_seconds)
+    task = asyncio.create_task(heartbeat.run(), name="heartbeat")
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await heartbeat.leave()
 
 
 async def fanout_ctx(app: web.Application, config: Config, db: Database) -> AsyncIterator[None]:

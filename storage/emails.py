@@ -31,6 +31,7 @@ from storage.models import (
     new_id,
     utcnow,
 )
+from storage.system import count_settled
 
 _CONTENT = Content.__table__
 _EMAIL = Email.__table__
@@ -211,15 +212,19 @@ _MARK = _EMAIL.update().where(_EMAIL.c.id == bindparam("email_id"))
 
 def mark_sent(session: Session, outbox_id: str, email_id: str, message_id: str, transport_id: str) -> None:
     conn = session.connection()
+    now = utcnow()
     conn.execute(_MARK, {"email_id": email_id, "status": EmailStatus.SENT, "message_id": message_id,
-                         "transport_id": transport_id, "sent_at": utcnow(), "error": None})
+                         "transport_id": transport_id, "sent_at": now, "error": None})
     conn.execute(delete(OutboxItem).where(_OUTBOX.c.id == outbox_id))
+    count_settled(session, now, sent=True)
 
 
 def mark_failed(session: Session, outbox_id: str, email_id: str, status: EmailStatus, error: str) -> None:
     conn = session.connection()
     conn.execute(_MARK, {"email_id": email_id, "status": status, "error": error[:2000]})
     conn.execute(delete(OutboxItem).where(_OUTBOX.c.id == outbox_id))
+    if status in (EmailStatus.BOUNCED, EmailStatus.FAILED):
+        count_settled(session, utcnow(), sent=False)
 
 
 def schedule_retry(session: Session, outbox_id: str, due_at: datetime, error: str) -> None:

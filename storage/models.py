@@ -266,7 +266,9 @@ class OutboxItem(Base):
 
     __tablename__ = "outbox"
     __table_args__ = (Index("ix_outbox_priority_due_at", "priority", "due_at"),
-                      Index("ix_outbox_campaign_id", "campaign_id"))
+                      Index("ix_outbox_campaign_id", "campaign_id"),
+                      Index("ix_outbox_leased", "priority", "due_at", sqlite_where=text("claimed_by IS NOT NULL"),
+                            postgresql_where=text("claimed_by IS NOT NULL")))
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     email_id: Mapped[str] = mapped_column(ForeignKey("emails.id", ondelete="CASCADE"), unique=True)
     priority: Mapped[int] = mapped_column(SmallInteger, default=0, server_default=text("0"))
@@ -475,6 +477,36 @@ class ApiUsage(Base):
     window_start: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     """Epoch seconds at which the window began."""
     used: Mapped[int] = mapped_column(Integer)
+
+
+class Node(Base):
+    """A running plunkd process (`plunkd.heartbeat`): what it does and when it last said it is alive. A row
+    is deleted when its process stops cleanly, and pruned a day after its last heartbeat otherwise."""
+
+    __tablename__ = "nodes"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    roles: Mapped[str] = mapped_column(String(100))
+    """Space-separated: api, relay, dispatcher."""
+    version: Mapped[str] = mapped_column(String(32))
+    started_at: Mapped[datetime] = mapped_column()
+    last_heartbeat: Mapped[datetime] = mapped_column()
+
+
+class SendMinute(Base):
+    """Emails settled per minute, over every node, added in the transaction that records each outcome: the
+    system page's chart reads a day of small rows instead of a day of emails."""
+
+    __tablename__ = "send_minutes"
+    minute: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    """Epoch seconds // 60 (UTC)."""
+    shard: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
+    """Chosen at random per transaction (`storage.system.SHARDS`), so concurrent writers (several per node
+    on PostgreSQL, and several nodes) seldom wait for each other's lock on one minute's row."""
+    sent: Mapped[int] = mapped_column(Integer)
+    failed: Mapped[int] = mapped_column(Integer)
+    """Bounced or failed for good."""
 
 
 class TrackingSettings(Base):

@@ -17,7 +17,8 @@ class Page:
     items: list[Any]
     next_cursor: str | None
     has_more: bool
-    total: int
+    total: int | None
+    """None when the caller asked for no count (a page over a table that may be very large)."""
 
 
 def is_valid_cursor(cursor: str) -> bool:
@@ -25,9 +26,12 @@ def is_valid_cursor(cursor: str) -> bool:
 
 
 def paginate(session: Session, stmt: Select[Any], id_column: Any, limit: int,
-                   cursor: str | None) -> Page:
-    """`stmt` selects one entity and carries every filter; the page is taken below `cursor`."""
-    total = (session.execute(select(func.count()).select_from(stmt.order_by(None).subquery()))).scalar_one()
+                   cursor: str | None, count: bool = True) -> Page:
+    """`stmt` selects one entity and carries every filter; the page is taken below `cursor`. `count`:
+    also count every row `stmt` selects (`total`), which costs a pass over them all."""
+    total = None
+    if count:
+        total = session.execute(select(func.count()).select_from(stmt.order_by(None).subquery())).scalar_one()
     page_stmt = stmt.order_by(id_column.desc()).limit(limit + 1)
     if cursor:
         page_stmt = page_stmt.where(id_column < cursor)

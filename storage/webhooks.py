@@ -100,9 +100,10 @@ def queue_delivery(session: Session, endpoint_id: str, event_id: str | None, nam
 
 
 def queue_test(session: Session, endpoint: WebhookEndpoint, name: str, payload: dict[str, Any],
-               now: datetime) -> WebhookDelivery:
-    """A delivery of `payload` to this endpoint that no event made, due now (POST /webhooks/:id/test)."""
-    delivery = WebhookDelivery(endpoint_id=endpoint.id, event_id=None, event_name=name, payload=payload,
+               now: datetime, event_id: str | None = None) -> WebhookDelivery:
+    """A delivery of `payload` to this endpoint, due now, written at once (POST /webhooks/:id/test, and a
+    resend of an earlier delivery, which names its event)."""
+    delivery = WebhookDelivery(endpoint_id=endpoint.id, event_id=event_id, event_name=name, payload=payload,
                                status=PENDING, attempts=0, due_at=now, attempt_log=[], created_at=now,
                                updated_at=now)
     session.add(delivery)
@@ -201,11 +202,16 @@ def delete_endpoint(session: Session, endpoint: WebhookEndpoint) -> None:
 
 
 def list_deliveries(session: Session, endpoint_id: str, limit: int, cursor: str | None,
-                    status: str | None = None) -> Page:
+                    status: str | None = None, count: bool = True) -> Page:
     stmt = select(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint_id)
     if status is not None:
         stmt = stmt.where(WebhookDelivery.status == status)
-    return paginate(session, stmt, WebhookDelivery.id, limit, cursor)
+    return paginate(session, stmt, WebhookDelivery.id, limit, cursor, count)
+
+
+def get_delivery(session: Session, endpoint_id: str, delivery_id: str) -> WebhookDelivery | None:
+    return session.execute(select(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint_id,
+                                                         WebhookDelivery.id == delivery_id)).scalar_one_or_none()
 
 
 # ---------------------------------------------------------------------------------------------------
