@@ -1,0 +1,22 @@
+"""dashboard campaigns: a campaign's emails counted by state and paged newest first from an index
+
+Revision ID: 0013
+Revises: 0012
+"""
+
+from alembic import op
+
+revision = '0013'
+down_revision = '0012'
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_index('ix_emails_campaign_id_status_sent_at', 'emails', ['campaign_id', 'status', 'sent_at'])
+    op.create_index('ix_emails_campaign_id_id', 'emails', ['campaign_id', 'id'])
+
+
+def downgrade() -> None:
+    op.drop_index('ix_emails_campaign_id_id', 'emails')
+    op.drop_index('ix_emails_campaign_id_status_sent_at', 'emails')
