@@ -14,7 +14,7 @@ from sqlalchemy import case, delete, func, select, text
 from sqlalchemy.orm import Session
 
 from storage.models import RunStatus, Template, Workflow, WorkflowRun, WorkflowTrigger, iso, utcnow
-from storage.pagination import Page, paginate
+from storage.pagination import Page, keyset_page, paginate
 
 LIVE_STATUSES = (RunStatus.ACTIVE, RunStatus.WAITING)
 RUN_STATUSES = tuple(RunStatus)
@@ -214,3 +214,11 @@ def run_counts(session: Session, workflow_ids: list[str]) -> dict[str, dict[str,
                 .group_by(WorkflowRun.workflow_id)):
             counts[workflow_id] = {"live": int(live_count or 0), "total": int(total)}
     return counts
+
+
+def run_page(session: Session, workflow_id: str, limit: int, cursor: str | None) -> Page:
+    """The workflow's runs newest first by cursor, without a total (a workflow may have very many)."""
+    stmt = select(WorkflowRun.id, WorkflowRun.contact_id, WorkflowRun.status, WorkflowRun.step_id,
+                  WorkflowRun.due_at, WorkflowRun.waiting_for, WorkflowRun.history, WorkflowRun.emails_sent,
+                  WorkflowRun.created_at, WorkflowRun.updated_at).where(WorkflowRun.workflow_id == workflow_id)
+    return keyset_page(session, stmt, WorkflowRun.id, limit, cursor)
