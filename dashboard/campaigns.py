@@ -340,8 +340,8 @@ def charts(timeline: list[dict[str, Any]], stats: dict[str, int] | None) -> dict
              "h": round(CHART_PAD + plot_h - y(h["sent"]), 1), "label": f"{h['hour']}:00 UTC: {h['sent']} sent"}
             for i, h in enumerate(shown)]
 
-    def line(key: str) -> str:
-        return " ".join(f"{round(CHART_PAD + i * step + step / 2, 1)},{y(h[key])}" for i, h in enumerate(shown))
+    def line(key: str) -> list[dict[str, float]]:
+        return [{"x": round(CHART_PAD + i * step + step / 2, 1), "y": y(h[key])} for i, h in enumerate(shown)]
 
     outcomes = [(name, (stats or {}).get(name, 0)) for name in OUTCOMES]
     most = max([count for _, count in outcomes] or [0]) or 1

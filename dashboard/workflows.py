@@ -65,9 +65,10 @@ async def workflow_list(ctx: Ctx) -> Answer:
 
 
 def _run_json(row: Any) -> dict[str, Any]:
-    return {"id": row.id, "contactId": row.contact_id, "status": row.status, "position": row.step_id,
-            "dueAt": row.due_at, "waitingFor": row.waiting_for, "history": list(row.history or []),
-            "emailsSent": row.emails_sent or 0, "createdAt": row.created_at, "updatedAt": row.updated_at}
+    return {"id": row.id, "contactId": row.contact_id, "contactEmail": row.email, "status": row.status,
+            "position": row.step_id, "dueAt": row.due_at, "waitingFor": row.waiting_for,
+            "history": list(row.history or []), "emailsSent": row.emails_sent or 0, "createdAt": row.created_at,
+            "updatedAt": row.updated_at}
 
 
 async def _page_data(ctx: Ctx, workflow_id: str) -> dict[str, Any]:
@@ -168,7 +169,7 @@ def errors_by_step(errors: list[dict[str, str]], steps: list[Any]) -> dict[int, 
 # The graph: boxes in layers (a step sits one layer below the deepest step that leads to it), arrows
 # labelled with their branch. Geometry only; the template draws it as SVG.
 
-BOX_W, BOX_H, GAP_X, GAP_Y, MARGIN = 220, 70, 40, 70, 20
+BOX_W, BOX_H, GAP_X, GAP_Y, MARGIN, LANE_GAP = 220, 70, 40, 70, 20, 48
 
 
 def _describe(step: dict[str, Any]) -> str:
@@ -220,13 +221,24 @@ def graph(steps: list[Any], counts: dict[str, dict[str, int]]) -> dict[str, Any]
             count = counts.get(step["id"], {"waiting": 0, "passed": 0, "failed": 0})
             boxes.append({"id": step["id"], "index": index, "x": x, "y": y, "type": step.get("type"),
                           "label": _short(step["id"]), "detail": _short(_describe(step)), **count})
+    long_edges = [edge for edge in edges if layer[edge[2]] > layer[edge[0]] + 1]
+    lane_x = width + LANE_GAP / 2
+    width += LANE_GAP * len(long_edges) + (LANE_GAP if long_edges else 0)
     arrows = []
     for source, branch, target in edges:
         (sx, sy), (tx, ty) = position[source], position[target]
-        x1, y1, x2, y2 = sx + BOX_W / 2, sy + BOX_H, tx + BOX_W / 2, ty
-        arrows.append({"from": steps[source]["id"], "to": steps[target]["id"], "branch": branch,
-                       "x1": x1, "y1": y1, "x2": x2, "y2": y2 - 4,
-                       "lx": (x1 + x2) / 2 + 6, "ly": (y1 + y2) / 2})
+        x1, y1, x2, y2 = sx + BOX_W / 2, sy + BOX_H, tx + BOX_W / 2, ty - 4
+        if (source, branch, target) in long_edges:
+            # Past the layers between: down, out to a lane right of every box, down, back, into the target.
+            lane = lane_x + LANE_GAP * long_edges.index((source, branch, target))
+            above = ty - GAP_Y / 2
+            d = (f"M{x1},{y1} V{y1 + GAP_Y / 2} H{lane} V{above} H{x2} V{y2}")
+            lx, ly = lane + 4, (y1 + above) / 2
+        else:
+            d = f"M{x1},{y1} L{x2},{y2}"
+            lx, ly = (x1 + x2) / 2 + 6, (y1 + y2) / 2
+        arrows.append({"from": steps[source]["id"], "to": steps[target]["id"], "branch": branch, "d": d,
+                       "lx": lx, "ly": ly})
     height = MARGIN * 2 + (max(rows, default=0) + 1) * BOX_H + max(rows, default=0) * GAP_Y
     return {"width": width, "height": height, "boxes": boxes, "arrows": arrows, "w": BOX_W, "h": BOX_H}
 

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import case, delete, func, select, text
 from sqlalchemy.orm import Session
 
-from storage.models import RunStatus, Template, Workflow, WorkflowRun, WorkflowTrigger, iso, utcnow
+from storage.models import Contact, RunStatus, Template, Workflow, WorkflowRun, WorkflowTrigger, iso, utcnow
 from storage.pagination import Page, keyset_page, paginate
 
 LIVE_STATUSES = (RunStatus.ACTIVE, RunStatus.WAITING)
@@ -217,8 +217,10 @@ def run_counts(session: Session, workflow_ids: list[str]) -> dict[str, dict[str,
 
 
 def run_page(session: Session, workflow_id: str, limit: int, cursor: str | None) -> Page:
-    """The workflow's runs newest first by cursor, without a total (a workflow may have very many)."""
+    """The workflow's runs newest first by cursor with their contact's email, without a total (a workflow
+    may have very many)."""
     stmt = select(WorkflowRun.id, WorkflowRun.contact_id, WorkflowRun.status, WorkflowRun.step_id,
                   WorkflowRun.due_at, WorkflowRun.waiting_for, WorkflowRun.history, WorkflowRun.emails_sent,
-                  WorkflowRun.created_at, WorkflowRun.updated_at).where(WorkflowRun.workflow_id == workflow_id)
+                  WorkflowRun.created_at, WorkflowRun.updated_at, Contact.email).outerjoin(
+        Contact, Contact.id == WorkflowRun.contact_id).where(WorkflowRun.workflow_id == workflow_id)
     return keyset_page(session, stmt, WorkflowRun.id, limit, cursor)

@@ -44,7 +44,7 @@ async def test_the_graph_has_a_box_per_step_and_a_labelled_arrow_per_branch(dash
     assert re.findall(r'data-step="([^"]+)"', svg) == [s["id"] for s in steps("t")]
     assert Counter(re.findall(r'<text class="edge-label"[^>]*>(\w+)</text>', svg)) == Counter(
         {"next": 3, "then": 2, "else": 1, "timeout": 1})
-    assert len(re.findall(r"<line ", svg)) == 7
+    assert len(re.findall(r'<path class="edge-path"', svg)) == 7
     alternative = " ".join(html[html.index('<ol class="step-list">'):].split())
     assert "<strong>is-pro</strong> (condition): then → wait-order, else → bye;" in alternative
     status, body = await dash.owner.get_json(f"{base(dash)}/{workflow['id']}")
