@@ -178,7 +178,7 @@ async def campaign_page(ctx: Ctx) -> Answer:
         if campaign.status != CampaignStatus.DRAFT:
             progress = store.campaign_progress(session, ctx.project_id, campaign_id)
             data["progress"] = progress_json(progress) if progress else None
-        if campaign.status in (CampaignStatus.SENT, CampaignStatus.CANCELLED, CampaignStatus.SENDING):
+        if campaign.status in (CampaignStatus.SENT, CampaignStatus.CANCELLED):
             data["stats"] = {"recipients": campaign.recipient_count, **store.campaign_stats(session, campaign.id)}
             data["timeline"] = [{"hour": hour, **counts}
                                 for hour, counts in store.campaign_timeline(session, campaign.id).items()]

@@ -18,6 +18,7 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Text,
+    case,
     delete,
     func,
     literal,
@@ -254,22 +255,28 @@ class Progress:
 
 
 def campaign_progress(session: Session, project_id: str, campaign_id: str) -> Progress | None:
-    """The campaign's state and its emails by state in ONE statement (the campaign row joined to a grouped
-    count on the index by campaign_id, status and sent_at): what a live progress bar asks for every second,
-    whatever the campaign's size. None: no such campaign in the project."""
-    sent = _EMAIL.c.sent_at.is_not(None)
-    rows = session.execute(
-        select(_CAMPAIGN.c.status, _CAMPAIGN.c.recipient_count, _EMAIL.c.status, sent, func.count(_EMAIL.c.id))
+    """The campaign's state and its emails by state in ONE statement: the campaign row joined to its
+    emails, summed over the covering index (campaign_id, status, id, sent_at) in one group (no sort), so a
+    live progress bar costs one index range scan per update whatever the campaign's size. The states
+    are those of `campaign_stats`. None: no such campaign in the project."""
+    unsent = _EMAIL.c.sent_at.is_(None)
+
+    def tally(condition: ColumnElement[bool]) -> Any:
+        return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+
+    row = session.execute(
+        select(_CAMPAIGN.c.status, _CAMPAIGN.c.recipient_count, func.count(_EMAIL.c.campaign_id),
+               tally(_EMAIL.c.sent_at.is_not(None)), tally(unsent & (_EMAIL.c.status == EmailStatus.QUEUED)),
+               tally(unsent & (_EMAIL.c.status == EmailStatus.CANCELLED)))
         .select_from(_CAMPAIGN.outerjoin(_EMAIL, _EMAIL.c.campaign_id == _CAMPAIGN.c.id))
         .where(_CAMPAIGN.c.project_id == project_id, _CAMPAIGN.c.id == campaign_id)
-        .group_by(_CAMPAIGN.c.status, _CAMPAIGN.c.recipient_count, _EMAIL.c.status, sent)).all()
-    if not rows:
+        .group_by(_CAMPAIGN.c.id)).first()
+    if row is None:
         return None
-    counts = {name: 0 for name in ("queued", "sent", "failed", "cancelled")}
-    for _, _, status, was_sent, count in rows:
-        if status is not None:
-            _tally(counts, status, bool(was_sent), count)
-    return Progress(rows[0][0], rows[0][1], counts)
+    status, recipients, total, sent, queued, cancelled = row
+    return Progress(status, recipients, {"queued": int(queued), "sent": int(sent),
+                                         "failed": int(total) - int(sent) - int(queued) - int(cancelled),
+                                         "cancelled": int(cancelled)})
 
 
 def campaign_recipients(session: Session, campaign_id: str, status: str | None, limit: int,

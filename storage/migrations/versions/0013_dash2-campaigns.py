@@ -1,4 +1,4 @@
-"""dashboard campaigns: a campaign's emails counted by state and paged newest first from an index
+"""dashboard campaigns: a campaign's emails counted by state, and paged newest first (of one state or all), from indexes
 
 Revision ID: 0013
 Revises: 0012
@@ -13,10 +13,10 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.create_index('ix_emails_campaign_id_status_sent_at', 'emails', ['campaign_id', 'status', 'sent_at'])
+    op.create_index('ix_emails_campaign_id_status_id_sent_at', 'emails', ['campaign_id', 'status', 'id', 'sent_at'])
     op.create_index('ix_emails_campaign_id_id', 'emails', ['campaign_id', 'id'])
 
 
 def downgrade() -> None:
     op.drop_index('ix_emails_campaign_id_id', 'emails')
-    op.drop_index('ix_emails_campaign_id_status_sent_at', 'emails')
+    op.drop_index('ix_emails_campaign_id_status_id_sent_at', 'emails')
