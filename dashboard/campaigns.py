@@ -206,7 +206,7 @@ async def progress_fragment(ctx: Ctx) -> Answer:
     if progress is None:
         raise NotFound("No such campaign")
     return Answer("campaign_progress.html", {"progress": progress_json(progress),
-                                             "campaignId": _campaign_id(ctx)})
+                                             "campaignId": _campaign_id(ctx)}, extra={"fragment": True})
 
 
 async def edit_campaign(ctx: Ctx) -> Answer | web.StreamResponse:

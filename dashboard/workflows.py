@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import suppress
 from typing import Any
 
 from dashboard.context import CONFIG, DB
@@ -95,9 +96,13 @@ def _answer(data: dict[str, Any], values: dict[str, str] | None = None, errors: 
     values = values or {"name": workflow["name"], "trigger": (workflow["triggers"] or [""])[0],
                         "steps": json.dumps(steps, indent=2, ensure_ascii=False)}
     errors = errors or []
+    drawn = steps
+    if errors and values.get("steps"):
+        with suppress(ValidationFailed):
+            drawn = _steps_given(values["steps"])
     return Answer("workflow.html", {**data, "values": values, "errors": errors, "message": message},
-                  status=status, extra={"graph": graph(steps, data["stepCounts"]),
-                                        "stepErrors": errors_by_step(errors, steps)})
+                  status=status, extra={"graph": graph(drawn, data["stepCounts"]), "unsaved": drawn is not steps,
+                                        "stepErrors": errors_by_step(errors)})
 
 
 async def workflow_page(ctx: Ctx) -> Answer:
@@ -155,7 +160,7 @@ async def set_enabled(ctx: Ctx) -> Answer:
                   data={"id": workflow_id, "enabled": enabled})
 
 
-def errors_by_step(errors: list[dict[str, str]], steps: list[Any]) -> dict[int, list[str]]:
+def errors_by_step(errors: list[dict[str, str]]) -> dict[int, list[str]]:
     """The errors that name a step (`steps.N…`), by N; the rest are shown with the form."""
     found: dict[int, list[str]] = {}
     for error in errors:
@@ -191,8 +196,12 @@ def _short(text: str, limit: int = 30) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def graph(steps: list[Any], counts: dict[str, dict[str, int]]) -> dict[str, Any]:
-    steps = [step for step in steps if isinstance(step, dict) and isinstance(step.get("id"), str)]
+def graph(given: list[Any], counts: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """`given` may be a definition that failed validation: what is not a step with an id is left out, and
+    each box keeps its step's index in `given` (`index`), which the errors name."""
+    kept = [(index, step) for index, step in enumerate(given)
+            if isinstance(step, dict) and isinstance(step.get("id"), str)]
+    steps = [step for _, step in kept]
     index_of = {step["id"]: index for index, step in enumerate(steps)}
     edges = [(index, branch, index_of[step[branch]]) for index, step in enumerate(steps)
              for branch in grammar.BRANCHES.get(step.get("type"), ()) if step.get(branch) in index_of]
@@ -219,7 +228,7 @@ def graph(steps: list[Any], counts: dict[str, dict[str, int]]) -> dict[str, Any]
             position[index] = (x, y)
             step = steps[index]
             count = counts.get(step["id"], {"waiting": 0, "passed": 0, "failed": 0})
-            boxes.append({"id": step["id"], "index": index, "x": x, "y": y, "type": step.get("type"),
+            boxes.append({"id": step["id"], "index": kept[index][0], "x": x, "y": y, "type": step.get("type"),
                           "label": _short(step["id"]), "detail": _short(_describe(step)), **count})
     long_edges = [edge for edge in edges if layer[edge[2]] > layer[edge[0]] + 1]
     lane_x = width + LANE_GAP / 2

@@ -80,6 +80,8 @@ async def test_draft_test_and_send_through_the_dashboard_with_stats_equal_to_the
     assert status == 200
     assert body["data"]["progress"] == {"status": "SENT", "recipients": 3, "queued": 0, "sent": 3, "failed": 0,
                                         "cancelled": 0, "percent": 100, "live": False}
+    status, fragment = await dash.owner.get(f"{page}/progress")
+    assert "hx-get" not in fragment and f'<a href="{page}">See the results</a>' in fragment
     status, body = await dash.owner.get_json(page)
     api_stats = await stats(dash.api, campaign_id)
     shown = body["data"]["stats"]
@@ -207,6 +209,16 @@ async def test_bad_drafts_reshow_the_form_with_the_field_named_and_store_nothing
         assert 'class="field-error"' in await response.text()
     status, body = await dash.owner.get_json(base(dash))
     assert body["data"]["campaigns"] == []
+
+    campaign_id = await new_draft(dash)
+    await dash.owner.get(f"{base(dash)}/{campaign_id}")
+    response = await dash.owner.post(f"{base(dash)}/{campaign_id}/edit", {
+        "name": "Renamed", "subject": "Hi\nBcc: x@example.org", "body": "b", "audience": "ALL"})
+    assert response.status == 422
+    html = await response.text()
+    assert 'class="field-error" id="subject-error"' in html and 'value="Renamed"' in html
+    status, body = await dash.owner.get_json(f"{base(dash)}/{campaign_id}")
+    assert body["data"]["campaign"]["name"] == "Spring news"
 
 
 async def test_a_viewer_sees_no_buttons_and_gets_403_on_every_change_an_editor_may(dash, sender):

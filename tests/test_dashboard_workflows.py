@@ -117,15 +117,16 @@ async def test_edit_shows_the_grammars_errors_at_the_step_they_name_and_saves_a_
     workflow = await create(dash.api, template_id)
     page = f"{base(dash)}/{workflow['id']}"
     await dash.owner.get(page)
-    broken = steps(template_id)
-    broken[1]["next"] = "nowhere"
+    broken = [{"id": "first", "type": "exit"}, {"id": "later", "type": "delay", "seconds": 5, "next": "nowhere"}]
     form = {"name": "Onboarding", "trigger": "signed-up", "steps": json.dumps(broken)}
     response = await dash.owner.post(f"{page}/edit", form)
     assert response.status == 422
     html = await response.text()
-    item = html[html.index('<li id="step-1">'):html.index('<li id="step-2">')]
+    item = html[html.index('<li id="step-1">'):html.index("</li>", html.index('<li id="step-1">'))]
+    assert "<strong>later</strong>" in item  # the steps as submitted are drawn, the error at its step
     assert '<p class="field-error">steps.1.next: No step has the id' in item
-    assert "nowhere" in html[html.index('<textarea id="wf-steps"'):]  # what was typed is kept
+    assert '<g class="step step-delay has-error" data-step="later">' in html
+    assert "not saved" in html and "nowhere" in html[html.index('<textarea id="wf-steps"'):]
     status, body = await dash.owner.post_json(f"{page}/edit", form)
     assert status == 422 and [e["field"] for e in body["error"]["errors"]] == ["steps.1.next"]
 
@@ -197,7 +198,8 @@ async def test_runs_are_cursor_paged_newest_first(dash):
 
 
 async def test_hostile_names_and_events_come_back_escaped(dash):
-    workflow = await create(dash.api, await template(dash.api), name=HOSTILE, trigger={"event": HOSTILE})
+    workflow = await create(dash.api, await template(dash.api), name=HOSTILE, trigger={"event": HOSTILE}, steps=[
+        {"id": "hold", "type": "wait", "event": HOSTILE, "timeoutSeconds": 60}])
     for path in (base(dash), f"{base(dash)}/{workflow['id']}"):
         status, html = await dash.owner.get(path)
         assert status == 200
