@@ -83,8 +83,8 @@ async def _page_data(ctx: Ctx, workflow_id: str) -> dict[str, Any]:
         counts = store.step_counts(session, workflow.id)
         page = store.run_page(session, workflow.id, PAGE_SIZE, cursor)
         return {"workflow": _summary(workflow, triggers, runs), "definition": steps,
-                "stepCounts": {step.get("id"): counts.get(step.get("id"), {"waiting": 0, "passed": 0, "failed": 0})
-                               for step in steps if isinstance(step, dict)},
+                "stepCounts": {step["id"]: counts.get(step["id"], {"waiting": 0, "passed": 0, "failed": 0})
+                               for step in steps if isinstance(step, dict) and isinstance(step.get("id"), str)},
                 "runs": [_run_json(row) for row in page.items], "nextCursor": page.next_cursor}
 
     return await ctx.request.app[DB].read(read)
@@ -204,7 +204,7 @@ def graph(given: list[Any], counts: dict[str, dict[str, int]]) -> dict[str, Any]
     steps = [step for _, step in kept]
     index_of = {step["id"]: index for index, step in enumerate(steps)}
     edges = [(index, branch, index_of[step[branch]]) for index, step in enumerate(steps)
-             for branch in grammar.BRANCHES.get(step.get("type"), ()) if step.get(branch) in index_of]
+             for branch in grammar.BRANCHES.get(str(step.get("type")), ()) if step.get(branch) in index_of]
     layer = [0] * len(steps)
     for _ in range(len(steps)):  # longest path from the entry; a stored definition has no cycles
         changed = False
