@@ -19,6 +19,7 @@ from pipeline.errors import FieldError, ValidationFailed
 from pipeline.workflows import definitions as grammar
 from pipeline.workflows import rules
 from pipeline.workflows.rules import ACTION, WORKFLOW, WorkflowFields
+from storage import templates as template_store
 from storage import workflow_admin as store
 from storage.models import Role, Workflow
 from storage.pagination import is_valid_cursor
@@ -124,18 +125,54 @@ def _steps_given(text: str) -> list[Any]:
     return steps
 
 
+async def _workflow_fields(ctx: Ctx, fields: dict[str, str]) -> WorkflowFields:
+    """Name, trigger and steps from the form, bounded; webhook steps' targets checked (outside a transaction)."""
+    name = fields.get("name", "").strip()
+    if not 1 <= len(name) <= rules.MAX_NAME or "\x00" in name:
+        raise ValidationFailed([FieldError("name", f"1 to {rules.MAX_NAME} characters", "invalid_string")])
+    trigger = fields.get("trigger", "").strip()[:grammar.MAX_EVENT_NAME + 1]
+    steps = _steps_given(fields.get("steps", ""))
+    await grammar.check_webhook_targets(steps, ctx.request.app[CONFIG].webhooks.allow_private_targets)
+    enabled = fields["enabled"] == "true" if "enabled" in fields else None
+    return WorkflowFields(name=name, trigger=trigger, steps=steps, enabled=enabled)
+
+
+async def _first_template(ctx: Ctx) -> str:
+    page = await ctx.request.app[DB].read(template_store.list_templates, ctx.project_id, 1, None)
+    return page.items[0].id if page.items else "TEMPLATE-ID"
+
+
+async def new_workflow_form(ctx: Ctx) -> Answer:
+    """A starting point: an event, a delay, a send of the newest template."""
+    example = [{"id": "wait", "type": "delay", "minutes": 10, "next": "mail"},
+               {"id": "mail", "type": "send", "template": await _first_template(ctx)}]
+    return Answer("workflow_new.html", {"values": {"name": "", "trigger": "", "enabled": "true",
+                                                   "steps": json.dumps(example, indent=2)}, "errors": []})
+
+
+async def create_workflow(ctx: Ctx) -> Answer:
+    fields = await form_of(ctx.request)
+    app = ctx.request.app
+    try:
+        values = await _workflow_fields(ctx, fields)
+        max_bytes = app[CONFIG].smtp.max_message_bytes
+        workflow_id = await app[DB].write(lambda s: rules.create_workflow(s, ctx.project_id, values, max_bytes).id)
+    except ValidationFailed as exc:
+        if wants_json(ctx.request):
+            raise
+        return Answer("workflow_new.html", {"values": fields, "errors": [e.as_dict() for e in exc.errors],
+                                            "message": exc.message}, status=422)
+    return Answer(redirect=f"/projects/{ctx.project_id}/workflows/{workflow_id}", flash="Workflow created",
+                  data={"id": workflow_id}, status=201)
+
+
 async def edit_workflow(ctx: Ctx) -> Answer:
     workflow_id = _workflow_id(ctx)
     fields = await form_of(ctx.request)
     app = ctx.request.app
     try:
-        name = fields.get("name", "").strip()
-        if not 1 <= len(name) <= rules.MAX_NAME or "\x00" in name:
-            raise ValidationFailed([FieldError("name", f"1 to {rules.MAX_NAME} characters", "invalid_string")])
-        trigger = fields.get("trigger", "").strip()[:grammar.MAX_EVENT_NAME + 1]
-        steps = _steps_given(fields.get("steps", ""))
-        await grammar.check_webhook_targets(steps, app[CONFIG].webhooks.allow_private_targets)
-        changes = WorkflowFields(name=name, trigger=trigger, steps=steps)
+        changes = await _workflow_fields(ctx, fields)
+        steps = changes.steps or []
         max_bytes = app[CONFIG].smtp.max_message_bytes
         await app[DB].write(lambda s: rules.update_workflow(s, ctx.project_id, workflow_id, changes, max_bytes))
     except ValidationFailed as exc:
@@ -254,6 +291,8 @@ def graph(given: list[Any], counts: dict[str, dict[str, int]]) -> dict[str, Any]
 
 ROUTES = [
     Page("GET", "/projects/{project}/workflows", workflow_list),
+    Page("GET", "/projects/{project}/workflows/new", new_workflow_form, role=Role.EDITOR),
+    Page("POST", "/projects/{project}/workflows", create_workflow, role=Role.EDITOR),
     Page("GET", "/projects/{project}/workflows/{workflow}", workflow_page),
     Page("POST", "/projects/{project}/workflows/{workflow}/edit", edit_workflow, role=Role.EDITOR),
     Page("POST", "/projects/{project}/workflows/{workflow}/enabled", set_enabled, role=Role.EDITOR),

@@ -84,12 +84,15 @@ async def test_step_counts_come_from_one_query_and_say_waiting_passed_failed(das
 
 async def test_a_run_triggered_by_track_advances_on_the_graph(dash, sender):
     template_id = await make_template(dash.api, "MARKETING")
-    status, body = await dash.api.call("POST", "/workflows", json={
-        "name": "Welcome", "trigger": {"event": "signed-up"}, "steps": [
-            {"id": "pause", "type": "delay", "seconds": 1, "next": "mail"},
-            {"id": "mail", "type": "send", "template": template_id}]})
-    assert status == 201, body
-    page = f"{base(dash)}/{body['data']['id']}"
+    status, html = await dash.owner.get(f"{base(dash)}/new")
+    assert status == 200 and f"&#34;template&#34;: &#34;{template_id}&#34;" in html  # the newest template
+    response = await dash.owner.post(base(dash), {"name": "Welcome", "trigger": "signed-up", "enabled": "true",
+                                                  "steps": json.dumps([
+                                                      {"id": "pause", "type": "delay", "seconds": 1, "next": "mail"},
+                                                      {"id": "mail", "type": "send", "template": template_id}])})
+    assert response.status == 303, await response.text()
+    page = response.headers["Location"]
+    body = {"data": {"id": page.rsplit("/", 1)[1]}}
     await track_event(dash.api, "new@example.org", "signed-up", {"plan": "pro"})
     scheduler = scheduler_for(dash.api)
     task = asyncio.create_task(scheduler.run())
@@ -222,3 +225,30 @@ async def test_a_viewer_sees_no_buttons_and_gets_403_an_editor_may_change(dash):
     assert (await editor.post(f"{page}/enabled", {"enabled": "false"})).status == 303
     status, body = await dash.api.call("GET", f"/workflows/{workflow['id']}")
     assert body["data"]["enabled"] is False
+
+
+async def test_create_from_the_form_refuses_bad_definitions_and_stores_nothing(dash):
+    template_id = await template(dash.api)
+    editor = await dash.browser("editor@example.com", "editor")
+    status, html = await editor.get(f"{base(dash)}/new")
+    assert status == 200
+    bad = {"name": HOSTILE, "trigger": "joined", "steps": json.dumps([{"id": "x", "type": "teleport"}])}
+    response = await editor.post(base(dash), bad)
+    assert response.status == 422
+    html = await response.text()
+    assert "steps.0.type" in html and "<script>alert(1)" not in html
+    status, body = await editor.post_json(base(dash), bad)
+    assert status == 422 and body["error"]["errors"][0]["field"] == "steps.0.type"
+    status, body = await dash.api.call("GET", "/workflows")
+    assert body["data"]["items"] == []
+    status, body = await editor.post_json(base(dash), {"name": "Fine", "trigger": "joined", "enabled": "false",
+                                                       "steps": json.dumps([{"id": "m", "type": "send",
+                                                                             "template": template_id}])})
+    assert status == 201
+    status, created = await dash.api.call("GET", f"/workflows/{body['data']['id']}")
+    assert (created["data"]["name"], created["data"]["enabled"]) == ("Fine", False)
+    viewer = await dash.browser("viewer@example.com", "viewer")
+    status, html = await viewer.get(base(dash))
+    assert "New workflow" not in html
+    assert (await viewer.get(f"{base(dash)}/new"))[0] == 403
+    assert (await viewer.post(base(dash), bad | {"name": "x"})).status == 403
