@@ -170,7 +170,7 @@ async def test_schedule_then_cancel_with_a_confirmation(dash, sender):
     later = (datetime.now(UTC) + timedelta(days=2)).strftime("%Y-%m-%dT%H:%M")
     assert (await dash.owner.post(f"{page}/send", {"when": "later", "scheduledAt": later})).status == 303
     status, html = await dash.owner.get(page)
-    assert "SCHEDULED" in html and 'hx-trigger="every 1s"' in html
+    assert "SCHEDULED" in html and 'hx-trigger="every 10s"' in html  # until it starts: every 10 s
     assert '<summary class="button danger">Cancel campaign</summary>' in html
     assert (await dash.owner.post(f"{page}/cancel")).status == 303
     status, body = await dash.owner.get_json(page)
