@@ -18,6 +18,7 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Text,
+    case,
     delete,
     func,
     literal,
@@ -27,7 +28,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import CursorResult
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.functions import FunctionElement
 
 from storage.emails import message_id_domain
 from storage.models import (
@@ -41,7 +44,8 @@ from storage.models import (
     UTCDateTime,
     new_id,
 )
-from storage.pagination import Page, paginate
+from storage.pagination import Page, keyset_page, paginate
+from storage.segments import _DataText as json_text  # `data[key]` as text on both databases
 from storage.segments import condition_clause
 
 CAMPAIGN_PRIORITY = 1
@@ -212,6 +216,18 @@ def withdraw_queued(session: Session, campaign_id: str) -> int:
     return cancelled
 
 
+def _tally(stats: dict[str, int], status: str, sent: bool, count: int) -> None:
+    """Add `count` emails of this state to sent, queued, cancelled or failed (what the API's stats say)."""
+    if sent:
+        stats["sent"] += count
+    elif status == EmailStatus.QUEUED:
+        stats["queued"] += count
+    elif status == EmailStatus.CANCELLED:
+        stats["cancelled"] += count
+    else:
+        stats["failed"] += count
+
+
 def campaign_stats(session: Session, campaign_id: str) -> dict[str, int]:
     """Counts over the campaign's emails: by state, and by the feedback events recorded against them
     (each email counted once per kind, however often it was opened or clicked)."""
@@ -219,14 +235,7 @@ def campaign_stats(session: Session, campaign_id: str) -> dict[str, int]:
     for status, sent, count in session.execute(
             select(_EMAIL.c.status, _EMAIL.c.sent_at.is_not(None), func.count())
             .where(_EMAIL.c.campaign_id == campaign_id).group_by(_EMAIL.c.status, _EMAIL.c.sent_at.is_not(None))):
-        if sent:
-            stats["sent"] += count
-        elif status == EmailStatus.QUEUED:
-            stats["queued"] += count
-        elif status == EmailStatus.CANCELLED:
-            stats["cancelled"] += count
-        else:
-            stats["failed"] += count
+        _tally(stats, status, sent, count)
     events = Event.__table__
     for name, count in session.execute(
             select(events.c.name, func.count(func.distinct(events.c.email_id)))
@@ -235,3 +244,106 @@ def campaign_stats(session: Session, campaign_id: str) -> dict[str, int]:
             .group_by(events.c.name)):
         stats[FEEDBACK_EVENTS[name]] = count
     return stats
+
+
+@dataclass(frozen=True)
+class Progress:
+    status: str
+    recipients: int
+    counts: dict[str, int]
+    """queued, sent, failed, cancelled."""
+
+
+def campaign_progress(session: Session, project_id: str, campaign_id: str) -> Progress | None:
+    """The campaign's state and its emails by state in ONE statement: the campaign row joined to its
+    emails, summed over the covering index (campaign_id, status, id, sent_at) in one group (no sort), so a
+    live progress bar costs one index range scan per update whatever the campaign's size. The states
+    are those of `campaign_stats`. None: no such campaign in the project."""
+    unsent = _EMAIL.c.sent_at.is_(None)
+
+    def tally(condition: ColumnElement[bool]) -> Any:
+        return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+
+    row = session.execute(
+        select(_CAMPAIGN.c.status, _CAMPAIGN.c.recipient_count, func.count(_EMAIL.c.campaign_id),
+               tally(_EMAIL.c.sent_at.is_not(None)), tally(unsent & (_EMAIL.c.status == EmailStatus.QUEUED)),
+               tally(unsent & (_EMAIL.c.status == EmailStatus.CANCELLED)))
+        .select_from(_CAMPAIGN.outerjoin(_EMAIL, _EMAIL.c.campaign_id == _CAMPAIGN.c.id))
+        .where(_CAMPAIGN.c.project_id == project_id, _CAMPAIGN.c.id == campaign_id)
+        .group_by(_CAMPAIGN.c.id)).first()
+    if row is None:
+        return None
+    status, recipients, total, sent, queued, cancelled = row
+    return Progress(status, recipients, {"queued": int(queued), "sent": int(sent),
+                                         "failed": int(total) - int(sent) - int(queued) - int(cancelled),
+                                         "cancelled": int(cancelled)})
+
+
+def campaign_recipients(session: Session, campaign_id: str, status: str | None, limit: int,
+                        cursor: str | None) -> Page:
+    """The campaign's emails newest first, of one status when given, by cursor (no total: a campaign may
+    have 100,000 of them)."""
+    stmt = select(_EMAIL.c.id, _EMAIL.c.recipient, _EMAIL.c.contact_id, _EMAIL.c.status, _EMAIL.c.sent_at,
+                  _EMAIL.c.error).where(_EMAIL.c.campaign_id == campaign_id)
+    if status is not None:
+        stmt = stmt.where(_EMAIL.c.status == status)
+    return keyset_page(session, stmt, _EMAIL.c.id, limit, cursor)
+
+
+class _Hour(FunctionElement[str]):
+    """A time's hour in UTC as text, 'YYYY-MM-DD HH' (SQLite stores UTC without a zone)."""
+
+    type = String()
+    name = "hour_of"
+    inherit_cache = True
+
+
+@compiles(_Hour, "sqlite")
+def _hour_sqlite(element, compiler, **kw):
+    return f"substr({compiler.process(element.clauses, **kw)}, 1, 13)"
+
+
+@compiles(_Hour, "postgresql")
+def _hour_pg(element, compiler, **kw):
+    return f"to_char(({compiler.process(element.clauses, **kw)}) AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24')"
+
+
+TIMELINE_EVENTS = ("email.open", "email.click")
+
+
+def campaign_timeline(session: Session, campaign_id: str) -> dict[str, dict[str, int]]:
+    """Per hour (UTC, 'YYYY-MM-DD HH'): emails sent, and the campaign's emails opened and clicked (each
+    open or click counted)."""
+    hours: dict[str, dict[str, int]] = {}
+    hour = _Hour(_EMAIL.c.sent_at)
+    for when, count in session.execute(select(hour, func.count()).where(
+            _EMAIL.c.campaign_id == campaign_id, _EMAIL.c.sent_at.is_not(None)).group_by(hour)):
+        hours.setdefault(when, {"sent": 0, "opened": 0, "clicked": 0})["sent"] = count
+    events = Event.__table__
+    hour = _Hour(events.c.created_at)
+    for when, name, count in session.execute(
+            select(hour, events.c.name, func.count()).join(_EMAIL, _EMAIL.c.id == events.c.email_id)
+            .where(_EMAIL.c.campaign_id == campaign_id, events.c.name.in_(TIMELINE_EVENTS))
+            .group_by(hour, events.c.name)):
+        hours.setdefault(when, {"sent": 0, "opened": 0, "clicked": 0})[
+            "opened" if name == "email.open" else "clicked"] = count
+    return dict(sorted(hours.items()))
+
+
+def top_links(session: Session, campaign_id: str, limit: int = 10) -> list[tuple[str, int]]:
+    """The links of the campaign's emails clicked most (clicks, not people), most first."""
+    events = Event.__table__
+    url = json_text(events.c.data, literal("url", String))
+    rows = session.execute(
+        select(url, func.count()).join(_EMAIL, _EMAIL.c.id == events.c.email_id)
+        .where(_EMAIL.c.campaign_id == campaign_id, events.c.name == "email.click", url.is_not(None))
+        .group_by(url).order_by(func.count().desc(), url).limit(limit))
+    return [(str(link), int(count)) for link, count in rows]
+
+
+def campaign_page(session: Session, project_id: str, limit: int, cursor: str | None) -> Page:
+    """The project's campaigns newest first by cursor, the columns a list shows."""
+    stmt = select(_CAMPAIGN.c.id, _CAMPAIGN.c.name, _CAMPAIGN.c.subject, _CAMPAIGN.c.status,
+                  _CAMPAIGN.c.recipient_count, _CAMPAIGN.c.scheduled_at, _CAMPAIGN.c.created_at).where(
+        _CAMPAIGN.c.project_id == project_id)
+    return keyset_page(session, stmt, _CAMPAIGN.c.id, limit, cursor)

@@ -232,7 +232,9 @@ class Content(Base):
 class Email(Base):
     __tablename__ = "emails"
     __table_args__ = (Index("ix_emails_project_id_id", "project_id", "id"),
-                      Index("uq_emails_campaign_contact", "campaign_id", "contact_id", unique=True))
+                      Index("uq_emails_campaign_contact", "campaign_id", "contact_id", unique=True),
+                      Index("ix_emails_campaign_id_status_id_sent_at", "campaign_id", "status", "id", "sent_at"),
+                      Index("ix_emails_campaign_id_id", "campaign_id", "id"))
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
     contact_id: Mapped[str | None] = mapped_column(ForeignKey("contacts.id", ondelete="SET NULL"), nullable=True)

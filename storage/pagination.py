@@ -39,3 +39,14 @@ def paginate(session: Session, stmt: Select[Any], id_column: Any, limit: int,
     has_more = len(rows) > limit
     rows = rows[:limit]
     return Page(rows, rows[-1].id if has_more and rows else None, has_more, total)
+
+
+def keyset_page(session: Session, stmt: Select[Any], id_column: Any, limit: int, cursor: str | None) -> Page:
+    """`paginate` without the total (`total` is -1): for lists too long to count on every page load."""
+    page_stmt = stmt.order_by(id_column.desc()).limit(limit + 1)
+    if cursor:
+        page_stmt = page_stmt.where(id_column < cursor)
+    rows = list(session.execute(page_stmt).all())
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    return Page(rows, rows[-1].id if has_more and rows else None, has_more, -1)

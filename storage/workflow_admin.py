@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import case, delete, func, select, text
 from sqlalchemy.orm import Session
 
-from storage.models import RunStatus, Template, Workflow, WorkflowRun, WorkflowTrigger, iso, utcnow
-from storage.pagination import Page, paginate
+from storage.models import Contact, RunStatus, Template, Workflow, WorkflowRun, WorkflowTrigger, iso, utcnow
+from storage.pagination import Page, keyset_page, paginate
 
 LIVE_STATUSES = (RunStatus.ACTIVE, RunStatus.WAITING)
 RUN_STATUSES = tuple(RunStatus)
@@ -174,3 +174,53 @@ def event_workflows(session: Session, project_id: str, name: str,
     return [WorkflowRef(kind, workflow_id, wf_name) for kind, workflow_id, wf_name, excluded, definition
             in _definitions(session, project_id)
             if workflow_id in triggered or name in excluded or name in definition_events(definition)]
+
+
+STAYING_OUTCOMES = ("waiting", "posting", "failed", "webhook failed")
+"""History outcomes of a run that is still at the step (or ended there): every other one means it moved on."""
+_STEP_COUNTS = {
+    "sqlite": "SELECT json_extract(h.value, '$.step'), 'passed', count(*) FROM workflow_runs AS r, "
+              "json_each(r.history) AS h WHERE r.workflow_id = :workflow AND json_extract(h.value, '$.outcome') "
+              "NOT IN ('waiting', 'posting', 'failed', 'webhook failed') GROUP BY 1",
+    "postgresql": "SELECT h.value ->> 'step', 'passed', count(*) FROM workflow_runs AS r, "
+                  "json_array_elements(r.history) AS h(value) WHERE r.workflow_id = :workflow AND "
+                  "h.value ->> 'outcome' NOT IN ('waiting', 'posting', 'failed', 'webhook failed') GROUP BY 1",
+}
+
+
+def step_counts(session: Session, workflow_id: str) -> dict[str, dict[str, int]]:
+    """Per step id: runs `waiting` there (ACTIVE or WAITING at it), `failed` there, and how often runs
+    `passed` it (moved on from it, by their history), in one statement."""
+    dialect = session.get_bind().dialect.name
+    stmt = text(f"{_STEP_COUNTS[dialect]} UNION ALL SELECT step_id, status, count(*) FROM workflow_runs "
+                "WHERE workflow_id = :workflow AND step_id IS NOT NULL AND status IN ('ACTIVE', 'WAITING', 'FAILED') "
+                "GROUP BY step_id, status")
+    counts: dict[str, dict[str, int]] = {}
+    for step_id, kind, count in session.execute(stmt, {"workflow": workflow_id}):
+        if step_id is None:
+            continue
+        into = counts.setdefault(str(step_id), {"waiting": 0, "passed": 0, "failed": 0})
+        into["passed" if kind == "passed" else "failed" if kind == RunStatus.FAILED else "waiting"] += int(count)
+    return counts
+
+
+def run_counts(session: Session, workflow_ids: list[str]) -> dict[str, dict[str, int]]:
+    """Per workflow: its runs `live` (ACTIVE or WAITING) and in all, one grouped query on (workflow_id, id)."""
+    counts = {workflow_id: {"live": 0, "total": 0} for workflow_id in workflow_ids}
+    if workflow_ids:
+        live = func.sum(case((WorkflowRun.status.in_(LIVE_STATUSES), 1), else_=0))
+        for workflow_id, total, live_count in session.execute(
+                select(WorkflowRun.workflow_id, func.count(), live).where(WorkflowRun.workflow_id.in_(workflow_ids))
+                .group_by(WorkflowRun.workflow_id)):
+            counts[workflow_id] = {"live": int(live_count or 0), "total": int(total)}
+    return counts
+
+
+def run_page(session: Session, workflow_id: str, limit: int, cursor: str | None) -> Page:
+    """The workflow's runs newest first by cursor with their contact's email, without a total (a workflow
+    may have very many)."""
+    stmt = select(WorkflowRun.id, WorkflowRun.contact_id, WorkflowRun.status, WorkflowRun.step_id,
+                  WorkflowRun.due_at, WorkflowRun.waiting_for, WorkflowRun.history, WorkflowRun.emails_sent,
+                  WorkflowRun.created_at, WorkflowRun.updated_at, Contact.email).outerjoin(
+        Contact, Contact.id == WorkflowRun.contact_id).where(WorkflowRun.workflow_id == workflow_id)
+    return keyset_page(session, stmt, WorkflowRun.id, limit, cursor)

@@ -312,3 +312,8 @@ def fan_out_next(session: Session, campaign_id: str, chunk: int) -> tuple[int, b
     if campaign.fanout_done:
         log.info("campaign %s: fan-out done, %d recipients queued", campaign.id, campaign.recipient_count)
     return queued, campaign.fanout_done
+
+
+def reach(session: Session, campaign: Campaign) -> int:
+    """How many subscribed contacts the campaign's audience holds now (what a send would queue)."""
+    return store.count_audience(session, campaign.project_id, _audience(session, campaign), utcnow())
