@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from dashboard.context import CONFIG, DB, IMPORTS
 from dashboard.routing import Answer, Ctx, Page, error_answer, form_of
@@ -55,7 +55,7 @@ async def _receive(request: web.Request, target: Path, limit: int) -> tuple[str,
         part = await reader.next()
         if part is None:
             return None
-        if getattr(part, "name", None) != "file" or not isinstance(part, web.BodyPartReader):
+        if getattr(part, "name", None) != "file" or not isinstance(part, BodyPartReader):
             continue
         size = 0
         with open(target, "wb") as fh:
