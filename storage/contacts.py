@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, LargeBinary, Text, bindparam, cast, delete, func, select
+from sqlalchemy import ColumnElement, LargeBinary, Text, any_, bindparam, cast, delete, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -224,14 +224,10 @@ def browse_contacts(session: Session, project_id: str, chosen: ContactFilter, af
     indexed: list[ColumnElement[bool]] = [table.c.project_id == project_id]
     residual: list[ColumnElement[bool]] = []
     if chosen.prefix:
-        email = table.c.email
-        low, high = chosen.prefix, _after_prefix(chosen.prefix)
-        if postgres:
-            indexed += [email.op("~>=~")(low), email.op("~<~")(high)]
-        else:
-            indexed += [email >= low, email < high]
+        email = table.c.email.collate("C") if postgres else table.c.email
+        indexed += [email >= chosen.prefix, email < _after_prefix(chosen.prefix)]
         if after is not None:
-            indexed.append(email.op("~>~")(after) if postgres else email > after)
+            indexed.append(email > after)
         order, key_column = [email.asc()], email
         if chosen.subscribed is not None:
             residual.append(table.c.subscribed == chosen.subscribed)
@@ -250,16 +246,22 @@ def browse_contacts(session: Session, project_id: str, chosen: ContactFilter, af
         more = len(rows) > size
         rows = rows[:size]
         return Browsed(rows, _key_of(rows[-1], chosen) if more else None, False)
-    window = select(table.c.id, key_column.label("k")).where(*indexed).order_by(*order).limit(SCAN_LIMIT).subquery()
-    rows = [ContactRecord(*row) for row in connection.execute(
-        select(*_COLUMNS).join(window, window.c.id == table.c.id).where(*residual).order_by(*order).limit(size + 1))]
+    window = select(table.c.id, key_column.label("k")).where(*indexed).order_by(*order).limit(SCAN_LIMIT)
+    if postgres:  # drives the page by the window's ids through the primary key, never a hash join over the table
+        in_window = table.c.id == any_(func.array(select(window.subquery().c.id).scalar_subquery()))
+        stmt = select(*_COLUMNS).where(in_window, *residual)
+    else:
+        joined = window.subquery()
+        stmt = select(*_COLUMNS).join(joined, joined.c.id == table.c.id).where(*residual)
+    rows = [ContactRecord(*row) for row in connection.execute(stmt.order_by(*order).limit(size + 1))]
     if len(rows) > size:
         return Browsed(rows[:size], _key_of(rows[size - 1], chosen), False)
-    last = select(window.c.k).order_by(window.c.k.desc() if chosen.prefix else window.c.k.asc()).limit(1)
-    looked = connection.execute(select(func.count()).select_from(window)).scalar_one()
-    if looked < SCAN_LIMIT:
+    looked = window.subquery()
+    edge = func.max(looked.c.k) if chosen.prefix else func.min(looked.c.k)
+    count, last = connection.execute(select(func.count(), edge)).one()
+    if count < SCAN_LIMIT:
         return Browsed(rows, None, False)
-    return Browsed(rows, connection.execute(last).scalar_one(), True)
+    return Browsed(rows, last, True)
 
 
 def _key_of(contact: ContactRecord, chosen: ContactFilter) -> str:

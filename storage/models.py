@@ -171,9 +171,9 @@ class Contact(Base):
     __table_args__ = (UniqueConstraint("project_id", "email"), Index("ix_contacts_project_id_id", "project_id", "id"),
                       Index("ix_contacts_project_id_subscribed_id", "project_id", "subscribed", "id"),
                       Index("ix_contacts_project_id_email_prefix", "project_id", "email",
-                            postgresql_ops={"email": "text_pattern_ops"}))
-    """`..._email_prefix`: email prefix search in code-point order whatever PostgreSQL's collation (on SQLite
-    the unique constraint's index would do; the twin is the price of one model for both)."""
+                            postgresql_ops={"email": 'COLLATE "C"'}))
+    """`..._email_prefix`: email prefix search and order in code-point order whatever PostgreSQL's collation
+    (COLLATE "C"; on SQLite the unique constraint's index would do: the twin is the price of one model)."""
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
     email: Mapped[str] = mapped_column(String(320))

@@ -18,7 +18,7 @@ depends_on = None
 def upgrade() -> None:
     op.create_index('ix_contacts_project_id_subscribed_id', 'contacts', ['project_id', 'subscribed', 'id'])
     op.create_index('ix_contacts_project_id_email_prefix', 'contacts', ['project_id', 'email'],
-                    postgresql_ops={'email': 'text_pattern_ops'})
+                    postgresql_ops={'email': 'COLLATE "C"'})
     op.create_index('ix_events_contact_id_id', 'events', ['contact_id', 'id'])
     op.create_index('ix_emails_contact_id_id', 'emails', ['contact_id', 'id'])
     op.create_table(
