@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import re
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,6 +19,14 @@ from storage import contacts as contact_store
 from storage.models import Contact, Event, ImportJob, ImportState, utcnow
 
 HOSTILE = '"><img src=x onerror=alert(1)><script>alert(1)</script>'
+
+
+def form_token(page: str, action: str) -> str:
+    """The CSRF token the form posting to `action` carries (what a real browser submits)."""
+    form = re.escape(f'action="{action}"') + r'[^>]*>\s*<input type="hidden" name="csrf" value="([^"]*)"'
+    found = re.search(form, page)
+    assert found, f"no form posting to {action}"
+    return found.group(1)
 
 
 async def add_contact(dash, email: str, subscribed: bool = True, data: dict | None = None) -> str:
@@ -127,6 +136,8 @@ async def test_an_editor_edits_data_with_the_apis_rules_and_changes_the_subscrip
     path = contacts_path(dash) + f"/{contact_id}"
     status, page = await editor.get(path)
     assert "Save data" in page and "Unsubscribe" in page and "Delete contact" in page
+    for action in ("/data", "/unsubscribe", "/delete"):
+        assert form_token(page, path + action) == editor.csrf, "each form carries the session's token"
     response = await editor.post(path + "/data", {"data": "{not json"})
     assert response.status == 422 and "Not valid JSON" in await response.text()
     response = await editor.post(path + "/data", {"data": '["a list"]'})
@@ -207,6 +218,7 @@ async def test_a_thousand_row_import_stores_typed_values_and_lists_failing_rows(
     job_path = response.headers["Location"]
     status, page = await dash.owner.get(job_path)
     assert status == 200 and "1000 rows" in page and "<code>user0@example.com</code>" in page
+    assert form_token(page, job_path + "/run") == dash.owner.csrf
     status, body = await dash.owner.get_json(job_path)
     columns = {c["name"]: c for c in body["data"]["columns"]}
     assert columns["E-mail"]["target"] == "email"
