@@ -282,6 +282,11 @@ async def test_an_oversized_upload_is_refused_with_413_and_nothing_kept(dash):
     assert not imports_dir.exists() or not list(imports_dir.iterdir())
     status, body = await dash.owner.get_json(f"/projects/{dash.api.project_id}/imports")
     assert body["data"]["imports"] == []
+    content = big_csv(100)
+    dash.api.client.app[CONFIG].dashboard.max_upload_bytes = len(content) - 10
+    response = await upload(dash.owner, dash, content)
+    assert response.status == 413, "caught while streaming, past the Content-Length pre-check"
+    assert not imports_dir.exists() or not list(imports_dir.iterdir())
 
 
 @pytest.mark.parametrize(("content", "message"), [
