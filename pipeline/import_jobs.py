@@ -32,6 +32,8 @@ MAX_COLUMNS = 200
 PREVIEW_ROWS = 5
 STALE_SECONDS = 120
 """A RUNNING job whose heartbeat is older than this when a process starts had its process end: FAILED."""
+ABANDONED_HOURS = 24
+"""An upload whose mapping is not chosen this long is FAILED at the next start and its file removed."""
 SNIFF_BYTES = 64 * 1024
 """The start of an upload looked at for binary content (NUL bytes)."""
 TARGETS = ("email", "subscribed", "skip", "data")
@@ -161,11 +163,15 @@ class ImportRunner:
         self.tasks: set[asyncio.Task[None]] = set()
 
     async def sweep(self) -> None:
-        """At start: jobs whose process ended mid-run are FAILED (see the module's docstring)."""
+        """At start: jobs whose process ended mid-run, and uploads left unmapped, are FAILED (see the module's
+        docstring) and their files removed."""
+        now = utcnow()
         paths = await self.db.write(lambda s: job_store.fail_stale_jobs(
-            s, utcnow() - timedelta(seconds=STALE_SECONDS),
+            s, now - timedelta(seconds=STALE_SECONDS),
             "Interrupted: the server running this import stopped. The rows counted were imported; "
-            "upload the file again to import the rest (contacts already imported are updated, not doubled)."))
+            "upload the file again to import the rest (contacts already imported are updated, not doubled).",
+            now - timedelta(hours=ABANDONED_HOURS),
+            f"Never run: its columns were not mapped within {ABANDONED_HOURS} hours; the file was removed."))
         for path in paths:
             _remove(path)
 

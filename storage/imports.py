@@ -46,13 +46,18 @@ def record_progress(session: Session, job_id: str, **values: Any) -> None:
     session.connection().execute(update(_JOBS).where(_JOBS.c.id == job_id).values(heartbeat_at=utcnow(), **values))
 
 
-def fail_stale_jobs(session: Session, older_than: datetime, reason: str) -> list[str]:
-    """Mark FAILED the running jobs whose heartbeat stopped before `older_than` (their process ended);
-    return their files' paths."""
-    stale = list(session.connection().execute(select(_JOBS.c.id, _JOBS.c.path).where(
-        _JOBS.c.state == ImportState.RUNNING, _JOBS.c.heartbeat_at < older_than)))
-    if stale:
-        session.connection().execute(update(_JOBS).where(_JOBS.c.id.in_([row.id for row in stale]),
-                                                         _JOBS.c.state == ImportState.RUNNING)
-                                     .values(state=ImportState.FAILED, error=reason, finished_at=utcnow()))
-    return [row.path for row in stale]
+def fail_stale_jobs(session: Session, older_than: datetime, reason: str, abandoned_before: datetime,
+                    abandoned_reason: str) -> list[str]:
+    """Mark FAILED the running jobs whose heartbeat stopped before `older_than` (their process ended) and
+    the uploads whose mapping was never chosen since `abandoned_before`; return their files' paths."""
+    connection = session.connection()
+    paths = []
+    for state, since, column, why in ((ImportState.RUNNING, older_than, _JOBS.c.heartbeat_at, reason),
+                                      (ImportState.MAPPING, abandoned_before, _JOBS.c.created_at, abandoned_reason)):
+        stale = list(connection.execute(select(_JOBS.c.id, _JOBS.c.path).where(_JOBS.c.state == state,
+                                                                              column < since)))
+        if stale:
+            connection.execute(update(_JOBS).where(_JOBS.c.id.in_([row.id for row in stale]), _JOBS.c.state == state)
+                               .values(state=ImportState.FAILED, error=why, finished_at=utcnow()))
+        paths += [row.path for row in stale]
+    return paths

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from dashboard.context import CONFIG, IMPORTS
 from storage import contacts as contact_store
@@ -328,7 +328,7 @@ async def test_a_hostile_file_name_and_column_are_escaped(dash):
     assert status == 200 and "<img src=x" not in page and "<script>alert" not in page
 
 
-async def test_a_job_left_running_by_a_dead_process_is_marked_failed_at_start(dash):
+async def test_a_job_left_running_by_a_dead_process_or_never_mapped_is_marked_failed_at_start(dash):
     db = dash.api.db
     job = ImportJob(project_id=dash.api.project_id, filename="old.csv", path="/nonexistent/old.csv", size=1,
                     state=ImportState.RUNNING, columns={}, mapping={}, total=100, processed=40, created=40, updated=0,
@@ -336,8 +336,16 @@ async def test_a_job_left_running_by_a_dead_process_is_marked_failed_at_start(da
     fresh = ImportJob(project_id=dash.api.project_id, filename="live.csv", path="/nonexistent/live.csv", size=1,
                       state=ImportState.RUNNING, columns={}, mapping={}, total=100, processed=10, created=10,
                       updated=0, failed=0, failures=[])
+    response = await upload(dash.owner, dash, b"email\na@example.com\n")
+    unmapped_path = response.headers["Location"]
+    unmapped_id = unmapped_path.rsplit("/", 1)[1]
     await db.write(lambda s: s.add_all([job, fresh]))
+    await db.write(lambda s: s.execute(update(ImportJob).where(ImportJob.id == unmapped_id)
+                                       .values(created_at=utcnow() - timedelta(days=2))))
     await dash.api.client.app[IMPORTS].sweep()
+    status, body = await dash.owner.get_json(unmapped_path)
+    assert body["data"]["job"]["state"] == "FAILED" and "Never run" in body["data"]["job"]["error"]
+    assert not list((Path(dash.api.client.app[CONFIG].data_path) / "imports").iterdir()), "its file is removed"
     status, body = await dash.owner.get_json(f"/projects/{dash.api.project_id}/imports/{job.id}")
     assert body["data"]["job"]["state"] == "FAILED" and "Interrupted" in body["data"]["job"]["error"]
     status, body = await dash.owner.get_json(f"/projects/{dash.api.project_id}/imports/{fresh.id}")
