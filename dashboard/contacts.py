@@ -72,7 +72,7 @@ async def contact_list(ctx: Ctx) -> Answer:
     try:
         chosen, after, given = contact_filter(ctx.request.query)
     except ValidationFailed as exc:
-        data = {"contacts": [], "next": None, "scanLimited": False, "filter": {}, "scanLimit": 0,
+        data: dict[str, Any] = {"contacts": [], "next": None, "scanLimited": False, "filter": {}, "scanLimit": 0,
                 "errors": [e.as_dict() for e in exc.errors]}
         return Answer("contacts.html", data, status=422)
     page = await ctx.request.app[DB].read(contact_store.browse_contacts, ctx.project_id, chosen, after, PAGE_SIZE)
