@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from typing import Annotated, Any, TypeVar
 
@@ -14,13 +13,18 @@ from pydantic_core import PydanticCustomError
 
 from api.context import CONFIG
 from api.errors import BadRequest, PayloadTooLarge
+from pipeline.contact_data import (
+    MAX_DATA_KEY_LENGTH,
+    MAX_DATA_KEYS,
+    MAX_JSON_DEPTH,
+    data_size_problem,
+    json_problems,
+)
 from pipeline.errors import FieldError, ValidationFailed
 from pipeline.grammar import normalize_email
 from storage.pagination import CURSOR_PATTERN, is_valid_cursor
 
 M = TypeVar("M", bound=BaseModel)
-MAX_DATA_KEYS = 256
-MAX_JSON_DEPTH = 32
 PAGE_LIMIT_MAX = 100
 _PAGE_LIMIT = re.compile(r"[0-9]{1,3}")
 
@@ -29,7 +33,7 @@ def check_data(value: dict[str, Any] | None) -> dict[str, Any] | None:
     if value is not None:
         if len(value) > MAX_DATA_KEYS:
             raise PydanticCustomError("too_big", "At most {n} data keys", {"n": MAX_DATA_KEYS})
-        if any(len(key) > 200 or not key for key in value):
+        if any(len(key) > MAX_DATA_KEY_LENGTH or not key for key in value):
             raise PydanticCustomError("invalid_string", "Data keys must be 1-200 characters")
     return value
 
@@ -83,46 +87,6 @@ def validate(model: type[M], payload: Any) -> M:
     return body
 
 
-def json_problems(value: Any, max_depth: int = MAX_JSON_DEPTH) -> list[FieldError]:
-    """What a validated body holds that no store or reply can carry: nesting deeper than `max_depth`,
-    NaN or ±Infinity (also from an overflowing number like 1e400), lone surrogates in any string or
-    key, or NUL outside `data` (whose JSON column stores it escaped; no text column can hold it).
-    Iterative, so any depth is safe."""
-    errors: list[FieldError] = []
-    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
-    while stack and len(errors) < 10:
-        item, path, depth = stack.pop()
-        if isinstance(item, dict | list):
-            if depth >= max_depth:
-                errors.append(FieldError(path or "body", f"nested more than {max_depth} levels deep", "too_deep"))
-                continue
-            pairs = item.items() if isinstance(item, dict) else enumerate(item)
-            for key, child in pairs:
-                child_path = f"{path}.{key}" if path else str(key)
-                if isinstance(key, str) and not _storable(key, path):
-                    errors.append(FieldError(_printable(child_path), UNSTORABLE, "invalid_string"))
-                stack.append((child, child_path, depth + 1))
-        elif isinstance(item, float) and not math.isfinite(item):
-            errors.append(FieldError(path or "body", "Numbers must be finite (no NaN or Infinity)", "invalid_number"))
-        elif isinstance(item, str) and not _storable(item, path):
-            errors.append(FieldError(_printable(path) or "body", UNSTORABLE, "invalid_string"))
-    return errors
-
-
-UNSTORABLE = "Text may not contain unpaired UTF-16 surrogates (such as \\ud800), nor NUL outside data"
-_SURROGATE = re.compile("[\ud800-\udfff]")
-_SURROGATE_OR_NUL = re.compile("[\x00\ud800-\udfff]")
-
-
-def _storable(text: str, path: str) -> bool:
-    in_data = path == "data" or path.startswith("data.")
-    return (_SURROGATE if in_data else _SURROGATE_OR_NUL).search(text) is None
-
-
-def _printable(path: str) -> str:
-    return _SURROGATE_OR_NUL.sub("\ufffd", path)
-
-
 async def read_json(request: web.Request, max_bytes: int | None = None) -> Any:
     """The request body as JSON, refused with the Plunk error it deserves: 413 over `max_bytes` (default
     `api.max_body_bytes`), 400 unparseable or nested past Python's limit."""
@@ -147,13 +111,9 @@ async def read_json(request: web.Request, max_bytes: int | None = None) -> Any:
 
 def check_data_size(request: web.Request, data: dict[str, Any] | None, field: str = "data") -> None:
     """`data` a caller may store in one call is capped (`api.max_data_bytes`), measured as compact JSON."""
-    if not data:
-        return
-    limit = request.app[CONFIG].api.max_data_bytes
-    size = len(json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode())
-    if size > limit:
-        raise ValidationFailed([FieldError(field, f"{field} is {size} bytes as JSON; at most {limit} bytes are "
-                                                  "accepted in one call (api.max_data_bytes)", "too_big")])
+    problem = data_size_problem(data, request.app[CONFIG].api.max_data_bytes, field)
+    if problem is not None:
+        raise ValidationFailed([problem])
 
 
 def body_from(request: web.Request, payload: Any, model: type[M]) -> M:

@@ -16,10 +16,11 @@ from aiohttp import web
 from markupsafe import Markup, escape
 
 from core.config import Config
-from dashboard import accounts, campaigns, domains, keys, projects, system, webhooks, workflows
-from dashboard.context import CONFIG, DB, KEYS, LINKS, ON_QUEUED, SETUP_TOKEN
+from dashboard import accounts, campaigns, contacts, domains, imports, keys, projects, system, webhooks, workflows
+from dashboard.context import CONFIG, DB, IMPORTS, KEYS, LINKS, ON_QUEUED, SETUP_TOKEN
 from dashboard.routing import Page, register
 from pipeline.accounts import has_users
+from pipeline.import_jobs import ImportRunner
 from pipeline.keys import KeyCache
 from pipeline.links import LinkSigner
 from storage.db import Database
@@ -32,7 +33,7 @@ TEMPLATES = Path(__file__).parent / "templates"
 
 def all_pages() -> list[Page]:
     return [*accounts.ROUTES, *projects.ROUTES, *keys.ROUTES, *domains.ROUTES, *webhooks.ROUTES,
-            *system.ROUTES, *campaigns.ROUTES, *workflows.ROUTES]
+            *system.ROUTES, *campaigns.ROUTES, *workflows.ROUTES, *contacts.ROUTES, *imports.ROUTES]
 
 
 def when(value: datetime | str | None) -> Markup:
@@ -58,6 +59,7 @@ def install(app: web.Application, config: Config, db: Database, keys: KeyCache, 
     app[LINKS] = links
     app[ON_QUEUED] = on_queued
     app[SETUP_TOKEN] = setup_token(links)
+    app[IMPORTS] = ImportRunner(db, config.api.max_data_bytes)
     environment = aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(TEMPLATES),
                                        autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
                                        undefined=jinja2.ChainableUndefined, trim_blocks=True, lstrip_blocks=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from core.config import Config
+from pipeline.import_jobs import ImportRunner
 from pipeline.keys import KeyCache
 from pipeline.links import LinkSigner
 from storage.db import Database
@@ -20,3 +21,5 @@ ON_QUEUED = web.AppKey("dashboard_on_queued", list)
 """Called after the dashboard queues mail (an invitation, a reset link, a test send): wakes the dispatcher."""
 SETUP_TOKEN = web.AppKey("dashboard_setup_token", str)
 """The one-time token the setup page asks for while no user exists, printed in the log at start."""
+IMPORTS = web.AppKey("dashboard_imports", ImportRunner)
+"""The CSV import jobs this process runs (started, swept and stopped by the wiring, `plunkd.app`)."""

@@ -10,10 +10,11 @@ A row that cannot be imported is reported by its line number and the import goes
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,15 +117,16 @@ class _CountedLines:
         return line
 
 
-def _rows(path: str, summary: ImportSummary | None) -> Iterator[tuple[int, dict[str, str]]]:
+def _rows(path: str, summary: ImportSummary | None,
+          needs_email: bool = True) -> Iterator[tuple[int, dict[str, str]]]:
     """(first line, cells by stripped column name) of each data row; an unreadable row (a cell over the csv
     module's size limit, a NUL character) is a failure of its own and reading goes on. Unnamed columns
-    are left out."""
+    are left out. `needs_email`: the header must name an 'email' column (a mapping may name another)."""
     with open(path, newline="", encoding="utf-8-sig") as fh:
         lines = _CountedLines(fh)
         reader = csv.DictReader(lines)
         names = [(name or "").strip() for name in reader.fieldnames or []]
-        if "email" not in [name.lower() for name in names]:
+        if needs_email and "email" not in [name.lower() for name in names]:
             raise ValueError(f"{path}: the header row has no 'email' column")
         too_long = next((name for name in names if len(name) > MAX_DATA_KEY), None)
         if too_long is not None:
@@ -147,12 +149,12 @@ def _rows(path: str, summary: ImportSummary | None) -> Iterator[tuple[int, dict[
             yield line, cells
 
 
-def survey(path: str, strings: bool = False) -> Survey:
+def survey(path: str, strings: bool = False, needs_email: bool = True) -> Survey:
     """Count the data rows and infer each data column's type (every column text with `strings`)."""
     possible: dict[str, list[str]] = {}
     seen_value: set[str] = set()
     rows = 0
-    for _, cells in _rows(path, None):
+    for _, cells in _rows(path, None, needs_email):
         rows += 1
         for name, cell in cells.items():
             if name.lower() in RESERVED_COLUMNS:
@@ -166,10 +168,23 @@ def survey(path: str, strings: bool = False) -> Survey:
     return Survey(rows, types)
 
 
+def mapped(cells: dict[str, str], mapping: dict[str, str]) -> dict[str, str]:
+    """A row's cells under the names `mapping` gives its columns: "email", "subscribed", "data:<key>"
+    (the key), or "skip" (left out)."""
+    renamed = {}
+    for column, target in mapping.items():
+        name = target[5:] if target.startswith("data:") else target
+        if target != "skip":
+            renamed[name] = cells.get(column, "")
+    return renamed
+
+
 def parse_rows(path: str, types: dict[str, str], summary: ImportSummary,
-               max_data_bytes: int) -> Iterator[ImportRow]:
+               max_data_bytes: int, mapping: dict[str, str] | None = None) -> Iterator[ImportRow]:
+    """The importable rows. With `mapping` (see `mapped`), `types` is by data key, not by column."""
     seen: set[str] = set()
-    for line, clean in _rows(path, summary):
+    for line, cells in _rows(path, summary, needs_email=mapping is None):
+        clean = cells if mapping is None else mapped(cells, mapping)
         lowered = {k.lower(): v for k, v in clean.items()}
         raw_email = lowered.get("email", "")
         if not raw_email:
@@ -199,9 +214,12 @@ def parse_rows(path: str, types: dict[str, str], summary: ImportSummary,
 
 
 async def import_contacts(db: Database, project_id: str, path: str, types: dict[str, str],
-                          progress: Callable[[int], None], max_data_bytes: int,
-                          batch_size: int = 500) -> ImportSummary:
-    summary = ImportSummary()
+                          progress: Callable[[int], Awaitable[None] | None], max_data_bytes: int,
+                          batch_size: int = 500, mapping: dict[str, str] | None = None,
+                          summary: ImportSummary | None = None) -> ImportSummary:
+    """Import the file in batches of `batch_size` rows, calling `progress` (awaited if it is a coroutine
+    function) with each batch's size; `summary` (if given) is filled as the import goes."""
+    summary = summary if summary is not None else ImportSummary()
     batch: list[ImportRow] = []
 
     async def flush() -> None:
@@ -209,10 +227,12 @@ async def import_contacts(db: Database, project_id: str, path: str, types: dict[
         created = await db.write(lambda s: _upsert_batch(s, project_id, rows))
         summary.created += created
         summary.updated += len(rows) - created
-        progress(len(batch))
+        told = progress(len(batch))
+        if inspect.isawaitable(told):
+            await told
         batch.clear()
 
-    for row in parse_rows(path, types, summary, max_data_bytes):
+    for row in parse_rows(path, types, summary, max_data_bytes, mapping):
         batch.append(row)
         if len(batch) >= batch_size:
             await flush()

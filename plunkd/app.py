@@ -64,6 +64,7 @@ def create_app(config: Config, db: Database | None = None, roles: set[str] | Non
         from dashboard.app import install
 
         install(app, config, db, app[KEYS], app[LINKS], app[ON_QUEUED])
+        app.cleanup_ctx.append(lambda _app: imports_ctx(app))
     if db.is_postgres and roles & {"api", "relay"}:
         app.cleanup_ctx.append(lambda _app: key_changes_ctx(app, db))
     if db.is_postgres and "api" in roles:
@@ -113,6 +114,17 @@ async def fanout_ctx(app: web.Application, config: Config, db: Database) -> Asyn
     yield
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+async def imports_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The dashboard's CSV import jobs: at start, those a process that ended left RUNNING are marked FAILED
+    (`pipeline.import_jobs`); at shutdown, the ones still running here stop and are marked FAILED."""
+    from dashboard.context import IMPORTS
+
+    runner = app[IMPORTS]
+    await runner.sweep()
+    yield
+    await runner.stop()
 
 
 async def dispatcher_process_ctx(app: web.Application, command: list[str]) -> AsyncIterator[None]:

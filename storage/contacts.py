@@ -7,18 +7,21 @@ for every request, and the ORM's unit of work costs several times more per row. 
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import LargeBinary, Text, bindparam, cast, delete, func, select
+from sqlalchemy import ColumnElement, LargeBinary, Text, any_, bindparam, cast, delete, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from storage.models import Contact, new_id, utcnow
+from storage.models import Contact, Email, Event, Segment, SegmentMember, new_id, utcnow
 from storage.pagination import Page, paginate
+from storage.segments import condition_clause
 
 
 @dataclass
@@ -165,3 +168,135 @@ def count_contacts(session: Session, project_id: str) -> int:
 
 def delete_contact(session: Session, project_id: str, contact_id: str) -> None:
     session.connection().execute(delete(Contact).where(Contact.project_id == project_id, Contact.id == contact_id))
+
+
+SCAN_LIMIT = 2000
+"""Contacts a dashboard page looks at, at most, to fill itself when a filter no index serves (a data key,
+or subscription within an email prefix) is given; the page then says so and links past them."""
+
+
+@dataclass(frozen=True)
+class ContactFilter:
+    """What the dashboard's contact list and export select. `prefix` (lower-cased) pages in email order
+    along the (project_id, email) index; otherwise newest first along (project_id, [subscribed,] id)."""
+
+    prefix: str = ""
+    subscribed: bool | None = None
+    key: str = ""
+    value: str | None = None
+    """With `key`: its value equals this text, or the JSON number / boolean it spells; None: the key is present."""
+
+
+@dataclass
+class Browsed:
+    items: list[ContactRecord]
+    next_cursor: str | None
+    scan_limited: bool
+    """The page looked at `SCAN_LIMIT` contacts without filling itself: there may be more after `next_cursor`."""
+
+
+def _after_prefix(prefix: str) -> str:
+    """The least text above every text starting with `prefix`, in code-point order."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+def _data_condition(key: str, value: str | None) -> ColumnElement[bool]:
+    field = f"data.{key}"
+    if value is None:
+        return condition_clause({"field": field, "op": "exists"}, utcnow())
+    spelled: list[Any] = [value]
+    try:
+        typed = json.loads(value)
+    except ValueError:
+        typed = None
+    if isinstance(typed, bool | int | float) and (not isinstance(typed, float) or math.isfinite(typed)):
+        spelled.append(typed)
+    return condition_clause({"any": [{"field": field, "op": "equals", "value": v} for v in spelled]}, utcnow())
+
+
+def browse_contacts(session: Session, project_id: str, chosen: ContactFilter, after: str | None,
+                    size: int) -> Browsed:
+    """One page of the dashboard's contact list (see `ContactFilter` for the order); `after` is the last
+    email (with a prefix) or id (without) of the previous page. Every query walks an index; a filter no
+    index serves is applied to at most `SCAN_LIMIT` contacts per page."""
+    table = _TABLE
+    postgres = session.get_bind().dialect.name == "postgresql"
+    indexed: list[ColumnElement[bool]] = [table.c.project_id == project_id]
+    residual: list[ColumnElement[bool]] = []
+    if chosen.prefix:
+        email = table.c.email.collate("C") if postgres else table.c.email
+        indexed += [email >= chosen.prefix, email < _after_prefix(chosen.prefix)]
+        if after is not None:
+            indexed.append(email > after)
+        order, key_column = [email.asc()], email
+        if chosen.subscribed is not None:
+            residual.append(table.c.subscribed == chosen.subscribed)
+    else:
+        if chosen.subscribed is not None:
+            indexed.append(table.c.subscribed == chosen.subscribed)
+        if after is not None:
+            indexed.append(table.c.id < after)
+        order, key_column = [table.c.id.desc()], table.c.id
+    if chosen.key:
+        residual.append(_data_condition(chosen.key, chosen.value))
+    connection = session.connection()
+    if not residual:
+        rows = [ContactRecord(*row) for row in connection.execute(
+            select(*_COLUMNS).where(*indexed).order_by(*order).limit(size + 1))]
+        more = len(rows) > size
+        rows = rows[:size]
+        return Browsed(rows, _key_of(rows[-1], chosen) if more else None, False)
+    window = select(table.c.id, key_column.label("k")).where(*indexed).order_by(*order).limit(SCAN_LIMIT)
+    if postgres:  # drives the page by the window's ids through the primary key, never a hash join over the table
+        in_window = table.c.id == any_(func.array(select(window.subquery().c.id).scalar_subquery()))
+        stmt = select(*_COLUMNS).where(in_window, *residual)
+    else:
+        joined = window.subquery()
+        stmt = select(*_COLUMNS).join(joined, joined.c.id == table.c.id).where(*residual)
+    rows = [ContactRecord(*row) for row in connection.execute(stmt.order_by(*order).limit(size + 1))]
+    if len(rows) > size:
+        return Browsed(rows[:size], _key_of(rows[size - 1], chosen), False)
+    looked = window.subquery()
+    edge = func.max(looked.c.k) if chosen.prefix else func.min(looked.c.k)
+    count, last = connection.execute(select(func.count(), edge)).one()
+    if count < SCAN_LIMIT:
+        return Browsed(rows, None, False)
+    return Browsed(rows, last, True)
+
+
+def _key_of(contact: ContactRecord, chosen: ContactFilter) -> str:
+    return contact.email if chosen.prefix else contact.id
+
+
+def contact_events(session: Session, contact_id: str, after: str | None, size: int) -> tuple[list[Any], str | None]:
+    """The contact's events, newest first, along (contact_id, id): (rows of id, name, data, email_id,
+    created_at; the next page's cursor)."""
+    table = Event.__table__
+    stmt = select(table.c.id, table.c.name, table.c.data, table.c.email_id, table.c.created_at).where(
+        table.c.contact_id == contact_id)
+    return _newest_first(session, stmt, table.c.id, after, size)
+
+
+def contact_emails(session: Session, contact_id: str, after: str | None, size: int) -> tuple[list[Any], str | None]:
+    """The contact's emails, newest first, along (contact_id, id)."""
+    table = Email.__table__
+    stmt = select(table.c.id, table.c.subject, table.c.status, table.c.source, table.c.created_at).where(
+        table.c.contact_id == contact_id)
+    return _newest_first(session, stmt, table.c.id, after, size)
+
+
+def contact_segments(session: Session, contact_id: str) -> list[Any]:
+    """The tracked segments the contact is in (id, name, slug, entered_at), by name."""
+    members, segments = SegmentMember.__table__, Segment.__table__
+    stmt = (select(segments.c.id, segments.c.name, segments.c.slug, members.c.entered_at)
+            .join(members, members.c.segment_id == segments.c.id).where(members.c.contact_id == contact_id)
+            .order_by(segments.c.name).limit(500))
+    return list(session.connection().execute(stmt))
+
+
+def _newest_first(session: Session, stmt: Any, id_column: Any, after: str | None,
+                  size: int) -> tuple[list[Any], str | None]:
+    if after is not None:
+        stmt = stmt.where(id_column < after)
+    rows = list(session.connection().execute(stmt.order_by(id_column.desc()).limit(size + 1)))
+    return rows[:size], rows[size - 1].id if len(rows) > size else None

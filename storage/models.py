@@ -189,7 +189,12 @@ class Domain(Base):
 
 class Contact(Base):
     __tablename__ = "contacts"
-    __table_args__ = (UniqueConstraint("project_id", "email"), Index("ix_contacts_project_id_id", "project_id", "id"))
+    __table_args__ = (UniqueConstraint("project_id", "email"), Index("ix_contacts_project_id_id", "project_id", "id"),
+                      Index("ix_contacts_project_id_subscribed_id", "project_id", "subscribed", "id"),
+                      Index("ix_contacts_project_id_email_prefix", "project_id", "email",
+                            postgresql_ops={"email": 'COLLATE "C"'}))
+    """`..._email_prefix`: email prefix search and order in code-point order whatever PostgreSQL's collation
+    (COLLATE "C"; on SQLite the unique constraint's index would do: the twin is the price of one model)."""
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
     email: Mapped[str] = mapped_column(String(320))
@@ -205,6 +210,7 @@ class Event(Base):
         Index("ix_events_project_id_id", "project_id", "id"),
         Index("ix_events_project_id_name", "project_id", "name"),
         Index("ix_events_contact_id", "contact_id"),
+        Index("ix_events_contact_id_id", "contact_id", "id"),
         Index("ix_events_email_id", "email_id"),
     )
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -234,7 +240,8 @@ class Email(Base):
     __table_args__ = (Index("ix_emails_project_id_id", "project_id", "id"),
                       Index("uq_emails_campaign_contact", "campaign_id", "contact_id", unique=True),
                       Index("ix_emails_campaign_id_status_id_sent_at", "campaign_id", "status", "id", "sent_at"),
-                      Index("ix_emails_campaign_id_id", "campaign_id", "id"))
+                      Index("ix_emails_campaign_id_id", "campaign_id", "id"),
+                      Index("ix_emails_contact_id_id", "contact_id", "id"))
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
     contact_id: Mapped[str | None] = mapped_column(ForeignKey("contacts.id", ondelete="SET NULL"), nullable=True)
@@ -655,3 +662,44 @@ class LoginFailure(Base):
     key: Mapped[str] = mapped_column(String(400), primary_key=True)
     count: Mapped[int] = mapped_column(Integer, default=0)
     first_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ImportState(StrEnum):
+    """`import_jobs.state`: MAPPING (uploaded, its columns not yet mapped) → RUNNING → DONE, or FAILED."""
+
+    MAPPING = "MAPPING"
+    RUNNING = "RUNNING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+
+
+class ImportJob(Base):
+    """A CSV contact import started in the dashboard: the uploaded file (under the data dir of the node that
+    took it), its column mapping, and the run's counts and failed rows (at most
+    `pipeline.imports.MAX_REPORTED_FAILURES`, with line numbers). `heartbeat_at` moves while it runs."""
+
+    __tablename__ = "import_jobs"
+    __table_args__ = (Index("ix_import_jobs_project_id_id", "project_id", "id"),
+                      Index("ix_import_jobs_state", "state"))
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    filename: Mapped[str] = mapped_column(String(255))
+    path: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(16), default=ImportState.MAPPING)
+    columns: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    """The survey: {"names": [...header...], "types": {column: type}, "rows": n}."""
+    mapping: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    """{column: "email" | "subscribed" | "skip" | "data:<key>"}."""
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    processed: Mapped[int] = mapped_column(Integer, default=0)
+    created: Mapped[int] = mapped_column(Integer, default=0)
+    updated: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    failures: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    """[[line, reason], ...] of the first failed rows."""
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_by: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)

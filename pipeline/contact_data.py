@@ -1,0 +1,77 @@
+"""What contact data (and any JSON a client sends) may hold, the one set of rules for the API and the
+dashboard: how many keys, how long, how deep, which text, how large."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+from pipeline.errors import FieldError
+
+MAX_DATA_KEYS = 256
+MAX_DATA_KEY_LENGTH = 200
+MAX_JSON_DEPTH = 32
+
+
+def data_key_problems(data: dict[str, Any], field: str = "data") -> list[FieldError]:
+    """The API's limits on data keys (`api.validation.check_data` says the same to pydantic)."""
+    if len(data) > MAX_DATA_KEYS:
+        return [FieldError(field, f"At most {MAX_DATA_KEYS} data keys", "too_big")]
+    if any(len(key) > MAX_DATA_KEY_LENGTH or not key for key in data):
+        return [FieldError(field, "Data keys must be 1-200 characters", "invalid_string")]
+    return []
+
+
+def data_size_problem(data: dict[str, Any] | None, limit: int, field: str = "data") -> FieldError | None:
+    """`data` over `limit` bytes (`api.max_data_bytes`) as compact JSON, the most one call may store."""
+    if not data:
+        return None
+    size = len(json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > limit:
+        return FieldError(field, f"{field} is {size} bytes as JSON; at most {limit} bytes are accepted in one call "
+                                 "(api.max_data_bytes)", "too_big")
+    return None
+
+
+def json_problems(value: Any, max_depth: int = MAX_JSON_DEPTH) -> list[FieldError]:
+    """What a validated body holds that no store or reply can carry: nesting deeper than `max_depth`,
+    NaN or ±Infinity (also from an overflowing number like 1e400), lone surrogates in any string or
+    key, or NUL outside `data` (whose JSON column stores it escaped; no text column can hold it).
+    Iterative, so any depth is safe."""
+    errors: list[FieldError] = []
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack and len(errors) < 10:
+        item, path, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth >= max_depth:
+                errors.append(FieldError(path or "body", f"nested more than {max_depth} levels deep", "too_deep"))
+                continue
+            pairs = item.items() if isinstance(item, dict) else enumerate(item)
+            for key, child in pairs:
+                child_path = f"{path}.{key}" if path else str(key)
+                if isinstance(key, str) and not _storable(key, path):
+                    errors.append(FieldError(_printable(child_path), UNSTORABLE, "invalid_string"))
+                stack.append((child, child_path, depth + 1))
+        elif isinstance(item, float) and not math.isfinite(item):
+            errors.append(FieldError(path or "body", "Numbers must be finite (no NaN or Infinity)", "invalid_number"))
+        elif isinstance(item, str) and not _storable(item, path):
+            errors.append(FieldError(_printable(path) or "body", UNSTORABLE, "invalid_string"))
+    return errors
+
+
+UNSTORABLE = "Text may not contain unpaired UTF-16 surrogates (such as \\ud800), nor NUL outside data"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_OR_NUL = re.compile("[\x00\ud800-\udfff]")
+
+
+def _storable(text: str, path: str) -> bool:
+    in_data = path == "data" or path.startswith("data.")
+    return (_SURROGATE if in_data else _SURROGATE_OR_NUL).search(text) is None
+
+
+def _printable(path: str) -> str:
+    return _SURROGATE_OR_NUL.sub("\ufffd", path)
+
+
