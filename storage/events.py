@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import and_, case, delete, func, select
 from sqlalchemy.orm import Session
 
 from storage.models import Event, new_id, utcnow
@@ -25,13 +25,25 @@ def insert_event(session: Session, project_id: str, contact_id: str | None, name
 
 
 def list_events(session: Session, project_id: str, limit: int, cursor: str | None,
-                      name: str | None = None, contact_id: str | None = None) -> Page:
+                      name: str | None = None, contact_id: str | None = None, count: bool = True) -> Page:
+    """Newest first; without `count` the events are not counted (the dashboard's pages of one name read
+    (project_id, name, id) and nothing more)."""
     stmt = select(Event).where(Event.project_id == project_id)
     if name is not None:
         stmt = stmt.where(Event.name == name)
     if contact_id is not None:
         stmt = stmt.where(Event.contact_id == contact_id)
-    return paginate(session, stmt, Event.id, limit, cursor)
+    return paginate(session, stmt, Event.id, limit, cursor, count)
+
+
+def event_buckets(session: Session, project_id: str, name: str, edges: list[datetime]) -> list[int]:
+    """How many events of `name` fell between each two consecutive `edges` (len(edges) - 1 counts), in one
+    pass over the (project_id, name, created_at) index."""
+    columns = [func.coalesce(func.sum(case((and_(Event.created_at >= start, Event.created_at < end), 1), else_=0)), 0)
+               for start, end in zip(edges, edges[1:], strict=False)]
+    row = session.execute(select(*columns).where(Event.project_id == project_id, Event.name == name,
+                                                 Event.created_at >= edges[0], Event.created_at < edges[-1])).one()
+    return [int(value) for value in row]
 
 
 def event_names_by_frequency(session: Session, project_id: str) -> list[str]:

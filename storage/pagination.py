@@ -18,6 +18,7 @@ class Page:
     next_cursor: str | None
     has_more: bool
     total: int
+    """-1 when not counted (`paginate(..., count=False)`)."""
 
 
 def is_valid_cursor(cursor: str) -> bool:
@@ -25,9 +26,12 @@ def is_valid_cursor(cursor: str) -> bool:
 
 
 def paginate(session: Session, stmt: Select[Any], id_column: Any, limit: int,
-                   cursor: str | None) -> Page:
-    """`stmt` selects one entity and carries every filter; the page is taken below `cursor`."""
-    total = (session.execute(select(func.count()).select_from(stmt.order_by(None).subquery()))).scalar_one()
+                   cursor: str | None, count: bool = True) -> Page:
+    """`stmt` selects one entity and carries every filter; the page is taken below `cursor`. Without
+    `count` the matching rows are not counted (a page of a table that grows without bound)."""
+    total = -1
+    if count:
+        total = (session.execute(select(func.count()).select_from(stmt.order_by(None).subquery()))).scalar_one()
     page_stmt = stmt.order_by(id_column.desc()).limit(limit + 1)
     if cursor:
         page_stmt = page_stmt.where(id_column < cursor)
