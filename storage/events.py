@@ -53,6 +53,13 @@ def event_names_by_frequency(session: Session, project_id: str) -> list[str]:
     return [row.name for row in session.execute(stmt)]
 
 
+def recent_event_names(session: Session, project_id: str, sample: int) -> list[str]:
+    """The names among the newest `sample` events, sorted (a bounded read of the (project_id, id) index)."""
+    rows = session.execute(select(Event.name).where(Event.project_id == project_id)
+                           .order_by(Event.id.desc()).limit(sample))
+    return sorted({name for (name,) in rows})
+
+
 def event_counts(session: Session, project_id: str, start: datetime | None,
                        end: datetime | None) -> list[tuple[str, int]]:
     count = func.count().label("n")
