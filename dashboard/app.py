@@ -16,7 +16,7 @@ from aiohttp import web
 from markupsafe import Markup, escape
 
 from core.config import Config
-from dashboard import accounts, events, mail_templates, projects
+from dashboard import accounts, events, mail_templates, projects, segments
 from dashboard.context import CONFIG, DB, KEYS, LINKS, ON_QUEUED, SETUP_TOKEN
 from dashboard.routing import Page, register
 from pipeline.accounts import has_users
@@ -31,7 +31,7 @@ TEMPLATES = Path(__file__).parent / "templates"
 
 
 def all_pages() -> list[Page]:
-    return [*accounts.ROUTES, *projects.ROUTES, *mail_templates.ROUTES, *events.ROUTES]
+    return [*accounts.ROUTES, *projects.ROUTES, *mail_templates.ROUTES, *events.ROUTES, *segments.ROUTES]
 
 
 def when(value: datetime | str | None) -> Markup:
