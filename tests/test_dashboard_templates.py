@@ -68,6 +68,20 @@ async def test_preview_is_the_sending_renderers_output_in_a_sandbox(dash):
     assert (await other.client.get(frame.group(1))).status == 404, "a draft is its author's alone"
 
 
+async def test_the_editor_form_posts_to_the_templates_paths_with_the_pages_token(dash):
+    template_id = await create(dash)
+    status, page = await dash.owner.get(f"{base(dash)}/{template_id}")
+    assert status == 200
+    form = re.search(r'<form method="post" action="([^"]+)" class="editor-form">\s*<input type="hidden" '
+                     r'name="csrf" value="([0-9a-f]*)">\s*<div hx-post="([^"]+)" hx-trigger="([^"]+)"', page)
+    assert form, page
+    assert form.group(1) == f"{base(dash)}/{template_id}" and form.group(3) == f"{base(dash)}/preview"
+    assert form.group(2) and "input changed delay:400ms" in form.group(4)
+    response = await dash.owner.post(form.group(1), {"name": "Saved by the form", "subject": "s", "body": "b"},
+                                     csrf=form.group(2))
+    assert response.status == 303
+
+
 async def test_preview_with_a_contacts_data_and_html_style(dash):
     status, _ = await dash.api.call("POST", "/contacts", json={"email": "ada@example.org", "subscribed": True,
                                                                 "data": {"name": "Ada"}})
