@@ -79,7 +79,7 @@ async def event_names(ctx: Ctx) -> Answer:
     names = [{"name": name, "count": count} for name, count in counts]
     return Answer("events.html", {"period": period, "periods": list(PERIODS), "start": start,
                                   "total": sum(count for _, count in counts), "events": names},
-                  extra={"bars": bars([n["count"] for n in names[:20]], [n["name"] for n in names[:20]]),
+                  extra={"bars": bars([count for _, count in counts[:20]], [name for name, _ in counts[:20]]),
                          "chart": (CHART_WIDTH, CHART_HEIGHT)})
 
 

@@ -162,7 +162,7 @@ async def preview_template(ctx: Ctx) -> Answer:
                                                           fields.get("sampleData", ""), fallback)
             draft_values = {"subject": values["subject"], "body": values["body"], "type": values["type"],
                             "style": values["style"], "variables": variables}
-            shown = template_preview.preview(_unsaved(values), (ctx.project.from_email, ctx.project.from_name),
+            shown = template_preview.preview(_unsaved(values), _sender(ctx),
                                              request.app[LINKS], variables,
                                              request.app[CONFIG].smtp.max_message_bytes)
             draft = template_store.save_draft(session, ctx.project_id, ctx.user_id, draft_values)
@@ -176,6 +176,11 @@ async def preview_template(ctx: Ctx) -> Answer:
     return Answer(fragment, {**shown, "problem": "", "errors": [],
                              "previewUrl": f"/projects/{ctx.project_id}/templates/preview/{shown['draftId']}",
                              "variables": [vars(v) for v in variables]})
+
+
+def _sender(ctx: Ctx) -> tuple[str, str]:
+    assert ctx.project is not None
+    return ctx.project.from_email, ctx.project.from_name
 
 
 def _unsaved(values: dict[str, Any]) -> Template:
@@ -193,7 +198,7 @@ async def preview_document(ctx: Ctx) -> web.StreamResponse:
     values = {"subject": draft.subject, "body": draft.body, "type": draft.type, "style": draft.style}
     try:
         shown = await request.app[DB].read(lambda s: template_preview.preview(
-            _unsaved(values), (ctx.project.from_email, ctx.project.from_name), request.app[LINKS], draft.variables,
+            _unsaved(values), _sender(ctx), request.app[LINKS], draft.variables,
             request.app[CONFIG].smtp.max_message_bytes))
     except ValidationFailed as exc:
         return web.Response(status=422, text=exc.message, headers=PREVIEW_HEADERS)

@@ -186,10 +186,9 @@ def _node(index: int, node: FormNode, errors: list[FieldError]) -> dict[str, Any
     if kind == "text":
         tree["value"] = text
     elif kind == "number":
-        number = _number(text)
-        if number is None:
+        tree["value"] = _number(text)
+        if tree["value"] is None:
             errors.append(FieldError(f"n{index}.value", "A number", "invalid_type"))
-        tree["value"] = number
     elif kind == "boolean":
         if text not in ("true", "false"):
             errors.append(FieldError(f"n{index}.value", "true or false", "invalid_type"))

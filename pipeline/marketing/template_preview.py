@@ -89,8 +89,8 @@ def preview(template: Template, sender: tuple[str, str], links: LinkSigner, vari
     html_part = message.get_body(("html",))
     text_part = message.get_body(("plain",))
     return Preview(str(message["Subject"] or ""),
-                   html_part.get_content() if html_part is not None else None,  # type: ignore[attr-defined]
-                   text_part.get_content() if text_part is not None else "")  # type: ignore[attr-defined]
+                   html_part.get_content() if html_part is not None else None,
+                   text_part.get_content() if text_part is not None else "")
 
 
 def send_test_copy(session: Session, project: Project, template: Template, address: str, links: LinkSigner,
