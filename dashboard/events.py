@@ -2,8 +2,10 @@
 name newest first, cursor-paged, each linking to its contact.
 
 Each page reads indexes only: the counts of a period the (project_id, name, created_at) index (the same
-query as the API's `/events/stats`), the chart of one name that index again in one pass, its events
-(project_id, name, id) a page at a time, never counted."""
+query as the API's `/events/stats`), the chart of one name that index again, its events (project_id, name,
+id) a page at a time, never counted. Counting a period costs what it holds (a million events take some
+hundred milliseconds), so counts and charts are kept for COUNTS_TTL seconds per process, and say when they
+were counted; the events listed are always read afresh."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any
 
 from dashboard.context import DB
 from dashboard.routing import Answer, Ctx, Page
+from pipeline.cache import TtlCache
 from pipeline.errors import FieldError, ValidationFailed
 from pipeline.marketing.segments import MAX_EVENT_NAME
 from storage import contacts as contact_store
@@ -29,6 +32,9 @@ DEFAULT_PERIOD = "7d"
 CHART_WIDTH, CHART_HEIGHT, CHART_TOP, CHART_BOTTOM = 720, 200, 16, 24
 DATA_SHOWN = 200
 """Characters of an event's data shown in the list."""
+COUNTS_TTL = 60.0
+_COUNTED: TtlCache[tuple[str, ...], tuple[datetime, Any]] = TtlCache(COUNTS_TTL, 2000)
+"""(what, project, period[, name]) → (when counted, the counts)."""
 
 
 @dataclass(frozen=True)
@@ -71,14 +77,27 @@ def bars(counts: list[int], labels: list[str]) -> list[Bar]:
     return shown
 
 
+async def _counted(ctx: Ctx, key: tuple[str, ...], read: Any) -> tuple[datetime, Any]:
+    """`read`'s answer as counted within the last COUNTS_TTL seconds (here, or now)."""
+    hit = _COUNTED.get(key)
+    if hit is None:
+        hit = (utcnow(), await ctx.request.app[DB].read(read))
+        _COUNTED.put(key, hit)
+    return hit
+
+
 async def event_names(ctx: Ctx) -> Answer:
     period = _period(ctx)
-    now = utcnow()
-    start = _edges(period, now)[0]
-    counts = await ctx.request.app[DB].read(event_store.event_counts, ctx.project_id, start, None)
+
+    def read(session) -> tuple[datetime, list[tuple[str, int]]]:
+        start = _edges(period, utcnow())[0]
+        return start, event_store.event_counts(session, ctx.project_id, start, None)
+
+    counted_at, (start, counts) = await _counted(ctx, ("names", ctx.project_id, period), read)
     names = [{"name": name, "count": count} for name, count in counts]
     return Answer("events.html", {"period": period, "periods": list(PERIODS), "start": start,
-                                  "total": sum(count for _, count in counts), "events": names},
+                                  "countedAt": counted_at, "total": sum(count for _, count in counts),
+                                  "events": names},
                   extra={"bars": bars([count for _, count in counts[:20]], [name for name, _ in counts[:20]]),
                          "chart": (CHART_WIDTH, CHART_HEIGHT)})
 
@@ -92,22 +111,26 @@ async def events_of_name(ctx: Ctx) -> Answer:
     cursor = request.query.get("cursor", "")
     if cursor and not is_valid_cursor(cursor):
         raise ValidationFailed([FieldError("cursor", "Not a cursor of this list", "invalid_cursor")])
-    edges = _edges(period, utcnow())
     _, _, label_format = PERIODS[period]
 
-    def read(session) -> tuple[Any, list[int], dict[str, tuple[str, bool]]]:
+    def chart(session) -> tuple[list[datetime], list[int]]:
+        edges = _edges(period, utcnow())
+        return edges, event_store.event_buckets(session, ctx.project_id, name, edges)
+
+    def read(session) -> tuple[Any, dict[str, tuple[str, bool]]]:
         page = event_store.list_events(session, ctx.project_id, PAGE_SIZE, cursor or None, name, count=False)
-        counts = event_store.event_buckets(session, ctx.project_id, name, edges)
         contacts = contact_store.addresses_by_id(session, ctx.project_id,
                                                  sorted({e.contact_id for e in page.items if e.contact_id}))
-        return page, counts, contacts
+        return page, contacts
 
-    page, counts, contacts = await request.app[DB].read(read)
+    counted_at, (edges, counts) = await _counted(ctx, ("chart", ctx.project_id, period, name), chart)
+    page, contacts = await request.app[DB].read(read)
     events = [{"id": e.id, "contactId": e.contact_id,
                "contactEmail": contacts.get(e.contact_id, ("", False))[0] if e.contact_id else None,
                "emailId": e.email_id, "data": _data_text(e.data), "createdAt": e.created_at} for e in page.items]
     return Answer("event.html", {
-        "name": name, "period": period, "periods": list(PERIODS), "start": edges[0], "total": sum(counts),
+        "name": name, "period": period, "periods": list(PERIODS), "start": edges[0], "countedAt": counted_at,
+        "total": sum(counts),
         "buckets": [{"start": start, "count": count} for start, count in zip(edges, counts, strict=False)],
         "events": events, "nextCursor": page.next_cursor},
         extra={"bars": bars(counts, [start.strftime(label_format) for start in edges[:-1]]),

@@ -113,3 +113,19 @@ async def test_one_name_reads_the_name_indexes(dash):
             "AND created_at >= '2026-01-01'"))).all()
     assert "ix_events_project_id_name_id" in str(list_plan) and "TEMP B-TREE" not in str(list_plan)
     assert "ix_events_project_id_name_created_at" in str(chart_plan)
+
+
+async def test_counts_are_kept_for_a_minute_and_the_list_is_live(dash):
+    """Counting a period of a million events costs some hundred milliseconds: the counts and the chart are
+    counted once a minute per process (and say when); the events listed are read on every load."""
+    base = f"/projects/{dash.api.project_id}/events"
+    await add_events(dash.api, None, "open", [timedelta(minutes=2), timedelta(minutes=1)])
+    status, first = await dash.owner.get_json(f"{base}/open?period=24h")
+    status, names = await dash.owner.get_json(f"{base}?period=24h")
+    assert first["data"]["total"] == 2 and names["data"]["total"] == 2
+    await add_events(dash.api, None, "open", [timedelta(seconds=1)])
+    status, again = await dash.owner.get_json(f"{base}/open?period=24h")
+    assert len(again["data"]["events"]) == 3, "the list is live"
+    assert again["data"]["total"] == 2 and again["data"]["countedAt"] == first["data"]["countedAt"]
+    status, page = await dash.owner.get(f"{base}?period=24h")
+    assert "counts are kept for a minute" in page
