@@ -58,32 +58,30 @@ def recent_event_names(session: Session, project_id: str, sample: int) -> list[s
     return sorted({name for (name,) in rows})
 
 
-def event_names(session: Session, project_id: str) -> list[str]:
-    """The project's distinct event names, sorted: one probe of the (project_id, name, ...) index per name
-    (a recursive "skip scan"), not a read of every event."""
+def _names(project_id: str) -> Any:
+    """The project's distinct event names: one probe of the (project_id, name, ...) index per name (a
+    recursive "skip scan"), not a read of every event."""
     names = select(func.min(Event.name).label("name")).where(Event.project_id == project_id).cte(
         "names", recursive=True)
     following = select(func.min(Event.name)).where(Event.project_id == project_id, Event.name > names.c.name)
-    names = names.union_all(select(following.scalar_subquery()).where(names.c.name.is_not(None)))
-    return [name for (name,) in session.execute(select(names.c.name).where(names.c.name.is_not(None)))]
+    return names.union_all(select(following.scalar_subquery()).where(names.c.name.is_not(None)))
 
 
 def event_counts(session: Session, project_id: str, start: datetime | None,
                        end: datetime | None) -> list[tuple[str, int]]:
     """Events per name between `start` and `end` (either open), most frequent first, names with none left
-    out. Each name is counted over its own range of the (project_id, name, created_at) index, so a
-    period costs what it holds, not what the project has ever recorded."""
-    counts = []
-    for name in event_names(session, project_id):
-        stmt = select(func.count()).select_from(Event).where(Event.project_id == project_id, Event.name == name)
-        if start is not None:
-            stmt = stmt.where(Event.created_at >= start)
-        if end is not None:
-            stmt = stmt.where(Event.created_at <= end)
-        count = session.execute(stmt).scalar_one()
-        if count:
-            counts.append((name, count))
-    return sorted(counts, key=lambda item: (-item[1], item[0]))
+    out. One statement: each name is counted over its own range of the (project_id, name, created_at)
+    index, so a period costs what it holds, not what the project has ever recorded."""
+    names = _names(project_id)
+    counted = select(func.count()).select_from(Event).where(Event.project_id == project_id,
+                                                            Event.name == names.c.name)
+    if start is not None:
+        counted = counted.where(Event.created_at >= start)
+    if end is not None:
+        counted = counted.where(Event.created_at <= end)
+    count = counted.scalar_subquery().label("n")
+    rows = session.execute(select(names.c.name, count).where(names.c.name.is_not(None)))
+    return sorted(((row.name, row.n) for row in rows if row.n), key=lambda item: (-item[1], item[0]))
 
 
 def delete_events_named(session: Session, project_id: str, name: str) -> int:
