@@ -181,6 +181,11 @@ async def test_the_json_view_applies_to_the_form_and_bad_json_is_422(dash):
 
 
 async def test_membership_tracking_shows_entries_and_hostile_names_are_escaped(dash):
+    hostile = await api_segment(dash, {"any": [{"field": f"data.{HOSTILE}", "op": "equals", "value": HOSTILE},
+                                               {"event": HOSTILE, "op": "didNot"}]}, name="hostile")
+    status, page = await dash.owner.get(f"{base(dash)}/{hostile['id']}")
+    assert status == 200 and HOSTILE not in page and "<script>alert(2)" not in page
+    assert page.count(f'value="{escape(HOSTILE)}"') == 3, "the data key, the value and the event name"
     segment = await api_segment(dash, {"field": "data.vip", "op": "equals", "value": True}, name=HOSTILE)
     path = f"{base(dash)}/{segment['id']}"
     status, page = await dash.owner.get(path)

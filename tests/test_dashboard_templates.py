@@ -150,6 +150,9 @@ async def test_edit_duplicate_and_list_as_json(dash):
     assert 'id="name-error"' in page and 'id="subject-error"' in page and 'id="type-error"' in page
     status, body = await dash.api.call("GET", f"/templates/{template_id}")
     assert body["data"]["name"] == "Renamed", "nothing stored"
+    response = await dash.owner.post(f"{base(dash)}/{template_id}", {"name": "Big", "subject": "s",
+                                                                     "body": "x" * 5_000_001})
+    assert response.status == 422 and "body is longer than 5000000 characters" in await response.text()
     status, _ = await dash.owner.get(f"{base(dash)}?cursor=;drop")
     assert status == 422
 
