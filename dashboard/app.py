@@ -16,7 +16,21 @@ from aiohttp import web
 from markupsafe import Markup, escape
 
 from core.config import Config
-from dashboard import accounts, campaigns, contacts, domains, imports, keys, projects, system, webhooks, workflows
+from dashboard import (
+    accounts,
+    campaigns,
+    contacts,
+    domains,
+    events,
+    imports,
+    keys,
+    mail_templates,
+    projects,
+    segments,
+    system,
+    webhooks,
+    workflows,
+)
 from dashboard.context import CONFIG, DB, IMPORTS, KEYS, LINKS, ON_QUEUED, SETUP_TOKEN
 from dashboard.routing import Page, register
 from pipeline.accounts import has_users
@@ -33,7 +47,8 @@ TEMPLATES = Path(__file__).parent / "templates"
 
 def all_pages() -> list[Page]:
     return [*accounts.ROUTES, *projects.ROUTES, *keys.ROUTES, *domains.ROUTES, *webhooks.ROUTES,
-            *system.ROUTES, *campaigns.ROUTES, *workflows.ROUTES, *contacts.ROUTES, *imports.ROUTES]
+            *system.ROUTES, *campaigns.ROUTES, *workflows.ROUTES, *contacts.ROUTES, *imports.ROUTES,
+            *mail_templates.ROUTES, *events.ROUTES, *segments.ROUTES]
 
 
 def when(value: datetime | str | None) -> Markup:

@@ -130,7 +130,7 @@ async def form_of(request: web.Request) -> dict[str, str]:
     if request.content_type == "application/json":
         try:
             body = await request.json()
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise ValidationFailed([], "The body is not valid JSON") from None
         if not isinstance(body, dict):
             raise ValidationFailed([], "The body must be a JSON object")

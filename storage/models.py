@@ -208,7 +208,8 @@ class Event(Base):
     __tablename__ = "events"
     __table_args__ = (
         Index("ix_events_project_id_id", "project_id", "id"),
-        Index("ix_events_project_id_name", "project_id", "name"),
+        Index("ix_events_project_id_name_id", "project_id", "name", "id"),
+        Index("ix_events_project_id_name_created_at", "project_id", "name", "created_at"),
         Index("ix_events_contact_id", "contact_id"),
         Index("ix_events_contact_id_id", "contact_id", "id"),
         Index("ix_events_email_id", "email_id"),
@@ -613,6 +614,24 @@ class User(Base):
     instance_owner: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     password_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TemplateDraft(Base):
+    """What a dashboard user last typed in a template editor, kept for the sandboxed preview frame to
+    load by id (one per user and project: each new draft replaces the last, and gets a new id)."""
+
+    __tablename__ = "template_drafts"
+    __table_args__ = (UniqueConstraint("project_id", "user_id"),)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    subject: Mapped[str] = mapped_column(Text)
+    body: Mapped[str] = mapped_column(Text)
+    type: Mapped[str] = mapped_column(String(16))
+    style: Mapped[str] = mapped_column(String(8))
+    variables: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    """The sample data the preview renders with (`plunk_id` and `plunk_email` included)."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class DashboardSession(Base):

@@ -419,10 +419,11 @@ def count_matching(session: Session, project_id: str, condition: dict[str, Any],
 
 
 def list_matching(session: Session, project_id: str, condition: dict[str, Any], now: datetime, limit: int,
-                  cursor: str | None) -> Page:
-    """Contacts of the project the condition matches, subscribed or not, newest first."""
+                  cursor: str | None, count: bool = True) -> Page:
+    """Contacts of the project the condition matches, subscribed or not, newest first (counted unless not
+    `count`: the dashboard counts with `count_matching`, as the API's /count does)."""
     stmt = select(Contact).where(*_matching(project_id, condition, now))
-    return paginate(session, stmt, Contact.id, limit, cursor)
+    return paginate(session, stmt, Contact.id, limit, cursor, count)
 
 
 # ---------------------------------------------------------------------------------------------------

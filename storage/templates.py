@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from storage.models import Campaign, Template, utcnow
+from storage.models import Campaign, Template, TemplateDraft, utcnow
 from storage.pagination import Page, paginate
 from storage.workflow_admin import template_workflows
 
@@ -78,3 +78,19 @@ def _columns(values: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"not template columns: {sorted(unknown)}")
     return values
+
+
+def save_draft(session: Session, project_id: str, user_id: str, values: dict[str, Any]) -> TemplateDraft:
+    """Replace the user's draft in the project (subject, body, type, style, variables) with a new one."""
+    session.execute(delete(TemplateDraft).where(TemplateDraft.project_id == project_id,
+                                                TemplateDraft.user_id == user_id))
+    draft = TemplateDraft(project_id=project_id, user_id=user_id, created_at=utcnow(), **values)
+    session.add(draft)
+    session.flush()
+    return draft
+
+
+def get_draft(session: Session, project_id: str, user_id: str, draft_id: str) -> TemplateDraft | None:
+    return session.execute(select(TemplateDraft).where(
+        TemplateDraft.id == draft_id, TemplateDraft.project_id == project_id,
+        TemplateDraft.user_id == user_id)).scalar_one_or_none()

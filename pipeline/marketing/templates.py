@@ -37,13 +37,13 @@ def require_template(session: Session, project_id: str, template_id: str, for_up
 
 def create_template(session: Session, project_id: str, values: dict[str, Any]) -> Template:
     """`values` by column: name, subject, body, and optionally type, style, from_email, from_name, reply_to."""
-    _check(values)
+    check_values(values)
     return template_store.insert_template(session, project_id, {"type": "MARKETING", "style": "PLUNK", **values})
 
 
 def update_template(session: Session, project_id: str, template_id: str, values: dict[str, Any]) -> Template:
     """Set the given columns (a None from_email, from_name or reply_to clears it); the others stay."""
-    _check(values)
+    check_values(values)
     template = require_template(session, project_id, template_id)
     return template_store.update_template(session, template, values) if values else template
 
@@ -71,7 +71,7 @@ def _describe(users: list[TemplateUser]) -> str:
     return f"{named} and {more} more" if more > 0 else named
 
 
-def _check(values: dict[str, Any]) -> None:
+def check_values(values: dict[str, Any]) -> None:
     """What the API checks at the door, here too for every other caller."""
     errors = []
     for column in ("name", "subject", "body"):
