@@ -118,6 +118,18 @@ class Page:
     summary: str = ""
 
 
+PAGE_OF_REQUEST = web.RequestKey("dashboard_page", Page)
+"""Set by `guarded`: the request is the dashboard's, so its answer gets `HEADERS` (`secure_headers`)."""
+
+
+async def secure_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare`: `HEADERS` on every dashboard answer, those a handler made itself included (a CSV
+    export, a download), unless the handler set one of them on purpose."""
+    if PAGE_OF_REQUEST in request:
+        for name, value in HEADERS.items():
+            response.headers.setdefault(name, value)
+
+
 def wants_json(request: web.Request) -> bool:
     accept = request.headers.get("Accept", "")
     return accept.split(",", 1)[0].strip().startswith("application/json") or (
@@ -234,6 +246,7 @@ async def _csrf_given(request: web.Request) -> str:
 
 def guarded(page: Page) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
+        request[PAGE_OF_REQUEST] = page
         config = request.app[CONFIG].dashboard
         db = request.app[DB]
         visit = await accounts.visit_for(db, config, request.cookies.get(SESSION_COOKIE, ""))
@@ -277,6 +290,7 @@ def guarded(page: Page) -> Callable[[web.Request], Awaitable[web.StreamResponse]
 
 
 def register(app: web.Application, pages: list[Page]) -> None:
+    app.on_response_prepare.append(secure_headers)
     for page in pages:
         if page.method == "GET":
             app.router.add_get(page.path, guarded(page), allow_head=False)
