@@ -7,8 +7,9 @@
   more are refused without a check until `lockout_seconds` after the first, on every node alike (the rule
   SMTP AUTH follows). A right password clears the counts.
 * A session is a random token in an HttpOnly cookie; the database keeps its SHA-256 only. Every sign-in
-  makes a new one. It ends when unused for `session_idle_hours`, `session_max_days` after sign-in, on
-  sign-out, when revoked from the account page, and (the others) when the password changes.
+  makes a new one. It ends when unused for `session_idle_hours`, `session_max_days` after sign-in (the
+  limits in force now: lowering them ends older sessions at once), on sign-out, when revoked from the
+  account page, and (the others) when the password changes.
 * The CSRF token of a page is derived from the session token (or, before sign-in, from a random
   pre-session cookie), so a page of another site can neither read nor compute it.
 * A password-reset link is signed and names the user, its expiry and a fingerprint of the current password
@@ -192,7 +193,8 @@ async def visit_for(db: Database, config: DashboardConfig, token: str) -> Visit 
         return None
     row, user = found
     now = utcnow()
-    if row.expires_at <= now or row.last_seen_at <= now - timedelta(hours=config.session_idle_hours):
+    if (row.expires_at <= now or row.created_at <= now - timedelta(days=config.session_max_days)
+            or row.last_seen_at <= now - timedelta(hours=config.session_idle_hours)):
         await db.write(lambda s: store.delete_session(s, user.id, row.id), light=True)
         return None
     if now - row.last_seen_at >= TOUCH_EVERY:
