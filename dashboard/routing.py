@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
@@ -199,7 +200,18 @@ def error_answer(request: web.Request, ctx: Ctx | None, status: int, message: st
     return response
 
 
+_PAGE_CSRF: ContextVar[str] = ContextVar("dashboard_page_csrf", default="")
+
+
+def page_csrf() -> str:
+    """The CSRF token of the page being rendered, for `_macros.html`'s `csrf_field()`: a macro imported the
+    usual way (`{% from ... import %}`, without context) does not see the page's `csrf`."""
+    return _PAGE_CSRF.get()
+
+
 def page_context(ctx: Ctx | None, request: web.Request) -> dict[str, Any]:
+    """The context every page has; sets the token `page_csrf()` gives while this request renders."""
+    _PAGE_CSRF.set(ctx.csrf if ctx else "")
     return {"ctx": ctx, "visit": ctx.visit if ctx else None, "project": ctx.project if ctx else None,
             "role": ctx.role if ctx else None, "csrf": ctx.csrf if ctx else "",
             "can": ctx.can if ctx else (lambda role: False), "path": request.path,
