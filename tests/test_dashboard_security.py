@@ -185,6 +185,45 @@ async def test_every_change_needs_the_csrf_token_and_this_site_as_origin(dash):
     assert status == 200, "still signed in: the refused sign-out did nothing"
 
 
+FORM_TAG = re.compile(r"<form\b([^>]*)>(.*?)</form>", re.S)
+
+
+def form_faults(path: str, html: str, token: str) -> list[str]:
+    """Each POST form of the page must submit the page's CSRF token: in a hidden `csrf` field, or for a
+    multipart upload in its action's `csrf` query parameter."""
+    faults = []
+    for attributes, body in FORM_TAG.findall(html):
+        if 'method="post"' not in attributes:
+            continue
+        action = re.search(r'action="([^"]*)"', attributes)
+        if "multipart/form-data" in attributes:
+            carried = action is not None and f"csrf={token}" in action.group(1)
+        else:
+            carried = f'name="csrf" value="{token}"' in body
+        if not carried:
+            faults.append(f"{path}: the form posting to {action.group(1) if action else '?'} lacks the token")
+    return faults
+
+
+async def test_every_form_on_every_page_carries_the_csrf_token(probe_pages, dash):
+    await make_user(dash.api.db, "member@example.com", project_id=dash.api.project_id, role="editor")
+    await dash.owner.get(f"/projects/{dash.api.project_id}/members")
+    status, _ = await dash.owner.post_json(f"/projects/{dash.api.project_id}/members/invite",
+                                           {"email": "pending@example.com", "role": "viewer"})
+    assert status == 201
+    stranger = await dash.browser()
+    wrong = []
+    for page in pages(methods="get"):
+        path = fill(page, dash.api.project_id)
+        for visitor in (dash.owner, stranger):
+            response = await visitor.client.get(path)
+            html = await response.text()
+            token = re.search(r'name="csrf" value="([0-9a-f]+)"', html)
+            if 'method="post"' in html:
+                wrong += form_faults(path, html, token.group(1)) if token else [f"{path}: no token at all"]
+    assert not wrong, "\n".join(wrong)
+
+
 async def test_an_instance_route_is_404_for_everyone_but_an_instance_owner(probe_pages, dash):
     admin = await dash.browser("admin@example.com", "owner")
     instance_routes = pages(Access.INSTANCE)
