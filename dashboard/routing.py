@@ -247,6 +247,14 @@ def _origin_is_foreign(request: web.Request) -> bool:
     return urlsplit(origin).netloc != request.host
 
 
+def _form_too_large(request: web.Request, limit: int) -> bool:
+    """A body other than an upload (multipart, bounded where it is read) over `limit`, or of a length not
+    given up front (chunked): refused before anything reads it."""
+    if request.method in SAFE_METHODS or request.content_type == "multipart/form-data" or not request.body_exists:
+        return False
+    return request.content_length is None or request.content_length > limit
+
+
 async def _csrf_given(request: web.Request) -> str:
     given = request.headers.get("X-CSRF-Token", "")
     if not given and request.content_type == "multipart/form-data":
@@ -260,6 +268,8 @@ def guarded(page: Page) -> Callable[[web.Request], Awaitable[web.StreamResponse]
     async def handler(request: web.Request) -> web.StreamResponse:
         request[PAGE_OF_REQUEST] = page
         config = request.app[CONFIG].dashboard
+        if _form_too_large(request, config.max_form_bytes):
+            return error_answer(request, None, 413, f"The form is larger than {config.max_form_bytes} bytes")
         db = request.app[DB]
         visit = await accounts.visit_for(db, config, request.cookies.get(SESSION_COOKIE, ""))
         presession = request.cookies.get(PRESESSION_COOKIE, "")
