@@ -42,6 +42,8 @@ MIN_PASSWORD = 10
 MAX_PASSWORD = 1024
 INVITATION_DAYS = 7
 RESET_MINUTES = 60
+RESET_MAILS_PER_ADDRESS = 3
+RESET_MAILS_PER_CLIENT = 20
 TOUCH_EVERY = timedelta(seconds=60)
 """A session's last use is written at most this often (a page load is otherwise a read only)."""
 
@@ -240,6 +242,20 @@ async def set_password_by_email(db: Database, email: str, password: str) -> User
         return user
 
     return await db.write(change)
+
+
+async def may_mail_reset(db: Database, address: str, ip: str) -> bool:
+    """Whether one more reset link may be mailed: at most `RESET_MAILS_PER_ADDRESS` to an address and
+    `RESET_MAILS_PER_CLIENT` asked by one client address in `RESET_MINUTES`, so the form cannot flood an
+    inbox (nor spend the mail project's sending reputation). Counted in the shared database, on every node."""
+    now = utcnow()
+    window_start = now - timedelta(minutes=RESET_MINUTES)
+
+    def count(session) -> bool:
+        return (store.count_attempt(session, f"reset:{address}", now, window_start) <= RESET_MAILS_PER_ADDRESS
+                and store.count_attempt(session, f"reset-ip:{ip}", now, window_start) <= RESET_MAILS_PER_CLIENT)
+
+    return await db.write(count, light=True)
 
 
 def reset_tokens(secret_key: bytes) -> SignedTokens:
