@@ -500,3 +500,44 @@ def _rename(session, project_id: str, name: str, from_name: str) -> None:
 
     project = session.get(Project, project_id)
     project.name, project.from_name = name, from_name
+
+
+async def test_a_form_too_large_or_of_unknown_length_is_refused_before_it_is_read(dash, config):
+    visitor = await dash.browser()
+    await visitor.get("/login")
+    before = await snapshot(dash.api.db)
+    padding = "a" * config.dashboard.max_form_bytes
+    response = await visitor.post("/login", {"email": padding, "password": "x"})
+    assert response.status == 413 and "The form is larger than" in await response.text()
+    assert header_faults("/login", response) == []
+    status, body = await visitor.post_json("/login", {"email": padding, "password": "x"})
+    assert status == 413 and body["error"]["status"] == 413
+
+    async def chunks():
+        yield b"csrf=" + visitor.csrf.encode()
+        yield b"&email=a%40example.com&password=x"
+
+    response = await visitor.client.post("/login", data=chunks(), allow_redirects=False,
+                                         headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert response.status == 413, "a chunked form (no length given) is refused"
+    await dash.owner.get("/projects")
+    response = await dash.owner.post("/projects", {"name": "n" * config.dashboard.max_form_bytes,
+                                                   "fromEmail": "big@example.com"})
+    assert response.status == 413
+    assert await snapshot(dash.api.db) == before
+
+
+async def test_reset_links_are_mailed_at_most_three_times_an_hour_per_address(dash, sender, config):
+    from storage import emails as email_store
+
+    config.dashboard.mail_project = "test"
+    await make_user(dash.api.db, "often@example.com")
+    visitor = await dash.browser()
+    answers = set()
+    for _ in range(accounts.RESET_MAILS_PER_ADDRESS + 3):
+        await visitor.get("/reset")
+        response = await visitor.post("/reset", {"email": "often@example.com"})
+        answers.add((response.status, (await response.text()).replace(visitor.csrf, "")))
+    assert len(answers) == 1 and next(iter(answers))[0] == 200, "the same answer whether mailed or not"
+    queued = await dash.api.db.read(email_store.list_emails, dash.api.project_id)
+    assert [e.recipient for e in queued] == ["often@example.com"] * accounts.RESET_MAILS_PER_ADDRESS
