@@ -311,6 +311,11 @@ async def invite(db: Database, project_id: str, email: str, role: str, invited_b
     return invitation, token
 
 
+async def withdraw_invitation(db: Database, project_id: str, invitation_id: str) -> None:
+    if not await db.write(lambda s: store.delete_invitation(s, project_id, invitation_id)):
+        raise NotFound("No such invitation")
+
+
 async def invitation_for(db: Database, token: str) -> tuple[Invitation, Project]:
     found = await db.read(store.find_invitation, digest(token)) if 0 < len(token) <= 100 else None
     if found is None or found[0].accepted_at is not None or found[0].expires_at <= utcnow():
