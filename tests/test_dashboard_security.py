@@ -541,3 +541,31 @@ async def test_reset_links_are_mailed_at_most_three_times_an_hour_per_address(da
     assert len(answers) == 1 and next(iter(answers))[0] == 200, "the same answer whether mailed or not"
     queued = await dash.api.db.read(email_store.list_emails, dash.api.project_id)
     assert [e.recipient for e in queued] == ["often@example.com"] * accounts.RESET_MAILS_PER_ADDRESS
+
+
+async def test_ids_of_another_user_or_project_are_not_found(dash):
+    """A session, an invitation or a member named by id is looked up within the visitor's own account or
+    the project in the path: another's id answers 404 and changes nothing."""
+    other_id, _, _ = await dash.api.new_project("elsewhere")
+    victim = await dash.browser("victim@example.com", "viewer")
+    [victim_session] = await session_of(dash.api.db, "victim@example.com")
+    await dash.owner.get(f"/projects/{other_id}/members")
+    status, body = await dash.owner.post_json(f"/projects/{other_id}/members/invite",
+                                              {"email": "invitee@example.com", "role": "viewer"})
+    assert status == 201
+    foreign_invitation = body["data"]["id"]
+    outsider = await make_user(dash.api.db, "outsider@example.com", project_id=other_id, role="viewer")
+    admin = await dash.browser("admin@example.com", "admin")
+    before = await snapshot(dash.api.db)
+    await admin.get("/account")
+    response = await admin.post(f"/account/sessions/{victim_session.id}/revoke")
+    assert response.status == 404
+    base = f"/projects/{dash.api.project_id}/members"
+    await admin.get(base)
+    for path, form in ((f"{base}/invitations/{foreign_invitation}/withdraw", {}),
+                       (f"{base}/invitations/{DUMMY_ID}/withdraw", {}),
+                       (f"{base}/{outsider.id}/role", {"role": "admin"}), (f"{base}/{outsider.id}/remove", {})):
+        response = await admin.post(path, form)
+        assert response.status == 404, path
+    assert await snapshot(dash.api.db) == before
+    assert (await victim.get("/account"))[0] == 200
