@@ -210,7 +210,9 @@ def page_csrf() -> str:
 
 
 def page_context(ctx: Ctx | None, request: web.Request) -> dict[str, Any]:
-    """The context every page has; sets the token `page_csrf()` gives while this request renders."""
+    """The context every page has, which a handler's `data` and `extra` cannot replace (a `role` or `csrf`
+    of theirs would change the frame's; the template reads theirs as `data.role`); sets the token
+    `page_csrf()` gives while this request renders."""
     _PAGE_CSRF.set(ctx.csrf if ctx else "")
     return {"ctx": ctx, "visit": ctx.visit if ctx else None, "project": ctx.project if ctx else None,
             "role": ctx.role if ctx else None, "csrf": ctx.csrf if ctx else "",
@@ -228,9 +230,8 @@ def render(ctx: Ctx, answer: Answer) -> web.StreamResponse:
             set_cookie(request, response, FLASH_COOKIE, quote(answer.flash[:300], safe=" .,:;!?'()-@/"), 60)
     else:
         assert answer.template is not None
-        context = {**page_context(ctx, request), **answer.extra}
-        if isinstance(answer.data, dict):
-            context.update(answer.data)
+        data = answer.data if isinstance(answer.data, dict) else {}
+        context = {**data, **answer.extra, "data": answer.data, **page_context(ctx, request)}
         response = aiohttp_jinja2.render_template(answer.template, request, context, status=answer.status)
         response.headers.update(HEADERS)
         if FLASH_COOKIE in request.cookies:
