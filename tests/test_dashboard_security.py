@@ -569,3 +569,25 @@ async def test_ids_of_another_user_or_project_are_not_found(dash):
         assert response.status == 404, path
     assert await snapshot(dash.api.db) == before
     assert (await victim.get("/account"))[0] == 200
+
+
+async def test_a_handlers_data_cannot_replace_the_frames_role_or_token(dash):
+    """The side nav shows the visitor's own role on every project page, even where the page's data has a
+    `role` of its own (an invitation's), and the forms keep the visitor's token."""
+    viewer = await dash.browser("viewer@example.com", "viewer")
+    wrong = []
+    for page in pages(Access.PROJECT, methods="get"):
+        path = fill(page, dash.api.project_id)
+        status, html = await viewer.get(path)
+        if status == 200 and '<span class="role">viewer</span>' not in html:
+            wrong.append(f"{path}: the nav does not say viewer")
+    assert not wrong, "\n".join(wrong)
+    await dash.owner.get(f"/projects/{dash.api.project_id}/members")
+    response = await dash.owner.post(f"/projects/{dash.api.project_id}/members/invite",
+                                     {"email": "editor@example.com", "role": "editor"})
+    html = await response.text()
+    assert response.status == 201 and '<span class="role">owner</span>' in html
+    assert "makes them an editor of this project" in html
+    status, body = await dash.owner.post_json(f"/projects/{dash.api.project_id}/members/invite",
+                                              {"email": "json@example.com", "role": "admin"})
+    assert status == 201 and body["data"]["role"] == "admin", "the JSON answer keeps its shape"
