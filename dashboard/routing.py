@@ -242,10 +242,15 @@ def render(ctx: Ctx, answer: Answer) -> web.StreamResponse:
 
 
 def _origin_is_foreign(request: web.Request) -> bool:
+    """An `Origin` (browsers send it on every POST) other than this site: the public URL's scheme and host,
+    or the request's own host (a reverse proxy may pass on its upstream's Host). "null" is foreign."""
     origin = request.headers.get("Origin")
-    if origin is None or origin == "null" and request.method in SAFE_METHODS:
+    if origin is None:
         return False
-    return urlsplit(origin).netloc != request.host
+    given, public = urlsplit(origin), urlsplit(request.app[CONFIG].server.public_url)
+    if given.netloc and (given.scheme, given.netloc) == (public.scheme, public.netloc):
+        return False
+    return not given.netloc or given.netloc != request.host
 
 
 def _form_too_large(request: web.Request, limit: int) -> bool:
