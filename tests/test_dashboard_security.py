@@ -591,3 +591,16 @@ async def test_a_handlers_data_cannot_replace_the_frames_role_or_token(dash):
     status, body = await dash.owner.post_json(f"/projects/{dash.api.project_id}/members/invite",
                                               {"email": "json@example.com", "role": "admin"})
     assert status == 201 and body["data"]["role"] == "admin", "the JSON answer keeps its shape"
+
+
+async def test_behind_a_reverse_proxy_the_public_urls_origin_is_this_site(config, dash):
+    """A proxy that passes its upstream's Host (nginx's default) still lets the site's own forms through;
+    another origin, or the public host under another scheme, is refused."""
+    config.server.public_url = "https://mail.example"
+    await dash.owner.get("/projects")
+    for origin, expected in (("https://evil.example", 403), ("http://mail.example", 403),
+                             ("https://mail.example.evil.example", 403), ("null", 403),
+                             ("https://mail.example", 201)):
+        response = await dash.owner.post("/projects", {"name": "proxied", "fromEmail": "hello@mail.example"},
+                                         headers={"Origin": origin})
+        assert response.status == expected, origin
