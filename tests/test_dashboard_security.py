@@ -150,8 +150,8 @@ async def test_a_viewer_gets_403_above_their_role_and_sees_no_form_for_it(probe_
                 wrong.append(f"{page.method} {page.path} json={as_json}: {response.status}, not 403")
     for page in pages(Access.PROJECT, methods="get"):
         status, html = await viewer.get(fill(page, dash.api.project_id))
-        for action in re.findall(r'<form method="post" action="([^"]+)"', html):
-            target = route_of(action)
+        for action in post_actions(html):
+            target = route_of(action.split("?", 1)[0])
             if target is not None and target.access == Access.PROJECT and target.role.rank > Role.VIEWER.rank:
                 wrong.append(f"{page.path} shows the viewer a form for {target.path} ({target.role.value})")
     assert not wrong, "\n".join(wrong)
@@ -186,6 +186,16 @@ async def test_every_change_needs_the_csrf_token_and_this_site_as_origin(dash):
 
 
 FORM_TAG = re.compile(r"<form\b([^>]*)>(.*?)</form>", re.S)
+
+
+def post_actions(html: str) -> list[str]:
+    """Where the page's POST forms, their buttons' formaction and htmx's hx-post (put, patch, delete) send."""
+    actions = []
+    for attributes, body in FORM_TAG.findall(html):
+        if re.search(r'method="post"', attributes, re.I):
+            actions += re.findall(r'\baction="([^"]*)"', attributes)
+            actions += re.findall(r'formaction="([^"]*)"', body)
+    return actions + re.findall(r'\bhx-(?:post|put|patch|delete)="([^"]*)"', html)
 
 
 def form_faults(path: str, html: str, token: str) -> list[str]:
