@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import email
 import io
+import logging
 import re
 import time
 from datetime import timedelta
@@ -446,7 +447,8 @@ async def delivered(outbox, count: int, seconds: float = 20) -> list[email.messa
     raise AssertionError(f"{count} message(s) not delivered to {outbox} within {seconds}s")
 
 
-async def test_a_reset_link_is_mailed_through_plunkd_and_shown_nowhere_else(mailing, dash, sender):
+async def test_a_reset_link_is_mailed_through_plunkd_and_shown_nowhere_else(mailing, dash, sender, caplog):
+    caplog.set_level(logging.DEBUG)
     await make_user(dash.api.db, "forgot@example.com")
     answers = []
     for address in ("forgot@example.com", "nobody@example.com"):
@@ -461,6 +463,7 @@ async def test_a_reset_link_is_mailed_through_plunkd_and_shown_nowhere_else(mail
     [message] = await delivered(mailing, 1)
     assert message["To"] == "forgot@example.com" and "<hello@example.com>" in message["From"]
     link = re.search(r"(/reset/\S+)", message.get_content()).group(1)
+    assert link.rsplit("/", 1)[1] not in caplog.text, "not in the server's log either"
     visitor = await dash.browser()
     status, page = await visitor.get(link)
     assert status == 200 and "Choose a new password" in page
