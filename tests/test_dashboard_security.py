@@ -264,17 +264,20 @@ def header_faults(path: str, response) -> list[str]:
                         ("Cache-Control", "no-store")):
         if headers.get(name) != value:
             faults.append(f"{name}: {headers.get(name)!r}")
+    if "Access-Control-Allow-Origin" in headers:
+        faults.append("readable by other sites (CORS)")
     return [f"{path} ({response.status}): {fault}" for fault in faults]
 
 
-async def test_security_headers_on_every_answer(probe_pages, dash):
+async def test_security_headers_on_every_answer(probe_pages, config, dash):
+    config.api.cors_origins = ["*"]  # the API's CORS is for the API only
     stranger = await dash.browser()
     wrong = []
     for page in pages(methods="get"):
         path = fill(page, dash.api.project_id)
         for visitor in (dash.owner, stranger):
             for as_json in (False, True):
-                wrong += header_faults(path, await send(visitor, page, path, as_json, None))
+                wrong += header_faults(path, await send(visitor, page, path, as_json, None, "https://evil.example"))
     for page in pages(methods="change"):
         path = fill(page, dash.api.project_id)
         wrong += header_faults(path, await send(stranger, page, path, False, ""))
