@@ -94,6 +94,12 @@ class Tab:
         self.taken.append(path)
         return path
 
+    def visit(self, url: str, name: str) -> None:
+        """Open `url` (answered 200) and `check` it as `name`."""
+        response = self.page.goto(url)
+        assert response is not None and response.status == 200, f"{url}: {response and response.status}"
+        self.check(name)
+
     def check(self, name: str) -> None:
         """The page as a user sees it now: screenshot it, run axe, and fail on any error it logged."""
         self.page.wait_for_load_state("load")

@@ -72,8 +72,7 @@ def setup_link(journey: Journey) -> str:
 
 
 def set_up_the_first_owner(owner: Tab, journey: Journey) -> None:
-    owner.page.goto(setup_link(journey))
-    owner.check("setup")
+    owner.visit(setup_link(journey), "setup")
     assert owner.page.get_by_label("Setup token").input_value()
     owner.page.get_by_label("Your email").fill(OWNER)
     owner.page.get_by_label("Password").fill(PASSWORD)
@@ -178,9 +177,8 @@ def invite_a_viewer(owner: Tab, journey: Journey) -> None:
 
 
 def join_as_the_viewer(viewer: Tab, journey: Journey) -> None:
-    viewer.page.goto(journey.invitation)
+    viewer.visit(journey.invitation, "invitation")
     viewer.page.get_by_role("heading", name=f"Join {PROJECT}").wait_for()
-    viewer.check("invitation")
     viewer.page.get_by_label("Choose a password").fill("a long viewer password")
     viewer.page.get_by_role("button", name="Join the project").click()
     viewer.page.wait_for_url(f"**/projects/{journey.project_id}")
