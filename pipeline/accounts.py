@@ -24,7 +24,7 @@ import hmac
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -242,6 +242,16 @@ async def set_password_by_email(db: Database, email: str, password: str) -> User
         return user
 
     return await db.write(change)
+
+
+def counting_window(config: DashboardConfig) -> timedelta:
+    """How long an attempt count matters: the longest window counted in (sign-in lockout, reset mails)."""
+    return max(timedelta(seconds=config.lockout_seconds), timedelta(minutes=RESET_MINUTES))
+
+
+async def delete_ended(db: Database, config: DashboardConfig, now: datetime) -> tuple[int, int]:
+    """The pruner's part: ended sessions and attempt counts older than their window (counts, ended)."""
+    return await db.write(lambda s: store.delete_ended(s, now, now - counting_window(config)))
 
 
 async def may_mail_reset(db: Database, address: str, ip: str) -> bool:
