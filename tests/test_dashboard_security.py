@@ -620,3 +620,33 @@ async def test_behind_a_reverse_proxy_the_public_urls_origin_is_this_site(config
         response = await dash.owner.post("/projects", {"name": "proxied", "fromEmail": "hello@mail.example"},
                                          headers={"Origin": origin})
         assert response.status == expected, origin
+
+
+async def test_the_pruner_deletes_ended_sessions_and_old_attempt_counts(dash, config):
+    """A flood of sign-ins with made-up addresses leaves a count per address, and sessions nobody comes
+    back to stay past their expiry: the pruner deletes both once they can matter no more."""
+    from maintenance.pruner import Pruner
+    from storage.models import LoginFailure
+
+    gone = await dash.browser("gone@example.com", "viewer")
+    [ended] = await session_of(dash.api.db, "gone@example.com")
+    await move_session(dash.api.db, ended.id, expires_at=utcnow() - timedelta(seconds=1))
+    visitor = await dash.browser()
+    await visitor.get("/login")
+    for address in ("made-up-1@example.com", "made-up-2@example.com"):
+        response = await visitor.post("/login", {"email": address, "password": "not a password"})
+        assert response.status == 401
+
+    def age_counts(session) -> None:
+        for row in session.execute(select(LoginFailure)).scalars():
+            if row.key.startswith("account:made-up-1"):
+                row.first_at = utcnow() - timedelta(seconds=config.dashboard.lockout_seconds, minutes=61)
+
+    await dash.api.db.write(age_counts)
+    pruned = await Pruner(dash.api.db, config.delivery, dashboard=config.dashboard).run_once()
+    assert (pruned.sessions_deleted, pruned.counts_deleted) == (1, 1)
+    keys = await dash.api.db.read(lambda s: sorted(s.execute(select(LoginFailure.key)).scalars()))
+    assert keys == ["account:made-up-2@example.com", "ip:127.0.0.1"]
+    assert await session_of(dash.api.db, "gone@example.com") == []
+    assert (await dash.owner.get("/account"))[0] == 200, "a live session stays"
+    assert (await gone.client.get("/account", allow_redirects=False)).status == 302
