@@ -246,6 +246,9 @@ class DashboardConfig:
     dashboard shows the link to pass on instead of mailing it."""
     max_upload_bytes: int = 50 * 1024 * 1024
     """The largest CSV a contact import may upload."""
+    max_form_bytes: int = 16 * 1024 * 1024
+    """The largest form or JSON body a dashboard page accepts (uploads have `max_upload_bytes`); read before
+    the CSRF check, so it bounds what a signed-out client makes the server parse."""
 
 
 @dataclass
@@ -388,7 +391,8 @@ def _validate(config: Config) -> None:
                (config.dashboard.session_max_days > 0, "dashboard.session_max_days", "a number > 0"),
                (config.dashboard.login_failure_limit > 0, "dashboard.login_failure_limit", "a number > 0"),
                (config.dashboard.lockout_seconds > 0, "dashboard.lockout_seconds", "a number > 0"),
-               (config.dashboard.max_upload_bytes > 0, "dashboard.max_upload_bytes", "a number > 0")]
+               (config.dashboard.max_upload_bytes > 0, "dashboard.max_upload_bytes", "a number > 0"),
+               (config.dashboard.max_form_bytes >= 4096, "dashboard.max_form_bytes", "a number >= 4096")]
     checks.append((_compiles(config.feedback.sns_host_pattern), "feedback.sns_host_pattern", "a valid regex"))
     checks += [(bool(SNS_TOPIC_ARN.fullmatch(arn)), "feedback.sns_topic_arns",
                 f"SNS topic ARNs like arn:aws:sns:us-east-1:123456789012:ses-feedback, got {arn!r}")

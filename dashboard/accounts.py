@@ -152,7 +152,7 @@ async def reset_request(ctx: Ctx) -> Answer:
     fields = await form_of(request)
     address = fields.get("email", "").strip().lower()[:320]
     user = await request.app[DB].read(account_store.find_user_by_email, address)
-    if user is not None:
+    if user is not None and await accounts.may_mail_reset(request.app[DB], address, client_ip(request)):
         link = f"{request.app[LINKS].public_url}/reset/{accounts.reset_token(_reset_tokens(request), user)}"
         await mail_link(request, user.email, "Reset your plunkd password",
                         f"Someone asked to reset the password of your plunkd account.\n\nOpen this link within "

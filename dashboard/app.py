@@ -32,7 +32,7 @@ from dashboard import (
     workflows,
 )
 from dashboard.context import CONFIG, DB, IMPORTS, KEYS, LINKS, ON_QUEUED, SETUP_TOKEN
-from dashboard.routing import Page, register
+from dashboard.routing import Page, page_csrf, register
 from pipeline.accounts import has_users
 from pipeline.import_jobs import ImportRunner
 from pipeline.keys import KeyCache
@@ -79,6 +79,7 @@ def install(app: web.Application, config: Config, db: Database, keys: KeyCache, 
                                        autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
                                        undefined=jinja2.ChainableUndefined, trim_blocks=True, lstrip_blocks=True)
     environment.filters["when"] = when
+    environment.globals["page_csrf"] = page_csrf
     environment.filters["urldecode"] = lambda value: escape(unquote(str(value)))
     app.router.add_static("/static/", STATIC, append_version=False)
     register(app, all_pages())

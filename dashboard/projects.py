@@ -91,7 +91,7 @@ async def invite(ctx: Ctx) -> Answer:
 
 async def withdraw_invitation(ctx: Ctx) -> Answer:
     invitation_id = ctx.request.match_info["invitation"][:64]
-    await ctx.request.app[DB].write(lambda s: account_store.delete_invitation(s, ctx.project_id, invitation_id))
+    await accounts.withdraw_invitation(ctx.request.app[DB], ctx.project_id, invitation_id)
     return Answer(redirect=f"/projects/{ctx.project_id}/members", flash="Invitation withdrawn",
                   data={"withdrawn": invitation_id})
 

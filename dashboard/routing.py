@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
@@ -51,6 +52,15 @@ HEADERS = {
                                "base-uri 'none'",
 }
 """On every dashboard answer: no inline script or style, no eval, never framed, no foreign form target."""
+SANDBOXED_HEADERS = {
+    **{name: value for name, value in HEADERS.items() if name not in ("X-Frame-Options", "Content-Security-Policy")},
+    "Content-Security-Policy": "sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+                               "frame-ancestors 'self'",
+    "X-Frame-Options": "SAMEORIGIN",
+}
+"""On the answers of a `sandboxed` page (a mail's own HTML, shown in an `<iframe sandbox>` of our pages): framed
+by the dashboard only, in a sandbox (an opaque origin, no script, no form, no popup), loading nothing from
+anywhere (remote images show as missing, as many mail clients show them until allowed)."""
 
 
 class Access(Enum):
@@ -116,6 +126,21 @@ class Page:
     role: Role = Role.VIEWER
     """For PROJECT pages: the least role that may call it."""
     summary: str = ""
+    sandboxed: bool = False
+    """Answers a mail's own HTML for an `<iframe sandbox>` of the dashboard's pages: `SANDBOXED_HEADERS`
+    instead of `HEADERS` (the mail's inline styles shown, its scripts never run)."""
+
+
+PAGE_OF_REQUEST = web.RequestKey("dashboard_page", Page)
+"""Set by `guarded`: the request is the dashboard's, so its answer gets `HEADERS` (`secure_headers`)."""
+
+
+async def secure_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare`: `HEADERS` on every dashboard answer, those a handler made itself included (a CSV
+    export, a download), unless the handler set one of them on purpose."""
+    if PAGE_OF_REQUEST in request:
+        for name, value in (SANDBOXED_HEADERS if request[PAGE_OF_REQUEST].sandboxed else HEADERS).items():
+            response.headers.setdefault(name, value)
 
 
 def wants_json(request: web.Request) -> bool:
@@ -159,7 +184,7 @@ def local_path(target: str) -> str:
 
 
 def redirect(target: str, status: int) -> web.Response:
-    return web.Response(status=status, headers={**HEADERS, "Location": local_path(target)})
+    return web.Response(status=status, headers={"Location": local_path(target)})
 
 
 def _json_default(value: Any) -> Any:
@@ -171,8 +196,7 @@ def _json_default(value: Any) -> Any:
 
 
 def json_answer(data: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, text=json.dumps(data, default=_json_default), content_type="application/json",
-                        headers=HEADERS)
+    return web.Response(status=status, text=json.dumps(data, default=_json_default), content_type="application/json")
 
 
 def error_answer(request: web.Request, ctx: Ctx | None, status: int, message: str,
@@ -183,11 +207,23 @@ def error_answer(request: web.Request, ctx: Ctx | None, status: int, message: st
                "message": message, "errors": errors or [], "status": status}
     response = aiohttp_jinja2.render_template("message.html", request, {**page_context(ctx, request), **context},
                                               status=status)
-    response.headers.update(HEADERS)
     return response
 
 
+_PAGE_CSRF: ContextVar[str] = ContextVar("dashboard_page_csrf", default="")
+
+
+def page_csrf() -> str:
+    """The CSRF token of the page being rendered, for `_macros.html`'s `csrf_field()`: a macro imported the
+    usual way (`{% from ... import %}`, without context) does not see the page's `csrf`."""
+    return _PAGE_CSRF.get()
+
+
 def page_context(ctx: Ctx | None, request: web.Request) -> dict[str, Any]:
+    """The context every page has, which a handler's `data` and `extra` cannot replace (a `role` or `csrf`
+    of theirs would change the frame's; the template reads theirs as `data.role`); sets the token
+    `page_csrf()` gives while this request renders."""
+    _PAGE_CSRF.set(ctx.csrf if ctx else "")
     return {"ctx": ctx, "visit": ctx.visit if ctx else None, "project": ctx.project if ctx else None,
             "role": ctx.role if ctx else None, "csrf": ctx.csrf if ctx else "",
             "can": ctx.can if ctx else (lambda role: False), "path": request.path,
@@ -201,14 +237,12 @@ def render(ctx: Ctx, answer: Answer) -> web.StreamResponse:
     elif answer.redirect is not None:
         response = redirect(answer.redirect, 303)
         if answer.flash:
-            set_cookie(request, response, FLASH_COOKIE, quote(answer.flash[:300], safe=" .,:;!?'()-@/"), 60)
+            set_cookie(request, response, FLASH_COOKIE, quote(answer.flash[:300], safe=".,:;!?'()-@/"), 60)
     else:
         assert answer.template is not None
-        context = {**page_context(ctx, request), **answer.extra}
-        if isinstance(answer.data, dict):
-            context.update(answer.data)
+        data = answer.data if isinstance(answer.data, dict) else {}
+        context = {**data, **answer.extra, "data": answer.data, **page_context(ctx, request)}
         response = aiohttp_jinja2.render_template(answer.template, request, context, status=answer.status)
-        response.headers.update(HEADERS)
         if FLASH_COOKIE in request.cookies:
             set_cookie(request, response, FLASH_COOKIE, None)
     for name, value in answer.cookies.items():
@@ -217,10 +251,23 @@ def render(ctx: Ctx, answer: Answer) -> web.StreamResponse:
 
 
 def _origin_is_foreign(request: web.Request) -> bool:
+    """An `Origin` (browsers send it on every POST) other than this site: the public URL's scheme and host,
+    or the request's own host (a reverse proxy may pass on its upstream's Host). "null" is foreign."""
     origin = request.headers.get("Origin")
-    if origin is None or origin == "null" and request.method in SAFE_METHODS:
+    if origin is None:
         return False
-    return urlsplit(origin).netloc != request.host
+    given, public = urlsplit(origin), urlsplit(request.app[CONFIG].server.public_url)
+    if given.netloc and (given.scheme, given.netloc) == (public.scheme, public.netloc):
+        return False
+    return not given.netloc or given.netloc != request.host
+
+
+def _form_too_large(request: web.Request, limit: int) -> bool:
+    """A body other than an upload (multipart, bounded where it is read) over `limit`, or of a length not
+    given up front (chunked): refused before anything reads it."""
+    if request.method in SAFE_METHODS or request.content_type == "multipart/form-data" or not request.body_exists:
+        return False
+    return request.content_length is None or request.content_length > limit
 
 
 async def _csrf_given(request: web.Request) -> str:
@@ -234,7 +281,10 @@ async def _csrf_given(request: web.Request) -> str:
 
 def guarded(page: Page) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
+        request[PAGE_OF_REQUEST] = page
         config = request.app[CONFIG].dashboard
+        if _form_too_large(request, config.max_form_bytes):
+            return error_answer(request, None, 413, f"The form is larger than {config.max_form_bytes} bytes")
         db = request.app[DB]
         visit = await accounts.visit_for(db, config, request.cookies.get(SESSION_COOKIE, ""))
         presession = request.cookies.get(PRESESSION_COOKIE, "")
@@ -277,6 +327,7 @@ def guarded(page: Page) -> Callable[[web.Request], Awaitable[web.StreamResponse]
 
 
 def register(app: web.Application, pages: list[Page]) -> None:
+    app.on_response_prepare.append(secure_headers)
     for page in pages:
         if page.method == "GET":
             app.router.add_get(page.path, guarded(page), allow_head=False)

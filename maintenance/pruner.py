@@ -1,7 +1,7 @@
 """The pruner: keeps storage bounded (`delivery.keep_content_days`, `delivery.keep_days`). One pass, in
 order of named steps, every PASS_SECONDS:
 
-    drop_old_content → delete_old_emails → release_free_pages
+    drop_old_content → delete_old_emails → accounts.delete_ended (dashboard) → release_free_pages
 
 Every batch is its own short transaction on the shared writer (tens of milliseconds), so mail being
 accepted meanwhile waits on one batch at most, never on a whole pass. It runs beside the dispatcher (one
@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 
-from core.config import DeliveryConfig
+from core.config import DashboardConfig, DeliveryConfig
+from pipeline import accounts
 from storage import retention
 from storage.db import Database
 from storage.models import utcnow
@@ -43,6 +44,9 @@ class Pruned:
     contents_emptied: int = 0
     emails_deleted: int = 0
     contents_deleted: int = 0
+    sessions_deleted: int = 0
+    counts_deleted: int = 0
+    """Dashboard sign-in and reset-mail attempt counts past their window."""
     pages_released: int = 0
 
     def __bool__(self) -> bool:
@@ -51,9 +55,10 @@ class Pruned:
 
 class Pruner:
     def __init__(self, db: Database, settings: DeliveryConfig, batch_rows: int = BATCH_ROWS,
-                 clock: Callable[[], datetime] = utcnow) -> None:
+                 clock: Callable[[], datetime] = utcnow, dashboard: DashboardConfig | None = None) -> None:
         self.db = db
         self.settings = settings
+        self.dashboard = dashboard or DashboardConfig()
         self.batch_rows = batch_rows
         self.clock = clock
         self._emptied_up_to = ""
@@ -78,12 +83,14 @@ class Pruner:
         pruned = Pruned()
         pruned.contents_emptied = await self.drop_old_content(now)
         pruned.emails_deleted, pruned.contents_deleted = await self.delete_old_emails(now)
+        pruned.sessions_deleted, pruned.counts_deleted = await accounts.delete_ended(self.db, self.dashboard, now)
         pruned.pages_released = await self.release_free_pages()
         if pruned:
-            log.info("pruned: %d contents emptied, %d emails and %d contents deleted, %d free pages released "
-                     "(keep_content_days %d, keep_days %d)", pruned.contents_emptied, pruned.emails_deleted,
-                     pruned.contents_deleted, pruned.pages_released, self.settings.keep_content_days,
-                     self.settings.keep_days)
+            log.info("pruned: %d contents emptied, %d emails and %d contents deleted, %d ended dashboard sessions "
+                     "and %d old attempt counts deleted, %d free pages released (keep_content_days %d, keep_days "
+                     "%d)", pruned.contents_emptied, pruned.emails_deleted, pruned.contents_deleted,
+                     pruned.sessions_deleted, pruned.counts_deleted, pruned.pages_released,
+                     self.settings.keep_content_days, self.settings.keep_days)
         return pruned
 
     async def drop_old_content(self, now: datetime) -> int:

@@ -7,8 +7,9 @@
   more are refused without a check until `lockout_seconds` after the first, on every node alike (the rule
   SMTP AUTH follows). A right password clears the counts.
 * A session is a random token in an HttpOnly cookie; the database keeps its SHA-256 only. Every sign-in
-  makes a new one. It ends when unused for `session_idle_hours`, `session_max_days` after sign-in, on
-  sign-out, when revoked from the account page, and (the others) when the password changes.
+  makes a new one. It ends when unused for `session_idle_hours`, `session_max_days` after sign-in (the
+  limits in force now: lowering them ends older sessions at once), on sign-out, when revoked from the
+  account page, and (the others) when the password changes.
 * The CSRF token of a page is derived from the session token (or, before sign-in, from a random
   pre-session cookie), so a page of another site can neither read nor compute it.
 * A password-reset link is signed and names the user, its expiry and a fingerprint of the current password
@@ -23,7 +24,7 @@ import hmac
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -41,6 +42,8 @@ MIN_PASSWORD = 10
 MAX_PASSWORD = 1024
 INVITATION_DAYS = 7
 RESET_MINUTES = 60
+RESET_MAILS_PER_ADDRESS = 3
+RESET_MAILS_PER_CLIENT = 20
 TOUCH_EVERY = timedelta(seconds=60)
 """A session's last use is written at most this often (a page load is otherwise a read only)."""
 
@@ -192,7 +195,8 @@ async def visit_for(db: Database, config: DashboardConfig, token: str) -> Visit 
         return None
     row, user = found
     now = utcnow()
-    if row.expires_at <= now or row.last_seen_at <= now - timedelta(hours=config.session_idle_hours):
+    if (row.expires_at <= now or row.created_at <= now - timedelta(days=config.session_max_days)
+            or row.last_seen_at <= now - timedelta(hours=config.session_idle_hours)):
         await db.write(lambda s: store.delete_session(s, user.id, row.id), light=True)
         return None
     if now - row.last_seen_at >= TOUCH_EVERY:
@@ -238,6 +242,30 @@ async def set_password_by_email(db: Database, email: str, password: str) -> User
         return user
 
     return await db.write(change)
+
+
+def counting_window(config: DashboardConfig) -> timedelta:
+    """How long an attempt count matters: the longest window counted in (sign-in lockout, reset mails)."""
+    return max(timedelta(seconds=config.lockout_seconds), timedelta(minutes=RESET_MINUTES))
+
+
+async def delete_ended(db: Database, config: DashboardConfig, now: datetime) -> tuple[int, int]:
+    """The pruner's part: ended sessions and attempt counts older than their window (counts, ended)."""
+    return await db.write(lambda s: store.delete_ended(s, now, now - counting_window(config)))
+
+
+async def may_mail_reset(db: Database, address: str, ip: str) -> bool:
+    """Whether one more reset link may be mailed: at most `RESET_MAILS_PER_ADDRESS` to an address and
+    `RESET_MAILS_PER_CLIENT` asked by one client address in `RESET_MINUTES`, so the form cannot flood an
+    inbox (nor spend the mail project's sending reputation). Counted in the shared database, on every node."""
+    now = utcnow()
+    window_start = now - timedelta(minutes=RESET_MINUTES)
+
+    def count(session) -> bool:
+        return (store.count_attempt(session, f"reset:{address}", now, window_start) <= RESET_MAILS_PER_ADDRESS
+                and store.count_attempt(session, f"reset-ip:{ip}", now, window_start) <= RESET_MAILS_PER_CLIENT)
+
+    return await db.write(count, light=True)
 
 
 def reset_tokens(secret_key: bytes) -> SignedTokens:
@@ -291,6 +319,11 @@ async def invite(db: Database, project_id: str, email: str, role: str, invited_b
     invitation = await db.write(lambda s: store.insert_invitation(s, project_id, address, chosen, digest(token),
                                                                    invited_by, expires))
     return invitation, token
+
+
+async def withdraw_invitation(db: Database, project_id: str, invitation_id: str) -> None:
+    if not await db.write(lambda s: store.delete_invitation(s, project_id, invitation_id)):
+        raise NotFound("No such invitation")
 
 
 async def invitation_for(db: Database, token: str) -> tuple[Invitation, Project]:

@@ -206,7 +206,7 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
         watch_parent(int(wake_fd), wake, lambda: os.kill(os.getpid(), signal.SIGTERM))
     task = asyncio.create_task(dispatcher.run(), name="dispatcher")
     log.info("dispatcher %s started: transport %s, %.1f recipients/s", dispatcher.worker, transport.name, rate)
-    pruner = asyncio.create_task(Pruner(db, config.delivery).run(), name="pruner")
+    pruner = asyncio.create_task(Pruner(db, config.delivery, dashboard=config.dashboard).run(), name="pruner")
     scheduler = asyncio.create_task(workflows.run(), name="workflow-scheduler")
     senders = [asyncio.create_task(webhooks.run(), name="webhook-sender")] if config.webhooks.enabled else []
     yield

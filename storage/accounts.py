@@ -180,6 +180,14 @@ def count_attempt(session: Session, key: str, now: datetime, window_start: datet
     return session.execute(upsert.returning(table.c.count)).scalar_one()
 
 
+def delete_ended(session: Session, now: datetime, counted_before: datetime) -> tuple[int, int]:
+    """Sessions past their expiry and attempt counts whose window began before `counted_before`: the rows
+    nobody will read again (a sign-in flood with made-up addresses leaves one count per address)."""
+    sessions = affected(session, delete(DashboardSession).where(DashboardSession.expires_at <= now))
+    counts = affected(session, delete(LoginFailure).where(LoginFailure.first_at < counted_before))
+    return sessions, counts
+
+
 def clear_attempts(session: Session, key: str) -> None:
     session.execute(delete(LoginFailure).where(LoginFailure.key == key))
 

@@ -14,7 +14,7 @@ from storage import accounts as account_store
 from storage.db import Database
 
 PASSWORD = "correct horse battery staple"
-CSRF_FIELD = re.compile(r'name="csrf" value="([0-9a-f]+)"')
+CSRF_FIELD = re.compile(r'name="csrf" value="([^"]*)"')
 
 
 @dataclass
@@ -64,11 +64,12 @@ class Browser:
         return next((morsel.value for morsel in jar if morsel.key == name), None)
 
     def _remember(self, text: str) -> None:
-        assert 'name="csrf" value=""' not in text, \
-            "a form without its CSRF token (import the macros `with context`): a browser's POST would be refused"
-        found = CSRF_FIELD.search(text)
-        if found:
-            self.csrf = found.group(1)
+        """Keep the page's CSRF token; every form of a page carries the same one, none empty (a browser
+        submits what each form holds, so one form without it is a form that cannot work)."""
+        tokens = set(CSRF_FIELD.findall(text))
+        assert len(tokens) <= 1 and "" not in tokens, f"the page's forms carry CSRF tokens {tokens}"
+        if tokens:
+            self.csrf = tokens.pop()
 
 
 async def make_user(db: Database, email: str, instance_owner: bool = False, project_id: str | None = None,
