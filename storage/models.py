@@ -211,7 +211,11 @@ class Content(Base):
 class Email(Base):
     __tablename__ = "emails"
     __table_args__ = (Index("ix_emails_project_id_id", "project_id", "id"),
-                      Index("uq_emails_campaign_contact", "campaign_id", "contact_id", unique=True))
+                      Index("uq_emails_campaign_contact", "campaign_id", "contact_id", unique=True),
+                      Index("ix_emails_project_id_recipient_id", "project_id", "recipient", "id"),
+                      Index("ix_emails_project_id_status_id", "project_id", "status", "id"),
+                      Index("ix_emails_project_id_source_id", "project_id", "source", "id"))
+    """The message log's filters: each a range of one index, in id (newest-first) order."""
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
     contact_id: Mapped[str | None] = mapped_column(ForeignKey("contacts.id", ondelete="SET NULL"), nullable=True)
@@ -260,11 +264,15 @@ class OutboxItem(Base):
 
 class Suppression(Base):
     __tablename__ = "suppressions"
-    __table_args__ = (UniqueConstraint("project_id", "email"),)
+    __table_args__ = (UniqueConstraint("project_id", "email"),
+                      Index("ix_suppressions_project_id_id", "project_id", "id"))
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
     email: Mapped[str] = mapped_column(String(320))
     reason: Mapped[str] = mapped_column(Text, default="")
+    email_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    """The email whose bounce or complaint suppressed the address (None: unknown, or from before 0013).
+    Not a foreign key: the suppression outlives the email's deletion by retention."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
