@@ -16,7 +16,7 @@ from aiohttp import web
 from markupsafe import Markup, escape
 
 from core.config import Config
-from dashboard import accounts, projects
+from dashboard import accounts, message_log, projects
 from dashboard.context import CONFIG, DB, KEYS, LINKS, ON_QUEUED, SETUP_TOKEN
 from dashboard.routing import Page, register
 from pipeline.accounts import has_users
@@ -31,7 +31,7 @@ TEMPLATES = Path(__file__).parent / "templates"
 
 
 def all_pages() -> list[Page]:
-    return [*accounts.ROUTES, *projects.ROUTES]
+    return [*accounts.ROUTES, *projects.ROUTES, *message_log.ROUTES]
 
 
 def when(value: datetime | str | None) -> Markup:
