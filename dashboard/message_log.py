@@ -55,9 +55,10 @@ async def email_list(ctx: Ctx) -> Answer:
     except ValidationFailed as exc:
         shown = {name: ctx.request.query.get(name, "")[:message_log.MAX_SEARCH] for name in
                  ("recipient", "match", "subject", "subjectMatch", "status", "source", "from", "to", "limit")}
+        shown["limit"] = shown["limit"] or str(message_log.DEFAULT_PAGE_SIZE)
         return Answer("emails.html", {**base, "emails": [], "search": shown, "nextCursor": None,
                                       "searchedTo": None, "errors": [e.as_dict() for e in exc.errors],
-                                      "message": exc.message}, status=422)
+                                      "message": exc.message, "firstPage": True}, status=422)
     page = await ctx.request.app[DB].read(store.search_emails, ctx.project_id, search.wanted, search.limit,
                                           search.cursor)
     return Answer("emails.html", {**base, "emails": [listed_email(row) for row in page.rows],
@@ -155,8 +156,8 @@ async def suppression_list(ctx: Ctx) -> Answer:
         prefix, cursor, shown = message_log.suppression_search(ctx.request.query)
     except ValidationFailed as exc:
         return Answer("suppressions.html", {"suppressions": [], "search": {"email": ""}, "nextCursor": None,
-                                            "errors": [e.as_dict() for e in exc.errors], "message": exc.message},
-                      status=422)
+                                            "errors": [e.as_dict() for e in exc.errors], "message": exc.message,
+                                            "firstPage": True}, status=422)
     rows, next_cursor = await ctx.request.app[DB].read(store.list_suppressions, ctx.project_id, prefix,
                                                        message_log.DEFAULT_PAGE_SIZE, cursor)
     return Answer("suppressions.html", {

@@ -60,7 +60,7 @@ def _choice(query: Mapping[str, str], name: str, allowed: tuple[str, ...], error
             default: str = "") -> str:
     value = query.get(name, "").strip() or default
     if value and value not in allowed:
-        errors.append(FieldError(name, f"One of: {', '.join(allowed)}", "invalid_enum_value"))
+        errors.append(FieldError(name, "Not one of the listed values", "invalid_enum_value"))
         return default
     return value
 

@@ -15,7 +15,15 @@ from feedback.effects import bounced
 from storage import bulk
 from storage import emails as email_store
 from storage.feedback import FeedbackEmail
-from storage.message_log import SCAN_WINDOW, EmailFilter, search_emails
+from storage.message_log import (
+    PREFIX_SORTED,
+    SCAN_WINDOW,
+    EmailFilter,
+    is_bounded,
+    log_query,
+    search_emails,
+    window_query,
+)
 from storage.models import Email, EmailStatus, new_id, utcnow
 
 HOSTILE = '"><img src=x onerror=alert(1)><script>alert(2)</script>'
@@ -159,6 +167,19 @@ BAD_FILTERS = [("status=NOPE", "status"), ("source=fax", "source"), ("from=yeste
                ("recipient=" + "a" * 5000, "recipient"), ("subject=" + "b" * 400, "subject"),
                ("limit=100000", "limit"), ("cursor=../../etc", "cursor"), ("match=regex", "match"),
                ("subject=%01x", "subject")]
+
+
+async def test_a_common_recipient_prefix_is_searched_newest_first_within_the_window(dash):
+    """A prefix more than PREFIX_SORTED emails share is not sorted but checked along the newest emails."""
+    project = dash.api.project_id
+    ids = await seed(dash.api.db, project, PREFIX_SORTED + 100,
+                     recipient=lambda i: f"common{i}@example.com" if i % 2 else f"rare{i}@example.com")
+    status, body = await dash.owner.get_json(f"/projects/{project}/emails?recipient=common&limit=25")
+    assert status == 200
+    assert [e["id"] for e in rows_of(body)] == [ids[i] for i in range(PREFIX_SORTED + 99, PREFIX_SORTED + 49, -2)]
+    status, body = await dash.owner.get_json(f"/projects/{project}/emails?recipient=rare1&limit=100")
+    assert status == 200 and len(rows_of(body)) == 100 and rows_of(body)[0]["id"] == ids[max(
+        i for i in range(0, PREFIX_SORTED + 100, 2) if str(i).startswith("1"))]
 
 
 @pytest.mark.parametrize("query, field", BAD_FILTERS, ids=[f"{field}-{n}" for n, (_, field) in enumerate(BAD_FILTERS)])
@@ -333,3 +354,48 @@ async def test_other_projects_emails_are_not_found(dash):
     assert status == 404
     status, body = await dash.owner.get_json(f"/projects/{dash.api.project_id}/emails")
     assert rows_of(body) == []
+
+
+PLANNED = [
+    ("newest", EmailFilter(), {"ix_emails_project_id_id"}),
+    ("recipient exact", EmailFilter(recipient="user7@example.com", recipient_exact=True),
+     {"ix_emails_project_id_recipient_id"}),
+    ("recipient prefix", EmailFilter(recipient="user7"), {"ix_emails_project_id_recipient_id"}),
+    ("status", EmailFilter(status="SENT"), {"ix_emails_project_id_status_id"}),
+    ("source", EmailFilter(source="smtp"), {"ix_emails_project_id_source_id"}),
+    ("status and source", EmailFilter(status="SENT", source="smtp"),
+     {"ix_emails_project_id_status_id", "ix_emails_project_id_source_id"}),
+    ("subject", EmailFilter(subject="order", subject_contains=True), {"ix_emails_project_id_id"}),
+    ("common recipient prefix", EmailFilter(recipient="user", recipient_dense=True), {"ix_emails_project_id_id"}),
+    ("dates", EmailFilter(from_id="01000000-0000-7000-8000-000000000000",
+                          until_id="09000000-0000-7000-8000-000000000000"), {"ix_emails_project_id_id"}),
+]
+
+
+@pytest.mark.parametrize("name, wanted, indexes", PLANNED, ids=[p[0] for p in PLANNED])
+async def test_every_log_query_is_an_index_range(dash, name, wanted, indexes):
+    """EXPLAIN QUERY PLAN (SQLite) / EXPLAIN (PostgreSQL, sequential scans off so a missing index shows) of
+    each filter's page query and of a bounded search's window: one of the expected indexes, never a scan of
+    the table; only a recipient prefix sorts (its matches)."""
+    project = dash.api.project_id
+    await seed(dash.api.db, project, 2000)
+    statements = [log_query(project, wanted, 50, "0f000000-0000-7000-8000-000000000000",
+                            "00000000-0000-7000-8000-000000000000" if is_bounded(wanted) else None)]
+    if is_bounded(wanted):
+        statements.append(window_query(project, wanted, None))
+    async with dash.api.db.engine.connect() as conn:
+        postgres = conn.dialect.name == "postgresql"
+        if postgres:
+            await conn.execute(text("ANALYZE emails"))
+            await conn.execute(text("SET enable_seqscan = off"))
+        for statement in statements:
+            sql = str(statement.compile(conn.engine, compile_kwargs={"literal_binds": True}))
+            rows = await conn.execute(text(("EXPLAIN " if postgres else "EXPLAIN QUERY PLAN ") + sql))
+            plan = "\n".join(" ".join(str(value) for value in row) for row in rows)
+            # PostgreSQL may walk the primary key backwards for the id-ordered pages: all these rows are the
+            # project's, so that is the same range.
+            allowed = indexes | ({"emails_pkey"} if postgres and "ix_emails_project_id_id" in indexes else set())
+            assert any(index in plan for index in allowed), plan
+            assert "Seq Scan" not in plan and "SCAN emails" not in plan, plan
+            if not postgres and name != "recipient prefix":
+                assert "TEMP B-TREE" not in plan, plan
