@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
@@ -399,3 +400,47 @@ async def test_every_log_query_is_an_index_range(dash, name, wanted, indexes):
             assert "Seq Scan" not in plan and "SCAN emails" not in plan, plan
             if not postgres and name != "recipient prefix":
                 assert "TEMP B-TREE" not in plan, plan
+
+
+async def test_nothing_in_the_preview_runs_in_chromium(dash, tmp_path):
+    """Debian's Chromium (Playwright) opens the page of an email with <script>, onload=, <img onerror> and a
+    javascript: link: no dialog opens (also after clicking the link), the HTML is shown, and the tracking
+    image is blocked by the preview's CSP (nothing goes out). A screenshot of the preview stays under tmp_path."""
+    from playwright.async_api import async_playwright
+
+    from tests.dashboard_kit import PASSWORD
+    from tests.test_unsubscribe_browser import chromium_or_fail
+
+    project = dash.api.project_id
+    html = HOSTILE_HTML.replace("<body", "<body><h2>Shown safely</h2><p").replace("</body>", "</p></body>")
+    email_id = await stored_email(dash.api.db, project, mime(html=html))
+    base = str(dash.api.client.make_url("")).rstrip("/")
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=chromium_or_fail(), args=["--no-sandbox"])
+        try:
+            page = await browser.new_page()
+            dialogs: list[str] = []
+            requested: list[str] = []
+            page.on("dialog", lambda dialog: (dialogs.append(dialog.message), asyncio.ensure_future(dialog.dismiss())))
+            failed: list[tuple[str, str]] = []
+            page.on("requestfinished", lambda request: requested.append(request.url))
+            page.on("requestfailed", lambda request: failed.append((request.url, request.failure or "")))
+            await page.goto(f"{base}/login")
+            await page.fill("input[name=email]", "owner@example.com")
+            await page.fill("input[name=password]", PASSWORD)
+            await page.click("button[type=submit]")
+            await page.wait_for_url(f"{base}/**")
+            await page.goto(f"{base}/projects/{project}/emails/{email_id}")
+            frame = page.frame_locator("iframe.preview")
+            await frame.locator("h2").wait_for()
+            assert await frame.locator("h2").inner_text() == "Shown safely"
+            await frame.locator("a").click()
+            await page.wait_for_timeout(500)
+            await page.locator("iframe.preview").screenshot(path=str(tmp_path / "preview.png"))
+        finally:
+            await browser.close()
+    assert dialogs == []
+    assert not [url for url in requested if "tracker.example" in url]
+    assert {reason for _, reason in failed} == {"csp"}, "the <img> loads are blocked, not fetched"
+    assert {url.rsplit("/", 1)[-1] for url, _ in failed} == {"p.gif", "x"}
+    assert f"{base}/projects/{project}/emails/{email_id}/preview" in requested
