@@ -67,20 +67,21 @@ def _prefix(column: ColumnElement[str], prefix: str) -> list[ColumnElement[bool]
     return [column >= prefix, column < prefix + _PREFIX_END, func.substr(column, 1, len(prefix)) == prefix]
 
 
-class _SortedNotSearched(FunctionElement[str]):
-    """A column SQLite may not use an index for (`+column`), elsewhere the column itself."""
+class _NotIndexed(FunctionElement[str]):
+    """A column SQLite may not choose an index by (`+column`; it still reads it from the index it uses),
+    elsewhere the column itself."""
 
     inherit_cache = True
     type = String()
 
 
-@compiles(_SortedNotSearched)
-def _column(element: _SortedNotSearched, compiler: Any, **kw: Any) -> str:
+@compiles(_NotIndexed)
+def _column(element: _NotIndexed, compiler: Any, **kw: Any) -> str:
     return str(compiler.process(element.clauses, **kw))
 
 
-@compiles(_SortedNotSearched, "sqlite")
-def _column_unindexed(element: _SortedNotSearched, compiler: Any, **kw: Any) -> str:
+@compiles(_NotIndexed, "sqlite")
+def _column_unindexed(element: _NotIndexed, compiler: Any, **kw: Any) -> str:
     return "+" + str(compiler.process(element.clauses, **kw))
 
 
@@ -89,7 +90,7 @@ def _order_key(wanted: EmailFilter) -> ColumnElement[str]:
     keeping no statistics, it would walk (project_id, id) newest first checking each row's recipient (to
     spare a sort) rather than take the prefix's rows from the recipient index and sort those."""
     sorted_prefix = wanted.recipient and not wanted.recipient_exact and not wanted.recipient_dense
-    return _SortedNotSearched(_EMAIL.c.id) if sorted_prefix else _EMAIL.c.id
+    return _NotIndexed(_EMAIL.c.id) if sorted_prefix else _EMAIL.c.id
 
 
 def _conditions(project_id: str, wanted: EmailFilter,
@@ -120,8 +121,10 @@ def _conditions(project_id: str, wanted: EmailFilter,
     if wanted.recipient:
         scanned += _prefix(c.recipient, wanted.recipient)
     if wanted.status:
+        # The status index carries the source: a source with it is checked on the index entries (and SQLite
+        # is kept from taking the source's index instead).
         indexed.append(c.status == wanted.status)
-        scanned += [c.source == wanted.source] if wanted.source else []
+        scanned += [_NotIndexed(c.source) == wanted.source] if wanted.source else []
     elif wanted.source:
         indexed.append(c.source == wanted.source)
     return indexed, scanned

@@ -213,9 +213,10 @@ class Email(Base):
     __table_args__ = (Index("ix_emails_project_id_id", "project_id", "id"),
                       Index("uq_emails_campaign_contact", "campaign_id", "contact_id", unique=True),
                       Index("ix_emails_project_id_recipient_id", "project_id", "recipient", "id"),
-                      Index("ix_emails_project_id_status_id", "project_id", "status", "id"),
+                      Index("ix_emails_project_id_status_id_source", "project_id", "status", "id", "source"),
                       Index("ix_emails_project_id_source_id", "project_id", "source", "id"))
-    """The message log's filters: each a range of one index, in id (newest-first) order."""
+    """The message log's filters: each a range of one index, in id (newest-first) order; a status with a
+    source is the status's range with the source read from the same index entries."""
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
     contact_id: Mapped[str | None] = mapped_column(ForeignKey("contacts.id", ondelete="SET NULL"), nullable=True)
