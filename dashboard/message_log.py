@@ -118,7 +118,8 @@ async def email_page(ctx: Ctx) -> Answer:
         view = message_log.read_message(content.raw)
         data["content"].update({"headers": [list(pair) for pair in view.headers], "hasHtml": view.html is not None,
                                 "text": view.text, "problem": view.problem, "size": len(content.raw),
-                                "attachments": [vars(a) for a in view.attachments]})
+                                "attachments": [{"filename": a.filename, "contentType": a.content_type, "size": a.size}
+                                                for a in view.attachments]})
     return Answer("email.html", data)
 
 

@@ -259,7 +259,7 @@ async def test_raw_download_is_the_stored_mime_and_parts_are_listed(dash):
     assert response.headers["X-Content-Type-Options"] == "nosniff"
     status, body = await dash.owner.get_json(f"/projects/{project}/emails/{email_id}")
     content = body["data"]["content"]
-    assert content["attachments"] == [{"filename": "invoice.pdf", "content_type": "application/pdf", "size": 1200}]
+    assert content["attachments"] == [{"filename": "invoice.pdf", "contentType": "application/pdf", "size": 1200}]
     assert content["text"].strip() == "Your invoice <b>is</b> attached"
     status, page = await dash.owner.get(f"/projects/{project}/emails/{email_id}")
     assert "<pre>Your invoice &lt;b&gt;is&lt;/b&gt; attached" in page and "<td>invoice.pdf</td>" in page
