@@ -25,6 +25,7 @@ from dashboard import (
     imports,
     keys,
     mail_templates,
+    message_log,
     projects,
     segments,
     system,
@@ -48,7 +49,7 @@ TEMPLATES = Path(__file__).parent / "templates"
 def all_pages() -> list[Page]:
     return [*accounts.ROUTES, *projects.ROUTES, *keys.ROUTES, *domains.ROUTES, *webhooks.ROUTES,
             *system.ROUTES, *campaigns.ROUTES, *workflows.ROUTES, *contacts.ROUTES, *imports.ROUTES,
-            *mail_templates.ROUTES, *events.ROUTES, *segments.ROUTES]
+            *mail_templates.ROUTES, *events.ROUTES, *segments.ROUTES, *message_log.ROUTES]
 
 
 def when(value: datetime | str | None) -> Markup:

@@ -120,7 +120,8 @@ def _event(session: Session, email: FeedbackEmail, name: str, data: dict[str, An
 
 def _stop_mail(session: Session, email: FeedbackEmail, cause: str, reason: str) -> str:
     """Suppress the address and unsubscribe its contact (recording contact.unsubscribed, attributed to the email)."""
-    suppressed = email_store.add_suppression(session, email.project_id, email.recipient, reason)
+    suppressed = email_store.add_suppression(session, email.project_id, email.recipient, reason,
+                                             email_id=email.id)
     done = [f"{email.recipient} suppressed" if suppressed else f"{email.recipient} was already suppressed"]
     contact = None
     if email.contact_id is not None:

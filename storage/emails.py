@@ -263,11 +263,13 @@ _SUPPRESS = {
 }
 
 
-def add_suppression(session: Session, project_id: str, email: str, reason: str) -> bool:
-    """Put the address on the project's suppression list; False when it already was (also when another
-    transaction put it there meanwhile: the insert does nothing on conflict)."""
+def add_suppression(session: Session, project_id: str, email: str, reason: str, email_id: str | None = None) -> bool:
+    """Put the address on the project's suppression list, naming the email whose bounce or complaint caused
+    it; False when it already was (also when another transaction put it there meanwhile: the insert does
+    nothing on conflict)."""
     result = session.connection().execute(_SUPPRESS[session.get_bind().dialect.name], {
-        "id": new_id(), "project_id": project_id, "email": email, "reason": reason[:2000], "created_at": utcnow()})
+        "id": new_id(), "project_id": project_id, "email": email, "reason": reason[:2000], "email_id": email_id,
+        "created_at": utcnow()})
     return result.rowcount == 1
 
 

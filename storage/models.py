@@ -242,7 +242,12 @@ class Email(Base):
                       Index("uq_emails_campaign_contact", "campaign_id", "contact_id", unique=True),
                       Index("ix_emails_campaign_id_status_id_sent_at", "campaign_id", "status", "id", "sent_at"),
                       Index("ix_emails_campaign_id_id", "campaign_id", "id"),
-                      Index("ix_emails_contact_id_id", "contact_id", "id"))
+                      Index("ix_emails_contact_id_id", "contact_id", "id"),
+                      Index("ix_emails_project_id_recipient_id", "project_id", "recipient", "id"),
+                      Index("ix_emails_project_id_status_id_source", "project_id", "status", "id", "source"),
+                      Index("ix_emails_project_id_source_id", "project_id", "source", "id"))
+    """The message log's filters: each a range of one index, in id (newest-first) order; a status with a
+    source is the status's range with the source read from the same index entries."""
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
     contact_id: Mapped[str | None] = mapped_column(ForeignKey("contacts.id", ondelete="SET NULL"), nullable=True)
@@ -293,11 +298,15 @@ class OutboxItem(Base):
 
 class Suppression(Base):
     __tablename__ = "suppressions"
-    __table_args__ = (UniqueConstraint("project_id", "email"),)
+    __table_args__ = (UniqueConstraint("project_id", "email"),
+                      Index("ix_suppressions_project_id_id", "project_id", "id"))
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
     email: Mapped[str] = mapped_column(String(320))
     reason: Mapped[str] = mapped_column(Text, default="")
+    email_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    """The email whose bounce or complaint suppressed the address (None: unknown, or from before 0013).
+    Not a foreign key: the suppression outlives the email's deletion by retention."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
