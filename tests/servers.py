@@ -68,6 +68,25 @@ async def start_dns() -> DnsServer:
     return server
 
 
+@contextlib.contextmanager
+def dns_in_thread() -> Iterator[DnsServer]:
+    """`start_dns` on an event loop of its own thread, for a synchronous test (Playwright's sync API holds
+    the test's loop) and the `plunkd serve` it starts (point `dns.nameservers` / `dns.port` at it)."""
+    import threading
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="test-dns", daemon=True)
+    thread.start()
+    server = asyncio.run_coroutine_threadsafe(start_dns(), loop).result(10)
+    try:
+        yield server
+    finally:
+        loop.call_soon_threadsafe(server.transport.close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
 @dataclass
 class SinkHandler:
     """An upstream SMTP server that stores what it receives, or answers with a set reply."""
