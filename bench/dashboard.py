@@ -68,7 +68,7 @@ from storage.models import (
 )
 from storage.webhooks import insert_endpoint
 
-SEED_VERSION = 2
+SEED_VERSION = 3
 """Bump when the seeded data changes, so cached seeds are made again."""
 USER_EMAIL = "owner@bench.example"
 USER_PASSWORD = "bench-dashboard-owner-password"
@@ -306,7 +306,7 @@ class Seeder:
         plans = weighted([("free", 70), ("pro", 25), ("team", 5)], count, rng)
         rows = []
         for index in range(count):
-            millis = self.start_ms + index * self.span_ms // max(count, 1)
+            millis = self.start_ms + index * self.span_ms // max(count - 1, 1)
             contact_id = id_at(millis, index, rng)
             self.contact_ids.append(contact_id)
             moment = self.moment(millis)
@@ -327,7 +327,7 @@ class Seeder:
             emails: list[list[Any]] = []
             events: list[list[Any]] = []
             for index, status, source in zip(indexes, statuses, sources, strict=True):
-                millis = self.start_ms + index * self.span_ms // count
+                millis = self.start_ms + index * self.span_ms // max(count - 1, 1)
                 email_id = id_at(millis, index, rng)
                 moment = self.moment(millis)
                 contact = rng.randrange(contacts)
