@@ -123,10 +123,9 @@ def _project(session: Session, ids: Ids) -> Any:
 
 
 def _members(session: Session, ids: Ids) -> Any:
-    members = [{"id": user.id, "email": user.email, "role": role}
-               for user, role in account_store.list_members(session, ids["project"])]
-    invitations = [_json_row(i) for i in account_store.list_invitations(session, ids["project"], datetime.now(UTC))]
-    return {"members": members, "invitations": invitations}
+    people, pending = account_store.members_and_invitations(session, ids["project"], datetime.now(UTC))
+    return {"members": [{"id": user.id, "email": user.email, "role": role} for user, role in people],
+            "invitations": [_json_row(invitation) for invitation in pending]}
 
 
 def _account(session: Session, ids: Ids) -> Any:

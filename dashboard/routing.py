@@ -31,7 +31,6 @@ from dashboard.context import CONFIG, DB
 from pipeline import accounts
 from pipeline.accounts import Visit
 from pipeline.errors import PipelineError, ValidationFailed
-from storage import accounts as account_store
 from storage.models import Project, Role, iso
 
 log = logging.getLogger("plunkd.dashboard")
@@ -236,7 +235,8 @@ def guarded(page: Page) -> Callable[[web.Request], Awaitable[web.StreamResponse]
     async def handler(request: web.Request) -> web.StreamResponse:
         config = request.app[CONFIG].dashboard
         db = request.app[DB]
-        visit = await accounts.visit_for(db, config, request.cookies.get(SESSION_COOKIE, ""))
+        project_id = request.match_info["project"][:64] if page.access == Access.PROJECT else None
+        visit = await accounts.visit_for(db, config, request.cookies.get(SESSION_COOKIE, ""), project_id)
         presession = request.cookies.get(PRESESSION_COOKIE, "")
         new_presession = None
         if visit is None and not presession:
@@ -249,7 +249,7 @@ def guarded(page: Page) -> Callable[[web.Request], Awaitable[web.StreamResponse]
             return error_answer(request, ctx, 404, "No such page")
         if page.access == Access.PROJECT:
             assert visit is not None
-            found = await db.read(account_store.project_role, visit.user, request.match_info["project"][:64])
+            found = visit.project
             if found is None:
                 return error_answer(request, ctx, 404, "No such project")
             ctx.project, ctx.role = found[0], Role(found[1])

@@ -3,19 +3,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from aiohttp import web
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from bench import dashboard as bench
+from storage.db import Database
 from storage.models import Contact, Email, EmailStatus
 from tests.conftest import PG_URL
 
@@ -125,3 +128,39 @@ def test_sizes_below_the_least_are_refused(capsys):
     assert "at least 20 contacts, 100 emails, 1 load and 1 client" in capsys.readouterr().err
     quick = bench.parse_args(["--quick"])
     assert (quick.contacts, quick.emails, quick.loads, quick.concurrency) == (2_000, 20_000, 20, 8)
+
+
+@contextlib.contextmanager
+def read_sessions(db: Database) -> Iterator[list[int]]:
+    """Counts the connections the app's reads take from the pool (one per `Database.read`)."""
+    taken = [0]
+
+    def checkout(*_args) -> None:
+        taken[0] += 1
+
+    event.listen(db.engine.sync_engine, "checkout", checkout)
+    try:
+        yield taken
+    finally:
+        event.remove(db.engine.sync_engine, "checkout", checkout)
+
+
+async def test_a_page_reads_the_visit_and_the_visitors_role_in_one_database_session(dash):
+    """What bench.dashboard found: each read is a pool checkout and a few hops to the database's thread,
+    which under load cost more than the small queries; a project page read its session, then its role,
+    then (members) its members, then its invitations, each in a session of its own."""
+    project = dash.api.project_id
+    await dash.owner.get(f"/projects/{project}")
+    for path, reads in {f"/projects/{project}": 1, f"/projects/{project}/members": 2, "/account": 2,
+                        "/projects": 2}.items():
+        with read_sessions(dash.api.db) as taken:
+            status, page = await dash.owner.get(path)
+        assert status == 200 and "<h1" in page
+        assert taken[0] == reads, path
+    stranger = await dash.browser("stranger@example.com", "viewer")
+    other_id, _, _ = await dash.api.new_project("elsewhere")
+    with read_sessions(dash.api.db) as taken:
+        status, _ = await stranger.get(f"/projects/{other_id}/members")
+    assert (status, taken[0]) == (404, 1)
+    status, page = await stranger.get(f"/projects/{project}/members")
+    assert status == 200 and "stranger@example.com" in page
