@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import random
 import statistics
 import sys
@@ -79,6 +80,8 @@ LIST_SIZE = 50
 PAGE_AIM_MS = 150.0
 SEARCH_AIM_MS = 100.0
 RATIO_AIM = 0.5
+WARM_UP = 5
+"""Loads of each page before the timed ones (connections opened, caches filled)."""
 SEED_TABLE = "bench_dashboard_seed"
 STATUSES = [(EmailStatus.SENT, 45), (EmailStatus.DELIVERED, 42), (EmailStatus.BOUNCED, 5), (EmailStatus.FAILED, 2),
             (EmailStatus.SKIPPED, 2), (EmailStatus.SUPPRESSED, 1), (EmailStatus.COMPLAINED, 1),
@@ -462,10 +465,27 @@ async def load(url: str, loads: int, concurrency: int, cookies: dict[str, str]) 
                 remaining -= 1
                 timings.append(await get())
 
-        for _ in range(min(5, loads)):
+        for _ in range(min(WARM_UP, loads)):
             await get()
         await asyncio.gather(*[client() for _ in range(concurrency)])
     return timings
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """A process's user + system CPU time from /proc (Linux), None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A server under load: where it listens and its process (for its CPU time)."""
+
+    port: int
+    pid: int
 
 
 @dataclass
@@ -473,11 +493,25 @@ class Figures:
     p50: float
     p95: float
     max: float
+    cpu: float | None
+    """The server's CPU milliseconds per load: unlike the latencies, barely moved by other work on the machine."""
 
     @classmethod
-    def of(cls, timings: list[float]) -> Figures:
+    def of(cls, timings: list[float], cpu: float | None) -> Figures:
         ordered = sorted(timings)
-        return cls(statistics.median(ordered), ordered[max(0, -(-len(ordered) * 95 // 100) - 1)], ordered[-1])
+        return cls(statistics.median(ordered), ordered[max(0, -(-len(ordered) * 95 // 100) - 1)], ordered[-1], cpu)
+
+    @property
+    def cpu_text(self) -> str:
+        return "-" if self.cpu is None else f"{self.cpu:.1f}"
+
+
+async def timed(target: Target, path: str, args: argparse.Namespace, cookies: dict[str, str]) -> Figures:
+    before = cpu_seconds(target.pid)
+    timings = await load(f"http://127.0.0.1:{target.port}{path}", args.loads, args.concurrency, cookies)
+    after = cpu_seconds(target.pid)
+    cpu = None if before is None or after is None else (after - before) * 1000 / (args.loads + WARM_UP)
+    return Figures.of(timings, cpu)
 
 
 def verdict(ok: bool) -> str:
@@ -488,25 +522,24 @@ def print_row(case: PageCase, ours: Figures, bare: Figures) -> None:
     ratio50, ratio95 = bare.p50 / ours.p50, bare.p95 / ours.p95
     aims = (f"p95<={case.aim_ms:.0f} {verdict(ours.p95 <= case.aim_ms)}  "
             f"ratio>={RATIO_AIM} {verdict(ratio95 >= RATIO_AIM)}")
-    print(f"{case.path:50} {ours.p50:7.1f} {ours.p95:7.1f} {ours.max:7.1f}   {bare.p50:6.1f} {bare.p95:6.1f}   "
-          f"{ratio50:5.2f} {ratio95:5.2f}   {aims}", flush=True)
+    print(f"{case.path:48} {ours.p50:6.1f} {ours.p95:6.1f} {ours.max:6.1f} {ours.cpu_text:>5}   {bare.p50:6.1f} "
+          f"{bare.p95:6.1f} {bare.cpu_text:>5}   {ratio50:5.2f} {ratio95:5.2f}   {aims}", flush=True)
 
 
-async def measure(args: argparse.Namespace, ids: Ids, token: str, port: int, bare_port: int) -> list[str]:
+async def measure(args: argparse.Namespace, ids: Ids, token: str, ours: Target, bare: Target) -> list[str]:
     """Load every page and its bare handler; returns the notes on the pages skipped."""
     routes = routes_here()
     skipped = []
-    print(f"{'page':50} {'p50':>7} {'p95':>7} {'max':>7}   {'bare50':>6} {'bare95':>6}   {'r50':>5} {'r95':>5}   "
-          "aims (ms; ratio = bare / page)")
+    print(f"{'page':48} {'p50':>6} {'p95':>6} {'max':>6} {'cpu':>5}   {'bare50':>6} {'bare95':>6} {'cpu':>5}   "
+          f"{'r50':>5} {'r95':>5}   aims (ms; cpu: the server's per load; ratio = bare / page)")
     for index, case in enumerate(PAGES):
         if case.route not in routes:
             skipped.append(f"{case.path}: no GET {case.route} on this branch, skipped")
             continue
         path = fill(case.path, ids)
-        ours = await load(f"http://127.0.0.1:{port}{path}", args.loads, args.concurrency, {SESSION_COOKIE: token})
+        page = await timed(ours, path, args, {SESSION_COOKIE: token})
         query = "&".join(f"{key}={quote(value, safe='@')}" for key, value in ids.items())
-        bare = await load(f"http://127.0.0.1:{bare_port}/bare/{index}?{query}", args.loads, args.concurrency, {})
-        print_row(case, Figures.of(ours), Figures.of(bare))
+        print_row(case, page, await timed(bare, f"/bare/{index}?{query}", args, {}))
     return skipped
 
 
@@ -548,13 +581,13 @@ def bench_config(data_dir: Path, database_url: str) -> tuple[Config, dict[str, s
 
 
 @contextlib.contextmanager
-def servers(env: dict[str, str], database_url: str, data_dir: Path) -> Iterator[tuple[int, int]]:
+def servers(env: dict[str, str], database_url: str, data_dir: Path) -> Iterator[tuple[Target, Target]]:
     port, bare_port = free_port(), free_port()
     env = {**env, "PLUNKD_SERVER_HTTP_PORT": str(port)}
-    with server_process(["-m", "plunkd.cli", "serve"], port, env), \
+    with server_process(["-m", "plunkd.cli", "serve"], port, env) as ours, \
             server_process(["-m", "bench.bare_dashboard_server", database_url, str(data_dir), str(bare_port)],
-                           bare_port):
-        yield port, bare_port
+                           bare_port) as bare:
+        yield Target(port, ours.pid), Target(bare_port, bare.pid)
 
 
 async def prepare(args: argparse.Namespace, config: Config, key: str) -> tuple[dict[str, Any], bool, str]:
@@ -578,8 +611,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dashboard pages, {kind}: {args.contacts:,} contacts, {args.emails:,} emails ({seeded}); "
           f"{args.loads} loads per page by {args.concurrency} clients; times in ms", flush=True)
     try:
-        with servers(env, config.database_url, data_dir) as (port, bare_port):
-            skipped = asyncio.run(measure(args, manifest["ids"], token, port, bare_port))
+        with servers(env, config.database_url, data_dir) as (ours, bare):
+            skipped = asyncio.run(measure(args, manifest["ids"], token, ours, bare))
     except PageError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 1
