@@ -40,7 +40,7 @@ from urllib.parse import quote
 
 import aiohttp
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect, select, text
+from sqlalchemy import func, inspect, select, text
 from sqlalchemy.orm import Session
 
 from bench.common import free_port, plunkd_env, server_process
@@ -61,6 +61,7 @@ from storage.models import (
     Email,
     EmailStatus,
     Event,
+    OutboxItem,
     Project,
     Role,
     Suppression,
@@ -180,7 +181,10 @@ def _webhooks(session: Session, ids: Ids) -> Any:
 
 
 def _system(session: Session, ids: Ids) -> Any:
-    return [{"id": p.id, "name": p.name} for p in session.execute(select(Project).order_by(Project.id)).scalars()]
+    """The outbox's due emails per priority, counted up to a cap (the page shows queue depths)."""
+    capped = select(OutboxItem.priority).where(OutboxItem.due_at <= datetime.now(UTC)).limit(1001).subquery()
+    return [{"priority": priority, "due": due}
+            for priority, due in session.execute(select(capped.c.priority, func.count()).group_by(capped.c.priority))]
 
 
 @dataclass(frozen=True)
@@ -205,7 +209,7 @@ PAGES = [
     PageCase("/projects/{project}/keys", _project),
     PageCase("/projects/{project}/domains", _domains),
     PageCase("/projects/{project}/contacts", _contacts),
-    PageCase("/projects/{project}/contacts?search={prefix}", _contact_search),
+    PageCase("/projects/{project}/contacts?q={prefix}", _contact_search),
     PageCase("/projects/{project}/contacts/{contact}", _contact),
     PageCase("/projects/{project}/emails", _emails),
     PageCase("/projects/{project}/emails?recipient={recipient}", _emails_to, SEARCH_AIM_MS),

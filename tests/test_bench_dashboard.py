@@ -85,7 +85,7 @@ async def test_the_seed_has_every_row_the_pages_show_and_each_main_query_finds_t
     bounced = results["/projects/{project}/emails?status=BOUNCED"]
     assert bounced and {e["status"] for e in bounced} == {EmailStatus.BOUNCED}
     assert all(e["error"].startswith("550 5.1.1") for e in bounced)
-    found = results["/projects/{project}/contacts?search={prefix}"]
+    found = results["/projects/{project}/contacts?q={prefix}"]
     assert sorted(c["email"] for c in found) == [f"user0000{n}{m}@example.com" for n in "1" for m in range(10)]
     assert len(results["/projects/{project}/contacts"]) == bench.LIST_SIZE + 1
     contact = results["/projects/{project}/contacts/{contact}"]
