@@ -423,7 +423,8 @@ async def ready_database(db: Database, config: Config, size: SeedSize, key: str)
     if manifest is not None:
         return manifest, True
     if await db.read(lambda s: s.execute(select(Project.id).limit(1)).first()) is not None:
-        raise SystemExit("the database holds other data (or a seed that did not finish): give an empty one")
+        where = "give an empty one" if db.is_postgres else f"remove {config.data_path} to seed again"
+        raise SystemExit(f"the database holds other data, or a seed that did not finish: {where}")
     started = time.perf_counter()
     ids = await seed(db, size)
     if db.is_postgres:

@@ -19,8 +19,10 @@ from aiohttp import web
 from sqlalchemy import event, func, select
 
 from bench import dashboard as bench
+from core.config import load_config
+from pipeline.projects import create_project
 from storage.db import Database
-from storage.models import Contact, Email, EmailStatus
+from storage.models import Contact, Email, EmailStatus, Project
 from tests.conftest import PG_URL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -192,3 +194,14 @@ async def test_concurrent_page_loads_reuse_the_pooled_read_connections(dash):
     finally:
         event.remove(dash.api.db.engine.sync_engine, "connect", connect)
     assert opened[0] == 0
+
+
+async def test_a_database_holding_other_data_is_not_seeded_over(db, database_url, tmp_path):
+    await db.write(lambda s: create_project(s, "Someone's shop", "shop@example.com", ""))
+    config = load_config(env={"PLUNKD_SERVER_DATA_DIR": str(tmp_path), "PLUNKD_DATABASE_URL": database_url})
+    where = "give an empty one" if PG_URL else f"remove {tmp_path} to seed again"
+    with pytest.raises(SystemExit, match=f"holds other data, or a seed that did not finish: {re.escape(where)}"):
+        await bench.ready_database(db, config, SMALL, "a-key")
+    counts = await db.read(lambda s: (s.execute(select(func.count()).select_from(Project)).scalar_one(),
+                                      s.execute(select(func.count()).select_from(Email)).scalar_one()))
+    assert counts == (1, 0)
