@@ -145,8 +145,12 @@ def _contacts(session: Session, ids: Ids) -> Any:
 
 
 def _contact_search(session: Session, ids: Ids) -> Any:
-    return _newest(session, Contact, Contact.project_id == ids["project"],
-                   Contact.email.startswith(ids["prefix"], autoescape=True))
+    """The addresses starting with the prefix as a range of the (project_id, email) index (a LIKE is no
+    range on SQLite, whose LIKE ignores case: it scanned every contact)."""
+    prefix = ids["prefix"]
+    after_prefix = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    return _newest(session, Contact, Contact.project_id == ids["project"], Contact.email >= prefix,
+                   Contact.email < after_prefix)
 
 
 def _contact(session: Session, ids: Ids) -> Any:
