@@ -64,9 +64,7 @@ async def change_settings(ctx: Ctx) -> Answer:
 
 
 async def members(ctx: Ctx) -> Answer:
-    db = ctx.request.app[DB]
-    people = await db.read(account_store.list_members, ctx.project_id)
-    pending = await db.read(account_store.list_invitations, ctx.project_id, utcnow())
+    people, pending = await ctx.request.app[DB].read(account_store.members_and_invitations, ctx.project_id, utcnow())
     return Answer("members.html", {
         "members": [{"id": user.id, "email": user.email, "role": role} for user, role in people],
         "invitations": [{"id": i.id, "email": i.email, "role": i.role, "expiresAt": i.expires_at} for i in pending],

@@ -32,7 +32,6 @@ from dashboard.context import CONFIG, DB
 from pipeline import accounts
 from pipeline.accounts import Visit
 from pipeline.errors import PipelineError, ValidationFailed
-from storage import accounts as account_store
 from storage.models import Project, Role, iso
 
 log = logging.getLogger("plunkd.dashboard")
@@ -286,7 +285,8 @@ def guarded(page: Page) -> Callable[[web.Request], Awaitable[web.StreamResponse]
         if _form_too_large(request, config.max_form_bytes):
             return error_answer(request, None, 413, f"The form is larger than {config.max_form_bytes} bytes")
         db = request.app[DB]
-        visit = await accounts.visit_for(db, config, request.cookies.get(SESSION_COOKIE, ""))
+        project_id = request.match_info["project"][:64] if page.access == Access.PROJECT else None
+        visit = await accounts.visit_for(db, config, request.cookies.get(SESSION_COOKIE, ""), project_id)
         presession = request.cookies.get(PRESESSION_COOKIE, "")
         new_presession = None
         if visit is None and not presession:
@@ -299,7 +299,7 @@ def guarded(page: Page) -> Callable[[web.Request], Awaitable[web.StreamResponse]
             return error_answer(request, ctx, 404, "No such page")
         if page.access == Access.PROJECT:
             assert visit is not None
-            found = await db.read(account_store.project_role, visit.user, request.match_info["project"][:64])
+            found = visit.project
             if found is None:
                 return error_answer(request, ctx, 404, "No such project")
             ctx.project, ctx.role = found[0], Role(found[1])

@@ -72,6 +72,9 @@ class Visit:
     user: User
     session: DashboardSession
     token: str
+    project: tuple[Project, str] | None = None
+    """Asked for by `visit_for(..., project_id)`: the project and the user's role in it, or None (no such
+    project, or not a member)."""
 
 
 def digest(token: str) -> str:
@@ -186,11 +189,20 @@ async def sign_in(db: Database, config: DashboardConfig, email: str, password: s
     return token, row
 
 
-async def visit_for(db: Database, config: DashboardConfig, token: str) -> Visit | None:
-    """The signed-in visit a session cookie's token stands for, or None (unknown, expired or idle)."""
+async def visit_for(db: Database, config: DashboardConfig, token: str, project_id: str | None = None) -> Visit | None:
+    """The signed-in visit a session cookie's token stands for, or None (unknown, expired or idle). With
+    `project_id`, also the project and the user's role in it, read in the same session: each read is a
+    connection checkout and a few hops to the database's thread, which under load cost more than the query."""
     if not token or len(token) > 100:
         return None
-    found = await db.read(store.find_session, digest(token))
+
+    def lookup(session) -> tuple[tuple[DashboardSession, User] | None, tuple[Project, str] | None]:
+        found = store.find_session(session, digest(token))
+        if found is None or project_id is None:
+            return found, None
+        return found, store.project_role(session, found[1], project_id)
+
+    found, project = await db.read(lookup)
     if found is None:
         return None
     row, user = found
@@ -201,7 +213,7 @@ async def visit_for(db: Database, config: DashboardConfig, token: str) -> Visit 
         return None
     if now - row.last_seen_at >= TOUCH_EVERY:
         await db.write(lambda s: store.touch_session(s, row.id, now), light=True)
-    return Visit(user, row, token)
+    return Visit(user, row, token, project)
 
 
 async def sign_out(db: Database, visit: Visit) -> None:

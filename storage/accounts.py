@@ -161,6 +161,12 @@ def list_invitations(session: Session, project_id: str, now: datetime) -> list[I
     return list(session.execute(stmt).scalars())
 
 
+def members_and_invitations(session: Session, project_id: str,
+                            now: datetime) -> tuple[list[tuple[User, str]], list[Invitation]]:
+    """The members page's two lists in one read."""
+    return list_members(session, project_id), list_invitations(session, project_id, now)
+
+
 def delete_invitation(session: Session, project_id: str, invitation_id: str) -> bool:
     return bool(affected(session, delete(Invitation).where(Invitation.project_id == project_id,
                                                       Invitation.id == invitation_id)))

@@ -43,7 +43,10 @@ class Database:
             path = url.split(":///", 1)[1] if ":///" in url else ""
             if path and path != ":memory:":
                 _private_sqlite_file(Path(path))
-            self.engine = create_async_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
+            # Read connections (each an aiosqlite thread with its PRAGMAs): keep pool_size of them, as on
+            # PostgreSQL; SQLAlchemy's default keeps 5 and opens and closes one per read beyond that.
+            pool = {"pool_size": pool_size, "max_overflow": pool_size} if path and path != ":memory:" else {}
+            self.engine = create_async_engine(url, connect_args={"timeout": 30}, hide_parameters=True, **pool)
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
             self.sync_engine = create_engine(url.replace("sqlite+aiosqlite", "sqlite+pysqlite"), hide_parameters=True,
                                              connect_args={"timeout": 30, "check_same_thread": False})
