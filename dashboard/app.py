@@ -78,7 +78,8 @@ def install(app: web.Application, config: Config, db: Database, keys: KeyCache, 
     app[IMPORTS] = ImportRunner(db, config.api.max_data_bytes)
     environment = aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(TEMPLATES),
                                        autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
-                                       undefined=jinja2.ChainableUndefined, trim_blocks=True, lstrip_blocks=True)
+                                       undefined=jinja2.ChainableUndefined, trim_blocks=True, lstrip_blocks=True,
+                                       auto_reload=False)
     environment.filters["when"] = when
     environment.globals["page_csrf"] = page_csrf
     environment.filters["urldecode"] = lambda value: escape(unquote(str(value)))

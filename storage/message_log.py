@@ -193,7 +193,9 @@ def email_record(session: Session, project_id: str, email_id: str) -> EmailRecor
         return None
     content = session.get(Content, email.content_id)
     outbox = session.execute(select(OutboxItem).where(OutboxItem.email_id == email.id)).scalar_one_or_none()
-    events = list(session.execute(select(Event).where(Event.email_id == email.id, Event.project_id == project_id)
+    # By the email alone: `ix_events_email_id` (the email was found in the project above); with the project
+    # too, SQLite walks the project's whole event index instead.
+    events = list(session.execute(select(Event).where(Event.email_id == email.id)
                                   .order_by(Event.id).limit(EVENTS_SHOWN)).scalars())
     return EmailRecord(email, content, outbox, events)
 
