@@ -255,6 +255,14 @@ def keyboard_add_domain(tab: Tab, base: str) -> None:
     tab.check("domain added by keyboard")
 
 
+def workflow_graph_at_its_size(tab: Tab) -> None:
+    """The graph's 14px step labels read at about 14px: a one-step graph is not stretched to the column's
+    width; and the run's history says "1 step"."""
+    label_height = tab.page.locator("svg.workflow-graph .step-id").first.bounding_box()["height"]
+    assert label_height < 24, f"step label drawn {label_height:.0f}px high"
+    assert tab.page.locator("main summary").filter(has_text=re.compile(r"^1 step$")).count() == 1
+
+
 @pytest.mark.timeout(240)
 def test_every_dashboard_page_is_accessible(served, receiver, database_url, tmp_path):
     server, env = served
@@ -291,6 +299,8 @@ def test_every_dashboard_page_is_accessible(served, receiver, database_url, tmp_
                 assert reply.status == 200, f"{page.path}: {reply.status}"
                 continue
             tab.visit(url, f"GET {page.path}")
+            if page.path == "/projects/{project}/workflows/{workflow}":
+                workflow_graph_at_its_size(tab)
         second.close()
 
         keyboard_search(tab, f"{base}/contacts", "f-q", "ada", r".*/contacts\?q=ada.*")
