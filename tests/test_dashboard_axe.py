@@ -8,7 +8,9 @@ hostile markup), events, a template, a segment, a sent email and a sent campaign
 webhook endpoint through the API with the project's secret key, an import uploaded on its page, an invitation
 made on the members page, a reset link mailed by the reset page (the file transport delivers it), a second
 session. A GET page whose path parameter the test cannot fill fails the test by name, unless `EXCLUDED` says
-why it is not a page to check. Three main forms are then used with the keyboard only."""
+why it is not a page to check. The project's pages are then opened again by a viewer who joined through the
+invitation (their pages hold no forms or buttons: other markup), and three main forms are used with the
+keyboard only."""
 
 from __future__ import annotations
 
@@ -26,8 +28,10 @@ from typing import Any
 import pytest
 
 from dashboard.app import all_pages
+from dashboard.routing import Access
 from storage.db import Database
 from storage.emails import add_suppression
+from storage.models import Role
 from tests.browser_kit import Tab, chromium
 from tests.servers import ServedPlunkd, free_port, served_plunkd
 from tests.test_cli_and_config import plunkd
@@ -263,6 +267,20 @@ def workflow_graph_at_its_size(tab: Tab) -> None:
     assert tab.page.locator("main summary").filter(has_text=re.compile(r"^1 step$")).count() == 1
 
 
+def join_as_a_viewer(viewer: Tab, base: str, token: str) -> None:
+    viewer.page.goto(f"{base}/invite/{token}")
+    viewer.page.get_by_label("Choose a password").fill("a long viewer password")
+    viewer.page.get_by_role("button", name="Join the project").click()
+    viewer.page.wait_for_url(re.compile(r".*/projects/[0-9a-f-]+$"))
+
+
+def project_pages_a_viewer_may_open() -> list[Any]:
+    """The project's pages again as a viewer sees them (no forms, no buttons: other markup to check)."""
+    return [page for page in all_pages() if page.method == "GET" and page.access is Access.PROJECT
+            and page.role is Role.VIEWER and not page.sandboxed and page.path not in EXCLUDED
+            and "{draft}" not in page.path]
+
+
 @pytest.mark.timeout(240)
 def test_every_dashboard_page_is_accessible(served, receiver, database_url, tmp_path):
     server, env = served
@@ -302,6 +320,11 @@ def test_every_dashboard_page_is_accessible(served, receiver, database_url, tmp_
             if page.path == "/projects/{project}/workflows/{workflow}":
                 workflow_graph_at_its_size(tab)
         second.close()
+
+        viewer = Tab.open(browser, shots, "viewer")
+        join_as_a_viewer(viewer, server.base, ids["token"])
+        for page in project_pages_a_viewer_may_open():
+            viewer.visit(server.base + url_of(page.path, ids), f"GET {page.path}")
 
         keyboard_search(tab, f"{base}/contacts", "f-q", "ada", r".*/contacts\?q=ada.*")
         assert tab.page.get_by_role("link", name="ada@example.net").count() == 1
