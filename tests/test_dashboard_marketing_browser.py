@@ -96,7 +96,8 @@ def write_a_template(owner: Tab, journey: Journey) -> None:
     assert owner.page.locator(".preview-subject").inner_text() == "News for there"
     variable = owner.page.locator("ul.variables li", has_text="firstName")
     assert "default: there" in variable.inner_text()
-    owner.page.locator("iframe.preview").screenshot(path=str(owner.shots / "template-preview-frame.png"))
+    (owner.shots / "frames").mkdir(parents=True, exist_ok=True)
+    owner.page.locator("iframe.preview").screenshot(path=str(owner.shots / "frames" / "template-preview.png"))
     owner.check("template editor with preview")
     owner.page.get_by_role("button", name="Create template").click()
     owner.page.get_by_role("heading", name="Template: Spring news").wait_for()
@@ -255,6 +256,9 @@ def run_a_workflow(owner: Tab, journey: Journey, contact: str) -> None:
     assert owner.page.get_by_role("status").inner_text() == "Workflow created"
     assert "enabled" in owner.page.locator("dl.facts").inner_text()
     owner.check("workflow created")
+    drawing = owner.page.locator("svg.workflow-graph")
+    drawn_at = float(drawing.get_attribute("viewBox").split()[2])
+    assert drawing.bounding_box()["width"] <= drawn_at + 2, "two steps drawn at their size, not blown up"
     api(journey, "POST", "/track", {"event": "came-back", "email": contact})
     wait_until(lambda: owner.page.reload() and step_counts(owner, "wait").startswith("1 waiting"), 10,
                "the run waiting at the delay")

@@ -39,7 +39,7 @@ async def test_the_graph_has_a_box_per_step_and_a_labelled_arrow_per_branch(dash
     workflow = await create(dash.api, await template(dash.api))
     status, html = await dash.owner.get(f"{base(dash)}/{workflow['id']}")
     assert status == 200
-    svg = html[html.index('<svg class="chart workflow-graph" role="img"'):html.index("</svg>")]
+    svg = html[html.index('<svg class="workflow-graph" role="img"'):html.index("</svg>")]
     assert re.search(r"<title id=\"graph-title\">The workflow's 7 steps", svg)
     assert re.findall(r'data-step="([^"]+)"', svg) == [s["id"] for s in steps("t")]
     assert Counter(re.findall(r'<text class="edge-label"[^>]*>(\w+)</text>', svg)) == Counter(
