@@ -80,7 +80,7 @@ def preview_text(owner: Tab) -> str:
     return owner.page.frame_locator("iframe.preview").locator("body").inner_text()
 
 
-def write_a_template(owner: Tab, journey: Journey) -> None:
+def write_a_template(owner: Tab, journey: Journey) -> str:
     """Type the body and see the sandboxed preview follow (debounced); the variable listed with its default."""
     open_from_the_nav(owner, "Templates", "Templates")
     owner.page.get_by_role("link", name="New template").click()
@@ -103,6 +103,7 @@ def write_a_template(owner: Tab, journey: Journey) -> None:
     owner.page.get_by_role("heading", name="Template: Spring news").wait_for()
     assert owner.page.get_by_role("status").inner_text() == "Template created"
     owner.check("template saved")
+    return owner.page.url.rstrip("/").rsplit("/", 1)[1]
 
 
 def build_a_segment_by_keyboard(owner: Tab, journey: Journey) -> str:
@@ -170,9 +171,10 @@ def campaign_outbox(journey: Journey, subject: str) -> list[Path]:
     return [path for path in sorted(journey.outbox.glob("*.eml")) if subject.encode() in path.read_bytes()]
 
 
-def send_a_campaign_by_keyboard(owner: Tab, journey: Journey) -> str:
+def send_a_campaign_by_keyboard(owner: Tab, journey: Journey, template_id: str, segment_id: str) -> str:
     """A draft from the template to the segment, a test to yourself, then Send (Tab to it, Enter); the bar
-    fills by polling; the results say every member was sent to."""
+    fills by polling; the results say every member was sent to. The campaign names (and links) its template
+    and segment."""
     open_from_the_nav(owner, "Campaigns", "Campaigns")
     owner.page.get_by_role("link", name="New campaign").click()
     owner.page.get_by_role("heading", name="New campaign").wait_for()
@@ -188,6 +190,9 @@ def send_a_campaign_by_keyboard(owner: Tab, journey: Journey) -> str:
     keyboard.press("Enter")
     owner.page.get_by_role("heading", name="Spring to loyal pros").wait_for()
     assert owner.page.locator("[data-count=reach]").inner_text() == f"{len(audience())} subscribed contacts"
+    facts = owner.page.locator("dl.facts").first
+    assert facts.get_by_role("link", name="Spring news").get_attribute("href").endswith("/templates/" + template_id)
+    assert facts.get_by_role("link", name="Loyal pros").get_attribute("href").endswith("/segments/" + segment_id)
     owner.check("campaign draft")
     campaign_id = owner.page.url.rstrip("/").rsplit("/", 1)[1]
 
@@ -295,9 +300,9 @@ def test_a_marketers_day_in_a_real_browser(served, tmp_path):
         create_a_project_by_keyboard(owner, served)
         add_and_verify_the_domain(owner, served)
         seed_an_audience(served)
-        write_a_template(owner, served)
-        build_a_segment_by_keyboard(owner, served)
-        campaign_id = send_a_campaign_by_keyboard(owner, served)
+        template_id = write_a_template(owner, served)
+        segment_id = build_a_segment_by_keyboard(owner, served)
+        campaign_id = send_a_campaign_by_keyboard(owner, served, template_id, segment_id)
         reader = Tab.open(browser, shots, "reader")
         gone = unsubscribe_one_recipient(owner, reader, served, campaign_id)
         run_a_workflow(owner, served, next(a for a in audience() if a != gone))
