@@ -262,6 +262,7 @@ def run_a_workflow(owner: Tab, journey: Journey, contact: str) -> None:
     assert "enabled" in owner.page.locator("dl.facts").inner_text()
     owner.check("workflow created")
     drawing = owner.page.locator("svg.workflow-graph")
+    assert drawing.locator("g.step[data-step=mail] .step-detail").text_content() == "send Spring news"
     drawn_at = float(drawing.get_attribute("viewBox").split()[2])
     assert drawing.bounding_box()["width"] <= drawn_at + 2, "two steps drawn at their size, not blown up"
     api(journey, "POST", "/track", {"event": "came-back", "email": contact})
