@@ -172,7 +172,7 @@ async def campaign_page(ctx: Ctx) -> Answer:
     def read(session) -> dict[str, Any]:
         campaign = rules.require_campaign(session, ctx.project_id, campaign_id)
         data: dict[str, Any] = {"campaign": campaign_json(campaign), "reach": None, "progress": None,
-                                "stats": None, "timeline": [], "links": []}
+                                "stats": None, "timeline": [], "links": [], **_names(session, campaign)}
         if campaign.status in rules.EDITABLE:
             data["reach"] = rules.reach(session, campaign)
         if campaign.status != CampaignStatus.DRAFT:
@@ -189,6 +189,15 @@ async def campaign_page(ctx: Ctx) -> Answer:
     extra = await _choices(ctx) if data["campaign"]["status"] in rules.EDITABLE else {}
     extra["charts"] = charts(data["timeline"], data["stats"])
     return Answer("campaign.html", {**data, "values": _form_values(data["campaign"]), "errors": []}, extra=extra)
+
+
+def _names(session, campaign: Campaign) -> dict[str, str | None]:
+    """The names of the campaign's segment and template (each a primary-key read), for the page to link."""
+    segment = segment_store.get_segment(session, campaign.project_id, campaign.segment_id) \
+        if campaign.segment_id else None
+    template = template_store.get_template(session, campaign.project_id, campaign.template_id) \
+        if campaign.template_id else None
+    return {"segmentName": segment.name if segment else None, "templateName": template.name if template else None}
 
 
 def _form_values(campaign: dict[str, Any]) -> dict[str, str]:

@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from dashboard.context import CONFIG, DB, LINKS, ON_QUEUED
-from dashboard.routing import Answer, Ctx, Page, form_of
+from dashboard.routing import Answer, Ctx, Page, form_of, live_fragment
 from pipeline import accounts
 from pipeline.compose import is_safe_header_value
 from pipeline.errors import Conflict, FieldError, NotFound, ValidationFailed
@@ -142,7 +142,8 @@ async def preview_template(ctx: Ctx) -> Answer:
     """Render the posted fields as they would be mailed; keep them as the user's draft for the frame."""
     request = ctx.request
     fields = await form_of(request)
-    fragment = "template_preview.html" if request.headers.get("HX-Request") else "template_preview_page.html"
+    live = live_fragment(request)
+    fragment = "template_preview.html" if live else "template_preview_page.html"
     try:
         values = template_values({**fields, "name": fields.get("name") or "preview"})
         assert ctx.visit is not None
@@ -162,7 +163,8 @@ async def preview_template(ctx: Ctx) -> Answer:
         shown = await request.app[DB].write(render)
     except (ValidationFailed, NotFound) as exc:
         errors = [e.as_dict() for e in getattr(exc, "errors", [])]
-        return Answer(fragment, {"problem": exc.message, "errors": errors, "variables": []}, status=exc.status)
+        return Answer(fragment, {"problem": exc.message, "errors": errors, "variables": []},
+                      status=200 if live else exc.status)
     variables = template_preview.variables_used(values["subject"], values["body"])
     return Answer(fragment, {**shown, "problem": "", "errors": [],
                              "previewUrl": f"/projects/{ctx.project_id}/templates/preview/{shown['draftId']}",

@@ -148,6 +148,13 @@ def wants_json(request: web.Request) -> bool:
         request.method not in SAFE_METHODS and request.content_type == "application/json")
 
 
+def live_fragment(request: web.Request) -> bool:
+    """An htmx request for a live part of a page (a preview, a count). A problem it shows is answered 200:
+    htmx swaps no 4xx answer in (the user would keep seeing the last result) and the browser logs each as
+    an error. Other requests for the same route (the no-JavaScript button, a script) get the real status."""
+    return bool(request.headers.get("HX-Request")) and not wants_json(request)
+
+
 async def form_of(request: web.Request) -> dict[str, str]:
     """The submitted fields: a JSON object's top-level strings or an urlencoded form's fields (one value
     each, the first). A multipart upload reads its own parts."""

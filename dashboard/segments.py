@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 from dashboard.context import DB
-from dashboard.routing import Answer, Ctx, Page, form_of
+from dashboard.routing import Answer, Ctx, Page, form_of, live_fragment
 from pipeline.errors import FieldError, ValidationFailed
 from pipeline.marketing import segment_form
 from pipeline.marketing import segments as rules
@@ -186,11 +186,13 @@ async def preview_segment(ctx: Ctx) -> Answer:
     """How many contacts the posted condition matches (the API's count query) and the newest of them."""
     request = ctx.request
     fields = await form_of(request)
-    template = "segment_preview.html" if request.headers.get("HX-Request") else "segment_preview_page.html"
+    live = live_fragment(request)
+    template = "segment_preview.html" if live else "segment_preview_page.html"
     try:
         tree = posted_condition(fields)
     except ValidationFailed as exc:
-        return Answer(template, {"problem": exc.message, "errors": [e.as_dict() for e in exc.errors]}, status=422)
+        return Answer(template, {"problem": exc.message, "errors": [e.as_dict() for e in exc.errors]},
+                      status=200 if live else 422)
 
     def read(session) -> tuple[int, list[Any]]:
         now = utcnow()

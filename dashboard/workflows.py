@@ -27,6 +27,8 @@ from storage.pagination import is_valid_cursor
 PAGE_SIZE = 50
 MAX_STEPS_TEXT = grammar.MAX_DEFINITION_BYTES + 64 * 1024
 """The definition's textarea: the grammar's bound on the steps, and room for the indentation."""
+MAX_NAMED = 1000
+"""Templates of send steps whose names the graph shows (the rest by id)."""
 STEP_PATH = re.compile(r"steps\.(\d+)(?:\.|$)")
 
 
@@ -83,7 +85,9 @@ async def _page_data(ctx: Ctx, workflow_id: str) -> dict[str, Any]:
         steps = list((workflow.definition or {}).get("steps") or [])
         counts = store.step_counts(session, workflow.id)
         page = store.run_page(session, workflow.id, PAGE_SIZE, cursor)
+        sent = [step["template"] for step in steps if isinstance(step, dict) and isinstance(step.get("template"), str)]
         return {"workflow": _summary(workflow, triggers, runs), "definition": steps,
+                "templateNames": template_store.template_names(session, ctx.project_id, sent[:MAX_NAMED]),
                 "stepCounts": {step["id"]: counts.get(step["id"], {"waiting": 0, "passed": 0, "failed": 0})
                                for step in steps if isinstance(step, dict) and isinstance(step.get("id"), str)},
                 "runs": [_run_json(row) for row in page.items], "nextCursor": page.next_cursor}
@@ -101,8 +105,9 @@ def _answer(data: dict[str, Any], values: dict[str, str] | None = None, errors: 
     if errors and values.get("steps"):
         with suppress(ValidationFailed):
             drawn = _steps_given(values["steps"])
+    drawing = graph(drawn, data["stepCounts"], data["templateNames"])
     return Answer("workflow.html", {**data, "values": values, "errors": errors, "message": message},
-                  status=status, extra={"graph": graph(drawn, data["stepCounts"]), "unsaved": drawn is not steps,
+                  status=status, extra={"graph": drawing, "unsaved": drawn is not steps,
                                         "stepErrors": errors_by_step(errors)})
 
 
@@ -214,10 +219,11 @@ def errors_by_step(errors: list[dict[str, str]]) -> dict[int, list[str]]:
 BOX_W, BOX_H, GAP_X, GAP_Y, MARGIN, LANE_GAP = 220, 70, 40, 70, 20, 48
 
 
-def _describe(step: dict[str, Any]) -> str:
+def _describe(step: dict[str, Any], template_names: dict[str, str]) -> str:
     kind = step.get("type")
     if kind == "send":
-        return f"send template {step.get('template', '')}"
+        template = str(step.get("template", ""))
+        return f"send {template_names[template]}" if template in template_names else f"send template {template}"
     if kind == "delay":
         for unit in ("seconds", "minutes", "until"):
             if unit in step:
@@ -233,9 +239,11 @@ def _short(text: str, limit: int = 30) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def graph(given: list[Any], counts: dict[str, dict[str, int]]) -> dict[str, Any]:
+def graph(given: list[Any], counts: dict[str, dict[str, int]], template_names: dict[str, str] | None = None
+          ) -> dict[str, Any]:
     """`given` may be a definition that failed validation: what is not a step with an id is left out, and
-    each box keeps its step's index in `given` (`index`), which the errors name."""
+    each box keeps its step's index in `given` (`index`), which the errors name. A send step shows its
+    template's name when `template_names` has it."""
     kept = [(index, step) for index, step in enumerate(given)
             if isinstance(step, dict) and isinstance(step.get("id"), str)]
     steps = [step for _, step in kept]
@@ -265,8 +273,9 @@ def graph(given: list[Any], counts: dict[str, dict[str, int]]) -> dict[str, Any]
             position[index] = (x, y)
             step = steps[index]
             count = counts.get(step["id"], {"waiting": 0, "passed": 0, "failed": 0})
+            detail = _short(_describe(step, template_names or {}))
             boxes.append({"id": step["id"], "index": kept[index][0], "x": x, "y": y, "type": step.get("type"),
-                          "label": _short(step["id"]), "detail": _short(_describe(step)), **count})
+                          "label": _short(step["id"]), "detail": detail, **count})
     long_edges = [edge for edge in edges if layer[edge[2]] > layer[edge[0]] + 1]
     lane_x = width + LANE_GAP / 2
     width += LANE_GAP * len(long_edges) + (LANE_GAP if long_edges else 0)

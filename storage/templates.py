@@ -43,6 +43,15 @@ def get_template(session: Session, project_id: str, template_id: str, for_update
     return session.execute(stmt).scalar_one_or_none()
 
 
+def template_names(session: Session, project_id: str, template_ids: list[str]) -> dict[str, str]:
+    """id → name of the project's templates among `template_ids` (one query on the primary key)."""
+    if not template_ids:
+        return {}
+    rows = session.execute(select(Template.id, Template.name).where(
+        Template.project_id == project_id, Template.id.in_(sorted(set(template_ids)))))
+    return {row.id: row.name for row in rows}
+
+
 def list_templates(session: Session, project_id: str, limit: int, cursor: str | None) -> Page:
     return paginate(session, select(Template).where(Template.project_id == project_id), Template.id, limit, cursor)
 

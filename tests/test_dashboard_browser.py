@@ -15,11 +15,13 @@ journey reads as the list of steps at the bottom, and grows by adding steps."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import smtplib
 import ssl
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -59,6 +61,14 @@ class Journey:
 
 @pytest.fixture
 def served(tmp_path, database_url, test_ca):
+    with serve_the_journey(tmp_path, database_url, test_ca) as journey:
+        yield journey
+
+
+@contextlib.contextmanager
+def serve_the_journey(tmp_path: Path, database_url: str, test_ca: Any, **settings: str) -> Iterator[Journey]:
+    """`plunkd serve` with the relay, the file transport and a test DNS server; `settings` are more
+    PLUNKD_* environment variables (e.g. a higher delivery rate)."""
     cert = test_ca.issue_cert("127.0.0.1", "localhost")
     cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "relay.pem"))
     with dns_in_thread() as dns:
@@ -66,7 +76,7 @@ def served(tmp_path, database_url, test_ca):
                "PLUNKD_DELIVERY_TRANSPORT": "file", "PLUNKD_DELIVERY_POLL_SECONDS": "0.2",
                "PLUNKD_SMTP_CERT_FILE": str(tmp_path / "relay.pem"),
                "PLUNKD_SMTP_KEY_FILE": str(tmp_path / "relay.pem"),
-               "PLUNKD_DNS_NAMESERVERS": "127.0.0.1", "PLUNKD_DNS_PORT": str(dns.port)}
+               "PLUNKD_DNS_NAMESERVERS": "127.0.0.1", "PLUNKD_DNS_PORT": str(dns.port), **settings}
         port = free_port()
         with served_plunkd(tmp_path, {**env, "PLUNKD_SERVER_PUBLIC_URL": f"http://127.0.0.1:{port}"}, port=port,
                            relay=True) as server:

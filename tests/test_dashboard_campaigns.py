@@ -188,6 +188,26 @@ async def test_hostile_names_and_subjects_come_back_escaped(dash, sender):
         assert escape(HOSTILE_NAME, quote=False) in html
 
 
+async def test_the_campaign_names_and_links_its_template_and_segment_escaped(dash):
+    """The page says which segment it goes to and which template it is made from (it said "a segment"),
+    each a link; their names are whatever the user typed, so they come back escaped."""
+    _, template = await dash.api.call("POST", "/templates", json={"name": HOSTILE_NAME, "subject": "S", "body": "B"})
+    _, segment = await dash.api.call("POST", "/segments", json={"name": HOSTILE_SUBJECT, "condition": {
+        "field": "subscribed", "op": "equals", "value": True}})
+    campaign_id = await new_draft(dash, template=template["data"]["id"], subject="", body="", audience="SEGMENT",
+                                  segment=segment["data"]["id"])
+    status, html = await dash.owner.get(f"{base(dash)}/{campaign_id}")
+    assert status == 200 and HOSTILE_NAME not in html and "<img src=x" not in html
+    project = f"/projects/{dash.api.project_id}"
+    assert (f'<a href="{project}/templates/{template["data"]["id"]}">{escape(HOSTILE_NAME, quote=False)}</a>'
+            in html)
+    shown = HOSTILE_SUBJECT.replace('"', "&#34;").replace("<", "&lt;").replace(">", "&gt;")  # as Jinja escapes
+    assert f'the segment <a href="{project}/segments/{segment["data"]["id"]}">{shown}</a>' in html
+    status, body = await dash.owner.get_json(f"{base(dash)}/{campaign_id}")
+    assert status == 200 and body["data"]["segmentName"] == HOSTILE_SUBJECT
+    assert body["data"]["templateName"] == HOSTILE_NAME
+
+
 async def test_bad_drafts_reshow_the_form_with_the_field_named_and_store_nothing(dash):
     await dash.owner.get(f"{base(dash)}/new")
     cases = [({"subject": "Hi\r\nBcc: everyone@example.org"}, "subject"),

@@ -150,6 +150,26 @@ async def test_build_a_segment_by_buttons_and_its_count_equals_the_apis(dash):
     assert sorted(m["email"] for m in body["data"]["members"]) == ["ann@example.com", "cy@example.com"]
 
 
+async def test_an_unfinished_condition_shows_its_problem_in_the_live_count(dash):
+    """While the user is still typing (an event test without its event), the live count says what is missing:
+    htmx swaps in only a 2xx answer, so the fragment answers 200 (a 422 would leave the last count showing).
+    The Count members button without JavaScript, and a script, still get the 422."""
+    status, page = await dash.owner.get(f"{base(dash)}/new")
+    fields = page_fields(page, base(dash))
+    response = await dash.owner.post(base(dash), {**fields, "action": "add-event:0"})
+    fields = page_fields(await response.text(), base(dash))
+    fields.pop("csrf", None)
+    response = await dash.owner.post(f"{base(dash)}/preview", fields, headers={"HX-Request": "true"})
+    fragment = await response.text()
+    assert response.status == 200 and 'role="alert"' in fragment and "segment-count" not in fragment
+    response = await dash.owner.post(f"{base(dash)}/preview", fields)
+    assert response.status == 422 and 'role="alert"' in await response.text()
+    response = await dash.owner.client.post(f"{base(dash)}/preview", json={"condition": {"event": "", "op": "did"}},
+                                            headers={"Accept": "application/json", "HX-Request": "true",
+                                                     "X-CSRF-Token": dash.owner.csrf})
+    assert response.status == 422 and (await response.json())["data"]["problem"]
+
+
 async def test_the_json_view_applies_to_the_form_and_bad_json_is_422(dash):
     tree = {"any": [{"field": "email", "op": "contains", "value": "@example.com"},
                     {"event": "open", "op": "didNot", "withinDays": 5}]}

@@ -12,6 +12,7 @@ from collections import Counter
 
 from markupsafe import escape
 
+from dashboard.workflows import graph
 from storage.models import WorkflowRun
 from tests.test_dashboard_campaigns import statements
 from tests.test_workflows_api import add_run, contact, create, steps, template
@@ -208,6 +209,19 @@ async def test_hostile_names_and_events_come_back_escaped(dash):
         assert status == 200
         assert "<script>alert(1)" not in html and "<img src=x" not in html
         assert str(escape(HOSTILE)) in html
+
+
+async def test_a_send_step_shows_its_templates_name_escaped(dash):
+    """The graph named a send step's template by its id (a UUID cut short); it shows the name the user gave
+    it, escaped, and the id only for a template that is gone."""
+    template_id = await template(dash.api, name="<b>Hi</b> & welcome")
+    workflow = await create(dash.api, template_id)
+    status, html = await dash.owner.get(f"{base(dash)}/{workflow['id']}")
+    assert status == 200 and "<b>Hi</b>" not in html
+    box = html[html.index('data-step="welcome"'):]
+    assert '<text class="step-detail"' in box and "send &lt;b&gt;Hi&lt;/b&gt; &amp; welcome" in box[:600]
+    assert f"send template {template_id[:10]}" not in html
+    assert graph(steps(template_id), {})["boxes"][1]["detail"].startswith("send template "), "no name: the id"
 
 
 async def test_a_viewer_sees_no_buttons_and_gets_403_an_editor_may_change(dash):
