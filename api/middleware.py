@@ -13,12 +13,11 @@ from api.envelope import Reply, encode_json, enveloped, failure, legacy
 from api.errors import BadRequest, MethodNotAllowed, PayloadTooLarge, RateLimited
 from api.routing import CORS_ORIGIN, DIALECT, cors_headers
 from core.metrics import HTTP_DURATION
+from core.redaction import LOGGED_PATH
 from pipeline.errors import NotFound, PipelineError
 
 log = logging.getLogger("plunkd.api")
 REQUEST_ID = "plunkd.request_id"
-LOGGED_PATH = "plunkd.logged_path"
-"""Set by a handler whose path holds a secret (a signed link's token): the path the log shows instead."""
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 

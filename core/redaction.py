@@ -26,6 +26,9 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 AIOSMTPD_LOGGER = "mail.log"
+LOGGED_PATH = "plunkd.logged_path"
+"""A request key: set by a handler whose path holds a secret (a signed link's token, an invitation's or a
+password reset's), the path the access log shows instead of the real one."""
 NOT_LOGGED = "[not logged]"
 SMTP_VERBS = frozenset({"HELO", "EHLO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT",
                         "VRFY", "EXPN", "HELP"})

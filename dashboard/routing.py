@@ -28,6 +28,7 @@ from urllib.parse import quote, urlsplit
 import aiohttp_jinja2
 from aiohttp import web
 
+from core.redaction import LOGGED_PATH
 from dashboard.context import CONFIG, DB
 from pipeline import accounts
 from pipeline.accounts import Visit
@@ -288,6 +289,8 @@ async def _csrf_given(request: web.Request) -> str:
 def guarded(page: Page) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
         request[PAGE_OF_REQUEST] = page
+        if "token" in request.match_info:  # an invitation's or a password reset's: never in the access log
+            request[LOGGED_PATH] = request.path.replace(request.match_info["token"], "<token>")
         config = request.app[CONFIG].dashboard
         if _form_too_large(request, config.max_form_bytes):
             return error_answer(request, None, 413, f"The form is larger than {config.max_form_bytes} bytes")

@@ -156,3 +156,19 @@ async def test_an_invited_viewer_joins_by_the_link(dash):
     await second.get("/login")  # a form's CSRF token for this visitor
     response = await second.post(path, {"password": "another long password"})
     assert response.status == 404, "an invitation works once"
+
+
+async def test_invitation_tokens_stay_out_of_the_access_log(dash, caplog):
+    await dash.owner.get(f"/projects/{dash.api.project_id}/members")
+    status, body = await dash.owner.post_json(f"/projects/{dash.api.project_id}/members/invite",
+                                              {"email": "logged@example.com", "role": "viewer"})
+    assert status == 201
+    token = body["data"]["link"].rsplit("/", 1)[1]
+    visitor = await dash.browser()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="plunkd.api"):
+        status, _ = await visitor.get(f"/invite/{token}")
+        await visitor.post(f"/invite/{token}", {"password": "a new long password"})
+    assert status == 200
+    assert "GET /invite/<token> 200" in caplog.text and "POST /invite/<token> 303" in caplog.text
+    assert token not in caplog.text

@@ -20,9 +20,9 @@ from aiohttp import web
 from sqlalchemy.orm import Session
 
 from api.context import DB, LINKS
-from api.middleware import LOGGED_PATH
 from api.pages.html import Safe, error_page, form, page, render
 from api.routing import Route
+from core.redaction import LOGGED_PATH
 from pipeline.contacts import record_subscription
 from pipeline.links import LinkTarget
 from storage import subscriptions
