@@ -82,7 +82,7 @@ def served(tmp_path, database_url):
            "PLUNKD_WEBHOOKS_ALLOW_PRIVATE_TARGETS": "true", "PLUNKD_DASHBOARD_MAIL_PROJECT": PROJECT}
     port = free_port()
     with served_plunkd(tmp_path, {**env, "PLUNKD_SERVER_PUBLIC_URL": f"http://127.0.0.1:{port}"},
-                       port=port) as server:
+                       port=port, relay=True) as server:  # free relay ports: 465 may be held by a run beside it
         server.wait(lambda: "started: transport file" in server.log(), 30, "the dispatcher")
         yield server, env
 
