@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import random
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -280,7 +281,7 @@ def _workflow(session: Session, ids: Ids) -> Any:
     """The workflow, its runs per step and its newest runs."""
     runs = workflow_store.run_page(session, ids["workflow"], LIST_SIZE, None).items
     return {"workflow": _json_row(session.get(Workflow, ids["workflow"])),
-            "steps": workflow_store.step_counts(session, ids["workflow"]),
+            "steps": workflow_rules.step_counts(session, ids["workflow"]),
             "runs": [dict(row._mapping) for row in runs]}
 
 
@@ -817,7 +818,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "plunkd-bench-dashboard"))
     parser.add_argument("--database-url", default="", help="postgresql+asyncpg://… an empty database, or one "
                                                           "this bench seeded before (default: SQLite in --cache-dir)")
+    parser.add_argument("--sending", type=float, default=0, metavar="PER_SECOND",
+                        help="also load every page again while the dispatcher sends the campaign's queued emails "
+                             "at this rate (file transport; SQLite: on a copy of the seed, which stays as it was)")
     args = parser.parse_args(argv)
+    if args.sending and args.database_url:
+        parser.error("--sending runs on a copy of the SQLite seed, not with --database-url")
+    if args.sending < 0:
+        parser.error("--sending takes a rate above 0")
     quick = args.quick
     args.contacts = args.contacts or (2_000 if quick else 100_000)
     args.emails = args.emails or (20_000 if quick else 1_000_000)
@@ -875,12 +883,37 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with servers(env, config.database_url, data_dir) as (ours, bare):
             skipped = asyncio.run(measure(args, manifest["ids"], token, ours, bare))
+        if args.sending:
+            measure_while_sending(args, manifest["ids"], token, env, config, data_dir)
     except PageError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 1
     for note in skipped:
         print(note)
     return 0
+
+
+def measure_while_sending(args: argparse.Namespace, ids: Ids, token: str, env: dict[str, str], config: Config,
+                          data_dir: Path) -> None:
+    """The pages again with `plunkd serve`'s dispatcher sending the campaign's queued emails (file
+    transport, `--sending` per second), on a copy of the seed so the cached one stays half way."""
+    with tempfile.TemporaryDirectory(dir=data_dir, prefix="sending-") as scratch:
+        copy = Path(scratch) / "plunkd.sqlite3"
+        with contextlib.closing(sqlite3.connect(config.data_path / "plunkd.sqlite3")) as seeded, \
+                contextlib.closing(sqlite3.connect(copy)) as target:
+            seeded.backup(target)
+        outbox = Path(scratch) / "outbox"
+        sending = {**env, "PLUNKD_DELIVERY_ENABLED": "true", "PLUNKD_DELIVERY_TRANSPORT": "file",
+                   "PLUNKD_DELIVERY_OUTBOX_DIR": str(outbox), "PLUNKD_DELIVERY_RATE_PER_SECOND": str(args.sending),
+                   "PLUNKD_WEBHOOKS_ENABLED": "false"}  # the seed's endpoints are not on this machine
+        url = f"sqlite+aiosqlite:///{copy}"
+        print(f"\nthe same pages while the dispatcher sends the campaign's queued emails at {args.sending:g} per "
+              "second (file transport)", flush=True)
+        started = time.perf_counter()
+        with servers({**sending, "PLUNKD_DATABASE_URL": url}, url, data_dir) as (ours, bare):
+            asyncio.run(measure(args, ids, token, ours, bare))
+        written = sum(1 for _ in outbox.glob("*.eml")) if outbox.exists() else 0
+        print(f"sent while loading: {written:,} emails in {time.perf_counter() - started:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
