@@ -69,6 +69,36 @@ async def test_the_run_loads_every_page_this_branch_has_and_reuses_its_seed(tmp_
     assert {case.path for case in bench.PAGES if row_pattern(case.path).search(second.stdout)} == measured
 
 
+@pytest.mark.skipif(bool(PG_URL), reason="--sending copies the SQLite seed")
+async def test_the_pages_are_loaded_again_while_the_dispatcher_sends_and_the_seed_stays_half_way(tmp_path):
+    first = run_bench(tmp_path / "cache", "--sending", "500")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "the same pages while the dispatcher sends the campaign's queued emails at 500 per second" in first.stdout
+    again = first.stdout.split("the same pages while", 1)[1]
+    assert row_pattern("/projects/{project}/campaigns/{campaign}/progress").search(again), first.stdout
+    sent = re.search(r"sent while loading: ([0-9,]+) emails in [0-9]+ s", first.stdout)
+    assert sent and int(sent.group(1).replace(",", "")) > 0, first.stdout
+    [seeded] = (tmp_path / "cache").glob("*/plunkd.sqlite3")
+    assert [path.name for path in seeded.parent.iterdir() if path.name.startswith("sending-")] == []
+    db = Database(f"sqlite+aiosqlite:///{seeded}")
+    try:
+        queued = await db.read(lambda s: s.execute(select(func.count()).select_from(OutboxItem)
+                                                   .where(OutboxItem.campaign_id.is_not(None))).scalar_one())
+    finally:
+        await db.dispose()
+    assert queued > 0  # the cached seed's campaign is still half way for the next run
+    assert "seed cached" in run_bench(tmp_path / "cache").stdout
+
+
+def test_sending_needs_the_sqlite_seed_and_a_rate(capsys):
+    for argv, message in ((["--sending", "50", "--database-url", "postgresql+asyncpg://x/y"],
+                           "--sending runs on a copy of the SQLite seed, not with --database-url"),
+                          (["--sending", "-1"], "--sending takes a rate above 0")):
+        with pytest.raises(SystemExit) as stopped:
+            bench.parse_args(argv)
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
 async def test_the_seed_has_every_row_the_pages_show_and_each_main_query_finds_them(db):
     ids = await bench.seed(db, SMALL)
     results = {case.path: await db.read(case.main_query, ids) for case in bench.PAGES}
