@@ -3,18 +3,23 @@ the page's main query and answers JSON (bench/bare_dashboard_server.py), same ru
 
     python -m bench.dashboard [--contacts 100000] [--emails 1000000] [--loads 200] [--concurrency 8]
                               [--quick] [--cache-dir DIR] [--database-url postgresql+asyncpg://…/<empty db>]
+                              [--sending RATE]
 
 One project is seeded with bulk inserts (`storage.bulk`, not the API): contacts with data (some
 unsubscribed), emails over 30 days of UUIDv7 ids (mixed statuses and sources, recipients among the
 contacts), events for a share of them (sent, delivered, opened; bounced with the SMTP reply), a few
-suppressions, two domains and two webhook endpoints. The seed is kept for the next run: SQLite in
-`--cache-dir` (keyed by the schema revision and the seed parameters), PostgreSQL in the database given
-(which must be empty the first time; the encryption key its secrets are sealed with stays in --cache-dir).
+suppressions, two domains and two webhook endpoints; and for the marketing pages (through the API's
+rules where they are fast enough) templates, a segment, a workflow with runs at its steps, many events of a
+custom name, and a campaign half way through sending to up to 100,000 contacts. The seed is kept for the
+next run: SQLite in `--cache-dir` (keyed by the schema revision and the seed parameters), PostgreSQL in the
+database given (which must be empty the first time; the encryption key its secrets are sealed with stays in
+--cache-dir).
 
 Both servers run as processes of their own (`plunkd serve` with delivery off, and the bare app), loaded
 over loopback HTTP; each page is loaded `--loads` times by `--concurrency` clients after a short warm-up.
 A page that answers anything but 200 is an error (exit 1); a page whose route this branch does not have
-is skipped with a note. The aims are printed with PASS or MISS; a miss does not fail the run.
+is skipped with a note. The aims are printed with PASS or MISS; a miss does not fail the run. With
+`--sending RATE` (SQLite) every page is loaded again while the dispatcher sends the campaign's queued emails.
 """
 
 from __future__ import annotations
