@@ -94,7 +94,7 @@ from storage.models import (
 )
 from storage.webhooks import insert_endpoint
 
-SEED_VERSION = 4
+SEED_VERSION = 5
 """Bump when the seeded data changes, so cached seeds are made again."""
 USER_EMAIL = "owner@bench.example"
 USER_PASSWORD = "bench-dashboard-owner-password"
