@@ -3,18 +3,23 @@ the page's main query and answers JSON (bench/bare_dashboard_server.py), same ru
 
     python -m bench.dashboard [--contacts 100000] [--emails 1000000] [--loads 200] [--concurrency 8]
                               [--quick] [--cache-dir DIR] [--database-url postgresql+asyncpg://…/<empty db>]
+                              [--sending RATE]
 
 One project is seeded with bulk inserts (`storage.bulk`, not the API): contacts with data (some
 unsubscribed), emails over 30 days of UUIDv7 ids (mixed statuses and sources, recipients among the
 contacts), events for a share of them (sent, delivered, opened; bounced with the SMTP reply), a few
-suppressions, two domains and two webhook endpoints. The seed is kept for the next run: SQLite in
-`--cache-dir` (keyed by the schema revision and the seed parameters), PostgreSQL in the database given
-(which must be empty the first time; the encryption key its secrets are sealed with stays in --cache-dir).
+suppressions, two domains and two webhook endpoints; and for the marketing pages (through the API's
+rules where they are fast enough) templates, a segment, a workflow with runs at its steps, many events of a
+custom name, and a campaign half way through sending to up to 100,000 contacts. The seed is kept for the
+next run: SQLite in `--cache-dir` (keyed by the schema revision and the seed parameters), PostgreSQL in the
+database given (which must be empty the first time; the encryption key its secrets are sealed with stays in
+--cache-dir).
 
 Both servers run as processes of their own (`plunkd serve` with delivery off, and the bare app), loaded
 over loopback HTTP; each page is loaded `--loads` times by `--concurrency` clients after a short warm-up.
 A page that answers anything but 200 is an error (exit 1); a page whose route this branch does not have
-is skipped with a note. The aims are printed with PASS or MISS; a miss does not fail the run.
+is skipped with a note. The aims are printed with PASS or MISS; a miss does not fail the run. With
+`--sending RATE` (SQLite) every page is loaded again while the dispatcher sends the campaign's queued emails.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import hashlib
 import json
 import os
 import random
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -49,12 +55,24 @@ from dashboard.app import all_pages
 from dashboard.routing import SESSION_COOKIE
 from pipeline import accounts
 from pipeline.domains import add_domain, save_check
+from pipeline.marketing import campaigns as campaign_rules
+from pipeline.marketing import segments as segment_rules
+from pipeline.marketing import templates as template_rules
+from pipeline.marketing.campaigns import CampaignFields
 from pipeline.projects import create_project
+from pipeline.workflows import rules as workflow_rules
+from pipeline.workflows.rules import WorkflowFields
 from plunkd.atrest import open_secrets
 from storage import accounts as account_store
+from storage import campaigns as campaign_store
+from storage import contacts as contact_store
+from storage import events as event_store
+from storage import workflow_admin as workflow_store
 from storage.bulk import Columns, insert_rows
 from storage.db import Database, alembic_config
 from storage.models import (
+    Campaign,
+    CampaignStatus,
     Contact,
     Content,
     Domain,
@@ -64,13 +82,19 @@ from storage.models import (
     OutboxItem,
     Project,
     Role,
+    RunStatus,
+    Segment,
     Suppression,
+    Template,
     User,
     WebhookEndpoint,
+    Workflow,
+    WorkflowRun,
+    iso,
 )
 from storage.webhooks import insert_endpoint
 
-SEED_VERSION = 3
+SEED_VERSION = 5
 """Bump when the seeded data changes, so cached seeds are made again."""
 USER_EMAIL = "owner@bench.example"
 USER_PASSWORD = "bench-dashboard-owner-password"
@@ -89,6 +113,30 @@ STATUSES = [(EmailStatus.SENT, 45), (EmailStatus.DELIVERED, 42), (EmailStatus.BO
             (EmailStatus.QUEUED, 1), (EmailStatus.CANCELLED, 1)]
 SOURCES = [("api", 40), ("smtp", 20), ("campaign", 30), ("workflow", 10)]
 BOUNCE_REPLY = "550 5.1.1 <{0}>: Recipient address rejected: User unknown in virtual mailbox table"
+CAMPAIGN_RECIPIENTS = 100_000
+CAMPAIGN_MINUTES = 40
+"""How long the seeded campaign has been sending."""
+CAMPAIGN_STATUSES = [(EmailStatus.DELIVERED, 55), (EmailStatus.SENT, 20), (EmailStatus.QUEUED, 22),
+                     (EmailStatus.BOUNCED, 2), (EmailStatus.FAILED, 1)]
+CAMPAIGN_LINKS = ["https://shop.bench.example/sale", "https://shop.bench.example/sale/shoes",
+                  "https://shop.bench.example/account", "https://bench.example/unsubscribe-help"]
+PURCHASE_EVERY = 20
+"""One "purchased" event per this many emails (50,000 at full size)."""
+SEGMENT_CONDITION = {"all": [{"field": "data.plan", "op": "equals", "value": "pro"},
+                             {"event": "purchased", "op": "did", "atLeast": 2, "withinDays": 30},
+                             {"field": "subscribed", "op": "equals", "value": True}]}
+WORKFLOW_RUNS = 5_000
+_DELAYED = ("wait-a-bit", "delay", "delayed")
+_SENT = ("welcome", "send", "sent")
+_PRO = ("is-pro", "condition", "then")
+RUN_PLACES = [((RunStatus.ACTIVE, "wait-a-bit", []), 30),
+              ((RunStatus.WAITING, "wait-order", [_DELAYED, _SENT, _PRO, ("wait-order", "wait", "waiting")]), 35),
+              ((RunStatus.FAILED, "welcome", [_DELAYED, ("welcome", "send", "failed")]), 3),
+              ((RunStatus.COMPLETED, None, [_DELAYED, _SENT, _PRO, ("wait-order", "wait", "event"),
+                                            ("tag", "update", "updated")]), 22),
+              ((RunStatus.EXITED, None, [_DELAYED, _SENT, ("is-pro", "condition", "else"), ("bye", "exit", "exit")]),
+               10)]
+"""(status, the step it is at, the steps it passed) of the seeded workflow runs, weighted."""
 SENT_STATUSES = frozenset({EmailStatus.SENT, EmailStatus.DELIVERED, EmailStatus.BOUNCED, EmailStatus.COMPLAINED})
 
 
@@ -191,6 +239,65 @@ def _system(session: Session, ids: Ids) -> Any:
             for priority, due in session.execute(select(capped.c.priority, func.count()).group_by(capped.c.priority))]
 
 
+def _templates(session: Session, ids: Ids) -> Any:
+    return _newest(session, Template, Template.project_id == ids["project"])
+
+
+def _template(session: Session, ids: Ids) -> Any:
+    return _json_row(session.get(Template, ids["template"]))
+
+
+def _segments(session: Session, ids: Ids) -> Any:
+    return _newest(session, Segment, Segment.project_id == ids["project"])
+
+
+def _segment(session: Session, ids: Ids) -> Any:
+    """The segment, and what its builder offers: the data keys and event names seen lately."""
+    return {"segment": _json_row(session.get(Segment, ids["segment"])),
+            "keys": contact_store.data_keys(session, ids["project"], 500),
+            "names": event_store.recent_event_names(session, ids["project"], 1000)}
+
+
+def _campaigns(session: Session, ids: Ids) -> Any:
+    return [dict(row._mapping) for row in campaign_store.campaign_page(session, ids["project"], LIST_SIZE, None).items]
+
+
+def _campaign_progress(session: Session, ids: Ids) -> Any:
+    return campaign_store.campaign_progress(session, ids["project"], ids["campaign"])
+
+
+def _campaign(session: Session, ids: Ids) -> Any:
+    """A sending campaign's page: the campaign and its progress (its stats come when it has sent)."""
+    return {"campaign": _json_row(session.get(Campaign, ids["campaign"])),
+            "progress": _campaign_progress(session, ids)}
+
+
+def _recipients(session: Session, ids: Ids) -> Any:
+    page = campaign_store.campaign_recipients(session, ids["campaign"], None, LIST_SIZE, None)
+    return [dict(row._mapping) for row in page.items]
+
+
+def _workflows(session: Session, ids: Ids) -> Any:
+    workflows = _newest(session, Workflow, Workflow.project_id == ids["project"])
+    return {"workflows": workflows, "runs": workflow_store.run_counts(session, [w["id"] for w in workflows])}
+
+
+def _workflow(session: Session, ids: Ids) -> Any:
+    """The workflow, its runs per step and its newest runs."""
+    runs = workflow_store.run_page(session, ids["workflow"], LIST_SIZE, None).items
+    return {"workflow": _json_row(session.get(Workflow, ids["workflow"])),
+            "steps": workflow_rules.step_counts(session, ids["workflow"]),
+            "runs": [dict(row._mapping) for row in runs]}
+
+
+def _event_names(session: Session, ids: Ids) -> Any:
+    return event_store.event_counts(session, ids["project"], datetime.now(UTC) - timedelta(days=7), None)
+
+
+def _events_named(session: Session, ids: Ids) -> Any:
+    return _newest(session, Event, Event.project_id == ids["project"], Event.name == "purchased")
+
+
 @dataclass(frozen=True)
 class PageCase:
     path: str
@@ -199,10 +306,12 @@ class PageCase:
     """What the bare handler runs once per request: the storage function the page uses, or the simplest
     query that returns the same rows."""
     aim_ms: float = PAGE_AIM_MS
+    served_by: str = ""
+    """The route that serves the path when it is not the path itself (a placeholder with a pattern)."""
 
     @property
     def route(self) -> str:
-        return self.path.split("?", 1)[0]
+        return self.served_by or self.path.split("?", 1)[0]
 
 
 PAGES = [
@@ -222,7 +331,31 @@ PAGES = [
     PageCase("/projects/{project}/suppressions", _suppressions),
     PageCase("/projects/{project}/webhooks", _webhooks),
     PageCase("/system", _system),
+    PageCase("/projects/{project}/templates", _templates),
+    PageCase("/projects/{project}/templates/{template}", _template),
+    PageCase("/projects/{project}/segments", _segments),
+    PageCase("/projects/{project}/segments/{segment}", _segment),
+    PageCase("/projects/{project}/campaigns", _campaigns),
+    PageCase("/projects/{project}/campaigns/{campaign}", _campaign),
+    PageCase("/projects/{project}/campaigns/{campaign}/progress", _campaign_progress),
+    PageCase("/projects/{project}/campaigns/{campaign}/recipients", _recipients),
+    PageCase("/projects/{project}/workflows", _workflows),
+    PageCase("/projects/{project}/workflows/{workflow}", _workflow),
+    PageCase("/projects/{project}/events", _event_names),
+    PageCase("/projects/{project}/events/purchased", _events_named, served_by="/projects/{project}/events/{name:.+}"),
 ]
+
+
+def workflow_steps(template_id: str) -> list[dict[str, Any]]:
+    """Onboarding: wait, send the welcome, then for pro contacts wait for an order and tag them."""
+    return [{"id": "wait-a-bit", "type": "delay", "minutes": 10, "next": "welcome"},
+            {"id": "welcome", "type": "send", "template": template_id, "next": "is-pro"},
+            {"id": "is-pro", "type": "condition", "condition": {"field": "data.plan", "op": "equals", "value": "pro"},
+             "then": "wait-order", "else": "bye"},
+            {"id": "wait-order", "type": "wait", "event": "ordered", "timeoutSeconds": 86400, "then": "tag",
+             "timeout": "bye"},
+            {"id": "tag", "type": "update", "data": {"customer": True}},
+            {"id": "bye", "type": "exit"}]
 
 
 def fill(path: str, ids: Ids) -> str:
@@ -271,6 +404,17 @@ EMAIL_COLUMNS: Columns = [("id", "text"), ("project_id", "text"), ("contact_id",
                           ("sent_at", "time"), ("track_opens", "bool"), ("track_clicks", "bool")]
 EVENT_COLUMNS: Columns = [("id", "text"), ("project_id", "text"), ("contact_id", "text"), ("email_id", "text"),
                           ("name", "text"), ("data", "json"), ("created_at", "time")]
+CAMPAIGN_EMAIL_COLUMNS: Columns = [
+    ("id", "text"), ("project_id", "text"), ("contact_id", "text"), ("content_id", "text"), ("campaign_id", "text"),
+    ("recipient", "text"), ("sender", "text"), ("envelope_sender", "text"), ("subject", "text"), ("source", "text"),
+    ("status", "text"), ("message_id", "text"), ("error", "text"), ("created_at", "time"), ("sent_at", "time"),
+    ("track_opens", "bool"), ("track_clicks", "bool")]
+OUTBOX_COLUMNS: Columns = [("id", "text"), ("email_id", "text"), ("due_at", "time"), ("attempts", "int"),
+                           ("priority", "int"), ("campaign_id", "text")]
+RUN_COLUMNS: Columns = [("id", "text"), ("workflow_id", "text"), ("project_id", "text"), ("contact_id", "text"),
+                        ("status", "text"), ("step_id", "text"), ("due_at", "time"), ("waiting_for", "text"),
+                        ("once_key", "text"), ("context", "json"), ("history", "json"), ("emails_sent", "int"),
+                        ("created_at", "time"), ("updated_at", "time")]
 SUPPRESSION_COLUMNS: Columns = [("id", "text"), ("project_id", "text"), ("email", "text"), ("reason", "text"),
                                 ("created_at", "time")]
 
@@ -374,6 +518,122 @@ class Seeder:
         return [[id_at(millis + delay, index, rng), self.project_id, contact_id, email_id, name, data,
                  self.moment(millis + delay)] for name, delay, data in later]
 
+    async def purchases(self) -> int:
+        """A custom event with many rows: "purchased", one per PURCHASE_EVERY emails, over the month."""
+        rng, count = self.rng, max(100, self.size.emails // PURCHASE_EVERY)
+        rows = []
+        for index in range(count):
+            millis = self.start_ms + index * self.span_ms // max(count - 1, 1)
+            contact = rng.randrange(self.size.contacts)
+            rows.append([id_at(millis, index, rng), self.project_id, self.contact_ids[contact], None, "purchased",
+                         {"sku": f"SKU-{rng.randrange(300):03d}", "amount": rng.randrange(5, 400)},
+                         self.moment(millis)])
+        await self.insert(Event.__table__, EVENT_COLUMNS, rows)
+        return count
+
+    async def sending_campaign(self, template_id: str, content_id: str, now: datetime) -> str:
+        """A campaign SENDING to every contact (up to CAMPAIGN_RECIPIENTS), left as the fan-out and the
+        dispatcher leave it half way: its emails (campaign_id set, source "campaign", one per contact)
+        mostly sent or delivered with feedback events, a few bounced or failed, and a share still QUEUED
+        with their outbox rows (priority 1). Returns its id."""
+        started = now - timedelta(minutes=CAMPAIGN_MINUTES)
+        fields = CampaignFields(name="Spring sale", subject="{{firstName ?? Friend}}, the spring sale is on",
+                                template_id=template_id, from_email="shop@bench.example", from_name="Shop",
+                                audience="ALL")
+
+        def create(session: Session) -> str:
+            campaign = campaign_rules.create_campaign(session, self.project_id, fields)
+            campaign.status, campaign.started_at, campaign.scheduled_at = CampaignStatus.SENDING, started, started
+            campaign.content_id, campaign.fanout_done = content_id, True
+            session.flush()
+            return campaign.id
+
+        campaign_id = await self.db.write(create)
+        rng, count = self.rng, min(CAMPAIGN_RECIPIENTS, self.size.contacts)
+        start_ms, span_ms = int(started.timestamp() * 1000), CAMPAIGN_MINUTES * 60_000
+        statuses = weighted(CAMPAIGN_STATUSES, count, rng)
+        emails, outbox, events = [], [], []
+        for index, (contact_id, status) in enumerate(zip(self.contact_ids[:count], statuses, strict=False)):
+            millis = start_ms + index * span_ms // count
+            email_id, recipient = id_at(millis, index, rng), contact_address(index)
+            sent = status in SENT_STATUSES
+            error = BOUNCE_REPLY.format(recipient) if status == EmailStatus.BOUNCED else (
+                "421 4.7.0 Try again later (gave up after 5 attempts)" if status == EmailStatus.FAILED else None)
+            emails.append([email_id, self.project_id, contact_id, content_id, campaign_id, recipient,
+                           "shop@bench.example", "bounces@bench.example", "Ada, the spring sale is on", "campaign",
+                           status, f"<{email_id}@bench.example>", error, self.moment(millis),
+                           self.moment(millis + 1000) if sent else None, True, True])
+            if status == EmailStatus.QUEUED:
+                outbox.append([id_at(millis, index, rng), email_id, started, 0, 1, campaign_id])
+            events += self.campaign_events(email_id, contact_id, status, millis, index)
+        for start in range(0, count, ROWS_PER_WRITE):
+            batch = emails[start:start + ROWS_PER_WRITE]
+            await self.db.write(partial(insert_rows, table=Email.__table__, columns=CAMPAIGN_EMAIL_COLUMNS,
+                                        rows=batch), alone=True)
+        await self.insert(OutboxItem.__table__, OUTBOX_COLUMNS, outbox)
+        await self.insert(Event.__table__, EVENT_COLUMNS, events)
+
+        def recipients_counted(session: Session) -> None:
+            session.get_one(Campaign, campaign_id).recipient_count = count
+        await self.db.write(recipients_counted)
+        return campaign_id
+
+    def campaign_events(self, email_id: str, contact_id: str, status: str, millis: int,
+                        index: int) -> list[list[Any]]:
+        """The feedback a campaign email has had: delivery, then for some an open and a click."""
+        rng = self.rng
+        later: list[tuple[str, int, dict[str, Any]]] = []
+        if status == EmailStatus.BOUNCED:
+            later.append(("email.bounce", 5000, {"reply": BOUNCE_REPLY.format(contact_address(index))}))
+        if status == EmailStatus.DELIVERED:
+            later.append(("email.delivery", 4000, {"smtpResponse": "250 2.0.0 OK queued"}))
+            if rng.random() < 0.3:
+                later.append(("email.open", 60_000, {"userAgent": "Mozilla/5.0"}))
+                if rng.random() < 0.25:
+                    later.append(("email.click", 90_000, {"url": rng.choice(CAMPAIGN_LINKS)}))
+        return [[id_at(millis + delay, index, rng), self.project_id, contact_id, email_id, name, data,
+                 self.moment(millis + delay)] for name, delay, data in later]
+
+    async def workflow(self, template_id: str, now: datetime) -> str:
+        """An onboarding workflow of a few steps (made by the API's rules) and its runs spread over them:
+        waiting at the delay and at the wait step, failed at the send, completed or exited."""
+        fields = WorkflowFields(name="Onboarding", trigger="signed-up", steps=workflow_steps(template_id))
+        workflow_id = await self.db.write(lambda s: workflow_rules.create_workflow(s, self.project_id, fields).id)
+        rng, count = self.rng, min(WORKFLOW_RUNS, self.size.contacts)
+        rows = []
+        for index, (status, step_id, passed) in enumerate(weighted(RUN_PLACES, count, rng)):
+            created = now - timedelta(minutes=rng.randrange(1, 60 * 24 * 7))
+            history = [{"step": step, "type": kind, "at": iso(created), "outcome": outcome}
+                       for step, kind, outcome in passed]
+            waiting_for = "ordered" if step_id == "wait-order" else None
+            due = created + timedelta(days=1) if status in (RunStatus.ACTIVE, RunStatus.WAITING) else None
+            run_id = id_at(int(created.timestamp() * 1000), index, rng)
+            rows.append([run_id, workflow_id, self.project_id, self.contact_ids[-1 - index], status, step_id, due,
+                         waiting_for, run_id, {"plan": "pro"}, history, int(any(p[0] == "welcome" for p in passed)),
+                         created, created])
+        await self.insert(WorkflowRun.__table__, RUN_COLUMNS, rows)
+        return workflow_id
+
+    def new_template(self, session: Session, values: dict[str, Any]) -> str:
+        return template_rules.create_template(session, self.project_id, values).id
+
+    async def marketing(self, content_id: str) -> Ids:
+        """The marketing pages' rows: templates, a segment, a workflow with runs, the "purchased" events
+        and a campaign sending; returns the ids their paths use."""
+        now = datetime.now(UTC)
+        template_ids = []
+        for index, name in enumerate(("Spring sale", "Welcome", "Receipt", "Win back")):
+            values = {"name": name, "subject": f"{{{{firstName ?? Friend}}}}, {name.lower()}",
+                      "body": "# Hello {{firstName ?? there}}\n\nOur **" + name + "** news, for {{plan}} members.",
+                      "type": "MARKETING" if index != 2 else "TRANSACTIONAL"}
+            template_ids.append(await self.db.write(partial(self.new_template, values=values)))
+        segment = await self.db.write(lambda s: segment_rules.create_segment(s, self.project_id, "Pro buyers",
+                                                                             SEGMENT_CONDITION).id)
+        await self.purchases()
+        workflow_id = await self.workflow(template_ids[1], now)
+        campaign_id = await self.sending_campaign(template_ids[0], content_id, now)
+        return {"template": template_ids[0], "segment": segment, "workflow": workflow_id, "campaign": campaign_id}
+
     async def suppressions(self) -> int:
         rows = [[id_at(self.start_ms + index * self.span_ms // self.size.contacts, index, self.rng), self.project_id,
                  contact_address(index), f"bounce: {BOUNCE_REPLY.format(contact_address(index))}", self.start]
@@ -404,8 +664,9 @@ async def seed(db: Database, size: SeedSize) -> Ids:
     await seeder.contacts()
     email_id = await seeder.emails(content_ids)
     await seeder.suppressions()
+    marketing = await seeder.marketing(content_ids[0])
     middle = size.contacts // 2
-    return {"project": project_id, "user": user.id, "contact": seeder.contact_ids[middle],
+    return {**marketing, "project": project_id, "user": user.id, "contact": seeder.contact_ids[middle],
             "recipient": contact_address(middle), "prefix": contact_address(min(12, size.contacts - 1))[:9],
             "email": email_id}
 
@@ -531,7 +792,7 @@ def print_row(case: PageCase, ours: Figures, bare: Figures) -> None:
     ratio50, ratio95 = bare.p50 / ours.p50, bare.p95 / ours.p95
     aims = (f"p95<={case.aim_ms:.0f} {verdict(ours.p95 <= case.aim_ms)}  "
             f"ratio>={RATIO_AIM} {verdict(ratio95 >= RATIO_AIM)}")
-    print(f"{case.path:48} {ours.p50:6.1f} {ours.p95:6.1f} {ours.max:6.1f} {ours.cpu_text:>5}   {bare.p50:6.1f} "
+    print(f"{case.path:54} {ours.p50:6.1f} {ours.p95:6.1f} {ours.max:6.1f} {ours.cpu_text:>5}   {bare.p50:6.1f} "
           f"{bare.p95:6.1f} {bare.cpu_text:>5}   {ratio50:5.2f} {ratio95:5.2f}   {aims}", flush=True)
 
 
@@ -539,7 +800,7 @@ async def measure(args: argparse.Namespace, ids: Ids, token: str, ours: Target, 
     """Load every page and its bare handler; returns the notes on the pages skipped."""
     routes = routes_here()
     skipped = []
-    print(f"{'page':48} {'p50':>6} {'p95':>6} {'max':>6} {'cpu':>5}   {'bare50':>6} {'bare95':>6} {'cpu':>5}   "
+    print(f"{'page':54} {'p50':>6} {'p95':>6} {'max':>6} {'cpu':>5}   {'bare50':>6} {'bare95':>6} {'cpu':>5}   "
           f"{'r50':>5} {'r95':>5}   aims (ms; cpu: the server's per load; ratio = bare / page)")
     for index, case in enumerate(PAGES):
         if case.route not in routes:
@@ -564,7 +825,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "plunkd-bench-dashboard"))
     parser.add_argument("--database-url", default="", help="postgresql+asyncpg://… an empty database, or one "
                                                           "this bench seeded before (default: SQLite in --cache-dir)")
+    parser.add_argument("--sending", type=float, default=0, metavar="PER_SECOND",
+                        help="also load every page again while the dispatcher sends the campaign's queued emails "
+                             "at this rate (file transport; SQLite: on a copy of the seed, which stays as it was)")
     args = parser.parse_args(argv)
+    if args.sending and args.database_url:
+        parser.error("--sending runs on a copy of the SQLite seed, not with --database-url")
+    if args.sending < 0:
+        parser.error("--sending takes a rate above 0")
     quick = args.quick
     args.contacts = args.contacts or (2_000 if quick else 100_000)
     args.emails = args.emails or (20_000 if quick else 1_000_000)
@@ -622,12 +890,37 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with servers(env, config.database_url, data_dir) as (ours, bare):
             skipped = asyncio.run(measure(args, manifest["ids"], token, ours, bare))
+        if args.sending:
+            measure_while_sending(args, manifest["ids"], token, env, config, data_dir)
     except PageError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 1
     for note in skipped:
         print(note)
     return 0
+
+
+def measure_while_sending(args: argparse.Namespace, ids: Ids, token: str, env: dict[str, str], config: Config,
+                          data_dir: Path) -> None:
+    """The pages again with `plunkd serve`'s dispatcher sending the campaign's queued emails (file
+    transport, `--sending` per second), on a copy of the seed so the cached one stays half way."""
+    with tempfile.TemporaryDirectory(dir=data_dir, prefix="sending-") as scratch:
+        copy = Path(scratch) / "plunkd.sqlite3"
+        with contextlib.closing(sqlite3.connect(config.data_path / "plunkd.sqlite3")) as seeded, \
+                contextlib.closing(sqlite3.connect(copy)) as target:
+            seeded.backup(target)
+        outbox = Path(scratch) / "outbox"
+        sending = {**env, "PLUNKD_DELIVERY_ENABLED": "true", "PLUNKD_DELIVERY_TRANSPORT": "file",
+                   "PLUNKD_DELIVERY_OUTBOX_DIR": str(outbox), "PLUNKD_DELIVERY_RATE_PER_SECOND": str(args.sending),
+                   "PLUNKD_WEBHOOKS_ENABLED": "false"}  # the seed's endpoints are not on this machine
+        url = f"sqlite+aiosqlite:///{copy}"
+        print(f"\nthe same pages while the dispatcher sends the campaign's queued emails at {args.sending:g} per "
+              "second (file transport)", flush=True)
+        started = time.perf_counter()
+        with servers({**sending, "PLUNKD_DATABASE_URL": url}, url, data_dir) as (ours, bare):
+            asyncio.run(measure(args, ids, token, ours, bare))
+        written = sum(1 for _ in outbox.glob("*.eml")) if outbox.exists() else 0
+        print(f"sent while loading: {written:,} emails in {time.perf_counter() - started:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

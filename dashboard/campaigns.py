@@ -2,7 +2,8 @@
 now), a live progress bar while it sends, and after it its stats with charts and its recipients.
 
 Every change goes through the rules the API uses (`pipeline.marketing.campaigns`); the progress fragment
-costs one query however large the campaign (`storage.campaigns.campaign_progress`).
+costs one query however large the campaign (`storage.campaigns.campaign_progress`), at most one per
+campaign per PROGRESS_SECONDS in a process however many browsers poll it.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
+from sqlalchemy.orm import Session
 
 from dashboard.context import CONFIG, DB, LINKS, ON_QUEUED
 from dashboard.routing import Answer, Ctx, Page, form_of, wants_json
 from pipeline import accounts
+from pipeline.cache import TtlCache
 from pipeline.compose import is_safe_header_value
 from pipeline.errors import FieldError, NotFound, ValidationFailed
 from pipeline.marketing import campaigns as rules
@@ -36,6 +39,11 @@ MAX_TEST_ADDRESSES = 10
 MAX_SCHEDULE_DAYS = 366
 RECIPIENT_SPLIT = re.compile(r"[\s,;]+")
 LIVE = (CampaignStatus.SCHEDULED, CampaignStatus.SENDING)
+PROGRESS_SECONDS = 1.0
+"""How long a campaign's counted progress is shown again: the poll interval. The count is one index range
+scan, but of every email of the campaign (30 ms of CPU at 100,000 on SQLite), and each browser on the page
+polls it every second."""
+_PROGRESS: TtlCache[tuple[str, str], store.Progress] = TtlCache(PROGRESS_SECONDS, 10_000)
 OUTCOMES = ("delivered", "opened", "clicked", "bounced", "complained", "unsubscribed")
 
 
@@ -159,6 +167,18 @@ def _percent(part: int, whole: int) -> int:
     return min(100, round(100 * part / whole)) if whole else 0
 
 
+def counted_progress(session: Session, project_id: str, campaign_id: str,
+                     status: str | None = None) -> store.Progress | None:
+    """The campaign's progress as counted within the last PROGRESS_SECONDS (here, or now); counted again
+    when the campaign's `status`, when given, is not the one counted."""
+    progress = _PROGRESS.get((project_id, campaign_id))
+    if progress is None or status is not None and progress.status != status:
+        progress = store.campaign_progress(session, project_id, campaign_id)
+        if progress is not None:
+            _PROGRESS.put((project_id, campaign_id), progress)
+    return progress
+
+
 def progress_json(progress: store.Progress) -> dict[str, Any]:
     counts = progress.counts
     done = counts["sent"] + counts["failed"] + counts["cancelled"]
@@ -176,7 +196,7 @@ async def campaign_page(ctx: Ctx) -> Answer:
         if campaign.status in rules.EDITABLE:
             data["reach"] = rules.reach(session, campaign)
         if campaign.status != CampaignStatus.DRAFT:
-            progress = store.campaign_progress(session, ctx.project_id, campaign_id)
+            progress = counted_progress(session, ctx.project_id, campaign_id, campaign.status)
             data["progress"] = progress_json(progress) if progress else None
         if campaign.status in (CampaignStatus.SENT, CampaignStatus.CANCELLED):
             data["stats"] = {"recipients": campaign.recipient_count, **store.campaign_stats(session, campaign.id)}
@@ -211,7 +231,9 @@ def _form_values(campaign: dict[str, Any]) -> dict[str, str]:
 
 async def progress_fragment(ctx: Ctx) -> Answer:
     """The progress bar alone: what the campaign page polls every second while the campaign sends."""
-    progress = await ctx.request.app[DB].read(store.campaign_progress, ctx.project_id, _campaign_id(ctx))
+    progress = _PROGRESS.get((ctx.project_id, _campaign_id(ctx)))
+    if progress is None:
+        progress = await ctx.request.app[DB].read(counted_progress, ctx.project_id, _campaign_id(ctx))
     if progress is None:
         raise NotFound("No such campaign")
     return Answer("campaign_progress.html", {"progress": progress_json(progress),
@@ -286,6 +308,7 @@ async def send_campaign(ctx: Ctx) -> Answer:
     links, max_bytes = app[LINKS], app[CONFIG].smtp.max_message_bytes
     campaign = await app[DB].write(lambda s: campaign_json(rules.schedule_campaign(
         s, s.get_one(Project, ctx.project_id), campaign_id, at, links, max_bytes)))
+    _PROGRESS.discard((ctx.project_id, campaign_id))
     _wake(ctx)
     return Answer(redirect=f"/projects/{ctx.project_id}/campaigns/{campaign_id}",
                   flash=f"Scheduled for {iso(at)}" if at > datetime.now(UTC) + timedelta(minutes=1) else "Sending",
@@ -296,6 +319,7 @@ async def cancel_campaign(ctx: Ctx) -> Answer:
     campaign_id = _campaign_id(ctx)
     campaign = await ctx.request.app[DB].write(lambda s: campaign_json(
         rules.cancel_campaign(s, ctx.project_id, campaign_id)))
+    _PROGRESS.discard((ctx.project_id, campaign_id))
     return Answer(redirect=f"/projects/{ctx.project_id}/campaigns/{campaign_id}", flash="Campaign cancelled",
                   data=campaign)
 

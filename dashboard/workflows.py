@@ -2,8 +2,8 @@
 graph of its steps with how many runs wait at, passed and failed at each, its definition edited as JSON
 (the grammar's errors shown at the step they name), enable/disable, and its runs with position and history.
 
-Rules and the grammar are `pipeline.workflows`; the per-step counts are one statement
-(`storage.workflow_admin.step_counts`).
+Rules and the grammar are `pipeline.workflows`; the per-step counts are one statement while no run changed
+(`pipeline.workflows.rules.step_counts`).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ async def _page_data(ctx: Ctx, workflow_id: str) -> dict[str, Any]:
         triggers = store.triggers_of(session, [workflow.id])[workflow.id]
         runs = store.run_counts(session, [workflow.id])[workflow.id]
         steps = list((workflow.definition or {}).get("steps") or [])
-        counts = store.step_counts(session, workflow.id)
+        counts = rules.step_counts(session, workflow.id)
         page = store.run_page(session, workflow.id, PAGE_SIZE, cursor)
         sent = [step["template"] for step in steps if isinstance(step, dict) and isinstance(step.get("template"), str)]
         return {"workflow": _summary(workflow, triggers, runs), "definition": steps,

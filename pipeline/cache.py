@@ -43,6 +43,9 @@ class TtlCache(Generic[K, V]):
             self._entries.clear()
         self._entries[key] = (time.monotonic() + self.ttl, value)
 
+    def discard(self, key: K) -> None:
+        self._entries.pop(key, None)
+
     def clear(self) -> None:
         self._entries.clear()
 

@@ -439,6 +439,8 @@ class WorkflowRun(Base):
     __tablename__ = "workflow_runs"
     __table_args__ = (Index("ix_workflow_runs_status_due_at", "status", "due_at"),
                       Index("ix_workflow_runs_workflow_id_id", "workflow_id", "id"),
+                      Index("ix_workflow_runs_workflow_id_updated_at", "workflow_id", "updated_at"),
+                      Index("ix_workflow_runs_workflow_id_status_step_id", "workflow_id", "status", "step_id"),
                       Index("ix_workflow_runs_contact_id", "contact_id"),
                       Index("uq_workflow_runs_once", "workflow_id", "contact_id", "once_key", unique=True))
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)

@@ -178,7 +178,7 @@ def event_workflows(session: Session, project_id: str, name: str,
 
 STAYING_OUTCOMES = ("waiting", "posting", "failed", "webhook failed")
 """History outcomes of a run that is still at the step (or ended there): every other one means it moved on."""
-_STEP_COUNTS = {
+_STEPS_PASSED = {
     "sqlite": "SELECT json_extract(h.value, '$.step'), 'passed', count(*) FROM workflow_runs AS r, "
               "json_each(r.history) AS h WHERE r.workflow_id = :workflow AND json_extract(h.value, '$.outcome') "
               "NOT IN ('waiting', 'posting', 'failed', 'webhook failed') GROUP BY 1",
@@ -186,22 +186,42 @@ _STEP_COUNTS = {
                   "json_array_elements(r.history) AS h(value) WHERE r.workflow_id = :workflow AND "
                   "h.value ->> 'outcome' NOT IN ('waiting', 'posting', 'failed', 'webhook failed') GROUP BY 1",
 }
+_POSITIONS = ("SELECT step_id, status, count(*), NULL FROM workflow_runs WHERE workflow_id = :workflow AND "
+              "step_id IS NOT NULL AND status IN ('ACTIVE', 'WAITING', 'FAILED') GROUP BY step_id, status "
+              "UNION ALL SELECT NULL, 'runs', count(*), max(updated_at) FROM workflow_runs "
+              "WHERE workflow_id = :workflow")
+"""Runs waiting or failed per step (the status index), and the workflow's runs and their last change (the
+(workflow_id, updated_at) index): what says whether the passed counts read before still hold."""
 
 
-def step_counts(session: Session, workflow_id: str) -> dict[str, dict[str, int]]:
-    """Per step id: runs `waiting` there (ACTIVE or WAITING at it), `failed` there, and how often runs
-    `passed` it (moved on from it, by their history), in one statement."""
-    dialect = session.get_bind().dialect.name
-    stmt = text(f"{_STEP_COUNTS[dialect]} UNION ALL SELECT step_id, status, count(*) FROM workflow_runs "
-                "WHERE workflow_id = :workflow AND step_id IS NOT NULL AND status IN ('ACTIVE', 'WAITING', 'FAILED') "
-                "GROUP BY step_id, status")
+@dataclass(frozen=True)
+class StepPositions:
+    counts: dict[str, dict[str, int]]
+    """Per step id: runs `waiting` there (ACTIVE or WAITING at it) and `failed` there."""
+    runs: int
+    last_change: Any
+    """The newest updated_at of the workflow's runs, as the database answers it (None: no runs)."""
+
+
+def step_positions(session: Session, workflow_id: str) -> StepPositions:
+    """Where the workflow's runs are, in one statement over the indexes (whatever the runs' number)."""
     counts: dict[str, dict[str, int]] = {}
-    for step_id, kind, count in session.execute(stmt, {"workflow": workflow_id}):
-        if step_id is None:
-            continue
-        into = counts.setdefault(str(step_id), {"waiting": 0, "passed": 0, "failed": 0})
-        into["passed" if kind == "passed" else "failed" if kind == RunStatus.FAILED else "waiting"] += int(count)
-    return counts
+    runs, last_change = 0, None
+    for step_id, status, count, changed in session.execute(text(_POSITIONS), {"workflow": workflow_id}):
+        if status == "runs":
+            runs, last_change = int(count), changed
+        elif step_id is not None:
+            into = counts.setdefault(str(step_id), {"waiting": 0, "passed": 0, "failed": 0})
+            into["failed" if status == RunStatus.FAILED else "waiting"] += int(count)
+    return StepPositions(counts, runs, last_change)
+
+
+def steps_passed(session: Session, workflow_id: str) -> dict[str, int]:
+    """Per step id: how often runs passed it (moved on from it, by their history). Reads every run's
+    history: it costs what the workflow has ever run."""
+    stmt = text(_STEPS_PASSED[session.get_bind().dialect.name])
+    return {str(step_id): int(count) for step_id, _, count in session.execute(stmt, {"workflow": workflow_id})
+            if step_id is not None}
 
 
 def run_counts(session: Session, workflow_ids: list[str]) -> dict[str, dict[str, int]]:

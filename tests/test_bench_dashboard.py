@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -22,7 +23,8 @@ from bench import dashboard as bench
 from core.config import load_config
 from pipeline.projects import create_project
 from storage.db import Database
-from storage.models import Contact, Email, EmailStatus, Project
+from storage.models import CampaignStatus, Contact, Email, EmailStatus, Event, OutboxItem, Project
+from storage.segments import count_matching
 from tests.conftest import PG_URL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,6 +67,36 @@ async def test_the_run_loads_every_page_this_branch_has_and_reuses_its_seed(tmp_
     assert second.returncode == 0, second.stderr[-3000:]
     assert re.search(r"\(seed cached, it took [0-9.]+ s\)", second.stdout), second.stdout
     assert {case.path for case in bench.PAGES if row_pattern(case.path).search(second.stdout)} == measured
+
+
+@pytest.mark.skipif(bool(PG_URL), reason="--sending copies the SQLite seed")
+async def test_the_pages_are_loaded_again_while_the_dispatcher_sends_and_the_seed_stays_half_way(tmp_path):
+    first = run_bench(tmp_path / "cache", "--sending", "500")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "the same pages while the dispatcher sends the campaign's queued emails at 500 per second" in first.stdout
+    again = first.stdout.split("the same pages while", 1)[1]
+    assert row_pattern("/projects/{project}/campaigns/{campaign}/progress").search(again), first.stdout
+    sent = re.search(r"sent while loading: ([0-9,]+) emails in [0-9]+ s", first.stdout)
+    assert sent and int(sent.group(1).replace(",", "")) > 0, first.stdout
+    [seeded] = (tmp_path / "cache").glob("*/plunkd.sqlite3")
+    assert [path.name for path in seeded.parent.iterdir() if path.name.startswith("sending-")] == []
+    db = Database(f"sqlite+aiosqlite:///{seeded}")
+    try:
+        queued = await db.read(lambda s: s.execute(select(func.count()).select_from(OutboxItem)
+                                                   .where(OutboxItem.campaign_id.is_not(None))).scalar_one())
+    finally:
+        await db.dispose()
+    assert queued > 0  # the cached seed's campaign is still half way for the next run
+    assert "seed cached" in run_bench(tmp_path / "cache").stdout
+
+
+def test_sending_needs_the_sqlite_seed_and_a_rate(capsys):
+    for argv, message in ((["--sending", "50", "--database-url", "postgresql+asyncpg://x/y"],
+                           "--sending runs on a copy of the SQLite seed, not with --database-url"),
+                          (["--sending", "-1"], "--sending takes a rate above 0")):
+        with pytest.raises(SystemExit) as stopped:
+            bench.parse_args(argv)
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
 
 
 async def test_the_seed_has_every_row_the_pages_show_and_each_main_query_finds_them(db):
@@ -110,6 +142,59 @@ async def test_the_seed_has_every_row_the_pages_show_and_each_main_query_finds_t
     unsubscribed = await db.read(lambda s: s.execute(select(func.count()).select_from(Contact)
                                                      .where(Contact.subscribed.is_(False))).scalar_one())
     assert 5 <= unsubscribed <= 40
+    await marketing_rows_are_there(db, ids, results)
+
+
+async def marketing_rows_are_there(db: Database, ids: dict[str, str], results: dict[str, Any]) -> None:
+    """Dashboard II's pages: templates, a segment, a workflow with runs at its steps, many "purchased"
+    events and a campaign half way through sending (what the fan-out and the dispatcher leave)."""
+    templates = results["/projects/{project}/templates"]
+    assert [t["name"] for t in templates] == ["Win back", "Receipt", "Welcome", "Spring sale"]
+    assert results["/projects/{project}/templates/{template}"]["type"] == "MARKETING"
+    assert [s["name"] for s in results["/projects/{project}/segments"]] == ["Pro buyers"]
+    segment = results["/projects/{project}/segments/{segment}"]
+    assert segment["segment"]["condition"] == bench.SEGMENT_CONDITION
+    assert "plan" in segment["keys"] and "purchased" in segment["names"]
+    members = await db.read(lambda s: count_matching(s, ids["project"], bench.SEGMENT_CONDITION, datetime.now(UTC)))
+    assert 0 < members < SMALL.contacts // 4
+
+    campaigns = results["/projects/{project}/campaigns"]
+    assert [(c["name"], c["status"], c["recipient_count"]) for c in campaigns] == [
+        ("Spring sale", CampaignStatus.SENDING, SMALL.contacts)]
+    progress = results["/projects/{project}/campaigns/{campaign}/progress"]
+    assert progress.status == CampaignStatus.SENDING and progress.recipients == SMALL.contacts
+    assert sum(progress.counts.values()) == SMALL.contacts
+    assert progress.counts["sent"] > progress.counts["queued"] > progress.counts["failed"] > 0
+    assert results["/projects/{project}/campaigns/{campaign}"]["progress"] == progress
+    recipients = results["/projects/{project}/campaigns/{campaign}/recipients"]
+    assert len(recipients) == bench.LIST_SIZE and {r["status"] for r in recipients} >= {"DELIVERED", "QUEUED"}
+
+    def campaign_rows(session) -> tuple[int, int, int, set[str], dict[str, int]]:
+        emails = select(func.count(), func.count(func.distinct(Email.contact_id)), func.min(Email.source),
+                        func.max(Email.source)).where(Email.campaign_id == ids["campaign"])
+        total, contacts, first_source, last_source = session.execute(emails).one()
+        outbox = session.execute(select(func.count(), func.min(OutboxItem.priority), func.max(OutboxItem.priority))
+                                 .where(OutboxItem.campaign_id == ids["campaign"])).one()
+        feedback = dict(session.execute(select(Event.name, func.count()).join(Email, Email.id == Event.email_id)
+                                        .where(Email.campaign_id == ids["campaign"]).group_by(Event.name)).all())
+        return total, contacts, outbox, {first_source, last_source}, feedback
+
+    total, contacts, outbox, sources, feedback = await db.read(campaign_rows)
+    assert total == contacts == SMALL.contacts and sources == {"campaign"}
+    assert tuple(outbox) == (progress.counts["queued"], 1, 1)
+    assert feedback["email.delivery"] > feedback["email.open"] > feedback["email.click"] > 0
+
+    workflows = results["/projects/{project}/workflows"]
+    assert [w["name"] for w in workflows["workflows"]] == ["Onboarding"]
+    assert workflows["runs"][ids["workflow"]]["total"] == min(bench.WORKFLOW_RUNS, SMALL.contacts)
+    steps = results["/projects/{project}/workflows/{workflow}"]["steps"]
+    assert steps["wait-a-bit"]["waiting"] > 0 and steps["wait-order"]["waiting"] > 0
+    assert steps["welcome"]["failed"] > 0 and steps["welcome"]["passed"] > steps["tag"]["passed"] > 0
+
+    names = dict(results["/projects/{project}/events"])
+    assert names["purchased"] > 0 and names["email.delivery"] > 0
+    purchased = results["/projects/{project}/events/purchased"]
+    assert len(purchased) == bench.LIST_SIZE + 1 and {e["name"] for e in purchased} == {"purchased"}
 
 
 async def test_a_page_that_does_not_answer_200_stops_the_run(aiohttp_server):
