@@ -14,6 +14,7 @@ from typing import Any
 
 from dashboard.context import DB
 from dashboard.routing import Answer, Ctx, Page, form_of, live_fragment
+from pipeline.cache import TtlCache
 from pipeline.errors import FieldError, ValidationFailed
 from pipeline.marketing import segment_form
 from pipeline.marketing import segments as rules
@@ -30,6 +31,10 @@ KEY_SAMPLE = 500
 """Contacts whose data keys the builder offers (the newest)."""
 NAME_SAMPLE = 1000
 """Events whose names the builder offers (the newest)."""
+SAMPLES_SECONDS = 60.0
+_SAMPLES: TtlCache[str, tuple[list[str], list[str]]] = TtlCache(SAMPLES_SECONDS)
+"""The data keys and event names a project's builder offers, read again once a minute per process (two bounded
+reads that cost the segment page as much as the rest of it)."""
 MOVES_DAYS = 7
 MOVES_SHOWN = 10
 MAX_JSON = 256 * 1024
@@ -65,12 +70,16 @@ async def _builder(ctx: Ctx, segment: Any, nodes: list[FormNode], *, name: str, 
         except ValidationFailed:
             condition_text = ""
 
-    def read(session) -> tuple[list[str], dict[str, Any]]:
-        keys = contact_store.data_keys(session, ctx.project_id, KEY_SAMPLE)
-        names = event_store.recent_event_names(session, ctx.project_id, NAME_SAMPLE)
-        return keys, {"moves": _moves(session, ctx.project_id, segment) if segment else None, "names": names}
+    samples = _SAMPLES.get(ctx.project_id)
 
-    keys, found = await ctx.request.app[DB].read(read)
+    def read(session) -> tuple[tuple[list[str], list[str]], Any]:
+        offered = samples or (contact_store.data_keys(session, ctx.project_id, KEY_SAMPLE),
+                              event_store.recent_event_names(session, ctx.project_id, NAME_SAMPLE))
+        return offered, _moves(session, ctx.project_id, segment) if segment else None
+
+    (keys, names), moves = await ctx.request.app[DB].read(read)
+    _SAMPLES.put(ctx.project_id, (keys, names))
+    found = {"moves": moves, "names": names}
     return Answer("segment_edit.html", {
         "segment": segment_json(segment) if segment else None, "name": name, "trackMembership": track,
         "rows": _rows(nodes), "conditionJson": condition_text, "dataKeys": keys, "eventNames": found["names"],

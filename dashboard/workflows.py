@@ -25,6 +25,8 @@ from storage.models import Role, Workflow
 from storage.pagination import is_valid_cursor
 
 PAGE_SIZE = 50
+RUNS_PAGE_SIZE = 20
+"""Runs shown per page on a workflow's page: each draws its history, the page's costliest part."""
 MAX_STEPS_TEXT = grammar.MAX_DEFINITION_BYTES + 64 * 1024
 """The definition's textarea: the grammar's bound on the steps, and room for the indentation."""
 MAX_NAMED = 1000
@@ -84,7 +86,7 @@ async def _page_data(ctx: Ctx, workflow_id: str) -> dict[str, Any]:
         runs = store.run_counts(session, [workflow.id])[workflow.id]
         steps = list((workflow.definition or {}).get("steps") or [])
         counts = rules.step_counts(session, workflow.id)
-        page = store.run_page(session, workflow.id, PAGE_SIZE, cursor)
+        page = store.run_page(session, workflow.id, RUNS_PAGE_SIZE, cursor)
         sent = [step["template"] for step in steps if isinstance(step, dict) and isinstance(step.get("template"), str)]
         return {"workflow": _summary(workflow, triggers, runs), "definition": steps,
                 "templateNames": template_store.template_names(session, ctx.project_id, sent[:MAX_NAMED]),

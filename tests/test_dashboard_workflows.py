@@ -232,13 +232,13 @@ async def test_runs_are_cursor_paged_newest_first(dash):
     run_ids = [await add_run(dash.api, workflow["id"], await contact(dash.api, f"r{i}@example.org"))
                for i in range(3)]
     from dashboard import workflows as pages
-    size, pages.PAGE_SIZE = pages.PAGE_SIZE, 2
+    size, pages.RUNS_PAGE_SIZE = pages.RUNS_PAGE_SIZE, 2
     try:
         status, first = await dash.owner.get_json(f"{base(dash)}/{workflow['id']}")
         status, second = await dash.owner.get_json(
             f"{base(dash)}/{workflow['id']}?cursor={first['data']['nextCursor']}")
     finally:
-        pages.PAGE_SIZE = size
+        pages.RUNS_PAGE_SIZE = size
     assert [r["id"] for r in first["data"]["runs"] + second["data"]["runs"]] == run_ids[::-1]
     assert first["data"]["runs"][0]["position"] == "wait-a-bit" and first["data"]["runs"][0]["history"]
 
