@@ -24,8 +24,8 @@ from storage.models import Node, OutboxItem, SendMinute
 NODES = Node.__table__
 MINUTES = SendMinute.__table__
 _OUTBOX = OutboxItem.__table__
-COUNT_CAP = 10_000
-"""Outbox rows counted per figure at most: the page shows "10000+" beyond (/metrics has the exact depth)."""
+COUNT_CAP = 1_000
+"""Outbox rows counted per figure at most: the page shows "1000+" beyond (/metrics has the exact depth)."""
 ROLLUP_KEEP_MINUTES = 2 * 24 * 60
 SHARDS = 16
 _SHARD_KEY = "plunkd.send_minute_shard"
