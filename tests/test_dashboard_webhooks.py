@@ -8,31 +8,16 @@ from __future__ import annotations
 
 import re
 
-import pytest
-
 from api.context import CONFIG
-from tests.webhook_receiver import Receiver, start_receiver
+from tests import test_webhooks
 from webhooks.sender import WebhookSender
 
+config = test_webhooks.config
+"""The webhook tests' settings: loopback targets allowed (the SSRF rule is tested with it off), fast retries."""
+receiver = test_webhooks.receiver
+"""A receiver on 127.0.0.1 that verifies every signature."""
+
 HOSTILE = '"><img src=x onerror=alert(1)><script>alert(1)</script>'
-
-
-@pytest.fixture
-def config(config):
-    """Loopback receivers need private targets allowed (the SSRF rule itself is tested with it off)."""
-    hooks = config.webhooks
-    hooks.allow_private_targets = True
-    hooks.retry_base_seconds, hooks.retry_max_seconds = 0.1, 0.4
-    hooks.poll_seconds, hooks.timeout_seconds, hooks.lease_seconds = 0.02, 2.0, 5.0
-    return config
-
-
-@pytest.fixture
-async def receiver():
-    got = Receiver()
-    runner = await start_receiver(got)
-    yield got
-    await runner.cleanup()
 
 
 async def send_what_is_due(dash) -> None:
