@@ -29,6 +29,9 @@ OVER_THE_CAPS = TooManyConnections("Too many connections", "Retry in a second, o
 HEADERS_TOO_SLOW = RequestTimeout("The request's headers did not arrive in time",
                                   "Send the whole request head at once.")
 BODY_TOO_SLOW = RequestTimeout("The request's body did not arrive in time", "Send the body at once, or a smaller one.")
+LINGER_SECONDS = 2.0
+"""How long a connection answered with 408 is still read (and what arrives discarded) after its answer
+and our FIN, so that a client still sending is not reset before it has read the answer."""
 
 
 def raw_failure(error: PipelineError) -> bytes:
@@ -61,6 +64,7 @@ class GuardedRequestHandler(RequestHandler):
         """Set while this connection holds a slot."""
         self._header_deadline: asyncio.TimerHandle | None = None
         self._partial_request = False
+        self._linger: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         address = peer_address(transport.get_extra_info("peername"))
@@ -80,6 +84,8 @@ class GuardedRequestHandler(RequestHandler):
         self._client = None
         self._cancel_header_deadline()
         self._cancel_body_deadline()
+        if self._linger is not None:
+            self._linger.cancel()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -125,16 +131,33 @@ class GuardedRequestHandler(RequestHandler):
         request = self._current_request
         if self.transport is None or request is None or request.content.is_eof():
             return
-        self.transport.write(raw_failure(BODY_TOO_SLOW))
-        self.force_close()
+        self._answer_and_linger(BODY_TOO_SLOW)
 
     def _headers_overdue(self) -> None:
         self._header_deadline = None
         if self.transport is None or self._messages or self._request_in_progress:
             return
         if self._partial_request:
-            self.transport.write(raw_failure(HEADERS_TOO_SLOW))
+            self._answer_and_linger(HEADERS_TOO_SLOW)
+        else:
+            self.force_close()
+
+    def _answer_and_linger(self, error: PipelineError) -> None:
+        """Send `error` and our FIN, then close once the client closes or after `LINGER_SECONDS`.
+
+        Closing a socket whose receive buffer holds unread bytes (a slow client still sending) makes the
+        kernel answer with a reset, which can overtake the answer at the client; a lingering close, as web
+        servers do it, reads and discards instead. aiohttp is told the connection is gone (it handles
+        nothing more and writes nothing) while the transport stays open for the linger."""
+        transport = self.transport
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(raw_failure(error))
+        if transport.can_write_eof():
+            transport.write_eof()
+        self.transport = None
         self.force_close()
+        transport.resume_reading()
+        self._linger = self._loop.call_later(LINGER_SECONDS, transport.close)
 
 
 class GuardedSite(web.BaseSite):
