@@ -5,10 +5,12 @@ and the event loop's accept failures, logged once per interval instead of once p
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import resource
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +26,13 @@ REFUSAL_LOG_SECONDS = 60.0
 ACCEPT_FAILURE_LOG_SECONDS = 60.0
 ACCEPT_FAILURE = "socket.accept() out of system resource"
 """asyncio's message for an accept() that failed with EMFILE, ENFILE, ENOBUFS or ENOMEM."""
+
+
+@functools.cache
+def verifying_tls_context(ca_file: str | None = None) -> ssl.SSLContext:
+    """A client context that verifies servers against `ca_file` (None: the system's CAs), built once per
+    file and shared (an SSLContext may be): loading the system's CAs takes tens of milliseconds."""
+    return ssl.create_default_context(cafile=ca_file)
 
 
 class SessionLimiter:

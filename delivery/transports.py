@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import ssl
 import uuid
 from pathlib import Path
 
 import aiosmtplib
 
 from core.config import Config, SmarthostConfig
+from core.connections import verifying_tls_context
 from core.files import PRIVATE_FILE, private_dir
 from delivery.result import SendResult, Transport
 
@@ -58,7 +58,7 @@ class SmtpTransport:
 
     def __init__(self, settings: SmarthostConfig, max_idle: int = 16) -> None:
         self.settings = settings
-        self.tls_context = ssl.create_default_context(cafile=settings.ca_file or None)
+        self.tls_context = verifying_tls_context(settings.ca_file or None)
         self.max_idle = max_idle
         self._idle: list[aiosmtplib.SMTP] = []
 

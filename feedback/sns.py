@@ -21,7 +21,6 @@ import base64
 import binascii
 import logging
 import re
-import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from core.config import FeedbackConfig
+from core.connections import verifying_tls_context
 from core.http_body import read_at_most
 from pipeline.cache import TtlCache
 from pipeline.errors import Forbidden, PipelineError
@@ -99,7 +99,7 @@ class SnsVerifier:
         self.settings = settings
         self.topics = frozenset(settings.sns_topic_arns)
         self.host = re.compile(settings.sns_host_pattern)
-        self.tls = ssl.create_default_context(cafile=settings.sns_ca_file or None)
+        self.tls = verifying_tls_context(settings.sns_ca_file or None)
         self._keys: TtlCache[str, SigningKey] = TtlCache(CERT_TTL, max_entries=100)
         self._failures: TtlCache[str, tuple[type[PipelineError], str]] = TtlCache(FAILURE_TTL, max_entries=1000)
         self._fetching: dict[str, asyncio.Future[SigningKey]] = {}
