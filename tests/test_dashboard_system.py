@@ -12,7 +12,10 @@ import re
 import time
 from datetime import timedelta
 
+import pytest
+
 from api.context import CONFIG
+from core.config import Config
 from delivery.bucket import TokenBucket
 from delivery.dispatcher import Dispatcher
 from delivery.transports import FileTransport
@@ -20,6 +23,15 @@ from storage import system as system_store
 from storage.models import Content, Email, OutboxItem, utcnow
 from tests.servers import served_plunkd
 from tests.test_delivery import dispatch_all, send, settings
+
+
+@pytest.fixture
+def config(config):
+    """The shipped heartbeat and staleness bounds (the shared fixture stretches them to keep tests quiet)."""
+    shipped = Config().server
+    config.server.heartbeat_seconds = shipped.heartbeat_seconds
+    config.server.node_stale_seconds = shipped.node_stale_seconds
+    return config
 
 
 async def test_only_instance_owners_see_the_system_page(dash):
