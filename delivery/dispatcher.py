@@ -122,6 +122,7 @@ class Dispatcher:
 
     async def run(self) -> None:
         while True:
+            self._wake.clear()  # before the claim: a wake that arrives while it runs is kept for the wait
             try:
                 handled = await self.run_once()
             except asyncio.CancelledError:
@@ -131,7 +132,6 @@ class Dispatcher:
                 handled = 0
             if not handled:
                 self._send_rate.publish()  # the window moves on while nothing is sent
-                self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), self.settings.poll_seconds)
                 except TimeoutError:

@@ -440,7 +440,10 @@ async def test_nothing_in_the_preview_runs_in_chromium(dash, tmp_path):
         finally:
             await browser.close()
     assert dialogs == []
-    assert not [url for url in requested if "tracker.example" in url]
-    assert {reason for _, reason in failed} == {"csp"}, "the <img> loads are blocked, not fetched"
-    assert {url.rsplit("/", 1)[-1] for url, _ in failed} == {"p.gif", "x"}
+    images = {"p.gif", "x"}
+    assert not [url for url in requested if url.rsplit("/", 1)[-1] in images], "no <img> load completes"
+    # Chromium reports a load its CSP refuses as "csp"; on a loaded machine one is sometimes reported as
+    # net::ERR_ABORTED instead (cancelled before it went out): neither is a fetch.
+    assert {url.rsplit("/", 1)[-1] for url, _ in failed} == images, failed
+    assert {reason for _, reason in failed} <= {"csp", "net::ERR_ABORTED"} and "csp" in dict(failed).values(), failed
     assert f"{base}/projects/{project}/emails/{email_id}/preview" in requested

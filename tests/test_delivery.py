@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import email
 import time
 from email import policy
@@ -55,6 +56,36 @@ async def send(api, **payload):
 
 async def email_rows(api):
     return {row.recipient: row for row in await api.db.read(email_store.list_emails, api.project_id)}
+
+
+async def test_mail_queued_while_a_claim_finds_nothing_is_sent_at_once(api, sender, tmp_path):
+    """The wake-up of mail committed while the dispatcher's claim was finding nothing (it arrives before
+    the empty claim returns) is kept: the mail goes out at once, not at the next poll (30 s here)."""
+    folder = tmp_path / "outbox"
+    dispatcher = Dispatcher(api.db, FileTransport(folder), TokenBucket(0), settings(poll_seconds=30))
+    claim = dispatcher.run_once
+    queued_during_claim = asyncio.Event()
+
+    async def claim_then_queue() -> int:
+        handled = await claim()
+        if not handled and not queued_during_claim.is_set():
+            await send(api)
+            dispatcher.wake()
+            queued_during_claim.set()
+        return handled
+
+    dispatcher.run_once = claim_then_queue  # type: ignore[method-assign]
+    running = asyncio.create_task(dispatcher.run())
+    try:
+        await asyncio.wait_for(queued_during_claim.wait(), 10)
+        deadline = time.monotonic() + 5
+        while not list(folder.glob("*.eml")) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert len(list(folder.glob("*.eml"))) == 1, "the mail waits for the next poll: its wake-up was lost"
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
 
 
 async def test_file_transport_end_to_end(api, sender, tmp_path):
