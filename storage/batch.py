@@ -144,13 +144,17 @@ class TransactionBatcher:
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn` on the writer thread. If the caller is cancelled meanwhile, wait for `fn` anyway:
-        the session it uses must not be closed under it."""
+        the session it uses must not be closed under it. (A cancel that comes before the thread took
+        `fn` cancels it, and it never runs: the cancellation must still reach the caller, not
+        concurrent.futures' own CancelledError, an ordinary exception the writer would log and carry on
+        from, leaving `stop` waiting for it forever.)"""
         assert self._thread is not None
         done: Future[T] = self._thread.submit(fn, *args)
         try:
             return await asyncio.wrap_future(done)
         except asyncio.CancelledError:
-            done.exception()
+            if not done.cancelled():
+                done.exception()
             raise
 
     async def _run_on_loop(self, works: list[Work]) -> list[Outcome]:

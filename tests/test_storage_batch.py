@@ -5,6 +5,7 @@ the event-loop (light) and the writer-thread path."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 from sqlalchemy import event, func, select
@@ -13,6 +14,7 @@ from pipeline.domains import UnverifiedSender, add_domain, save_check
 from pipeline.projects import create_project
 from pipeline.submit import Submission, submit
 from storage.batch import insert_at_commit
+from storage.db import Database
 from storage.models import Email, OutboxItem, utcnow
 
 MESSAGE = b"From: shop@shop.example\r\nTo: a@example.org\r\nSubject: Hi\r\n\r\nHello\r\n"
@@ -114,3 +116,21 @@ async def test_database_errors_never_carry_the_values_written(db, light, caplog)
     text = str(raised.value) + caplog.text
     assert "private-recipient@example.org" not in text and secret_body.decode() not in text
     assert "INSERT INTO emails" in str(raised.value)
+
+
+async def test_stopping_while_a_write_waits_for_the_writer_thread_ends_the_writer(tmp_path):
+    """Shutting down while a batch waits for the SQLite writer thread (busy with other work) fails that
+    write with the shutdown message and ends the writer; it once swallowed the cancellation and kept
+    `stop` (and the server's shutdown) waiting forever. SQLite only: PostgreSQL has no writer thread."""
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'writer.sqlite3'}")
+    await db.migrate()
+    db.writer.start()
+    assert db.writer._thread is not None
+    release = threading.Event()
+    db.writer._thread.submit(release.wait, 10)  # the writer thread busy elsewhere
+    writing = asyncio.create_task(db.write(lambda session: None))
+    await asyncio.sleep(0.1)  # its batch is submitted to the busy thread
+    threading.Timer(0.3, release.set).start()
+    await asyncio.wait_for(db.dispose(), 5)
+    with pytest.raises(RuntimeError, match="the server is shutting down"):
+        await writing
