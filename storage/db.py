@@ -9,6 +9,7 @@ PostgreSQL it runs the functions through `AsyncSession.run_sync` on asyncpg.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
@@ -135,5 +138,15 @@ def alembic_config(connection: Connection | None = None) -> AlembicConfig:
     return cfg
 
 
+@functools.cache
+def head_revision() -> str | None:
+    """The newest migration's revision (read from the migration files once per process)."""
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
 def _upgrade_to_head(connection: Connection, revision: str = "head") -> None:
+    """Alembic's upgrade, skipped when the database is at head already: alembic loads every migration file
+    to find that out, which is most of a start-up's database time."""
+    if revision == "head" and MigrationContext.configure(connection).get_current_revision() == head_revision():
+        return
     command.upgrade(alembic_config(connection), revision)
