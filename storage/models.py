@@ -629,10 +629,10 @@ class User(Base):
 
 class TemplateDraft(Base):
     """What a dashboard user last typed in a template editor, kept for the sandboxed preview frame to
-    load by id (one per user and project: each new draft replaces the last, and gets a new id)."""
+    load by id (the newest few per user and project, `storage.templates.KEPT_DRAFTS`)."""
 
     __tablename__ = "template_drafts"
-    __table_args__ = (UniqueConstraint("project_id", "user_id"),)
+    __table_args__ = (Index("ix_template_drafts_project_id_user_id_id", "project_id", "user_id", "id"),)
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
     user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)

@@ -89,10 +89,17 @@ def _columns(values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+KEPT_DRAFTS = 4
+"""A user's newest drafts kept per project. The editor posts a preview as you type and the requests overlap:
+a frame still loading the draft before the newest (or one committed after a newer one) finds it."""
+
+
 def save_draft(session: Session, project_id: str, user_id: str, values: dict[str, Any]) -> TemplateDraft:
-    """Replace the user's draft in the project (subject, body, type, style, variables) with a new one."""
-    session.execute(delete(TemplateDraft).where(TemplateDraft.project_id == project_id,
-                                                TemplateDraft.user_id == user_id))
+    """Add a draft of the user's in the project (subject, body, type, style, variables), dropping all but
+    the newest `KEPT_DRAFTS` - 1 before it."""
+    mine = (TemplateDraft.project_id == project_id, TemplateDraft.user_id == user_id)
+    newest = select(TemplateDraft.id).where(*mine).order_by(TemplateDraft.id.desc()).limit(KEPT_DRAFTS - 1)
+    session.execute(delete(TemplateDraft).where(*mine, TemplateDraft.id.not_in(newest.scalar_subquery())))
     draft = TemplateDraft(project_id=project_id, user_id=user_id, created_at=utcnow(), **values)
     session.add(draft)
     session.flush()

@@ -197,7 +197,7 @@ def invite(tab: Tab, base: str) -> str:
 
 def template_draft(tab: Tab, base: str) -> str:
     """The draft a preview keeps (the template editor's Preview, asked for as JSON), made just before its
-    page is opened: the editor's own live preview replaces the user's one draft."""
+    page is opened: the editor's own live previews add drafts, and only the user's newest few are kept."""
     tab.page.wait_for_load_state("networkidle")
     token = tab.page.locator("header input[name=csrf]").get_attribute("value")
     reply = tab.page.request.post(f"{base}/templates/preview", headers={"Accept": "application/json"}, form={

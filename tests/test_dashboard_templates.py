@@ -13,6 +13,7 @@ from sqlalchemy import select
 from dashboard.context import LINKS
 from pipeline.marketing.templates import template_spec
 from storage.models import Content, Email, Template
+from storage.templates import KEPT_DRAFTS
 
 HOSTILE = '"><img src=x onerror=alert(1)><script>alert(2)</script>'
 SANDBOX_CSP = "sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'; frame-ancestors 'self'"
@@ -66,6 +67,22 @@ async def test_preview_is_the_sending_renderers_output_in_a_sandbox(dash):
 
     other = await dash.browser("editor@example.com", "editor")
     assert (await other.client.get(frame.group(1))).status == 404, "a draft is its author's alone"
+
+
+async def test_a_frame_still_loading_an_earlier_preview_finds_it(dash):
+    """The editor posts a preview at each pause in typing and the requests overlap (one may even commit
+    after a newer one): the user's newest KEPT_DRAFTS drafts load in the frame; an older one says so."""
+    frames = []
+    for n in range(KEPT_DRAFTS + 1):
+        response = await dash.owner.post(f"{base(dash)}/preview", {
+            "subject": f"Draft {n}", "body": f"<p>Draft {n}</p>", "type": "MARKETING", "style": "PLUNK"},
+            headers={"HX-Request": "true"})
+        assert response.status == 200
+        frames.append(re.search(r'<iframe class="preview" sandbox="" src="([^"]+)"', await response.text()).group(1))
+    shown = [await dash.owner.client.get(frame) for frame in frames]
+    assert [response.status for response in shown] == [404] + [200] * KEPT_DRAFTS
+    assert await shown[0].text() == "This preview was replaced by a newer one."
+    assert "<p>Draft 3</p>" in await shown[-2].text() and "<p>Draft 4</p>" in await shown[-1].text()
 
 
 async def test_the_editor_form_posts_to_the_templates_paths_with_the_pages_token(dash):
