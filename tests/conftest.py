@@ -322,6 +322,10 @@ async def relay(aiohttp_client, dns_config, dns_server, test_ca, tmp_path) -> Re
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "postgres_only: several nodes sharing one PostgreSQL (the cluster); run in "
                                        "the PostgreSQL pass (PLUNKD_TEST_DATABASE_URL), left out of the SQLite one")
+    config.addinivalue_line("markers", "any_database: what it checks is the same on every database (it serves "
+                                       "plunkd on the test's database only to have pages): SQLite pass only")
+    config.addinivalue_line("markers", "long: takes ten seconds or more; started first, so that parallel workers "
+                                       "(pytest -n) do not wait at the end for one of these")
 
 
 DATABASE_FIXTURES = {"database_url", "empty_database_url", "migrated_database"}
@@ -331,12 +335,14 @@ def pytest_collection_modifyitems(config, items) -> None:
     """Two passes over one suite (CI runs both), each test where it can tell something:
     * without PLUNKD_TEST_DATABASE_URL, cluster tests (several nodes need PostgreSQL) are deselected;
     * with it, tests that use no database fixture are deselected: they make their own SQLite files (the
-      subprocess and crash tests) or none at all, so they would run exactly as in the SQLite pass.
-    pytest's summary counts both as deselected."""
+      subprocess and crash tests) or none at all, so they would run exactly as in the SQLite pass; so are
+      those marked `any_database`.
+    pytest's summary counts both as deselected. The tests marked `long` go first."""
     if PG_URL:
-        kept = [item for item in items if DATABASE_FIXTURES & set(item.fixturenames)]
+        kept = [item for item in items if DATABASE_FIXTURES & set(item.fixturenames)
+                and item.get_closest_marker("any_database") is None]
     else:
         kept = [item for item in items if item.get_closest_marker("postgres_only") is None]
     if len(kept) != len(items):
         config.hook.pytest_deselected(items=[item for item in items if item not in kept])
-        items[:] = kept
+    items[:] = sorted(kept, key=lambda item: item.get_closest_marker("long") is None)

@@ -238,6 +238,7 @@ async def test_a_configured_key_takes_over_with_the_old_one_as_a_previous_key(ap
     assert not only_new.key_file_path.exists(), "a configured key makes no key file"
 
 
+@pytest.mark.long
 def test_an_interrupted_rotation_is_finished_with_its_new_key(tmp_path, database_url):
     """A rotation stopped after it wrote the new key (first) beside the old one: running it again finishes
     with that key instead of making a third."""
@@ -255,6 +256,7 @@ def test_an_interrupted_rotation_is_finished_with_its_new_key(tmp_path, database
     assert listed.returncode == 0 and "example.com" in listed.stdout, listed.stderr
 
 
+@pytest.mark.long
 def test_a_missing_or_wrong_key_stops_start_up_with_one_line_naming_its_source(tmp_path, database_url):
     env = {"PLUNKD_DATABASE_URL": database_url, "PLUNKD_SERVER_HTTP_PORT": str(free_port())}
     domain_added(tmp_path, env)
@@ -301,6 +303,7 @@ def modes(folder: Path) -> dict[str, int]:
     return found
 
 
+@pytest.mark.long
 @pytest.mark.timeout(120)
 def test_serve_keeps_every_file_private_and_fixes_readable_ones_with_one_warning(tmp_path, database_url):
     """An install from before: the data dir 0755 and its files 0644, as a umask of 022 made them. `plunkd

@@ -49,6 +49,7 @@ def uuid7_time(value: str) -> datetime:
     return datetime.fromtimestamp((uuid.UUID(value).int >> 80) / 1000, UTC)
 
 
+@pytest.mark.long
 async def test_the_run_loads_every_page_this_branch_has_and_reuses_its_seed(tmp_path, empty_database_url):
     database = ["--database-url", empty_database_url] if PG_URL else []
     first = run_bench(tmp_path / "cache", *database)
@@ -69,6 +70,7 @@ async def test_the_run_loads_every_page_this_branch_has_and_reuses_its_seed(tmp_
     assert {case.path for case in bench.PAGES if row_pattern(case.path).search(second.stdout)} == measured
 
 
+@pytest.mark.long
 @pytest.mark.skipif(bool(PG_URL), reason="--sending copies the SQLite seed")
 async def test_the_pages_are_loaded_again_while_the_dispatcher_sends_and_the_seed_stays_half_way(tmp_path):
     first = run_bench(tmp_path / "cache", "--sending", "500")

@@ -11,6 +11,8 @@ import signal
 import sqlite3
 import urllib.request
 
+import pytest
+
 from bench.campaign import seed_contacts
 from tests.servers import children, served_plunkd
 from tests.test_cli_and_config import project_with_domain
@@ -32,6 +34,7 @@ def campaign_row(database: str, campaign_id: str) -> tuple[int, int, str]:
                             (campaign_id,)).fetchone()
 
 
+@pytest.mark.long
 def test_kill_9_mid_fan_out_queues_every_contact_exactly_once(tmp_path):
     env = {"PLUNKD_SMTP_ENABLED": "false", "PLUNKD_DELIVERY_FANOUT_CHUNK": "100",
            "PLUNKD_DELIVERY_RATE_PER_SECOND": "1"}

@@ -281,6 +281,8 @@ def project_pages_a_viewer_may_open() -> list[Any]:
             and "{draft}" not in page.path]
 
 
+@pytest.mark.long
+@pytest.mark.any_database
 @pytest.mark.timeout(240)
 def test_every_dashboard_page_is_accessible(served, receiver, database_url, tmp_path):
     server, env = served

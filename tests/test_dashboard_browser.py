@@ -307,6 +307,7 @@ def the_viewer_sees_no_actions_and_is_refused(viewer: Tab, journey: Journey) -> 
     assert reply.status == 403 and "This needs the admin role" in reply.text()
 
 
+@pytest.mark.long
 @pytest.mark.timeout(240)
 def test_the_first_hour_in_a_real_browser(served, tmp_path):
     shots = tmp_path / "screenshots"

@@ -249,6 +249,7 @@ async def test_a_thousand_row_import_stores_typed_values_and_lists_failing_rows(
     assert not list((Path(dash.api.client.app[CONFIG].data_path) / "imports").iterdir()), "the file is removed"
 
 
+@pytest.mark.long
 async def test_the_job_page_shows_progress_across_reloads_while_it_runs(dash):
     dash.api.client.app[IMPORTS].batch_size = 25
     response = await upload(dash.owner, dash, big_csv(3000))

@@ -292,6 +292,7 @@ def read_the_events(owner: Tab, journey: Journey) -> None:
     owner.check("contact from the event")
 
 
+@pytest.mark.long
 @pytest.mark.timeout(240)
 def test_a_marketers_day_in_a_real_browser(served, tmp_path):
     shots = tmp_path / "screenshots"

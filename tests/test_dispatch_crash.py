@@ -15,6 +15,8 @@ from collections import Counter
 from email import policy
 from pathlib import Path
 
+import pytest
+
 from bench.dispatch import queue
 from storage.db import Database
 from tests.servers import children, served_plunkd
@@ -46,6 +48,7 @@ def settled(outbox: Path, seconds: float) -> int:
     return count
 
 
+@pytest.mark.long
 def test_kill_9_while_sending_repeats_at_most_concurrency_emails_with_their_message_ids(tmp_path):
     env = {"PLUNKD_SMTP_ENABLED": "false", "PLUNKD_DELIVERY_RATE_PER_SECOND": "20",
            "PLUNKD_DELIVERY_BATCH_SIZE": str(EMAILS), "PLUNKD_DELIVERY_CONCURRENCY": str(CONCURRENCY),

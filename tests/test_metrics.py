@@ -123,6 +123,7 @@ async def test_only_get_and_head(api):
     assert head.status == 200 and await head.read() == b""
 
 
+@pytest.mark.long
 def test_the_parent_serves_the_dispatcher_childs_counts_also_after_the_child_was_replaced(served):  # noqa: F811
     proc, base, key, outbox = served
     wait_until(lambda: api_up(base), 30, "the API")

@@ -44,6 +44,7 @@ def served_api(tmp_path, database_url):
         yield server.base, secret_key, server.log_path
 
 
+@pytest.mark.long
 @pytest.mark.timeout(600)
 def test_schemathesis_finds_no_disagreement_and_no_server_error(served_api, tmp_path):
     base, secret_key, log_path = served_api

@@ -69,6 +69,7 @@ def delivered(outbox: Path) -> int:
     return len(list(outbox.glob("*.eml"))) if outbox.exists() else 0
 
 
+@pytest.mark.long
 def test_dispatcher_runs_in_a_child_woken_at_once_restarted_and_stopped_with_its_parent(served):
     proc, base, key, outbox = served
     wait_until(lambda: api_up(base), 30, "the API")

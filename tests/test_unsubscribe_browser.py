@@ -140,6 +140,7 @@ def assert_png(path: Path) -> None:
     assert len(data) > len(PNG_MAGIC) and data.startswith(PNG_MAGIC), path
 
 
+@pytest.mark.long
 @pytest.mark.timeout(180)
 def test_unsubscribe_in_a_real_browser(served, tmp_path):
     chromium = chromium_or_fail()

@@ -12,6 +12,7 @@ import signal
 import time
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from tests.servers import served_plunkd
@@ -33,6 +34,7 @@ async def eventually(check, seconds: float, what: str, log=None):
     raise AssertionError(f"timed out waiting for {what}{tail}")
 
 
+@pytest.mark.long
 async def test_kill_9_while_posting_then_redelivered_after_the_lease_with_the_same_id(tmp_path, database_url):
     released = asyncio.Event()
 

@@ -11,6 +11,8 @@ import signal
 import sqlite3
 from datetime import timedelta
 
+import pytest
+
 from bench.campaign import seed_contacts
 from storage.db import Database
 from storage.models import Contact, Template, Workflow, WorkflowRun, WorkflowTrigger, new_id, utcnow
@@ -62,6 +64,7 @@ def progress(database: str, workflow_id: str) -> tuple[int, int]:
                             (workflow_id,)).fetchone()
 
 
+@pytest.mark.long
 def test_kill_9_mid_burst_runs_every_step_exactly_once(tmp_path):
     env = {"PLUNKD_SMTP_ENABLED": "false", "PLUNKD_DELIVERY_RATE_PER_SECOND": "1"}
     project_id = project_with_domain(tmp_path, "p", "news@example.com", env).id
