@@ -243,8 +243,8 @@ def step_counts(owner: Tab, step: str) -> str:
 
 
 def run_a_workflow(owner: Tab, journey: Journey, contact: str) -> None:
-    """Event → 2-second delay → send, made in the dashboard; a /v1/track starts a run, seen waiting at the
-    delay on the graph, then past it."""
+    """Event → 8-second delay → send, made in the dashboard; a /v1/track starts a run, seen waiting at the
+    delay on the graph (a page load on a loaded machine may take seconds), then past it."""
     open_from_the_nav(owner, "Workflows", "Workflows")
     owner.page.get_by_role("link", name="New workflow").click()
     owner.page.get_by_role("heading", name="New workflow").wait_for()
@@ -252,7 +252,7 @@ def run_a_workflow(owner: Tab, journey: Journey, contact: str) -> None:
     owner.page.get_by_label("Trigger event").fill("came-back")
     steps = json.loads(owner.page.get_by_label("Steps").input_value())
     assert [s["type"] for s in steps] == ["delay", "send"] and steps[1]["template"], steps
-    steps[0] = {"id": "wait", "type": "delay", "seconds": 2, "next": "mail"}
+    steps[0] = {"id": "wait", "type": "delay", "seconds": 8, "next": "mail"}
     owner.page.get_by_label("Steps").fill(json.dumps(steps, indent=2))
     assert owner.page.get_by_label("Start").input_value() == "true"
     owner.check("workflow form")

@@ -255,7 +255,9 @@ async def test_token_bucket_keeps_its_rate():
     stamps.sort()
     elapsed = stamps[-1] - stamps[0]
     assert elapsed >= (150 - 1) / 100 - 0.005, "never faster than the rate, shared by every caller"
-    assert elapsed < 149 / 100 * 1.05, "and not much slower"
+    # Lag of the event loop on a loaded machine (tests run beside each other) adds to each wait it exceeds a
+    # slot by; a bucket that kept a fraction of the rate would still fail here.
+    assert elapsed < 149 / 100 * 1.3, "and not much slower"
     await asyncio.sleep(0.5)
     idle_start = time.monotonic()
     for _ in range(5):

@@ -444,13 +444,14 @@ async def test_cancel_and_stats_and_start_run(api, sender):
 
 
 async def test_delay_until_a_moment(api, sender):
-    at = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
-    workflow = await make_workflow(api, [{"id": "d", "type": "delay", "until": at, "next": "x"},
+    """Three seconds ahead: time enough for the setup on a loaded machine, before the moment passes."""
+    at = datetime.now(UTC) + timedelta(seconds=3)
+    workflow = await make_workflow(api, [{"id": "d", "type": "delay", "until": at.isoformat(), "next": "x"},
                                          {"id": "x", "type": "exit"}], ["x"])
     await track_event(api, "rae@example.org", "x")
     await scheduler_for(api).run_until_idle()
     assert (await one_run(api, workflow)).status == "ACTIVE"
-    await asyncio.sleep(1.1)
+    await asyncio.sleep((at - datetime.now(UTC)).total_seconds() + 0.1)
     await scheduler_for(api).run_until_idle()
     assert (await one_run(api, workflow)).status == "EXITED"
 
