@@ -298,6 +298,12 @@ def http_site(runner: web.AppRunner, config: Config, sock: Any) -> Any:
                        config.server.body_timeout_seconds, access_log=None)
 
 
+SHUTDOWN_SECONDS = 8.0
+"""How long a stop may take (requests and deliveries in flight finishing, the database closing). Past it the
+process exits at once: a delivery whose outcome was not recorded is sent again after its lease, at most
+`delivery.concurrency` of them (as after kill -9)."""
+
+
 async def serve(app: web.Application, config: Config, http_socket: Any = None, name: str = "plunkd") -> None:
     """Run `app` until SIGTERM or SIGINT: its resources (database, relay on its bound sockets, dispatcher),
     then the HTTP API on `http_socket` (None: no HTTP listener). Logs where the API listens, and one line
@@ -323,5 +329,11 @@ async def serve(app: web.Application, config: Config, http_socket: Any = None, n
                      config.server.public_url)
         await stop.wait()
     finally:
-        await runner.cleanup()
+        try:
+            await asyncio.wait_for(runner.cleanup(), SHUTDOWN_SECONDS)
+        except TimeoutError:
+            log.error("%s did not stop within %.0f s; exiting with its work in flight (retried after its lease)",
+                      name, SHUTDOWN_SECONDS)
+            logging.shutdown()
+            os._exit(1)
     log.info("%s stopped cleanly on %s", name, received[0].name)

@@ -165,7 +165,8 @@ async def test_a_retried_email_goes_out_with_the_message_id_it_was_accepted_with
     transport = SmtpTransport(SmarthostConfig(host="127.0.0.1", port=port, timeout_seconds=5))
     dispatcher = Dispatcher(api.db, transport, TokenBucket(0), settings(retry_base_seconds=0.1))
     try:
-        await dispatch_all(dispatcher)
+        assert await dispatcher.run_once() == 1  # one round: on a slow machine a second may reach the retry
+        await dispatcher.drain()
         assert len(handler.attempts) == 1 and (await email_rows(api))["ann@example.org"].status == "QUEUED"
         await asyncio.sleep(0.15)
         await dispatch_all(dispatcher)

@@ -93,7 +93,9 @@ def test_dispatcher_runs_in_a_child_woken_at_once_restarted_and_stopped_with_its
 
     proc.kill()
     proc.wait(timeout=10)
-    wait_until(lambda: not alive(replacement), 10, "the orphaned dispatcher to stop")
+    # the orphan stops as on SIGTERM, which takes at most SHUTDOWN_SECONDS (8)
+    wait_until(lambda: not alive(replacement), 12, "the orphaned dispatcher to stop",
+               Path(outbox).parent.parent / "serve.log")
 
 
 def test_a_served_plunkd_that_cannot_start_fails_at_once_with_its_log(tmp_path):
