@@ -283,10 +283,11 @@ def _workflows(session: Session, ids: Ids) -> Any:
 
 
 def _workflow(session: Session, ids: Ids) -> Any:
-    """The workflow, its runs per step and its newest runs."""
+    """The workflow, its runs per step and in all, and its newest runs."""
     runs = workflow_store.run_page(session, ids["workflow"], LIST_SIZE, None).items
-    return {"workflow": _json_row(session.get(Workflow, ids["workflow"])),
-            "steps": workflow_rules.step_counts(session, ids["workflow"]),
+    counts = workflow_rules.workflow_counts(session, ids["workflow"])
+    return {"workflow": _json_row(session.get(Workflow, ids["workflow"])), "steps": counts.steps,
+            "runCounts": counts.runs,
             "runs": [dict(row._mapping) for row in runs]}
 
 

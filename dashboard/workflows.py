@@ -3,7 +3,7 @@ graph of its steps with how many runs wait at, passed and failed at each, its de
 (the grammar's errors shown at the step they name), enable/disable, and its runs with position and history.
 
 Rules and the grammar are `pipeline.workflows`; the per-step counts are one statement while no run changed
-(`pipeline.workflows.rules.step_counts`).
+(`pipeline.workflows.rules.workflow_counts`).
 """
 
 from __future__ import annotations
@@ -83,9 +83,9 @@ async def _page_data(ctx: Ctx, workflow_id: str) -> dict[str, Any]:
     def read(session) -> dict[str, Any]:
         workflow = rules.require_workflow(session, ctx.project_id, workflow_id)
         triggers = store.triggers_of(session, [workflow.id])[workflow.id]
-        runs = store.run_counts(session, [workflow.id])[workflow.id]
         steps = list((workflow.definition or {}).get("steps") or [])
-        counts = rules.step_counts(session, workflow.id)
+        counted = rules.workflow_counts(session, workflow.id)
+        runs, counts = counted.runs, counted.steps
         page = store.run_page(session, workflow.id, RUNS_PAGE_SIZE, cursor)
         sent = [step["template"] for step in steps if isinstance(step, dict) and isinstance(step.get("template"), str)]
         return {"workflow": _summary(workflow, triggers, runs), "definition": steps,

@@ -187,10 +187,10 @@ _STEPS_PASSED = {
                   "h.value ->> 'outcome' NOT IN ('waiting', 'posting', 'failed', 'webhook failed') GROUP BY 1",
 }
 _POSITIONS = ("SELECT step_id, status, count(*), NULL FROM workflow_runs WHERE workflow_id = :workflow AND "
-              "step_id IS NOT NULL AND status IN ('ACTIVE', 'WAITING', 'FAILED') GROUP BY step_id, status "
+              "status IN ('ACTIVE', 'WAITING', 'FAILED') GROUP BY step_id, status "
               "UNION ALL SELECT NULL, 'runs', count(*), max(updated_at) FROM workflow_runs "
               "WHERE workflow_id = :workflow")
-"""Runs waiting or failed per step (the status index), and the workflow's runs and their last change (the
+"""Runs live or failed per step (the status index), and the workflow's runs and their last change (the
 (workflow_id, updated_at) index): what says whether the passed counts read before still hold."""
 
 
@@ -199,6 +199,8 @@ class StepPositions:
     counts: dict[str, dict[str, int]]
     """Per step id: runs `waiting` there (ACTIVE or WAITING at it) and `failed` there."""
     runs: int
+    live: int
+    """Runs ACTIVE or WAITING, at a step or not."""
     last_change: Any
     """The newest updated_at of the workflow's runs, as the database answers it (None: no runs)."""
 
@@ -206,14 +208,17 @@ class StepPositions:
 def step_positions(session: Session, workflow_id: str) -> StepPositions:
     """Where the workflow's runs are, in one statement over the indexes (whatever the runs' number)."""
     counts: dict[str, dict[str, int]] = {}
-    runs, last_change = 0, None
+    runs, live, last_change = 0, 0, None
     for step_id, status, count, changed in session.execute(text(_POSITIONS), {"workflow": workflow_id}):
         if status == "runs":
             runs, last_change = int(count), changed
-        elif step_id is not None:
+            continue
+        if status != RunStatus.FAILED:
+            live += int(count)
+        if step_id is not None:
             into = counts.setdefault(str(step_id), {"waiting": 0, "passed": 0, "failed": 0})
             into["failed" if status == RunStatus.FAILED else "waiting"] += int(count)
-    return StepPositions(counts, runs, last_change)
+    return StepPositions(counts, runs, live, last_change)
 
 
 def steps_passed(session: Session, workflow_id: str) -> dict[str, int]:

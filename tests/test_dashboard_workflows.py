@@ -77,11 +77,13 @@ async def test_step_counts_come_from_one_query_and_say_waiting_passed_failed(das
     assert counts["is-pro"] == {"waiting": 0, "passed": 1, "failed": 0}
     assert counts["wait-order"] == {"waiting": 1, "passed": 0, "failed": 0}
     assert counts["bye"] == {"waiting": 0, "passed": 0, "failed": 0}
+    workflow_json = body["data"]["workflow"]
+    assert (workflow_json["liveRuns"], workflow_json["runs"]) == (2, 3), "from the statement of the step counts"
     status, html = await dash.owner.get(page)
     assert "1 waiting · 1 passed · 1 failed" in html
 
     with statements(dash.api.db) as seen:
-        await dash.api.db.read(rules.step_counts, workflow["id"])
+        await dash.api.db.read(rules.workflow_counts, workflow["id"])
     assert len(seen) == 1
 
 
@@ -336,8 +338,11 @@ async def test_the_run_counts_of_the_list_and_the_graph_are_read_from_an_index_a
                 for sql, params in ran]
 
     counts_plan, positions_plan = await dash.api.db.read(read)
-    by = "{}" if postgres else "USING COVERING INDEX {}"
-    assert by.format("ix_workflow_runs_workflow_id_status_step_id") in counts_plan, counts_plan
-    assert by.format("ix_workflow_runs_workflow_id_status_step_id") in positions_plan, positions_plan
-    assert by.format("ix_workflow_runs_workflow_id_updated_at") in positions_plan, positions_plan
-    assert "Seq Scan" not in counts_plan + positions_plan
+    if postgres:  # which of the two indexes it takes for the count and max(updated_at) depends on its statistics
+        assert "Seq Scan" not in counts_plan + positions_plan, counts_plan + positions_plan
+        assert "ix_workflow_runs_workflow_id_status_step_id" in counts_plan, counts_plan
+        assert positions_plan.count(" ix_workflow_runs_workflow_id_") == 2, positions_plan  # each part by an index
+        return
+    assert "USING COVERING INDEX ix_workflow_runs_workflow_id_status_step_id" in counts_plan, counts_plan
+    assert "USING COVERING INDEX ix_workflow_runs_workflow_id_status_step_id" in positions_plan, positions_plan
+    assert "USING COVERING INDEX ix_workflow_runs_workflow_id_updated_at" in positions_plan, positions_plan

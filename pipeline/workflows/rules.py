@@ -236,11 +236,19 @@ _PASSED: TtlCache[tuple[str, int, Any], dict[str, int]] = TtlCache(3600, 1000)
 """(workflow, its runs, their last change) -> runs that passed each step."""
 
 
-def step_counts(session: Session, workflow_id: str) -> dict[str, dict[str, int]]:
-    """Per step id: runs `waiting` there, `failed` there, and how often runs `passed` it. The passed
-    counts read every run's history (100 ms per 2,000 runs on SQLite) and change only when a run does (a
-    run moved, started or cancelled changes its updated_at, one deleted the count), so they are kept
-    until then: one statement per call while no run changed, two when one did."""
+@dataclass(frozen=True)
+class WorkflowCounts:
+    steps: dict[str, dict[str, int]]
+    """Per step id: runs `waiting` there, `failed` there, and how often runs `passed` it."""
+    runs: dict[str, int]
+    """The workflow's runs: `live` (ACTIVE or WAITING) and `total`."""
+
+
+def workflow_counts(session: Session, workflow_id: str) -> WorkflowCounts:
+    """The workflow page's counts, its runs per step and in all. The passed counts read every run's history
+    (100 ms per 2,000 runs on SQLite) and change only when a run does (a run moved, started or cancelled
+    changes its updated_at, one deleted the count), so they are kept until then: one statement per call
+    while no run changed, two when one did."""
     positions = store.step_positions(session, workflow_id)
     key = (workflow_id, positions.runs, positions.last_change)
     passed = _PASSED.get(key)
@@ -250,4 +258,4 @@ def step_counts(session: Session, workflow_id: str) -> dict[str, dict[str, int]]
     counts = positions.counts
     for step_id, count in passed.items():
         counts.setdefault(step_id, {"waiting": 0, "passed": 0, "failed": 0})["passed"] += count
-    return counts
+    return WorkflowCounts(counts, {"live": positions.live, "total": positions.runs})

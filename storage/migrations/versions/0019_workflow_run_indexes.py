@@ -3,7 +3,7 @@
 Revision ID: 0019
 Revises: 0018
 
-`pipeline.workflows.rules.step_counts` keeps the per-step passed counts (a read of every run's history) until
+`pipeline.workflows.rules.workflow_counts` keeps the per-step passed counts (a read of every run's history) until
 a run of the workflow changes; count(*) and max(updated_at) over (workflow_id, updated_at) say whether one
 did. The runs per status (the list's run counts) and per step and status (the graph's waiting and failed)
 are read from (workflow_id, status, step_id) alone, not from every run's row. Plain CREATE INDEX: no table
