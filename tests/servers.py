@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
+import random
 import resource
 import signal
 import socket
@@ -107,10 +109,36 @@ async def start_sink(handler: SinkHandler) -> tuple[asyncio.AbstractServer, int]
     return server, server.sockets[0].getsockname()[1]
 
 
+PORTS_PER_PROCESS = 1500
+FIRST_PORT = 20000
+"""Test ports lie below Linux's ephemeral range (32768-60999), so no client connection holds one."""
+
+
+def _own_ports() -> range:
+    """This test process's slice of ports. Test processes run side by side (CI's two passes, each with
+    pytest-xdist workers): a port the kernel picked for one could be taken by another between picking and
+    binding, and a test then talked to another test's server (a 401 from a stranger's database)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
+    slot = (int(worker) if worker.isdigit() else 0) * 2 + (1 if os.environ.get("PLUNKD_TEST_DATABASE_URL") else 0)
+    start = FIRST_PORT + slot % 8 * PORTS_PER_PROCESS
+    return range(start, start + PORTS_PER_PROCESS)
+
+
+_turn = itertools.count(random.randrange(PORTS_PER_PROCESS))
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port of this process's slice that nothing listens on now, each in turn."""
+    ports = _own_ports()
+    for _ in ports:
+        port = ports[next(_turn) % len(ports)]
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {ports}")
 
 
 class MotoServer:
