@@ -338,7 +338,7 @@ async def test_a_large_deferred_email_is_composed_off_the_dispatchers_event_loop
     finally:
         ticker.cancel()
     assert sorted(delivered(tmp_path / "out")) == sorted(c["email"] for c in contacts)
-    assert max(gaps) < 1.0, max(gaps)
+    assert max(gaps) < 1.5, max(gaps)  # composing on the loop stalls it for seconds; load alone, about one
 
 
 async def test_a_workflow_send_that_would_render_over_the_limit_fails_that_run(api, sender, tmp_path):
