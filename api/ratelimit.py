@@ -67,6 +67,7 @@ class SharedWindowLimiter:
         self._sync = sync
         self._known: Counts = {}
         self._unsent: Counts = {}
+        self._flushing = asyncio.Lock()
 
     def take(self, project_id: str) -> Allowance:
         now = int(time.time())
@@ -79,7 +80,12 @@ class SharedWindowLimiter:
         return Allowance(allowed, self.limit, max(0, self.limit - used), key[1] + self.window)
 
     async def flush(self) -> None:
-        """Report this node's counts and learn the totals (of windows still current)."""
+        """Report this node's counts and learn the totals (of windows still current). One flush at a
+        time: totals read by an earlier flush that finished later would overwrite newer ones."""
+        async with self._flushing:
+            await self._flush()
+
+    async def _flush(self) -> None:
         now = int(time.time())
         current = now - now % self.window
         counts = dict.fromkeys((key for key in self._known if key[1] == current), 0)

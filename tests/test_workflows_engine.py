@@ -118,7 +118,10 @@ async def test_track_then_delay_then_send_reaches_the_outbox_and_is_delivered(ap
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-    assert run.status == "COMPLETED" and run.emails_sent == 1 and 2.0 <= elapsed < 3.5, (run.history, elapsed)
+    # The delay holds (2 s at least) and ends on time (`lateness` below); the whole run may take longer on a
+    # loaded machine (CI once picked the first step up 1.85 s after the track, with four test processes
+    # on two cores).
+    assert run.status == "COMPLETED" and run.emails_sent == 1 and 2.0 <= elapsed < 5.0, (run.history, elapsed)
     assert outcomes(run) == ["delayed", "sent"]
     fired = run.history[1]
     # History times are the API's: milliseconds and a Z, like every other time a client reads.
