@@ -53,9 +53,12 @@ async def test_three_nodes_share_one_send_rate(database_url):
     finally:
         for db in nodes:
             await db.dispose()
-    rate = (len(sent) - 1) / (max(sent) - min(sent))
-    assert abs(rate - RATE) / RATE < 0.02, rate
+    granted = (len(slots) - 1) / (max(slots) - min(slots))
+    assert abs(granted - RATE) / RATE < 0.02, granted
     assert most_in_any_window(slots) <= RATE + 1
+    # what the senders saw, late wake-ups included (CI once saw 48.6/s: one 80 ms late wake at an end)
+    rate = (len(sent) - 1) / (max(sent) - min(sent))
+    assert abs(rate - RATE) / RATE < 0.05, rate
     # the moments tasks woke jitter by this loop's delays (three nodes' database work share it)
     assert most_in_any_window(sent) <= RATE + 3, most_in_any_window(sent)
     assert all(bucket.reservations >= 2 for bucket in buckets)  # every node took part
