@@ -9,6 +9,7 @@ where outcomes are recorded, never from the emails table.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 from core.metrics import PRIORITY_NAMES
@@ -22,6 +23,10 @@ CHART = {"width": 960, "height": 260, "left": 56, "right": 16, "top": 16, "botto
 """The SVG's size and the plot's margins, in its own units (it scales to the page's width)."""
 
 
+TICK_MINUTES = 4 * 60
+"""An x tick every four hours on the hour (epoch minutes count from 00:00 UTC, so multiples of 240)."""
+
+
 def chart(start: int, sent: list[int]) -> dict[str, Any]:
     """The polyline and the axes' ticks of `sent` (one count per minute from epoch minute `start`)."""
     width, height = CHART["width"], CHART["height"]
@@ -29,19 +34,26 @@ def chart(start: int, sent: list[int]) -> dict[str, Any]:
     peak = max(sent, default=0)
     ceiling = max(1, peak)
     step = (right - left) / max(1, len(sent) - 1)
+    heights: dict[int, float] = {}
 
-    def y(value: float) -> float:
-        return round(bottom - (bottom - top) * value / ceiling, 1)
+    def y(value: int) -> float:
+        if value not in heights:  # most minutes share a few counts (often 0): round each once
+            heights[value] = round(bottom - (bottom - top) * value / ceiling, 1)
+        return heights[value]
 
-    points = " ".join(f"{round(left + index * step, 1)},{y(count)}" for index, count in enumerate(sent))
+    points = " ".join([f"{x},{y(count)}" for x, count in zip(_xs(left, step, len(sent)), sent, strict=True)])
     y_ticks = [{"y": y(value), "label": str(value)} for value in sorted({0, ceiling // 2, ceiling})]
-    x_ticks = []
-    for index in range(len(sent)):
-        moment = datetime.fromtimestamp((start + index) * 60, UTC)
-        if moment.minute == 0 and moment.hour % 4 == 0:
-            x_ticks.append({"x": round(left + index * step, 1), "label": moment.strftime("%H:%M")})
+    x_ticks = [{"x": round(left + index * step, 1),
+                "label": datetime.fromtimestamp((start + index) * 60, UTC).strftime("%H:%M")}
+               for index in range(-start % TICK_MINUTES, len(sent), TICK_MINUTES)]
     return {**CHART, "plotLeft": left, "plotRight": right, "plotTop": top, "plotBottom": bottom,
             "points": points, "yTicks": y_ticks, "xTicks": x_ticks, "peak": peak, "total": sum(sent)}
+
+
+@lru_cache(maxsize=4)
+def _xs(left: float, step: float, count: int) -> tuple[float, ...]:
+    """The x of each minute: the same for every load of a chart of `count` minutes."""
+    return tuple(round(left + index * step, 1) for index in range(count))
 
 
 def node_json(node: Any, now: datetime, stale_after: float) -> dict[str, Any]:

@@ -115,23 +115,26 @@ class QueueDepth:
     oldest_due: datetime | None
 
 
-def _count(session: Session, *where: Any) -> int:
+def _capped_count(*where: Any) -> Any:
     capped = select(_OUTBOX.c.id).where(*where).limit(COUNT_CAP + 1).subquery()
-    return session.connection().execute(select(func.count()).select_from(capped)).scalar_one()
+    return select(func.count()).select_from(capped).scalar_subquery()
 
 
 def queue_depths(session: Session, now: datetime, priorities: tuple[int, ...]) -> list[QueueDepth]:
     """Per priority: rows due now, due later, leased (each counted up to COUNT_CAP + 1), and the earliest due
     time of the rows due now. A lease moves `due_at` to its end, so leased rows are the later ones with a
-    `claimed_by`; a lease that ran out is due again."""
-    depths = []
+    `claimed_by`; a lease that ran out is due again. One statement of scalar subqueries (four a priority),
+    each an index range on (priority, due_at)."""
     leased_now = _OUTBOX.c.claimed_by.isnot(None)
+    figures = []
     for priority in priorities:
         at = _OUTBOX.c.priority == priority
-        leased = _count(session, at, _OUTBOX.c.due_at > now, leased_now)
-        later = _count(session, at, _OUTBOX.c.due_at > now)
-        oldest = session.connection().execute(select(func.min(_OUTBOX.c.due_at)).where(
-            at, _OUTBOX.c.due_at <= now)).scalar()
-        depths.append(QueueDepth(priority, _count(session, at, _OUTBOX.c.due_at <= now),
-                                 later if later > COUNT_CAP else later - leased, leased, oldest))
+        figures += [_capped_count(at, _OUTBOX.c.due_at <= now), _capped_count(at, _OUTBOX.c.due_at > now),
+                    _capped_count(at, _OUTBOX.c.due_at > now, leased_now),
+                    select(func.min(_OUTBOX.c.due_at)).where(at, _OUTBOX.c.due_at <= now).scalar_subquery()]
+    row = session.connection().execute(select(*figures)).one()
+    depths = []
+    for index, priority in enumerate(priorities):
+        due, later, leased, oldest = row[4 * index:4 * index + 4]
+        depths.append(QueueDepth(priority, due, later if later > COUNT_CAP else later - leased, leased, oldest))
     return depths
