@@ -64,8 +64,10 @@ class CampaignFanOut:
                 continue
             finished = False
             while not finished:
+                # alone: on PostgreSQL a chunk (a few hundred ms of index upkeep) commits on its own connection,
+                # so API requests' writes do not wait in its batch
                 count, finished = await self.db.write(
-                    functools.partial(rules.fan_out_next, campaign_id=campaign.id, chunk=self.chunk))
+                    functools.partial(rules.fan_out_next, campaign_id=campaign.id, chunk=self.chunk), alone=True)
                 queued += count
                 if count:
                     self.on_queued()
