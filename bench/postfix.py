@@ -1,15 +1,19 @@
 """SMTP acceptance throughput of Postfix, plunkd and a bare aiosmtpd, side by side in one run.
 
-Four servers on 127.0.0.1, each with STARTTLS required before AUTH PLAIN, all using the same
+Five servers on 127.0.0.1, each with STARTTLS required before AUTH PLAIN, all using the same
 self-signed certificate (EC P-256, like plunkd's own):
 
-  postfix     Debian's Postfix 3.7 from a private configuration in a temp folder (never /etc/postfix's
-              instance, never port 25): Cyrus SASL PLAIN against a sasldb, the normal smtpd → cleanup →
-              queue path (the queue file is fsynced before 250), then the `discard` transport;
-  plunkd-off  plunkd with its dispatcher off (delivery.enabled=false): the relay's durable accept only;
-  plunkd-on   plunkd with its dispatcher on (file transport, DKIM signing, rate limit off), so it
-              delivers while it accepts;
-  aiosmtpd    a bare aiosmtpd whose handler answers 250 at once and which accepts any password.
+  postfix-dkim     what a self-hoster would run instead of plunkd: Debian's Postfix 3.7 from a private
+                   configuration in a temp folder (never /etc/postfix's instance, never port 25), Cyrus SASL
+                   PLAIN against a sasldb, OpenDKIM as smtpd's milter (its own config file and socket in
+                   the temp folder, never the system's service) signing with plunkd's RSA-2048 key, selector
+                   and domain, the queue file fsynced before 250, then the `virtual` agent delivering every
+                   message to one catch-all Maildir on the same disk (written to tmp/, fsynced, moved to new/);
+  postfix-discard  the same Postfix without OpenDKIM, its deliveries handed to the `discard` transport;
+  plunkd-off       plunkd with its dispatcher off (delivery.enabled=false): the relay's durable accept only;
+  plunkd-on        plunkd with its dispatcher on (file transport, DKIM signing, rate limit off), so it
+                   delivers while it accepts;
+  aiosmtpd         a bare aiosmtpd whose handler answers 250 at once and which accepts any password.
 
 One load client (aiosmtplib: connect, STARTTLS, EHLO, AUTH PLAIN, then MAIL/RCPT/DATA) drives every
 server the same way, in cells of message size × sessions × connection use: `2k-20-b2b` is 2 KB
@@ -17,23 +21,35 @@ messages over 20 concurrent sessions, each sending back to back on one connectio
 new connection (TLS handshake and AUTH included) per message. One cell of one server stops at
 --seconds or --max-messages, whichever comes first. Every cell of every server runs once per rep, the
 servers interleaved and their order rotated each rep; the tables show medians. After each cell the
-benchmark waits (at most 20 s) for the server to go idle, so work it queued (Postfix's discard
+benchmark waits (at most --settle-cap s) for the server to go idle, so work it queued (Postfix's
 deliveries, plunkd-on's dispatcher) does not land in the next server's cell.
 
-How to read it: plunkd / Postfix is the share of a C MTA's acceptance rate plunkd reaches on the same
-machine with the same TLS, AUTH and fsync-before-250 work. aiosmtpd is the ceiling for anything built
-on this Python SMTP stack, so plunkd-off / aiosmtpd is what plunkd's own work costs (auth lookup,
-checks, database commit); Postfix can beat that ceiling (aiosmtpd reads DATA line by line in Python).
-plunkd-on vs plunkd-off is the price of delivering (DKIM, file write, outcome commit) on the same
-cores while accepting. The client runs on the same machine, so the CPU table (server CPU seconds per
-1,000 accepted messages, summed over all processes of the server: plunkd's dispatcher child if it
-has one; Postfix's master, smtpd, cleanup, qmgr, trivial-rewrite, discard, postlogd, ...) is the
-fairer per-message comparison on a small, shared box. Not run in CI; Postfix needs root and apt
-(`--skip-postfix` otherwise).
+Once per run, after the warm-up, one file delivered by postfix-dkim and one by plunkd-on must carry a
+DKIM-Signature for the bench's domain and selector (Postfix's with OpenDKIM's DKIM-Filter header) that
+dkimpy's `dkim.verify` accepts with the bench's public key (a DNS stub answers the TXT record); the run
+stops otherwise. The report ends with what the check found and how many files each delivered.
+
+How to read it: plunkd-on / postfix-dkim (the `(/PFdkim)` columns) is the comparison that matters: the
+same accept-sign-deliver work, fsync before 250 and for the delivered file, on the same machine; issue
+24's aim is >= 1.00 in every cell with no more CPU per 1,000 messages (the "goal" lines). plunkd-off /
+postfix-discard (`(/PFdis)`) compares accepting only. aiosmtpd is the ceiling for anything built on
+this Python SMTP stack, so plunkd-off / aiosmtpd is what plunkd's own work costs (auth lookup, checks,
+database commit); Postfix can beat that ceiling (aiosmtpd reads DATA line by line in Python). plunkd-on
+vs plunkd-off is the price of delivering (DKIM, file write, outcome commit) on the same cores while
+accepting. The client runs on the same machine, so the CPU table (server CPU seconds per 1,000
+accepted messages, counted from the cell's start until the server is idle again, so deliveries done
+after the cell are included; summed over all processes of the server: plunkd's dispatcher child if it
+has one; Postfix's master, smtpd, cleanup, qmgr, trivial-rewrite, virtual or discard, postlogd, ...
+and OpenDKIM) is the fairer per-message comparison on a small, shared box. Postfix needs root and
+apt-get (packages: postfix sasl2-bin libsasl2-modules opendkim, installed if missing, no system
+service started); without them the run fails unless given `--skip-postfix`.
 
     python -m bench.postfix [--cells 2k-20-b2b,2k-20-new,...] [--reps 3] [--seconds 5]
-                            [--max-messages 20000] [--skip-postfix] [--database-url URL]
+                            [--max-messages 20000] [--settle-cap 20] [--quick] [--skip-postfix]
+                            [--database-url URL]
 
+--quick is a smoke run for CI (one 2k-20-b2b cell, one rep, 2 s caps; under a minute); its exit code is
+0 only if every server ran without errors and the DKIM checks passed, not whether plunkd met the goal.
 --database-url postgresql+asyncpg://USER:PASSWORD@127.0.0.1:5432/NAME runs both plunkd servers on
 PostgreSQL: two fresh databases NAME_<time>_off and NAME_<time>_on are created and dropped again.
 """
@@ -44,10 +60,14 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import email.parser
+import email.policy
 import glob
 import ipaddress
 import logging
 import os
+import pwd
+import re
 import secrets
 import shutil
 import signal
@@ -61,6 +81,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiosmtplib
+import dkim
 
 from bench.common import (
     create_project,
@@ -71,27 +92,39 @@ from bench.common import (
     temp_dir,
     wait_for_port,
 )
-from bench.setup_sender import verify_offline
+from bench.setup_sender import SELECTOR, verify_offline
 from bench.smtp import insecure_client_tls, message
+from pipeline.domains import KeyPair, dkim_txt, generate_key
 
 DEFAULT_CELLS = "2k-20-b2b,2k-20-new,2k-1-b2b,100k-20-b2b,100k-20-new,100k-1-b2b"
-SENDER = "bounce@bench.example"
+SENDER_DOMAIN = "bench.example"
+"""plunkd's verified sending domain and OpenDKIM's `Domain`: both sign for it with the same key pair."""
+SENDER = f"bounce@{SENDER_DOMAIN}"
+RECIPIENT_DOMAIN = "example.org"
+MAILDIR = "catchall"
+MAILDIR_USER = "nobody"
+"""The owner of Postfix's Maildir deliveries (a dedicated vmail user on a real server)."""
 SMTP_USER = "plunk"
 POSTFIX_HOSTNAME = "plunkd-bench.localhost"
 IDLE_CPU_SECONDS = 0.05
 """A server counts as idle once it uses less than this much CPU in half a second."""
 SETTLE_CAP_SECONDS = 20.0
 WARM_UP_MESSAGES = 20
+SERVER_NAMES = ("postfix-dkim", "postfix-discard", "plunkd-off", "plunkd-on", "aiosmtpd")
 
 
 # ---- the packages ---------------------------------------------------------------------------
 
-POSTFIX_PACKAGES = ["postfix", "sasl2-bin", "libsasl2-modules"]
+POSTFIX_PACKAGES = ["postfix", "sasl2-bin", "libsasl2-modules", "opendkim"]
 POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
 
 
+class SetupError(RuntimeError):
+    """The Postfix columns cannot run here (not root, no apt-get, the install failed)."""
+
+
 def postfix_installed() -> bool:
-    tools = all(shutil.which(tool) for tool in ("postfix", "postconf", "saslpasswd2"))
+    tools = all(shutil.which(tool) for tool in ("postfix", "postconf", "saslpasswd2", "opendkim"))
     return tools and bool(glob.glob("/usr/lib/*/sasl2/libplain.so*"))
 
 
@@ -111,8 +144,9 @@ def services_kept_down() -> Iterator[None]:
 
 
 def install_postfix() -> None:
-    """apt-get install Postfix and Cyrus SASL with debconf's "No configuration": no /etc/postfix/main.cf
-    is written and no system instance is started (the benchmark only runs its private one)."""
+    """apt-get install Postfix, Cyrus SASL and OpenDKIM with debconf's "No configuration": no
+    /etc/postfix/main.cf is written and no system Postfix or OpenDKIM is started (the benchmark only runs
+    its private ones)."""
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     preseed = (f"postfix postfix/main_mailer_type select No configuration\n"
                f"postfix postfix/mailname string {POSTFIX_HOSTNAME}\n")
@@ -124,7 +158,23 @@ def install_postfix() -> None:
             subprocess.run(["apt-get", "update"], env=env, stdout=subprocess.DEVNULL, check=True)
             subprocess.run(install, env=env, stdout=subprocess.DEVNULL, check=True)
     if not postfix_installed():
-        raise RuntimeError("apt-get ran, but postfix, postconf, saslpasswd2 or the SASL PLAIN plugin is missing")
+        raise RuntimeError("apt-get ran, but postfix, postconf, saslpasswd2, opendkim or the SASL PLAIN plugin "
+                           "is missing")
+
+
+def ensure_postfix() -> None:
+    """Postfix runs as root (its master, the postfix and opendkim users); install it unless present."""
+    hint = f"install {' '.join(POSTFIX_PACKAGES)} as root, or pass --skip-postfix"
+    if os.geteuid() != 0:
+        raise SetupError(f"the Postfix columns need root (Postfix's master, its own users); {hint}")
+    if postfix_installed():
+        return
+    if not shutil.which("apt-get"):
+        raise SetupError(f"postfix or opendkim is missing and there is no apt-get; {hint}")
+    try:
+        install_postfix()
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+        raise SetupError(f"postfix or opendkim is missing and installing it failed ({exc}); {hint}") from exc
 
 
 # ---- TLS ------------------------------------------------------------------------------------
@@ -155,7 +205,38 @@ def self_signed_pair(folder: Path) -> tuple[Path, Path]:
 
 # ---- the private Postfix --------------------------------------------------------------------
 
-def main_cf(folder: Path, cert: Path, key: Path) -> str:
+DISCARD = """\
+# every recipient domain is remote, and every remote delivery is discarded
+default_transport = discard
+relay_transport = discard
+local_transport = discard
+virtual_transport = discard
+"""
+
+
+def dkim_maildir(folder: Path, socket: Path) -> str:
+    """Signed by OpenDKIM as a milter of smtpd (the signature is in the queue file fsynced before 250), then
+    delivered by the `virtual` agent to one catch-all Maildir (tmp/ → fsync → new/) as `nobody`."""
+    vmail = pwd.getpwnam(MAILDIR_USER)
+    return f"""\
+# every bench recipient (@{RECIPIENT_DOMAIN}) is a virtual mailbox: one catch-all Maildir
+virtual_mailbox_domains = {RECIPIENT_DOMAIN}
+virtual_mailbox_base = {folder}/mail
+virtual_mailbox_maps = static:{MAILDIR}/
+virtual_uid_maps = static:{vmail.pw_uid}
+virtual_gid_maps = static:{vmail.pw_gid}
+virtual_transport = virtual
+default_transport = discard
+relay_transport = discard
+local_transport = discard
+# DKIM signing in OpenDKIM; no signature (milter down) means no 250
+smtpd_milters = unix:{socket}
+non_smtpd_milters =
+milter_default_action = tempfail
+"""
+
+
+def main_cf(folder: Path, cert: Path, key: Path, delivery: str) -> str:
     return f"""\
 compatibility_level = 3.6
 queue_directory = {folder}/queue
@@ -179,11 +260,7 @@ biff = no
 append_dot_mydomain = no
 message_size_limit = 10485760
 smtpd_recipient_limit = 50
-# every recipient domain is remote, and every remote delivery is discarded
-default_transport = discard
-relay_transport = discard
-local_transport = discard
-virtual_transport = discard
+{delivery}\
 # STARTTLS required, AUTH only after it, relaying only for authenticated clients
 smtpd_tls_security_level = encrypt
 smtpd_tls_auth_only = yes
@@ -202,7 +279,7 @@ smtpd_recipient_restrictions =
 
 
 def master_cf(port: int) -> str:
-    """Only the listener and the internal services that accepting and discarding need; nothing chrooted."""
+    """Only the listener and the internal services that accepting and delivering need; nothing chrooted."""
     return f"""\
 127.0.0.1:{port} inet n - n - - smtpd
 cleanup    unix  n - n - 0 cleanup
@@ -215,6 +292,7 @@ trace      unix  - - n - 0 bounce
 flush      unix  n - n 1000? 0 flush
 anvil      unix  - - n - 1 anvil
 discard    unix  - - n - - discard
+virtual    unix  - n n - - virtual
 error      unix  - - n - - error
 retry      unix  - - n - - error
 postlog    unix-dgram n - n - 1 postlogd
@@ -248,9 +326,10 @@ def master_pid(folder: Path, timeout: float = 15.0) -> int:
 
 
 @contextlib.contextmanager
-def private_postfix(folder: Path, port: int, cert: Path, key: Path, password: str) -> Iterator[int]:
+def private_postfix(folder: Path, port: int, cert: Path, key: Path, password: str,
+                    delivery: str) -> Iterator[int]:
     """Start Postfix from a configuration in `folder` (yields its master's pid); always stopped again
-    with `postfix -c DIR stop`."""
+    with `postfix -c DIR stop`. `delivery` is the main.cf part that says where accepted mail goes."""
     config = folder / "etc"
     sasl = config / "sasl"  # Debian's smtpd reads $config_directory/sasl/smtpd.conf
     for path in (config, sasl, folder / "queue", folder / "data"):
@@ -258,7 +337,7 @@ def private_postfix(folder: Path, port: int, cert: Path, key: Path, password: st
     folder.parent.chmod(0o711)  # the postfix user must reach its queue and data folders
     folder.chmod(0o755)
     shutil.chown(folder / "data", "postfix", "postfix")
-    (config / "main.cf").write_text(main_cf(folder, cert, key))
+    (config / "main.cf").write_text(main_cf(folder, cert, key, delivery))
     (config / "master.cf").write_text(master_cf(port))
     write_sasldb(sasl, password)
     try:
@@ -300,6 +379,68 @@ def stop_postfix(folder: Path, config: Path) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+# ---- the private OpenDKIM -------------------------------------------------------------------
+
+def opendkim_conf(folder: Path) -> str:
+    """Signing only, for the bench's domain with plunkd's key and selector. Canonicalization and the
+    oversigned From are Debian's /etc/opendkim.conf defaults; DKIM-Filter shows who signed. The key file
+    is the opendkim user's, mode 0600, but under /tmp, which RequireSafeKeys refuses (any other user may
+    write /tmp): hence `RequireSafeKeys no`, which is only checked when the key is loaded."""
+    return f"""\
+Mode                    s
+Domain                  {SENDER_DOMAIN}
+Selector                {SELECTOR}
+KeyFile                 {folder}/key.pem
+RequireSafeKeys         no
+Canonicalization        relaxed/simple
+SignatureAlgorithm      rsa-sha256
+OversignHeaders         From
+InternalHosts           127.0.0.1
+SoftwareHeader          yes
+Socket                  local:{folder}/opendkim.sock
+PidFile                 {folder}/opendkim.pid
+UserID                  opendkim:opendkim
+UMask                   000
+Syslog                  no
+Background              no
+"""
+
+
+@contextlib.contextmanager
+def private_opendkim(folder: Path, private_pem: str) -> Iterator[tuple[int, Path]]:
+    """Run `opendkim -f -x FILE` from a configuration in `folder` (never /etc/opendkim.conf nor the system
+    service); yields its pid and its socket, whose mode lets Postfix's smtpd (user postfix) connect."""
+    folder.mkdir(parents=True)
+    shutil.chown(folder, "opendkim", "opendkim")
+    folder.chmod(0o755)
+    key = folder / "key.pem"
+    key.write_text(private_pem)
+    shutil.chown(key, "opendkim", "opendkim")
+    key.chmod(0o600)
+    config, socket, log = folder / "opendkim.conf", folder / "opendkim.sock", folder / "opendkim.log"
+    config.write_text(opendkim_conf(folder))
+    with log.open("wb") as log_file:
+        proc = subprocess.Popen(["opendkim", "-f", "-x", str(config)], stdin=subprocess.DEVNULL,
+                                stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 15
+        while not socket.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the private OpenDKIM did not open {socket}")
+            time.sleep(0.05)
+        yield proc.pid, socket
+    except BaseException:
+        sys.stderr.write(log.read_text(errors="replace")[-4000:])
+        raise
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 # ---- process accounting ---------------------------------------------------------------------
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -318,12 +459,12 @@ def process_table() -> dict[int, tuple[int, int]]:
     return table
 
 
-def process_tree(root: int, table: dict[int, tuple[int, int]]) -> list[int]:
-    """`root` and all its living descendants."""
+def process_tree(roots: tuple[int, ...], table: dict[int, tuple[int, int]]) -> list[int]:
+    """`roots` and all their living descendants."""
     children: dict[int, list[int]] = {}
     for pid, (parent, _) in table.items():
         children.setdefault(parent, []).append(pid)
-    tree, todo = [], [root]
+    tree, todo = [], list(roots)
     while todo:
         pid = todo.pop()
         tree.append(pid)
@@ -331,30 +472,30 @@ def process_tree(root: int, table: dict[int, tuple[int, int]]) -> list[int]:
     return tree
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """CPU seconds of `root` and all its descendants, including those that already exited and were
+def tree_cpu_seconds(roots: tuple[int, ...]) -> float:
+    """CPU seconds of `roots` and all their descendants, including those that already exited and were
     reaped (their time is in the parent's cutime/cstime). Only differences of two calls mean anything."""
     table = process_table()
-    return sum(table.get(pid, (0, 0))[1] for pid in process_tree(root, table)) / TICK
+    return sum(table.get(pid, (0, 0))[1] for pid in process_tree(roots, table)) / TICK
 
 
-def tree_rss_mb(root: int) -> float:
-    """Resident memory of `root` and its descendants (plunkd may run its dispatcher in a child)."""
+def tree_rss_mb(roots: tuple[int, ...]) -> float:
+    """Resident memory of `roots` and their descendants (plunkd may run its dispatcher in a child)."""
     total = 0
-    for pid in process_tree(root, process_table()):
+    for pid in process_tree(roots, process_table()):
         with contextlib.suppress(OSError):
             lines = Path(f"/proc/{pid}/status").read_text().splitlines()
             total += sum(int(line.split()[1]) for line in lines if line.startswith("VmRSS:"))
     return total / 1024
 
 
-def wait_idle(root: int, cap: float) -> float:
-    """Wait until the server's process tree stops using CPU (at most `cap` seconds); returns the wait."""
+def wait_idle(roots: tuple[int, ...], cap: float) -> float:
+    """Wait until the server's processes stop using CPU (at most `cap` seconds); returns the wait."""
     started = time.monotonic()
-    before = tree_cpu_seconds(root)
+    before = tree_cpu_seconds(roots)
     while time.monotonic() - started < cap:
         time.sleep(0.5)
-        now = tree_cpu_seconds(root)
+        now = tree_cpu_seconds(roots)
         if now - before < IDLE_CPU_SECONDS:
             break
         before = now
@@ -369,12 +510,13 @@ class Server:
     port: int
     """Its STARTTLS port."""
     password: str
-    pid: int
-    """The root of its process tree (plunkd, the aiosmtpd process, Postfix's master)."""
+    pids: tuple[int, ...]
+    """The roots of its process trees (plunkd, the aiosmtpd process, Postfix's master, OpenDKIM)."""
     rss: bool = False
     """Whether its resident memory is reported."""
-    outbox: Path | None = None
-    """Where it delivers to (plunkd-on's file transport), to count what it delivered."""
+    deliveries: str = ""
+    """A glob of the files it delivers (plunkd-on's file transport, Postfix's Maildir), to count them
+    and to check one's DKIM signature."""
 
 
 BARE_SINK = "import sys; from bench.postfix import serve_bare_sink; serve_bare_sink(*sys.argv[1:])"
@@ -409,11 +551,11 @@ def serve_bare_sink(port: str, cert: str, key: str) -> None:
 def start_bare(stack: contextlib.ExitStack, cert: Path, key: Path) -> Server:
     port = free_port()
     proc = stack.enter_context(server_process(["-c", BARE_SINK, str(port), str(cert), str(key)], port))
-    return Server("aiosmtpd", port, "anything", proc.pid)
+    return Server("aiosmtpd", port, "anything", (proc.pid,))
 
 
 def start_plunkd(stack: contextlib.ExitStack, name: str, data: Path, cert: Path, key: Path, delivery: bool,
-                 database_url: str) -> Server:
+                 database_url: str, dkim_key: KeyPair) -> Server:
     data.mkdir()
     http_port, tls_port, starttls_port = free_port(), free_port(), free_port()
     env = plunkd_env(str(data), http_port, PLUNKD_DATABASE_URL=database_url, PLUNKD_SMTP_ENABLED="true",
@@ -422,17 +564,31 @@ def start_plunkd(stack: contextlib.ExitStack, name: str, data: Path, cert: Path,
                      PLUNKD_SMTP_KEY_FILE=str(key), PLUNKD_DELIVERY_ENABLED=str(delivery).lower(),
                      PLUNKD_DELIVERY_TRANSPORT="file", PLUNKD_DELIVERY_RATE_PER_SECOND="0")
     secret = create_project(str(data), env)
-    asyncio.run(verify_offline(database_url, "bench", "bench.example"))
+    asyncio.run(verify_offline(database_url, "bench", SENDER_DOMAIN, dkim_key))
     proc = stack.enter_context(server_process(["-m", "plunkd.cli", "serve"], starttls_port, env))
-    return Server(name, starttls_port, secret, proc.pid, rss=True, outbox=data / "outbox" if delivery else None)
+    return Server(name, starttls_port, secret, (proc.pid,), rss=True,
+                  deliveries=str(data / "outbox" / "*.eml") if delivery else "")
 
 
-def start_postfix(stack: contextlib.ExitStack, folder: Path, cert: Path, key: Path) -> Server:
-    if not postfix_installed():
-        install_postfix()
+def start_postfix_discard(stack: contextlib.ExitStack, folder: Path, cert: Path, key: Path) -> Server:
     port, password = free_port(), f"sk_{secrets.token_hex(24)}"
-    pid = stack.enter_context(private_postfix(folder, port, cert, key, password))
-    return Server("postfix", port, password, pid)
+    pid = stack.enter_context(private_postfix(folder, port, cert, key, password, DISCARD))
+    return Server("postfix-discard", port, password, (pid,))
+
+
+def start_postfix_dkim(stack: contextlib.ExitStack, folder: Path, cert: Path, key: Path,
+                       dkim_key: KeyPair) -> Server:
+    """Postfix with OpenDKIM signing (same key, selector and domain as plunkd) delivering to a Maildir."""
+    folder.mkdir()
+    folder.parent.chmod(0o711)  # the opendkim, postfix and nobody users must reach their folders
+    folder.chmod(0o755)
+    opendkim_pid, socket = stack.enter_context(private_opendkim(folder / "opendkim", dkim_key[0]))
+    mail = folder / "mail"
+    mail.mkdir()
+    shutil.chown(mail, MAILDIR_USER, pwd.getpwnam(MAILDIR_USER).pw_gid)
+    port, password = free_port(), f"sk_{secrets.token_hex(24)}"
+    pid = stack.enter_context(private_postfix(folder, port, cert, key, password, dkim_maildir(folder, socket)))
+    return Server("postfix-dkim", port, password, (pid, opendkim_pid), deliveries=str(mail / MAILDIR / "new" / "*"))
 
 
 def plunkd_database(stack: contextlib.ExitStack, data: Path, database_url: str, tag: str) -> str:
@@ -441,12 +597,18 @@ def plunkd_database(stack: contextlib.ExitStack, data: Path, database_url: str, 
     return stack.enter_context(fresh_database(database_url))
 
 
-def start_servers(stack: contextlib.ExitStack, folder: Path, args: argparse.Namespace) -> list[Server]:
+def start_servers(stack: contextlib.ExitStack, folder: Path, args: argparse.Namespace,
+                  dkim_key: KeyPair) -> list[Server]:
     cert, key = self_signed_pair(folder)
-    servers = [] if args.skip_postfix else [start_postfix(stack, folder / "postfix", cert, key)]
+    servers = []
+    if not args.skip_postfix:
+        ensure_postfix()
+        servers.append(start_postfix_dkim(stack, folder / "postfix-dkim", cert, key, dkim_key))
+        servers.append(start_postfix_discard(stack, folder / "postfix-discard", cert, key))
     for tag, delivery in (("off", False), ("on", True)):
         url = plunkd_database(stack, folder, args.database_url, tag)
-        servers.append(start_plunkd(stack, f"plunkd-{tag}", folder / f"plunkd-{tag}", cert, key, delivery, url))
+        servers.append(start_plunkd(stack, f"plunkd-{tag}", folder / f"plunkd-{tag}", cert, key, delivery, url,
+                                    dkim_key))
     servers.append(start_bare(stack, cert, key))
     return servers
 
@@ -516,7 +678,7 @@ async def drive(server: Server, cell: Cell, seconds: float, max_messages: int) -
             try:
                 if client is None:
                     client = await open_session(server, tls)
-                await client.sendmail(SENDER, [f"user{index % 500}@example.org"], bodies[(index + worker) % 64])
+                await client.sendmail(SENDER, [f"user{index % 500}@{RECIPIENT_DOMAIN}"], bodies[(index + worker) % 64])
                 load.ok += 1
                 if cell.reconnect:
                     await client.quit()
@@ -553,6 +715,8 @@ class Results:
     settle_seconds: dict[str, float] = field(default_factory=dict)
     accepted: dict[str, int] = field(default_factory=dict)
     delivered: dict[str, int] = field(default_factory=dict)
+    dkim: dict[str, str] = field(default_factory=dict)
+    """Per delivering server: what the check of one delivered file's DKIM signature found."""
 
     def median(self, cell: Cell, server: str, attribute: str) -> float:
         values = [getattr(s, attribute) for s in self.samples.get((cell.name, server), [])]
@@ -560,12 +724,14 @@ class Results:
 
 
 def measure(server: Server, cell: Cell, args: argparse.Namespace, results: Results) -> None:
-    cpu_before = tree_cpu_seconds(server.pid)
+    """One cell of one server. Its CPU is counted until the server is idle again, so work it put off
+    (Postfix's deliveries, plunkd-on's dispatcher catching up) is paid by the messages that caused it."""
+    cpu_before = tree_cpu_seconds(server.pids)
     load = asyncio.run(drive(server, cell, args.seconds, args.max_messages))
-    cpu = tree_cpu_seconds(server.pid) - cpu_before
-    rss = tree_rss_mb(server.pid) if server.rss else float("nan")
+    rss = tree_rss_mb(server.pids) if server.rss else float("nan")
     results.settle_seconds[server.name] = (results.settle_seconds.get(server.name, 0.0)
-                                           + wait_idle(server.pid, SETTLE_CAP_SECONDS))
+                                           + wait_idle(server.pids, args.settle_cap))
+    cpu = tree_cpu_seconds(server.pids) - cpu_before
     sample = Sample(load.ok / load.elapsed, cpu / load.ok * 1000 if load.ok else float("nan"), rss, load.errors)
     results.samples.setdefault((cell.name, server.name), []).append(sample)
     results.errors[server.name] = results.errors.get(server.name, 0) + load.errors
@@ -574,19 +740,57 @@ def measure(server: Server, cell: Cell, args: argparse.Namespace, results: Resul
         results.first_errors.setdefault(server.name, load.first_error)
 
 
-def warm_up(servers: list[Server]) -> None:
+def warm_up(servers: list[Server], settle_cap: float) -> None:
     """A few messages each before timing: imports, first TLS handshakes, database caches."""
     cell = Cell("warm-up", 2000, 2, False)
     for server in servers:
         load = asyncio.run(drive(server, cell, 5.0, WARM_UP_MESSAGES))
         if load.errors:
             raise RuntimeError(f"{server.name} fails before the benchmark: {load.first_error}")
-        wait_idle(server.pid, SETTLE_CAP_SECONDS)
+        wait_idle(server.pids, settle_cap)
 
 
-def run(servers: list[Server], cells: list[Cell], args: argparse.Namespace) -> Results:
+SIGNER_MARKS = {"postfix-dkim": ("DKIM-Filter", "OpenDKIM Filter")}
+"""A header (name, start of its value) that shows who signed: OpenDKIM's SoftwareHeader."""
+
+
+def check_dkim(server: Server, public_b64: str, timeout: float = 15.0) -> str:
+    """One file the server delivered must carry a DKIM-Signature for the bench's domain and selector that
+    `dkim.verify` accepts with the bench's public key (a DNS stub answers the TXT record), and for
+    Postfix the mark of OpenDKIM. Returns what was checked; raises if anything is missing."""
+    deadline = time.monotonic() + timeout
+    while not (files := sorted(glob.glob(server.deliveries))):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{server.name} delivered nothing to {server.deliveries} after the warm-up")
+        time.sleep(0.2)
+    data = Path(files[0]).read_bytes()
+    headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(data)
+    signatures = [re.sub(r"\s+", "", value) for value in headers.get_all("DKIM-Signature", [])]
+    wanted = (f"d={SENDER_DOMAIN}", f"s={SELECTOR}")
+    if len(signatures) != 1 or not all(tag in signatures[0].split(";") for tag in wanted):
+        raise RuntimeError(f"{server.name}: {files[0]} has no single DKIM-Signature with {' and '.join(wanted)}: "
+                           f"{signatures}")
+    mark = SIGNER_MARKS.get(server.name)
+    if mark and not str(headers.get(mark[0], "")).startswith(mark[1]):
+        raise RuntimeError(f"{server.name}: {files[0]} has no {mark[0]}: {mark[1]}… header")
+    record = dkim_txt(public_b64).encode()
+
+    def dns(name: bytes, timeout: int = 5) -> bytes | None:
+        return record if name.rstrip(b".") == f"{SELECTOR}._domainkey.{SENDER_DOMAIN}".encode() else None
+
+    if not dkim.verify(data, dnsfunc=dns):
+        raise RuntimeError(f"{server.name}: the DKIM signature of {files[0]} does not verify with the bench's key")
+    signer = f", {mark[0]}: {headers[mark[0]]}" if mark else ""
+    algorithm = next(tag for tag in signatures[0].split(";") if tag.startswith("a="))
+    return f"d={SENDER_DOMAIN} s={SELECTOR} {algorithm} verified{signer}"
+
+
+def run(servers: list[Server], cells: list[Cell], args: argparse.Namespace, public_b64: str) -> Results:
     results = Results()
-    warm_up(servers)
+    warm_up(servers, args.settle_cap)
+    for server in servers:
+        if server.deliveries:
+            results.dkim[server.name] = check_dkim(server, public_b64)
     for rep in range(args.reps):
         order = servers[rep % len(servers):] + servers[:rep % len(servers)]
         print(f"rep {rep + 1}/{args.reps}: order {', '.join(s.name for s in order)}", flush=True)
@@ -594,48 +798,62 @@ def run(servers: list[Server], cells: list[Cell], args: argparse.Namespace) -> R
             for server in order:
                 measure(server, cell, args, results)
     for server in servers:
-        if server.outbox is not None:
-            results.delivered[server.name] = len(list(server.outbox.glob("*.eml")))
+        if server.deliveries:
+            results.delivered[server.name] = len(glob.glob(server.deliveries))
     return results
 
 
 # ---- the report -----------------------------------------------------------------------------
 
-def ratio_text(value: float, postfix: float) -> str:
-    if postfix != postfix or not postfix:
+def ratio_text(value: float, base: float) -> str:
+    if base != base or not base or value != value:
         return ""
-    return f"({value / postfix:.2f})"
+    return f"({value / base:.2f})"
 
 
 def print_rates(results: Results, cells: list[Cell]) -> None:
-    print(f"{'cell':<26}{'Postfix':>9}{'plunkd off':>12}{'(/PF)':>7}{'plunkd on':>11}{'(/PF)':>7}{'aiosmtpd':>10}")
+    print(f"{'cell':<26}{'PF dkim+Maildir':>16}{'PF discard':>11}{'plunkd off':>12}{'(/PFdis)':>9}"
+          f"{'plunkd on':>11}{'(/PFdkim)':>10}{'aiosmtpd':>10}")
     for cell in cells:
-        postfix, off, on, bare = (results.median(cell, name, "rate")
-                                  for name in ("postfix", "plunkd-off", "plunkd-on", "aiosmtpd"))
-        print(f"{cell.label:<26}{postfix:>9,.0f}{off:>12,.0f}{ratio_text(off, postfix):>7}"
-              f"{on:>11,.0f}{ratio_text(on, postfix):>7}{bare:>10,.0f}")
+        dkim_pf, discard, off, on, bare = (results.median(cell, name, "rate") for name in SERVER_NAMES)
+        print(f"{cell.label:<26}{dkim_pf:>16,.0f}{discard:>11,.0f}{off:>12,.0f}{ratio_text(off, discard):>9}"
+              f"{on:>11,.0f}{ratio_text(on, dkim_pf):>10}{bare:>10,.0f}")
 
 
 def print_cpu_and_rss(results: Results, cells: list[Cell]) -> None:
-    print(f"{'cell':<26}{'Postfix':>9}{'plunkd off':>12}{'plunkd on':>11}{'aiosmtpd':>10}"
-          f"{'RSS off MB':>12}{'RSS on MB':>11}")
+    print(f"{'cell':<26}{'PF dkim+Maildir':>16}{'PF discard':>11}{'plunkd off':>12}{'plunkd on':>11}"
+          f"{'(/PFdkim)':>10}{'aiosmtpd':>10}{'RSS off MB':>12}{'RSS on MB':>11}")
     for cell in cells:
-        cpu = [results.median(cell, name, "cpu_per_1000") for name in ("postfix", "plunkd-off", "plunkd-on",
-                                                                        "aiosmtpd")]
+        dkim_pf, discard, off, on, bare = (results.median(cell, name, "cpu_per_1000") for name in SERVER_NAMES)
         rss = [max((s.rss_mb for s in results.samples.get((cell.name, name), [])), default=float("nan"))
                for name in ("plunkd-off", "plunkd-on")]
-        print(f"{cell.label:<26}{cpu[0]:>9.2f}{cpu[1]:>12.2f}{cpu[2]:>11.2f}{cpu[3]:>10.2f}"
-              f"{rss[0]:>12.0f}{rss[1]:>11.0f}")
+        print(f"{cell.label:<26}{dkim_pf:>16.2f}{discard:>11.2f}{off:>12.2f}{on:>11.2f}{ratio_text(on, dkim_pf):>10}"
+              f"{bare:>10.2f}{rss[0]:>12.0f}{rss[1]:>11.0f}")
+
+
+def print_goal(results: Results, cells: list[Cell]) -> None:
+    """Issue 24's aim: plunkd-on accepts at least as fast as postfix-dkim, with no more CPU per message."""
+    for cell in cells:
+        pf_rate, on_rate = (results.median(cell, name, "rate") for name in ("postfix-dkim", "plunkd-on"))
+        pf_cpu, on_cpu = (results.median(cell, name, "cpu_per_1000") for name in ("postfix-dkim", "plunkd-on"))
+        if pf_rate != pf_rate:
+            return
+        met = on_rate >= pf_rate and on_cpu <= pf_cpu
+        print(f"{cell.label:<26}plunkd-on / postfix-dkim: rate {on_rate / pf_rate:.2f}x, CPU/1,000 "
+              f"{on_cpu:.2f} s vs {pf_cpu:.2f} s: {'met' if met else 'MISSED'}")
 
 
 def print_report(results: Results, cells: list[Cell], args: argparse.Namespace, servers: list[Server]) -> None:
     database = "PostgreSQL" if args.database_url else "SQLite"
     print(f"\naccepted msg/s, median of {args.reps} interleaved reps, {args.seconds:g} s per cell "
-          f"(STARTTLS + AUTH PLAIN, 127.0.0.1, plunkd on {database}); (/PF) = ratio to Postfix")
+          f"(STARTTLS + AUTH PLAIN, 127.0.0.1, plunkd on {database}); (/PFdis) = ratio to Postfix discarding, "
+          f"(/PFdkim) = ratio to Postfix + OpenDKIM + Maildir")
     print_rates(results, cells)
-    print("\nserver CPU seconds per 1,000 accepted messages (median; all processes of the server), "
-          "plunkd RSS (all its processes) at the end of the cell (max over reps)")
+    print("\nserver CPU seconds per 1,000 accepted messages until idle again (median; all processes of the "
+          "server, OpenDKIM's included), plunkd RSS (all its processes) at the end of the cell (max over reps)")
     print_cpu_and_rss(results, cells)
+    print("\ngoal (issue 24): plunkd-on >= 1.0x postfix-dkim's rate with no more CPU per 1,000 messages")
+    print_goal(results, cells)
     print("\nerrors (must be 0): " + ", ".join(f"{s.name} {results.errors.get(s.name, 0)}" for s in servers))
     for name, error in results.first_errors.items():
         print(f"  first error from {name}: {error}")
@@ -644,17 +862,31 @@ def print_report(results: Results, cells: list[Cell], args: argparse.Namespace, 
     for name, delivered in results.delivered.items():
         print(f"{name} delivered {delivered:,} messages by the end; it accepted "
               f"{results.accepted.get(name, 0):,} in the cells (plus {WARM_UP_MESSAGES} in the warm-up)")
+    for name, found in results.dkim.items():
+        print(f"{name} DKIM check of one delivered file: {found}")
+
+
+QUICK = {"cells": "2k-20-b2b", "reps": 1, "seconds": 2.0, "max_messages": 2000, "settle_cap": 5.0}
+FULL = {"cells": DEFAULT_CELLS, "reps": 3, "seconds": 5.0, "max_messages": 20000, "settle_cap": SETTLE_CAP_SECONDS}
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cells", default=DEFAULT_CELLS, help=f"comma-separated (default {DEFAULT_CELLS})")
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=5.0, help="time cap of one cell of one server")
-    parser.add_argument("--max-messages", type=int, default=20000, help="message cap of one cell of one server")
-    parser.add_argument("--skip-postfix", action="store_true", help="no Postfix column (machines without apt)")
+    parser.add_argument("--cells", help=f"comma-separated (default {DEFAULT_CELLS})")
+    parser.add_argument("--reps", type=int, help=f"default {FULL['reps']}")
+    parser.add_argument("--seconds", type=float, help=f"time cap of one cell of one server (default {FULL['seconds']})")
+    parser.add_argument("--max-messages", type=int,
+                        help=f"message cap of one cell of one server (default {FULL['max_messages']})")
+    parser.add_argument("--settle-cap", type=float,
+                        help=f"longest wait for a server to go idle after a cell (default {FULL['settle_cap']})")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run under a minute: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    parser.add_argument("--skip-postfix", action="store_true", help="no Postfix columns (machines without apt)")
     parser.add_argument("--database-url", default="", help="run plunkd on PostgreSQL (postgresql+asyncpg://…)")
     args = parser.parse_args()
+    for name, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     args.cell_list = [parse_cell(name) for name in args.cells.split(",") if name]
     return args
 
@@ -664,13 +896,17 @@ def main() -> int:
     # SIGTERM unwinds like Ctrl-C, so every server started is stopped on the way out
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     began = time.monotonic()
+    dkim_key = generate_key()  # plunkd's domain key, and OpenDKIM's
     try:
         with temp_dir() as folder, contextlib.ExitStack() as stack:
-            servers = start_servers(stack, Path(folder), args)
-            results = run(servers, args.cell_list, args)
+            servers = start_servers(stack, Path(folder), args, dkim_key)
+            results = run(servers, args.cell_list, args, dkim_key[1])
     except KeyboardInterrupt:
         print("interrupted; the servers it started are stopped", file=sys.stderr)
         return 130
+    except SetupError as exc:
+        print(f"bench.postfix: {exc}", file=sys.stderr)
+        return 2
     print_report(results, args.cell_list, args, servers)
     print(f"\nrun time {time.monotonic() - began:.0f} s")
     return 1 if any(results.errors.values()) else 0
