@@ -3,7 +3,7 @@ step runs after it is due (p50/p99; the aim is p99 < 1 s), and the steps the sch
 against a bare claim-and-update loop on the same table (claim a batch of due runs, write each one's next
 position and history, commit). One run, ratio printed.
 
-    python -m bench.automations [--runs 10000] [--delay 5] [--database-url postgresql+asyncpg://…]
+    python -m bench.automations [--runs 10000] [--delay 5] [--database-url postgresql+asyncpg://…] [--quick]
 
 The scheduler is `automation.scheduler.WorkflowScheduler` in this process, on a fresh SQLite file (or a
 throwaway PostgreSQL database on `--database-url`'s server); runs are written straight into the table.
@@ -17,13 +17,12 @@ import contextlib
 import statistics
 import time
 from datetime import datetime, timedelta
-from pathlib import Path
 
 from sqlalchemy import JSON, bindparam, select, update
 
 from automation.scheduler import BATCH, PARALLEL_POSTGRES, WorkflowScheduler
 from bench.campaign import seed_contacts
-from bench.common import fresh_database, insert_into, temp_dir
+from bench.common import bench_database, insert_into, parse_with_quick, temp_dir
 from pipeline.domains import add_domain, save_check
 from pipeline.projects import create_project
 from storage.db import Database
@@ -37,7 +36,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--delay", type=int, default=5)
     parser.add_argument("--batch", type=int, default=BATCH, help="runs per transaction, ours and the bare loop's")
     parser.add_argument("--database-url", default="")
-    return parser.parse_args()
+    return parse_with_quick(parser, runs=300, delay=1)
 
 
 async def setup(db: Database, runs: int, delay: int) -> tuple[str, str]:
@@ -169,13 +168,8 @@ async def measure(url: str, runs: int, delay: int, batch: int) -> None:
 
 def main() -> None:
     args = parse_args()
-    if args.database_url:
-        with fresh_database(args.database_url) as url:
-            asyncio.run(measure(url, args.runs, args.delay, args.batch))
-    else:
-        with temp_dir() as data:
-            asyncio.run(measure(f"sqlite+aiosqlite:///{Path(data) / 'bench.sqlite3'}", args.runs, args.delay,
-                                  args.batch))
+    with temp_dir() as data, bench_database(args.database_url, data) as url:
+        asyncio.run(measure(url, args.runs, args.delay, args.batch))
 
 
 if __name__ == "__main__":

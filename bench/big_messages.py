@@ -2,7 +2,7 @@
 while 20 SMTP clients (another process) each send 10 MB messages over implicit TLS; prints both and
 the ratio (the aim is at most 2.0).
 
-    python -m bench.big_messages [--clients 20] [--megabytes 10] [--probes 40]
+    python -m bench.big_messages [--clients 20] [--megabytes 10] [--probes 40] [--quick]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 
 import aiohttp
 
-from bench.common import create_project, free_port, plunkd_env, server_process, temp_dir
+from bench.common import create_project, free_port, parse_with_quick, plunkd_env, server_process, temp_dir
 from bench.setup_sender import verify_offline
 from bench.smtp import connect_tls
 
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--megabytes", type=int, default=10)
     parser.add_argument("--probes", type=int, default=40)
-    args = parser.parse_args()
+    args = parse_with_quick(parser, clients=2, megabytes=1, probes=10)
     with temp_dir() as data:
         http_port, tls_port, starttls_port = free_port(), free_port(), free_port()
         url = f"sqlite+aiosqlite:///{data}/plunkd.sqlite3"

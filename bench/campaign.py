@@ -3,6 +3,7 @@ bare `INSERT … SELECT` of as many rows into the same database; and /v1/send la
 campaign is fanned out and while it dispatches, against the same server idle. One run, ratios printed.
 
     python -m bench.campaign [--contacts 100000] [--rate 14] [--probes 300] [--database-url postgresql+asyncpg://…]
+                             [--quick]
 
 The server is a real `plunkd serve` (API process + dispatcher process, file transport at `--rate`).
 Contacts are written through the storage layer's table in bulk before it starts.
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import statistics
 import time
 
@@ -21,10 +21,11 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from bench.common import (
+    bench_database,
     create_project,
     free_port,
-    fresh_database,
     insert_into,
+    parse_with_quick,
     plunkd_env,
     server_process,
     temp_dir,
@@ -45,7 +46,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--probes", type=int, default=300, help="/v1/send requests per latency sample")
     parser.add_argument("--seconds", type=float, default=120.0, help="give up on the fan-out after this")
     parser.add_argument("--database-url", default="")
-    return parser.parse_args()
+    return parse_with_quick(parser, contacts=1000, probes=30, seconds=30.0)
 
 
 async def seed_contacts(url: str, project_id: str, count: int) -> float:
@@ -182,9 +183,7 @@ def run_all(data: str, url: str, args: argparse.Namespace) -> tuple[dict[str, fl
 
 def main() -> None:
     args = parse_args()
-    with temp_dir() as data, contextlib.ExitStack() as stack:
-        url = (stack.enter_context(fresh_database(args.database_url)) if args.database_url
-               else f"sqlite+aiosqlite:///{data}/plunkd.sqlite3")
+    with temp_dir() as data, bench_database(args.database_url, data) as url:
         results, bare = run_all(data, url, args)
     backend = "PostgreSQL" if args.database_url else "SQLite"
     queue = results["queue_seconds"]

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -45,10 +46,22 @@ def insert_into(table: Table, rows: list[dict[str, Any]]) -> Callable[[Session],
     return write
 
 
+BENCH_PORTS = range(10000, 20000)
+"""Benchmark servers' ports: below the test processes' slices (tests/servers.py, from 20000) and Linux's
+ephemeral range (32768-60999), so neither a test beside a benchmark (CI runs them side by side) nor a client
+connection takes a port between its pick and the server's bind."""
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port of `BENCH_PORTS` that nothing listens on now."""
+    for port in random.sample(BENCH_PORTS, len(BENCH_PORTS)):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {BENCH_PORTS}")
 
 
 def wait_for_port(port: int, timeout: float = 30.0) -> None:
@@ -141,6 +154,18 @@ async def http_load(url: str, make_body: Callable[[int], dict], headers: dict[st
     return (ok + errors) / elapsed, ok, errors
 
 
+def parse_with_quick(parser: argparse.ArgumentParser, **quick: Any) -> argparse.Namespace:
+    """Parse a benchmark's options, with `--quick` added: a smoke run of seconds (CI runs every benchmark so and
+    fails on a non-zero exit), in which the options named in `quick` take those values unless given."""
+    shown = ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in quick.items())
+    parser.add_argument("--quick", action="store_true", help=f"a smoke run of a few seconds ({shown})")
+    args = parser.parse_args()
+    if args.quick:
+        parser.set_defaults(**quick)
+        args = parser.parse_args()
+    return args
+
+
 def http_bench_args(default_count: int) -> argparse.Namespace:
     """The options of the HTTP benchmarks (bench.track, bench.send)."""
     parser = argparse.ArgumentParser()
@@ -148,34 +173,58 @@ def http_bench_args(default_count: int) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--database-url", default="")
-    return parser.parse_args()
+    return parse_with_quick(parser, count=200, seconds=10.0)
 
 
-def bare_insert_rate(data_dir: str, args: argparse.Namespace, make_body: Callable[[int], dict]) -> float:
-    """The baseline: the same load against a bare aiohttp handler doing one insert per request."""
-    port = free_port()
-    url = args.database_url or f"sqlite+aiosqlite:///{data_dir}/bare.sqlite3"
-    with server_process(["bench/bare_insert_server.py", url, str(port)], port):
-        rate, _, errors = asyncio.run(http_load(f"http://127.0.0.1:{port}/insert", make_body, {},
-                                                args.concurrency, args.count, args.seconds))
-    assert errors == 0, f"{errors} bare inserts failed"
-    return rate
+def bare_databases(database_url: str, folder: str) -> list[tuple[str, list[str]]]:
+    """The (database, options) of each run of a bare insert server (bench.bare_insert_server): on PostgreSQL one
+    run in plunkd's database; on SQLite one with an fsync per commit (synchronous=FULL, plunkd's durability) and
+    one without (NORMAL), each on a new file."""
+    if database_url.startswith("postgresql"):
+        return [(database_url, [])]
+    return [(f"{folder}/bare-{mode.lower()}.sqlite3", ["--synchronous", mode]) for mode in ("FULL", "NORMAL")]
+
+
+def bare_insert_rates(database_url: str, folder: str, args: argparse.Namespace,
+                      make_body: Callable[[int], dict]) -> list[float]:
+    """The baseline: the same load against a bare aiohttp handler doing one insert per request; its rates in the
+    order of `bare_databases` (plunkd's durability first)."""
+    rates = []
+    for database, options in bare_databases(database_url, folder):
+        port = free_port()
+        with server_process(["-m", "bench.bare_insert_server", database, str(port), *options], port):
+            rate, _, errors = asyncio.run(http_load(f"http://127.0.0.1:{port}/insert", make_body, {},
+                                                    args.concurrency, args.count, args.seconds))
+        assert errors == 0, f"{errors} bare inserts failed"
+        rates.append(rate)
+    return rates
 
 
 def temp_dir() -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix="plunkd-bench-")
 
 
-def report(title: str, ours: float, baseline: float, unit: str, aim: float | None = None) -> None:
-    ratio = ours / baseline if baseline else float("nan")
+def report(title: str, ours: float, baseline: float, unit: str, aim: float | None = None,
+           unsynced: float | None = None) -> None:
+    """Print our rate, the baseline's and the ratio; `unsynced`, when given, is the same baseline without an fsync
+    per commit (SQLite synchronous=NORMAL), printed with its ratio on a second line."""
     aim_text = f"  (aim >= {aim})" if aim is not None else ""
-    print(f"{title}: plunkd {ours:,.0f} {unit}, baseline {baseline:,.0f} {unit}, ratio {ratio:.2f}{aim_text}")
+    print(f"{title}: plunkd {ours:,.0f} {unit}, baseline {baseline:,.0f} {unit}, ratio {ratio(ours, baseline):.2f}"
+          f"{aim_text}")
+    if unsynced is not None:
+        print(f"    beside the baseline with synchronous=NORMAL (no fsync per commit): {unsynced:,.0f} {unit}, "
+              f"ratio {ratio(ours, unsynced):.2f}")
+
+
+def ratio(ours: float, baseline: float) -> float:
+    return ours / baseline if baseline else float("nan")
 
 
 @contextlib.contextmanager
 def fresh_database(server_url: str) -> Iterator[str]:
     """A new, empty PostgreSQL database on `server_url`'s server for this run, dropped afterwards (the
-    database named in the URL is only used to connect). The one way every benchmark gets its database."""
+    database named in the URL is only used to connect). The one way every benchmark gets a PostgreSQL database
+    (`bench_database` chooses between it and an SQLite file)."""
     name = f"plunkd_bench_{uuid.uuid4().hex[:10]}"
 
     async def admin(statement: str) -> None:
@@ -190,3 +239,13 @@ def fresh_database(server_url: str) -> Iterator[str]:
     finally:
         asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
+
+@contextlib.contextmanager
+def bench_database(server_url: str, folder: str) -> Iterator[str]:
+    """plunkd's database for a run: a fresh PostgreSQL database on `server_url`'s server (`fresh_database`), or
+    without one a new SQLite file in `folder`."""
+    if server_url:
+        with fresh_database(server_url) as url:
+            yield url
+    else:
+        yield f"sqlite+aiosqlite:///{folder}/plunkd.sqlite3"

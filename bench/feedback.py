@@ -2,12 +2,13 @@
 concurrent clients to a real `plunkd serve`, against a bare aiohttp handler that verifies the same signatures and
 does one insert per message (bench/bare_sns_server.py). One run, applied messages per second and the ratio printed.
 
-    python -m bench.feedback [--count 5000] [--concurrency 20] [--database-url postgresql+asyncpg://…]
+    python -m bench.feedback [--count 5000] [--concurrency 20] [--database-url postgresql+asyncpg://…] [--quick]
 
 SNS itself is on the internet: the messages are signed here as SNS signs them (testkit/sns.py, a signing certificate
 of our own CA), and the certificate is served over HTTPS from this process (a trustme certificate), which plunkd
 is configured to trust (`[feedback]` through its environment variables). The emails are written straight into the
-tables before the server starts, as the SES transport leaves them (SENT, with an SES message id).
+tables before the server starts, as the SES transport leaves them (SENT, with an SES message id). On SQLite the
+baseline runs twice: with an fsync per commit (plunkd's durability) and, printed beside it, without.
 """
 
 from __future__ import annotations
@@ -28,7 +29,17 @@ from aiohttp import web
 from sqlalchemy import func, select
 
 from bench.campaign import seed_contacts
-from bench.common import free_port, fresh_database, insert_into, plunkd_env, report, server_process, temp_dir
+from bench.common import (
+    bare_databases,
+    bench_database,
+    free_port,
+    insert_into,
+    parse_with_quick,
+    plunkd_env,
+    report,
+    server_process,
+    temp_dir,
+)
 from pipeline.projects import create_project
 from storage.db import Database
 from storage.models import Contact, Content, Email, Event, new_id, utcnow
@@ -42,7 +53,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--count", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--database-url", default="")
-    return parser.parse_args()
+    return parse_with_quick(parser, count=200)
 
 
 async def seed(url: str, count: int) -> None:
@@ -117,7 +128,7 @@ async def sns_host(pem: bytes, ca: trustme.CA):
         await runner.cleanup()
 
 
-async def measure(data: str, url: str, args: argparse.Namespace) -> tuple[float, float]:
+async def measure(data: str, url: str, args: argparse.Namespace) -> tuple[float, list[float]]:
     key, pem = make_signing_certificate()
     ca = trustme.CA()
     ca_file = Path(data) / "sns-ca.pem"
@@ -140,23 +151,23 @@ async def measure(data: str, url: str, args: argparse.Namespace) -> tuple[float,
         Event.name == "email.delivery")).scalar_one())
     await db.dispose()
     assert delivered == args.count, f"{delivered} email.delivery events for {args.count} notifications"
-    port = free_port()
-    bare_url = url if url.startswith("postgresql") else f"sqlite+aiosqlite:///{data}/bare.sqlite3"
-    with server_process(["bench/bare_sns_server.py", bare_url, str(port), str(pem_file)], port):
-        bare, bare_outcomes = await post_all(f"http://127.0.0.1:{port}/sns", warm, bodies, args.concurrency)
-    assert set(bare_outcomes) == {(200, "?")}, bare_outcomes
+    bare = []
+    for database, options in bare_databases(url, data):
+        port = free_port()
+        with server_process(["-m", "bench.bare_sns_server", str(pem_file), database, str(port), *options], port):
+            rate, bare_outcomes = await post_all(f"http://127.0.0.1:{port}/sns", warm, bodies, args.concurrency)
+        assert set(bare_outcomes) == {(200, "?")}, bare_outcomes
+        bare.append(rate)
     return ours, bare
 
 
 def main() -> None:
     args = parse_args()
-    with temp_dir() as data, contextlib.ExitStack() as stack:
-        url = (stack.enter_context(fresh_database(args.database_url)) if args.database_url
-               else f"sqlite+aiosqlite:///{data}/plunkd.sqlite3")
-        ours, bare = asyncio.run(measure(data, url, args))
+    with temp_dir() as data, bench_database(args.database_url, data) as url:
+        ours, (bare, *unsynced) = asyncio.run(measure(data, url, args))
     backend = "PostgreSQL" if args.database_url else "SQLite"
     report(f"[{backend}] SNS Delivery notifications applied ({args.count} messages, {args.concurrency} concurrent)",
-           ours, bare, "msg/s", 0.6)
+           ours, bare, "msg/s", 0.6, *unsynced)
 
 
 if __name__ == "__main__":

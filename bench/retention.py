@@ -9,7 +9,7 @@ dropped), then past keep_days (email rows go too; contacts and events stay). SQL
 database file after a checkpoint; PostgreSQL sizes are the tables' pg_total_relation_size, also after a
 plain VACUUM (what autovacuum does later).
 
-    python -m bench.retention [--count 10000] [--size 10000] [--database-url postgresql+asyncpg://…]
+    python -m bench.retention [--count 10000] [--size 10000] [--database-url postgresql+asyncpg://…] [--quick]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from bench.common import fresh_database, temp_dir
+from bench.common import bench_database, parse_with_quick, temp_dir
 from bench.setup_sender import verify_offline
 from core.config import DeliveryConfig
 from delivery.bucket import TokenBucket
@@ -157,9 +157,8 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=10_000)
     parser.add_argument("--size", type=int, default=10_000)
     parser.add_argument("--database-url", default="", help="postgresql+asyncpg://… (default: SQLite in a temp dir)")
-    args = parser.parse_args()
-    with temp_dir() as folder, (fresh_database(args.database_url) if args.database_url
-                                else contextlib.nullcontext(f"sqlite+aiosqlite:///{folder}/plunkd.sqlite3")) as url:
+    args = parse_with_quick(parser, count=300, size=2000)
+    with temp_dir() as folder, bench_database(args.database_url, folder) as url:
         asyncio.run(run(args, folder, url))
 
 

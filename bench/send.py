@@ -1,7 +1,9 @@
 """POST /v1/send under concurrent load vs a bare aiohttp handler doing one insert, same run.
 The dispatcher is off: this measures acceptance (validation, contact upsert, MIME, durable commit).
 
-    python -m bench.send [--count 3000] [--concurrency 32] [--database-url postgresql+asyncpg://…]
+    python -m bench.send [--count 3000] [--concurrency 32] [--database-url postgresql+asyncpg://…] [--quick]
+
+The baseline is bench/bare_insert_server.py (SQLite: with an fsync per commit as plunkd, and beside it without).
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import asyncio
 
 from bench.common import (
-    bare_insert_rate,
+    bare_insert_rates,
+    bench_database,
     create_project,
     free_port,
     http_bench_args,
@@ -29,9 +32,8 @@ def send_body(i: int) -> dict:
 
 def main() -> None:
     args = http_bench_args(3000)
-    with temp_dir() as data:
+    with temp_dir() as data, bench_database(args.database_url, data) as url:
         port = free_port()
-        url = args.database_url or f"sqlite+aiosqlite:///{data}/plunkd.sqlite3"
         env = plunkd_env(data, port, PLUNKD_DATABASE_URL=url)
         sk = create_project(data, env)
         asyncio.run(verify_offline(url, "bench", "bench.example"))
@@ -40,8 +42,9 @@ def main() -> None:
                                                     {"Authorization": f"Bearer {sk}"}, args.concurrency,
                                                     args.count, args.seconds))
         assert errors == 0, f"{errors} send requests failed"
-        bare = bare_insert_rate(data, args, send_body)
-    report(f"POST /v1/send ({args.count} requests, {args.concurrency} concurrent)", ours, bare, "req/s", 0.6)
+        bare, *unsynced = bare_insert_rates(url, data, args, send_body)
+    report(f"POST /v1/send ({args.count} requests, {args.concurrency} concurrent)", ours, bare, "req/s", 0.6,
+           *unsynced)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ commit before 250) vs a bare aiosmtpd handler that answers 250 without work, bot
 on loopback, in the same run. Sessions 1 and 20, messages of 2 KB and 100 KB, a new connection per
 message and messages back to back.
 
-    python -m bench.smtp [--seconds 6] [--max-messages 20000]
+    python -m bench.smtp [--seconds 6] [--max-messages 20000] [--quick]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 
 import aiosmtplib
 
-from bench.common import create_project, free_port, plunkd_env, server_process, temp_dir
+from bench.common import create_project, free_port, parse_with_quick, plunkd_env, server_process, temp_dir
 from bench.setup_sender import verify_offline
 
 
@@ -75,7 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--max-messages", type=int, default=20000)
-    args = parser.parse_args()
+    args = parse_with_quick(parser, seconds=0.3, max_messages=100)
     with temp_dir() as data:
         http_port, tls_port, starttls_port, sink_port = free_port(), free_port(), free_port(), free_port()
         url = f"sqlite+aiosqlite:///{data}/plunkd.sqlite3"

@@ -1,6 +1,8 @@
 """POST /v1/track under concurrent load vs a bare aiohttp handler doing one insert, same run.
 
-    python -m bench.track [--count 4000] [--concurrency 32] [--database-url postgresql+asyncpg://…]
+    python -m bench.track [--count 4000] [--concurrency 32] [--database-url postgresql+asyncpg://…] [--quick]
+
+The baseline is bench/bare_insert_server.py (SQLite: with an fsync per commit as plunkd, and beside it without).
 """
 
 from __future__ import annotations
@@ -8,7 +10,8 @@ from __future__ import annotations
 import asyncio
 
 from bench.common import (
-    bare_insert_rate,
+    bare_insert_rates,
+    bench_database,
     create_project,
     free_port,
     http_bench_args,
@@ -26,17 +29,18 @@ def track_body(i: int) -> dict:
 
 def main() -> None:
     args = http_bench_args(4000)
-    with temp_dir() as data:
+    with temp_dir() as data, bench_database(args.database_url, data) as url:
         port = free_port()
-        env = plunkd_env(data, port, **({"PLUNKD_DATABASE_URL": args.database_url} if args.database_url else {}))
+        env = plunkd_env(data, port, PLUNKD_DATABASE_URL=url)
         sk = create_project(data, env)
         with server_process(["-m", "plunkd.cli", "serve"], port, env):
             ours, ok, errors = asyncio.run(http_load(
                 f"http://127.0.0.1:{port}/v1/track", track_body, {"Authorization": f"Bearer {sk}"},
                 args.concurrency, args.count, args.seconds))
         assert errors == 0, f"{errors} track requests failed"
-        bare = bare_insert_rate(data, args, track_body)
-    report(f"POST /v1/track ({args.count} requests, {args.concurrency} concurrent)", ours, bare, "req/s", 0.8)
+        bare, *unsynced = bare_insert_rates(url, data, args, track_body)
+    report(f"POST /v1/track ({args.count} requests, {args.concurrency} concurrent)", ours, bare, "req/s", 0.8,
+           *unsynced)
 
 
 if __name__ == "__main__":

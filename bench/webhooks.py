@@ -3,7 +3,7 @@ POST, record each attempt) to a bare aiohttp receiver on loopback, against a bar
 (same receiver, same body, same concurrency, no database and no signature), run before and after ours (the
 better of the two counts). Ratio printed.
 
-    python -m bench.webhooks [--deliveries 5000] [--concurrency 16] [--database-url postgresql+asyncpg://…]
+    python -m bench.webhooks [--deliveries 5000] [--concurrency 16] [--database-url postgresql+asyncpg://…] [--quick]
 
 The receiver runs in a process of its own (this file with --serve), so it does not share the sender's loop.
 The deliveries are queued first (events recorded through `pipeline.events.record_event`, which queues them),
@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 from sqlalchemy import func, select
 
-from bench.common import free_port, fresh_database, server_process, temp_dir
+from bench.common import bench_database, free_port, parse_with_quick, server_process, temp_dir
 from core.config import WebhooksConfig
 from pipeline import webhooks as rules
 from pipeline.events import event_payload, record_event
@@ -41,7 +40,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--database-url", default="")
     parser.add_argument("--serve", type=int, default=0, help=argparse.SUPPRESS)
-    return parser.parse_args()
+    return parse_with_quick(parser, deliveries=200)
 
 
 def serve(port: int) -> None:
@@ -139,13 +138,8 @@ def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}/hook"
     with server_process(["-m", "bench.webhooks", "--serve", str(port)], port):
-        if args.database_url:
-            with fresh_database(args.database_url) as database_url:
-                asyncio.run(measure(database_url, args.deliveries, args.concurrency, url))
-        else:
-            with temp_dir() as data:
-                asyncio.run(measure(f"sqlite+aiosqlite:///{Path(data) / 'bench.sqlite3'}", args.deliveries,
-                                    args.concurrency, url))
+        with temp_dir() as data, bench_database(args.database_url, data) as database_url:
+            asyncio.run(measure(database_url, args.deliveries, args.concurrency, url))
 
 
 if __name__ == "__main__":

@@ -259,7 +259,10 @@ async def test_a_sender_killed_mid_delivery_is_redelivered_after_the_lease_with_
     second = sender_for(api)
     try:
         await second.run_until_idle()
-        assert len(receiver.received) == 1, "not sent again while the dead sender's lease lasts"
+        # Checked only when this pass ended inside the lease (a loaded machine may get here after it; the last
+        # assertion checks the redelivery's time against the lease either way).
+        if time.monotonic() - claimed_after < 3.0:
+            assert len(receiver.received) == 1, "not sent again while the dead sender's lease lasts"
         [item] = await send_until(second, lambda: settled(api, hook["id"]), 10)
     finally:
         await second.close()
