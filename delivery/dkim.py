@@ -37,10 +37,13 @@ _WSP_RUN = re.compile(rb"[\t ]+")
 _LINE_BREAK = re.compile(rb"\r?\n")
 _FWS = rb"(?:(?:\s*\r?\n)?\s+)?"
 _B_TAG_VALUE = re.compile(rb"([;\s]b" + _FWS + rb"=)(?:" + _FWS + rb"[a-zA-Z0-9+/=])*(?:\r?\n\Z)?")
-"""The b= tag's value, which is empty in the copy of the signature that is hashed (RFC 6376 3.5)."""
+"""The b= tag's value, which is empty in the copy of the signature that is hashed (RFC 6376 3.5); dkimpy
+empties every match (a selector could hold one)."""
 _B_PLACEHOLDER = b"0" * 60
 """b= is folded with a 60-character stand-in first, so it starts a line of its own and the real value, put
 in after hashing, does not refold the tags before it."""
+_PLAIN_TAG_VALUE = re.compile(rb"[^\s;]{1,50}")
+"""A domain or selector for which folding and unfolding the tag list gives it back as it was."""
 _PADDING = padding.PKCS1v15()
 _PREHASHED_SHA256 = Prehashed(hashes.SHA256())
 
@@ -61,21 +64,19 @@ def signature_header(message: bytes, domain: str, selector: str, private_key_pem
     signed = [name for name in SIGNED_HEADERS if name in headers]
     if b"from" not in headers:
         raise SigningError("the message has no From header field")
-    domain_bytes = domain.encode()
-    tags = [(b"v", b"1"), (b"a", b"rsa-sha256"), (b"c", b"relaxed/simple"), (b"d", domain_bytes),
-            (b"i", b"@" + domain_bytes), (b"q", b"dns/txt"), (b"s", selector.encode()),
-            (b"t", str(timestamp).encode()), (b"h", b" : ".join(signed)), (b"bh", _body_hash(message, body_start)),
-            (b"b", _B_PLACEHOLDER)]
-    unsigned = _B_TAG_VALUE.sub(rb"\1", fold(b"; ".join(b"=".join(tag) for tag in tags), len(HEADER_NAME)))
+    domain_bytes, selector_bytes = domain.encode(), selector.encode()
+    # dkimpy's tags in its order, b= last and left empty until the signature is made
+    tags = b"".join([b"v=1; a=rsa-sha256; c=relaxed/simple; d=", domain_bytes, b"; i=@", domain_bytes,
+                     b"; q=dns/txt; s=", selector_bytes, b"; t=", str(timestamp).encode(), b"; h=",
+                     b" : ".join(signed), b"; bh=", _body_hash(message, body_start), b"; b="])
     hashed = [name + b":" + _relaxed_value(b"".join(headers[name])) + b"\r\n" for name in signed]
-    hashed.append(b"dkim-signature:" + _relaxed_value(_LINE_BREAK.sub(b"", unsigned)))
+    hashed.append(b"dkim-signature:" + _hashed_tags(tags, domain_bytes, selector_bytes))
     digest = hashlib.sha256(b"".join(hashed)).digest()
     try:
         signature = key.sign(digest, _PADDING, _PREHASHED_SHA256)
     except ValueError as exc:  # a key too small for a SHA-256 DigestInfo
         raise SigningError(f"cannot sign with this key: {exc}") from exc
-    tags[-1] = (b"b", base64.b64encode(signature))
-    return HEADER_NAME + b": " + fold(b"; ".join(b"=".join(tag) for tag in tags) + b"\r\n", len(HEADER_NAME))
+    return HEADER_NAME + b": " + fold(tags + base64.b64encode(signature) + b"\r\n", len(HEADER_NAME))
 
 
 @lru_cache(maxsize=256)
@@ -126,7 +127,20 @@ def _parse_headers(message: bytes) -> tuple[dict[bytes, list[bytes]], int]:
 def _relaxed_value(unfolded: bytes) -> bytes:
     """RFC 6376 3.4.2 for an unfolded value: each run of SP and TAB made one SP, whitespace at both ends
     removed."""
-    return _WSP_RUN.sub(b" ", unfolded).strip()
+    if b"\t" in unfolded or b"  " in unfolded:
+        unfolded = _WSP_RUN.sub(b" ", unfolded)
+    return unfolded.strip()
+
+
+def _hashed_tags(tags: bytes, domain: bytes, selector: bytes) -> bytes:
+    """The tag list as the signature hashes it, b= empty (RFC 6376 3.5), relaxed. dkimpy folds it with the
+    b= placeholder, empties b= and unfolds it again; with a domain and a selector of at most 50 octets,
+    without whitespace or `;`, no run without a space is as long as a line, so each fold is at a space and
+    unfolds to it, and the placeholder is the one b= value: what comes back is `tags` as it was."""
+    if _PLAIN_TAG_VALUE.fullmatch(domain) and _PLAIN_TAG_VALUE.fullmatch(selector):
+        return tags
+    folded = _B_TAG_VALUE.sub(rb"\1", fold(tags + _B_PLACEHOLDER, len(HEADER_NAME)))
+    return _relaxed_value(_LINE_BREAK.sub(b"", folded))
 
 
 def _body_hash(message: bytes, body_start: int) -> bytes:
@@ -152,18 +166,17 @@ def fold(value: bytes, name_length: int) -> bytes:
         return value
     if len(value) - value.rfind(b"\r\n") == 2 and len(value) <= width + 2:
         return value
-    done_until = value.rfind(b"\r\n ")
-    if done_until == -1:
-        folded = b""
-    else:
-        folded, value = value[:done_until + 3], value[done_until + 3:]
-    while len(value) > width:
-        space = value.rfind(b" ", 0, width)
+    kept = value.rfind(b"\r\n ")  # dkimpy leaves the text up to its last CRLF SP as it is
+    kept = 0 if kept == -1 else kept + 3
+    start, lines = kept, []
+    while len(value) - start > width:
+        space = value.rfind(b" ", start, start + width)
         if space == -1:
-            folded += value[:width] + b"\r\n "
-            value = value[width:]
+            lines.append(value[start:start + width])
+            start += width
         else:
-            folded += value[:space] + b"\r\n "
-            value = value[space + 1:]
+            lines.append(value[start:space])
+            start = space + 1
         width = FOLD_WIDTH - 1
-    return folded + value
+    lines.append(value[start:])
+    return value[:kept] + b"\r\n ".join(lines)

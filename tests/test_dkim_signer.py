@@ -27,7 +27,8 @@ WIDEST_DOMAIN = "a" * 31 + "." + "b" * 32 + ".com"
 """68 octets: the longest whose `i=@domain;` still fits a folded line (71 octets after its leading SP)."""
 LONG_DOMAIN = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 57, "com"])
 """253 octets: d= and i= are runs without a space longer than a folded line, which dkimpy cuts."""
-DOMAINS = [(DOMAIN, SELECTOR), ("mail.example.org", "s2026"), (WIDEST_DOMAIN, "k" * 63)]
+DOMAINS = [(DOMAIN, SELECTOR), ("mail.example.org", "s2026"), ("m" * 46 + ".com", "s" * 50), (WIDEST_DOMAIN, "k" * 63)]
+"""The third is the longest the signer takes its short path for (delivery.dkim._hashed_tags)."""
 
 
 @pytest.fixture(scope="module")
@@ -261,6 +262,22 @@ def test_hostile_messages_are_signed_as_dkimpy_signs_them(key, message, names):
     event(f"signed; {min(from_fields(message), 2)} From fields")
     if from_fields(message) == 1:
         assert verifies(expected + message, public_key, domain, selector)
+
+
+@settings(max_examples=60, deadline=timedelta(seconds=3))
+@given(selector=st.lists(st.sampled_from(["b", "=", ";", " ", "\t", "s", "k" * 20, "é"]), min_size=1, max_size=12)
+       .map("".join), domain=st.sampled_from([DOMAIN, WIDEST_DOMAIN, LONG_DOMAIN, "b; b=x.example"]))
+def test_odd_selectors_and_domains_are_signed_as_dkimpy_signs_them(key, selector, domain):
+    """Spaces, `;`, `b=` and long runs in d= and s= take the signer's slow path, dkimpy's own steps."""
+    private_pem, _ = key
+    assert_same_as_dkimpy(CORPUS["list_headers"], private_pem, domain, selector)
+
+
+@given(value=st.lists(st.sampled_from([b" ", b"  ", b"a", b"bc", b"x" * 30, b"\r\n", b"\r\n ", b";"]),
+                     max_size=60).map(b"".join),
+       name_length=st.sampled_from([0, 14, 30]))
+def test_fold_is_dkimpys(value, name_length):
+    assert signer.fold(value, name_length) == dkim.fold(value, namelen=name_length)
 
 
 def test_an_empty_body_hashes_as_one_crlf(key):
