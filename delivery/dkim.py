@@ -10,7 +10,7 @@ random messages, and verifies every signature with `dkim.verify`. The message is
 
 from __future__ import annotations
 
-import base64
+import binascii
 import hashlib
 import re
 import time
@@ -32,6 +32,8 @@ FOLD_WIDTH = 72
 """dkimpy folds the signature's tag list at 72 columns, its first line counting the field name."""
 
 _FIELD_START = re.compile(rb"([\x21-\x7e]+?):")
+_CRLF_FIELD = re.compile(rb"^([\x21-\x39\x3b-\x7e]+):([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)\r\n", re.MULTILINE)
+"""A field with its continuation lines, every line ending in CRLF and holding no other CR or LF."""
 _BLANK_LINE = re.compile(rb"\n\r?\n")
 _WSP_RUN = re.compile(rb"[\t ]+")
 _LINE_BREAK = re.compile(rb"\r?\n")
@@ -60,23 +62,35 @@ def sign(message: bytes, domain: str, selector: str, private_key_pem: str) -> by
 def signature_header(message: bytes, domain: str, selector: str, private_key_pem: str, timestamp: int) -> bytes:
     """The `DKIM-Signature: ...\\r\\n` field for `message`, signed at `timestamp` (the t= tag)."""
     key = _private_key(private_key_pem)
-    headers, body_start = _parse_headers(message)
-    signed = [name for name in SIGNED_HEADERS if name in headers]
+    headers, body_start = _relaxed_headers(message)
     if b"from" not in headers:
         raise SigningError("the message has no From header field")
-    domain_bytes, selector_bytes = domain.encode(), selector.encode()
-    # dkimpy's tags in its order, b= last and left empty until the signature is made
-    tags = b"".join([b"v=1; a=rsa-sha256; c=relaxed/simple; d=", domain_bytes, b"; i=@", domain_bytes,
-                     b"; q=dns/txt; s=", selector_bytes, b"; t=", str(timestamp).encode(), b"; h=",
-                     b" : ".join(signed), b"; bh=", _body_hash(message, body_start), b"; b="])
-    hashed = [name + b":" + _relaxed_value(b"".join(headers[name])) + b"\r\n" for name in signed]
-    hashed.append(b"dkim-signature:" + _hashed_tags(tags, domain_bytes, selector_bytes))
-    digest = hashlib.sha256(b"".join(hashed)).digest()
+    signed = [name for name in SIGNED_HEADERS if name in headers]
+    tags_to_t, plain = _tags_to_t(domain, selector)
+    stamp, signed_names = str(timestamp).encode(), b" : ".join(signed)
+    tags = b"".join((tags_to_t, stamp, b"; h=", signed_names, b"; bh=", _body_hash(message, body_start), b"; b="))
+    hashed = [name + b":" + headers[name] + b"\r\n" for name in signed]
+    hashed.append(b"dkim-signature:" + (tags if plain else _hashed_tags(tags)))
     try:
-        signature = key.sign(digest, _PADDING, _PREHASHED_SHA256)
+        signature = key.sign(hashlib.sha256(b"".join(hashed)).digest(), _PADDING, _PREHASHED_SHA256)
     except ValueError as exc:  # a key too small for a SHA-256 DigestInfo
         raise SigningError(f"cannot sign with this key: {exc}") from exc
-    return HEADER_NAME + b": " + fold(tags + base64.b64encode(signature) + b"\r\n", len(HEADER_NAME))
+    b_value = binascii.b2a_base64(signature, newline=False)
+    value = tags + b_value + b"\r\n"
+    if not plain:
+        return HEADER_NAME + b": " + fold(value, len(HEADER_NAME))
+    lines = _plain_fold_lines(tags_to_t, len(stamp), signed_names, len(b_value))
+    return HEADER_NAME + b": " + b"\r\n ".join([value[start:end] for start, end in lines])
+
+
+@lru_cache(maxsize=256)
+def _tags_to_t(domain: str, selector: str) -> tuple[bytes, bool]:
+    """(dkimpy's tags before t='s value, in its order: v, a, c, d, i, q, s, then `t=`; whether the domain
+    and the selector are plain: see _hashed_tags). Then come t, h, bh and b."""
+    domain_bytes, selector_bytes = domain.encode(), selector.encode()
+    plain = bool(_PLAIN_TAG_VALUE.fullmatch(domain_bytes) and _PLAIN_TAG_VALUE.fullmatch(selector_bytes))
+    return b"".join((b"v=1; a=rsa-sha256; c=relaxed/simple; d=", domain_bytes, b"; i=@", domain_bytes,
+                     b"; q=dns/txt; s=", selector_bytes, b"; t=")), plain
 
 
 @lru_cache(maxsize=256)
@@ -92,36 +106,50 @@ def _private_key(pem: str) -> rsa.RSAPrivateKey:
     return key
 
 
-def _parse_headers(message: bytes) -> tuple[dict[bytes, list[bytes]], int]:
-    """({lower-case field name: its bottom-most instance as the pieces of its lines, line ends dropped},
-    where the body starts), reading the message as dkimpy's `rfc822_parse` does: lines end at LF with or
-    without CR, headers end at the first empty line (or the end), a line starting with SP or TAB continues
-    the field before it, and a line that is no field but starts with `From ` (mbox) is skipped."""
+def _relaxed_headers(message: bytes) -> tuple[dict[bytes, bytes], int]:
+    """({lower-case field name: its bottom-most instance's value in relaxed canonicalization (RFC 6376
+    3.4.2)}, where the body starts), the message read as dkimpy's `rfc822_parse` reads it: lines end at
+    LF with or without CR, headers end at the first empty line (or the end), a line starting with SP or TAB
+    continues the field before it, and a line that is no field but starts with `From ` (mbox) is skipped.
+
+    A header block of fields and continuation lines only, every line ending in CRLF and without other CR or
+    LF (what plunkd composes and most clients send), is read by one regex; anything else line by line."""
     if message.startswith((b"\n", b"\r\n")):
-        head, body_start = b"", message.index(b"\n") + 1
-    else:
-        blank = _BLANK_LINE.search(message)
-        if blank is None:
-            head, body_start = message, len(message)
-        else:
-            head, body_start = message[:blank.start() + 1], blank.end()
+        return {}, message.index(b"\n") + 1
+    blank = _BLANK_LINE.search(message)
+    head, body_start = (message, len(message)) if blank is None else (message[:blank.start() + 1], blank.end())
+    unfolded = head.replace(b"\r\n", b"")
+    if head.endswith(b"\n") and b"\r" not in unfolded and b"\n" not in unfolded:
+        fields = _CRLF_FIELD.findall(head)
+        # Each line is matched, as a field or its continuation, unless one is neither (or continues one
+        # that is neither): counting the lines that are fields or start with SP or TAB tells.
+        if head.count(b"\n") == len(fields) + head.count(b"\n ") + head.count(b"\n\t"):
+            if b"\t" in unfolded or b"  " in unfolded:
+                return {name.lower(): _relaxed_value(value.replace(b"\r\n", b"")) for name, value in fields}, body_start
+            return {name.lower(): value.replace(b"\r\n", b"").strip() for name, value in fields}, body_start
+    return {name: _relaxed_value(value) for name, value in _unfolded_fields(head).items()}, body_start
+
+
+def _unfolded_fields(head: bytes) -> dict[bytes, bytes]:
+    """{lower-case field name: its bottom-most instance's value, unfolded}, read line by line."""
     lines = head.replace(b"\r\n", b"\n").split(b"\n")
     if not lines[-1]:
         lines.pop()
-    headers: dict[bytes, list[bytes]] = {}
-    current: list[bytes] | None = None
+    fields: dict[bytes, bytes] = {}
+    current = None
     for line in lines:
         if line[0] in (0x20, 0x09):
             if current is None:
                 raise SigningError("the message starts with a continuation line")
-            current.append(line)
+            fields[current] += line
             continue
         field = _FIELD_START.match(line)
         if field is not None:
-            current = headers[field.group(1).lower()] = [line[field.end():]]
+            current = field.group(1).lower()
+            fields[current] = line[field.end():]
         elif not line.startswith(b"From "):
             raise SigningError(f"not a header field: {line[:60]!r}")
-    return headers, body_start
+    return fields
 
 
 def _relaxed_value(unfolded: bytes) -> bytes:
@@ -132,13 +160,12 @@ def _relaxed_value(unfolded: bytes) -> bytes:
     return unfolded.strip()
 
 
-def _hashed_tags(tags: bytes, domain: bytes, selector: bytes) -> bytes:
-    """The tag list as the signature hashes it, b= empty (RFC 6376 3.5), relaxed. dkimpy folds it with the
-    b= placeholder, empties b= and unfolds it again; with a domain and a selector of at most 50 octets,
-    without whitespace or `;`, no run without a space is as long as a line, so each fold is at a space and
-    unfolds to it, and the placeholder is the one b= value: what comes back is `tags` as it was."""
-    if _PLAIN_TAG_VALUE.fullmatch(domain) and _PLAIN_TAG_VALUE.fullmatch(selector):
-        return tags
+def _hashed_tags(tags: bytes) -> bytes:
+    """The tag list as the signature hashes it, b= empty (RFC 6376 3.5), relaxed, made as dkimpy makes it:
+    folded with the b= placeholder, every b= value emptied, unfolded. With a plain domain and selector (at
+    most 50 octets, no whitespace or `;`) no run without a space is as long as a line, so each fold is at
+    a space and unfolds to it, and the placeholder is the one b= value: `tags` come back as they were, and
+    the signer takes them as they are."""
     folded = _B_TAG_VALUE.sub(rb"\1", fold(tags + _B_PLACEHOLDER, len(HEADER_NAME)))
     return _relaxed_value(_LINE_BREAK.sub(b"", folded))
 
@@ -154,29 +181,47 @@ def _body_hash(message: bytes, body_start: int) -> bytes:
         end -= 2
     digest = hashlib.sha256(memoryview(body)[start:end])
     digest.update(b"\r\n")
-    return base64.b64encode(digest.digest())
+    return binascii.b2a_base64(digest.digest(), newline=False)
 
 
 def fold(value: bytes, name_length: int) -> bytes:
     """dkimpy's folding of the signature's tag list: lines of at most 72 octets (the first counting the
     field name and its colon less one), broken at the last space that fits, which becomes CRLF SP; a run
     without a space is cut at the width, CRLF SP put in."""
+    kept, lines = _fold_lines(value, name_length)
+    return value[:kept] + b"\r\n ".join([value[start:end] for start, end in lines])
+
+
+def _fold_lines(value: bytes, name_length: int) -> tuple[int, list[tuple[int, int]]]:
+    """(the octets dkimpy leaves as they are: up to its last CRLF SP; where each line after them starts and
+    ends)."""
     width = FOLD_WIDTH - name_length
-    if len(value) <= width:
-        return value
-    if len(value) - value.rfind(b"\r\n") == 2 and len(value) <= width + 2:
-        return value
-    kept = value.rfind(b"\r\n ")  # dkimpy leaves the text up to its last CRLF SP as it is
+    if len(value) <= width or (len(value) - value.rfind(b"\r\n") == 2 and len(value) <= width + 2):
+        return 0, [(0, len(value))]
+    kept = value.rfind(b"\r\n ")
     kept = 0 if kept == -1 else kept + 3
     start, lines = kept, []
     while len(value) - start > width:
         space = value.rfind(b" ", start, start + width)
         if space == -1:
-            lines.append(value[start:start + width])
+            lines.append((start, start + width))
             start += width
         else:
-            lines.append(value[start:space])
+            lines.append((start, space))
             start = space + 1
         width = FOLD_WIDTH - 1
-    lines.append(value[start:])
-    return value[:kept] + b"\r\n ".join(lines)
+    lines.append((start, len(value)))
+    return kept, lines
+
+
+@lru_cache(maxsize=1024)
+def _plain_fold_lines(tags_to_t: bytes, stamp_length: int, signed_names: bytes,
+                      b_value_length: int) -> tuple[tuple[int, int], ...]:
+    """The lines `fold` makes of a plain domain's and selector's tag list: where it breaks depends only on
+    where the spaces are and on the length, and with plain d= and s= those follow from these arguments
+    (bh= is always 44 octets; t=, bh= and b= values have no spaces)."""
+    stand_in = b"".join((tags_to_t, b"0" * stamp_length, b"; h=", signed_names, b"; bh=", b"0" * 44, b"; b=",
+                         b"0" * b_value_length, b"\r\n"))
+    kept, lines = _fold_lines(stand_in, len(HEADER_NAME))
+    assert kept == 0, "a plain tag list has no CRLF SP"
+    return tuple(lines)
