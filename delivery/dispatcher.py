@@ -33,7 +33,6 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 from email.utils import formatdate
 
-from dkim import DKIMException
 from sqlalchemy.orm import Session
 
 from core import metrics
@@ -248,7 +247,7 @@ class Dispatcher:
                 signed = await asyncio.to_thread(dkim.sign, *sign_args)
             else:
                 signed = dkim.sign(*sign_args)
-        except DKIMException as exc:
+        except dkim.SigningError as exc:
             await self._record(item, message_id, SendResult.fail(f"cannot DKIM-sign the message: {exc}"))
             return None
         # The permit first, then the rate's slot: a send waiting for a permit after its slot had come would

@@ -313,6 +313,23 @@ async def test_dispatch_handles_odd_stored_content(api, sender, tmp_path, bad):
     assert await api.db.read(email_store.outbox_rows) == [], "not retried forever"
 
 
+async def test_dispatch_fails_an_email_whose_domain_key_cannot_sign(api, sender, tmp_path):
+    from storage.domains import get_domain
+
+    def break_key(session) -> None:
+        domain = get_domain(session, api.project_id, "example.com")
+        assert domain is not None
+        domain.dkim_private_key = "-----BEGIN RSA PRIVATE KEY-----\nnot a key\n-----END RSA PRIVATE KEY-----\n"
+
+    await api.db.write(break_key)
+    await send(api)
+    await dispatch_all(Dispatcher(api.db, FileTransport(tmp_path / "o"), TokenBucket(0), settings()))
+    row = (await email_rows(api))["ann@example.org"]
+    assert row.status == "FAILED" and row.error.startswith("cannot DKIM-sign the message: unreadable DKIM private key")
+    assert await api.db.read(email_store.outbox_rows) == [], "not retried forever"
+    assert not list(tmp_path.glob("o/*.eml"))
+
+
 async def test_served_app_dispatches_on_its_own(aiohttp_client, dns_config, dns_server):
     """The app as `plunkd serve` builds it: send over HTTP, the built-in dispatcher writes the .eml."""
     from api.context import DB

@@ -1,7 +1,7 @@
 """Private parts of pinned libraries that plunkd relies on, each touched in one adapter module
-(relay.stream_reader, delivery.dkimpy_hooks) or copied (relay.data.ChunkedData.smtp_DATA), checked here
-against what is installed: an upgrade that renames, reshapes or stops using one fails this file, not a
-client's SMTP session or the dispatcher's signing rate."""
+(relay.stream_reader) or copied (relay.data.ChunkedData.smtp_DATA), checked here against what is
+installed: an upgrade that renames, reshapes or stops using one fails this file, not a client's SMTP
+session."""
 
 from __future__ import annotations
 
@@ -10,12 +10,7 @@ import hashlib
 import inspect
 
 import aiosmtpd.smtp
-import dkim
-import dkim.crypto
 
-from delivery import dkim as plunkd_dkim
-from delivery import dkimpy_hooks
-from pipeline.domains import dkim_txt, generate_key
 from relay import stream_reader
 
 AIOSMTPD_SMTP_DATA_SHA256 = "3a33f30d3fd6d02f39c7d78a08288bffea9170525b62e2161568041ae7e018df"
@@ -69,33 +64,3 @@ def test_aiosmtpd_smtp_data_is_the_one_chunked_data_copies():
     assert hashlib.sha256(source.encode()).hexdigest() == AIOSMTPD_SMTP_DATA_SHA256, (
         "aiosmtpd's smtp_DATA changed: review relay.data.ChunkedData.smtp_DATA against it, then update the hash")
 
-
-def test_dkimpy_functions_plunkd_replaces_exist_with_their_parameters():
-    assert list(inspect.signature(dkim.crypto.RSASSA_PKCS1_v1_5_sign).parameters) == ["hash", "private_key"]
-    assert list(inspect.signature(dkim.crypto.parse_pem_private_key).parameters) == ["data"]
-    assert dkim.RSASSA_PKCS1_v1_5_sign is plunkd_dkim._rsa_sign_with_openssl
-    assert dkim.parse_pem_private_key.cache_info().maxsize == 256
-    dkimpy_hooks.cache_key_parsing(maxsize=256)  # installing twice does not wrap the cache in another
-    assert dkim.parse_pem_private_key.__wrapped__ is dkim.crypto.parse_pem_private_key
-
-
-def test_dkim_sign_goes_through_the_replaced_functions():
-    private_pem, public_key = generate_key()
-    message = b"From: shop@example.com\r\nTo: ann@example.org\r\nSubject: hi\r\n\r\nhello\r\n"
-    calls: list[str] = []
-
-    def counting_sign(hash_obj, key):
-        calls.append(hash_obj.name)
-        return plunkd_dkim._rsa_sign_with_openssl(hash_obj, key)
-
-    dkimpy_hooks.replace_rsa_sign(counting_sign)
-    try:
-        signed = plunkd_dkim.sign(message, "example.com", "plunkd", private_pem)
-        hits = dkim.parse_pem_private_key.cache_info().hits
-        plunkd_dkim.sign(message, "example.com", "plunkd", private_pem)
-    finally:
-        dkimpy_hooks.replace_rsa_sign(plunkd_dkim._rsa_sign_with_openssl)
-    assert calls == ["sha256", "sha256"], "dkimpy's signer no longer calls dkim.RSASSA_PKCS1_v1_5_sign"
-    assert dkim.parse_pem_private_key.cache_info().hits == hits + 1, "the parsed key is not reused"
-    records = {b"plunkd._domainkey.example.com.": dkim_txt(public_key).encode()}
-    assert dkim.verify(signed, dnsfunc=lambda name, timeout=5: records.get(name))
