@@ -188,8 +188,10 @@ def ec_key_pem() -> str:
                              serialization.NoEncryption()).decode()
 
 
+# Named ids: the EC key is new at each collection, and pytest-xdist's workers must collect the same tests.
 @pytest.mark.parametrize("bad_key", [
-    "", "not a key", "-----BEGIN RSA PRIVATE KEY-----\nAAAA\n-----END RSA PRIVATE KEY-----\n", ec_key_pem()])
+    "", "not a key", "-----BEGIN RSA PRIVATE KEY-----\nAAAA\n-----END RSA PRIVATE KEY-----\n", ec_key_pem()],
+    ids=["empty", "not PEM", "bad RSA body", "EC key"])
 def test_a_bad_key_is_a_signing_error(bad_key):
     """The dispatcher fails the email on SigningError (tests/test_delivery.py drives that end to end)."""
     with pytest.raises(signer.SigningError):
