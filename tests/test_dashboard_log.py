@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import text
 
 from feedback.effects import bounced
+from pipeline.projects import create_project
 from storage import bulk
 from storage import emails as email_store
 from storage.feedback import FeedbackEmail
@@ -380,14 +381,20 @@ async def test_every_log_query_is_an_index_range(dash, name, wanted, indexes):
     the table; only a recipient prefix sorts (its matches)."""
     project = dash.api.project_id
     await seed(dash.api.db, project, 2000)
+    # Another project's newer mail beside it, as in any real instance: walking the table in id order and
+    # filtering is then dearer than the index, on PostgreSQL's costs as on a big database.
+    other = await dash.api.db.write(lambda s: create_project(s, "other", "hello@example.net", "Other"))
+    await seed(dash.api.db, other.project.id, 6000)
     statements = [log_query(project, wanted, 50, "0f000000-0000-7000-8000-000000000000",
                             "00000000-0000-7000-8000-000000000000" if is_bounded(wanted) else None)]
     if is_bounded(wanted):
         statements.append(window_query(project, wanted, None))
+    postgres = dash.api.db.is_postgres
+    if postgres:  # VACUUM too: the rows earlier tests deleted would weigh in the costs plans are chosen by
+        async with dash.api.db.engine.connect() as conn:
+            await (await conn.execution_options(isolation_level="AUTOCOMMIT")).execute(text("VACUUM ANALYZE emails"))
     async with dash.api.db.engine.connect() as conn:
-        postgres = conn.dialect.name == "postgresql"
         if postgres:
-            await conn.execute(text("ANALYZE emails"))
             await conn.execute(text("SET enable_seqscan = off"))
         for statement in statements:
             sql = str(statement.compile(conn.engine, compile_kwargs={"literal_binds": True}))
