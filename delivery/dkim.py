@@ -184,10 +184,17 @@ def _body_hash(message: bytes, body_start: int) -> bytes:
     return binascii.b2a_base64(digest.digest(), newline=False)
 
 
+_UNCUT_TAGS = (b"d=", b"i=", b"s=")
+"""Tags whose value folding must not cut: dkimpy cuts a d= or i= longer than a line (a domain over 68
+octets) with CRLF SP, which a verifier unfolds into a space, and the signature then fails everywhere. (A
+cut at or after the value's end, its `;`, is harmless, and kept as dkimpy makes it.)"""
+
+
 def fold(value: bytes, name_length: int) -> bytes:
     """dkimpy's folding of the signature's tag list: lines of at most 72 octets (the first counting the
     field name and its colon less one), broken at the last space that fits, which becomes CRLF SP; a run
-    without a space is cut at the width, CRLF SP put in."""
+    without a space is cut at the width, CRLF SP put in (b= and bh=, where white space is allowed), except
+    a d=, i= or s= value, left whole on a longer line (where dkimpy differs, and its signature fails)."""
     kept, lines = _fold_lines(value, name_length)
     return value[:kept] + b"\r\n ".join([value[start:end] for start, end in lines])
 
@@ -203,6 +210,10 @@ def _fold_lines(value: bytes, name_length: int) -> tuple[int, list[tuple[int, in
     start, lines = kept, []
     while len(value) - start > width:
         space = value.rfind(b" ", start, start + width)
+        if space == -1 and value.startswith(_UNCUT_TAGS, start) and start + width < value.find(b";", start):
+            space = value.find(b" ", start + width)  # a line longer than the width, rather than a cut domain
+            if space == -1:
+                break
         if space == -1:
             lines.append((start, start + width))
             start += width
