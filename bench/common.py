@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from core.keys import format_key, new_key, parse_key
 from storage.secrets import KeyRing, use_keyring
+from testkit.ports import nothing_listens_on
 
 ROOT = Path(__file__).resolve().parent.parent
 ENCRYPTION_KEY = format_key(new_key())
@@ -55,11 +56,7 @@ connection takes a port between its pick and the server's bind."""
 def free_port() -> int:
     """A port of `BENCH_PORTS` that nothing listens on now."""
     for port in random.sample(BENCH_PORTS, len(BENCH_PORTS)):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
+        if nothing_listens_on(port):
             return port
     raise RuntimeError(f"no free port in {BENCH_PORTS}")
 
@@ -102,12 +99,17 @@ def server_process(args: list[str], port: int,
             sys.stderr.write(log_file.read()[-4000:].decode("utf-8", "replace"))
             raise
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it has not ended within 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def plunkd_env(data_dir: str, port: int, **extra: str) -> dict[str, str]:

@@ -89,6 +89,7 @@ from bench.common import (
     fresh_database,
     plunkd_env,
     server_process,
+    stop_process,
     temp_dir,
     wait_for_port,
 )
@@ -433,12 +434,7 @@ def private_opendkim(folder: Path, private_pem: str) -> Iterator[tuple[int, Path
         sys.stderr.write(log.read_text(errors="replace")[-4000:])
         raise
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 # ---- process accounting ---------------------------------------------------------------------

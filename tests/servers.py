@@ -27,6 +27,8 @@ import dns.rdatatype
 import dns.rrset
 from aiosmtpd.smtp import SMTP, Envelope
 
+from testkit.ports import nothing_listens_on
+
 
 class DnsServer(asyncio.DatagramProtocol):
     """Answers TXT queries from `records` (name → list of strings); NXDOMAIN otherwise."""
@@ -132,11 +134,7 @@ def free_port() -> int:
     ports = _own_ports()
     for _ in ports:
         port = ports[next(_turn) % len(ports)]
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
+        if nothing_listens_on(port):
             return port
     raise RuntimeError(f"no free port in {ports}")
 
