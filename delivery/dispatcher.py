@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 
 from core import metrics
 from core.config import DeliveryConfig
+from core.loop import DueLoop
 from delivery import dkim
 from delivery.bucket import TokenBucket
 from delivery.result import SendOutcome, SendResult, Transport
@@ -59,6 +60,10 @@ TrackMessage = Callable[[Claimed, bytes], Awaitable[bytes]]
 CAMPAIGN_STATUS_SECONDS = 0.2
 """How long a campaign's status, read when its emails are sent, is reused: after a cancel, emails handed to
 the transport within this time (and those already there) still go; the rest are cancelled."""
+WAKE_GAP_SECONDS = 0.05
+"""A claim answers wake-ups at most this often (see `core.loop.DueLoop`): one session sending back to back
+wakes the dispatcher once per message, and a claim and an outcome commit per message took as much of the
+database as the acceptance they follow; a few messages a claim share both. Mail waits at most this long."""
 INLINE_SIGN_BYTES = 256_000
 """Bigger messages are canonicalized in a thread so the event loop keeps serving."""
 
@@ -82,7 +87,7 @@ def retry_delay(attempt: int, base: float) -> float:
     return base * (2 ** attempt) * (0.5 + random.random() / 2)
 
 
-class Dispatcher:
+class Dispatcher(DueLoop):
     def __init__(self, db: Database, transport: Transport, bucket: TokenBucket, settings: DeliveryConfig,
                  worker: str | None = None, compose_deferred: ComposeDeferred | None = None,
                  record_bounce: RecordBounce | None = None, track: TrackMessage | None = None) -> None:
@@ -94,7 +99,7 @@ class Dispatcher:
         self.bucket = bucket
         self.settings = settings
         self.worker = worker or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
-        self._wake = asyncio.Event()
+        super().__init__(settings.poll_seconds, log, f"dispatcher {self.worker}: claim", WAKE_GAP_SECONDS)
         self._slots = asyncio.Semaphore(settings.concurrency)
         # Sends handed to the transport whose outcome is not committed yet: all that a dispatcher killed at
         # any moment can have sent and not recorded (and that are then sent again).
@@ -115,26 +120,12 @@ class Dispatcher:
         self._keys[(project_id, domain_name)] = (now + 60.0, domain)
         return domain
 
-    def wake(self) -> None:
-        """New mail was queued: look now instead of at the next poll."""
-        self._wake.set()
-
-    async def run(self) -> None:
-        while True:
-            self._wake.clear()  # before the claim: a wake that arrives while it runs is kept for the wait
-            try:
-                handled = await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("dispatcher %s: claim failed; retrying", self.worker)
-                handled = 0
-            if not handled:
-                self._send_rate.publish()  # the window moves on while nothing is sent
-                try:
-                    await asyncio.wait_for(self._wake.wait(), self.settings.poll_seconds)
-                except TimeoutError:
-                    pass
+    async def step(self) -> bool:
+        """Claim and start one batch; busy (claim again at once) when it was full."""
+        handled = await self.run_once()
+        if not handled:
+            self._send_rate.publish()  # the window moves on while nothing is sent
+        return handled >= self.settings.batch_size
 
     async def run_once(self) -> int:
         """Claim one batch and start sending it (bounded by `concurrency`); return how many."""

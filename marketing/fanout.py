@@ -10,12 +10,12 @@ makes a second email impossible.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 from collections.abc import Callable
 
 from core.config import DeliveryConfig
+from core.loop import DueLoop
 from pipeline.links import LinkSigner
 from pipeline.marketing import campaigns as rules
 from storage import campaigns as store
@@ -25,33 +25,23 @@ from storage.models import utcnow
 log = logging.getLogger("plunkd.campaigns")
 
 
-class CampaignFanOut:
+WAKE_GAP_SECONDS = 0.25
+"""Every queued message wakes the fan-out (it shares the node's wake-up with the dispatcher), and each step
+reads the due campaigns and settles drained ones in a write: at most this often for wake-ups."""
+
+
+class CampaignFanOut(DueLoop):
     def __init__(self, db: Database, links: LinkSigner, on_queued: Callable[[], None], poll_seconds: float = 1.0,
                  chunk: int = DeliveryConfig.fanout_chunk) -> None:
         self.db = db
         self.links = links
         self.on_queued = on_queued
-        self.poll_seconds = poll_seconds
         self.chunk = chunk
-        self._wake = asyncio.Event()
+        super().__init__(poll_seconds, log, "campaign fan-out", WAKE_GAP_SECONDS)
 
-    def wake(self) -> None:
-        """Something was queued or scheduled: look now instead of at the next poll."""
-        self._wake.set()
-
-    async def run(self) -> None:
-        while True:
-            self._wake.clear()
-            try:
-                await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("campaign fan-out failed; retrying")
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
-            except TimeoutError:
-                pass
+    async def step(self) -> bool:
+        await self.run_once()
+        return False
 
     async def run_once(self) -> int:
         """Fan out every campaign now due, to the end; then settle the drained ones. Returns how many
