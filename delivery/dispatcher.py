@@ -29,8 +29,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 from email.utils import formatdate
 
 from sqlalchemy.orm import Session
@@ -43,6 +41,7 @@ from delivery.bucket import TokenBucket
 from delivery.result import SendOutcome, SendResult, Transport
 from pipeline.errors import PipelineError
 from pipeline.events import record_event
+from pipeline.submit import parse_raw_headers
 from storage import campaigns as campaign_store
 from storage import emails as email_store
 from storage.db import Database
@@ -72,7 +71,7 @@ def add_outgoing_headers(raw: bytes, message_id: str) -> tuple[bytes, str]:
     """Prepend the email's Message-ID (given when it was accepted) and Date when the message lacks them;
     return (message, the Message-ID it goes out with). A message that carries its own Message-ID keeps
     it: it is the one its email was accepted with."""
-    headers = BytesHeaderParser(policy=compat32).parsebytes(raw, headersonly=True)
+    headers = parse_raw_headers(raw)
     added = b""
     carried = email_store.message_id_header(headers)
     if carried is None:
