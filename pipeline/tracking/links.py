@@ -73,8 +73,14 @@ def _from_columns(row: dict[str, bool]) -> TrackingDefaults:
 
 
 def project_defaults(session: Session, project_id: str) -> TrackingDefaults:
-    row = store.tracking_settings(session, project_id)
-    return DEFAULT_SETTINGS if row is None else _from_columns(row)
+    """The project's defaults, read once per session (a write batch shares it; `update_defaults` in the
+    same session replaces the kept answer)."""
+    key = ("tracking_defaults", project_id)
+    kept = session.info.get(key)
+    if kept is None:
+        row = store.tracking_settings(session, project_id)
+        kept = session.info[key] = DEFAULT_SETTINGS if row is None else _from_columns(row)
+    return kept
 
 
 def update_defaults(session: Session, project_id: str, marketing: Tracking,
@@ -83,7 +89,9 @@ def update_defaults(session: Session, project_id: str, marketing: Tracking,
     kinds = (("marketing", marketing), ("transactional", transactional))
     changes = {f"{kind}_{field}": value for kind, asked in kinds
                for field, value in (("opens", asked.opens), ("clicks", asked.clicks)) if value is not None}
-    return _from_columns(store.save_tracking_settings(session, project_id, _columns(DEFAULT_SETTINGS), changes))
+    saved = _from_columns(store.save_tracking_settings(session, project_id, _columns(DEFAULT_SETTINGS), changes))
+    session.info[("tracking_defaults", project_id)] = saved
+    return saved
 
 
 def tracking_for(session: Session, project_id: str, marketing: bool, asked: Tracking | None = None) -> Tracking:
