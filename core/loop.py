@@ -19,7 +19,8 @@ class DueLoop:
     def __init__(self, poll_seconds: float, log: logging.Logger, what: str, wake_gap_seconds: float = 0.1) -> None:
         self.poll_seconds = poll_seconds
         self.wake_gap_seconds = wake_gap_seconds
-        """After a step that found nothing more, a wake-up waits until this long after that step began."""
+        """After a step that found nothing more, a wake-up waits until this long after that step began (or
+        until the earliest item is due, if that comes first)."""
         self.next_due: datetime | None = None
         """When the earliest item is due, as `step` last saw it (None: nothing known, poll)."""
         self._log = log
@@ -56,7 +57,7 @@ class DueLoop:
                     await asyncio.wait_for(self._wake.wait(), self._idle_seconds())
                 except TimeoutError:
                     continue
-                gap = began + self.wake_gap_seconds - time.monotonic()
+                gap = min(began + self.wake_gap_seconds - time.monotonic(), self._idle_seconds())
                 if gap > 0:
                     await asyncio.sleep(gap)
         finally:

@@ -14,6 +14,11 @@ fsync) run on one writer thread. A batch made only of *light* functions (a few s
 marked by the caller) runs its Python on the event loop between those two steps: a thread running
 Python competes with the loop for the GIL, and that cost the SMTP relay more than the work itself.
 Other batches run entirely on the writer thread.
+
+A *bulk* work (`alone` in `Database.write`: a campaign's chunk of recipients, a batch of workflow steps)
+runs in a transaction of its own, and only when no other work is waiting: a request that comes while a
+chunk commits waits for that one chunk at most, never for a chunk in its own transaction or queued ahead
+of it.
 """
 
 from __future__ import annotations
@@ -41,6 +46,10 @@ class Engines(Protocol):
 T = TypeVar("T")
 Work = Callable[[Session], Any]
 Outcome = tuple[bool, Any]
+Queued = tuple[Work, bool, bool, "asyncio.Future[Any]"]
+"""(work, light, bulk, the caller's future)"""
+BULK_PATIENCE = 4
+"""Batches of other work that may run while a bulk work waits."""
 _PENDING = "plunkd.pending_inserts"
 
 
@@ -82,7 +91,10 @@ class TransactionBatcher:
         self.db = db
         self.max_batch = max_batch
         self.writers = writers or (4 if db.is_postgres else 1)
-        self._queue: asyncio.Queue[tuple[Work, bool, asyncio.Future[Any]]] | None = None
+        self._queue: asyncio.Queue[Queued] | None = None
+        self._waiting: list[Queued] = []
+        """Work taken from the queue and not run yet: bulk work waits here while other work comes."""
+        self._bulk_passed_over = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._thread: ThreadPoolExecutor | None = None
 
@@ -103,23 +115,39 @@ class TransactionBatcher:
             self._thread.shutdown(wait=True)
             self._thread = None
 
-    async def run(self, work: Callable[[Session], T], light: bool = False) -> T:
+    async def run(self, work: Callable[[Session], T], light: bool = False, bulk: bool = False) -> T:
         if not self._tasks:
             self.start()
         assert self._queue is not None
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        await self._queue.put((work, light, future))
+        await self._queue.put((work, light, bulk, future))
         return await future
 
-    async def _writer(self) -> None:
+    async def _next_batch(self) -> list[Queued]:
+        """Up to `max_batch` waiting works that are not bulk, oldest first; else one bulk work. A bulk work
+        passed over `BULK_PATIENCE` times runs next, so a steady stream of requests cannot stall it."""
         assert self._queue is not None
+        if not self._waiting:
+            self._waiting.append(await self._queue.get())
+        while not self._queue.empty():
+            self._waiting.append(self._queue.get_nowait())
+        batch = [item for item in self._waiting if not item[2]][:self.max_batch]
+        bulk_waits = len(batch) < len(self._waiting)
+        if not batch or (bulk_waits and self._bulk_passed_over >= BULK_PATIENCE):
+            batch = [next(item for item in self._waiting if item[2])]
+            self._bulk_passed_over = 0
+        elif bulk_waits:
+            self._bulk_passed_over += 1
+        taken = {id(item) for item in batch}
+        self._waiting = [item for item in self._waiting if id(item) not in taken]
+        return batch
+
+    async def _writer(self) -> None:
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self.max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            works = [work for work, _, _ in batch]
+            batch = await self._next_batch()
+            works = [work for work, _, _, _ in batch]
             try:
-                if self._thread is not None and all(light for _, light, _ in batch):
+                if self._thread is not None and all(light for _, light, _, _ in batch):
                     outcomes = await self._run_on_loop(works)
                 elif self._thread is not None:
                     outcomes = await self._in_thread(self._run_sync, works)
@@ -127,14 +155,14 @@ class TransactionBatcher:
                     async with self.db.session() as session:
                         outcomes = await session.run_sync(run_batch, works)
             except asyncio.CancelledError:
-                for _, _, fut in batch:
+                for _, _, _, fut in batch:
                     if not fut.done():
                         fut.set_exception(RuntimeError("the server is shutting down"))
                 raise
             except Exception as exc:
                 log.error("commit of a batch of %d failed: %s", len(batch), exc)
                 outcomes = [(False, exc)] * len(batch)
-            for (_, _, fut), (ok, value) in zip(batch, outcomes, strict=True):
+            for (_, _, _, fut), (ok, value) in zip(batch, outcomes, strict=True):
                 if fut.done():
                     continue
                 if ok:

@@ -67,9 +67,9 @@ class Database:
     async def write(self, fn: Callable[[Session], T], light: bool = False, alone: bool = False) -> T:
         """Run `fn(session)` in a group-committed transaction; return its result after the commit.
         `light`: `fn` runs a few small statements and nothing slow, so it may run on the event loop.
-        `alone` (PostgreSQL): a big piece of work in a transaction of its own, so several run at once
-        on their own connections instead of one after another in a shared batch (SQLite has one writer:
-        there it is an ordinary write)."""
+        `alone`: a big piece of work in a transaction of its own. On PostgreSQL several run at once on
+        their own connections instead of one after another in a shared batch; SQLite has one writer, which
+        runs it when no other write is waiting (`storage.batch`)."""
         if alone and self.is_postgres:
             from storage.batch import run_batch
 
@@ -78,7 +78,7 @@ class Database:
             if not ok:
                 raise value
             return value
-        return await self.writer.run(fn, light)
+        return await self.writer.run(fn, light, bulk=alone)
 
     async def migrate(self) -> None:
         async with self.engine.begin() as conn:

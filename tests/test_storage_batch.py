@@ -134,3 +134,63 @@ async def test_stopping_while_a_write_waits_for_the_writer_thread_ends_the_write
     await asyncio.wait_for(db.dispose(), 5)
     with pytest.raises(RuntimeError, match="the server is shutting down"):
         await writing
+
+
+async def test_a_write_that_comes_while_a_bulk_write_waits_runs_first(tmp_path):
+    """A request's write that comes while a campaign chunk (`alone`) waits for the SQLite writer runs before
+    the chunk, in a transaction without it: it waits for the write in progress only. SQLite only:
+    on PostgreSQL an `alone` write has a connection of its own and never waits in the batch queue."""
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'writer.sqlite3'}")
+    await db.migrate()
+    order: list[str] = []
+    release = threading.Event()
+    try:
+        busy = asyncio.create_task(db.write(lambda session: release.wait(10)))
+        await asyncio.sleep(0.1)  # the writer runs `busy` on its thread
+        chunk = asyncio.create_task(db.write(lambda session: order.append("chunk"), alone=True))
+        await asyncio.sleep(0.05)
+        request = asyncio.create_task(db.write(lambda session: order.append("request"), light=True))
+        await asyncio.sleep(0.05)
+        release.set()
+        await asyncio.wait_for(asyncio.gather(busy, chunk, request), 10)
+    finally:
+        release.set()
+        await db.dispose()
+    assert order == ["request", "chunk"]
+
+
+async def test_a_bulk_write_is_not_held_back_by_a_steady_stream_of_writes(tmp_path):
+    """While requests keep coming (each batch's request queues the next one, so one always waits when the
+    writer picks its next batch), a waiting bulk write still runs once `BULK_PATIENCE` batches passed it."""
+    from storage.batch import BULK_PATIENCE
+
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'writer.sqlite3'}")
+    await db.migrate()
+    batches: list[str] = []
+    stream: list[asyncio.Task] = []
+    release = threading.Event()
+
+    def first_request(session) -> None:
+        release.wait(10)
+        batches.append("request")
+
+    def next_request(session) -> None:
+        batches.append("request")
+        if len(stream) < BULK_PATIENCE * 3:
+            stream.append(asyncio.ensure_future(db.write(next_request, light=True)))
+
+    try:
+        busy = asyncio.create_task(db.write(first_request))
+        await asyncio.sleep(0.1)
+        chunk = asyncio.create_task(db.write(lambda session: batches.append("chunk"), alone=True))
+        stream.append(asyncio.ensure_future(db.write(next_request, light=True)))
+        await asyncio.sleep(0.05)
+        release.set()
+        await asyncio.wait_for(asyncio.gather(busy, chunk), 10)
+        while not all(task.done() for task in stream):
+            await asyncio.wait_for(asyncio.gather(*stream), 10)
+    finally:
+        release.set()
+        await db.dispose()
+    assert len(batches) == BULK_PATIENCE * 3 + 2
+    assert batches.index("chunk") == BULK_PATIENCE + 1, batches
