@@ -128,7 +128,8 @@ class TransactionBatcher:
         passed over `BULK_PATIENCE` times runs next, so a steady stream of requests cannot stall it."""
         assert self._queue is not None
         if not self._waiting:
-            self._waiting.append(await self._queue.get())
+            item = await self._queue.get()  # awaited first: another writer may replace the list meanwhile
+            self._waiting.append(item)
         while not self._queue.empty():
             self._waiting.append(self._queue.get_nowait())
         batch = [item for item in self._waiting if not item[2]][:self.max_batch]
