@@ -84,3 +84,18 @@ class HostCounts:
     def close(self) -> None:
         self._map.close()
         os.close(self._fd)
+
+
+class SharedGeneration:
+    """A number every acceptor process can read and raise, kept in a `HostCounts` slot that never expires:
+    a process that sees it changed since it last looked knows another one changed something."""
+
+    def __init__(self, counts: HostCounts, name: str) -> None:
+        self.counts = counts
+        self.name = f"generation:{name}"
+
+    def current(self) -> int:
+        return self.counts.update(self.name, lambda count, since, _now: (count, since, float("inf")))[0]
+
+    def advance(self) -> int:
+        return self.counts.update(self.name, lambda count, since, _now: (count + 1, since, float("inf")))[0]

@@ -22,7 +22,7 @@ from api.ratelimit import EveryLimit, HostWindowLimiter
 from core.config import Config
 from core.connections import AcceptFailureLog, ConnectionCaps, SessionLimiter, connection_caps, raise_open_file_limit
 from core.files import private_dir
-from core.host_counts import HostCounts
+from core.host_counts import HostCounts, SharedGeneration
 from plunkd.atrest import make_private, open_secrets
 from plunkd.processes import (
     ROLES,
@@ -105,6 +105,8 @@ def create_app(config: Config, db: Database | None = None, roles: set[str] | Non
         counts = HostCounts(Path(handover.counts_path))
     if counts is not None and "api" in roles:
         app[RATE_LIMITER] = HostWindowLimiter(counts, config.api.rate_limit_per_minute)
+    if counts is not None and not db.is_postgres:
+        app[KEYS].share_changes(SharedGeneration(counts, "keys"))
     if db.is_postgres and "api" in roles:
         limiter = shared_request_limit(db, config.api.rate_limit_per_minute)
         app[RATE_LIMITER] = limiter if counts is None else EveryLimit(app[RATE_LIMITER], limiter)

@@ -14,6 +14,8 @@ import signal
 import smtplib
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -22,13 +24,15 @@ from email import message_from_bytes
 from hashlib import blake2b
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from api.ratelimit import HostWindowLimiter
 from core import host_counts
 from core.config import ServerConfig, acceptor_processes
 from core.host_counts import PROBES, HostCounts
-from tests.servers import ServedPlunkd, children, served_plunkd
+from tests.dashboard_kit import PASSWORD, Browser
+from tests.servers import ROOT, ServedPlunkd, children, served_plunkd
 from tests.test_cli_and_config import project_with_domain
 from tests.test_processes import command_line, wait_until
 
@@ -92,10 +96,16 @@ def delivered(outbox: Path) -> Counter:
 
 
 def start(tmp_path: Path, database_url: str, **extra: str):
+    key, _, serving = start_with_project(tmp_path, database_url, **extra)
+    return key, serving
+
+
+def start_with_project(tmp_path: Path, database_url: str, **extra: str):
+    """The project's secret key and id, and `plunkd serve` with two acceptors to enter (not yet started)."""
     env = {"PLUNKD_DATABASE_URL": database_url, "PLUNKD_DELIVERY_TRANSPORT": "file"}
-    key = project_with_domain(tmp_path, "p", "hello@example.com", env).secret_key
+    project = project_with_domain(tmp_path, "p", "hello@example.com", env)
     env.update({"PLUNKD_SERVER_PROCESSES": "2", "PLUNKD_API_RATE_LIMIT_PER_MINUTE": "100000", **extra})
-    return key, served_plunkd(tmp_path, env, relay=True)
+    return project.secret_key, project.id, served_plunkd(tmp_path, env, relay=True)
 
 
 def both_acceptors_up(server: ServedPlunkd, started: int = 2) -> int:
@@ -250,6 +260,40 @@ def test_the_api_limit_and_the_smtp_lockout_hold_over_both_acceptors(tmp_path, d
             code, text = client.docmd("AUTH", f"PLAIN {right}")
             assert (code, text.decode()) == (454, "4.7.0 Too many failed authentications from your address; "
                                                   "try again later")
+
+
+async def test_a_key_rotated_on_one_acceptor_stops_working_on_the_other_at_once(tmp_path, database_url):
+    """SQLite has no NOTIFY: the acceptors learn of a key change from the table they share (PostgreSQL's
+    LISTEN/NOTIFY tells every process, as for several nodes)."""
+    key, project_id, serving = start_with_project(tmp_path, database_url)
+    made = subprocess.run([sys.executable, "-m", "plunkd.cli", "user", "create", "--email", "owner@example.com",
+                           "--role", "owner", "--password-stdin"], input=PASSWORD + "\n", capture_output=True,
+                          text=True, cwd=tmp_path, timeout=60,
+                          env={**os.environ, "PLUNKD_SERVER_DATA_DIR": str(tmp_path / "data"),
+                               "PLUNKD_DATABASE_URL": database_url, "PYTHONPATH": str(ROOT)})
+    assert made.returncode == 0, made.stderr
+    with serving as server:
+        child = both_acceptors_up(server)
+        connections: dict[int, http.client.HTTPConnection] = {}
+        while len(connections) < 2:
+            connection, pid = http_connection(server)
+            connections.setdefault(pid, connection)
+        for connection in connections.values():  # the key now in both processes' key caches
+            assert call(connection, key, "GET", "/v1/contacts")[0] == 200
+        async with aiohttp.ClientSession(base_url=server.base, cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
+            owner = Browser(session)
+            await owner.sign_in("owner@example.com")
+            status, body = await owner.get_json(f"/projects/{project_id}/keys")
+            assert status == 200, body
+            key_id = body["data"]["secretKeys"][0]["id"]
+            await owner.get(f"/projects/{project_id}/keys")
+            rotated = await owner.post(f"/projects/{project_id}/keys/{key_id}/rotate")
+            assert rotated.status == 200
+        if database_url.startswith("postgresql"):  # the other process hears the NOTIFY a moment after the commit
+            time.sleep(0.5)
+        for pid in (server.proc.pid, child):
+            status, body = call(connections[pid], key, "GET", "/v1/contacts")
+            assert status == 401 and body["error"]["code"] == "UNAUTHORIZED", (pid, status, body)
 
 
 def test_a_port_in_use_still_fails_start_up_and_one_process_runs_acceptance_alone(tmp_path, database_url):
