@@ -137,6 +137,8 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
             if http_socket is not None:
                 http_socket.close()
             raise
+    if http_socket is None and relay_sockets is None:
+        processes = 1  # nothing to accept on (e.g. --role relay with smtp.enabled = false)
     child = None
     config_path = args.config or os.environ.get("PLUNKD_CONFIG")
     if "dispatcher" in roles and roles != {"dispatcher"} and config.delivery.enabled and config.delivery.own_process:
