@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from api.ratelimit import WindowRateLimiter
+from api.ratelimit import Limiter
 from core.config import Config
 from feedback.intake import FeedbackIntake
 from pipeline.keys import KeyCache
@@ -15,7 +15,7 @@ from storage.db import Database
 CONFIG = web.AppKey("config", Config)
 DB = web.AppKey("db", Database)
 KEYS = web.AppKey("keys", KeyCache)
-RATE_LIMITER = web.AppKey("rate_limiter", WindowRateLimiter)
+RATE_LIMITER = web.AppKey("rate_limiter", Limiter)
 ON_QUEUED = web.AppKey("on_queued", list)
 """Callables run after mail is queued (the dispatcher's wake-up), so api/ needs no delivery/ import."""
 LINKS = web.AppKey("links", LinkSigner)

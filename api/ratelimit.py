@@ -1,5 +1,6 @@
-"""Per-project request budget: a fixed one-minute window, per node (`WindowRateLimiter`) or shared by
-every node on one PostgreSQL (`SharedWindowLimiter`)."""
+"""Per-project request budget: a fixed one-minute window, per process (`WindowRateLimiter`), shared by the
+acceptor processes of one server (`HostWindowLimiter`), or by every node on one PostgreSQL
+(`SharedWindowLimiter`; with several acceptors too, both: `EveryLimit`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
+
+from core.host_counts import HostCounts
 
 log = logging.getLogger("plunkd.api")
 
@@ -45,6 +49,51 @@ class WindowRateLimiter:
             used += 1
         self._windows[project_id] = (window_start, used)
         return Allowance(allowed, self.limit, self.limit - used, window_start + self.window)
+
+
+class Limiter(Protocol):
+    def take(self, project_id: str) -> Allowance: ...
+
+
+class HostWindowLimiter:
+    """The same window, counted in the table every acceptor process of this server shares
+    (`core.host_counts`): exact over all of them, whichever one a connection lands on."""
+
+    def __init__(self, counts: HostCounts, limit: int, window_seconds: int = 60) -> None:
+        self.counts = counts
+        self.limit = limit
+        self.window = window_seconds
+
+    def take(self, project_id: str) -> Allowance:
+        admitted = False
+
+        def count_one(used: int, since: float, now: float) -> tuple[int, float, float]:
+            nonlocal admitted
+            start = float(int(now) - int(now) % self.window)
+            if since != start:
+                used = 0
+            admitted = used < self.limit
+            return used + admitted, start, start + self.window
+
+        used, start = self.counts.update(f"api:{project_id}", count_one)
+        return Allowance(admitted, self.limit, max(0, self.limit - used), int(start) + self.window)
+
+
+class EveryLimit:
+    """Admits a request only if every limiter does, in order (one that refuses, the later ones do not see):
+    this server's acceptors exactly (`HostWindowLimiter`), then the nodes on PostgreSQL (`SharedWindowLimiter`)."""
+
+    def __init__(self, *limiters: Limiter) -> None:
+        self.limiters = limiters
+
+    def take(self, project_id: str) -> Allowance:
+        allowances = []
+        for limiter in self.limiters:
+            allowance = limiter.take(project_id)
+            if not allowance.allowed:
+                return allowance
+            allowances.append(allowance)
+        return min(allowances, key=lambda allowance: allowance.remaining)
 
 
 Counts = dict[tuple[str, int], int]

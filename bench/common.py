@@ -81,6 +81,22 @@ def wait_for_health(port: int, timeout: float = 30.0) -> None:
     raise RuntimeError(f"plunkd on port {port} did not answer /health within {timeout}s")
 
 
+def wait_for_every_acceptor(port: int, timeout: float = 60.0) -> None:
+    """Until 20 GET /health in a row, each on a new connection, answer within a second: with several
+    acceptor processes (`--processes`), a connection the kernel gave to one still starting waits in its
+    backlog, so the run would begin with part of the server."""
+    deadline = time.monotonic() + timeout
+    answered = 0
+    while answered < 20:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"plunkd's acceptors on port {port} did not all answer within {timeout}s")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).close()
+            answered += 1
+        except OSError:
+            answered = 0
+
+
 @contextlib.contextmanager
 def server_process(args: list[str], port: int,
                    env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
@@ -93,6 +109,8 @@ def server_process(args: list[str], port: int,
             wait_for_port(port)
             if "PLUNKD_SERVER_HTTP_PORT" in (env or {}):
                 wait_for_health(int((env or {})["PLUNKD_SERVER_HTTP_PORT"]))
+                if int((env or {}).get("PLUNKD_SERVER_PROCESSES", "1")) > 1:
+                    wait_for_every_acceptor(int((env or {})["PLUNKD_SERVER_HTTP_PORT"]))
             yield proc
         except BaseException:
             log_file.seek(0)
@@ -175,6 +193,8 @@ def http_bench_args(default_count: int) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--database-url", default="")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="plunkd's acceptor processes (server.processes; default 1: acceptance in one process)")
     return parse_with_quick(parser, count=200, seconds=10.0)
 
 

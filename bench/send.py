@@ -1,7 +1,8 @@
 """POST /v1/send under concurrent load vs a bare aiohttp handler doing one insert, same run.
 The dispatcher is off: this measures acceptance (validation, contact upsert, MIME, durable commit).
 
-    python -m bench.send [--count 3000] [--concurrency 32] [--database-url postgresql+asyncpg://…] [--quick]
+    python -m bench.send [--count 3000] [--concurrency 32] [--database-url postgresql+asyncpg://…] [--processes N]
+        [--quick]
 
 The baseline is bench/bare_insert_server.py (SQLite: with an fsync per commit as plunkd, and beside it without).
 """
@@ -34,7 +35,7 @@ def main() -> None:
     args = http_bench_args(3000)
     with temp_dir() as data, bench_database(args.database_url, data) as url:
         port = free_port()
-        env = plunkd_env(data, port, PLUNKD_DATABASE_URL=url)
+        env = plunkd_env(data, port, PLUNKD_DATABASE_URL=url, PLUNKD_SERVER_PROCESSES=str(args.processes))
         sk = create_project(data, env)
         asyncio.run(verify_offline(url, "bench", "bench.example"))
         with server_process(["-m", "plunkd.cli", "serve"], port, env):
@@ -43,8 +44,8 @@ def main() -> None:
                                                     args.count, args.seconds))
         assert errors == 0, f"{errors} send requests failed"
         bare, *unsynced = bare_insert_rates(url, data, args, send_body)
-    report(f"POST /v1/send ({args.count} requests, {args.concurrency} concurrent)", ours, bare, "req/s", 0.8,
-           *unsynced)
+    report(f"POST /v1/send ({args.count} requests, {args.concurrency} concurrent, {args.processes} acceptor(s))",
+           ours, bare, "req/s", 0.8, *unsynced)
 
 
 if __name__ == "__main__":

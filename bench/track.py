@@ -1,6 +1,7 @@
 """POST /v1/track under concurrent load vs a bare aiohttp handler doing one insert, same run.
 
-    python -m bench.track [--count 4000] [--concurrency 32] [--database-url postgresql+asyncpg://…] [--quick]
+    python -m bench.track [--count 4000] [--concurrency 32] [--database-url postgresql+asyncpg://…] [--processes N]
+        [--quick]
 
 The baseline is bench/bare_insert_server.py (SQLite: with an fsync per commit as plunkd, and beside it without).
 """
@@ -31,7 +32,7 @@ def main() -> None:
     args = http_bench_args(4000)
     with temp_dir() as data, bench_database(args.database_url, data) as url:
         port = free_port()
-        env = plunkd_env(data, port, PLUNKD_DATABASE_URL=url)
+        env = plunkd_env(data, port, PLUNKD_DATABASE_URL=url, PLUNKD_SERVER_PROCESSES=str(args.processes))
         sk = create_project(data, env)
         with server_process(["-m", "plunkd.cli", "serve"], port, env):
             ours, ok, errors = asyncio.run(http_load(
@@ -39,8 +40,8 @@ def main() -> None:
                 args.concurrency, args.count, args.seconds))
         assert errors == 0, f"{errors} track requests failed"
         bare, *unsynced = bare_insert_rates(url, data, args, track_body)
-    report(f"POST /v1/track ({args.count} requests, {args.concurrency} concurrent)", ours, bare, "req/s", 1.0,
-           *unsynced)
+    report(f"POST /v1/track ({args.count} requests, {args.concurrency} concurrent, {args.processes} acceptor(s))",
+           ours, bare, "req/s", 1.0, *unsynced)
 
 
 if __name__ == "__main__":

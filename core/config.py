@@ -45,6 +45,15 @@ class ServerConfig:
     """How often each process writes its row in the node registry (the system page's node list)."""
     node_stale_seconds: float = 30.0
     """A process without a heartbeat for this long is shown as stale (its row is pruned after a day)."""
+    processes: int = 0
+    """Acceptor processes (API + SMTP relay) sharing the ports with SO_REUSEPORT; 0: one per core beyond the
+    first, at least one (`acceptor_processes`)."""
+
+
+def acceptor_processes(server: ServerConfig) -> int:
+    """`server.processes`, or with 0 one per core this process may run on beyond the first (the dispatcher's),
+    at least one."""
+    return server.processes or max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 @dataclass
@@ -384,6 +393,7 @@ def _validate(config: Config) -> None:
          "set together with smtp.key_file"),
         (config.server.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "server.log_level",
          "DEBUG, INFO, WARNING or ERROR"),
+        (0 <= config.server.processes <= 256, "server.processes", "a number from 0 (one per core) to 256"),
         *_webhook_checks(config.webhooks),
     ]
     checks += _security_checks(config.security)

@@ -135,9 +135,11 @@ def connection_caps(http: int, smtp: int, listeners: int, open_file_limit: int) 
     return caps
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
+def listening_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     """A TCP socket bound to host:port and listening. A failure is an OSError of the same kind whose
-    message is one line naming the address, e.g. `cannot listen on 127.0.0.1:8080: address already in use`."""
+    message is one line naming the address, e.g. `cannot listen on 127.0.0.1:8080: address already in use`.
+    `reuse_port`: with SO_REUSEPORT, so the acceptor processes can bind the same port (`another_listener`);
+    the port is first bound without it, so one in use by anything, another plunkd included, still fails."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                              flags=socket.AI_PASSIVE)[0]
@@ -145,13 +147,35 @@ def listening_socket(host: str, port: int) -> socket.socket:
     except OSError as exc:
         raise OSError(f"cannot listen on {host}:{port}: {_reason(exc)}") from None
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(LISTEN_BACKLOG)
+        if reuse_port and port:
+            _bind(socket.socket(family, kind, proto), address, reuse_port=False).close()
+        _bind(sock, address, reuse_port).listen(LISTEN_BACKLOG)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
         raise type(exc)(f"cannot listen on {host}:{port}: {_reason(exc)}") from None
+    return sock
+
+
+def another_listener(sock: socket.socket) -> socket.socket:
+    """One more listening socket on `sock`'s address (bound with `reuse_port`), for another acceptor
+    process: the kernel spreads new connections over all of them."""
+    family = sock.family
+    another = _bind(socket.socket(family, socket.SOCK_STREAM), sock.getsockname(), reuse_port=True)
+    another.listen(LISTEN_BACKLOG)
+    another.setblocking(False)
+    return another
+
+
+def _bind(sock: socket.socket, address: Any, reuse_port: bool) -> socket.socket:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 

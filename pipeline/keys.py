@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from core.host_counts import SharedGeneration
 from pipeline.cache import TtlCache
 from storage.db import Database
 from storage.projects import find_project_by_key
@@ -30,20 +31,38 @@ class Caller:
 
 class KeyCache:
     """Keyed by the key itself (the process holds it anyway). A rotated key stops working within `ttl`
-    seconds on every process that cached it; `forget()` drops the cache at once."""
+    seconds on every process that cached it; `forget()` drops the cache at once (and, with `share_changes`,
+    every acceptor's)."""
 
     def __init__(self, db: Database, ttl: float = 5.0) -> None:
         self.db = db
         self._owners: TtlCache[str, Caller | None] = TtlCache(ttl)
+        self._changes: SharedGeneration | None = None
+        self._changes_seen = 0
+
+    def share_changes(self, changes: SharedGeneration) -> None:
+        """The acceptor processes of one server on SQLite (no NOTIFY to tell them): a change of keys forgotten
+        here raises `changes`, and every process forgets all it cached at its next lookup after that."""
+        self._changes = changes
+        self._changes_seen = changes.current()
 
     def forget(self) -> None:
         self._owners.clear()
+        self._announce()
 
     def forget_project(self, project_id: str) -> None:
         """Drop the cached answers that name this project (its keys changed)."""
         self._owners.discard_where(lambda caller: caller is not None and caller.project_id == project_id)
+        self._announce()
+
+    def _announce(self) -> None:
+        if self._changes is not None:
+            self._changes_seen = self._changes.advance()
 
     async def lookup(self, key: str) -> Caller | None:
+        if self._changes is not None and (seen := self._changes.current()) != self._changes_seen:
+            self._changes_seen = seen
+            self._owners.clear()
         cached = self._owners.get(key, _Unknown.KEY)
         if cached is not _Unknown.KEY:
             return cached

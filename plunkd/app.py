@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,10 +18,23 @@ from aiohttp import web
 
 from api.app import build_api
 from api.context import KEYS, LINKS, ON_QUEUED, RATE_LIMITER
+from api.ratelimit import EveryLimit, HostWindowLimiter
 from core.config import Config
 from core.connections import AcceptFailureLog, ConnectionCaps, SessionLimiter, connection_caps, raise_open_file_limit
+from core.files import private_dir
+from core.host_counts import HostCounts, SharedGeneration
 from plunkd.atrest import make_private, open_secrets
-from plunkd.processes import ROLES, WAKE_FD_ENV, WakePipe, supervise_dispatcher, watch_parent
+from plunkd.processes import (
+    ROLES,
+    WAKE_FD_ENV,
+    Acceptors,
+    Handover,
+    WakePipe,
+    supervise,
+    supervise_dispatcher,
+    wake_through,
+    watch_parent,
+)
 from storage.db import Database
 
 if TYPE_CHECKING:
@@ -33,12 +48,28 @@ CONNECTION_CAPS = web.AppKey("connection_caps", ConnectionCaps)
 open-file limit (`core.connections.connection_caps`)."""
 
 
+@dataclass(frozen=True)
+class AcceptorPlan:
+    """The main process's acceptor children (`server.processes` - 1): the command each runs, how many, and
+    the HTTP listening socket whose address they share (the relay's are `create_app`'s `relay_sockets`)."""
+
+    command: list[str]
+    children: int
+    http_socket: Any
+
+
+ACCEPTOR_COUNTS_FILE = "acceptors.counts"
+
+
 def create_app(config: Config, db: Database | None = None, roles: set[str] | None = None,
-               dispatcher_command: list[str] | None = None, relay_sockets: Any = None) -> web.Application:
+               dispatcher_command: list[str] | None = None, relay_sockets: Any = None,
+               acceptors: AcceptorPlan | None = None, handover: Handover | None = None) -> web.Application:
     """The app for `roles` (default all, in this process). With `dispatcher_command`, delivery runs in
     that child process instead (see `plunkd.processes`), woken through a pipe when mail is queued.
     `relay_sockets`: the relay's listening sockets, bound before (`relay.server.bind_relay`); none: the
-    relay binds them when it starts."""
+    relay binds them when it starts. `acceptors`: start these acceptor children beside this process;
+    `handover`: this process is one of them. Either way the API limit and the SMTP AUTH lockout count in
+    the table all acceptors share, and the campaign fan-out runs in the main process only (once per server)."""
     roles = set(ROLES) if roles is None else roles
     db = db or Database(config.database_url, config.database.pool_size, sync_every_commit=roles != {"dispatcher"})
     app = build_api(config, db)
@@ -67,18 +98,36 @@ def create_app(config: Config, db: Database | None = None, roles: set[str] | Non
         app.cleanup_ctx.append(lambda _app: imports_ctx(app))
     if db.is_postgres and roles & {"api", "relay"}:
         app.cleanup_ctx.append(lambda _app: key_changes_ctx(app, db))
+    counts = None
+    if acceptors is not None:
+        counts = HostCounts(private_dir(config.data_path) / ACCEPTOR_COUNTS_FILE, fresh=True)
+    elif handover is not None:
+        counts = HostCounts(Path(handover.counts_path))
+    if counts is not None and "api" in roles:
+        app[RATE_LIMITER] = HostWindowLimiter(counts, config.api.rate_limit_per_minute)
+    if counts is not None and not db.is_postgres:
+        app[KEYS].share_changes(SharedGeneration(counts, "keys"))
     if db.is_postgres and "api" in roles:
         limiter = shared_request_limit(db, config.api.rate_limit_per_minute)
-        app[RATE_LIMITER] = limiter
+        app[RATE_LIMITER] = limiter if counts is None else EveryLimit(app[RATE_LIMITER], limiter)
         app.cleanup_ctx.append(lambda _app: running(limiter.run, "api-usage-sync"))
+    wake = WakePipe() if dispatcher_command is not None else None
     if dispatcher_command is not None:
-        app.cleanup_ctx.append(lambda _app: dispatcher_process_ctx(app, dispatcher_command))
+        app.cleanup_ctx.append(lambda _app: dispatcher_process_ctx(app, dispatcher_command, wake))
     elif "dispatcher" in roles and config.delivery.enabled:
         app.cleanup_ctx.append(lambda _app: delivery_ctx(app, config, db))
+    if handover is not None:
+        app.cleanup_ctx.append(lambda _app: handed_over_ctx(app, handover))
     if serves_smtp:
-        app.cleanup_ctx.append(lambda _app: relay_ctx(app, config, db, relay_sockets))
-    if "api" in roles and config.delivery.enabled:
+        from relay.limits import HostAuthLimiter
+
+        auth_limits = counts and HostAuthLimiter(counts, config.smtp.auth_failure_limit, config.smtp.lockout_seconds)
+        app.cleanup_ctx.append(lambda _app: relay_ctx(app, config, db, relay_sockets, auth_limits))
+    if "api" in roles and config.delivery.enabled and handover is None:
         app.cleanup_ctx.append(lambda _app: fanout_ctx(app, config, db))
+    if acceptors is not None and counts is not None:
+        children = Acceptors(acceptors.command, acceptors.http_socket, relay_sockets, wake, str(counts.path))
+        app.cleanup_ctx.append(lambda _app: acceptors_ctx(children, acceptors.children))
     serves = [role for role, runs in (("api", "api" in roles), ("relay", serves_smtp),
                                       ("dispatcher", dispatcher_command is None and "dispatcher" in roles
                                        and config.delivery.enabled)) if runs]
@@ -127,14 +176,34 @@ async def imports_ctx(app: web.Application) -> AsyncIterator[None]:
     await runner.stop()
 
 
-async def dispatcher_process_ctx(app: web.Application, command: list[str]) -> AsyncIterator[None]:
-    wake = WakePipe()
+async def dispatcher_process_ctx(app: web.Application, command: list[str], wake: WakePipe) -> AsyncIterator[None]:
     app[ON_QUEUED].append(wake.notify)
     async with supervise_dispatcher(command, wake):
         yield
 
 
-async def relay_ctx(app: web.Application, config: Config, db: Database, sockets: Any) -> AsyncIterator[None]:
+async def acceptors_ctx(acceptors: Acceptors, children: int) -> AsyncIterator[None]:
+    """The acceptor children, started once this process has migrated the database and made the relay's
+    certificate (they use both), restarted when one dies, stopped before the dispatcher."""
+    try:
+        async with supervise({f"acceptor {index}": acceptors.start for index in range(1, children + 1)},
+                             "the connections it held are cut; what it acknowledged is stored"):
+            yield
+    finally:
+        acceptors.close()
+
+
+async def handed_over_ctx(app: web.Application, handover: Handover) -> AsyncIterator[None]:
+    """An acceptor child: queued mail wakes the dispatcher through the main process's pipe; the main
+    process gone (end-of-file on the lifeline), this one stops as on SIGTERM."""
+    if handover.wake_fd is not None:
+        app[ON_QUEUED].append(functools.partial(wake_through, handover.wake_fd))
+    watch_parent(handover.lifeline_fd, lambda: None, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    yield
+
+
+async def relay_ctx(app: web.Application, config: Config, db: Database, sockets: Any,
+                    auth_limits: Any = None) -> AsyncIterator[None]:
     """The SMTP relay on both ports, in this event loop; SIGHUP reloads its certificate."""
     from relay.server import Relay
     from relay.tls import RelayTls, ensure_self_signed
@@ -150,7 +219,7 @@ async def relay_ctx(app: web.Application, config: Config, db: Database, sockets:
             wake()
 
     relay = Relay(db, app[KEYS], config.smtp, tls, config.api.idempotency_hours, queued,
-                  max_sessions=app[CONNECTION_CAPS].smtp)
+                  max_sessions=app[CONNECTION_CAPS].smtp, auth_limits=auth_limits)
     await relay.start(sockets)
     app[RELAY] = relay
     loop = asyncio.get_running_loop()

@@ -104,36 +104,62 @@ async def _with_db(args: argparse.Namespace, config: Config, work: Callable[[Any
 
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     from core.multiproc import share_metrics
-    from plunkd.processes import dispatcher_command, parse_roles
+    from plunkd.processes import Handover, acceptor_command, dispatcher_command, parse_roles
 
     share_metrics(str(config.data_path))  # before anything imports prometheus_client
 
+    from core.config import acceptor_processes
     from core.connections import listening_socket
-    from plunkd.app import create_app, serve, setup_logging
+    from plunkd.app import AcceptorPlan, create_app, serve, setup_logging
 
     roles = parse_roles(args.role)
+    handover = Handover.from_environment()
     say_storage(args, config)
     setup_logging(config.server.log_level)
+    if handover is not None:
+        http_socket, relay_sockets = _handed_over_sockets(handover)
+        app = create_app(config, roles=roles, relay_sockets=relay_sockets, handover=handover)
+        asyncio.run(serve(app, config, http_socket, f"plunkd acceptor ({', '.join(sorted(roles))})"))
+        return 0
+    accepting = roles & {"api", "relay"}
+    processes = acceptor_processes(config.server) if accepting else 1
     # Every listening socket first: a port in use ends start-up here, before anything (the dispatcher
     # process, migrations) has started.
-    http_socket = listening_socket(config.server.host, config.server.http_port) if "api" in roles else None
+    http_socket = (listening_socket(config.server.host, config.server.http_port, reuse_port=processes > 1)
+                   if "api" in roles else None)
     relay_sockets = None
     if "relay" in roles and config.smtp.enabled:
         from relay.server import bind_relay
 
         try:
-            relay_sockets = bind_relay(config.smtp)
+            relay_sockets = bind_relay(config.smtp, reuse_port=processes > 1)
         except OSError:
             if http_socket is not None:
                 http_socket.close()
             raise
+    if http_socket is None and relay_sockets is None:
+        processes = 1  # nothing to accept on (e.g. --role relay with smtp.enabled = false)
     child = None
+    config_path = args.config or os.environ.get("PLUNKD_CONFIG")
     if "dispatcher" in roles and roles != {"dispatcher"} and config.delivery.enabled and config.delivery.own_process:
         roles.discard("dispatcher")
-        child = dispatcher_command(args.config or os.environ.get("PLUNKD_CONFIG"))
-    app = create_app(config, roles=roles, dispatcher_command=child, relay_sockets=relay_sockets)
+        child = dispatcher_command(config_path)
+    plan = (AcceptorPlan(acceptor_command(config_path, accepting), processes - 1, http_socket) if processes > 1
+            else None)
+    app = create_app(config, roles=roles, dispatcher_command=child, relay_sockets=relay_sockets, acceptors=plan)
     asyncio.run(serve(app, config, http_socket, f"plunkd ({', '.join(sorted(roles))})"))
     return 0
+
+
+def _handed_over_sockets(handover: Any) -> tuple[Any, Any]:
+    """An acceptor child's listening sockets, from the descriptors the main process handed it."""
+    import socket
+
+    sockets = {fd: socket.socket(fileno=fd) for fd in (handover.http_fd, *(handover.relay_fds or ())) if fd is not None}
+    for sock in sockets.values():
+        sock.setblocking(False)
+    relay = tuple(sockets[fd] for fd in handover.relay_fds) if handover.relay_fds else None
+    return sockets.get(handover.http_fd), relay
 
 
 def cmd_migrate(args: argparse.Namespace, config: Config) -> int:

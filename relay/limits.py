@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import time
 
+from core.host_counts import HostCounts
 from pipeline.submit import header_end
 
 
@@ -44,6 +45,41 @@ class AuthLimiter:
 
     def succeeded(self, address: str) -> None:
         self._attempts.pop(address, None)
+
+
+class HostAuthLimiter(AuthLimiter):
+    """The same rule, counted in the table every acceptor process of this server shares
+    (`core.host_counts`), so `limit` attempts are all an address gets however many acceptors its
+    connections land on."""
+
+    def __init__(self, counts: HostCounts, limit: int, lockout_seconds: float) -> None:
+        super().__init__(limit, lockout_seconds)
+        self.counts = counts
+
+    def _attempts_of(self, address: str) -> int:
+        return self.counts.update(f"auth:{address}", lambda count, since, _now: (
+            count, since, since + self.lockout_seconds))[0]
+
+    def locked(self, address: str) -> bool:
+        return self._attempts_of(address) >= self.limit
+
+    def admit(self, address: str) -> bool:
+        admitted = False
+
+        def count_one(count: int, since: float, now: float) -> tuple[int, float, float]:
+            nonlocal admitted
+            admitted = count < self.limit
+            since = since if count else now
+            return count + admitted, since, since + self.lockout_seconds
+
+        self.counts.update(f"auth:{address}", count_one)
+        return admitted
+
+    def failure_delay(self, address: str) -> float:
+        return min(0.25 * max(self._attempts_of(address), 1), 2.0)
+
+    def succeeded(self, address: str) -> None:
+        self.counts.update(f"auth:{address}", lambda _count, since, _now: (0, since, 0.0))
 
 
 MAX_HEADER_LINES = 1000

@@ -252,11 +252,11 @@ class RelayHandler:
     """aiosmtpd handler: async auth_* methods (the key lookup is a database read) and the hooks."""
 
     def __init__(self, db: Any, keys: KeyCache, settings: RelaySettings,
-                 on_queued: Callable[[], None] | None = None) -> None:
+                 on_queued: Callable[[], None] | None = None, auth_limits: AuthLimiter | None = None) -> None:
         self.db = db
         self.keys = keys
         self.settings = settings
-        self.limits = AuthLimiter(settings.config.auth_failure_limit, settings.config.lockout_seconds)
+        self.limits = auth_limits or AuthLimiter(settings.config.auth_failure_limit, settings.config.lockout_seconds)
         self.on_queued = on_queued
         self._lookups: dict[str, asyncio.Future[Caller | None]] = {}
         self._verified_senders: TtlCache[tuple[str, str], bool] = TtlCache(VERIFIED_SENDER_SECONDS)
@@ -446,14 +446,16 @@ class Relay:
     """Both listeners, served by `loop.create_server` in the running loop (no threaded Controller)."""
 
     def __init__(self, db: Any, keys: KeyCache, config: SmtpConfig, tls: Any, idempotency_hours: int = 24,
-                 on_queued: Callable[[], None] | None = None, max_sessions: int | None = None) -> None:
-        """`max_sessions`: the cap in force (`core.connections.connection_caps`); default the configured one."""
+                 on_queued: Callable[[], None] | None = None, max_sessions: int | None = None,
+                 auth_limits: AuthLimiter | None = None) -> None:
+        """`max_sessions`: the cap in force (`core.connections.connection_caps`); default the configured one.
+        `auth_limits`: the AUTH attempt counts (default this process's own; `HostAuthLimiter` with acceptors)."""
         for key in ("max_sessions", "max_sessions_per_ip", "idle_timeout_seconds", "unauthenticated_lifetime_seconds"):
             if not getattr(config, key) > 0:
                 raise ConfigError(f"config key smtp.{key}: expected a number > 0")
         self.config = config
         self.tls = tls
-        self.handler = RelayHandler(db, keys, RelaySettings(config, idempotency_hours), on_queued)
+        self.handler = RelayHandler(db, keys, RelaySettings(config, idempotency_hours), on_queued, auth_limits)
         cap = max_sessions or config.max_sessions
         self.sessions = SessionLimiter(cap, config.max_sessions_per_ip,
                                        max(math.ceil(cap * config.max_unauthenticated_percent / 100), 1),
@@ -489,16 +491,16 @@ class Relay:
         self.servers = []
 
 
-def bind_relay(config: SmtpConfig) -> tuple[socket.socket, socket.socket]:
+def bind_relay(config: SmtpConfig, reuse_port: bool = False) -> tuple[socket.socket, socket.socket]:
     """The relay's two listening sockets (implicit TLS, STARTTLS): plain TCP even for implicit TLS
     (`RelaySMTP` starts TLS once the connection holds a session slot). A privileged port the process
     may not bind (not root) falls back to port + 2000 with a warning, so the default configuration
-    starts for any user. A port in use is an OSError naming it."""
+    starts for any user. A port in use is an OSError naming it. `reuse_port`: see `listening_socket`."""
     bound: list[socket.socket] = []
     try:
         for port, key in ((config.tls_port, "tls_port"), (config.starttls_port, "starttls_port")):
             try:
-                bound.append(listening_socket(config.host, port))
+                bound.append(listening_socket(config.host, port, reuse_port))
                 continue
             except PermissionError:
                 if not 0 < port < 1024:
@@ -506,7 +508,7 @@ def bind_relay(config: SmtpConfig) -> tuple[socket.socket, socket.socket]:
             fallback = port + PRIVILEGED_PORT_OFFSET
             log.warning("smtp port %d needs root or CAP_NET_BIND_SERVICE; listening on %d instead (set smtp.%s)",
                         port, fallback, key)
-            bound.append(listening_socket(config.host, fallback))
+            bound.append(listening_socket(config.host, fallback, reuse_port))
     except OSError:
         for sock in bound:
             sock.close()

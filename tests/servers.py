@@ -243,9 +243,11 @@ def served_plunkd(workdir: Path, env: dict[str, str] | None = None, *, port: int
     to `workdir/log_name`, and stop it on the way out (`graceful`: SIGTERM and a clean exit; else SIGKILL
     to it and its children, as a crash would).
 
-    The environment is the test's, without PLUNKD_CONFIG, with the data dir `workdir/data` and the HTTP
-    port (`port`, else a free one) set, then `env` on top. `config_only`: no PLUNKD_* variable but `env`'s
-    (the config file decides; give its HTTP port as `port`). `prefix`: words before the command (`setpriv`).
+    The environment is the test's, without PLUNKD_CONFIG, with the data dir `workdir/data`, the HTTP port
+    (`port`, else a free one) and one acceptor process (the default, one per core beyond the first, would make
+    the caps and counts a test sees depend on the machine) set, then `env` on top. `config_only`: no PLUNKD_*
+    variable but `env`'s (the config file decides; give its HTTP port as `port`). `prefix`: words before the
+    command (`setpriv`).
     `wait_for`: "api" (GET /health answers), "port" (the HTTP port accepts) or None (the caller waits).
     `relay`: the SMTP relay on 127.0.0.1 on two free ports (`tls_port`, `starttls_port`). `open_files`: the
     process's RLIMIT_NOFILE, soft and hard (so plunkd cannot raise it). A value None in `env` unsets it."""
@@ -256,7 +258,8 @@ def served_plunkd(workdir: Path, env: dict[str, str] | None = None, *, port: int
             full_env.pop(name)
     else:
         full_env.pop("PLUNKD_CONFIG", None)
-        full_env.update({"PLUNKD_SERVER_DATA_DIR": str(workdir / "data"), "PLUNKD_SERVER_HTTP_PORT": str(port)})
+        full_env.update({"PLUNKD_SERVER_DATA_DIR": str(workdir / "data"), "PLUNKD_SERVER_HTTP_PORT": str(port),
+                         "PLUNKD_SERVER_PROCESSES": "1"})
     tls_port = starttls_port = None
     if relay:
         tls_port, starttls_port = free_port(), free_port()
