@@ -173,6 +173,7 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
     from maintenance.pruner import Pruner
     from pipeline.deferred import DeferredComposer
     from pipeline.links import make_signer
+    from pipeline.return_path import VerpSigner
     from pipeline.tracking.links import MessageTracker, TrackingSigner
     from webhooks.sender import WebhookSender
 
@@ -190,7 +191,8 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
     composer = DeferredComposer(db.read, links, config.smtp.max_message_bytes)
     dispatcher = Dispatcher(db, transport, send_rate_limiter(db, rate), config.delivery,
                             compose_deferred=composer, record_bounce=smtp_bounce,
-                            track=MessageTracker(TrackingSigner(links)))
+                            track=MessageTracker(TrackingSigner(links)),
+                            verp=VerpSigner(links, config.inbound.verp_days))
     workflows = WorkflowScheduler(db, links, dispatcher.wake, min(config.delivery.poll_seconds, 0.2),
                                   webhooks=config.webhooks, max_bytes=config.smtp.max_message_bytes)
     webhooks = WebhookSender(db, config.webhooks)
