@@ -123,10 +123,10 @@ class SessionSMTP(ChunkedData, SMTP):
         self._lifetime_handle = None
         if self.session is None or self.session.authenticated or self.transport is None:
             return
-        log.info("smtp session from %s closed: not authenticated within %g s", self.client_address,
-                 self.unauthenticated_lifetime)
-        self._writer.write(f"421 4.4.2 {self.hostname} Error: not authenticated within "
-                           f"{self.unauthenticated_lifetime:g} s; closing connection\r\n".encode())
+        why = f"not authenticated within {self.unauthenticated_lifetime:g} s" if self._auth_required \
+            else f"session longer than {self.unauthenticated_lifetime:g} s"
+        log.info("smtp session from %s closed: %s", self.client_address, why)
+        self._writer.write(f"421 4.4.2 {self.hostname} Error: {why}; closing connection\r\n".encode())
         self.transport.close()
 
     def _release_session(self) -> None:
@@ -201,6 +201,9 @@ class SessionSMTP(ChunkedData, SMTP):
 
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
+        if not self._auth_required:  # a face without AUTH (inbound) neither offers nor takes it
+            await self.push("502 5.5.1 AUTH is not offered here")
+            return
         await super().smtp_AUTH(arg)
         if self.session is not None and self.session.authenticated and not self._logged_in:
             self._logged_in = True
@@ -214,6 +217,8 @@ class SessionSMTP(ChunkedData, SMTP):
 
     async def push(self, status: Any) -> None:
         if isinstance(status, str):
+            if not self._auth_required and status.startswith("250-AUTH"):
+                return
             status = REPLY_REWRITES.get(status, status)
         await super().push(status)
 
