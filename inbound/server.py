@@ -4,7 +4,8 @@ The same session as the relay's (`core.smtp_session.SessionSMTP`: session caps, 
 chunked DATA, STARTTLS offered) with no AUTH, so a session's whole life is bounded
 (`inbound.session_lifetime_seconds`). RCPT TO is accepted only for
 
-* a VERP address (`pipeline.return_path`) whose token is valid and whose email still exists, or
+* a VERP address (`pipeline.return_path`) whose token is valid (HMAC-checked, no database read; a report
+  for an email pruned since is taken and dropped), or
 * an address an inbound route matches (`inbound.routes.RouteBook`, handed in by the app),
 
 and anything else gets `550 5.1.1`, including every relay trick (`user%host@`, `@a:b@c` source routes,
@@ -37,7 +38,6 @@ from inbound.reports import parse_report
 from inbound.routes import NoRoutes, RouteBook
 from pipeline.domains import DOMAIN_PATTERN
 from pipeline.return_path import VerpSigner
-from storage import feedback as feedback_store
 
 log = logging.getLogger("plunkd.inbound")
 NO_SUCH_MAILBOX = "550 5.1.1 No such mailbox here"
@@ -102,8 +102,7 @@ class InboundHandler:
             return None
         email_id = self.verp.email_id(address)
         if email_id is not None:
-            exists = await self.db.read(feedback_store.email_project, email_id) is not None
-            return VerpRecipient(email_id) if exists else None
+            return VerpRecipient(email_id)
         match = await self.routes.match(address)
         return None if match is None else RoutedRecipient(match)
 

@@ -80,11 +80,6 @@ def email_by_id(session: Session, email_id: str) -> FeedbackEmail | None:
     return None if row is None else FeedbackEmail(*row)
 
 
-def email_project(session: Session, email_id: str) -> str | None:
-    """The project of the email `email_id`, or None when there is no such email (anymore)."""
-    return session.connection().execute(select(_EMAIL.c.project_id).where(_EMAIL.c.id == email_id)).scalar()
-
-
 def email_ids_by_message_id(session: Session, project_id: str, message_id: str, limit: int) -> list[str]:
     """The project's emails sent with the Message-ID `message_id` (ix_emails_message_id)."""
     return list(session.connection().execute(_BY_MESSAGE_ID, {"p": project_id, "m": message_id,
