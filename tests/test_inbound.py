@@ -14,7 +14,6 @@ from delivery.dispatcher import Dispatcher
 from delivery.transports import SmtpTransport
 from pipeline.links import LinkSigner
 from pipeline.return_path import VerpSigner, today
-from storage import projects as project_store
 from storage.models import EmailStatus
 from tests.inbound_kit import (
     INBOUND_HOST,
@@ -149,7 +148,15 @@ async def test_relayed_mail_keeps_its_mail_from_unless_the_project_chose_verp(in
     kept = await api.db.write(queue)
     transport = SmtpTransport(smarthost(inbound.sink))
     await dispatch_all(Dispatcher(api.db, transport, TokenBucket(0), settings(), verp=inbound.verp))
-    await api.db.write(lambda s: project_store.set_verp_relay(s, api.project_id, True))
+    status, body = await api.call("GET", "/settings/return-path")
+    assert status == 200 and body["data"] == {"verpRelay": False}, body
+    for bad in ({"verpRelay": "yes"}, {}, {"verpRelay": None}):
+        status, body = await api.call("PATCH", "/settings/return-path", json=bad)
+        assert status == 422 and body["error"]["code"] == "VALIDATION_ERROR", (bad, body)
+    anonymous = await api.client.patch("/settings/return-path", json={"verpRelay": True})
+    assert anonymous.status == 401
+    status, body = await api.call("PATCH", "/settings/return-path", json={"verpRelay": True})
+    assert status == 200 and body["data"] == {"verpRelay": True}, body
     chosen = await api.db.write(queue)
     await dispatch_all(Dispatcher(api.db, transport, TokenBucket(0), settings(), verp=inbound.verp))
     await transport.close()
