@@ -91,8 +91,10 @@ def normalize_return_path(name: str, domain_name: str) -> str:
     return_path = name.removesuffix(".").lower()
     if (not DOMAIN_PATTERN.fullmatch(name) or len(return_path) > MAX_DOMAIN_LENGTH
             or not return_path.endswith(f".{domain_name}")):
-        raise ValidationFailed([FieldError("returnPath", f"'{name}' is not a subdomain of {domain_name}",
-                                           "invalid_string")])
+        problem = f"'{name}' is not a subdomain of {domain_name}"
+        raise ValidationFailed([FieldError("returnPath", problem, "invalid_string")],
+                               message=f"The return path {problem}",
+                               suggestion=f"Use a subdomain such as bounces.{domain_name} (SPF then aligns for DMARC).")
     return return_path
 
 

@@ -301,3 +301,22 @@ async def test_a_dsn_that_overtakes_the_record_of_its_send_is_deferred(inbound):
     assert reply == (451, b"4.3.0 The email this report is about is still being sent; try again later")
     assert (await email_row(inbound.api, email_id)).status == EmailStatus.QUEUED
     assert await suppressed(inbound.api) == {}
+
+
+def test_domain_add_prints_the_return_paths_mx_and_spf(tmp_path, database_url):
+    from tests.test_cli_and_config import failure_lines, plunkd
+
+    env = {"PLUNKD_DATABASE_URL": database_url, "PLUNKD_SERVER_INBOUND_HOST": INBOUND_HOST}
+    assert plunkd(tmp_path, "project", "create", "--name", "shop", "--from-email", "hi@shop.example",
+                  env=env).returncode == 0
+    added = plunkd(tmp_path, "domain", "add", "shop.example", "--project", "shop", "--return-path",
+                   "bounces.shop.example", env=env)
+    assert added.returncode == 0, added.stderr
+    assert "return path bounces.shop.example: NOT verified" in added.stdout
+    assert f"return_path_mx MX bounces.shop.example\n        10 {INBOUND_HOST}." in added.stdout
+    assert "return_path_spf TXT bounces.shop.example\n        v=spf1 a mx ~all" in added.stdout
+    refused = plunkd(tmp_path, "domain", "add", "other.example", "--project", "shop", "--return-path",
+                     "bounces.shop.example", env=env)
+    assert refused.returncode == 1 and failure_lines(refused.stderr) == [
+        "plunkd: The return path 'bounces.shop.example' is not a subdomain of other.example"], \
+        refused.stderr
