@@ -5,6 +5,8 @@ nothing else), over real SMTP sessions with STARTTLS on loopback."""
 from __future__ import annotations
 
 import asyncio
+import smtplib
+import ssl
 
 import pytest
 
@@ -320,3 +322,24 @@ def test_domain_add_prints_the_return_paths_mx_and_spf(tmp_path, database_url):
     assert refused.returncode == 1 and failure_lines(refused.stderr) == [
         "plunkd: The return path 'bounces.shop.example' is not a subdomain of other.example"], \
         refused.stderr
+
+
+def test_plunkd_serve_takes_inbound_mail_on_its_port_with_starttls(tmp_path, database_url):
+    """The served app's own wiring: inbound.enabled starts the listener (STARTTLS offered with the relay's
+    certificate, no AUTH) and refuses an address that is no VERP address."""
+    from tests.servers import free_port, port_open, served_plunkd
+
+    inbound_port = free_port()
+    env = {"PLUNKD_DATABASE_URL": database_url, "PLUNKD_INBOUND_ENABLED": "true",
+           "PLUNKD_INBOUND_PORT": str(inbound_port), "PLUNKD_DELIVERY_ENABLED": "false"}
+    with served_plunkd(tmp_path, env) as server:
+        server.wait(lambda: port_open(inbound_port), 30, "the inbound port")
+        with smtplib.SMTP("127.0.0.1", inbound_port, timeout=30) as client:
+            client.ehlo("mta.example.net")
+            assert client.has_extn("starttls") and not client.has_extn("auth")
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            client.starttls(context=context)
+            client.ehlo("mta.example.net")
+            client.mail("")
+            assert client.rcpt(f"b+forged.token@{RETURN_PATH}") == NO_SUCH_MAILBOX
