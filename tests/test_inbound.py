@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
+import socket
 import ssl
+import time
 
 import pytest
 
@@ -343,3 +345,23 @@ def test_plunkd_serve_takes_inbound_mail_on_its_port_with_starttls(tmp_path, dat
             client.ehlo("mta.example.net")
             client.mail("")
             assert client.rcpt(f"b+forged.token@{RETURN_PATH}") == NO_SUCH_MAILBOX
+
+
+async def test_inbound_sessions_are_capped_and_bounded_in_time(api, dns_config, dns_server, test_ca, tmp_path):
+    env = await start_inbound(api, dns_config, dns_server, test_ca, tmp_path, max_sessions_per_ip=1,
+                              session_lifetime_seconds=1.5, idle_timeout_seconds=30)
+
+    def sessions() -> tuple[bytes, tuple[int, bytes]]:
+        with smtplib.SMTP("127.0.0.1", env.port, timeout=30) as first:
+            first.ehlo("mta.example.net")
+            with socket.create_connection(("127.0.0.1", env.port), timeout=10) as second:
+                refused = second.recv(200)
+            time.sleep(2.0)
+            return refused, first.getreply()
+
+    try:
+        refused, closed = await asyncio.to_thread(sessions)
+    finally:
+        await env.inbound.stop()
+    assert refused == b"421 4.7.0 Too many connections, try again later\r\n"
+    assert closed == (421, b"4.4.2 localhost Error: session longer than 1.5 s; closing connection")
