@@ -25,7 +25,8 @@ class AddDomainBody(Body):
                       WithJsonSchema({"type": "string", "minLength": 1, "maxLength": rules.MAX_DOMAIN_LENGTH,
                                       "pattern": f"^{rules.DOMAIN_NAME}$"})]
     returnPath: Annotated[str | None, StringConstraints(min_length=1, max_length=rules.MAX_DOMAIN_LENGTH),
-                          WithJsonSchema({"type": "string", "minLength": 1, "maxLength": rules.MAX_DOMAIN_LENGTH,
+                          WithJsonSchema({"type": ["string", "null"], "minLength": 1,
+                                          "maxLength": rules.MAX_DOMAIN_LENGTH,
                                           "pattern": f"^{rules.DOMAIN_NAME}$"})] = None
     """The MAIL FROM subdomain (e.g. bounces.example.com): bounces come back to VERP addresses on it."""
 
