@@ -58,6 +58,9 @@ class SessionSMTP(ChunkedData, SMTP):
     any handshake and without a reply: a 421 in clear text means nothing to a client that expects TLS,
     and the handshake is the expensive part a flood should not get. On 587 such a connection gets
     `421 4.7.0 Too many connections, try again later` in clear text, then the close.
+
+    A face that does not require AUTH (`auth_required=False`, inbound mail) neither offers nor takes it,
+    counts every byte it receives as progress, and `unauthenticated_lifetime` bounds its whole session.
     """
 
     def __init__(self, *args: Any, sessions: SessionLimiter, unauthenticated_lifetime: float,
