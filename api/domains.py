@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from aiohttp import web
 from pydantic import StringConstraints, WithJsonSchema
@@ -13,41 +13,53 @@ from api.routing import Route, caller
 from api.schemas import DomainOut, DomainPage
 from api.serialize import page_json
 from api.validation import PAGE_QUERY, Body, page_params, read_body
+from core.config import Config
 from delivery.ses import ses_identity_verified
 from pipeline import domains as rules
 from storage import domains as domain_store
+from storage.models import Domain
 
 
 class AddDomainBody(Body):
     domain: Annotated[str, StringConstraints(min_length=1, max_length=rules.MAX_DOMAIN_LENGTH),
                       WithJsonSchema({"type": "string", "minLength": 1, "maxLength": rules.MAX_DOMAIN_LENGTH,
                                       "pattern": f"^{rules.DOMAIN_NAME}$"})]
+    returnPath: Annotated[str | None, StringConstraints(min_length=1, max_length=rules.MAX_DOMAIN_LENGTH),
+                          WithJsonSchema({"type": ["string", "null"], "minLength": 1,
+                                          "maxLength": rules.MAX_DOMAIN_LENGTH,
+                                          "pattern": f"^{rules.DOMAIN_NAME}$"})] = None
+    """The MAIL FROM subdomain (e.g. bounces.example.com): bounces come back to VERP addresses on it."""
+
+
+def shown(domain: Domain, config: Config) -> dict[str, Any]:
+    return rules.domain_json(domain, config.delivery.transport, rules.inbound_host(config))
 
 
 async def add_domain(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     body = await read_body(request, AddDomainBody)
     domain = await rules.add_new_domain(request.app[DB], caller(request).project_id, body.domain,
-                                        config.delivery.dkim_selector, config.api.max_domains_per_project)
-    return success(rules.domain_json(domain, config.delivery.transport))
+                                        config.delivery.dkim_selector, config.api.max_domains_per_project,
+                                        body.returnPath)
+    return success(shown(domain, config))
 
 
 async def list_domains(request: web.Request) -> web.Response:
     limit, cursor = page_params(request)
     page = await request.app[DB].read(domain_store.page_domains, caller(request).project_id, limit, cursor)
-    transport = request.app[CONFIG].delivery.transport
-    return success(page_json(page, lambda domain: rules.domain_json(domain, transport)))
+    config = request.app[CONFIG]
+    return success(page_json(page, lambda domain: shown(domain, config)))
 
 
 async def get_domain(request: web.Request) -> web.Response:
     domain = await request.app[DB].read(rules.require_domain, caller(request).project_id, request.match_info["id"])
-    return success(rules.domain_json(domain, request.app[CONFIG].delivery.transport))
+    return success(shown(domain, request.app[CONFIG]))
 
 
 async def delete_domain(request: web.Request) -> web.Response:
     project_id, id_or_name = caller(request).project_id, request.match_info["id"]
     domain = await request.app[DB].write(lambda s: rules.delete_domain(s, project_id, id_or_name))
-    return success(rules.domain_json(domain, request.app[CONFIG].delivery.transport))
+    return success(shown(domain, request.app[CONFIG]))
 
 
 async def verify_domain(request: web.Request) -> web.Response:
@@ -56,7 +68,7 @@ async def verify_domain(request: web.Request) -> web.Response:
     domain = await db.read(rules.require_domain, caller(request).project_id, request.match_info["id"])
     check = await rules.verify(domain, config, ses_identity_verified)
     domain = await db.write(lambda s: rules.save_check(s, domain.id, check))
-    return success(rules.domain_json(domain, config.delivery.transport))
+    return success(shown(domain, config))
 
 
 ROUTES = [

@@ -97,7 +97,7 @@ class Sent(Out):
 
 
 class DnsRecordOut(Out):
-    purpose: Literal["dkim", "spf", "dmarc"]
+    purpose: Literal["dkim", "spf", "dmarc", "return_path_mx", "return_path_spf"]
     type: str
     name: str
     value: str
@@ -109,6 +109,8 @@ class DomainOut(Out):
     verified: bool
     verifiedAt: datetime | None
     selector: str
+    returnPath: str | None
+    returnPathVerified: bool
     records: list[DnsRecordOut]
     lastCheck: dict[str, Any]
     createdAt: datetime

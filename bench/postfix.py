@@ -279,8 +279,16 @@ smtpd_recipient_restrictions =
 """
 
 
-def master_cf(port: int) -> str:
-    """Only the listener and the internal services that accepting and delivering need; nothing chrooted."""
+SMTP_CLIENT_SERVICES = """\
+smtp       unix  - - n - - smtp
+scache     unix  - - n - 1 scache
+"""
+"""master.cf lines for a private Postfix that also delivers over SMTP (tests/test_inbound_postfix.py)."""
+
+
+def master_cf(port: int, extra_services: str = "") -> str:
+    """Only the listener and the internal services that accepting and delivering need (and `extra_services`);
+    nothing chrooted."""
     return f"""\
 127.0.0.1:{port} inet n - n - - smtpd
 cleanup    unix  n - n - 0 cleanup
@@ -297,7 +305,7 @@ virtual    unix  - n n - - virtual
 error      unix  - - n - - error
 retry      unix  - - n - - error
 postlog    unix-dgram n - n - 1 postlogd
-"""
+""" + extra_services
 
 
 def write_sasldb(sasl: Path, password: str) -> None:
@@ -328,7 +336,7 @@ def master_pid(folder: Path, timeout: float = 15.0) -> int:
 
 @contextlib.contextmanager
 def private_postfix(folder: Path, port: int, cert: Path, key: Path, password: str,
-                    delivery: str) -> Iterator[int]:
+                    delivery: str, extra_services: str = "") -> Iterator[int]:
     """Start Postfix from a configuration in `folder` (yields its master's pid); always stopped again
     with `postfix -c DIR stop`. `delivery` is the main.cf part that says where accepted mail goes."""
     config = folder / "etc"
@@ -339,7 +347,7 @@ def private_postfix(folder: Path, port: int, cert: Path, key: Path, password: st
     folder.chmod(0o755)
     shutil.chown(folder / "data", "postfix", "postfix")
     (config / "main.cf").write_text(main_cf(folder, cert, key, delivery))
-    (config / "master.cf").write_text(master_cf(port))
+    (config / "master.cf").write_text(master_cf(port, extra_services))
     write_sasldb(sasl, password)
     try:
         started = postfix_command(config, "start")

@@ -48,6 +48,8 @@ class ServerConfig:
     processes: int = 0
     """Acceptor processes (API + SMTP relay) sharing the ports with SO_REUSEPORT; 0: one per core beyond the
     first, at least one (`acceptor_processes`)."""
+    inbound_host: str = ""
+    """The host name of plunkd's inbound SMTP, the MX a domain's return path publishes; empty: smtp.hostname."""
 
 
 def acceptor_processes(server: ServerConfig) -> int:
@@ -107,6 +109,26 @@ class SmtpConfig:
     max_unauthenticated_percent: int = 50
     """Share of max_sessions that sessions not (yet) authenticated may hold; the rest is kept for
     sessions that logged in."""
+
+
+@dataclass
+class InboundConfig:
+    """Inbound SMTP (`inbound.server`): bounces (DSNs) and complaint reports (ARF) to VERP addresses, routed mail."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 25
+    """Falls back to 2525 for a user who may not bind 25."""
+    hostname: str = "localhost"
+    max_message_bytes: int = 10 * 1024 * 1024
+    max_recipients: int = 50
+    max_sessions: int = 200
+    max_sessions_per_ip: int = 20
+    idle_timeout_seconds: float = 60.0
+    session_lifetime_seconds: float = 600.0
+    """A session is closed (`421 4.4.2`) this long after it began, whatever it sends."""
+    verp_days: int = 30
+    """A VERP address is accepted this many days after the email was sent; a later bounce is refused at RCPT."""
 
 
 @dataclass
@@ -266,6 +288,7 @@ class Config:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    inbound: InboundConfig = field(default_factory=InboundConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
@@ -371,6 +394,9 @@ def _validate(config: Config) -> None:
         (config.api.max_data_bytes > 0, "api.max_data_bytes", "a number > 0"),
         (config.api.max_domains_per_project > 0, "api.max_domains_per_project", "a number > 0"),
         (config.smtp.max_recipients > 0, "smtp.max_recipients", "a number > 0"),
+        *((getattr(config.inbound, key) > 0, f"inbound.{key}", "a number > 0") for key in (
+            "max_message_bytes", "max_recipients", "max_sessions", "max_sessions_per_ip", "idle_timeout_seconds",
+            "session_lifetime_seconds", "verp_days")),
         (config.smtp.max_message_bytes > 0, "smtp.max_message_bytes", "a number > 0"),
         (config.smtp.unauthenticated_lifetime_seconds > 0, "smtp.unauthenticated_lifetime_seconds", "a number > 0"),
         (0 < config.smtp.max_unauthenticated_percent <= 100, "smtp.max_unauthenticated_percent",
@@ -410,7 +436,7 @@ def _validate(config: Config) -> None:
     checks += [(config.feedback.sns_max_age_seconds > 0, "feedback.sns_max_age_seconds", "a number > 0"),
                (config.feedback.sns_max_body_bytes > 0, "feedback.sns_max_body_bytes", "a number > 0"),
                (config.feedback.sns_fetch_timeout_seconds > 0, "feedback.sns_fetch_timeout_seconds", "a number > 0")]
-    for port_key in ("server.http_port", "smtp.tls_port", "smtp.starttls_port", "dns.port"):
+    for port_key in ("server.http_port", "smtp.tls_port", "smtp.starttls_port", "inbound.port", "dns.port"):
         section, key = port_key.split(".")
         port = getattr(getattr(config, section), key)
         checks.append((0 <= port <= 65535, port_key, "a port number 0-65535"))

@@ -48,6 +48,10 @@ OUTBOX_OLDEST_DUE = Gauge("plunkd_outbox_oldest_due_seconds", "How long the long
                           "due (0: none due)", multiprocess_mode="mostrecent")
 SMTP_SESSIONS_OPEN = Gauge("plunkd_smtp_sessions_open", "SMTP sessions open now", multiprocess_mode="livesum")
 SMTP_SESSIONS = Counter("plunkd_smtp_sessions", "SMTP sessions accepted")
+INBOUND_MESSAGES = Counter("plunkd_inbound_messages", "Messages taken by inbound SMTP, by what they were (dsn, "
+                           "arf, routed, dropped: a reply to a VERP address that is neither a DSN nor an ARF "
+                           "report, or a report naming no email)", ["kind"])
+INBOUND_REFUSED = Counter("plunkd_inbound_refused_recipients", "RCPT TO refused by inbound SMTP (550 5.1.1)")
 SMTP_AUTH_FAILURES = Counter("plunkd_smtp_auth_failures", "SMTP AUTH attempts refused")
 HTTP_DURATION = Histogram("plunkd_http_request_duration_seconds", "HTTP requests by route template, method and "
                           "status", ["route", "method", "status"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from core.config import Config
 from dashboard.context import CONFIG, DB
 from dashboard.routing import Answer, Ctx, Page, form_of, wants_json
 from delivery.ses import ses_identity_verified
@@ -15,16 +16,20 @@ from storage.models import Domain, Role
 from storage.pagination import is_valid_cursor
 
 PAGE_SIZE = 50
-PURPOSES = {"dkim": "DKIM (required)", "spf": "SPF (required)", "dmarc": "DMARC (advised)"}
+PURPOSES = {"dkim": "DKIM (required)", "spf": "SPF (required)", "dmarc": "DMARC (advised)",
+            "return_path_mx": "Return path MX (bounces come back)", "return_path_spf": "Return path SPF"}
+CHECKED_AS = {"return_path_mx": "returnPath", "return_path_spf": "returnPath"}
+"""The last check's key for a record whose result is not stored under its purpose (both return-path records)."""
 
 
-def shown(domain: Domain, transport: str) -> dict[str, Any]:
+def shown(domain: Domain, config: Config) -> dict[str, Any]:
     """The API's JSON of the domain, each record with its result in the last check."""
-    data = rules.domain_json(domain, transport)
+    data = rules.domain_json(domain, config.delivery.transport, rules.inbound_host(config))
     check = data["lastCheck"]
     for record in data["records"]:
         record["label"] = PURPOSES.get(record["purpose"], record["purpose"])
-        record["lastResult"] = check.get(record["purpose"]) if isinstance(check.get(record["purpose"]), bool) else None
+        result = check.get(CHECKED_AS.get(record["purpose"], record["purpose"]))
+        record["lastResult"] = result if isinstance(result, bool) else None
     return data
 
 
@@ -35,8 +40,8 @@ async def domain_list(ctx: Ctx, status: int = 200, **more: Any) -> Answer:
     if cursor is not None and not is_valid_cursor(cursor):
         cursor, notice = None, "That page link is not valid: showing the first page."
     page = await request.app[DB].read(domain_store.page_domains, ctx.project_id, PAGE_SIZE, cursor)
-    transport = request.app[CONFIG].delivery.transport
-    return Answer("domains.html", {"domains": [shown(d, transport) for d in page.items], "total": page.total,
+    config = request.app[CONFIG]
+    return Answer("domains.html", {"domains": [shown(d, config) for d in page.items], "total": page.total,
                                    "nextCursor": page.next_cursor, "notice": notice, **more}, status=status)
 
 
@@ -59,14 +64,13 @@ async def add_domain(ctx: Ctx) -> Answer:
                                  newDomain=name[:rules.MAX_DOMAIN_LENGTH + 10])
     return Answer(redirect=f"/projects/{ctx.project_id}/domains/{domain.id}", status=201,
                   flash=f"{domain.name} added: publish its records, then verify",
-                  data=shown(domain, config.delivery.transport))
+                  data=shown(domain, config))
 
 
 async def domain_page(ctx: Ctx) -> Answer:
     domain = await ctx.request.app[DB].read(rules.require_domain, ctx.project_id,
                                             ctx.request.match_info["domain"][:rules.MAX_DOMAIN_LENGTH])
-    transport = ctx.request.app[CONFIG].delivery.transport
-    return Answer("domain.html", shown(domain, transport))
+    return Answer("domain.html", shown(domain, ctx.request.app[CONFIG]))
 
 
 async def verify_domain(ctx: Ctx) -> Answer:
@@ -78,7 +82,7 @@ async def verify_domain(ctx: Ctx) -> Answer:
     domain = await db.write(lambda s: rules.save_check(s, domain.id, check))
     flash = f"{domain.name} is verified" if domain.verified else f"{domain.name} is not verified yet"
     return Answer(redirect=f"/projects/{ctx.project_id}/domains/{domain.id}", flash=flash,
-                  data=shown(domain, config.delivery.transport))
+                  data=shown(domain, config))
 
 
 async def delete_domain(ctx: Ctx) -> Answer:

@@ -14,7 +14,9 @@ Campaign and workflow mail is stored as a deferred spec; `compose_deferred` (han
 it for its recipient, or says not to send it; a `PipelineError` it raises (a message over the size limit)
 fails the email with that reason, for good. A transport's bounce (the
 smarthost's 5xx at RCPT or DATA) marks the email BOUNCED, and `record_bounce` (handed in the same way) records
-it in that transaction as delivery feedback records a permanent bounce. `track` (handed in the same way) adds
+it in that transaction as delivery feedback records a permanent bounce. With `verp` (handed in the same way),
+an email whose domain has a verified return path goes out with a VERP envelope sender on it (`envelope_sender`),
+so a bounce that comes later names it. `track` (handed in the same way) adds
 the open pixel and click redirects an email's tracking choice asks for; never with the SES transport, which
 tracks opens and clicks itself.
 """
@@ -41,9 +43,11 @@ from delivery.bucket import TokenBucket
 from delivery.result import SendOutcome, SendResult, Transport
 from pipeline.errors import PipelineError
 from pipeline.events import record_event
+from pipeline.return_path import VerpSigner
 from pipeline.submit import parse_raw_headers
 from storage import campaigns as campaign_store
 from storage import emails as email_store
+from storage import projects as project_store
 from storage.db import Database
 from storage.domains import sender_domain
 from storage.emails import Claimed
@@ -89,8 +93,10 @@ def retry_delay(attempt: int, base: float) -> float:
 class Dispatcher(DueLoop):
     def __init__(self, db: Database, transport: Transport, bucket: TokenBucket, settings: DeliveryConfig,
                  worker: str | None = None, compose_deferred: ComposeDeferred | None = None,
-                 record_bounce: RecordBounce | None = None, track: TrackMessage | None = None) -> None:
+                 record_bounce: RecordBounce | None = None, track: TrackMessage | None = None,
+                 verp: VerpSigner | None = None) -> None:
         self.db = db
+        self.verp = verp
         self.compose_deferred = compose_deferred
         self.record_bounce = record_bounce
         self.track = track if transport.name != "ses" else None
@@ -105,6 +111,7 @@ class Dispatcher(DueLoop):
         self._unrecorded = asyncio.Semaphore(settings.concurrency)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._keys: dict[tuple[str, str], tuple[float, Domain | None]] = {}
+        self._verp_relay: dict[str, tuple[float, bool]] = {}
         self._campaigns: dict[str, tuple[float, asyncio.Future[str | None]]] = {}
         self._send_rate = metrics.SendRate()
         metrics.DISPATCH_RATE_LIMIT.set(bucket.rate)
@@ -125,6 +132,22 @@ class Dispatcher(DueLoop):
         if not handled:
             self._send_rate.publish()  # the window moves on while nothing is sent
         return handled >= self.settings.batch_size
+
+    async def envelope_sender(self, item: Claimed, domain: Domain) -> str | None:
+        """The envelope sender to deliver with: a VERP address on the domain's verified return path, except for
+        mail relayed over SMTP whose project did not choose VERP for it (it keeps its client's MAIL FROM); else
+        the one the email was queued with (None: the From address)."""
+        if self.verp is None or not domain.return_path or not domain.return_path_verified:
+            return item.envelope_sender
+        if item.source == "smtp":
+            now = time.monotonic()
+            cached = self._verp_relay.get(item.project_id)
+            if cached is None or cached[0] <= now:
+                cached = (now + 60.0, await self.db.read(project_store.verp_relay, item.project_id))
+                self._verp_relay[item.project_id] = cached
+            if not cached[1]:
+                return item.envelope_sender
+        return self.verp.address(item.email_id, domain.return_path)
 
     async def run_once(self) -> int:
         """Claim one batch and start sending it (bounded by `concurrency`); return how many."""
@@ -231,6 +254,7 @@ class Dispatcher(DueLoop):
         if domain is None:
             await self._record(item, message_id, SendResult.fail(f"no DKIM key for {domain_name}"))
             return None
+        envelope_sender = await self.envelope_sender(item, domain)
         sign_args = (message, domain.name, domain.dkim_selector, domain.dkim_private_key)
         try:
             if len(message) > INLINE_SIGN_BYTES:
@@ -250,7 +274,7 @@ class Dispatcher(DueLoop):
                 self._unrecorded.release()
                 return None
             return message_id, await self.transport.send(item.sender, [item.recipient], signed,
-                                                         envelope_sender=item.envelope_sender)
+                                                         envelope_sender=envelope_sender)
         except BaseException:
             self._unrecorded.release()
             raise

@@ -5,7 +5,9 @@
   diagnostic, `email.bounce`, the address suppressed for the project, the contact unsubscribed
   (`contact.unsubscribed`, through `pipeline.contacts.record_subscription`). Once per email.
 * bounce, Transient (or Undetermined): `email.bounce` only (once per email); the status stays.
-* complaint: → COMPLAINED, `email.complaint`, suppressed and unsubscribed. Once per email.
+  A DSN to the email's VERP address (`inbound.reports`) is applied by the same rule (`reported_bounce`).
+* complaint: → COMPLAINED, `email.complaint`, suppressed and unsubscribed. Once per email. Also an ARF
+  report (`complained`).
 * open / click: `email.open` / `email.click` every time, with `first` and `count` (this email's nth).
 * reject: → FAILED with SES's reason. send, delay and other kinds change nothing (they are logged).
 
@@ -54,22 +56,34 @@ def _delivery(session: Session, email: FeedbackEmail, data: dict[str, Any], noti
 
 
 def _bounce(session: Session, email: FeedbackEmail, data: dict[str, Any], notice: Notice) -> str:
+    return reported_bounce(session, email, data, notice.permanent, "ses")
+
+
+def reported_bounce(session: Session, email: FeedbackEmail, data: dict[str, Any], permanent: bool,
+                    via: str) -> str:
+    """A bounce reported after the email was sent (an SES notice, a DSN to its VERP address, `via`): the
+    records of a permanent one (BOUNCED, `bounced`), or `email.bounce` alone for a transient one."""
     kind = f"{data.get('bounceType', 'Undetermined')}/{data.get('bounceSubType', 'General')}"
-    if not notice.permanent:
+    if not permanent:
         if feedback_store.count_events(session, email.id, "email.bounce"):
             return f"{kind} bounce: a bounce is already recorded"
         _event(session, email, "email.bounce", data)
-        count_at_commit(session, EMAILS_BOUNCED.labels("ses", "transient"))
+        count_at_commit(session, EMAILS_BOUNCED.labels(via, "transient"))
         return f"{kind} bounce recorded (not suppressed)"
     if email.status == EmailStatus.BOUNCED:
         return f"{kind} bounce: already bounced"
-    count_at_commit(session, EMAILS_BOUNCED.labels("ses", "permanent"))
+    count_at_commit(session, EMAILS_BOUNCED.labels(via, "permanent"))
     diagnostic = data.get("diagnosticCode") or data.get("status") or kind
     feedback_store.set_status(session, email.id, EmailStatus.BOUNCED, error=f"bounced ({kind}): {diagnostic}")
     return f"{kind} bounce: BOUNCED, {bounced(session, email, data, f'bounce ({kind}): {diagnostic}')}"
 
 
 def _complaint(session: Session, email: FeedbackEmail, data: dict[str, Any], notice: Notice) -> str:
+    return complained(session, email, data)
+
+
+def complained(session: Session, email: FeedbackEmail, data: dict[str, Any]) -> str:
+    """A complaint (an SES notice, an ARF report): COMPLAINED, `email.complaint`, suppressed and unsubscribed."""
     if email.status == EmailStatus.COMPLAINED:
         return "complaint already recorded"
     feedback_store.set_status(session, email.id, EmailStatus.COMPLAINED)

@@ -68,12 +68,34 @@ def spf_value(transport: str) -> str:
     return "v=spf1 include:amazonses.com ~all" if transport == "ses" else "v=spf1 a mx ~all"
 
 
-def records(domain: Domain, transport: str) -> list[DnsRecord]:
-    return [
+def inbound_host(config: Any) -> str:
+    """The MX a return path points at: plunkd's inbound SMTP host."""
+    return (config.server.inbound_host or config.smtp.hostname).removesuffix(".").lower()
+
+
+def records(domain: Domain, transport: str, mx_host: str = "") -> list[DnsRecord]:
+    """What to publish; with a return path, also its MX (`mx_host`, plunkd's inbound SMTP) and SPF."""
+    published = [
         DnsRecord("dkim", "TXT", f"{domain.dkim_selector}._domainkey.{domain.name}", dkim_txt(domain.dkim_public_key)),
         DnsRecord("spf", "TXT", domain.name, spf_value(transport)),
         DnsRecord("dmarc", "TXT", f"_dmarc.{domain.name}", f"v=DMARC1; p=none; rua=mailto:dmarc@{domain.name}"),
     ]
+    if domain.return_path:
+        published += [DnsRecord("return_path_mx", "MX", domain.return_path, f"10 {mx_host}."),
+                      DnsRecord("return_path_spf", "TXT", domain.return_path, spf_value(transport))]
+    return published
+
+
+def normalize_return_path(name: str, domain_name: str) -> str:
+    """A return path is a subdomain of its domain (so SPF aligns with the From domain for DMARC)."""
+    return_path = name.removesuffix(".").lower()
+    if (not DOMAIN_PATTERN.fullmatch(name) or len(return_path) > MAX_DOMAIN_LENGTH
+            or not return_path.endswith(f".{domain_name}")):
+        problem = f"'{name}' is not a subdomain of {domain_name}"
+        raise ValidationFailed([FieldError("returnPath", problem, "invalid_string")],
+                               message=f"The return path {problem}",
+                               suggestion=f"Use a subdomain such as bounces.{domain_name} (SPF then aligns for DMARC).")
+    return return_path
 
 
 def check_addable(session: Session, project_id: str, domain_name: str, max_domains: int | None) -> None:
@@ -84,7 +106,7 @@ def check_addable(session: Session, project_id: str, domain_name: str, max_domai
 
 
 def add_domain(session: Session, project_id: str, name: str, selector: str, key: KeyPair | None = None,
-               max_domains: int | None = None) -> Domain:
+               max_domains: int | None = None, return_path: str | None = None) -> Domain:
     """Insert the domain with its DKIM key pair `key`. Made here when not given, which takes 50-300 ms:
     inside the shared write batch that stalls every write of the server, so the API and the CLI use
     `add_new_domain`, which makes it beforehand in a thread."""
@@ -92,17 +114,22 @@ def add_domain(session: Session, project_id: str, name: str, selector: str, key:
     domain_store.lock_project_domains(session, project_id)
     check_addable(session, project_id, domain_name, max_domains)
     private_pem, public_b64 = key or generate_key()
-    return domain_store.insert_domain(session, project_id, domain_name, selector, private_pem, public_b64)
+    domain = domain_store.insert_domain(session, project_id, domain_name, selector, private_pem, public_b64)
+    domain.return_path = None if return_path is None else normalize_return_path(return_path, domain_name)
+    return domain
 
 
-async def add_new_domain(db: Database, project_id: str, name: str, selector: str, max_domains: int) -> Domain:
+async def add_new_domain(db: Database, project_id: str, name: str, selector: str, max_domains: int,
+                         return_path: str | None = None) -> Domain:
     """Check, generate the key pair in a thread (off the event loop and outside any transaction), then
     write. The checks are made again in the write, which a concurrent add may have overtaken; the first
     round only spares a key generation for a request that would be refused."""
     domain_name = normalize_domain(name)
+    if return_path is not None:
+        normalize_return_path(return_path, domain_name)
     await db.read(check_addable, project_id, domain_name, max_domains)
     key = await asyncio.to_thread(generate_key)
-    return await db.write(lambda s: add_domain(s, project_id, domain_name, selector, key, max_domains))
+    return await db.write(lambda s: add_domain(s, project_id, domain_name, selector, key, max_domains, return_path))
 
 
 def delete_domain(session: Session, project_id: str, id_or_name: str) -> Domain:
@@ -141,16 +168,29 @@ async def txt_values(resolver: dns.asyncresolver.Resolver, name: str) -> list[st
     return [b"".join(rdata.strings).decode("utf-8", "replace") for rdata in answer]
 
 
+async def mx_hosts(resolver: dns.asyncresolver.Resolver, name: str) -> list[str]:
+    try:
+        answer = await resolver.resolve(name, "MX")
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.NoNameservers):
+        return []
+    return [rdata.exchange.to_text().removesuffix(".").lower() for rdata in answer]
+
+
 def _compact(value: str) -> str:
     return re.sub(r"\s+", "", value)
 
 
-async def check_dns(domain: Domain, resolver: dns.asyncresolver.Resolver) -> dict[str, Any]:
-    """Look up the three records; DKIM (our exact key) and SPF are required, DMARC is advised."""
+async def check_dns(domain: Domain, resolver: dns.asyncresolver.Resolver, mx_host: str = "") -> dict[str, Any]:
+    """Look up the three records; DKIM (our exact key) and SPF are required, DMARC is advised. A return path
+    (`returnPath` in the result) is verified when its MX names `mx_host` and it has an SPF record; without
+    it the domain still sends, with its From address as the envelope sender."""
     try:
         dkim_found = await txt_values(resolver, f"{domain.dkim_selector}._domainkey.{domain.name}")
         spf_found = await txt_values(resolver, domain.name)
         dmarc_found = await txt_values(resolver, f"_dmarc.{domain.name}")
+        if domain.return_path:
+            return_path_mx = await mx_hosts(resolver, domain.return_path)
+            return_path_spf = await txt_values(resolver, domain.return_path)
     except dns.exception.DNSException as exc:
         return {"verified": False, "error": f"DNS lookup failed: {exc.__class__.__name__}"}
     key_tag = f"p={domain.dkim_public_key}"
@@ -160,6 +200,9 @@ async def check_dns(domain: Domain, resolver: dns.asyncresolver.Resolver) -> dic
         "dmarc": any(v.upper().startswith("V=DMARC1") for v in dmarc_found),
     }
     result["verified"] = result["dkim"] and result["spf"]
+    if domain.return_path:
+        result["returnPath"] = (mx_host in return_path_mx
+                                and any(v.lower().startswith("v=spf1") for v in return_path_spf))
     return result
 
 
@@ -167,14 +210,19 @@ def save_check(session: Session, domain_id: str, check: dict[str, Any]) -> Domai
     """Store the check (each record's result, by purpose) with the time it was made, `checkedAt`."""
     now = utcnow()
     verified = bool(check.get("verified"))
-    return domain_store.save_check(session, domain_id, verified, {**check, "checkedAt": iso(now)},
-                                   now if verified else None)
+    domain = domain_store.save_check(session, domain_id, verified, {**check, "checkedAt": iso(now)},
+                                     now if verified else None)
+    domain.return_path_verified = verified and bool(check.get("returnPath"))
+    session.flush()
+    return domain
 
 
-def domain_json(domain: Domain, transport: str) -> dict[str, Any]:
+def domain_json(domain: Domain, transport: str, mx_host: str = "") -> dict[str, Any]:
     """A domain as the API and the dashboard show it: the records to publish and the last check."""
     return {"id": domain.id, "domain": domain.name, "verified": domain.verified, "verifiedAt": domain.verified_at,
-            "selector": domain.dkim_selector, "records": [r.as_dict() for r in records(domain, transport)],
+            "selector": domain.dkim_selector, "returnPath": domain.return_path,
+            "returnPathVerified": domain.return_path_verified,
+            "records": [r.as_dict() for r in records(domain, transport, mx_host)],
             "lastCheck": domain.last_check or {}, "createdAt": domain.created_at}
 
 
@@ -217,4 +265,4 @@ async def verify(domain: Domain, config: Any,
         verified = await ses_verified(config.delivery.ses, domain.name)
         return {"verified": verified, "method": "ses"}
     resolver = make_resolver(config.dns.nameservers, config.dns.port, config.dns.timeout_seconds)
-    return {**await check_dns(domain, resolver), "method": "dns"}
+    return {**await check_dns(domain, resolver, inbound_host(config)), "method": "dns"}

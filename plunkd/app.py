@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("plunkd")
 RELAY: web.AppKey[Relay] = web.AppKey("relay")
 """The running relay (its actual ports), for tests and logs."""
+INBOUND: web.AppKey[Any] = web.AppKey("inbound")
+"""The running inbound SMTP listener (its actual port), for tests and logs."""
 CONNECTION_CAPS = web.AppKey("connection_caps", ConnectionCaps)
 """The HTTP connection and SMTP session caps in force: the configured ones, or both lowered to fit the
 open-file limit (`core.connections.connection_caps`)."""
@@ -123,6 +125,8 @@ def create_app(config: Config, db: Database | None = None, roles: set[str] | Non
 
         auth_limits = counts and HostAuthLimiter(counts, config.smtp.auth_failure_limit, config.smtp.lockout_seconds)
         app.cleanup_ctx.append(lambda _app: relay_ctx(app, config, db, relay_sockets, auth_limits))
+    if "relay" in roles and config.inbound.enabled and handover is None:
+        app.cleanup_ctx.append(lambda _app: inbound_ctx(app, config, db))
     if "api" in roles and config.delivery.enabled and handover is None:
         app.cleanup_ctx.append(lambda _app: fanout_ctx(app, config, db))
     if acceptors is not None and counts is not None:
@@ -202,17 +206,37 @@ async def handed_over_ctx(app: web.Application, handover: Handover) -> AsyncIter
     yield
 
 
-async def relay_ctx(app: web.Application, config: Config, db: Database, sockets: Any,
-                    auth_limits: Any = None) -> AsyncIterator[None]:
-    """The SMTP relay on both ports, in this event loop; SIGHUP reloads its certificate."""
-    from relay.server import Relay
+def smtp_tls(config: Config) -> Any:
+    """The TLS context of both SMTP faces: smtp.cert_file / key_file, or a self-signed pair made once."""
     from relay.tls import RelayTls, ensure_self_signed
 
     if config.smtp.cert_file:
         cert, key = Path(config.smtp.cert_file), Path(config.smtp.key_file)
     else:
         cert, key = ensure_self_signed(config.data_path / "tls", config.smtp.hostname)
-    tls = RelayTls(cert, key)
+    return RelayTls(cert, key)
+
+
+async def inbound_ctx(app: web.Application, config: Config, db: Database) -> AsyncIterator[None]:
+    """Inbound SMTP (bounces and complaint reports to VERP addresses), in this event loop."""
+    from inbound.server import Inbound
+    from pipeline.links import make_signer
+    from pipeline.return_path import VerpSigner
+
+    links = make_signer(config.server.link_secret, config.data_path, config.server.public_url)
+    inbound = Inbound(db, VerpSigner(links, config.inbound.verp_days), config.inbound, smtp_tls(config).context)
+    await inbound.start()
+    app[INBOUND] = inbound
+    yield
+    await inbound.stop()
+
+
+async def relay_ctx(app: web.Application, config: Config, db: Database, sockets: Any,
+                    auth_limits: Any = None) -> AsyncIterator[None]:
+    """The SMTP relay on both ports, in this event loop; SIGHUP reloads its certificate."""
+    from relay.server import Relay
+
+    tls = smtp_tls(config)
 
     def queued() -> None:
         for wake in app[ON_QUEUED]:
@@ -242,6 +266,7 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
     from maintenance.pruner import Pruner
     from pipeline.deferred import DeferredComposer
     from pipeline.links import make_signer
+    from pipeline.return_path import VerpSigner
     from pipeline.tracking.links import MessageTracker, TrackingSigner
     from webhooks.sender import WebhookSender
 
@@ -259,7 +284,8 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
     composer = DeferredComposer(db.read, links, config.smtp.max_message_bytes)
     dispatcher = Dispatcher(db, transport, send_rate_limiter(db, rate), config.delivery,
                             compose_deferred=composer, record_bounce=smtp_bounce,
-                            track=MessageTracker(TrackingSigner(links)))
+                            track=MessageTracker(TrackingSigner(links)),
+                            verp=VerpSigner(links, config.inbound.verp_days))
     workflows = WorkflowScheduler(db, links, dispatcher.wake, min(config.delivery.poll_seconds, 0.2),
                                   webhooks=config.webhooks, max_bytes=config.smtp.max_message_bytes)
     webhooks = WebhookSender(db, config.webhooks)

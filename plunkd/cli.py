@@ -327,12 +327,14 @@ def cmd_contacts_import(args: argparse.Namespace, config: Config) -> int:
     return asyncio.run(_with_db(args, config, work))
 
 
-def _print_domain(domain, transport: str) -> None:
-    from pipeline.domains import records
+def _print_domain(domain, config: Config) -> None:
+    from pipeline.domains import inbound_host, records
 
     state = "verified" if domain.verified else "NOT verified"
     print(f"{domain.name} ({domain.id}): {state}")
-    for record in records(domain, transport):
+    if domain.return_path:
+        print(f"  return path {domain.return_path}: {'verified' if domain.return_path_verified else 'NOT verified'}")
+    for record in records(domain, config.delivery.transport, inbound_host(config)):
         print(f"  {record.purpose:5} {record.type} {record.name}\n        {record.value}")
 
 
@@ -343,9 +345,9 @@ def cmd_domain_add(args: argparse.Namespace, config: Config) -> int:
     async def work(db) -> int:
         project = await db.read(require_project, args.project)
         domain = await add_new_domain(db, project.id, args.domain, config.delivery.dkim_selector,
-                                      config.api.max_domains_per_project)
+                                      config.api.max_domains_per_project, args.return_path)
         print("Publish these DNS records, then run: plunkd domain verify", domain.name, "--project", args.project)
-        _print_domain(domain, config.delivery.transport)
+        _print_domain(domain, config)
         return 0
 
     return asyncio.run(_with_db(args, config, work))
@@ -369,7 +371,7 @@ def cmd_domain_verify(args: argparse.Namespace, config: Config) -> int:
 
             check = await verify(domain, config, ses_identity_verified)
         domain = await db.write(lambda s: save_check(s, domain.id, check))
-        _print_domain(domain, config.delivery.transport)
+        _print_domain(domain, config)
         print("checks:", ", ".join(f"{k}={v}" for k, v in check.items()))
         return 0 if domain.verified else 2
 
@@ -383,7 +385,7 @@ def cmd_domain_list(args: argparse.Namespace, config: Config) -> int:
     async def work(db) -> int:
         project = await db.read(require_project, args.project)
         for domain in await db.read(list_domains, project.id):
-            _print_domain(domain, config.delivery.transport)
+            _print_domain(domain, config)
         return 0
 
     return asyncio.run(_with_db(args, config, work))
@@ -463,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("domain")
         cmd.add_argument("--project", required=True, help="project id or name")
         cmd.set_defaults(func=func)
+        if action == "add":
+            cmd.add_argument("--return-path", metavar="SUBDOMAIN",
+                             help="MAIL FROM subdomain (e.g. bounces.example.com): bounces come back to plunkd")
         if action == "verify":
             cmd.add_argument("--offline", action="store_true",
                              help="mark it verified without DNS; only with the file transport (for trying plunkd)")

@@ -164,7 +164,11 @@ class Claimed:
     recipient: str
     sender: str
     envelope_sender: str | None
-    """The Return-Path to deliver with; None: the From address (`sender`)."""
+    """The Return-Path to deliver with; None: the From address (`sender`). A VERP address replaces it when the
+    sender's domain has a verified return path (`Dispatcher.envelope_sender`)."""
+    source: str
+    """api, smtp, campaign, workflow...: mail relayed over SMTP keeps its client's MAIL FROM unless its project
+    chose VERP for it."""
     raw: bytes
     suppressed: bool
     content_id: str
@@ -199,7 +203,7 @@ def claim_due(session: Session, worker: str, limit: int, lease_seconds: float, p
     rows = conn.execute(
         select(_OUTBOX.c.id.label("outbox_id"), _OUTBOX.c.attempts, _EMAIL.c.id.label("email_id"),
                _EMAIL.c.project_id, _EMAIL.c.contact_id, _EMAIL.c.recipient, _EMAIL.c.sender,
-               _EMAIL.c.envelope_sender, _CONTENT.c.raw, suppressed.label("suppressed"),
+               _EMAIL.c.envelope_sender, _EMAIL.c.source, _CONTENT.c.raw, suppressed.label("suppressed"),
                _CONTENT.c.id.label("content_id"), _CONTENT.c.deferred, _EMAIL.c.variables, _EMAIL.c.track_opens,
                _EMAIL.c.track_clicks, _EMAIL.c.message_id, _OUTBOX.c.campaign_id)
         .join(_EMAIL, _EMAIL.c.id == _OUTBOX.c.email_id).join(_CONTENT, _CONTENT.c.id == _EMAIL.c.content_id)

@@ -25,6 +25,11 @@ _BY_TRANSPORT_ID = (select(_EMAIL.c.id, _EMAIL.c.project_id, _EMAIL.c.contact_id
                            _EMAIL.c.status)
                     .where(_EMAIL.c.transport_id == bindparam("t")).order_by(_EMAIL.c.id))
 _BY_TRANSPORT_ID_LOCKED = _BY_TRANSPORT_ID.with_for_update()
+_BY_ID = select(_EMAIL.c.id, _EMAIL.c.project_id, _EMAIL.c.contact_id, _EMAIL.c.recipient,
+                _EMAIL.c.status).where(_EMAIL.c.id == bindparam("e"))
+_BY_MESSAGE_ID = (select(_EMAIL.c.id).where(_EMAIL.c.project_id == bindparam("p"),
+                                            _EMAIL.c.message_id == bindparam("m"))
+                  .order_by(_EMAIL.c.id).limit(bindparam("limit")))
 _EVENT_COUNT = (select(func.count()).select_from(_EVENT)
                 .where(_EVENT.c.email_id == bindparam("e"), _EVENT.c.name == bindparam("n")))
 
@@ -66,6 +71,19 @@ def emails_by_transport_id(session: Session, transport_id: str) -> list[Feedback
     rows = session.connection().execute(_BY_TRANSPORT_ID_LOCKED if postgres else _BY_TRANSPORT_ID,
                                         {"t": transport_id})
     return [FeedbackEmail(*row) for row in rows]
+
+
+def email_by_id(session: Session, email_id: str) -> FeedbackEmail | None:
+    """The email a report names (by its VERP token), locked on PostgreSQL as `emails_by_transport_id` locks."""
+    postgres = session.get_bind().dialect.name == "postgresql"
+    row = session.connection().execute(_BY_ID.with_for_update() if postgres else _BY_ID, {"e": email_id}).first()
+    return None if row is None else FeedbackEmail(*row)
+
+
+def email_ids_by_message_id(session: Session, project_id: str, message_id: str, limit: int) -> list[str]:
+    """The project's emails sent with the Message-ID `message_id` (ix_emails_message_id)."""
+    return list(session.connection().execute(_BY_MESSAGE_ID, {"p": project_id, "m": message_id,
+                                                              "limit": limit}).scalars())
 
 
 def set_status(session: Session, email_id: str, status: EmailStatus, error: str | None = None,

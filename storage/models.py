@@ -154,6 +154,8 @@ class Project(Base):
     from_email: Mapped[str] = mapped_column(String(320))
     from_name: Mapped[str] = mapped_column(String(200), default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    verp_relay: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """Mail relayed over SMTP gets a VERP envelope sender too (else it keeps the client's MAIL FROM)."""
 
 
 class ApiKey(Base):
@@ -185,6 +187,10 @@ class Domain(Base):
     verified_at: Mapped[datetime | None] = mapped_column(nullable=True)
     last_check: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    return_path: Mapped[str | None] = mapped_column(String(253), nullable=True)
+    """The MAIL FROM subdomain (e.g. bounces.example.com): when `return_path_verified`, the dispatcher delivers
+    with a VERP envelope sender on it (`pipeline.return_path`)."""
+    return_path_verified: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class Contact(Base):
@@ -245,7 +251,8 @@ class Email(Base):
                       Index("ix_emails_contact_id_id", "contact_id", "id"),
                       Index("ix_emails_project_id_recipient_id", "project_id", "recipient", "id"),
                       Index("ix_emails_project_id_status_id_source", "project_id", "status", "id", "source"),
-                      Index("ix_emails_project_id_source_id", "project_id", "source", "id"))
+                      Index("ix_emails_project_id_source_id", "project_id", "source", "id"),
+                      Index("ix_emails_message_id", "message_id"))
     """The message log's filters: each a range of one index, in id (newest-first) order; a status with a
     source is the status's range with the source read from the same index entries."""
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)

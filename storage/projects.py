@@ -63,6 +63,14 @@ def update_settings(session: Session, project_id: str, name: str, from_email: st
         name=name, from_email=from_email, from_name=from_name))
 
 
+def verp_relay(session: Session, project_id: str) -> bool:
+    return bool(session.execute(select(Project.verp_relay).where(Project.id == project_id)).scalar())
+
+
+def set_verp_relay(session: Session, project_id: str, chosen: bool) -> None:
+    session.execute(update(Project).where(Project.id == project_id).values(verp_relay=chosen))
+
+
 def replace_public_key(session: Session, project_id: str, public_key: str) -> None:
     session.execute(update(Project).where(Project.id == project_id).values(
         public_key_digest=key_digest(public_key), public_key_hint=key_hint(public_key), public_key=public_key))

@@ -31,10 +31,12 @@ from testkit.ports import nothing_listens_on
 
 
 class DnsServer(asyncio.DatagramProtocol):
-    """Answers TXT queries from `records` (name → list of strings); NXDOMAIN otherwise."""
+    """Answers TXT queries from `records` (name → list of strings) and MX queries from `mx` (name → list of
+    "preference host." strings); NXDOMAIN for a name in neither."""
 
     def __init__(self) -> None:
         self.records: dict[str, list[str]] = {}
+        self.mx: dict[str, list[str]] = {}
         self.transport: asyncio.DatagramTransport | None = None
         self.port = 0
 
@@ -47,18 +49,23 @@ class DnsServer(asyncio.DatagramProtocol):
         question = query.question[0]
         name = question.name.to_text().rstrip(".").lower()
         values = self.records.get(name)
+        exchanges = self.mx.get(name)
         if values and question.rdtype == dns.rdatatype.TXT:
             texts = [" ".join(f'"{chunk}"' for chunk in _chunks(v)) for v in values]
             reply.answer.append(dns.rrset.from_text_list(question.name, 60, dns.rdataclass.IN,
                                                          dns.rdatatype.TXT, texts))
-        elif not values:
+        elif exchanges and question.rdtype == dns.rdatatype.MX:
+            reply.answer.append(dns.rrset.from_text_list(question.name, 60, dns.rdataclass.IN,
+                                                         dns.rdatatype.MX, exchanges))
+        elif not values and not exchanges:
             reply.set_rcode(dns.rcode.NXDOMAIN)
         assert self.transport is not None
         self.transport.sendto(reply.to_wire(), addr)
 
     def publish(self, records: list[dict[str, str]]) -> None:
         for record in records:
-            self.records.setdefault(record["name"].lower(), []).append(record["value"])
+            published = self.mx if record.get("type") == "MX" else self.records
+            published.setdefault(record["name"].lower(), []).append(record["value"])
 
 
 def _chunks(value: str) -> list[str]:

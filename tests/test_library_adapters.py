@@ -1,5 +1,5 @@
 """Private parts of pinned libraries that plunkd relies on, each touched in one adapter module
-(relay.stream_reader) or copied (relay.data.ChunkedData.smtp_DATA), checked here against what is
+(core.stream_reader) or copied (core.smtp_data.ChunkedData.smtp_DATA), checked here against what is
 installed: an upgrade that renames, reshapes or stops using one fails this file, not a client's SMTP
 session."""
 
@@ -11,10 +11,10 @@ import inspect
 
 import aiosmtpd.smtp
 
-from relay import stream_reader
+from core import stream_reader
 
 AIOSMTPD_SMTP_DATA_SHA256 = "3a33f30d3fd6d02f39c7d78a08288bffea9170525b62e2161568041ae7e018df"
-"""aiosmtpd 1.4.6's SMTP.smtp_DATA source, which relay.data.ChunkedData.smtp_DATA copies around its own
+"""aiosmtpd 1.4.6's SMTP.smtp_DATA source, which core.smtp_data.ChunkedData.smtp_DATA copies around its own
 read loop."""
 
 
@@ -62,5 +62,5 @@ async def test_aiosmtpd_private_members_the_relay_uses_exist_on_a_live_session()
 def test_aiosmtpd_smtp_data_is_the_one_chunked_data_copies():
     source = inspect.getsource(aiosmtpd.smtp.SMTP.smtp_DATA)
     assert hashlib.sha256(source.encode()).hexdigest() == AIOSMTPD_SMTP_DATA_SHA256, (
-        "aiosmtpd's smtp_DATA changed: review relay.data.ChunkedData.smtp_DATA against it, then update the hash")
+        "aiosmtpd's smtp_DATA changed: review core.smtp_data.ChunkedData.smtp_DATA against it, then update the hash")
 

@@ -457,7 +457,7 @@ ADDRESS_ARGUMENTS = ["<a@example.com>", "<a@example.com> SIZE=100", "a@example.c
 def test_remembered_address_parse_answers_as_aiosmtpd(argument):
     from aiosmtpd.smtp import SMTP
 
-    from relay.server import parsed_address
+    from core.smtp_session import parsed_address
 
     reference = SMTP(handler=None)
     for limit in (0, 64):

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import pytest
 from aiosmtpd.smtp import SMTP
 
-from relay.data import ChunkedData, DotStuffedData, texts_at_most
-from relay.server import RelaySMTP
+from core.smtp_data import ChunkedData, DotStuffedData, texts_at_most
+from core.smtp_session import SessionSMTP as RelaySMTP
 from storage import emails as email_store
 
 SIZE_LIMIT = 4000

@@ -1,4 +1,4 @@
-"""The two private parts of `asyncio.StreamReader` that the chunked DATA reader (`relay.data`) needs,
+"""The two private parts of `asyncio.StreamReader` that the chunked DATA reader (`core.smtp_data`) needs,
 touched here and nowhere else.
 
 StreamReader has no public way to give back bytes it has handed out, and does not expose the line limit

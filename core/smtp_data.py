@@ -25,7 +25,7 @@ import asyncio
 
 from aiosmtpd.smtp import MISSING, SMTP, log
 
-from relay.stream_reader import line_limit, unread
+from core.stream_reader import line_limit, unread
 
 CHUNK_BYTES = 256 * 1024
 """At most this much is taken from the reader per read (whatever it has buffered, up to this)."""
@@ -156,7 +156,7 @@ class ChunkedData(SMTP):
     when it has nothing), and `DotStuffedData` finds the end of data in it. A client may send its
     next commands right behind the end of data (pipelining); those bytes were read along with the
     message, so they are put back at the front of the reader's buffer, where aiosmtpd's command loop
-    reads them next (`relay.stream_reader.unread`: StreamReader has no public unread). Reading only up
+    reads them next (`core.stream_reader.unread`: StreamReader has no public unread). Reading only up
     to the end of data instead (`readuntil` on ".\\r\\n", the only separator that also sees a lone "."
     as the first line) would cost a call per line ending in a dot, and per-line cost is what this
     replaces.
