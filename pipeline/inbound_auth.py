@@ -82,13 +82,14 @@ def check_spf(resolver: dns.resolver.Resolver, client_ip: str, envelope_from: st
     return {"result": result, "domain": domain, "explanation": str(explanation)[:200]}
 
 
-def check_dkim(resolver: dns.resolver.Resolver, raw: bytes) -> dict[str, Any]:
+def check_dkim(resolver: dns.resolver.Resolver, raw: bytes, budget: float) -> dict[str, Any]:
     """DKIM on this thread: `{result, signatures: [{domain, selector, result}]}`; `result` is pass when one
     signature verifies, none without signatures, fail otherwise (temperror when a key lookup timed out)."""
 
     def key_txt(name: bytes, timeout: float = 5) -> bytes | None:
         try:
-            answer = resolver.resolve(name.decode("ascii", "replace"), "TXT", search=False)
+            answer = resolver.resolve(name.decode("ascii", "replace"), "TXT", search=False,
+                                      lifetime=min(timeout, budget, resolver.lifetime))
         except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN, dns.resolver.NoNameservers):
             return None
         except dns.exception.Timeout as exc:
@@ -173,7 +174,7 @@ async def authenticate(raw: bytes, envelope_from: str, client_ip: str, helo: str
     resolver = make_resolver(dns_config.nameservers, dns_config.port, dns_config.timeout_seconds)
     spf_task = loop.run_in_executor(_POOL, functools.partial(check_spf, blocking, client_ip, envelope_from,
                                                              helo, timeout))
-    dkim_task = loop.run_in_executor(_POOL, functools.partial(check_dkim, blocking, raw))
+    dkim_task = loop.run_in_executor(_POOL, functools.partial(check_dkim, blocking, raw, timeout))
     policy_task = asyncio.ensure_future(_policy_or_none(resolver, from_domain))
     done, pending = await asyncio.wait([spf_task, dkim_task, policy_task], timeout=timeout)
     for task in pending:

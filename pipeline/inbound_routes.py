@@ -11,6 +11,7 @@ transaction, committed before `receive` returns (before the server's 250).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,8 @@ from storage.db import Database
 from storage.models import InboundAttachment, InboundMessage, InboundRoute
 
 EVENT = "email.received"
+_LOCAL_PART = re.compile(r"[^\s@\x00-\x1f\x7f\"]+")
+"""A recipient's local part a route may match: unquoted, without white space, controls or a second @."""
 
 
 def normalize_pattern(pattern: str) -> tuple[str, str]:
@@ -125,9 +128,10 @@ class RouteBook:
 
     async def match(self, address: str) -> RouteMatch | None:
         """The route of a verified domain for `address` (any case), exact before wildcard; None otherwise."""
-        address = address.strip().lower()
+        address = address.lower()
         local, at, domain = address.rpartition("@")
-        if not local or not at or len(address) > 320 or not domain_rules.DOMAIN_PATTERN.fullmatch(domain):
+        if (not local or not at or len(local) > 64 or len(address) > 320 or not _LOCAL_PART.fullmatch(local)
+                or not domain_rules.DOMAIN_PATTERN.fullmatch(domain)):
             return None
         route = await self.db.read(store.matching_route, address, domain)
         if route is None:

@@ -31,10 +31,13 @@ from testkit.ports import nothing_listens_on
 
 
 class DnsServer(asyncio.DatagramProtocol):
-    """Answers TXT queries from `records` (name → list of strings); NXDOMAIN otherwise."""
+    """Answers TXT queries from `records` (name → list of strings) and A queries from `addresses` (name →
+    IPv4 addresses, what SPF's `a` mechanism looks up); an empty answer for a name with only the other
+    type; NXDOMAIN otherwise."""
 
     def __init__(self) -> None:
         self.records: dict[str, list[str]] = {}
+        self.addresses: dict[str, list[str]] = {}
         self.transport: asyncio.DatagramTransport | None = None
         self.port = 0
 
@@ -47,11 +50,15 @@ class DnsServer(asyncio.DatagramProtocol):
         question = query.question[0]
         name = question.name.to_text().rstrip(".").lower()
         values = self.records.get(name)
+        addresses = self.addresses.get(name)
         if values and question.rdtype == dns.rdatatype.TXT:
             texts = [" ".join(f'"{chunk}"' for chunk in _chunks(v)) for v in values]
             reply.answer.append(dns.rrset.from_text_list(question.name, 60, dns.rdataclass.IN,
                                                          dns.rdatatype.TXT, texts))
-        elif not values:
+        elif addresses and question.rdtype == dns.rdatatype.A:
+            reply.answer.append(dns.rrset.from_text_list(question.name, 60, dns.rdataclass.IN,
+                                                         dns.rdatatype.A, addresses))
+        elif not values and not addresses:
             reply.set_rcode(dns.rcode.NXDOMAIN)
         assert self.transport is not None
         self.transport.sendto(reply.to_wire(), addr)
