@@ -3,8 +3,9 @@
 The bytes are parsed with the stdlib's compat32 policy (no header is folded or refolded; headers are
 decoded here, each bounded), and the tree is walked depth first under MAX_PARTS and MAX_DEPTH: a message
 over them, or over the size limit, is refused whole (`MessageRefused`, an SMTP reply for the sender),
-never half stored. Text and HTML bodies (decoded, CRLF as LF, NUL dropped) go into the event cut at `event_body_chars` (the whole message
-stays fetchable as /inbound/:id/raw); a filename is made safe and cut at MAX_FILENAME characters.
+never half stored. Text and HTML bodies (decoded, CRLF as LF, NUL dropped) go into the event cut at
+`event_body_chars` (the whole message stays fetchable as /inbound/:id/raw); a filename is made safe and
+cut at MAX_FILENAME characters.
 """
 
 from __future__ import annotations

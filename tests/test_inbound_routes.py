@@ -15,6 +15,8 @@ from email.utils import make_msgid
 
 import dkim
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import select, update
 
 from api.context import CONFIG
@@ -411,3 +413,61 @@ async def test_concurrent_receives_each_commit_one_event(api, sender):
     raws = [message(sender=f"user{i}@{SENDER_DOMAIN}").as_bytes() for i in range(8)]
     await asyncio.gather(*(routes.receive(match, raw, "", CLIENT_IP, "h.example") for raw in raws))
     assert len(await received_events(api)) == 8
+
+
+# --- the parser under hostile input (hypothesis) -----------------------------------------------------------------
+
+HOSTILE_HEADER_VALUES = st.sampled_from([
+    "=?utf-8?q?caf=C3=A9?=", "=?no-such?b?AAAA?=", "=?utf-8?b?not base64!?=", "\u00e9\u00e9", "a" * 3000,
+    "(((((((((((((((((((((((((((", "\"unterminated", "<a@b> <c@d>,,,,", "=?utf-8?q?" + "=FF" * 400 + "?=",
+    "", "x\x00y", "a@b@c"])
+FILENAMES = st.one_of(st.text(max_size=600), st.sampled_from(["../../etc/passwd", "C:\\boot.ini", "\x00.exe",
+                                                              ".", "..", "a;b\"c", "x" * 1000 + ".pdf"]))
+
+
+@st.composite
+def hostile_mime(draw, depth: int = 0) -> bytes:
+    """A MIME entity: random headers from HOSTILE_HEADER_VALUES, a multipart of entities like itself (with
+    boundaries that may repeat an outer one), or a leaf with a random encoding, charset and filename."""
+    headers = b"".join(f"{name}: {draw(HOSTILE_HEADER_VALUES)}\r\n".encode("utf-8", "surrogateescape")
+                       for name in draw(st.lists(st.sampled_from(["From", "To", "Subject", "Message-ID",
+                                                                  "References", "Date", "Reply-To"]), max_size=4)))
+    if depth < 12 and draw(st.booleans()):
+        boundary = draw(st.sampled_from(["b", "b", "bb", "=_x", "a" * 80]))
+        children = draw(st.lists(hostile_mime(depth + 1), max_size=4))
+        body = b"".join(b"--" + boundary.encode() + b"\r\n" + child + b"\r\n" for child in children)
+        closing = b"--" + boundary.encode() + b"--\r\n" if draw(st.booleans()) else b""
+        return (headers + f"Content-Type: multipart/{draw(st.sampled_from(['mixed', 'alternative', 'x']))}; "
+                f"boundary=\"{boundary}\"\r\n\r\n".encode() + body + closing)
+    kind = draw(st.sampled_from(["text/plain", "text/html", "application/pdf", "message/rfc822", "bogus", "a/b/c"]))
+    filename = draw(FILENAMES).replace("\"", "'").replace("\r", "").replace("\n", "")
+    disposition = draw(st.sampled_from(["", "attachment", "inline"]))
+    encoding = draw(st.sampled_from(["", "base64", "quoted-printable", "8bit", "x-uuencode"]))
+    charset = draw(st.sampled_from(["utf-8", "no-such-charset", "utf-16", ""]))
+    return (headers + f"Content-Type: {kind}; charset={charset}\r\n".encode()
+            + (f"Content-Disposition: {disposition}; filename=\"{filename}\"\r\n".encode("utf-8", "surrogateescape")
+               if disposition else b"")
+            + (f"Content-Transfer-Encoding: {encoding}\r\n".encode() if encoding else b"")
+            + b"\r\n" + draw(st.binary(max_size=300)))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.one_of(st.binary(max_size=3000), hostile_mime()))
+def test_the_parser_answers_every_input_quickly_within_its_bounds(raw):
+    started = time.monotonic()
+    try:
+        parsed = parse_message(raw, 200_000, 500)
+    except MessageRefused as refused:
+        assert refused.reply.startswith(("552 5.3.4", "554 5.6.0"))
+        return
+    finally:
+        assert time.monotonic() - started < 1.0, "parsing is bounded in time"
+    assert parsed.text is None or len(parsed.text) <= 500
+    assert parsed.html is None or len(parsed.html) <= 500
+    assert len(parsed.attachments) <= MAX_PARTS and len(parsed.to) <= 100
+    for value in (parsed.from_header, parsed.subject, *parsed.headers.values()):
+        assert len(value) <= 2000 and not set(value) & {"\r", "\n", "\x00"}
+    for attachment in parsed.attachments:
+        assert 0 < len(attachment.filename) <= 255 and not set(attachment.filename) & set("/\\\x00\r\n\"")
+        assert attachment.filename not in (".", "..")
+        assert attachment.content_type.count("/") == 1
