@@ -471,3 +471,39 @@ def test_the_parser_answers_every_input_quickly_within_its_bounds(raw):
         assert 0 < len(attachment.filename) <= 255 and not set(attachment.filename) & set("/\\\x00\r\n\"")
         assert attachment.filename not in (".", "..")
         assert attachment.content_type.count("/") == 1
+
+
+# --- the dashboard's domain page ----------------------------------------------------------------------------------
+
+async def test_the_domain_page_lists_routes_and_adds_and_deletes_them_without_javascript(dash, sender):
+    api = dash.api
+    page_path = f"/projects/{api.project_id}/domains/{sender['id']}"
+    status, page = await dash.owner.get(page_path)
+    assert status == 200 and "No inbound route on this domain." in page
+    response = await dash.owner.post(f"{page_path}/routes", {"pattern": "Help@Example.com"})
+    assert response.status == 303 and response.headers["Location"] == page_path
+    await add_route(api, "*@support.example.com")
+    _, page = await dash.owner.get(page_path)
+    assert "<code>help@example.com</code>" in page and "<code>*@support.example.com</code>" in page
+    assert "Mail to help@example.com now becomes email.received" in page
+
+    response = await dash.owner.post(f"{page_path}/routes", {"pattern": "<script>alert(1)</script>"})
+    assert response.status == 422
+    page = await response.text()
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    response = await dash.owner.post(f"{page_path}/routes", {"pattern": "help@example.com"})
+    assert response.status == 409 and "help@example.com is already routed" in await response.text()
+
+    _, listed = await api.call("GET", "/inbound/routes")
+    help_route = next(r for r in listed["data"]["items"] if r["pattern"] == "help@example.com")
+    response = await dash.owner.post(f"{page_path}/routes/{help_route['id']}/delete", {})
+    assert response.status == 303
+    _, page = await dash.owner.get(page_path)
+    assert "<code>help@example.com</code>" not in page and "Route help@example.com deleted" in page
+
+    viewer = await dash.browser("viewer@example.com", "viewer")
+    status, page = await viewer.get(page_path)
+    assert status == 200 and "<code>*@support.example.com</code>" in page and "Add a route" not in page
+    assert (await viewer.post(f"{page_path}/routes", {"pattern": "x@example.com"})).status == 403
+    assert [r["pattern"] for r in (await api.call("GET", "/inbound/routes"))[1]["data"]["items"]] == [
+        "*@support.example.com"]
