@@ -125,7 +125,7 @@ def require_domain(session: Session, project_id: str, id_or_name: str) -> Domain
 
 
 def make_resolver(nameservers: list[str], port: int, timeout: float,
-                  kind: type[dns.resolver.Resolver] = dns.asyncresolver.Resolver) -> Any:
+                  kind: type[dns.resolver.BaseResolver] = dns.asyncresolver.Resolver) -> Any:
     """A resolver of `kind` (the asyncio one, or `dns.resolver.Resolver` for libraries that block, run in a
     thread) on the configured name servers (none: the system's), each lookup bounded by `timeout`."""
     resolver = kind(configure=not nameservers)

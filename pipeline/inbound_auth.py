@@ -131,7 +131,9 @@ def organizational_domain(domain: str) -> str:
 
 
 def aligned(one: str | None, other: str | None) -> bool:
-    return bool(one and other) and organizational_domain(one) == organizational_domain(other)
+    if not one or not other:
+        return False
+    return organizational_domain(one) == organizational_domain(other)
 
 
 async def dmarc_policy(resolver: Any, from_domain: str) -> str | None:
@@ -176,7 +178,8 @@ async def authenticate(raw: bytes, envelope_from: str, client_ip: str, helo: str
                                                              helo, timeout))
     dkim_task = loop.run_in_executor(_POOL, functools.partial(check_dkim, blocking, raw, timeout))
     policy_task = asyncio.ensure_future(_policy_or_none(resolver, from_domain))
-    done, pending = await asyncio.wait([spf_task, dkim_task, policy_task], timeout=timeout)
+    checks: list[asyncio.Future[Any]] = [spf_task, dkim_task, policy_task]
+    done, pending = await asyncio.wait(checks, timeout=timeout)
     for task in pending:
         task.cancel()
     spf_result = spf_task.result() if spf_task in done else {**TIMED_OUT, "domain": None}

@@ -91,7 +91,7 @@ def parse_message(raw: bytes, max_bytes: int, event_body_chars: int) -> ParsedMe
         else:
             attachments.append(Attachment(safe_filename(part.get_filename(), len(attachments) + 1), kind,
                                           _payload_bytes(part)))
-    truncated = []
+    truncated: list[str] = []
     if text is not None and len(text) > event_body_chars:
         text, truncated = text[:event_body_chars], [*truncated, "text"]
     if html is not None and len(html) > event_body_chars:
@@ -121,7 +121,8 @@ def _leaves(message: email.message.Message) -> list[email.message.Message]:
         if part.is_multipart() and part.get_content_maintype() == "multipart":
             children = part.get_payload()
             if isinstance(children, list):
-                stack.extend((child, depth + 1) for child in reversed(children))
+                stack.extend((child, depth + 1) for child in reversed(children)
+                             if isinstance(child, email.message.Message))
                 continue
         leaves.append(part)
     return leaves

@@ -170,7 +170,7 @@ def record_received(session: Session, match: RouteMatch, raw: bytes, parsed: Par
         contact, _, _ = upsert_contact(session, match.project_id, contact_address, None, False)
         contact_id = contact.id
     data = {"id": message.id, **parsed.event_data(), "to": parsed.to or [match.recipient],
-            "recipient": match.recipient, "envelopeFrom": envelope_from, "route": match.pattern,
+            "recipient": match.recipient, "envelopeFrom": envelope_from[:320], "route": match.pattern,
             "attachments": [{"id": a.id, "filename": a.filename, "contentType": a.content_type, "size": a.size}
                             for a in attachments], **results}
     event_id, _ = record_event(session, match.project_id, contact_id, EVENT, data)

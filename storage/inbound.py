@@ -82,5 +82,6 @@ def delete_old_messages(session: Session, before: str, limit: int) -> int:
                                .order_by(InboundMessage.id).limit(limit)).scalars())
     if not ids:
         return 0
-    session.execute(delete(InboundAttachment).where(InboundAttachment.message_id.in_(ids)))
-    return session.execute(delete(InboundMessage).where(InboundMessage.id.in_(ids))).rowcount
+    conn = session.connection()
+    conn.execute(delete(InboundAttachment).where(InboundAttachment.message_id.in_(ids)))
+    return conn.execute(delete(InboundMessage).where(InboundMessage.id.in_(ids))).rowcount
