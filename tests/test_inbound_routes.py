@@ -185,6 +185,15 @@ async def test_webhooks_may_listen_for_email_received(api):
     assert status == 201 and body["data"]["events"] == ["email.received"], body
 
 
+async def test_deleting_the_domain_deletes_its_routes(api, sender):
+    await add_route(api, "*@example.com")
+    await add_route(api, "help@sub.example.com")
+    status, body = await api.call("DELETE", f"/domains/{sender['id']}")
+    assert status == 200, body
+    assert (await api.call("GET", "/inbound/routes"))[1]["data"]["items"] == []
+    assert await book(api).match("help@sub.example.com") is None
+
+
 # --- matching at RCPT -------------------------------------------------------------------------------------------
 
 async def test_match_is_case_insensitive_exact_before_wildcard_and_only_on_verified_domains(api, sender):
