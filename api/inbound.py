@@ -6,7 +6,7 @@ from typing import Annotated
 from urllib.parse import quote
 
 from aiohttp import web
-from pydantic import StringConstraints
+from pydantic import StringConstraints, WithJsonSchema
 
 from api.context import CONFIG, DB
 from api.envelope import success
@@ -15,6 +15,7 @@ from api.schemas import InboundRouteOut, InboundRoutePage
 from api.serialize import page_json
 from api.validation import PAGE_QUERY, Body, page_params, read_body
 from pipeline import inbound_routes as rules
+from pipeline.domains import DOMAIN_NAME
 from pipeline.errors import NotFound
 from storage import inbound as store
 
@@ -24,7 +25,10 @@ DOWNLOAD_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Polic
 
 
 class AddRouteBody(Body):
-    pattern: Annotated[str, StringConstraints(min_length=3, max_length=320)]
+    pattern: Annotated[str, StringConstraints(min_length=3, max_length=320),
+                       WithJsonSchema({"type": "string", "minLength": 3, "maxLength": 320,
+                                       "pattern": f"^(\\*|[^@\\s\"*]+)@{DOMAIN_NAME}$",
+                                       "description": "An address, or *@<domain> for every address of the domain"})]
 
 
 async def add_route(request: web.Request) -> web.Response:

@@ -38,7 +38,7 @@ _LOCAL_PART = re.compile(r"[^\s@\x00-\x1f\x7f\"]+")
 
 def normalize_pattern(pattern: str) -> tuple[str, str]:
     """(the stored pattern, its domain): `*@domain` or an exact address, lower case; 422 otherwise."""
-    local, at, domain = pattern.strip().rpartition("@")
+    local, at, domain = pattern.rpartition("@")
     problem = None
     if not at:
         problem = "A pattern is '*@<domain>' or an address, e.g. support@example.com"
@@ -51,7 +51,7 @@ def normalize_pattern(pattern: str) -> tuple[str, str]:
         problem = "The only wildcard is the whole local part: '*@<domain>'"
     else:
         try:
-            address = normalize_email(pattern.strip())
+            address = normalize_email(pattern)
         except PydanticCustomError as exc:
             problem = str(exc)
         else:
