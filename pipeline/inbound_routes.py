@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic_core import PydanticCustomError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.config import Config
@@ -66,14 +67,23 @@ def add_route(session: Session, project_id: str, pattern: str, max_routes: int) 
     domain = _owning_domain(session, project_id, domain_name)
     domain_store.lock_project_domains(session, project_id)
     if store.route_by_pattern(session, stored) is not None:
-        raise Conflict(f"{stored} is already routed", "Delete the existing route first (DELETE /inbound/routes/:id).")
+        raise _already_routed(stored)
     if store.count_routes(session, project_id) >= max_routes:
         raise ValidationFailed([FieldError("pattern", f"A project can have at most {max_routes} routes "
                                                       "(routes.max_per_project)", "too_many_routes")],
                                message=f"This project has reached its limit of {max_routes} inbound routes",
                                suggestion="Delete a route the project no longer uses, or raise "
                                           "routes.max_per_project.")
-    return store.insert_route(session, project_id, domain.id, stored)
+    try:
+        with session.begin_nested():
+            return store.insert_route(session, project_id, domain.id, stored)
+    except IntegrityError:
+        raise _already_routed(stored) from None
+
+
+def _already_routed(pattern: str) -> Conflict:
+    """Another route has the pattern: this project's, or another's (added meanwhile, for the insert)."""
+    return Conflict(f"{pattern} is already routed", "Delete the existing route first (DELETE /inbound/routes/:id).")
 
 
 def _owning_domain(session: Session, project_id: str, name: str) -> Any:

@@ -516,3 +516,15 @@ async def test_the_domain_page_lists_routes_and_adds_and_deletes_them_without_ja
     assert (await viewer.post(f"{page_path}/routes", {"pattern": "x@example.com"})).status == 403
     assert [r["pattern"] for r in (await api.call("GET", "/inbound/routes"))[1]["data"]["items"]] == [
         "*@support.example.com"]
+
+
+async def test_two_projects_adding_one_pattern_at_once_get_201_and_409(api, sender, dns_server):
+    """Both projects verified example.com (a DKIM record each): the pattern goes to one of them, the other
+    is told 409, never a 500."""
+    other_id, other_sk, _ = await api.new_project()
+    status, body = await api.call("POST", "/domains", key=other_sk, json={"domain": "example.com"})
+    dns_server.publish([r for r in body["data"]["records"] if r["purpose"] == "dkim"])
+    status, body = await api.call("POST", f"/domains/{body['data']['id']}/verify", key=other_sk)
+    assert status == 200 and body["data"]["verified"] is True, body
+    results = await asyncio.gather(*(add_route(api, "*@example.com", key=key) for key in (api.sk, other_sk) * 3))
+    assert sorted(status for status, _ in results) == [201] + [409] * 5, results
