@@ -11,6 +11,7 @@ transaction, committed before `receive` returns (before the server's 250).
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -130,7 +131,8 @@ class RouteBook:
     """What the inbound SMTP server asks: `match` at RCPT, `receive` after DATA (before its 250).
 
     `receive` raises `pipeline.inbound_mime.MessageRefused` for a message over the parser's bounds (its
-    `reply` is the SMTP reply to give); anything it stores is committed when it returns."""
+    `reply` is the SMTP reply to give); anything it stores is committed when it returns. Parsing (up to
+    `smtp.max_message_bytes`) runs in a thread, so a big message does not stall the event loop."""
 
     def __init__(self, db: Database, config: Config) -> None:
         self.db = db
@@ -150,7 +152,8 @@ class RouteBook:
 
     async def receive(self, match: RouteMatch, raw: bytes, envelope_from: str, client_ip: str, helo: str) -> None:
         settings = self.config.routes
-        parsed = parse_message(raw, self.config.smtp.max_message_bytes, settings.event_body_chars)
+        parsed = await asyncio.to_thread(parse_message, raw, self.config.smtp.max_message_bytes,
+                                         settings.event_body_chars)
         from_domain = parsed.sender.rpartition("@")[2] if parsed.sender else None
         results = await authenticate(raw, envelope_from, client_ip, helo, from_domain, self.config.dns,
                                      settings.auth_timeout_seconds)
