@@ -13,6 +13,7 @@ from api import (
     domains,
     events,
     feedback,
+    inbound,
     pages,
     segments,
     send,
@@ -47,7 +48,7 @@ def served_openapi() -> dict[str, Any]:
 def all_routes() -> list[Route]:
     return [*system.ROUTES, *send.ROUTES, *track.ROUTES, *contacts.ROUTES, *events.ROUTES, *domains.ROUTES,
             *templates.ROUTES, *segments.ROUTES, *campaigns.ROUTES, *pages.ROUTES, *workflows.ROUTES,
-            *feedback.ROUTES, *TRACKING_SETTINGS, *TRACKING_PAGES, *WEBHOOK_ROUTES,
+            *feedback.ROUTES, *inbound.ROUTES, *TRACKING_SETTINGS, *TRACKING_PAGES, *WEBHOOK_ROUTES,
             *RETURN_PATH_SETTINGS]
 
 

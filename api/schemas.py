@@ -123,6 +123,20 @@ class DomainPage(Out):
     total: int = Field(ge=0)
 
 
+class InboundRouteOut(Out):
+    id: str
+    pattern: str
+    domainId: str
+    createdAt: datetime
+
+
+class InboundRoutePage(Out):
+    items: list[InboundRouteOut]
+    nextCursor: str | None
+    hasMore: bool
+    total: int = Field(ge=0)
+
+
 class FieldErrorOut(Out):
     field: str
     message: str

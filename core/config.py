@@ -189,6 +189,17 @@ class DnsConfig:
     timeout_seconds: float = 5.0
 
 
+@dataclass
+class RoutesConfig:
+    """Inbound routes (`/inbound/routes`) and the `email.received` of the mail they receive."""
+
+    max_per_project: int = 100
+    auth_timeout_seconds: float = 10.0
+    """The whole SPF + DKIM + DMARC check of one message; what has not finished is recorded `temperror`."""
+    event_body_chars: int = 65536
+    """Characters of the text and of the HTML body copied into the event (the raw message keeps all)."""
+
+
 SNS_HOST_PATTERN = r"^sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?$"
 """Amazon SNS's own hosts, where signing certificates and subscription confirmations live."""
 
@@ -291,6 +302,7 @@ class Config:
     inbound: InboundConfig = field(default_factory=InboundConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
+    routes: RoutesConfig = field(default_factory=RoutesConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
@@ -393,6 +405,9 @@ def _validate(config: Config) -> None:
         (config.api.rate_limit_per_minute > 0, "api.rate_limit_per_minute", "a number > 0"),
         (config.api.max_data_bytes > 0, "api.max_data_bytes", "a number > 0"),
         (config.api.max_domains_per_project > 0, "api.max_domains_per_project", "a number > 0"),
+        (config.routes.max_per_project > 0, "routes.max_per_project", "a number > 0"),
+        (config.routes.auth_timeout_seconds > 0, "routes.auth_timeout_seconds", "a number > 0"),
+        (config.routes.event_body_chars > 0, "routes.event_body_chars", "a number > 0"),
         (config.smtp.max_recipients > 0, "smtp.max_recipients", "a number > 0"),
         *((getattr(config.inbound, key) > 0, f"inbound.{key}", "a number > 0") for key in (
             "max_message_bytes", "max_recipients", "max_sessions", "max_sessions_per_ip", "idle_timeout_seconds",

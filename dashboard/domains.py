@@ -1,5 +1,6 @@
 """A project's sending domains: the list with the add form, and a domain's page with the records to
-publish (as `GET /domains/{id}` gives them), each record's last check, "Verify now" and delete."""
+publish (as `GET /domains/{id}` gives them), each record's last check, "Verify now" and delete, and the
+inbound routes on the domain (and its subdomains) with forms to add and delete one (no JavaScript)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ from dashboard.context import CONFIG, DB
 from dashboard.routing import Answer, Ctx, Page, form_of, wants_json
 from delivery.ses import ses_identity_verified
 from pipeline import domains as rules
-from pipeline.errors import ValidationFailed
+from pipeline import inbound_routes as route_rules
+from pipeline.errors import Conflict, ValidationFailed
 from storage import domains as domain_store
+from storage import inbound as inbound_store
 from storage.models import Domain, Role
 from storage.pagination import is_valid_cursor
 
 PAGE_SIZE = 50
+MAX_PATTERN_LENGTH = 320
 PURPOSES = {"dkim": "DKIM (required)", "spf": "SPF (required)", "dmarc": "DMARC (advised)",
             "return_path_mx": "Return path MX (bounces come back)", "return_path_spf": "Return path SPF"}
 CHECKED_AS = {"return_path_mx": "returnPath", "return_path_spf": "returnPath"}
@@ -67,10 +71,40 @@ async def add_domain(ctx: Ctx) -> Answer:
                   data=shown(domain, config))
 
 
-async def domain_page(ctx: Ctx) -> Answer:
-    domain = await ctx.request.app[DB].read(rules.require_domain, ctx.project_id,
-                                            ctx.request.match_info["domain"][:rules.MAX_DOMAIN_LENGTH])
-    return Answer("domain.html", shown(domain, ctx.request.app[CONFIG]))
+async def domain_page(ctx: Ctx, status: int = 200, **more: Any) -> Answer:
+    db = ctx.request.app[DB]
+    domain = await db.read(rules.require_domain, ctx.project_id,
+                           ctx.request.match_info["domain"][:rules.MAX_DOMAIN_LENGTH])
+    routes = await db.read(inbound_store.routes_of_domain, domain.id)
+    return Answer("domain.html", {**shown(domain, ctx.request.app[CONFIG]),
+                                  "routes": [route_rules.route_json(r) for r in routes], **more}, status=status)
+
+
+async def add_route(ctx: Ctx) -> Answer:
+    """The rule of `POST /inbound/routes`; a refused pattern re-shows the page with the reason (422, or 409
+    when it is already routed)."""
+    config, db = ctx.request.app[CONFIG], ctx.request.app[DB]
+    await db.read(rules.require_domain, ctx.project_id, ctx.request.match_info["domain"][:rules.MAX_DOMAIN_LENGTH])
+    pattern = (await form_of(ctx.request)).get("pattern", "")[:MAX_PATTERN_LENGTH + 1]
+    try:
+        route = await db.write(lambda s: route_rules.add_route(s, ctx.project_id, pattern,
+                                                               config.routes.max_per_project))
+    except (ValidationFailed, Conflict) as exc:
+        if wants_json(ctx.request):
+            raise
+        errors = [e.as_dict() for e in getattr(exc, "errors", [])] or [
+            {"field": "pattern", "message": exc.message, "code": "conflict"}]
+        return await domain_page(ctx, exc.status, errors=errors, message=exc.message,
+                                 newPattern=pattern[:MAX_PATTERN_LENGTH])
+    return Answer(redirect=f"/projects/{ctx.project_id}/domains/{route.domain_id}", status=201,
+                  flash=f"Mail to {route.pattern} now becomes email.received", data=route_rules.route_json(route))
+
+
+async def delete_route(ctx: Ctx) -> Answer:
+    route_id = ctx.request.match_info["route"][:64]
+    route = await ctx.request.app[DB].write(lambda s: route_rules.delete_route(s, ctx.project_id, route_id))
+    return Answer(redirect=f"/projects/{ctx.project_id}/domains/{ctx.request.match_info['domain'][:64]}",
+                  flash=f"Route {route.pattern} deleted", data={**route_rules.route_json(route), "deleted": True})
 
 
 async def verify_domain(ctx: Ctx) -> Answer:
@@ -98,4 +132,6 @@ ROUTES = [
     Page("GET", "/projects/{project}/domains/{domain}", domain_page),
     Page("POST", "/projects/{project}/domains/{domain}/verify", verify_domain, role=Role.ADMIN),
     Page("POST", "/projects/{project}/domains/{domain}/delete", delete_domain, role=Role.ADMIN),
+    Page("POST", "/projects/{project}/domains/{domain}/routes", add_route, role=Role.ADMIN),
+    Page("POST", "/projects/{project}/domains/{domain}/routes/{route}/delete", delete_route, role=Role.ADMIN),
 ]

@@ -4,15 +4,15 @@ their API and their events are `inbound routes`' (wired in by the app)."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class RouteBook(Protocol):
-    async def match(self, address: str) -> object | None:
+    async def match(self, address: str) -> Any:
         """The route that takes mail for `address` (an RCPT TO address, as the client wrote it), or None: the
         address is refused with 550 5.1.1. Called for every RCPT that is not a VERP address: must be cheap."""
 
-    async def receive(self, match: object, raw: bytes, envelope_from: str, client_ip: str, helo: str) -> None:
+    async def receive(self, match: Any, raw: bytes, envelope_from: str, client_ip: str, helo: str) -> None:
         """Take one message for one matched recipient; the 250 is sent only once this returned (it commits what
         it records). Raising makes the reply a 451: the client keeps the message and tries again."""
 
@@ -20,8 +20,8 @@ class RouteBook(Protocol):
 class NoRoutes:
     """No inbound routes: only VERP addresses are taken."""
 
-    async def match(self, address: str) -> object | None:
+    async def match(self, address: str) -> Any:
         return None
 
-    async def receive(self, match: object, raw: bytes, envelope_from: str, client_ip: str, helo: str) -> None:
+    async def receive(self, match: Any, raw: bytes, envelope_from: str, client_ip: str, helo: str) -> None:
         raise AssertionError("NoRoutes matches nothing, so nothing is received through it")

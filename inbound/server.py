@@ -37,6 +37,7 @@ from inbound.effects import NotSentYet, apply_report
 from inbound.reports import parse_report
 from inbound.routes import NoRoutes, RouteBook
 from pipeline.domains import DOMAIN_PATTERN
+from pipeline.inbound_mime import MessageRefused
 from pipeline.return_path import VerpSigner
 
 log = logging.getLogger("plunkd.inbound")
@@ -122,6 +123,9 @@ class InboundHandler:
                 if isinstance(recipient, RoutedRecipient):
                     await self.routes.receive(recipient.match, raw, str(envelope.mail_from or ""), peer,
                                               session.host_name or "")
+        except MessageRefused as exc:
+            log.info("inbound message from %s refused: %s", peer, exc.reply)
+            return exc.reply
         except NotSentYet as exc:
             log.info("inbound DSN from %s for email %s, whose send is not recorded yet: 451", peer, exc)
             return "451 4.3.0 The email this report is about is still being sent; try again later"

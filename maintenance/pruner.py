@@ -1,7 +1,8 @@
 """The pruner: keeps storage bounded (`delivery.keep_content_days`, `delivery.keep_days`). One pass, in
 order of named steps, every PASS_SECONDS:
 
-    drop_old_content → delete_old_emails → accounts.delete_ended (dashboard) → release_free_pages
+    drop_old_content → delete_old_emails → delete_old_inbound → accounts.delete_ended (dashboard)
+    → release_free_pages
 
 Every batch is its own short transaction on the shared writer (tens of milliseconds), so mail being
 accepted meanwhile waits on one batch at most, never on a whole pass. It runs beside the dispatcher (one
@@ -21,6 +22,7 @@ from datetime import datetime, timedelta
 
 from core.config import DashboardConfig, DeliveryConfig
 from pipeline import accounts
+from storage import inbound as inbound_store
 from storage import retention
 from storage.db import Database
 from storage.models import utcnow
@@ -44,6 +46,8 @@ class Pruned:
     contents_emptied: int = 0
     emails_deleted: int = 0
     contents_deleted: int = 0
+    inbound_deleted: int = 0
+    """Routed inbound messages (raw bytes and attachments) past keep_content_days."""
     sessions_deleted: int = 0
     counts_deleted: int = 0
     """Dashboard sign-in and reset-mail attempt counts past their window."""
@@ -83,13 +87,15 @@ class Pruner:
         pruned = Pruned()
         pruned.contents_emptied = await self.drop_old_content(now)
         pruned.emails_deleted, pruned.contents_deleted = await self.delete_old_emails(now)
+        pruned.inbound_deleted = await self.delete_old_inbound(now)
         pruned.sessions_deleted, pruned.counts_deleted = await accounts.delete_ended(self.db, self.dashboard, now)
         pruned.pages_released = await self.release_free_pages()
         if pruned:
-            log.info("pruned: %d contents emptied, %d emails and %d contents deleted, %d ended dashboard sessions "
-                     "and %d old attempt counts deleted, %d free pages released (keep_content_days %d, keep_days "
-                     "%d)", pruned.contents_emptied, pruned.emails_deleted, pruned.contents_deleted,
-                     pruned.sessions_deleted, pruned.counts_deleted, pruned.pages_released,
+            log.info("pruned: %d contents emptied, %d emails and %d contents deleted, %d inbound messages deleted, "
+                     "%d ended dashboard sessions and %d old attempt counts deleted, %d free pages released "
+                     "(keep_content_days %d, keep_days %d)", pruned.contents_emptied, pruned.emails_deleted,
+                     pruned.contents_deleted, pruned.inbound_deleted, pruned.sessions_deleted, pruned.counts_deleted,
+                     pruned.pages_released,
                      self.settings.keep_content_days, self.settings.keep_days)
         return pruned
 
@@ -129,6 +135,20 @@ class Pruner:
             contents += batch.contents
             if batch.found < self.batch_rows:
                 return emails, contents
+
+    async def delete_old_inbound(self, now: datetime) -> int:
+        """Delete routed inbound messages (their raw bytes and attachments) older than keep_content_days
+        (keep_days when that is shorter): they are message content, kept as long as a sent email's."""
+        days = min((d for d in (self.settings.keep_content_days, self.settings.keep_days) if d), default=0)
+        if not days:
+            return 0
+        before = retention.id_bound(now - timedelta(days=days))
+        deleted = 0
+        while True:
+            batch = await self.db.write(lambda s: inbound_store.delete_old_messages(s, before, self.batch_rows))
+            deleted += batch
+            if batch < self.batch_rows:
+                return deleted
 
     async def release_free_pages(self) -> int:
         """SQLite with incremental auto-vacuum: give the pages freed above back, VACUUM_PAGES per

@@ -151,8 +151,11 @@ def require_domain(session: Session, project_id: str, id_or_name: str) -> Domain
     return domain
 
 
-def make_resolver(nameservers: list[str], port: int, timeout: float) -> dns.asyncresolver.Resolver:
-    resolver = dns.asyncresolver.Resolver(configure=not nameservers)
+def make_resolver(nameservers: list[str], port: int, timeout: float,
+                  kind: type[dns.resolver.BaseResolver] = dns.asyncresolver.Resolver) -> Any:
+    """A resolver of `kind` (the asyncio one, or `dns.resolver.Resolver` for libraries that block, run in a
+    thread) on the configured name servers (none: the system's), each lookup bounded by `timeout`."""
+    resolver = kind(configure=not nameservers)
     if nameservers:
         resolver.nameservers = nameservers
         resolver.port = port

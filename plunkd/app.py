@@ -113,9 +113,10 @@ def create_app(config: Config, db: Database | None = None, roles: set[str] | Non
         limiter = shared_request_limit(db, config.api.rate_limit_per_minute)
         app[RATE_LIMITER] = limiter if counts is None else EveryLimit(app[RATE_LIMITER], limiter)
         app.cleanup_ctx.append(lambda _app: running(limiter.run, "api-usage-sync"))
-    wake = WakePipe() if dispatcher_command is not None else None
+    wake: WakePipe | None = None
     if dispatcher_command is not None:
-        app.cleanup_ctx.append(lambda _app: dispatcher_process_ctx(app, dispatcher_command, wake))
+        pipe = wake = WakePipe()
+        app.cleanup_ctx.append(lambda _app: dispatcher_process_ctx(app, dispatcher_command, pipe))
     elif "dispatcher" in roles and config.delivery.enabled:
         app.cleanup_ctx.append(lambda _app: delivery_ctx(app, config, db))
     if handover is not None:
@@ -218,13 +219,16 @@ def smtp_tls(config: Config) -> Any:
 
 
 async def inbound_ctx(app: web.Application, config: Config, db: Database) -> AsyncIterator[None]:
-    """Inbound SMTP (bounces and complaint reports to VERP addresses), in this event loop."""
+    """Inbound SMTP (bounces and complaint reports to VERP addresses, mail to the projects' inbound routes), in
+    this event loop."""
     from inbound.server import Inbound
+    from pipeline.inbound_routes import RouteBook
     from pipeline.links import make_signer
     from pipeline.return_path import VerpSigner
 
     links = make_signer(config.server.link_secret, config.data_path, config.server.public_url)
-    inbound = Inbound(db, VerpSigner(links, config.inbound.verp_days), config.inbound, smtp_tls(config).context)
+    inbound = Inbound(db, VerpSigner(links, config.inbound.verp_days), config.inbound, smtp_tls(config).context,
+                      routes=RouteBook(db, config))
     await inbound.start()
     app[INBOUND] = inbound
     yield

@@ -740,3 +740,49 @@ class ImportJob(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+class InboundRoute(Base):
+    """An address (`support@example.com`) or a whole domain (`*@support.example.com`), lower case, whose
+    inbound mail becomes the project's `email.received`. On a domain of the project (`domain_id`, the
+    domain itself or a parent): mail is routed only while that domain is verified. A pattern is routed by
+    one project at most (unique), so a recipient names one project."""
+
+    __tablename__ = "inbound_routes"
+    __table_args__ = (Index("ix_inbound_routes_project_id_id", "project_id", "id"),)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    domain_id: Mapped[str] = mapped_column(ForeignKey("domains.id", ondelete="CASCADE"), index=True)
+    pattern: Mapped[str] = mapped_column(String(320), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class InboundMessage(Base):
+    """A routed inbound message: its raw bytes (what `GET /inbound/:id/raw` answers) and what the event
+    says of it. Deleted with its attachments after `delivery.keep_content_days` (its event stays)."""
+
+    __tablename__ = "inbound_messages"
+    __table_args__ = (Index("ix_inbound_messages_project_id_id", "project_id", "id"),)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    route_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    """Not a foreign key: the message stays when its route is deleted."""
+    event_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    envelope_from: Mapped[str] = mapped_column(String(320))
+    recipient: Mapped[str] = mapped_column(String(320))
+    client_ip: Mapped[str] = mapped_column(String(64))
+    helo: Mapped[str] = mapped_column(String(255))
+    raw: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class InboundAttachment(Base):
+    """One attachment of an inbound message, decoded: the bytes `GET /inbound/:id/attachments/:id` answers."""
+
+    __tablename__ = "inbound_attachments"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    message_id: Mapped[str] = mapped_column(ForeignKey("inbound_messages.id", ondelete="CASCADE"), index=True)
+    filename: Mapped[str] = mapped_column(String(255))
+    content_type: Mapped[str] = mapped_column(String(255))
+    size: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)

@@ -31,12 +31,14 @@ from testkit.ports import nothing_listens_on
 
 
 class DnsServer(asyncio.DatagramProtocol):
-    """Answers TXT queries from `records` (name → list of strings) and MX queries from `mx` (name → list of
-    "preference host." strings); NXDOMAIN for a name in neither."""
+    """Answers TXT queries from `records` (name → list of strings), MX queries from `mx` (name → list of
+    "preference host." strings) and A queries from `addresses` (name → IPv4 addresses, what SPF's `a`
+    mechanism looks up); an empty answer for a name with only other types; NXDOMAIN for a name in none."""
 
     def __init__(self) -> None:
         self.records: dict[str, list[str]] = {}
         self.mx: dict[str, list[str]] = {}
+        self.addresses: dict[str, list[str]] = {}
         self.transport: asyncio.DatagramTransport | None = None
         self.port = 0
 
@@ -50,6 +52,7 @@ class DnsServer(asyncio.DatagramProtocol):
         name = question.name.to_text().rstrip(".").lower()
         values = self.records.get(name)
         exchanges = self.mx.get(name)
+        addresses = self.addresses.get(name)
         if values and question.rdtype == dns.rdatatype.TXT:
             texts = [" ".join(f'"{chunk}"' for chunk in _chunks(v)) for v in values]
             reply.answer.append(dns.rrset.from_text_list(question.name, 60, dns.rdataclass.IN,
@@ -57,7 +60,10 @@ class DnsServer(asyncio.DatagramProtocol):
         elif exchanges and question.rdtype == dns.rdatatype.MX:
             reply.answer.append(dns.rrset.from_text_list(question.name, 60, dns.rdataclass.IN,
                                                          dns.rdatatype.MX, exchanges))
-        elif not values and not exchanges:
+        elif addresses and question.rdtype == dns.rdatatype.A:
+            reply.answer.append(dns.rrset.from_text_list(question.name, 60, dns.rdataclass.IN,
+                                                         dns.rdatatype.A, addresses))
+        elif not values and not exchanges and not addresses:
             reply.set_rcode(dns.rcode.NXDOMAIN)
         assert self.transport is not None
         self.transport.sendto(reply.to_wire(), addr)

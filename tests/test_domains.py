@@ -145,7 +145,7 @@ async def test_key_generation_stays_off_the_write_path(api, monkeypatch):
 
     async def track_until(done: asyncio.Event) -> list[tuple[int, float]]:
         calls = []
-        for index in range(1000):
+        for index in range(900):  # under the fixture's 1,000 requests a minute, with the four domain adds
             if done.is_set():
                 break
             started = time.perf_counter()

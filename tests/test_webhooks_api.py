@@ -106,7 +106,8 @@ async def test_rotating_the_secret_shows_the_new_one_once(api):
      [("events.1", "unknown_event", "Event names are 1 to 200 characters")]),
     ({"url": "https://hooks.example.com/", "events": ["ok", "email.delivered", "segment.vip.joined", "contact.*x"]},
      [(f"events.{index}", "unknown_event", f"'{name}' is not an event plunkd records; system events are "
-       "email.sent, email.delivery, email.open, email.click, email.bounce, email.complaint, contact.subscribed, "
+       "email.sent, email.delivery, email.open, email.click, email.bounce, email.complaint, email.received, "
+       "contact.subscribed, "
        "contact.unsubscribed, segment.<slug>.entry|exit, *, email.*, contact.*, segment.*")
       for index, name in ((1, "email.delivered"), (2, "segment.vip.joined"), (3, "contact.*x"))]),
     ({"url": "https://hooks.example.com/", "events": ["a\x00b"]},
