@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from core.metrics import EMAILS_ACCEPTED, count_at_commit
-from pipeline.compose import MessageSpec, as_text, byte_length, lookup
+from pipeline.compose import MessageSpec, as_text, bulk_feedback_id, byte_length, lookup
 from pipeline.deferred import insert_spec
 from pipeline.domains import require_verified_sender
 from pipeline.errors import Conflict, FieldError, NotFound, ValidationFailed
@@ -188,14 +188,17 @@ def message_spec(session: Session, campaign: Campaign, project: Project, links: 
     `template_spec`), then the project's sender. An empty subject or body means "the template's"."""
     template = template_store.get_template(session, project.id, campaign.template_id) if campaign.template_id else None
     if template is None:
-        return MessageSpec(campaign.from_email or project.from_email, campaign.from_name or project.from_name,
+        spec = MessageSpec(campaign.from_email or project.from_email, campaign.from_name or project.from_name,
                            campaign.subject, campaign.body, campaign.reply_to, style=campaign.style, links=links,
                            campaign_id=campaign.id)
-    spec = template_spec(template, (project.from_email, project.from_name), links, marketing=True,
-                         from_email=campaign.from_email, from_name=campaign.from_name, reply_to=campaign.reply_to,
-                         subject=campaign.subject or None, body=campaign.body or None, campaign_id=campaign.id)
-    if campaign.body:
-        spec.style = campaign.style
+    else:
+        spec = template_spec(template, (project.from_email, project.from_name), links, marketing=True,
+                             from_email=campaign.from_email, from_name=campaign.from_name,
+                             reply_to=campaign.reply_to, subject=campaign.subject or None,
+                             body=campaign.body or None, campaign_id=campaign.id)
+        if campaign.body:
+            spec.style = campaign.style
+    spec.feedback_id = bulk_feedback_id(campaign.id, project.id, spec.from_email)
     return spec
 
 

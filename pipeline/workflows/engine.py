@@ -60,7 +60,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from pipeline.compose import MAX_RENDERED_HEADER, MessageSpec, looks_like_html
+from pipeline.compose import MAX_RENDERED_HEADER, MessageSpec, bulk_feedback_id, looks_like_html
 from pipeline.contacts import update_contact
 from pipeline.errors import PipelineError
 from pipeline.links import LinkSigner
@@ -189,18 +189,21 @@ class _Batch:
         self.senders = store.project_senders(session, {run.project_id for run in runs}) if runs else {}
         self.steps = {workflow_id: parse_definition(workflow.definition)
                       for workflow_id, workflow in self.workflows.items()}
-        self._specs: dict[tuple[str, str], MessageSpec | str] = {}
+        self._specs: dict[tuple[str, str, str], MessageSpec | str] = {}
 
-    def spec(self, project_id: str, template_id: str) -> MessageSpec:
-        """The message a send of this template composes; _StepFailed when it cannot be sent."""
-        key = (project_id, template_id)
+    def spec(self, project_id: str, workflow_id: str, template_id: str) -> MessageSpec:
+        """The message a send of this template by this workflow composes (bulk mail: its Feedback-ID names
+        the workflow); _StepFailed when it cannot be sent."""
+        key = (project_id, workflow_id, template_id)
         if key not in self._specs:
             template = template_store.get_template(self.session, project_id, template_id)
             if template is None:
                 self._specs[key] = f"template {template_id} not found"
             else:
                 try:
-                    self._specs[key] = template_spec(template, self.senders.get(project_id, ("", "")), self.links)
+                    spec = template_spec(template, self.senders.get(project_id, ("", "")), self.links)
+                    spec.feedback_id = bulk_feedback_id(workflow_id, project_id, spec.from_email)
+                    self._specs[key] = spec
                 except (ValueError, PipelineError) as exc:
                     self._specs[key] = f"template {template_id}: {getattr(exc, 'message', exc)}"
         found = self._specs[key]
@@ -409,7 +412,7 @@ def _send_group(batch: _Batch, runs: list[_Run], step: SendStep, step_id: str, n
     MARKETING template to a contact who is not subscribed records a SKIPPED email (not counted as sent)."""
     extra = step.data
     project_id = runs[0].record.project_id
-    spec = batch.spec(project_id, step.template)
+    spec = batch.spec(project_id, runs[0].record.workflow_id, step.template)
     contacts = contact_store.addresses_by_id(batch.session, project_id, [run.record.contact_id for run in runs])
     too_large = _too_large(batch, spec, project_id, runs, extra or {})
     sending, recipients = [], []
