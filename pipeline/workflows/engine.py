@@ -79,6 +79,7 @@ from pipeline.workflows.definitions import (
     parse_definition,
 )
 from storage import contacts as contact_store
+from storage import reputation as reputation_store
 from storage import templates as template_store
 from storage import workflows as store
 from storage.batch import discard_pending, flush_pending
@@ -190,6 +191,13 @@ class _Batch:
         self.steps = {workflow_id: parse_definition(workflow.definition)
                       for workflow_id, workflow in self.workflows.items()}
         self._specs: dict[tuple[str, str, str], MessageSpec | str] = {}
+        self._paused: dict[str, bool] = {}
+
+    def sending_paused(self, project_id: str) -> bool:
+        """Whether the reputation guard holds the project's workflow sends (`pipeline.reputation`)."""
+        if project_id not in self._paused:
+            self._paused[project_id] = reputation_store.marketing_paused(self.session, project_id)
+        return self._paused[project_id]
 
     def spec(self, project_id: str, workflow_id: str, template_id: str) -> MessageSpec:
         """The message a send of this template by this workflow composes (bulk mail: its Feedback-ID names
@@ -409,9 +417,14 @@ def _send_group(batch: _Batch, runs: list[_Run], step: SendStep, step_id: str, n
                 done: Executed) -> None:
     """A send step for a group of runs at it: the template once, then an email per run's contact
     through `submit_deferred` (one content row for the group). A contact who is gone fails its run; a
-    MARKETING template to a contact who is not subscribed records a SKIPPED email (not counted as sent)."""
+    MARKETING template to a contact who is not subscribed records a SKIPPED email (not counted as sent). While
+    the reputation guard holds the project's workflow sends, the runs wait at the step instead."""
     extra = step.data
     project_id = runs[0].record.project_id
+    if batch.sending_paused(project_id):
+        for run in runs:  # each waits at this step, as a disabled workflow's runs do
+            run.due_at = now + timedelta(seconds=PAUSE_SECONDS)
+        return
     spec = batch.spec(project_id, runs[0].record.workflow_id, step.template)
     contacts = contact_store.addresses_by_id(batch.session, project_id, [run.record.contact_id for run in runs])
     too_large = _too_large(batch, spec, project_id, runs, extra or {})
