@@ -75,11 +75,11 @@ def project_reputation(session: Session, project_id: str) -> dict[str, Any]:
 def record_feedback(session: Session, project_id: str, bounced: int = 0, complained: int = 0) -> None:
     """Count a hard bounce or a complaint of the project and judge its rates (in the caller's transaction)."""
     store.count_feedback(session, project_id, utcnow(), bounced, complained)
-    judge(session, project_id)
+    judge(session, project_id, current_window(session, project_id).plus(bounced, complained))
 
 
-def judge(session: Session, project_id: str) -> None:
-    window = current_window(session, project_id)
+def judge(session: Session, project_id: str, window: Window) -> None:
+    """Compare `window` (the counters, with this transaction's feedback, written at commit) with the levels."""
     bounce, complaint = levels(window)
     state = store.state_for_update(session, project_id)
     rising = [(metric, new) for metric, new, old in (("bounce", bounce, state.bounce_level),

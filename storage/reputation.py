@@ -18,7 +18,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from storage.batch import insert_at_commit
+from storage.batch import insert_at_commit, write_in_key_order
 from storage.models import ReputationDay, ReputationState, utcnow
 
 DAYS = ReputationDay.__table__
@@ -41,9 +41,10 @@ def _add(session: Session) -> Insert:
     dialect = session.get_bind().dialect.name
     if dialect not in _ADD:
         insert = (pg_insert if dialect == "postgresql" else sqlite_insert)(DAYS)
-        _ADD[dialect] = insert.on_conflict_do_update(
+        _ADD[dialect] = write_in_key_order(insert.on_conflict_do_update(
             index_elements=[DAYS.c.project_id, DAYS.c.day, DAYS.c.shard],
-            set_={name: DAYS.c[name] + insert.excluded[name] for name in ("sent", "bounced", "complained")})
+            set_={name: DAYS.c[name] + insert.excluded[name] for name in ("sent", "bounced", "complained")}),
+            lambda row: (row["project_id"], row["day"], row["shard"]))
     return _ADD[dialect]
 
 
@@ -60,9 +61,9 @@ def count_sent(session: Session, project_id: str, at: datetime) -> None:
 
 
 def count_feedback(session: Session, project_id: str, at: datetime, bounced: int = 0, complained: int = 0) -> None:
-    """A hard bounce or a complaint, written now: the guard reads the window right after, in this transaction."""
-    session.connection().execute(_add(session), _row(session, project_id, at, bounced=bounced,
-                                                     complained=complained))
+    """A hard bounce or a complaint, written at commit like the sends (every row of the table is locked in key
+    order at commit, so concurrent transactions never deadlock on them)."""
+    insert_at_commit(session, _add(session), _row(session, project_id, at, bounced=bounced, complained=complained))
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,9 @@ class Window:
     sent: int
     bounced: int
     complained: int
+
+    def plus(self, bounced: int = 0, complained: int = 0) -> Window:
+        return Window(self.sent, self.bounced + bounced, self.complained + complained)
 
     @property
     def bounce_rate(self) -> float:
