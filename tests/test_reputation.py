@@ -205,7 +205,7 @@ async def test_judging_costs_the_same_few_statements_whatever_was_sent(api, send
 
     def seed(session, sent: int) -> None:
         for shard in range(reputation_store.SHARDS):
-            for offset in range(10):
+            for offset in range(1, 11):  # today has the warm-up's row
                 session.execute(reputation_store.DAYS.insert().values(
                     project_id=api.project_id, day=day - offset, shard=shard, sent=sent, bounced=0, complained=0))
 
@@ -223,11 +223,12 @@ async def test_judging_costs_the_same_few_statements_whatever_was_sent(api, send
             event.remove(engine, "before_cursor_execute", record)
         return [statement for statement in seen if "reputation" in statement]
 
+    await statements_of_one_bounce()  # the project's first judgement makes its state row
     await api.db.write(lambda s: seed(s, 1))
     few = await statements_of_one_bounce()
     await api.db.write(lambda s: s.execute(reputation_store.DAYS.update().values(sent=1000)))
     many = await statements_of_one_bounce()
-    assert len(few) == len(many) <= 5, (few, many)
+    assert len(few) == len(many) <= 3, (few, many)  # the window, the state row, the counters' upsert
 
     def plan(session) -> str:
         window = reputation_store._WINDOW.params(project_id=api.project_id, first=day - 7, last=day)
