@@ -14,6 +14,7 @@ COPY automation automation
 COPY feedback feedback
 COPY webhooks webhooks
 COPY dashboard dashboard
+COPY domaincheck domaincheck
 RUN pip install --no-cache-dir .
 ENV PLUNKD_SERVER_HOST=0.0.0.0 PLUNKD_SMTP_HOST=0.0.0.0 PLUNKD_SERVER_DATA_DIR=/data
 VOLUME /data
