@@ -15,6 +15,7 @@ COPY feedback feedback
 COPY webhooks webhooks
 COPY dashboard dashboard
 COPY inbound inbound
+COPY domaincheck domaincheck
 RUN pip install --no-cache-dir .
 ENV PLUNKD_SERVER_HOST=0.0.0.0 PLUNKD_SMTP_HOST=0.0.0.0 PLUNKD_SERVER_DATA_DIR=/data
 VOLUME /data

@@ -26,6 +26,7 @@ from api.context import CONFIG, DB, FEEDBACK, KEYS, LINKS, ON_QUEUED, RATE_LIMIT
 from api.middleware import envelope_middleware, stamp_headers
 from api.pages.tracking import ROUTES as TRACKING_PAGES
 from api.ratelimit import WindowRateLimiter
+from api.reputation import ROUTES as REPUTATION_ROUTES
 from api.return_path_settings import ROUTES as RETURN_PATH_SETTINGS
 from api.routing import Route, register
 from api.tracking_settings import ROUTES as TRACKING_SETTINGS
@@ -49,7 +50,7 @@ def all_routes() -> list[Route]:
     return [*system.ROUTES, *send.ROUTES, *track.ROUTES, *contacts.ROUTES, *events.ROUTES, *domains.ROUTES,
             *templates.ROUTES, *segments.ROUTES, *campaigns.ROUTES, *pages.ROUTES, *workflows.ROUTES,
             *feedback.ROUTES, *inbound.ROUTES, *TRACKING_SETTINGS, *TRACKING_PAGES, *WEBHOOK_ROUTES,
-            *RETURN_PATH_SETTINGS]
+            *RETURN_PATH_SETTINGS, *REPUTATION_ROUTES]
 
 
 def build_api(config: Config, db: Database) -> web.Application:

@@ -55,7 +55,7 @@ class CampaignOut(Out):
     segmentSnapshot: SegmentSnapshot | None
     """The segment a finished campaign went to, kept when that segment was deleted (`segment` is then null)."""
     recipients: list[str]
-    status: Literal["DRAFT", "SCHEDULED", "SENDING", "SENT", "CANCELLED"]
+    status: Literal["DRAFT", "SCHEDULED", "SENDING", "PAUSED", "SENT", "CANCELLED"]
     scheduledAt: datetime | None
     startedAt: datetime | None
     finishedAt: datetime | None
@@ -294,6 +294,14 @@ async def cancel_campaign(request: web.Request) -> web.Response:
     return success(campaign)
 
 
+async def resume_campaign(request: web.Request) -> web.Response:
+    project_id = caller(request).project_id
+    campaign = await request.app[DB].write(lambda s: campaign_json(
+        rules.resume_campaign(s, project_id, request.match_info["id"])))
+    _wake(request)
+    return success(campaign)
+
+
 async def campaign_stats(request: web.Request) -> web.Response:
     project_id = caller(request).project_id
 
@@ -336,6 +344,8 @@ ROUTES = [
           "left as it was)", body=TestSendBody, tag=TAG, response=TestCopies),
     Route("POST", "/campaigns/{id}/cancel", cancel_campaign, "Cancel a scheduled or sending campaign", tag=TAG,
           response=CampaignOut, errors=frozenset({409})),
+    Route("POST", "/campaigns/{id}/resume", resume_campaign, "Resume a campaign the reputation guard paused",
+          tag=TAG, response=CampaignOut, errors=frozenset({409})),
     Route("GET", "/campaigns/{id}/stats", campaign_stats, "A campaign's delivery and engagement counts", tag=TAG,
           response=CampaignStats),
 ]

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from aiohttp import web
 from pydantic import StringConstraints, WithJsonSchema
 
-from api.context import CONFIG, DB
+from api.context import CONFIG, DB, ON_QUEUED
 from api.envelope import success
 from api.routing import Route, caller
 from api.schemas import DomainOut, DomainPage
@@ -31,8 +31,8 @@ class AddDomainBody(Body):
     """The MAIL FROM subdomain (e.g. bounces.example.com): bounces come back to VERP addresses on it."""
 
 
-def shown(domain: Domain, config: Config) -> dict[str, Any]:
-    return rules.domain_json(domain, config.delivery.transport, rules.inbound_host(config))
+def shown(domain: Domain, config: Config, held_emails: int = 0) -> dict[str, Any]:
+    return rules.domain_json(domain, config.delivery.transport, rules.inbound_host(config), held_emails)
 
 
 async def add_domain(request: web.Request) -> web.Response:
@@ -46,14 +46,26 @@ async def add_domain(request: web.Request) -> web.Response:
 
 async def list_domains(request: web.Request) -> web.Response:
     limit, cursor = page_params(request)
-    page = await request.app[DB].read(domain_store.page_domains, caller(request).project_id, limit, cursor)
+    project_id = caller(request).project_id
+
+    def read(session):
+        page = domain_store.page_domains(session, project_id, limit, cursor)
+        return page, rules.held_counts(session, page.items)
+
+    page, held = await request.app[DB].read(read)
     config = request.app[CONFIG]
-    return success(page_json(page, lambda domain: shown(domain, config)))
+    return success(page_json(page, lambda domain: shown(domain, config, held.get(domain.id, 0))))
 
 
 async def get_domain(request: web.Request) -> web.Response:
-    domain = await request.app[DB].read(rules.require_domain, caller(request).project_id, request.match_info["id"])
-    return success(shown(domain, request.app[CONFIG]))
+    project_id = caller(request).project_id
+
+    def read(session):
+        domain = rules.require_domain(session, project_id, request.match_info["id"])
+        return domain, rules.held_counts(session, [domain]).get(domain.id, 0)
+
+    domain, held = await request.app[DB].read(read)
+    return success(shown(domain, request.app[CONFIG], held))
 
 
 async def delete_domain(request: web.Request) -> web.Response:
@@ -67,8 +79,20 @@ async def verify_domain(request: web.Request) -> web.Response:
     db = request.app[DB]
     domain = await db.read(rules.require_domain, caller(request).project_id, request.match_info["id"])
     check = await rules.verify(domain, config, ses_identity_verified)
-    domain = await db.write(lambda s: rules.save_check(s, domain.id, check))
-    return success(shown(domain, config))
+
+    def save(session):
+        saved = rules.save_check(session, domain.id, check)
+        return saved, rules.held_counts(session, [saved]).get(saved.id, 0)
+
+    saved, held = await db.write(save)
+    _wake(request)
+    return success(shown(saved, config, held))
+
+
+def _wake(request: web.Request) -> None:
+    """A verify may have released held mail: the dispatcher looks now."""
+    for wake in request.app[ON_QUEUED]:
+        wake()
 
 
 ROUTES = [

@@ -108,6 +108,13 @@ class DomainOut(Out):
     domain: str
     verified: bool
     verifiedAt: datetime | None
+    status: Literal["VERIFIED", "UNVERIFIED", "HELD"]
+    """HELD: the DKIM record of this once-verified domain is missing; its queued mail waits (`heldEmails`)
+    until a check (the periodic re-check, or POST /domains/:id/verify) finds it again."""
+    heldEmails: int = Field(ge=0)
+    heldSince: datetime | None
+    checkedAt: datetime | None
+    """When its records were last looked up (they are checked again every dns.recheck_hours)."""
     selector: str
     returnPath: str | None
     returnPathVerified: bool

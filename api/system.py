@@ -19,6 +19,8 @@ from api.schemas import Failure, ReadyStatus, Status
 from api.validation import NO_NUL
 from core import metrics as plunkd_metrics
 from storage import emails as email_store
+from storage import holds
+from storage import reputation as reputation_store
 from storage.models import utcnow
 
 OPENAPI = web.AppKey("openapi", dict)
@@ -43,8 +45,9 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text: this server's processes' samples, and the outbox as the database sees it now
-    (depth per priority, how long the longest-waiting due email has waited)."""
+    """Prometheus text: this server's processes' samples, the outbox as the database sees it now (depth per
+    priority, how long the longest-waiting due email has waited, held emails by reason) and each project's
+    bounce and complaint rates over the last 7 days."""
     token = request.app[CONFIG].api.metrics_token
     if token:
         given = request.headers.get("Authorization", "")
@@ -57,11 +60,27 @@ async def metrics(request: web.Request) -> web.Response:
         plunkd_metrics.OUTBOX_DEPTH.labels(name).set(summary.depth.get(priority, 0))
     oldest = (now - summary.oldest_due).total_seconds() if summary.oldest_due is not None else 0.0
     plunkd_metrics.OUTBOX_OLDEST_DUE.set(max(0.0, oldest))
+    held, rates = await request.app[DB].read(_held_and_rates)
+    for reason, count in held.items():
+        plunkd_metrics.OUTBOX_HELD.labels(reason).set(count)
+    for gauge in (plunkd_metrics.PROJECT_BOUNCE_RATE, plunkd_metrics.PROJECT_COMPLAINT_RATE):
+        gauge.clear()
+    for project_id, window in rates.items():
+        plunkd_metrics.PROJECT_BOUNCE_RATE.labels(project_id).set(window.bounce_rate)
+        plunkd_metrics.PROJECT_COMPLAINT_RATE.labels(project_id).set(window.complaint_rate)
     body, content_type = plunkd_metrics.exposition()
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type
     response.headers["Cache-Control"] = "no-store"
     return response
+
+
+def _held_and_rates(session) -> tuple[dict[str, int], dict[str, reputation_store.Window]]:
+    """Held emails by reason (the partial index of parked rows) and each project's 7-day window (the
+    reputation counters of those days)."""
+    today = reputation_store.day_of(utcnow())
+    return ({hold: holds.held_count(session, hold) for hold in (holds.HOLD_DKIM, holds.HOLD_PAUSED)},
+            reputation_store.windows(session, today - reputation_store.WINDOW_DAYS, today))
 
 
 class _Spec:

@@ -187,6 +187,22 @@ class DnsConfig:
     """Empty means the system resolver."""
     port: int = 53
     timeout_seconds: float = 5.0
+    recheck_hours: float = 6.0
+    """Every verified (or held) domain's records are checked again this often (`domains/`); 0: never."""
+
+
+@dataclass
+class ReputationConfig:
+    """The reputation guard (`pipeline.reputation`): a project's bounce and complaint rates over 7 days."""
+
+    min_sends: int = 500
+    """Fewer sends in the window: no rate is judged."""
+    complaint_warn: float = 0.001
+    bounce_warn: float = 0.02
+    """Above a warning level: `project.reputation.warning` (event and webhook), once per crossing."""
+    complaint_pause: float = 0.003
+    bounce_pause: float = 0.05
+    """Above a pause level: the project's campaigns and workflow sends pause (transactional mail goes on)."""
 
 
 @dataclass
@@ -303,6 +319,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     routes: RoutesConfig = field(default_factory=RoutesConfig)
+    reputation: ReputationConfig = field(default_factory=ReputationConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)

@@ -46,6 +46,12 @@ OUTBOX_DEPTH = Gauge("plunkd_outbox_depth", "Emails waiting in the outbox (due o
                      ["priority"], multiprocess_mode="mostrecent")
 OUTBOX_OLDEST_DUE = Gauge("plunkd_outbox_oldest_due_seconds", "How long the longest-waiting due email has been "
                           "due (0: none due)", multiprocess_mode="mostrecent")
+OUTBOX_HELD = Gauge("plunkd_outbox_held", "Emails held in the outbox, by reason (DKIM: their domain's DKIM record "
+                    "is missing; PAUSED: their campaign is paused)", ["reason"], multiprocess_mode="mostrecent")
+PROJECT_BOUNCE_RATE = Gauge("plunkd_project_bounce_rate", "A project's hard bounces per send over the last 7 days "
+                            "(projects that sent in them)", ["project"], multiprocess_mode="mostrecent")
+PROJECT_COMPLAINT_RATE = Gauge("plunkd_project_complaint_rate", "A project's complaints per send over the last 7 "
+                               "days (projects that sent in them)", ["project"], multiprocess_mode="mostrecent")
 SMTP_SESSIONS_OPEN = Gauge("plunkd_smtp_sessions_open", "SMTP sessions open now", multiprocess_mode="livesum")
 SMTP_SESSIONS = Counter("plunkd_smtp_sessions", "SMTP sessions accepted")
 INBOUND_MESSAGES = Counter("plunkd_inbound_messages", "Messages taken by inbound SMTP, by what they were (dsn, "

@@ -324,6 +324,16 @@ async def cancel_campaign(ctx: Ctx) -> Answer:
                   data=campaign)
 
 
+async def resume_campaign(ctx: Ctx) -> Answer:
+    campaign_id = _campaign_id(ctx)
+    campaign = await ctx.request.app[DB].write(lambda s: campaign_json(
+        rules.resume_campaign(s, ctx.project_id, campaign_id)))
+    _PROGRESS.discard((ctx.project_id, campaign_id))
+    _wake(ctx)
+    return Answer(redirect=f"/projects/{ctx.project_id}/campaigns/{campaign_id}", flash="Campaign resumed",
+                  data=campaign)
+
+
 async def delete_campaign(ctx: Ctx) -> Answer:
     campaign_id = _campaign_id(ctx)
     await ctx.request.app[DB].write(lambda s: rules.delete_campaign(s, ctx.project_id, campaign_id))
@@ -396,5 +406,6 @@ ROUTES = [
     Page("POST", "/projects/{project}/campaigns/{campaign}/test", test_campaign, role=Role.EDITOR),
     Page("POST", "/projects/{project}/campaigns/{campaign}/send", send_campaign, role=Role.EDITOR),
     Page("POST", "/projects/{project}/campaigns/{campaign}/cancel", cancel_campaign, role=Role.EDITOR),
+    Page("POST", "/projects/{project}/campaigns/{campaign}/resume", resume_campaign, role=Role.EDITOR),
     Page("POST", "/projects/{project}/campaigns/{campaign}/delete", delete_campaign, role=Role.EDITOR),
 ]

@@ -1,14 +1,15 @@
 """The dispatcher: claim due outbox rows, finish and sign each message, wait on the shared rate,
 hand it to the transport, and record what happened. Steps, in order, for one email:
 
-    skip_if_suppressed → skip_if_campaign_cancelled → compose_deferred → track → add_outgoing_headers
-    → dkim_sign → bucket.acquire → skip_if_campaign_cancelled → transport.send → record
+    skip_if_suppressed → skip_if_campaign_stopped → compose_deferred → track → add_outgoing_headers
+    → hold_if_dkim_missing → dkim_sign → bucket.acquire → skip_if_campaign_stopped → transport.send → record
 
 At most `concurrency` emails are being prepared at once, and at most `concurrency` are handed to the
 transport and not yet recorded, so a dispatcher killed at any moment has sent at most `concurrency` emails
 it did not record (they are sent again after their lease). Each goes out with the Message-ID it was given
 when accepted, every time, so a receiver can tell the second copy. The emails of a campaign cancelled after
-they were claimed are cancelled here (`skip_if_campaign_cancelled`).
+they were claimed are cancelled here, those of a paused campaign parked (`skip_if_campaign_stopped`); the
+emails of a domain whose DKIM record vanished are parked too (`hold_if_dkim_missing`), not sent unsigned.
 
 Campaign and workflow mail is stored as a deferred spec; `compose_deferred` (handed in by the wiring) composes
 it for its recipient, or says not to send it; a `PipelineError` it raises (a message over the size limit)
@@ -47,11 +48,13 @@ from pipeline.return_path import VerpSigner
 from pipeline.submit import parse_raw_headers
 from storage import campaigns as campaign_store
 from storage import emails as email_store
+from storage import holds
 from storage import projects as project_store
+from storage import reputation as reputation_store
 from storage.db import Database
 from storage.domains import sender_domain
 from storage.emails import Claimed
-from storage.models import Domain, EmailStatus, utcnow
+from storage.models import CampaignStatus, Domain, EmailStatus, utcnow
 
 log = logging.getLogger("plunkd.delivery")
 ComposeDeferred = Callable[[Claimed], Awaitable[bytes | None]]
@@ -117,13 +120,15 @@ class Dispatcher(DueLoop):
         metrics.DISPATCH_RATE_LIMIT.set(bucket.rate)
 
     async def _signing_key(self, project_id: str, domain_name: str) -> Domain | None:
-        """The domain's DKIM key, cached for a minute: it is read for every email."""
+        """The domain's DKIM key, cached for a minute: it is read for every email. A held domain is not
+        cached: the check that finds its record again releases its mail, which must then go out."""
         now = time.monotonic()
         cached = self._keys.get((project_id, domain_name))
         if cached is not None and cached[0] > now:
             return cached[1]
         domain = await self.db.read(email_store.domain_key, project_id, domain_name)
-        self._keys[(project_id, domain_name)] = (now + 60.0, domain)
+        if domain is None or domain.held_since is None:
+            self._keys[(project_id, domain_name)] = (now + 60.0, domain)
         return domain
 
     async def step(self) -> bool:
@@ -187,12 +192,30 @@ class Dispatcher(DueLoop):
         finally:
             self._unrecorded.release()
 
-    async def _campaign_cancelled(self, item: Claimed) -> bool:
-        """Whether the email belongs to a campaign cancelled (or deleted) since it was claimed. The status
-        is read once per campaign every `CAMPAIGN_STATUS_SECONDS`, and the emails that ask meanwhile share
-        that read."""
+    def forget_domain(self, project_id: str, domain_name: str) -> None:
+        """The domain's key or hold changed (a re-check): read it again for the next email."""
+        self._keys.pop((project_id, domain_name), None)
+
+    async def _campaign_stopped(self, item: Claimed) -> bool:
+        """Settle the email here when its campaign was cancelled (or deleted) since it was claimed, or park
+        it when the campaign is paused; True when it was. The status is read once per campaign every
+        `CAMPAIGN_STATUS_SECONDS`, and the emails that ask meanwhile share that read."""
+        status = await self._campaign_status(item)
+        if status == CampaignStatus.PAUSED:
+            await self._park(item, holds.HOLD_PAUSED)
+            log.info("email %s: held, its campaign %s is paused", item.email_id, item.campaign_id)
+            return True
+        if status in (None, CampaignStatus.CANCELLED):
+            await self._cancel(item)
+            return True
+        return False
+
+    async def _park(self, item: Claimed, hold: str) -> None:
+        await self.db.write(lambda s: holds.park(s, item.outbox_id, hold), light=True)
+
+    async def _campaign_status(self, item: Claimed) -> str | None:
         if item.campaign_id is None:
-            return False
+            return CampaignStatus.SENDING
         now = time.monotonic()
         cached = self._campaigns.get(item.campaign_id)
         if cached is None or cached[0] <= now:
@@ -201,7 +224,7 @@ class Dispatcher(DueLoop):
             read = asyncio.ensure_future(self.db.read(campaign_store.campaign_status, item.campaign_id))
             cached = (now + CAMPAIGN_STATUS_SECONDS, read)
             self._campaigns[item.campaign_id] = cached
-        return await asyncio.shield(cached[1]) in (None, "CANCELLED")
+        return await asyncio.shield(cached[1])
 
     async def _cancel(self, item: Claimed) -> None:
         await self.db.write(lambda s: email_store.mark_failed(
@@ -223,8 +246,7 @@ class Dispatcher(DueLoop):
             metrics.EMAILS_FAILED.labels(self.transport.name, EmailStatus.SUPPRESSED).inc()
             log.info("email %s: skipped, %s is suppressed", item.email_id, item.recipient)
             return None
-        if await self._campaign_cancelled(item):
-            await self._cancel(item)
+        if await self._campaign_stopped(item):
             return None
         raw = item.raw
         if item.deferred:
@@ -254,6 +276,10 @@ class Dispatcher(DueLoop):
         if domain is None:
             await self._record(item, message_id, SendResult.fail(f"no DKIM key for {domain_name}"))
             return None
+        if domain.held_since is not None:
+            await self._park(item, holds.HOLD_DKIM)
+            log.info("email %s: held, the DKIM record of %s is missing", item.email_id, domain_name)
+            return None
         envelope_sender = await self.envelope_sender(item, domain)
         sign_args = (message, domain.name, domain.dkim_selector, domain.dkim_private_key)
         try:
@@ -269,8 +295,7 @@ class Dispatcher(DueLoop):
         await self._unrecorded.acquire()
         try:
             await self.bucket.acquire(1)
-            if await self._campaign_cancelled(item):
-                await self._cancel(item)
+            if await self._campaign_stopped(item):
                 self._unrecorded.release()
                 return None
             return message_id, await self.transport.send(item.sender, [item.recipient], signed,
@@ -284,6 +309,7 @@ class Dispatcher(DueLoop):
         if result.outcome == SendOutcome.SENT:
             def work(session) -> None:
                 email_store.mark_sent(session, item.outbox_id, item.email_id, message_id, result.transport_id)
+                reputation_store.count_sent(session, item.project_id, utcnow())
                 record_event(session, item.project_id, item.contact_id, "email.sent",
                              {"messageId": result.transport_id, "transport": self.transport.name},
                              email_id=item.email_id)
@@ -295,6 +321,7 @@ class Dispatcher(DueLoop):
         elif result.outcome == SendOutcome.BOUNCE:
             def bounced(session) -> None:
                 email_store.mark_failed(session, item.outbox_id, item.email_id, EmailStatus.BOUNCED, result.error)
+                reputation_store.count_sent(session, item.project_id, utcnow())
                 if self.record_bounce is not None:
                     self.record_bounce(session, item, result.error)
 

@@ -23,9 +23,11 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 SIGNED_HEADERS = (b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"reply-to", b"mime-version",
-                  b"content-type", b"content-transfer-encoding", b"list-unsubscribe", b"list-unsubscribe-post")
+                  b"content-type", b"content-transfer-encoding", b"list-unsubscribe", b"list-unsubscribe-post",
+                  b"feedback-id")
 """Signed when present, in this order (the h= tag); a field that appears several times is signed once, its
-bottom-most instance (RFC 6376 5.4.2)."""
+bottom-most instance (RFC 6376 5.4.2). Feedback-ID is signed so that Gmail's feedback loop can trust it
+names the signing domain's own streams."""
 
 HEADER_NAME = b"DKIM-Signature"
 FOLD_WIDTH = 72

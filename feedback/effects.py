@@ -8,6 +8,7 @@
   A DSN to the email's VERP address (`inbound.reports`) is applied by the same rule (`reported_bounce`).
 * complaint: → COMPLAINED, `email.complaint`, suppressed and unsubscribed. Once per email. Also an ARF
   report (`complained`).
+  Permanent bounces and complaints count against the project's reputation (`pipeline.reputation`).
 * open / click: `email.open` / `email.click` every time, with `first` and `count` (this email's nth).
 * reject: → FAILED with SES's reason. send, delay and other kinds change nothing (they are logged).
 
@@ -23,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from core.metrics import EMAILS_BOUNCED, count_at_commit
 from feedback.ses import Notice
+from pipeline import reputation
 from pipeline.contacts import record_subscription
 from pipeline.events import record_event
 from storage import contacts as contact_store
@@ -88,6 +90,7 @@ def complained(session: Session, email: FeedbackEmail, data: dict[str, Any]) -> 
         return "complaint already recorded"
     feedback_store.set_status(session, email.id, EmailStatus.COMPLAINED)
     _event(session, email, "email.complaint", data)
+    reputation.record_feedback(session, email.project_id, complained=1)
     reason = f"complaint ({data.get('complaintFeedbackType', 'unspecified')})"
     return f"COMPLAINED, {_stop_mail(session, email, 'complaint', reason)}"
 
@@ -115,8 +118,10 @@ _RULES = {"delivery": _delivery, "bounce": _bounce, "complaint": _complaint, "op
 
 def bounced(session: Session, email: FeedbackEmail, data: dict[str, Any], reason: str) -> str:
     """A permanent bounce's records, whichever transport reported it (the caller sets the status):
-    `email.bounce`, the address suppressed, the contact unsubscribed."""
+    `email.bounce`, counted against the project's reputation (`pipeline.reputation`), the address
+    suppressed, the contact unsubscribed."""
     _event(session, email, "email.bounce", data)
+    reputation.record_feedback(session, email.project_id, bounced=1)
     return _stop_mail(session, email, "bounce", reason)
 
 

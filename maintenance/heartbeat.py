@@ -13,6 +13,7 @@ import socket
 from datetime import timedelta
 from importlib import metadata
 
+from storage import reputation as reputation_store
 from storage import system as store
 from storage.db import Database
 from storage.models import new_id, utcnow
@@ -46,6 +47,7 @@ class Heartbeat:
             store.heartbeat(session, row)
             store.prune_nodes(session, now - PRUNE_AFTER)
             store.prune_send_minutes(session, store.minute_of(now) - store.ROLLUP_KEEP_MINUTES)
+            reputation_store.prune_days(session, reputation_store.day_of(now) - reputation_store.KEEP_DAYS)
 
         await self.db.write(work, light=True)
 

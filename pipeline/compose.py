@@ -435,6 +435,9 @@ class MessageSpec:
     style: str = "HTML"
     links: LinkSigner | None = None
     campaign_id: str | None = None
+    feedback_id: str | None = None
+    """Set on bulk mail (campaigns, workflow sends; `bulk_feedback_id`): the message carries it as
+    `Feedback-ID`, with `Precedence: bulk`. Transactional mail (`/v1/send`, the relay) has neither."""
 
     _parsed: dict[str, Template] = field(default_factory=dict, init=False, repr=False, compare=False)
     """Each template text parsed once: a campaign's spec composes every recipient's message."""
@@ -465,6 +468,9 @@ class MessageSpec:
         if contact_links is not None:
             lines.append(header_line("List-Unsubscribe", f"<{contact_links.unsubscribe}>, <{contact_links.mailto}>"))
             lines.append("List-Unsubscribe-Post: List-Unsubscribe=One-Click")
+        if self.feedback_id is not None:
+            lines.append(header_line("Feedback-ID", self.feedback_id))
+            lines.append("Precedence: bulk")
         lines.append("MIME-Version: 1.0")
         body = self.template(self.body)
         if self.style == "PLUNK":
@@ -486,6 +492,13 @@ class MessageSpec:
         if limit is not None and len(message) > limit:
             raise too_large("attachments" if self.attachments else "body", limit)
         return message
+
+
+def bulk_feedback_id(stream_id: str, project_id: str, from_email: str) -> str:
+    """The `Feedback-ID` of bulk mail, `stream:project:sender` as Gmail's feedback loop reads it (the last
+    field identifies the sender, the others are aggregated over): the stream is the campaign's or the
+    workflow's id, the sender the From address's domain."""
+    return f"{stream_id}:{project_id}:{from_email.rsplit('@', 1)[-1].lower()}"
 
 
 class MessageTooLarge(ValidationFailed):

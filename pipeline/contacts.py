@@ -17,7 +17,10 @@ RESERVED_DATA_KEYS = frozenset({
     "projectId", "project_id", "plunk_id", "plunk_email",
 })
 SYSTEM_EVENT = re.compile(
-    r"^(email\..*|contact\.subscribed|contact\.unsubscribed|segment\.[^.]+\.(entry|exit))$")
+    r"^(email\..*|contact\.subscribed|contact\.unsubscribed|segment\.[^.]+\.(entry|exit)"
+    r"|domain\.(verified|unverified)|campaign\.paused|reputation\.(warning|paused))$")
+"""Names only plunkd records (`/v1/track` refuses them): a client could otherwise forge a domain's or the
+reputation guard's events to the project's webhooks."""
 
 
 def is_system_event(name: str) -> bool:

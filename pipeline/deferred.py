@@ -32,7 +32,8 @@ def spec_to_json(spec: MessageSpec) -> bytes:
     """The spec as stored; headers and attachments are not part of what a campaign or workflow sends."""
     return json.dumps({"from_email": spec.from_email, "from_name": spec.from_name, "subject": spec.subject,
                        "body": spec.body, "reply_to": spec.reply_to, "style": spec.style,
-                       "campaign_id": spec.campaign_id, "marketing": spec.links is not None}).encode()
+                       "campaign_id": spec.campaign_id, "feedback_id": spec.feedback_id,
+                       "marketing": spec.links is not None}).encode()
 
 
 def spec_from_json(raw: bytes, links: LinkSigner) -> MessageSpec:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy.orm import Session
 
 from pipeline.errors import Conflict, FieldError, NotFound, ValidationFailed
+from pipeline.events import record_event
 from storage import domains as domain_store
 from storage.db import Database
 from storage.domains import sender_domain
@@ -28,6 +30,7 @@ DOMAIN_PATTERN = re.compile(DOMAIN_NAME)
 """Use with `fullmatch`: `$` would let a trailing newline through."""
 MAX_DOMAIN_LENGTH = 253
 KeyPair = tuple[str, str]
+log = logging.getLogger("plunkd.domains")
 
 
 def generate_key() -> KeyPair:
@@ -209,21 +212,63 @@ async def check_dns(domain: Domain, resolver: dns.asyncresolver.Resolver, mx_hos
     return result
 
 
-def save_check(session: Session, domain_id: str, check: dict[str, Any]) -> Domain:
-    """Store the check (each record's result, by purpose) with the time it was made, `checkedAt`."""
+def save_check(session: Session, domain_id: str, check: dict[str, Any], recheck: bool = False) -> Domain:
+    """Store the check (each record's result, by purpose) with the time it was made, `checkedAt`, and act on
+    what changed, in this transaction: `domain.verified` / `domain.unverified` when the verdict of a domain
+    verified before flips (`verified_at` stays the time it was last verified); the
+    domain's queued mail held when the DKIM record of a domain once verified is missing (not sent unsigned,
+    not failed), released when a check finds it again. A re-check (`recheck`) whose lookup failed changes
+    nothing but the time: a resolver's hiccup does not unverify a domain."""
     now = utcnow()
+    domain = domain_store.domain_for_update(session, domain_id)
+    if recheck and "error" in check:
+        return domain
+    if not recheck:  # a re-check's claim moved it already
+        domain.checked_at = now
+    was_verified, verified_before = domain.verified, domain.verified_at is not None
     verified = bool(check.get("verified"))
-    domain = domain_store.save_check(session, domain_id, verified, {**check, "checkedAt": iso(now)},
-                                     now if verified else None)
+    domain.verified = verified
     domain.return_path_verified = verified and bool(check.get("returnPath"))
+    domain.last_check = {**check, "checkedAt": iso(now)}
+    if verified and not was_verified:
+        domain.verified_at = now
+    dkim_missing = check.get("method") == "dns" and not check.get("dkim")
+    if dkim_missing and domain.held_since is None and was_verified:
+        domain.held_since = now
+        held = domain_store.hold_queued(session, domain.project_id, domain.name)
+        log.warning("domain %s: its DKIM record is missing; %d queued emails held", domain.name, held)
+    elif not dkim_missing:
+        # Released whenever the record is found, held or not: a dispatcher that read the domain held just
+        # before a release may park an email after it; the next check lets it go.
+        released = domain_store.release_held(session, domain.project_id, domain.name)
+        if domain.held_since is not None or released:
+            log.info("domain %s: its DKIM record is there; %d held emails released", domain.name, released)
+        domain.held_since = None
+    if verified != was_verified and verified_before:  # a first verification is no change of a verdict
+        record_event(session, domain.project_id, None, "domain.verified" if verified else "domain.unverified",
+                     {"domainId": domain.id, "domain": domain.name,
+                      "check": {key: check[key] for key in ("dkim", "spf", "dmarc", "method") if key in check}})
     session.flush()
     return domain
 
 
-def domain_json(domain: Domain, transport: str, mx_host: str = "") -> dict[str, Any]:
-    """A domain as the API and the dashboard show it: the records to publish and the last check."""
+def domain_status(domain: Domain) -> str:
+    """VERIFIED, HELD (its DKIM record vanished: its queued mail waits for it) or UNVERIFIED."""
+    return "VERIFIED" if domain.verified else "HELD" if domain.held_since is not None else "UNVERIFIED"
+
+
+def held_counts(session: Session, domains: list[Domain]) -> dict[str, int]:
+    """Held emails by domain id, counted for the held domains only (the others hold none)."""
+    return {domain.id: domain_store.held_emails(session, domain.project_id, domain.name)
+            for domain in domains if domain.held_since is not None}
+
+
+def domain_json(domain: Domain, transport: str, mx_host: str = "", held_emails: int = 0) -> dict[str, Any]:
+    """A domain as the API and the dashboard show it: the records to publish (the return path's MX pointing
+    at `mx_host`), the last check, and its status with the emails it holds (`held_counts`)."""
     return {"id": domain.id, "domain": domain.name, "verified": domain.verified, "verifiedAt": domain.verified_at,
-            "selector": domain.dkim_selector, "returnPath": domain.return_path,
+            "status": domain_status(domain), "heldEmails": held_emails, "heldSince": domain.held_since,
+            "checkedAt": domain.checked_at, "selector": domain.dkim_selector, "returnPath": domain.return_path,
             "returnPathVerified": domain.return_path_verified,
             "records": [r.as_dict() for r in records(domain, transport, mx_host)],
             "lastCheck": domain.last_check or {}, "createdAt": domain.created_at}

@@ -22,7 +22,8 @@ SECRET_BYTES = 32
 MAX_EVENTS = 50
 MAX_EVENT_NAME = 200
 SYSTEM_EVENTS = ("email.sent", "email.delivery", "email.open", "email.click", "email.bounce", "email.complaint",
-                 "email.received", "contact.subscribed", "contact.unsubscribed")
+                 "email.received", "contact.subscribed", "contact.unsubscribed", "domain.verified",
+                 "domain.unverified", "campaign.paused", "reputation.warning", "reputation.paused")
 """The system events plunkd records, besides `segment.<slug>.entry|exit` (seed 004)."""
 SEGMENT_EVENT = "segment.<slug>.entry|exit"
 TEST_EVENT = "webhook.test"

@@ -23,6 +23,7 @@ from core.config import Config
 from core.connections import AcceptFailureLog, ConnectionCaps, SessionLimiter, connection_caps, raise_open_file_limit
 from core.files import private_dir
 from core.host_counts import HostCounts, SharedGeneration
+from pipeline import reputation
 from plunkd.atrest import make_private, open_secrets
 from plunkd.processes import (
     ROLES,
@@ -73,6 +74,7 @@ def create_app(config: Config, db: Database | None = None, roles: set[str] | Non
     `handover`: this process is one of them. Either way the API limit and the SMTP AUTH lockout count in
     the table all acceptors share, and the campaign fan-out runs in the main process only (once per server)."""
     roles = set(ROLES) if roles is None else roles
+    reputation.configure(config.reputation)
     db = db or Database(config.database_url, config.database.pool_size, sync_every_commit=roles != {"dispatcher"})
     app = build_api(config, db)
     serves_smtp = "relay" in roles and config.smtp.enabled
@@ -261,11 +263,13 @@ async def relay_ctx(app: web.Application, config: Config, db: Database, sockets:
 
 async def delivery_ctx(app: web.Application, config: Config, db: Database) -> AsyncIterator[None]:
     """The dispatcher and its transport, for as long as the server runs, and beside it the pruner, the
-    workflow scheduler and the webhook sender (so one process per node prunes, runs workflow steps and
-    posts webhooks)."""
+    workflow scheduler, the domain re-check and the webhook sender (so one process per node prunes, runs
+    workflow steps, re-checks domains and posts webhooks)."""
     from automation.scheduler import WorkflowScheduler
     from delivery.dispatcher import Dispatcher
+    from delivery.ses import ses_identity_verified
     from delivery.transports import make_transport
+    from domaincheck.rechecker import DomainRechecker
     from feedback.effects import smtp_bounce
     from maintenance.pruner import Pruner
     from pipeline.deferred import DeferredComposer
@@ -294,6 +298,13 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
                                   webhooks=config.webhooks, max_bytes=config.smtp.max_message_bytes)
     webhooks = WebhookSender(db, config.webhooks)
 
+    def domain_changed(project_id: str, name: str) -> None:
+        dispatcher.forget_domain(project_id, name)
+        dispatcher.wake()
+
+    rechecker = DomainRechecker(db, config, ses_identity_verified if config.delivery.transport == "ses" else None,
+                                domain_changed)
+
     def wake() -> None:
         dispatcher.wake()
         workflows.wake()
@@ -307,11 +318,12 @@ async def delivery_ctx(app: web.Application, config: Config, db: Database) -> As
     log.info("dispatcher %s started: transport %s, %.1f recipients/s", dispatcher.worker, transport.name, rate)
     pruner = asyncio.create_task(Pruner(db, config.delivery, dashboard=config.dashboard).run(), name="pruner")
     scheduler = asyncio.create_task(workflows.run(), name="workflow-scheduler")
+    domains = asyncio.create_task(rechecker.run(), name="domain-recheck")
     senders = [asyncio.create_task(webhooks.run(), name="webhook-sender")] if config.webhooks.enabled else []
     yield
-    for background in (pruner, task, scheduler, *senders):
+    for background in (pruner, task, scheduler, domains, *senders):
         background.cancel()
-    await asyncio.gather(task, pruner, scheduler, *senders, return_exceptions=True)
+    await asyncio.gather(task, pruner, scheduler, domains, *senders, return_exceptions=True)
     await dispatcher.drain()
     await transport.close()
 

@@ -61,11 +61,23 @@ def insert_at_commit(session: Session, statement: Insert, row: dict[str, Any]) -
     session.info.setdefault(_PENDING, {}).setdefault(statement, []).append(row)
 
 
+_ROW_ORDER: dict[Insert, Callable[[dict[str, Any]], Any]] = {}
+
+
+def write_in_key_order(statement: Insert, key: Callable[[dict[str, Any]], Any]) -> Insert:
+    """Have `statement`'s queued rows written sorted by `key` (an upsert's conflict key): transactions that
+    update several of the same rows then lock them in one order, and never wait for each other in a circle."""
+    _ROW_ORDER[statement] = key
+    return statement
+
+
 def flush_pending(session: Session) -> None:
     pending = session.info.pop(_PENDING, None)
     if pending:
         conn = session.connection()
         for statement, rows in pending.items():
+            if statement in _ROW_ORDER:
+                rows.sort(key=_ROW_ORDER[statement])
             conn.execute(statement, rows)
 
 

@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.functions import FunctionElement
 
 from storage.emails import message_id_domain
+from storage.holds import HOLD_PAUSED, PARKED, release
 from storage.models import (
     Campaign,
     CampaignStatus,
@@ -213,6 +214,26 @@ def finish_drained(session: Session, now: datetime) -> list[str]:
 
 
 CANCELLED_ERROR = "campaign cancelled"
+
+
+def pausable_campaigns(session: Session, project_id: str) -> list[Campaign]:
+    """The project's scheduled and sending campaigns, locked for this transaction (the reputation guard)."""
+    stmt = select(Campaign).where(Campaign.project_id == project_id, Campaign.status.in_(
+        (CampaignStatus.SCHEDULED, CampaignStatus.SENDING))).order_by(Campaign.id).with_for_update()
+    return list(session.execute(stmt).scalars())
+
+
+def park_queued(session: Session, campaign_id: str) -> int:
+    """Pause: park the campaign's emails waiting in the outbox (one index range). Those a dispatcher holds
+    right now it parks itself when it sees the campaign's status. Returns how many."""
+    return session.connection().execute(update(OutboxItem).where(
+        _OUTBOX.c.campaign_id == campaign_id, _OUTBOX.c.claimed_by.is_(None), _OUTBOX.c.hold.is_(None)).values(
+        due_at=PARKED, hold=HOLD_PAUSED)).rowcount
+
+
+def release_parked(session: Session, campaign_id: str) -> int:
+    """Resume: the campaign's parked emails are due now. Returns how many."""
+    return release(session, HOLD_PAUSED, _OUTBOX.c.campaign_id == campaign_id)
 
 
 def withdraw_queued(session: Session, campaign_id: str) -> int:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from storage.holds import HOLD_DKIM, PARKED, release
 from storage.models import Domain, Email, OutboxItem, Project
 from storage.pagination import Page, paginate
 
@@ -81,12 +82,47 @@ def verified_domain_id(session: Session, project_id: str, name: str) -> str | No
     return found
 
 
-def save_check(session: Session, domain_id: str, verified: bool, check: dict[str, Any],
-               verified_at: datetime | None) -> Domain:
-    domain = session.get(Domain, domain_id)
-    assert domain is not None
-    domain.verified = verified
-    domain.last_check = check
-    domain.verified_at = verified_at
-    session.flush()
+def domain_for_update(session: Session, domain_id: str) -> Domain:
+    domain = session.execute(select(Domain).where(Domain.id == domain_id).with_for_update()).scalar_one()
     return domain
+
+
+def claim_rechecks(session: Session, now: datetime, checked_before: datetime, limit: int,
+                   postgres: bool) -> list[Domain]:
+    """Up to `limit` domains due for a re-check (verified, or holding mail, and not looked up since
+    `checked_before`), their `checked_at` moved to `now` in this transaction: on PostgreSQL with SKIP LOCKED,
+    so nodes re-checking at once take different domains, and a claimed domain is not due again for a whole
+    interval even when its lookup then fails."""
+    stmt = (select(Domain).where(or_(Domain.verified.is_(True), Domain.held_since.is_not(None)),
+                                 or_(Domain.checked_at.is_(None), Domain.checked_at <= checked_before))
+            .order_by(Domain.checked_at).limit(limit))
+    domains = list(session.execute(stmt.with_for_update(skip_locked=True) if postgres else stmt).scalars())
+    for domain in domains:
+        domain.checked_at = now
+    session.flush()
+    return domains
+
+
+def _domain_mail(project_id: str, domain_name: str) -> Any:
+    """Outbox rows whose email is the project's, from `domain_name` (a probe of the email per outbox row)."""
+    return select(Email.id).where(Email.id == OutboxItem.email_id, Email.project_id == project_id,
+                                  Email.sender.endswith(f"@{domain_name}", autoescape=True)).exists()
+
+
+def hold_queued(session: Session, project_id: str, domain_name: str) -> int:
+    """Park the domain's queued emails that no dispatcher holds (`HOLD_DKIM`); a dispatcher parks the others
+    itself when it reads the domain. Returns how many."""
+    return session.connection().execute(update(OutboxItem).where(
+        OutboxItem.hold.is_(None), OutboxItem.claimed_by.is_(None), _domain_mail(project_id, domain_name)).values(
+        due_at=PARKED, hold=HOLD_DKIM)).rowcount
+
+
+def release_held(session: Session, project_id: str, domain_name: str) -> int:
+    return release(session, HOLD_DKIM, _domain_mail(project_id, domain_name))
+
+
+def held_emails(session: Session, project_id: str, domain_name: str) -> int:
+    """The domain's emails held for its missing DKIM record (the partial index of parked rows)."""
+    stmt = select(func.count()).select_from(OutboxItem).where(OutboxItem.hold == HOLD_DKIM,
+                                                              _domain_mail(project_id, domain_name))
+    return session.execute(stmt).scalar_one()

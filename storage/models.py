@@ -53,11 +53,13 @@ class EmailStatus(StrEnum):
 
 
 class CampaignStatus(StrEnum):
-    """`campaigns.status`: DRAFT → SCHEDULED → SENDING → SENT, or CANCELLED."""
+    """`campaigns.status`: DRAFT → SCHEDULED → SENDING → SENT, or CANCELLED; the reputation guard makes a
+    scheduled or sending one PAUSED, and a user's resume takes it back."""
 
     DRAFT = "DRAFT"
     SCHEDULED = "SCHEDULED"
     SENDING = "SENDING"
+    PAUSED = "PAUSED"
     SENT = "SENT"
     CANCELLED = "CANCELLED"
 
@@ -175,7 +177,7 @@ class ApiKey(Base):
 
 class Domain(Base):
     __tablename__ = "domains"
-    __table_args__ = (UniqueConstraint("project_id", "name"),)
+    __table_args__ = (UniqueConstraint("project_id", "name"), Index("ix_domains_checked_at", "checked_at"))
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(253))
@@ -191,6 +193,11 @@ class Domain(Base):
     """The MAIL FROM subdomain (e.g. bounces.example.com): when `return_path_verified`, the dispatcher delivers
     with a VERP envelope sender on it (`pipeline.return_path`)."""
     return_path_verified: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    checked_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    """When its records were last looked up (by `POST /domains/:id/verify` or the re-check, `domaincheck/`)."""
+    held_since: Mapped[datetime | None] = mapped_column(nullable=True)
+    """Set while the DKIM record of a domain once verified is missing: its queued mail is held (the outbox's
+    `hold` DKIM), not sent unsigned; cleared, and the mail released, when a check finds the record again."""
 
 
 class Contact(Base):
@@ -290,7 +297,9 @@ class OutboxItem(Base):
     __table_args__ = (Index("ix_outbox_priority_due_at", "priority", "due_at"),
                       Index("ix_outbox_campaign_id", "campaign_id"),
                       Index("ix_outbox_leased", "priority", "due_at", sqlite_where=text("claimed_by IS NOT NULL"),
-                            postgresql_where=text("claimed_by IS NOT NULL")))
+                            postgresql_where=text("claimed_by IS NOT NULL")),
+                      Index("ix_outbox_hold", "hold", sqlite_where=text("hold IS NOT NULL"),
+                            postgresql_where=text("hold IS NOT NULL")))
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     email_id: Mapped[str] = mapped_column(ForeignKey("emails.id", ondelete="CASCADE"), unique=True)
     priority: Mapped[int] = mapped_column(SmallInteger, default=0, server_default=text("0"))
@@ -301,6 +310,9 @@ class OutboxItem(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     claimed_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    hold: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    """Why the row is parked (its `due_at` moved to `storage.emails.PARKED`, so no claim sees it): DKIM (its
+    domain's DKIM record is missing) or PAUSED (its campaign is paused); None: it is due as `due_at` says."""
 
 
 class Suppression(Base):
@@ -535,6 +547,33 @@ class SendMinute(Base):
     sent: Mapped[int] = mapped_column(Integer)
     failed: Mapped[int] = mapped_column(Integer)
     """Bounced or failed for good."""
+
+
+class ReputationDay(Base):
+    """A project's sends, hard bounces and complaints per UTC day, counted in the transactions recording them
+    (sharded like `SendMinute`): the reputation guard sums seven days of a project's rows, a primary-key range,
+    instead of counting its emails."""
+
+    __tablename__ = "reputation_days"
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True)
+    day: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    """Epoch seconds // 86400 (UTC)."""
+    shard: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
+    sent: Mapped[int] = mapped_column(Integer)
+    bounced: Mapped[int] = mapped_column(Integer)
+    complained: Mapped[int] = mapped_column(Integer)
+
+
+class ReputationState(Base):
+    """Where a project's rates stood when last judged (`pipeline.reputation`): a level per rate (OK, WARN,
+    PAUSE), so an event fires once per crossing, and whether its campaigns and workflow sends are paused."""
+
+    __tablename__ = "reputation_states"
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True)
+    bounce_level: Mapped[str] = mapped_column(String(8))
+    complaint_level: Mapped[str] = mapped_column(String(8))
+    marketing_paused: Mapped[bool] = mapped_column(Boolean)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
 class TrackingSettings(Base):

@@ -319,3 +319,30 @@ async def test_another_projects_campaign_is_not_found(dash):
     viewer = await dash.browser("v2@example.com", "viewer")
     status, _ = await viewer.get_json(f"{base(dash)}/{'0' * 8}-0000-7000-8000-{'0' * 12}")
     assert status == 404
+
+
+async def test_a_paused_campaign_is_resumed_from_its_page(dash, sender):
+    """The reputation guard paused it (`pipeline.reputation.pause_campaign`, as a complaint crossing the pause
+    level does); an editor resumes it on the campaign's page, a viewer may not, and a second resume is 409."""
+    from pipeline import reputation
+    from storage import campaigns as campaign_store
+
+    await add_contacts(dash.api, 2)
+    campaign_id = await new_draft(dash)
+    page = f"{base(dash)}/{campaign_id}"
+    assert (await dash.owner.post(f"{page}/send", {"when": "now"})).status == 303
+    await CampaignFanOut(dash.api.db, _links(dash), lambda: None).run_once()
+
+    def pause(session) -> None:
+        [campaign] = campaign_store.pausable_campaigns(session, dash.api.project_id)
+        reputation.pause_campaign(session, campaign, {"metric": "complaint"})
+
+    await dash.api.db.write(pause)
+    status, html = await dash.owner.get(page)
+    assert status == 200 and "PAUSED" in html and '<summary class="button ">Resume campaign</summary>' in html
+    viewer = await dash.browser("viewer@example.com", role="viewer")
+    assert (await viewer.post(f"{page}/resume")).status == 403
+    assert (await dash.owner.post(f"{page}/resume")).status == 303
+    status, body = await dash.owner.get_json(page)
+    assert body["data"]["campaign"]["status"] == "SENDING"
+    assert (await dash.owner.post(f"{page}/resume")).status == 409

@@ -108,7 +108,8 @@ async def test_rotating_the_secret_shows_the_new_one_once(api):
      [(f"events.{index}", "unknown_event", f"'{name}' is not an event plunkd records; system events are "
        "email.sent, email.delivery, email.open, email.click, email.bounce, email.complaint, email.received, "
        "contact.subscribed, "
-       "contact.unsubscribed, segment.<slug>.entry|exit, *, email.*, contact.*, segment.*")
+       "contact.unsubscribed, domain.verified, domain.unverified, campaign.paused, reputation.warning, "
+       "reputation.paused, segment.<slug>.entry|exit, *, email.*, contact.*, segment.*")
       for index, name in ((1, "email.delivered"), (2, "segment.vip.joined"), (3, "contact.*x"))]),
     ({"url": "https://hooks.example.com/", "events": ["a\x00b"]},
      [("events.0", "invalid_string", "Text may not contain unpaired UTF-16 surrogates (such as \\ud800), nor NUL "

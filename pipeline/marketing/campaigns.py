@@ -18,7 +18,8 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from core.metrics import EMAILS_ACCEPTED, count_at_commit
-from pipeline.compose import MessageSpec, as_text, byte_length, lookup
+from pipeline import reputation
+from pipeline.compose import MessageSpec, as_text, bulk_feedback_id, byte_length, lookup
 from pipeline.deferred import insert_spec
 from pipeline.domains import require_verified_sender
 from pipeline.errors import Conflict, FieldError, NotFound, ValidationFailed
@@ -28,6 +29,7 @@ from pipeline.submit import Queued, Submission, envelope_sender_for, submit
 from pipeline.tracking.links import tracking_for
 from storage import campaigns as store
 from storage import contacts as contact_store
+from storage import reputation as reputation_store
 from storage import segments as segment_store
 from storage import templates as template_store
 from storage.models import Campaign, CampaignStatus, Project, utcnow
@@ -166,8 +168,9 @@ def update_campaign(session: Session, project_id: str, campaign_id: str, fields:
 
 def delete_campaign(session: Session, project_id: str, campaign_id: str) -> Campaign:
     campaign = require_campaign(session, project_id, campaign_id, for_update=True)
-    if campaign.status == CampaignStatus.SENDING:
-        raise Conflict(f"Campaign {campaign_id} is sending", "Cancel it first (POST /campaigns/:id/cancel).")
+    if campaign.status in (CampaignStatus.SENDING, CampaignStatus.PAUSED):
+        raise Conflict(f"Campaign {campaign_id} is {campaign.status.lower()}",
+                       "Cancel it first (POST /campaigns/:id/cancel).")
     store.delete_campaign(session, campaign)
     return campaign
 
@@ -188,14 +191,17 @@ def message_spec(session: Session, campaign: Campaign, project: Project, links: 
     `template_spec`), then the project's sender. An empty subject or body means "the template's"."""
     template = template_store.get_template(session, project.id, campaign.template_id) if campaign.template_id else None
     if template is None:
-        return MessageSpec(campaign.from_email or project.from_email, campaign.from_name or project.from_name,
+        spec = MessageSpec(campaign.from_email or project.from_email, campaign.from_name or project.from_name,
                            campaign.subject, campaign.body, campaign.reply_to, style=campaign.style, links=links,
                            campaign_id=campaign.id)
-    spec = template_spec(template, (project.from_email, project.from_name), links, marketing=True,
-                         from_email=campaign.from_email, from_name=campaign.from_name, reply_to=campaign.reply_to,
-                         subject=campaign.subject or None, body=campaign.body or None, campaign_id=campaign.id)
-    if campaign.body:
-        spec.style = campaign.style
+    else:
+        spec = template_spec(template, (project.from_email, project.from_name), links, marketing=True,
+                             from_email=campaign.from_email, from_name=campaign.from_name,
+                             reply_to=campaign.reply_to, subject=campaign.subject or None,
+                             body=campaign.body or None, campaign_id=campaign.id)
+        if campaign.body:
+            spec.style = campaign.style
+    spec.feedback_id = bulk_feedback_id(campaign.id, project.id, spec.from_email)
     return spec
 
 
@@ -257,14 +263,28 @@ def schedule_campaign(session: Session, project: Project, campaign_id: str, at: 
 
 def cancel_campaign(session: Session, project_id: str, campaign_id: str) -> Campaign:
     campaign = require_campaign(session, project_id, campaign_id, for_update=True)
-    if campaign.status not in (CampaignStatus.SCHEDULED, CampaignStatus.SENDING):
-        raise Conflict(f"Campaign {campaign_id} is {campaign.status}; only a scheduled or sending campaign "
-                       "can be cancelled")
+    if campaign.status not in (CampaignStatus.SCHEDULED, CampaignStatus.SENDING, CampaignStatus.PAUSED):
+        raise Conflict(f"Campaign {campaign_id} is {campaign.status}; only a scheduled, sending or paused "
+                       "campaign can be cancelled")
     withdrawn = store.withdraw_queued(session, campaign.id)
     campaign.status = CampaignStatus.CANCELLED
     campaign.finished_at = utcnow()
     session.flush()
     log.info("campaign %s: cancelled, %d queued emails withdrawn", campaign.id, withdrawn)
+    return campaign
+
+
+def resume_campaign(session: Session, project_id: str, campaign_id: str) -> Campaign:
+    """A campaign the reputation guard paused goes on where it stopped (SENDING, its parked emails due now;
+    SCHEDULED when it had not started), and the project's workflow sends with it."""
+    campaign = require_campaign(session, project_id, campaign_id, for_update=True)
+    if campaign.status != CampaignStatus.PAUSED:
+        raise Conflict(f"Campaign {campaign_id} is {campaign.status}; only a paused campaign can be resumed")
+    campaign.status = CampaignStatus.SCHEDULED if campaign.content_id is None else CampaignStatus.SENDING
+    released = store.release_parked(session, campaign.id)
+    reputation.lift_pause(session, project_id)
+    session.flush()
+    log.info("campaign %s: resumed by a user, %d parked emails released", campaign.id, released)
     return campaign
 
 
@@ -287,6 +307,10 @@ def start_fanout(session: Session, campaign_id: str, links: LinkSigner) -> Campa
     already SENDING (a fan-out that died) is returned as it is; a cancelled one is None."""
     campaign = store.get_campaign_by_id(session, campaign_id)
     if campaign is None or campaign.status not in (CampaignStatus.SCHEDULED, CampaignStatus.SENDING):
+        return None
+    if campaign.status == CampaignStatus.SCHEDULED and reputation_store.marketing_paused(session, campaign.project_id):
+        reputation.pause_campaign(session, campaign, {"reason": "the project's campaigns are paused (reputation)"})
+        session.flush()
         return None
     if campaign.content_id is None:
         spec = message_spec(session, campaign, session.get_one(Project, campaign.project_id), links)

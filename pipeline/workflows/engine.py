@@ -60,7 +60,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from pipeline.compose import MAX_RENDERED_HEADER, MessageSpec, looks_like_html
+from pipeline.compose import MAX_RENDERED_HEADER, MessageSpec, bulk_feedback_id, looks_like_html
 from pipeline.contacts import update_contact
 from pipeline.errors import PipelineError
 from pipeline.links import LinkSigner
@@ -79,6 +79,7 @@ from pipeline.workflows.definitions import (
     parse_definition,
 )
 from storage import contacts as contact_store
+from storage import reputation as reputation_store
 from storage import templates as template_store
 from storage import workflows as store
 from storage.batch import discard_pending, flush_pending
@@ -189,18 +190,28 @@ class _Batch:
         self.senders = store.project_senders(session, {run.project_id for run in runs}) if runs else {}
         self.steps = {workflow_id: parse_definition(workflow.definition)
                       for workflow_id, workflow in self.workflows.items()}
-        self._specs: dict[tuple[str, str], MessageSpec | str] = {}
+        self._specs: dict[tuple[str, str, str], MessageSpec | str] = {}
+        self._paused: dict[str, bool] = {}
 
-    def spec(self, project_id: str, template_id: str) -> MessageSpec:
-        """The message a send of this template composes; _StepFailed when it cannot be sent."""
-        key = (project_id, template_id)
+    def sending_paused(self, project_id: str) -> bool:
+        """Whether the reputation guard holds the project's workflow sends (`pipeline.reputation`)."""
+        if project_id not in self._paused:
+            self._paused[project_id] = reputation_store.marketing_paused(self.session, project_id)
+        return self._paused[project_id]
+
+    def spec(self, project_id: str, workflow_id: str, template_id: str) -> MessageSpec:
+        """The message a send of this template by this workflow composes (bulk mail: its Feedback-ID names
+        the workflow); _StepFailed when it cannot be sent."""
+        key = (project_id, workflow_id, template_id)
         if key not in self._specs:
             template = template_store.get_template(self.session, project_id, template_id)
             if template is None:
                 self._specs[key] = f"template {template_id} not found"
             else:
                 try:
-                    self._specs[key] = template_spec(template, self.senders.get(project_id, ("", "")), self.links)
+                    spec = template_spec(template, self.senders.get(project_id, ("", "")), self.links)
+                    spec.feedback_id = bulk_feedback_id(workflow_id, project_id, spec.from_email)
+                    self._specs[key] = spec
                 except (ValueError, PipelineError) as exc:
                     self._specs[key] = f"template {template_id}: {getattr(exc, 'message', exc)}"
         found = self._specs[key]
@@ -406,10 +417,15 @@ def _send_group(batch: _Batch, runs: list[_Run], step: SendStep, step_id: str, n
                 done: Executed) -> None:
     """A send step for a group of runs at it: the template once, then an email per run's contact
     through `submit_deferred` (one content row for the group). A contact who is gone fails its run; a
-    MARKETING template to a contact who is not subscribed records a SKIPPED email (not counted as sent)."""
+    MARKETING template to a contact who is not subscribed records a SKIPPED email (not counted as sent). While
+    the reputation guard holds the project's workflow sends, the runs wait at the step instead."""
     extra = step.data
     project_id = runs[0].record.project_id
-    spec = batch.spec(project_id, step.template)
+    if batch.sending_paused(project_id):
+        for run in runs:  # each waits at this step, as a disabled workflow's runs do
+            run.due_at = now + timedelta(seconds=PAUSE_SECONDS)
+        return
+    spec = batch.spec(project_id, runs[0].record.workflow_id, step.template)
     contacts = contact_store.addresses_by_id(batch.session, project_id, [run.record.contact_id for run in runs])
     too_large = _too_large(batch, spec, project_id, runs, extra or {})
     sending, recipients = [], []

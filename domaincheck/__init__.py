@@ -1,0 +1,1 @@
+"""The periodic re-check of sending domains' DNS records (`domaincheck.rechecker`)."""
