@@ -14,7 +14,6 @@ import functools
 import logging
 from collections.abc import Callable
 
-from core.config import DeliveryConfig
 from core.loop import DueLoop
 from pipeline.links import LinkSigner
 from pipeline.marketing import campaigns as rules
@@ -32,7 +31,7 @@ reads the due campaigns and settles drained ones in a write: at most this often 
 
 class CampaignFanOut(DueLoop):
     def __init__(self, db: Database, links: LinkSigner, on_queued: Callable[[], None], poll_seconds: float = 1.0,
-                 chunk: int = DeliveryConfig.fanout_chunk) -> None:
+                 chunk: int = 2000) -> None:
         self.db = db
         self.links = links
         self.on_queued = on_queued

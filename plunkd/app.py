@@ -19,7 +19,7 @@ from aiohttp import web
 from api.app import build_api
 from api.context import KEYS, LINKS, ON_QUEUED, RATE_LIMITER
 from api.ratelimit import EveryLimit, HostWindowLimiter
-from core.config import Config
+from core.config import Config, fanout_chunk_for
 from core.connections import AcceptFailureLog, ConnectionCaps, SessionLimiter, connection_caps, raise_open_file_limit
 from core.files import private_dir
 from core.host_counts import HostCounts, SharedGeneration
@@ -164,7 +164,8 @@ async def fanout_ctx(app: web.Application, config: Config, db: Database) -> Asyn
         for wake in app[ON_QUEUED]:
             wake()
 
-    campaigns = CampaignFanOut(db, app[LINKS], queued, config.delivery.poll_seconds, config.delivery.fanout_chunk)
+    campaigns = CampaignFanOut(db, app[LINKS], queued, config.delivery.poll_seconds,
+                               fanout_chunk_for(config.delivery, db.is_postgres))
     app[ON_QUEUED].append(campaigns.wake)
     task = asyncio.create_task(campaigns.run(), name="campaign-fanout")
     yield
