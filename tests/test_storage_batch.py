@@ -194,3 +194,23 @@ async def test_a_bulk_write_is_not_held_back_by_a_steady_stream_of_writes(tmp_pa
         await db.dispose()
     assert len(batches) == BULK_PATIENCE * 3 + 2
     assert batches.index("chunk") == BULK_PATIENCE + 1, batches
+
+
+async def test_accepting_writes_leave_checkpoints_of_the_first_32_mb_to_others(tmp_path):
+    """The accepting writer's commits do not copy the WAL into the database file every 4 MB (SQLite's
+    default), which held each fortieth 100 KB message's reply for the copy and its sync: after 6 MB of
+    commits the database file is as small as before and the WAL holds them. SQLite only (a WAL file)."""
+    from sqlalchemy import text
+
+    path = tmp_path / "writer.sqlite3"
+    db = Database(f"sqlite+aiosqlite:///{path}")
+    await db.migrate()
+    try:
+        await db.write(lambda s: s.execute(text("CREATE TABLE blobs (id INTEGER PRIMARY KEY, body BLOB)")))
+        before = path.stat().st_size
+        for _ in range(60):
+            await db.write(lambda s: s.execute(text("INSERT INTO blobs (body) VALUES (randomblob(100000))")))
+        assert path.stat().st_size - before < 1_000_000
+        assert path.with_name(path.name + "-wal").stat().st_size > 6_000_000
+    finally:
+        await db.dispose()
