@@ -333,7 +333,8 @@ def test_plunkd_serve_takes_inbound_mail_on_its_port_with_starttls(tmp_path, dat
 
     inbound_port = free_port()
     env = {"PLUNKD_DATABASE_URL": database_url, "PLUNKD_INBOUND_ENABLED": "true",
-           "PLUNKD_INBOUND_PORT": str(inbound_port), "PLUNKD_DELIVERY_ENABLED": "false"}
+           "PLUNKD_INBOUND_PORT": str(inbound_port), "PLUNKD_DELIVERY_ENABLED": "false",
+           "PLUNKD_SMTP_ENABLED": "false"}  # the relay's default 465/587 may be held by a test run beside this one
     with served_plunkd(tmp_path, env) as server:
         server.wait(lambda: port_open(inbound_port), 30, "the inbound port")
         with smtplib.SMTP("127.0.0.1", inbound_port, timeout=30) as client:

@@ -116,7 +116,10 @@ async def test_swaks_mail_with_two_attachments_to_a_route_becomes_event_webhook_
     assert made.returncode == 0, made.stderr
     key = next(line.split()[-1] for line in made.stdout.splitlines() if line.startswith("secret key"))
     inbound_port = free_port()
+    # The relay is off (its default ports 465/587 may be held by a test run beside this one); inbound SMTP
+    # offers STARTTLS with the relay's certificate all the same.
     env.update({"PLUNKD_INBOUND_ENABLED": "true", "PLUNKD_INBOUND_PORT": str(inbound_port),
+                "PLUNKD_SMTP_ENABLED": "false",
                 "PLUNKD_SMTP_CERT_FILE": str(tmp_path / "smtp.pem"), "PLUNKD_SMTP_KEY_FILE": str(tmp_path / "smtp.pem"),
                 "PLUNKD_DELIVERY_TRANSPORT": "file", "PLUNKD_DELIVERY_POLL_SECONDS": "0.2",
                 "PLUNKD_DNS_NAMESERVERS": "127.0.0.1", "PLUNKD_DNS_PORT": str(dns_server.port),
