@@ -156,7 +156,8 @@ def add_and_verify_the_domain(owner: Tab, journey: Journey) -> None:
     owner.page.get_by_role("button", name="Add domain").click()
     owner.page.get_by_role("heading", name="example.com").wait_for()
     owner.check("domain added")
-    rows = owner.page.locator("main table tbody tr")
+    table = owner.page.get_by_role("table", name="Records to publish")
+    rows = table.locator("tbody tr")
     records = [{"name": rows.nth(i).locator("td").nth(1).locator("code").inner_text().strip(),
                 "value": rows.nth(i).locator("td").nth(2).locator("code").inner_text().strip()}
                for i in range(rows.count())]
@@ -165,7 +166,7 @@ def add_and_verify_the_domain(owner: Tab, journey: Journey) -> None:
     journey.dns.publish(records)
     owner.page.get_by_role("button", name="Verify now").click()
     owner.page.locator("dd .badge.ok", has_text="verified").wait_for()
-    assert owner.page.locator("main table .badge.ok", has_text="found").count() == len(records)
+    assert table.locator(".badge.ok", has_text="found").count() == len(records)
     owner.check("domain verified")
 
 
