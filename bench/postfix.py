@@ -323,6 +323,17 @@ def postfix_command(config: Path, action: str) -> subprocess.CompletedProcess:
     return subprocess.run(["postfix", "-c", str(config), action], capture_output=True, text=True)
 
 
+@contextlib.contextmanager
+def shared_umask() -> Iterator[None]:
+    """The umask Postfix's files and folders need (its own user reads the configuration and walks the queue),
+    for as long as they are made: a process that ran `plunkd.cli.main` (a test's) holds plunkd's private 077."""
+    previous = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
 def master_pid(folder: Path, timeout: float = 15.0) -> int:
     pid_file = folder / "queue" / "pid" / "master.pid"
     deadline = time.monotonic() + timeout
@@ -341,16 +352,18 @@ def private_postfix(folder: Path, port: int, cert: Path, key: Path, password: st
     with `postfix -c DIR stop`. `delivery` is the main.cf part that says where accepted mail goes."""
     config = folder / "etc"
     sasl = config / "sasl"  # Debian's smtpd reads $config_directory/sasl/smtpd.conf
-    for path in (config, sasl, folder / "queue", folder / "data"):
-        path.mkdir(parents=True)
-    folder.parent.chmod(0o711)  # the postfix user must reach its queue and data folders
-    folder.chmod(0o755)
-    shutil.chown(folder / "data", "postfix", "postfix")
-    (config / "main.cf").write_text(main_cf(folder, cert, key, delivery))
-    (config / "master.cf").write_text(master_cf(port, extra_services))
-    write_sasldb(sasl, password)
+    with shared_umask():
+        for path in (config, sasl, folder / "queue", folder / "data"):
+            path.mkdir(parents=True)
+        folder.parent.chmod(0o711)  # the postfix user must reach its queue and data folders
+        folder.chmod(0o755)
+        shutil.chown(folder / "data", "postfix", "postfix")
+        (config / "main.cf").write_text(main_cf(folder, cert, key, delivery))
+        (config / "master.cf").write_text(master_cf(port, extra_services))
+        write_sasldb(sasl, password)
     try:
-        started = postfix_command(config, "start")
+        with shared_umask():
+            started = postfix_command(config, "start")
         if started.returncode != 0:
             raise RuntimeError(f"postfix -c {config} start failed: {started.stdout}{started.stderr}")
         pid = master_pid(folder)

@@ -52,6 +52,17 @@ def _forget_finished_apps() -> Iterator[None]:
     aiohttp_web_app._cached_build_middleware.cache_clear()
 
 
+@pytest.fixture(autouse=True)
+def _umask_kept() -> Iterator[None]:
+    """`plunkd.cli.main` sets plunkd's private umask (077) for the rest of its process; a test that calls it
+    would otherwise hand it to every later test of its worker (a private Postfix then cannot read its own
+    queue)."""
+    previous = os.umask(0o022)
+    os.umask(previous)
+    yield
+    os.umask(previous)
+
+
 @pytest.fixture(scope="session")
 def migrated_sqlite(tmp_path_factory) -> Path | None:
     """An SQLite file migrated once per session (None on PostgreSQL); each SQLite test starts from a copy of
