@@ -195,7 +195,7 @@ class DnsConfig:
     port: int = 53
     timeout_seconds: float = 5.0
     recheck_hours: float = 6.0
-    """Every verified (or held) domain's records are checked again this often (`domains/`); 0: never."""
+    """Every verified (or held) domain's records are checked again this often (`domaincheck/`); 0: never."""
 
 
 @dataclass
@@ -206,7 +206,7 @@ class ReputationConfig:
     """Fewer sends in the window: no rate is judged."""
     complaint_warn: float = 0.001
     bounce_warn: float = 0.02
-    """Above a warning level: `project.reputation.warning` (event and webhook), once per crossing."""
+    """Above a warning level: `reputation.warning` (event and webhook), once per crossing."""
     complaint_pause: float = 0.003
     bounce_pause: float = 0.05
     """Above a pause level: the project's campaigns and workflow sends pause (transactional mail goes on)."""

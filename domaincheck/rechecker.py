@@ -11,7 +11,6 @@ up by one node per interval.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -19,6 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from core.config import Config
+from core.loop import DueLoop
 from pipeline import domains as rules
 from storage import domains as domain_store
 from storage.db import Database
@@ -30,7 +30,7 @@ BATCH = 20
 """Domains claimed per transaction; each is looked up in turn (a few DNS queries, `dns.timeout_seconds` at most)."""
 
 
-class DomainRechecker:
+class DomainRechecker(DueLoop):
     def __init__(self, db: Database, config: Config,
                  ses_verified: Callable[[Any, str], Awaitable[bool]] | None = None,
                  on_change: Callable[[str, str], None] = lambda project_id, name: None,
@@ -42,17 +42,11 @@ class DomainRechecker:
         self.ses_verified = ses_verified
         self.on_change = on_change
         self.clock = clock
-        self.poll_seconds = poll_seconds
+        super().__init__(poll_seconds, log, "domain re-check")
 
-    async def run(self) -> None:
-        while True:
-            try:
-                await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("domain re-check failed; next try in %.0f s", self.poll_seconds)
-            await asyncio.sleep(self.poll_seconds)
+    async def step(self) -> bool:
+        await self.run_once()
+        return False
 
     async def run_once(self) -> int:
         """Re-check every domain now due; returns how many were looked up."""
