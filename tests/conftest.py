@@ -9,7 +9,7 @@ import os
 import shutil
 import ssl
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from plunkd.app import create_app
 from storage.db import Database
 from storage.models import Base
 from storage.secrets import KeyRing, use_keyring
+from tests.webhook_receiver import Receiver, start_receiver
 
 PG_URL = os.environ.get("PLUNKD_TEST_DATABASE_URL", "")
 
@@ -357,3 +358,12 @@ def pytest_collection_modifyitems(config, items) -> None:
     if len(kept) != len(items):
         config.hook.pytest_deselected(items=[item for item in items if item not in kept])
     items[:] = sorted(kept, key=lambda item: item.get_closest_marker("long") is None)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    """A webhook receiving server on loopback (`tests.webhook_receiver`), stopped after the test."""
+    got = Receiver()
+    runner = await start_receiver(got)
+    yield got
+    await runner.cleanup()

@@ -28,7 +28,6 @@ from storage.models import Domain, InboundAttachment, InboundMessage, utcnow
 from tests.test_webhooks import create_endpoint, deliveries, send_until
 from tests.test_webhooks import sender_for as webhook_sender
 from tests.test_workflows_api import template
-from tests.webhook_receiver import Receiver, start_receiver
 
 SENDER_DOMAIN = "sender.example.org"
 CLIENT_IP = "127.0.0.1"
@@ -42,14 +41,6 @@ def config(config):
     config.webhooks.allow_private_targets = True
     config.webhooks.poll_seconds, config.webhooks.timeout_seconds, config.webhooks.lease_seconds = 0.02, 2.0, 5.0
     return config
-
-
-@pytest.fixture
-async def receiver():
-    got = Receiver()
-    runner = await start_receiver(got)
-    yield got
-    await runner.cleanup()
 
 
 @pytest.fixture

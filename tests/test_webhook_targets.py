@@ -23,7 +23,6 @@ from storage import workflows as store
 from storage.models import utcnow
 from tests.test_webhooks import deliveries, send_what_is_due, track_event
 from tests.test_workflows_engine import make_workflow, one_run, outcomes, scheduler_for
-from tests.webhook_receiver import Receiver, start_receiver
 
 HOSTNAME = socket.gethostname()
 SPELLINGS = ["2130706433", "0x7f000001", "0177.0.0.1", "127.1", "[::127.0.0.1]", "[64:ff9b::7f00:1]",
@@ -69,14 +68,6 @@ def send_error(url: str) -> str:
                 "to non-public addresses and webhooks.allow_private_targets is off]")
     return (f"ClientConnectorError: Cannot connect to host {host}:{port} ssl:default [{host} is not a public "
             "address and webhooks.allow_private_targets is off]")
-
-
-@pytest.fixture
-async def receiver():
-    got = Receiver()
-    runner = await start_receiver(got)
-    yield got
-    await runner.cleanup()
 
 
 @pytest.mark.parametrize("spelling", SPELLINGS)

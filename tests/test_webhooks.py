@@ -22,7 +22,7 @@ from pipeline.track import track
 from pipeline.webhook_targets import public_address
 from storage.db import Database
 from storage.models import Event, WebhookDelivery, utcnow
-from tests.webhook_receiver import Receiver, start_receiver
+from tests.webhook_receiver import Receiver
 from webhooks.sender import WebhookSender
 
 
@@ -34,14 +34,6 @@ def config(config):
     hooks.retry_base_seconds, hooks.retry_max_seconds = 0.1, 0.4
     hooks.poll_seconds, hooks.timeout_seconds, hooks.lease_seconds = 0.02, 2.0, 5.0
     return config
-
-
-@pytest.fixture
-async def receiver():
-    got = Receiver()
-    runner = await start_receiver(got)
-    yield got
-    await runner.cleanup()
 
 
 def sender_for(api, **overrides) -> WebhookSender:
