@@ -1,6 +1,6 @@
-"""Per-project request budget: a fixed one-minute window, per process (`WindowRateLimiter`), shared by the
-acceptor processes of one server (`HostWindowLimiter`), or by every node on one PostgreSQL
-(`SharedWindowLimiter`; with several acceptors too, both: `EveryLimit`)."""
+"""Per-project request budget: a fixed one-minute window, per process or shared by the acceptor processes of
+one server (`WindowRateLimiter`), or by every node on one PostgreSQL (`SharedWindowLimiter`; with several
+acceptors too, both: `EveryLimit`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from core.host_counts import HostCounts
+from core.host_counts import CountStore, ProcessCounts
 
 log = logging.getLogger("plunkd.api")
 
@@ -32,35 +32,17 @@ class Allowance:
                 "X-RateLimit-Reset": str(self.reset_epoch)}
 
 
-class WindowRateLimiter:
-    def __init__(self, limit: int, window_seconds: int = 60) -> None:
-        self.limit = limit
-        self.window = window_seconds
-        self._windows: dict[str, tuple[int, int]] = {}
-
-    def take(self, project_id: str) -> Allowance:
-        now = int(time.time())
-        start = now - now % self.window
-        window_start, used = self._windows.get(project_id, (start, 0))
-        if window_start != start:
-            window_start, used = start, 0
-        allowed = used < self.limit
-        if allowed:
-            used += 1
-        self._windows[project_id] = (window_start, used)
-        return Allowance(allowed, self.limit, self.limit - used, window_start + self.window)
-
-
 class Limiter(Protocol):
     def take(self, project_id: str) -> Allowance: ...
 
 
-class HostWindowLimiter:
-    """The same window, counted in the table every acceptor process of this server shares
-    (`core.host_counts`): exact over all of them, whichever one a connection lands on."""
+class WindowRateLimiter:
+    """A fixed window per project, counted in this process (the default) or in the table every acceptor
+    process of this server shares (`core.host_counts.HostCounts`): exact over all of them, whichever one a
+    connection lands on."""
 
-    def __init__(self, counts: HostCounts, limit: int, window_seconds: int = 60) -> None:
-        self.counts = counts
+    def __init__(self, limit: int, window_seconds: int = 60, counts: CountStore | None = None) -> None:
+        self.counts = counts or ProcessCounts()
         self.limit = limit
         self.window = window_seconds
 
@@ -81,7 +63,8 @@ class HostWindowLimiter:
 
 class EveryLimit:
     """Admits a request only if every limiter does, in order (one that refuses, the later ones do not see):
-    this server's acceptors exactly (`HostWindowLimiter`), then the nodes on PostgreSQL (`SharedWindowLimiter`)."""
+    this server's acceptors exactly (`WindowRateLimiter` on `HostCounts`), then the nodes on PostgreSQL
+    (`SharedWindowLimiter`)."""
 
     def __init__(self, *limiters: Limiter) -> None:
         self.limiters = limiters

@@ -22,6 +22,7 @@ import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from core.files import PRIVATE_FILE
 
@@ -84,6 +85,36 @@ class HostCounts:
     def close(self) -> None:
         self._map.close()
         os.close(self._fd)
+
+
+class ProcessCounts:
+    """`HostCounts`' interface for one process counting alone (`server.processes` = 1): a dict, so the limiters
+    built on `update` are one piece of code whether one process counts or all acceptors do. At `max_keys` it
+    starts over (a flood of distinct keys cannot grow it)."""
+
+    def __init__(self, max_keys: int = 100_000) -> None:
+        self.max_keys = max_keys
+        self._states: dict[str, tuple[int, float, float]] = {}
+
+    def update(self, key: str, change: Change) -> tuple[int, float]:
+        now = time.time()
+        count, since, expires = self._states.get(key, (0, 0.0, 0.0))
+        if expires <= now:
+            count, since = 0, 0.0
+        count, since, expires = change(count, since, now)
+        if count <= 0:
+            self._states.pop(key, None)
+        else:
+            if len(self._states) >= self.max_keys and key not in self._states:
+                self._states.clear()
+            self._states[key] = (count, since, expires)
+        return count, since
+
+
+class CountStore(Protocol):
+    """Where a limiter keeps its counts: this process's (`ProcessCounts`) or every acceptor's (`HostCounts`)."""
+
+    def update(self, key: str, change: Change) -> tuple[int, float]: ...
 
 
 class SharedGeneration:

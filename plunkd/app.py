@@ -18,7 +18,7 @@ from aiohttp import web
 
 from api.app import build_api
 from api.context import KEYS, LINKS, ON_QUEUED, RATE_LIMITER
-from api.ratelimit import EveryLimit, HostWindowLimiter
+from api.ratelimit import EveryLimit, WindowRateLimiter
 from core.config import Config, fanout_chunk_for
 from core.connections import AcceptFailureLog, ConnectionCaps, SessionLimiter, connection_caps, raise_open_file_limit
 from core.files import private_dir
@@ -108,7 +108,7 @@ def create_app(config: Config, db: Database | None = None, roles: set[str] | Non
     elif handover is not None:
         counts = HostCounts(Path(handover.counts_path))
     if counts is not None and "api" in roles:
-        app[RATE_LIMITER] = HostWindowLimiter(counts, config.api.rate_limit_per_minute)
+        app[RATE_LIMITER] = WindowRateLimiter(config.api.rate_limit_per_minute, counts=counts)
     if counts is not None and not db.is_postgres:
         app[KEYS].share_changes(SharedGeneration(counts, "keys"))
     if db.is_postgres and "api" in roles:
@@ -124,9 +124,9 @@ def create_app(config: Config, db: Database | None = None, roles: set[str] | Non
     if handover is not None:
         app.cleanup_ctx.append(lambda _app: handed_over_ctx(app, handover))
     if serves_smtp:
-        from relay.limits import HostAuthLimiter
+        from relay.limits import AuthLimiter
 
-        auth_limits = counts and HostAuthLimiter(counts, config.smtp.auth_failure_limit, config.smtp.lockout_seconds)
+        auth_limits = counts and AuthLimiter(config.smtp.auth_failure_limit, config.smtp.lockout_seconds, counts)
         app.cleanup_ctx.append(lambda _app: relay_ctx(app, config, db, relay_sockets, auth_limits))
     if "relay" in roles and config.inbound.enabled and handover is None:
         app.cleanup_ctx.append(lambda _app: inbound_ctx(app, config, db))

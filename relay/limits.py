@@ -4,9 +4,8 @@
 from __future__ import annotations
 
 import re
-import time
 
-from core.host_counts import HostCounts
+from core.host_counts import CountStore, ProcessCounts
 from pipeline.submit import header_end
 
 
@@ -14,47 +13,15 @@ class AuthLimiter:
     """AUTH attempts per client address. An attempt counts from before its key is looked up, so concurrent
     guesses cannot all be evaluated before the first failure is recorded: at most `limit` attempts, failed
     or still in flight, within `lockout_seconds` of the first; then the address is refused until the window
-    ends. Each failure is answered more slowly than the last; a success clears the address."""
-
-    def __init__(self, limit: int, lockout_seconds: float) -> None:
-        self.limit = limit
-        self.lockout_seconds = lockout_seconds
-        self._attempts: dict[str, tuple[int, float]] = {}
-
-    def locked(self, address: str) -> bool:
-        count, since = self._attempts.get(address, (0, 0.0))
-        if count and time.monotonic() - since > self.lockout_seconds:
-            self._attempts.pop(address, None)
-            return False
-        return count >= self.limit
-
-    def admit(self, address: str) -> bool:
-        """Count one attempt before its key is checked; False (and not counted) when the address is locked."""
-        if self.locked(address):
-            return False
-        count, since = self._attempts.get(address, (0, time.monotonic()))
-        if len(self._attempts) >= 100_000 and address not in self._attempts:
-            self._attempts.clear()
-        self._attempts[address] = (count + 1, since)
-        return True
-
-    def failure_delay(self, address: str) -> float:
-        """How long to wait before answering a failed attempt: longer the more the address has tried."""
-        count = self._attempts.get(address, (1, 0.0))[0]
-        return min(0.25 * count, 2.0)
-
-    def succeeded(self, address: str) -> None:
-        self._attempts.pop(address, None)
-
-
-class HostAuthLimiter(AuthLimiter):
-    """The same rule, counted in the table every acceptor process of this server shares
-    (`core.host_counts`), so `limit` attempts are all an address gets however many acceptors its
+    ends. Each failure is answered more slowly than the last; a success clears the address. Counted in this
+    process (the default) or in the table every acceptor process of this server shares
+    (`core.host_counts.HostCounts`), so `limit` attempts are all an address gets however many acceptors its
     connections land on."""
 
-    def __init__(self, counts: HostCounts, limit: int, lockout_seconds: float) -> None:
-        super().__init__(limit, lockout_seconds)
-        self.counts = counts
+    def __init__(self, limit: int, lockout_seconds: float, counts: CountStore | None = None) -> None:
+        self.limit = limit
+        self.lockout_seconds = lockout_seconds
+        self.counts = counts or ProcessCounts()
 
     def _attempts_of(self, address: str) -> int:
         return self.counts.update(f"auth:{address}", lambda count, since, _now: (
@@ -64,6 +31,7 @@ class HostAuthLimiter(AuthLimiter):
         return self._attempts_of(address) >= self.limit
 
     def admit(self, address: str) -> bool:
+        """Count one attempt before its key is checked; False (and not counted) when the address is locked."""
         admitted = False
 
         def count_one(count: int, since: float, now: float) -> tuple[int, float, float]:
@@ -76,6 +44,7 @@ class HostAuthLimiter(AuthLimiter):
         return admitted
 
     def failure_delay(self, address: str) -> float:
+        """How long to wait before answering a failed attempt: longer the more the address has tried."""
         return min(0.25 * max(self._attempts_of(address), 1), 2.0)
 
     def succeeded(self, address: str) -> None:

@@ -236,7 +236,7 @@ class Relay:
                  on_queued: Callable[[], None] | None = None, max_sessions: int | None = None,
                  auth_limits: AuthLimiter | None = None) -> None:
         """`max_sessions`: the cap in force (`core.connections.connection_caps`); default the configured one.
-        `auth_limits`: the AUTH attempt counts (default this process's own; `HostAuthLimiter` with acceptors)."""
+        `auth_limits`: the AUTH attempt counts (default this process's own; every acceptor's with several)."""
         for key in ("max_sessions", "max_sessions_per_ip", "idle_timeout_seconds", "unauthenticated_lifetime_seconds"):
             if not getattr(config, key) > 0:
                 raise ConfigError(f"config key smtp.{key}: expected a number > 0")

@@ -27,7 +27,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from api.ratelimit import HostWindowLimiter
+from api.ratelimit import WindowRateLimiter
 from core import host_counts
 from core.config import ServerConfig, acceptor_processes
 from core.host_counts import PROBES, HostCounts
@@ -326,7 +326,7 @@ def test_processes_default_to_one_per_core_beyond_the_first(monkeypatch, cores, 
 
 
 def _take_many(path: str, project: str, takes: int, admitted) -> None:
-    limiter = HostWindowLimiter(HostCounts(Path(path)), 2500)
+    limiter = WindowRateLimiter(2500, counts=HostCounts(Path(path)))
     admitted.put(sum(limiter.take(project).allowed for _ in range(takes)))
 
 
