@@ -4,6 +4,7 @@ their API and their events are `inbound routes`' (wired in by the app)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 
@@ -12,9 +13,11 @@ class RouteBook(Protocol):
         """The route that takes mail for `address` (an RCPT TO address, as the client wrote it), or None: the
         address is refused with 550 5.1.1. Called for every RCPT that is not a VERP address: must be cheap."""
 
-    async def receive(self, match: Any, raw: bytes, envelope_from: str, client_ip: str, helo: str) -> None:
-        """Take one message for one matched recipient; the 250 is sent only once this returned (it commits what
-        it records). Raising makes the reply a 451: the client keeps the message and tries again."""
+    async def receive(self, matches: Sequence[Any], raw: bytes, envelope_from: str, client_ip: str,
+                      helo: str) -> None:
+        """Take one message for its matched recipients (what `match` returned for each); the 250 is sent only
+        once this returned (it commits what it records). Raising makes the reply a 451: the client keeps the
+        message and tries again."""
 
 
 class NoRoutes:
@@ -23,5 +26,6 @@ class NoRoutes:
     async def match(self, address: str) -> Any:
         return None
 
-    async def receive(self, match: Any, raw: bytes, envelope_from: str, client_ip: str, helo: str) -> None:
+    async def receive(self, matches: Sequence[Any], raw: bytes, envelope_from: str, client_ip: str,
+                      helo: str) -> None:
         raise AssertionError("NoRoutes matches nothing, so nothing is received through it")

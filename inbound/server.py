@@ -119,10 +119,9 @@ class InboundHandler:
                 done = await self.db.write(lambda s: apply_report(s, email_ids, report, self.verp),
                                            light=len(raw) <= INLINE_PARSE_BYTES)
                 log.info("inbound report from %s: %s", peer, "; ".join(done))
-            for recipient in recipients:
-                if isinstance(recipient, RoutedRecipient):
-                    await self.routes.receive(recipient.match, raw, str(envelope.mail_from or ""), peer,
-                                              session.host_name or "")
+            routed = [r.match for r in recipients if isinstance(r, RoutedRecipient)]
+            if routed:
+                await self.routes.receive(routed, raw, str(envelope.mail_from or ""), peer, session.host_name or "")
         except MessageRefused as exc:
             log.info("inbound message from %s refused: %s", peer, exc.reply)
             return exc.reply

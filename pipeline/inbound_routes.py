@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,7 +151,10 @@ class RouteBook:
             return None
         return RouteMatch(route.id, route.project_id, route.pattern, address)
 
-    async def receive(self, match: RouteMatch, raw: bytes, envelope_from: str, client_ip: str, helo: str) -> None:
+    async def receive(self, matches: Sequence[RouteMatch], raw: bytes, envelope_from: str, client_ip: str,
+                      helo: str) -> None:
+        """One message for its routed recipients: parsed and authenticated once, recorded for each in one
+        transaction (a failure records none, so the client's retry duplicates nothing)."""
         settings = self.config.routes
         parsed = await asyncio.to_thread(parse_message, raw, self.config.smtp.max_message_bytes,
                                          settings.event_body_chars)
@@ -158,8 +162,8 @@ class RouteBook:
         results = await authenticate(raw, envelope_from, client_ip, helo, from_domain, self.config.dns,
                                      settings.auth_timeout_seconds)
         contact_address = parsed.sender or _valid_address(envelope_from)
-        await self.db.write(lambda s: record_received(s, match, raw, parsed, results, contact_address,
-                                                      envelope_from, client_ip, helo))
+        await self.db.write(lambda s: [record_received(s, match, raw, parsed, results, contact_address,
+                                                       envelope_from, client_ip, helo) for match in matches])
 
 
 def _valid_address(address: str) -> str | None:

@@ -215,7 +215,7 @@ async def test_a_routed_message_becomes_email_received_with_webhook_workflow_and
     raw = signed(message(), dkim_key)
     routes = book(api)
     match = await routes.match("Support@example.com")
-    await routes.receive(match, raw, f"bounces@{SENDER_DOMAIN}", CLIENT_IP, f"mx.{SENDER_DOMAIN}")
+    await routes.receive([match], raw, f"bounces@{SENDER_DOMAIN}", CLIENT_IP, f"mx.{SENDER_DOMAIN}")
 
     [event] = await received_events(api)
     data = event["data"]
@@ -268,7 +268,7 @@ async def test_a_routed_message_becomes_email_received_with_webhook_workflow_and
 async def test_another_project_cannot_download_a_message(api, sender, dkim_key):
     await add_route(api, "*@example.com")
     routes = book(api)
-    await routes.receive(await routes.match("x@example.com"), signed(message(), dkim_key), "", CLIENT_IP,
+    await routes.receive([await routes.match("x@example.com")], signed(message(), dkim_key), "", CLIENT_IP,
                          f"mx.{SENDER_DOMAIN}")
     [event] = await received_events(api)
     _, other_sk, _ = await api.new_project()
@@ -287,7 +287,7 @@ async def test_failed_authentication_is_recorded_and_the_message_kept(api, sende
     await add_route(api, "*@example.com")
     routes = book(api)
     raw = message(attachments=False).as_bytes()
-    await routes.receive(await routes.match("billing@example.com"), raw, f"ceo@{SENDER_DOMAIN}", CLIENT_IP,
+    await routes.receive([await routes.match("billing@example.com")], raw, f"ceo@{SENDER_DOMAIN}", CLIENT_IP,
                          "attacker.example.net")
     [event] = await received_events(api)
     assert event["data"]["spf"]["result"] == "fail"
@@ -301,7 +301,7 @@ async def test_a_tampered_signature_fails_dkim(api, sender, dkim_key):
     await add_route(api, "*@example.com")
     routes = book(api)
     raw = signed(message(attachments=False), dkim_key).replace(b"Hello, my order", b"Hello, my ORDER")
-    await routes.receive(await routes.match("a@example.com"), raw, f"x@{SENDER_DOMAIN}", "192.0.2.9", "helo.example")
+    await routes.receive([await routes.match("a@example.com")], raw, f"x@{SENDER_DOMAIN}", "192.0.2.9", "helo.example")
     [event] = await received_events(api)
     assert event["data"]["dkim"]["result"] == "fail" and event["data"]["dmarc"]["result"] == "fail", event["data"]
 
@@ -318,7 +318,7 @@ async def test_an_unanswering_resolver_bounds_the_check(api, sender, dkim_key):
     config.routes.auth_timeout_seconds = 1.0
     try:
         started = time.monotonic()
-        await book(api).receive(match, signed(message(), dkim_key), f"x@{SENDER_DOMAIN}", CLIENT_IP, "h.example")
+        await book(api).receive([match], signed(message(), dkim_key), f"x@{SENDER_DOMAIN}", CLIENT_IP, "h.example")
         took = time.monotonic() - started
     finally:
         silent.close()
@@ -331,9 +331,31 @@ async def test_a_null_sender_without_a_valid_from_has_no_contact(api, sender):
     await add_route(api, "*@example.com")
     routes = book(api)
     raw = b"From: not an address\r\nSubject: hi\r\n\r\nbody\r\n"
-    await routes.receive(await routes.match("a@example.com"), raw, "", CLIENT_IP, "h.example")
+    await routes.receive([await routes.match("a@example.com")], raw, "", CLIENT_IP, "h.example")
     [event] = await received_events(api)
     assert event["contactId"] is None and event["data"]["text"] == "body\n"
+
+
+async def test_one_message_to_two_routed_addresses_is_checked_once_and_recorded_for_each(api, sender, monkeypatch):
+    """Both recipients get their `email.received`, from one parse and one SPF/DKIM/DMARC check."""
+    import pipeline.inbound_routes as inbound_routes
+
+    checks = []
+    real = inbound_routes.authenticate
+
+    async def counted(*args, **kwargs):
+        checks.append(args)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(inbound_routes, "authenticate", counted)
+    await add_route(api, "*@example.com")
+    routes = book(api)
+    raw = b"From: ann@elsewhere.example\r\nSubject: hi\r\n\r\nbody\r\n"
+    matches = [await routes.match("a@example.com"), await routes.match("b@example.com")]
+    await routes.receive(matches, raw, "", CLIENT_IP, "h.example")
+    events = await received_events(api)
+    assert sorted(event["data"]["recipient"] for event in events) == ["a@example.com", "b@example.com"]
+    assert len(checks) == 1
 
 
 @pytest.mark.parametrize(("build", "reply"), [
@@ -346,7 +368,7 @@ async def test_a_message_over_the_parser_bounds_is_refused_and_nothing_stored(ap
     await add_route(api, "*@example.com")
     routes = book(api)
     with pytest.raises(MessageRefused) as refused:
-        await routes.receive(await routes.match("a@example.com"), build(), "", CLIENT_IP, "h.example")
+        await routes.receive([await routes.match("a@example.com")], build(), "", CLIENT_IP, "h.example")
     assert refused.value.reply.startswith(reply)
     assert await received_events(api) == []
     assert await api.db.read(lambda s: s.execute(select(InboundMessage.id)).all()) == []
@@ -390,13 +412,13 @@ async def test_the_pruner_deletes_inbound_messages_past_keep_content_days(api, s
     await add_route(api, "*@example.com")
     routes = book(api)
     raw = message().as_bytes()
-    await routes.receive(await routes.match("old@example.com"), raw, "", CLIENT_IP, "h.example")
+    await routes.receive([await routes.match("old@example.com")], raw, "", CLIENT_IP, "h.example")
     settings = api.client.app[CONFIG].delivery
     settings.keep_content_days = 7
     pruned = await Pruner(api.db, settings).run_once()
     assert pruned.inbound_deleted == 0
     later = utcnow() + timedelta(days=8)
-    await routes.receive(await routes.match("new@example.com"), raw, "", CLIENT_IP, "h.example")
+    await routes.receive([await routes.match("new@example.com")], raw, "", CLIENT_IP, "h.example")
     pruned = await Pruner(api.db, settings, clock=lambda: later).run_once()
     assert pruned.inbound_deleted == 2
     assert await api.db.read(lambda s: s.execute(select(InboundAttachment.id)).all()) == []
@@ -411,7 +433,7 @@ async def test_concurrent_receives_each_commit_one_event(api, sender):
     routes = book(api)
     match = await routes.match("a@example.com")
     raws = [message(sender=f"user{i}@{SENDER_DOMAIN}").as_bytes() for i in range(8)]
-    await asyncio.gather(*(routes.receive(match, raw, "", CLIENT_IP, "h.example") for raw in raws))
+    await asyncio.gather(*(routes.receive([match], raw, "", CLIENT_IP, "h.example") for raw in raws))
     assert len(await received_events(api)) == 8
 
 
