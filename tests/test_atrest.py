@@ -36,11 +36,7 @@ from tests.test_cli_and_config import ROOT, free_port
 from tests.test_delivery import dispatch_all, dns_for, send, settings
 from tests.test_processes import api_up, children, wait_until
 from tests.test_webhooks import create_endpoint, track_event
-from tests.test_webhooks import receiver as webhook_receiver
 from webhooks.sender import WebhookSender
-
-receiver = webhook_receiver
-"""The webhook tests' fixture: a receiver on 127.0.0.1 that verifies every signature."""
 
 PEM_MARK = b"PRIVATE KEY"
 WEBHOOK_MARK = b"whsec_"

@@ -14,8 +14,6 @@ from webhooks.sender import WebhookSender
 
 config = test_webhooks.config
 """The webhook tests' settings: loopback targets allowed (the SSRF rule is tested with it off), fast retries."""
-receiver = test_webhooks.receiver
-"""A receiver on 127.0.0.1 that verifies every signature."""
 
 HOSTILE = '"><img src=x onerror=alert(1)><script>alert(1)</script>'
 
