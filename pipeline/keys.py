@@ -39,6 +39,7 @@ class KeyCache:
         self._owners: TtlCache[str, Caller | None] = TtlCache(ttl)
         self._changes: SharedGeneration | None = None
         self._changes_seen = 0
+        self._forgets = 0  # raised by every forget: a read that began before one must not cache its answer
 
     def share_changes(self, changes: SharedGeneration) -> None:
         """The acceptor processes of one server on SQLite (no NOTIFY to tell them): a change of keys forgotten
@@ -47,11 +48,13 @@ class KeyCache:
         self._changes_seen = changes.current()
 
     def forget(self) -> None:
+        self._forgets += 1
         self._owners.clear()
         self._announce()
 
     def forget_project(self, project_id: str) -> None:
         """Drop the cached answers that name this project (its keys changed)."""
+        self._forgets += 1
         self._owners.discard_where(lambda caller: caller is not None and caller.project_id == project_id)
         self._announce()
 
@@ -62,14 +65,17 @@ class KeyCache:
     async def lookup(self, key: str) -> Caller | None:
         if self._changes is not None and (seen := self._changes.current()) != self._changes_seen:
             self._changes_seen = seen
+            self._forgets += 1
             self._owners.clear()
         cached = self._owners.get(key, _Unknown.KEY)
         if cached is not _Unknown.KEY:
             return cached
+        forgets_before = self._forgets
         found = await self.db.read(find_project_by_key, key)
         caller = None
         if found is not None:
             project, kind = found
             caller = Caller(project.id, project.name, project.from_email, project.from_name, kind)
-        self._owners.put(key, caller)
+        if self._forgets == forgets_before:  # else the answer may predate the change: use it once, keep nothing
+            self._owners.put(key, caller)
         return caller

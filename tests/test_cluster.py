@@ -115,10 +115,10 @@ async def test_a_rotated_key_stops_working_on_every_node_within_a_second(two_nod
 
     rotated = await second.app[DB].write(lambda s: rotate_keys(s, issued.project.id))
     changed = time.monotonic()
-    while await contacts_status(first, old) != 401:
-        assert time.monotonic() - changed < 1.0, "the old key still works on the other node after 1 s"
-        await asyncio.sleep(0.02)
-    assert await contacts_status(second, old) == 401
+    for node in (first, second):  # each hears the NOTIFY on its own LISTEN connection, in no set order
+        while await contacts_status(node, old) != 401:
+            assert time.monotonic() - changed < 1.0, "the old key still works on a node after 1 s"
+            await asyncio.sleep(0.02)
     assert await contacts_status(first, rotated.secret_key) == 200  # the cache TTL is 5 s: NOTIFY did this
 
 
