@@ -187,11 +187,12 @@ def main() -> None:
         results, bare = run_all(data, url, args)
     backend = "PostgreSQL" if args.database_url else "SQLite"
     queue = results["queue_seconds"]
-    print(f"[{backend}] campaign to {args.contacts:,}: all outbox rows committed in {queue:.2f} s "
-          f"(aim < 10 s); bare INSERT … SELECT of {args.contacts:,} rows {bare:.2f} s; ratio {queue / bare:.1f}x")
+    aim = "< 5 s" if args.database_url else "< 10 s"
+    print(f"[{backend}] campaign to {args.contacts:,}: all outbox rows committed in {queue:.2f} s (aim {aim}); "
+          f"bare INSERT … SELECT of {args.contacts:,} rows {bare:.2f} s; ratio {queue / bare:.1f}x")
     idle, during, dispatching = results["idle_p99"], results["fanout_p99"], results["dispatching_p99"]
     print(f"[{backend}] /v1/send p99: idle {idle * 1000:.1f} ms, during the fan-out {during * 1000:.1f} ms "
-          f"(ratio {during / idle:.2f}), while dispatching at {args.rate:g}/s {dispatching * 1000:.1f} ms "
+          f"(ratio {during / idle:.2f}, aim <= 2), while dispatching at {args.rate:g}/s {dispatching * 1000:.1f} ms "
           f"(ratio {dispatching / idle:.2f}, aim <= 2; {results['sent_during']:,.0f} campaign emails went out "
           "meanwhile)")
 
