@@ -78,9 +78,12 @@ def upsert_contact(session: Session, project_id: str, email: str, subscribed: bo
     on an explicit value; with `only_subscribe` (the send rule) only an explicit `true` counts.
     A change re-evaluates the contact's tracked segments, unless the caller will (`refresh=False`).
     """
+    initial, variables = merge_data({}, data)
     contact, created = contact_store.get_or_create_contact(
-        session, project_id, email, default_subscribed if subscribed is None else subscribed)
-    merged, variables = merge_data(contact.data or {}, data)
+        session, project_id, email, default_subscribed if subscribed is None else subscribed, initial)
+    merged = initial
+    if not created:
+        merged, variables = merge_data(contact.data or {}, data)
     changed = created
     if merged != contact.data:
         contact.data = merged
