@@ -29,6 +29,14 @@ WAKE_GAP_SECONDS = 0.25
 reads the due campaigns and settles drained ones in a write: at most this often for wake-ups."""
 
 
+SHARED_CHUNK_DIVISOR = 5
+"""On SQLite, while requests are writing, the fan-out queues chunks this much smaller than `chunk` in the requests'
+own transactions (one commit for both) instead of full chunks in transactions of their own: a request then waits
+for a small chunk at most, not for a full one and its commit. Measured with bench.campaign (100,000 recipients,
+/v1/send probes all along): p99 62 ms → about 30 ms, the fan-out 2.4 s → about 4.8 s while the probes run (a tenth
+of the chunk: 24 ms and 8.3 s); with no other writes it runs full chunks back to back as before."""
+
+
 class CampaignFanOut(DueLoop):
     def __init__(self, db: Database, links: LinkSigner, on_queued: Callable[[], None], poll_seconds: float = 1.0,
                  chunk: int = 2000) -> None:
@@ -36,6 +44,9 @@ class CampaignFanOut(DueLoop):
         self.links = links
         self.on_queued = on_queued
         self.chunk = chunk
+        self.shares_writer = not db.is_postgres
+        """SQLite's one writer runs a chunk while requests' writes wait (on PostgreSQL a chunk commits on a
+        connection of its own)."""
         super().__init__(poll_seconds, log, "campaign fan-out", WAKE_GAP_SECONDS)
 
     async def step(self) -> bool:
@@ -52,13 +63,18 @@ class CampaignFanOut(DueLoop):
             if started is None:
                 continue
             finished = False
+            size = self.chunk
             while not finished:
+                alone = size == self.chunk
+                others_before = self.db.writer.others_committed
                 # alone: on PostgreSQL a chunk (a few hundred ms of index upkeep) commits on its own connection,
                 # so API requests' writes do not wait in its batch
                 count, finished = await self.db.write(
-                    functools.partial(rules.fan_out_next, campaign_id=campaign.id, chunk=self.chunk), alone=True)
+                    functools.partial(rules.fan_out_next, campaign_id=campaign.id, chunk=size), alone=alone)
                 queued += count
                 if count:
                     self.on_queued()
+                others = self.db.writer.others_committed - others_before - (0 if alone else 1)
+                size = max(1, self.chunk // SHARED_CHUNK_DIVISOR) if self.shares_writer and others else self.chunk
         await self.db.write(lambda s: store.finish_drained(s, utcnow()))
         return queued

@@ -107,6 +107,9 @@ class TransactionBatcher:
         self._waiting: list[Queued] = []
         """Work taken from the queue and not run yet: bulk work waits here while other work comes."""
         self._bulk_passed_over = 0
+        self.others_committed = 0
+        """How many works that are not bulk this writer has run: a bulk writer compares it before and after its
+        own work to learn whether requests were writing meanwhile (`marketing.fanout`)."""
         self._tasks: list[asyncio.Task[None]] = []
         self._thread: ThreadPoolExecutor | None = None
 
@@ -159,6 +162,7 @@ class TransactionBatcher:
         while True:
             batch = await self._next_batch()
             works = [work for work, _, _, _ in batch]
+            self.others_committed += sum(1 for _, _, bulk, _ in batch if not bulk)
             try:
                 if self._thread is not None and all(light for _, light, _, _ in batch):
                     outcomes = await self._run_on_loop(works)
