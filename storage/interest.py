@@ -27,6 +27,9 @@ class ProjectInterest(Generic[V]):
         self.max_entries = max_entries
         self._written = f"plunkd.{name}_written"
         self._entries: dict[str, tuple[float, V]] = {}
+        self._forgets = 0
+        """Raised by every forget: a load that began before one may have read the older listeners, and is not
+        cached (else it would stand for `ttl` after the change it missed)."""
         self._lock = threading.Lock()
         event.listen(Session, "after_commit", self._after_commit)
         event.listen(Session, "after_soft_rollback", self._after_rollback)
@@ -38,6 +41,7 @@ class ProjectInterest(Generic[V]):
 
     def forget(self, project_id: str | None = None) -> None:
         with self._lock:
+            self._forgets += 1
             if project_id is None:
                 self._entries.clear()
             else:
@@ -50,9 +54,12 @@ class ProjectInterest(Generic[V]):
         hit = self._entries.get(project_id)
         if hit is not None and hit[0] > now:
             return hit[1]
+        forgets_before = self._forgets
         found = load()
         if project_id not in session.info.get(self._written, ()):
             with self._lock:
+                if self._forgets != forgets_before:
+                    return found
                 if len(self._entries) >= self.max_entries:
                     self._entries.clear()
                 self._entries[project_id] = (now + self.ttl, found)
