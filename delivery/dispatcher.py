@@ -232,9 +232,9 @@ class Dispatcher(DueLoop):
         metrics.EMAILS_FAILED.labels(self.transport.name, EmailStatus.CANCELLED).inc()
         log.info("email %s: not sent, its campaign %s was cancelled", item.email_id, item.campaign_id)
 
-    async def deliver(self, item: Claimed) -> tuple[str, SendResult] | None:
-        """Everything up to the transport's answer, which is returned as (Message-ID, result) for
-        `_record`; None when the email was settled here (suppressed, unsignable, its campaign cancelled).
+    async def deliver(self, item: Claimed) -> tuple[str, SendResult, str | None] | None:
+        """Everything up to the transport's answer, which is returned as (Message-ID, result, envelope sender
+        used) for `_record`; None when the email was settled here (suppressed, unsignable, its campaign cancelled).
         A returned answer holds one of the `_unrecorded` permits, which the caller gives back once the
         outcome is committed."""
         log.info("email %s: claimed by %s (attempt %d) to %s", item.email_id, self.worker, item.attempts + 1,
@@ -298,17 +298,21 @@ class Dispatcher(DueLoop):
             if await self._campaign_stopped(item):
                 self._unrecorded.release()
                 return None
-            return message_id, await self.transport.send(item.sender, [item.recipient], signed,
-                                                         envelope_sender=envelope_sender)
+            result = await self.transport.send(item.sender, [item.recipient], signed, envelope_sender=envelope_sender)
+            return message_id, result, envelope_sender
         except BaseException:
             self._unrecorded.release()
             raise
 
-    async def _record(self, item: Claimed, message_id: str, result: SendResult) -> None:
+    async def _record(self, item: Claimed, message_id: str, result: SendResult,
+                      envelope_sender: str | None = None) -> None:
+        """`envelope_sender`: the MAIL FROM the transport was given, kept on the email when it is not the one
+        accepted with it (a VERP address)."""
         settings = self.settings
+        used = envelope_sender if envelope_sender != item.envelope_sender else None
         if result.outcome == SendOutcome.SENT:
             def work(session) -> None:
-                email_store.mark_sent(session, item.outbox_id, item.email_id, message_id, result.transport_id)
+                email_store.mark_sent(session, item.outbox_id, item.email_id, message_id, result.transport_id, used)
                 reputation_store.count_sent(session, item.project_id, utcnow())
                 record_event(session, item.project_id, item.contact_id, "email.sent",
                              {"messageId": result.transport_id, "transport": self.transport.name},

@@ -214,11 +214,14 @@ def claim_due(session: Session, worker: str, limit: int, lease_seconds: float, p
 _MARK = _EMAIL.update().where(_EMAIL.c.id == bindparam("email_id"))
 
 
-def mark_sent(session: Session, outbox_id: str, email_id: str, message_id: str, transport_id: str) -> None:
+def mark_sent(session: Session, outbox_id: str, email_id: str, message_id: str, transport_id: str,
+              envelope_sender: str | None = None) -> None:
+    """`envelope_sender`: the MAIL FROM it went out with, when not the one it was accepted with (VERP)."""
     conn = session.connection()
     now = utcnow()
+    changed = {"envelope_sender": envelope_sender} if envelope_sender is not None else {}
     conn.execute(_MARK, {"email_id": email_id, "status": EmailStatus.SENT, "message_id": message_id,
-                         "transport_id": transport_id, "sent_at": now, "error": None})
+                         "transport_id": transport_id, "sent_at": now, "error": None, **changed})
     conn.execute(delete(OutboxItem).where(_OUTBOX.c.id == outbox_id))
     count_settled(session, now, sent=True)
 

@@ -125,6 +125,8 @@ async def test_mail_goes_out_with_a_verp_envelope_sender_once_the_return_path_is
     local_part, _, domain = delivered.mail_from.partition("@")
     assert domain == RETURN_PATH and local_part.startswith("b+") and len(local_part) <= 64
     assert inbound.verp.email_id(delivered.mail_from) == email_id
+    assert (await email_row(inbound.api, email_id)).envelope_sender == delivered.mail_from, \
+        "the email's Return-Path (its dashboard page) is the address it went out with"
     assert delivered.rcpt_tos == ["ann@example.org"]
     assert b" d=example.com;" in delivered.original_content.split(b"\r\n\r\n")[0], "DKIM signs for the From domain"
 
