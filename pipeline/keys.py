@@ -3,6 +3,7 @@ database read per ask costs more than the rest of a small request."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from enum import Enum
 
@@ -39,6 +40,7 @@ class KeyCache:
         self._owners: TtlCache[str, Caller | None] = TtlCache(ttl)
         self._changes: SharedGeneration | None = None
         self._changes_seen = 0
+        self._reading: dict[str, asyncio.Future[Caller | None]] = {}
         self._forgets = 0  # raised by every forget: a read that began before one must not cache its answer
 
     def share_changes(self, changes: SharedGeneration) -> None:
@@ -49,12 +51,14 @@ class KeyCache:
 
     def forget(self) -> None:
         self._forgets += 1
+        self._reading.clear()  # a lookup from now on reads again, not sharing a read begun before
         self._owners.clear()
         self._announce()
 
     def forget_project(self, project_id: str) -> None:
         """Drop the cached answers that name this project (its keys changed)."""
         self._forgets += 1
+        self._reading.clear()
         self._owners.discard_where(lambda caller: caller is not None and caller.project_id == project_id)
         self._announce()
 
@@ -66,11 +70,19 @@ class KeyCache:
         if self._changes is not None and (seen := self._changes.current()) != self._changes_seen:
             self._changes_seen = seen
             self._forgets += 1
+            self._reading.clear()
             self._owners.clear()
         cached = self._owners.get(key, _Unknown.KEY)
         if cached is not _Unknown.KEY:
             return cached
-        forgets_before = self._forgets
+        reading = self._reading.get(key)
+        if reading is None:  # the first miss reads; the lookups of the same key meanwhile share its answer
+            reading = asyncio.ensure_future(self._read(key, self._forgets))
+            self._reading[key] = reading
+            reading.add_done_callback(lambda done: self._reading.pop(key) if self._reading.get(key) is done else None)
+        return await asyncio.shield(reading)
+
+    async def _read(self, key: str, forgets_before: int) -> Caller | None:
         found = await self.db.read(find_project_by_key, key)
         caller = None
         if found is not None:
