@@ -34,7 +34,8 @@ class AddRouteBody(Body):
 async def add_route(request: web.Request) -> web.Response:
     body = await read_body(request, AddRouteBody)
     project_id, limit = caller(request).project_id, request.app[CONFIG].routes.max_per_project
-    route = await request.app[DB].write(lambda s: rules.add_route(s, project_id, body.pattern, limit))
+    route = await request.app[DB].write(lambda s: rules.add_route(s, project_id, body.pattern, limit),
+                                         alone=True)
     return success(rules.route_json(route))
 
 

@@ -88,7 +88,7 @@ async def add_route(ctx: Ctx) -> Answer:
     pattern = (await form_of(ctx.request)).get("pattern", "")[:MAX_PATTERN_LENGTH + 1]
     try:
         route = await db.write(lambda s: route_rules.add_route(s, ctx.project_id, pattern,
-                                                               config.routes.max_per_project))
+                                                               config.routes.max_per_project), alone=True)
     except (ValidationFailed, Conflict) as exc:
         if wants_json(ctx.request):
             raise

@@ -65,6 +65,10 @@ def normalize_pattern(pattern: str) -> tuple[str, str]:
 
 
 def add_route(session: Session, project_id: str, pattern: str, max_routes: int) -> InboundRoute:
+    """Run it alone (`Database.write(..., alone=True)`): patterns are unique across projects, and two projects'
+    additions in one shared batch lock their projects' domains in one order while another batch holds them in
+    the other, waiting on each other's new pattern (PostgreSQL ends one with a deadlock: a 500). Alone, the
+    later insert waits for the earlier commit and gets its 409."""
     stored, domain_name = normalize_pattern(pattern)
     domain = _owning_domain(session, project_id, domain_name)
     domain_store.lock_project_domains(session, project_id)
