@@ -26,7 +26,8 @@ log = logging.getLogger("plunkd.campaigns")
 
 WAKE_GAP_SECONDS = 0.25
 """Every queued message wakes the fan-out (it shares the node's wake-up with the dispatcher), and each step
-reads the due campaigns and settles drained ones in a write: at most this often for wake-ups."""
+reads the due campaigns and the drained ones (settled in a write when there are any): at most this often for
+wake-ups."""
 
 
 SHARED_CHUNK_DIVISOR = 5
@@ -76,5 +77,6 @@ class CampaignFanOut(DueLoop):
                     self.on_queued()
                 others = self.db.writer.others_committed - others_before - (0 if alone else 1)
                 size = max(1, self.chunk // SHARED_CHUNK_DIVISOR) if self.shares_writer and others else self.chunk
-        await self.db.write(lambda s: store.finish_drained(s, utcnow()))
+        if await self.db.read(store.drained_campaigns):  # a read: every queued message wakes this loop
+            await self.db.write(lambda s: store.finish_drained(s, utcnow()))
         return queued

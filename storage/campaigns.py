@@ -202,11 +202,16 @@ def fan_out_chunk(session: Session, campaign: Campaign, audience: Audience, send
     return queued
 
 
+def drained_campaigns(session: Session) -> list[str]:
+    """SENDING campaigns whose fan-out is done and whose last email has left the outbox."""
+    queued = select(_OUTBOX.c.id).where(_OUTBOX.c.campaign_id == _CAMPAIGN.c.id).exists()
+    return list(session.execute(select(_CAMPAIGN.c.id).where(
+        _CAMPAIGN.c.status == CampaignStatus.SENDING, _CAMPAIGN.c.fanout_done.is_(True), ~queued)).scalars())
+
+
 def finish_drained(session: Session, now: datetime) -> list[str]:
     """Campaigns whose fan-out is done and whose last email has left the outbox become SENT."""
-    queued = select(_OUTBOX.c.id).where(_OUTBOX.c.campaign_id == _CAMPAIGN.c.id).exists()
-    done = session.execute(select(_CAMPAIGN.c.id).where(
-        _CAMPAIGN.c.status == CampaignStatus.SENDING, _CAMPAIGN.c.fanout_done.is_(True), ~queued)).scalars().all()
+    done = drained_campaigns(session)
     if done:
         session.execute(update(Campaign).where(Campaign.id.in_(done)).values(
             status=CampaignStatus.SENT, finished_at=now, updated_at=now))
