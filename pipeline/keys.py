@@ -50,17 +50,20 @@ class KeyCache:
         self._changes_seen = changes.current()
 
     def forget(self) -> None:
-        self._forgets += 1
-        self._reading.clear()  # a lookup from now on reads again, not sharing a read begun before
+        self._reads_now_stale()
         self._owners.clear()
         self._announce()
 
     def forget_project(self, project_id: str) -> None:
         """Drop the cached answers that name this project (its keys changed)."""
-        self._forgets += 1
-        self._reading.clear()
+        self._reads_now_stale()
         self._owners.discard_where(lambda caller: caller is not None and caller.project_id == project_id)
         self._announce()
+
+    def _reads_now_stale(self) -> None:
+        """Keys changed: a read begun before keeps its answer out of the cache, and later lookups do not share it."""
+        self._forgets += 1
+        self._reading.clear()
 
     def _announce(self) -> None:
         if self._changes is not None:
@@ -69,8 +72,7 @@ class KeyCache:
     async def lookup(self, key: str) -> Caller | None:
         if self._changes is not None and (seen := self._changes.current()) != self._changes_seen:
             self._changes_seen = seen
-            self._forgets += 1
-            self._reading.clear()
+            self._reads_now_stale()
             self._owners.clear()
         cached = self._owners.get(key, _Unknown.KEY)
         if cached is not _Unknown.KEY:

@@ -8,6 +8,7 @@ import asyncio
 
 from sqlalchemy.orm import Session
 
+import pipeline.keys as keys_module
 from api.context import KEYS
 from pipeline.projects import rotate_keys
 from storage.interest import ProjectInterest
@@ -49,8 +50,6 @@ def test_listeners_changed_during_a_load_are_loaded_again_at_the_next_event():
 async def test_concurrent_requests_with_an_uncached_key_read_it_once(api, monkeypatch):
     """Every TTL (5 s) the key's answer expires, and a burst of concurrent requests all missed it: 32 identical
     reads where one would do."""
-    import pipeline.keys as keys_module
-
     reads: list[str] = []
     find = keys_module.find_project_by_key
     monkeypatch.setattr(keys_module, "find_project_by_key",
