@@ -33,6 +33,8 @@ from sqlalchemy import Engine, Insert, event
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
+from storage import fastpath
+
 log = logging.getLogger("plunkd.storage")
 
 
@@ -74,11 +76,10 @@ def write_in_key_order(statement: Insert, key: Callable[[dict[str, Any]], Any]) 
 def flush_pending(session: Session) -> None:
     pending = session.info.pop(_PENDING, None)
     if pending:
-        conn = session.connection()
         for statement, rows in pending.items():
             if statement in _ROW_ORDER:
                 rows.sort(key=_ROW_ORDER[statement])
-            conn.execute(statement, rows)
+            fastpath.execute_many(session, statement, rows)
 
 
 def discard_pending(session: Session) -> None:

@@ -19,6 +19,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from storage import fastpath
 from storage.models import Contact, Email, Event, Segment, SegmentMember, new_id, utcnow
 from storage.pagination import Page, paginate
 from storage.segments import condition_clause
@@ -50,8 +51,8 @@ _INSERT_IF_ABSENT = {
 
 
 def _one(session: Session, stmt: Any, params: dict[str, Any]) -> ContactRecord | None:
-    row = session.connection().execute(stmt, params).first()
-    return None if row is None else ContactRecord(*row)
+    rows = fastpath.fetch(session, stmt, params)
+    return ContactRecord(*rows[0]) if rows else None
 
 
 def get_contact(session: Session, project_id: str, contact_id: str, for_update: bool = False) -> ContactRecord | None:
@@ -121,8 +122,7 @@ def get_or_create_contact(session: Session, project_id: str, email: str, subscri
     now = utcnow()
     record = ContactRecord(new_id(), email, subscribed_if_new, data_if_new or {}, now, now)
     stmt = _INSERT_IF_ABSENT[session.get_bind().dialect.name]
-    result = session.connection().execute(stmt, {**vars(record), "project_id": project_id})
-    if result.rowcount == 1:
+    if fastpath.execute(session, stmt, {**vars(record), "project_id": project_id}) == 1:
         return record, True
     contact = get_contact_by_email(session, project_id, email, for_update=True)
     assert contact is not None
@@ -131,7 +131,7 @@ def get_or_create_contact(session: Session, project_id: str, email: str, subscri
 
 def update_contact(session: Session, contact_id: str, **values: Any) -> None:
     """Set columns (email, subscribed, data) of one contact and bump updated_at."""
-    session.connection().execute(_UPDATE, {"contact_id": contact_id, "updated_at": utcnow(), **values})
+    fastpath.execute(session, _UPDATE, {"contact_id": contact_id, "updated_at": utcnow(), **values})
 
 
 def _filters(project_id: str, subscribed: bool | None, search: str | None) -> list[Any]:

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from storage import fastpath
 from storage.holds import HOLD_DKIM, PARKED, release
 from storage.models import Domain, Email, OutboxItem, Project
 from storage.pagination import Page, paginate
@@ -76,7 +77,8 @@ def verified_domain_id(session: Session, project_id: str, name: str) -> str | No
     key = ("verified_domain", project_id, name)
     found = session.info.get(key)
     if found is None:
-        found = session.connection().execute(_VERIFIED_DOMAIN_ID, {"p": project_id, "n": name}).scalar()
+        rows = fastpath.fetch(session, _VERIFIED_DOMAIN_ID, {"p": project_id, "n": name})
+        found = rows[0][0] if rows else None
         if found is not None:
             session.info[key] = found
     return found

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from storage import fastpath
 from storage.models import Event, new_id, utcnow
 from storage.pagination import Page, paginate
 
@@ -19,7 +20,7 @@ def insert_event(session: Session, project_id: str, contact_id: str | None, name
     """Insert an event row (a Core insert: this runs on every track and send); return its id and time.
     Record events through `pipeline.events.record_event`, which also writes what the event sets off."""
     event_id, now = new_id(), utcnow()
-    session.connection().execute(_INSERT, {"id": event_id, "project_id": project_id, "contact_id": contact_id,
+    fastpath.execute(session, _INSERT, {"id": event_id, "project_id": project_id, "contact_id": contact_id,
                                            "name": name, "data": data, "email_id": email_id, "created_at": now})
     return event_id, now
 
