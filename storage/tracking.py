@@ -8,6 +8,7 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from storage import fastpath
 from storage.models import Email, Event, TrackingSettings, utcnow
 
 _SETTINGS = TrackingSettings.__table__
@@ -25,8 +26,8 @@ _HAS_EVENT = select(_EVENT.c.id).where(_EVENT.c.email_id == bindparam("email"),
 
 def tracking_settings(session: Session, project_id: str) -> dict[str, bool] | None:
     """The project's stored defaults by column, or None when it never changed them."""
-    row = session.connection().execute(_READ_SETTINGS, {"project": project_id}).first()
-    return None if row is None else dict(zip(SETTING_COLUMNS, row, strict=True))
+    rows = fastpath.fetch(session, _READ_SETTINGS, {"project": project_id})
+    return dict(zip(SETTING_COLUMNS, rows[0], strict=True)) if rows else None
 
 
 def save_tracking_settings(session: Session, project_id: str, defaults: dict[str, bool],
