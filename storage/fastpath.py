@@ -1,19 +1,19 @@
-"""Core statements of the write path run on SQLite's own connection, compiled once by SQLAlchemy.
+"""Core statements of the write path run on a DBAPI cursor, compiled once by SQLAlchemy.
 
 Track and send run a few one-row statements per request, and SQLAlchemy's execution of an already compiled
 statement (an execution context, parameter and row processing, result objects) costs several times SQLite's
 own work for them: measured under `bench.track`, 214 µs of a request's 600 µs of server CPU went to three
-such statements. On the writer's SQLite connection (the standard `sqlite3` module) a statement here is
-compiled once by SQLAlchemy for the dialect, and each execution converts values with the column types' own
-bind and result processors and fills the columns' Python-side defaults, so what is stored and read is what
-SQLAlchemy would store and read. Errors are raised as SQLAlchemy's (`IntegrityError` and so on), as
-`Connection.execute` raises them. Any other connection (PostgreSQL, aiosqlite's read sessions) runs the
-statement through SQLAlchemy.
+such statements. Here a statement is compiled once by SQLAlchemy for the connection's dialect and run on a
+cursor of the DBAPI connection (the standard `sqlite3` module's own; on PostgreSQL SQLAlchemy's asyncpg
+adapter, which begins the transaction and awaits the driver as SQLAlchemy does); each execution converts
+values with the column types' own bind and result processors and fills the columns' Python-side defaults, so
+what is stored and read is what SQLAlchemy would store and read. Errors are raised as SQLAlchemy's
+(`IntegrityError` and so on), as `Connection.execute` raises them. A statement SQLAlchemy would do more for
+(RETURNING, a default made in SQL, expanding IN lists) runs through SQLAlchemy.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -36,7 +36,7 @@ class _Compiled:
     result: tuple[Callable[[Any], Any] | None, ...]
 
 
-_COMPILED: dict[tuple[Executable, tuple[str, ...]], _Compiled | None] = {}
+_COMPILED: dict[tuple[str, Executable, tuple[str, ...]], _Compiled | None] = {}
 
 
 def _default_maker(default: Any) -> Callable[[], Any] | None:
@@ -74,17 +74,22 @@ def _compile(connection: Connection, statement: Executable, keys: tuple[str, ...
     return _Compiled(compiled.string, names, bind, tuple(defaults), result)
 
 
-def _sqlite(session: Session) -> tuple[Connection, sqlite3.Connection | None]:
+def _cursor(session: Session, statement: Executable, keys: tuple[str, ...]) -> tuple[Connection, Any, _Compiled | None]:
+    """The session's connection, a cursor of its DBAPI connection (the driver's own for the standard `sqlite3`,
+    SQLAlchemy's adapter for asyncpg, which starts the transaction and awaits the driver), and the statement
+    compiled for its dialect (None: let SQLAlchemy run it)."""
     connection = session.connection()
-    driver = connection.connection.driver_connection
-    return connection, driver if isinstance(driver, sqlite3.Connection) else None
-
-
-def _prepared(connection: Connection, statement: Executable, keys: tuple[str, ...]) -> _Compiled | None:
-    key = (statement, keys)
+    key = (connection.dialect.name, statement, keys)
     if key not in _COMPILED:
         _COMPILED[key] = _compile(connection, statement, keys)
-    return _COMPILED[key]
+    return connection, connection.connection.cursor(), _COMPILED[key]
+
+
+def _announce(connection: Connection, cursor: Any, prepared: _Compiled, values: Any, many: bool) -> None:
+    """Fire the engine's `before_cursor_execute` listeners, as SQLAlchemy's own execution does (without an
+    execution context): what watches the statements (the tests' statement logs) sees these too."""
+    if connection.dispatch.before_cursor_execute:
+        connection.dispatch.before_cursor_execute(connection, cursor, prepared.sql, values, None, many)
 
 
 def _values(prepared: _Compiled, params: dict[str, Any]) -> tuple[Any, ...]:
@@ -94,46 +99,63 @@ def _values(prepared: _Compiled, params: dict[str, Any]) -> tuple[Any, ...]:
                  for value, process in zip((params[name] for name in prepared.names), prepared.bind, strict=True))
 
 
-def _as_sqlalchemy(error: sqlite3.Error, prepared: _Compiled) -> exc.StatementError:
+def _as_sqlalchemy(error: Exception, connection: Connection, prepared: _Compiled) -> exc.StatementError:
     """The exception `Connection.execute` would raise for `error` (IntegrityError for a broken constraint...)."""
-    return exc.DBAPIError.instance(prepared.sql, None, error, sqlite3.Error, hide_parameters=True)
+    return exc.DBAPIError.instance(prepared.sql, None, error, connection.dialect.loaded_dbapi.Error,
+                                   hide_parameters=True, dialect=connection.dialect)
 
 
 def execute(session: Session, statement: Executable, params: dict[str, Any]) -> int:
     """Run a DML statement with one set of parameters; returns the rows it changed."""
-    connection, driver = _sqlite(session)
-    prepared = _prepared(connection, statement, tuple(params)) if driver is not None else None
-    if driver is None or prepared is None:
-        return connection.execute(statement, params).rowcount
+    connection, cursor, prepared = _cursor(session, statement, tuple(params))
     try:
-        return driver.execute(prepared.sql, _values(prepared, params)).rowcount
-    except sqlite3.Error as error:
-        raise _as_sqlalchemy(error, prepared) from error
+        if prepared is None:
+            return connection.execute(statement, params).rowcount
+        values = _values(prepared, params)
+        _announce(connection, cursor, prepared, values, False)
+        cursor.execute(prepared.sql, values)
+        return cursor.rowcount
+    except connection.dialect.loaded_dbapi.Error as error:
+        assert prepared is not None
+        raise _as_sqlalchemy(error, connection, prepared) from error
+    finally:
+        cursor.close()
 
 
 def execute_many(session: Session, statement: Executable, rows: Sequence[dict[str, Any]]) -> None:
     """Run a DML statement once per row of parameters (each with the same keys), as one executemany."""
-    connection, driver = _sqlite(session)
-    prepared = _prepared(connection, statement, tuple(rows[0])) if driver is not None and rows else None
-    if driver is None or prepared is None or any(len(row) != len(rows[0]) for row in rows):
-        connection.execute(statement, list(rows))
+    if not rows:
         return
+    connection, cursor, prepared = _cursor(session, statement, tuple(rows[0]))
     try:
-        driver.executemany(prepared.sql, [_values(prepared, row) for row in rows])
-    except sqlite3.Error as error:
-        raise _as_sqlalchemy(error, prepared) from error
+        if prepared is None or any(len(row) != len(rows[0]) for row in rows):
+            connection.execute(statement, list(rows))
+            return
+        many = [_values(prepared, row) for row in rows]
+        _announce(connection, cursor, prepared, many, True)
+        cursor.executemany(prepared.sql, many)
+    except connection.dialect.loaded_dbapi.Error as error:
+        assert prepared is not None
+        raise _as_sqlalchemy(error, connection, prepared) from error
+    finally:
+        cursor.close()
 
 
 def fetch(session: Session, statement: Executable, params: dict[str, Any]) -> list[tuple[Any, ...]]:
     """The rows of a SELECT, each a tuple of its columns' values as SQLAlchemy would return them."""
-    connection, driver = _sqlite(session)
-    prepared = _prepared(connection, statement, tuple(params)) if driver is not None else None
-    if driver is None or prepared is None:
-        return [tuple(row) for row in connection.execute(statement, params)]
+    connection, cursor, prepared = _cursor(session, statement, tuple(params))
     try:
-        rows = driver.execute(prepared.sql, _values(prepared, params)).fetchall()
-    except sqlite3.Error as error:
-        raise _as_sqlalchemy(error, prepared) from error
+        if prepared is None:
+            return [tuple(row) for row in connection.execute(statement, params)]
+        values = _values(prepared, params)
+        _announce(connection, cursor, prepared, values, False)
+        cursor.execute(prepared.sql, values)
+        rows = cursor.fetchall()
+    except connection.dialect.loaded_dbapi.Error as error:
+        assert prepared is not None
+        raise _as_sqlalchemy(error, connection, prepared) from error
+    finally:
+        cursor.close()
     result = prepared.result
     return [tuple(value if process is None else process(value) for value, process in zip(row, result, strict=True))
             for row in rows]
