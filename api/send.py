@@ -226,6 +226,8 @@ async def send_email(request: web.Request) -> web.Response:
                             size=len(spec.body) + sum(len(a.content) for a in attachments),
                             marketing=spec.links is not None,
                             tracking=body.tracking.choice() if body.tracking is not None else None)
+    digest = "" if idem_key is None else hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
     def work(session) -> dict[str, Any]:
         def produce() -> dict[str, Any]:
             queued = submit(session, submission)
@@ -238,9 +240,6 @@ async def send_email(request: web.Request) -> web.Response:
         # kept as the JSON it is answered with, so a replay answers the same
         return run_idempotent(session, who.project_id, idem_key, digest, config.api.idempotency_hours,
                               lambda: json.loads(dumps(produce())))
-
-    if idem_key is not None:
-        digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     data = await request.app[DB].write(work, light=submission.light)
     for wake in request.app[ON_QUEUED]:

@@ -14,7 +14,8 @@ what is stored and read is what SQLAlchemy would store and read. Errors are rais
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -53,8 +54,8 @@ def _default_maker(default: Any) -> Callable[[], Any] | None:
 
 
 def _compile(connection: Connection, statement: Executable, keys: tuple[str, ...]) -> _Compiled | None:
-    """The statement compiled for SQLite with `keys` as its parameters, or None when SQLAlchemy would do more
-    than run the SQL (a default made in SQL, RETURNING, expanding IN lists): those go through SQLAlchemy."""
+    """The statement compiled for the connection's dialect with `keys` as its parameters, or None when SQLAlchemy
+    would do more than run the SQL (a default made in SQL, RETURNING, expanding IN lists): those go through it."""
     compiled = cast(ClauseElement, statement).compile(dialect=connection.dialect, column_keys=list(keys))
     if not isinstance(compiled, SQLCompiler) or compiled.positiontup is None or compiled.effective_returning \
             or compiled.literal_execute_params or compiled.post_compile_params:
@@ -74,22 +75,32 @@ def _compile(connection: Connection, statement: Executable, keys: tuple[str, ...
     return _Compiled(compiled.string, names, bind, tuple(defaults), result)
 
 
-def _cursor(session: Session, statement: Executable, keys: tuple[str, ...]) -> tuple[Connection, Any, _Compiled | None]:
-    """The session's connection, a cursor of its DBAPI connection (the driver's own for the standard `sqlite3`,
-    SQLAlchemy's adapter for asyncpg, which starts the transaction and awaits the driver), and the statement
-    compiled for its dialect (None: let SQLAlchemy run it)."""
+def _prepared(session: Session, statement: Executable, keys: tuple[str, ...]) -> tuple[Connection, _Compiled | None]:
+    """The session's connection and the statement compiled for its dialect with `keys` as its parameters (None:
+    let SQLAlchemy run it)."""
     connection = session.connection()
     key = (connection.dialect.name, statement, keys)
     if key not in _COMPILED:
         _COMPILED[key] = _compile(connection, statement, keys)
-    return connection, connection.connection.cursor(), _COMPILED[key]
+    return connection, _COMPILED[key]
 
 
-def _announce(connection: Connection, cursor: Any, prepared: _Compiled, values: Any, many: bool) -> None:
-    """Fire the engine's `before_cursor_execute` listeners, as SQLAlchemy's own execution does (without an
-    execution context): what watches the statements (the tests' statement logs) sees these too."""
-    if connection.dispatch.before_cursor_execute:
-        connection.dispatch.before_cursor_execute(connection, cursor, prepared.sql, values, None, many)
+@contextlib.contextmanager
+def _cursor(connection: Connection, prepared: _Compiled, values: Any, many: bool) -> Iterator[Any]:
+    """A cursor of the DBAPI connection (the standard `sqlite3` module's own; SQLAlchemy's adapter for asyncpg,
+    which starts the transaction and awaits the driver), after the engine's `before_cursor_execute` listeners
+    have seen the statement, as SQLAlchemy's own execution does (without an execution context: the tests'
+    statement logs see these too). The driver's errors leave it as SQLAlchemy's."""
+    cursor = connection.connection.cursor()
+    try:
+        if connection.dispatch.before_cursor_execute:
+            connection.dispatch.before_cursor_execute(connection, cursor, prepared.sql, values, None, many)
+        yield cursor
+    except connection.dialect.loaded_dbapi.Error as error:
+        raise exc.DBAPIError.instance(prepared.sql, None, error, connection.dialect.loaded_dbapi.Error,
+                                      hide_parameters=True, dialect=connection.dialect) from error
+    finally:
+        cursor.close()
 
 
 def _values(prepared: _Compiled, params: dict[str, Any]) -> tuple[Any, ...]:
@@ -99,63 +110,39 @@ def _values(prepared: _Compiled, params: dict[str, Any]) -> tuple[Any, ...]:
                  for value, process in zip((params[name] for name in prepared.names), prepared.bind, strict=True))
 
 
-def _as_sqlalchemy(error: Exception, connection: Connection, prepared: _Compiled) -> exc.StatementError:
-    """The exception `Connection.execute` would raise for `error` (IntegrityError for a broken constraint...)."""
-    return exc.DBAPIError.instance(prepared.sql, None, error, connection.dialect.loaded_dbapi.Error,
-                                   hide_parameters=True, dialect=connection.dialect)
-
-
 def execute(session: Session, statement: Executable, params: dict[str, Any]) -> int:
     """Run a DML statement with one set of parameters; returns the rows it changed."""
-    connection, cursor, prepared = _cursor(session, statement, tuple(params))
-    try:
-        if prepared is None:
-            return connection.execute(statement, params).rowcount
-        values = _values(prepared, params)
-        _announce(connection, cursor, prepared, values, False)
+    connection, prepared = _prepared(session, statement, tuple(params))
+    if prepared is None:
+        return connection.execute(statement, params).rowcount
+    values = _values(prepared, params)
+    with _cursor(connection, prepared, values, False) as cursor:
         cursor.execute(prepared.sql, values)
         return cursor.rowcount
-    except connection.dialect.loaded_dbapi.Error as error:
-        assert prepared is not None
-        raise _as_sqlalchemy(error, connection, prepared) from error
-    finally:
-        cursor.close()
 
 
 def execute_many(session: Session, statement: Executable, rows: Sequence[dict[str, Any]]) -> None:
     """Run a DML statement once per row of parameters (each with the same keys), as one executemany."""
     if not rows:
         return
-    connection, cursor, prepared = _cursor(session, statement, tuple(rows[0]))
-    try:
-        if prepared is None or any(len(row) != len(rows[0]) for row in rows):
-            connection.execute(statement, list(rows))
-            return
-        many = [_values(prepared, row) for row in rows]
-        _announce(connection, cursor, prepared, many, True)
+    connection, prepared = _prepared(session, statement, tuple(rows[0]))
+    if prepared is None or any(row.keys() != rows[0].keys() for row in rows):
+        connection.execute(statement, list(rows))
+        return
+    many = [_values(prepared, row) for row in rows]
+    with _cursor(connection, prepared, many, True) as cursor:
         cursor.executemany(prepared.sql, many)
-    except connection.dialect.loaded_dbapi.Error as error:
-        assert prepared is not None
-        raise _as_sqlalchemy(error, connection, prepared) from error
-    finally:
-        cursor.close()
 
 
 def fetch(session: Session, statement: Executable, params: dict[str, Any]) -> list[tuple[Any, ...]]:
     """The rows of a SELECT, each a tuple of its columns' values as SQLAlchemy would return them."""
-    connection, cursor, prepared = _cursor(session, statement, tuple(params))
-    try:
-        if prepared is None:
-            return [tuple(row) for row in connection.execute(statement, params)]
-        values = _values(prepared, params)
-        _announce(connection, cursor, prepared, values, False)
+    connection, prepared = _prepared(session, statement, tuple(params))
+    if prepared is None:
+        return [tuple(row) for row in connection.execute(statement, params)]
+    values = _values(prepared, params)
+    with _cursor(connection, prepared, values, False) as cursor:
         cursor.execute(prepared.sql, values)
         rows = cursor.fetchall()
-    except connection.dialect.loaded_dbapi.Error as error:
-        assert prepared is not None
-        raise _as_sqlalchemy(error, connection, prepared) from error
-    finally:
-        cursor.close()
     result = prepared.result
     return [tuple(value if process is None else process(value) for value, process in zip(row, result, strict=True))
             for row in rows]
