@@ -14,6 +14,7 @@ from api.schemas import Tracked
 from api.validation import Body, Data, Email, read_body
 from pipeline.contacts import SYSTEM_EVENT
 from pipeline.track import check_event_name, track
+from storage.contacts import ContactWork
 
 EventName = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True),
                       WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 200,
@@ -32,8 +33,9 @@ async def track_event(request: web.Request) -> web.Response:
     body = await read_body(request, TrackBody)
     check_event_name(body.event)
     project_id = caller(request).project_id
-    result = await request.app[DB].write(
-        lambda session: track(session, project_id, body.email, body.event, body.subscribed, body.data), light=True)
+    result = await request.app[DB].write(ContactWork(
+        lambda session: track(session, project_id, body.email, body.event, body.subscribed, body.data),
+        [(project_id, body.email)]), light=True)
     return success({"contact": result.contact_id, "event": result.event_id, "timestamp": result.timestamp})
 
 

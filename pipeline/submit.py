@@ -24,6 +24,7 @@ from pipeline.domains import require_verified_sender
 from pipeline.errors import Conflict, FieldError, ValidationFailed
 from pipeline.tracking.links import Tracking, tracking_for
 from storage import emails as email_store
+from storage.contacts import ContactWork
 
 STRIPPED_FIELD = re.compile(rb"^(?:bcc|" + b"|".join(
     [re.escape(name.encode()) for rule in SUBMISSION_STRIPPED_HEADERS for name in sorted(rule.names)]
@@ -68,6 +69,11 @@ class Submission:
         """Small enough for the write batcher to run on the event loop (see `storage.batch`)."""
         size = len(self.raw) if self.raw is not None else self.size
         return len(self.recipients) <= LIGHT_RECIPIENTS and size <= LIGHT_BYTES
+
+    def write(self, fn: Callable[[Session], Any]) -> ContactWork:
+        """`fn`, which submits this, as a write that names the contacts it upserts (batched: `ContactWork`)."""
+        keys = [] if self.test_copy else [(self.project_id, r.lower()) for r in self.recipients]
+        return ContactWork(fn, keys)
 
 
 @dataclass

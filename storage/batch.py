@@ -15,6 +15,11 @@ marked by the caller) runs its Python on the event loop between those two steps:
 Python competes with the loop for the GIL, and that cost the SMTP relay more than the work itself.
 Other batches run entirely on the writer thread.
 
+Works of one kind may share a step that serves them all: when every work of a batch is of one class with a
+`prepare_batch` class method, it runs once before them with the whole list (`storage.contacts.ContactWork` reads
+and locks every contact of a batch of tracks and sends in one statement on PostgreSQL, where each statement is a
+round trip).
+
 A *bulk* work (`alone` in `Database.write`: a campaign's chunk of recipients, a batch of workflow steps)
 runs in a transaction of its own, and only when no other work is waiting: a request that comes while a
 chunk commits waits for that one chunk at most, never for a chunk in its own transaction or queued ahead
@@ -27,9 +32,9 @@ import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
-from sqlalchemy import Engine, Insert, event
+from sqlalchemy import Engine, Insert, MetaData, Table, Update, event
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
@@ -55,11 +60,13 @@ BULK_PATIENCE = 4
 _PENDING = "plunkd.pending_inserts"
 
 
-def insert_at_commit(session: Session, statement: Insert, row: dict[str, Any]) -> None:
-    """Queue a row that nothing reads back in this transaction; the batch writes each statement's rows
-    with one executemany before it commits (a statement per row costs more than SQLite's work).
-    Statements are flushed in the order first queued, so queue parents before children; do not queue
-    inside a savepoint of your own (a batch flushes around its own savepoints only)."""
+def write_at_commit(session: Session, statement: Insert | Update, row: dict[str, Any]) -> None:
+    """Queue a row (of an INSERT, or of an UPDATE of a row nothing else changes in this transaction) that
+    nothing reads back in this transaction, unless it calls `flush_pending` first; the batch writes each
+    statement's rows with one executemany before it commits (a statement per row costs more than SQLite's
+    work, and a round trip on PostgreSQL). Statements are flushed parents' tables first (the order of the
+    tables' foreign keys), each in the order its rows were queued; do not queue inside a savepoint of your
+    own (a batch flushes around its own savepoints only)."""
     session.info.setdefault(_PENDING, {}).setdefault(statement, []).append(row)
 
 
@@ -73,10 +80,23 @@ def write_in_key_order(statement: Insert, key: Callable[[dict[str, Any]], Any]) 
     return statement
 
 
+_TABLE_RANKS: dict[MetaData, dict[Table, int]] = {}
+
+
+def _table_rank(statement: Insert | Update) -> int:
+    """The position of the statement's table in its metadata's foreign-key order (parents first)."""
+    table = cast(Table, statement.table)
+    ranks = _TABLE_RANKS.get(table.metadata)
+    if ranks is None:
+        ranks = _TABLE_RANKS[table.metadata] = {t: i for i, t in enumerate(table.metadata.sorted_tables)}
+    return ranks[table]
+
+
 def flush_pending(session: Session) -> None:
+    """Write the rows queued by `write_at_commit` now (before a statement that reads them)."""
     pending = session.info.pop(_PENDING, None)
     if pending:
-        for statement, rows in pending.items():
+        for statement, rows in sorted(pending.items(), key=lambda item: _table_rank(item[0])):
             if statement in _ROW_ORDER:
                 rows.sort(key=_ROW_ORDER[statement])
             fastpath.execute_many(session, statement, rows)
@@ -209,6 +229,7 @@ class TransactionBatcher:
             session.begin()
             await self._in_thread(session.connection)
             try:
+                _prepare(session, works)
                 values = [work(session) for work in works]
                 flush_pending(session)
             except Exception as exc:
@@ -234,6 +255,7 @@ def run_batch(session: Session, works: list[Work], optimistic: bool = True) -> l
             return _run_each_in_savepoint(session, works)
     session.begin()
     try:
+        _prepare(session, works)
         values = [work(session) for work in works]
         flush_pending(session)
     except Exception as exc:
@@ -244,6 +266,14 @@ def run_batch(session: Session, works: list[Work], optimistic: bool = True) -> l
             return _run_each_in_savepoint(session, works)
     session.commit()
     return [(True, value) for value in values]
+
+
+def _prepare(session: Session, works: list[Work]) -> None:
+    """The step works of one kind share (see the module's docstring), when the batch holds no other kind."""
+    kind = type(works[0])
+    prepare = getattr(kind, "prepare_batch", None)
+    if prepare is not None and all(type(work) is kind for work in works):
+        prepare(session, works)
 
 
 def _run_each_in_savepoint(session: Session, works: list[Work]) -> list[Outcome]:

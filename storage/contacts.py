@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, LargeBinary, Text, any_, bindparam, cast, delete, func, select
+from sqlalchemy import ColumnElement, LargeBinary, String, Text, any_, bindparam, cast, delete, event, func, select
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from storage import fastpath
+from storage.batch import flush_pending, write_at_commit
 from storage.models import Contact, Email, Event, Segment, SegmentMember, new_id, utcnow
 from storage.pagination import Page, paginate
 from storage.segments import condition_clause
@@ -44,10 +46,73 @@ _BY_EMAIL = select(*_COLUMNS).where(_TABLE.c.project_id == bindparam("p"), _TABL
 _BY_EMAIL_LOCKED = _BY_EMAIL.with_for_update()
 _INSERT = _TABLE.insert()
 _UPDATE = _TABLE.update().where(_TABLE.c.id == bindparam("contact_id"))
+_LOCK_BATCH = select(*_COLUMNS).where(_TABLE.c.project_id == bindparam("p"),
+                                      _TABLE.c.email == any_(bindparam("e", type_=ARRAY(String)))) \
+    .order_by(_TABLE.c.id).with_for_update()
 _INSERT_IF_ABSENT = {
     "postgresql": pg_insert(_TABLE).on_conflict_do_nothing(index_elements=["project_id", "email"]),
     "sqlite": sqlite_insert(_TABLE).on_conflict_do_nothing(index_elements=["project_id", "email"]),
 }
+
+
+_LOCKED = "plunkd.locked_contacts"
+"""session.info key of a `LockedContacts`, for the transaction that read them."""
+
+
+@dataclass
+class LockedContacts:
+    """The contacts of a batch of `ContactWork`s, read and locked at its start: within that transaction they
+    are the truth (every change of them goes through `update_contact`, which changes the record too), so
+    lookups of them need no statement, and their updates are written at commit."""
+
+    by_key: dict[tuple[str, str], ContactRecord | None]
+    """(project id, email) -> the contact, or None: no such contact at the batch's start."""
+    by_id: dict[str, ContactRecord]
+
+
+@dataclass
+class ContactWork:
+    """A write (`Database.write`) that upserts the contacts of `keys` ((project id, email), lower-cased):
+    track and send. A batch made only of these reads and locks all their contacts with one statement per
+    project on PostgreSQL instead of one each (`storage.batch`), and writes their updates and events at commit.
+    SQLite runs them as any other work: a statement costs microseconds there, not a round trip."""
+
+    fn: Callable[[Session], Any]
+    keys: Sequence[tuple[str, str]]
+
+    def __call__(self, session: Session) -> Any:
+        return self.fn(session)
+
+    @classmethod
+    def prepare_batch(cls, session: Session, works: list[ContactWork]) -> None:
+        if session.get_bind().dialect.name != "postgresql":
+            return
+        emails: dict[str, set[str]] = {}
+        for work in works:
+            for project_id, email in work.keys:
+                emails.setdefault(project_id, set()).add(email)
+        locked = LockedContacts({}, {})
+        for project_id, addresses in emails.items():
+            locked.by_key.update(dict.fromkeys(((project_id, email) for email in addresses), None))
+            for row in fastpath.fetch(session, _LOCK_BATCH, {"p": project_id, "e": sorted(addresses)}):
+                record = ContactRecord(*row)
+                locked.by_key[(project_id, record.email)] = locked.by_id[record.id] = record
+        session.info[_LOCKED] = locked
+
+
+def locked_batch(session: Session) -> bool:
+    """Whether this transaction runs a batch of `ContactWork`s whose contacts it has locked: its events are
+    written at commit (`storage.events.insert_event`); a statement that reads events or contacts' data must
+    call `storage.batch.flush_pending` first (segments and workflows do)."""
+    return _LOCKED in session.info
+
+
+@event.listens_for(Session, "after_commit")
+@event.listens_for(Session, "after_soft_rollback")
+def _forget_locked(session: Session, *_: Any) -> None:
+    """The locked contacts are the truth only in the transaction that read them (a rolled-back savepoint too
+    may have undone a change of them)."""
+    session.info.pop(_LOCKED, None)
 
 
 def _one(session: Session, stmt: Any, params: dict[str, Any]) -> ContactRecord | None:
@@ -57,6 +122,10 @@ def _one(session: Session, stmt: Any, params: dict[str, Any]) -> ContactRecord |
 
 def get_contact(session: Session, project_id: str, contact_id: str, for_update: bool = False) -> ContactRecord | None:
     """`for_update` locks the row (PostgreSQL) so two transactions changing the contact take turns."""
+    locked: LockedContacts | None = session.info.get(_LOCKED)
+    record = None if locked is None else locked.by_id.get(contact_id)
+    if locked is not None and record is not None:
+        return record if locked.by_key.get((project_id, record.email)) is record else None
     return _one(session, _BY_ID_LOCKED if for_update else _BY_ID, {"p": project_id, "i": contact_id})
 
 
@@ -98,6 +167,9 @@ def all_data(session: Session, project_id: str) -> Iterator[dict[str, Any]]:
 
 def get_contact_by_email(session: Session, project_id: str, email: str,
                          for_update: bool = False) -> ContactRecord | None:
+    locked = session.info.get(_LOCKED)
+    if locked is not None and (project_id, email) in locked.by_key:
+        return locked.by_key[(project_id, email)]
     return _one(session, _BY_EMAIL_LOCKED if for_update else _BY_EMAIL, {"p": project_id, "e": email})
 
 
@@ -123,15 +195,44 @@ def get_or_create_contact(session: Session, project_id: str, email: str, subscri
     record = ContactRecord(new_id(), email, subscribed_if_new, data_if_new or {}, now, now)
     stmt = _INSERT_IF_ABSENT[session.get_bind().dialect.name]
     if fastpath.execute(session, stmt, {**vars(record), "project_id": project_id}) == 1:
+        _remember(session, project_id, record)
         return record, True
-    contact = get_contact_by_email(session, project_id, email, for_update=True)
+    contact = _one(session, _BY_EMAIL_LOCKED, {"p": project_id, "e": email})  # a concurrent creator's
     assert contact is not None
+    _remember(session, project_id, contact)
     return contact, False
 
 
+def _unlock(session: Session) -> None:
+    """Stop treating the batch's locked contacts as the truth (before a change their records do not follow):
+    their queued updates are written first, so statements see them from then on."""
+    if session.info.pop(_LOCKED, None) is not None:
+        flush_pending(session)
+
+
+def _remember(session: Session, project_id: str, record: ContactRecord) -> None:
+    """Add a contact just created or found to the batch's locked contacts, when its key is among them."""
+    locked = session.info.get(_LOCKED)
+    if locked is not None and (project_id, record.email) in locked.by_key:
+        locked.by_key[(project_id, record.email)] = locked.by_id[record.id] = record
+
+
 def update_contact(session: Session, contact_id: str, **values: Any) -> None:
-    """Set columns (email, subscribed, data) of one contact and bump updated_at."""
-    fastpath.execute(session, _UPDATE, {"contact_id": contact_id, "updated_at": utcnow(), **values})
+    """Set columns (email, subscribed, data) of one contact and bump updated_at. A contact of a locked batch
+    (`ContactWork`) is changed in its record, and its whole row written at commit."""
+    now = utcnow()
+    if "email" in values:
+        _unlock(session)
+    locked = session.info.get(_LOCKED)
+    record = None if locked is None else locked.by_id.get(contact_id)
+    if record is None:
+        fastpath.execute(session, _UPDATE, {"contact_id": contact_id, "updated_at": now, **values})
+        return
+    for name, value in values.items():
+        setattr(record, name, value)
+    record.updated_at = now
+    write_at_commit(session, _UPDATE, {"contact_id": contact_id, "updated_at": now, "subscribed": record.subscribed,
+                                       "data": record.data})
 
 
 def _filters(project_id: str, subscribed: bool | None, search: str | None) -> list[Any]:
@@ -176,6 +277,7 @@ def count_contacts(session: Session, project_id: str) -> int:
 
 
 def delete_contact(session: Session, project_id: str, contact_id: str) -> None:
+    _unlock(session)
     session.connection().execute(delete(Contact).where(Contact.project_id == project_id, Contact.id == contact_id))
 
 

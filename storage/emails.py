@@ -17,7 +17,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from storage import bulk
-from storage.batch import insert_at_commit
+from storage.batch import write_at_commit
 from storage.claims import DueClaim
 from storage.domains import sender_domain
 from storage.models import (
@@ -44,7 +44,7 @@ _INSERT_OUTBOX = _OUTBOX.insert()
 
 def insert_content(session: Session, project_id: str, raw: bytes) -> str:
     content_id = new_id()
-    insert_at_commit(session, _INSERT_CONTENT, {"id": content_id, "project_id": project_id, "raw": raw,
+    write_at_commit(session, _INSERT_CONTENT, {"id": content_id, "project_id": project_id, "raw": raw,
                                                 "deferred": False, "created_at": utcnow()})
     return content_id
 
@@ -92,7 +92,7 @@ def insert_email(session: Session, project_id: str, contact_id: str | None, cont
     template variables. `track_opens` / `track_clicks`: its tracking choice (`pipeline.tracking.links`).
     `message_id`: the Message-ID the message already carries (SMTP); None gives it one."""
     email_id, now = new_id(), utcnow()
-    insert_at_commit(session, _INSERT_EMAIL, {"id": email_id, "project_id": project_id, "contact_id": contact_id,
+    write_at_commit(session, _INSERT_EMAIL, {"id": email_id, "project_id": project_id, "contact_id": contact_id,
                                               "content_id": content_id, "recipient": recipient, "sender": sender,
                                               "envelope_sender": envelope_sender, "subject": subject,
                                               "source": source, "variables": variables,
@@ -102,7 +102,7 @@ def insert_email(session: Session, project_id: str, contact_id: str | None, cont
                                               "created_at": now, "track_opens": track_opens,
                                               "track_clicks": track_clicks})
     if not skipped:
-        insert_at_commit(session, _INSERT_OUTBOX, {"id": new_id(), "email_id": email_id, "due_at": now,
+        write_at_commit(session, _INSERT_OUTBOX, {"id": new_id(), "email_id": email_id, "due_at": now,
                                                    "attempts": 0})
     return email_id
 

@@ -9,6 +9,8 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from storage import fastpath
+from storage.batch import write_at_commit
+from storage.contacts import locked_batch
 from storage.models import Event, new_id, utcnow
 from storage.pagination import Page, paginate
 
@@ -17,11 +19,16 @@ _INSERT = Event.__table__.insert()
 
 def insert_event(session: Session, project_id: str, contact_id: str | None, name: str,
                  data: dict[str, Any], email_id: str | None = None) -> tuple[str, datetime]:
-    """Insert an event row (a Core insert: this runs on every track and send); return its id and time.
-    Record events through `pipeline.events.record_event`, which also writes what the event sets off."""
+    """Insert an event row (a Core insert: this runs on every track and send; in a batch of locked contacts,
+    at its commit: `storage.contacts.locked_batch`); return its id and time. Record events through
+    `pipeline.events.record_event`, which also writes what the event sets off."""
     event_id, now = new_id(), utcnow()
-    fastpath.execute(session, _INSERT, {"id": event_id, "project_id": project_id, "contact_id": contact_id,
-                                           "name": name, "data": data, "email_id": email_id, "created_at": now})
+    row = {"id": event_id, "project_id": project_id, "contact_id": contact_id, "name": name, "data": data,
+           "email_id": email_id, "created_at": now}
+    if locked_batch(session):
+        write_at_commit(session, _INSERT, row)
+    else:
+        fastpath.execute(session, _INSERT, row)
     return event_id, now
 
 

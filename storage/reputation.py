@@ -18,7 +18,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from storage.batch import insert_at_commit, write_in_key_order
+from storage.batch import write_at_commit, write_in_key_order
 from storage.models import ReputationDay, ReputationState, utcnow
 
 DAYS = ReputationDay.__table__
@@ -57,13 +57,13 @@ def _row(session: Session, project_id: str, at: datetime, sent: int = 0, bounced
 
 def count_sent(session: Session, project_id: str, at: datetime) -> None:
     """One more email sent by the project, written at commit with the batch's other rows."""
-    insert_at_commit(session, _add(session), _row(session, project_id, at, sent=1))
+    write_at_commit(session, _add(session), _row(session, project_id, at, sent=1))
 
 
 def count_feedback(session: Session, project_id: str, at: datetime, bounced: int = 0, complained: int = 0) -> None:
     """A hard bounce or a complaint, written at commit like the sends (every row of the table is locked in key
     order at commit, so concurrent transactions never deadlock on them)."""
-    insert_at_commit(session, _add(session), _row(session, project_id, at, bounced=bounced, complained=complained))
+    write_at_commit(session, _add(session), _row(session, project_id, at, bounced=bounced, complained=complained))
 
 
 @dataclass(frozen=True)

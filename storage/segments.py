@@ -53,6 +53,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.functions import FunctionElement
 
+from storage.batch import flush_pending
 from storage.models import Campaign, CampaignStatus, Contact, Event, Segment, SegmentMember, new_id, utcnow
 from storage.pagination import Page, paginate
 
@@ -432,7 +433,9 @@ def list_matching(session: Session, project_id: str, condition: dict[str, Any], 
 def membership_states(session: Session, contact_id: str, segments: tuple[TrackedSegment, ...],
                       now: datetime) -> list[tuple[bool, bool]]:
     """For each segment, (does the contact match it now, is it a member): one statement for all of them.
-    Empty when the contact does not exist."""
+    Empty when the contact does not exist. The statement reads the contact and its events: what this
+    transaction queued for its commit is written first."""
+    flush_pending(session)
     columns = []
     for i, segment in enumerate(segments):
         member = (select(_MEMBERS.c.contact_id)

@@ -18,7 +18,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from storage.batch import insert_at_commit
+from storage.batch import write_at_commit
 from storage.models import Node, OutboxItem, SendMinute
 
 NODES = Node.__table__
@@ -79,11 +79,11 @@ def minute_of(at: datetime) -> int:
 
 def count_settled(session: Session, at: datetime, sent: bool) -> None:
     """Add one sent (or failed) email to `at`'s minute, in the transaction recording it; the batch writes
-    its rows with one executemany at commit (`storage.batch.insert_at_commit`), all to the shard the
+    its rows with one executemany at commit (`storage.batch.write_at_commit`), all to the shard the
     transaction drew (one shard per transaction: two transactions never lock each other's rows in
     opposite orders)."""
     shard = session.info.setdefault(_SHARD_KEY, random.randrange(SHARDS))
-    insert_at_commit(session, _add_minute(session), {"minute": minute_of(at), "shard": shard, "sent": int(sent),
+    write_at_commit(session, _add_minute(session), {"minute": minute_of(at), "shard": shard, "sent": int(sent),
                                                      "failed": int(not sent)})
 
 

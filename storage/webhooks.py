@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.orm import Session
 
-from storage.batch import insert_at_commit
+from storage.batch import write_at_commit
 from storage.claims import DueClaim
 from storage.interest import ProjectInterest
 from storage.models import (
@@ -92,7 +92,7 @@ def queue_delivery(session: Session, endpoint_id: str, event_id: str | None, nam
                    now: datetime) -> str:
     """One PENDING delivery due now, written at commit with the batch's others (`storage.batch`)."""
     delivery_id = new_id()
-    insert_at_commit(session, _INSERT_DELIVERY, {
+    write_at_commit(session, _INSERT_DELIVERY, {
         "id": delivery_id, "endpoint_id": endpoint_id, "event_id": event_id, "event_name": name, "payload": payload,
         "status": PENDING, "attempts": 0, "due_at": now, "claimed_by": None, "last_status": None,
         "last_error": None, "attempt_log": [], "created_at": now, "updated_at": now})

@@ -38,6 +38,7 @@ from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
 from storage import bulk
+from storage.batch import flush_pending
 from storage.claims import DueClaim
 from storage.interest import ProjectInterest
 from storage.models import (
@@ -166,7 +167,9 @@ def _start_statement(dialect: str) -> Any:
 def start_runs(session: Session, project_id: str, contact_id: str, event_name: str, event_id: str | None,
                data: dict[str, Any], now: datetime) -> int:
     """Start a run of every enabled workflow of the project that `event_name` triggers, for this contact,
-    in one statement; returns how many started. The runs are ACTIVE at the first step, due now."""
+    in one statement; returns how many started. The runs are ACTIVE at the first step, due now. The statement
+    reads the contact and its events: what this transaction queued for its commit is written first."""
+    flush_pending(session)
     statement = _start_statement(session.get_bind().dialect.name)
     return session.connection().execute(statement, {
         "head": new_id()[:18], "project_id": project_id, "contact_id": contact_id, "event": event_name,

@@ -13,7 +13,7 @@ from sqlalchemy import event, func, select
 from pipeline.domains import UnverifiedSender, add_domain, save_check
 from pipeline.projects import create_project
 from pipeline.submit import Submission, submit
-from storage.batch import insert_at_commit
+from storage.batch import write_at_commit
 from storage.db import Database
 from storage.models import Email, OutboxItem, utcnow
 
@@ -58,12 +58,12 @@ async def test_one_failure_in_a_batch_fails_alone(db, project_id, light):
 
 @pytest.mark.parametrize("light", [True, False], ids=["on-loop", "writer-thread"])
 async def test_a_row_that_breaks_a_constraint_at_commit_fails_only_its_caller(db, project_id, light):
-    """Rows queued with insert_at_commit are written just before the commit; an outbox row pointing at
+    """Rows queued with write_at_commit are written just before the commit; an outbox row pointing at
     no email breaks the foreign key there, and only the caller that queued it sees the error."""
     outbox = OutboxItem.__table__.insert()
 
     def orphan(session) -> None:
-        insert_at_commit(session, outbox, {"id": "orphan", "email_id": "no-such-email", "due_at": utcnow(),
+        write_at_commit(session, outbox, {"id": "orphan", "email_id": "no-such-email", "due_at": utcnow(),
                                            "attempts": 0})
 
     good = submit_many(db, project_id, ["shop@shop.example"] * 5, light)
@@ -106,7 +106,7 @@ async def test_database_errors_never_carry_the_values_written(db, light, caplog)
     secret_body = b"secret-message-body-7c1f"
 
     def orphan_content(session):
-        insert_at_commit(session, Email.__table__.insert(), {
+        write_at_commit(session, Email.__table__.insert(), {
             "id": "e1", "project_id": issued.project.id, "content_id": "no-such-content",
             "recipient": "private-recipient@example.org", "sender": "shop@shop.example",
             "subject": secret_body.decode(), "source": "api", "status": "QUEUED", "created_at": utcnow()})

@@ -1,0 +1,112 @@
+"""storage.contacts.ContactWork: a batch made only of tracks and sends reads and locks all its contacts with one
+statement per project on PostgreSQL (each statement is a round trip there) and writes their updates and events
+with one executemany each at commit. What the batch stores must be what one track after another stores: the same
+contact seen twice in a batch, a work that fails and sends the batch round again with savepoints. Both databases
+(SQLite runs one statement each, as before)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from typing import Any
+
+import pytest
+from sqlalchemy import event, text
+from sqlalchemy.orm import Session
+
+from pipeline.projects import create_project
+from pipeline.track import track
+from storage.batch import run_batch
+from storage.contacts import ContactWork
+
+TRACKS = 10
+
+
+@pytest.fixture
+async def project_id(db) -> str:
+    issued = await db.write(lambda s: create_project(s, "shop", "shop@shop.example", "Shop"))
+    return issued.project.id
+
+
+def tracked(project_id: str, email: str, name: str, data: dict | None = None) -> ContactWork:
+    return ContactWork(lambda s: track(s, project_id, email, name, None, data), [(project_id, email)])
+
+
+async def one_batch(db, works: list) -> list:
+    """Run `works` as the writer runs one batch of them (in one transaction), and return their outcomes."""
+    if db.is_postgres:
+        async with db.session() as session:
+            return await session.run_sync(run_batch, works)
+    with Session(db.sync_engine, expire_on_commit=False) as session:
+        return await asyncio.to_thread(run_batch, session, works)
+
+
+def statement_kinds(statements: list[str]) -> Counter:
+    kinds: Counter = Counter()
+    for sql in statements:
+        if sql.startswith("SELECT") and "FROM contacts" in sql:
+            kinds["read contacts"] += 1
+        elif sql.startswith("UPDATE contacts"):
+            kinds["update contacts"] += 1
+        elif sql.startswith("INSERT INTO events"):
+            kinds["insert events"] += 1
+    return kinds
+
+
+async def rows(db, sql: str, **params) -> list:
+    return await db.read(lambda s: [tuple(row) for row in s.execute(text(sql), params)])
+
+
+def as_data(stored: Any) -> dict:
+    """A contact's data as a raw SELECT returns it: JSON text on SQLite, an object on PostgreSQL."""
+    return json.loads(stored) if isinstance(stored, str) else stored
+
+
+async def test_a_batch_of_tracks_reads_and_writes_its_contacts_once_on_postgresql(db, project_id):
+    emails = [f"user{i}@example.org" for i in range(TRACKS)]
+    await one_batch(db, [tracked(project_id, email, "signup", {"n": 0}) for email in emails])
+    statements: list[str] = []
+    engine = db.sync_engine or db.engine.sync_engine
+    listener = event.listens_for(engine, "before_cursor_execute")(lambda c, cur, sql, *a: statements.append(sql))
+    try:
+        outcomes = await one_batch(db, [tracked(project_id, email, "page-view", {"n": i + 1})
+                                        for i, email in enumerate(emails)])
+    finally:
+        event.remove(engine, "before_cursor_execute", listener)
+    assert [ok for ok, _ in outcomes] == [True] * TRACKS
+    each = 1 if db.is_postgres else TRACKS
+    assert statement_kinds(statements) == {"read contacts": each, "update contacts": each, "insert events": each}
+    stored = dict(await rows(db, "SELECT email, data FROM contacts"))
+    assert {email: as_data(data) for email, data in stored.items()} == \
+        {email: {"n": i + 1} for i, email in enumerate(emails)}
+    assert await rows(db, "SELECT count(*) FROM events WHERE name = 'page-view'") == [(TRACKS,)]
+
+
+async def test_the_same_new_contact_twice_in_one_batch_is_one_contact_with_both_changes(db, project_id):
+    outcomes = await one_batch(db, [tracked(project_id, "new@example.org", "signup", {"a": 1}),
+                                    tracked(project_id, "new@example.org", "login", {"b": 2, "a": None}),
+                                    tracked(project_id, "other@example.org", "signup")])
+    assert [ok for ok, _ in outcomes] == [True] * 3
+    first, second, other = (value for _, value in outcomes)
+    assert first.contact_id == second.contact_id != other.contact_id
+    contacts = await rows(db, "SELECT id, data FROM contacts WHERE email = 'new@example.org'")
+    assert len(contacts) == 1 and contacts[0][0] == first.contact_id
+    assert as_data(contacts[0][1]) == {"b": 2}, "the second track sees the first's data, and deletes its key"
+    events = await rows(db, "SELECT name FROM events WHERE contact_id = :c ORDER BY name", c=first.contact_id)
+    assert events == [("login",), ("signup",)]
+
+
+async def test_a_failing_work_leaves_the_others_of_its_batch_written_once(db, project_id):
+    def fails(session):
+        track(session, project_id, "failing@example.org", "signup", None, {"x": 1})
+        raise ValueError("this work fails after its track")
+
+    outcomes = await one_batch(db, [tracked(project_id, "kept@example.org", "signup", {"k": 1}),
+                                    ContactWork(fails, [(project_id, "failing@example.org")]),
+                                    tracked(project_id, "kept@example.org", "login", {"k": 2})])
+    assert [ok for ok, _ in outcomes] == [True, False, True]
+    assert isinstance(outcomes[1][1], ValueError)
+    assert await rows(db, "SELECT email FROM contacts ORDER BY email") == [("kept@example.org",)]
+    assert await rows(db, "SELECT name FROM events ORDER BY name") == [("login",), ("signup",)]
+    assert [as_data(data) for (data,) in await rows(db, "SELECT data FROM contacts")] == [{"k": 2}]
