@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import random
 import socket
@@ -207,19 +208,45 @@ def bare_databases(database_url: str, folder: str) -> list[tuple[str, list[str]]
     return [(f"{folder}/bare-{mode.lower()}.sqlite3", ["--synchronous", mode]) for mode in ("FULL", "NORMAL")]
 
 
-def bare_insert_rates(database_url: str, folder: str, args: argparse.Namespace,
-                      make_body: Callable[[int], dict]) -> list[float]:
-    """The baseline: the same load against a bare aiohttp handler doing one insert per request; its rates in the
-    order of `bare_databases` (plunkd's durability first)."""
-    rates = []
-    for database, options in bare_databases(database_url, folder):
-        port = free_port()
-        with server_process(["-m", "bench.bare_insert_server", database, str(port), *options], port):
-            rate, _, errors = asyncio.run(http_load(f"http://127.0.0.1:{port}/insert", make_body, {},
-                                                    args.concurrency, args.count, args.seconds))
-        assert errors == 0, f"{errors} bare inserts failed"
-        rates.append(rate)
-    return rates
+@contextlib.contextmanager
+def bare_insert_servers(database_url: str, folder: str) -> Iterator[list[str]]:
+    """The baseline: bare aiohttp handlers doing one insert per request (bench.bare_insert_server), one per
+    `bare_databases` (plunkd's durability first), all running; yields their URLs in that order."""
+    with contextlib.ExitStack() as servers:
+        urls = []
+        for database, options in bare_databases(database_url, folder):
+            port = free_port()
+            servers.enter_context(server_process(["-m", "bench.bare_insert_server", database, str(port), *options],
+                                                 port))
+            urls.append(f"http://127.0.0.1:{port}/insert")
+        yield urls
+
+
+INTERLEAVED_ROUNDS = 6
+
+
+def _body_after(make_body: Callable[[int], dict], offset: int, index: int) -> dict:
+    return make_body(offset + index)
+
+
+def interleaved_rates(targets: list[tuple[str, dict[str, str]]], make_body: Callable[[int], dict],
+                      args: argparse.Namespace) -> list[float]:
+    """The same load (`args.count` requests, `args.concurrency` at a time) on each (url, headers) target, in
+    turns: `INTERLEAVED_ROUNDS` rounds, each giving every target its share one after the other; a target's rate
+    is its requests over its own seconds. On these shared 2-core machines a server's throughput drifts by up to
+    1.7x within minutes (the same code measured minutes apart), so loading plunkd and then the baseline put that
+    drift into the ratio; in turns it falls on both alike. Every request must succeed."""
+    share = max(1, args.count // INTERLEAVED_ROUNDS)
+    requests, seconds = [0] * len(targets), [0.0] * len(targets)
+    for round_index in range(INTERLEAVED_ROUNDS):
+        bodies = functools.partial(_body_after, make_body, round_index * share)
+        for index, (url, headers) in enumerate(targets):
+            rate, ok, errors = asyncio.run(http_load(url, bodies, headers, args.concurrency, share,
+                                                     args.seconds / INTERLEAVED_ROUNDS))
+            assert errors == 0, f"{errors} of {ok + errors} requests to {url} failed"
+            requests[index] += ok
+            seconds[index] += ok / rate
+    return [done / spent for done, spent in zip(requests, seconds, strict=True)]
 
 
 def temp_dir() -> tempfile.TemporaryDirectory:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 
 from bench.common import (
-    bare_insert_rates,
+    bare_insert_servers,
     bench_database,
     create_project,
     free_port,
     http_bench_args,
-    http_load,
+    interleaved_rates,
     plunkd_env,
     report,
     server_process,
@@ -38,12 +38,10 @@ def main() -> None:
         env = plunkd_env(data, port, PLUNKD_DATABASE_URL=url, PLUNKD_SERVER_PROCESSES=str(args.processes))
         sk = create_project(data, env)
         asyncio.run(verify_offline(url, "bench", "bench.example"))
-        with server_process(["-m", "plunkd.cli", "serve"], port, env):
-            ours, _, errors = asyncio.run(http_load(f"http://127.0.0.1:{port}/v1/send", send_body,
-                                                    {"Authorization": f"Bearer {sk}"}, args.concurrency,
-                                                    args.count, args.seconds))
-        assert errors == 0, f"{errors} send requests failed"
-        bare, *unsynced = bare_insert_rates(url, data, args, send_body)
+        with server_process(["-m", "plunkd.cli", "serve"], port, env), bare_insert_servers(url, data) as bare_urls:
+            ours, bare, *unsynced = interleaved_rates(
+                [(f"http://127.0.0.1:{port}/v1/send", {"Authorization": f"Bearer {sk}"}),
+                 *((bare_url, {}) for bare_url in bare_urls)], send_body, args)
     report(f"POST /v1/send ({args.count} requests, {args.concurrency} concurrent, {args.processes} acceptor(s))",
            ours, bare, "req/s", 0.8, *unsynced)
 

@@ -8,15 +8,13 @@ The baseline is bench/bare_insert_server.py (SQLite: with an fsync per commit as
 
 from __future__ import annotations
 
-import asyncio
-
 from bench.common import (
-    bare_insert_rates,
+    bare_insert_servers,
     bench_database,
     create_project,
     free_port,
     http_bench_args,
-    http_load,
+    interleaved_rates,
     plunkd_env,
     report,
     server_process,
@@ -34,12 +32,10 @@ def main() -> None:
         port = free_port()
         env = plunkd_env(data, port, PLUNKD_DATABASE_URL=url, PLUNKD_SERVER_PROCESSES=str(args.processes))
         sk = create_project(data, env)
-        with server_process(["-m", "plunkd.cli", "serve"], port, env):
-            ours, ok, errors = asyncio.run(http_load(
-                f"http://127.0.0.1:{port}/v1/track", track_body, {"Authorization": f"Bearer {sk}"},
-                args.concurrency, args.count, args.seconds))
-        assert errors == 0, f"{errors} track requests failed"
-        bare, *unsynced = bare_insert_rates(url, data, args, track_body)
+        with server_process(["-m", "plunkd.cli", "serve"], port, env), bare_insert_servers(url, data) as bare_urls:
+            ours, bare, *unsynced = interleaved_rates(
+                [(f"http://127.0.0.1:{port}/v1/track", {"Authorization": f"Bearer {sk}"}),
+                 *((bare_url, {}) for bare_url in bare_urls)], track_body, args)
     report(f"POST /v1/track ({args.count} requests, {args.concurrency} concurrent, {args.processes} acceptor(s))",
            ours, bare, "req/s", 0.8 if args.database_url else 1.0, *unsynced)
 
