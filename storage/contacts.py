@@ -14,7 +14,21 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, LargeBinary, String, Text, any_, bindparam, cast, delete, event, func, select
+from sqlalchemy import (
+    JSON,
+    ColumnElement,
+    LargeBinary,
+    String,
+    Text,
+    any_,
+    bindparam,
+    cast,
+    column,
+    delete,
+    event,
+    func,
+    select,
+)
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -46,9 +60,18 @@ _BY_EMAIL = select(*_COLUMNS).where(_TABLE.c.project_id == bindparam("p"), _TABL
 _BY_EMAIL_LOCKED = _BY_EMAIL.with_for_update()
 _INSERT = _TABLE.insert()
 _UPDATE = _TABLE.update().where(_TABLE.c.id == bindparam("contact_id"))
-_LOCK_BATCH = select(*_COLUMNS).where(_TABLE.c.project_id == bindparam("p"),
-                                      _TABLE.c.email == any_(bindparam("e", type_=ARRAY(String)))) \
-    .order_by(_TABLE.c.id).with_for_update()
+_BATCH_EMAILS = {
+    "postgresql": any_(bindparam("e", type_=ARRAY(String))),
+    "sqlite": select(column("value")).select_from(func.json_each(bindparam("e", type_=JSON))).scalar_subquery(),
+}
+"""A list of emails as one parameter (an array; SQLite: a JSON array), so the statement is compiled once."""
+_LOCK_BATCH = {
+    "postgresql": select(*_COLUMNS).where(_TABLE.c.project_id == bindparam("p"),
+                                          _TABLE.c.email == _BATCH_EMAILS["postgresql"])
+    .order_by(_TABLE.c.id).with_for_update(),
+    "sqlite": select(*_COLUMNS).where(_TABLE.c.project_id == bindparam("p"),
+                                      _TABLE.c.email.in_(_BATCH_EMAILS["sqlite"])),
+}
 _INSERT_IF_ABSENT = {
     "postgresql": pg_insert(_TABLE).on_conflict_do_nothing(index_elements=["project_id", "email"]),
     "sqlite": sqlite_insert(_TABLE).on_conflict_do_nothing(index_elements=["project_id", "email"]),
@@ -73,9 +96,10 @@ class LockedContacts:
 @dataclass
 class ContactWork:
     """A write (`Database.write`) that upserts the contacts of `keys` ((project id, email), lower-cased):
-    track and send. A batch made only of these reads and locks all their contacts with one statement per
-    project on PostgreSQL instead of one each (`storage.batch`), and writes their updates and events at commit.
-    SQLite runs them as any other work: a statement costs microseconds there, not a round trip."""
+    track and send. A batch made only of these reads all their contacts with one statement per project instead
+    of one each (`storage.batch`; locking them on PostgreSQL, where SQLite's one writer needs no lock), and
+    writes their updates and events at commit, one executemany each: a statement is a round trip on
+    PostgreSQL, and on SQLite costs more than its work."""
 
     fn: Callable[[Session], Any]
     keys: Sequence[tuple[str, str]]
@@ -85,8 +109,7 @@ class ContactWork:
 
     @classmethod
     def prepare_batch(cls, session: Session, works: list[ContactWork]) -> None:
-        if session.get_bind().dialect.name != "postgresql":
-            return
+        statement = _LOCK_BATCH[session.get_bind().dialect.name]
         emails: dict[str, set[str]] = {}
         for work in works:
             for project_id, email in work.keys:
@@ -94,7 +117,7 @@ class ContactWork:
         locked = LockedContacts({}, {})
         for project_id, addresses in emails.items():
             locked.by_key.update(dict.fromkeys(((project_id, email) for email in addresses), None))
-            for row in fastpath.fetch(session, _LOCK_BATCH, {"p": project_id, "e": sorted(addresses)}):
+            for row in fastpath.fetch(session, statement, {"p": project_id, "e": sorted(addresses)}):
                 record = ContactRecord(*row)
                 locked.by_key[(project_id, record.email)] = locked.by_id[record.id] = record
         session.info[_LOCKED] = locked
