@@ -17,8 +17,7 @@ Other batches run entirely on the writer thread.
 
 Works of one kind may share a step that serves them all: when every work of a batch is of one class with a
 `prepare_batch` class method, it runs once before them with the whole list (`storage.contacts.ContactWork` reads
-and locks every contact of a batch of tracks and sends in one statement on PostgreSQL, where each statement is a
-round trip).
+every contact of a batch of tracks and sends in one statement, locking them on PostgreSQL, instead of one each).
 
 A *bulk* work (`alone` in `Database.write`: a campaign's chunk of recipients, a batch of workflow steps)
 runs in a transaction of its own, and only when no other work is waiting: a request that comes while a

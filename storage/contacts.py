@@ -60,18 +60,15 @@ _BY_EMAIL = select(*_COLUMNS).where(_TABLE.c.project_id == bindparam("p"), _TABL
 _BY_EMAIL_LOCKED = _BY_EMAIL.with_for_update()
 _INSERT = _TABLE.insert()
 _UPDATE = _TABLE.update().where(_TABLE.c.id == bindparam("contact_id"))
-_BATCH_EMAILS = {
-    "postgresql": any_(bindparam("e", type_=ARRAY(String))),
-    "sqlite": select(column("value")).select_from(func.json_each(bindparam("e", type_=JSON))).scalar_subquery(),
-}
-"""A list of emails as one parameter (an array; SQLite: a JSON array), so the statement is compiled once."""
+_BY_PROJECT = select(*_COLUMNS).where(_TABLE.c.project_id == bindparam("p"))
 _LOCK_BATCH = {
-    "postgresql": select(*_COLUMNS).where(_TABLE.c.project_id == bindparam("p"),
-                                          _TABLE.c.email == _BATCH_EMAILS["postgresql"])
+    "postgresql": _BY_PROJECT.where(_TABLE.c.email == any_(bindparam("e", type_=ARRAY(String))))
     .order_by(_TABLE.c.id).with_for_update(),
-    "sqlite": select(*_COLUMNS).where(_TABLE.c.project_id == bindparam("p"),
-                                      _TABLE.c.email.in_(_BATCH_EMAILS["sqlite"])),
+    "sqlite": _BY_PROJECT.where(_TABLE.c.email.in_(
+        select(column("value")).select_from(func.json_each(bindparam("e", type_=JSON))).scalar_subquery())),
 }
+"""A project's contacts among the emails of `e`, given as one parameter (an array; SQLite: a JSON array) so the
+statement is compiled once whatever the batch's size."""
 _INSERT_IF_ABSENT = {
     "postgresql": pg_insert(_TABLE).on_conflict_do_nothing(index_elements=["project_id", "email"]),
     "sqlite": sqlite_insert(_TABLE).on_conflict_do_nothing(index_elements=["project_id", "email"]),
