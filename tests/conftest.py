@@ -335,7 +335,8 @@ def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "postgres_only: several nodes sharing one PostgreSQL (the cluster); run in "
                                        "the PostgreSQL pass (PLUNKD_TEST_DATABASE_URL), left out of the SQLite one")
     config.addinivalue_line("markers", "any_database: what it checks is the same on every database (it serves "
-                                       "plunkd on the test's database only to have pages): SQLite pass only")
+                                       "plunkd on the test's database only to have pages: the browser tests, whose "
+                                       "pages' queries the HTTP tests of those pages run on both): SQLite pass only")
     config.addinivalue_line("markers", "long: takes ten seconds or more; started first, so that parallel workers "
                                        "(pytest -n) do not wait at the end for one of these")
 

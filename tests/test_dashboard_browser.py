@@ -309,6 +309,7 @@ def the_viewer_sees_no_actions_and_is_refused(viewer: Tab, journey: Journey) -> 
 
 
 @pytest.mark.long
+@pytest.mark.any_database
 @pytest.mark.timeout(240)
 def test_the_first_hour_in_a_real_browser(served, tmp_path):
     shots = tmp_path / "screenshots"

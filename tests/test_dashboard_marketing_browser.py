@@ -294,6 +294,7 @@ def read_the_events(owner: Tab, journey: Journey) -> None:
 
 
 @pytest.mark.long
+@pytest.mark.any_database
 @pytest.mark.timeout(240)
 def test_a_marketers_day_in_a_real_browser(served, tmp_path):
     shots = tmp_path / "screenshots"

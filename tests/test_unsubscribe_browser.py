@@ -141,6 +141,7 @@ def assert_png(path: Path) -> None:
 
 
 @pytest.mark.long
+@pytest.mark.any_database
 @pytest.mark.timeout(180)
 def test_unsubscribe_in_a_real_browser(served, tmp_path):
     chromium = chromium_or_fail()
