@@ -11,12 +11,12 @@ from datetime import datetime, timedelta
 from email.message import Message
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, select, update
+from sqlalchemy import bindparam, func, literal_column, null, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from storage import bulk
+from storage import bulk, fastpath
 from storage.batch import write_at_commit
 from storage.claims import DueClaim
 from storage.domains import sender_domain
@@ -212,31 +212,35 @@ def claim_due(session: Session, worker: str, limit: int, lease_seconds: float, p
 
 
 _MARK = _EMAIL.update().where(_EMAIL.c.id == bindparam("email_id"))
+_SETTLE = _OUTBOX.delete().where(_OUTBOX.c.id == bindparam("outbox_id"))
+_RETRY = _OUTBOX.update().where(_OUTBOX.c.id == bindparam("outbox_id")).values(
+    due_at=bindparam("retry_at"), attempts=_OUTBOX.c.attempts + literal_column("1"),
+    last_error=bindparam("retry_error"), claimed_by=null())
+"""The dispatcher's outcome statements, built once and run by `storage.fastpath` (one of each per message sent:
+building and executing them through SQLAlchemy cost the dispatcher a sixth of its time, sending 100 KB messages
+back to back)."""
 
 
 def mark_sent(session: Session, outbox_id: str, email_id: str, message_id: str, transport_id: str,
               envelope_sender: str | None = None) -> None:
     """`envelope_sender`: the MAIL FROM it went out with, when not the one it was accepted with (VERP)."""
-    conn = session.connection()
     now = utcnow()
     changed = {"envelope_sender": envelope_sender} if envelope_sender is not None else {}
-    conn.execute(_MARK, {"email_id": email_id, "status": EmailStatus.SENT, "message_id": message_id,
-                         "transport_id": transport_id, "sent_at": now, "error": None, **changed})
-    conn.execute(delete(OutboxItem).where(_OUTBOX.c.id == outbox_id))
+    fastpath.execute(session, _MARK, {"email_id": email_id, "status": EmailStatus.SENT, "message_id": message_id,
+                                      "transport_id": transport_id, "sent_at": now, "error": None, **changed})
+    fastpath.execute(session, _SETTLE, {"outbox_id": outbox_id})
     count_settled(session, now, sent=True)
 
 
 def mark_failed(session: Session, outbox_id: str, email_id: str, status: EmailStatus, error: str) -> None:
-    conn = session.connection()
-    conn.execute(_MARK, {"email_id": email_id, "status": status, "error": error[:2000]})
-    conn.execute(delete(OutboxItem).where(_OUTBOX.c.id == outbox_id))
+    fastpath.execute(session, _MARK, {"email_id": email_id, "status": status, "error": error[:2000]})
+    fastpath.execute(session, _SETTLE, {"outbox_id": outbox_id})
     if status in (EmailStatus.BOUNCED, EmailStatus.FAILED):
         count_settled(session, utcnow(), sent=False)
 
 
 def schedule_retry(session: Session, outbox_id: str, due_at: datetime, error: str) -> None:
-    session.connection().execute(update(OutboxItem).where(_OUTBOX.c.id == outbox_id).values(
-        due_at=due_at, attempts=OutboxItem.attempts + 1, last_error=error[:2000], claimed_by=None))
+    fastpath.execute(session, _RETRY, {"outbox_id": outbox_id, "retry_at": due_at, "retry_error": error[:2000]})
 
 
 @dataclass
