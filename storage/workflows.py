@@ -37,7 +37,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
-from storage import bulk
+from storage import bulk, fastpath
 from storage.batch import flush_pending
 from storage.claims import DueClaim
 from storage.interest import ProjectInterest
@@ -235,11 +235,13 @@ def _record(row: Row[Any]) -> RunRecord:
     return record
 
 
+_EARLIEST = select(func.min(RUNS.c.due_at)).where(RUNS.c.status == bindparam("status"))
+"""Built once: the scheduler asks at every wake-up, and the dispatcher's process wakes for every message queued."""
+
+
 def earliest_due(session: Session) -> datetime | None:
     """When the next live run is due (one index probe per live status), or None when none is live."""
-    conn = session.connection()
-    times = [conn.execute(select(func.min(RUNS.c.due_at)).where(RUNS.c.status == status)).scalar()
-             for status in LIVE]
+    times = [fastpath.fetch(session, _EARLIEST, {"status": status})[0][0] for status in LIVE]
     return min((moment for moment in times if moment is not None), default=None)
 
 
