@@ -241,7 +241,7 @@ async def send_email(request: web.Request) -> web.Response:
         return run_idempotent(session, who.project_id, idem_key, digest, config.api.idempotency_hours,
                               lambda: json.loads(dumps(produce())))
 
-    data = await request.app[DB].write(submission.write(work), light=submission.light)
+    data = await request.app[DB].write(submission.as_work(work), light=submission.light)
     for wake in request.app[ON_QUEUED]:
         wake()
     return success(data)

@@ -70,7 +70,7 @@ class Submission:
         size = len(self.raw) if self.raw is not None else self.size
         return len(self.recipients) <= LIGHT_RECIPIENTS and size <= LIGHT_BYTES
 
-    def write(self, fn: Callable[[Session], Any]) -> ContactWork:
+    def as_work(self, fn: Callable[[Session], Any]) -> ContactWork:
         """`fn`, which submits this, as a write that names the contacts it upserts (batched: `ContactWork`)."""
         keys = [] if self.test_copy else [(self.project_id, r.lower()) for r in self.recipients]
         return ContactWork(fn, keys)

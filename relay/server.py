@@ -189,12 +189,12 @@ class RelayHandler:
         try:
             if key:
                 digest = hashlib.sha256(raw).hexdigest()
-                queued_ids = await self.db.write(submission.write(
+                queued_ids = await self.db.write(submission.as_work(
                     lambda s: submit_once(s, submission, str(key)[:255], digest, self.settings.idempotency_hours)),
                     light=submission.light)
             else:
                 queued_ids = await self.db.write(
-                    submission.write(lambda s: [q.email_id for q in submit(s, submission)]), light=submission.light)
+                    submission.as_work(lambda s: [q.email_id for q in submit(s, submission)]), light=submission.light)
         except UnverifiedSender as exc:
             return f"550 5.7.1 Sender domain {exc.domain} is not a verified domain of this project"
         except PipelineError as exc:
