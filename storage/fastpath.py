@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import exc
+from sqlalchemy import exc, util
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import ClauseElement, Executable
@@ -99,8 +99,16 @@ def _cursor(connection: Connection, prepared: _Compiled, values: Any, many: bool
     except connection.dialect.loaded_dbapi.Error as error:
         raise exc.DBAPIError.instance(prepared.sql, None, error, connection.dialect.loaded_dbapi.Error,
                                       hide_parameters=True, dialect=connection.dialect) from error
+    except BaseException as interrupted:
+        # A statement cancelled half way (asyncio's CancelledError on the asyncpg adapter) leaves the driver's
+        # connection in an unknown state, its BEGIN perhaps sent and not recorded: SQLAlchemy's own execution
+        # invalidates such a connection, so the pool never hands on a transaction left open; so does this.
+        if util.is_exit_exception(interrupted) and not connection.invalidated:
+            connection.invalidate()
+        raise
     finally:
-        cursor.close()
+        if not connection.invalidated:  # an invalidated connection closed its cursors with it
+            cursor.close()
 
 
 def _values(prepared: _Compiled, params: dict[str, Any]) -> tuple[Any, ...]:

@@ -5,10 +5,11 @@ really take the short path. Both databases."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 
 import pytest
-from sqlalchemy import bindparam, event, exc, select, text
+from sqlalchemy import bindparam, event, exc, func, select, text
 
 from pipeline.projects import create_project
 from pipeline.track import track
@@ -138,3 +139,29 @@ async def test_a_track_runs_its_statements_past_sqlalchemys_execution(db, projec
     stored = await db.read(lambda s: s.execute(text("SELECT data FROM contacts WHERE id = :i"),
                                                {"i": result.contact_id}).scalar_one())
     assert "pro" in str(stored)
+
+
+@pytest.mark.postgres_only
+async def test_a_statement_cancelled_half_way_invalidates_its_connection(db):
+    """A task cancelled while its statement runs (a scheduler stopped, a client gone) must not hand the pool a
+    connection in an unknown state: the asyncpg adapter may have sent its BEGIN without recording it, and the
+    next user would then write into a transaction nobody commits. SQLAlchemy's own execution invalidates such a
+    connection; the fast path does the same. (PostgreSQL only: SQLite has no statement that sleeps.)"""
+    invalidated = []
+
+    def sleep(session):
+        connection = session.connection()
+        try:
+            fastpath.fetch(session, select(func.pg_sleep(bindparam("seconds"))), {"seconds": 5})
+        finally:
+            invalidated.append(connection.invalidated)
+
+    task = asyncio.create_task(db.read(sleep))
+    await asyncio.sleep(0.5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert invalidated == [True]
+    left_open = text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                     "AND state LIKE 'idle in transaction%' AND pid <> pg_backend_pid()")
+    assert await db.read(lambda s: s.execute(left_open).scalar_one()) == 0
