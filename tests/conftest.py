@@ -332,8 +332,9 @@ async def relay(aiohttp_client, dns_config, dns_server, test_ca, tmp_path) -> Re
 
 
 def pytest_configure(config) -> None:
-    config.addinivalue_line("markers", "postgres_only: several nodes sharing one PostgreSQL (the cluster); run in "
-                                       "the PostgreSQL pass (PLUNKD_TEST_DATABASE_URL), left out of the SQLite one")
+    config.addinivalue_line("markers", "postgres_only: needs PostgreSQL (several nodes sharing one server, the "
+                                       "cluster; or a server-side sleep to cancel); run in the PostgreSQL pass "
+                                       "(PLUNKD_TEST_DATABASE_URL), left out of the SQLite one")
     config.addinivalue_line("markers", "any_database: what it checks is the same on every database (it serves "
                                        "plunkd on the test's database only to have pages: the browser tests, whose "
                                        "pages' queries the HTTP tests of those pages run on both): SQLite pass only")
