@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Annotated, Any, TypeVar
 
@@ -13,18 +12,22 @@ from pydantic_core import PydanticCustomError
 
 from api.context import CONFIG
 from api.errors import BadRequest, PayloadTooLarge
+from core.json_text import parse_json
 from pipeline.contact_data import (
     MAX_DATA_KEY_LENGTH,
     MAX_DATA_KEYS,
     MAX_JSON_DEPTH,
     data_size_problem,
     json_problems,
+    plainly_storable,
 )
 from pipeline.errors import FieldError, ValidationFailed
 from pipeline.grammar import normalize_email
 from storage.pagination import CURSOR_PATTERN, is_valid_cursor
 
 M = TypeVar("M", bound=BaseModel)
+_SCREENED = "plunkd.screened_json"
+"""The request's parsed body when its text already shows it holds nothing `json_problems` refuses."""
 PAGE_LIMIT_MAX = 100
 _PAGE_LIMIT = re.compile(r"[0-9]{1,3}")
 
@@ -74,13 +77,16 @@ def field_errors(exc: ValidationError) -> list[FieldError]:
     return errors
 
 
-def validate(model: type[M], payload: Any) -> M:
+def validate(model: type[M], payload: Any, screened: bool = False) -> M:
     """The payload as `model`, or 422 naming every bad field. Fields the model keeps are also checked
-    for what no store can carry (`json_problems`); fields it ignores are never stored, so never checked."""
+    for what no store can carry (`json_problems`); fields it ignores are never stored, so never checked.
+    `screened`: the whole payload is known to hold none of it (`read_json`), so its fields are not walked."""
     try:
         body = model.model_validate(payload)
     except ValidationError as exc:
         raise ValidationFailed(field_errors(exc)) from None
+    if screened:
+        return body
     errors = json_problems(body.model_dump(by_alias=True, exclude_none=True))
     if errors:
         raise ValidationFailed(errors)
@@ -89,7 +95,8 @@ def validate(model: type[M], payload: Any) -> M:
 
 async def read_json(request: web.Request, max_bytes: int | None = None) -> Any:
     """The request body as JSON, refused with the Plunk error it deserves: 413 over `max_bytes` (default
-    `api.max_body_bytes`), 400 unparseable or nested past Python's limit."""
+    `api.max_body_bytes`), 400 unparseable or nested past Python's limit. A body whose text shows it holds
+    nothing `json_problems` refuses (`plainly_storable`) is marked so, and `body_from` does not walk it."""
     max_bytes = max_bytes or request.app[CONFIG].api.max_body_bytes
     if request.content_length is not None and request.content_length > max_bytes:
         raise PayloadTooLarge(f"Request body is larger than {max_bytes} bytes")
@@ -101,11 +108,13 @@ async def read_json(request: web.Request, max_bytes: int | None = None) -> Any:
     if not raw.strip():
         raise BadRequest("Request body is empty; expected a JSON object")
     try:
-        payload = json.loads(raw)
+        payload, by_orjson = parse_json(raw)
     except RecursionError:
         raise BadRequest(f"Request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"Request body is not valid JSON: {exc}") from None
+    if plainly_storable(raw, by_orjson):
+        request[_SCREENED] = payload
     return payload
 
 
@@ -120,7 +129,7 @@ def body_from(request: web.Request, payload: Any, model: type[M]) -> M:
     """A parsed JSON body as `model`: an object, valid, and its `data` within `api.max_data_bytes`."""
     if not isinstance(payload, dict):
         raise ValidationFailed([FieldError("body", "Expected a JSON object", "invalid_type")])
-    body = validate(model, payload)
+    body = validate(model, payload, screened=request.get(_SCREENED) is payload)
     check_data_size(request, getattr(body, "data", None))
     return body
 

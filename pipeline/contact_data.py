@@ -3,11 +3,11 @@ dashboard: how many keys, how long, how deep, which text, how large."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from typing import Any
 
+from core.json_text import compact_json
 from pipeline.errors import FieldError
 
 MAX_DATA_KEYS = 256
@@ -28,7 +28,7 @@ def data_size_problem(data: dict[str, Any] | None, limit: int, field: str = "dat
     """`data` over `limit` bytes (`api.max_data_bytes`) as compact JSON, the most one call may store."""
     if not data:
         return None
-    size = len(json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode())
+    size = len(compact_json(data))
     if size > limit:
         return FieldError(field, f"{field} is {size} bytes as JSON; at most {limit} bytes are accepted in one call "
                                  "(api.max_data_bytes)", "too_big")
@@ -59,6 +59,14 @@ def json_problems(value: Any, max_depth: int = MAX_JSON_DEPTH) -> list[FieldErro
         elif isinstance(item, str) and not _storable(item, path):
             errors.append(FieldError(_printable(path) or "body", UNSTORABLE, "invalid_string"))
     return errors
+
+
+def plainly_storable(raw: bytes | bytearray, read_by_orjson: bool) -> bool:
+    """Whether the JSON text `raw` shows, without walking its value, that `json_problems` finds nothing in it:
+    orjson read it (so no NaN, infinity or unpaired surrogate), it spells no NUL (`\\u0000`, the only way JSON
+    text can hold one), and it has fewer brackets than `MAX_JSON_DEPTH` (so it cannot nest deeper). A body
+    failing this is walked."""
+    return read_by_orjson and b"\\u0000" not in raw and raw.count(b"{") + raw.count(b"[") < MAX_JSON_DEPTH
 
 
 UNSTORABLE = "Text may not contain unpaired UTF-16 surrogates (such as \\ud800), nor NUL outside data"

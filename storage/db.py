@@ -24,6 +24,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session
 
+from core.json_text import json_column_text
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 ACCEPTING_CHECKPOINT_PAGES = 8192
 """WAL pages (4 KiB) after which a commit of the accepting writer copies the WAL into the database file (and
@@ -45,7 +47,7 @@ class Database:
         self.sync_engine: Engine | None = None
         if self.is_postgres:
             self.engine: AsyncEngine = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size,
-                                                           hide_parameters=True)
+                                                           hide_parameters=True, json_serializer=json_column_text)
         else:
             path = url.split(":///", 1)[1] if ":///" in url else ""
             if path and path != ":memory:":
@@ -53,9 +55,11 @@ class Database:
             # Read connections (each an aiosqlite thread with its PRAGMAs): keep pool_size of them, as on
             # PostgreSQL; SQLAlchemy's default keeps 5 and opens and closes one per read beyond that.
             pool = {"pool_size": pool_size, "max_overflow": pool_size} if path and path != ":memory:" else {}
-            self.engine = create_async_engine(url, connect_args={"timeout": 30}, hide_parameters=True, **pool)
+            self.engine = create_async_engine(url, connect_args={"timeout": 30}, hide_parameters=True,
+                                              json_serializer=json_column_text, **pool)
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
             self.sync_engine = create_engine(url.replace("sqlite+aiosqlite", "sqlite+pysqlite"), hide_parameters=True,
+                                             json_serializer=json_column_text,
                                              connect_args={"timeout": 30, "check_same_thread": False})
             event.listen(self.sync_engine, "connect",
                          _sqlite_writer_connect if sync_every_commit else _sqlite_writer_connect_unsynced)
