@@ -136,6 +136,29 @@ def test_a_connection_that_sends_nothing_is_closed_silently_and_keep_alive_reque
     client.close()
 
 
+def test_a_keep_alive_connection_is_closed_the_bound_after_its_last_answer_and_pipelined_requests_are_answered(
+        serving):
+    """Requests 0.3 s apart outlast the first bound of 0.5 s (each answer starts it again); the connection is
+    then closed 0.5 s after the last answer, silently. Two requests sent at once both get their answer."""
+    server = serving({"PLUNKD_SERVER_HEADER_TIMEOUT_SECONDS": "0.5"})
+    request = b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    with connect(server.http_port) as sock:
+        for _ in range(4):
+            sock.sendall(request)
+            answer = b""
+            while b'"success":true' not in answer:
+                chunk = sock.recv(65536)
+                assert chunk, f"closed while answering; received {answer!r}"
+                answer += chunk
+            answered = time.monotonic()
+            time.sleep(0.3)
+        sock.sendall(request * 2)
+        rest = reply_then_close(sock)
+        closed = time.monotonic()
+    assert rest.count(b"HTTP/1.1 200 OK") == 2, rest
+    assert 0.4 < closed - answered - 0.3 < 2.5, closed - answered
+
+
 def test_over_the_caps_per_address_and_in_total_get_503_while_others_and_smtp_are_served(serving):
     server = serving({"PLUNKD_SERVER_MAX_CONNECTIONS": "20", "PLUNKD_SERVER_MAX_CONNECTIONS_PER_IP": "5",
                       "PLUNKD_SERVER_HEADER_TIMEOUT_SECONDS": "30"})
