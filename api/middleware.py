@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-import uuid
 
 from aiohttp import web
 
@@ -13,6 +12,7 @@ from api.envelope import Reply, encode_json, enveloped, failure, legacy
 from api.errors import BadRequest, MethodNotAllowed, PayloadTooLarge, RateLimited
 from api.routing import CORS_ORIGIN, DIALECT, cors_headers
 from core.metrics import HTTP_DURATION
+from core.randomness import uuid4_text
 from core.redaction import LOGGED_PATH
 from pipeline.errors import NotFound, PipelineError
 
@@ -33,7 +33,7 @@ class InternalError(PipelineError):
 @web.middleware
 async def envelope_middleware(request: web.Request, handler) -> web.StreamResponse:
     incoming = request.headers.get("X-Request-Id", "")
-    rid = incoming if _SAFE_REQUEST_ID.fullmatch(incoming) else str(uuid.uuid4())
+    rid = incoming if _SAFE_REQUEST_ID.fullmatch(incoming) else uuid4_text()
     request[REQUEST_ID] = rid
     started = time.perf_counter()
     try:

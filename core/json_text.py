@@ -41,7 +41,8 @@ def compact_json(value: Any) -> bytes:
 
 def json_column_text(value: Any) -> str:
     """What a JSON column stores (the engines' `json_serializer`): orjson's compact text, or `json.dumps`'s
-    for a value orjson refuses. Either reads back as the same value."""
+    for a value orjson refuses. Either reads back as the same value, but NaN and ±Infinity, which no JSON can
+    carry, are stored as null (PostgreSQL refuses the standard library's NaN)."""
     try:
         return orjson.dumps(value).decode()
     except orjson.JSONEncodeError:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import uuid
 from pathlib import Path
 
 import aiosmtplib
@@ -17,6 +16,7 @@ import aiosmtplib
 from core.config import Config, SmarthostConfig
 from core.connections import verifying_tls_context
 from core.files import PRIVATE_FILE, private_dir
+from core.randomness import random_hex
 from delivery.result import SendResult, Transport
 
 
@@ -32,7 +32,7 @@ class FileTransport:
 
     async def send(self, sender: str, recipients: list[str], message: bytes,
                    envelope_sender: str | None = None) -> SendResult:
-        transport_id = f"file-{uuid.uuid4().hex}"
+        transport_id = f"file-{random_hex(16)}"
         if envelope_sender is not None:
             message = b"Return-Path: <" + envelope_sender.encode("utf-8") + b">\r\n" + message
         await asyncio.to_thread(self._write, transport_id, message)

@@ -7,7 +7,6 @@ import binascii
 import html
 import json
 import re
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from email.header import Header
@@ -16,6 +15,7 @@ from html.parser import HTMLParser
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
+from core.randomness import random_hex
 from pipeline.errors import FieldError, ValidationFailed
 from pipeline.links import LinkSigner
 from pipeline.marketing.layout import plunk_layout
@@ -399,7 +399,7 @@ def _attachment_part(item: Attachment) -> bytes:
 
 
 def _multipart(subtype: str, parts: list[bytes]) -> bytes:
-    boundary = f"=_plunkd_{uuid.uuid4().hex}"
+    boundary = f"=_plunkd_{random_hex(16)}"
     out = [f'Content-Type: multipart/{subtype}; boundary="{boundary}"\r\n\r\n'.encode()]
     for part in parts:
         out.append(f"--{boundary}\r\n".encode() + part)
