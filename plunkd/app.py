@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import signal
@@ -30,10 +29,10 @@ from plunkd.processes import (
     WAKE_FD_ENV,
     Acceptors,
     Handover,
+    PipeWaker,
     WakePipe,
     supervise,
     supervise_dispatcher,
-    wake_through,
     watch_parent,
 )
 from storage.db import Database
@@ -205,7 +204,7 @@ async def handed_over_ctx(app: web.Application, handover: Handover) -> AsyncIter
     """An acceptor child: queued mail wakes the dispatcher through the main process's pipe; the main
     process gone (end-of-file on the lifeline), this one stops as on SIGTERM."""
     if handover.wake_fd is not None:
-        app[ON_QUEUED].append(functools.partial(wake_through, handover.wake_fd))
+        app[ON_QUEUED].append(PipeWaker(handover.wake_fd))
     watch_parent(handover.lifeline_fd, lambda: None, lambda: os.kill(os.getpid(), signal.SIGTERM))
     yield
 

@@ -55,15 +55,33 @@ def wake_through(fd: int) -> None:
         os.write(fd, b"\x01")
 
 
+class PipeWaker:
+    """Wakes whoever reads a wake pipe, once for all the wake-ups of one turn of the event loop: a batch's
+    commit answers its many messages in one turn, and each used to write its own byte (a system call, which
+    also lets another thread take the GIL). The byte is written at the start of the next turn. Called from the
+    event loop only."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._due = False
+
+    def __call__(self) -> None:
+        if not self._due:
+            self._due = True
+            asyncio.get_running_loop().call_soon(self._write)
+
+    def _write(self) -> None:
+        self._due = False
+        wake_through(self.fd)
+
+
 class WakePipe:
     """The parent's end: `notify()` never blocks."""
 
     def __init__(self) -> None:
         self.read_fd, self.write_fd = os.pipe()
         os.set_blocking(self.write_fd, False)
-
-    def notify(self) -> None:
-        wake_through(self.write_fd)
+        self.notify = PipeWaker(self.write_fd)
 
     def close(self) -> None:
         for fd in (self.read_fd, self.write_fd):

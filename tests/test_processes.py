@@ -3,6 +3,7 @@ wakes and restarts; the child stops when the parent is gone. Real processes, a r
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from plunkd.processes import parse_roles
+from plunkd.processes import WakePipe, parse_roles
 from tests.servers import api_up, children, served_plunkd
 from tests.test_cli_and_config import plunkd, project_with_domain
 
@@ -121,3 +122,22 @@ def test_unknown_roles_are_refused_naming_them(text, tmp_path):
         parse_roles(text)
     done = plunkd(tmp_path, "serve", "--role", text or ",")
     assert done.returncode == 1 and done.stderr.startswith("plunkd: --role: expected")
+
+
+async def test_the_wake_ups_of_one_turn_of_the_loop_write_one_byte_and_a_later_one_another():
+    """A batch's commit answers many messages in one turn: the dispatcher gets one byte for all of them, and
+    a message queued in a later turn wakes it again (a real pipe)."""
+    pipe = WakePipe()
+    try:
+        os.set_blocking(pipe.read_fd, False)
+        for _ in range(50):
+            pipe.notify()
+        with pytest.raises(BlockingIOError):
+            os.read(pipe.read_fd, 100)  # nothing written yet: the byte goes out at the next turn
+        await asyncio.sleep(0)
+        assert os.read(pipe.read_fd, 100) == b"\x01"
+        pipe.notify()
+        await asyncio.sleep(0)
+        assert os.read(pipe.read_fd, 100) == b"\x01"
+    finally:
+        pipe.close()
