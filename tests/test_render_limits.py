@@ -26,7 +26,15 @@ from delivery.bucket import TokenBucket
 from delivery.dispatcher import Dispatcher
 from delivery.transports import FileTransport
 from marketing.fanout import CampaignFanOut
-from pipeline.compose import MAX_RENDERED_HEADER, MessageSpec, MessageTooLarge, RenderOverflow, Template, render
+from pipeline.compose import (
+    MAX_RENDERED_HEADER,
+    SHARED_TEMPLATE_CHARS,
+    MessageSpec,
+    MessageTooLarge,
+    RenderOverflow,
+    Template,
+    render,
+)
 from pipeline.deferred import DeferredComposer
 from storage import emails as email_store
 from storage.models import Contact, Content, OutboxItem
@@ -409,3 +417,16 @@ async def test_nested_data_renders_in_a_send(api, sender, tmp_path):
     [message] = delivered(tmp_path / "out").values()
     assert message["Subject"] == "deep first"
     assert "<p>&lt;pro&gt; [&quot;a&quot;, &quot;b&quot;] 1</p>" in message.get_body(("html",)).get_content()
+
+
+def test_a_repeated_template_text_is_parsed_once_per_process_and_a_long_one_is_not_kept():
+    """Two sends with the same subject share its parsed form (and render it for each recipient alike); a
+    text over SHARED_TEMPLATE_CHARS is parsed for its send alone, so the shared cache stays small."""
+    first = MessageSpec("a@example.com", "A", "Your receipt {{name ?? friend}}", "<p>1</p>")
+    second = MessageSpec("a@example.com", "A", "Your receipt {{name ?? friend}}", "<p>2</p>")
+    assert first.template(first.subject) is second.template(second.subject)
+    assert second.template(second.subject).render({"name": "Ada"}) == "Your receipt Ada"
+    assert first.template(first.subject).render({}) == "Your receipt friend"
+    long_body = "{{name}} " + "x" * SHARED_TEMPLATE_CHARS
+    assert MessageSpec("a@example.com", "A", "s", long_body).template(long_body) is not \
+        MessageSpec("a@example.com", "A", "s", long_body).template(long_body)
