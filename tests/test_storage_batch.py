@@ -5,11 +5,15 @@ the event-loop (light) and the writer-thread path."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
+import time
 
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, select, text
+from sqlalchemy.exc import OperationalError
 
+import storage.db
 from pipeline.domains import UnverifiedSender, add_domain, save_check
 from pipeline.projects import create_project
 from pipeline.submit import Submission, submit
@@ -134,6 +138,40 @@ async def test_stopping_while_a_write_waits_for_the_writer_thread_ends_the_write
     await asyncio.wait_for(db.dispose(), 5)
     with pytest.raises(RuntimeError, match="the server is shutting down"):
         await writing
+
+
+async def test_a_writer_takes_the_lock_as_soon_as_another_process_lets_it_go_and_fails_at_the_deadline(
+        tmp_path, monkeypatch):
+    """Another process's write transaction (here a plain sqlite3 connection) holds SQLite's write lock for 0.35 s:
+    a write waiting for it commits within a few milliseconds of its release (SQLite's busy handler, sleeping up
+    to 100 ms between tries, took it 78 ms late). Held past the wait's deadline, the write fails with SQLite's
+    "database is locked". SQLite only."""
+    path = tmp_path / "locked.sqlite3"
+    db = Database(f"sqlite+aiosqlite:///{path}")
+    await db.migrate()
+    await db.write(lambda session: session.execute(text("SELECT 1")))  # the writer's connection is open
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        released = []
+        timer = threading.Timer(0.35, lambda: (other.execute("ROLLBACK"), released.append(time.monotonic())))
+        timer.start()
+        await db.write(lambda session: session.execute(text("CREATE TABLE written_after (id INTEGER)")))
+        done = time.monotonic()
+        timer.join()
+        assert released and 0 <= done - released[0] < 0.04, done - released[0]
+
+        monkeypatch.setattr(storage.db, "WRITE_LOCK_WAIT_SECONDS", 0.2)
+        other.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        with pytest.raises(OperationalError, match="database is locked"):
+            await db.write(lambda session: session.execute(text("SELECT 1")))
+        assert 0.2 <= time.monotonic() - started < 2
+        other.execute("ROLLBACK")
+        await db.write(lambda session: None)
+    finally:
+        other.close()
+        await db.dispose()
 
 
 async def test_a_write_that_comes_while_a_bulk_write_waits_runs_first(tmp_path):
