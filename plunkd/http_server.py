@@ -13,7 +13,6 @@ connection slot either."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from http import HTTPStatus
 from typing import Any
 
@@ -23,6 +22,7 @@ from aiohttp.web_protocol import RequestHandler
 from api.envelope import failure
 from api.errors import RequestTimeout, TooManyConnections
 from core.connections import LISTEN_BACKLOG, SessionLimiter, peer_address, url_host
+from core.randomness import uuid4_text
 from pipeline.errors import PipelineError
 
 OVER_THE_CAPS = TooManyConnections("Too many connections", "Retry in a second, over fewer connections.")
@@ -37,7 +37,7 @@ and our FIN, so that a client still sending is not reset before it has read the 
 def raw_failure(error: PipelineError) -> bytes:
     """A whole HTTP/1.1 response (the envelope, `Connection: close`) for a connection that is closed
     outside aiohttp's request cycle."""
-    request_id = str(uuid.uuid4())
+    request_id = uuid4_text()
     body = failure(error, request_id).body
     assert isinstance(body, bytes)
     retry = "Retry-After: 1\r\n" if error.status == 503 else ""

@@ -31,7 +31,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.expression import false, text
 from sqlalchemy.types import TypeDecorator
 
-from core.randomness import random_bytes
+from core.randomness import random_bytes, uuid_text
 from storage.secrets import WEBHOOK_SECRET_SQLITE_TYPE, EncryptedText
 
 
@@ -95,9 +95,7 @@ def new_id() -> str:
         stamp = max((time.time_ns() // 1_000_000) << 12, _last_stamp + 1)
         _last_stamp = stamp
     rand = int.from_bytes(random_bytes(8), "big") & ((1 << 62) - 1)
-    value = ((stamp >> 12) << 80) | (0x7 << 76) | ((stamp & 0xFFF) << 64) | (0b10 << 62) | rand
-    digits = f"{value:032x}"  # uuid.UUID(int=value)'s text, at a third of its cost (bulk writes make many)
-    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+    return uuid_text(((stamp >> 12) << 80) | (0x7 << 76) | ((stamp & 0xFFF) << 64) | (0b10 << 62) | rand)
 
 
 def utcnow() -> datetime:

@@ -13,7 +13,6 @@ is tens of bytes. The content row itself goes with the last email row that point
 
 from __future__ import annotations
 
-import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
@@ -21,6 +20,7 @@ from typing import NamedTuple
 from sqlalchemy import ColumnElement, Connection, Engine, delete, func, select, update
 from sqlalchemy.orm import Session
 
+from core.randomness import uuid_text
 from storage.models import Content, Email, OutboxItem
 
 _CONTENT = Content.__table__
@@ -34,7 +34,7 @@ def id_bound(moment: datetime) -> str:
     """The smallest id `new_id` can give at `moment` (UUIDv7: time, then counter, then randomness):
     the id of every row created before `moment` sorts below it."""
     millis = int(moment.timestamp() * 1000)
-    return str(uuid.UUID(int=(millis << 80) | (0x7 << 76) | (0b10 << 62)))
+    return uuid_text((millis << 80) | (0x7 << 76) | (0b10 << 62))
 
 
 def _content_queued(content_id: ColumnElement[str]) -> ColumnElement[bool]:
