@@ -29,6 +29,9 @@ from sqlalchemy.orm import Session
 from core.json_text import json_column_text
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+BUSY_TIMEOUT_SECONDS = 30
+"""How long a SQLite connection waits for another's lock before its statement fails: in SQLite's busy handler,
+and for a writer's write lock in `_sqlite_begin_immediate`."""
 ACCEPTING_CHECKPOINT_PAGES = 8192
 """WAL pages (4 KiB) after which a commit of the accepting writer copies the WAL into the database file (and
 syncs it) before its callers get their replies. SQLite's 1,000 made that every 4 MB, forty 100 KB messages;
@@ -57,12 +60,12 @@ class Database:
             # Read connections (each an aiosqlite thread with its PRAGMAs): keep pool_size of them, as on
             # PostgreSQL; SQLAlchemy's default keeps 5 and opens and closes one per read beyond that.
             pool = {"pool_size": pool_size, "max_overflow": pool_size} if path and path != ":memory:" else {}
-            self.engine = create_async_engine(url, connect_args={"timeout": 30}, hide_parameters=True,
+            self.engine = create_async_engine(url, connect_args={"timeout": BUSY_TIMEOUT_SECONDS}, hide_parameters=True,
                                               json_serializer=json_column_text, **pool)
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
             self.sync_engine = create_engine(url.replace("sqlite+aiosqlite", "sqlite+pysqlite"), hide_parameters=True,
                                              json_serializer=json_column_text,
-                                             connect_args={"timeout": 30, "check_same_thread": False})
+                                             connect_args={"timeout": BUSY_TIMEOUT_SECONDS, "check_same_thread": False})
             event.listen(self.sync_engine, "connect",
                          _sqlite_writer_connect if sync_every_commit else _sqlite_writer_connect_unsynced)
             event.listen(self.sync_engine, "begin", _sqlite_begin_immediate)
@@ -117,7 +120,7 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_SECONDS * 1000}")
     cursor.close()
 
 
@@ -138,9 +141,6 @@ def _sqlite_writer_connect_unsynced(dbapi_connection, record) -> None:
     dbapi_connection.isolation_level = None
 
 
-WRITE_LOCK_WAIT_SECONDS = 30.0
-"""How long a writer waits for another process's write transaction before its own fails (SQLite's busy timeout
-elsewhere)."""
 WRITE_LOCK_POLL_SECONDS = (0.001, 0.005)
 """Between tries for the write lock: the first, and after `WRITE_LOCK_PATIENT_SECONDS` of waiting (a long
 transaction elsewhere, such as a VACUUM: the waiting thread then tries 200 times a second, not 1,000). Trying
@@ -157,7 +157,7 @@ def _sqlite_begin_immediate(conn) -> None:
     fan-out the dispatcher's claims and outcomes take it hundreds of times a second."""
     driver = conn.connection.driver_connection
     started = time.monotonic()
-    while (waited := time.monotonic() - started) < WRITE_LOCK_WAIT_SECONDS:
+    while (waited := time.monotonic() - started) < BUSY_TIMEOUT_SECONDS:
         try:
             driver.execute("BEGIN IMMEDIATE")
             return

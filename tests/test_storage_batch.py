@@ -161,7 +161,7 @@ async def test_a_writer_takes_the_lock_as_soon_as_another_process_lets_it_go_and
         timer.join()
         assert released and 0 <= done - released[0] < 0.04, done - released[0]
 
-        monkeypatch.setattr(storage.db, "WRITE_LOCK_WAIT_SECONDS", 0.2)
+        monkeypatch.setattr(storage.db, "BUSY_TIMEOUT_SECONDS", 0.2)
         other.execute("BEGIN IMMEDIATE")
         started = time.monotonic()
         with pytest.raises(OperationalError, match="database is locked"):
