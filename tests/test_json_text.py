@@ -19,8 +19,15 @@ hostile_text = st.text(st.characters(codec=None, exclude_categories=()), max_siz
     ["\x00", "\ud800", "a\udfffb", "\ud83d\ude00", "é", "\u2028", "\\u0000"])
 scalars = (st.none() | st.booleans() | st.integers() | st.integers(min_value=2**63 - 3, max_value=2**70)
            | st.floats(allow_nan=True, allow_infinity=True) | hostile_text)
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(hostile_text, inner, max_size=4), max_leaves=30)
+
+
+def values_of(leaves: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """JSON values: `leaves` in lists and objects (hostile keys), nested."""
+    return st.recursive(leaves, lambda inner: st.lists(inner, max_size=4)
+                        | st.dictionaries(hostile_text, inner, max_size=4), max_leaves=30)
+
+
+json_values = values_of(scalars)
 
 
 def nested(depth: int) -> Any:
@@ -70,24 +77,22 @@ def test_what_orjson_would_misread_or_refuses_is_read_by_the_standard_library():
     assert plainly_storable(b'{"email":"a@b.c","data":{"n":[1,2]}}', True)
 
 
-finite_values = st.recursive(scalars.filter(lambda v: not isinstance(v, float) or math.isfinite(v)),
-                             lambda inner: st.lists(inner, max_size=4)
-                             | st.dictionaries(hostile_text, inner, max_size=4), max_leaves=30)
+finite_values = values_of(scalars.filter(lambda v: not isinstance(v, float) or math.isfinite(v)))
 
 
 @settings(max_examples=300, deadline=timedelta(seconds=2))
 @given(finite_values)
 def test_a_json_column_reads_back_the_value_the_standard_library_would(value):
-    """(Including its quirk: two surrogate code points in a row read back as the one character they pair to.)
-    NaN and ±Infinity, which no JSON can carry (PostgreSQL refuses the standard library's spelling of them),
-    are stored as null."""
+    """(Including its quirk: two surrogate code points in a row read back as the one character they pair to.)"""
     assert same(json.loads(json_column_text(value)), json.loads(json.dumps(value)))
+
+
+def test_a_json_column_stores_nan_and_infinity_as_null():
+    """No JSON can carry them (PostgreSQL refuses the standard library's spelling of them)."""
     assert json.loads(json_column_text({"a": [math.inf, -math.inf, math.nan]})) == {"a": [None, None, None]}
 
 
-exact_values = st.recursive(st.none() | st.booleans() | st.integers() | hostile_text,
-                            lambda inner: st.lists(inner, max_size=4)
-                            | st.dictionaries(hostile_text, inner, max_size=4), max_leaves=30)
+exact_values = values_of(st.none() | st.booleans() | st.integers() | hostile_text)
 
 
 @settings(max_examples=300, deadline=timedelta(seconds=2))
