@@ -126,8 +126,7 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 def _sqlite_writer_connect(dbapi_connection, record) -> None:
     """The writer syncs the WAL at every commit (synchronous=FULL): an accepted email survives a power
-    cut, not only a crash, and group commit spreads that one fsync over the batch. SQLAlchemy, not
-    pysqlite, emits BEGIN, so SAVEPOINTs work (SQLAlchemy's pysqlite recipe)."""
+    cut, not only a crash, and group commit spreads that one fsync over the batch."""
     _sqlite_writer_connect_unsynced(dbapi_connection, record)
     dbapi_connection.execute("PRAGMA synchronous=FULL")
     dbapi_connection.execute(f"PRAGMA wal_autocheckpoint={ACCEPTING_CHECKPOINT_PAGES}")
@@ -135,7 +134,8 @@ def _sqlite_writer_connect(dbapi_connection, record) -> None:
 
 def _sqlite_writer_connect_unsynced(dbapi_connection, record) -> None:
     """A writer waits for the write lock in `_sqlite_begin_immediate`, not in SQLite's busy handler (in WAL mode
-    the lock is all its statements wait for: every transaction takes it at BEGIN)."""
+    the lock is all its statements wait for: every transaction takes it at BEGIN). SQLAlchemy, not pysqlite,
+    emits BEGIN, so SAVEPOINTs work (SQLAlchemy's pysqlite recipe)."""
     _sqlite_pragmas(dbapi_connection, record)
     dbapi_connection.execute("PRAGMA busy_timeout=0")
     dbapi_connection.isolation_level = None
