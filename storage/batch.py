@@ -95,11 +95,19 @@ def _table_rank(statement: Insert | Update) -> int:
 def flush_pending(session: Session) -> None:
     """Write the rows queued by `write_at_commit` now (before a statement that reads them)."""
     pending = session.info.pop(_PENDING, None)
-    if pending:
-        for statement, rows in sorted(pending.items(), key=lambda item: _table_rank(item[0])):
-            if statement in _ROW_ORDER:
-                rows.sort(key=_ROW_ORDER[statement])
-            fastpath.execute_many(session, statement, rows)
+    if not pending:
+        return
+    together: list[tuple[Insert, list[dict[str, Any]]]] = []
+    for statement, rows in sorted(pending.items(), key=lambda item: _table_rank(item[0])):
+        if statement in _ROW_ORDER:
+            rows.sort(key=_ROW_ORDER[statement])
+        if type(statement) is Insert and all(row.keys() == rows[0].keys() for row in rows):
+            together.append((statement, rows))  # a plain INSERT: written with its neighbours (fastpath)
+            continue
+        fastpath.insert_together(session, together)
+        together = []
+        fastpath.execute_many(session, statement, rows)
+    fastpath.insert_together(session, together)
 
 
 def discard_pending(session: Session) -> None:

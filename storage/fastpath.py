@@ -19,10 +19,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import exc, util
+from sqlalchemy import ARRAY, JSON, Insert, Text, bindparam, exc, func, select, util
+from sqlalchemy import cast as sql_cast
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
-from sqlalchemy.sql import ClauseElement, Executable
+from sqlalchemy.sql import ClauseElement, ColumnElement, Executable
 from sqlalchemy.sql.compiler import SQLCompiler
 
 
@@ -154,3 +155,78 @@ def fetch(session: Session, statement: Executable, params: dict[str, Any]) -> li
     result = prepared.result
     return [tuple(value if process is None else process(value) for value, process in zip(row, result, strict=True))
             for row in rows]
+
+
+_ROW_DEFAULTS: dict[Insert, tuple[tuple[str, Callable[[], Any]], ...]] = {}
+
+
+def _row_defaults(statement: Insert) -> tuple[tuple[str, Callable[[], Any]], ...]:
+    """(name, value maker) of each column of the table whose default SQLAlchemy computes in Python."""
+    found = _ROW_DEFAULTS.get(statement)
+    if found is None:
+        found = _ROW_DEFAULTS[statement] = tuple(
+            (column.key, maker) for column in statement.table.columns
+            if (maker := _default_maker(column.default)) is not None)
+    return found
+
+
+Shape = tuple[tuple[Insert, tuple[str, ...]], ...]
+"""The INSERTs of one `insert_together` call, each with the columns its rows give."""
+_TOGETHER: dict[tuple[str, Shape], tuple[Insert, tuple[tuple[Callable[[Any], Any] | None, ...], ...]]] = {}
+
+
+def _unnested(statement: Insert, names: tuple[str, ...], tag: str, dialect: Any
+              ) -> tuple[Insert, tuple[Callable[[Any], Any] | None, ...]]:
+    """`statement` as an INSERT … SELECT of one array parameter per column (`{tag}{column}`), unnested in step
+    (all its rows in one statement), and what to apply to each value of a column before it goes into its array.
+    A JSON value may itself be a list or an object, which an array parameter would take for a dimension of
+    its own: such a column's values go as their JSON text (the column type's own bind processor, as a row
+    of `execute_many` would) and are cast back."""
+    columns = statement.table.columns
+    selected: list[ColumnElement[Any]] = []
+    processors: list[Callable[[Any], Any] | None] = []
+    for name in names:
+        column_type = columns[name].type
+        if isinstance(column_type, JSON):
+            selected.append(sql_cast(func.unnest(bindparam(f"{tag}{name}", type_=ARRAY(Text))), column_type))
+            processors.append(column_type.dialect_impl(dialect).bind_processor(dialect))
+        else:
+            selected.append(func.unnest(bindparam(f"{tag}{name}", type_=ARRAY(column_type))))
+            processors.append(None)
+    return statement.from_select(list(names), select(*selected), include_defaults=False), tuple(processors)
+
+
+def _together(dialect: Any, shape: Shape) -> tuple[Insert, tuple[tuple[Callable[[Any], Any] | None, ...], ...]]:
+    key = (dialect.name, shape)
+    if key not in _TOGETHER:
+        steps = [_unnested(statement, names, f"t{index}_", dialect) for index, (statement, names) in enumerate(shape)]
+        combined = steps[-1][0].add_cte(*(step.cte(f"write_{index}") for index, (step, _) in enumerate(steps[:-1])))
+        _TOGETHER[key] = (combined, tuple(processors for _, processors in steps))
+    return _TOGETHER[key]
+
+
+def insert_together(session: Session, inserts: Sequence[tuple[Insert, Sequence[dict[str, Any]]]]) -> None:
+    """Run plain INSERTs (no ON CONFLICT, no RETURNING), each with its rows (all giving the same columns), in
+    this order. On PostgreSQL they are one statement, each INSERT a data-modifying WITH of the next, fed one
+    array per column: one round trip instead of one per table (a batch of sends writes contents, emails and
+    outbox rows), and one executor run per table instead of one per row. Foreign keys are checked at the
+    statement's end, so a row may reference a row of an earlier INSERT of the same call. Elsewhere: an
+    executemany each."""
+    connection = session.connection()
+    if connection.dialect.name != "postgresql" or len(inserts) < 2:
+        for statement, rows in inserts:
+            execute_many(session, statement, rows)
+        return
+    filled: list[list[list[Any]]] = []  # per INSERT, per column: its values
+    shape = []
+    for statement, rows in inserts:
+        defaults = [(name, make) for name, make in _row_defaults(statement) if name not in rows[0]]
+        shape.append((statement, (*rows[0], *(name for name, _ in defaults))))
+        filled.append([list(values) for values in zip(
+            *([*row.values(), *(make() for _, make in defaults)] for row in rows), strict=True)])
+    combined, processors = _together(connection.dialect, tuple(shape))
+    params = {}
+    for index, ((_, names), columns, processes) in enumerate(zip(shape, filled, processors, strict=True)):
+        for name, values, process in zip(names, columns, processes, strict=True):
+            params[f"t{index}_{name}"] = values if process is None else [process(value) for value in values]
+    execute(session, combined, params)

@@ -14,7 +14,7 @@ from sqlalchemy import bindparam, event, exc, func, select, text
 from pipeline.projects import create_project
 from pipeline.track import track
 from storage import fastpath
-from storage.models import Contact, new_id, utcnow
+from storage.models import Contact, Event, new_id, utcnow
 
 CONTACTS = Contact.__table__
 RAW_COLUMNS = "subscribed, data, created_at, updated_at"
@@ -45,6 +45,53 @@ async def test_a_row_inserted_by_the_fast_path_is_stored_as_sqlalchemy_stores_it
 
     fast_row, slow_row = await db.write(write, light=True)
     assert fast_row == slow_row
+
+
+@pytest.mark.parametrize("payloads", [
+    [{"name": "Zoë", "tags": ["a", None], "n": 1.5}, ["list", {"inside": [1, 2]}], {}, []],
+    [["one row", {"of": "a list"}]],
+    [[], []],
+], ids=["mixed", "one-list", "empty-lists"])
+async def test_inserts_written_together_store_what_sqlalchemy_stores(db, project_id, payloads):
+    """`insert_together` (on PostgreSQL one statement of unnested arrays) stores each row as SQLAlchemy's own
+    INSERT does: JSON that is an object, a list (which an array parameter would take for a dimension of its
+    own) or empty, times, booleans, and Python-side defaults of columns left out; an event may name a contact
+    inserted by the same call."""
+    moment = datetime(2026, 12, 4, 9, 30, 0, tzinfo=utcnow().tzinfo)
+    events = Event.__table__
+    event_columns = "contact_id, name, data"
+
+    def contact_row(contact_id: str, email: str, data: object) -> dict:
+        return {"id": contact_id, "project_id": project_id, "email": email, "subscribed": True, "data": data,
+                "created_at": moment, "updated_at": moment}
+
+    def event_row(event_id: str, contact_id: str, data: object) -> dict:
+        return {"id": event_id, "project_id": project_id, "contact_id": contact_id, "name": "ordered",
+                "data": data}
+
+    def write(session):
+        fast = [(new_id(), new_id()) for _ in payloads]
+        slow = [(new_id(), new_id()) for _ in payloads]
+        fastpath.insert_together(session, [
+            (CONTACTS.insert(), [contact_row(c, f"fast{i}@example.org", {"n": i})
+                                 for i, (c, _) in enumerate(fast)]),
+            (events.insert(), [event_row(e, c, data) for (c, e), data in zip(fast, payloads, strict=True)])])
+        for i, ((c, e), data) in enumerate(zip(slow, payloads, strict=True)):
+            session.connection().execute(CONTACTS.insert(), contact_row(c, f"slow{i}@example.org", {"n": i}))
+            session.connection().execute(events.insert(), event_row(e, c, data))
+
+        def stored(ids):
+            rows = [(c, raw_row(session, c), tuple(session.connection().exec_driver_sql(
+                f"SELECT {event_columns} FROM events WHERE id = '{e}'").one())) for c, e in ids]
+            return [(contact, (event[0] == c, *event[1:])) for c, contact, event in rows]
+
+        defaults = session.connection().exec_driver_sql(
+            f"SELECT count(*) FROM events WHERE id = '{fast[0][1]}' AND created_at IS NOT NULL")
+        return stored(fast), stored(slow), defaults.scalar_one()
+
+    fast_rows, slow_rows, with_created_at = await db.write(write, light=True)
+    assert fast_rows == slow_rows
+    assert with_created_at == 1, "created_at, left out, got its Python-side default"
 
 
 async def test_columns_left_out_get_their_python_defaults(db, project_id):

@@ -100,6 +100,40 @@ async def test_many_concurrent_callers_share_commits_and_all_land(db, project_id
     assert await db.read(count_rows, OutboxItem) == 200
 
 
+async def test_a_batch_writes_its_contents_emails_and_outbox_rows_in_one_statement_on_postgresql(db, project_id):
+    """The rows a batch of sends queues for commit reach PostgreSQL as one statement (a round trip, not one per
+    table: contents, then emails referencing them, then outbox rows referencing those), and SQLite as one
+    executemany per table; either way every row lands with the values queued."""
+    engine = db.sync_engine if db.sync_engine is not None else db.engine.sync_engine
+    inserts: list[str] = []
+
+    def record(_conn, _cursor, statement, *_args) -> None:
+        if statement.lstrip().startswith(("INSERT", "WITH")):
+            inserts.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        results = await submit_many(db, project_id, ["shop@shop.example"] * 10, light=True)
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert all(isinstance(r, list) for r in results), results
+    written = [s for s in inserts if "INSERT INTO contents" in s or "INSERT INTO outbox" in s]
+    if db.is_postgres:
+        assert len(written) <= 2, written  # the ten may take two batches
+        assert all("INSERT INTO contents" in s and "INSERT INTO emails" in s and "INSERT INTO outbox" in s
+                   for s in written), written
+    else:
+        assert 2 <= len(written) <= 4, written
+    emails = await db.read(lambda s: s.execute(select(Email.recipient, Email.status, Email.content_id)).all())
+    assert sorted(e.recipient for e in emails) == sorted(f"user{i}@example.org" for i in range(10))
+    assert {e.status for e in emails} == {"QUEUED"}
+    raws = await db.read(lambda s: s.execute(text("SELECT raw FROM contents")).scalars().all())
+    assert len(raws) == 10 and all(raw == MESSAGE for raw in raws)
+    outbox = await db.read(lambda s: s.execute(select(OutboxItem.email_id, OutboxItem.attempts)).all())
+    assert sorted(o.email_id for o in outbox) == sorted(r[0] for r in results)
+    assert {o.attempts for o in outbox} == {0}
+
+
 @pytest.mark.parametrize("light", [True, False])
 async def test_database_errors_never_carry_the_values_written(db, light, caplog):
     """Errors from a write are logged and may reach SMTP logs; the statement's values (message bytes,
