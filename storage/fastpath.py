@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import ARRAY, JSON, Insert, Text, bindparam, exc, func, select, util
+from sqlalchemy import ARRAY, JSON, Insert, Text, TypeDecorator, bindparam, exc, func, select, util
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
@@ -175,24 +175,35 @@ Shape = tuple[tuple[Insert, tuple[str, ...]], ...]
 _TOGETHER: dict[tuple[str, Shape], tuple[Insert, tuple[tuple[Callable[[Any], Any] | None, ...], ...]]] = {}
 
 
+class _ProcessedArray(TypeDecorator[list[Any]]):
+    """An array parameter whose items the caller has already put through their column type's bind processor:
+    rendered with the array's cast, not walked again (ARRAY's own processor walks every item in Python, looking
+    for nested dimensions)."""
+
+    impl = ARRAY
+    cache_ok = True
+
+    def bind_processor(self, dialect: Any) -> None:
+        return None
+
+
 def _unnested(statement: Insert, names: tuple[str, ...], tag: str, dialect: Any
               ) -> tuple[Insert, tuple[Callable[[Any], Any] | None, ...]]:
     """`statement` as an INSERT … SELECT of one array parameter per column (`{tag}{column}`), unnested in step
-    (all its rows in one statement), and what to apply to each value of a column before it goes into its array.
-    A JSON value may itself be a list or an object, which an array parameter would take for a dimension of
-    its own: such a column's values go as their JSON text (the column type's own bind processor, as a row
-    of `execute_many` would) and are cast back."""
+    (all its rows in one statement), and what to apply to each value of a column before it goes into its array:
+    the column type's own bind processor, as for a row of `execute_many`. A JSON value may itself be a list or
+    an object, which an array would take for a dimension of its own: a JSON column's values go as their JSON
+    text and are cast back."""
     columns = statement.table.columns
     selected: list[ColumnElement[Any]] = []
     processors: list[Callable[[Any], Any] | None] = []
     for name in names:
         column_type = columns[name].type
+        processors.append(column_type.dialect_impl(dialect).bind_processor(dialect))
         if isinstance(column_type, JSON):
-            selected.append(sql_cast(func.unnest(bindparam(f"{tag}{name}", type_=ARRAY(Text))), column_type))
-            processors.append(column_type.dialect_impl(dialect).bind_processor(dialect))
+            selected.append(sql_cast(func.unnest(bindparam(f"{tag}{name}", type_=_ProcessedArray(Text))), column_type))
         else:
-            selected.append(func.unnest(bindparam(f"{tag}{name}", type_=ARRAY(column_type))))
-            processors.append(None)
+            selected.append(func.unnest(bindparam(f"{tag}{name}", type_=_ProcessedArray(column_type))))
     return statement.from_select(list(names), select(*selected), include_defaults=False), tuple(processors)
 
 
