@@ -231,10 +231,11 @@ def insert_together(session: Session, inserts: Sequence[tuple[Insert, Sequence[d
     filled: list[list[list[Any]]] = []  # per INSERT, per column: its values
     shape = []
     for statement, rows in inserts:
+        given = tuple(rows[0])
         defaults = [(name, make) for name, make in _row_defaults(statement) if name not in rows[0]]
-        shape.append((statement, (*rows[0], *(name for name, _ in defaults))))
+        shape.append((statement, (*given, *(name for name, _ in defaults))))
         filled.append([list(values) for values in zip(
-            *([*row.values(), *(make() for _, make in defaults)] for row in rows), strict=True)])
+            *([*(row[name] for name in given), *(make() for _, make in defaults)] for row in rows), strict=True)])
     combined, processors = _together(connection.dialect, tuple(shape))
     params = {}
     for index, ((_, names), columns, processes) in enumerate(zip(shape, filled, processors, strict=True)):

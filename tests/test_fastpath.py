@@ -65,9 +65,9 @@ async def test_inserts_written_together_store_what_sqlalchemy_stores(db, project
         return {"id": contact_id, "project_id": project_id, "email": email, "subscribed": True, "data": data,
                 "created_at": moment, "updated_at": moment}
 
-    def event_row(event_id: str, contact_id: str, data: object) -> dict:
-        return {"id": event_id, "project_id": project_id, "contact_id": contact_id, "name": "ordered",
-                "data": data}
+    def event_row(event_id: str, contact_id: str, data: object, keys_reversed: bool = False) -> dict:
+        row = {"id": event_id, "project_id": project_id, "contact_id": contact_id, "name": "ordered", "data": data}
+        return dict(reversed(row.items())) if keys_reversed else row
 
     def write(session):
         fast = [(new_id(), new_id()) for _ in payloads]
@@ -75,7 +75,8 @@ async def test_inserts_written_together_store_what_sqlalchemy_stores(db, project
         fastpath.insert_together(session, [
             (CONTACTS.insert(), [contact_row(c, f"fast{i}@example.org", {"n": i})
                                  for i, (c, _) in enumerate(fast)]),
-            (events.insert(), [event_row(e, c, data) for (c, e), data in zip(fast, payloads, strict=True)])])
+            (events.insert(), [event_row(e, c, data, keys_reversed=i % 2 == 1)  # the same keys in another order
+                               for i, ((c, e), data) in enumerate(zip(fast, payloads, strict=True))])])
         for i, ((c, e), data) in enumerate(zip(slow, payloads, strict=True)):
             session.connection().execute(CONTACTS.insert(), contact_row(c, f"slow{i}@example.org", {"n": i}))
             session.connection().execute(events.insert(), event_row(e, c, data))
