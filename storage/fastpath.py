@@ -157,19 +157,6 @@ def fetch(session: Session, statement: Executable, params: dict[str, Any]) -> li
             for row in rows]
 
 
-_ROW_DEFAULTS: dict[Insert, tuple[tuple[str, Callable[[], Any]], ...]] = {}
-
-
-def _row_defaults(statement: Insert) -> tuple[tuple[str, Callable[[], Any]], ...]:
-    """(name, value maker) of each column of the table whose default SQLAlchemy computes in Python."""
-    found = _ROW_DEFAULTS.get(statement)
-    if found is None:
-        found = _ROW_DEFAULTS[statement] = tuple(
-            (column.key, maker) for column in statement.table.columns
-            if (maker := _default_maker(column.default)) is not None)
-    return found
-
-
 Shape = tuple[tuple[Insert, tuple[str, ...]], ...]
 """The INSERTs of one `insert_together` call, each with the columns its rows give."""
 _TOGETHER: dict[tuple[str, Shape], tuple[Insert, tuple[tuple[Callable[[Any], Any] | None, ...], ...]]] = {}
@@ -224,18 +211,20 @@ def insert_together(session: Session, inserts: Sequence[tuple[Insert, Sequence[d
     statement's end, so a row may reference a row of an earlier INSERT of the same call. Elsewhere: an
     executemany each."""
     connection = session.connection()
-    if connection.dialect.name != "postgresql" or len(inserts) < 2:
+    compiled = [_prepared(session, statement, tuple(rows[0]))[1] for statement, rows in inserts]
+    if connection.dialect.name != "postgresql" or len(inserts) < 2 or None in compiled:
         for statement, rows in inserts:
             execute_many(session, statement, rows)
         return
     filled: list[list[list[Any]]] = []  # per INSERT, per column: its values
     shape = []
-    for statement, rows in inserts:
-        given = tuple(rows[0])
-        defaults = [(name, make) for name, make in _row_defaults(statement) if name not in rows[0]]
-        shape.append((statement, (*given, *(name for name, _ in defaults))))
+    for (statement, rows), prepared in zip(inserts, compiled, strict=True):
+        assert prepared is not None
+        given = tuple(rows[0])  # the columns left out get the Python-side defaults `execute_many` would give them
+        shape.append((statement, (*given, *(name for name, _ in prepared.defaults))))
         filled.append([list(values) for values in zip(
-            *([*(row[name] for name in given), *(make() for _, make in defaults)] for row in rows), strict=True)])
+            *([*(row[name] for name in given), *(make() for _, make in prepared.defaults)] for row in rows),
+            strict=True)])
     combined, processors = _together(connection.dialect, tuple(shape))
     params = {}
     for index, ((_, names), columns, processes) in enumerate(zip(shape, filled, processors, strict=True)):
