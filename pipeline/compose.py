@@ -12,11 +12,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from email.header import Header
 from email.utils import formataddr
-from html.parser import HTMLParser
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from core.randomness import random_hex
+from pipeline import html_tokens
 from pipeline.errors import FieldError, ValidationFailed
 from pipeline.links import LinkSigner
 from pipeline.marketing.layout import plunk_layout
@@ -287,43 +287,43 @@ def render(template: str, variables: dict[str, Any], escape: bool = False, limit
     return Template(template).render(variables, escape, limit)
 
 
-class _TextExtractor(HTMLParser):
-    BLOCKS = {"p", "div", "br", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "table"}
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self.skip = 0
-        self.href: str | None = None
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in ("style", "script", "head"):
-            self.skip += 1
-        elif tag in self.BLOCKS:
-            self.parts.append("\n")
-        elif tag == "a":
-            self.href = dict(attrs).get("href")
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in ("style", "script", "head"):
-            self.skip = max(0, self.skip - 1)
-        elif tag in self.BLOCKS:
-            self.parts.append("\n")
-        elif tag == "a" and self.href:
-            self.parts.append(f" ({self.href})")
-            self.href = None
-
-    def handle_data(self, data: str) -> None:
-        if not self.skip:
-            self.parts.append(data)
+_TEXT_BLOCKS = {"p", "div", "br", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "table"}
+"""Elements that start and end a line of the plain text."""
+_TEXT_HIDDEN = {"head", "script", "style"}
+"""Elements whose text is left out."""
+_SPACE_RUN = re.compile(r"[ \t]+")
+_BLANK_LINES = re.compile(r"\n{3,}")
 
 
 def html_to_text(markup: str) -> str:
-    parser = _TextExtractor()
-    parser.feed(markup)
-    parser.close()
-    lines = [re.sub(r"[ \t]+", " ", line).strip() for line in "".join(parser.parts).splitlines()]
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"
+    """The plain-text alternative of an HTML body: its text, a line per block, each link's target after its
+    text, nothing of the head, scripts or styles. Linear in the markup's length (`pipeline.html_tokens`)."""
+    parts: list[str] = []
+    hidden = 0
+    href: str | None = None
+    for token in html_tokens.TOKEN.finditer(markup):
+        text = token.group("text")
+        if text is not None:
+            if not hidden:
+                parts.append(html.unescape(text))
+            continue
+        name = token.group("name")
+        if name is None:  # a script or a style (hidden whole), a comment or a declaration
+            continue
+        name = name.lower()
+        closing = token.group("closing")
+        for is_end in (True,) if closing else (False, True) if token.group("attributes").endswith("/") else (False,):
+            if name in _TEXT_HIDDEN:
+                hidden = max(0, hidden - 1) if is_end else hidden + 1
+            elif name in _TEXT_BLOCKS:
+                parts.append("\n")
+            elif name == "a" and not is_end:
+                href = dict(html_tokens.attributes(token)).get("href")
+            elif name == "a" and href:
+                parts.append(f" ({href})")
+                href = None
+    lines = [line.strip() for line in _SPACE_RUN.sub(" ", "".join(parts)).splitlines()]
+    return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip() + "\n"
 
 
 def looks_like_html(body: str) -> bool:

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from pipeline.events import record_event
 from pipeline.links import LinkSigner, SignedTokens
-from pipeline.tracking.html import UnreadableHtml, track_html
+from pipeline.tracking.html import track_html
 from pipeline.tracking.mime import Untrackable, rewrite_html_parts
 from storage import tracking as store
 from storage.emails import Claimed
@@ -174,13 +174,7 @@ def track_message(raw: bytes, email_id: str, opens: bool, clicks: bool, signer: 
     def click_url(url: str) -> str | None:
         return signer.click_url(email_id, url)
 
-    def rewrite(markup: str) -> str:
-        try:
-            return track_html(markup, open_url, click_url if clicks else None)
-        except UnreadableHtml as exc:
-            raise Untrackable(f"the HTML part could not be tokenized: {exc}") from None
-
-    tracked, _ = rewrite_html_parts(raw, rewrite)
+    tracked, _ = rewrite_html_parts(raw, lambda markup: track_html(markup, open_url, click_url if clicks else None))
     return tracked
 
 
