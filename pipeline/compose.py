@@ -305,7 +305,7 @@ def html_to_text(markup: str) -> str:
         text = token.group("text")
         if text is not None:
             if not hidden:
-                parts.append(html.unescape(text))
+                parts.append(html_tokens.unescape(text))
             continue
         name = token.group("name")
         if name is None:  # a script or a style (hidden whole), a comment or a declaration

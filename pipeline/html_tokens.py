@@ -39,6 +39,25 @@ TOKEN = re.compile(rf"""
 _ATTRIBUTE = re.compile(r"""((?<=['"\s/])[^\s/>][^\s/=>]*)(\s*=+\s*('[^']*'|"[^"]*"|(?!['"])[^>\s]*))?(?:\s|/(?!>))*""")
 """An attribute of a start tag, as `html.parser` reads it (its `attrfind_tolerant`): name, `=value`, value."""
 _LEADING_SPACE = re.compile(r"(?:\s|/(?!>))*")
+_LONG_NUMERIC_REFERENCE = re.compile(r"&#(?:([xX])([0-9a-fA-F]{7,})|([0-9]{8,}))")
+"""A numeric character reference of more digits than any code point has (leading zeros count): `html.unescape`
+raises ValueError past Python's 4,300-digit limit on reading an integer."""
+
+
+def unescape(text: str) -> str:
+    """`html.unescape(text)`, also for a reference of thousands of digits (decoded as `html.unescape` decodes
+    any number past U+10FFFF: U+FFFD)."""
+    if "&#" in text:
+        text = _LONG_NUMERIC_REFERENCE.sub(_shortened_reference, text)
+    return html.unescape(text)
+
+
+def _shortened_reference(match: re.Match[str]) -> str:
+    hexadecimal, digits = (match.group(1), match.group(2)) if match.group(1) else ("", match.group(3))
+    significant = digits.lstrip("0") or "0"
+    if len(significant) > (6 if hexadecimal else 7):
+        significant = "110000" if hexadecimal else "1114112"  # U+110000, one past the last code point
+    return f"&#{hexadecimal}{significant}"
 
 
 def attribute_matches(token: re.Match[str]) -> Iterator[re.Match[str]]:
@@ -64,5 +83,5 @@ def attributes(token: re.Match[str]) -> list[tuple[str, str | None]]:
         value = match.group(3)
         if value is not None and value[:1] in ("'", '"') and value[:1] == value[-1:]:
             value = value[1:-1]
-        found.append((match.group(1).lower(), html.unescape(value) if value else value))
+        found.append((match.group(1).lower(), unescape(value) if value else value))
     return found

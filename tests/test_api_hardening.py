@@ -4,9 +4,12 @@ problem, nothing is stored, and replies stay valid JSON whatever the database al
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
+from pipeline.contact_data import UNSTORABLE, json_problems
+from pipeline.errors import FieldError
 from storage import events as event_store
 
 
@@ -58,6 +61,24 @@ async def test_data_over_the_configured_size_is_refused_naming_the_limit(api):
     status, reply = await api.call("POST", "/contacts", json={"email": "b@example.com", **{
         "data": payload["data"]}})
     assert status == 422 and reply["error"]["errors"][0]["code"] == "too_big"
+    await nothing_stored(api)
+
+
+async def test_a_long_key_over_a_long_list_is_walked_in_linear_time_and_refused_for_its_size(api):
+    """The walk for what no store can carry (an ignored field's NUL makes the body be walked) spelled every
+    child's path, a copy of the long key for each element of the list: 160 KB took 7 s and 3 GB of the API
+    process, a few hundred KB more could exhaust its memory. Now a 1.5 MB body is answered at once with the
+    data's size refusal, and NUL inside `data` still passes the walk while one outside it does not."""
+    key = "k" * 500_000
+    body = ('{"email": "a@example.com", "event": "e", "data": {"k": {"' + key + '": [' + ",".join(["0"] * 500_000)
+            + ']}}, "ignored": "\\u0000"}').encode()
+    started = time.monotonic()
+    status, reply = await raw_call(api, "POST", "/v1/track", body, key=api.pk)
+    assert time.monotonic() - started < 10.0
+    assert status == 422 and reply["error"]["errors"][0]["field"] == "data", reply
+    assert reply["error"]["errors"][0]["code"] == "too_big"
+    assert json_problems({"data": {key: ["a\x00b"] * 3}, "event": {"x": [1, "\x00"]}}) == [
+        FieldError("event.x.1", UNSTORABLE, "invalid_string")]
     await nothing_stored(api)
 
 

@@ -217,6 +217,15 @@ def test_links_in_comments_scripts_and_styles_are_left_alone():
     assert "<a href=/s>" in tracked and re.search(r'<img src="https://o"[^>]*></body></html>$', tracked)
 
 
+def test_a_reference_of_thousands_of_digits_decodes_as_any_number_past_unicode():
+    """`html.unescape` (and html.parser before) raised ValueError on it: Python reads no integer of over 4,300
+    digits. Past U+10FFFF a reference is U+FFFD; leading zeros are only zeros."""
+    huge, padded = "&#" + "9" * 5000 + ";", "&#" + "0" * 5000 + "65;"
+    assert html_to_text(f"<p>{huge} and {padded}</p>") == "\ufffd and A\n"
+    markup = f'<a href="https://x.example/{huge}{padded}">x</a>'
+    assert track_html(markup, None, lambda url: "https://r/" + url[-2:]) == '<a href="https://r/\ufffdA">x</a>'
+
+
 # --- hostile markup ---------------------------------------------------------------------------------------------
 
 HOSTILE_UNITS = ["<a '", "<!--", "<a<", '<a href="', "&#", "<![", "</a ", "<p", "<script>", "<style><", "<a \"'>",
@@ -248,8 +257,9 @@ def test_any_markup_is_read_without_failing_and_left_as_written_when_nothing_is_
 
 
 async def test_a_send_of_a_megabyte_of_hostile_html_answers_at_once_and_is_delivered_tracked(api, sender, tmp_path):
-    """The 1 MB body stalled the API process for hours (its event loop: `/health` waited too); `<![` made
-    html.parser raise. Both are answered at once and delivered with the pixel the send asked for."""
+    """The 1 MB body stalled the API process for hours (its event loop: `/health` waited too); `<![` and a
+    reference of 5,000 digits made html.parser raise (a 500). All are answered at once and delivered, tracked
+    as the send asked."""
     hostile = "<a '" * 250_000
     started = time.monotonic()
     sending = asyncio.create_task(api.call("POST", "/v1/send", json={
@@ -262,6 +272,9 @@ async def test_a_send_of_a_megabyte_of_hostile_html_answers_at_once_and_is_deliv
     status, reply = await api.call("POST", "/v1/send", json={
         "to": "bob@example.org", "subject": "s", "body": "<p>Hi <![ there</p>", "tracking": {"opens": True}})
     assert status == 200, reply
+    status, digits = await api.call("POST", "/v1/send", json={
+        "to": "cy@example.org", "subject": "s", "body": "<p>&#" + "9" * 5000 + ";</p>", "tracking": {"clicks": True}})
+    assert status == 200, digits
     assert time.monotonic() - started < 5.0
     folder = tmp_path / "out"
     await dispatch_all(tracking_dispatcher(api, folder))
@@ -273,3 +286,4 @@ async def test_a_send_of_a_megabyte_of_hostile_html_answers_at_once_and_is_deliv
     bob = messages["bob@example.org"][1]
     assert pixels(html_of(bob)) == [signer.open_url(reply["data"]["emails"][0]["email"])]
     assert bob.get_body(("plain",)).get_content().strip() == "Hi"  # `<![ there</p>`: a bogus comment, as in HTML
+    assert messages["cy@example.org"][1].get_body(("plain",)).get_content().strip() == "\ufffd"

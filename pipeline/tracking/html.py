@@ -54,7 +54,7 @@ def track_html(markup: str, open_url: str | None, click_url: Callable[[str], str
             if span is None:
                 continue
             start, end, raw_value = span
-            redirect = click_url(html.unescape(raw_value))
+            redirect = click_url(html_tokens.unescape(raw_value))
             if redirect is not None:
                 edits.append((start, end, f'"{html.escape(redirect, quote=True)}"'))
     if open_url is not None:
