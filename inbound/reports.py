@@ -4,7 +4,7 @@
 
 Bounded on hostile input: the message is already within `inbound.max_message_bytes`; only the top-level
 parts are looked at (at most `MAX_PARTS`), found with `bytes.find`; each header block read is cut at
-`MAX_HEADER_BYTES` and the Content-Type at `MAX_CONTENT_TYPE` characters before the email package parses its
+`MAX_HEADER_BYTES` and the Content-Type at `MAX_PARAMETER_FIELD` characters before the email package parses its
 parameters (its parameter splitter is quadratic in the number of quotes); at most `MAX_RECIPIENTS`
 per-recipient blocks are read. No regular expression runs over client bytes, so nothing can backtrack.
 """
@@ -16,9 +16,10 @@ from email.message import Message
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
+from pipeline.mime_bounds import MAX_PARAMETER_FIELD
+
 MAX_PARTS = 16
 MAX_HEADER_BYTES = 64 * 1024
-MAX_CONTENT_TYPE = 1000
 MAX_RECIPIENTS = 100
 MAX_VALUE = 2048
 """Characters kept of a field's value (a diagnostic, an address)."""
@@ -100,9 +101,9 @@ def _headers(block: bytes) -> Message:
 
 def _content_type(headers: Message) -> Message | None:
     """The Content-Type alone in a message of its own, for the email package's parameter parsing; None
-    when it is missing or longer than `MAX_CONTENT_TYPE`."""
+    when it is missing or longer than `MAX_PARAMETER_FIELD`."""
     value = headers.get("Content-Type")
-    if value is None or len(str(value)) > MAX_CONTENT_TYPE:
+    if value is None or len(str(value)) > MAX_PARAMETER_FIELD:
         return None
     holder = Message(policy=compat32)
     holder["Content-Type"] = " ".join(str(value).split())

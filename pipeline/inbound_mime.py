@@ -24,6 +24,7 @@ from typing import Any
 from pydantic_core import PydanticCustomError
 
 from pipeline.grammar import normalize_email
+from pipeline.mime_bounds import header_refusal, parameter_fields_problem
 
 MAX_PARTS = 100
 """MIME parts (multipart containers included) a message may have."""
@@ -76,6 +77,12 @@ def parse_message(raw: bytes, max_bytes: int, event_body_chars: int) -> ParsedMe
     """Parse `raw` within the bounds above, or raise `MessageRefused`."""
     if len(raw) > max_bytes:
         raise MessageRefused(f"552 5.3.4 Message too big for this server (at most {max_bytes} bytes)")
+    refusal = header_refusal(raw)
+    if refusal is not None:
+        raise MessageRefused(refusal)
+    problem = parameter_fields_problem(raw)
+    if problem is not None:
+        raise MessageRefused(f"552 5.3.4 Message header too big: {problem}")
     message = email.message_from_bytes(raw, policy=email.policy.compat32)
     leaves = _leaves(message)
     text = html = None

@@ -22,6 +22,7 @@ from pipeline.contacts import upsert_contact
 from pipeline.deferred import insert_spec
 from pipeline.domains import require_verified_sender
 from pipeline.errors import Conflict, FieldError, ValidationFailed
+from pipeline.mime_bounds import header_end
 from pipeline.tracking.links import Tracking, tracking_for
 from storage import emails as email_store
 from storage.contacts import ContactWork
@@ -81,15 +82,6 @@ class Queued:
     contact_id: str | None
     email: str
     email_id: str
-
-
-def header_end(raw: bytes) -> int:
-    """Where the header block ends (just after its last line break), or len(raw) if there is no body."""
-    end = raw.find(b"\r\n\r\n")
-    if end >= 0:
-        return end + 2
-    end = raw.find(b"\n\n")
-    return end + 1 if end >= 0 else len(raw)
 
 
 def strip_fields(raw: bytes) -> bytes:

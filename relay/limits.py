@@ -1,12 +1,10 @@
 """What one client may take from the relay beyond its session (concurrent sessions:
-`core.connections.SessionLimiter`): AUTH attempts per address, and the size of a message's header section."""
+`core.connections.SessionLimiter`): AUTH attempts per address. A message's header section is bounded by
+`pipeline.mime_bounds.header_refusal`, which the inbound server applies too."""
 
 from __future__ import annotations
 
-import re
-
 from core.host_counts import CountStore, ProcessCounts
-from pipeline.submit import header_end
 
 
 class AuthLimiter:
@@ -51,34 +49,3 @@ class AuthLimiter:
         self.counts.update(f"auth:{address}", lambda _count, since, _now: (0, since, 0.0))
 
 
-MAX_HEADER_LINES = 1000
-"""Lines of a message's header section (folded lines count), before the blank line that ends it."""
-MAX_HEADER_FIELD_BYTES = 64 * 1024
-"""Bytes of one header field: its first line and its folded lines with their line breaks, not its last."""
-LINE_BREAK = re.compile(rb"\r\n|\r|\n")
-"""Where the email package's parser ends a line: CRLF, or a bare CR or LF."""
-
-
-def header_refusal(raw: bytes) -> str | None:
-    """The reply refusing a message whose header section is over `MAX_HEADER_LINES` lines or holds a field
-    over `MAX_HEADER_FIELD_BYTES` bytes, or None. Checked before anything parses the header, so the work is
-    a count, then at most `MAX_HEADER_LINES` steps.
-
-    552 5.3.4 (RFC 3463: "message too big for system"): the message is well formed and only over a limit
-    of this system; 5.6.x would say its content or format is wrong. Postfix answers its message size
-    limit with the same code, and so does this relay (`relay.server.REPLY_REWRITES`)."""
-    end = header_end(raw)
-    lines = raw.count(b"\n", 0, end) + raw.count(b"\r", 0, end) - raw.count(b"\r\n", 0, end)
-    if lines > MAX_HEADER_LINES:
-        return (f"552 5.3.4 Message header too big: more than {MAX_HEADER_LINES} lines before the blank line "
-                "that ends the header")
-    longest = field_start = 0
-    for line_break in LINE_BREAK.finditer(raw, 0, end):
-        next_line = line_break.end()
-        if next_line < end and raw[next_line:next_line + 1] in (b" ", b"\t"):
-            continue  # a folded line: the same field goes on
-        longest = max(longest, line_break.start() - field_start)
-        field_start = next_line
-    if max(longest, end - field_start) > MAX_HEADER_FIELD_BYTES:
-        return f"552 5.3.4 Message header too big: a header field is longer than {MAX_HEADER_FIELD_BYTES} bytes"
-    return None

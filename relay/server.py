@@ -34,8 +34,9 @@ from pipeline.cache import TtlCache
 from pipeline.domains import UnverifiedSender, require_verified_sender, sender_domain
 from pipeline.errors import PipelineError
 from pipeline.keys import Caller, KeyCache
+from pipeline.mime_bounds import header_refusal
 from pipeline.submit import Submission, decoded_subject, parse_raw_headers, submit, submit_once
-from relay.limits import AuthLimiter, header_refusal
+from relay.limits import AuthLimiter
 
 log = logging.getLogger("plunkd.relay")
 LOCKED_OUT = "454 4.7.0 Too many failed authentications from your address; try again later"
