@@ -3,6 +3,7 @@ envelope, headers, a sandboxed preview, the raw MIME) and the suppression list."
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 from urllib.parse import urlencode
@@ -105,7 +106,7 @@ async def email_page(ctx: Ctx) -> Answer:
                     "deferred" if content.deferred else "stored"}}
     if data["content"]["state"] == "stored":
         assert content is not None
-        view = message_log.read_message(content.raw)
+        view = await asyncio.to_thread(message_log.read_message, content.raw)
         data["content"].update({"headers": [list(pair) for pair in view.headers], "hasHtml": view.html is not None,
                                 "text": view.text, "problem": view.problem, "size": len(content.raw),
                                 "attachments": [{"filename": a.filename, "contentType": a.content_type, "size": a.size}
@@ -128,7 +129,7 @@ async def _stored_message(ctx: Ctx) -> tuple[Email, bytes]:
 async def email_preview(ctx: Ctx) -> web.StreamResponse:
     """GET .../emails/{email}/preview: the HTML part alone, for the sandboxed frame of the email's page."""
     _, raw = await _stored_message(ctx)
-    html = message_log.read_message(raw).html
+    html = (await asyncio.to_thread(message_log.read_message, raw)).html
     if html is None:
         raise NotFound("This email has no HTML part")
     return web.Response(text=html, content_type="text/html", charset="utf-8")

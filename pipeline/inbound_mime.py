@@ -24,7 +24,7 @@ from typing import Any
 from pydantic_core import PydanticCustomError
 
 from pipeline.grammar import normalize_email
-from pipeline.mime_bounds import header_refusal, parameter_fields_problem
+from pipeline.mime_bounds import header_refusal, parse_problem
 
 MAX_PARTS = 100
 """MIME parts (multipart containers included) a message may have."""
@@ -80,9 +80,9 @@ def parse_message(raw: bytes, max_bytes: int, event_body_chars: int) -> ParsedMe
     refusal = header_refusal(raw)
     if refusal is not None:
         raise MessageRefused(refusal)
-    problem = parameter_fields_problem(raw)
+    problem = parse_problem(raw)
     if problem is not None:
-        raise MessageRefused(f"552 5.3.4 Message header too big: {problem}")
+        raise MessageRefused(f"552 5.3.4 Message too complex for this server: {problem}")
     message = email.message_from_bytes(raw, policy=email.policy.compat32)
     leaves = _leaves(message)
     text = html = None

@@ -15,7 +15,7 @@ from email.message import EmailMessage
 from email.parser import BytesParser
 
 from pipeline.errors import FieldError, NotFound, ValidationFailed
-from pipeline.mime_bounds import header_refusal, parameter_fields_problem
+from pipeline.mime_bounds import header_refusal, parse_problem
 from storage import message_log as store
 from storage.db import Database
 from storage.message_log import EmailFilter
@@ -168,7 +168,7 @@ def _part_text(part: EmailMessage) -> str:
 def read_message(raw: bytes) -> MessageView:
     """Parse a stored message: headers (unfolded, cut at `HEADER_VALUE_SHOWN`), the HTML and text bodies,
     and the attachments' names, types and sizes."""
-    problem = parameter_fields_problem(raw) or header_refusal(raw)
+    problem = parse_problem(raw) or header_refusal(raw)
     if problem is not None:
         return MessageView(problem=f"The message is not shown: {problem.removeprefix('552 5.3.4 ')}")
     view = MessageView()

@@ -24,7 +24,7 @@ from email.message import Message
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
-from pipeline.mime_bounds import parameter_fields_problem
+from pipeline.mime_bounds import parse_problem
 
 MAX_DEPTH = 12
 MAX_PARTS = 500
@@ -115,7 +115,7 @@ class _Walk:
 def rewrite_html_parts(raw: bytes, rewrite: Rewrite) -> tuple[bytes, int]:
     """`raw` with `rewrite` applied to the text of each inline HTML part; returns it and how many parts
     changed (0: `raw` itself). Raises `Untrackable`."""
-    problem = parameter_fields_problem(raw)
+    problem = parse_problem(raw)
     if problem is not None:
         raise Untrackable(problem)
     eol = b"\r\n" if b"\r\n" in raw[:4096] else b"\n"
