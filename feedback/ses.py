@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from email.utils import parseaddr
 from typing import Any
+
+from pipeline.grammar import header_address
 
 KINDS = {"Send": "send", "Delivery": "delivery", "Bounce": "bounce", "Complaint": "complaint", "Reject": "reject",
          "DeliveryDelay": "delay", "Open": "open", "Click": "click"}
@@ -120,7 +121,7 @@ def _addresses(entries: Any, details) -> dict[str, dict[str, Any]] | None:
         raw = entry if isinstance(entry, str) else entry.get("emailAddress") if isinstance(entry, dict) else None
         if not isinstance(raw, str):
             continue
-        address = parseaddr(raw[:LONG])[1].lower()
+        address = header_address(raw[:LONG]).lower()
         if address:
             found[address] = details(entry) if isinstance(entry, dict) else {}
     return found or None

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import functools
 import math
 from collections.abc import Callable, Mapping
@@ -46,6 +47,27 @@ NO_NUL = "^[^\\u0000]*$"
 """The JSON-schema pattern of text without NUL (the API refuses NUL outside `data`)."""
 EVENT_NAME_PATTERN = "^[^\\u0000]*[^\\u0000\\s][^\\u0000]*$"
 """Not blank, no NUL (NUL is not white space: it may not be the one character that is not)."""
+
+
+def header_addresses(fields: list[str]) -> list[str]:
+    """The addresses in header fields (`email.utils.getaddresses`), none from fields nested past Python's
+    recursion limit: its parser recurses into comments and groups, and a From of 1,000 `(` raised
+    RecursionError (the relay's DATA answered with a crash)."""
+    try:
+        return [address for _, address in email.utils.getaddresses(fields) if address]
+    except RecursionError:
+        return []
+
+
+def header_address(field: str) -> str:
+    """The first address of a header field (`email.utils.parseaddr`), '' when there is none or it is nested
+    past Python's recursion limit (see `header_addresses`)."""
+    try:
+        return email.utils.parseaddr(field)[1]
+    except RecursionError:
+        return ""
+
+
 @functools.lru_cache(maxsize=4096)
 def normalize_email(value: str) -> str:
     """Check syntax (no DNS) and lower-case the address; the stored form of every email. Kept for the

@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic_core import PydanticCustomError
 
-from pipeline.grammar import normalize_email
+from pipeline.grammar import header_address, header_addresses, normalize_email
 from pipeline.mime_bounds import header_refusal, parse_problem
 
 MAX_PARTS = 100
@@ -105,8 +105,7 @@ def parse_message(raw: bytes, max_bytes: int, event_body_chars: int) -> ParsedMe
         html, truncated = html[:event_body_chars], [*truncated, "html"]
     from_header = header_text(message, "from")
     return ParsedMessage(sender=_address(from_header), from_header=from_header,
-                         to=[address for _, address in email.utils.getaddresses(
-                             [header_text(message, "to"), header_text(message, "cc")]) if address][:100],
+                         to=header_addresses([header_text(message, "to"), header_text(message, "cc")])[:100],
                          subject=header_text(message, "subject"), text=text, html=html,
                          headers={name: value for name in HEADERS_OF_INTEREST if (value := header_text(message, name))},
                          attachments=attachments, truncated=truncated)
@@ -172,7 +171,7 @@ def header_text(message: email.message.Message, name: str) -> str:
 
 
 def _address(from_header: str) -> str | None:
-    _, address = email.utils.parseaddr(from_header)
+    address = header_address(from_header)
     if not address:
         return None
     try:

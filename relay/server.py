@@ -19,7 +19,6 @@ import math
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from email.utils import getaddresses
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
@@ -33,6 +32,7 @@ from core.smtp_session import SESSION_ERROR, SessionSMTP, bind_with_fallback
 from pipeline.cache import TtlCache
 from pipeline.domains import UnverifiedSender, require_verified_sender, sender_domain
 from pipeline.errors import PipelineError
+from pipeline.grammar import header_addresses
 from pipeline.keys import Caller, KeyCache
 from pipeline.mime_bounds import header_refusal
 from pipeline.submit import Submission, decoded_subject, parse_raw_headers, submit, submit_once
@@ -179,7 +179,7 @@ class RelayHandler:
             return refusal
         headers = parse_raw_headers(raw)
         from_fields = [str(value) for value in headers.get_all("From") or []]
-        senders = [address for _, address in getaddresses(from_fields) if address]
+        senders = header_addresses(from_fields)
         if len(from_fields) != 1 or len(senders) != 1 or "@" not in senders[0]:
             return "550 5.7.1 The message needs exactly one From address on a verified domain"
         sender = senders[0].lower()

@@ -327,10 +327,14 @@ async def test_an_unanswering_resolver_bounds_the_check(api, sender, dkim_key):
     assert {event["data"][check]["result"] for check in ("spf", "dkim", "dmarc")} == {"temperror"}, event["data"]
 
 
-async def test_a_null_sender_without_a_valid_from_has_no_contact(api, sender):
+@pytest.mark.parametrize("from_field", [b"not an address", b"(" * 900, b"a@example.org" + b"(" * 900],
+                         ids=["no address", "nested comments", "an address, then nested comments"])
+async def test_a_null_sender_without_a_valid_from_has_no_contact(api, sender, from_field):
+    """Also when the From is nested past the address parser's recursion limit (it raised RecursionError, and the
+    message was answered with a temporary failure, to be retried for ever); so are To and Cc."""
     await add_route(api, "*@example.com")
     routes = book(api)
-    raw = b"From: not an address\r\nSubject: hi\r\n\r\nbody\r\n"
+    raw = b"From: " + from_field + b"\r\nTo: " + b"(" * 900 + b"\r\nSubject: hi\r\n\r\nbody\r\n"
     await routes.receive([await routes.match("a@example.com")], raw, "", CLIENT_IP, "h.example")
     [event] = await received_events(api)
     assert event["contactId"] is None and event["data"]["text"] == "body\n"

@@ -425,6 +425,18 @@ async def test_the_issues_ten_thousand_lines_and_five_megabyte_header_are_refuse
     assert await queued(relay) == 0
 
 
+@pytest.mark.parametrize("nesting", [b"(" * 900, b":" * 600 + b"\r\n " + b":" * 600,
+                                     b"sender@example.com" + b"(" * 900],
+                         ids=["comments", "groups, folded", "an address, then comments"])
+async def test_a_from_nested_past_the_parsers_recursion_limit_is_refused_as_no_from(relay, nesting):
+    """Python's address parser recurses into comments and groups: a From nested 500–1,000 deep raised
+    RecursionError and the client got a crash reply. It is a From with no address: 550, nothing queued."""
+    message = b"From: " + nesting + b"\r\nTo: ann@example.org\r\nSubject: x\r\n\r\nbody\r\n"
+    assert await asyncio.to_thread(relayed, relay, message) == (
+        550, b"5.7.1 The message needs exactly one From address on a verified domain")
+    assert await queued(relay) == 0
+
+
 async def test_forged_authentication_results_are_stripped_trace_fields_kept(relay):
     """A submitting client's own Received fields and DKIM signature are normal and kept; authentication
     results (Authentication-Results, Received-SPF, ARC sets) and SES instructions are removed with their
