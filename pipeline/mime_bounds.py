@@ -34,8 +34,9 @@ MAX_PARAMETER_FIELDS = 64 * 1024
 MAX_DELIMITER_LINES = 2000
 """Lines that start with `--`, of which a multipart's delimiters are: a bound on its parts, known before parsing.
 The message view's parser spends about 56 µs on a part (10 MB of empty parts: 80 s), the inbound one 9 µs."""
-_PARAMETER_FIELD = re.compile(rb"^content-(?:type|disposition)[ \t]*:[^\n]*+(?:\n[ \t][^\n]*+)*+",
-                              re.IGNORECASE | re.MULTILINE)
+_PARAMETER_FIELD = re.compile(rb"\ncontent-(?:type|disposition)[ \t]*:[^\n]*+(?:\n[ \t][^\n]*+)*+")
+"""A field after its line break, in lower case: a literal start, which the regular expression engine finds
+with a fast scan (a case-blind `^` made it try every position: 170 ms for 10 MB, now about a third)."""
 
 
 def parse_problem(raw: bytes) -> str | None:
@@ -44,8 +45,8 @@ def parse_problem(raw: bytes) -> str | None:
     if raw.count(b"\n--") + raw.startswith(b"--") > MAX_DELIMITER_LINES:
         return f"it has more than {MAX_DELIMITER_LINES} lines that start with '--' (a bound on its parts)"
     total = 0
-    for field in _PARAMETER_FIELD.finditer(raw):
-        length = len(field.group())
+    for field in _PARAMETER_FIELD.finditer(b"\n" + raw.lower()):
+        length = len(field.group()) - 1
         if length > MAX_PARAMETER_FIELD:
             return f"a Content-Type or Content-Disposition field is over {MAX_PARAMETER_FIELD} bytes"
         total += length
