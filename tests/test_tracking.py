@@ -419,7 +419,7 @@ async def relayed_with_tracking_on(api, tmp_path, message: bytes) -> bytes:
     ("a part's overlong Content-Type", relayed(b'--b\r\nContent-Type: text/html; a="' + b";" * 160_000
                                               + b'\r\n\r\n<a href="https://x.example/">x</a>\r\n--b--\r\n',
                                               b'multipart/alternative; boundary="b"'),
-     "a Content-Type or Content-Disposition field is over 2000 bytes"),
+     "a Content-Type, -Disposition or -Transfer-Encoding field is over 2000 bytes"),
 ])
 async def test_messages_that_cannot_be_changed_safely_go_out_untouched(api, sender, tmp_path, caplog, case, message,
                                                                       why):
