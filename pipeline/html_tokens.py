@@ -81,7 +81,12 @@ def attributes(token: re.Match[str]) -> list[tuple[str, str | None]]:
     found: list[tuple[str, str | None]] = []
     for match in attribute_matches(token):
         value = match.group(3)
-        if value is not None and value[:1] in ("'", '"') and value[:1] == value[-1:]:
-            value = value[1:-1]
+        if value is not None:
+            value = unquoted(value)
         found.append((match.group(1).lower(), unescape(value) if value else value))
     return found
+
+
+def unquoted(value: str) -> str:
+    """An attribute's value as written (group 3 of an `attribute_matches` match) without its quotes."""
+    return value[1:-1] if value[:1] in ("'", '"') and value[:1] == value[-1:] else value

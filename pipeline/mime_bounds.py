@@ -7,9 +7,9 @@ take time quadratic in the field's length: a nested part whose Content-Type was 
 22 s to show in the dashboard's message view, on the API's event loop. dkimpy's header reader is quadratic in
 the folded lines of one field (2.5 MB: 24 s). A message within these bounds costs each of them at most a few
 milliseconds a part (2,000 characters: 3–6 ms), and a message over them is refused or left unparsed by its
-reader: the header's lines and fields (`header_refusal`, by the SMTP relay and the inbound server), every
-part's Content-Type and Content-Disposition, and how many parts there can be (`parse_problem`, by the inbound
-server, the tracking step and the message view).
+reader: the header's lines and fields (`header_refusal`, by the SMTP relay, the inbound server and the message
+view), every part's Content-Type, Content-Disposition and Content-Transfer-Encoding, and how many parts there can
+be (`parse_problem`, by the inbound server, the tracking step and the message view).
 """
 
 from __future__ import annotations

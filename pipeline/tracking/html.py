@@ -24,10 +24,7 @@ def _href_span(tag: re.Match[str]) -> tuple[int, int, str] | None:
     """Where the first `href` value of a start tag is in the markup (quotes included), and its raw text."""
     for attribute in html_tokens.attribute_matches(tag):
         if attribute.group(1).lower() == "href" and attribute.group(3) is not None:
-            value = attribute.group(3)
-            if value[:1] in ("'", '"'):
-                value = value[1:-1]
-            return attribute.start(3), attribute.end(3), value
+            return attribute.start(3), attribute.end(3), html_tokens.unquoted(attribute.group(3))
     return None
 
 
@@ -40,12 +37,12 @@ def track_html(markup: str, open_url: str | None, click_url: Callable[[str], str
         name = token.group("name")
         if name is None:
             continue
-        name = name.lower()
-        if not token.group("closing") and name in LINK_TAGS:
+        name, closing = name.lower(), bool(token.group("closing"))
+        if not closing and name in LINK_TAGS:
             links.append(token)
-        elif token.group("closing") and name == "body":
+        elif closing and name == "body":
             body_end = token.start()
-        elif token.group("closing") and name == "html":
+        elif closing and name == "html":
             html_end = token.start()
     edits: list[tuple[int, int, str]] = []
     if click_url is not None:
