@@ -21,7 +21,8 @@ from core.config import SmarthostConfig
 from delivery.bucket import TokenBucket
 from delivery.dispatcher import Dispatcher
 from delivery.transports import FileTransport, SmtpTransport
-from marketing.fanout import CampaignFanOut
+from marketing import fanout
+from marketing.fanout import SHARED_CHUNK_DIVISOR, CampaignFanOut
 from pipeline.deferred import DeferredComposer
 from pipeline.marketing import campaigns as rules
 from storage import campaigns as campaign_store
@@ -563,7 +564,7 @@ async def test_a_fan_out_right_after_a_bulk_import_walks_the_contacts_index(api,
 
 async def test_while_requests_write_the_fan_out_queues_small_chunks_in_their_transactions(api, sender, monkeypatch):
     """On SQLite a request that comes while a full chunk commits waits for all of it (bench.campaign: p99 62 ms during
-    a 100,000 fan-out): while requests are writing, chunks are a fifth the size and share the requests' commits.
+    a 100,000 fan-out): while requests are writing, chunks are an eighth the size and share the requests' commits.
     The sizes are read off the rule the fan-out calls; the latency itself is bench.campaign's to show."""
     await add_contacts(api, 40)
     created = await create(api)
@@ -598,4 +599,54 @@ async def test_while_requests_write_the_fan_out_queues_small_chunks_in_their_tra
     if api.db.is_postgres:  # a chunk commits on a connection of its own: requests never wait for it
         assert set(sizes) == {10}
     else:
-        assert 2 in sizes, sizes
+        assert max(1, 10 // SHARED_CHUNK_DIVISOR) in sizes, sizes
+
+
+@pytest.mark.parametrize("quiet_seconds", [30.0, 0.0])
+async def test_after_requests_stop_the_fan_out_keeps_small_chunks_for_a_quiet_while(api, sender, monkeypatch,
+                                                                                    quiet_seconds):
+    """A full chunk taken in a lull of a steady stream of requests held the next ones for all of it: once requests
+    wrote beside it, the SQLite fan-out keeps to small chunks until none have for SHARED_QUIET_SECONDS. With that
+    set to 30 s, every chunk after the requests stop is small; with 0 (deciding on the last chunk alone, as before),
+    full chunks come back. PostgreSQL runs every chunk on a connection of its own, full size."""
+    monkeypatch.setattr(fanout, "SHARED_QUIET_SECONDS", quiet_seconds)
+    await add_contacts(api, 100)
+    created = await create(api)
+    await api.call("POST", f"/campaigns/{created['id']}/send", json={})
+    sizes: list[int] = []
+    small = max(1, 10 // SHARED_CHUNK_DIVISOR)
+    stop = asyncio.Event()
+    fan_out_next = rules.fan_out_next
+
+    def recording(session, campaign_id, chunk):
+        sizes.append(chunk)
+        if chunk == small:
+            stop.set()
+        return fan_out_next(session, campaign_id, chunk)
+
+    monkeypatch.setattr(rules, "fan_out_next", recording)
+    writing = asyncio.Event()
+
+    async def requests(worker: int) -> None:
+        for index in range(10_000):  # bounded; stopped at the first small chunk or the fan-out's end
+            if stop.is_set():
+                return
+            status, _ = await api.call("POST", "/v1/track", json={"email": f"reader{worker}@example.org",
+                                                                   "event": f"e{index}"})
+            assert status == 200
+            writing.set()
+
+    load = [asyncio.create_task(requests(worker)) for worker in range(4)]
+    await asyncio.wait_for(writing.wait(), 10)
+    queued = await CampaignFanOut(api.db, api.client.app[LINKS], lambda: None, chunk=10).run_once()
+    stop.set()
+    await asyncio.gather(*load)
+    assert queued == 100
+    if api.db.is_postgres:
+        assert set(sizes) == {10}
+        return
+    after_stop = sizes[sizes.index(small) + 1:]
+    if quiet_seconds:
+        assert after_stop and set(after_stop) == {small}, sizes
+    else:
+        assert 10 in after_stop, sizes
