@@ -562,6 +562,28 @@ async def test_a_fan_out_right_after_a_bulk_import_walks_the_contacts_index(api,
     assert "Sort" not in shown and "TEMP B-TREE" not in shown, shown
 
 
+async def fan_out_beside_tracks(api, stop: asyncio.Event) -> int:
+    """Run the fan-out (chunks of 10) while four clients POST /v1/track back to back, until `stop` is set or the
+    fan-out ends (bounded either way); returns how many emails it queued."""
+    writing = asyncio.Event()
+
+    async def requests(worker: int) -> None:
+        for index in range(10_000):
+            if stop.is_set():
+                return
+            status, _ = await api.call("POST", "/v1/track", json={"email": f"reader{worker}@example.org",
+                                                                   "event": f"e{index}"})
+            assert status == 200
+            writing.set()
+
+    load = [asyncio.create_task(requests(worker)) for worker in range(4)]
+    await asyncio.wait_for(writing.wait(), 10)
+    queued = await CampaignFanOut(api.db, api.client.app[LINKS], lambda: None, chunk=10).run_once()
+    stop.set()
+    await asyncio.gather(*load)
+    return queued
+
+
 async def test_while_requests_write_the_fan_out_queues_small_chunks_in_their_transactions(api, sender, monkeypatch):
     """On SQLite a request that comes while a full chunk commits waits for all of it (bench.campaign: p99 62 ms during
     a 100,000 fan-out): while requests are writing, chunks are an eighth the size and share the requests' commits.
@@ -577,23 +599,8 @@ async def test_while_requests_write_the_fan_out_queues_small_chunks_in_their_tra
         return fan_out_next(session, campaign_id, chunk)
 
     monkeypatch.setattr(rules, "fan_out_next", recording)
-    writing = asyncio.Event()
     stop = asyncio.Event()
-
-    async def requests(worker: int) -> None:
-        for index in range(10_000):  # bounded; stopped long before
-            if stop.is_set():
-                return
-            status, _ = await api.call("POST", "/v1/track", json={"email": f"reader{worker}@example.org",
-                                                                   "event": f"e{index}"})
-            assert status == 200
-            writing.set()
-
-    load = [asyncio.create_task(requests(worker)) for worker in range(4)]
-    await asyncio.wait_for(writing.wait(), 10)
-    queued = await CampaignFanOut(api.db, api.client.app[LINKS], lambda: None, chunk=10).run_once()
-    stop.set()
-    await asyncio.gather(*load)
+    queued = await fan_out_beside_tracks(api, stop)
     assert queued == 40 and (await campaign(api, created["id"]))["recipientCount"] == 40
     assert sizes[0] == 10
     if api.db.is_postgres:  # a chunk commits on a connection of its own: requests never wait for it
@@ -625,23 +632,7 @@ async def test_after_requests_stop_the_fan_out_keeps_small_chunks_for_a_quiet_wh
         return fan_out_next(session, campaign_id, chunk)
 
     monkeypatch.setattr(rules, "fan_out_next", recording)
-    writing = asyncio.Event()
-
-    async def requests(worker: int) -> None:
-        for index in range(10_000):  # bounded; stopped at the first small chunk or the fan-out's end
-            if stop.is_set():
-                return
-            status, _ = await api.call("POST", "/v1/track", json={"email": f"reader{worker}@example.org",
-                                                                   "event": f"e{index}"})
-            assert status == 200
-            writing.set()
-
-    load = [asyncio.create_task(requests(worker)) for worker in range(4)]
-    await asyncio.wait_for(writing.wait(), 10)
-    queued = await CampaignFanOut(api.db, api.client.app[LINKS], lambda: None, chunk=10).run_once()
-    stop.set()
-    await asyncio.gather(*load)
-    assert queued == 100
+    assert await fan_out_beside_tracks(api, stop) == 100  # the tracks stop at the first small chunk
     if api.db.is_postgres:
         assert set(sizes) == {10}
         return
