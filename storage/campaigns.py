@@ -164,6 +164,20 @@ def refresh_audience_statistics(session: Session) -> None:
         session.execute(text("ANALYZE contacts"))
 
 
+def refresh_email_statistics(session: Session, inserted: int) -> None:
+    """PostgreSQL, in a campaign's first chunk, between its emails and their outbox rows: ANALYZE emails if the
+    planner believes it holds fewer rows than the chunk just put in. Each outbox row's foreign-key check looks its
+    email up with a plan the connection keeps until the table's statistics change; planned on a table last
+    analyzed empty (after a prune, say) it is a sequential scan, so every chunk read the whole table once per row
+    (100,000 recipients into emails analyzed empty: 28-66 s instead of 5.4 s, each chunk slower than the last).
+    ANALYZE counts this transaction's own rows and makes every connection plan again."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    believed = session.execute(text("SELECT reltuples FROM pg_class WHERE oid = 'emails'::regclass")).scalar_one()
+    if 0 <= believed < inserted:
+        session.execute(text("ANALYZE emails"))
+
+
 def fan_out_chunk(session: Session, campaign: Campaign, audience: Audience, sender: str, envelope_sender: str,
                   chunk: int, now: datetime, track_opens: bool = False, track_clicks: bool = False) -> int:
     """Queue the next `chunk` recipients after the cursor, an email and an outbox row each, with two
@@ -187,6 +201,8 @@ def fan_out_chunk(session: Session, campaign: Campaign, audience: Audience, send
         ["id", "project_id", "contact_id", "content_id", "campaign_id", "recipient", "sender", "envelope_sender",
          "subject", "source", "status", "created_at", "track_opens", "track_clicks", "message_id"],
         recipients)).rowcount
+    if queued and campaign.recipient_count == 0:
+        refresh_email_statistics(session, queued)
     if queued:
         this_chunk = (_EMAIL.c.id > email_head) & (_EMAIL.c.id < email_head + "~")
         conn.execute(_OUTBOX.insert().from_select(

@@ -641,3 +641,23 @@ async def test_after_requests_stop_the_fan_out_keeps_small_chunks_for_a_quiet_wh
         assert after_stop and set(after_stop) == {small}, sizes
     else:
         assert 10 in after_stop, sizes
+
+
+async def test_a_fan_out_into_an_emails_table_analyzed_empty_refreshes_its_statistics_first(api, sender):
+    """PostgreSQL: with emails last analyzed empty, each outbox row's foreign-key check planned a sequential scan of
+    emails and kept it, so every chunk read the whole table once per row (100,000 recipients: 28-66 s instead of
+    5.4 s). The first chunk ANALYZEs emails when the planner believes it smaller than the chunk; the time itself is
+    the harness's to show (see the note), this checks the statistics every later check is planned from. SQLite
+    plans no such check: there the campaign simply queues everyone."""
+    await add_contacts(api, 30)
+    created = await create(api)
+    if api.db.is_postgres:
+        await api.db.write(lambda s: s.execute(text("ANALYZE emails")))
+        assert await api.db.read(lambda s: s.execute(text(
+            "SELECT reltuples FROM pg_class WHERE oid = 'emails'::regclass")).scalar_one()) == 0
+    await api.call("POST", f"/campaigns/{created['id']}/send", json={})
+    assert await CampaignFanOut(api.db, api.client.app[LINKS], lambda: None, chunk=10).run_once() == 30
+    if api.db.is_postgres:
+        believed = await api.db.read(lambda s: s.execute(text(
+            "SELECT reltuples FROM pg_class WHERE oid = 'emails'::regclass")).scalar_one())
+        assert believed >= 10, believed
