@@ -7,6 +7,7 @@ its attachments (listed, never opened).
 
 from __future__ import annotations
 
+import contextlib
 import email.policy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -181,10 +182,8 @@ def read_message(raw: bytes) -> MessageView:
     for name, value in list(message.raw_items())[:HEADERS_SHOWN]:
         shown = str(value)
         if len(shown) <= DECODED_HEADER_CHARS:
-            try:
+            with contextlib.suppress(Exception):  # a header the policy cannot decode stays as written
                 shown = str(message.policy.header_fetch_parse(name, value))
-            except Exception:  # a header the policy cannot decode: its raw text
-                shown = str(value)
         view.headers.append((name, " ".join(shown.split())[:HEADER_VALUE_SHOWN]))
     try:
         html = message.get_body(preferencelist=("html",))
