@@ -3,6 +3,8 @@
 The fan-out writes one chunk of recipients per transaction together with the cursor that says how far
 it got, so a process killed mid fan-out resumes after the last committed chunk; the unique index on
 emails (campaign_id, contact_id) makes a second email to the same contact impossible whatever happens.
+On PostgreSQL several chunks may run at once as ranges between audience ids (`audience_bounds`), the cursor
+moved past them once all are committed; a range run again skips the contacts it already queued.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from sqlalchemy import (
     true,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
@@ -72,10 +76,14 @@ def campaign_status(session: Session, campaign_id: str) -> str | None:
     return session.connection().execute(select(_CAMPAIGN.c.status).where(_CAMPAIGN.c.id == campaign_id)).scalar()
 
 
-def get_campaign_by_id(session: Session, campaign_id: str, for_update: bool = False) -> Campaign | None:
+def get_campaign_by_id(session: Session, campaign_id: str, for_update: bool = False,
+                       key_share: bool = False) -> Campaign | None:
+    """`for_update`: the row locked for this transaction. `key_share`: locked only against a change of its key
+    or a `for_update` lock (PostgreSQL's FOR KEY SHARE), so fan-out ranges hold it at once while a cancel or a
+    pause waits for them, and each may still add to its counts."""
     stmt = select(Campaign).where(Campaign.id == campaign_id)
-    if for_update:
-        stmt = stmt.with_for_update()
+    if for_update or key_share:
+        stmt = stmt.with_for_update(read=key_share, key_share=key_share)
     return session.execute(stmt).scalar_one_or_none()
 
 
@@ -178,12 +186,14 @@ def refresh_email_statistics(session: Session, inserted: int) -> None:
         session.execute(text("ANALYZE emails"))
 
 
-def fan_out_chunk(session: Session, campaign: Campaign, audience: Audience, sender: str, envelope_sender: str,
-                  chunk: int, now: datetime, track_opens: bool = False, track_clicks: bool = False) -> int:
-    """Queue the next `chunk` recipients after the cursor, an email and an outbox row each, with two
-    `INSERT … SELECT`s (no row passes through Python), and move the cursor; the last chunk marks the
-    fan-out done. The emails carry the tracking choice given and their Message-IDs (what
-    `storage.emails.generated_message_id` makes, in SQL). Returns how many were queued."""
+def _queue_recipients(session: Session, campaign: Campaign, audience: Audience, sender: str, envelope_sender: str,
+                      now: datetime, track_opens: bool, track_clicks: bool, after: str | None,
+                      upto: str | None) -> int:
+    """Queue the audience's contacts after `after` up to `upto` (each end open when None), an email and an
+    outbox row each, with two `INSERT … SELECT`s (no row passes through Python).
+    The emails carry the tracking choice given and their Message-IDs (what `storage.emails.generated_message_id`
+    makes, in SQL). A contact the campaign already has an email for is skipped: on PostgreSQL ranges run at once,
+    and one may run again after a crash. Returns how many were queued."""
     conn = session.connection()
     email_head, outbox_head = new_id()[:18], new_id()[:18]
     email_id = _derived_ids(email_head, _CONTACT.c.id)
@@ -194,28 +204,76 @@ def fan_out_chunk(session: Session, campaign: Campaign, audience: Audience, send
         literal(sender, String), literal(envelope_sender, String), literal(campaign.subject, Text),
         literal("campaign", String),
         literal(EmailStatus.QUEUED, String), literal(now, UTCDateTime), literal(track_opens, Boolean),
-        literal(track_clicks, Boolean), message_id).order_by(_CONTACT.c.id).limit(chunk)
-    if campaign.fanout_cursor is not None:
-        recipients = recipients.where(_CONTACT.c.id > campaign.fanout_cursor)
-    queued = conn.execute(_EMAIL.insert().from_select(
-        ["id", "project_id", "contact_id", "content_id", "campaign_id", "recipient", "sender", "envelope_sender",
-         "subject", "source", "status", "created_at", "track_opens", "track_clicks", "message_id"],
-        recipients)).rowcount
+        literal(track_clicks, Boolean), message_id).order_by(_CONTACT.c.id)
+    if after is not None:
+        recipients = recipients.where(_CONTACT.c.id > after)
+    if upto is not None:
+        recipients = recipients.where(_CONTACT.c.id <= upto)
+    columns = ["id", "project_id", "contact_id", "content_id", "campaign_id", "recipient", "sender",
+               "envelope_sender", "subject", "source", "status", "created_at", "track_opens", "track_clicks",
+               "message_id"]
+    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    queued = conn.execute(insert(_EMAIL).from_select(columns, recipients).on_conflict_do_nothing(
+        index_elements=[_EMAIL.c.campaign_id, _EMAIL.c.contact_id])).rowcount
     if queued and campaign.recipient_count == 0:
         refresh_email_statistics(session, queued)
+    this_call = (_EMAIL.c.id > email_head) & (_EMAIL.c.id < email_head + "~")
     if queued:
-        this_chunk = (_EMAIL.c.id > email_head) & (_EMAIL.c.id < email_head + "~")
         conn.execute(_OUTBOX.insert().from_select(
             ["id", "email_id", "due_at", "attempts", "priority", "campaign_id"],
             select(_derived_ids(outbox_head, _EMAIL.c.id), _EMAIL.c.id, literal(now, UTCDateTime),
                    literal(0, Integer), literal(CAMPAIGN_PRIORITY, SmallInteger), literal(campaign.id, String))
-            .where(this_chunk)))
-        campaign.fanout_cursor = conn.execute(select(func.max(_EMAIL.c.contact_id)).where(this_chunk)).scalar_one()
-        campaign.recipient_count += queued
-    if queued < chunk:
+            .where(this_call)))
+    return queued
+
+
+def fan_out_chunk(session: Session, campaign: Campaign, audience: Audience, sender: str, envelope_sender: str,
+                  chunk: int, now: datetime, track_opens: bool = False, track_clicks: bool = False) -> int:
+    """Queue the next `chunk` recipients after the cursor (`_queue_recipients`) and move the cursor to the last
+    of them; when fewer remain, queue the rest and mark the fan-out done. The caller holds the campaign's row.
+    Returns how many were queued (on PostgreSQL, fewer if a range run before a crash queued some)."""
+    upto = next(iter(audience_bounds(session, campaign.project_id, audience, now, campaign.fanout_cursor, chunk, 1)),
+                None)
+    queued = _queue_recipients(session, campaign, audience, sender, envelope_sender, now, track_opens, track_clicks,
+                               campaign.fanout_cursor, upto)
+    campaign.recipient_count += queued
+    if upto is None:
         campaign.fanout_done = True
+    else:
+        campaign.fanout_cursor = upto
     session.flush()
     return queued
+
+
+def fan_out_range(session: Session, campaign: Campaign, audience: Audience, sender: str, envelope_sender: str,
+                  after: str | None, upto: str | None, now: datetime, track_opens: bool = False,
+                  track_clicks: bool = False) -> int:
+    """PostgreSQL: queue the recipients after `after` up to `upto` (`_queue_recipients`), beside other ranges of
+    the same campaign in transactions of their own, and count them in the campaign; the cursor is the caller's
+    to move once every range below it is committed. Returns how many were queued."""
+    queued = _queue_recipients(session, campaign, audience, sender, envelope_sender, now, track_opens, track_clicks,
+                               after, upto)
+    if queued:
+        session.execute(update(Campaign).where(Campaign.id == campaign.id).values(
+            recipient_count=Campaign.recipient_count + queued).execution_options(synchronize_session=False))
+    return queued
+
+
+def audience_bounds(session: Session, project_id: str, audience: Audience, now: datetime, after: str | None,
+                    chunk: int, ranges: int) -> list[str]:
+    """The upper ends of the next `ranges` ranges of `chunk` audience contacts after `after`: the id of every
+    `chunk`-th one, in order (each an index walk of `chunk` entries). Fewer than `ranges`: fewer contacts remain
+    than the ranges would hold, and the rest after the last end is the final range."""
+    bounds: list[str] = []
+    while len(bounds) < ranges:
+        rows = _audience_rows(project_id, audience, now).with_only_columns(_CONTACT.c.id)
+        if after is not None:
+            rows = rows.where(_CONTACT.c.id > after)
+        after = session.execute(rows.order_by(_CONTACT.c.id).offset(chunk - 1).limit(1)).scalar_one_or_none()
+        if after is None:
+            break
+        bounds.append(after)
+    return bounds
 
 
 def drained_campaigns(session: Session) -> list[str]:

@@ -265,6 +265,69 @@ async def test_fan_out_resumes_after_a_crash_and_never_queues_a_contact_twice(ap
         await api.db.write(second_email)
 
 
+def emails_per_contact(api, campaign_id: str):
+    """How many emails, and outbox rows, the campaign has for each contact."""
+    def read(session):
+        return session.execute(select(Email.contact_id, func.count(), func.count(OutboxItem.id))
+                               .outerjoin(OutboxItem, OutboxItem.email_id == Email.id)
+                               .where(Email.campaign_id == campaign_id).group_by(Email.contact_id)).all()
+    return api.db.read(read)
+
+
+async def test_a_range_committed_before_a_crash_is_skipped_when_the_fan_out_runs_again(api, sender):
+    """PostgreSQL queues ranges at once and moves the cursor once all are committed, so a crash can leave a range
+    above the cursor committed: the next run goes over it again and skips the contacts it queued, with no error and
+    no second email, and the count stays that of the contacts. The rules run the same on SQLite."""
+    await add_contacts(api, 30)
+    created = await create(api)
+    await api.call("POST", f"/campaigns/{created['id']}/send", json={})
+    await api.db.write(lambda s: rules.start_fanout(s, created["id"], api.client.app[LINKS]))
+    assert await api.db.write(lambda s: rules.fan_out_next(s, created["id"], 10)) == (10, False)
+    plan = await api.db.read(rules.plan_fan_out, created["id"], 10, 2)
+    assert len(plan.ranges) == 2 and not plan.last
+    (_, lost_upto), (above_after, above_upto) = plan.ranges
+    assert await api.db.write(lambda s: rules.fan_out_range(s, created["id"], above_after, above_upto)) == 10
+    # the process dies here: the range below was not committed, nor the cursor moved past both
+    assert await CampaignFanOut(api.db, api.client.app[LINKS], lambda: None, chunk=10).run_once() == 10
+    rows = await emails_per_contact(api, created["id"])
+    assert len(rows) == 30 and all((emails, outbox) == (1, 1) for _, emails, outbox in rows), rows
+    after = await campaign(api, created["id"])
+    assert after["recipientCount"] == 30
+    assert (await api.db.read(campaign_store.get_campaign_by_id, created["id"])).fanout_done
+
+
+async def test_with_no_requests_writing_the_postgres_fan_out_queues_ranges_at_once(api, sender, monkeypatch):
+    """On PostgreSQL a chunk is one core's worth of the server's index and foreign-key upkeep: while no request
+    writes, RANGES of them run at once on connections of their own (100,000 recipients on a quiet server: 5.2 s
+    one at a time, 4.0 s two at once). SQLite has one writer: it runs no ranges at all."""
+    await add_contacts(api, 55)
+    created = await create(api)
+    await api.call("POST", f"/campaigns/{created['id']}/send", json={})
+    in_flight, most, ranges = 0, 0, []
+    fan_out_range = rules.fan_out_range
+
+    def recording(session, campaign_id, after, upto):
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            queued = fan_out_range(session, campaign_id, after, upto)
+            ranges.append(queued)
+            return queued
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(rules, "fan_out_range", recording)
+    assert await CampaignFanOut(api.db, api.client.app[LINKS], lambda: None, chunk=10).run_once() == 55
+    rows = await emails_per_contact(api, created["id"])
+    assert len(rows) == 55 and all((emails, outbox) == (1, 1) for _, emails, outbox in rows)
+    assert (await campaign(api, created["id"]))["recipientCount"] == 55
+    if api.db.is_postgres:
+        assert most == fanout.RANGES == 2 and sum(ranges) == 45, (most, ranges)  # the first chunk of 10 alone
+    else:
+        assert ranges == []
+
+
 async def test_transactional_mail_is_claimed_ahead_of_a_queued_campaign(api, sender):
     await add_contacts(api, 30)
     created = await create(api)

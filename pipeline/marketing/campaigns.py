@@ -324,19 +324,85 @@ def start_fanout(session: Session, campaign_id: str, links: LinkSigner) -> Campa
     return campaign
 
 
-def fan_out_next(session: Session, campaign_id: str, chunk: int) -> tuple[int, bool]:
-    """Queue the next chunk of a SENDING campaign; returns (queued, finished)."""
-    campaign = store.get_campaign_by_id(session, campaign_id, for_update=True)
+def _fanning_out(session: Session, campaign_id: str, for_update: bool = False,
+                 key_share: bool = False) -> Campaign | None:
+    """The campaign if it is SENDING with its fan-out unfinished (locked as asked), else None."""
+    campaign = store.get_campaign_by_id(session, campaign_id, for_update=for_update, key_share=key_share)
     if campaign is None or campaign.status != CampaignStatus.SENDING or campaign.fanout_done:
-        return 0, True
+        return None
+    return campaign
+
+
+def _queue_as(session: Session, campaign: Campaign) -> dict[str, Any]:
+    """What each recipient's email is queued with: the audience, sender, Return-Path and tracking choice."""
     tracking = tracking_for(session, campaign.project_id, marketing=True)
     sender = campaign.from_email or ""
-    queued = store.fan_out_chunk(session, campaign, _audience(session, campaign), sender, envelope_sender_for(sender),
-                                 chunk, utcnow(), bool(tracking.opens), bool(tracking.clicks))
+    return {"audience": _audience(session, campaign), "sender": sender, "envelope_sender": envelope_sender_for(sender),
+            "now": utcnow(), "track_opens": bool(tracking.opens), "track_clicks": bool(tracking.clicks)}
+
+
+def fan_out_next(session: Session, campaign_id: str, chunk: int) -> tuple[int, bool]:
+    """Queue the next chunk of a SENDING campaign after its cursor; returns (queued, finished). SQLite's
+    fan-out (PostgreSQL's plans ranges: `plan_fan_out`)."""
+    campaign = _fanning_out(session, campaign_id, for_update=True)
+    if campaign is None:
+        return 0, True
+    queued = store.fan_out_chunk(session, campaign, chunk=chunk, **_queue_as(session, campaign))
     count_at_commit(session, EMAILS_ACCEPTED.labels("campaign"), queued)
     if campaign.fanout_done:
         log.info("campaign %s: fan-out done, %d recipients queued", campaign.id, campaign.recipient_count)
     return queued, campaign.fanout_done
+
+
+@dataclass(frozen=True)
+class FanOutPlan:
+    """The next ranges of a fan-out run at once (PostgreSQL): each (after, upto], upto None to the end."""
+
+    ranges: list[tuple[str | None, str | None]]
+    cursor: str | None
+    """The cursor once every range is committed."""
+    last: bool
+    """The last range runs to the end: once it is committed the fan-out is done."""
+
+
+def plan_fan_out(session: Session, campaign_id: str, chunk: int, ranges: int) -> FanOutPlan | None:
+    """The next `ranges` ranges of `chunk` recipients after the cursor; None if the campaign is not fanning out."""
+    campaign = _fanning_out(session, campaign_id)
+    if campaign is None:
+        return None
+    cursor = campaign.fanout_cursor
+    bounds = store.audience_bounds(session, campaign.project_id, _audience(session, campaign), utcnow(), cursor,
+                                   chunk, ranges)
+    starts = [cursor, *bounds]
+    spans: list[tuple[str | None, str | None]] = list(zip(starts[:-1], bounds, strict=True))
+    last = len(bounds) < ranges
+    if last:
+        spans.append((starts[-1], None))
+    return FanOutPlan(spans, starts[-1], last)
+
+
+def fan_out_range(session: Session, campaign_id: str, after: str | None, upto: str | None) -> int:
+    """Queue one range of a plan, in a transaction of its own beside the others. Returns how many were queued."""
+    campaign = _fanning_out(session, campaign_id, key_share=True)
+    if campaign is None:
+        return 0
+    queued = store.fan_out_range(session, campaign, after=after, upto=upto, **_queue_as(session, campaign))
+    count_at_commit(session, EMAILS_ACCEPTED.labels("campaign"), queued)
+    return queued
+
+
+def advance_fan_out(session: Session, campaign_id: str, plan: FanOutPlan) -> bool:
+    """Every range of `plan` is committed: move the cursor past them, and after the last mark the fan-out done.
+    A cursor another node moved further stays. Returns whether the fan-out is finished."""
+    campaign = _fanning_out(session, campaign_id, for_update=True)
+    if campaign is None:
+        return True
+    if plan.cursor is not None and (campaign.fanout_cursor is None or campaign.fanout_cursor < plan.cursor):
+        campaign.fanout_cursor = plan.cursor
+    if plan.last:
+        campaign.fanout_done = True
+        log.info("campaign %s: fan-out done, %d recipients queued", campaign.id, campaign.recipient_count)
+    return campaign.fanout_done
 
 
 def reach(session: Session, campaign: Campaign) -> int:
