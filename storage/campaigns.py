@@ -214,7 +214,8 @@ def _queue_recipients(session: Session, campaign: Campaign, audience: Audience, 
                "message_id"]
     insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
     queued = conn.execute(insert(_EMAIL).from_select(columns, recipients).on_conflict_do_nothing(
-        index_elements=[_EMAIL.c.campaign_id, _EMAIL.c.contact_id])).rowcount
+        index_elements=[_EMAIL.c.campaign_id, _EMAIL.c.contact_id], index_where=_EMAIL.c.campaign_id.is_not(None))
+    ).rowcount
     if queued and campaign.recipient_count == 0:
         refresh_email_statistics(session, queued)
     this_call = (_EMAIL.c.id > email_head) & (_EMAIL.c.id < email_head + "~")
