@@ -1,11 +1,11 @@
 """The campaign fan-out: a loop of small named steps, as the dispatcher is.
 
-    start_due (SCHEDULED → SENDING, spec fixed) → fan_out_next (SQLite: a chunk per transaction, until done)
+    start_due (SCHEDULED → SENDING, spec fixed) → fan_out_next (a chunk per transaction, until done)
     → finish_drained (SENDING → SENT once the campaign's last email has left the outbox)
 
-On PostgreSQL each step plans the next chunks as ranges of recipients (plan_fan_out), queues them on
-connections of their own, `RANGES` at once while no request is writing (fan_out_range), then moves the cursor
-past them (advance_fan_out).
+On PostgreSQL, while no request is writing, a step plans the next `RANGES` chunks as ranges of recipients
+(plan_fan_out), queues them at once on connections of their own (fan_out_range), then moves the cursor past
+them (advance_fan_out).
 
 It runs in the acceptance (API) process of each node (see `plunkd.app.fanout_ctx`). On PostgreSQL several
 nodes may run it at once: each chunk locks its campaign row, and the unique (campaign, contact) index

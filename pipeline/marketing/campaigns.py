@@ -342,8 +342,8 @@ def _queue_as(session: Session, campaign: Campaign) -> dict[str, Any]:
 
 
 def fan_out_next(session: Session, campaign_id: str, chunk: int) -> tuple[int, bool]:
-    """Queue the next chunk of a SENDING campaign after its cursor; returns (queued, finished). SQLite's
-    fan-out (PostgreSQL's plans ranges: `plan_fan_out`)."""
+    """Queue the next chunk of a SENDING campaign after its cursor, holding its row; returns (queued, finished).
+    SQLite's every chunk; on PostgreSQL the first and those while requests write (else `plan_fan_out`)."""
     campaign = _fanning_out(session, campaign_id, for_update=True)
     if campaign is None:
         return 0, True
