@@ -296,6 +296,23 @@ async def test_a_range_committed_before_a_crash_is_skipped_when_the_fan_out_runs
     assert (await api.db.read(campaign_store.get_campaign_by_id, created["id"])).fanout_done
 
 
+async def test_two_fan_outs_of_one_campaign_at_once_queue_each_contact_once(api, sender):
+    """Several nodes may fan the same campaign out at once (PostgreSQL): their ranges overlap, the unique index makes
+    the later insert of a contact wait for the earlier and skip it, and neither moves the cursor back. Between them
+    they queue every contact once, each with its outbox row, and the count is that of the contacts."""
+    await add_contacts(api, 95)
+    created = await create(api)
+    await api.call("POST", f"/campaigns/{created['id']}/send", json={})
+    nodes = [CampaignFanOut(api.db, api.client.app[LINKS], lambda: None, chunk=10) for _ in range(2)]
+    queued = await asyncio.wait_for(asyncio.gather(*(node.run_once() for node in nodes)), 60)
+    assert sum(queued) == 95, queued
+    rows = await emails_per_contact(api, created["id"])
+    assert len(rows) == 95 and all((emails, outbox) == (1, 1) for _, emails, outbox in rows)
+    after = await campaign(api, created["id"])
+    assert after["recipientCount"] == 95 and after["status"] == "SENDING"
+    assert (await api.db.read(campaign_store.get_campaign_by_id, created["id"])).fanout_done
+
+
 async def test_with_no_requests_writing_the_postgres_fan_out_queues_ranges_at_once(api, sender, monkeypatch):
     """On PostgreSQL a chunk is one core's worth of the server's index and foreign-key upkeep: while no request
     writes, RANGES of them run at once on connections of their own (100,000 recipients on a quiet server: 5.2 s
