@@ -6,11 +6,10 @@ from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import case, delete, func, literal, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
+from storage.fastpath import insert_for
 from storage.models import DashboardSession, Invitation, LoginFailure, Membership, Project, Role, User
 
 
@@ -176,7 +175,7 @@ def count_attempt(session: Session, key: str, now: datetime, window_start: datet
     """Count one more sign-in attempt under `key` and return the count in the current window (a window
     older than `window_start` starts again at 1). One statement, so concurrent attempts on any node each
     get their own number."""
-    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    insert = insert_for(session.get_bind().dialect.name)
     table = LoginFailure.__table__
     stale = table.c.first_at < window_start
     upsert = insert(table).values(key=key, count=1, first_at=now).on_conflict_do_update(index_elements=["key"], set_={

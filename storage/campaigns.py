@@ -30,14 +30,13 @@ from sqlalchemy import (
     true,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.functions import FunctionElement
 
 from storage.emails import message_id_domain
+from storage.fastpath import insert_for
 from storage.holds import HOLD_PAUSED, PARKED, release
 from storage.models import (
     Campaign,
@@ -212,14 +211,13 @@ def _queue_recipients(session: Session, campaign: Campaign, audience: Audience, 
     columns = ["id", "project_id", "contact_id", "content_id", "campaign_id", "recipient", "sender",
                "envelope_sender", "subject", "source", "status", "created_at", "track_opens", "track_clicks",
                "message_id"]
-    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-    queued = conn.execute(insert(_EMAIL).from_select(columns, recipients).on_conflict_do_nothing(
+    queued = conn.execute(insert_for(conn.dialect.name)(_EMAIL).from_select(columns, recipients).on_conflict_do_nothing(
         index_elements=[_EMAIL.c.campaign_id, _EMAIL.c.contact_id], index_where=_EMAIL.c.campaign_id.is_not(None))
     ).rowcount
     if queued and campaign.recipient_count == 0:
         refresh_email_statistics(session, queued)
-    this_call = (_EMAIL.c.id > email_head) & (_EMAIL.c.id < email_head + "~")
     if queued:
+        this_call = (_EMAIL.c.id > email_head) & (_EMAIL.c.id < email_head + "~")
         conn.execute(_OUTBOX.insert().from_select(
             ["id", "email_id", "due_at", "attempts", "priority", "campaign_id"],
             select(_derived_ids(outbox_head, _EMAIL.c.id), _EMAIL.c.id, literal(now, UTCDateTime),

@@ -21,11 +21,17 @@ from typing import Any, cast
 
 from sqlalchemy import ARRAY, JSON, Insert, Text, TypeDecorator, bindparam, exc, func, select, util
 from sqlalchemy import cast as sql_cast
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import ClauseElement, ColumnElement, Executable
 from sqlalchemy.sql.compiler import SQLCompiler
 
+
+def insert_for(dialect: str) -> Any:
+    """The `insert` construct of the dialect named (`postgresql` or `sqlite`): what ON CONFLICT is written with."""
+    return pg_insert if dialect == "postgresql" else sqlite_insert
 
 @dataclass(frozen=True)
 class _Compiled:

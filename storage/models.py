@@ -252,18 +252,19 @@ def _partial(where: str) -> dict[str, Any]:
     return {"sqlite_where": text(where), "postgresql_where": text(where)}
 
 
-_CAMPAIGN_EMAILS = _partial("campaign_id IS NOT NULL")
-"""Every query on a campaign_id index asks for one campaign: API and SMTP mail (no campaign) stays out of them."""
+_OF_A_CAMPAIGN = _partial("campaign_id IS NOT NULL")
+"""Every query on a campaign_id index (of emails or of the outbox) asks for one campaign: API and SMTP mail (no
+campaign) stays out of them."""
 
 
 class Email(Base):
     __tablename__ = "emails"
     __table_args__ = (Index("ix_emails_project_id_id", "project_id", "id"),
                       Index("uq_emails_campaign_contact", "campaign_id", "contact_id", unique=True,
-                            **_CAMPAIGN_EMAILS),
+                            **_OF_A_CAMPAIGN),
                       Index("ix_emails_campaign_id_status_id_sent_at", "campaign_id", "status", "id", "sent_at",
-                            **_CAMPAIGN_EMAILS),
-                      Index("ix_emails_campaign_id_id", "campaign_id", "id", **_CAMPAIGN_EMAILS),
+                            **_OF_A_CAMPAIGN),
+                      Index("ix_emails_campaign_id_id", "campaign_id", "id", **_OF_A_CAMPAIGN),
                       Index("ix_emails_contact_id_id", "contact_id", "id"),
                       Index("ix_emails_project_id_recipient_id", "project_id", "recipient", "id"),
                       Index("ix_emails_project_id_status_id_source", "project_id", "status", "id", "source"),
@@ -304,7 +305,7 @@ class OutboxItem(Base):
 
     __tablename__ = "outbox"
     __table_args__ = (Index("ix_outbox_priority_due_at", "priority", "due_at"),
-                      Index("ix_outbox_campaign_id", "campaign_id", **_CAMPAIGN_EMAILS),
+                      Index("ix_outbox_campaign_id", "campaign_id", **_OF_A_CAMPAIGN),
                       Index("ix_outbox_leased", "priority", "due_at", **_partial("claimed_by IS NOT NULL")),
                       Index("ix_outbox_hold", "hold", **_partial("hold IS NOT NULL")))
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)

@@ -14,11 +14,10 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Insert, bindparam, delete, func, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from storage.batch import write_at_commit, write_in_key_order
+from storage.fastpath import insert_for
 from storage.models import ReputationDay, ReputationState, utcnow
 
 DAYS = ReputationDay.__table__
@@ -40,7 +39,7 @@ def day_of(at: datetime) -> int:
 def _add(session: Session) -> Insert:
     dialect = session.get_bind().dialect.name
     if dialect not in _ADD:
-        insert = (pg_insert if dialect == "postgresql" else sqlite_insert)(DAYS)
+        insert = insert_for(dialect)(DAYS)
         _ADD[dialect] = write_in_key_order(insert.on_conflict_do_update(
             index_elements=[DAYS.c.project_id, DAYS.c.day, DAYS.c.shard],
             set_={name: DAYS.c[name] + insert.excluded[name] for name in ("sent", "bounced", "complained")}),
@@ -120,8 +119,7 @@ def state_for_update(session: Session, project_id: str) -> ReputationState:
     """The project's state row, locked for this transaction (made, at OK and not paused, when it has none)."""
     state = get_state(session, project_id, for_update=True)
     if state is None:
-        dialect = session.get_bind().dialect.name
-        insert = (pg_insert if dialect == "postgresql" else sqlite_insert)(STATES).values(
+        insert = insert_for(session.get_bind().dialect.name)(STATES).values(
             project_id=project_id, bounce_level=OK, complaint_level=OK, marketing_paused=False, updated_at=utcnow())
         session.connection().execute(insert.on_conflict_do_nothing(index_elements=[STATES.c.project_id]))
         state = get_state(session, project_id, for_update=True)

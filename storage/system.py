@@ -14,11 +14,10 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Insert, delete, func, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from storage.batch import write_at_commit
+from storage.fastpath import insert_for
 from storage.models import Node, OutboxItem, SendMinute
 
 NODES = Node.__table__
@@ -31,16 +30,12 @@ SHARDS = 16
 _SHARD_KEY = "plunkd.send_minute_shard"
 
 
-def _upsert_dialect(session: Session) -> Any:
-    return pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-
-
 # ---------------------------------------------------------------------------------------------------
 # Nodes.
 
 def heartbeat(session: Session, node: dict[str, Any]) -> None:
     """Insert the process's row, or move its `last_heartbeat` (a row pruned meanwhile comes back)."""
-    insert = _upsert_dialect(session)(NODES).values(**node)
+    insert = insert_for(session.get_bind().dialect.name)(NODES).values(**node)
     session.connection().execute(insert.on_conflict_do_update(index_elements=[NODES.c.id], set_={
         "last_heartbeat": insert.excluded.last_heartbeat, "roles": insert.excluded.roles}))
 
@@ -66,7 +61,7 @@ _ADD_MINUTE: dict[str, Insert] = {}
 def _add_minute(session: Session) -> Insert:
     dialect = session.get_bind().dialect.name
     if dialect not in _ADD_MINUTE:
-        insert = _upsert_dialect(session)(MINUTES)
+        insert = insert_for(session.get_bind().dialect.name)(MINUTES)
         _ADD_MINUTE[dialect] = insert.on_conflict_do_update(
             index_elements=[MINUTES.c.minute, MINUTES.c.shard],
             set_={"sent": MINUTES.c.sent + insert.excluded.sent, "failed": MINUTES.c.failed + insert.excluded.failed})

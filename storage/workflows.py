@@ -32,8 +32,6 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
@@ -158,7 +156,7 @@ def _start_statement(dialect: str) -> Any:
               .select_from(TRIGGERS.join(WORKFLOWS, WORKFLOWS.c.id == TRIGGERS.c.workflow_id))
               .where(TRIGGERS.c.project_id == bindparam("project_id"), TRIGGERS.c.event == bindparam("event"),
                      WORKFLOWS.c.enabled.is_(True), ~did_excluded))
-    insert = sqlite_insert(RUNS) if dialect == "sqlite" else pg_insert(RUNS)
+    insert = fastpath.insert_for(dialect)(RUNS)
     statement = insert.from_select(_RUN_COLUMNS, source).on_conflict_do_nothing()
     _START[dialect] = statement
     return statement
@@ -199,7 +197,7 @@ def start_run(session: Session, workflow: Workflow, contact_id: str, now: dateti
         "status": RunStatus.ACTIVE, "step_id": str(first)[:64] if first is not None else None, "due_at": now,
         "waiting_for": None, "once_key": "once" if workflow.run_once else run_id, "trigger_event_id": None,
         "context": context or {}, "history": [], "emails_sent": 0, "created_at": now, "updated_at": now}
-    insert = sqlite_insert(RUNS) if session.get_bind().dialect.name == "sqlite" else pg_insert(RUNS)
+    insert = fastpath.insert_for(session.get_bind().dialect.name)(RUNS)
     done = session.connection().execute(insert.on_conflict_do_nothing(), values).rowcount
     return run_id if done else None
 
