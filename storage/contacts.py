@@ -55,15 +55,20 @@ _TABLE = Contact.__table__
 _COLUMNS = [_TABLE.c[name] for name in ("id", "email", "subscribed", "data", "created_at", "updated_at")]
 # Statements built once and executed with parameters: building them per call costs more than SQLite.
 _BY_ID = select(*_COLUMNS).where(_TABLE.c.project_id == bindparam("p"), _TABLE.c.id == bindparam("i"))
-_BY_ID_LOCKED = _BY_ID.with_for_update()
+_BY_ID_LOCKED = _BY_ID.with_for_update(key_share=True)
+"""Locked against other changes of the contact, FOR NO KEY UPDATE (what PostgreSQL's own UPDATE of columns that
+are no key takes), not FOR UPDATE: every row written elsewhere that references the contact (an event, a
+campaign's email) locks it FOR KEY SHARE until its transaction ends, and FOR UPDATE would wait for that (a
+receipt to a contact in a campaign being fanned out waited for the chunk's commit). An UPDATE of the email, a
+key, still takes FOR UPDATE itself. SQLite has no row locks."""
 _BY_EMAIL = select(*_COLUMNS).where(_TABLE.c.project_id == bindparam("p"), _TABLE.c.email == bindparam("e"))
-_BY_EMAIL_LOCKED = _BY_EMAIL.with_for_update()
+_BY_EMAIL_LOCKED = _BY_EMAIL.with_for_update(key_share=True)
 _INSERT = _TABLE.insert()
 _UPDATE = _TABLE.update().where(_TABLE.c.id == bindparam("contact_id"))
 _BY_PROJECT = select(*_COLUMNS).where(_TABLE.c.project_id == bindparam("p"))
 _LOCK_BATCH = {
     "postgresql": _BY_PROJECT.where(_TABLE.c.email == any_(bindparam("e", type_=ARRAY(String))))
-    .order_by(_TABLE.c.id).with_for_update(),
+    .order_by(_TABLE.c.id).with_for_update(key_share=True),
     "sqlite": _BY_PROJECT.where(_TABLE.c.email.in_(
         select(column("value")).select_from(func.json_each(bindparam("e", type_=JSON))).scalar_subquery())),
 }

@@ -109,3 +109,24 @@ async def test_a_failing_work_leaves_the_others_of_its_batch_written_once(db, pr
     assert await rows(db, "SELECT email FROM contacts ORDER BY email") == [("kept@example.org",)]
     assert await rows(db, "SELECT name FROM events ORDER BY name") == [("login",), ("signup",)]
     assert [as_data(data) for (data,) in await rows(db, "SELECT data FROM contacts")] == [{"k": 2}]
+
+
+@pytest.mark.postgres_only
+async def test_a_row_written_for_a_contact_in_another_transaction_does_not_hold_up_a_track_of_it(db, project_id):
+    """Each row that references a contact (an event, a campaign's email) makes PostgreSQL's foreign-key check lock
+    the contact FOR KEY SHARE until its transaction ends: a campaign's chunk of 2,000 recipients holds those
+    locks for its whole transaction. A batch of tracks and sends locks its contacts only against other changes of
+    them (FOR NO KEY UPDATE, as PostgreSQL's own UPDATE of columns that are no key): with FOR UPDATE, a receipt to
+    a contact in a campaign being fanned out waited for the chunk's commit."""
+    assert [ok for ok, _ in await one_batch(db, [tracked(project_id, "reader@example.org", "signup")])] == [True]
+    contact_id = await db.read(lambda s: s.execute(text("SELECT id FROM contacts WHERE email = 'reader@example.org'"))
+                               .scalar_one())
+    async with db.engine.connect() as other:
+        await other.execute(text("INSERT INTO events (id, project_id, contact_id, name, data, created_at) "
+                                 "VALUES ('held-event', :p, :c, 'held', '{}', now())"),
+                            {"p": project_id, "c": contact_id})
+        outcome = await asyncio.wait_for(one_batch(db, [tracked(project_id, "reader@example.org", "purchase")]), 10)
+        await other.rollback()
+    assert [ok for ok, _ in outcome] == [True]
+    names = await db.read(lambda s: sorted(s.execute(text("SELECT name FROM events")).scalars()))
+    assert names == ["purchase", "signup"]
