@@ -21,7 +21,9 @@ _CONTACT_COLUMNS = [_CONTACT.c[name] for name in ("id", "email", "subscribed", "
 _LINKED = (select(_CONTACT.c.project_id, _PROJECT.c.name, _PROJECT.c.from_name, *_CONTACT_COLUMNS)
            .join(_PROJECT, _PROJECT.c.id == _CONTACT.c.project_id)
            .where(_CONTACT.c.id == bindparam("i")))
-_LINKED_LOCKED = _LINKED.with_for_update(of=_CONTACT)
+_LINKED_LOCKED = _LINKED.with_for_update(of=_CONTACT, key_share=True)
+"""FOR NO KEY UPDATE, as `storage.contacts` locks contacts: a click does not wait for every transaction holding a
+row that references the contact (a campaign's chunk of emails)."""
 _CAMPAIGN_EMAIL = select(_EMAIL.c.id).where(_EMAIL.c.campaign_id == bindparam("campaign"),
                                             _EMAIL.c.contact_id == bindparam("contact"))
 

@@ -19,6 +19,7 @@ from pipeline.projects import create_project
 from pipeline.track import track
 from storage.batch import run_batch
 from storage.contacts import ContactWork
+from storage.subscriptions import contact_for_link
 
 TRACKS = 10
 
@@ -112,12 +113,14 @@ async def test_a_failing_work_leaves_the_others_of_its_batch_written_once(db, pr
 
 
 @pytest.mark.postgres_only
-async def test_a_row_written_for_a_contact_in_another_transaction_does_not_hold_up_a_track_of_it(db, project_id):
+async def test_a_row_written_for_a_contact_in_another_transaction_holds_up_neither_a_track_nor_a_link_of_it(
+        db, project_id):
     """Each row that references a contact (an event, a campaign's email) makes PostgreSQL's foreign-key check lock
     the contact FOR KEY SHARE until its transaction ends: a campaign's chunk of 2,000 recipients holds those
-    locks for its whole transaction. A batch of tracks and sends locks its contacts only against other changes of
-    them (FOR NO KEY UPDATE, as PostgreSQL's own UPDATE of columns that are no key): with FOR UPDATE, a receipt to
-    a contact in a campaign being fanned out waited for the chunk's commit."""
+    locks for its whole transaction. A batch of tracks and sends, and a click on the contact's unsubscribe link,
+    lock the contact only against other changes of it (FOR NO KEY UPDATE, as PostgreSQL's own UPDATE of columns
+    that are no key): with FOR UPDATE, a receipt to a contact in a campaign being fanned out waited for the
+    chunk's commit."""
     assert [ok for ok, _ in await one_batch(db, [tracked(project_id, "reader@example.org", "signup")])] == [True]
     contact_id = await db.read(lambda s: s.execute(text("SELECT id FROM contacts WHERE email = 'reader@example.org'"))
                                .scalar_one())
@@ -126,7 +129,9 @@ async def test_a_row_written_for_a_contact_in_another_transaction_does_not_hold_
                                  "VALUES ('held-event', :p, :c, 'held', '{}', now())"),
                             {"p": project_id, "c": contact_id})
         outcome = await asyncio.wait_for(one_batch(db, [tracked(project_id, "reader@example.org", "purchase")]), 10)
+        linked = await asyncio.wait_for(db.write(lambda s: contact_for_link(s, contact_id, for_update=True)), 10)
         await other.rollback()
     assert [ok for ok, _ in outcome] == [True]
+    assert linked is not None and linked.contact.email == "reader@example.org"
     names = await db.read(lambda s: sorted(s.execute(text("SELECT name FROM events")).scalars()))
     assert names == ["purchase", "signup"]
