@@ -33,6 +33,7 @@ def insert_for(dialect: str) -> Any:
     """The `insert` construct of the dialect named (`postgresql` or `sqlite`): what ON CONFLICT is written with."""
     return pg_insert if dialect == "postgresql" else sqlite_insert
 
+
 @dataclass(frozen=True)
 class _Compiled:
     sql: str

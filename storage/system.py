@@ -61,7 +61,7 @@ _ADD_MINUTE: dict[str, Insert] = {}
 def _add_minute(session: Session) -> Insert:
     dialect = session.get_bind().dialect.name
     if dialect not in _ADD_MINUTE:
-        insert = insert_for(session.get_bind().dialect.name)(MINUTES)
+        insert = insert_for(dialect)(MINUTES)
         _ADD_MINUTE[dialect] = insert.on_conflict_do_update(
             index_elements=[MINUTES.c.minute, MINUTES.c.shard],
             set_={"sent": MINUTES.c.sent + insert.excluded.sent, "failed": MINUTES.c.failed + insert.excluded.failed})
