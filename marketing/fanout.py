@@ -25,7 +25,7 @@ from pipeline.links import LinkSigner
 from pipeline.marketing import campaigns as rules
 from storage import campaigns as store
 from storage.db import Database
-from storage.models import utcnow
+from storage.models import Campaign, utcnow
 
 log = logging.getLogger("plunkd.campaigns")
 
@@ -78,14 +78,23 @@ class CampaignFanOut(DueLoop):
         emails were queued."""
         queued = 0
         for campaign in await self.db.read(store.campaigns_to_start, utcnow()):
-            started = await self.db.write(functools.partial(rules.start_fanout, campaign_id=campaign.id,
-                                                                   links=self.links))
+            started = await self.start(campaign.id)
             if started is None:
                 continue
             queued += await self.fan_out(started.id)
         if await self.db.read(store.drained_campaigns):  # a read: every queued message wakes this loop
             await self.db.write(lambda s: store.finish_drained(s, utcnow()))
         return queued
+
+    async def start(self, campaign_id: str) -> Campaign | None:
+        """SCHEDULED → SENDING (`start_fanout`; a campaign already SENDING as it is, None if it is neither), then on
+        PostgreSQL the contacts' statistics the chunks are planned from (`refresh_audience_statistics`), in a
+        transaction of its own: ANALYZE reads a sample of the whole table (about 70 ms at 100,000 contacts), and
+        in start_fanout's batch every request whose write came meanwhile waited for it."""
+        started = await self.db.write(functools.partial(rules.start_fanout, campaign_id=campaign_id, links=self.links))
+        if started is not None and self.db.is_postgres:
+            await self.db.write(store.refresh_audience_statistics, alone=True)
+        return started
 
     async def fan_out(self, campaign_id: str) -> int:
         """Queue the campaign's recipients to the end, a chunk per transaction. While requests write (within

@@ -165,8 +165,8 @@ def refresh_audience_statistics(session: Session) -> None:
     """PostgreSQL: ANALYZE contacts before a fan-out. Contacts imported in bulk since autovacuum last
     looked leave the planner thinking the table holds a handful of rows; it then reads every remaining
     contact and sorts them for each chunk's `ORDER BY id LIMIT` instead of walking the index (100,000
-    contacts: each chunk read the rest, and the fan-out grew quadratic). A sample of the table, once per
-    campaign; it does not block writes."""
+    contacts: each chunk read the rest, and the fan-out grew quadratic). A sample of the table, each time a
+    fan-out starts (`marketing.fanout.CampaignFanOut.start`), in a transaction of its own."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("ANALYZE contacts"))
 

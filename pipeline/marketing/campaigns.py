@@ -319,7 +319,6 @@ def start_fanout(session: Session, campaign_id: str, links: LinkSigner) -> Campa
         campaign.status = CampaignStatus.SENDING
         campaign.started_at = utcnow()
         session.flush()
-        store.refresh_audience_statistics(session)
         log.info("campaign %s: fan-out started", campaign.id)
     return campaign
 
