@@ -288,16 +288,13 @@ async def legacy_send(request: web.Request) -> web.Response:
 
 
 async def cancel_campaign(request: web.Request) -> web.Response:
-    project_id = caller(request).project_id
-    campaign = await request.app[DB].write(lambda s: campaign_json(
-        rules.cancel_campaign(s, project_id, request.match_info["id"])))
-    return success(campaign)
+    project_id, campaign_id = caller(request).project_id, request.match_info["id"]
+    return success(await rules.cancel(request.app[DB], project_id, campaign_id, campaign_json))
 
 
 async def resume_campaign(request: web.Request) -> web.Response:
-    project_id = caller(request).project_id
-    campaign = await request.app[DB].write(lambda s: campaign_json(
-        rules.resume_campaign(s, project_id, request.match_info["id"])))
+    project_id, campaign_id = caller(request).project_id, request.match_info["id"]
+    campaign = await rules.resume(request.app[DB], project_id, campaign_id, campaign_json)
     _wake(request)
     return success(campaign)
 

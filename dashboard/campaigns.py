@@ -317,8 +317,7 @@ async def send_campaign(ctx: Ctx) -> Answer:
 
 async def cancel_campaign(ctx: Ctx) -> Answer:
     campaign_id = _campaign_id(ctx)
-    campaign = await ctx.request.app[DB].write(lambda s: campaign_json(
-        rules.cancel_campaign(s, ctx.project_id, campaign_id)))
+    campaign = await rules.cancel(ctx.request.app[DB], ctx.project_id, campaign_id, campaign_json)
     _PROGRESS.discard((ctx.project_id, campaign_id))
     return Answer(redirect=f"/projects/{ctx.project_id}/campaigns/{campaign_id}", flash="Campaign cancelled",
                   data=campaign)
@@ -326,8 +325,7 @@ async def cancel_campaign(ctx: Ctx) -> Answer:
 
 async def resume_campaign(ctx: Ctx) -> Answer:
     campaign_id = _campaign_id(ctx)
-    campaign = await ctx.request.app[DB].write(lambda s: campaign_json(
-        rules.resume_campaign(s, ctx.project_id, campaign_id)))
+    campaign = await rules.resume(ctx.request.app[DB], ctx.project_id, campaign_id, campaign_json)
     _PROGRESS.discard((ctx.project_id, campaign_id))
     _wake(ctx)
     return Answer(redirect=f"/projects/{ctx.project_id}/campaigns/{campaign_id}", flash="Campaign resumed",

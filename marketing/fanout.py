@@ -67,6 +67,8 @@ class CampaignFanOut(DueLoop):
         self.links = links
         self.on_queued = on_queued
         self.chunk = chunk
+        self._released_leftovers = False
+        """Whether this process has released the emails a resume cut short by a crash left parked."""
         super().__init__(poll_seconds, log, "campaign fan-out", WAKE_GAP_SECONDS)
 
     async def step(self) -> bool:
@@ -75,8 +77,14 @@ class CampaignFanOut(DueLoop):
 
     async def run_once(self) -> int:
         """Fan out every campaign now due, to the end; then settle the drained ones. Returns how many
-        emails were queued."""
+        emails were queued. The first run in a process also releases the emails of resumed campaigns that a
+        crash left parked (a resume releases them a thousand per transaction after it commits)."""
         queued = 0
+        if not self._released_leftovers:
+            for campaign_id in await self.db.read(store.campaigns_parked_but_not_paused):
+                released = await rules.release_parked_emails(self.db, campaign_id)
+                log.info("campaign %s: %d emails left parked after its resume released", campaign_id, released)
+            self._released_leftovers = False
         for campaign in await self.db.read(store.campaigns_to_start, utcnow()):
             started = await self.start(campaign.id)
             if started is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import (
     Boolean,
@@ -30,7 +30,6 @@ from sqlalchemy import (
     true,
     update,
 )
-from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.functions import FunctionElement
@@ -309,21 +308,35 @@ def park_queued(session: Session, campaign_id: str) -> int:
         due_at=PARKED, hold=HOLD_PAUSED)).rowcount
 
 
-def release_parked(session: Session, campaign_id: str) -> int:
-    """Resume: the campaign's parked emails are due now. Returns how many."""
-    return release(session, HOLD_PAUSED, _OUTBOX.c.campaign_id == campaign_id)
+def release_parked(session: Session, campaign_id: str, limit: int) -> int:
+    """Resume, a part at a time (`storage.db.Database.write_in_chunks`): up to `limit` of the campaign's parked
+    emails are due now. Returns how many (fewer than `limit`: none is left)."""
+    parked = select(_OUTBOX.c.id).where(_OUTBOX.c.hold == HOLD_PAUSED,
+                                        _OUTBOX.c.campaign_id == campaign_id).limit(limit)
+    return release(session, HOLD_PAUSED, _OUTBOX.c.id.in_(parked))
 
 
-def withdraw_queued(session: Session, campaign_id: str) -> int:
-    """Cancel: take the campaign's emails out of the outbox and mark them CANCELLED. Returns how many.
-    Those a dispatcher holds right now stay; it cancels them itself when it sees the campaign's status
-    (`campaign_status`)."""
-    waiting = select(_OUTBOX.c.email_id).where(_OUTBOX.c.campaign_id == campaign_id, _OUTBOX.c.claimed_by.is_(None))
-    # An ORM UPDATE returns a CursorResult; Session.execute's stubs only say Result.
-    cancelled = cast(CursorResult[Any], session.execute(update(Email).where(Email.id.in_(waiting)).values(
-        status=EmailStatus.CANCELLED, error=CANCELLED_ERROR))).rowcount
-    session.execute(delete(OutboxItem).where(OutboxItem.campaign_id == campaign_id, OutboxItem.claimed_by.is_(None)))
-    return cancelled
+def campaigns_parked_but_not_paused(session: Session) -> list[str]:
+    """Campaigns with emails parked for a pause that is over: a resume whose release (a part at a time) a crash
+    cut short. Once per process start (`marketing.fanout`): the parked rows are one range of `ix_outbox_hold`."""
+    return list(session.execute(select(_OUTBOX.c.campaign_id).distinct().where(
+        _OUTBOX.c.hold == HOLD_PAUSED, _OUTBOX.c.campaign_id == _CAMPAIGN.c.id,
+        _CAMPAIGN.c.status != CampaignStatus.PAUSED)).scalars())
+
+
+def withdraw_queued(session: Session, campaign_id: str, limit: int) -> int:
+    """Cancel, a part at a time (`storage.db.Database.write_in_chunks`): take up to `limit` of the campaign's emails
+    waiting in the outbox out of it and mark them CANCELLED. Returns how many (fewer than `limit`: none is left).
+    Those a dispatcher holds, or is claiming right now (locked, skipped on PostgreSQL), stay; it cancels them
+    itself when it sees the campaign's status (`campaign_status`)."""
+    waiting = session.execute(select(_OUTBOX.c.id, _OUTBOX.c.email_id).where(
+        _OUTBOX.c.campaign_id == campaign_id, _OUTBOX.c.claimed_by.is_(None)).limit(limit)
+        .with_for_update(skip_locked=True)).all()
+    if waiting:
+        session.execute(update(_EMAIL).where(_EMAIL.c.id.in_([row.email_id for row in waiting])).values(
+            status=EmailStatus.CANCELLED, error=CANCELLED_ERROR))
+        session.execute(delete(_OUTBOX).where(_OUTBOX.c.id.in_([row.id for row in waiting])))
+    return len(waiting)
 
 
 def _tally(stats: dict[str, int], status: str, sent: bool, count: int) -> None:

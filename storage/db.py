@@ -36,6 +36,9 @@ ACCEPTING_CHECKPOINT_PAGES = 8192
 """WAL pages (4 KiB) after which a commit of the accepting writer copies the WAL into the database file (and
 syncs it) before its callers get their replies. SQLite's 1,000 made that every 4 MB, forty 100 KB messages;
 the dispatcher's writer keeps 1,000 and so usually checkpoints first, off acceptance's path."""
+BULK_CHUNK = 1000
+"""Rows changed per transaction by `Database.write_in_chunks`: on SQLite's one writer, a request waits for one such
+transaction at most (a campaign's emails cancelled: about 12 ms a thousand)."""
 T = TypeVar("T")
 
 
@@ -92,6 +95,19 @@ class Database:
                 raise value
             return value
         return await self.writer.run(fn, light, bulk=alone)
+
+    async def write_in_chunks(self, fn: Callable[..., int]) -> int:
+        """Run `fn(session, limit=BULK_CHUNK)`, which changes at most that many rows and returns how many it changed,
+        each time in a transaction of its own (`alone`), until it changes fewer; returns the total. For a change of
+        many rows that need not be made at once: in one transaction, a campaign's 100,000 emails cancelled held up
+        every other write until its commit (4.6 s on PostgreSQL, 1.2 s on SQLite)."""
+        chunk = BULK_CHUNK
+        total = 0
+        while True:
+            changed = await self.write(functools.partial(fn, limit=chunk), alone=True)
+            total += changed
+            if changed < chunk:
+                return total
 
     async def migrate(self) -> None:
         async with self.engine.begin() as conn:

@@ -13,7 +13,7 @@ from email import policy
 
 import dkim
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from api.context import LINKS
@@ -26,6 +26,7 @@ from marketing.fanout import SHARED_CHUNK_DIVISOR, CampaignFanOut
 from pipeline.deferred import DeferredComposer
 from pipeline.marketing import campaigns as rules
 from storage import campaigns as campaign_store
+from storage import db as db_module
 from storage import emails as email_store
 from storage import events as event_store
 from storage.models import Campaign, Contact, Email, OutboxItem, Template, new_id, utcnow
@@ -524,6 +525,81 @@ async def test_cancel_while_sending_stops_the_claimed_batch_at_the_transport(api
     assert counts["queued"] == counts["failed"] == 0
     assert (await campaign(api, created["id"]))["status"] == "CANCELLED"
     assert await api.db.read(email_store.outbox_rows) == []
+
+
+async def test_a_cancel_withdraws_its_queued_mail_a_part_at_a_time_and_other_writes_go_on_between(
+        api, sender, monkeypatch):
+    """Cancelling a campaign of 100,000 queued emails in one transaction held up every other write until it
+    committed (4.6 s on PostgreSQL, 1.2 s on SQLite, for /v1/send beside it). The emails are withdrawn a part at a
+    time (a thousand; ten here), each part in a transaction of its own, and tracks written all along commit
+    between the parts."""
+    monkeypatch.setattr(db_module, "BULK_CHUNK", 10)
+    await add_contacts(api, 45)
+    created = await create(api)
+    await api.call("POST", f"/campaigns/{created['id']}/send", json={})
+    assert await CampaignFanOut(api.db, api.client.app[LINKS], lambda: None).run_once() == 45
+    parts: list[float] = []
+    withdraw = campaign_store.withdraw_queued
+
+    def timed(session, campaign_id, limit):
+        parts.append(time.monotonic())
+        return withdraw(session, campaign_id=campaign_id, limit=limit)
+
+    monkeypatch.setattr(campaign_store, "withdraw_queued", timed)
+    tracked: list[float] = []
+    cancelling = asyncio.Event()
+
+    async def track_until_cancelled() -> None:
+        for index in range(10_000):
+            if cancelling.is_set() and len(parts) >= 5:
+                return
+            status, _ = await api.call("POST", "/v1/track", json={"email": "reader0@example.org", "event": f"e{index}"})
+            assert status == 200
+            tracked.append(time.monotonic())
+
+    tracks = [asyncio.create_task(track_until_cancelled()) for _ in range(4)]
+    await asyncio.sleep(0.2)
+    cancelling.set()
+    status, body = await api.call("POST", f"/campaigns/{created['id']}/cancel")
+    await asyncio.wait_for(asyncio.gather(*tracks), 30)
+    assert status == 200 and body["data"]["status"] == "CANCELLED"
+    assert len(parts) == 5  # 10, 10, 10, 10, 5
+    assert any(parts[0] < done < parts[-1] for done in tracked), "no track committed while the cancel withdrew"
+    counts = await stats(api, created["id"])
+    assert counts["cancelled"] == 45 and counts["queued"] == 0
+    assert await api.db.read(email_store.outbox_rows) == []
+
+
+async def test_emails_a_resume_left_parked_when_cut_short_are_released_when_the_fan_out_starts_again(
+        api, sender, monkeypatch):
+    """A resume makes its campaign SENDING, then releases its parked emails a part at a time after that commits: a
+    crash between the two left them parked for good. The fan-out loop's first run in a process releases the emails
+    parked for a pause of a campaign that is no longer paused, and leaves a paused campaign's parked."""
+    monkeypatch.setattr(db_module, "BULK_CHUNK", 10)
+    await add_contacts(api, 25)
+    resumed, paused = await create(api), await create(api)
+    for created in (resumed, paused):
+        await api.call("POST", f"/campaigns/{created['id']}/send", json={})
+    assert await CampaignFanOut(api.db, api.client.app[LINKS], lambda: None).run_once() == 50
+
+    def pause(session, campaign_id: str, status: str) -> int:
+        parked = campaign_store.park_queued(session, campaign_id)
+        session.execute(update(Campaign).where(Campaign.id == campaign_id).values(status=status))
+        return parked
+
+    assert await api.db.write(lambda s: pause(s, resumed["id"], "SENDING")) == 25  # the release never ran
+    assert await api.db.write(lambda s: pause(s, paused["id"], "PAUSED")) == 25
+
+    def parked(session) -> dict[str, int]:
+        return dict(session.execute(select(OutboxItem.campaign_id, func.count()).where(OutboxItem.hold == "PAUSED")
+                                    .group_by(OutboxItem.campaign_id)).all())
+
+    assert await api.db.read(parked) == {resumed["id"]: 25, paused["id"]: 25}
+    await CampaignFanOut(api.db, api.client.app[LINKS], lambda: None).run_once()
+    assert await api.db.read(parked) == {paused["id"]: 25}
+    due = await api.db.read(lambda s: s.execute(select(func.count()).select_from(OutboxItem).where(
+        OutboxItem.campaign_id == resumed["id"], OutboxItem.due_at <= utcnow())).scalar_one())
+    assert due == 25
 
 
 async def test_template_campaign_and_stats_from_feedback_events(api, sender, tmp_path):

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session
 
@@ -32,9 +33,11 @@ from storage import contacts as contact_store
 from storage import reputation as reputation_store
 from storage import segments as segment_store
 from storage import templates as template_store
+from storage.db import Database
 from storage.models import Campaign, CampaignStatus, Project, utcnow
 
 log = logging.getLogger("plunkd.campaigns")
+T = TypeVar("T")
 EDITABLE = frozenset({CampaignStatus.DRAFT, CampaignStatus.SCHEDULED})
 MAX_LIST_RECIPIENTS = 10_000
 EMPTY_RECIPIENTS = ("recipients must name at least one contact; to send to every subscribed contact, leave "
@@ -262,30 +265,55 @@ def schedule_campaign(session: Session, project: Project, campaign_id: str, at: 
 
 
 def cancel_campaign(session: Session, project_id: str, campaign_id: str) -> Campaign:
+    """CANCELLED: no email of it goes out from now on (a dispatcher holding one cancels it when it sees the status).
+    Its emails waiting in the outbox are taken out after this commits, a part at a time (`cancel`)."""
     campaign = require_campaign(session, project_id, campaign_id, for_update=True)
     if campaign.status not in (CampaignStatus.SCHEDULED, CampaignStatus.SENDING, CampaignStatus.PAUSED):
         raise Conflict(f"Campaign {campaign_id} is {campaign.status}; only a scheduled, sending or paused "
                        "campaign can be cancelled")
-    withdrawn = store.withdraw_queued(session, campaign.id)
     campaign.status = CampaignStatus.CANCELLED
     campaign.finished_at = utcnow()
     session.flush()
-    log.info("campaign %s: cancelled, %d queued emails withdrawn", campaign.id, withdrawn)
     return campaign
 
 
+async def cancel(db: Database, project_id: str, campaign_id: str, shown: Callable[[Campaign], T]) -> T:
+    """`cancel_campaign` (what `shown` makes of the campaign, in its transaction, is returned), then its emails
+    waiting in the outbox marked CANCELLED and taken out, a thousand per transaction: in the one transaction, a
+    campaign's 100,000 held up every other write until it committed. Those a crash leaves behind are the
+    dispatcher's to cancel as it claims them."""
+    cancelled = await db.write(lambda s: shown(cancel_campaign(s, project_id, campaign_id)))
+    withdrawn = await db.write_in_chunks(functools.partial(store.withdraw_queued, campaign_id=campaign_id))
+    log.info("campaign %s: cancelled, %d queued emails withdrawn", campaign_id, withdrawn)
+    return cancelled
+
+
 def resume_campaign(session: Session, project_id: str, campaign_id: str) -> Campaign:
-    """A campaign the reputation guard paused goes on where it stopped (SENDING, its parked emails due now;
-    SCHEDULED when it had not started), and the project's workflow sends with it."""
+    """A campaign the reputation guard paused goes on where it stopped (SENDING; SCHEDULED when it had not
+    started), and the project's workflow sends with it. Its parked emails are made due after this commits, a part
+    at a time (`resume`)."""
     campaign = require_campaign(session, project_id, campaign_id, for_update=True)
     if campaign.status != CampaignStatus.PAUSED:
         raise Conflict(f"Campaign {campaign_id} is {campaign.status}; only a paused campaign can be resumed")
     campaign.status = CampaignStatus.SCHEDULED if campaign.content_id is None else CampaignStatus.SENDING
-    released = store.release_parked(session, campaign.id)
     reputation.lift_pause(session, project_id)
     session.flush()
-    log.info("campaign %s: resumed by a user, %d parked emails released", campaign.id, released)
     return campaign
+
+
+async def resume(db: Database, project_id: str, campaign_id: str, shown: Callable[[Campaign], T]) -> T:
+    """`resume_campaign` (what `shown` makes of the campaign, in its transaction, is returned), then its parked
+    emails made due, a thousand per transaction (`release_parked_emails`)."""
+    resumed = await db.write(lambda s: shown(resume_campaign(s, project_id, campaign_id)))
+    released = await release_parked_emails(db, campaign_id)
+    log.info("campaign %s: resumed by a user, %d parked emails released", campaign_id, released)
+    return resumed
+
+
+async def release_parked_emails(db: Database, campaign_id: str) -> int:
+    """A campaign's emails parked for a pause made due, a thousand per transaction; returns how many. Those a crash
+    leaves parked are released when the fan-out loop starts again (`marketing.fanout`)."""
+    return await db.write_in_chunks(functools.partial(store.release_parked, campaign_id=campaign_id))
 
 
 def send_test(session: Session, project: Project, campaign_id: str, addresses: list[str],
