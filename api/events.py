@@ -90,12 +90,15 @@ async def delete_events(request: web.Request) -> web.Response:
                         "Only events your application tracked can be deleted.")
     project_id = caller(request).project_id
 
-    def delete(session):
+    def delete(session, limit: int) -> int:
+        """A part of the deletion, the uses checked again in each (a segment or workflow that comes to use the
+        name meanwhile stops the rest with its 409): deleting a million events in one transaction held every
+        other write on SQLite's one writer until it committed (0.6 s for 100,000)."""
         check_event_deletable(session, project_id, name)
         check_event_unused(session, project_id, name)
-        return event_store.delete_events_named(session, project_id, name)
+        return event_store.delete_events_named(session, project_id, name, limit)
 
-    deleted = await request.app[DB].write(delete)
+    deleted = await request.app[DB].write_in_chunks(delete)
     if not deleted:
         raise NotFound(f"No events named '{name}'")
     return success({"name": name, "deleted": deleted})

@@ -92,6 +92,9 @@ def event_counts(session: Session, project_id: str, start: datetime | None,
     return sorted(((row.name, row.n) for row in rows if row.n), key=lambda item: (-item[1], item[0]))
 
 
-def delete_events_named(session: Session, project_id: str, name: str) -> int:
-    result = session.connection().execute(delete(Event).where(Event.project_id == project_id, Event.name == name))
+def delete_events_named(session: Session, project_id: str, name: str, limit: int) -> int:
+    """Delete up to `limit` of the project's events named `name` (`storage.db.Database.write_in_chunks`); returns
+    how many (fewer than `limit`: none is left). One range of `ix_events_project_id_name_id` each time."""
+    picked = select(Event.id).where(Event.project_id == project_id, Event.name == name).limit(limit)
+    result = session.connection().execute(delete(Event).where(Event.id.in_(picked)))
     return result.rowcount

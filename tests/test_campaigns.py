@@ -31,6 +31,7 @@ from storage import emails as email_store
 from storage import events as event_store
 from storage.models import Campaign, Contact, Email, OutboxItem, Template, new_id, utcnow
 from tests.test_delivery import dispatch_all, dns_for, settings
+from tests.test_events import tracks_until
 
 
 async def add_contacts(api, subscribed: int, unsubscribed: int = 0, data=None, prefix="reader") -> list[dict]:
@@ -546,22 +547,12 @@ async def test_a_cancel_withdraws_its_queued_mail_a_part_at_a_time_and_other_wri
         return withdraw(session, campaign_id=campaign_id, limit=limit)
 
     monkeypatch.setattr(campaign_store, "withdraw_queued", timed)
-    tracked: list[float] = []
     cancelling = asyncio.Event()
-
-    async def track_until_cancelled() -> None:
-        for index in range(10_000):
-            if cancelling.is_set() and len(parts) >= 5:
-                return
-            status, _ = await api.call("POST", "/v1/track", json={"email": "reader0@example.org", "event": f"e{index}"})
-            assert status == 200
-            tracked.append(time.monotonic())
-
-    tracks = [asyncio.create_task(track_until_cancelled()) for _ in range(4)]
+    beside = asyncio.create_task(tracks_until(api, lambda: cancelling.is_set() and len(parts) >= 5))
     await asyncio.sleep(0.2)
     cancelling.set()
     status, body = await api.call("POST", f"/campaigns/{created['id']}/cancel")
-    await asyncio.wait_for(asyncio.gather(*tracks), 30)
+    tracked = await beside
     assert status == 200 and body["data"]["status"] == "CANCELLED"
     assert len(parts) == 5  # 10, 10, 10, 10, 5
     assert any(parts[0] < done < parts[-1] for done in tracked), "no track committed while the cancel withdrew"

@@ -3,11 +3,17 @@ event's own transaction."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
+
 import pytest
 from sqlalchemy import func, select
 
 from pipeline.events import record_event
 from storage import contacts as contact_store
+from storage import db as db_module
+from storage import events as event_store
 from storage import webhooks as webhook_store
 from storage import workflow_admin
 from storage.models import Event, WebhookDelivery, WorkflowRun
@@ -59,6 +65,50 @@ async def test_delete_by_name(api):
     assert body["data"] == ["keep"]
     status, _ = await api.call("DELETE", "/events/old%20event")
     assert status == 404
+
+
+async def tracks_until(api, done: Callable[[], bool], workers: int = 4) -> list[float]:
+    """`workers` clients POST /v1/track back to back (events named `beside`) until `done()` (bounded); returns when
+    each track was answered (time.monotonic)."""
+    answered: list[float] = []
+
+    async def worker() -> None:
+        for index in range(10_000):
+            if done():
+                return
+            await track(api, f"beside{index % 7}@example.org", "beside")
+            answered.append(time.monotonic())
+
+    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(workers))), 60)
+    return answered
+
+
+async def test_deleting_many_events_goes_a_part_at_a_time_and_other_writes_go_on_between(api, monkeypatch):
+    """Deleting a name's events in one transaction held every other write on SQLite's one writer until it committed
+    (100,000 events: 0.6 s for /v1/send beside it; a million, six). They go a thousand per transaction (ten here),
+    and tracks written all along commit between the parts."""
+    monkeypatch.setattr(db_module, "BULK_CHUNK", 10)
+    for _ in range(45):
+        await track(api, "e@example.com", "page view")
+    parts: list[float] = []
+    delete = event_store.delete_events_named
+
+    def timed(session, project_id, name, limit):
+        parts.append(time.monotonic())
+        return delete(session, project_id, name, limit)
+
+    monkeypatch.setattr(event_store, "delete_events_named", timed)
+    deleting = asyncio.Event()
+    beside = asyncio.create_task(tracks_until(api, lambda: deleting.is_set() and len(parts) >= 5))
+    await asyncio.sleep(0.2)
+    deleting.set()
+    status, body = await api.call("DELETE", "/events/page%20view")
+    answered = await beside
+    assert status == 200 and body["data"] == {"name": "page view", "deleted": 45}
+    assert len(parts) == 5  # 10, 10, 10, 10, 5
+    assert any(parts[0] < done < parts[-1] for done in answered), "no track committed while the events went"
+    _, names = await api.call("GET", "/events/names")
+    assert "page view" not in names["data"] and "beside" in names["data"]
 
 
 @pytest.mark.parametrize("name", ["email.sent", "contact.subscribed", "segment.vip.entry"])
