@@ -165,7 +165,7 @@ async def patch_contact(request: web.Request) -> web.Response:
 
 async def _delete(request: web.Request, contact_id: str) -> web.Response:
     project_id = caller(request).project_id
-    contact = await request.app[DB].write(lambda s: rules.delete_contact(s, project_id, contact_id))
+    contact = await rules.delete(request.app[DB], project_id, contact_id)
     return success(contact_json(contact))
 
 

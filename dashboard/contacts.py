@@ -223,7 +223,7 @@ def _subscription(subscribed: bool):
 
 async def delete(ctx: Ctx) -> Answer:
     contact_id = ctx.request.match_info["contact"][:64]
-    contact = await ctx.request.app[DB].write(lambda s: rules.delete_contact(s, ctx.project_id, contact_id))
+    contact = await rules.delete(ctx.request.app[DB], ctx.project_id, contact_id)
     return Answer(redirect=f"/projects/{ctx.project_id}/contacts", flash=f"Deleted {contact.email}",
                   data=contact_json(contact))
 

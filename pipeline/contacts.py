@@ -11,6 +11,7 @@ from pipeline.errors import Conflict, FieldError, NotFound, ValidationFailed
 from pipeline.events import record_event, refresh_segment_membership
 from storage import contacts as contact_store
 from storage.contacts import ContactRecord
+from storage.db import Database
 
 RESERVED_DATA_KEYS = frozenset({
     "id", "email", "subscribed", "createdAt", "updatedAt", "created_at", "updated_at",
@@ -149,6 +150,19 @@ def delete_contact(session: Session, project_id: str, contact_id: str) -> Contac
     contact = require_contact(session, project_id, contact_id)
     contact_store.delete_contact(session, project_id, contact_id)
     return contact
+
+
+async def delete(db: Database, project_id: str, contact_id: str) -> ContactRecord:
+    """`delete_contact`, its events deleted and its emails unlinked first, a thousand per transaction (each time
+    the contact is looked up again: 404 for one of another project, or gone): in the DELETE's own transaction,
+    the foreign keys' CASCADE and SET NULL for a contact with 100,000 events held every other write on SQLite for
+    0.65 s. Those that come meanwhile go with the contact."""
+    def detach(session: Session, limit: int) -> int:
+        require_contact(session, project_id, contact_id)
+        return contact_store.detach_rows(session, contact_id, limit)
+
+    await db.write_in_chunks(detach)
+    return await db.write(lambda s: delete_contact(s, project_id, contact_id))
 
 
 def reserved_event_error(name: str) -> ValidationFailed:

@@ -28,6 +28,7 @@ from sqlalchemy import (
     event,
     func,
     select,
+    update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -304,6 +305,20 @@ def count_contacts(session: Session, project_id: str) -> int:
 def delete_contact(session: Session, project_id: str, contact_id: str) -> None:
     _unlock(session)
     session.connection().execute(delete(Contact).where(Contact.project_id == project_id, Contact.id == contact_id))
+
+
+def detach_rows(session: Session, contact_id: str, limit: int) -> int:
+    """Before a contact is deleted, a part at a time (`storage.db.Database.write_in_chunks`): delete up to `limit`
+    of its events, and when fewer are left, unlink up to the rest of `limit` of its emails (what the foreign keys'
+    CASCADE and SET NULL would do with all of them in the DELETE's own transaction). Returns how many rows
+    changed (fewer than `limit`: none is left)."""
+    conn = session.connection()
+    events = select(Event.id).where(Event.contact_id == contact_id).limit(limit)
+    changed = conn.execute(delete(Event).where(Event.id.in_(events))).rowcount
+    if changed < limit:
+        emails = select(Email.id).where(Email.contact_id == contact_id).limit(limit - changed)
+        changed += conn.execute(update(Email).where(Email.id.in_(emails)).values(contact_id=None)).rowcount
+    return changed
 
 
 SCAN_LIMIT = 2000

@@ -31,7 +31,7 @@ from storage import emails as email_store
 from storage import events as event_store
 from storage.models import Campaign, Contact, Email, OutboxItem, Template, new_id, utcnow
 from tests.test_delivery import dispatch_all, dns_for, settings
-from tests.test_events import tracks_until
+from tests.test_events import timed_parts, tracks_until
 
 
 async def add_contacts(api, subscribed: int, unsubscribed: int = 0, data=None, prefix="reader") -> list[dict]:
@@ -540,13 +540,7 @@ async def test_a_cancel_withdraws_its_queued_mail_a_part_at_a_time_and_other_wri
     await api.call("POST", f"/campaigns/{created['id']}/send", json={})
     assert await CampaignFanOut(api.db, api.client.app[LINKS], lambda: None).run_once() == 45
     parts: list[float] = []
-    withdraw = campaign_store.withdraw_queued
-
-    def timed(session, campaign_id, limit):
-        parts.append(time.monotonic())
-        return withdraw(session, campaign_id=campaign_id, limit=limit)
-
-    monkeypatch.setattr(campaign_store, "withdraw_queued", timed)
+    monkeypatch.setattr(campaign_store, "withdraw_queued", timed_parts(campaign_store.withdraw_queued, parts))
     cancelling = asyncio.Event()
     beside = asyncio.create_task(tracks_until(api, lambda: cancelling.is_set() and len(parts) >= 5))
     await asyncio.sleep(0.2)
