@@ -168,7 +168,7 @@ async def update_webhook(request: web.Request) -> web.Response:
 
 async def delete_webhook(request: web.Request) -> web.Response:
     project_id, endpoint_id = caller(request).project_id, request.match_info["id"]
-    endpoint = await request.app[DB].write(lambda s: rules.delete_endpoint(s, project_id, endpoint_id))
+    endpoint = await rules.delete(request.app[DB], project_id, endpoint_id)
     return success(webhook_json(endpoint))
 
 

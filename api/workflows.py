@@ -263,6 +263,7 @@ async def update_workflow(request: web.Request) -> web.Response:
 
 async def _delete(request: web.Request, kind: str, workflow_id: str) -> web.Response:
     project_id = caller(request).project_id
+    await rules.delete_runs(request.app[DB], project_id, workflow_id, kind)
 
     def delete(session) -> dict[str, Any]:
         workflow = rules.require_workflow(session, project_id, workflow_id, kind)

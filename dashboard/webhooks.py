@@ -138,7 +138,7 @@ async def disable(ctx: Ctx) -> Answer:
 
 async def delete(ctx: Ctx) -> Answer:
     project_id, endpoint_id = ctx.project_id, webhook_id(ctx)
-    endpoint = await ctx.request.app[DB].write(lambda s: rules.delete_endpoint(s, project_id, endpoint_id))
+    endpoint = await rules.delete(ctx.request.app[DB], project_id, endpoint_id)
     return Answer(redirect=f"/projects/{project_id}/webhooks", flash="Webhook deleted", data=endpoint_json(endpoint))
 
 

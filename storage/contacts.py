@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 
 from storage import fastpath
 from storage.batch import flush_pending, write_at_commit
+from storage.db import delete_some
 from storage.models import Contact, Email, Event, Segment, SegmentMember, new_id, utcnow
 from storage.pagination import Page, paginate
 from storage.segments import condition_clause
@@ -312,12 +313,12 @@ def detach_rows(session: Session, contact_id: str, limit: int) -> int:
     of its events, and when fewer are left, unlink up to the rest of `limit` of its emails (what the foreign keys'
     CASCADE and SET NULL would do with all of them in the DELETE's own transaction). Returns how many rows
     changed (fewer than `limit`: none is left)."""
-    conn = session.connection()
-    events = select(Event.id).where(Event.contact_id == contact_id).limit(limit)
-    changed = conn.execute(delete(Event).where(Event.id.in_(events))).rowcount
+    events = Event.__table__
+    changed = delete_some(session, events, events.c.contact_id == contact_id, limit=limit)
     if changed < limit:
         emails = select(Email.id).where(Email.contact_id == contact_id).limit(limit - changed)
-        changed += conn.execute(update(Email).where(Email.id.in_(emails)).values(contact_id=None)).rowcount
+        changed += session.connection().execute(update(Email).where(Email.id.in_(emails)).values(
+            contact_id=None)).rowcount
     return changed
 
 

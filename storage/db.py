@@ -21,7 +21,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import ColumnElement, Engine, Table, create_engine, delete, event, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session
@@ -118,6 +118,13 @@ class Database:
         await self.engine.dispose()
         if self.sync_engine is not None:
             self.sync_engine.dispose()
+
+
+def delete_some(session: Session, table: Table, *where: ColumnElement[bool], limit: int) -> int:
+    """A part of a deletion by `Database.write_in_chunks`: up to `limit` rows of `table` matching `where` (an
+    index should serve it); returns how many went."""
+    picked = select(table.c.id).where(*where).limit(limit)
+    return session.connection().execute(delete(table).where(table.c.id.in_(picked))).rowcount
 
 
 def _private_sqlite_file(path: Path) -> None:

@@ -5,16 +5,18 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from storage import fastpath
 from storage.batch import write_at_commit
 from storage.contacts import locked_batch
+from storage.db import delete_some
 from storage.models import Event, new_id, utcnow
 from storage.pagination import Page, paginate
 
-_INSERT = Event.__table__.insert()
+_EVENTS = Event.__table__
+_INSERT = _EVENTS.insert()
 
 
 def insert_event(session: Session, project_id: str, contact_id: str | None, name: str,
@@ -95,6 +97,4 @@ def event_counts(session: Session, project_id: str, start: datetime | None,
 def delete_events_named(session: Session, project_id: str, name: str, limit: int) -> int:
     """Delete up to `limit` of the project's events named `name` (`storage.db.Database.write_in_chunks`); returns
     how many (fewer than `limit`: none is left). One range of `ix_events_project_id_name_id` each time."""
-    picked = select(Event.id).where(Event.project_id == project_id, Event.name == name).limit(limit)
-    result = session.connection().execute(delete(Event).where(Event.id.in_(picked)))
-    return result.rowcount
+    return delete_some(session, _EVENTS, _EVENTS.c.project_id == project_id, _EVENTS.c.name == name, limit=limit)

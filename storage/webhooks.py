@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from storage.batch import write_at_commit
 from storage.claims import DueClaim
+from storage.db import delete_some
 from storage.interest import ProjectInterest
 from storage.models import (
     Contact,
@@ -191,6 +192,12 @@ def rotate_secret(session: Session, endpoint: WebhookEndpoint, secret: str, keep
     endpoint.secret = secret
     endpoint.updated_at = utcnow()
     session.flush()
+
+
+def delete_deliveries(session: Session, endpoint_id: str, limit: int) -> int:
+    """A part of an endpoint's deletion (`storage.db.Database.write_in_chunks`): up to `limit` of its deliveries
+    (a sender holding one of them records nothing)."""
+    return delete_some(session, DELIVERIES, DELIVERIES.c.endpoint_id == endpoint_id, limit=limit)
 
 
 def delete_endpoint(session: Session, endpoint: WebhookEndpoint) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import case, delete, func, select, text
 from sqlalchemy.orm import Session
 
+from storage.db import delete_some
 from storage.models import Contact, RunStatus, Template, Workflow, WorkflowRun, WorkflowTrigger, iso, utcnow
 from storage.pagination import Page, keyset_page, paginate
 
@@ -87,6 +88,12 @@ def update_workflow(session: Session, workflow: Workflow, values: dict[str, Any]
     workflow.updated_at = utcnow()
     session.flush()
     return workflow
+
+
+def delete_runs(session: Session, workflow_id: str, limit: int) -> int:
+    """A part of a workflow's deletion (`storage.db.Database.write_in_chunks`): up to `limit` of its runs."""
+    runs = WorkflowRun.__table__
+    return delete_some(session, runs, runs.c.workflow_id == workflow_id, limit=limit)
 
 
 def delete_workflow(session: Session, workflow: Workflow) -> None:

@@ -31,7 +31,7 @@ from storage import emails as email_store
 from storage import events as event_store
 from storage.models import Campaign, Contact, Email, OutboxItem, Template, new_id, utcnow
 from tests.test_delivery import dispatch_all, dns_for, settings
-from tests.test_events import timed_parts, tracks_until
+from tests.test_events import in_parts_beside_tracks
 
 
 async def add_contacts(api, subscribed: int, unsubscribed: int = 0, data=None, prefix="reader") -> list[dict]:
@@ -534,22 +534,13 @@ async def test_a_cancel_withdraws_its_queued_mail_a_part_at_a_time_and_other_wri
     committed (4.6 s on PostgreSQL, 1.2 s on SQLite, for /v1/send beside it). The emails are withdrawn a part at a
     time (a thousand; ten here), each part in a transaction of its own, and tracks written all along commit
     between the parts."""
-    monkeypatch.setattr(db_module, "BULK_CHUNK", 10)
     await add_contacts(api, 45)
     created = await create(api)
     await api.call("POST", f"/campaigns/{created['id']}/send", json={})
     assert await CampaignFanOut(api.db, api.client.app[LINKS], lambda: None).run_once() == 45
-    parts: list[float] = []
-    monkeypatch.setattr(campaign_store, "withdraw_queued", timed_parts(campaign_store.withdraw_queued, parts))
-    cancelling = asyncio.Event()
-    beside = asyncio.create_task(tracks_until(api, lambda: cancelling.is_set() and len(parts) >= 5))
-    await asyncio.sleep(0.2)
-    cancelling.set()
-    status, body = await api.call("POST", f"/campaigns/{created['id']}/cancel")
-    tracked = await beside
+    status, body = await in_parts_beside_tracks(api, monkeypatch, campaign_store, "withdraw_queued", 5,
+                                                lambda: api.call("POST", f"/campaigns/{created['id']}/cancel"))
     assert status == 200 and body["data"]["status"] == "CANCELLED"
-    assert len(parts) == 5  # 10, 10, 10, 10, 5
-    assert any(parts[0] < done < parts[-1] for done in tracked), "no track committed while the cancel withdrew"
     counts = await stats(api, created["id"])
     assert counts["cancelled"] == 45 and counts["queued"] == 0
     assert await api.db.read(email_store.outbox_rows) == []

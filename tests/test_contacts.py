@@ -10,9 +10,8 @@ from sqlalchemy import func, select
 
 from api import contacts as contacts_api
 from storage import contacts as contact_store
-from storage import db as db_module
 from storage.models import Email, Event
-from tests.test_events import timed_parts, tracks_until
+from tests.test_events import deleted_in_parts
 
 
 async def create(api, email="c@example.com", **extra):
@@ -82,7 +81,6 @@ async def test_deleting_a_contact_with_many_events_goes_a_part_at_a_time_and_oth
     contact with 100,000 events that held every other write on SQLite for 0.65 s. They go first, a thousand per
     transaction (ten here), and tracks written all along commit between the parts; another project's DELETE is
     still 404 and touches nothing."""
-    monkeypatch.setattr(db_module, "BULK_CHUNK", 10)
     heavy = await create(api, "heavy@example.com")
     for index in range(30):
         status, _ = await api.call("POST", "/v1/track", json={"email": "heavy@example.com", "event": f"visit{index}"})
@@ -92,29 +90,14 @@ async def test_deleting_a_contact_with_many_events_goes_a_part_at_a_time_and_oth
                                                              "body": "Thanks"})
         assert status == 200
 
-    def rows_of(session) -> tuple[int, int]:
+    def linked(session) -> int:
         events = session.execute(select(func.count()).select_from(Event).where(Event.contact_id == heavy["id"]))
         emails = session.execute(select(func.count()).select_from(Email).where(Email.contact_id == heavy["id"]))
-        return events.scalar_one(), emails.scalar_one()
+        return events.scalar_one() + emails.scalar_one()
 
-    events, emails = await api.db.read(rows_of)
-    assert events >= 30 and emails == 6
-    _, other_sk, _ = await api.new_project("other")
-    status, _ = await api.call("DELETE", f"/contacts/{heavy['id']}", key=other_sk)
-    assert status == 404 and await api.db.read(rows_of) == (events, emails)
-    parts: list[float] = []
-    monkeypatch.setattr(contact_store, "detach_rows", timed_parts(contact_store.detach_rows, parts))
-    expected_parts = (events + emails) // 10 + 1
-    deleting = asyncio.Event()
-    beside = asyncio.create_task(tracks_until(api, lambda: deleting.is_set() and len(parts) >= expected_parts))
-    await asyncio.sleep(0.2)
-    deleting.set()
-    status, body = await api.call("DELETE", f"/contacts/{heavy['id']}")
-    answered = await beside
-    assert status == 200 and body["data"]["id"] == heavy["id"]
-    assert len(parts) == expected_parts
-    assert any(parts[0] < done < parts[-1] for done in answered), "no track committed while the rows went"
-    assert await api.db.read(rows_of) == (0, 0)
+    assert await api.db.read(linked) >= 36
+    deleted = await deleted_in_parts(api, monkeypatch, f"/contacts/{heavy['id']}", linked, contact_store, "detach_rows")
+    assert deleted["id"] == heavy["id"]
     unlinked = await api.db.read(lambda s: s.execute(select(func.count()).select_from(Email).where(
         Email.recipient == "heavy@example.com", Email.contact_id.is_(None))).scalar_one())
     assert unlinked == 6

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import pytest
 from sqlalchemy import func, select, text
@@ -17,6 +18,8 @@ from storage import events as event_store
 from storage import webhooks as webhook_store
 from storage import workflow_admin
 from storage.models import Event, WebhookDelivery, WorkflowRun
+
+T = TypeVar("T")
 
 
 async def track(api, email, event, **extra):
@@ -67,7 +70,7 @@ async def test_delete_by_name(api):
     assert status == 404
 
 
-async def tracks_until(api, done: Callable[[], bool], workers: int = 4) -> list[float]:
+async def _tracks_until(api, done: Callable[[], bool], workers: int = 4) -> list[float]:
     """`workers` clients POST /v1/track back to back (events named `beside`) until `done()` (bounded); returns when
     each track was answered (time.monotonic)."""
     answered: list[float] = []
@@ -83,7 +86,7 @@ async def tracks_until(api, done: Callable[[], bool], workers: int = 4) -> list[
     return answered
 
 
-def timed_parts(fn: Callable[..., int], parts: list[float], pause: float = 0.02) -> Callable[..., int]:
+def _timed_parts(fn: Callable[..., int], parts: list[float], pause: float = 0.02) -> Callable[..., int]:
     """`fn`, a part of `Database.write_in_chunks`, noting in `parts` when each starts and taking `pause` seconds
     longer (as a thousand rows would, where the tests change ten): a write beside it then has the time to come
     between two parts on a fast machine too. PostgreSQL's part waits in the server (its Python runs on the event
@@ -99,24 +102,52 @@ def timed_parts(fn: Callable[..., int], parts: list[float], pause: float = 0.02)
     return part
 
 
+async def in_parts_beside_tracks(api, monkeypatch, module: Any, part: str, expected_parts: int,
+                                 request: Callable[[], Awaitable[T]]) -> T:
+    """`request()` (a bulk change made by `Database.write_in_chunks`, ten rows a part here) while four clients track
+    events beside it; `module.part` is the function of one part. Checks that it took `expected_parts` parts and that
+    a track was answered between the first part and the last (in one transaction, none could be: on SQLite's one
+    writer every other write waited for it). Returns what `request()` returned."""
+    monkeypatch.setattr(db_module, "BULK_CHUNK", 10)
+    parts: list[float] = []
+    monkeypatch.setattr(module, part, _timed_parts(getattr(module, part), parts))
+    started = asyncio.Event()
+    beside = asyncio.create_task(_tracks_until(api, lambda: started.is_set() and len(parts) >= expected_parts))
+    await asyncio.sleep(0.2)
+    started.set()
+    answer = await request()
+    answered = await beside
+    assert len(parts) == expected_parts
+    assert any(parts[0] < done < parts[-1] for done in answered), "no track was answered between the parts"
+    return answer
+
+
+async def deleted_in_parts(api, monkeypatch, path: str, children: Callable[[Any], int], module: Any,
+                           part: str) -> dict[str, Any]:
+    """DELETE `path`, a thing whose rows `children(session)` counts, which are deleted (or unlinked) before it a part
+    at a time by `module.part`, each part looking the thing up again: another project's DELETE is 404 and leaves
+    them; the project's own goes in parts beside tracks (`in_parts_beside_tracks`) and leaves none. Returns the
+    reply's data."""
+    count = await api.db.read(children)
+    _, other_sk, _ = await api.new_project("other")
+    status, _ = await api.call("DELETE", path, key=other_sk)
+    assert status == 404 and await api.db.read(children) == count
+    status, body = await in_parts_beside_tracks(api, monkeypatch, module, part, count // 10 + 1,
+                                                lambda: api.call("DELETE", path))
+    assert status == 200, body
+    assert await api.db.read(children) == 0
+    return body["data"]
+
+
 async def test_deleting_many_events_goes_a_part_at_a_time_and_other_writes_go_on_between(api, monkeypatch):
     """Deleting a name's events in one transaction held every other write on SQLite's one writer until it committed
     (100,000 events: 0.6 s for /v1/send beside it; a million, six). They go a thousand per transaction (ten here),
     and tracks written all along commit between the parts."""
-    monkeypatch.setattr(db_module, "BULK_CHUNK", 10)
     for _ in range(45):
         await track(api, "e@example.com", "page view")
-    parts: list[float] = []
-    monkeypatch.setattr(event_store, "delete_events_named", timed_parts(event_store.delete_events_named, parts))
-    deleting = asyncio.Event()
-    beside = asyncio.create_task(tracks_until(api, lambda: deleting.is_set() and len(parts) >= 5))
-    await asyncio.sleep(0.2)
-    deleting.set()
-    status, body = await api.call("DELETE", "/events/page%20view")
-    answered = await beside
+    status, body = await in_parts_beside_tracks(api, monkeypatch, event_store, "delete_events_named", 5,
+                                                lambda: api.call("DELETE", "/events/page%20view"))
     assert status == 200 and body["data"] == {"name": "page view", "deleted": 45}
-    assert len(parts) == 5  # 10, 10, 10, 10, 5
-    assert any(parts[0] < done < parts[-1] for done in answered), "no track committed while the events went"
     _, names = await api.call("GET", "/events/names")
     assert "page view" not in names["data"] and "beside" in names["data"]
 

@@ -9,10 +9,14 @@ import base64
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
+from sqlalchemy import func, insert, select
 
 from api.context import CONFIG
 from api.routing import register
 from api.webhooks import ROUTES
+from storage import webhooks as webhook_store
+from storage.models import WebhookDelivery, WebhookDeliveryStatus, new_id
+from tests.test_events import deleted_in_parts
 
 HOOK = {"url": "https://hooks.example.com/plunk?source=plunkd", "events": ["signed-up", "email.*"]}
 VALIDATION = {"code": "VALIDATION_ERROR", "message": "Request validation failed", "statusCode": 422,
@@ -34,6 +38,25 @@ async def refused(api, method: str, path: str, payload, status: int = 422) -> li
         assert {key: error[key] for key in VALIDATION} == VALIDATION
         return [(e["field"], e["code"], e["message"]) for e in error["errors"]]
     return [(error["code"], error["message"], "")]
+
+
+async def test_deleting_an_endpoint_deletes_its_deliveries_a_part_at_a_time_and_other_writes_go_on_between(
+        api, monkeypatch):
+    """An endpoint's deliveries went with it in the DELETE's one transaction: a busy endpoint's held every other write
+    on SQLite's one writer until it committed. They go first, a thousand per transaction (ten here), the endpoint
+    looked up again in each: another project's DELETE is still 404 and deletes none."""
+    made = await create(api)
+    rows = [{"id": new_id(), "endpoint_id": made["id"], "event_name": "signed-up", "payload": {},
+             "status": WebhookDeliveryStatus.DELIVERED, "attempt_log": []} for _ in range(25)]
+    await api.db.write(lambda s: s.execute(insert(WebhookDelivery), rows))
+
+    def deliveries(session) -> int:
+        return session.execute(select(func.count()).select_from(WebhookDelivery)
+                               .where(WebhookDelivery.endpoint_id == made["id"])).scalar_one()
+
+    deleted = await deleted_in_parts(api, monkeypatch, f"/webhooks/{made['id']}", deliveries, webhook_store,
+                                     "delete_deliveries")
+    assert deleted["id"] == made["id"]
 
 
 async def test_create_shows_the_secret_once_then_get_list_update_delete(api):

@@ -11,7 +11,9 @@ import pytest
 from sqlalchemy import func, select
 
 from pipeline.workflows.definitions import action_definition, events_used, templates_used
+from storage import workflow_admin
 from storage.models import Workflow, WorkflowRun, WorkflowTrigger, new_id
+from tests.test_events import deleted_in_parts
 
 MILLISECOND_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -111,6 +113,26 @@ async def test_workflow_crud_round_trip(api):
     status, body = await api.call("GET", f"/workflows/{made['id']}")
     assert status == 404 and body["error"]["code"] == "NOT_FOUND"
     status, body = await api.call("DELETE", f"/workflows/{made['id']}")
+    assert status == 404
+
+
+async def test_deleting_a_workflow_deletes_its_runs_a_part_at_a_time_and_other_writes_go_on_between(
+        api, monkeypatch):
+    """A workflow's runs went with it in the DELETE's one transaction: a workflow with 100,000 runs held every other
+    write on SQLite's one writer until it committed. They go first, a thousand per transaction (ten here), the
+    workflow looked up again in each: another project's DELETE is still 404 and deletes no run."""
+    made = await create(api, await template(api))
+    contact_id = await contact(api)
+    for _ in range(25):
+        await add_run(api, made["id"], contact_id)
+
+    def runs(session) -> int:
+        return session.execute(select(func.count()).select_from(WorkflowRun)
+                               .where(WorkflowRun.workflow_id == made["id"])).scalar_one()
+
+    deleted = await deleted_in_parts(api, monkeypatch, f"/workflows/{made['id']}", runs, workflow_admin, "delete_runs")
+    assert deleted["id"] == made["id"]
+    status, _ = await api.call("GET", f"/workflows/{made['id']}")
     assert status == 404
 
 
