@@ -221,7 +221,6 @@ class Event(Base):
         Index("ix_events_project_id_id", "project_id", "id"),
         Index("ix_events_project_id_name_id", "project_id", "name", "id"),
         Index("ix_events_project_id_name_created_at", "project_id", "name", "created_at"),
-        Index("ix_events_contact_id", "contact_id"),
         Index("ix_events_contact_id_id", "contact_id", "id"),
         Index("ix_events_email_id", "email_id"),
     )
