@@ -84,7 +84,7 @@ class CampaignFanOut(DueLoop):
             for campaign_id in await self.db.read(store.campaigns_parked_but_not_paused):
                 released = await rules.release_parked_emails(self.db, campaign_id)
                 log.info("campaign %s: %d emails left parked after its resume released", campaign_id, released)
-            self._released_leftovers = False
+            self._released_leftovers = True
         for campaign in await self.db.read(store.campaigns_to_start, utcnow()):
             started = await self.start(campaign.id)
             if started is None:
