@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from core.keys import format_key, new_key, parse_key
 from storage.secrets import KeyRing, use_keyring
-from testkit.ports import nothing_listens_on
+from testkit.ports import claim_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ENCRYPTION_KEY = format_key(new_key())
@@ -55,9 +55,10 @@ connection takes a port between its pick and the server's bind."""
 
 
 def free_port() -> int:
-    """A port of `BENCH_PORTS` that nothing listens on now."""
+    """A port of `BENCH_PORTS` that nothing listens on now, claimed by this process (`claim_port`): no other
+    benchmark picks it while this one runs."""
     for port in random.sample(BENCH_PORTS, len(BENCH_PORTS)):
-        if nothing_listens_on(port):
+        if claim_port(port):
             return port
     raise RuntimeError(f"no free port in {BENCH_PORTS}")
 
