@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -415,6 +416,25 @@ process exits at once: a delivery whose outcome was not recorded is sent again a
 `delivery.concurrency` of them (as after kill -9)."""
 
 
+GC_YOUNG_THRESHOLD = 10_000
+"""Allocations (less frees) of container objects between two collections of the youngest generation; Python's
+default is 700. A write batch of a dozen requests holds more than 700 new objects at once (rows, dicts, parsed
+bodies) and frees them at its commit, so at 700 the collector ran about 14 times per 1,000 `/v1/send` and found
+nothing to free: 0.22-0.33 s of 20,000 requests' 6.5 s of acceptor CPU on PostgreSQL (3-5 %), and 0.003 s at
+10,000."""
+
+
+def settle_heap() -> None:
+    """Once a serving process has started: collect, then move every object alive now (modules, the app, SQLAlchemy's
+    compiled statements: about 170,000) out of the collector's sight (`gc.freeze`), so a full collection scans
+    what serving made since (about 13,000), not everything; and collect the youngest generation less often
+    (`GC_YOUNG_THRESHOLD`)."""
+    gc.collect()
+    gc.freeze()
+    _, middle, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, oldest)
+
+
 async def serve(app: web.Application, config: Config, http_socket: Any = None, name: str = "plunkd") -> None:
     """Run `app` until SIGTERM or SIGINT: its resources (database, relay on its bound sockets, dispatcher),
     then the HTTP API on `http_socket` (None: no HTTP listener). Logs where the API listens, and one line
@@ -438,6 +458,7 @@ async def serve(app: web.Application, config: Config, http_socket: Any = None, n
             await site.start()
             log.info("plunkd API listening on %s (public URL, the base of links in emails: %s)", site.name,
                      config.server.public_url)
+        settle_heap()
         await stop.wait()
     finally:
         try:
