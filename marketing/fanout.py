@@ -19,6 +19,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
+from datetime import datetime
 
 from core.loop import DueLoop
 from pipeline.links import LinkSigner
@@ -32,8 +33,8 @@ log = logging.getLogger("plunkd.campaigns")
 
 WAKE_GAP_SECONDS = 0.25
 """Every queued message wakes the fan-out (it shares the node's wake-up with the dispatcher), and each step
-reads the due campaigns and the drained ones (settled in a write when there are any): at most this often for
-wake-ups."""
+reads the due campaigns, the paused ones and the drained ones (settled in a write when there are any): at most
+this often for wake-ups."""
 
 
 SHARED_CHUNK_DIVISOR = 8
@@ -69,6 +70,8 @@ class CampaignFanOut(DueLoop):
         self.chunk = chunk
         self._released_leftovers = False
         """Whether this process has released the emails a resume cut short by a crash left parked."""
+        self._parked_pauses: set[tuple[str, datetime]] = set()
+        """(campaign id, last change) of the paused campaigns whose emails this process has parked."""
         super().__init__(poll_seconds, log, "campaign fan-out", WAKE_GAP_SECONDS)
 
     async def step(self) -> bool:
@@ -78,13 +81,15 @@ class CampaignFanOut(DueLoop):
     async def run_once(self) -> int:
         """Fan out every campaign now due, to the end; then settle the drained ones. Returns how many
         emails were queued. The first run in a process also releases the emails of resumed campaigns that a
-        crash left parked (a resume releases them a thousand per transaction after it commits)."""
+        crash left parked (a resume releases them a thousand per transaction after it commits). Each run parks the
+        emails of the campaigns paused since the last (`park_paused`)."""
         queued = 0
         if not self._released_leftovers:
             for campaign_id in await self.db.read(store.campaigns_parked_but_not_paused):
                 released = await rules.release_parked_emails(self.db, campaign_id)
                 log.info("campaign %s: %d emails left parked after its resume released", campaign_id, released)
             self._released_leftovers = True
+        await self.park_paused()
         for campaign in await self.db.read(store.campaigns_to_start, utcnow()):
             started = await self.start(campaign.id)
             if started is None:
@@ -93,6 +98,20 @@ class CampaignFanOut(DueLoop):
         if await self.db.read(store.drained_campaigns):  # a read: every queued message wakes this loop
             await self.db.write(lambda s: store.finish_drained(s, utcnow()))
         return queued
+
+    async def park_paused(self) -> None:
+        """Park the queued emails of each campaign paused since this process last looked, a thousand per
+        transaction (a pause only changes the status, in the transaction of the bounce or complaint that crossed
+        the level). The first run in a process walks every paused campaign: a crash may have cut a walk short.
+        A campaign resumed and paused again between two runs is not walked again; the dispatcher parks each of
+        its emails as it claims it."""
+        paused = set(await self.db.read(store.paused_campaigns))
+        for campaign_id, changed in paused - self._parked_pauses:
+            parked = await rules.park_paused_emails(self.db, campaign_id)
+            self._parked_pauses.add((campaign_id, changed))
+            if parked:
+                log.info("campaign %s: paused, %d queued emails parked", campaign_id, parked)
+        self._parked_pauses &= paused
 
     async def start(self, campaign_id: str) -> Campaign | None:
         """SCHEDULED → SENDING (`start_fanout`; a campaign already SENDING as it is, None if it is neither), then on

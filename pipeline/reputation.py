@@ -4,7 +4,8 @@ each time a hard bounce or a complaint is recorded, in that transaction.
 A rate is judged once the project sent `reputation.min_sends` emails in the window (sends: emails handed to
 the transport, sent or refused at RCPT/DATA). Its level is OK, WARN (above `*_warn`) or PAUSE (above
 `*_pause`). Rising to WARN records `reputation.warning`; rising to PAUSE records `reputation.paused`, pauses
-every scheduled or sending campaign of the project (PAUSED, its queued emails parked, `campaign.paused` each)
+every scheduled or sending campaign of the project (PAUSED, `campaign.paused` each, its queued emails parked
+after the commit)
 and holds its workflow sends (the runs wait at their send step). Each is recorded once per crossing: a rate
 that stays above a level fires nothing more, one that falls below and rises again fires again.
 Transactional mail (`/v1/send`, the relay, test copies) is never held. A user resumes a campaign
@@ -103,9 +104,13 @@ def judge(session: Session, project_id: str, window: Window) -> None:
 
 
 def pause_campaign(session: Session, campaign: Campaign, why: dict[str, Any]) -> None:
-    """PAUSED, its queued emails parked, and `campaign.paused` recorded with `why`."""
+    """PAUSED, and `campaign.paused` recorded with `why` and how many of its emails wait in the outbox (`parked`).
+    They are parked after this commits, a thousand per transaction, by the fan-out loop
+    (`pipeline.marketing.campaigns.park_paused_emails`): this runs in the transaction of a bounce or a complaint,
+    which other requests' writes share, and 100,000 parked in it held them all for seconds. One a dispatcher
+    claims first it parks itself when it reads the campaign's status."""
     campaign.status = CampaignStatus.PAUSED
-    parked = campaign_store.park_queued(session, campaign.id)
+    parked = campaign_store.parkable_count(session, campaign.id)
     record_event(session, campaign.project_id, None, "campaign.paused",
                  {"campaignId": campaign.id, "parked": parked, **why})
 

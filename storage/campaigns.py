@@ -300,12 +300,43 @@ def pausable_campaigns(session: Session, project_id: str) -> list[Campaign]:
     return list(session.execute(stmt).scalars())
 
 
-def park_queued(session: Session, campaign_id: str) -> int:
-    """Pause: park the campaign's emails waiting in the outbox (one index range). Those a dispatcher holds
-    right now it parks itself when it sees the campaign's status. Returns how many."""
-    return session.connection().execute(update(OutboxItem).where(
-        _OUTBOX.c.campaign_id == campaign_id, _OUTBOX.c.claimed_by.is_(None), _OUTBOX.c.hold.is_(None)).values(
-        due_at=PARKED, hold=HOLD_PAUSED)).rowcount
+def parkable_count(session: Session, campaign_id: str) -> int:
+    """The campaign's emails waiting in the outbox, neither claimed by a dispatcher nor parked: what a pause parks
+    (one index range)."""
+    return session.connection().execute(select(func.count()).select_from(_OUTBOX).where(
+        _OUTBOX.c.campaign_id == campaign_id, _OUTBOX.c.claimed_by.is_(None), _OUTBOX.c.hold.is_(None))).scalar_one()
+
+
+@dataclass
+class EmailWalk:
+    """How far a part-at-a-time walk over a campaign's emails, in id order, has gone, and how many it changed."""
+
+    campaign_id: str
+    after: str = ""
+    changed: int = 0
+
+
+def park_queued(session: Session, walk: EmailWalk, limit: int) -> int:
+    """Pause, a part at a time (`storage.db.Database.write_in_chunks`): the campaign's next `limit` emails after
+    `walk.after`; those waiting in the outbox (neither claimed nor parked) are parked. Returns how many emails it
+    looked at (fewer than `limit`: the end). The walk goes by `ix_emails_campaign_id_id`: the outbox's campaign
+    index is in no useful order, and every part would read the rows parked by those before it again. Those a
+    dispatcher holds it parks itself when it sees the campaign's status."""
+    ids = list(session.execute(select(_EMAIL.c.id).where(
+        _EMAIL.c.campaign_id == walk.campaign_id, _EMAIL.c.id > walk.after).order_by(_EMAIL.c.id).limit(limit))
+        .scalars())
+    if ids:
+        walk.after = ids[-1]
+        walk.changed += session.connection().execute(update(OutboxItem).where(
+            _OUTBOX.c.email_id.in_(ids), _OUTBOX.c.claimed_by.is_(None), _OUTBOX.c.hold.is_(None)).values(
+            due_at=PARKED, hold=HOLD_PAUSED)).rowcount
+    return len(ids)
+
+
+def paused_campaigns(session: Session) -> list[tuple[str, datetime]]:
+    """(id, last change) of every PAUSED campaign: one range of `ix_campaigns_status_scheduled_at`."""
+    return [(row.id, row.updated_at) for row in session.execute(
+        select(_CAMPAIGN.c.id, _CAMPAIGN.c.updated_at).where(_CAMPAIGN.c.status == CampaignStatus.PAUSED))]
 
 
 def release_parked(session: Session, campaign_id: str, limit: int) -> int:

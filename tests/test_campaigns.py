@@ -23,6 +23,7 @@ from delivery.dispatcher import Dispatcher
 from delivery.transports import FileTransport, SmtpTransport
 from marketing import fanout
 from marketing.fanout import SHARED_CHUNK_DIVISOR, CampaignFanOut
+from pipeline import reputation
 from pipeline.deferred import DeferredComposer
 from pipeline.marketing import campaigns as rules
 from storage import campaigns as campaign_store
@@ -30,6 +31,7 @@ from storage import db as db_module
 from storage import emails as email_store
 from storage import events as event_store
 from storage.models import Campaign, Contact, Email, OutboxItem, Template, new_id, utcnow
+from tests.sns_fixtures import events
 from tests.test_delivery import dispatch_all, dns_for, settings
 from tests.test_events import in_parts_beside_tracks
 
@@ -558,13 +560,14 @@ async def test_emails_a_resume_left_parked_when_cut_short_are_released_when_the_
         await api.call("POST", f"/campaigns/{created['id']}/send", json={})
     assert await CampaignFanOut(api.db, api.client.app[LINKS], lambda: None).run_once() == 50
 
-    def pause(session, campaign_id: str, status: str) -> int:
-        parked = campaign_store.park_queued(session, campaign_id)
-        session.execute(update(Campaign).where(Campaign.id == campaign_id).values(status=status))
+    async def pause(campaign_id: str, status: str) -> int:
+        parked = await rules.park_paused_emails(api.db, campaign_id)
+        await api.db.write(lambda s: s.execute(update(Campaign).where(Campaign.id == campaign_id).values(
+            status=status)))
         return parked
 
-    assert await api.db.write(lambda s: pause(s, resumed["id"], "SENDING")) == 25  # the release never ran
-    assert await api.db.write(lambda s: pause(s, paused["id"], "PAUSED")) == 25
+    assert await pause(resumed["id"], "SENDING") == 25  # the release never ran
+    assert await pause(paused["id"], "PAUSED") == 25
 
     def parked(session) -> dict[str, int]:
         return dict(session.execute(select(OutboxItem.campaign_id, func.count()).where(OutboxItem.hold == "PAUSED")
@@ -579,9 +582,51 @@ async def test_emails_a_resume_left_parked_when_cut_short_are_released_when_the_
     assert due == 25
     # Only the first run in a process looks: the loop runs on every queued message, and the look reads every
     # parked row. Emails parked after it stay parked until the next start.
-    assert await api.db.write(lambda s: campaign_store.park_queued(s, resumed["id"])) == 25
+    assert await rules.park_paused_emails(api.db, resumed["id"]) == 25
     await loop.run_once()
     assert await api.db.read(parked) == {resumed["id"]: 25, paused["id"]: 25}
+
+
+async def test_a_pause_parks_its_queued_mail_a_part_at_a_time_after_it_commits_and_other_writes_go_on_between(
+        api, sender, monkeypatch):
+    """The reputation guard pauses a campaign in the transaction of the bounce or complaint that crossed the level,
+    a transaction other requests' writes share: parking 100,000 queued emails in it held them all until its commit.
+    The pause now only changes the status (and counts what it will park, `parked`); the fan-out loop parks the
+    emails after it, a thousand per transaction (ten here), tracks committing between the parts. Each pause is
+    walked once: a later run does not walk it again; a pause after a resume is walked anew."""
+    await add_contacts(api, 45)
+    created = await create(api)
+    await api.call("POST", f"/campaigns/{created['id']}/send", json={})
+    loop = CampaignFanOut(api.db, api.client.app[LINKS], lambda: None)
+    assert await loop.run_once() == 45
+
+    def held(session) -> int:
+        return session.execute(select(func.count()).select_from(OutboxItem).where(
+            OutboxItem.campaign_id == created["id"], OutboxItem.hold == "PAUSED")).scalar_one()
+
+    async def pause_as_the_guard_does() -> None:
+        await api.db.write(lambda s: reputation.pause_campaign(s, s.get(Campaign, created["id"]), {"reason": "test"}))
+
+    await pause_as_the_guard_does()
+    assert (await campaign(api, created["id"]))["status"] == "PAUSED"
+    assert await api.db.read(held) == 0, "nothing parked in the pause's own transaction"
+    [paused] = await events(api, "campaign.paused")
+    assert paused["data"] == {"campaignId": created["id"], "parked": 45, "reason": "test"}
+    await in_parts_beside_tracks(api, monkeypatch, campaign_store, "park_queued", 5, loop.run_once)
+    assert await api.db.read(held) == 45
+
+    walked: list[str] = []
+    monkeypatch.setattr(campaign_store, "park_queued", lambda session, walk, limit: walked.append(walk.after) or 0)
+    await loop.run_once()
+    assert walked == [], "a pause already walked is not walked again"
+    monkeypatch.undo()
+    status, body = await api.call("POST", f"/campaigns/{created['id']}/resume")
+    assert status == 200 and body["data"]["status"] == "SENDING"
+    assert await api.db.read(held) == 0
+    await pause_as_the_guard_does()
+    await loop.run_once()
+    assert await api.db.read(held) == 45, "paused again after a resume: walked again"
+    assert (await stats(api, created["id"]))["queued"] == 45
 
 
 async def test_template_campaign_and_stats_from_feedback_events(api, sender, tmp_path):

@@ -10,7 +10,7 @@ costs the same few statements whatever the project sent."""
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import event, select, text, update
+from sqlalchemy import event, func, select, text, update
 
 from api.context import LINKS
 from core.config import SmarthostConfig
@@ -21,7 +21,7 @@ from feedback.effects import smtp_bounce
 from marketing.fanout import CampaignFanOut
 from pipeline import reputation
 from storage import reputation as reputation_store
-from storage.models import Email, WorkflowRun, utcnow
+from storage.models import Email, OutboxItem, WorkflowRun, utcnow
 from testkit.sns import ses_event
 from tests import sns_fixtures
 from tests.servers import SinkHandler, start_sink
@@ -123,6 +123,9 @@ async def test_bounces_warn_complaints_pause_campaigns_and_workflows_while_trans
     [paused] = await events(api, "campaign.paused")
     assert paused["data"]["campaignId"] == campaign["id"] and paused["data"]["metric"] == "complaint"
     assert paused["data"]["parked"] == 3
+    await CampaignFanOut(api.db, api.client.app[LINKS], lambda: None).run_once()  # parks them, after the pause
+    assert await api.db.read(lambda s: s.execute(select(func.count()).select_from(OutboxItem).where(
+        OutboxItem.hold == "PAUSED")).scalar_one()) == 3
     assert sorted(e["data"]["metric"] for e in await events(api, "reputation.warning")) == ["bounce", "complaint"]
     assert len(await events(api, "reputation.paused")) == 1, "once per crossing, not per complaint"
     status, body = await api.call("GET", f"/webhooks/{hook['data']['id']}/deliveries")

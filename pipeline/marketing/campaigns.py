@@ -310,6 +310,14 @@ async def resume(db: Database, project_id: str, campaign_id: str, shown: Callabl
     return resumed
 
 
+async def park_paused_emails(db: Database, campaign_id: str) -> int:
+    """A paused campaign's emails waiting in the outbox parked, a thousand per transaction, after the pause
+    committed (`reputation.pause_campaign`); returns how many. The fan-out loop runs it (`marketing.fanout`)."""
+    walk = store.EmailWalk(campaign_id)
+    await db.write_in_chunks(functools.partial(store.park_queued, walk=walk))
+    return walk.changed
+
+
 async def release_parked_emails(db: Database, campaign_id: str) -> int:
     """A campaign's emails parked for a pause made due, a thousand per transaction; returns how many. Those a crash
     leaves parked are released when the fan-out loop starts again (`marketing.fanout`)."""
