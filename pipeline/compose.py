@@ -312,7 +312,7 @@ def html_to_text(markup: str) -> str:
             continue
         name = name.lower()
         closing = token.group("closing")
-        for is_end in (True,) if closing else (False, True) if token.group("attributes").endswith("/") else (False,):
+        for is_end in (True,) if closing else (False, True) if html_tokens.self_closing(token) else (False,):
             if name in _TEXT_HIDDEN:
                 hidden = max(0, hidden - 1) if is_end else hidden + 1
             elif name in _TEXT_BLOCKS:

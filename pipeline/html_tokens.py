@@ -21,8 +21,14 @@ import re
 from collections.abc import Iterator
 
 _ATTRIBUTES = r"""(?:[^<>"']++|"[^"<]*+"|'[^'<]*+')*+"""
+_PARSED_ATTRIBUTES = r"""(?:\s|/(?!>))*+
+    (?:(?<=['"\s/])[^\s/><][^\s/=><]*+(?:\s*+=++\s*+(?:'[^'<]*+'|"[^"<]*+"|(?!['"])[^>\s<]*+))?+(?:\s|/(?!>))*+)*+
+    \s*+"""
+"""A start tag's attributes read one by one as `html.parser` reads them (its `attrfind_tolerant`, without `<` in a
+value): a slash before the `>` that follows is the tag's own (`<script/>`), one inside an unquoted value is not
+(`<script src=/>`). Possessive throughout: each position is read once."""
 TOKEN = re.compile(rf"""
-    <(?P<raw_name>script|style)(?=[\t\n\r\f />])(?P<raw_attributes>{_ATTRIBUTES})(?<!/)>
+    <(?P<raw_name>script|style)(?=[\t\n\r\f />])(?P<raw_attributes>{_PARSED_ATTRIBUTES})>
         (?P<raw>.*?)(?:</\s*(?P=raw_name)\s*>|\Z)
   | <(?P<closing>/?)(?P<name>[a-zA-Z][^\t\n\r\f />\x00<]*+)(?P<attributes>{_ATTRIBUTES})>
   | <!--.*?(?:--!?>|\Z)
@@ -73,6 +79,24 @@ def attribute_matches(token: re.Match[str]) -> Iterator[re.Match[str]]:
             return
         yield match
         position = match.end()
+
+
+def self_closing(token: re.Match[str]) -> bool:
+    """Whether a start tag found by `TOKEN` ends with a slash of its own (`<br/>`, `<a href="x" />`), as
+    `html.parser` reads it: a slash that ends an unquoted value (`<a href=/>`) is the value's, and the tag opens an
+    element. Its attributes are read as in `attribute_matches`, but as far as they go past the tag's end (it does
+    not): a slash just before the `>` is read as `html.parser` reads it, seeing that `>`."""
+    markup, group = token.string, "raw_attributes" if token.group("raw_name") is not None else "attributes"
+    start, end = token.start(group), token.end(group)
+    if not markup[start:end].endswith("/"):
+        return False
+    position = _LEADING_SPACE.match(markup, start).end()  # type: ignore[union-attr]
+    while position < end:
+        match = _ATTRIBUTE.match(markup, position)
+        if match is None or match.end() == position:
+            break
+        position = match.end()
+    return markup[position:end].strip() == "/"
 
 
 def attributes(token: re.Match[str]) -> list[tuple[str, str | None]]:
