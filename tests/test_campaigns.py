@@ -620,6 +620,12 @@ async def test_a_pause_parks_its_queued_mail_a_part_at_a_time_after_it_commits_a
     await loop.run_once()
     assert walked == [], "a pause already walked is not walked again"
     monkeypatch.undo()
+    cut_short = select(OutboxItem.id).where(OutboxItem.campaign_id == created["id"]).limit(20).scalar_subquery()
+    await api.db.write(lambda s: s.execute(update(OutboxItem).where(OutboxItem.id.in_(cut_short)).values(
+        hold=None, due_at=utcnow())))
+    assert await api.db.read(held) == 25
+    await CampaignFanOut(api.db, api.client.app[LINKS], lambda: None).run_once()
+    assert await api.db.read(held) == 45, "a process's first run walks every paused campaign (a walk a crash cut short)"
     status, body = await api.call("POST", f"/campaigns/{created['id']}/resume")
     assert status == 200 and body["data"]["status"] == "SENDING"
     assert await api.db.read(held) == 0
