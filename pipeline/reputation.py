@@ -107,8 +107,8 @@ def pause_campaign(session: Session, campaign: Campaign, why: dict[str, Any]) ->
     """PAUSED, and `campaign.paused` recorded with `why` and how many of its emails wait in the outbox (`parked`).
     They are parked after this commits, a thousand per transaction, by the fan-out loop
     (`pipeline.marketing.campaigns.park_paused_emails`): this runs in the transaction of a bounce or a complaint,
-    which other requests' writes share, and 100,000 parked in it held them all for seconds. One a dispatcher
-    claims first it parks itself when it reads the campaign's status."""
+    which other requests' writes share, and 100,000 parked in it held them all (1.1 s on PostgreSQL, 0.25 s on
+    SQLite). One a dispatcher claims first it parks itself when it reads the campaign's status."""
     campaign.status = CampaignStatus.PAUSED
     parked = campaign_store.parkable_count(session, campaign.id)
     record_event(session, campaign.project_id, None, "campaign.paused",

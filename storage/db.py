@@ -97,8 +97,9 @@ class Database:
         return await self.writer.run(fn, light, bulk=alone)
 
     async def write_in_chunks(self, fn: Callable[..., int]) -> int:
-        """Run `fn(session, limit=BULK_CHUNK)`, which changes at most that many rows and returns how many it changed,
-        each time in a transaction of its own (`alone`), until it changes fewer; returns the total. For a change of
+        """Run `fn(session, limit=BULK_CHUNK)`, which changes at most that many rows and returns how many it changed
+        (or, walking a range, how many it looked at: `storage.campaigns.park_queued`), each time in a transaction of
+        its own (`alone`), until it returns fewer; returns the total. For a change of
         many rows that need not be made at once: in one transaction, a campaign's 100,000 emails cancelled held up
         every other write until its commit (4.6 s on PostgreSQL, 1.2 s on SQLite)."""
         chunk = BULK_CHUNK
