@@ -70,8 +70,9 @@ def page_domains(session: Session, project_id: str, limit: int, cursor: str | No
 
 
 VERIFIED_TTL = 2.0
-"""Seconds another process (an acceptor, another node) may still answer from the verified domains it read before a
-domain was verified, unverified or deleted; the process that made the change answers anew at once."""
+"""Seconds another process (an acceptor, another node, the delivery process's re-check) may still accept sends
+from a domain it read as verified after it was unverified or deleted; the process that made the change refuses
+them at once. A sender not found verified is always read again, so a verification is used at once everywhere."""
 _VERIFIED_DOMAINS = select(Domain.id, Domain.name).where(Domain.project_id == bindparam("p"),
                                                          Domain.verified.is_(True))
 _verified: ProjectInterest[dict[str, str]] = ProjectInterest("verified_domains", VERIFIED_TTL)
@@ -85,7 +86,11 @@ def verified_domain_id(session: Session, project_id: str, name: str) -> str | No
         return {domain_name: domain_id for domain_id, domain_name in
                 fastpath.fetch(session, _VERIFIED_DOMAINS, {"p": project_id})}
 
-    return _verified.get(session, project_id, load).get(name)
+    found = _verified.get(session, project_id, load).get(name)
+    if found is None:  # read again: a domain another process has just verified is used at once
+        _verified.forget(project_id)
+        found = _verified.get(session, project_id, load).get(name)
+    return found
 
 
 def domain_for_update(session: Session, domain_id: str) -> Domain:

@@ -9,14 +9,14 @@ from dataclasses import dataclass, field
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
-from sqlalchemy import event
+from sqlalchemy import event, update
 
 from delivery.bucket import TokenBucket
 from delivery.dispatcher import Dispatcher
 from delivery.transports import FileTransport
 from storage import emails as email_store
 from storage.db import Database
-from storage.models import Email
+from storage.models import Domain, Email
 from tests.conftest import add_verified_domain
 from tests.test_delivery import dispatch_all, settings
 
@@ -240,6 +240,15 @@ async def test_sends_read_the_verified_domains_and_tracking_defaults_once_and_se
     assert status == 200, body
     email_id = body["data"]["emails"][0]["email"]
     assert await api.db.read(lambda s: s.get(Email, email_id).track_opens) is True
+
+    status, body = await api.call("POST", "/domains", json={"domain": "other.example"})
+    assert status == 201, body
+    elsewhere = {**send, "from": "news@other.example"}
+    status, body = await api.call("POST", "/v1/send", json=elsewhere)
+    assert status == 422 and body["error"]["errors"][0]["code"] == "unverified_domain", body
+    await api.db.write(lambda s: s.execute(update(Domain).where(Domain.name == "other.example").values(verified=True)))
+    status, body = await api.call("POST", "/v1/send", json=elsewhere)
+    assert status == 200, "verified by another process (written here behind the cache): used at once"
 
     dns_server.records.clear()
     status, body = await api.call("POST", f"/domains/{sender['id']}/verify")
