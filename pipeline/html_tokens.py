@@ -69,12 +69,13 @@ def _shortened_reference(match: re.Match[str]) -> str:
 def attribute_matches(token: re.Match[str]) -> Iterator[re.Match[str]]:
     """The attributes of a start tag found by `TOKEN`, as `html.parser` reads them: in each, group 1 is the name,
     group 3 the value as written (quotes and all; None for an attribute without one), at their offsets in the
-    markup."""
+    markup. They are read with the tag's `>` in view, as `html.parser` reads them: a slash just before it is the
+    tag's own, not a separator between attributes (`self_closing`)."""
     markup, group = token.string, "raw_attributes" if token.group("raw_name") is not None else "attributes"
     end = token.end(group)
-    position = _LEADING_SPACE.match(markup, token.start(group), end).end()  # type: ignore[union-attr]
+    position = _LEADING_SPACE.match(markup, token.start(group), end + 1).end()  # type: ignore[union-attr]
     while position < end:
-        match = _ATTRIBUTE.match(markup, position, end)
+        match = _ATTRIBUTE.match(markup, position, end + 1)
         if match is None or match.end() == position:
             return
         yield match
@@ -84,17 +85,13 @@ def attribute_matches(token: re.Match[str]) -> Iterator[re.Match[str]]:
 def self_closing(token: re.Match[str]) -> bool:
     """Whether a start tag found by `TOKEN` ends with a slash of its own (`<br/>`, `<a href="x" />`), as
     `html.parser` reads it: a slash that ends an unquoted value (`<a href=/>`) is the value's, and the tag opens an
-    element. Its attributes are read as in `attribute_matches`, but as far as they go past the tag's end (it does
-    not): a slash just before the `>` is read as `html.parser` reads it, seeing that `>`."""
+    element."""
     markup, group = token.string, "raw_attributes" if token.group("raw_name") is not None else "attributes"
-    start, end = token.start(group), token.end(group)
+    start, end = token.span(group)
     if not markup[start:end].endswith("/"):
         return False
-    position = _LEADING_SPACE.match(markup, start).end()  # type: ignore[union-attr]
-    while position < end:
-        match = _ATTRIBUTE.match(markup, position)
-        if match is None or match.end() == position:
-            break
+    position = _LEADING_SPACE.match(markup, start, end + 1).end()  # type: ignore[union-attr]
+    for match in attribute_matches(token):
         position = match.end()
     return markup[position:end].strip() == "/"
 
