@@ -73,7 +73,7 @@ def _from_columns(row: dict[str, bool]) -> TrackingDefaults:
                             Tracking(row["transactional_opens"], row["transactional_clicks"]))
 
 
-_defaults: ProjectInterest[TrackingDefaults] = ProjectInterest("tracking_defaults", 2.0)
+_defaults: ProjectInterest[TrackingDefaults] = ProjectInterest("tracking_defaults")
 
 
 def project_defaults(session: Session, project_id: str) -> TrackingDefaults:
