@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from pipeline.marketing.segments import membership_moves
+from storage import contacts as contact_store
 from storage import events as event_store
 from storage import webhooks as webhook_store
 from storage import workflows as workflow_store
@@ -88,8 +89,9 @@ def _queue_webhooks(session: Session, project_id: str, contact_id: str | None, n
     if not endpoint_ids:
         return 0
     contact = None
-    if contact_id is not None:
-        contact = {"id": contact_id, "email": webhook_store.contact_email(session, contact_id)}
+    if contact_id is not None:  # a batch's contacts are its records: one created in it is written at commit
+        record = contact_store.get_contact(session, project_id, contact_id)
+        contact = {"id": contact_id, "email": None if record is None else record.email}
     payload = event_payload(event_id, name, contact, email_id, data or {}, now)
     for endpoint_id in endpoint_ids:
         webhook_store.queue_delivery(session, endpoint_id, event_id, name, payload, now)

@@ -142,6 +142,21 @@ def _forget_locked(session: Session, *_: Any) -> None:
     session.info.pop(_LOCKED, None)
 
 
+_CREATED = "plunkd.created_contacts"
+"""session.info key: the (project id, email) of the contacts this transaction queued for its commit."""
+_CREATING: set[tuple[str, str]] = set()
+"""(project id, email) of the new contacts queued for commit by transactions of this process that have not ended:
+the writer's next batch takes its statements while the previous one commits, and would find such a contact absent
+too, then fail on it at commit and run again with savepoints."""
+
+
+@event.listens_for(Session, "after_commit")
+@event.listens_for(Session, "after_rollback")
+def _forget_created(session: Session, *_: Any) -> None:
+    for key in session.info.pop(_CREATED, ()):
+        _CREATING.discard(key)
+
+
 def _one(session: Session, stmt: Any, params: dict[str, Any]) -> ContactRecord | None:
     rows = fastpath.fetch(session, stmt, params)
     return ContactRecord(*rows[0]) if rows else None
@@ -213,13 +228,27 @@ def get_or_create_contact(session: Session, project_id: str, email: str, subscri
     """Return the contact (locked for update on PostgreSQL) and whether it was just created (with
     `data_if_new` as its data: one statement fewer than an insert and then an update).
 
-    Safe against a concurrent creator: the insert does nothing on conflict and we read the winner.
+    A contact a batch of `ContactWork`s found absent when it locked its contacts is written with the batch's
+    other rows at commit (`write_at_commit`: on PostgreSQL in the statement that writes its emails and events),
+    not by a round trip of its own: a batch of sends to new addresses waited on one per address. Should a
+    concurrent creator commit the address first, that insert fails the batch, which runs again with a savepoint
+    around each work, and there, as outside a batch, the insert does nothing on conflict and we read the winner.
+    An address another transaction of this process is creating (`_CREATING`) is inserted at once the same way,
+    which waits for that transaction's end.
     """
     contact = get_contact_by_email(session, project_id, email, for_update=True)
     if contact is not None:
         return contact, False
     now = utcnow()
     record = ContactRecord(new_id(), email, subscribed_if_new, data_if_new or {}, now, now)
+    locked: LockedContacts | None = session.info.get(_LOCKED)
+    key = (project_id, email)
+    if locked is not None and key in locked.by_key and key not in _CREATING:
+        write_at_commit(session, _INSERT, {**vars(record), "project_id": project_id})
+        _CREATING.add(key)
+        session.info.setdefault(_CREATED, []).append(key)
+        _remember(session, project_id, record)
+        return record, True
     stmt = _INSERT_IF_ABSENT[session.get_bind().dialect.name]
     if fastpath.execute(session, stmt, {**vars(record), "project_id": project_id}) == 1:
         _remember(session, project_id, record)

@@ -26,7 +26,6 @@ from storage.claims import DueClaim
 from storage.db import delete_some
 from storage.interest import ProjectInterest
 from storage.models import (
-    Contact,
     Project,
     WebhookDelivery,
     WebhookDeliveryStatus,
@@ -76,17 +75,12 @@ def interest(session: Session, project_id: str) -> frozenset[str]:
 
 _LISTENING = select(ENDPOINTS.c.id, ENDPOINTS.c.events).where(ENDPOINTS.c.project_id == bindparam("project_id"),
                                                               ENDPOINTS.c.enabled.is_(True))
-_CONTACT_EMAIL = select(Contact.email).where(Contact.id == bindparam("contact_id"))
 
 
 def listening_endpoints(session: Session, project_id: str, names: frozenset[str]) -> list[str]:
     """The ids of the project's enabled endpoints whose `events` hold one of `names`."""
     rows = session.connection().execute(_LISTENING, {"project_id": project_id})
     return [row.id for row in rows if isinstance(row.events, list) and not names.isdisjoint(row.events)]
-
-
-def contact_email(session: Session, contact_id: str) -> str | None:
-    return session.connection().execute(_CONTACT_EMAIL, {"contact_id": contact_id}).scalar()
 
 
 def queue_delivery(session: Session, endpoint_id: str, event_id: str | None, name: str, payload: dict[str, Any],
