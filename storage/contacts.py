@@ -150,11 +150,12 @@ the writer's next batch takes its statements while the previous one commits, and
 too, then fail on it at commit and run again with savepoints."""
 
 
-@event.listens_for(Session, "after_commit")
-@event.listens_for(Session, "after_rollback")
-def _forget_created(session: Session, *_: Any) -> None:
-    for key in session.info.pop(_CREATED, ()):
-        _CREATING.discard(key)
+@event.listens_for(Session, "after_transaction_end")
+def _forget_created(session: Session, transaction: Any) -> None:
+    """However the transaction ended (committed, rolled back, or closed with its connection lost)."""
+    if transaction.parent is None:
+        for key in session.info.pop(_CREATED, ()):
+            _CREATING.discard(key)
 
 
 def _one(session: Session, stmt: Any, params: dict[str, Any]) -> ContactRecord | None:
