@@ -102,8 +102,9 @@ class ContactWork:
     """A write (`Database.write`) that upserts the contacts of `keys` ((project id, email), lower-cased):
     track and send. A batch made only of these reads all their contacts with one statement per project instead
     of one each (`storage.batch`; locking them on PostgreSQL, where SQLite's one writer needs no lock), and
-    writes their updates and events at commit, one executemany each: a statement is a round trip on
-    PostgreSQL, and on SQLite costs more than its work."""
+    writes the contacts it creates, their updates and events at commit, one executemany each (on PostgreSQL one
+    statement with the batch's other inserts): a statement is a round trip on PostgreSQL, and on SQLite costs
+    more than its work."""
 
     fn: Callable[[Session], Any]
     keys: Sequence[tuple[str, str]]
