@@ -4,7 +4,8 @@ A caller hands `run()` a synchronous function of a `Session`; a writer collects 
 runs the functions one after another in one transaction, commits, and only then resolves each
 caller's future. If one of them raises, the whole transaction is rolled back and the batch is run
 again with a SAVEPOINT around each function, so the one that raised fails alone and the others are
-kept (savepoints cost two statements per function, so they are paid only when something failed).
+kept (savepoints cost two statements per function, so they are paid only when something failed). A function
+alone in its batch runs again so only when a constraint failed (`_worth_running_again`).
 A commit that fails fails the whole batch. Replies therefore come only after the commit that made
 the work durable, and a burst of N requests costs one commit. The functions must touch nothing
 but the session, since a batch may run twice.
@@ -34,6 +35,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar, cast
 
 from sqlalchemy import Engine, Insert, MetaData, Table, Update, event
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 from sqlalchemy.util import greenlet_spawn
@@ -270,7 +272,7 @@ class TransactionBatcher:
                 flush_pending(session)
             except Exception as exc:
                 session.rollback()
-                if len(works) == 1:
+                if not _worth_running_again(works, exc):
                     return [(False, exc)]
                 return await self._in_thread(self._run_sync, works, False)
             await self._in_thread(session.commit)
@@ -306,7 +308,7 @@ def run_batch(session: Session, works: list[Work], optimistic: bool = True,
         flush_pending(session)
     except Exception as exc:
         session.rollback()
-        if len(works) == 1:
+        if not _worth_running_again(works, exc):
             return [(False, exc)]
         with session.begin():
             return _run_each_in_savepoint(session, works)
@@ -314,6 +316,15 @@ def run_batch(session: Session, works: list[Work], optimistic: bool = True,
         before_commit()
     session.commit()
     return [(True, value) for value in values]
+
+
+def _worth_running_again(works: list[Work], error: Exception) -> bool:
+    """Whether a batch that failed runs again with a savepoint around each work: when it holds others the
+    failing one must not take down; or, alone, when a constraint failed (`IntegrityError`): a row another
+    transaction committed meanwhile, such as a new contact (`storage.contacts.get_or_create_contact`), which
+    the work, run again without the batch's shared reads, finds and takes. Any other error of a lone work would
+    come again."""
+    return len(works) > 1 or isinstance(error, IntegrityError)
 
 
 def _prepare(session: Session, works: list[Work]) -> None:
