@@ -106,7 +106,7 @@ async def test_a_batch_of_tracks_to_new_addresses_writes_its_new_contacts_with_o
                             "JOIN events e ON e.contact_id = c.id ORDER BY c.email")
     assert [(email, as_data(data), bool(subscribed), name) for email, data, subscribed, name in stored] == \
         sorted((email, {"n": i}, True, "signup") for i, email in enumerate(emails))
-    ids = {contact_id for _, value in outcomes for contact_id in [value.contact_id]}
+    ids = {value.contact_id for _, value in outcomes}
     assert ids == {contact_id for (contact_id,) in await rows(db, "SELECT id FROM contacts")}
 
 
