@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import text
+from sqlalchemy import String, text
 
 from storage.db import Database, _upgrade_to_head
 from storage.models import Base
@@ -68,3 +68,29 @@ async def test_migrated_partial_indexes_keep_their_predicates(empty_database_url
     for name, where in partial.items():
         assert where.replace(" ", "").lower() in made[name].replace(" ", "").replace("(", "").replace(
             ")", "").lower(), (name, made[name])
+
+
+async def test_id_columns_compare_byte_by_byte(empty_database_url):
+    """Alembic's comparison above ignores collations: after the migrations every column that holds an id
+    (`storage.models.ID_TYPE`, and each foreign key, which takes its column's type) collates "C" on PostgreSQL,
+    and no other column does; SQLite declares no collation (its BINARY, byte order, is the default)."""
+    id_columns = {(table.name, column.name) for table in Base.metadata.tables.values() for column in table.columns
+                  if isinstance(column.type, String) and column.type.length == 36}
+    assert {("emails", "id"), ("emails", "project_id"), ("outbox", "email_id"), ("events", "email_id")} <= id_columns
+    db = Database(empty_database_url, 2)
+    try:
+        await db.migrate()
+        async with db.engine.connect() as conn:
+            if db.is_postgres:
+                collated = set((await conn.execute(text(
+                    "SELECT table_name, column_name FROM information_schema.columns "
+                    "WHERE table_schema = current_schema() AND collation_name = 'C'"))).all())
+            else:
+                tables = (await conn.execute(text("SELECT sql FROM sqlite_master WHERE type = 'table'"))).scalars()
+                declared = [sql for sql in tables if "COLLATE" in sql.upper()]
+    finally:
+        await db.dispose()
+    if db.is_postgres:
+        assert collated == id_columns
+    else:
+        assert declared == []
