@@ -3,7 +3,7 @@ bare `INSERT … SELECT` of as many rows into the same database; and /v1/send la
 campaign is fanned out and while it dispatches, against the same server idle. One run, ratios printed.
 
     python -m bench.campaign [--contacts 100000] [--rate 100] [--probes 1000] [--database-url postgresql+asyncpg://…]
-                             [--quick]
+                             [--database-icu-locale en-US] [--quick]
 
 The server is a real `plunkd serve` (API process + dispatcher process, file transport at `--rate`).
 Contacts are written through the storage layer's table in bulk before it starts.
@@ -47,7 +47,13 @@ def parse_args() -> argparse.Namespace:
                         help="/v1/send requests per latency sample (the idle p99 of fewer is a few of its slowest)")
     parser.add_argument("--seconds", type=float, default=120.0, help="give up on the fan-out after this")
     parser.add_argument("--database-url", default="")
-    return parse_with_quick(parser, contacts=1000, probes=30, seconds=30.0)
+    parser.add_argument("--database-icu-locale", default="",
+                        help="PostgreSQL: make the run's database with this ICU locale (such as en-US) as its "
+                             "collation, as a server initialized with a language's locale compares text")
+    args = parse_with_quick(parser, contacts=1000, probes=30, seconds=30.0)
+    if args.database_icu_locale and not args.database_url:
+        parser.error("--database-icu-locale needs --database-url (a PostgreSQL server)")
+    return args
 
 
 async def seed_contacts(url: str, project_id: str, count: int) -> float:
@@ -186,9 +192,11 @@ def run_all(data: str, url: str, args: argparse.Namespace) -> tuple[dict[str, fl
 
 def main() -> None:
     args = parse_args()
-    with temp_dir() as data, bench_database(args.database_url, data) as url:
+    with temp_dir() as data, bench_database(args.database_url, data, args.database_icu_locale) as url:
         results, bare = run_all(data, url, args)
     backend = "PostgreSQL" if args.database_url else "SQLite"
+    if args.database_icu_locale:
+        backend += f", ICU {args.database_icu_locale}"
     queue = results["queue_seconds"]
     aim = "< 5 s" if args.database_url else "< 10 s"
     print(f"[{backend}] campaign to {args.contacts:,}: all outbox rows committed in {queue:.2f} s (aim {aim}); "

@@ -9,6 +9,7 @@ import contextlib
 import functools
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -271,11 +272,16 @@ def ratio(ours: float, baseline: float) -> float:
 
 
 @contextlib.contextmanager
-def fresh_database(server_url: str) -> Iterator[str]:
+def fresh_database(server_url: str, icu_locale: str = "") -> Iterator[str]:
     """A new, empty PostgreSQL database on `server_url`'s server for this run, dropped afterwards (the
     database named in the URL is only used to connect). The one way every benchmark gets a PostgreSQL database
-    (`bench_database` chooses between it and an SQLite file)."""
+    (`bench_database` chooses between it and an SQLite file). `icu_locale` (such as en-US): the database's
+    text compares by that ICU locale, as on a server initialized with a language's locale (the postgres
+    image's default is en_US), instead of by the server's default."""
     name = f"plunkd_bench_{uuid.uuid4().hex[:10]}"
+    if icu_locale and not re.fullmatch(r"[A-Za-z0-9_-]+", icu_locale):
+        raise ValueError(f"not an ICU locale name: {icu_locale!r}")
+    made_with = f" TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE '{icu_locale}'" if icu_locale else ""
 
     async def admin(statement: str) -> None:
         engine = create_async_engine(server_url, isolation_level="AUTOCOMMIT")
@@ -283,7 +289,7 @@ def fresh_database(server_url: str) -> Iterator[str]:
             await conn.execute(text(statement))
         await engine.dispose()
 
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    asyncio.run(admin(f'CREATE DATABASE "{name}"{made_with}'))
     try:
         yield server_url.rsplit("/", 1)[0] + f"/{name}"
     finally:
@@ -291,11 +297,11 @@ def fresh_database(server_url: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def bench_database(server_url: str, folder: str) -> Iterator[str]:
+def bench_database(server_url: str, folder: str, icu_locale: str = "") -> Iterator[str]:
     """plunkd's database for a run: a fresh PostgreSQL database on `server_url`'s server (`fresh_database`), or
     without one a new SQLite file in `folder`."""
     if server_url:
-        with fresh_database(server_url) as url:
+        with fresh_database(server_url, icu_locale) as url:
             yield url
     else:
         yield f"sqlite+aiosqlite:///{folder}/plunkd.sqlite3"

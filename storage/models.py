@@ -132,8 +132,9 @@ ID_TYPE = String(36).with_variant(String(36, collation="C"), "postgresql")
 """Ids and the other 36-character keys (every column that holds an id). PostgreSQL compares them byte by byte
 (COLLATE "C"), as SQLite's BINARY does, whatever the database's own locale: ids are ASCII, and every index on
 them (most indexes) compares them at each insert and lookup. Under a locale's rules a campaign's fan-out into
-a database made with ICU's en-US took 8.1-8.3 s for 100,000 recipients under bench.campaign's probes, 6.7-7.4
-s with these columns in "C" (0026). Foreign-key columns take this type from the column they reference."""
+a database made with ICU's en-US took 7.9-8.0 s for 100,000 recipients under bench.campaign's probes, 6.7-7.1
+s with these columns in "C" (0026; `python -m bench.campaign --database-icu-locale en-US`). Foreign-key columns
+take this type from the column they reference."""
 
 
 class Base(DeclarativeBase):
