@@ -9,11 +9,14 @@ PostgreSQL it runs the functions in a `Session` on asyncpg, awaited through SQLA
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
 import functools
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,7 +24,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import ColumnElement, Engine, Table, create_engine, delete, event, select
+from sqlalchemy import ColumnElement, Engine, Table, create_engine, delete, event, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session
@@ -53,6 +56,8 @@ class Database:
         self.url = url
         self.is_postgres = url.startswith("postgresql")
         self.sync_engine: Engine | None = None
+        self.sqlite_file = ""
+        """The SQLite database's file ("" on PostgreSQL, and for an in-memory database)."""
         if self.is_postgres:
             self.engine: AsyncEngine = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size,
                                                            hide_parameters=True, json_serializer=json_column_text)
@@ -60,6 +65,7 @@ class Database:
             path = url.split(":///", 1)[1] if ":///" in url else ""
             if path and path != ":memory:":
                 _private_sqlite_file(Path(path))
+                self.sqlite_file = path
             # Read connections (each an aiosqlite thread with its PRAGMAs): keep pool_size of them, as on
             # PostgreSQL; SQLAlchemy's default keeps 5 and opens and closes one per read beyond that.
             pool = {"pool_size": pool_size, "max_overflow": pool_size} if path and path != ":memory:" else {}
@@ -111,7 +117,13 @@ class Database:
                 return total
 
     async def migrate(self) -> None:
-        async with self.engine.begin() as conn:
+        """Upgrade the schema to this version's. Processes that start together take turns, and the later ones
+        find it at head: two nodes on one new PostgreSQL database (`docker compose up`), or `plunkd project
+        create` beside a server starting on a new SQLite file, each made the tables, and all but one exited
+        ("table alembic_version already exists"). On PostgreSQL the upgrade's transaction takes an advisory lock
+        first (`_upgrade_to_head`); on SQLite, whose migrations run their DDL outside a transaction, the process
+        holds a lock on a file beside the database (`_migration_turn`)."""
+        async with _migration_turn(self.sqlite_file), self.engine.begin() as conn:
             await conn.run_sync(_upgrade_to_head)
 
     async def dispose(self) -> None:
@@ -206,9 +218,32 @@ def head_revision() -> str | None:
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
+MIGRATION_LOCK = 0x706C_756E_6B64
+"""The PostgreSQL advisory lock (a bigint, "plunkd" in ASCII) an upgrade holds until its transaction ends."""
+
+
+@contextlib.asynccontextmanager
+async def _migration_turn(sqlite_file: str) -> AsyncIterator[None]:
+    """SQLite: an exclusive `flock` on `<database>.migrating` (made if missing) while the caller upgrades; another
+    process upgrading the same file waits for it. Not on the database file itself: closing another descriptor of
+    that file would drop SQLite's own (POSIX) locks on it. Nothing to do without a file."""
+    if not sqlite_file:
+        yield
+        return
+    descriptor = os.open(f"{sqlite_file}.migrating", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        await asyncio.to_thread(fcntl.flock, descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
+
+
 def _upgrade_to_head(connection: Connection, revision: str = "head") -> None:
     """Alembic's upgrade, skipped when the database is at head already: alembic loads every migration file
-    to find that out, which is most of a start-up's database time."""
+    to find that out, which is most of a start-up's database time. On PostgreSQL it first waits for any other
+    upgrade's transaction (`MIGRATION_LOCK`), so it reads the revision that one left."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
     if revision == "head" and MigrationContext.configure(connection).get_current_revision() == head_revision():
         return
     command.upgrade(alembic_config(connection), revision)

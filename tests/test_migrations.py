@@ -3,11 +3,13 @@ a model change without its migration (or the reverse) fails here, not on a user'
 
 from __future__ import annotations
 
+import asyncio
+
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import String, text
 
-from storage.db import Database, _upgrade_to_head
+from storage.db import Database, _upgrade_to_head, head_revision
 from storage.models import Base
 
 
@@ -94,3 +96,18 @@ async def test_id_columns_compare_byte_by_byte(empty_database_url):
         assert collated == id_columns
     else:
         assert declared == []
+
+
+async def test_nodes_starting_together_migrate_once(empty_database_url):
+    """Every `plunkd serve` migrates as it starts, and `docker compose up` starts two nodes on one new database at
+    the same moment: each upgrade must wait for the other and then find the schema at head, not run it again
+    (tables made twice, or the version row moved by the other: the node exits)."""
+    nodes = [Database(empty_database_url, 2) for _ in range(3)]
+    try:
+        await asyncio.gather(*(node.migrate() for node in nodes))
+        async with nodes[0].engine.connect() as conn:
+            version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalars().all()
+    finally:
+        for node in nodes:
+            await node.dispose()
+    assert version == [head_revision()]
