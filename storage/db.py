@@ -68,7 +68,7 @@ class Database:
                 self.sqlite_file = path
             # Read connections (each an aiosqlite thread with its PRAGMAs): keep pool_size of them, as on
             # PostgreSQL; SQLAlchemy's default keeps 5 and opens and closes one per read beyond that.
-            pool = {"pool_size": pool_size, "max_overflow": pool_size} if path and path != ":memory:" else {}
+            pool = {"pool_size": pool_size, "max_overflow": pool_size} if self.sqlite_file else {}
             self.engine = create_async_engine(url, connect_args={"timeout": BUSY_TIMEOUT_SECONDS}, hide_parameters=True,
                                               json_serializer=json_column_text, **pool)
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
