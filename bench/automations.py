@@ -1,7 +1,7 @@
-"""10,000 workflow runs (a 5 s delay, then a send step) started at the same moment: how late the firing send
-step runs after it is due (p50/p99; the aim is p99 < 1 s), and the steps the scheduler executes per second
-against a bare claim-and-update loop on the same table (claim a batch of due runs, write each one's next
-position and history, commit). One run, ratio printed.
+"""10,000 workflow runs (a 5 s delay, then a send step) started at the same moment: how late each run leaves
+its delay and sends after the delay's end (p50/p99; the aim is p99 < 1 s), and the steps the scheduler
+executes per second against a bare claim-and-update loop on the same table (claim a batch of due runs,
+write each one's next position and history, commit). One run, ratio printed.
 
     python -m bench.automations [--runs 10000] [--delay 5] [--database-url postgresql+asyncpg://…] [--quick]
 
@@ -85,12 +85,12 @@ async def start_runs(db: Database, project_id: str, workflow_id: str, step: str)
 
 
 _BARE_UPDATE = (update(RUNS).where(RUNS.c.id == bindparam("run_id"))
-                .values(step_id=bindparam("step_id"), due_at=bindparam("due_at"),
+                .values(status=bindparam("status"), due_at=bindparam("due_at"),
                         history=bindparam("history", type_=JSON()), updated_at=bindparam("updated_at")))
 
 
 async def bare_loop(db: Database, total: int, size: int) -> float:
-    """Claim due runs a batch at a time and move each one on (no step logic): steps per second."""
+    """Claim due runs a batch at a time and put each one to WAIT at its delay (no step logic): steps per second."""
     def batch(session) -> int:
         now = utcnow()
         stmt = (select(RUNS.c.id, RUNS.c.history).where(RUNS.c.status == "ACTIVE", RUNS.c.due_at <= now)
@@ -100,7 +100,7 @@ async def bare_loop(db: Database, total: int, size: int) -> float:
         rows = session.connection().execute(stmt).all()
         if rows:
             session.connection().execute(_BARE_UPDATE, [
-                {"run_id": row.id, "step_id": "mail", "due_at": now + timedelta(hours=1), "updated_at": now,
+                {"run_id": row.id, "status": "WAITING", "due_at": now + timedelta(hours=1), "updated_at": now,
                  "history": [*row.history, {"step": "wait", "type": "delay", "at": now.isoformat(), "outcome": "x"}]}
                 for row in rows])
         return len(rows)
@@ -139,7 +139,8 @@ async def measure(url: str, runs: int, delay: int, batch: int) -> None:
         deadline = started + delay + 120
         try:
             # progress from the scheduler's own step count: polling the table would compete with it
-            while scheduler.steps < 2 * runs and time.perf_counter() < deadline:
+            # each run: the delay begins (a step), then at its end the delay is over and the send runs (two)
+            while scheduler.steps < 3 * runs and time.perf_counter() < deadline:
                 await asyncio.sleep(0.01)
                 if first_phase is None and scheduler.steps >= runs:
                     first_phase = time.perf_counter() - started
@@ -153,7 +154,7 @@ async def measure(url: str, runs: int, delay: int, batch: int) -> None:
         await db.dispose()
     late = []
     for history in histories:
-        fired = next(entry for entry in history if entry["step"] == "mail")
+        fired = next(entry for entry in history if entry["outcome"] == "delayed")
         late.append((datetime.fromisoformat(fired["at"]) - datetime.fromisoformat(fired["due"])).total_seconds())
     rate = runs / first_phase if first_phase else float("nan")
     print(f"{runs} runs (delay {delay} s → send), {'PostgreSQL' if db.is_postgres else 'SQLite'}: all done in "
@@ -162,8 +163,8 @@ async def measure(url: str, runs: int, delay: int, batch: int) -> None:
           f"ms, max {max(late) * 1000:.0f} ms  (aim p99 < 1000 ms)")
     print(f"delay steps executed: plunkd {rate:,.0f} steps/s, bare claim-and-update {bare:,.0f} steps/s, "
           f"ratio {rate / bare:.2f}")
-    print(f"all steps (delay + send, {2 * runs}): {2 * runs / (total - delay):,.0f} steps/s over the time not spent "
-          f"waiting out the delay")
+    print(f"all steps (delay begun, delay over, send: {3 * runs}): {3 * runs / (total - delay):,.0f} steps/s over the "
+          f"time not spent waiting out the delay")
 
 
 def main() -> None:

@@ -65,8 +65,8 @@ class CampaignStatus(StrEnum):
 
 
 class RunStatus(StrEnum):
-    """`workflow_runs.status`: ACTIVE (a step is due), WAITING (for an event, or its timeout), then one of
-    the ended ones."""
+    """`workflow_runs.status`: ACTIVE (a step is due), WAITING (for an event or its timeout, or at a delay
+    for its end), then one of the ended ones."""
 
     ACTIVE = "ACTIVE"
     WAITING = "WAITING"
@@ -468,8 +468,9 @@ class WorkflowTrigger(Base):
 
 
 class WorkflowRun(Base):
-    """One contact's way through a workflow. `step_id` is the step to run next, due at `due_at`; a run
-    waiting for an event (`waiting_for`) is also due at its timeout."""
+    """One contact's way through a workflow. `step_id` is the step to run next, due at `due_at`, or the
+    `delay` or `wait` step a WAITING run is at: due at the delay's end, or the event's timeout (the event
+    awaited is `waiting_for`)."""
 
     __tablename__ = "workflow_runs"
     __table_args__ = (Index("ix_workflow_runs_status_due_at", "status", "due_at"),

@@ -10,6 +10,7 @@ once and again at the commit (`workflows_changed`); one written by another proce
 A run's position (see `pipeline.workflows.engine` for the grammar and the engine):
 * ACTIVE, `step_id` due at `due_at` (`step_id` None: the definition's first step).
 * WAITING at a `wait` step for `waiting_for`, due at its timeout.
+* WAITING at a `delay` step (`waiting_for` None), due at the delay's end.
 * ACTIVE at a `wait` step with `waiting_for` still set: the event happened (`resume_waiting`); the engine
   takes the step's `then` branch.
 """

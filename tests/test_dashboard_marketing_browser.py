@@ -244,8 +244,9 @@ def step_counts(owner: Tab, step: str) -> str:
 
 def run_a_workflow(owner: Tab, journey: Journey, contact: str) -> None:
     """Event → 30-second delay → send, made in the dashboard; a /v1/track starts a run, seen waiting at the
-    delay on the graph (a page load on a loaded machine may take seconds: CI once saw none in 10 s, and a
-    local CI run, with the bench smoke runs beside both passes, none in 14 s), then past it."""
+    delay on the graph for the delay's 30 s (until runs WAITed at their delay step, the graph showed one there
+    only for the moment before the scheduler took it up, and a loaded machine's page loads missed it), then
+    past it."""
     open_from_the_nav(owner, "Workflows", "Workflows")
     owner.page.get_by_role("link", name="New workflow").click()
     owner.page.get_by_role("heading", name="New workflow").wait_for()

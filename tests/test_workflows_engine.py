@@ -111,7 +111,7 @@ async def test_track_then_delay_then_send_reaches_the_outbox_and_is_delivered(ap
         started = time.monotonic()
         await track_event(api, "ann@example.org", "signed-up", {"plan": "pro", "source": {"value": "ad",
                                                                                           "persistent": False}})
-        assert await wait_for(lambda: _at_step(api, workflow, "mail"), 2)
+        assert await wait_for(lambda: _delayed_at(api, workflow, "wait"), 2), "the run WAITs at the delay step"
         assert await emails_to(api, "ann@example.org") == []
         run = await wait_for(lambda: _ended(api, workflow), 5)
         elapsed = time.monotonic() - started
@@ -122,7 +122,7 @@ async def test_track_then_delay_then_send_reaches_the_outbox_and_is_delivered(ap
     # loaded machine (CI once picked the first step up 1.85 s after the track, with four test processes
     # on two cores).
     assert run.status == "COMPLETED" and run.emails_sent == 1 and 2.0 <= elapsed < 5.0, (run.history, elapsed)
-    assert outcomes(run) == ["delayed", "sent"]
+    assert outcomes(run) == ["waiting", "delayed", "sent"]
     fired = run.history[1]
     # History times are the API's: milliseconds and a Z, like every other time a client reads.
     assert all(MILLISECOND_TIME.fullmatch(entry[key]) for entry in run.history for key in ("at", "due", "until")
@@ -143,9 +143,11 @@ async def test_track_then_delay_then_send_reaches_the_outbox_and_is_delivered(ap
     assert "Plan pro, coupon C-42, from ad" in text
 
 
-async def _at_step(api, workflow: str, step: str):
+async def _delayed_at(api, workflow: str, step: str):
+    """The workflow's one run WAITs at `step`, due later (the graph and the API show it there)."""
     runs = await runs_of(api, workflow)
-    return runs and runs[0].step_id == step and runs[0].due_at > utcnow()
+    return runs and (runs[0].status, runs[0].step_id, runs[0].waiting_for) == ("WAITING", step, None) \
+        and runs[0].due_at > utcnow()
 
 
 async def _ended(api, workflow: str):
@@ -166,7 +168,8 @@ async def test_exclude_events_stop_a_run_and_keep_contacts_from_starting(api, se
     await asyncio.sleep(1.1)
     await scheduler.run_until_idle()
     run = await one_run(api, workflow)
-    assert run.status == "EXITED" and outcomes(run) == ["delayed", "exited"]
+    assert run.status == "EXITED" and outcomes(run) == ["waiting", "exited"]
+    assert run.history[-1]["step"] == "wait", "it left at the delay it was in"
     assert run.history[-1]["reason"] == "the contact did purchased"
     assert await emails_to(api, "bob@example.org") == []
     # a contact who already did an exclude event starts no run
@@ -349,7 +352,7 @@ async def test_a_restart_during_a_delay_fires_once(api, sender):
     await track_event(api, "ned@example.org", "later")
     first = scheduler_for(api)
     task = asyncio.create_task(first.run())
-    await wait_for(lambda: _at_step(api, workflow, "m"), 2)
+    assert await wait_for(lambda: _delayed_at(api, workflow, "d"), 2)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     second, third = scheduler_for(api), scheduler_for(api)
@@ -456,10 +459,28 @@ async def test_delay_until_a_moment(api, sender):
                                          {"id": "x", "type": "exit"}], ["x"])
     await track_event(api, "rae@example.org", "x")
     await scheduler_for(api).run_until_idle()
-    assert (await one_run(api, workflow)).status == "ACTIVE"
+    run = await one_run(api, workflow)
+    assert (run.status, run.step_id) == ("WAITING", "d") and abs(run.due_at - at) < timedelta(milliseconds=1)
     await asyncio.sleep((at - datetime.now(UTC)).total_seconds() + 0.1)
     await scheduler_for(api).run_until_idle()
     assert (await one_run(api, workflow)).status == "EXITED"
+
+
+async def test_a_run_an_older_plunkd_delayed_goes_on_from_the_next_step(api, sender):
+    """Before runs WAITed at their delay step, a delayed run was stored ACTIVE at the step after it, due at
+    the delay's end: such rows, left by an upgrade, still send once and complete."""
+    template = await make_template(api)
+    workflow = await make_workflow(api, [{"id": "d", "type": "delay", "minutes": 60, "next": "m"},
+                                         {"id": "m", "type": "send", "template": template}], ["older"])
+    await track_event(api, "old@example.org", "older")
+    older = [{"step": "d", "type": "delay", "at": "2026-01-01T00:00:00.000Z", "outcome": "delayed",
+              "until": "2026-01-01T01:00:00.000Z"}]
+    await api.db.write(lambda s: s.execute(WorkflowRun.__table__.update().values(
+        status="ACTIVE", step_id="m", due_at=utcnow(), history=older)))
+    await scheduler_for(api).run_until_idle()
+    run = await one_run(api, workflow)
+    assert run.status == "COMPLETED" and outcomes(run) == ["delayed", "sent"] and run.emails_sent == 1
+    assert len(await emails_to(api, "old@example.org")) == 1
 
 
 async def test_a_workflow_written_here_fires_at_once_and_one_written_elsewhere_within_seconds(api, sender):
@@ -513,8 +534,8 @@ async def test_a_group_of_runs_at_one_send_step_queues_one_email_each_with_its_o
     assert len(runs) == 30  # the deleted contact's run went with it (ON DELETE CASCADE)
     by_contact = {r.contact_id: r for r in runs}
     quiet = by_contact.pop((await contact(api, "quiet@example.org")).id)
-    assert outcomes(quiet) == ["delayed", "skipped"] and quiet.emails_sent == 0
-    assert all(outcomes(r) == ["delayed", "sent"] and r.emails_sent == 1 for r in by_contact.values())
+    assert outcomes(quiet) == ["waiting", "delayed", "skipped"] and quiet.emails_sent == 0
+    assert all(outcomes(r) == ["waiting", "delayed", "sent"] and r.emails_sent == 1 for r in by_contact.values())
     queued = await api.db.read(lambda s: list(s.execute(select(Email).where(Email.source == "workflow")).scalars()))
     assert sorted(e.status for e in queued) == ["QUEUED"] * 29 + ["SKIPPED"]
     assert len({e.content_id for e in queued}) == 1
@@ -562,9 +583,10 @@ async def test_an_idle_scheduler_wakes_when_the_next_run_is_due_not_at_its_next_
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     for run in await runs_of(api, workflow):
-        fired = run.history[-1]
+        assert outcomes(run) == ["waiting", "delayed", "exit"], run.history
+        fired = run.history[1]
         lateness = (datetime.fromisoformat(fired["at"]) - datetime.fromisoformat(fired["due"])).total_seconds()
-        assert fired["outcome"] == "exit" and 0 <= lateness < 0.15, run.history
+        assert 0 <= lateness < 0.15, run.history
 
 
 async def _all_ended(api, workflow: str, count: int):

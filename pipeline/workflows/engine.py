@@ -354,13 +354,20 @@ def _exit_excluded(batch: _Batch, placed: list[tuple[_Run, RunnableStep | Broken
 
 
 def _delay(batch: _Batch, run: _Run, step: DelayStep, step_id: str, now: datetime, done: Executed) -> bool:
+    """The run WAITs at the delay step until its end, as at a `wait` step: its position is the step it is
+    at. (A run an older plunkd delayed sits ACTIVE at the next step, due at the delay's end: it goes on.)"""
+    if run.status == "WAITING":  # due at the delay's end
+        run.note(step, step_id, now, "delayed")
+        run.go(step.next, now)
+        return True
     until = step.due(now)
-    run.note(step, step_id, now, "delayed", until=iso(until))
-    run.go(step.next, now)
-    if run.status == "ACTIVE" and until > now:
-        run.due_at = until
-        return False
-    return True
+    if until <= now:
+        run.note(step, step_id, now, "delayed", until=iso(until))
+        run.go(step.next, now)
+        return True
+    run.status, run.due_at = "WAITING", until
+    run.note(step, step_id, now, "waiting", until=iso(until))
+    return False
 
 
 def _wait(batch: _Batch, run: _Run, step: WaitStep, step_id: str, now: datetime, done: Executed) -> bool:
