@@ -123,6 +123,15 @@ def get_run(session: Session, workflow_id: str, run_id: str, for_update: bool = 
     return session.execute(stmt).scalar_one_or_none()
 
 
+def move_delayed_runs(session: Session, workflow_id: str, delay_step: str, next_step: str, now: datetime) -> int:
+    """The runs WAITING at `delay_step` become ACTIVE at `next_step`, due when their delay ends, as it was;
+    returns how many."""
+    runs = WorkflowRun.__table__
+    return session.execute(runs.update().where(
+        runs.c.workflow_id == workflow_id, runs.c.status == RunStatus.WAITING, runs.c.step_id == delay_step)
+        .values(status=RunStatus.ACTIVE, step_id=next_step, updated_at=now)).rowcount
+
+
 def cancel_run(session: Session, run: WorkflowRun, now: datetime, step_type: str | None) -> WorkflowRun:
     """Mark a live run CANCELLED (nothing is due for it any more) and note it in its history."""
     history = list(run.history or [])

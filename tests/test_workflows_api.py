@@ -357,6 +357,29 @@ async def test_action_crud_in_the_legacy_shape(api):
         assert status == 404, (method, path, body)
 
 
+async def test_an_actions_delay_can_go_while_runs_wait_in_it_and_their_emails_go_when_planned(api):
+    """Runs WAIT at a delay step, and a workflow cannot drop a step runs sit at (409); Plunk's actions have
+    no such rule, so setting an action's delay to 0 moves its delayed runs on to the send step, still due
+    when their delay ends. Changing the minutes keeps them where they are."""
+    template_id = await template(api)
+    status, body = await api.call("POST", "/actions", json={"name": "Later", "events": ["joined"], "delay": 60,
+                                                            "template": template_id})
+    assert status == 201, body
+    action_id = body["data"]["id"]
+    delayed = await add_run(api, action_id, await contact(api), "WAITING", step="delay")
+    due = (await api.db.read(lambda s: s.get(WorkflowRun, delayed))).due_at
+    status, body = await api.call("PUT", "/actions", json={"id": action_id, "delay": 30})
+    assert status == 200 and body["data"]["delay"] == 30, body
+    run = await api.db.read(lambda s: s.get(WorkflowRun, delayed))
+    assert (run.status, run.step_id, run.due_at) == ("WAITING", "delay", due)
+    status, body = await api.call("PUT", "/actions", json={"id": action_id, "delay": 0})
+    assert status == 200 and body["data"]["delay"] == 0, body
+    run = await api.db.read(lambda s: s.get(WorkflowRun, delayed))
+    assert (run.status, run.step_id, run.due_at) == ("ACTIVE", "send", due)
+    status, body = await api.call("GET", f"/actions/{action_id}/stats")
+    assert (body["data"]["active"], body["data"]["waiting"]) == (1, 0)
+
+
 async def test_action_validation(api):
     template_id = await template(api)
     good = {"name": "a", "events": ["e"], "template": template_id}

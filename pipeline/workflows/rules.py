@@ -17,7 +17,14 @@ from sqlalchemy.orm import Session
 
 from pipeline.cache import TtlCache
 from pipeline.errors import Conflict, FieldError, NotFound, ValidationFailed
-from pipeline.workflows.definitions import action_definition, action_fields, events_used, validate_definition
+from pipeline.workflows.definitions import (
+    ACTION_DELAY_STEP,
+    ACTION_SEND_STEP,
+    action_definition,
+    action_fields,
+    events_used,
+    validate_definition,
+)
 from storage import workflow_admin as store
 from storage.db import Database
 from storage.models import Workflow, WorkflowRun, utcnow
@@ -205,6 +212,9 @@ def update_action(session: Session, project_id: str, action_id: str, fields: Act
         delay = fields.delay if fields.delay is not None else current[0]
         template = fields.template if fields.template is not None else current[1]
         definition = action_definition(delay, template or "")
+        if delay == 0 < current[0]:
+            # Plunk's actions have no runs to conflict with: the emails already delayed go when planned.
+            store.move_delayed_runs(session, workflow.id, ACTION_DELAY_STEP, ACTION_SEND_STEP, utcnow())
         _check_live_runs(session, workflow, definition)
         values["definition"] = definition
     if fields.events is not None:
