@@ -487,6 +487,14 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"config key {key}: expected {expected}")
 
 
+def sqlite_file(url: str) -> str:
+    """The file an SQLite URL names, as written ("" for another database and for an in-memory one)."""
+    if not url.startswith("sqlite") or ":///" not in url:
+        return ""
+    path = url.split(":///", 1)[1].split("?", 1)[0]
+    return "" if path == ":memory:" else path
+
+
 def _parses_as_key(text: str) -> bool:
     from core.keys import parse_key
 

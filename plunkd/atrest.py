@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from core.config import Config
+from core.config import Config, sqlite_file
 from core.files import private_dir, write_private_file
 from core.keys import format_key, new_key, parse_key
 from storage.secrets import (
@@ -42,13 +42,8 @@ MAX_LISTED = 8
 
 
 def _sqlite_files(config: Config) -> list[Path]:
-    url = config.database_url
-    if not url.startswith("sqlite") or ":///" not in url:
-        return []
-    database = url.split(":///", 1)[1]
-    if not database or database == ":memory:":
-        return []
-    return [Path(database + suffix) for suffix in ("", "-wal", "-shm", "-journal")]
+    database = sqlite_file(config.database_url)
+    return [Path(database + suffix) for suffix in ("", "-wal", "-shm", "-journal")] if database else []
 
 
 def _private_places(config: Config) -> tuple[list[Path], list[Path]]:

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from core.config import Config, ConfigError, load_config
+from core.config import Config, ConfigError, load_config, sqlite_file
 from core.files import PRIVATE_UMASK
 
 
@@ -31,12 +31,8 @@ def _config(args: argparse.Namespace) -> Config:
 
 def _sqlite_file(url: str) -> Path | None:
     """The file an SQLite URL names, absolute (None: not an SQLite file)."""
-    from sqlalchemy.engine import make_url
-
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
-        return None
-    return Path(parsed.database).resolve()
+    path = sqlite_file(url)
+    return Path(path).resolve() if path else None
 
 
 def database_label(url: str) -> str:

@@ -29,6 +29,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session
 
+from core.config import sqlite_file
 from core.json_text import json_column_text
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -62,10 +63,9 @@ class Database:
             self.engine: AsyncEngine = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size,
                                                            hide_parameters=True, json_serializer=json_column_text)
         else:
-            path = url.split(":///", 1)[1] if ":///" in url else ""
-            if path and path != ":memory:":
-                _private_sqlite_file(Path(path))
-                self.sqlite_file = path
+            self.sqlite_file = sqlite_file(url)
+            if self.sqlite_file:
+                _private_sqlite_file(Path(self.sqlite_file))
             # Read connections (each an aiosqlite thread with its PRAGMAs): keep pool_size of them, as on
             # PostgreSQL; SQLAlchemy's default keeps 5 and opens and closes one per read beyond that.
             pool = {"pool_size": pool_size, "max_overflow": pool_size} if self.sqlite_file else {}

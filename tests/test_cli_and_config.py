@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from core.config import ConfigError, load_config
+from core.config import ConfigError, load_config, sqlite_file
 from tests.servers import ROOT, free_port, served_plunkd
 
 
@@ -374,3 +374,17 @@ async def test_contacts_import_types_each_column_and_reports_failed_rows_by_line
         "bob@example.com": {"age": 42, "score": 2.0, "vip": False, "joined": "2024-03-01T08:00:00.000Z",
                             "zip": "12345", "note": "two\nlines"},
         "dee@example.com": {}}, "an empty cell is left out: nothing new, an existing value kept"
+
+
+@pytest.mark.parametrize("url, named", [
+    ("sqlite+aiosqlite:///data/plunkd.sqlite3", "data/plunkd.sqlite3"),
+    ("sqlite+aiosqlite:////srv/plunkd/db.sqlite3", "/srv/plunkd/db.sqlite3"),
+    ("sqlite+aiosqlite:///db.sqlite3?timeout=5", "db.sqlite3"),
+    ("sqlite+aiosqlite:///:memory:", ""),
+    ("sqlite+aiosqlite://", ""),
+    ("postgresql+asyncpg://plunkd:secret@db/plunkd", ""),
+])
+def test_the_sqlite_file_a_url_names_is_the_one_made_private_checked_and_locked(url, named):
+    """One reading of the URL for the server's database, `plunkd.atrest`'s permissions and the CLI's
+    "no plunkd database" check: a query string is SQLite's options, not part of the file's name."""
+    assert sqlite_file(url) == named
