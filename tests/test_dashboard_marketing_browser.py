@@ -268,8 +268,8 @@ def run_a_workflow(owner: Tab, journey: Journey, contact: str) -> None:
     drawn_at = float(drawing.get_attribute("viewBox").split()[2])
     assert drawing.bounding_box()["width"] <= drawn_at + 2, "two steps drawn at their size, not blown up"
     api(journey, "POST", "/track", {"event": "came-back", "email": contact})
-    wait_until(lambda: owner.page.reload() and step_counts(owner, "wait").startswith("1 waiting"), 28,
-               "the run waiting at the delay")
+    wait_until(lambda: owner.page.reload() and step_counts(owner, "wait").startswith("1 waiting")
+               and "WAITING" in owner.page.locator("main table tbody").inner_text(), 28, "the run waiting at the delay")
     owner.check("workflow run waiting")
     wait_until(lambda: owner.page.reload() and step_counts(owner, "mail").startswith("0 waiting · 1 passed"), 45,
                "the run past the send")
