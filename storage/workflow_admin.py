@@ -127,7 +127,7 @@ def move_delayed_runs(session: Session, workflow_id: str, delay_step: str, next_
     """The runs WAITING at `delay_step` become ACTIVE at `next_step`, due when their delay ends, as it was;
     returns how many."""
     runs = WorkflowRun.__table__
-    return session.execute(runs.update().where(
+    return session.connection().execute(runs.update().where(
         runs.c.workflow_id == workflow_id, runs.c.status == RunStatus.WAITING, runs.c.step_id == delay_step)
         .values(status=RunStatus.ACTIVE, step_id=next_step, updated_at=now)).rowcount
 
