@@ -140,6 +140,17 @@ def delete_some(session: Session, table: Table, *where: ColumnElement[bool], lim
     return session.connection().execute(delete(table).where(table.c.id.in_(picked))).rowcount
 
 
+def commit_without_flush_wait(session: Session) -> None:
+    """PostgreSQL: this transaction's commit returns before its WAL is on disk (`SET LOCAL synchronous_commit
+    TO OFF`: the connection's next transactions wait again). Only for work that answers no one and is redone
+    when lost, such as a campaign's fan-out chunk with its cursor: the WAL is flushed in order, so any later
+    synchronous commit that read its rows (the dispatcher's claim of them) makes it durable first. On SQLite
+    a no-op: there the fan-out's chunks go through the one writer, most of them in requests' transactions,
+    which sync anyway."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SET LOCAL synchronous_commit TO OFF"))
+
+
 def _private_sqlite_file(path: Path) -> None:
     """Make the database file (empty: SQLite takes it for a new database) readable by this user only, before
     SQLite makes it with its own mode; SQLite gives the WAL and shared-memory files the database's mode."""

@@ -33,7 +33,7 @@ from storage import contacts as contact_store
 from storage import reputation as reputation_store
 from storage import segments as segment_store
 from storage import templates as template_store
-from storage.db import Database
+from storage.db import Database, commit_without_flush_wait
 from storage.models import Campaign, CampaignStatus, Project, utcnow
 
 log = logging.getLogger("plunkd.campaigns")
@@ -382,6 +382,7 @@ def fan_out_next(session: Session, campaign_id: str, chunk: int) -> tuple[int, b
     campaign = _fanning_out(session, campaign_id, for_update=True)
     if campaign is None:
         return 0, True
+    commit_without_flush_wait(session)
     queued = store.fan_out_chunk(session, campaign, chunk=chunk, **_queue_as(session, campaign))
     count_at_commit(session, EMAILS_ACCEPTED.labels("campaign"), queued)
     if campaign.fanout_done:
@@ -421,6 +422,7 @@ def fan_out_range(session: Session, campaign_id: str, after: str | None, upto: s
     campaign = _fanning_out(session, campaign_id, key_share=True)
     if campaign is None:
         return 0
+    commit_without_flush_wait(session)
     queued = store.fan_out_range(session, campaign, after=after, upto=upto, **_queue_as(session, campaign))
     count_at_commit(session, EMAILS_ACCEPTED.labels("campaign"), queued)
     return queued
