@@ -1,6 +1,7 @@
 """A campaign to 100,000 contacts: how long until every recipient's outbox row is committed, against a
-bare `INSERT … SELECT` of as many rows into the same database; and /v1/send latency (p99) while the
-campaign is fanned out and while it dispatches, against the same server idle. One run, ratios printed.
+bare `INSERT … SELECT` of as many rows into the same database; who used the machine's cores meanwhile (plunkd's
+processes, the load generator, the rest: the database server when it runs here); and /v1/send latency (p99)
+while the campaign is fanned out and while it dispatches, against the same server idle. One run, ratios printed.
 
     python -m bench.campaign [--contacts 100000] [--rate 100] [--probes 1000] [--database-url postgresql+asyncpg://…]
                              [--database-icu-locale en-US] [--quick]
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import time
 
@@ -25,10 +27,12 @@ from bench.common import (
     create_project,
     free_port,
     insert_into,
+    machine_busy_seconds,
     parse_with_quick,
     plunkd_env,
     server_process,
     temp_dir,
+    tree_cpu_seconds,
 )
 from bench.setup_sender import verify_offline
 from storage.db import Database
@@ -126,7 +130,13 @@ async def until_sending(engine, campaign_id: str, seconds: float) -> None:
         await asyncio.sleep(0.1)
 
 
-async def run_campaign(base: str, sk: str, url: str, args: argparse.Namespace) -> dict[str, float]:
+def cpu_now(server_pid: int) -> tuple[float, float, float]:
+    """(the machine's busy CPU seconds, plunkd's processes', this process's): differences tell who took the cores."""
+    own = os.times()
+    return machine_busy_seconds(), tree_cpu_seconds((server_pid,)), own.user + own.system
+
+
+async def run_campaign(base: str, sk: str, url: str, args: argparse.Namespace, server_pid: int) -> dict[str, float]:
     engine = create_async_engine(url)
     results: dict[str, float] = {}
     async with aiohttp.ClientSession() as session:
@@ -139,7 +149,7 @@ async def run_campaign(base: str, sk: str, url: str, args: argparse.Namespace) -
             campaign_id = (await resp.json())["data"]["id"]
         async with session.post(f"{base}/campaigns/{campaign_id}/send", headers=headers, json={}) as resp:
             assert resp.status == 200, await resp.text()
-        started = time.perf_counter()
+        started, cpu_before = time.perf_counter(), cpu_now(server_pid)
         fanned_out = asyncio.Event()
         probe = asyncio.create_task(latencies(session, base, sk, args.probes * 100, until=fanned_out))
         deadline = started + args.seconds
@@ -149,6 +159,8 @@ async def run_campaign(base: str, sk: str, url: str, args: argparse.Namespace) -
                 break
             await asyncio.sleep(0.02)
         results["queue_seconds"] = time.perf_counter() - started
+        busy, plunkd, bench = (after - before for after, before in zip(cpu_now(server_pid), cpu_before, strict=True))
+        results.update(cpu_busy=busy, cpu_plunkd=plunkd, cpu_bench=bench)
         fanned_out.set()
         during = await probe
         results["fanout_p99"] = p99(during)
@@ -185,8 +197,8 @@ def run_all(data: str, url: str, args: argparse.Namespace) -> tuple[dict[str, fl
     asyncio.run(verify_offline(url, "bench", "bench.example"))
     seeded = asyncio.run(seed_contacts(url, asyncio.run(project_id_of(url)), args.contacts))
     print(f"seeded {args.contacts:,} contacts in {seeded:.1f} s")
-    with server_process(["-m", "plunkd.cli", "serve"], port, env):
-        results = asyncio.run(run_campaign(f"http://127.0.0.1:{port}", sk, url, args))
+    with server_process(["-m", "plunkd.cli", "serve"], port, env) as server:
+        results = asyncio.run(run_campaign(f"http://127.0.0.1:{port}", sk, url, args, server.pid))
     return results, asyncio.run(bare_insert_select(url, args.contacts))
 
 
@@ -201,6 +213,11 @@ def main() -> None:
     aim = "< 5 s" if args.database_url else "< 10 s"
     print(f"[{backend}] campaign to {args.contacts:,}: all outbox rows committed in {queue:.2f} s (aim {aim}); "
           f"bare INSERT … SELECT of {args.contacts:,} rows {bare:.2f} s; ratio {queue / bare:.1f}x")
+    cores = os.cpu_count() or 1
+    busy, plunkd, bench = results["cpu_busy"], results["cpu_plunkd"], results["cpu_bench"]
+    print(f"[{backend}] CPU seconds during the fan-out, of {cores * queue:.1f} ({cores} cores): plunkd's processes "
+          f"{plunkd:.1f}, this load generator {bench:.1f}, the rest of the machine (the database server, if it "
+          f"runs here) {busy - plunkd - bench:.1f}, idle {cores * queue - busy:.1f}")
     idle, during, dispatching = results["idle_p99"], results["fanout_p99"], results["dispatching_p99"]
     print(f"[{backend}] /v1/send p99: idle {idle * 1000:.1f} ms, during the fan-out {during * 1000:.1f} ms "
           f"(ratio {during / idle:.2f}, aim <= 2), while dispatching at {args.rate:g}/s {dispatching * 1000:.1f} ms "

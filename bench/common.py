@@ -55,6 +55,49 @@ ephemeral range (32768-60999), so neither a test beside a benchmark (CI runs the
 connection takes a port between its pick and the server's bind."""
 
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def process_table() -> dict[int, tuple[int, int]]:
+    """pid → (parent pid, CPU ticks: own utime+stime and reaped children's cutime+cstime)."""
+    table = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = Path(entry.path, "stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            table[int(entry.name)] = (int(fields[1]), sum(int(value) for value in fields[11:15]))
+    return table
+
+
+def process_tree(roots: tuple[int, ...], table: dict[int, tuple[int, int]]) -> list[int]:
+    """`roots` and all their living descendants."""
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    tree, todo = [], list(roots)
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def tree_cpu_seconds(roots: tuple[int, ...]) -> float:
+    """CPU seconds of `roots` and all their descendants, including those that already exited and were
+    reaped (their time is in the parent's cutime/cstime). Only differences of two calls mean anything."""
+    table = process_table()
+    return sum(table.get(pid, (0, 0))[1] for pid in process_tree(roots, table)) / TICK
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all of this machine's cores spent on anything but idling (or waiting for the disk) since it
+    started, from /proc/stat. Only differences of two calls mean anything."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / TICK
+
+
 def free_port() -> int:
     """A port of `BENCH_PORTS` that nothing listens on now, claimed by this process (`claim_port`): no other
     benchmark picks it while this one runs."""

@@ -88,9 +88,12 @@ from bench.common import (
     free_port,
     fresh_database,
     plunkd_env,
+    process_table,
+    process_tree,
     server_process,
     stop_process,
     temp_dir,
+    tree_cpu_seconds,
     wait_for_port,
 )
 from bench.setup_sender import SELECTOR, verify_offline
@@ -459,42 +462,6 @@ def private_opendkim(folder: Path, private_pem: str) -> Iterator[tuple[int, Path
 
 
 # ---- process accounting ---------------------------------------------------------------------
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def process_table() -> dict[int, tuple[int, int]]:
-    """pid → (parent pid, CPU ticks: own utime+stime and reaped children's cutime+cstime)."""
-    table = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            stat = Path(entry.path, "stat").read_text()
-            fields = stat[stat.rindex(")") + 2:].split()
-            table[int(entry.name)] = (int(fields[1]), sum(int(value) for value in fields[11:15]))
-    return table
-
-
-def process_tree(roots: tuple[int, ...], table: dict[int, tuple[int, int]]) -> list[int]:
-    """`roots` and all their living descendants."""
-    children: dict[int, list[int]] = {}
-    for pid, (parent, _) in table.items():
-        children.setdefault(parent, []).append(pid)
-    tree, todo = [], list(roots)
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, []))
-    return tree
-
-
-def tree_cpu_seconds(roots: tuple[int, ...]) -> float:
-    """CPU seconds of `roots` and all their descendants, including those that already exited and were
-    reaped (their time is in the parent's cutime/cstime). Only differences of two calls mean anything."""
-    table = process_table()
-    return sum(table.get(pid, (0, 0))[1] for pid in process_tree(roots, table)) / TICK
-
 
 def tree_rss_mb(roots: tuple[int, ...]) -> float:
     """Resident memory of `roots` and their descendants (plunkd may run its dispatcher in a child)."""
