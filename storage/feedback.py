@@ -3,15 +3,16 @@ id their transport gave them), their status, and the feedback events already rec
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import bindparam, delete, func, select
+from sqlalchemy import bindparam, delete, func, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from storage.models import AppliedSnsMessage, Email, EmailStatus, Event, utcnow
+from storage.models import FOREIGN_MESSAGE_ID, AppliedSnsMessage, Email, EmailStatus, Event, utcnow
 
 _APPLIED = AppliedSnsMessage.__table__
 _EMAIL = Email.__table__
@@ -27,9 +28,14 @@ _BY_TRANSPORT_ID = (select(_EMAIL.c.id, _EMAIL.c.project_id, _EMAIL.c.contact_id
 _BY_TRANSPORT_ID_LOCKED = _BY_TRANSPORT_ID.with_for_update()
 _BY_ID = select(_EMAIL.c.id, _EMAIL.c.project_id, _EMAIL.c.contact_id, _EMAIL.c.recipient,
                 _EMAIL.c.status).where(_EMAIL.c.id == bindparam("e"))
-_BY_MESSAGE_ID = (select(_EMAIL.c.id).where(_EMAIL.c.project_id == bindparam("p"),
-                                            _EMAIL.c.message_id == bindparam("m"))
-                  .order_by(_EMAIL.c.id).limit(bindparam("limit")))
+_BY_FOREIGN_MESSAGE_ID = (select(_EMAIL.c.id).where(_EMAIL.c.project_id == bindparam("p"),
+                                                    _EMAIL.c.message_id == bindparam("m"), text(FOREIGN_MESSAGE_ID))
+                          .order_by(_EMAIL.c.id).limit(bindparam("limit")))
+_BY_GENERATED_MESSAGE_ID = select(_EMAIL.c.id).where(_EMAIL.c.id == bindparam("e"),
+                                                     _EMAIL.c.project_id == bindparam("p"),
+                                                     _EMAIL.c.message_id == bindparam("m"))
+_GENERATED_MESSAGE_ID = re.compile(r"<([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})@")
+"""What `storage.emails.generated_message_id` writes: the email's id, then its domain."""
 _EVENT_COUNT = (select(func.count()).select_from(_EVENT)
                 .where(_EVENT.c.email_id == bindparam("e"), _EVENT.c.name == bindparam("n")))
 
@@ -81,9 +87,16 @@ def email_by_id(session: Session, email_id: str) -> FeedbackEmail | None:
 
 
 def email_ids_by_message_id(session: Session, project_id: str, message_id: str, limit: int) -> list[str]:
-    """The project's emails sent with the Message-ID `message_id` (ix_emails_message_id)."""
-    return list(session.connection().execute(_BY_MESSAGE_ID, {"p": project_id, "m": message_id,
-                                                              "limit": limit}).scalars())
+    """The project's emails sent with the Message-ID `message_id`, at most `limit` of them in id order: the one
+    whose id it holds when plunkd made it, and those relayed with it (ix_emails_message_id, `FOREIGN_MESSAGE_ID`)."""
+    connection = session.connection()
+    found = list(connection.execute(_BY_FOREIGN_MESSAGE_ID, {"p": project_id, "m": message_id,
+                                                             "limit": limit}).scalars())
+    made = _GENERATED_MESSAGE_ID.match(message_id)
+    if made is not None:
+        found += connection.execute(_BY_GENERATED_MESSAGE_ID, {"e": made[1], "p": project_id,
+                                                               "m": message_id}).scalars()
+    return sorted(found)[:limit]
 
 
 def set_status(session: Session, email_id: str, status: EmailStatus, error: str | None = None,

@@ -11,6 +11,7 @@ import ssl
 import time
 
 import pytest
+from sqlalchemy import select, text
 
 from core.config import SmarthostConfig
 from delivery.bucket import TokenBucket
@@ -18,7 +19,8 @@ from delivery.dispatcher import Dispatcher
 from delivery.transports import SmtpTransport
 from pipeline.links import LinkSigner
 from pipeline.return_path import VerpSigner, today
-from storage.models import EmailStatus
+from pipeline.submit import Submission, submit
+from storage.models import FOREIGN_MESSAGE_ID, Email, EmailStatus
 from tests.inbound_kit import (
     INBOUND_HOST,
     RETURN_PATH,
@@ -146,8 +148,6 @@ async def test_relayed_mail_keeps_its_mail_from_unless_the_project_chose_verp(in
     api = inbound.api
 
     def queue(session):
-        from pipeline.submit import Submission, submit
-
         return submit(session, Submission(api.project_id, "smtp", "hello@example.com", ["ann@example.org"], raw=raw,
                                           envelope_sender="orders@example.com"))[0].email_id
 
@@ -277,6 +277,42 @@ async def test_an_arf_report_names_its_email_by_the_original_message_id(inbound)
     assert (await email_row(inbound.api, second)).status == EmailStatus.COMPLAINED
     assert (await email_row(inbound.api, first)).status == EmailStatus.SENT
     assert list(await suppressed(inbound.api)) == ["bob@example.org"]
+
+
+async def test_an_arf_report_names_relayed_mail_by_the_message_id_its_client_gave_it(inbound):
+    """A Message-ID plunkd did not make is found through ix_emails_message_id, which holds only those (the ones it
+    makes hold their email's id): the report, sent to another email's VERP address, is about the relayed one."""
+    api = inbound.api
+    first = await send_and_dispatch(inbound, smarthost(inbound.sink), "ann@example.org")
+    headers = "From: hello@example.com\r\nTo: bob@example.org\r\nMessage-ID: <order-7@shop.example>\r\n"
+    raw = (headers + "\r\nShipped\r\n").encode()
+    relayed = await api.db.write(lambda s: submit(s, Submission(api.project_id, "smtp", "hello@example.com",
+                                                                ["bob@example.org"], raw=raw))[0].email_id)
+    transport = SmtpTransport(smarthost(inbound.sink))
+    await dispatch_all(Dispatcher(api.db, transport, TokenBucket(0), settings(), verp=inbound.verp))
+    await transport.close()
+    assert (await email_row(api, relayed)).message_id == "<order-7@shop.example>"
+    verp_of_first = inbound.sink.messages[0].mail_from
+    report = arf(verp_of_first, headers)
+    assert await asyncio.to_thread(deliver, inbound, verp_of_first, report) == (250, b"2.0.0 OK")
+    assert (await email_row(api, relayed)).status == EmailStatus.COMPLAINED
+    assert (await email_row(api, first)).status == EmailStatus.SENT
+
+    def served_by_the_index(session) -> list[str]:
+        """The lookup's query run on ix_emails_message_id alone: PostgreSQL's plan with sequential scans off, or
+        SQLite's `INDEXED BY` (an error when the partial index cannot serve the query)."""
+        dialect = session.get_bind().dialect
+        query = str(select(Email.id).where(Email.project_id == api.project_id,
+                                           Email.message_id == "<order-7@shop.example>", text(FOREIGN_MESSAGE_ID))
+                    .compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+        if dialect.name == "postgresql":
+            session.execute(text("SET LOCAL enable_seqscan = off"))
+            return list(session.execute(text("EXPLAIN " + query)).scalars())
+        return list(session.execute(text(query.replace("FROM emails", "FROM emails INDEXED BY ix_emails_message_id")))
+                    .scalars())
+
+    served = await api.db.read(served_by_the_index)
+    assert served == [relayed] if not api.db.is_postgres else "ix_emails_message_id" in " ".join(served), served
 
 
 async def test_a_report_over_the_size_limit_is_refused_and_nothing_recorded(inbound):
