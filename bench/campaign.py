@@ -1,6 +1,6 @@
 """A campaign to 100,000 contacts: how long until every recipient's outbox row is committed, against a
 bare `INSERT … SELECT` of as many rows into the same database; who used the machine's cores meanwhile (plunkd's
-processes, the load generator, the rest: the database server when it runs here); and /v1/send latency (p99)
+processes, PostgreSQL's when its server runs here, the load generator); and /v1/send latency (p99)
 while the campaign is fanned out and while it dispatches, against the same server idle. One run, ratios printed.
 
     python -m bench.campaign [--contacts 100000] [--rate 100] [--probes 1000] [--database-url postgresql+asyncpg://…]
@@ -17,6 +17,7 @@ import asyncio
 import os
 import statistics
 import time
+from pathlib import Path
 
 import aiohttp
 from sqlalchemy import text
@@ -30,6 +31,7 @@ from bench.common import (
     machine_busy_seconds,
     parse_with_quick,
     plunkd_env,
+    process_table,
     server_process,
     temp_dir,
     tree_cpu_seconds,
@@ -130,10 +132,28 @@ async def until_sending(engine, campaign_id: str, seconds: float) -> None:
         await asyncio.sleep(0.1)
 
 
-def cpu_now(server_pid: int) -> tuple[float, float, float]:
-    """(the machine's busy CPU seconds, plunkd's processes', this process's): differences tell who took the cores."""
+async def database_server_pid(engine) -> int | None:
+    """PostgreSQL's server process (the parent of this connection's backend) when it runs on this machine; None on
+    SQLite, or when the server is elsewhere."""
+    if engine.dialect.name != "postgresql":
+        return None
+    async with engine.connect() as conn:
+        backend = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+    try:
+        if not Path(f"/proc/{backend}/cmdline").read_bytes().startswith(b"postgres"):
+            return None
+    except OSError:
+        return None
+    return process_table()[backend][0]
+
+
+def cpu_now(server_pid: int, database_pid: int | None) -> dict[str, float]:
+    """CPU seconds so far: the machine's busy time, and that of plunkd's processes, PostgreSQL's (when it runs here)
+    and this process. Differences tell who took the cores."""
     own = os.times()
-    return machine_busy_seconds(), tree_cpu_seconds((server_pid,)), own.user + own.system
+    return {"busy": machine_busy_seconds(), "plunkd": tree_cpu_seconds((server_pid,)),
+            "database": tree_cpu_seconds((database_pid,)) if database_pid is not None else 0.0,
+            "bench": own.user + own.system}
 
 
 async def run_campaign(base: str, sk: str, url: str, args: argparse.Namespace, server_pid: int) -> dict[str, float]:
@@ -149,7 +169,8 @@ async def run_campaign(base: str, sk: str, url: str, args: argparse.Namespace, s
             campaign_id = (await resp.json())["data"]["id"]
         async with session.post(f"{base}/campaigns/{campaign_id}/send", headers=headers, json={}) as resp:
             assert resp.status == 200, await resp.text()
-        started, cpu_before = time.perf_counter(), cpu_now(server_pid)
+        database_pid = await database_server_pid(engine)
+        started, cpu_before = time.perf_counter(), cpu_now(server_pid, database_pid)
         fanned_out = asyncio.Event()
         probe = asyncio.create_task(latencies(session, base, sk, args.probes * 100, until=fanned_out))
         deadline = started + args.seconds
@@ -159,8 +180,9 @@ async def run_campaign(base: str, sk: str, url: str, args: argparse.Namespace, s
                 break
             await asyncio.sleep(0.02)
         results["queue_seconds"] = time.perf_counter() - started
-        busy, plunkd, bench = (after - before for after, before in zip(cpu_now(server_pid), cpu_before, strict=True))
-        results.update(cpu_busy=busy, cpu_plunkd=plunkd, cpu_bench=bench)
+        results.update({f"cpu_{name}": seconds - cpu_before[name]
+                        for name, seconds in cpu_now(server_pid, database_pid).items()})
+        results["database_here"] = float(database_pid is not None)
         fanned_out.set()
         during = await probe
         results["fanout_p99"] = p99(during)
@@ -214,10 +236,13 @@ def main() -> None:
     print(f"[{backend}] campaign to {args.contacts:,}: all outbox rows committed in {queue:.2f} s (aim {aim}); "
           f"bare INSERT … SELECT of {args.contacts:,} rows {bare:.2f} s; ratio {queue / bare:.1f}x")
     cores = os.cpu_count() or 1
-    busy, plunkd, bench = results["cpu_busy"], results["cpu_plunkd"], results["cpu_bench"]
+    database = ""
+    if args.database_url:
+        database = (f"PostgreSQL's {results['cpu_database']:.1f}, " if results["database_here"]
+                    else "PostgreSQL's not counted (its server is not on this machine), ")
     print(f"[{backend}] CPU seconds during the fan-out, of {cores * queue:.1f} ({cores} cores): plunkd's processes "
-          f"{plunkd:.1f}, this load generator {bench:.1f}, the rest of the machine (the database server, if it "
-          f"runs here) {busy - plunkd - bench:.1f}, idle {cores * queue - busy:.1f}")
+          f"{results['cpu_plunkd']:.1f}, {database}this load generator {results['cpu_bench']:.1f}; the machine idle "
+          f"{cores * queue - results['cpu_busy']:.1f}")
     idle, during, dispatching = results["idle_p99"], results["fanout_p99"], results["dispatching_p99"]
     print(f"[{backend}] /v1/send p99: idle {idle * 1000:.1f} ms, during the fan-out {during * 1000:.1f} ms "
           f"(ratio {during / idle:.2f}, aim <= 2), while dispatching at {args.rate:g}/s {dispatching * 1000:.1f} ms "
