@@ -261,13 +261,13 @@ def _partial(where: str) -> dict[str, Any]:
 
 
 _OF_A_CAMPAIGN = _partial("campaign_id IS NOT NULL")
+"""Every query on a campaign_id index (of emails or of the outbox) asks for one campaign: API and SMTP mail (no
+campaign) stays out of them."""
 FOREIGN_MESSAGE_ID = "message_id NOT LIKE '<' || id || '@%'"
 """An email's Message-ID that plunkd did not make (a client's, relayed over SMTP): the ones it makes are the
 email's own id at a domain (`storage.emails.generated_message_id`), and are found by that id instead. Only the
 others go into ix_emails_message_id, so a campaign's fan-out and every API send write one index entry fewer
 per email; a query on it repeats this text, so both databases see that the index covers it."""
-"""Every query on a campaign_id index (of emails or of the outbox) asks for one campaign: API and SMTP mail (no
-campaign) stays out of them."""
 
 
 class Email(Base):
