@@ -6,6 +6,7 @@ dispatcher died becomes due again when the lease runs out, with no separate swee
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.message import Message
@@ -31,6 +32,7 @@ from storage.models import (
     new_id,
     utcnow,
 )
+from storage.pagination import CURSOR_PATTERN
 from storage.system import count_settled
 
 _CONTENT = Content.__table__
@@ -74,6 +76,15 @@ def generated_message_id(email_id: str, sender: str) -> str:
     It is stored with the email and sent on every attempt, so a copy sent again after a crash carries
     the same Message-ID as the first and a receiver can tell it is a duplicate."""
     return f"<{email_id}@{message_id_domain(sender)}>"
+
+
+_GENERATED_MESSAGE_ID = re.compile(rf"<({CURSOR_PATTERN.pattern})@")
+
+
+def generated_email_id(message_id: str) -> str | None:
+    """The email id a Message-ID made by `generated_message_id` holds; None for any other Message-ID."""
+    made = _GENERATED_MESSAGE_ID.match(message_id)
+    return None if made is None else made[1]
 
 
 def message_id_domain(sender: str) -> str:

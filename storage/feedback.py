@@ -3,7 +3,6 @@ id their transport gave them), their status, and the feedback events already rec
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -12,6 +11,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from storage.emails import generated_email_id
 from storage.models import FOREIGN_MESSAGE_ID, AppliedSnsMessage, Email, EmailStatus, Event, utcnow
 
 _APPLIED = AppliedSnsMessage.__table__
@@ -34,8 +34,6 @@ _BY_FOREIGN_MESSAGE_ID = (select(_EMAIL.c.id).where(_EMAIL.c.project_id == bindp
 _BY_GENERATED_MESSAGE_ID = select(_EMAIL.c.id).where(_EMAIL.c.id == bindparam("e"),
                                                      _EMAIL.c.project_id == bindparam("p"),
                                                      _EMAIL.c.message_id == bindparam("m"))
-_GENERATED_MESSAGE_ID = re.compile(r"<([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})@")
-"""What `storage.emails.generated_message_id` writes: the email's id, then its domain."""
 _EVENT_COUNT = (select(func.count()).select_from(_EVENT)
                 .where(_EVENT.c.email_id == bindparam("e"), _EVENT.c.name == bindparam("n")))
 
@@ -92,9 +90,9 @@ def email_ids_by_message_id(session: Session, project_id: str, message_id: str, 
     connection = session.connection()
     found = list(connection.execute(_BY_FOREIGN_MESSAGE_ID, {"p": project_id, "m": message_id,
                                                              "limit": limit}).scalars())
-    made = _GENERATED_MESSAGE_ID.match(message_id)
-    if made is not None:
-        found += connection.execute(_BY_GENERATED_MESSAGE_ID, {"e": made[1], "p": project_id,
+    email_id = generated_email_id(message_id)
+    if email_id is not None:
+        found += connection.execute(_BY_GENERATED_MESSAGE_ID, {"e": email_id, "p": project_id,
                                                                "m": message_id}).scalars()
     return sorted(found)[:limit]
 
