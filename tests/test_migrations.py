@@ -75,8 +75,9 @@ async def test_migrated_partial_indexes_keep_their_predicates(empty_database_url
 def bare(sql: str) -> str:
     """SQL without spaces, parentheses and PostgreSQL's text casts, lower case, `NOT LIKE` as PostgreSQL writes it
     back (`!~~`): a predicate as declared and as the database shows it come out the same."""
+    sql = sql.lower()
     for written, read_back in (("::text", ""), (" ", ""), ("(", ""), (")", ""), ("notlike", "!~~")):
-        sql = sql.lower().replace(written, read_back)
+        sql = sql.replace(written, read_back)
     return sql
 
 
