@@ -13,7 +13,7 @@ from email import policy
 
 import dkim
 import pytest
-from sqlalchemy import update
+from sqlalchemy import event, update
 
 from core.config import DeliveryConfig, SesConfig, SmarthostConfig
 from delivery.bucket import TokenBucket
@@ -391,3 +391,29 @@ async def test_served_app_dispatches_on_its_own(aiohttp_client, dns_config, dns_
     files = list(folder.glob("*.eml"))
     assert len(files) == 1 and time.monotonic() - started < 15, "woken by the send, not by the 60 s poll"
     assert dkim.verify(files[0].read_bytes(), dnsfunc=dns_for(domain))
+
+
+async def test_outcomes_sent_at_a_set_rate_share_transactions(api, sender, tmp_path):
+    """At 100 messages a second each send's outcome came alone, in a transaction of its own: fourteen commits for
+    twelve emails and their claims. Sent outcomes now wait up to `OUTCOME_LINGER_SECONDS`, or for half of
+    `concurrency`, and commit together (five commits when measured). Every email is still marked SENT, with its
+    file and its event."""
+    engine = api.db.sync_engine if api.db.sync_engine is not None else api.db.engine.sync_engine
+    await send(api, to=[f"reader{i}@example.org" for i in range(12)])
+    dispatcher = Dispatcher(api.db, FileTransport(tmp_path / "out"), TokenBucket(100), settings(concurrency=8))
+    commits = []
+
+    def count_commit(_conn) -> None:
+        commits.append(1)
+
+    event.listen(engine, "commit", count_commit)
+    try:
+        await dispatch_all(dispatcher)
+    finally:
+        event.remove(engine, "commit", count_commit)
+    rows = await email_rows(api)
+    assert sorted(row.status for row in rows.values()) == ["SENT"] * 12
+    assert len(list((tmp_path / "out").glob("*.eml"))) == 12
+    page = await api.db.read(event_store.list_events, api.project_id, 50, None, "email.sent")
+    assert len(page.items) == 12
+    assert len(commits) <= 8, f"{len(commits)} commits for the claims and twelve outcomes"
