@@ -314,6 +314,20 @@ def ratio(ours: float, baseline: float) -> float:
     return ours / baseline if baseline else float("nan")
 
 
+DURABILITY_SETTINGS = ("fsync", "synchronous_commit", "full_page_writes")
+"""PostgreSQL settings a production server keeps on: with any of them off, a commit costs the server less than it
+does for a user, for plunkd and for the baselines alike."""
+
+
+async def settings_off(server_url: str) -> list[str]:
+    """Which of `DURABILITY_SETTINGS` the server runs with off, each as `name=off`."""
+    engine = create_async_engine(server_url)
+    async with engine.connect() as conn:
+        shown = {name: (await conn.execute(text(f"SHOW {name}"))).scalar_one() for name in DURABILITY_SETTINGS}
+    await engine.dispose()
+    return [f"{name}={value}" for name, value in shown.items() if value == "off"]
+
+
 @contextlib.contextmanager
 def fresh_database(server_url: str, icu_locale: str = "") -> Iterator[str]:
     """A new, empty PostgreSQL database on `server_url`'s server for this run, dropped afterwards (the
@@ -333,6 +347,11 @@ def fresh_database(server_url: str, icu_locale: str = "") -> Iterator[str]:
         await engine.dispose()
 
     asyncio.run(admin(f'CREATE DATABASE "{name}"{made_with}'))
+    off = asyncio.run(settings_off(server_url))
+    if off:
+        print(f"warning: this PostgreSQL server runs with {', '.join(off)} (as .ci/run sets its own): its commits "
+              "are not made durable as a production server's are, so these figures are not comparable with one's",
+              file=sys.stderr)
     try:
         yield server_url.rsplit("/", 1)[0] + f"/{name}"
     finally:
