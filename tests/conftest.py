@@ -5,6 +5,7 @@ aiohttp's test client, and a project."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import ssl
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web_app as aiohttp_web_app
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from api.context import DB
@@ -268,6 +269,23 @@ def moto_server():
     server = MotoServer()
     yield server
     server.stop()
+
+
+@contextlib.contextmanager
+def counted_commits(db: Database) -> Iterator[list[int]]:
+    """The commits made on `db` while the block runs, one item each, counted at the engine its writer commits
+    through (SQLite's own engine or PostgreSQL's async engine's)."""
+    engine = db.sync_engine if db.sync_engine is not None else db.engine.sync_engine
+    commits: list[int] = []
+
+    def count(_conn) -> None:
+        commits.append(1)
+
+    event.listen(engine, "commit", count)
+    try:
+        yield commits
+    finally:
+        event.remove(engine, "commit", count)
 
 
 async def add_verified_domain(api: Api, dns_server, name: str = "example.com") -> dict:

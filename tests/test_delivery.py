@@ -13,7 +13,7 @@ from email import policy
 
 import dkim
 import pytest
-from sqlalchemy import event, update
+from sqlalchemy import update
 
 from core.config import DeliveryConfig, SesConfig, SmarthostConfig
 from delivery.bucket import TokenBucket
@@ -22,7 +22,7 @@ from delivery.transports import FileTransport, SmtpTransport
 from storage import emails as email_store
 from storage import events as event_store
 from storage.models import OutboxItem, utcnow
-from tests.conftest import add_verified_domain
+from tests.conftest import add_verified_domain, counted_commits
 from tests.servers import SinkHandler, start_sink
 
 
@@ -398,19 +398,10 @@ async def test_outcomes_sent_at_a_set_rate_share_transactions(api, sender, tmp_p
     twelve emails and their claims. Sent outcomes now wait up to `OUTCOME_LINGER_SECONDS`, or for half of
     `concurrency`, and commit together (five commits when measured, also beside two busy processes). Every email
     is still marked SENT, with its file and its event."""
-    engine = api.db.sync_engine if api.db.sync_engine is not None else api.db.engine.sync_engine
     await send(api, to=[f"reader{i}@example.org" for i in range(12)])
     dispatcher = Dispatcher(api.db, FileTransport(tmp_path / "out"), TokenBucket(200), settings(concurrency=8))
-    commits = []
-
-    def count_commit(_conn) -> None:
-        commits.append(1)
-
-    event.listen(engine, "commit", count_commit)
-    try:
+    with counted_commits(api.db) as commits:
         await dispatch_all(dispatcher)
-    finally:
-        event.remove(engine, "commit", count_commit)
     rows = await email_rows(api)
     assert sorted(row.status for row in rows.values()) == ["SENT"] * 12
     assert len(list((tmp_path / "out").glob("*.eml"))) == 12

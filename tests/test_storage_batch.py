@@ -20,6 +20,7 @@ from pipeline.submit import Submission, submit
 from storage.batch import write_at_commit
 from storage.db import Database
 from storage.models import Email, OutboxItem, utcnow
+from tests.conftest import counted_commits
 
 MESSAGE = b"From: shop@shop.example\r\nTo: a@example.org\r\nSubject: Hi\r\n\r\nHello\r\n"
 
@@ -83,17 +84,8 @@ async def test_a_row_that_breaks_a_constraint_at_commit_fails_only_its_caller(db
 async def test_many_concurrent_callers_share_commits_and_all_land(db, project_id, light):
     """200 writes at once cost a handful of commits, not 200: counted at the engine the writer commits
     through (with `max_batch=1` this counts 200)."""
-    engine = db.sync_engine if db.sync_engine is not None else db.engine.sync_engine
-    commits = []
-
-    def count_commit(_conn) -> None:
-        commits.append(1)
-
-    event.listen(engine, "commit", count_commit)
-    try:
+    with counted_commits(db) as commits:
         results = await submit_many(db, project_id, ["shop@shop.example"] * 200, light)
-    finally:
-        event.remove(engine, "commit", count_commit)
     assert all(isinstance(r, list) for r in results)
     assert 1 <= len(commits) <= 20, f"{len(commits)} commits for 200 concurrent writes"
     assert await db.read(count_rows, Email) == 200
@@ -105,12 +97,6 @@ async def test_writes_that_come_while_a_batch_runs_its_statements_share_the_next
     writer thread), the twenty writes that come one by one wait and share the next batch: two commits in all.
     PostgreSQL has a second writer; if it took each write as it came, nearly each would be a batch and a commit of
     its own (18 commits when measured)."""
-    engine = db.sync_engine if db.sync_engine is not None else db.engine.sync_engine
-    commits = []
-
-    def count_commit(_conn) -> None:
-        commits.append(1)
-
     def slow(session) -> None:
         if db.is_postgres:
             session.execute(text("SELECT pg_sleep(1)"))
@@ -123,15 +109,12 @@ async def test_writes_that_come_while_a_batch_runs_its_statements_share_the_next
         submission = Submission(project_id, "smtp", "shop@shop.example", [f"user{index}@example.org"], raw=MESSAGE)
         return await db.write(lambda s: [q.email_id for q in submit(s, submission)])
 
-    event.listen(engine, "commit", count_commit)
-    try:
+    with counted_commits(db) as commits:
         slow_write = asyncio.create_task(db.write(slow))
         await asyncio.sleep(0.1)
         assert not slow_write.done()
         results = await asyncio.gather(*[one_after(0.01 * i, i) for i in range(20)])
         await slow_write
-    finally:
-        event.remove(engine, "commit", count_commit)
     assert len(commits) == 2, f"{len(commits)} commits"
     assert len({email_id for ids in results for email_id in ids}) == 20
     assert await db.read(count_rows, Email) == 20
