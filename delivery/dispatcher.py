@@ -219,8 +219,8 @@ class Dispatcher(DueLoop):
         await self.db.write(work, light=True)
 
     def _release_outcomes(self) -> None:
-        """Let the waiting outcomes through: each resumes in this turn of the loop, before the writer takes its
-        next batch."""
+        """Let the waiting outcomes through: each resumes in the loop's next turn, all of them before the writer
+        that the first one's write wakes, so they land in one batch."""
         if self._outcome_timer is not None:
             self._outcome_timer.cancel()
         if self._outcome_group is not None:
